@@ -1,0 +1,2 @@
+//! sluice: an io_uring-native artifact cache server.
+#![forbid(unsafe_code)]
