@@ -1,2 +1,3 @@
 //! sluice: an io_uring-native artifact cache server.
 #![forbid(unsafe_code)]
+pub mod http1;
