@@ -1,0 +1,255 @@
+//! A bounded per-core pool of pipes for splice file → pipe → socket.
+//!
+//! A pipe goes back into the pool only when it is empty. The driver counts
+//! the bytes in each pipe from splice completions (`held_bytes`), so a pipe
+//! that still holds bytes after an error or a cancelled splice is closed on
+//! drop instead of leaking stale bytes into the next response. The pipe's
+//! fds are not exposed, so nothing can move bytes behind that count.
+
+use std::cell::RefCell;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+
+use crate::errno::Errno;
+
+/// Default pipe size: 1 MiB, the default `pipe-max-size`, so one splice
+/// moves up to 1 MiB per round trip.
+pub const PIPE_BYTES_DEFAULT: usize = 1 << 20;
+/// Default bound on pipes per core (idle plus in use).
+pub const PIPES_MAX_DEFAULT: usize = 256;
+
+struct PipeFds {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity_bytes: usize,
+}
+
+struct PoolInner {
+    /// Empty pipes ready for reuse; capacity `pipes_max`, never exceeded.
+    idle: Vec<PipeFds>,
+    pipes_max: usize,
+    /// Pipes handed out and not yet dropped.
+    out: usize,
+    pipe_bytes: usize,
+    /// Pipes closed because they held bytes when dropped.
+    closed_dirty: u64,
+}
+
+/// Per-core pipe pool. Clone shares the pool; not `Send`.
+#[derive(Clone)]
+pub struct PipePool {
+    inner: Rc<RefCell<PoolInner>>,
+}
+
+/// Statistics for `/metrics` and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PipePoolStats {
+    /// Empty pipes waiting in the pool.
+    pub idle: usize,
+    /// Pipes in use.
+    pub out: usize,
+    /// Pipes closed (not reused) because they still held bytes.
+    pub closed_dirty: u64,
+    /// The size requested for each pipe after clamping, in bytes.
+    pub pipe_bytes: usize,
+}
+
+impl PipePool {
+    /// A pool of at most `pipes_max` pipes of `pipe_bytes` each. The size is
+    /// clamped to `pipe_max_size_bytes` (from `/proc/sys/fs/pipe-max-size`,
+    /// see [`crate::ProbeReport::pipe_max_size_bytes`]) when given, and to at
+    /// least one page. No pipe is created until first use.
+    pub fn new(pipes_max: usize, pipe_bytes: usize, pipe_max_size_bytes: Option<u64>) -> PipePool {
+        let clamp = pipe_max_size_bytes
+            .and_then(|v| usize::try_from(v).ok())
+            .unwrap_or(usize::MAX);
+        let pipe_bytes = pipe_bytes.min(clamp).max(4096);
+        PipePool {
+            inner: Rc::new(RefCell::new(PoolInner {
+                idle: Vec::with_capacity(pipes_max),
+                pipes_max,
+                out: 0,
+                pipe_bytes,
+                closed_dirty: 0,
+            })),
+        }
+    }
+
+    /// Takes an empty pipe: an idle one, or a new one while under the bound.
+    /// `Err(EAGAIN)` when `pipes_max` pipes are in use (the caller pushes
+    /// back or falls back to copying); other errnos come from `pipe2`.
+    pub fn take(&self) -> Result<Pipe, Errno> {
+        let mut inner = self.inner.borrow_mut();
+        let fds = match inner.idle.pop() {
+            Some(fds) => fds,
+            None => {
+                if inner.out >= inner.pipes_max {
+                    return Err(Errno::EAGAIN);
+                }
+                new_pipe(inner.pipe_bytes)?
+            }
+        };
+        inner.out += 1;
+        Ok(Pipe {
+            fds: Some(fds),
+            pool: Rc::clone(&self.inner),
+            held_bytes: 0,
+        })
+    }
+
+    /// Current counts.
+    pub fn stats(&self) -> PipePoolStats {
+        let inner = self.inner.borrow();
+        PipePoolStats {
+            idle: inner.idle.len(),
+            out: inner.out,
+            closed_dirty: inner.closed_dirty,
+            pipe_bytes: inner.pipe_bytes,
+        }
+    }
+}
+
+fn new_pipe(pipe_bytes: usize) -> Result<PipeFds, Errno> {
+    let mut fds: [RawFd; 2] = [-1, -1];
+    // Blocking pipes on purpose: io_uring punts a splice that would block to
+    // its worker pool; an O_NONBLOCK pipe would turn that into EAGAIN.
+    // SAFETY: `fds` is a valid, writable array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Errno::from_io(&std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let want = libc::c_int::try_from(pipe_bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: F_SETPIPE_SZ takes an int argument; the fd is open.
+    let set = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+    // A refusal (EPERM: the per-user pipe buffer limit) keeps the default
+    // size; the pipe still works, splices are just shorter.
+    let capacity_bytes = if set > 0 {
+        usize::try_from(set).unwrap_or(pipe_bytes)
+    } else {
+        // SAFETY: F_GETPIPE_SZ takes no argument; the fd is open.
+        let got = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        usize::try_from(got).unwrap_or(4096)
+    };
+    Ok(PipeFds {
+        read,
+        write,
+        capacity_bytes,
+    })
+}
+
+/// A pipe leased from a [`PipePool`]. On drop it returns to the pool if it
+/// is empty and the pool has room, and is closed otherwise.
+pub struct Pipe {
+    /// Always `Some` until drop.
+    fds: Option<PipeFds>,
+    pool: Rc<RefCell<PoolInner>>,
+    held_bytes: usize,
+}
+
+impl Pipe {
+    /// Bytes spliced into the pipe and not yet out of it.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
+    /// The pipe's buffer size in bytes (after `F_SETPIPE_SZ`).
+    pub fn capacity_bytes(&self) -> usize {
+        self.fds.as_ref().map_or(0, |f| f.capacity_bytes)
+    }
+
+    pub(crate) fn read_fd(&self) -> RawFd {
+        self.fds.as_ref().map_or(-1, |f| f.read.as_raw_fd())
+    }
+
+    pub(crate) fn write_fd(&self) -> RawFd {
+        self.fds.as_ref().map_or(-1, |f| f.write.as_raw_fd())
+    }
+
+    pub(crate) fn note_filled(&mut self, bytes: usize) {
+        self.held_bytes = self.held_bytes.saturating_add(bytes);
+    }
+
+    pub(crate) fn note_drained(&mut self, bytes: usize) {
+        self.held_bytes = self.held_bytes.saturating_sub(bytes);
+    }
+
+    /// Forget the count and treat the pipe as dirty: used when a splice
+    /// failed in a way that leaves the content unknown.
+    pub(crate) fn mark_dirty(&mut self) {
+        self.held_bytes = self.held_bytes.max(1);
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        let Some(fds) = self.fds.take() else { return };
+        let mut pool = self.pool.borrow_mut();
+        pool.out = pool.out.saturating_sub(1);
+        if self.held_bytes > 0 {
+            pool.closed_dirty += 1;
+            drop(fds);
+        } else if pool.idle.len() < pool.pipes_max {
+            pool.idle.push(fds);
+        }
+    }
+}
+
+impl std::fmt::Debug for Pipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipe")
+            .field("read_fd", &self.read_fd())
+            .field("held_bytes", &self.held_bytes)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_is_bounded_and_reuses_empty_pipes() {
+        let pool = PipePool::new(2, 64 * 1024, Some(1 << 20));
+        let a = pool.take().unwrap();
+        let b = pool.take().unwrap();
+        assert!(a.capacity_bytes() >= 64 * 1024);
+        assert_eq!(pool.take().err(), Some(Errno::EAGAIN));
+        let a_fd = a.read_fd();
+        drop(a);
+        assert_eq!(pool.stats().idle, 1);
+        let again = pool.take().unwrap();
+        assert_eq!(again.read_fd(), a_fd, "an empty pipe is reused");
+        drop(b);
+        drop(again);
+        assert_eq!(
+            pool.stats(),
+            PipePoolStats {
+                idle: 2,
+                out: 0,
+                closed_dirty: 0,
+                pipe_bytes: 64 * 1024
+            }
+        );
+    }
+
+    #[test]
+    fn pipe_with_bytes_left_is_closed() {
+        let pool = PipePool::new(1, 4096, None);
+        let mut pipe = pool.take().unwrap();
+        pipe.note_filled(10);
+        pipe.note_drained(4);
+        assert_eq!(pipe.held_bytes(), 6);
+        drop(pipe);
+        let stats = pool.stats();
+        assert_eq!((stats.idle, stats.out, stats.closed_dirty), (0, 0, 1));
+    }
+
+    #[test]
+    fn size_is_clamped_to_pipe_max_size() {
+        let pool = PipePool::new(1, 8 << 20, Some(1 << 20));
+        assert_eq!(pool.stats().pipe_bytes, 1 << 20);
+        let pool = PipePool::new(1, 1, None);
+        assert_eq!(pool.stats().pipe_bytes, 4096);
+    }
+}

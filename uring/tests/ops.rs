@@ -1,0 +1,729 @@
+//! Every operation against the real kernel. Each test probes first and
+//! skips loudly when the kernel lacks what it needs.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use sluice_uring::{
+    probe, Completion, Driver, DriverConfig, Errno, IoBuf, Op, PipePool, ProbeReport, Returned,
+    SharedFd,
+};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Probes and builds a small driver, or prints SKIP and returns None.
+fn setup(test: &str, ops: &[&str]) -> Option<(ProbeReport, Driver)> {
+    setup_with(
+        test,
+        ops,
+        DriverConfig {
+            ops_max: 64,
+            fixed_buffers_count: 4,
+            fixed_buffer_bytes: 8192,
+            ..DriverConfig::default()
+        },
+    )
+}
+
+fn setup_with(test: &str, ops: &[&str], config: DriverConfig) -> Option<(ProbeReport, Driver)> {
+    let report = probe();
+    if let Some(why) = &report.unavailable {
+        eprintln!("SKIP: {test}: io_uring unavailable: {}", why.reason);
+        return None;
+    }
+    for op in ops {
+        if !report.supports(op) {
+            eprintln!("SKIP: {test}: kernel {} lacks {op}", report.kernel_release);
+            return None;
+        }
+    }
+    let driver = Driver::new(config).expect("driver set-up");
+    Some((report, driver))
+}
+
+/// Waits for the next completion (bounded by DEADLINE).
+fn next(driver: &mut Driver) -> Completion {
+    let start = Instant::now();
+    let mut out = Vec::with_capacity(1);
+    loop {
+        if driver.complete(&mut out, 1) == 1 {
+            return out.pop().unwrap();
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no completion within {DEADLINE:?}"
+        );
+        driver.wait(1, Some(Duration::from_millis(200))).unwrap();
+    }
+}
+
+fn tcp_pair() -> (SharedFd, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (Rc::new(OwnedFd::from(server)), client)
+}
+
+fn temp_path(name: &str) -> std::path::PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "sluice-uring-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+#[test]
+fn accept_multishot_three_clients() {
+    let Some((_, mut d)) = setup("accept_multishot", &["accept", "async_cancel"]) else {
+        return;
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let id = d
+        .submit(
+            Op::AcceptMulti {
+                listener: Rc::new(OwnedFd::from(listener)),
+            },
+            7,
+        )
+        .unwrap();
+    let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    for _ in 0..3 {
+        let c = next(&mut d);
+        assert_eq!((c.token, c.op_id), (7, id));
+        assert!(c.more, "multishot accept stays armed");
+        let Returned::Fd(fd) = c.resources else {
+            panic!("no fd: {c:?}")
+        };
+        assert_eq!(c.result, Ok(fd.as_raw_fd() as u32));
+    }
+    d.cancel(id).unwrap();
+    let c = next(&mut d);
+    assert_eq!((c.result, c.more), (Err(Errno::ECANCELED), false));
+    assert_eq!(d.in_flight(), 0);
+    drop(clients);
+}
+
+#[test]
+fn recv_peek_then_recv_sees_same_bytes() {
+    let Some((_, mut d)) = setup("recv_peek", &["recv"]) else {
+        return;
+    };
+    let (server, mut client) = tcp_pair();
+    client.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    let peek = Op::Recv {
+        fd: server.clone(),
+        buf: IoBuf::Vec(Vec::with_capacity(64)),
+        flags: libc::MSG_PEEK,
+    };
+    d.submit(peek, 1).unwrap();
+    let c = next(&mut d);
+    let Returned::Buf(peeked) = c.resources else {
+        panic!("{c:?}")
+    };
+    assert_eq!(peeked.as_slice(), b"GET / HTTP/1.1\r\n");
+    d.submit(
+        Op::Recv {
+            fd: server,
+            buf: IoBuf::Vec(Vec::with_capacity(64)),
+            flags: 0,
+        },
+        2,
+    )
+    .unwrap();
+    let c = next(&mut d);
+    let Returned::Buf(read) = c.resources else {
+        panic!("{c:?}")
+    };
+    assert_eq!(
+        read.as_slice(),
+        peeked.as_slice(),
+        "the peek consumed nothing"
+    );
+}
+
+#[test]
+fn recv_multishot_provided_buffers_and_enobufs() {
+    let Some((report, mut d)) = setup("recv_multishot", &["recv"]) else {
+        return;
+    };
+    if !report.buf_ring {
+        eprintln!(
+            "SKIP: recv_multishot: no provided-buffer rings on {}",
+            report.kernel_release
+        );
+        return;
+    }
+    let ring = d.register_buf_ring(4, 16).unwrap();
+    let (server, mut client) = tcp_pair();
+    let sent = pattern(100);
+    client.write_all(&sent).unwrap();
+    let mut got = Vec::new();
+    let mut held = Vec::new();
+    let op = || Op::RecvMulti {
+        fd: server.clone(),
+        ring: ring.clone(),
+        flags: 0,
+    };
+    d.submit(op(), 3).unwrap();
+    // 100 bytes need 7 buffers of 16; the ring has 4, so the kernel ends the
+    // multishot with ENOBUFS while we hold the leases.
+    loop {
+        let c = next(&mut d);
+        if let Returned::Provided(lease) = c.resources {
+            got.extend_from_slice(lease.as_slice());
+            held.push(lease);
+        }
+        if !c.more {
+            assert_eq!(
+                c.result.err(),
+                Some(Errno::ENOBUFS),
+                "ends for lack of buffers"
+            );
+            break;
+        }
+    }
+    // Loopback delivers one write as one segment, so normally 64; never more.
+    assert!(got.len() <= 64 && !got.is_empty(), "{}", got.len());
+    assert_eq!(ring.leased(), 4);
+    drop(held); // recycled into the kernel's ring
+    assert_eq!(ring.leased(), 0);
+    d.submit(op(), 3).unwrap();
+    while got.len() < sent.len() {
+        let c = next(&mut d);
+        assert!(c.result.is_ok(), "{c:?}");
+        if let Returned::Provided(lease) = c.resources {
+            got.extend_from_slice(lease.as_slice());
+        }
+    }
+    assert_eq!(got, sent);
+    drop(client);
+    // EOF ends the multishot (0 bytes, no more).
+    let c = next(&mut d);
+    assert_eq!((c.result, c.more), (Ok(0), false));
+}
+
+#[test]
+fn send_vec_and_fixed_buffer() {
+    let Some((_, mut d)) = setup("send", &["send"]) else {
+        return;
+    };
+    let (server, mut client) = tcp_pair();
+    let op = Op::Send {
+        fd: server.clone(),
+        buf: IoBuf::Vec(b"xxhello ".to_vec()),
+        offset: 2,
+        flags: libc::MSG_NOSIGNAL | libc::MSG_MORE,
+    };
+    d.submit(op, 1).unwrap();
+    let c = next(&mut d);
+    assert_eq!(c.result, Ok(6));
+    assert!(matches!(c.resources, Returned::Buf(IoBuf::Vec(ref v)) if v == b"xxhello "));
+    let mut lease = d.fixed_buffers().lease().unwrap();
+    lease.fill_from(b"world");
+    d.submit(
+        Op::Send {
+            fd: server,
+            buf: IoBuf::Fixed(lease),
+            offset: 0,
+            flags: libc::MSG_NOSIGNAL,
+        },
+        2,
+    )
+    .unwrap();
+    let c = next(&mut d);
+    assert_eq!(c.result, Ok(5));
+    let mut got = [0u8; 11];
+    client.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello world");
+}
+
+#[test]
+fn splice_file_pipe_socket_with_short_splice_resumed() {
+    let Some((report, mut d)) = setup("splice", &["splice"]) else {
+        return;
+    };
+    let path = temp_path("splice");
+    let data = pattern(300 * 1024 + 17);
+    std::fs::write(&path, &data).unwrap();
+    let file: SharedFd = Rc::new(OwnedFd::from(std::fs::File::open(&path).unwrap()));
+    let (server, mut client) = tcp_pair();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        got
+    });
+    let pool = PipePool::new(2, 64 * 1024, report.pipe_max_size_bytes);
+    let mut pipe = pool.take().unwrap();
+    let chunk = pipe.capacity_bytes().min(64 * 1024);
+    let mut offset = 0u64;
+    let mut short_splices = 0;
+    while (offset as usize) < data.len() {
+        let len = chunk.min(data.len() - offset as usize) as u32;
+        d.submit(
+            Op::SpliceToPipe {
+                fd_in: file.clone(),
+                offset_in: offset,
+                pipe,
+                len,
+            },
+            1,
+        )
+        .unwrap();
+        let c = next(&mut d);
+        let n = c.result.unwrap();
+        assert!(n > 0);
+        offset += u64::from(n);
+        let Returned::Pipe(p) = c.resources else {
+            panic!("{c:?}")
+        };
+        pipe = p;
+        assert_eq!(pipe.held_bytes(), n as usize);
+        // Drain in two splices: the first deliberately short, then resume.
+        let mut first = true;
+        while pipe.held_bytes() > 0 {
+            let len = if first {
+                (pipe.held_bytes() / 2).max(1)
+            } else {
+                pipe.held_bytes()
+            } as u32;
+            if first && (len as usize) < pipe.held_bytes() {
+                short_splices += 1;
+            }
+            first = false;
+            d.submit(
+                Op::SpliceFromPipe {
+                    pipe,
+                    fd_out: server.clone(),
+                    len,
+                },
+                2,
+            )
+            .unwrap();
+            let c = next(&mut d);
+            assert!(c.result.unwrap() > 0);
+            let Returned::Pipe(p) = c.resources else {
+                panic!("{c:?}")
+            };
+            pipe = p;
+        }
+    }
+    assert!(short_splices > 0);
+    drop(pipe);
+    assert_eq!(pool.stats().idle, 1, "an empty pipe goes back to the pool");
+    assert_eq!(pool.stats().closed_dirty, 0);
+    drop(server);
+    drop(d); // the driver holds no fd clones after completions, but be explicit
+    let got = reader.join().unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "spliced bytes differ");
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn read_fixed_write_fixed_round_trip() {
+    let Some((_, mut d)) = setup("read_write_fixed", &["read_fixed", "write_fixed"]) else {
+        return;
+    };
+    eprintln!("fixed buffers registered: {:?}", d.fixed_buffers_refused());
+    round_trip_fixed(&mut d);
+}
+
+fn round_trip_fixed(d: &mut Driver) {
+    let path = temp_path("fixed");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    let file: SharedFd = Rc::new(OwnedFd::from(file));
+    let mut lease = d.fixed_buffers().lease().unwrap();
+    let data = pattern(5000);
+    lease.fill_from(&data);
+    d.submit(
+        Op::WriteFixed {
+            file: file.clone(),
+            offset: 4096,
+            buf: lease,
+        },
+        1,
+    )
+    .unwrap();
+    let c = next(d);
+    assert_eq!(c.result, Ok(5000));
+    assert!(matches!(c.resources, Returned::Fixed(_)));
+    drop(c);
+    let lease = d.fixed_buffers().lease().unwrap();
+    d.submit(
+        Op::ReadFixed {
+            file,
+            offset: 4096,
+            buf: lease,
+        },
+        2,
+    )
+    .unwrap();
+    let c = next(d);
+    assert_eq!(c.result, Ok(5000));
+    let Returned::Fixed(lease) = c.resources else {
+        panic!("{c:?}")
+    };
+    assert_eq!(lease.as_slice(), &data[..]);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn openat_and_statx_size() {
+    let Some((_, mut d)) = setup("openat_statx", &["openat", "statx"]) else {
+        return;
+    };
+    let path = temp_path("open");
+    std::fs::write(&path, pattern(12345)).unwrap();
+    let cpath = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    d.submit(
+        Op::OpenAt {
+            dir: None,
+            path: cpath.clone(),
+            flags: libc::O_RDONLY,
+            mode: 0,
+        },
+        1,
+    )
+    .unwrap();
+    let c = next(&mut d);
+    let Returned::Fd(fd) = c.resources else {
+        panic!("{c:?}")
+    };
+    let fd: SharedFd = Rc::new(fd);
+    let empty = CString::new("").unwrap();
+    let op = Op::Statx {
+        dir: Some(fd),
+        path: empty,
+        flags: libc::AT_EMPTY_PATH,
+        mask: libc::STATX_SIZE,
+    };
+    d.submit(op, 2).unwrap();
+    let c = next(&mut d);
+    let Returned::Statx(stx) = c.resources else {
+        panic!("{c:?}")
+    };
+    assert_eq!(stx.size_bytes(), 12345);
+    d.submit(
+        Op::Statx {
+            dir: None,
+            path: cpath,
+            flags: 0,
+            mask: libc::STATX_SIZE,
+        },
+        3,
+    )
+    .unwrap();
+    let Returned::Statx(stx) = next(&mut d).resources else {
+        panic!("statx by path")
+    };
+    assert_eq!(stx.size_bytes(), 12345);
+    let missing = CString::new("/nonexistent/sluice").unwrap();
+    d.submit(
+        Op::OpenAt {
+            dir: None,
+            path: missing,
+            flags: libc::O_RDONLY,
+            mode: 0,
+        },
+        4,
+    )
+    .unwrap();
+    assert_eq!(next(&mut d).result, Err(Errno::ENOENT));
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn close_on_the_ring() {
+    let Some((_, mut d)) = setup("close", &["close"]) else {
+        return;
+    };
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 succeeded; we own both ends.
+    let (read, write) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    d.submit(Op::Close { fd: write }, 1).unwrap();
+    let c = next(&mut d);
+    assert_eq!(c.result, Ok(0));
+    assert!(matches!(c.resources, Returned::Nothing));
+    // The write end is really closed: the read end sees EOF.
+    let mut buf = Vec::new();
+    assert_eq!((&read).read_to_end(&mut buf).unwrap(), 0);
+}
+
+#[test]
+fn timeout_fires() {
+    let Some((_, mut d)) = setup("timeout", &["timeout"]) else {
+        return;
+    };
+    let start = Instant::now();
+    d.submit(
+        Op::Timeout {
+            duration: Duration::from_millis(50),
+        },
+        9,
+    )
+    .unwrap();
+    let c = next(&mut d);
+    assert_eq!((c.token, c.result), (9, Err(Errno::ETIME)));
+    assert!(start.elapsed() >= Duration::from_millis(40));
+}
+
+#[test]
+fn linked_timeout_cancels_a_recv_that_never_completes() {
+    let config = DriverConfig {
+        ops_max: 1,
+        fixed_buffers_count: 1,
+        fixed_buffer_bytes: 4096,
+        ..DriverConfig::default()
+    };
+    let Some((_, mut d)) = setup_with("link_timeout", &["recv", "link_timeout"], config) else {
+        return;
+    };
+    let (server, _client) = tcp_pair();
+    let op = Op::Recv {
+        fd: server,
+        buf: IoBuf::Vec(Vec::with_capacity(16)),
+        flags: 0,
+    };
+    d.submit_with_timeout(op, 5, Duration::from_millis(50))
+        .unwrap();
+    let c = next(&mut d);
+    assert_eq!(c.result, Err(Errno::ECANCELED));
+    assert!(matches!(c.resources, Returned::Buf(IoBuf::Vec(ref v)) if v.capacity() >= 16));
+    // The slot (ops_max = 1) is free again once the timeout's CQE is in.
+    let start = Instant::now();
+    loop {
+        match d.submit(Op::Nop, 6) {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(start.elapsed() < DEADLINE, "slot never released: {e:?}");
+                d.wait(1, Some(Duration::from_millis(100))).unwrap();
+                d.complete(&mut Vec::new(), 0);
+                let mut sink = Vec::new();
+                d.complete(&mut sink, 8);
+            }
+        }
+    }
+    assert_eq!(next(&mut d).token, 6);
+}
+
+#[test]
+fn async_cancel_returns_ecanceled_and_the_buffer() {
+    let Some((_, mut d)) = setup("async_cancel", &["recv", "async_cancel"]) else {
+        return;
+    };
+    let (server, _client) = tcp_pair();
+    let mut buf = Vec::with_capacity(128);
+    buf.extend_from_slice(b"xy");
+    let id = d
+        .submit(
+            Op::Recv {
+                fd: server,
+                buf: IoBuf::Vec(buf),
+                flags: 0,
+            },
+            4,
+        )
+        .unwrap();
+    d.wait(0, None).unwrap();
+    d.cancel(id).unwrap();
+    let c = next(&mut d);
+    assert_eq!((c.op_id, c.result), (id, Err(Errno::ECANCELED)));
+    let Returned::Buf(IoBuf::Vec(v)) = c.resources else {
+        panic!("buffer not returned")
+    };
+    assert_eq!(v, b"xy");
+    assert_eq!(d.cancel(id), Err(sluice_uring::CancelError::NotInFlight));
+}
+
+#[test]
+fn stale_generation_completion_is_ignored() {
+    let config = DriverConfig {
+        ops_max: 1,
+        fixed_buffers_count: 1,
+        fixed_buffer_bytes: 4096,
+        ..DriverConfig::default()
+    };
+    let Some((_, mut d)) = setup_with("stale_generation", &["nop"], config) else {
+        return;
+    };
+    let old = d.submit(Op::Nop, 1).unwrap();
+    assert_eq!(next(&mut d).op_id, old);
+    // A CQE naming the old generation of the (only) slot, as a late
+    // completion of a finished op would.
+    let stale = io_uring::opcode::Nop::new().build().user_data(old.raw());
+    // SAFETY: a NOP points to no memory; its user_data is a finished op's.
+    unsafe { d.push_raw(&stale) }.unwrap();
+    let new = d.submit(Op::Nop, 2).unwrap();
+    assert_eq!(new.user_data().slot, old.user_data().slot);
+    assert_ne!(new.user_data().generation, old.user_data().generation);
+    let c = next(&mut d);
+    assert_eq!((c.op_id, c.token), (new, 2));
+    assert_eq!(d.stats().stale_completions, 1);
+}
+
+#[test]
+fn waker_from_another_thread_ends_a_blocked_wait() {
+    let Some((_, mut d)) = setup("waker", &["read"]) else {
+        return;
+    };
+    let waker = d.waker();
+    let start = Instant::now();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        waker.wake();
+    });
+    let mut out = Vec::new();
+    while !d.take_woken() {
+        assert!(start.elapsed() < DEADLINE, "never woken");
+        d.wait(1, Some(Duration::from_secs(5))).unwrap();
+        d.complete(&mut out, 8);
+    }
+    assert!(out.is_empty(), "a wake-up is not an op completion");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    t.join().unwrap();
+    // Re-armed: a second wake works too.
+    d.waker().wake();
+    let again = Instant::now();
+    while !d.take_woken() {
+        assert!(again.elapsed() < DEADLINE, "not re-armed");
+        d.wait(1, Some(Duration::from_secs(1))).unwrap();
+        d.complete(&mut out, 8);
+    }
+}
+
+#[test]
+fn dropping_driver_with_ops_in_flight_cancels_them() {
+    let Some((_, mut d)) = setup("drop_in_flight", &["recv", "async_cancel"]) else {
+        return;
+    };
+    let (server, _client) = tcp_pair();
+    let lease = d.fixed_buffers().lease().unwrap();
+    d.submit(
+        Op::Recv {
+            fd: server.clone(),
+            buf: IoBuf::Fixed(lease),
+            flags: 0,
+        },
+        1,
+    )
+    .unwrap();
+    d.submit(
+        Op::Timeout {
+            duration: Duration::from_secs(3600),
+        },
+        2,
+    )
+    .unwrap();
+    d.wait(0, None).unwrap();
+    assert_eq!(d.in_flight(), 2);
+    assert_eq!(d.shutdown(Duration::from_secs(5)), Ok(()));
+    assert_eq!(d.fixed_buffers().available(), 4, "the lease came back");
+    assert_eq!(
+        Rc::strong_count(&server),
+        1,
+        "the op's fd clone was dropped"
+    );
+    assert!(
+        d.submit(Op::Nop, 3).is_err(),
+        "no submissions after shutdown"
+    );
+}
+
+/// Drops CAP_IPC_LOCK from this thread only (capabilities are per thread)
+/// and lowers RLIMIT_MEMLOCK (per process; other test threads keep
+/// CAP_IPC_LOCK and so ignore it), then expects registration to be refused
+/// and the pool to work unregistered.
+#[test]
+fn registration_refused_falls_back_to_unregistered() {
+    let report = probe();
+    if !report.available() {
+        eprintln!("SKIP: registration_refused: io_uring unavailable");
+        return;
+    }
+    let result = std::thread::spawn(|| {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let mut header = Header {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let mut data = [Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        // SAFETY: header and data match the kernel's v3 capability ABI.
+        let got = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+        assert_eq!(got, 0);
+        data[0].effective &= !(1 << 14); // CAP_IPC_LOCK
+                                         // SAFETY: as above.
+        let set = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+        assert_eq!(set, 0);
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: valid rlimit pointers.
+        unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut old) };
+        let low = libc::rlimit {
+            rlim_cur: 64 * 1024,
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: valid rlimit pointer.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &low) }, 0);
+        let config = DriverConfig {
+            ops_max: 8,
+            fixed_buffers_count: 16,
+            fixed_buffer_bytes: 64 * 1024,
+            ..DriverConfig::default()
+        };
+        let driver = Driver::new(config);
+        // SAFETY: valid rlimit pointer.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &old) };
+        let mut d = driver.expect("driver without fixed buffers");
+        let refused = d.fixed_buffers_refused();
+        assert!(!d.fixed_buffers().registered());
+        round_trip_fixed(&mut d);
+        refused
+    })
+    .join()
+    .unwrap();
+    let refused = result.expect("registration must be refused under a 64 KiB memlock limit");
+    eprintln!("refused as expected: {}", refused.reason);
+    assert_eq!(refused.errno, Errno(libc::ENOMEM));
+    assert!(refused.reason.contains("memlock"));
+}
