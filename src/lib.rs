@@ -1,3 +1,4 @@
 //! sluice: an io_uring-native artifact cache server.
 #![forbid(unsafe_code)]
 pub mod http1;
+pub mod store;

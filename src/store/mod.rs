@@ -1,0 +1,1114 @@
+//! The artifact store: one self-describing file per artifact, atomic
+//! publication, LRU-style eviction in the background.
+//!
+//! Layout: `data_dir/{ns}/{2 hex}/{key}` (see [`relative_path`]); each file is
+//! a 64-byte [`format`] header (length, sha256, checksum) followed by the body.
+//! `data_dir/.tmp/` holds named temporary files when the filesystem lacks
+//! `O_TMPFILE`.
+//!
+//! Writes stream into an anonymous `O_TMPFILE` in the target directory (or a
+//! named temp file in `.tmp/`), are hashed as they arrive, and become visible
+//! only at [`PutWriter::commit`]: `linkat` to a private `.tmp-…` name, then
+//! `renameat` over the final name, so a crash, an abort or ENOSPC never leaves
+//! a partial artifact under a real key. A writer holds an exclusive `flock` on
+//! its temp file for its whole life, which is how leftovers are told apart
+//! from in-flight writes of a live process sharing the directory (for example
+//! during a binary upgrade): a leftover is a temp file nobody holds locked.
+//!
+//! `Store::open` returns at once. A background thread walks the data dir to
+//! rebuild the in-memory index (size and last access of every artifact) while
+//! serving proceeds, then evicts least-recently-accessed artifacts whenever a
+//! commit pushes the store over its byte limit (down to 90% of it).
+//!
+//! Decisions an operator may want to know:
+//! - Access times survive a restart only as the files' atime/mtime; with the
+//!   usual `relatime` mount option, reads are remembered at day granularity,
+//!   so the first evictions after a restart are LRU only approximately.
+//!   Recording every read in the inode would cost a metadata write per GET.
+//! - `stats().bytes` counts whole files (header + body), not allocated blocks.
+//! - A GET validates the header and the file size, not the body digest (that
+//!   would read the whole body twice); truncation, the common damage, is caught.
+//! - A body larger than the store's own byte limit is refused (413) rather
+//!   than stored and immediately evicted along with everything else.
+//! - While the startup scan runs, eviction already acts if the artifacts
+//!   accounted so far exceed the limit; it then picks among those only.
+//! - If fsyncing the directory fails after the rename, the artifact is
+//!   complete and visible but the PUT reports an error; the client retries.
+
+mod background;
+pub mod format;
+mod index;
+mod layout;
+#[cfg(test)]
+mod tests;
+
+pub use index::{INDEX_ENTRIES_MAX, SHARDS};
+pub use layout::{
+    relative_path, shard_dir, valid_key, valid_namespace, KEY_BYTES_MAX, NAMESPACE_BYTES_MAX,
+};
+
+use format::HEADER_BYTES;
+use index::{Entry, Index};
+use rustix::fd::{AsRawFd, OwnedFd};
+use rustix::fs::{AtFlags, FallocateFlags, FlockOperation, Mode, OFlags, CWD};
+use rustix::io::Errno;
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// When acknowledged writes reach stable storage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Default. `fdatasync` the file before publishing and `fsync` the
+    /// directory after, so an acknowledged PUT survives power loss.
+    #[default]
+    Always,
+    /// Leave it to the kernel's writeback: faster, but a crash may lose
+    /// recent writes (never expose a partial one: publication stays atomic).
+    Never,
+}
+
+/// Store configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Root of the store; created if missing. Default `./sluice-data`.
+    pub data_dir: PathBuf,
+    /// Byte limit over all artifact files (header + body); 0 = unlimited
+    /// (the default). Over it, the background thread evicts down to 90%.
+    pub store_bytes_max: u64,
+    /// Durability of acknowledged writes. Default [`FsyncPolicy::Always`].
+    pub fsync: FsyncPolicy,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("sluice-data"),
+            store_bytes_max: 0,
+            fsync: FsyncPolicy::Always,
+        }
+    }
+}
+
+/// Store failures, each mapping to an HTTP status via [`StoreError::status`].
+#[derive(Debug)]
+pub enum StoreError {
+    /// The namespace or key breaks the naming rules ([`valid_namespace`],
+    /// [`valid_key`]).
+    InvalidKey,
+    /// ENOSPC or EDQUOT at any step; nothing was published.
+    NoSpace,
+    /// The body's sha256 differs from the one the client promised.
+    DigestMismatch {
+        expected: [u8; 32],
+        actual: [u8; 32],
+    },
+    /// The body's length differs from the one the client announced.
+    LengthMismatch { expected: u64, actual: u64 },
+    /// The body exceeds the per-request limit or the store's size.
+    TooLarge { limit_bytes: u64 },
+    /// Any other I/O failure; the message names the operation and the path.
+    Io(io::Error),
+}
+
+impl StoreError {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::InvalidKey | Self::DigestMismatch { .. } | Self::LengthMismatch { .. } => 400,
+            Self::NoSpace => 507,
+            Self::TooLarge { .. } => 413,
+            Self::Io(_) => 500,
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidKey => write!(
+                f,
+                "invalid namespace or key: namespace must match [a-z0-9][a-z0-9_-]{{0,63}}, \
+                 key [A-Za-z0-9_.-]{{1,255}} not starting with '.'"
+            ),
+            Self::NoSpace => write!(f, "no space left on the store's filesystem (ENOSPC/EDQUOT)"),
+            Self::DigestMismatch { expected, actual } => write!(
+                f,
+                "body sha256 {} does not match the expected {}",
+                hex::encode(actual),
+                hex::encode(expected)
+            ),
+            Self::LengthMismatch { expected, actual } => {
+                write!(
+                    f,
+                    "body length {actual} does not match the announced {expected} bytes"
+                )
+            }
+            Self::TooLarge { limit_bytes } => {
+                write!(f, "body exceeds the limit of {limit_bytes} bytes")
+            }
+            Self::Io(e) => write!(f, "store I/O error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// An open artifact, ready to be spliced or read from `body_offset`.
+#[derive(Debug)]
+pub struct Artifact {
+    /// The artifact file, opened read-only. It stays valid if the artifact is
+    /// replaced, deleted or evicted meanwhile (the inode lives until closed).
+    pub file: File,
+    /// Where the body starts in `file`, bytes.
+    pub body_offset: u64,
+    /// Body length, bytes.
+    pub len: u64,
+    /// sha256 of the body.
+    pub sha256: [u8; 32],
+}
+
+impl Artifact {
+    /// Strong ETag: `"<64 lowercase hex of the body's sha256>"`, quotes included.
+    pub fn etag(&self) -> String {
+        format!("\"{}\"", hex::encode(self.sha256))
+    }
+}
+
+/// Limits and promises for one upload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PutOptions {
+    /// The announced body length (Content-Length), if known. A body that
+    /// turns out longer or shorter fails with `LengthMismatch`. Known lengths
+    /// are reserved on disk up front, so a full disk answers 507 before the
+    /// body is read.
+    pub expected_len: Option<u64>,
+    /// The digest the body must have (Bazel CAS: the key), if any.
+    pub expected_sha256: Option<[u8; 32]>,
+    /// Largest accepted body in bytes; 0 = no per-request limit (the store's
+    /// own limit still applies).
+    pub body_bytes_max: u64,
+}
+
+/// The outcome of a successful commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// Body length, bytes.
+    pub len: u64,
+    /// sha256 of the body.
+    pub sha256: [u8; 32],
+    /// Whether an artifact with this key existed and was replaced.
+    pub replaced: bool,
+}
+
+/// Point-in-time counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Bytes of all artifact files known to the index (header + body).
+    pub bytes: u64,
+    /// Artifacts known to the index.
+    pub entries: u64,
+    /// Artifacts evicted since open.
+    pub evictions_total: u64,
+    /// File bytes evicted since open.
+    pub evicted_bytes_total: u64,
+    /// Corrupt or truncated artifacts found (and removed) since open.
+    pub corrupt_total: u64,
+    /// Whether the startup scan finished; before that `bytes`/`entries` only
+    /// cover what was scanned, written or read so far.
+    pub accounting_complete: bool,
+    /// How temp files are made: `"o_tmpfile"` or `"named_temp"`.
+    pub tmpfile_mode: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TmpfileMode {
+    /// Anonymous `O_TMPFILE` in the target directory, linked via
+    /// `/proc/self/fd`.
+    Anonymous,
+    /// Named temp file under `data_dir/.tmp/`, renamed into place.
+    Named,
+}
+
+impl TmpfileMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Anonymous => "o_tmpfile",
+            Self::Named => "named_temp",
+        }
+    }
+}
+
+/// Wakes the background thread.
+struct Signal {
+    state: Mutex<SignalState>,
+    cond: Condvar,
+    stopping: AtomicBool,
+}
+
+#[derive(Default)]
+struct SignalState {
+    wake: bool,
+}
+
+/// State shared by store handles, writers and the background thread.
+struct Shared {
+    data_dir: PathBuf,
+    data_dir_fd: OwnedFd,
+    tmp_dir_fd: OwnedFd,
+    store_bytes_max: u64,
+    fsync: FsyncPolicy,
+    tmpfile: TmpfileMode,
+    index: Index,
+    evictions_total: AtomicU64,
+    evicted_bytes_total: AtomicU64,
+    corrupt_total: AtomicU64,
+    accounting_complete: AtomicBool,
+    /// Set on the first ENOSPC, cleared by the next successful commit: a full
+    /// disk is logged once per episode, not once per request.
+    nospace_logged: AtomicBool,
+    signal: Signal,
+}
+
+impl Shared {
+    fn path(&self, rel: &str) -> PathBuf {
+        self.data_dir.join(rel)
+    }
+
+    fn stopping(&self) -> bool {
+        self.signal.stopping.load(Ordering::Acquire)
+    }
+
+    fn wake(&self) {
+        let mut state = self
+            .signal
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        state.wake = true;
+        self.signal.cond.notify_one();
+    }
+
+    fn stop(&self) {
+        self.signal.stopping.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    /// Waits for a wake-up, a stop, or `timeout`.
+    fn wait(&self, timeout: Duration) {
+        let mut state = self
+            .signal
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !state.wake && !self.stopping() {
+            state = self
+                .signal
+                .cond
+                .wait_timeout(state, timeout)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        state.wake = false;
+    }
+
+    fn over_limit(&self) -> bool {
+        (self.store_bytes_max != 0 && self.index.bytes() > self.store_bytes_max)
+            || self.index.entries() > INDEX_ENTRIES_MAX
+    }
+
+    fn no_space(&self, op: &str, path: &dyn fmt::Display, errno: i32) -> StoreError {
+        if !self.nospace_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(op, path = %path, errno, "store out of space; PUTs answer 507");
+        }
+        StoreError::NoSpace
+    }
+
+    /// Maps a syscall failure to a `StoreError` with its context.
+    fn errno(&self, op: &str, path: &dyn fmt::Display, e: Errno) -> StoreError {
+        if e == Errno::NOSPC || e == Errno::DQUOT {
+            return self.no_space(op, path, e.raw_os_error());
+        }
+        let err = io::Error::from(e);
+        StoreError::Io(io::Error::new(err.kind(), format!("{op} {path}: {err}")))
+    }
+
+    fn io(&self, op: &str, path: &dyn fmt::Display, e: io::Error) -> StoreError {
+        match e.raw_os_error() {
+            Some(code) if code == libc::ENOSPC || code == libc::EDQUOT => {
+                self.no_space(op, path, code)
+            }
+            _ => StoreError::Io(io::Error::new(e.kind(), format!("{op} {path}: {e}"))),
+        }
+    }
+
+    fn fsync_dir(&self, fd: &OwnedFd, path: &dyn fmt::Display) -> Result<(), StoreError> {
+        if self.fsync == FsyncPolicy::Always {
+            rustix::fs::fsync(fd).map_err(|e| self.errno("fsync directory", path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Creates directory `name` under `parent` if missing; under
+    /// [`FsyncPolicy::Always`] a new directory is made durable in its parent.
+    fn mkdir(
+        &self,
+        parent: &OwnedFd,
+        name: &str,
+        path: &dyn fmt::Display,
+    ) -> Result<(), StoreError> {
+        match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o755)) {
+            Ok(()) => self.fsync_dir(parent, path),
+            Err(Errno::EXIST) => Ok(()),
+            Err(e) => Err(self.errno("create directory", path, e)),
+        }
+    }
+
+    /// Opens `data_dir/{ns}/{xx}`, creating it on first use.
+    fn open_artifact_dir(&self, dir_rel: &str) -> Result<OwnedFd, StoreError> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        match rustix::fs::openat(&self.data_dir_fd, dir_rel, flags, Mode::empty()) {
+            Ok(fd) => return Ok(fd),
+            Err(Errno::NOENT) => {}
+            Err(e) => return Err(self.errno("open directory", &self.path(dir_rel).display(), e)),
+        }
+        let Some((ns, shard)) = dir_rel.split_once('/') else {
+            return Err(StoreError::InvalidKey);
+        };
+        self.mkdir(&self.data_dir_fd, ns, &self.data_dir.display())?;
+        let ns_path = self.path(ns);
+        let ns_fd = rustix::fs::openat(&self.data_dir_fd, ns, flags, Mode::empty())
+            .map_err(|e| self.errno("open directory", &ns_path.display(), e))?;
+        self.mkdir(&ns_fd, shard, &ns_path.display())?;
+        rustix::fs::openat(&ns_fd, shard, flags, Mode::empty())
+            .map_err(|e| self.errno("open directory", &self.path(dir_rel).display(), e))
+    }
+}
+
+static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A process-unique temporary name. The leading dot keeps it out of the key
+/// space ([`valid_key`] refuses leading dots).
+fn temp_name() -> String {
+    format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        TEMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// How many fresh names to try when a temp name is taken (a leftover from a
+/// previous process that had the same pid).
+const TEMP_NAME_ATTEMPTS_MAX: usize = 16;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn proc_fd_path(fd: &impl AsRawFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+/// Removes `name` in `dir` if it is a temp file no live writer holds locked.
+/// Returns whether it was removed.
+fn remove_if_abandoned(dir: &OwnedFd, name: &str) -> bool {
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK;
+    let Ok(fd) = rustix::fs::openat(dir, name, flags, Mode::empty()) else {
+        return false;
+    };
+    if rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive).is_err() {
+        return false; // a live writer holds it
+    }
+    rustix::fs::unlinkat(dir, name, AtFlags::empty()).is_ok()
+}
+
+/// Whether `O_TMPFILE` plus `linkat` through `/proc/self/fd` works here
+/// (it needs filesystem support and a mounted `/proc`).
+fn probe_tmpfile(data_dir_fd: &OwnedFd, tmp_dir_fd: &OwnedFd) -> TmpfileMode {
+    let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(data_dir_fd, ".", flags, Mode::from_raw_mode(0o600)) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::info!(error = %e, "O_TMPFILE unavailable; using named temp files in .tmp/");
+            return TmpfileMode::Named;
+        }
+    };
+    let name = temp_name();
+    match rustix::fs::linkat(
+        CWD,
+        proc_fd_path(&fd),
+        tmp_dir_fd,
+        &name,
+        AtFlags::SYMLINK_FOLLOW,
+    ) {
+        Ok(()) => {
+            // Best effort: the probe file is empty and the scan would remove
+            // it as abandoned anyway.
+            let _ = rustix::fs::unlinkat(tmp_dir_fd, &name, AtFlags::empty());
+            TmpfileMode::Anonymous
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "linking an O_TMPFILE failed; using named temp files in .tmp/");
+            TmpfileMode::Named
+        }
+    }
+}
+
+fn check_names(ns: &str, key: &str) -> Result<(), StoreError> {
+    if valid_namespace(ns) && valid_key(key) {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidKey)
+    }
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Inner {
+    fn shutdown(&self) {
+        self.shared.stop();
+        let handle = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("store background thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The artifact store. Cheap to clone; all clones share one index and one
+/// background thread, which stops on [`Store::shutdown`] or when the last
+/// clone is dropped.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("data_dir", &self.inner.shared.data_dir)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `config.data_dir`, removes
+    /// abandoned temp files in `.tmp/`, probes `O_TMPFILE`, and starts the
+    /// background thread. Returns without scanning existing artifacts: they
+    /// are served at once and accounted in the background.
+    pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        Self::open_with(config, None)
+    }
+
+    /// `open`, optionally forcing the temp-file mode (tests of the fallback).
+    fn open_with(config: StoreConfig, force: Option<TmpfileMode>) -> Result<Store, StoreError> {
+        let data_dir = config.data_dir;
+        let tmp_dir = data_dir.join(".tmp");
+        let plain = |op: &str, path: &Path, e: io::Error| {
+            StoreError::Io(io::Error::new(
+                e.kind(),
+                format!("{op} {}: {e}", path.display()),
+            ))
+        };
+        std::fs::create_dir_all(&tmp_dir).map_err(|e| plain("create directory", &tmp_dir, e))?;
+        let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let data_dir_fd = rustix::fs::open(&data_dir, dir_flags, Mode::empty())
+            .map_err(|e| plain("open directory", &data_dir, e.into()))?;
+        let tmp_dir_fd = rustix::fs::open(&tmp_dir, dir_flags, Mode::empty())
+            .map_err(|e| plain("open directory", &tmp_dir, e.into()))?;
+
+        // `.tmp/` only ever holds in-flight or abandoned temp files, so it is
+        // small and cleaning it here does not delay the start.
+        let mut removed = 0u64;
+        let entries =
+            std::fs::read_dir(&tmp_dir).map_err(|e| plain("read directory", &tmp_dir, e))?;
+        for entry in entries.flatten() {
+            if let Some(name) = entry.file_name().to_str() {
+                removed += u64::from(remove_if_abandoned(&tmp_dir_fd, name));
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, dir = %tmp_dir.display(), "removed abandoned temp files");
+        }
+
+        let tmpfile = force.unwrap_or_else(|| probe_tmpfile(&data_dir_fd, &tmp_dir_fd));
+        if config.fsync == FsyncPolicy::Always {
+            rustix::fs::fsync(&data_dir_fd)
+                .map_err(|e| plain("fsync directory", &data_dir, e.into()))?;
+        }
+        let shared = Arc::new(Shared {
+            data_dir,
+            data_dir_fd,
+            tmp_dir_fd,
+            store_bytes_max: config.store_bytes_max,
+            fsync: config.fsync,
+            tmpfile,
+            index: Index::new(),
+            evictions_total: AtomicU64::new(0),
+            evicted_bytes_total: AtomicU64::new(0),
+            corrupt_total: AtomicU64::new(0),
+            accounting_complete: AtomicBool::new(false),
+            nospace_logged: AtomicBool::new(false),
+            signal: Signal {
+                state: Mutex::new(SignalState::default()),
+                cond: Condvar::new(),
+                stopping: AtomicBool::new(false),
+            },
+        });
+        let for_thread = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("sluice-store".into())
+            .spawn(move || background::run(&for_thread))
+            .map_err(|e| plain("spawn background thread for", &shared.data_dir, e))?;
+        tracing::info!(
+            data_dir = %shared.data_dir.display(),
+            tmpfile_mode = tmpfile.as_str(),
+            store_bytes_max = shared.store_bytes_max,
+            fsync = ?shared.fsync,
+            "store open; accounting existing artifacts in the background"
+        );
+        Ok(Store {
+            inner: Arc::new(Inner {
+                shared,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// Opens artifact `ns/key`. `Ok(None)` on a miss, including a corrupt or
+    /// truncated file, which is removed, counted in `corrupt_total` and logged.
+    /// Records the access for LRU (one shard lock, no global lock).
+    pub fn get(&self, ns: &str, key: &str) -> Result<Option<Artifact>, StoreError> {
+        check_names(ns, key)?;
+        let sh = self.shared();
+        let rel = relative_path(ns, key);
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY;
+        let fd = match rustix::fs::openat(&sh.data_dir_fd, rel.as_str(), flags, Mode::empty()) {
+            Ok(fd) => fd,
+            // ELOOP: a symlink, which sluice never writes; do not follow it
+            // out of the store.
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => return Ok(None),
+            Err(e) => return Err(sh.errno("open", &sh.path(&rel).display(), e)),
+        };
+        let file = File::from(fd);
+        let meta = file
+            .metadata()
+            .map_err(|e| sh.io("stat", &sh.path(&rel).display(), e))?;
+        if !meta.is_file() {
+            return Ok(None);
+        }
+        let mut head = [0u8; HEADER_BYTES];
+        if meta.len() < HEADER_BYTES as u64 {
+            self.discard_corrupt(&rel, &meta, "shorter than the header");
+            return Ok(None);
+        }
+        file.read_exact_at(&mut head, 0)
+            .map_err(|e| sh.io("read header of", &sh.path(&rel).display(), e))?;
+        let header = match format::decode_header(&head) {
+            Ok(h) => h,
+            Err(e) => {
+                self.discard_corrupt(&rel, &meta, &e.to_string());
+                return Ok(None);
+            }
+        };
+        // decode_header guarantees this sum does not overflow.
+        let size_bytes = header.body_len + HEADER_BYTES as u64;
+        if meta.len() != size_bytes {
+            let reason = format!("file is {} bytes, header says {size_bytes}", meta.len());
+            self.discard_corrupt(&rel, &meta, &reason);
+            return Ok(None);
+        }
+        let mut locked = sh.index.lock(&rel);
+        if !locked.touch(&rel, now_ms()) {
+            // Not yet seen by the startup scan. Add it, unless it was unlinked
+            // since we opened it (unlinks happen under this lock, so the link
+            // count read here is current): that would be a phantom entry.
+            let linked = file.metadata().is_ok_and(|m| m.nlink() > 0);
+            if linked {
+                locked.insert_if_absent(
+                    &rel,
+                    Entry {
+                        size_bytes,
+                        last_access_ms: now_ms(),
+                    },
+                );
+            }
+        }
+        drop(locked);
+        Ok(Some(Artifact {
+            file,
+            body_offset: HEADER_BYTES as u64,
+            len: header.body_len,
+            sha256: header.sha256,
+        }))
+    }
+
+    /// Removes a corrupt file, unless it was replaced since we opened it.
+    fn discard_corrupt(&self, rel: &str, opened: &std::fs::Metadata, reason: &str) {
+        let sh = self.shared();
+        let path = sh.path(rel);
+        let mut locked = sh.index.lock(rel);
+        let same = std::fs::symlink_metadata(&path)
+            .is_ok_and(|m| m.dev() == opened.dev() && m.ino() == opened.ino());
+        if !same {
+            return; // replaced or removed meanwhile: someone else's business
+        }
+        match rustix::fs::unlinkat(&sh.data_dir_fd, rel, AtFlags::empty()) {
+            Ok(()) => {
+                locked.remove(rel);
+                drop(locked);
+                sh.corrupt_total.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(path = %path.display(), reason, "corrupt artifact removed; served as a miss");
+            }
+            Err(e) => {
+                drop(locked);
+                tracing::warn!(path = %path.display(), reason, error = %e, "corrupt artifact could not be removed");
+            }
+        }
+    }
+
+    /// Starts an upload of `ns/key`. Nothing is visible until
+    /// [`PutWriter::commit`]; dropping the writer abandons the upload.
+    pub fn begin_put(
+        &self,
+        ns: &str,
+        key: &str,
+        options: PutOptions,
+    ) -> Result<PutWriter, StoreError> {
+        check_names(ns, key)?;
+        let sh = Arc::clone(self.shared());
+        let store_body_max = sh.store_bytes_max.saturating_sub(HEADER_BYTES as u64);
+        let limit_bytes = match (options.body_bytes_max, sh.store_bytes_max) {
+            (0, 0) => 0,
+            (0, _) => store_body_max,
+            (body_max, 0) => body_max,
+            (body_max, _) => body_max.min(store_body_max),
+        };
+        if let Some(len) = options.expected_len {
+            if limit_bytes != 0 && len > limit_bytes {
+                return Err(StoreError::TooLarge { limit_bytes });
+            }
+        }
+        let rel = relative_path(ns, key);
+        let key_at = rel.len() - key.len();
+        let dir_fd = sh.open_artifact_dir(&rel[..key_at - 1])?;
+        let (file, temp_name) = open_temp(&sh, &dir_fd, &rel)?;
+        let mut writer = PutWriter {
+            shared: sh,
+            rel,
+            key_at,
+            dir_fd,
+            file,
+            named_temp: temp_name,
+            hasher: Sha256::new(),
+            buf: Vec::with_capacity(WRITE_BUFFER_BYTES),
+            body_len: 0,
+            file_offset: HEADER_BYTES as u64,
+            expected_len: options.expected_len,
+            expected_sha256: options.expected_sha256,
+            limit_bytes,
+            failed: false,
+        };
+        if let Some(len) = options.expected_len.filter(|len| *len > 0) {
+            writer.reserve(len)?;
+        }
+        Ok(writer)
+    }
+
+    /// Deletes `ns/key`. Returns whether it existed.
+    pub fn delete(&self, ns: &str, key: &str) -> Result<bool, StoreError> {
+        check_names(ns, key)?;
+        let sh = self.shared();
+        let rel = relative_path(ns, key);
+        let mut locked = sh.index.lock(&rel);
+        let existed = match rustix::fs::unlinkat(&sh.data_dir_fd, rel.as_str(), AtFlags::empty()) {
+            Ok(()) => true,
+            Err(Errno::NOENT | Errno::NOTDIR) => false,
+            Err(e) => return Err(sh.errno("unlink", &sh.path(&rel).display(), e)),
+        };
+        locked.remove(&rel);
+        drop(locked);
+        if existed && sh.fsync == FsyncPolicy::Always {
+            // A DELETE acknowledged under Always must not come back after a crash.
+            let dir_rel = &rel[..rel.len() - key.len() - 1];
+            let dir_path = sh.path(dir_rel);
+            let dir = rustix::fs::openat(
+                &sh.data_dir_fd,
+                dir_rel,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| sh.errno("open directory", &dir_path.display(), e))?;
+            sh.fsync_dir(&dir, &dir_path.display())?;
+        }
+        Ok(existed)
+    }
+
+    /// Current counters. Lock-free.
+    pub fn stats(&self) -> StoreStats {
+        let sh = self.shared();
+        StoreStats {
+            bytes: sh.index.bytes(),
+            entries: sh.index.entries(),
+            evictions_total: sh.evictions_total.load(Ordering::Relaxed),
+            evicted_bytes_total: sh.evicted_bytes_total.load(Ordering::Relaxed),
+            corrupt_total: sh.corrupt_total.load(Ordering::Relaxed),
+            accounting_complete: sh.accounting_complete.load(Ordering::Acquire),
+            tmpfile_mode: sh.tmpfile.as_str(),
+        }
+    }
+
+    /// Stops the background thread (scan and eviction) and waits for it.
+    /// The store keeps serving gets, puts and deletes; only accounting and
+    /// eviction stop. Also happens when the last clone is dropped.
+    pub fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+}
+
+/// Bytes a writer coalesces before a `pwrite`, so a stream of small chunks
+/// (chunked encoding) does not become a stream of small syscalls.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Opens the temp file for an upload into `dir_fd` and locks it (see the
+/// module docs). Returns the file and, for a named temp, its name in `.tmp/`.
+fn open_temp(
+    sh: &Shared,
+    dir_fd: &OwnedFd,
+    rel: &str,
+) -> Result<(File, Option<String>), StoreError> {
+    let mode = Mode::from_raw_mode(0o644);
+    if sh.tmpfile == TmpfileMode::Anonymous {
+        let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
+        match rustix::fs::openat(dir_fd, ".", flags, mode) {
+            Ok(fd) => {
+                lock_temp(sh, &fd, rel)?;
+                return Ok((File::from(fd), None));
+            }
+            // A directory on another filesystem without O_TMPFILE support:
+            // fall back for this upload rather than fail it.
+            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {}
+            Err(e) => return Err(sh.errno("create temp file for", &sh.path(rel).display(), e)),
+        }
+    }
+    let flags = OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    for _ in 0..TEMP_NAME_ATTEMPTS_MAX {
+        let name = temp_name();
+        match rustix::fs::openat(&sh.tmp_dir_fd, name.as_str(), flags, mode) {
+            Ok(fd) => {
+                if let Err(e) = lock_temp(sh, &fd, rel) {
+                    let _ = rustix::fs::unlinkat(&sh.tmp_dir_fd, name.as_str(), AtFlags::empty());
+                    return Err(e);
+                }
+                return Ok((File::from(fd), Some(name)));
+            }
+            Err(Errno::EXIST) => continue,
+            Err(e) => {
+                let path = sh.data_dir.join(".tmp").join(&name);
+                return Err(sh.errno("create temp file", &path.display(), e));
+            }
+        }
+    }
+    Err(StoreError::Io(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!(
+            "no free temp name in {} after {TEMP_NAME_ATTEMPTS_MAX} attempts",
+            sh.data_dir.join(".tmp").display()
+        ),
+    )))
+}
+
+fn lock_temp(sh: &Shared, fd: &OwnedFd, rel: &str) -> Result<(), StoreError> {
+    rustix::fs::flock(fd, FlockOperation::NonBlockingLockExclusive)
+        .map_err(|e| sh.errno("lock temp file for", &sh.path(rel).display(), e))
+}
+
+/// An upload in progress. Write the body with [`PutWriter::write`], then
+/// [`PutWriter::commit`]. Dropping it without committing leaves nothing
+/// visible (an anonymous temp file vanishes with its descriptor; a named one
+/// is unlinked). After any error the writer is spent: drop it.
+pub struct PutWriter {
+    shared: Arc<Shared>,
+    /// `ns/xx/key`.
+    rel: String,
+    /// Where the key starts in `rel`.
+    key_at: usize,
+    /// The target directory `ns/xx`.
+    dir_fd: OwnedFd,
+    file: File,
+    /// Name in `.tmp/` while a named temp file exists (fallback mode).
+    named_temp: Option<String>,
+    hasher: Sha256,
+    buf: Vec<u8>,
+    /// Body bytes accepted so far (written or buffered).
+    body_len: u64,
+    /// Next file offset to write the buffer at.
+    file_offset: u64,
+    expected_len: Option<u64>,
+    expected_sha256: Option<[u8; 32]>,
+    /// 0 = unlimited.
+    limit_bytes: u64,
+    failed: bool,
+}
+
+impl fmt::Debug for PutWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PutWriter")
+            .field("rel", &self.rel)
+            .field("body_len", &self.body_len)
+            .field(
+                "tmpfile_mode",
+                &if self.named_temp.is_some() {
+                    "named_temp"
+                } else {
+                    "o_tmpfile"
+                },
+            )
+            .finish()
+    }
+}
+
+impl PutWriter {
+    /// Body bytes accepted so far.
+    pub fn body_len(&self) -> u64 {
+        self.body_len
+    }
+
+    fn path(&self) -> PathBuf {
+        self.shared.path(&self.rel)
+    }
+
+    fn spent() -> StoreError {
+        StoreError::Io(io::Error::other(
+            "upload already failed; the writer must be dropped",
+        ))
+    }
+
+    /// Reserves the whole file up front so a full disk fails before the body
+    /// is read. Filesystems without `fallocate` just skip the reservation.
+    fn reserve(&mut self, body_len: u64) -> Result<(), StoreError> {
+        let total = body_len.saturating_add(HEADER_BYTES as u64);
+        match rustix::fs::fallocate(&self.file, FallocateFlags::KEEP_SIZE, 0, total) {
+            Ok(()) => Ok(()),
+            Err(e) if e == Errno::NOSPC || e == Errno::DQUOT => {
+                self.failed = true;
+                Err(self
+                    .shared
+                    .errno("reserve space for", &self.path().display(), e))
+            }
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Appends body bytes: hashed now, written through a small buffer.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        if self.failed {
+            return Err(Self::spent());
+        }
+        let new_len = self.body_len.saturating_add(data.len() as u64);
+        if self.limit_bytes != 0 && new_len > self.limit_bytes {
+            self.failed = true;
+            return Err(StoreError::TooLarge {
+                limit_bytes: self.limit_bytes,
+            });
+        }
+        if let Some(expected) = self.expected_len {
+            if new_len > expected {
+                self.failed = true;
+                return Err(StoreError::LengthMismatch {
+                    expected,
+                    actual: new_len,
+                });
+            }
+        }
+        self.hasher.update(data);
+        self.body_len = new_len;
+        if self.buf.len() + data.len() > WRITE_BUFFER_BYTES {
+            self.flush()?;
+        }
+        if data.len() >= WRITE_BUFFER_BYTES {
+            self.write_at(data)
+        } else {
+            self.buf.extend_from_slice(data);
+            Ok(())
+        }
+    }
+
+    fn write_at(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        if let Err(e) = self.file.write_all_at(data, self.file_offset) {
+            self.failed = true;
+            return Err(self.shared.io("write", &self.path().display(), e));
+        }
+        self.file_offset += data.len() as u64;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let result = self.write_at(&buf);
+        self.buf = buf;
+        self.buf.clear();
+        result
+    }
+
+    /// Checks length and digest, writes the header, syncs per policy and
+    /// publishes atomically (replacing an existing artifact). On any error
+    /// nothing new is visible under the key.
+    pub fn commit(mut self) -> Result<Committed, StoreError> {
+        if self.failed {
+            return Err(Self::spent());
+        }
+        self.flush()?;
+        if let Some(expected) = self.expected_len {
+            if self.body_len != expected {
+                return Err(StoreError::LengthMismatch {
+                    expected,
+                    actual: self.body_len,
+                });
+            }
+        }
+        let sha256: [u8; 32] = self.hasher.finalize_reset().into();
+        if let Some(expected) = self.expected_sha256 {
+            if expected != sha256 {
+                return Err(StoreError::DigestMismatch {
+                    expected,
+                    actual: sha256,
+                });
+            }
+        }
+        let sh = Arc::clone(&self.shared);
+        let path = self.path();
+        let header = format::encode_header(self.body_len, &sha256);
+        self.file
+            .write_all_at(&header, 0)
+            .map_err(|e| sh.io("write header of", &path.display(), e))?;
+        if sh.fsync == FsyncPolicy::Always {
+            rustix::fs::fdatasync(&self.file)
+                .map_err(|e| sh.errno("fdatasync", &path.display(), e))?;
+        }
+        let key = &self.rel[self.key_at..];
+        let size_bytes = self.body_len + HEADER_BYTES as u64;
+
+        // Where the finished file is now, as (directory, name).
+        let anonymous_link;
+        let (from_dir, from_name) = match &self.named_temp {
+            Some(name) => (&sh.tmp_dir_fd, name.as_str()),
+            None => {
+                anonymous_link = self.link_anonymous(&path)?;
+                (&self.dir_fd, anonymous_link.as_str())
+            }
+        };
+
+        let mut locked = sh.index.lock(&self.rel);
+        let replaced = rustix::fs::statat(&self.dir_fd, key, AtFlags::SYMLINK_NOFOLLOW).is_ok();
+        if let Err(e) = rustix::fs::renameat(from_dir, from_name, &self.dir_fd, key) {
+            drop(locked);
+            if self.named_temp.is_none() {
+                let _ = rustix::fs::unlinkat(from_dir, from_name, AtFlags::empty());
+            } // a named temp is unlinked by Drop
+            return Err(sh.errno("rename into place", &path.display(), e));
+        }
+        self.named_temp = None; // published: nothing left for Drop to remove
+        locked.upsert(
+            &self.rel,
+            Entry {
+                size_bytes,
+                last_access_ms: now_ms(),
+            },
+        );
+        drop(locked);
+
+        sh.fsync_dir(&self.dir_fd, &path.display())?;
+        sh.nospace_logged.store(false, Ordering::Relaxed);
+        if sh.over_limit() {
+            sh.wake();
+        }
+        Ok(Committed {
+            len: self.body_len,
+            sha256,
+            replaced,
+        })
+    }
+
+    /// Gives the anonymous temp file a private name in the target directory.
+    fn link_anonymous(&self, path: &Path) -> Result<String, StoreError> {
+        let source = proc_fd_path(&self.file);
+        for _ in 0..TEMP_NAME_ATTEMPTS_MAX {
+            let name = temp_name();
+            match rustix::fs::linkat(
+                CWD,
+                source.as_str(),
+                &self.dir_fd,
+                name.as_str(),
+                AtFlags::SYMLINK_FOLLOW,
+            ) {
+                Ok(()) => return Ok(name),
+                Err(Errno::EXIST) => continue,
+                Err(e) => return Err(self.shared.errno("link temp file for", &path.display(), e)),
+            }
+        }
+        Err(StoreError::Io(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "no free temp name beside {} after {TEMP_NAME_ATTEMPTS_MAX} attempts",
+                path.display()
+            ),
+        )))
+    }
+}
+
+impl Drop for PutWriter {
+    fn drop(&mut self) {
+        if let Some(name) = self.named_temp.take() {
+            let _ = rustix::fs::unlinkat(&self.shared.tmp_dir_fd, name.as_str(), AtFlags::empty());
+        }
+    }
+}
+
+// The front end moves stores and writers across threads (spawn_blocking,
+// engine threads); keep that a compile-time fact.
+const _: fn() = || {
+    fn assert_send_sync<T: Send + Sync>() {}
+    fn assert_send<T: Send>() {}
+    assert_send_sync::<Store>();
+    assert_send::<PutWriter>();
+    assert_send::<Artifact>();
+};

@@ -1,0 +1,654 @@
+//! Store tests on real files in a temp dir.
+
+use super::*;
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::time::Instant;
+
+fn config(dir: &Path) -> StoreConfig {
+    StoreConfig {
+        data_dir: dir.to_path_buf(),
+        store_bytes_max: 0,
+        fsync: FsyncPolicy::Always,
+    }
+}
+
+fn sha(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+fn put(store: &Store, ns: &str, key: &str, data: &[u8]) -> Result<Committed, StoreError> {
+    let mut w = store.begin_put(ns, key, PutOptions::default())?;
+    // Uneven chunks exercise the write buffer's edges.
+    for chunk in data.chunks(7000) {
+        w.write(chunk)?;
+    }
+    w.commit()
+}
+
+fn read_body(a: &mut Artifact) -> Vec<u8> {
+    let mut out = vec![0u8; usize::try_from(a.len).unwrap()];
+    a.file.read_exact_at(&mut out, a.body_offset).unwrap();
+    out
+}
+
+fn get_body(store: &Store, ns: &str, key: &str) -> Option<Vec<u8>> {
+    store.get(ns, key).unwrap().map(|mut a| read_body(&mut a))
+}
+
+/// Every path under `dir`, relative, directories included.
+fn listing(dir: &Path) -> BTreeSet<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            out.insert(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            if e.file_type().unwrap().is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Only files, relative paths.
+fn files(dir: &Path) -> BTreeSet<String> {
+    listing(dir)
+        .into_iter()
+        .filter(|p| dir.join(p).is_file())
+        .collect()
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn both_modes() -> [Option<TmpfileMode>; 2] {
+    [None, Some(TmpfileMode::Named)]
+}
+
+#[test]
+fn round_trip_in_both_temp_modes() {
+    for mode in both_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(config(dir.path()), mode).unwrap();
+        if mode == Some(TmpfileMode::Named) {
+            assert_eq!(store.stats().tmpfile_mode, "named_temp");
+        }
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let c = put(&store, "cas", "ab12", &data).unwrap();
+        assert_eq!(
+            c,
+            Committed {
+                len: data.len() as u64,
+                sha256: sha(&data),
+                replaced: false
+            }
+        );
+        let mut a = store.get("cas", "ab12").unwrap().unwrap();
+        assert_eq!(a.len, data.len() as u64);
+        assert_eq!(a.body_offset, HEADER_BYTES as u64);
+        assert_eq!(a.sha256, sha(&data));
+        assert_eq!(a.etag(), format!("\"{}\"", hex::encode(sha(&data))));
+        assert_eq!(a.etag().len(), 66);
+        assert_eq!(read_body(&mut a), data);
+        // Laid out as documented, with no temp files left behind.
+        assert_eq!(
+            files(dir.path()),
+            BTreeSet::from(["cas/ab/ab12".to_string()])
+        );
+        let s = store.stats();
+        assert_eq!(
+            (s.entries, s.bytes),
+            (1, data.len() as u64 + HEADER_BYTES as u64)
+        );
+        // Empty bodies are artifacts too.
+        put(&store, "gen", "empty", b"").unwrap();
+        assert_eq!(get_body(&store, "gen", "empty").unwrap(), b"");
+        assert!(store.get("cas", "ffff").unwrap().is_none());
+        assert!(store.get("nope", "ab12").unwrap().is_none());
+    }
+}
+
+#[test]
+fn replace_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    assert!(!put(&store, "gen", "k", b"one").unwrap().replaced);
+    let old = store.get("gen", "k").unwrap().unwrap();
+    assert!(put(&store, "gen", "k", b"second").unwrap().replaced);
+    assert_eq!(get_body(&store, "gen", "k").unwrap(), b"second");
+    // An open artifact keeps serving the old content after a replace.
+    let mut old = old;
+    assert_eq!(read_body(&mut old), b"one");
+    let s = store.stats();
+    assert_eq!((s.entries, s.bytes), (1, 6 + HEADER_BYTES as u64));
+
+    assert!(store.delete("gen", "k").unwrap());
+    assert!(!store.delete("gen", "k").unwrap());
+    assert!(store.get("gen", "k").unwrap().is_none());
+    assert!(files(dir.path()).is_empty());
+    let s = store.stats();
+    assert_eq!((s.entries, s.bytes), (0, 0));
+}
+
+#[test]
+fn invalid_names_are_rejected_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    for (ns, key) in [
+        ("cas", "../x"),
+        ("cas", ".tmp-1-1"),
+        ("../etc", "k"),
+        ("", "k"),
+        ("cas", ""),
+    ] {
+        assert!(
+            matches!(store.get(ns, key), Err(StoreError::InvalidKey)),
+            "{ns}/{key}"
+        );
+        assert!(matches!(store.delete(ns, key), Err(StoreError::InvalidKey)));
+        let err = store.begin_put(ns, key, PutOptions::default()).unwrap_err();
+        assert_eq!(err.status(), 400);
+    }
+}
+
+#[test]
+fn digest_and_length_mismatch_store_nothing() {
+    for mode in both_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(config(dir.path()), mode).unwrap();
+        let data = b"hello world";
+
+        let mut w = store
+            .begin_put(
+                "cas",
+                "aa",
+                PutOptions {
+                    expected_sha256: Some([1u8; 32]),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        w.write(data).unwrap();
+        match w.commit() {
+            Err(e @ StoreError::DigestMismatch { expected, actual }) => {
+                assert_eq!((expected, actual), ([1u8; 32], sha(data)));
+                assert_eq!(e.status(), 400);
+                assert!(e.to_string().contains(&hex::encode(sha(data))), "{e}");
+            }
+            other => panic!("expected DigestMismatch, got {other:?}"),
+        }
+
+        // Shorter than announced: caught at commit.
+        let opts = PutOptions {
+            expected_len: Some(20),
+            ..Default::default()
+        };
+        let mut w = store.begin_put("gen", "short", opts).unwrap();
+        w.write(data).unwrap();
+        match w.commit() {
+            Err(StoreError::LengthMismatch {
+                expected: 20,
+                actual: 11,
+            }) => {}
+            other => panic!("expected LengthMismatch, got {other:?}"),
+        }
+        // Longer than announced: caught at the write that overshoots.
+        let opts = PutOptions {
+            expected_len: Some(5),
+            ..Default::default()
+        };
+        let mut w = store.begin_put("gen", "long", opts).unwrap();
+        match w.write(data) {
+            Err(
+                e @ StoreError::LengthMismatch {
+                    expected: 5,
+                    actual: 11,
+                },
+            ) => assert_eq!(e.status(), 400),
+            other => panic!("expected LengthMismatch, got {other:?}"),
+        }
+        assert!(w.commit().is_err(), "a failed writer must not commit");
+
+        // The right digest and length are accepted.
+        let opts = PutOptions {
+            expected_len: Some(data.len() as u64),
+            expected_sha256: Some(sha(data)),
+            body_bytes_max: 100,
+        };
+        let mut w = store.begin_put("cas", "bb", opts).unwrap();
+        w.write(data).unwrap();
+        w.commit().unwrap();
+        assert_eq!(files(dir.path()), BTreeSet::from(["cas/bb/bb".to_string()]));
+        assert_eq!(store.stats().entries, 1);
+    }
+}
+
+#[test]
+fn too_large_is_refused_early_and_midway() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    let opts = PutOptions {
+        body_bytes_max: 10,
+        ..Default::default()
+    };
+    let err = store
+        .begin_put(
+            "gen",
+            "k",
+            PutOptions {
+                expected_len: Some(11),
+                ..opts
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(err, StoreError::TooLarge { limit_bytes: 10 }));
+    assert_eq!(err.status(), 413);
+
+    let mut w = store.begin_put("gen", "k", opts).unwrap();
+    w.write(b"0123456789").unwrap();
+    assert!(matches!(
+        w.write(b"x"),
+        Err(StoreError::TooLarge { limit_bytes: 10 })
+    ));
+    assert!(w.commit().is_err());
+
+    // The store's own limit caps a body too.
+    let dir2 = tempfile::tempdir().unwrap();
+    let small = Store::open(StoreConfig {
+        store_bytes_max: 1000,
+        ..config(dir2.path())
+    })
+    .unwrap();
+    let err = small
+        .begin_put(
+            "gen",
+            "k",
+            PutOptions {
+                expected_len: Some(2000),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::TooLarge { limit_bytes: 936 }),
+        "{err:?}"
+    );
+    assert!(files(dir.path()).is_empty());
+    assert!(files(dir2.path()).is_empty());
+}
+
+#[test]
+fn dropped_writer_leaves_nothing() {
+    for mode in both_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(config(dir.path()), mode).unwrap();
+        let before = listing(dir.path());
+        let opts = PutOptions {
+            expected_len: Some(1 << 20),
+            ..Default::default()
+        };
+        let mut w = store.begin_put("gen", "partial", opts).unwrap();
+        w.write(&vec![7u8; 300_000]).unwrap();
+        if mode == Some(TmpfileMode::Named) {
+            // While in flight, the named temp exists in .tmp/ and nowhere else.
+            let in_flight = files(dir.path());
+            assert_eq!(in_flight.len(), 1, "{in_flight:?}");
+            assert!(
+                in_flight.iter().all(|p| p.starts_with(".tmp/.tmp-")),
+                "{in_flight:?}"
+            );
+        } else {
+            assert!(files(dir.path()).is_empty());
+        }
+        drop(w);
+        assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
+        assert!(store.get("gen", "partial").unwrap().is_none());
+        // Only the (empty) target directories were added.
+        let added: BTreeSet<_> = listing(dir.path()).difference(&before).cloned().collect();
+        let shard = std::str::from_utf8(&shard_dir("partial"))
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            added,
+            BTreeSet::from(["gen".to_string(), format!("gen/{shard}")])
+        );
+        assert_eq!(store.stats().entries, 0);
+    }
+}
+
+#[test]
+fn reopen_serves_at_once_and_accounting_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut expected_bytes = 0;
+    {
+        let store = Store::open(config(dir.path())).unwrap();
+        for i in 0..300u32 {
+            let data = vec![(i % 256) as u8; 100 + i as usize];
+            put(&store, "gen", &format!("key{i}"), &data).unwrap();
+            expected_bytes += data.len() as u64 + HEADER_BYTES as u64;
+        }
+        assert!(store.stats().accounting_complete);
+    }
+    // Leftovers of an interrupted write of a dead process: a named temp and a
+    // linked-but-not-renamed upload. Both are removed (nobody holds them locked).
+    std::fs::write(dir.path().join(".tmp/.tmp-999999-1"), b"junk").unwrap();
+    let shard = std::str::from_utf8(&shard_dir("key0")).unwrap().to_string();
+    let stray = dir.path().join(format!("gen/{shard}/.tmp-999999-2"));
+    std::fs::write(&stray, b"junk").unwrap();
+
+    let store = Store::open(config(dir.path())).unwrap();
+    // Serve immediately and concurrently with the scan: these reads and
+    // writes race with it and must not be double counted.
+    assert_eq!(
+        get_body(&store, "gen", "key299").unwrap(),
+        vec![(299 % 256) as u8; 399]
+    );
+    put(&store, "gen", "key5", &[1u8; 50]).unwrap(); // replace during the scan
+    expected_bytes = expected_bytes - 105 + 50;
+    assert!(store.delete("gen", "key6").unwrap()); // delete during the scan
+    expected_bytes -= 106 + HEADER_BYTES as u64;
+    wait_for("accounting", || store.stats().accounting_complete);
+    let s = store.stats();
+    assert_eq!(s.entries, 299);
+    assert_eq!(s.bytes, expected_bytes);
+    assert!(!dir.path().join(".tmp/.tmp-999999-1").exists());
+    assert!(!stray.exists());
+    assert_eq!(get_body(&store, "gen", "key5").unwrap(), vec![1u8; 50]);
+}
+
+#[test]
+fn eviction_removes_least_recently_used_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let file_bytes = 1000 + HEADER_BYTES as u64;
+    // Four files fit; a fifth crosses the limit and eviction goes to 90%
+    // (3.8 files), i.e. two files go.
+    let limit = 4 * file_bytes + file_bytes / 4;
+    let store = Store::open(StoreConfig {
+        store_bytes_max: limit,
+        ..config(dir.path())
+    })
+    .unwrap();
+    wait_for("accounting", || store.stats().accounting_complete);
+    for key in ["a", "b", "c", "d"] {
+        put(&store, "gen", key, &[0u8; 1000]).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(store.stats().evictions_total, 0);
+    // Touch a and b: c and d become the least recently used.
+    store.get("gen", "a").unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    store.get("gen", "b").unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    put(&store, "gen", "e", &[0u8; 1000]).unwrap();
+    wait_for("eviction", || store.stats().evictions_total >= 2);
+    let s = store.stats();
+    assert_eq!(s.evictions_total, 2);
+    assert_eq!(s.evicted_bytes_total, 2 * file_bytes);
+    assert_eq!((s.entries, s.bytes), (3, 3 * file_bytes));
+    assert!(s.bytes <= limit - limit / 10);
+    for (key, present) in [
+        ("a", true),
+        ("b", true),
+        ("c", false),
+        ("d", false),
+        ("e", true),
+    ] {
+        assert_eq!(
+            store.get("gen", key).unwrap().is_some(),
+            present,
+            "key {key}"
+        );
+    }
+    assert_eq!(files(dir.path()).len(), 3);
+}
+
+#[test]
+fn restart_with_a_lower_limit_evicts_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let file_bytes = 1000 + HEADER_BYTES as u64;
+    {
+        let store = Store::open(config(dir.path())).unwrap();
+        for i in 0..20 {
+            put(&store, "gen", &format!("k{i}"), &[0u8; 1000]).unwrap();
+        }
+    }
+    let limit = 10 * file_bytes;
+    let store = Store::open(StoreConfig {
+        store_bytes_max: limit,
+        ..config(dir.path())
+    })
+    .unwrap();
+    wait_for("accounting", || store.stats().accounting_complete);
+    let s = store.stats();
+    // Eviction interleaves with the scan (down to 90% whenever over), so the
+    // end state is anywhere at or under the limit, with evictions done.
+    assert!(s.bytes <= limit && s.evictions_total > 0, "{s:?}");
+    assert_eq!(s.entries + s.evictions_total, 20, "{s:?}");
+    assert_eq!(files(dir.path()).len() as u64, s.entries);
+}
+
+#[test]
+fn corrupt_files_are_misses_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Damage)> = vec![
+        (
+            "truncated",
+            Box::new(|p: &Path| {
+                let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.set_len(HEADER_BYTES as u64 + 10).unwrap();
+            }),
+        ),
+        (
+            "short header",
+            Box::new(|p: &Path| std::fs::write(p, b"SLUICEA").unwrap()),
+        ),
+        (
+            "garbage header",
+            Box::new(|p: &Path| {
+                let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.write_all_at(b"garbage!", 20).unwrap();
+            }),
+        ),
+        (
+            "appended",
+            Box::new(|p: &Path| {
+                let mut f = std::fs::OpenOptions::new().append(true).open(p).unwrap();
+                std::io::Write::write_all(&mut f, b"extra").unwrap();
+            }),
+        ),
+    ];
+    for (i, (name, damage)) in cases.iter().enumerate() {
+        put(&store, "gen", "victim", &[9u8; 100]).unwrap();
+        let path = dir.path().join(relative_path("gen", "victim"));
+        damage(&path);
+        assert!(store.get("gen", "victim").unwrap().is_none(), "case {name}");
+        assert!(!path.exists(), "case {name}: file not removed");
+        let s = store.stats();
+        assert_eq!(s.corrupt_total, i as u64 + 1, "case {name}");
+        assert_eq!((s.entries, s.bytes), (0, 0), "case {name}");
+    }
+}
+
+#[test]
+fn concurrent_puts_of_one_key_leave_one_valid_artifact() {
+    for mode in both_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(config(dir.path()), mode).unwrap();
+        let bodies: Vec<Vec<u8>> = (0..8u8)
+            .map(|i| vec![i; 50_000 + usize::from(i) * 1000])
+            .collect();
+        std::thread::scope(|s| {
+            for body in &bodies {
+                let store = store.clone();
+                s.spawn(move || {
+                    for _ in 0..5 {
+                        put(&store, "gen", "contended", body).unwrap();
+                    }
+                });
+            }
+        });
+        let a = store.get("gen", "contended").unwrap().unwrap();
+        let mut a = a;
+        let body = read_body(&mut a);
+        assert!(bodies.contains(&body));
+        assert_eq!(a.sha256, sha(&body));
+        let s = store.stats();
+        assert_eq!(
+            (s.entries, s.bytes),
+            (1, body.len() as u64 + HEADER_BYTES as u64)
+        );
+        assert_eq!(
+            files(dir.path()),
+            BTreeSet::from([relative_path("gen", "contended")])
+        );
+    }
+}
+
+#[test]
+fn store_and_artifacts_outlive_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    let clone = store.clone();
+    std::thread::spawn(move || put(&clone, "gen", "k", b"v").unwrap())
+        .join()
+        .unwrap();
+    let mut a = store.get("gen", "k").unwrap().unwrap();
+    // The file is header + body; a plain sequential read sees both.
+    let mut all = Vec::new();
+    a.file.read_to_end(&mut all).unwrap();
+    assert_eq!(all.len(), HEADER_BYTES + 1);
+    assert_eq!(format::decode_header(&all).unwrap().body_len, 1);
+    assert_eq!(all[HEADER_BYTES..], *b"v");
+    store.shutdown();
+    // Serving continues after the background thread stopped.
+    assert_eq!(get_body(&store, "gen", "k").unwrap(), b"v");
+}
+
+#[test]
+fn error_statuses_and_messages() {
+    let io = StoreError::Io(io::Error::other("open /x: boom"));
+    let cases: Vec<(StoreError, u16, &str)> = vec![
+        (StoreError::InvalidKey, 400, "invalid"),
+        (StoreError::NoSpace, 507, "no space"),
+        (
+            StoreError::DigestMismatch {
+                expected: [0; 32],
+                actual: [1; 32],
+            },
+            400,
+            "sha256",
+        ),
+        (
+            StoreError::LengthMismatch {
+                expected: 5,
+                actual: 6,
+            },
+            400,
+            "length 6",
+        ),
+        (StoreError::TooLarge { limit_bytes: 9 }, 413, "9 bytes"),
+        (io, 500, "open /x: boom"),
+    ];
+    for (err, status, text) in cases {
+        assert_eq!(err.status(), status, "{err}");
+        assert!(err.to_string().contains(text), "{err} lacks {text}");
+    }
+}
+
+/// A tmpfs of `size`, unmounted on drop. None (with a loud note) where
+/// mounting is not permitted.
+struct TinyFs {
+    dir: tempfile::TempDir,
+}
+
+impl TinyFs {
+    fn mount(size: &str) -> Option<TinyFs> {
+        let dir = tempfile::tempdir().ok()?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status();
+        if status.is_ok_and(|s| s.success()) {
+            Some(TinyFs { dir })
+        } else {
+            eprintln!(
+                "SKIPPED: cannot mount a tmpfs here (needs root); ENOSPC not tested for real"
+            );
+            None
+        }
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn enospc_answers_507_and_leaves_nothing_visible() {
+    for mode in both_modes() {
+        let Some(fs) = TinyFs::mount("1m") else {
+            return;
+        };
+        let root = fs.dir.path().join("data");
+        let store = Store::open_with(config(&root), mode).unwrap();
+        put(&store, "gen", "small", &[1u8; 1000]).unwrap();
+        let before = files(&root);
+
+        // Announced length: refused up front by the space reservation.
+        let opts = PutOptions {
+            expected_len: Some(4 << 20),
+            ..Default::default()
+        };
+        let err = store.begin_put("gen", "big", opts).unwrap_err();
+        assert!(matches!(err, StoreError::NoSpace), "{mode:?}: {err:?}");
+        assert_eq!(err.status(), 507);
+
+        // Streamed without a length: fails at some write or at commit.
+        let mut w = store
+            .begin_put("gen", "big", PutOptions::default())
+            .unwrap();
+        let chunk = vec![5u8; 64 * 1024];
+        let mut result = Ok(());
+        for _ in 0..64 {
+            result = w.write(&chunk);
+            if result.is_err() {
+                break;
+            }
+        }
+        let err = match result {
+            Err(e) => {
+                drop(w);
+                e
+            }
+            Ok(()) => w.commit().unwrap_err(),
+        };
+        assert!(matches!(err, StoreError::NoSpace), "{mode:?}: {err:?}");
+        assert_eq!(err.status(), 507);
+        assert_eq!(
+            files(&root),
+            before,
+            "{mode:?}: something half-written is visible"
+        );
+        assert!(store.get("gen", "big").unwrap().is_none());
+        // The space comes back once the writer is gone, and the store works.
+        put(&store, "gen", "after", &[2u8; 1000]).unwrap();
+        assert_eq!(get_body(&store, "gen", "small").unwrap(), vec![1u8; 1000]);
+        store.shutdown();
+        drop(store);
+    }
+}
