@@ -1,4 +1,5 @@
 //! sluice: an io_uring-native artifact cache server.
 #![forbid(unsafe_code)]
+pub mod fallback;
 pub mod http1;
 pub mod store;
