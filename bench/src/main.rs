@@ -1,1 +1,323 @@
-fn main() {}
+//! `sluice-bench` command line: `run`, `plot`, `loopback-bound`, `compare`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Parser, Subcommand};
+
+use sluice_bench::client::ReceiveOptions;
+use sluice_bench::compare::{self, CompareConfig, Pairing};
+use sluice_bench::loopback::{self, LoopbackConfig};
+use sluice_bench::plot::{load_series, plot_svg, Series};
+use sluice_bench::record::{summary_text, RunDescription, RunRecord};
+use sluice_bench::report::hgrm_text;
+use sluice_bench::request::{parse_bytes, Method, RequestSet};
+use sluice_bench::run::{run, RunConfig, Stop};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-bench",
+    version,
+    about = "HTTP/1.1 load generator with HdrHistogram reports"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load a server and report throughput, errors and latency percentiles.
+    Run(RunArgs),
+    /// Overlay the latency-by-percentile curves of several runs (JSON records or .hgrm files).
+    Plot {
+        /// Output SVG file.
+        #[arg(short, long, default_value = "latency.svg")]
+        out: PathBuf,
+        /// Plot title.
+        #[arg(long, default_value = "Latency by percentile")]
+        title: String,
+        /// Run records (.json) or percentile distributions (.hgrm).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Measure this machine's zero-copy loopback bound (sendfile -> loopback TCP -> splice to /dev/null).
+    LoopbackBound {
+        /// Seconds to run.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        /// Parallel streams.
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        /// Size of the cached file sent repeatedly (suffixes k, m, g).
+        #[arg(long, default_value = "64m")]
+        file_bytes: String,
+        /// Bytes per sendfile call and pipe size (suffixes k, m, g).
+        #[arg(long, default_value = "1m")]
+        chunk_bytes: String,
+        /// Print a JSON object instead of a line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Side-by-side: sluice vs nginx (or sluice splice vs copy) over sizes and concurrencies.
+    Compare(CompareArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Target URL (http://host:port/path). With --size-mix it must hold `{size}`.
+    url: Option<String>,
+    /// File of requests, one `URL [LENGTH [SHA256]]` per line.
+    #[arg(long, conflicts_with = "url")]
+    list: Option<PathBuf>,
+    /// Size mix `SIZE[:WEIGHT],...` expanded into URL's `{size}` (suffixes k, m, g).
+    #[arg(long)]
+    size_mix: Option<String>,
+    /// GET, HEAD or PUT.
+    #[arg(short, long, default_value = "GET")]
+    method: Method,
+    /// Generated PUT body size when the URL or list gives none (suffixes k, m, g).
+    #[arg(long, default_value = "4096")]
+    body_bytes: String,
+    /// Keep-alive connections (one thread each).
+    #[arg(short, long, default_value_t = 1)]
+    connections: usize,
+    /// Measured duration (e.g. 10s, 500ms, 2m). Default 10s unless --requests is given.
+    #[arg(short, long)]
+    duration: Option<String>,
+    /// Stop after this many measured requests instead of a duration.
+    #[arg(short = 'n', long, conflicts_with = "duration")]
+    requests: Option<u64>,
+    /// Warm-up excluded from the figures.
+    #[arg(long, default_value = "0s")]
+    warmup: String,
+    /// Open loop: total requests per second (latency from intended send times).
+    #[arg(short, long)]
+    rate: Option<f64>,
+    /// Per-read/write socket timeout.
+    #[arg(long, default_value = "10s")]
+    timeout: String,
+    /// Verify each body's SHA-256 (against the list's digest, else the first body seen).
+    #[arg(long)]
+    verify_sha256: bool,
+    /// Read large bodies into a 256 KiB buffer instead of splicing them to /dev/null.
+    #[arg(long)]
+    no_splice: bool,
+    /// Pin connection threads round-robin to these CPUs (e.g. 0,1).
+    #[arg(long, value_delimiter = ',')]
+    cpus: Vec<usize>,
+    /// Write PREFIX.hgrm, PREFIX.json and PREFIX.svg.
+    #[arg(short, long)]
+    out: Option<PathBuf>,
+    /// Label for the record and plots (default: the URL or list file).
+    #[arg(long)]
+    label: Option<String>,
+    /// No progress line.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct CompareArgs {
+    /// The sluice binary (release build).
+    #[arg(long, default_value = "target/release/sluice")]
+    sluice_bin: PathBuf,
+    /// The nginx binary.
+    #[arg(long, default_value = "nginx")]
+    nginx_bin: PathBuf,
+    /// Compare sluice's splice mode with its copy mode instead of sluice with nginx.
+    #[arg(long)]
+    modes: bool,
+    /// Quick mode: 1.5 s runs after 0.5 s warm-up (about 2 minutes for the full matrix).
+    #[arg(long)]
+    quick: bool,
+    /// Repeats per cell (each server alternately).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Measured seconds per run (default 8, quick 1.5).
+    #[arg(long)]
+    run_secs: Option<f64>,
+    /// Warm-up seconds per run (default 2, quick 0.5).
+    #[arg(long)]
+    warmup_secs: Option<f64>,
+    /// Artifact sizes (suffixes k, m, g).
+    #[arg(long, value_delimiter = ',', default_values = ["4096", "17941067", "64m"])]
+    sizes: Vec<String>,
+    /// Concurrencies.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 20])]
+    concurrency: Vec<usize>,
+    /// Output directory.
+    #[arg(long, default_value = "bench/out")]
+    out_dir: PathBuf,
+    /// Skip the loopback-bound measurement.
+    #[arg(long)]
+    no_loopback_bound: bool,
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h` or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (s, 1.0)
+    };
+    num.parse::<f64>()
+        .ok()
+        .filter(|x| x.is_finite() && *x >= 0.0)
+        .map(|x| Duration::from_secs_f64(x * scale))
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 10s, 500ms, 2m)"))
+}
+
+fn cmd_run(a: RunArgs) -> Result<(), String> {
+    let body_bytes = usize::try_from(parse_bytes(&a.body_bytes)?).map_err(|_| "body too large")?;
+    let (set, default_label) = match (&a.url, &a.list, &a.size_mix) {
+        (Some(url), None, Some(mix)) => (
+            RequestSet::size_mix(url, mix, a.method)?,
+            format!("{url} [{mix}]"),
+        ),
+        (Some(url), None, None) => (RequestSet::single(url, a.method, body_bytes)?, url.clone()),
+        (None, Some(list), None) => {
+            let text = std::fs::read_to_string(list)
+                .map_err(|e| format!("reading {}: {e}", list.display()))?;
+            (
+                RequestSet::from_list(&text, a.method, body_bytes)?,
+                list.display().to_string(),
+            )
+        }
+        _ => return Err("give a URL, a URL with --size-mix, or --list FILE".into()),
+    };
+    let stop = match (a.requests, &a.duration) {
+        (Some(n), _) => Stop::Requests(n),
+        (None, Some(d)) => Stop::Duration(parse_duration(d)?),
+        (None, None) => Stop::Duration(Duration::from_secs(10)),
+    };
+    let cfg = RunConfig {
+        connections: a.connections,
+        stop,
+        warmup: parse_duration(&a.warmup)?,
+        rate_per_sec: a.rate,
+        timeout: parse_duration(&a.timeout)?,
+        receive: ReceiveOptions {
+            verify_sha256: a.verify_sha256,
+            splice: !a.no_splice,
+        },
+        cpus: a.cpus.clone(),
+        progress: !a.quiet,
+    };
+    let desc = RunDescription {
+        command: std::env::args().collect(),
+        label: a.label.unwrap_or(default_label),
+        started: SystemTime::now(),
+        connections: cfg.connections,
+        rate_per_sec: cfg.rate_per_sec,
+        warmup_secs: cfg.warmup.as_secs_f64(),
+    };
+    let result = run(set, cfg)?;
+    let record = RunRecord::new(&desc, &result);
+    print!("{}", summary_text(&record));
+    if let Some(prefix) = a.out {
+        let with = |ext: &str| {
+            let mut p = prefix.clone().into_os_string();
+            p.push(ext);
+            PathBuf::from(p)
+        };
+        std::fs::write(with(".hgrm"), hgrm_text(&result.histogram))
+            .map_err(|e| format!("writing .hgrm: {e}"))?;
+        let json =
+            serde_json::to_string_pretty(&record).map_err(|e| format!("encoding JSON: {e}"))?;
+        std::fs::write(with(".json"), json).map_err(|e| format!("writing .json: {e}"))?;
+        let series = [Series {
+            label: record.label.clone(),
+            rows: record.percentiles.clone(),
+        }];
+        plot_svg(&series, "Latency by percentile", &with(".svg"))?;
+    }
+    Ok(())
+}
+
+fn cmd_compare(a: CompareArgs) -> Result<(), String> {
+    let sizes = a
+        .sizes
+        .iter()
+        .map(|s| parse_bytes(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (run_default, warm_default) = if a.quick { (1.5, 0.5) } else { (8.0, 2.0) };
+    let secs = |x: f64| {
+        if x.is_finite() && x >= 0.0 {
+            Ok(Duration::from_secs_f64(x))
+        } else {
+            Err(format!("{x} is not a number of seconds"))
+        }
+    };
+    let cfg = CompareConfig {
+        sluice_bin: a.sluice_bin,
+        nginx_bin: a.nginx_bin,
+        pairing: if a.modes {
+            Pairing::SpliceVsCopy
+        } else {
+            Pairing::SluiceVsNginx
+        },
+        sizes,
+        concurrencies: a.concurrency,
+        repeats: a.repeats,
+        run_time: secs(a.run_secs.unwrap_or(run_default))?,
+        warmup: secs(a.warmup_secs.unwrap_or(warm_default))?,
+        out_dir: a.out_dir,
+        loopback_bound: !a.no_loopback_bound,
+    };
+    print!("{}", compare::compare(&cfg)?);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().cmd {
+        Cmd::Run(a) => cmd_run(a),
+        Cmd::Plot { out, title, files } => files
+            .iter()
+            .map(|f| load_series(f))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|series| plot_svg(&series, &title, &out)),
+        Cmd::LoopbackBound {
+            secs,
+            streams,
+            file_bytes,
+            chunk_bytes,
+            json,
+        } => (|| {
+            let cfg = LoopbackConfig {
+                file_bytes: parse_bytes(&file_bytes)?,
+                duration: parse_duration(&secs.to_string())?,
+                streams,
+                chunk_bytes: usize::try_from(parse_bytes(&chunk_bytes)?)
+                    .map_err(|_| "chunk too large")?,
+                ..LoopbackConfig::default()
+            };
+            let r = loopback::measure(&cfg)?;
+            if json {
+                println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+            } else {
+                println!(
+                    "loopback bound: {:.2} GB/s ({} streams, {} bytes in {:.2} s, sendfile -> splice /dev/null)",
+                    r.gb_per_sec, streams, r.bytes, r.elapsed_secs
+                );
+            }
+            Ok(())
+        })(),
+        Cmd::Compare(a) => cmd_compare(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,688 @@
+//! Side-by-side runs: sluice against nginx (or sluice's splice mode against its copy mode) on
+//! the same artifacts, the same machine and the same moment, alternating servers A B A B so
+//! drift in the machine's state hits both equally.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::client::{Connection, ReceiveOptions};
+use crate::loopback::{self, LoopbackConfig};
+use crate::plot::{plot_svg, Series};
+use crate::record::{HostFacts, RunDescription, RunRecord};
+use crate::report::hgrm_text;
+use crate::request::{Body, Method, Request, RequestSet, Url};
+use crate::run::{run, RunConfig, Stop};
+use crate::sys;
+
+/// Artifact sizes of the standard comparison, bytes: a small object, an odd-sized large one (no
+/// alignment luck) and a 64 MiB one.
+pub const DEFAULT_SIZES: [u64; 3] = [4096, 17_941_067, 64 << 20];
+
+/// Concurrencies of the standard comparison.
+pub const DEFAULT_CONCURRENCIES: [usize; 3] = [1, 8, 20];
+
+/// Which two servers are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pairing {
+    /// A = sluice (default mode), B = nginx.
+    SluiceVsNginx,
+    /// A = sluice `--file-serving-mode splice`, B = sluice `--file-serving-mode copy`.
+    SpliceVsCopy,
+}
+
+/// Configuration of a comparison.
+#[derive(Debug, Clone)]
+pub struct CompareConfig {
+    /// Path of the sluice binary (built with `--release`).
+    pub sluice_bin: PathBuf,
+    /// nginx binary. Default `nginx`.
+    pub nginx_bin: PathBuf,
+    /// Which servers.
+    pub pairing: Pairing,
+    /// Artifact sizes, bytes.
+    pub sizes: Vec<u64>,
+    /// Concurrencies.
+    pub concurrencies: Vec<usize>,
+    /// Repeats per (size, concurrency, server); at least 3 for a min/median/max to mean much.
+    pub repeats: usize,
+    /// Measured time per run.
+    pub run_time: Duration,
+    /// Warm-up before each run (separate from the measured run, so CPU accounting covers the
+    /// measured part only).
+    pub warmup: Duration,
+    /// Directory for artifacts, server state, records and the table.
+    pub out_dir: PathBuf,
+    /// Also measure the loopback bound at the start.
+    pub loopback_bound: bool,
+}
+
+impl CompareConfig {
+    /// Total measured-plus-warm-up time of the matrix, for the operator's estimate.
+    pub fn planned_time(&self) -> Duration {
+        let runs = self.sizes.len() * self.concurrencies.len() * self.repeats * 2;
+        (self.run_time + self.warmup).mul_f64(runs as f64)
+    }
+}
+
+/// A server process started for the comparison; stopped (SIGTERM, then SIGKILL after 5 s) on drop.
+struct Server {
+    name: String,
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM first so nginx's master stops its workers; SIGKILL only if it lingers.
+        if sys::terminate(self.child.id()).is_ok() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Picks a free loopback port by binding port 0 and closing it again. Another process could take
+/// it in between; the server would then fail to start and the comparison says so.
+fn free_port() -> Result<u16, String> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| format!("finding a free port: {e}"))
+}
+
+/// CPU time (user + system, seconds) of `pid` and all its live descendants, plus the reaped
+/// children's times folded into each (`cutime`, `cstime`), from `/proc/*/stat`.
+pub fn process_tree_cpu_secs(pid: u32) -> f64 {
+    let mut stats: BTreeMap<u32, (u32, u64)> = BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some((ppid, ticks)) = read_stat(p) {
+                stats.insert(p, (ppid, ticks));
+            }
+        }
+    }
+    let mut total = 0u64;
+    let mut frontier = vec![pid];
+    // Bounded by the number of processes: each pid is visited once, since a pid has one parent.
+    while let Some(p) = frontier.pop() {
+        if let Some((_, t)) = stats.get(&p) {
+            total += t;
+        }
+        frontier.extend(
+            stats
+                .iter()
+                .filter(|(_, (pp, _))| *pp == p)
+                .map(|(c, _)| *c),
+        );
+    }
+    total as f64 / sys::clock_ticks_per_sec() as f64
+}
+
+/// (ppid, utime + stime + cutime + cstime) of one process, in clock ticks.
+fn read_stat(pid: u32) -> Option<(u32, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+/// Parses `/proc/PID/stat`: fields after the `)` that closes the command name, which may itself
+/// hold spaces and parentheses.
+fn parse_stat(text: &str) -> Option<(u32, u64)> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): ppid is field 4, utime..cstime are fields 14..17.
+    let ppid = f.get(1)?.parse().ok()?;
+    let mut ticks = 0u64;
+    for i in 11..15 {
+        ticks += f.get(i)?.parse::<u64>().ok()?;
+    }
+    Some((ppid, ticks))
+}
+
+/// Waits until `GET path` on the port answers 200, or fails after `timeout`.
+fn wait_ready(server: &mut Server, path: &str, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let url = Url::parse(&format!("http://127.0.0.1:{}{path}", server.port))?;
+    let req = Request::new(Method::Get, &url, None, None);
+    let opts = ReceiveOptions {
+        verify_sha256: false,
+        splice: false,
+    };
+    loop {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            return Err(format!(
+                "{} exited before it was ready ({status})",
+                server.name
+            ));
+        }
+        if let Ok(mut c) = Connection::connect(&url.authority, Duration::from_secs(2), opts) {
+            if c.exchange(&req).is_ok() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} did not answer GET {path} with 2xx within {timeout:?}",
+                server.name
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn start_sluice(cfg: &CompareConfig, name: &str, mode: Option<&str>) -> Result<Server, String> {
+    let port = free_port()?;
+    let data = cfg.out_dir.join(format!("{name}-data"));
+    std::fs::create_dir_all(&data).map_err(|e| format!("creating {}: {e}", data.display()))?;
+    let log = std::fs::File::create(cfg.out_dir.join(format!("{name}.log")))
+        .map_err(|e| format!("creating the {name} log: {e}"))?;
+    let mut cmd = Command::new(&cfg.sluice_bin);
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(&data);
+    if let Some(m) = mode {
+        cmd.arg("--file-serving-mode").arg(m);
+    }
+    let err_log = log.try_clone().map_err(|e| format!("{name} log: {e}"))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err_log)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", cfg.sluice_bin.display()))?;
+    let mut s = Server {
+        name: name.into(),
+        child,
+        port,
+    };
+    wait_ready(&mut s, "/up", Duration::from_secs(30))?;
+    Ok(s)
+}
+
+/// The nginx configuration the comparison uses: what an operator would run for static
+/// artifacts (sendfile, tcp_nopush, no access log, 2 workers), rooted at `www`.
+pub fn nginx_conf(prefix: &Path, www: &Path, port: u16, as_root: bool) -> String {
+    let p = prefix.display();
+    format!(
+        "{user}worker_processes 2;\ndaemon off;\npid {p}/nginx.pid;\nerror_log {p}/error.log warn;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  sendfile on;\n  tcp_nopush on;\n  access_log off;\n\
+         \x20 # Keep-alive for the whole run, as sluice does: nginx's default 1000 would make it reconnect.\n\
+         \x20 keepalive_requests 100000000;\n  keepalive_timeout 300s;\n\
+         \x20 default_type application/octet-stream;\n\
+         \x20 client_body_temp_path {p}/client_body;\n  proxy_temp_path {p}/proxy;\n\
+         \x20 fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
+         \x20 server {{\n    listen 127.0.0.1:{port};\n    root {www};\n\
+         \x20   location = /up {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+        user = if as_root { "user root;\n" } else { "" },
+        www = www.display(),
+    )
+}
+
+fn start_nginx(cfg: &CompareConfig, www: &Path) -> Result<Server, String> {
+    let port = free_port()?;
+    let prefix = cfg.out_dir.join("nginx");
+    std::fs::create_dir_all(&prefix).map_err(|e| format!("creating {}: {e}", prefix.display()))?;
+    // When started as root, nginx's workers would drop to `nobody`, which may not be able to
+    // traverse the output tree; `user root` keeps them able to read what the bench wrote.
+    let as_root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false);
+    let conf = prefix.join("nginx.conf");
+    std::fs::write(&conf, nginx_conf(&prefix, www, port, as_root))
+        .map_err(|e| format!("writing {}: {e}", conf.display()))?;
+    let log =
+        std::fs::File::create(prefix.join("stderr.log")).map_err(|e| format!("nginx log: {e}"))?;
+    let child = Command::new(&cfg.nginx_bin)
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "starting {}: {e} (install it: apt-get install -y nginx)",
+                cfg.nginx_bin.display()
+            )
+        })?;
+    let mut s = Server {
+        name: "nginx".into(),
+        child,
+        port,
+    };
+    wait_ready(&mut s, "/up", Duration::from_secs(15))?;
+    Ok(s)
+}
+
+/// Path under which every server serves the artifacts.
+const ARTIFACT_PREFIX: &str = "/v1/artifacts/bench/";
+
+fn artifact_name(size: u64) -> String {
+    format!("a-{size}")
+}
+
+/// PUTs every artifact to a sluice server and checks the answer is 2xx.
+fn upload(server: &Server, bodies: &[(u64, Arc<Body>)]) -> Result<(), String> {
+    let authority = format!("127.0.0.1:{}", server.port);
+    let opts = ReceiveOptions {
+        verify_sha256: false,
+        splice: false,
+    };
+    let mut conn = Connection::connect(&authority, Duration::from_secs(60), opts)
+        .map_err(|e| format!("connecting to {}: {e}", server.name))?;
+    for (size, body) in bodies {
+        let url = Url::parse(&format!(
+            "http://{authority}{ARTIFACT_PREFIX}{}",
+            artifact_name(*size)
+        ))?;
+        let req = Request::new(Method::Put, &url, Some(Arc::clone(body)), None);
+        conn.exchange(&req)
+            .map_err(|k| format!("PUT of {size} B to {} failed: {}", server.name, k.name()))?;
+    }
+    Ok(())
+}
+
+/// GETs every artifact and checks length and SHA-256 against the generated content.
+fn verify_identical(server: &Server, bodies: &[(u64, Arc<Body>)]) -> Result<(), String> {
+    let authority = format!("127.0.0.1:{}", server.port);
+    let opts = ReceiveOptions {
+        verify_sha256: true,
+        splice: false,
+    };
+    let mut conn = Connection::connect(&authority, Duration::from_secs(60), opts)
+        .map_err(|e| format!("connecting to {}: {e}", server.name))?;
+    for (size, body) in bodies {
+        let url = Url::parse(&format!(
+            "http://{authority}{ARTIFACT_PREFIX}{}",
+            artifact_name(*size)
+        ))?;
+        let req = Request::new(Method::Get, &url, None, Some(*size));
+        let _ = req.expected_sha256.set(body.sha256);
+        conn.exchange(&req).map_err(|k| {
+            format!("{} served {size} B artifact wrongly ({} error): the servers do not return identical bytes", server.name, k.name())
+        })?;
+    }
+    Ok(())
+}
+
+/// One measured run of one server.
+#[derive(Debug, Clone)]
+pub struct Measurement {
+    /// The run's record.
+    pub record: RunRecord,
+    /// Server CPU seconds (process tree) during the measured part.
+    pub server_cpu_secs: f64,
+}
+
+impl Measurement {
+    /// Server CPU seconds per 10^9 body bytes (infinite when nothing moved).
+    pub fn cpu_secs_per_gb(&self) -> f64 {
+        if self.record.body_bytes == 0 {
+            f64::INFINITY
+        } else {
+            self.server_cpu_secs / (self.record.body_bytes as f64 / 1e9)
+        }
+    }
+}
+
+fn bench_once(
+    cfg: &CompareConfig,
+    server: &Server,
+    size: u64,
+    connections: usize,
+    label: String,
+) -> Result<Measurement, String> {
+    let url = format!(
+        "http://127.0.0.1:{}{ARTIFACT_PREFIX}{}",
+        server.port,
+        artifact_name(size)
+    );
+    let make_set = || -> Result<RequestSet, String> {
+        let mut set = RequestSet::single(&url, Method::Get, 0)?;
+        set.requests[0].expected_len = Some(size);
+        Ok(set)
+    };
+    let base = RunConfig {
+        connections,
+        warmup: Duration::ZERO,
+        progress: false,
+        ..RunConfig::default()
+    };
+    if !cfg.warmup.is_zero() {
+        run(
+            make_set()?,
+            RunConfig {
+                stop: Stop::Duration(cfg.warmup),
+                ..base.clone()
+            },
+        )?;
+    }
+    let started = SystemTime::now();
+    let cpu_before = process_tree_cpu_secs(server.pid());
+    let result = run(
+        make_set()?,
+        RunConfig {
+            stop: Stop::Duration(cfg.run_time),
+            ..base
+        },
+    )?;
+    let cpu_after = process_tree_cpu_secs(server.pid());
+    let desc = RunDescription {
+        command: std::env::args().collect(),
+        label,
+        started,
+        connections,
+        rate_per_sec: None,
+        warmup_secs: cfg.warmup.as_secs_f64(),
+    };
+    let record = RunRecord::new(&desc, &result);
+    let stem = cfg
+        .out_dir
+        .join("runs")
+        .join(record.label.replace([' ', '/'], "_"));
+    std::fs::write(stem.with_extension("hgrm"), hgrm_text(&result.histogram))
+        .map_err(|e| format!("writing {}: {e}", stem.display()))?;
+    let json =
+        serde_json::to_string_pretty(&record).map_err(|e| format!("encoding the record: {e}"))?;
+    std::fs::write(stem.with_extension("json"), json)
+        .map_err(|e| format!("writing {}: {e}", stem.display()))?;
+    Ok(Measurement {
+        record,
+        server_cpu_secs: (cpu_after - cpu_before).max(0.0),
+    })
+}
+
+/// Median, min and max of a non-empty sample (median of an even count is the mean of the two
+/// middle values).
+pub fn median_min_max(xs: &[f64]) -> Option<(f64, f64, f64)> {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some((median, v[0], v[n - 1]))
+}
+
+/// All measurements of one (size, concurrency) cell, per server, in repeat order.
+#[derive(Debug, Clone, Default)]
+pub struct Cell {
+    /// Server A's runs.
+    pub a: Vec<Measurement>,
+    /// Server B's runs.
+    pub b: Vec<Measurement>,
+}
+
+type Metric = (&'static str, fn(&Measurement) -> f64);
+
+const METRICS: [Metric; 6] = [
+    ("req/s", |m| m.record.requests_per_sec),
+    ("MB/s", |m| m.record.mb_per_sec),
+    ("p50 ms", |m| m.record.latency.p50_ms),
+    ("p99 ms", |m| m.record.latency.p99_ms),
+    ("p99.9 ms", |m| m.record.latency.p99_9_ms),
+    ("CPU s/GB", Measurement::cpu_secs_per_gb),
+];
+
+fn fmt_num(x: f64) -> String {
+    if !x.is_finite() {
+        "–".into()
+    } else if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 1.0 {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+/// The Markdown table: per size and concurrency, each metric's median for A and B, and the
+/// ratio A/B paired by repeat (repeat i of A over repeat i of B) as median, min and max.
+pub fn markdown_table(names: (&str, &str), cells: &BTreeMap<(u64, usize), Cell>) -> String {
+    let (a, b) = names;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| size (B) | c | metric | {a} (median) | {b} (median) | {a}/{b} median | min | max |"
+    );
+    let _ = writeln!(out, "|---:|---:|---|---:|---:|---:|---:|---:|");
+    for ((size, c), cell) in cells {
+        for (name, f) in METRICS {
+            let av: Vec<f64> = cell.a.iter().map(f).collect();
+            let bv: Vec<f64> = cell.b.iter().map(f).collect();
+            let ratios: Vec<f64> = av.iter().zip(&bv).map(|(x, y)| x / y).collect();
+            let med = |v: &[f64]| median_min_max(v).map_or("–".to_string(), |m| fmt_num(m.0));
+            let (rm, rmin, rmax) = median_min_max(&ratios)
+                .map_or(("–".into(), "–".into(), "–".into()), |(m, lo, hi)| {
+                    (format!("{m:.2}"), format!("{lo:.2}"), format!("{hi:.2}"))
+                });
+            let _ = writeln!(
+                out,
+                "| {size} | {c} | {name} | {} | {} | {rm} | {rmin} | {rmax} |",
+                med(&av),
+                med(&bv)
+            );
+        }
+    }
+    let errors: Vec<String> = cells
+        .values()
+        .flat_map(|c| c.a.iter().chain(&c.b))
+        .filter(|m| m.record.errors.values().sum::<u64>() > 0)
+        .map(|m| format!("{}: {:?}", m.record.label, m.record.errors))
+        .collect();
+    if errors.is_empty() {
+        let _ = writeln!(out, "\nNo request failed in any run.");
+    } else {
+        let _ = writeln!(out, "\nRuns with failed requests:\n");
+        for e in errors {
+            let _ = writeln!(out, "- {e}");
+        }
+    }
+    out
+}
+
+/// Runs the whole comparison and returns the Markdown report (also written to
+/// `out_dir/table.md`).
+pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
+    if cfg.repeats == 0 || cfg.sizes.is_empty() || cfg.concurrencies.is_empty() {
+        return Err("repeats, sizes and concurrencies must not be empty".into());
+    }
+    let mkdir =
+        |p: &Path| std::fs::create_dir_all(p).map_err(|e| format!("creating {}: {e}", p.display()));
+    mkdir(&cfg.out_dir.join("runs"))?;
+    let www = cfg.out_dir.join("www");
+    let dir = www.join(ARTIFACT_PREFIX.trim_matches('/'));
+    mkdir(&dir)?;
+    eprintln!(
+        "sluice-bench compare: generating artifacts in {}",
+        dir.display()
+    );
+    let mut bodies = Vec::new();
+    for &size in &cfg.sizes {
+        let len =
+            usize::try_from(size).map_err(|_| format!("size {size} does not fit in memory"))?;
+        let body = Arc::new(Body::generate(len));
+        std::fs::write(dir.join(artifact_name(size)), &body.bytes)
+            .map_err(|e| format!("writing artifact: {e}"))?;
+        bodies.push((size, body));
+    }
+
+    let bound = if cfg.loopback_bound {
+        eprintln!("sluice-bench compare: measuring the loopback bound");
+        Some(loopback::measure(&LoopbackConfig::default())?)
+    } else {
+        None
+    };
+
+    let (a, b) = match cfg.pairing {
+        Pairing::SluiceVsNginx => (start_sluice(cfg, "sluice", None)?, start_nginx(cfg, &www)?),
+        Pairing::SpliceVsCopy => (
+            start_sluice(cfg, "sluice-splice", Some("splice"))?,
+            start_sluice(cfg, "sluice-copy", Some("copy"))?,
+        ),
+    };
+    for s in [&a, &b] {
+        if s.name.starts_with("sluice") {
+            upload(s, &bodies)?;
+        }
+    }
+    verify_identical(&a, &bodies)?;
+    verify_identical(&b, &bodies)?;
+    eprintln!(
+        "sluice-bench compare: {} and {} return identical bytes; about {:.0} s of runs follow",
+        a.name,
+        b.name,
+        cfg.planned_time().as_secs_f64()
+    );
+
+    let mut cells: BTreeMap<(u64, usize), Cell> = BTreeMap::new();
+    for &size in &cfg.sizes {
+        for &c in &cfg.concurrencies {
+            let cell = cells.entry((size, c)).or_default();
+            for r in 0..cfg.repeats {
+                for (server, into) in [(&a, &mut cell.a), (&b, &mut cell.b)] {
+                    let label = format!("{} {size}B c{c} r{r}", server.name);
+                    let m = bench_once(cfg, server, size, c, label)?;
+                    eprintln!(
+                        "  {:<32} {:>10.1} req/s {:>9.1} MB/s  p99 {:.3} ms  cpu {:.3} s/GB",
+                        m.record.label,
+                        m.record.requests_per_sec,
+                        m.record.mb_per_sec,
+                        m.record.latency.p99_ms,
+                        m.cpu_secs_per_gb()
+                    );
+                    into.push(m);
+                }
+            }
+            let series: Vec<Series> = cell
+                .a
+                .iter()
+                .chain(&cell.b)
+                .map(|m| Series {
+                    label: m.record.label.clone(),
+                    rows: m.record.percentiles.clone(),
+                })
+                .collect();
+            let svg = cfg.out_dir.join(format!("latency-{size}B-c{c}.svg"));
+            plot_svg(&series, &format!("{size} B, c={c}"), &svg)?;
+        }
+    }
+
+    let host = HostFacts::collect();
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "Machine: {} ({} cores), kernel {}, host {}. Runs: {} s measured after {} s warm-up, {} repeats, alternating {} and {}.",
+        host.cpu_model,
+        host.cores,
+        host.kernel,
+        host.hostname,
+        cfg.run_time.as_secs_f64(),
+        cfg.warmup.as_secs_f64(),
+        cfg.repeats,
+        a.name,
+        b.name
+    );
+    if let Some(bound) = bound {
+        let _ = writeln!(
+            report,
+            "Zero-copy loopback bound (1 stream, sendfile -> splice to /dev/null): {:.2} GB/s.",
+            bound.gb_per_sec
+        );
+    }
+    report.push('\n');
+    report.push_str(&markdown_table((&a.name, &b.name), &cells));
+    std::fs::write(cfg.out_dir.join("table.md"), &report)
+        .map_err(|e| format!("writing table.md: {e}"))?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_stat_with_awkward_names() {
+        let line =
+            "1234 (my (odd) proc) S 77 1234 1234 0 -1 4194560 100 0 0 0 11 22 33 44 20 0 1 0 5 0 0";
+        assert_eq!(parse_stat(line), Some((77, 11 + 22 + 33 + 44)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn own_process_uses_cpu() {
+        // Burn a little CPU so the figure is not all zero ticks.
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(50) {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        assert!(process_tree_cpu_secs(std::process::id()) > 0.0);
+    }
+
+    #[test]
+    fn median_min_max_cases() {
+        type Case<'a> = (&'a [f64], Option<(f64, f64, f64)>);
+        let cases: [Case; 4] = [
+            (&[], None),
+            (&[2.0], Some((2.0, 2.0, 2.0))),
+            (&[3.0, 1.0, 2.0], Some((2.0, 1.0, 3.0))),
+            (&[4.0, 1.0, 2.0, 3.0], Some((2.5, 1.0, 4.0))),
+        ];
+        for (xs, want) in cases {
+            assert_eq!(median_min_max(xs), want, "{xs:?}");
+        }
+    }
+
+    #[test]
+    fn nginx_conf_has_the_operator_settings() {
+        let conf = nginx_conf(Path::new("/p"), Path::new("/w"), 8080, false);
+        for want in [
+            "sendfile on;",
+            "tcp_nopush on;",
+            "access_log off;",
+            "worker_processes 2;",
+            "listen 127.0.0.1:8080;",
+            "root /w;",
+        ] {
+            assert!(conf.contains(want), "missing {want:?} in\n{conf}");
+        }
+        assert!(!conf.contains("user root"));
+    }
+}

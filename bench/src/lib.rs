@@ -1,0 +1,12 @@
+//! `sluice-bench`: an HTTP/1.1 load generator with HdrHistogram reports, a loopback-bound probe
+//! and side-by-side server comparisons. It measures any HTTP/1.1 server, not only sluice.
+
+pub mod client;
+pub mod compare;
+pub mod loopback;
+pub mod plot;
+pub mod record;
+pub mod report;
+pub mod request;
+pub mod run;
+pub mod sys;

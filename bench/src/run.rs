@@ -1,0 +1,388 @@
+//! The load generator: N keep-alive connections, each on its own thread with blocking I/O,
+//! either closed loop (send the next request when the previous one completes, as wrk) or open
+//! loop at a fixed rate with latency measured from each request's intended send time (wrk2's
+//! coordinated-omission correction).
+//!
+//! Decision: one thread per connection rather than an event loop. At the concurrencies this
+//! tool is for (1–a few hundred) a blocked thread costs nothing, and blocking reads of 256 KiB
+//! or splices keep the per-byte cost at the kernel's, which is what lets the tool run faster
+//! than the servers it measures.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::client::{Connection, ErrorKind, ReceiveOptions};
+use crate::report::{new_latency_histogram, record_latency_us, LatencyHistogram};
+use crate::request::RequestSet;
+use crate::sys;
+
+/// When a run stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// After this long of measurement (warm-up excluded). Requests in flight at the end are
+    /// completed and counted; the elapsed time runs to the last completion.
+    Duration(Duration),
+    /// After this many measured requests (successful or failed), shared by all connections.
+    Requests(u64),
+}
+
+/// Configuration of one run.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Concurrent keep-alive connections (one thread each). Default 1.
+    pub connections: usize,
+    /// When to stop.
+    pub stop: Stop,
+    /// Time at the start whose requests are sent but not counted. Default 0.
+    pub warmup: Duration,
+    /// Open loop: total requests per second across all connections. `None` is closed loop.
+    pub rate_per_sec: Option<f64>,
+    /// Socket timeout for each read or write; no progress for this long is a `timeout` error.
+    pub timeout: Duration,
+    /// Receive options (digest verification, splicing).
+    pub receive: ReceiveOptions,
+    /// CPUs to pin connection threads to, round-robin; empty means no pinning.
+    pub cpus: Vec<usize>,
+    /// Print a progress line on stderr once a second (only when stderr is a terminal).
+    pub progress: bool,
+}
+
+impl Default for RunConfig {
+    fn default() -> RunConfig {
+        RunConfig {
+            connections: 1,
+            stop: Stop::Duration(Duration::from_secs(10)),
+            warmup: Duration::ZERO,
+            rate_per_sec: None,
+            timeout: Duration::from_secs(10),
+            receive: ReceiveOptions {
+                verify_sha256: false,
+                splice: true,
+            },
+            cpus: Vec::new(),
+            progress: true,
+        }
+    }
+}
+
+/// Counts per error kind, indexed by [`ErrorKind::index`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ErrorCounts(pub [u64; 6]);
+
+impl ErrorCounts {
+    /// Count of one kind.
+    pub fn get(&self, kind: ErrorKind) -> u64 {
+        self.0[kind.index()]
+    }
+
+    /// Sum over all kinds.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+/// What a run measured.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// Latency of successful measured requests, microseconds.
+    pub histogram: LatencyHistogram,
+    /// Successful measured requests.
+    pub requests_ok: u64,
+    /// Failed measured requests, by kind.
+    pub errors: ErrorCounts,
+    /// Body bytes of successful measured requests (received for GET, sent for PUT).
+    pub body_bytes: u64,
+    /// From the end of warm-up to the last measured completion.
+    pub elapsed: Duration,
+    /// Connections opened, warm-up included (1 per connection plus reconnects).
+    pub connects: u64,
+}
+
+impl RunResult {
+    /// Successful requests per second.
+    pub fn requests_per_sec(&self) -> f64 {
+        per_sec(self.requests_ok as f64, self.elapsed)
+    }
+
+    /// Body megabytes (10^6 bytes) per second.
+    pub fn mb_per_sec(&self) -> f64 {
+        per_sec(self.body_bytes as f64 / 1e6, self.elapsed)
+    }
+}
+
+fn per_sec(x: f64, d: Duration) -> f64 {
+    let s = d.as_secs_f64();
+    if s > 0.0 {
+        x / s
+    } else {
+        0.0
+    }
+}
+
+struct Shared {
+    set: RequestSet,
+    cfg: RunConfig,
+    measure_start: Instant,
+    stop_flag: AtomicBool,
+    // Tickets for Stop::Requests: each measured attempt takes one.
+    tickets_taken: AtomicU64,
+    progress_done: AtomicU64,
+}
+
+struct ThreadResult {
+    histogram: LatencyHistogram,
+    requests_ok: u64,
+    errors: ErrorCounts,
+    body_bytes: u64,
+    last_done: Option<Instant>,
+    connects: u64,
+}
+
+/// Runs the load described by `cfg` against `set` and returns what was measured.
+pub fn run(set: RequestSet, cfg: RunConfig) -> Result<RunResult, String> {
+    if set.requests.is_empty() {
+        return Err("the request set is empty".into());
+    }
+    if cfg.connections == 0 {
+        return Err("connections must be at least 1".into());
+    }
+    if let Some(r) = cfg.rate_per_sec {
+        if !(r > 0.0 && r.is_finite()) {
+            return Err(format!(
+                "rate {r} must be a positive number of requests per second"
+            ));
+        }
+    }
+    let start = Instant::now();
+    let shared = Arc::new(Shared {
+        measure_start: start + cfg.warmup,
+        set,
+        cfg,
+        stop_flag: AtomicBool::new(false),
+        tickets_taken: AtomicU64::new(0),
+        progress_done: AtomicU64::new(0),
+    });
+    let mut handles = Vec::with_capacity(shared.cfg.connections);
+    for index in 0..shared.cfg.connections {
+        let shared = Arc::clone(&shared);
+        let handle = std::thread::Builder::new()
+            .name(format!("conn-{index}"))
+            .spawn(move || connection_loop(&shared, index, start))
+            .map_err(|e| format!("spawning connection thread {index}: {e}"))?;
+        handles.push(handle);
+    }
+    supervise(&shared, start);
+    let mut total = ThreadResult {
+        histogram: new_latency_histogram(),
+        requests_ok: 0,
+        errors: ErrorCounts::default(),
+        body_bytes: 0,
+        last_done: None,
+        connects: 0,
+    };
+    for h in handles {
+        let r = h
+            .join()
+            .map_err(|_| "a connection thread panicked".to_string())?;
+        total
+            .histogram
+            .add(&r.histogram)
+            .map_err(|e| format!("merging histograms: {e:?}"))?;
+        total.requests_ok += r.requests_ok;
+        for k in 0..6 {
+            total.errors.0[k] += r.errors.0[k];
+        }
+        total.body_bytes += r.body_bytes;
+        total.last_done = total.last_done.max(r.last_done);
+        total.connects += r.connects;
+    }
+    let elapsed = total
+        .last_done
+        .map(|t| t.saturating_duration_since(shared.measure_start))
+        .unwrap_or_default();
+    Ok(RunResult {
+        histogram: total.histogram,
+        requests_ok: total.requests_ok,
+        errors: total.errors,
+        body_bytes: total.body_bytes,
+        elapsed,
+        connects: total.connects,
+    })
+}
+
+/// Sleeps until the end of a timed run (raising the stop flag) or until the threads finish a
+/// counted one, printing progress on a terminal.
+fn supervise(shared: &Shared, start: Instant) {
+    let show = shared.cfg.progress && std::io::stderr().is_terminal();
+    let total = match shared.cfg.stop {
+        Stop::Duration(d) => Some(shared.cfg.warmup + d),
+        Stop::Requests(_) => None,
+    };
+    // Progress only for runs long enough that silence would be confusing.
+    let show = show && total.is_none_or(|t| t > Duration::from_secs(3));
+    let mut last_print = start;
+    let mut last_done = 0u64;
+    loop {
+        let now = Instant::now();
+        if let Some(t) = total {
+            if now >= start + t {
+                shared.stop_flag.store(true, Ordering::Relaxed);
+                break;
+            }
+        } else if shared.stop_flag.load(Ordering::Relaxed) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        if show && now.duration_since(last_print) >= Duration::from_secs(1) {
+            let done = shared.progress_done.load(Ordering::Relaxed);
+            let rate = (done - last_done) as f64 / now.duration_since(last_print).as_secs_f64();
+            let phase = if now < shared.measure_start {
+                "warm-up"
+            } else {
+                "measuring"
+            };
+            let of = total.map_or(String::new(), |t| format!("/{:.0}s", t.as_secs_f64()));
+            eprint!(
+                "\r{phase} {:>5.0}s{of}  {done} requests  {rate:.0} req/s      ",
+                now.duration_since(start).as_secs_f64()
+            );
+            last_print = now;
+            last_done = done;
+        }
+    }
+    if show {
+        eprintln!();
+    }
+}
+
+/// Small per-connection PRNG for weighted picks (xorshift64*): no shared state between threads.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+fn connection_loop(shared: &Shared, index: usize, start: Instant) -> ThreadResult {
+    let cfg = &shared.cfg;
+    if !cfg.cpus.is_empty() {
+        let cpu = cfg.cpus[index % cfg.cpus.len()];
+        if let Err(e) = sys::pin_current_thread(cpu) {
+            eprintln!(
+                "sluice-bench: pinning connection {index} to cpu {cpu}: {e} (running unpinned)"
+            );
+        }
+    }
+    let mut out = ThreadResult {
+        histogram: new_latency_histogram(),
+        requests_ok: 0,
+        errors: ErrorCounts::default(),
+        body_bytes: 0,
+        last_done: None,
+        connects: 0,
+    };
+    let set = &shared.set;
+    let weight_total: u64 = set.requests.iter().map(|r| u64::from(r.weight)).sum();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((index as u64 + 1) << 32));
+    let mut next_index = index % set.requests.len();
+    // Open loop: each connection sends every `interval`, phases spread across connections so
+    // the aggregate is an even rate rather than bursts of N.
+    let interval = cfg
+        .rate_per_sec
+        .map(|r| Duration::from_secs_f64(cfg.connections as f64 / r));
+    let mut intended = interval.map(|i| start + i.mul_f64(index as f64 / cfg.connections as f64));
+    let mut conn: Option<Connection> = None;
+
+    loop {
+        if shared.stop_flag.load(Ordering::Relaxed) {
+            break;
+        }
+        // Pace the open loop; the latency clock starts at the intended time even when we are
+        // late (a late send is the server's fault, which is exactly what CO correction keeps).
+        let send_at = match (intended, interval) {
+            (Some(t), Some(i)) => {
+                let now = Instant::now();
+                if t > now {
+                    std::thread::sleep(t - now);
+                }
+                intended = Some(t + i);
+                t
+            }
+            _ => Instant::now(),
+        };
+        let measured = send_at >= shared.measure_start;
+        if let (true, Stop::Requests(n)) = (measured, cfg.stop) {
+            if shared.tickets_taken.fetch_add(1, Ordering::Relaxed) >= n {
+                shared.stop_flag.store(true, Ordering::Relaxed);
+                break;
+            }
+        }
+        let pick = if set.weighted {
+            let mut x = rng.next() % weight_total.max(1);
+            let mut chosen = 0;
+            for (i, r) in set.requests.iter().enumerate() {
+                if x < u64::from(r.weight) {
+                    chosen = i;
+                    break;
+                }
+                x -= u64::from(r.weight);
+            }
+            chosen
+        } else {
+            let i = next_index;
+            next_index = (next_index + 1) % set.requests.len();
+            i
+        };
+        let req = &set.requests[pick];
+
+        let outcome = match conn.as_mut() {
+            Some(c) => c.exchange(req),
+            None => match Connection::connect(&set.authority, cfg.timeout, cfg.receive) {
+                Ok(c) => {
+                    out.connects += 1;
+                    conn.insert(c).exchange(req)
+                }
+                Err(_) => Err(ErrorKind::Connect),
+            },
+        };
+        let done = Instant::now();
+        match outcome {
+            Ok(x) => {
+                if !x.keep_alive {
+                    conn = None;
+                }
+                if measured {
+                    out.requests_ok += 1;
+                    out.body_bytes += x.body_bytes;
+                    let latency = done.saturating_duration_since(send_at);
+                    record_latency_us(&mut out.histogram, latency.as_micros() as u64);
+                }
+            }
+            Err(kind) => {
+                // After a status or digest error the response was fully read and framing holds;
+                // anything else leaves the stream in doubt.
+                if !matches!(kind, ErrorKind::Status | ErrorKind::Digest) {
+                    conn = None;
+                }
+                if measured {
+                    out.errors.0[kind.index()] += 1;
+                }
+                if kind == ErrorKind::Connect {
+                    // Do not spin on a dead server; a refused connect returns at once.
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        if measured {
+            out.last_done = Some(done);
+        }
+        shared.progress_done.fetch_add(1, Ordering::Relaxed);
+    }
+    out
+}

@@ -1,0 +1,179 @@
+//! Benches a tiny in-test HTTP/1.1 server and checks the tool's counts against the server's own.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_bench::client::{ErrorKind, ReceiveOptions};
+use sluice_bench::request::{Method, RequestSet};
+use sluice_bench::run::{run, RunConfig, Stop};
+
+/// How the tiny server misbehaves, if at all.
+#[derive(Clone, Copy, PartialEq)]
+enum Behaviour {
+    /// Answers every request with a body of the size named by the path's last segment.
+    Correct,
+    /// Announces the full length, sends half, and closes.
+    ShortBody,
+    /// Flips one byte of every second body.
+    CorruptEverySecond,
+}
+
+struct TinyServer {
+    port: u16,
+    answered: Arc<AtomicU64>,
+}
+
+fn start(behaviour: Behaviour) -> TinyServer {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let answered = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&answered);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let counter = Arc::clone(&counter);
+            std::thread::spawn(move || serve(stream, behaviour, &counter));
+        }
+    });
+    TinyServer { port, answered }
+}
+
+fn serve(mut s: TcpStream, behaviour: Behaviour, answered: &AtomicU64) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        // Read one request head (the bench does not pipeline).
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        buf.drain(..head_end);
+        let size: usize = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.rsplit('/').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        // Counted before the answer goes out, so once the bench has read it the count includes it.
+        let n = answered.fetch_add(1, Ordering::SeqCst) + 1;
+        let response_head = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n");
+        if s.write_all(response_head.as_bytes()).is_err() {
+            return;
+        }
+        let sent = match behaviour {
+            Behaviour::Correct => s.write_all(&body),
+            Behaviour::ShortBody => {
+                let _ = s.write_all(&body[..size / 2]);
+                return;
+            }
+            Behaviour::CorruptEverySecond => {
+                let mut body = body;
+                if n % 2 == 0 && !body.is_empty() {
+                    body[0] ^= 0xff;
+                }
+                s.write_all(&body)
+            }
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+fn config(connections: usize, stop: Stop) -> RunConfig {
+    RunConfig {
+        connections,
+        stop,
+        timeout: Duration::from_secs(5),
+        progress: false,
+        ..RunConfig::default()
+    }
+}
+
+#[test]
+fn closed_loop_counts_match_the_server() {
+    let server = start(Behaviour::Correct);
+    // A small body (one read with the head) and one large enough to be spliced.
+    let url = format!("http://127.0.0.1:{}/bench/{{size}}", server.port);
+    let set = RequestSet::size_mix(&url, "1000:3,300k:1", Method::Get).unwrap();
+    let result = run(set, config(4, Stop::Duration(Duration::from_secs(1)))).unwrap();
+    assert_eq!(result.errors.total(), 0, "errors {:?}", result.errors);
+    assert!(result.requests_ok > 0);
+    assert_eq!(result.requests_ok, server.answered.load(Ordering::SeqCst));
+    assert_eq!(result.histogram.len(), result.requests_ok);
+}
+
+#[test]
+fn open_loop_with_digests_counts_match_the_server() {
+    let server = start(Behaviour::Correct);
+    let url = format!("http://127.0.0.1:{}/bench/70000", server.port);
+    let set = RequestSet::single(&url, Method::Get, 0).unwrap();
+    let cfg = RunConfig {
+        rate_per_sec: Some(200.0),
+        receive: ReceiveOptions {
+            verify_sha256: true,
+            splice: true,
+        },
+        ..config(2, Stop::Duration(Duration::from_millis(700)))
+    };
+    let result = run(set, cfg).unwrap();
+    assert_eq!(result.errors.total(), 0, "errors {:?}", result.errors);
+    assert!(result.requests_ok > 0);
+    assert_eq!(result.requests_ok, server.answered.load(Ordering::SeqCst));
+}
+
+#[test]
+fn request_count_stops_exactly() {
+    let server = start(Behaviour::Correct);
+    let url = format!("http://127.0.0.1:{}/bench/10", server.port);
+    let set = RequestSet::single(&url, Method::Get, 0).unwrap();
+    let result = run(set, config(3, Stop::Requests(50))).unwrap();
+    assert_eq!(result.requests_ok, 50);
+    assert_eq!(server.answered.load(Ordering::SeqCst), 50);
+}
+
+#[test]
+fn short_body_is_a_length_error() {
+    let server = start(Behaviour::ShortBody);
+    for size in ["1000", "600000"] {
+        let url = format!("http://127.0.0.1:{}/bench/{size}", server.port);
+        let set = RequestSet::single(&url, Method::Get, 0).unwrap();
+        let result = run(set, config(1, Stop::Requests(5))).unwrap();
+        assert_eq!(result.requests_ok, 0, "size {size}");
+        assert_eq!(
+            result.errors.get(ErrorKind::Length),
+            5,
+            "size {size}: {:?}",
+            result.errors
+        );
+        assert_eq!(result.errors.total(), 5, "size {size}");
+    }
+}
+
+#[test]
+fn corrupt_body_is_a_digest_error() {
+    let server = start(Behaviour::CorruptEverySecond);
+    let url = format!("http://127.0.0.1:{}/bench/5000", server.port);
+    let set = RequestSet::single(&url, Method::Get, 0).unwrap();
+    let cfg = RunConfig {
+        receive: ReceiveOptions {
+            verify_sha256: true,
+            splice: true,
+        },
+        ..config(1, Stop::Requests(10))
+    };
+    let result = run(set, cfg).unwrap();
+    // Responses alternate good, corrupt; the first (good) one is the reference.
+    assert_eq!(result.requests_ok, 5);
+    assert_eq!(result.errors.get(ErrorKind::Digest), 5);
+}
