@@ -1,5 +1,7 @@
 //! sluice: an io_uring-native artifact cache server.
 #![forbid(unsafe_code)]
+pub mod auth;
+pub mod config;
 pub mod fallback;
 pub mod http1;
 pub mod store;
