@@ -4,4 +4,6 @@ pub mod auth;
 pub mod config;
 pub mod fallback;
 pub mod http1;
+pub mod metrics;
+pub mod route;
 pub mod store;
