@@ -3,6 +3,7 @@
 //! for the ownership rules, the `user_data` layout and cancel/drop.
 
 use std::ffi::CString;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,6 +105,7 @@ pub enum OpKind {
     Close = 11,
     Timeout = 12,
     Nop = 13,
+    Connect = 14,
 }
 
 impl OpKind {
@@ -123,6 +125,7 @@ impl OpKind {
             11 => Close,
             12 => Timeout,
             13 => Nop,
+            14 => Connect,
             _ => return None,
         })
     }
@@ -283,6 +286,9 @@ pub enum Op {
     Timeout { duration: Duration },
     /// Does nothing; completes with `Ok(0)`.
     Nop,
+    /// Connect the socket `fd` to `addr` (outgoing tasks: replication,
+    /// read-through). `Ok(0)` once connected.
+    Connect { fd: SharedFd, addr: SocketAddr },
 }
 
 impl Op {
@@ -302,6 +308,7 @@ impl Op {
             Op::Close { .. } => OpKind::Close,
             Op::Timeout { .. } => OpKind::Timeout,
             Op::Nop => OpKind::Nop,
+            Op::Connect { .. } => OpKind::Connect,
         }
     }
 }
@@ -516,6 +523,9 @@ impl Waker {
 /// Extra memory the kernel reads or writes for an op, kept beside it.
 #[derive(Default)]
 struct Extra {
+    /// The address a connect reads; boxed so it does not move while the
+    /// kernel may read it.
+    sockaddr: Option<Box<(libc::sockaddr_storage, libc::socklen_t)>>,
     statx: Option<Box<Statx>>,
     timespec: Option<Box<types::Timespec>>,
     link_timespec: Option<Box<types::Timespec>>,
@@ -983,6 +993,13 @@ impl Driver {
                 opcode::Timeout::new(ptr).build()
             }
             Op::Nop => opcode::Nop::new().build(),
+            Op::Connect { fd, addr } => {
+                let boxed = Box::new(sockaddr_of(addr));
+                let ptr = (&boxed.0 as *const libc::sockaddr_storage).cast::<libc::sockaddr>();
+                let len = boxed.1;
+                extra.sockaddr = Some(boxed);
+                opcode::Connect::new(types::Fd(fd.as_raw_fd()), ptr, len).build()
+            }
         })
     }
 
@@ -1271,7 +1288,7 @@ impl Driver {
                     Returned::Nothing
                 }
             }
-            Op::Timeout { .. } | Op::Nop => Returned::Nothing,
+            Op::Timeout { .. } | Op::Nop | Op::Connect { .. } => Returned::Nothing,
         }
     }
 
@@ -1391,6 +1408,53 @@ fn note_splice(pipe: &mut Pipe, result: Result<u32, Errno>, note: fn(&mut Pipe, 
     }
 }
 
+/// `addr` as the `sockaddr` a connect takes, with its length.
+fn sockaddr_of(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for every
+            // sockaddr type; we write one sockaddr_in at its start.
+            unsafe {
+                std::ptr::write(
+                    (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>(),
+                    sin,
+                )
+            };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: as above, for one sockaddr_in6.
+            unsafe {
+                std::ptr::write(
+                    (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>(),
+                    sin6,
+                )
+            };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
 fn dir_fd(dir: &Option<SharedFd>) -> RawFd {
     dir.as_ref().map_or(libc::AT_FDCWD, |d| d.as_raw_fd())
 }
@@ -1431,10 +1495,10 @@ mod tests {
             assert_eq!(UserData::unpack(ud.pack()), ud);
         }
         assert_eq!(UserData::unpack(0).tag, 0, "tag 0 is never a live op");
-        for t in 1..=13u8 {
+        for t in 1..=14u8 {
             assert_eq!(OpKind::from_tag(t).map(|k| k as u8), Some(t));
         }
-        for t in [0u8, 14, tag::WAKE, tag::CANCEL, tag::LINK_TIMEOUT] {
+        for t in [0u8, 15, tag::WAKE, tag::CANCEL, tag::LINK_TIMEOUT] {
             assert_eq!(OpKind::from_tag(t), None);
         }
     }

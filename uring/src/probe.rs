@@ -82,6 +82,7 @@ impl ProbeReport {
 /// tests agree on the names.
 pub const OPS_OF_INTEREST: &[(&str, u8)] = &[
     ("accept", opcode::Accept::CODE),
+    ("connect", opcode::Connect::CODE),
     ("recv", opcode::Recv::CODE),
     ("send", opcode::Send::CODE),
     ("splice", opcode::Splice::CODE),

@@ -727,3 +727,56 @@ fn registration_refused_falls_back_to_unregistered() {
     assert_eq!(refused.errno, Errno(libc::ENOMEM));
     assert!(refused.reason.contains("memlock"));
 }
+
+#[test]
+fn connect_to_a_loopback_listener_and_refused() {
+    let Some((_, mut d)) = setup("connect", &["connect", "send"]) else {
+        return;
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fd: SharedFd = Rc::new(new_tcp_socket());
+    d.submit(
+        Op::Connect {
+            fd: Rc::clone(&fd),
+            addr,
+        },
+        7,
+    )
+    .unwrap();
+    let c = next(&mut d);
+    assert_eq!((c.token, c.result), (7, Ok(0)));
+    let (mut peer, _) = listener.accept().unwrap();
+    d.submit(
+        Op::Send {
+            fd: Rc::clone(&fd),
+            buf: IoBuf::Vec(b"hello".to_vec()),
+            offset: 0,
+            flags: libc::MSG_NOSIGNAL,
+        },
+        8,
+    )
+    .unwrap();
+    assert_eq!(next(&mut d).result, Ok(5));
+    let mut got = [0u8; 5];
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+
+    // Nothing listens on a port we just freed: ECONNREFUSED, typed.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let fd: SharedFd = Rc::new(new_tcp_socket());
+    d.submit(Op::Connect { fd, addr: closed }, 9).unwrap();
+    assert_eq!(next(&mut d).result, Err(Errno(libc::ECONNREFUSED)));
+}
+
+fn new_tcp_socket() -> OwnedFd {
+    // SAFETY: socket(2) with constant arguments; a non-negative result is a
+    // new fd that nothing else owns.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(raw >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: as above: `raw` is a fresh fd we own.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
