@@ -1,9 +1,15 @@
 //! sluice: an io_uring-native artifact cache server.
 #![forbid(unsafe_code)]
+pub mod app;
 pub mod auth;
 pub mod config;
+pub mod doctor;
+pub mod engine;
 pub mod fallback;
+pub mod front;
 pub mod http1;
+pub mod logging;
 pub mod metrics;
 pub mod route;
+pub mod server;
 pub mod store;

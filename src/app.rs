@@ -1,0 +1,564 @@
+//! What a request means, independent of how it arrived.
+//!
+//! Every front end (the io_uring engine, the hyper + rustls fallback) turns
+//! a request head into a [`RequestInfo`], asks [`App::handle`] for a
+//! [`Decision`], and carries it out: send a [`Reply`] (whose body may be a
+//! byte string or a range of an artifact file), or stream a PUT body into a
+//! [`PutSink`] and send the reply it finishes with. Statuses, headers and
+//! bodies are decided here once, so the two front ends cannot drift apart.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use crate::auth::{Access, Auth, Denied};
+use crate::config::Config;
+use crate::http1::{
+    content_range, content_range_unsatisfied, if_none_match, parse_range, RangeOutcome,
+};
+use crate::metrics::{write_metric, Metrics};
+use crate::route::{classify, Action, ArtifactKind, Route, RouteError};
+use crate::store::{Artifact, PutOptions, PutWriter, Store, StoreError};
+
+/// The request facts every decision needs, borrowed from whichever parser
+/// read the head.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestInfo<'a> {
+    /// Method token as sent (`GET`, `PUT`, …).
+    pub method: &'a str,
+    /// Request-target path, without the query.
+    pub path: &'a str,
+    /// Raw `Authorization` value.
+    pub authorization: Option<&'a [u8]>,
+    /// Raw `Range` value.
+    pub range: Option<&'a [u8]>,
+    /// Raw `If-None-Match` value.
+    pub if_none_match: Option<&'a [u8]>,
+    /// Declared body length, when framed by `Content-Length`.
+    pub content_length: Option<u64>,
+    /// True when the body is `chunked` (length unknown up front).
+    pub chunked: bool,
+}
+
+/// Body of a [`Reply`].
+#[derive(Debug)]
+pub enum ReplyBody {
+    /// No body bytes (HEAD, 204, 304, 1xx).
+    Empty,
+    /// A small generated body (errors, `/metrics`, `/status`).
+    Bytes(Vec<u8>),
+    /// `len` bytes of an artifact file starting at `offset` (absolute file
+    /// offset: the store's header is already skipped).
+    File {
+        artifact: Artifact,
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// A complete response, decided before its body is sent.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    /// Headers other than `Content-Length` and `Connection`, which the front
+    /// end writes from `content_length` and `close`.
+    pub headers: Vec<(&'static str, String)>,
+    /// Value of `Content-Length` (for HEAD: what GET would send).
+    pub content_length: Option<u64>,
+    pub body: ReplyBody,
+    /// Close the connection after this reply: framing is in doubt or a
+    /// request body was left unread.
+    pub close: bool,
+}
+
+impl Reply {
+    /// A reply with a short plain-text body.
+    pub fn text(status: u16, text: impl Into<String>) -> Reply {
+        let body = text.into().into_bytes();
+        Reply {
+            status,
+            headers: vec![("content-type", "text/plain; charset=utf-8".to_string())],
+            content_length: Some(body.len() as u64),
+            body: ReplyBody::Bytes(body),
+            close: false,
+        }
+    }
+
+    /// An error reply whose body names the status and the reason.
+    pub fn error(status: u16, detail: &str) -> Reply {
+        Reply::text(status, format!("{} {}: {detail}\n", status, reason(status)))
+    }
+
+    fn empty(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            // RFC 9110 §8.6: no Content-Length on 204.
+            content_length: (status != 204).then_some(0),
+            body: ReplyBody::Empty,
+            close: false,
+        }
+    }
+
+    /// Mark the reply as the last on its connection.
+    pub fn closing(mut self) -> Reply {
+        self.close = true;
+        self
+    }
+
+    /// Drop the body but keep the headers (HEAD).
+    fn without_body(mut self) -> Reply {
+        self.body = ReplyBody::Empty;
+        self
+    }
+}
+
+/// The reason phrase sluice uses for `status`.
+pub fn reason(status: u16) -> &'static str {
+    crate::http1::reason_phrase(status)
+}
+
+/// What the front end must do next.
+#[derive(Debug)]
+pub enum Decision {
+    /// Send this reply. If the request carried a body that was not read,
+    /// `Reply::close` is set.
+    Reply(Reply),
+    /// Accept the request body (answering `100 Continue` first if the client
+    /// asked for it), feed it to the sink, then send what
+    /// [`PutSink::finish`] returns.
+    ReceiveBody(PutSink),
+}
+
+/// Limits the application applies per route.
+#[derive(Clone, Copy, Debug)]
+pub struct AppLimits {
+    /// Largest PUT body on the Bazel and generic routes, in bytes.
+    pub body_bytes_max: u64,
+    /// Largest PUT body on the Gradle route, in bytes (Gradle expects 413).
+    pub gradle_body_bytes_max: u64,
+}
+
+type MetricsSource = Box<dyn Fn(&mut String) + Send + Sync>;
+type StatusSource = Box<dyn Fn() -> (String, serde_json::Value) + Send + Sync>;
+
+/// The application: router, store, auth and counters, shared by every front
+/// end through an `Arc`.
+pub struct App {
+    pub store: Store,
+    pub auth: Auth,
+    pub metrics: Metrics,
+    limits: AppLimits,
+    draining: AtomicBool,
+    started: Instant,
+    /// Extra series for `/metrics` (engine and fallback counters),
+    /// registered once at start; read only when `/metrics` is scraped.
+    metrics_sources: RwLock<Vec<MetricsSource>>,
+    /// Extra sections of `/status`, registered once at start.
+    status_sources: RwLock<Vec<StatusSource>>,
+}
+
+impl App {
+    pub fn new(config: &Config, store: Store) -> Arc<App> {
+        Arc::new(App {
+            store,
+            auth: Auth::from_config(config),
+            metrics: Metrics::new(),
+            limits: AppLimits {
+                body_bytes_max: config.body_bytes_max,
+                gradle_body_bytes_max: config.gradle_body_bytes_max,
+            },
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+            metrics_sources: RwLock::new(Vec::new()),
+            status_sources: RwLock::new(Vec::new()),
+        })
+    }
+
+    /// Add series to `/metrics`.
+    pub fn add_metrics_source(&self, source: impl Fn(&mut String) + Send + Sync + 'static) {
+        if let Ok(mut sources) = self.metrics_sources.write() {
+            sources.push(Box::new(source));
+        }
+    }
+
+    /// Add a section (`name` → JSON value) to `/status`.
+    pub fn add_status_source(
+        &self,
+        source: impl Fn() -> (String, serde_json::Value) + Send + Sync + 'static,
+    ) {
+        if let Ok(mut sources) = self.status_sources.write() {
+            sources.push(Box::new(source));
+        }
+    }
+
+    /// Start answering `/ready` with 503 (first shutdown phase).
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Decide what to do with a request whose head has been read.
+    pub fn handle(&self, req: &RequestInfo<'_>) -> Decision {
+        let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
+        let route = match classify(req.method, req.path) {
+            Ok(route) => route,
+            Err(err) => {
+                let reply = match err {
+                    RouteError::NotFound => Reply::error(404, "no such route"),
+                    RouteError::BadRequest(why) => Reply::error(400, why),
+                    RouteError::MethodNotAllowed { allow, .. } => {
+                        let mut r = Reply::error(405, "method not allowed on this route");
+                        r.headers.push(("allow", allow.to_string()));
+                        r
+                    }
+                };
+                return Decision::Reply(close_if_unread(reply, has_body));
+            }
+        };
+        let head = req.method == "HEAD";
+        let reply = match route {
+            Route::Up => Reply::text(200, "up\n"),
+            Route::Ready if self.is_draining() => Reply::error(503, "draining"),
+            Route::Ready => Reply::text(200, "ready\n"),
+            Route::Metrics => {
+                let mut r = Reply::text(200, self.render_metrics());
+                r.headers[0].1 = "text/plain; version=0.0.4; charset=utf-8".to_string();
+                r
+            }
+            Route::Status => {
+                let mut r = Reply::text(200, self.render_status());
+                r.headers[0].1 = "application/json".to_string();
+                r
+            }
+            Route::Artifact {
+                kind,
+                namespace,
+                key,
+                action,
+            } => match action {
+                Action::Get | Action::Head => self.get(req, namespace, key),
+                Action::Delete => self.delete(req, namespace, key),
+                Action::Put => return self.put(req, kind, namespace, key),
+            },
+        };
+        let reply = if head { reply.without_body() } else { reply };
+        Decision::Reply(close_if_unread(reply, has_body))
+    }
+
+    // The error is the reply itself, built only on the refusal path; boxing
+    // it would add an allocation there and buy nothing.
+    #[allow(clippy::result_large_err)]
+    fn authorize(&self, req: &RequestInfo<'_>, ns: &str, access: Access) -> Result<(), Reply> {
+        self.auth
+            .check(ns, access, req.authorization)
+            .map_err(|denied| match denied {
+                Denied::Unauthorized => {
+                    let mut r = Reply::error(401, "a valid token is required");
+                    r.headers
+                        .push(("www-authenticate", Denied::WWW_AUTHENTICATE.to_string()));
+                    r
+                }
+                Denied::Forbidden => Reply::error(403, "this token may not write"),
+            })
+    }
+
+    fn get(&self, req: &RequestInfo<'_>, ns: &str, key: &str) -> Reply {
+        if let Err(reply) = self.authorize(req, ns, Access::Read) {
+            return reply;
+        }
+        let artifact = match self.store.get(ns, key) {
+            Ok(Some(artifact)) => artifact,
+            Ok(None) => return Reply::error(404, "no such artifact"),
+            Err(err) => return store_error(&err),
+        };
+        let etag = artifact.etag();
+        let mut headers = vec![
+            ("etag", etag.clone()),
+            ("accept-ranges", "bytes".to_string()),
+            ("content-type", "application/octet-stream".to_string()),
+        ];
+        if let Some(inm) = req.if_none_match {
+            if if_none_match(inm, &etag) {
+                headers.truncate(2);
+                return Reply {
+                    status: 304,
+                    headers,
+                    content_length: None,
+                    body: ReplyBody::Empty,
+                    close: false,
+                };
+            }
+        }
+        let len = artifact.len;
+        let (status, start, count) = match req.range.map(|r| parse_range(r, len)) {
+            None | Some(RangeOutcome::Full) => (200, 0, len),
+            Some(RangeOutcome::Partial {
+                start,
+                end_inclusive,
+            }) => {
+                headers.push(("content-range", content_range(start, end_inclusive, len)));
+                (206, start, end_inclusive - start + 1)
+            }
+            Some(RangeOutcome::Unsatisfiable) => {
+                let mut r = Reply::error(416, "range not satisfiable");
+                r.headers
+                    .push(("content-range", content_range_unsatisfied(len)));
+                return r;
+            }
+        };
+        let offset = artifact.body_offset + start;
+        Reply {
+            status,
+            headers,
+            content_length: Some(count),
+            body: ReplyBody::File {
+                artifact,
+                offset,
+                len: count,
+            },
+            close: false,
+        }
+    }
+
+    fn delete(&self, req: &RequestInfo<'_>, ns: &str, key: &str) -> Reply {
+        if let Err(reply) = self.authorize(req, ns, Access::Write) {
+            return reply;
+        }
+        match self.store.delete(ns, key) {
+            Ok(true) => Reply::empty(204),
+            Ok(false) => Reply::error(404, "no such artifact"),
+            Err(err) => store_error(&err),
+        }
+    }
+
+    fn put(&self, req: &RequestInfo<'_>, kind: ArtifactKind, ns: &str, key: &str) -> Decision {
+        let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
+        let refuse = |reply: Reply| {
+            self.metrics.count_put_aborted();
+            Decision::Reply(close_if_unread(reply, has_body))
+        };
+        if let Err(reply) = self.authorize(req, ns, Access::Write) {
+            return refuse(reply);
+        }
+        if req.content_length.is_none() && !req.chunked {
+            return refuse(Reply::error(411, "PUT needs Content-Length or chunked"));
+        }
+        let body_bytes_max = match kind {
+            ArtifactKind::Gradle => self.limits.gradle_body_bytes_max,
+            _ => self.limits.body_bytes_max,
+        };
+        if let Some(len) = req.content_length {
+            if len > body_bytes_max {
+                return refuse(Reply::error(
+                    413,
+                    &format!(
+                        "body of {len} bytes is over this route's limit of {body_bytes_max} bytes"
+                    ),
+                ));
+            }
+        }
+        let expected_sha256 = match kind {
+            ArtifactKind::Cas => {
+                let mut digest = [0u8; 32];
+                if hex::decode_to_slice(key, &mut digest).is_err() {
+                    return refuse(Reply::error(400, "CAS key is not a sha256 digest"));
+                }
+                Some(digest)
+            }
+            _ => None,
+        };
+        let options = PutOptions {
+            expected_len: req.content_length,
+            expected_sha256,
+            body_bytes_max,
+        };
+        match self.store.begin_put(ns, key, options) {
+            Ok(writer) => Decision::ReceiveBody(PutSink {
+                writer: Some(writer),
+                received_bytes: 0,
+                body_bytes_max,
+            }),
+            Err(err) => refuse(store_error(&err)),
+        }
+    }
+
+    /// Count a finished request (called by the front end once the reply is
+    /// on its way).
+    pub fn record(&self, route_label: &str, method: &str, status: u16) {
+        self.metrics.record_request(route_label, method, status);
+    }
+
+    fn render_metrics(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        self.metrics.render(&mut out);
+        let stats = self.store.stats();
+        write_metric(
+            &mut out,
+            "sluice_store_bytes",
+            "gauge",
+            "Bytes of artifacts on disk (body and header).",
+            stats.bytes,
+        );
+        write_metric(
+            &mut out,
+            "sluice_store_entries",
+            "gauge",
+            "Artifacts on disk.",
+            stats.entries,
+        );
+        write_metric(
+            &mut out,
+            "sluice_store_evictions_total",
+            "counter",
+            "Artifacts evicted to stay under store_bytes_max.",
+            stats.evictions_total,
+        );
+        write_metric(
+            &mut out,
+            "sluice_store_evicted_bytes_total",
+            "counter",
+            "Bytes evicted to stay under store_bytes_max.",
+            stats.evicted_bytes_total,
+        );
+        write_metric(
+            &mut out,
+            "sluice_store_corrupt_total",
+            "counter",
+            "Artifact files found corrupt and removed.",
+            stats.corrupt_total,
+        );
+        write_metric(
+            &mut out,
+            "sluice_store_accounting_complete",
+            "gauge",
+            "1 once the background scan of the data directory has finished.",
+            u8::from(stats.accounting_complete),
+        );
+        write_metric(
+            &mut out,
+            "sluice_draining",
+            "gauge",
+            "1 while the server is shutting down.",
+            u8::from(self.is_draining()),
+        );
+        if let Ok(sources) = self.metrics_sources.read() {
+            for source in sources.iter() {
+                source(&mut out);
+            }
+        }
+        out
+    }
+
+    fn render_status(&self) -> String {
+        let stats = self.store.stats();
+        let mut status = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "draining": self.is_draining(),
+            "requests_total": self.metrics.requests_total(),
+            "store": {
+                "bytes": stats.bytes,
+                "entries": stats.entries,
+                "evictions_total": stats.evictions_total,
+                "accounting_complete": stats.accounting_complete,
+                "tmpfile_mode": stats.tmpfile_mode,
+            },
+        });
+        if let (Ok(sources), Some(map)) = (self.status_sources.read(), status.as_object_mut()) {
+            for source in sources.iter() {
+                let (name, value) = source();
+                map.insert(name, value);
+            }
+        }
+        let mut text = status.to_string();
+        text.push('\n');
+        text
+    }
+}
+
+fn close_if_unread(reply: Reply, has_body: bool) -> Reply {
+    if has_body {
+        reply.closing()
+    } else {
+        reply
+    }
+}
+
+fn store_error(err: &StoreError) -> Reply {
+    let status = err.status();
+    if status >= 500 {
+        tracing::error!(error = %err, "store error");
+    }
+    Reply::error(status, &err.to_string())
+}
+
+/// Receives one PUT body and publishes it, atomically, when it is complete.
+/// Dropping the sink before [`PutSink::finish`] stores nothing.
+#[derive(Debug)]
+pub struct PutSink {
+    writer: Option<PutWriter>,
+    received_bytes: u64,
+    body_bytes_max: u64,
+}
+
+impl PutSink {
+    /// The body limit that applies to this PUT, in bytes.
+    pub fn body_bytes_max(&self) -> u64 {
+        self.body_bytes_max
+    }
+
+    /// Body bytes received so far.
+    pub fn received_bytes(&self) -> u64 {
+        self.received_bytes
+    }
+
+    /// Take the next piece of the body. An error is the final reply: the
+    /// front end sends it and closes the connection; nothing is stored.
+    #[allow(clippy::result_large_err)] // see `App::authorize`
+    pub fn write(&mut self, data: &[u8]) -> Result<(), Reply> {
+        let Some(writer) = self.writer.as_mut() else {
+            return Err(Reply::error(500, "body received after the upload ended").closing());
+        };
+        self.received_bytes += data.len() as u64;
+        if self.received_bytes > self.body_bytes_max {
+            self.writer = None;
+            return Err(Reply::error(
+                413,
+                &format!(
+                    "body is over this route's limit of {} bytes",
+                    self.body_bytes_max
+                ),
+            )
+            .closing());
+        }
+        writer.write(data).map_err(|err| {
+            self.writer = None;
+            store_error(&err).closing()
+        })
+    }
+
+    /// The body is complete: verify, publish and answer. 201 for a new
+    /// artifact, 204 when it replaced one (as nginx's WebDAV PUT does).
+    pub fn finish(mut self) -> Reply {
+        let Some(writer) = self.writer.take() else {
+            return Reply::error(500, "upload already ended").closing();
+        };
+        match writer.commit() {
+            Ok(committed) => {
+                let etag = format!("\"{}\"", hex::encode(committed.sha256));
+                let mut reply = if committed.replaced {
+                    Reply::empty(204)
+                } else {
+                    Reply::empty(201)
+                };
+                reply.headers.push(("etag", etag));
+                reply
+            }
+            Err(err) => store_error(&err),
+        }
+    }
+}

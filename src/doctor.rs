@@ -1,0 +1,80 @@
+//! `sluice doctor`: what this host allows, and what `serve` will use.
+
+use std::fmt::Write as _;
+
+/// The report `sluice doctor` prints.
+pub fn report() -> String {
+    let probe = sluice_uring::probe();
+    let mut out = String::new();
+    let _ = writeln!(out, "{probe}");
+    let _ = writeln!(out, "sluice serve would use:");
+    if probe.available() {
+        let splice = probe.supports("splice");
+        let accept = probe.supports("accept");
+        let _ = writeln!(
+            out,
+            "  engine: io_uring rings (one per core by default); multishot accept {}, splice {}",
+            yes(accept),
+            yes(splice)
+        );
+        let flags = if probe.setup_defer_taskrun {
+            "SINGLE_ISSUER + DEFER_TASKRUN"
+        } else if probe.setup_coop_taskrun {
+            "COOP_TASKRUN"
+        } else {
+            "none"
+        };
+        let _ = writeln!(out, "  ring set-up flags: {flags}");
+        let memlock = match probe.memlock_bytes_soft {
+            None => "unlimited".to_string(),
+            Some(b) => format!("{b} bytes"),
+        };
+        let needed = crate::engine::ring::FIXED_BUFFERS_COUNT as usize
+            * crate::engine::ring::FIXED_BUFFER_BYTES;
+        let fixed = probe.memlock_exempt
+            || probe
+                .memlock_bytes_soft
+                .is_none_or(|b| b as usize >= needed);
+        let _ = writeln!(
+            out,
+            "  fixed buffers: {} ({} bytes per ring; memlock limit {memlock})",
+            if fixed {
+                "registered"
+            } else {
+                "likely refused: copy mode will use plain reads"
+            },
+            needed
+        );
+        let _ = writeln!(
+            out,
+            "  splice pipes: up to {} per core of {} bytes (pipe-max-size {})",
+            crate::engine::PIPES_PER_CORE_MAX,
+            crate::engine::PIPE_BYTES.min(probe.pipe_max_size_bytes.unwrap_or(u64::MAX) as usize),
+            probe
+                .pipe_max_size_bytes
+                .map_or("unknown".to_string(), |b| b.to_string())
+        );
+    } else {
+        let reason = probe
+            .unavailable
+            .as_ref()
+            .map_or("unknown", |u| u.reason.as_str());
+        let _ = writeln!(
+            out,
+            "  engine: fallback (hyper) for every connection, because {reason}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  TLS and HTTP/2: hyper + rustls fallback on the same port"
+    );
+    out
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "NO"
+    }
+}

@@ -1,0 +1,662 @@
+//! One plaintext HTTP/1 connection on a ring, as a sans-IO state machine.
+//!
+//! The engine thread owns the socket and submits the operations; this type
+//! owns the protocol. Each handler is named after the operation it
+//! completes (`on_peek`, `on_recv`, `on_sent`, `on_file_sent`) and returns
+//! the [`Next`] operation to submit. At most one operation per connection is
+//! in flight, so a connection's buffers are either here or inside that one
+//! operation, never both.
+//!
+//! ```text
+//!  accept ──► Peeking ──TLS/h2c──► (handed to the fallback)
+//!                │
+//!                ▼
+//!   ┌────► ReadingHead ──error──► SendingHead{close} ──► Lingering ──► closed
+//!   │            │
+//!   │            ├─ GET/HEAD/errors ─► SendingHead ──file body──► SendingFile ─┐
+//!   │            │                                                            │
+//!   │            └─ PUT ─► [SendingHead{100}] ─► ReadingBody ─► SendingHead ──┤
+//!   └──────────────────────────── keep-alive ◄─────────────────────────────────┘
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::app::{App, Decision, PutSink, Reply, ReplyBody, RequestInfo};
+use crate::http1::{self, BodyDecoder, Framing, Limits, Status};
+use crate::route::classify;
+use crate::store::Artifact;
+
+/// The first bytes of an HTTP/2 prior-knowledge connection.
+const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+/// Largest body chunk the connection reads at once while receiving a PUT,
+/// in bytes. Heads are read into at most `head_bytes_max`.
+pub const BODY_READ_BYTES: usize = 256 * 1024;
+/// How much unread input a connection closed after an error may discard
+/// before it is closed hard, in bytes (lingering close, as nginx does, so
+/// the client sees the error rather than a reset).
+pub const LINGER_BYTES_MAX: usize = 1024 * 1024;
+/// How long a lingering close may wait for the client, in milliseconds.
+pub const LINGER_TIMEOUT_MS: u64 = 2_000;
+
+/// Per-connection limits, from the config.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLimits {
+    pub head: Limits,
+    pub header_read_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+}
+
+/// The operation the engine must submit next for this connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// `recv` with `MSG_PEEK` into [`Conn::peek_buf_bytes`] bytes; report
+    /// with [`Conn::on_peek`].
+    Peek,
+    /// `recv` into the spare capacity of the buffer from
+    /// [`Conn::take_read_buf`]; report with [`Conn::on_recv`].
+    Recv,
+    /// `send` the buffer from [`Conn::take_out_buf`] from its offset
+    /// [`Conn::out_sent`]; `more` says a file body follows (`MSG_MORE`).
+    /// Report with [`Conn::on_sent`].
+    Send { more: bool },
+    /// Move `len` bytes of [`Conn::file`] at `offset` to the socket (splice
+    /// or copy); report progress with [`Conn::on_file_sent`].
+    SendFile { offset: u64, len: u64 },
+    /// The first bytes are TLS or HTTP/2: give the socket, untouched, to the
+    /// fallback.
+    Handoff,
+    /// Shut down the write side and keep reading (discarding) until the
+    /// client closes or the linger budget ends; report with
+    /// [`Conn::on_recv`].
+    Linger,
+    /// Close the socket.
+    Close,
+}
+
+/// What the connection waits on.
+#[derive(Debug)]
+enum State {
+    Peeking,
+    ReadingHead,
+    /// Sending `out`; what comes after it.
+    SendingHead(AfterSend),
+    SendingFile {
+        offset: u64,
+        remaining: u64,
+    },
+    /// Receiving a PUT body. Boxed: large, and one per upload.
+    ReadingBody(Box<BodyRx>),
+    Lingering {
+        discarded_bytes: usize,
+    },
+    Closed,
+}
+
+/// A PUT body being received: where it goes and how it is framed.
+#[derive(Debug)]
+struct BodyRx {
+    sink: PutSink,
+    decoder: BodyDecoder,
+}
+
+#[derive(Debug)]
+enum AfterSend {
+    /// The response is complete: next request, or close.
+    Done,
+    /// The head is out; the body comes from the file.
+    File { offset: u64, len: u64 },
+    /// `100 Continue` is out; read the body.
+    Body(Box<BodyRx>),
+}
+
+/// A finished response, for the engine's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    pub route: &'static str,
+    pub method: &'static str,
+    pub status: u16,
+}
+
+/// One connection's protocol state.
+pub struct Conn {
+    app: Arc<App>,
+    limits: ConnLimits,
+    state: State,
+    /// Bytes received and not yet consumed: `read_buf[..]` (its length is
+    /// the filled part). `None` while a recv owns it.
+    read_buf: Option<Vec<u8>>,
+    /// Response bytes to send; `None` while a send owns it.
+    out_buf: Option<Vec<u8>>,
+    out_sent: usize,
+    /// The artifact whose bytes are being sent.
+    file: Option<Artifact>,
+    /// Close after the current response.
+    close_after: bool,
+    /// The request being answered (for counters).
+    current: Option<Finished>,
+    /// Set when a head started arriving (for the 408 deadline) and when
+    /// the connection went idle (for the keep-alive deadline).
+    deadline: Instant,
+    timed_out: bool,
+    /// When the current request's head was complete (for TTFB).
+    head_at: Instant,
+    /// Responses completed on this connection.
+    pub responses: u64,
+}
+
+impl Conn {
+    pub fn new(app: Arc<App>, limits: ConnLimits, now: Instant) -> Conn {
+        Conn {
+            app,
+            limits,
+            state: State::Peeking,
+            read_buf: Some(Vec::new()),
+            out_buf: Some(Vec::new()),
+            out_sent: 0,
+            file: None,
+            close_after: false,
+            current: None,
+            deadline: now + Duration::from_millis(limits.header_read_timeout_ms),
+            timed_out: false,
+            head_at: now,
+            responses: 0,
+        }
+    }
+
+    /// How many bytes the first, peeking recv should ask for.
+    pub fn peek_buf_bytes() -> usize {
+        H2_PREFACE_START.len()
+    }
+
+    /// When the engine must call [`Conn::on_deadline`] unless the pending
+    /// operation completes first.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// The deadline passed while waiting for input: the engine cancels the
+    /// pending recv and reports its completion (`ECANCELED`) as usual, then
+    /// this connection answers 408 (head incomplete) or closes (idle).
+    pub fn on_deadline(&mut self) {
+        self.timed_out = true;
+    }
+
+    /// True while the connection waits for the client (a recv is pending),
+    /// which is when a deadline applies.
+    pub fn waits_for_input(&self) -> bool {
+        matches!(
+            self.state,
+            State::Peeking | State::ReadingHead | State::ReadingBody(_) | State::Lingering { .. }
+        )
+    }
+
+    /// The buffer a `Recv` fills: received bytes stay in `..len()`, the
+    /// kernel writes into the spare capacity, which is at least one byte.
+    pub fn take_read_buf(&mut self) -> Vec<u8> {
+        let mut buf = self.read_buf.take().unwrap_or_default();
+        let want = match self.state {
+            State::ReadingBody(_) | State::Lingering { .. } => BODY_READ_BYTES,
+            _ => self.limits.head.head_bytes_max,
+        };
+        if buf.capacity() < want {
+            buf.reserve_exact(want - buf.len());
+        }
+        buf
+    }
+
+    /// The buffer a `Send` sends from `out_sent()`.
+    pub fn take_out_buf(&mut self) -> Vec<u8> {
+        self.out_buf.take().unwrap_or_default()
+    }
+
+    /// Bytes of the out buffer already sent.
+    pub fn out_sent(&self) -> usize {
+        self.out_sent
+    }
+
+    /// The artifact a `SendFile` reads from, handed to the engine once for
+    /// the whole body (the engine keeps the fd until the body is out).
+    pub fn take_file(&mut self) -> Option<Artifact> {
+        self.file.take()
+    }
+
+    /// True until the first bytes have been classified.
+    pub fn is_peeking(&self) -> bool {
+        matches!(self.state, State::Peeking)
+    }
+
+    /// True when no request is in progress and none has started arriving:
+    /// such a connection can be closed at shutdown without losing work.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Peeking | State::ReadingHead) && self.read_len() == 0
+    }
+
+    /// The peeking recv completed with these bytes (none: the client closed).
+    pub fn on_peek(&mut self, peeked: &[u8], now: Instant) -> Next {
+        if self.timed_out || peeked.is_empty() {
+            return self.close();
+        }
+        if peeked[0] == TLS_HANDSHAKE || peeked.starts_with(b"PRI ") {
+            self.state = State::Closed;
+            return Next::Handoff;
+        }
+        self.state = State::ReadingHead;
+        self.deadline = now + Duration::from_millis(self.limits.header_read_timeout_ms);
+        Next::Recv
+    }
+
+    /// A recv completed: `buf` is the buffer from `take_read_buf` with the
+    /// received bytes appended (`received` of them; 0 means the client
+    /// closed its side), or `Err` with the errno.
+    pub fn on_recv(&mut self, buf: Vec<u8>, received: Result<usize, i32>, now: Instant) -> Next {
+        self.read_buf = Some(buf);
+        let received = match received {
+            Ok(n) => n,
+            Err(errno) if errno == libc::EINTR || errno == libc::EAGAIN => {
+                return self.resume_recv()
+            }
+            Err(_) if self.timed_out => return self.on_timed_out(),
+            Err(_) => return self.close(),
+        };
+        if self.timed_out {
+            return self.on_timed_out();
+        }
+        if let State::Lingering { discarded_bytes } = &mut self.state {
+            *discarded_bytes += received;
+            let done = received == 0 || *discarded_bytes >= LINGER_BYTES_MAX;
+            if let Some(buf) = self.read_buf.as_mut() {
+                buf.clear();
+            }
+            return if done { self.close() } else { Next::Linger };
+        }
+        if received == 0 {
+            // The client closed. A PUT in progress is dropped here: its
+            // sink removes the temporary file, nothing becomes visible.
+            if matches!(self.state, State::ReadingBody(_)) {
+                self.app.metrics.count_put_aborted();
+            }
+            return self.close();
+        }
+        if matches!(self.state, State::ReadingHead) && self.read_len() == received {
+            // First bytes of a new head: the header-read clock starts now.
+            self.deadline = now + Duration::from_millis(self.limits.header_read_timeout_ms);
+        }
+        self.advance(now)
+    }
+
+    /// A send completed with `sent` bytes (or an errno).
+    pub fn on_sent(&mut self, buf: Vec<u8>, sent: Result<usize, i32>, now: Instant) -> Next {
+        self.out_buf = Some(buf);
+        let sent = match sent {
+            Ok(n) => n,
+            Err(errno) if errno == libc::EINTR || errno == libc::EAGAIN => {
+                return self.resume_send()
+            }
+            Err(_) => return self.close(),
+        };
+        self.out_sent += sent;
+        if self.out_sent < self.out_len() {
+            // Short send: resume from where the kernel stopped.
+            return self.resume_send();
+        }
+        self.out_sent = 0;
+        if let Some(out) = self.out_buf.as_mut() {
+            out.clear();
+        }
+        let state = std::mem::replace(&mut self.state, State::Closed);
+        match state {
+            State::SendingHead(AfterSend::File { offset, len }) => {
+                self.state = State::SendingFile {
+                    offset,
+                    remaining: len,
+                };
+                Next::SendFile { offset, len }
+            }
+            State::SendingHead(AfterSend::Body(body)) => {
+                self.state = State::ReadingBody(body);
+                self.advance(now)
+            }
+            State::SendingHead(AfterSend::Done) => self.response_done(now),
+            other => {
+                self.state = other;
+                self.close()
+            }
+        }
+    }
+
+    /// Part of a file body left: `moved` bytes (0 or an errno: the file or
+    /// the socket failed; the response cannot be completed, so the
+    /// connection closes, which the client sees as a short body).
+    pub fn on_file_sent(&mut self, moved: Result<u64, i32>, now: Instant) -> Next {
+        let State::SendingFile { offset, remaining } = &mut self.state else {
+            return self.close();
+        };
+        match moved {
+            Ok(n) if n > 0 && n <= *remaining => {
+                *offset += n;
+                *remaining -= n;
+                if *remaining == 0 {
+                    self.file = None;
+                    self.response_done(now)
+                } else {
+                    Next::SendFile {
+                        offset: *offset,
+                        len: *remaining,
+                    }
+                }
+            }
+            _ => {
+                self.file = None;
+                self.close()
+            }
+        }
+    }
+
+    fn read_len(&self) -> usize {
+        self.read_buf.as_ref().map_or(0, Vec::len)
+    }
+
+    fn out_len(&self) -> usize {
+        self.out_buf.as_ref().map_or(0, Vec::len)
+    }
+
+    fn resume_recv(&mut self) -> Next {
+        match self.state {
+            State::Peeking => Next::Peek,
+            State::Lingering { .. } => Next::Linger,
+            _ => Next::Recv,
+        }
+    }
+
+    fn resume_send(&self) -> Next {
+        let more = matches!(self.state, State::SendingHead(AfterSend::File { .. }));
+        Next::Send { more }
+    }
+
+    /// Count the current response (once).
+    fn finish_current(&mut self) {
+        if let Some(done) = self.current.take() {
+            if done.status != 0 {
+                self.app.record(done.route, done.method, done.status);
+            }
+        }
+    }
+
+    fn close(&mut self) -> Next {
+        self.finish_current();
+        self.state = State::Closed;
+        self.file = None;
+        Next::Close
+    }
+
+    fn on_timed_out(&mut self) -> Next {
+        self.timed_out = false;
+        match self.state {
+            State::ReadingHead if self.read_len() > 0 => self.respond(
+                Reply::error(408, "the request head did not arrive in time").closing(),
+                "none",
+                "OTHER",
+            ),
+            _ => self.close(),
+        }
+    }
+
+    /// The response is out: read the next request (pipelined bytes may be
+    /// waiting already), or close.
+    fn response_done(&mut self, now: Instant) -> Next {
+        self.responses += 1;
+        self.finish_current();
+        if self.close_after {
+            // Input may still be arriving (an unread body): linger so the
+            // client reads our answer instead of a reset.
+            self.state = State::Lingering { discarded_bytes: 0 };
+            self.deadline = now + Duration::from_millis(LINGER_TIMEOUT_MS);
+            if let Some(buf) = self.read_buf.as_mut() {
+                buf.clear();
+            }
+            return Next::Linger;
+        }
+        self.state = State::ReadingHead;
+        self.deadline = now + Duration::from_millis(self.limits.idle_timeout_ms);
+        if self.read_len() > 0 {
+            self.deadline = now + Duration::from_millis(self.limits.header_read_timeout_ms);
+            return self.advance(now);
+        }
+        Next::Recv
+    }
+
+    /// Act on the bytes in the read buffer.
+    fn advance(&mut self, now: Instant) -> Next {
+        match self.state {
+            State::ReadingHead => self.read_head(now),
+            State::ReadingBody(_) => self.read_body(now),
+            _ => self.close(),
+        }
+    }
+
+    fn read_head(&mut self, now: Instant) -> Next {
+        let mut buf = self.read_buf.take().unwrap_or_default();
+        let (next, consumed) = self.decide(&buf, now);
+        buf.drain(..consumed);
+        self.read_buf = Some(buf);
+        match next {
+            Some(next) => next,
+            None => self.read_body(now),
+        }
+    }
+
+    /// Parse the head in `buf` and turn the application's decision into
+    /// the next operation (`None`: go on reading the body). Returns how
+    /// many bytes of `buf` the head took.
+    fn decide(&mut self, buf: &[u8], now: Instant) -> (Option<Next>, usize) {
+        let head = match http1::parse_head(buf, &self.limits.head) {
+            Ok(Status::Partial) => {
+                if buf.len() >= self.limits.head.head_bytes_max {
+                    let reply = Reply::error(431, "request head too large").closing();
+                    return (Some(self.respond(reply, "none", "OTHER")), 0);
+                }
+                return (Some(Next::Recv), 0);
+            }
+            Ok(Status::Complete(head)) => head,
+            Err(err) => {
+                let reply = Reply::error(err.status(), err.reason()).closing();
+                return (Some(self.respond(reply, "none", "OTHER")), 0);
+            }
+        };
+        self.head_at = now;
+        let head_len = head.head_len();
+        let (content_length, chunked) = match head.framing() {
+            Framing::None => (None, false),
+            Framing::Length(n) => (Some(n), false),
+            Framing::Chunked => (None, true),
+        };
+        let info = RequestInfo {
+            method: head.method_str(),
+            path: head.path(),
+            authorization: head.header("authorization"),
+            range: head.header("range"),
+            if_none_match: head.header("if-none-match"),
+            content_length,
+            chunked,
+        };
+        let route = classify(info.method, info.path).map_or("none", |r| r.label());
+        let method = method_label(info.method);
+        let head_only = info.method == "HEAD";
+        let expect_continue = head.expect_continue();
+        let framing = head.framing();
+        self.close_after = !head.keep_alive();
+        let decision = self.app.handle(&info);
+        let next = match decision {
+            Decision::Reply(reply) => Some(self.respond_head_only(reply, route, method, head_only)),
+            Decision::ReceiveBody(sink) => match BodyDecoder::new(framing, sink.body_bytes_max()) {
+                Err(err) => {
+                    let reply = Reply::error(err.status(), "request body refused").closing();
+                    Some(self.respond(reply, route, method))
+                }
+                Ok(decoder) => {
+                    self.current = Some(Finished {
+                        route,
+                        method,
+                        status: 0,
+                    });
+                    if expect_continue {
+                        let out = self.out_buf.get_or_insert_with(Vec::new);
+                        out.clear();
+                        out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                        self.out_sent = 0;
+                        self.state =
+                            State::SendingHead(AfterSend::Body(Box::new(BodyRx { sink, decoder })));
+                        Some(Next::Send { more: false })
+                    } else {
+                        self.state = State::ReadingBody(Box::new(BodyRx { sink, decoder }));
+                        self.deadline = now + Duration::from_millis(self.limits.idle_timeout_ms);
+                        None
+                    }
+                }
+            },
+        };
+        (next, head_len)
+    }
+
+    fn read_body(&mut self, now: Instant) -> Next {
+        let State::ReadingBody(mut rx) = std::mem::replace(&mut self.state, State::Closed) else {
+            return self.close();
+        };
+        let BodyRx { sink, decoder } = &mut *rx;
+        let mut buf = self.read_buf.take().unwrap_or_default();
+        let mut at = 0;
+        let outcome = loop {
+            if at == buf.len() && !decoder.is_done() {
+                break None;
+            }
+            match decoder.decode(&buf[at..]) {
+                Ok(step) => {
+                    let data = &buf[at + step.data.start..at + step.data.end];
+                    if !data.is_empty() {
+                        if let Err(reply) = sink.write(data) {
+                            break Some(Err(reply));
+                        }
+                    }
+                    at += step.consumed;
+                    if step.done {
+                        break Some(Ok(()));
+                    }
+                    if step.consumed == 0 {
+                        break None;
+                    }
+                }
+                Err(err) => {
+                    break Some(Err(
+                        Reply::error(err.status(), "malformed request body").closing()
+                    ));
+                }
+            }
+        };
+        buf.drain(..at);
+        self.read_buf = Some(buf);
+        let (route, method) = self
+            .current
+            .map_or(("none", "OTHER"), |f| (f.route, f.method));
+        match outcome {
+            None => {
+                self.state = State::ReadingBody(rx);
+                self.deadline = now + Duration::from_millis(self.limits.idle_timeout_ms);
+                Next::Recv
+            }
+            Some(Ok(())) => {
+                // Publishing may fsync; it is the one blocking step left on
+                // the engine thread (see docs/architecture.md).
+                let reply = rx.sink.finish();
+                self.respond(reply, route, method)
+            }
+            Some(Err(reply)) => {
+                drop(rx);
+                self.app.metrics.count_put_aborted();
+                self.respond(reply, route, method)
+            }
+        }
+    }
+
+    fn respond(&mut self, reply: Reply, route: &'static str, method: &'static str) -> Next {
+        self.respond_head_only(reply, route, method, false)
+    }
+
+    /// Encode `reply`'s head (and a small body) into the out buffer and
+    /// start sending it.
+    fn respond_head_only(
+        &mut self,
+        mut reply: Reply,
+        route: &'static str,
+        method: &'static str,
+        head_only: bool,
+    ) -> Next {
+        if reply.close {
+            self.close_after = true;
+        }
+        let close = self.close_after;
+        self.app.metrics.record_ttfb(self.head_at.elapsed());
+        self.current = Some(Finished {
+            route,
+            method,
+            status: reply.status,
+        });
+        let out = self.out_buf.get_or_insert_with(Vec::new);
+        out.clear();
+        encode_reply_head(&mut reply, close, out);
+        self.out_sent = 0;
+        let after = match reply.body {
+            ReplyBody::Empty => AfterSend::Done,
+            ReplyBody::Bytes(bytes) => {
+                if !head_only {
+                    out.extend_from_slice(&bytes);
+                    self.app
+                        .metrics
+                        .add_response_bytes(crate::metrics::BytePath::RingCopy, bytes.len() as u64);
+                }
+                AfterSend::Done
+            }
+            ReplyBody::File {
+                artifact,
+                offset,
+                len,
+            } => {
+                if head_only || len == 0 {
+                    AfterSend::Done
+                } else {
+                    self.file = Some(artifact);
+                    AfterSend::File { offset, len }
+                }
+            }
+        };
+        let more = matches!(after, AfterSend::File { .. });
+        self.state = State::SendingHead(after);
+        Next::Send { more }
+    }
+}
+
+/// The metrics label for a method token.
+pub fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        _ => "OTHER",
+    }
+}
+
+/// Write the status line and headers of `reply`, ending with the blank
+/// line, through the HTTP/1 core's encoder (which also guards against
+/// header injection). Takes the headers out of `reply`.
+pub fn encode_reply_head(reply: &mut Reply, close: bool, out: &mut Vec<u8>) {
+    let head = http1::ResponseHead {
+        status: reply.status,
+        headers: std::mem::take(&mut reply.headers),
+        content_length: reply.content_length,
+        close,
+    };
+    http1::encode_response_head(&head, out);
+}

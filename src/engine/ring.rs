@@ -1,0 +1,1312 @@
+//! Engine threads: one io_uring ring per thread, each with its own
+//! `SO_REUSEPORT` listener, driving plaintext HTTP/1 connections.
+//!
+//! ```text
+//!  loop turn:  wait(≥1 completion or tick) ─► complete(batch ≤ 256)
+//!                 ▲                               │
+//!                 │                               ▼
+//!            submit next ops ◄── dispatch: accept / recv / send / splice
+//!                 ▲                               │
+//!                 └──── every tick: deadlines (408, idle), stats ◄──┘
+//! ```
+//!
+//! Each connection has at most one operation in flight (see
+//! [`super::conn`]); a file body moves by `splice` file → pipe → socket
+//! (pipes pooled per thread, which also bounds splices in flight) or, in
+//! copy mode, by a read into a registered buffer and a send.
+
+use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_uring::{
+    Completion, Driver, DriverConfig, Errno, FixedLease, IoBuf, Op, OpId, OpKind, Pipe, PipePool,
+    Returned, RingConfig, SharedFd, Waker,
+};
+
+use super::conn::{Conn, ConnLimits, Next};
+use super::task::{OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYTES};
+use crate::app::App;
+use crate::fallback::Fallback;
+use crate::metrics::BytePath;
+
+/// How file bodies leave a ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileServingMode {
+    /// splice file → pipe → socket: no copy through user space.
+    Splice,
+    /// read into a (registered) buffer, then send.
+    Copy,
+}
+
+/// Settings of the engine threads, from the config.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineSettings {
+    /// Engine threads (each with its own ring and listener).
+    pub threads: usize,
+    /// Connections one thread serves at once; more are handed to the
+    /// fallback, which has its own bound.
+    pub connections_per_core_max: usize,
+    pub conn_limits: ConnLimits,
+    pub mode: FileServingMode,
+    /// Pipes per thread: also the bound on splices in flight per thread.
+    pub pipes_per_core_max: usize,
+    /// Size of each pipe (`F_SETPIPE_SZ`), in bytes.
+    pub pipe_bytes: usize,
+}
+
+/// Submission queue entries per ring.
+pub const SQ_ENTRIES: u32 = 1024;
+/// Completion queue entries per ring.
+pub const CQ_ENTRIES: u32 = 4096;
+const _: () = assert!(CQ_ENTRIES >= 2 * SQ_ENTRIES);
+/// Completions handled per loop turn before deadlines are looked at again.
+pub const COMPLETIONS_PER_TURN_MAX: usize = 256;
+/// How often deadlines are checked and stats published, in milliseconds.
+pub const TICK_MS: u64 = 100;
+/// Registered buffers per ring (copy mode reads into them), and their size.
+pub const FIXED_BUFFERS_COUNT: u16 = 64;
+pub const FIXED_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Outgoing tasks one thread runs at once.
+pub const TASKS_PER_CORE_MAX: usize = 64;
+/// Outgoing tasks waiting for a thread, per thread.
+pub const TASKS_QUEUED_MAX: usize = 256;
+
+/// Reserved tokens. Connection tokens are `generation << 32 | slot` with a
+/// 31-bit generation; task tokens set `TASK_BIT`; the accept token is all
+/// ones (checked first).
+const TOKEN_ACCEPT: u64 = u64::MAX;
+const TASK_BIT: u64 = 1 << 63;
+const GENERATION_MASK: u32 = 0x7fff_ffff;
+
+/// Counters one engine thread publishes every tick.
+#[derive(Default)]
+pub struct CoreStats {
+    pub connections: AtomicU64,
+    pub accepted_total: AtomicU64,
+    pub handed_off_total: AtomicU64,
+    pub handoff_refused_total: AtomicU64,
+    pub over_capacity_total: AtomicU64,
+    pub submissions_total: AtomicU64,
+    pub completions_total: AtomicU64,
+    pub sq_full_total: AtomicU64,
+    pub cq_overflow_total: AtomicU64,
+    pub submit_refused_total: AtomicU64,
+    pub fixed_buffers_registered: AtomicBool,
+}
+
+/// The running engine threads.
+pub struct RingEngine {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    wakers: Vec<Waker>,
+    task_queues: Vec<std::sync::mpsc::SyncSender<OutgoingRequest>>,
+    next_core: std::sync::atomic::AtomicUsize,
+    stop: Arc<AtomicBool>,
+    drain_deadline_ms: Arc<AtomicU64>,
+    pub stats: Arc<Vec<CoreStats>>,
+    pub fixed_buffers_note: Option<String>,
+}
+
+impl RingEngine {
+    /// Start `settings.threads` engine threads. `listeners` holds one
+    /// `SO_REUSEPORT` listener per thread. Fails (and starts nothing that
+    /// keeps running) if a ring cannot be set up.
+    pub fn start(
+        settings: EngineSettings,
+        listeners: Vec<TcpListener>,
+        app: &Arc<App>,
+        fallback: &Arc<Fallback>,
+    ) -> std::io::Result<RingEngine> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let drain_deadline_ms = Arc::new(AtomicU64::new(0));
+        let stats: Arc<Vec<CoreStats>> =
+            Arc::new((0..listeners.len()).map(|_| CoreStats::default()).collect());
+        let mut threads = Vec::new();
+        let mut wakers = Vec::new();
+        let mut task_queues = Vec::new();
+        let mut fixed_buffers_note = None;
+        for (core, listener) in listeners.into_iter().enumerate() {
+            let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+            let (task_tx, task_rx) = std::sync::mpsc::sync_channel(TASKS_QUEUED_MAX);
+            let app = Arc::clone(app);
+            let fallback = Arc::clone(fallback);
+            let thread_stop = Arc::clone(&stop);
+            let drain = Arc::clone(&drain_deadline_ms);
+            let thread_stats = Arc::clone(&stats);
+            let handle = std::thread::Builder::new()
+                .name(format!("sluice-ring-{core}"))
+                .spawn(move || {
+                    let mut engine = match CoreLoop::new(
+                        core,
+                        settings,
+                        listener,
+                        app,
+                        fallback,
+                        thread_stats,
+                        task_rx,
+                    ) {
+                        Ok(engine) => engine,
+                        Err(err) => {
+                            let _ = ready_tx.send(Err(err));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok((engine.driver.waker(), engine.fixed_buffers_note())));
+                    engine.run(&thread_stop, &drain);
+                })?;
+            match ready_rx.recv() {
+                Ok(Ok((waker, note))) => {
+                    wakers.push(waker);
+                    task_queues.push(task_tx);
+                    if fixed_buffers_note.is_none() {
+                        fixed_buffers_note = note;
+                    }
+                    threads.push(handle);
+                }
+                Ok(Err(err)) => {
+                    let _ = handle.join();
+                    let engine = RingEngine {
+                        threads,
+                        wakers,
+                        task_queues,
+                        next_core: Default::default(),
+                        stop,
+                        drain_deadline_ms,
+                        stats,
+                        fixed_buffers_note,
+                    };
+                    engine.shutdown(Duration::ZERO);
+                    return Err(err);
+                }
+                Err(_) => {
+                    return Err(std::io::Error::other("engine thread exited during set-up"));
+                }
+            }
+        }
+        Ok(RingEngine {
+            threads,
+            wakers,
+            task_queues,
+            next_core: Default::default(),
+            stop,
+            drain_deadline_ms,
+            stats,
+            fixed_buffers_note,
+        })
+    }
+
+    /// Queue an outgoing request on one of the rings (round robin). A full
+    /// queue gives the request back: the caller decides whether to retry
+    /// later (replication keeps it in its outbox).
+    pub fn submit_task(&self, request: OutgoingRequest) -> Result<(), OutgoingRequest> {
+        if self.task_queues.is_empty() || self.stop.load(Ordering::SeqCst) {
+            return Err(request);
+        }
+        let core = self.next_core.fetch_add(1, Ordering::Relaxed) % self.task_queues.len();
+        match self.task_queues[core].try_send(request) {
+            Ok(()) => {
+                if let Some(waker) = self.wakers.get(core) {
+                    waker.wake();
+                }
+                Ok(())
+            }
+            Err(
+                std::sync::mpsc::TrySendError::Full(r)
+                | std::sync::mpsc::TrySendError::Disconnected(r),
+            ) => Err(r),
+        }
+    }
+
+    /// Stop accepting, let in-flight requests finish within `drain`, then
+    /// close what is left and join the threads.
+    pub fn shutdown(mut self, drain: Duration) {
+        let drain_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX);
+        self.drain_deadline_ms
+            .store(drain_ms.max(1), Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
+        for waker in &self.wakers {
+            waker.wake();
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+
+    /// Append the engine's series in the Prometheus text format.
+    pub fn render_metrics(stats: &[CoreStats], out: &mut String) {
+        use std::fmt::Write as _;
+        type Series = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&CoreStats) -> u64,
+        );
+        let series: [Series; 10] = [
+            (
+                "sluice_ring_connections",
+                "gauge",
+                "Connections served by the ring, per core.",
+                |s| s.connections.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_accepted_total",
+                "counter",
+                "Connections accepted by the ring.",
+                |s| s.accepted_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_handed_off_total",
+                "counter",
+                "Connections handed to the fallback (TLS, h2c, over capacity).",
+                |s| s.handed_off_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_handoff_refused_total",
+                "counter",
+                "Hand-offs the fallback refused (closed).",
+                |s| s.handoff_refused_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_over_capacity_total",
+                "counter",
+                "Connections accepted while the ring was full.",
+                |s| s.over_capacity_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_submissions_total",
+                "counter",
+                "Operations submitted to the ring.",
+                |s| s.submissions_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_completions_total",
+                "counter",
+                "Completions reaped from the ring.",
+                |s| s.completions_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_sq_full_total",
+                "counter",
+                "Times the submission queue was full.",
+                |s| s.sq_full_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_cq_overflow_total",
+                "counter",
+                "Completions the kernel had to hold back (CQ overflow).",
+                |s| s.cq_overflow_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_submit_refused_total",
+                "counter",
+                "Operations the driver refused (slots or queue full).",
+                |s| s.submit_refused_total.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, get) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (core, s) in stats.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{core=\"{core}\"}} {}", get(s));
+            }
+        }
+    }
+}
+
+impl Drop for RingEngine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for waker in &self.wakers {
+            waker.wake();
+        }
+    }
+}
+
+/// A file body in progress on a connection.
+enum Xfer {
+    None,
+    /// `chunk` bytes went into the pipe; they are being drained to the socket.
+    Splice {
+        chunk: u64,
+    },
+    /// `chunk` bytes were read into the lease; `sent` of them are out.
+    Copy {
+        chunk: usize,
+        sent: usize,
+    },
+}
+
+struct Slot {
+    generation: u32,
+    fd: SharedFd,
+    conn: Conn,
+    pending: Option<OpId>,
+    /// The artifact being sent, while its body is in flight.
+    file: Option<SharedFd>,
+    xfer: Xfer,
+    cancelling: bool,
+}
+
+/// One engine thread's state.
+struct CoreLoop {
+    core: usize,
+    settings: EngineSettings,
+    driver: Driver,
+    listener: SharedFd,
+    accept_op: Option<OpId>,
+    app: Arc<App>,
+    fallback: Arc<Fallback>,
+    stats: Arc<Vec<CoreStats>>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    generation: u32,
+    pipes: PipePool,
+    /// Connections waiting for a pipe (bounded by the connection count).
+    pipe_waiters: VecDeque<(u32, u32, u64, u64)>,
+    batch: Vec<Completion>,
+    task_rx: std::sync::mpsc::Receiver<OutgoingRequest>,
+    tasks: Vec<Option<TaskSlot>>,
+    task_generation: u32,
+}
+
+struct TaskSlot {
+    generation: u32,
+    task: Task,
+    fd: SharedFd,
+    pending: Option<OpId>,
+    timed_out: bool,
+}
+
+fn task_token(slot: u32, generation: u32) -> u64 {
+    TASK_BIT | token(slot, generation)
+}
+
+fn token(slot: u32, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | u64::from(slot)
+}
+
+fn untoken(token: u64) -> (u32, u32) {
+    ((token & 0xffff_ffff) as u32, (token >> 32) as u32)
+}
+
+impl CoreLoop {
+    fn new(
+        core: usize,
+        settings: EngineSettings,
+        listener: TcpListener,
+        app: Arc<App>,
+        fallback: Arc<Fallback>,
+        stats: Arc<Vec<CoreStats>>,
+        task_rx: std::sync::mpsc::Receiver<OutgoingRequest>,
+    ) -> std::io::Result<CoreLoop> {
+        let connections_max = settings.connections_per_core_max;
+        let ops_max = u32::try_from(connections_max + 64).unwrap_or(u32::MAX);
+        let mut driver = Driver::new(DriverConfig {
+            ring: RingConfig {
+                sq_entries: SQ_ENTRIES,
+                cq_entries: CQ_ENTRIES,
+            },
+            ops_max,
+            fixed_buffers_count: FIXED_BUFFERS_COUNT,
+            fixed_buffer_bytes: FIXED_BUFFER_BYTES,
+            register_fixed_buffers: true,
+            buf_rings_max: 1,
+        })
+        .map_err(|e| std::io::Error::from_raw_os_error(e.0))?;
+        let pipe_max = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let pipes = PipePool::new(settings.pipes_per_core_max, settings.pipe_bytes, pipe_max);
+        let listener: SharedFd = Rc::new(OwnedFd::from(listener));
+        let accept_op = driver
+            .submit(
+                Op::AcceptMulti {
+                    listener: Rc::clone(&listener),
+                },
+                TOKEN_ACCEPT,
+            )
+            .map_err(|e| std::io::Error::other(format!("cannot arm accept: {:?}", e.kind)))?;
+        if let Some(s) = stats.get(core) {
+            s.fixed_buffers_registered
+                .store(driver.fixed_buffers().registered(), Ordering::Relaxed);
+        }
+        Ok(CoreLoop {
+            core,
+            settings,
+            driver,
+            listener,
+            accept_op: Some(accept_op),
+            app,
+            fallback,
+            stats,
+            slots: (0..connections_max).map(|_| None).collect(),
+            free: (0..u32::try_from(connections_max).unwrap_or(u32::MAX))
+                .rev()
+                .collect(),
+            generation: 1,
+            pipes,
+            pipe_waiters: VecDeque::new(),
+            batch: Vec::with_capacity(COMPLETIONS_PER_TURN_MAX),
+            task_rx,
+            tasks: (0..TASKS_PER_CORE_MAX).map(|_| None).collect(),
+            task_generation: 1,
+        })
+    }
+
+    fn fixed_buffers_note(&self) -> Option<String> {
+        self.driver
+            .fixed_buffers_refused()
+            .map(|r| format!("fixed buffers not registered: {r:?}"))
+    }
+
+    fn core_stats(&self) -> Option<&CoreStats> {
+        self.stats.get(self.core)
+    }
+
+    fn run(&mut self, stop: &AtomicBool, drain_deadline_ms: &AtomicU64) {
+        let mut next_tick = Instant::now() + Duration::from_millis(TICK_MS);
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            let timeout = next_tick.saturating_duration_since(now);
+            if let Err(err) = self.driver.wait(1, Some(timeout)) {
+                tracing::error!(
+                    core = self.core,
+                    errno = err.0,
+                    "ring wait failed; engine thread stops"
+                );
+                break;
+            }
+            self.driver.take_woken();
+            let mut batch = std::mem::take(&mut self.batch);
+            self.driver.complete(&mut batch, COMPLETIONS_PER_TURN_MAX);
+            for completion in batch.drain(..) {
+                self.dispatch(completion);
+            }
+            self.batch = batch;
+            self.start_queued_tasks();
+
+            if stop.load(Ordering::SeqCst) && drain_until.is_none() {
+                let drain = Duration::from_millis(drain_deadline_ms.load(Ordering::SeqCst));
+                drain_until = Some(Instant::now() + drain);
+                self.stop_accepting();
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                next_tick = now + Duration::from_millis(TICK_MS);
+                self.tick(now, drain_until.is_some());
+            }
+            if let Some(until) = drain_until {
+                let live = self.slots.iter().filter(|s| s.is_some()).count();
+                if live == 0 || now >= until {
+                    break;
+                }
+            }
+        }
+        // Whatever is left is closed; the driver parks buffers the kernel
+        // still holds until their completions arrive (or leaks them).
+        self.slots.iter_mut().for_each(|s| *s = None);
+        for slot in self.tasks.iter_mut() {
+            if let Some(t) = slot.take() {
+                (t.task.request.done)(Err(TaskError::Refused));
+            }
+        }
+        while let Ok(request) = self.task_rx.try_recv() {
+            (request.done)(Err(TaskError::Refused));
+        }
+        let _ = self.driver.shutdown(Duration::from_secs(2));
+    }
+
+    fn stop_accepting(&mut self) {
+        if let Some(op) = self.accept_op.take() {
+            let _ = self.driver.cancel(op);
+        }
+        // Idle keep-alive connections close now; busy ones finish.
+        for index in 0..self.slots.len() {
+            self.expire_if(index, |slot| slot.conn.is_idle());
+        }
+    }
+
+    /// Every tick: enforce deadlines, publish counters.
+    fn tick(&mut self, now: Instant, draining: bool) {
+        for index in 0..self.slots.len() {
+            self.expire_if(index, |slot| {
+                now >= slot.conn.deadline() || (draining && slot.conn.is_idle())
+            });
+        }
+        for slot in self.tasks.iter_mut().flatten() {
+            if now >= slot.task.deadline && !slot.timed_out {
+                slot.timed_out = true;
+                if let Some(op) = slot.pending {
+                    let _ = self.driver.cancel(op);
+                }
+            }
+        }
+        let live = self.slots.iter().filter(|s| s.is_some()).count() as u64;
+        let ring = self.driver.stats();
+        if let Some(s) = self.core_stats() {
+            s.connections.store(live, Ordering::Relaxed);
+            s.submissions_total
+                .store(ring.submissions, Ordering::Relaxed);
+            s.completions_total
+                .store(ring.completions, Ordering::Relaxed);
+            s.sq_full_total.store(ring.sq_full, Ordering::Relaxed);
+            s.cq_overflow_total
+                .store(u64::from(ring.cq_overflow), Ordering::Relaxed);
+        }
+    }
+
+    /// If the connection waits for input and `pred` holds, cancel its recv;
+    /// the completion (ECANCELED) then lets the connection answer 408 or close.
+    fn expire_if(&mut self, index: usize, pred: impl Fn(&Slot) -> bool) {
+        let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) else {
+            return;
+        };
+        if slot.cancelling || !slot.conn.waits_for_input() || !pred(slot) {
+            return;
+        }
+        if let Some(op) = slot.pending {
+            slot.conn.on_deadline();
+            slot.cancelling = true;
+            let _ = self.driver.cancel(op);
+        }
+    }
+
+    fn dispatch(&mut self, completion: Completion) {
+        if completion.token == TOKEN_ACCEPT {
+            self.on_accept(completion);
+            return;
+        }
+        if completion.token & TASK_BIT != 0 {
+            self.on_task(completion);
+            return;
+        }
+        let (index, generation) = untoken(completion.token);
+        let live = self
+            .slots
+            .get(index as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|s| s.generation == generation);
+        if !live {
+            // A connection that is gone: its resources drop here.
+            return;
+        }
+        let now = Instant::now();
+        let next = {
+            let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+                return;
+            };
+            slot.pending = None;
+            slot.cancelling = false;
+            let result = completion.result.map(|n| n as usize).map_err(|e| e.0);
+            match (completion.kind, completion.resources) {
+                (OpKind::Recv, Returned::Buf(IoBuf::Vec(buf))) if slot.conn.is_peeking() => {
+                    let peeked = if result.is_ok() {
+                        buf.as_slice()
+                    } else {
+                        &[][..]
+                    };
+                    if let Err(errno) = result {
+                        if errno == libc::EINTR || errno == libc::EAGAIN {
+                            Next::Peek
+                        } else {
+                            slot.conn.on_peek(&[], now)
+                        }
+                    } else {
+                        slot.conn.on_peek(peeked, now)
+                    }
+                }
+                (OpKind::Recv, Returned::Buf(IoBuf::Vec(buf))) => {
+                    slot.conn.on_recv(buf, result, now)
+                }
+                (OpKind::Send, Returned::Buf(IoBuf::Vec(buf))) => {
+                    slot.conn.on_sent(buf, result, now)
+                }
+                (OpKind::Send, Returned::Buf(IoBuf::Fixed(lease))) => {
+                    self.on_copy_sent(index, lease, result, now);
+                    return;
+                }
+                (OpKind::ReadFixed, Returned::Fixed(lease)) => {
+                    self.on_copy_read(index, lease, result, now);
+                    return;
+                }
+                (OpKind::SpliceToPipe, Returned::Pipe(pipe)) => {
+                    self.on_splice_in(index, pipe, result, now);
+                    return;
+                }
+                (OpKind::SpliceFromPipe, Returned::Pipe(pipe)) => {
+                    self.on_splice_out(index, pipe, result, now);
+                    return;
+                }
+                _ => Next::Close,
+            }
+        };
+        self.issue(index, next);
+    }
+
+    fn on_accept(&mut self, completion: Completion) {
+        if !completion.more && self.accept_op.is_some() {
+            // The multishot accept ended (e.g. an error): arm it again.
+            match self.driver.submit(
+                Op::AcceptMulti {
+                    listener: Rc::clone(&self.listener),
+                },
+                TOKEN_ACCEPT,
+            ) {
+                Ok(op) => self.accept_op = Some(op),
+                Err(err) => {
+                    tracing::error!(core = self.core, kind = ?err.kind, "cannot re-arm accept");
+                    self.accept_op = None;
+                }
+            }
+        }
+        let Returned::Fd(fd) = completion.resources else {
+            if let Err(err) = completion.result {
+                if err.0 != libc::ECANCELED {
+                    tracing::warn!(core = self.core, errno = err.0, "accept failed");
+                }
+            }
+            return;
+        };
+        if let Some(s) = self.core_stats() {
+            s.accepted_total.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
+        let Some(index) = self.free.pop() else {
+            // The ring is full: the fallback takes the connection (it has
+            // its own bound), so nothing waits unbounded here.
+            if let Some(s) = self.core_stats() {
+                s.over_capacity_total.fetch_add(1, Ordering::Relaxed);
+            }
+            self.hand_off(fd);
+            return;
+        };
+        self.generation = (self.generation.wrapping_add(1) & GENERATION_MASK).max(1);
+        let conn = Conn::new(
+            Arc::clone(&self.app),
+            self.settings.conn_limits,
+            Instant::now(),
+        );
+        if let Some(entry) = self.slots.get_mut(index as usize) {
+            *entry = Some(Slot {
+                generation: self.generation,
+                fd: Rc::new(fd),
+                conn,
+                pending: None,
+                file: None,
+                xfer: Xfer::None,
+                cancelling: false,
+            });
+        }
+        self.issue(index, Next::Peek);
+    }
+
+    fn hand_off(&mut self, fd: OwnedFd) {
+        let stream = TcpStream::from(fd);
+        let peer = stream
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        match self.fallback.handoff(stream, peer) {
+            Ok(()) => {
+                if let Some(s) = self.core_stats() {
+                    s.handed_off_total.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(refused) => {
+                tracing::debug!(reason = ?refused.reason, "fallback refused a connection; closing it");
+                if let Some(s) = self.core_stats() {
+                    s.handoff_refused_total.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn free_slot(&mut self, index: u32) -> Option<Slot> {
+        let slot = self.slots.get_mut(index as usize)?.take()?;
+        self.free.push(index);
+        Some(slot)
+    }
+
+    /// Submit `op` for the connection in `index`, or close it if the driver
+    /// refuses (which the bounds make rare: ops_max covers one op per
+    /// connection plus the accept).
+    fn submit(&mut self, index: u32, op: Op) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        match self.driver.submit(op, token(index, slot.generation)) {
+            Ok(id) => slot.pending = Some(id),
+            Err(err) => {
+                tracing::warn!(kind = ?err.kind, "ring refused an operation; closing the connection");
+                if let Some(s) = self.stats.get(self.core) {
+                    s.submit_refused_total.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(err);
+                self.free_slot(index);
+            }
+        }
+    }
+
+    /// Carry out what the connection asked for.
+    fn issue(&mut self, index: u32, next: Next) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let fd = Rc::clone(&slot.fd);
+        match next {
+            Next::Peek => {
+                let buf = Vec::with_capacity(Conn::peek_buf_bytes());
+                self.submit(
+                    index,
+                    Op::Recv {
+                        fd,
+                        buf: IoBuf::Vec(buf),
+                        flags: libc::MSG_PEEK,
+                    },
+                );
+            }
+            Next::Recv | Next::Linger => {
+                if next == Next::Linger {
+                    let _ = rustix::net::shutdown(&*fd, rustix::net::Shutdown::Write);
+                }
+                let buf = slot.conn.take_read_buf();
+                self.submit(
+                    index,
+                    Op::Recv {
+                        fd,
+                        buf: IoBuf::Vec(buf),
+                        flags: 0,
+                    },
+                );
+            }
+            Next::Send { more } => {
+                let buf = slot.conn.take_out_buf();
+                let offset = slot.conn.out_sent();
+                let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+                self.submit(
+                    index,
+                    Op::Send {
+                        fd,
+                        buf: IoBuf::Vec(buf),
+                        offset,
+                        flags,
+                    },
+                );
+            }
+            Next::SendFile { offset, len } => {
+                if slot.file.is_none() {
+                    slot.file = slot
+                        .conn
+                        .take_file()
+                        .map(|a| Rc::new(OwnedFd::from(a.file)));
+                }
+                let Some(file) = slot.file.clone() else {
+                    self.close(index);
+                    return;
+                };
+                if self.settings.mode == FileServingMode::Copy {
+                    if let Some(lease) = self.driver.fixed_buffers().lease() {
+                        // `chunk` holds the most this read may use: a range
+                        // ends before the file does.
+                        slot.xfer = Xfer::Copy {
+                            chunk: usize::try_from(len).unwrap_or(usize::MAX),
+                            sent: 0,
+                        };
+                        self.submit(
+                            index,
+                            Op::ReadFixed {
+                                file,
+                                offset,
+                                buf: lease,
+                            },
+                        );
+                        return;
+                    }
+                }
+                match self.pipes.take() {
+                    Ok(pipe) => {
+                        let chunk = len
+                            .min(pipe.capacity_bytes() as u64)
+                            .min(u64::from(u32::MAX)) as u32;
+                        slot.xfer = Xfer::Splice { chunk: 0 };
+                        self.submit(
+                            index,
+                            Op::SpliceToPipe {
+                                fd_in: file,
+                                offset_in: offset,
+                                pipe,
+                                len: chunk,
+                            },
+                        );
+                    }
+                    Err(_) => {
+                        // Every pipe is busy: wait for one (bounded by the
+                        // number of connections).
+                        let generation = slot.generation;
+                        self.pipe_waiters
+                            .push_back((index, generation, offset, len));
+                    }
+                }
+            }
+            Next::Handoff => {
+                // The only other reference to the socket must go first, so
+                // the fallback gets sole ownership.
+                drop(fd);
+                if let Some(slot) = self.free_slot(index) {
+                    match Rc::try_unwrap(slot.fd) {
+                        Ok(fd) => self.hand_off(fd),
+                        Err(_) => {
+                            tracing::error!("connection fd still shared at hand-off; closing it")
+                        }
+                    }
+                }
+            }
+            Next::Close => self.close(index),
+        }
+    }
+
+    fn close(&mut self, index: u32) {
+        // Dropping the slot closes the socket and the artifact; no operation
+        // is in flight for it (Close always follows a completion).
+        self.free_slot(index);
+    }
+
+    fn on_splice_in(&mut self, index: u32, pipe: Pipe, result: Result<usize, i32>, now: Instant) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        match result {
+            Ok(n) if n > 0 => {
+                slot.xfer = Xfer::Splice { chunk: n as u64 };
+                let fd_out = Rc::clone(&slot.fd);
+                self.submit(
+                    index,
+                    Op::SpliceFromPipe {
+                        pipe,
+                        fd_out,
+                        len: n as u32,
+                    },
+                );
+            }
+            _ => {
+                drop(pipe);
+                let next = slot.conn.on_file_sent(Err(libc::EIO), now);
+                self.issue(index, next);
+                self.release_pipe_waiter();
+            }
+        }
+    }
+
+    fn on_splice_out(&mut self, index: u32, pipe: Pipe, result: Result<usize, i32>, now: Instant) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let retry = matches!(result, Err(e) if e == libc::EINTR || e == libc::EAGAIN);
+        if (result.is_ok_and(|n| n > 0) || retry) && pipe.held_bytes() > 0 {
+            // Short splice to the socket: drain the rest of the pipe first.
+            let fd_out = Rc::clone(&slot.fd);
+            let len = pipe.held_bytes() as u32;
+            self.submit(index, Op::SpliceFromPipe { pipe, fd_out, len });
+            return;
+        }
+        let Xfer::Splice { chunk } = std::mem::replace(&mut slot.xfer, Xfer::None) else {
+            return;
+        };
+        let ok = result.is_ok_and(|n| n > 0) && pipe.held_bytes() == 0;
+        drop(pipe);
+        let next = if ok {
+            self.app
+                .metrics
+                .add_response_bytes(BytePath::RingSplice, chunk);
+            slot.conn.on_file_sent(Ok(chunk), now)
+        } else {
+            slot.conn.on_file_sent(Err(libc::EPIPE), now)
+        };
+        if !matches!(next, Next::SendFile { .. }) {
+            slot.file = None;
+        }
+        self.issue(index, next);
+        self.release_pipe_waiter();
+    }
+
+    /// A pipe went back to the pool: let the longest-waiting connection use it.
+    fn release_pipe_waiter(&mut self) {
+        while let Some((index, generation, offset, len)) = self.pipe_waiters.pop_front() {
+            let live = self
+                .slots
+                .get(index as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| s.generation == generation);
+            if live {
+                self.issue(index, Next::SendFile { offset, len });
+                return;
+            }
+        }
+    }
+
+    fn on_copy_read(
+        &mut self,
+        index: u32,
+        lease: FixedLease,
+        result: Result<usize, i32>,
+        now: Instant,
+    ) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let limit = match slot.xfer {
+            Xfer::Copy { chunk, .. } => chunk,
+            _ => 0,
+        };
+        match result {
+            Ok(n) if n > 0 && limit > 0 => {
+                slot.xfer = Xfer::Copy {
+                    chunk: n.min(limit),
+                    sent: 0,
+                };
+                let mut lease = lease;
+                lease.set_len(n.min(limit));
+                let fd = Rc::clone(&slot.fd);
+                self.submit(
+                    index,
+                    Op::Send {
+                        fd,
+                        buf: IoBuf::Fixed(lease),
+                        offset: 0,
+                        flags: libc::MSG_NOSIGNAL,
+                    },
+                );
+            }
+            _ => {
+                drop(lease);
+                let next = slot.conn.on_file_sent(Err(libc::EIO), now);
+                self.issue(index, next);
+            }
+        }
+    }
+
+    fn on_copy_sent(
+        &mut self,
+        index: u32,
+        lease: FixedLease,
+        result: Result<usize, i32>,
+        now: Instant,
+    ) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let Xfer::Copy { chunk, sent } = &mut slot.xfer else {
+            return;
+        };
+        match result {
+            Ok(n) if n > 0 => *sent += n,
+            Err(e) if e == libc::EINTR || e == libc::EAGAIN => {}
+            _ => {
+                slot.xfer = Xfer::None;
+                slot.file = None;
+                let next = slot.conn.on_file_sent(Err(libc::EPIPE), now);
+                self.issue(index, next);
+                return;
+            }
+        }
+        if *sent < *chunk {
+            let offset = *sent;
+            let fd = Rc::clone(&slot.fd);
+            self.submit(
+                index,
+                Op::Send {
+                    fd,
+                    buf: IoBuf::Fixed(lease),
+                    offset,
+                    flags: libc::MSG_NOSIGNAL,
+                },
+            );
+            return;
+        }
+        let done = *chunk as u64;
+        slot.xfer = Xfer::None;
+        drop(lease);
+        self.app
+            .metrics
+            .add_response_bytes(BytePath::RingCopy, done);
+        let next = slot.conn.on_file_sent(Ok(done), now);
+        if !matches!(next, Next::SendFile { .. }) {
+            slot.file = None;
+        }
+        self.issue(index, next);
+    }
+}
+
+impl CoreLoop {
+    /// Start tasks from the queue while the task table has room; the rest
+    /// wait in the (bounded) queue.
+    fn start_queued_tasks(&mut self) {
+        while let Some(index) = self.tasks.iter().position(Option::is_none) {
+            let Ok(request) = self.task_rx.try_recv() else {
+                return;
+            };
+            self.start_task(index as u32, request);
+        }
+    }
+
+    fn start_task(&mut self, index: u32, request: OutgoingRequest) {
+        let family = if request.addr.is_ipv4() {
+            rustix::net::AddressFamily::INET
+        } else {
+            rustix::net::AddressFamily::INET6
+        };
+        let fd = match rustix::net::socket_with(
+            family,
+            rustix::net::SocketType::STREAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        ) {
+            Ok(fd) => Rc::new(fd),
+            Err(errno) => {
+                (request.done)(Err(TaskError::Connect(errno.raw_os_error())));
+                return;
+            }
+        };
+        let addr = request.addr;
+        self.task_generation = (self.task_generation.wrapping_add(1) & GENERATION_MASK).max(1);
+        let generation = self.task_generation;
+        if let Some(entry) = self.tasks.get_mut(index as usize) {
+            *entry = Some(TaskSlot {
+                generation,
+                task: Task::new(request, Instant::now()),
+                fd: Rc::clone(&fd),
+                pending: None,
+                timed_out: false,
+            });
+        }
+        self.submit_task_op(index, Op::Connect { fd, addr });
+    }
+
+    fn submit_task_op(&mut self, index: u32, op: Op) {
+        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        match self.driver.submit(op, task_token(index, slot.generation)) {
+            Ok(id) => slot.pending = Some(id),
+            Err(_) => self.finish_task(index, Err(TaskError::Refused)),
+        }
+    }
+
+    fn finish_task(
+        &mut self,
+        index: u32,
+        outcome: Result<super::task::OutgoingResponse, TaskError>,
+    ) {
+        if let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::take) {
+            (slot.task.request.done)(outcome);
+        }
+    }
+
+    fn on_task(&mut self, completion: Completion) {
+        let (index, generation) = untoken(completion.token & !TASK_BIT);
+        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if slot.generation != generation {
+            return;
+        }
+        slot.pending = None;
+        if slot.timed_out {
+            self.finish_task(index, Err(TaskError::TimedOut));
+            return;
+        }
+        let fd = Rc::clone(&slot.fd);
+        let result = completion.result.map(|n| n as usize).map_err(|e| e.0);
+        match (slot.task.state, completion.resources) {
+            (TaskState::Connecting, _) => match result {
+                Ok(_) => {
+                    slot.task.state = TaskState::Sending;
+                    let buf = std::mem::take(&mut slot.task.request.request);
+                    self.submit_task_op(
+                        index,
+                        Op::Send {
+                            fd,
+                            buf: IoBuf::Vec(buf),
+                            offset: 0,
+                            flags: libc::MSG_NOSIGNAL,
+                        },
+                    );
+                }
+                Err(errno) => self.finish_task(index, Err(TaskError::Connect(errno))),
+            },
+            (TaskState::Sending, Returned::Buf(IoBuf::Vec(buf))) => match result {
+                Ok(n) => {
+                    slot.task.sent += n;
+                    let op = if slot.task.sent < buf.len() {
+                        Op::Send {
+                            fd,
+                            buf: IoBuf::Vec(buf),
+                            offset: slot.task.sent,
+                            flags: libc::MSG_NOSIGNAL,
+                        }
+                    } else {
+                        slot.task.state = TaskState::Receiving;
+                        slot.task.request.request = buf;
+                        Op::Recv {
+                            fd,
+                            buf: IoBuf::Vec(Vec::with_capacity(RESPONSE_READ_BYTES)),
+                            flags: 0,
+                        }
+                    };
+                    self.submit_task_op(index, op);
+                }
+                Err(errno) => self.finish_task(index, Err(TaskError::Io(errno))),
+            },
+            (TaskState::Receiving, Returned::Buf(IoBuf::Vec(mut buf))) => match result {
+                Ok(n) => {
+                    slot.task.received.extend_from_slice(&buf);
+                    let eof = n == 0;
+                    if let Some(outcome) = slot.task.response(eof) {
+                        self.finish_task(index, outcome);
+                    } else if slot.task.received.len() > slot.task.request.response_bytes_max {
+                        self.finish_task(
+                            index,
+                            Err(TaskError::BadResponse("response over the size bound")),
+                        );
+                    } else {
+                        buf.clear();
+                        self.submit_task_op(
+                            index,
+                            Op::Recv {
+                                fd,
+                                buf: IoBuf::Vec(buf),
+                                flags: 0,
+                            },
+                        );
+                    }
+                }
+                Err(errno) => self.finish_task(index, Err(TaskError::Io(errno))),
+            },
+            _ => self.finish_task(index, Err(TaskError::Io(0))),
+        }
+    }
+}
+
+/// Errno helper for logs.
+pub fn errno_name(errno: i32) -> String {
+    Errno(errno)
+        .name()
+        .map_or_else(|| format!("errno {errno}"), str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::task::OutgoingResponse;
+    use crate::fallback::FallbackLimits;
+    use crate::front::AppHandler;
+    use crate::store::{Store, StoreConfig};
+    use std::sync::mpsc;
+
+    /// A one-thread ring engine serving a fresh store on an ephemeral port.
+    fn engine() -> Option<(RingEngine, SocketAddr, tempfile::TempDir)> {
+        if let Some(why) = sluice_uring::probe().unavailable {
+            eprintln!("SKIP: io_uring unavailable: {}", why.reason);
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..StoreConfig::default()
+        })
+        .expect("store");
+        let config = crate::config::Config::default();
+        let app = App::new(&config, store);
+        let fallback = Arc::new(
+            Fallback::start(
+                Arc::new(AppHandler::new(Arc::clone(&app))),
+                None,
+                FallbackLimits {
+                    connections_max: 16,
+                    header_read_timeout_ms: 1000,
+                    idle_timeout_ms: 1000,
+                },
+            )
+            .expect("fallback"),
+        );
+        let listener =
+            crate::server::bind_reuseport(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let settings = EngineSettings {
+            threads: 1,
+            connections_per_core_max: 64,
+            conn_limits: ConnLimits {
+                head: crate::http1::Limits::default(),
+                header_read_timeout_ms: 1000,
+                idle_timeout_ms: 1000,
+            },
+            mode: FileServingMode::Splice,
+            pipes_per_core_max: 4,
+            pipe_bytes: 64 * 1024,
+        };
+        let engine = RingEngine::start(settings, vec![listener], &app, &fallback).expect("engine");
+        Some((engine, addr, dir))
+    }
+
+    fn run(
+        engine: &RingEngine,
+        request: impl FnOnce(task::Done) -> OutgoingRequest,
+    ) -> Result<OutgoingResponse, TaskError> {
+        let (tx, rx) = mpsc::channel();
+        let request = request(Box::new(move |outcome| {
+            let _ = tx.send(outcome);
+        }));
+        assert!(engine.submit_task(request).is_ok(), "queue refused");
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("task outcome")
+    }
+
+    use super::super::task;
+
+    /// The ring is a scheduler, not only a server: an outgoing request
+    /// task connects, sends and reads on the same ring that serves, here
+    /// asking that very ring for `/up`.
+    #[test]
+    fn outgoing_request_task_runs_on_the_ring() {
+        let Some((engine, addr, _dir)) = engine() else {
+            return;
+        };
+        let got = run(&engine, |done| {
+            OutgoingRequest::get(addr, "/up", Duration::from_secs(5), done)
+        });
+        assert_eq!(
+            got,
+            Ok(OutgoingResponse {
+                status: 200,
+                body: b"up\n".to_vec()
+            })
+        );
+        let got = run(&engine, |done| {
+            OutgoingRequest::get(addr, "/v1/artifacts/ns/none", Duration::from_secs(5), done)
+        });
+        assert_eq!(got.map(|r| r.status), Ok(404));
+
+        // Nothing listens here: a connect-level error, typed as such.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port");
+        let got = run(&engine, |done| {
+            OutgoingRequest::get(closed, "/up", Duration::from_secs(5), done)
+        });
+        assert_eq!(got, Err(TaskError::Connect(libc::ECONNREFUSED)));
+
+        // A peer that accepts and never answers: the deadline ends it.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let silent_addr = silent.local_addr().expect("addr");
+        let got = run(&engine, |done| {
+            OutgoingRequest::get(silent_addr, "/up", Duration::from_millis(300), done)
+        });
+        assert_eq!(got, Err(TaskError::TimedOut));
+        drop(silent);
+        engine.shutdown(Duration::from_millis(100));
+    }
+}

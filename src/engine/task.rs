@@ -1,0 +1,210 @@
+//! Outgoing tasks on a ring: the engine loop is a general scheduler, not
+//! only a server. Replication and read-through will run here; today's task
+//! is one outgoing HTTP/1.1 request (connect, send the head and body, read
+//! the response), which the ring runs with the same driver, the same
+//! bounded tables and the same deadlines as public connections.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Longest response an outgoing request accepts (head and body), in bytes.
+pub const RESPONSE_BYTES_MAX_DEFAULT: usize = 16 * 1024 * 1024;
+/// Read size of an outgoing request's response, in bytes.
+pub const RESPONSE_READ_BYTES: usize = 64 * 1024;
+
+/// What an outgoing request produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutgoingResponse {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// Why an outgoing request failed. `Connect` is the class the replication
+/// design retries once on a fresh connection; nothing else is retried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskError {
+    /// The connection could not be made (errno).
+    Connect(i32),
+    /// The connection failed after it was made (errno, or 0 for an early close).
+    Io(i32),
+    /// The response was not valid HTTP/1.1 or was over the size bound.
+    BadResponse(&'static str),
+    /// The deadline passed.
+    TimedOut,
+    /// The engine's task queue or table was full, or it is shutting down.
+    Refused,
+}
+
+impl std::fmt::Display for TaskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskError::Connect(e) => write!(f, "connect failed: errno {e}"),
+            TaskError::Io(0) => write!(f, "the peer closed the connection early"),
+            TaskError::Io(e) => write!(f, "connection failed: errno {e}"),
+            TaskError::BadResponse(why) => write!(f, "bad response: {why}"),
+            TaskError::TimedOut => write!(f, "timed out"),
+            TaskError::Refused => write!(f, "the engine refused the task"),
+        }
+    }
+}
+
+/// Called once, on the engine thread, with the outcome.
+pub type Done = Box<dyn FnOnce(Result<OutgoingResponse, TaskError>) + Send>;
+
+/// An outgoing HTTP/1.1 request for a ring to run.
+pub struct OutgoingRequest {
+    pub addr: SocketAddr,
+    /// The whole request: head and body, as it goes on the wire.
+    pub request: Vec<u8>,
+    pub timeout: Duration,
+    pub response_bytes_max: usize,
+    pub done: Done,
+}
+
+impl OutgoingRequest {
+    /// A `GET` of `path` with `Connection: close`.
+    pub fn get(addr: SocketAddr, path: &str, timeout: Duration, done: Done) -> OutgoingRequest {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+            .into_bytes();
+        OutgoingRequest {
+            addr,
+            request,
+            timeout,
+            response_bytes_max: RESPONSE_BYTES_MAX_DEFAULT,
+            done,
+        }
+    }
+}
+
+/// Where a task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    Connecting,
+    Sending,
+    Receiving,
+}
+
+/// A running outgoing request on a ring.
+pub struct Task {
+    pub request: OutgoingRequest,
+    pub state: TaskState,
+    pub sent: usize,
+    pub received: Vec<u8>,
+    pub deadline: Instant,
+}
+
+impl Task {
+    pub fn new(request: OutgoingRequest, now: Instant) -> Task {
+        let deadline = now + request.timeout;
+        Task {
+            request,
+            state: TaskState::Connecting,
+            sent: 0,
+            received: Vec::new(),
+            deadline,
+        }
+    }
+
+    /// Parse the response received so far: `None` while incomplete.
+    /// Without `Content-Length` the body runs to the close (`eof`).
+    pub fn response(&self, eof: bool) -> Option<Result<OutgoingResponse, TaskError>> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let head_len = match parsed.parse(&self.received) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if eof => {
+                return Some(Err(TaskError::BadResponse("incomplete head")))
+            }
+            Ok(httparse::Status::Partial) => return None,
+            Err(_) => return Some(Err(TaskError::BadResponse("malformed head"))),
+        };
+        let status = parsed.code.unwrap_or(0);
+        let length = parsed
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        let body = &self.received[head_len..];
+        match length {
+            Some(len) if body.len() >= len => Some(Ok(OutgoingResponse {
+                status,
+                body: body[..len].to_vec(),
+            })),
+            Some(_) if eof => Some(Err(TaskError::Io(0))),
+            Some(_) => None,
+            None if eof => Some(Ok(OutgoingResponse {
+                status,
+                body: body.to_vec(),
+            })),
+            None => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task_with(received: &[u8]) -> Task {
+        let mut t = Task::new(
+            OutgoingRequest::get(
+                SocketAddr::from(([127, 0, 0, 1], 1)),
+                "/up",
+                Duration::from_secs(1),
+                Box::new(|_| {}),
+            ),
+            Instant::now(),
+        );
+        t.received = received.to_vec();
+        t
+    }
+
+    #[test]
+    fn response_parsing() {
+        let ok = |status, body: &[u8]| {
+            Some(Ok(OutgoingResponse {
+                status,
+                body: body.to_vec(),
+            }))
+        };
+        type Want = Option<Result<OutgoingResponse, TaskError>>;
+        let rows: &[(&[u8], bool, Want)] = &[
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nup\n",
+                false,
+                ok(200, b"up\n"),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nu",
+                false,
+                None,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nu",
+                true,
+                Some(Err(TaskError::Io(0))),
+            ),
+            (b"HTTP/1.1 404 Not Found\r\n\r\nno", true, ok(404, b"no")),
+            (b"HTTP/1.1 200 OK\r\n", false, None),
+            (
+                b"HTTP/1.1 200 OK\r\n",
+                true,
+                Some(Err(TaskError::BadResponse("incomplete head"))),
+            ),
+            (
+                b"garbage\r\n\r\n",
+                false,
+                Some(Err(TaskError::BadResponse("malformed head"))),
+            ),
+        ];
+        for (bytes, eof, want) in rows {
+            assert_eq!(
+                &task_with(bytes).response(*eof),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The API suite: every route and status, run through every front end
+//! (plaintext HTTP/1.1, HTTPS with HTTP/1.1 and HTTP/2, h2c) against the real
+//! binary. The same request must get the same status, headers and body.
+
+mod common;
+use common::*;
+
+const SHA_EMPTY: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+#[test]
+fn admin_routes_on_every_front() {
+    let server = server().start();
+    for front in FRONTS {
+        let r = server.send(front, req("GET", "/up"));
+        assert_eq!(r.status, 200, "{front:?}");
+        let r = server.send(front, req("GET", "/ready"));
+        assert_eq!(r.status, 200, "{front:?}");
+        let r = server.send(front, req("GET", "/metrics"));
+        assert_eq!(r.status, 200, "{front:?}");
+        let text = String::from_utf8_lossy(&r.body);
+        assert!(
+            text.contains("sluice_requests_total{route=\"up\",method=\"GET\",status=\"200\"}"),
+            "{front:?}: {text}"
+        );
+        assert!(
+            text.contains("sluice_request_ttfb_seconds_bucket"),
+            "{front:?}"
+        );
+        assert!(text.contains("sluice_store_entries"), "{front:?}");
+        let r = server.send(front, req("GET", "/status"));
+        assert_eq!(r.status, 200, "{front:?}");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("status json");
+        assert!(v["store"]["entries"].is_u64(), "{v}");
+        assert!(v["engine"].is_object(), "{v}");
+        let r = server.send(front, req("POST", "/up"));
+        assert_eq!(r.status, 405, "{front:?}");
+        assert_eq!(r.header("allow"), Some("GET, HEAD"), "{front:?}");
+        let r = server.send(front, req("GET", "/no/such/route"));
+        assert_eq!(r.status, 404, "{front:?}");
+    }
+}
+
+#[test]
+fn generic_round_trip_with_conditional_and_range_on_every_front() {
+    let server = server().start();
+    for (i, front) in FRONTS.iter().copied().enumerate() {
+        let path = format!("/v1/artifacts/blobs/item-{i}");
+        let body: Vec<u8> = (0..100_000u32).map(|n| (n % 251) as u8).collect();
+        let etag = format!("\"{}\"", sha256_hex(&body));
+
+        assert_eq!(
+            server.send(front, req("GET", &path)).status,
+            404,
+            "{front:?}"
+        );
+        let r = server.send(front, req("PUT", &path).body(body.clone()));
+        assert_eq!(r.status, 201, "{front:?}");
+        assert_eq!(r.header("etag"), Some(etag.as_str()), "{front:?}");
+        // Replacing answers 204.
+        let r = server.send(front, req("PUT", &path).body(body.clone()));
+        assert_eq!(r.status, 204, "{front:?}");
+
+        let r = server.send(front, req("GET", &path));
+        assert_eq!(r.status, 200, "{front:?}");
+        assert_eq!(r.body, body, "{front:?}");
+        assert_eq!(r.header("etag"), Some(etag.as_str()), "{front:?}");
+        assert_eq!(r.header("accept-ranges"), Some("bytes"), "{front:?}");
+        assert_eq!(r.header("content-length"), Some("100000"), "{front:?}");
+
+        let h = server.send(front, req("HEAD", &path));
+        assert_eq!(h.status, 200, "{front:?}");
+        assert!(h.body.is_empty(), "{front:?}");
+        assert_eq!(h.header("content-length"), Some("100000"), "{front:?}");
+        assert_eq!(h.header("etag"), r.header("etag"), "{front:?}");
+
+        let r = server.send(front, req("GET", &path).header("If-None-Match", &etag));
+        assert_eq!(r.status, 304, "{front:?}");
+        assert!(r.body.is_empty());
+        let r = server.send(
+            front,
+            req("GET", &path).header("If-None-Match", "\"other\""),
+        );
+        assert_eq!(r.status, 200, "{front:?}");
+
+        let r = server.send(front, req("GET", &path).header("Range", "bytes=10-19"));
+        assert_eq!(r.status, 206, "{front:?}");
+        assert_eq!(r.body, &body[10..20], "{front:?}");
+        assert_eq!(
+            r.header("content-range"),
+            Some("bytes 10-19/100000"),
+            "{front:?}"
+        );
+        let r = server.send(front, req("GET", &path).header("Range", "bytes=-5"));
+        assert_eq!(r.status, 206, "{front:?}");
+        assert_eq!(r.body, &body[99_995..], "{front:?}");
+        let r = server.send(front, req("GET", &path).header("Range", "bytes=100000-"));
+        assert_eq!(r.status, 416, "{front:?}");
+        assert_eq!(
+            r.header("content-range"),
+            Some("bytes */100000"),
+            "{front:?}"
+        );
+
+        let r = server.send(front, req("DELETE", &path));
+        assert_eq!(r.status, 204, "{front:?}");
+        assert_eq!(
+            server.send(front, req("GET", &path)).status,
+            404,
+            "{front:?}"
+        );
+        assert_eq!(
+            server.send(front, req("DELETE", &path)).status,
+            404,
+            "{front:?}"
+        );
+    }
+}
+
+#[test]
+fn bazel_and_gradle_routes_on_every_front() {
+    let server = server().env("SLUICE_GRADLE_BODY_BYTES_MAX", "1024").start();
+    for front in FRONTS {
+        let body = format!("artifact for {front:?}").into_bytes();
+        let digest = sha256_hex(&body);
+        // CAS: the body must hash to the key.
+        let r = server.send(
+            front,
+            req("PUT", &format!("/cas/{digest}")).body(body.clone()),
+        );
+        assert_eq!(r.status, 201, "{front:?}");
+        let r = server.send(front, req("GET", &format!("/cas/{digest}")));
+        assert_eq!((r.status, r.body.clone()), (200, body.clone()), "{front:?}");
+        let wrong = format!("/cas/{SHA_EMPTY}");
+        let r = server.send(front, req("PUT", &wrong).body(body.clone()));
+        assert_eq!(r.status, 400, "{front:?}");
+        assert_eq!(
+            server.send(front, req("GET", &wrong)).status,
+            404,
+            "{front:?}: nothing stored"
+        );
+        // AC with an instance name prefix reads what was written without one.
+        let r = server.send(
+            front,
+            req("PUT", &format!("/ac/{digest}")).body(b"action result".to_vec()),
+        );
+        assert_eq!(r.status, 201, "{front:?}");
+        let r = server.send(front, req("GET", &format!("/some/instance/ac/{digest}")));
+        assert_eq!(
+            (r.status, r.body.clone()),
+            (200, b"action result".to_vec()),
+            "{front:?}"
+        );
+        let r = server.send(front, req("GET", "/ac/not-a-digest"));
+        assert_eq!(r.status, 400, "{front:?}");
+        let r = server.send(front, req("DELETE", &format!("/ac/{digest}")));
+        assert_eq!(r.status, 405, "{front:?}");
+        assert_eq!(r.header("allow"), Some("GET, HEAD, PUT"), "{front:?}");
+        // Gradle: over the (test-lowered) limit answers 413, under it stores.
+        let key = format!("gradle{}", front as u8);
+        let r = server.send(
+            front,
+            req("PUT", &format!("/cache/{key}")).body(vec![7u8; 2048]),
+        );
+        assert_eq!(r.status, 413, "{front:?}");
+        assert_eq!(
+            server
+                .send(front, req("GET", &format!("/cache/{key}")))
+                .status,
+            404,
+            "{front:?}"
+        );
+        let r = server.send(
+            front,
+            req("PUT", &format!("/cache/{key}")).body(vec![7u8; 1000]),
+        );
+        assert_eq!(r.status, 201, "{front:?}");
+        let r = server.send(front, req("GET", &format!("/cache/{key}")));
+        assert_eq!((r.status, r.body.len()), (200, 1000), "{front:?}");
+    }
+}
+
+const AUTH_CONFIG: &str = r#"
+[namespaces.private]
+read = "token"
+
+[[tokens]]
+name = "reader"
+secret = "reader-secret-0123456789"
+access = "ro"
+
+[[tokens]]
+name = "writer"
+secret = "writer-secret-0123456789"
+access = "rw"
+"#;
+
+#[test]
+fn auth_on_every_front() {
+    let server = server().config(AUTH_CONFIG).start();
+    let basic_rw = format!(
+        "Basic {}",
+        base64_encode(b"gradle:writer-secret-0123456789")
+    );
+    for front in FRONTS {
+        let path = format!("/v1/artifacts/private/k{}", front as u8);
+        let r = server.send(front, req("PUT", &path).body(b"x".to_vec()));
+        assert_eq!(r.status, 401, "{front:?}");
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|v| v.contains("Bearer")),
+            "{front:?}"
+        );
+        let r = server.send(
+            front,
+            req("PUT", &path)
+                .header("Authorization", "Bearer reader-secret-0123456789")
+                .body(b"x".to_vec()),
+        );
+        assert_eq!(r.status, 403, "{front:?}");
+        let r = server.send(
+            front,
+            req("PUT", &path)
+                .header("Authorization", "Bearer wrong-secret-0123456789")
+                .body(b"x".to_vec()),
+        );
+        assert_eq!(r.status, 401, "{front:?}");
+        let r = server.send(
+            front,
+            req("PUT", &path)
+                .header("Authorization", &basic_rw)
+                .body(b"x".to_vec()),
+        );
+        assert_eq!(r.status, 201, "{front:?}");
+        assert_eq!(
+            server.send(front, req("GET", &path)).status,
+            401,
+            "{front:?}"
+        );
+        let r = server.send(
+            front,
+            req("GET", &path).header("Authorization", "Bearer reader-secret-0123456789"),
+        );
+        assert_eq!(
+            (r.status, r.body.clone()),
+            (200, b"x".to_vec()),
+            "{front:?}"
+        );
+        // A public namespace reads without a token but still needs one to write.
+        let public = format!("/v1/artifacts/public/k{}", front as u8);
+        let r = server.send(
+            front,
+            req("PUT", &public)
+                .header("Authorization", "Bearer writer-secret-0123456789")
+                .body(b"y".to_vec()),
+        );
+        assert_eq!(r.status, 201, "{front:?}");
+        assert_eq!(
+            server.send(front, req("GET", &public)).status,
+            200,
+            "{front:?}"
+        );
+    }
+    assert!(
+        !server.stderr().contains("secret-0123456789"),
+        "secrets must never be logged"
+    );
+}
+
+fn base64_encode(input: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(input)
+}
+
+#[test]
+fn large_upload_and_download_compare_by_digest() {
+    let server = server().start();
+    let body: Vec<u8> = (0..64u32 * 1024 * 1024)
+        .map(|n| (n.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let digest = sha256_hex(&body);
+    for front in [Front::Http1, Front::TlsH2] {
+        let path = format!("/cas/{digest}");
+        let r = server.send(front, req("PUT", &path).body(body.clone()));
+        assert!(
+            r.status == 201 || r.status == 204,
+            "{front:?}: {}",
+            r.status
+        );
+        let r = server.send(front, req("GET", &path));
+        assert_eq!(r.status, 200, "{front:?}");
+        assert_eq!(r.body.len(), body.len(), "{front:?}");
+        assert_eq!(sha256_hex(&r.body), digest, "{front:?}");
+    }
+}

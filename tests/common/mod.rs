@@ -1,0 +1,463 @@
+//! Test harness: start the real `sluice` binary on an ephemeral loopback
+//! port and speak HTTP to it over plaintext HTTP/1.1 (raw bytes), HTTPS with
+//! HTTP/1.1 or HTTP/2 (rustls + hyper), and h2c (hyper).
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+
+/// How a test talks to the server. The same scenarios run through each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Front {
+    /// Plaintext HTTP/1.1, raw bytes on a TCP socket (the ring engine's path).
+    Http1,
+    /// TLS with ALPN http/1.1 (fallback).
+    TlsHttp1,
+    /// TLS with ALPN h2 (fallback).
+    TlsH2,
+    /// HTTP/2 prior knowledge on plaintext (fallback).
+    H2c,
+}
+
+pub const FRONTS: [Front; 4] = [Front::Http1, Front::TlsHttp1, Front::TlsH2, Front::H2c];
+
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub cert_der: Vec<u8>,
+    _tmp: Option<tempfile::TempDir>,
+    pub stderr_path: PathBuf,
+}
+
+pub struct ServerBuilder {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    data_dir: Option<PathBuf>,
+    config: Option<String>,
+    tls: bool,
+}
+
+pub fn server() -> ServerBuilder {
+    ServerBuilder {
+        args: Vec::new(),
+        env: Vec::new(),
+        data_dir: None,
+        config: None,
+        tls: true,
+    }
+}
+
+impl ServerBuilder {
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.to_string());
+        self
+    }
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+    pub fn data_dir(mut self, dir: &Path) -> Self {
+        self.data_dir = Some(dir.to_path_buf());
+        self
+    }
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config = Some(toml.to_string());
+        self
+    }
+    pub fn no_tls(mut self) -> Self {
+        self.tls = false;
+        self
+    }
+
+    pub fn start(self) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| tmp.path().join("data"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&data_dir);
+        let mut cert_der = Vec::new();
+        if self.tls {
+            let cert =
+                rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
+            let cert_path = tmp.path().join("cert.pem");
+            let key_path = tmp.path().join("key.pem");
+            std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+            std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+            cert_der = cert.cert.der().to_vec();
+            cmd.arg("--tls-cert")
+                .arg(&cert_path)
+                .arg("--tls-key")
+                .arg(&key_path);
+        }
+        if let Some(toml) = &self.config {
+            let path = tmp.path().join("sluice.toml");
+            std::fs::write(&path, toml).expect("write config");
+            cmd.arg("--config").arg(&path);
+        }
+        cmd.args(&self.args);
+        // A clean environment: the developer's SLUICE_* must not leak in.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("SLUICE_") {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let stderr_path = tmp.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        cmd.stdout(Stdio::piped()).stderr(stderr);
+        let mut child = cmd.spawn().expect("spawn sluice");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(rest) = line.strip_prefix("sluice listening on ") {
+                        break rest.trim().parse().expect("address");
+                    }
+                }
+                _ => {
+                    let _ = child.wait();
+                    panic!(
+                        "sluice exited before listening; stderr:\n{}",
+                        std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                    );
+                }
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            addr,
+            data_dir,
+            cert_der,
+            _tmp: Some(tmp),
+            stderr_path,
+        }
+    }
+}
+
+impl Server {
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        for _ in 0..200 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        self.child.wait().expect("wait")
+    }
+
+    pub fn send(&self, front: Front, req: Req) -> Resp {
+        send(self, front, req)
+    }
+
+    pub fn http1(&self, raw: &[u8]) -> Vec<u8> {
+        raw_exchange(self.addr, raw)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Req {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+}
+
+pub fn req(method: &str, path: &str) -> Req {
+    Req {
+        method: method.to_string(),
+        path: path.to_string(),
+        headers: Vec::new(),
+        body: None,
+    }
+}
+
+impl Req {
+    pub fn header(mut self, k: &str, v: &str) -> Req {
+        self.headers.push((k.to_string(), v.to_string()));
+        self
+    }
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Req {
+        self.body = Some(body.into());
+        self
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// One plaintext HTTP/1.1 exchange on a fresh connection: write `raw`, read
+/// until the server closes or 5 s pass.
+pub fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(raw).expect("write");
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+/// Parse one HTTP/1.1 response from the front of `buf`; returns it and the
+/// number of bytes it took. `head_only` for responses to HEAD.
+pub fn parse_response(buf: &[u8], head_only: bool) -> Option<(Resp, usize)> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut r = httparse::Response::new(&mut headers);
+    let n = match r.parse(buf).ok()? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return None,
+    };
+    let status = r.code?;
+    let hs: Vec<(String, String)> = r
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).to_string(),
+            )
+        })
+        .collect();
+    let len = hs
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    let body_len = if head_only || status == 304 || status == 204 || status < 200 {
+        0
+    } else {
+        len.unwrap_or(buf.len() - n)
+    };
+    if buf.len() < n + body_len {
+        return None;
+    }
+    Some((
+        Resp {
+            status,
+            headers: hs,
+            body: buf[n..n + body_len].to_vec(),
+        },
+        n + body_len,
+    ))
+}
+
+fn send(server: &Server, front: Front, req: Req) -> Resp {
+    match front {
+        Front::Http1 => send_http1(server.addr, &req),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(send_hyper(server, front, req)),
+    }
+}
+
+fn send_http1(addr: SocketAddr, req: &Req) -> Resp {
+    let mut raw = format!(
+        "{} {} HTTP/1.1\r\nHost: localhost\r\n",
+        req.method, req.path
+    );
+    for (k, v) in &req.headers {
+        raw.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(body) = &req.body {
+        raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    raw.push_str("Connection: close\r\n\r\n");
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(raw.as_bytes()).expect("write head");
+    if let Some(body) = &req.body {
+        // The server may refuse before the body (and close): not an error here.
+        let _ = s.write_all(body);
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    let head_only = req.method == "HEAD";
+    let (resp, _) = parse_response(&out, head_only).unwrap_or_else(|| {
+        panic!(
+            "bad response: {:?}",
+            String::from_utf8_lossy(&out[..out.len().min(500)])
+        )
+    });
+    resp
+}
+
+pub fn tls_connector(cert_der: &[u8], alpn: &[u8]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(cert_der.to_vec()))
+        .expect("root");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+async fn send_hyper(server: &Server, front: Front, req: Req) -> Resp {
+    let tcp = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let mut builder = hyper::Request::builder()
+        .method(req.method.as_str())
+        .uri(format!("https://localhost{}", req.path));
+    if front == Front::TlsHttp1 {
+        builder = builder.header("host", "localhost");
+    }
+    for (k, v) in &req.headers {
+        builder = builder.header(k.as_str(), v.as_str());
+    }
+    let body = Full::new(Bytes::from(req.body.clone().unwrap_or_default()));
+    let request = builder.body(body).expect("request");
+    let response = match front {
+        Front::TlsHttp1 | Front::TlsH2 => {
+            let alpn: &[u8] = if front == Front::TlsH2 {
+                b"h2"
+            } else {
+                b"http/1.1"
+            };
+            let tls = tls_connector(&server.cert_der, alpn)
+                .connect(
+                    rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+                    tcp,
+                )
+                .await
+                .expect("tls handshake");
+            if front == Front::TlsH2 {
+                let (mut sender, conn) = hyper::client::conn::http2::handshake(
+                    hyper_util::rt::TokioExecutor::new(),
+                    TokioIo::new(tls),
+                )
+                .await
+                .expect("h2 handshake");
+                tokio::spawn(conn);
+                sender.send_request(request).await.expect("h2 request")
+            } else {
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                    .await
+                    .expect("h1 handshake");
+                tokio::spawn(conn);
+                sender.send_request(request).await.expect("h1 request")
+            }
+        }
+        Front::H2c => {
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(tcp),
+            )
+            .await
+            .expect("h2c handshake");
+            tokio::spawn(conn);
+            sender.send_request(request).await.expect("h2c request")
+        }
+        Front::Http1 => unreachable!("plaintext HTTP/1 uses raw bytes"),
+    };
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).to_string(),
+            )
+        })
+        .collect();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Every file under `dir`, recursively (to check nothing half-written is visible).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}

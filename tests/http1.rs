@@ -1,0 +1,200 @@
+//! Plaintext HTTP/1.1 at the byte level: framing, malformed input,
+//! pipelining, 100-continue, chunked bodies, aborted uploads, restarts.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+fn status_of(raw: &[u8]) -> u16 {
+    parse_response(raw, false)
+        .map(|(r, _)| r.status)
+        .unwrap_or_else(|| panic!("no response in {:?}", String::from_utf8_lossy(raw)))
+}
+
+/// Each malformed request gets its 4xx/5xx and the connection is closed (the
+/// exchange ends with EOF, and the second request smuggled behind it is
+/// never answered).
+#[test]
+fn malformed_requests_get_their_status_and_close() {
+    let server = server().no_tls().start();
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(9000));
+    let big_head = format!(
+        "GET /up HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(20_000)
+    );
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("CL.TE", b"PUT /v1/artifacts/ns/a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(), 400),
+        ("duplicate CL", b"PUT /v1/artifacts/ns/a HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx".to_vec(), 400),
+        ("signed CL", b"PUT /v1/artifacts/ns/a HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\nx".to_vec(), 400),
+        ("TE gzip", b"PUT /v1/artifacts/ns/a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n".to_vec(), 0),
+        ("obs-fold", b"GET /up HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n".to_vec(), 400),
+        ("no host", b"GET /up HTTP/1.1\r\n\r\n".to_vec(), 400),
+        ("HTTP/1.0 with TE", b"PUT /v1/artifacts/ns/a HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(), 400),
+        ("bad chunk size", b"PUT /v1/artifacts/ns/a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n".to_vec(), 400),
+        ("URI too long", long_uri.into_bytes(), 414),
+        ("head too large", big_head.into_bytes(), 431),
+    ];
+    for (name, mut raw, want) in cases {
+        raw.extend_from_slice(b"GET /up HTTP/1.1\r\nHost: a\r\n\r\n");
+        let out = server.http1(&raw);
+        let status = status_of(&out);
+        if want == 0 {
+            assert!(status == 400 || status == 501, "{name}: got {status}");
+        } else {
+            assert_eq!(status, want, "{name}: {}", String::from_utf8_lossy(&out));
+        }
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(
+            text.matches("HTTP/1.1 ").count(),
+            1,
+            "{name}: connection must close after the error: {text}"
+        );
+    }
+    // Nothing was stored by any of them.
+    let r = server.send(Front::Http1, req("GET", "/v1/artifacts/ns/a"));
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn pipelined_requests_in_one_write() {
+    let server = server().no_tls().start();
+    let put = server.send(
+        Front::Http1,
+        req("PUT", "/v1/artifacts/ns/p").body(b"pipelined".to_vec()),
+    );
+    assert_eq!(put.status, 201);
+    let raw = b"GET /v1/artifacts/ns/p HTTP/1.1\r\nHost: a\r\n\r\nHEAD /v1/artifacts/ns/p HTTP/1.1\r\nHost: a\r\n\r\nPUT /v1/artifacts/ns/q HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET /v1/artifacts/ns/q HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let out = server.http1(raw);
+    let (r1, n1) = parse_response(&out, false).expect("first");
+    assert_eq!((r1.status, r1.body.as_slice()), (200, &b"pipelined"[..]));
+    let (r2, n2) = parse_response(&out[n1..], true).expect("second");
+    assert_eq!(r2.status, 200);
+    assert_eq!(r2.header("content-length"), Some("9"));
+    let (r3, n3) = parse_response(&out[n1 + n2..], false).expect("third");
+    assert_eq!(r3.status, 201);
+    let (r4, n4) = parse_response(&out[n1 + n2 + n3..], false).expect("fourth");
+    assert_eq!((r4.status, r4.body.as_slice()), (200, &b"abc"[..]));
+    assert_eq!(
+        n1 + n2 + n3 + n4,
+        out.len(),
+        "nothing after the last response"
+    );
+}
+
+#[test]
+fn chunked_put_and_expect_continue() {
+    let server = server().no_tls().start();
+    let raw = b"PUT /v1/artifacts/ns/c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\n";
+    assert_eq!(status_of(&server.http1(raw)), 201);
+    let r = server.send(Front::Http1, req("GET", "/v1/artifacts/ns/c"));
+    assert_eq!(r.body, b"hello world");
+
+    // Expect: 100-continue gets 100 before the body, then the final status.
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"PUT /v1/artifacts/ns/e HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n").expect("head");
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).expect("100");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    s.write_all(b"body").expect("body");
+    let mut out = buf[..n].to_vec();
+    let start = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |p| p + 4);
+    out.drain(..start);
+    while parse_response(&out, false).is_none() {
+        let n = s.read(&mut buf).expect("final");
+        assert!(n > 0, "closed early");
+        out.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(status_of(&out), 201);
+
+    // A refused PUT with Expect answers its final status without 100.
+    let raw = b"PUT /v1/artifacts/ns/f HTTP/1.1\r\nHost: a\r\nContent-Length: 999999999999\r\nExpect: 100-continue\r\n\r\n";
+    let out = server.http1(raw);
+    assert!(
+        out.starts_with(b"HTTP/1.1 413 "),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+#[test]
+fn client_disconnect_mid_upload_leaves_nothing() {
+    let server = server().no_tls().start();
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.write_all(
+        b"PUT /v1/artifacts/ns/cut HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n",
+    )
+    .expect("head");
+    s.write_all(&vec![1u8; 3_000_000])
+        .expect("part of the body");
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = server.send(Front::Http1, req("GET", "/v1/artifacts/ns/cut"));
+    assert_eq!(r.status, 404);
+    let files = files_under(&server.data_dir);
+    assert!(
+        files.iter().all(|f| !f.to_string_lossy().contains("cut")),
+        "{files:?}"
+    );
+    // The server still works.
+    assert_eq!(server.send(Front::Http1, req("GET", "/up")).status, 200);
+}
+
+#[test]
+fn restart_keeps_acknowledged_artifacts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut bodies = Vec::new();
+    {
+        let mut server = server().no_tls().data_dir(&data).start();
+        for i in 0..20u32 {
+            let body = format!("artifact number {i}")
+                .repeat(i as usize + 1)
+                .into_bytes();
+            let r = server.send(
+                Front::Http1,
+                req("PUT", &format!("/v1/artifacts/keep/a{i}")).body(body.clone()),
+            );
+            assert_eq!(r.status, 201);
+            bodies.push(body);
+        }
+        assert!(
+            server.stop().success(),
+            "clean exit on SIGTERM: {}",
+            server.stderr()
+        );
+    }
+    let server = server().no_tls().data_dir(&data).start();
+    for (i, body) in bodies.iter().enumerate() {
+        let r = server.send(
+            Front::Http1,
+            req("GET", &format!("/v1/artifacts/keep/a{i}")),
+        );
+        assert_eq!((r.status, &r.body), (200, body));
+    }
+}
+
+#[test]
+fn readiness_turns_503_while_draining() {
+    let mut server = server()
+        .no_tls()
+        .env("SLUICE_SHUTDOWN_PRE_DRAIN_MS", "4000")
+        .start();
+    assert_eq!(server.send(Front::Http1, req("GET", "/ready")).status, 200);
+    let pid = rustix::process::Pid::from_raw(server.child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.send(Front::Http1, req("GET", "/ready")).status, 503);
+    assert_eq!(server.send(Front::Http1, req("GET", "/up")).status, 200);
+    assert!(server.stop().success());
+}
