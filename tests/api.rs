@@ -293,3 +293,60 @@ fn large_upload_and_download_compare_by_digest() {
         assert_eq!(sha256_hex(&r.body), digest, "{front:?}");
     }
 }
+
+/// The ring (plaintext HTTP/1.1) and the fallback (TLS, h2c) answer the
+/// same requests with the same status, the same headers (names and values,
+/// the clock's `date` aside) and the same body.
+#[test]
+fn ring_and_fallback_give_identical_answers() {
+    let server = server().start();
+    let body: Vec<u8> = (0..300_000u32).map(|n| (n % 241) as u8).collect();
+    let digest = sha256_hex(&body);
+    let r = server.send(
+        Front::Http1,
+        req("PUT", &format!("/cas/{digest}")).body(body.clone()),
+    );
+    assert_eq!(r.status, 201);
+    let etag = format!("\"{digest}\"");
+    let requests = vec![
+        req("GET", &format!("/cas/{digest}")),
+        req("HEAD", &format!("/cas/{digest}")),
+        req("GET", &format!("/cas/{digest}")).header("Range", "bytes=5-99"),
+        req("GET", &format!("/cas/{digest}")).header("Range", "bytes=999999-"),
+        req("GET", &format!("/cas/{digest}")).header("If-None-Match", &etag),
+        req("GET", &format!("/cas/{SHA_EMPTY}")),
+        req("GET", "/cas/xyz"),
+        req("DELETE", &format!("/cas/{digest}")),
+        req("GET", "/up"),
+        req("GET", "/nowhere"),
+        req("PUT", &format!("/cas/{SHA_EMPTY}")).body(b"not empty".to_vec()),
+    ];
+    let normalise = |r: &Resp| {
+        let mut headers: Vec<(String, String)> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k != "date" && k != "connection")
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect();
+        headers.sort();
+        (r.status, headers, r.body.clone())
+    };
+    for request in requests {
+        let ring = normalise(&server.send(Front::Http1, request.clone()));
+        for front in [Front::TlsHttp1, Front::TlsH2, Front::H2c] {
+            let other = normalise(&server.send(front, request.clone()));
+            assert_eq!(
+                ring, other,
+                "{} {} via {front:?}",
+                request.method, request.path
+            );
+        }
+    }
+    for front in FRONTS {
+        let r = server.send(front, req("GET", "/up"));
+        assert!(
+            r.header("date").is_some(),
+            "{front:?}: every response carries Date"
+        );
+    }
+}

@@ -607,6 +607,8 @@ impl Conn {
             method,
             status: reply.status,
         });
+        // hyper adds Date on the fallback; the ring matches it.
+        reply.headers.push(("date", http1::http_date_now()));
         let out = self.out_buf.get_or_insert_with(Vec::new);
         out.clear();
         encode_reply_head(&mut reply, close, out);

@@ -16,6 +16,7 @@
 
 mod body;
 mod conditional;
+mod date;
 mod head;
 mod range;
 mod reader;
@@ -25,6 +26,7 @@ pub mod samples;
 
 pub use body::{BodyDecoder, BodyError, BodyStep, CHUNK_LINE_BYTES_MAX, TRAILER_BYTES_MAX};
 pub use conditional::if_none_match;
+pub use date::{http_date_now, imf_fixdate};
 pub use head::{parse_head, HeadError, Headers, RequestHead, HEADERS_CAPACITY};
 pub use range::{content_range, content_range_unsatisfied, parse_range, RangeOutcome};
 pub use reader::{Event, ReaderError, RequestReader};
