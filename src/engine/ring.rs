@@ -634,10 +634,6 @@ impl CoreLoop {
                     self.on_copy_read(index, lease, result, now);
                     return;
                 }
-                (OpKind::SpliceToPipe, Returned::Pipe(pipe)) => {
-                    self.on_splice_in(index, pipe, result, now);
-                    return;
-                }
                 (OpKind::SpliceFromPipe, Returned::Pipe(pipe)) => {
                     self.on_splice_out(index, pipe, result, now);
                     return;
@@ -828,20 +824,32 @@ impl CoreLoop {
                     }
                 }
                 match self.pipes.take() {
-                    Ok(pipe) => {
+                    Ok(mut pipe) => {
                         let chunk = len
                             .min(pipe.capacity_bytes() as u64)
-                            .min(u64::from(u32::MAX)) as u32;
-                        slot.xfer = Xfer::Splice { chunk: 0 };
-                        self.submit(
-                            index,
-                            Op::SpliceToPipe {
-                                fd_in: file,
-                                offset_in: offset,
-                                pipe,
-                                len: chunk,
-                            },
-                        );
+                            .min(u64::from(u32::MAX)) as usize;
+                        // file -> pipe on this thread (see Pipe::fill_from_file
+                        // for why), pipe -> socket on the ring, where waiting
+                        // for a slow client costs nothing.
+                        match pipe.fill_from_file(&*file, offset, chunk) {
+                            Ok(n) if n > 0 => {
+                                slot.xfer = Xfer::Splice { chunk: n as u64 };
+                                self.submit(
+                                    index,
+                                    Op::SpliceFromPipe {
+                                        pipe,
+                                        fd_out: fd,
+                                        len: n as u32,
+                                    },
+                                );
+                            }
+                            _ => {
+                                drop(pipe);
+                                let next = slot.conn.on_file_sent(Err(libc::EIO), Instant::now());
+                                self.issue(index, next);
+                                self.release_pipe_waiter();
+                            }
+                        }
                     }
                     Err(_) => {
                         // Every pipe is busy: wait for one (bounded by the
@@ -873,32 +881,6 @@ impl CoreLoop {
         // Dropping the slot closes the socket and the artifact; no operation
         // is in flight for it (Close always follows a completion).
         self.free_slot(index);
-    }
-
-    fn on_splice_in(&mut self, index: u32, pipe: Pipe, result: Result<usize, i32>, now: Instant) {
-        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
-            return;
-        };
-        match result {
-            Ok(n) if n > 0 => {
-                slot.xfer = Xfer::Splice { chunk: n as u64 };
-                let fd_out = Rc::clone(&slot.fd);
-                self.submit(
-                    index,
-                    Op::SpliceFromPipe {
-                        pipe,
-                        fd_out,
-                        len: n as u32,
-                    },
-                );
-            }
-            _ => {
-                drop(pipe);
-                let next = slot.conn.on_file_sent(Err(libc::EIO), now);
-                self.issue(index, next);
-                self.release_pipe_waiter();
-            }
-        }
     }
 
     fn on_splice_out(&mut self, index: u32, pipe: Pipe, result: Result<usize, i32>, now: Instant) {

@@ -158,6 +158,50 @@ impl Pipe {
         self.fds.as_ref().map_or(0, |f| f.capacity_bytes)
     }
 
+    /// Splice up to `len` bytes of `file` at `offset` into the pipe, on
+    /// this thread, without io_uring. A splice from a regular file cannot be
+    /// done without blocking, so on a ring it always goes to an io-wq worker
+    /// thread: a thread hand-off and a completion per chunk. From the page
+    /// cache the same copy-free move costs less done here (as nginx's
+    /// sendfile does). Returns the bytes moved (0 at end of file).
+    pub fn fill_from_file(
+        &mut self,
+        file: &impl AsRawFd,
+        offset: u64,
+        len: usize,
+    ) -> Result<usize, Errno> {
+        let room = self.capacity_bytes().saturating_sub(self.held_bytes);
+        let len = len.min(room);
+        if len == 0 {
+            return Ok(0);
+        }
+        let mut off = libc::loff_t::try_from(offset).map_err(|_| Errno(libc::EINVAL))?;
+        loop {
+            // SAFETY: both fds are open (the pipe's write end lives as long as
+            // `self`, `file` is borrowed for the call); `off` is a valid,
+            // writable loff_t that outlives the call; no buffer is involved.
+            let moved = unsafe {
+                libc::splice(
+                    file.as_raw_fd(),
+                    &mut off,
+                    self.write_fd(),
+                    std::ptr::null_mut(),
+                    len,
+                    libc::SPLICE_F_MOVE,
+                )
+            };
+            if moved >= 0 {
+                let moved = moved as usize;
+                self.note_filled(moved);
+                return Ok(moved);
+            }
+            let err = Errno::from_io(&std::io::Error::last_os_error());
+            if err.0 != libc::EINTR {
+                return Err(err);
+            }
+        }
+    }
+
     pub(crate) fn read_fd(&self) -> RawFd {
         self.fds.as_ref().map_or(-1, |f| f.read.as_raw_fd())
     }

@@ -780,3 +780,55 @@ fn new_tcp_socket() -> OwnedFd {
     // SAFETY: as above: `raw` is a fresh fd we own.
     unsafe { OwnedFd::from_raw_fd(raw) }
 }
+
+#[test]
+fn fill_pipe_from_file_on_the_thread_then_splice_to_socket() {
+    let Some((report, mut d)) = setup("fill_from_file", &["splice"]) else {
+        return;
+    };
+    let path = temp_path("fill");
+    let data = pattern(200 * 1024 + 5);
+    std::fs::write(&path, &data).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let (server, mut client) = tcp_pair();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        got
+    });
+    let pool = PipePool::new(1, 64 * 1024, report.pipe_max_size_bytes);
+    let mut pipe = pool.take().unwrap();
+    let mut offset = 0u64;
+    loop {
+        let n = pipe.fill_from_file(&file, offset, 64 * 1024).unwrap();
+        if n == 0 {
+            break;
+        }
+        assert_eq!(pipe.held_bytes(), n);
+        offset += n as u64;
+        while pipe.held_bytes() > 0 {
+            let len = pipe.held_bytes() as u32;
+            d.submit(
+                Op::SpliceFromPipe {
+                    pipe,
+                    fd_out: server.clone(),
+                    len,
+                },
+                2,
+            )
+            .unwrap();
+            let c = next(&mut d);
+            assert!(c.result.unwrap() > 0);
+            let Returned::Pipe(p) = c.resources else {
+                panic!("{c:?}")
+            };
+            pipe = p;
+        }
+    }
+    assert_eq!(offset as usize, data.len());
+    drop(pipe);
+    drop(server);
+    assert_eq!(reader.join().unwrap(), data);
+    assert_eq!(pool.stats().idle, 1, "an empty pipe goes back to the pool");
+    let _ = std::fs::remove_file(path);
+}
