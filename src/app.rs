@@ -18,7 +18,7 @@ use crate::http1::{
 };
 use crate::metrics::{write_metric, Metrics};
 use crate::route::{classify, Action, ArtifactKind, Route, RouteError};
-use crate::store::{Artifact, PutOptions, PutWriter, Store, StoreError};
+use crate::store::{Artifact, OpenCache, PutOptions, PutWriter, Store, StoreError};
 
 /// The request facts every decision needs, borrowed from whichever parser
 /// read the head.
@@ -203,6 +203,12 @@ impl App {
 
     /// Decide what to do with a request whose head has been read.
     pub fn handle(&self, req: &RequestInfo<'_>) -> Decision {
+        self.handle_with(req, None)
+    }
+
+    /// [`App::handle`], opening artifacts through a per-thread open-file
+    /// cache (the ring engine keeps one per core).
+    pub fn handle_with(&self, req: &RequestInfo<'_>, files: Option<&mut OpenCache>) -> Decision {
         let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
         let route = match classify(req.method, req.path) {
             Ok(route) => route,
@@ -240,7 +246,7 @@ impl App {
                 key,
                 action,
             } => match action {
-                Action::Get | Action::Head => self.get(req, namespace, key),
+                Action::Get | Action::Head => self.get(req, namespace, key, files),
                 Action::Delete => self.delete(req, namespace, key),
                 Action::Put => return self.put(req, kind, namespace, key),
             },
@@ -266,11 +272,21 @@ impl App {
             })
     }
 
-    fn get(&self, req: &RequestInfo<'_>, ns: &str, key: &str) -> Reply {
+    fn get(
+        &self,
+        req: &RequestInfo<'_>,
+        ns: &str,
+        key: &str,
+        files: Option<&mut OpenCache>,
+    ) -> Reply {
         if let Err(reply) = self.authorize(req, ns, Access::Read) {
             return reply;
         }
-        let artifact = match self.store.get(ns, key) {
+        let opened = match files {
+            Some(cache) => self.store.get_cached(ns, key, cache),
+            None => self.store.get(ns, key),
+        };
+        let artifact = match opened {
             Ok(Some(artifact)) => artifact,
             Ok(None) => return Reply::error(404, "no such artifact"),
             Err(err) => return store_error(&err),

@@ -220,3 +220,26 @@ fn fallback_engine_serves_everything_and_says_so() {
         metric(&server, "sluice_response_bytes_total{path=\"fallback\"}").unwrap_or(0) >= 400_000
     );
 }
+
+#[test]
+fn open_file_cache_hits_and_serves_replacements_fresh() {
+    let server = server().no_tls().start();
+    if !uring_available(&server) {
+        return;
+    }
+    for round in 0..3u8 {
+        let body = vec![round; 10_000 + usize::from(round)];
+        let r = server.send(Front::Http1, req("PUT", "/v1/artifacts/e/cached").body(body.clone()));
+        assert!(r.status == 201 || r.status == 204);
+        for _ in 0..5 {
+            let r = server.send(Front::Http1, req("GET", "/v1/artifacts/e/cached"));
+            assert_eq!(r.body, body, "round {round}: a replaced artifact is never served stale");
+        }
+    }
+    assert_eq!(server.send(Front::Http1, req("DELETE", "/v1/artifacts/e/cached")).status, 204);
+    assert_eq!(server.send(Front::Http1, req("GET", "/v1/artifacts/e/cached")).status, 404);
+    // Published every tick (100 ms).
+    std::thread::sleep(Duration::from_millis(300));
+    let hits = metric(&server, "sluice_ring_open_file_hits_total").unwrap_or(0);
+    assert!(hits >= 6, "open-file cache hits: {hits}");
+}

@@ -19,13 +19,15 @@
 //!   └──────────────────────────── keep-alive ◄─────────────────────────────────┘
 //! ```
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::app::{App, Decision, PutSink, Reply, ReplyBody, RequestInfo};
 use crate::http1::{self, BodyDecoder, Framing, Limits, Status};
 use crate::route::classify;
-use crate::store::Artifact;
+use crate::store::{Artifact, OpenCache};
 
 /// The first bytes of an HTTP/2 prior-knowledge connection.
 const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
@@ -127,6 +129,8 @@ pub struct Finished {
 /// One connection's protocol state.
 pub struct Conn {
     app: Arc<App>,
+    /// The engine thread's open-file cache, shared by its connections.
+    files: Rc<RefCell<OpenCache>>,
     limits: ConnLimits,
     state: State,
     /// Bytes received and not yet consumed: `read_buf[..]` (its length is
@@ -152,9 +156,15 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(app: Arc<App>, limits: ConnLimits, now: Instant) -> Conn {
+    pub fn new(
+        app: Arc<App>,
+        files: Rc<RefCell<OpenCache>>,
+        limits: ConnLimits,
+        now: Instant,
+    ) -> Conn {
         Conn {
             app,
+            files,
             limits,
             state: State::Peeking,
             read_buf: Some(Vec::new()),
@@ -492,7 +502,10 @@ impl Conn {
         let expect_continue = head.expect_continue();
         let framing = head.framing();
         self.close_after = !head.keep_alive();
-        let decision = self.app.handle(&info);
+        let decision = {
+            let mut files = self.files.borrow_mut();
+            self.app.handle_with(&info, Some(&mut files))
+        };
         let next = match decision {
             Decision::Reply(reply) => Some(self.respond_head_only(reply, route, method, head_only)),
             Decision::ReceiveBody(sink) => match BodyDecoder::new(framing, sink.body_bytes_max()) {

@@ -15,6 +15,7 @@
 //! (pipes pooled per thread, which also bounds splices in flight) or, in
 //! copy mode, by a read into a registered buffer and a send.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
@@ -33,6 +34,7 @@ use super::task::{OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYT
 use crate::app::App;
 use crate::fallback::Fallback;
 use crate::metrics::BytePath;
+use crate::store::OpenCache;
 
 /// How file bodies leave a ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +74,11 @@ pub const TICK_MS: u64 = 100;
 pub const FIXED_BUFFERS_COUNT: u16 = 64;
 pub const FIXED_BUFFER_BYTES: usize = 256 * 1024;
 
+/// Open artifact files one engine thread keeps (each holds an fd).
+pub const OPEN_FILES_PER_CORE_MAX: usize = 1024;
+/// Every this many ticks, cached fds of changed artifacts are closed.
+pub const OPEN_FILES_SWEEP_TICKS: u64 = 10;
+
 /// Outgoing tasks one thread runs at once.
 pub const TASKS_PER_CORE_MAX: usize = 64;
 /// Outgoing tasks waiting for a thread, per thread.
@@ -97,6 +104,8 @@ pub struct CoreStats {
     pub sq_full_total: AtomicU64,
     pub cq_overflow_total: AtomicU64,
     pub submit_refused_total: AtomicU64,
+    pub open_file_hits_total: AtomicU64,
+    pub open_file_misses_total: AtomicU64,
     pub fixed_buffers_registered: AtomicBool,
 }
 
@@ -246,7 +255,19 @@ impl RingEngine {
             &'static str,
             fn(&CoreStats) -> u64,
         );
-        let series: [Series; 10] = [
+        let series: [Series; 12] = [
+            (
+                "sluice_ring_open_file_hits_total",
+                "counter",
+                "GETs answered from the per-core open-file cache.",
+                |s| s.open_file_hits_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_open_file_misses_total",
+                "counter",
+                "GETs that opened the artifact file.",
+                |s| s.open_file_misses_total.load(Ordering::Relaxed),
+            ),
             (
                 "sluice_ring_connections",
                 "gauge",
@@ -371,6 +392,8 @@ struct CoreLoop {
     task_rx: std::sync::mpsc::Receiver<OutgoingRequest>,
     tasks: Vec<Option<TaskSlot>>,
     task_generation: u32,
+    files: Rc<RefCell<OpenCache>>,
+    ticks: u64,
 }
 
 struct TaskSlot {
@@ -454,6 +477,8 @@ impl CoreLoop {
             task_rx,
             tasks: (0..TASKS_PER_CORE_MAX).map(|_| None).collect(),
             task_generation: 1,
+            files: Rc::new(RefCell::new(OpenCache::new(OPEN_FILES_PER_CORE_MAX))),
+            ticks: 0,
         })
     }
 
@@ -546,10 +571,22 @@ impl CoreLoop {
                 }
             }
         }
+        self.ticks += 1;
+        if self.ticks % OPEN_FILES_SWEEP_TICKS == 0 {
+            if let Ok(mut files) = self.files.try_borrow_mut() {
+                self.app.store.sweep_cache(&mut files);
+            }
+        }
+        let (hits, misses) = self
+            .files
+            .try_borrow()
+            .map_or((0, 0), |f| (f.hits_total, f.misses_total));
         let live = self.slots.iter().filter(|s| s.is_some()).count() as u64;
         let ring = self.driver.stats();
         if let Some(s) = self.core_stats() {
             s.connections.store(live, Ordering::Relaxed);
+            s.open_file_hits_total.store(hits, Ordering::Relaxed);
+            s.open_file_misses_total.store(misses, Ordering::Relaxed);
             s.submissions_total
                 .store(ring.submissions, Ordering::Relaxed);
             s.completions_total
@@ -684,6 +721,7 @@ impl CoreLoop {
         self.generation = (self.generation.wrapping_add(1) & GENERATION_MASK).max(1);
         let conn = Conn::new(
             Arc::clone(&self.app),
+            Rc::clone(&self.files),
             self.settings.conn_limits,
             Instant::now(),
         );

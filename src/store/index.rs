@@ -44,6 +44,10 @@ struct Shard {
     /// Bumped (under the lock) on every unlink of a name in this shard, so the
     /// scan can tell whether a `stat` it made without the lock may be stale.
     unlinks: AtomicU64,
+    /// Bumped (under the lock, after the rename or unlink) whenever a name in
+    /// this shard may point at a different file: per-core open-file caches
+    /// compare it to tell whether a cached fd is still the artifact.
+    changes: AtomicU64,
 }
 
 /// The sharded index plus the totals it maintains.
@@ -66,6 +70,7 @@ impl Index {
             .map(|_| Shard {
                 map: Mutex::new(HashMap::new()),
                 unlinks: AtomicU64::new(0),
+                changes: AtomicU64::new(0),
             })
             .collect();
         Self {
@@ -91,6 +96,12 @@ impl Index {
             shard,
             index: self,
         }
+    }
+
+    /// The change epoch of `rel`'s shard: it moves after every publish or
+    /// unlink of a name in the shard (see `Shard::changes`).
+    pub fn change_epoch(&self, rel: &str) -> u64 {
+        self.shard(rel).changes.load(Ordering::Acquire)
     }
 
     /// The unlink generation of `rel`'s shard; see [`Locked::insert_scanned`].
@@ -150,6 +161,7 @@ impl Locked<'_> {
 
     /// Records a publish: the new file replaces whatever the index had.
     pub fn upsert(&mut self, rel: &str, entry: Entry) {
+        self.shard.changes.fetch_add(1, Ordering::Release);
         match self.map.get_mut(rel) {
             Some(old) => {
                 self.index
@@ -208,6 +220,7 @@ impl Locked<'_> {
     /// file). Call after the unlink, before releasing the lock.
     pub fn remove(&mut self, rel: &str) -> Option<Entry> {
         self.shard.unlinks.fetch_add(1, Ordering::Release);
+        self.shard.changes.fetch_add(1, Ordering::Release);
         let old = self.map.remove(rel)?;
         self.index
             .bytes

@@ -506,6 +506,47 @@ impl Drop for Inner {
     }
 }
 
+/// A per-thread cache of open artifact files for [`Store::get_cached`],
+/// bounded by `entries_max` (each entry holds one fd).
+#[derive(Debug)]
+pub struct OpenCache {
+    entries: std::collections::HashMap<Box<str>, CachedFile>,
+    entries_max: usize,
+    /// Lookups answered from the cache.
+    pub hits_total: u64,
+    /// Lookups that opened the file.
+    pub misses_total: u64,
+}
+
+#[derive(Debug)]
+struct CachedFile {
+    file: File,
+    len: u64,
+    sha256: [u8; 32],
+    epoch: u64,
+}
+
+impl OpenCache {
+    /// A cache holding at most `entries_max` open files (0 disables it).
+    pub fn new(entries_max: usize) -> OpenCache {
+        OpenCache {
+            entries: std::collections::HashMap::with_capacity(entries_max.min(4096)),
+            entries_max,
+            hits_total: 0,
+            misses_total: 0,
+        }
+    }
+
+    /// Open files held now.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 /// The artifact store. Cheap to clone; all clones share one index and one
 /// background thread, which stops on [`Store::shutdown`] or when the last
 /// clone is dropped.
@@ -676,6 +717,81 @@ impl Store {
             len: header.body_len,
             sha256: header.sha256,
         }))
+    }
+
+    /// [`Store::get`] through a per-thread open-file cache: a hit costs one
+    /// `dup` instead of an open, a stat and a header read. A cached fd is
+    /// used only while its shard's change epoch is the one read before it
+    /// was opened, so a replaced or deleted artifact is never served from
+    /// the cache. Still records the access for LRU.
+    pub fn get_cached(
+        &self,
+        ns: &str,
+        key: &str,
+        cache: &mut OpenCache,
+    ) -> Result<Option<Artifact>, StoreError> {
+        check_names(ns, key)?;
+        let sh = self.shared();
+        let rel = relative_path(ns, key);
+        let epoch = sh.index.change_epoch(&rel);
+        if let Some(cached) = cache.entries.get(rel.as_str()) {
+            if cached.epoch == epoch {
+                let file = cached
+                    .file
+                    .try_clone()
+                    .map_err(|e| sh.io("dup", &sh.path(&rel).display(), e))?;
+                let artifact = Artifact {
+                    file,
+                    body_offset: HEADER_BYTES as u64,
+                    len: cached.len,
+                    sha256: cached.sha256,
+                };
+                sh.index.lock(&rel).touch(&rel, now_ms());
+                cache.hits_total += 1;
+                return Ok(Some(artifact));
+            }
+        }
+        cache.misses_total += 1;
+        let got = self.get(ns, key)?;
+        match &got {
+            Some(artifact) => {
+                if cache.entries.len() >= cache.entries_max
+                    && !cache.entries.contains_key(rel.as_str())
+                {
+                    // Full: drop any one entry (the table is small and a miss
+                    // costs only what an uncached GET costs).
+                    if let Some(victim) = cache.entries.keys().next().cloned() {
+                        cache.entries.remove(&victim);
+                    }
+                }
+                if cache.entries_max > 0 {
+                    if let Ok(file) = artifact.file.try_clone() {
+                        cache.entries.insert(
+                            rel.into_boxed_str(),
+                            CachedFile {
+                                file,
+                                len: artifact.len,
+                                sha256: artifact.sha256,
+                                epoch,
+                            },
+                        );
+                    }
+                }
+            }
+            None => {
+                cache.entries.remove(rel.as_str());
+            }
+        }
+        Ok(got)
+    }
+
+    /// Close cached fds whose artifact may have changed, so a deleted or
+    /// evicted file's disk space is not held by a cache nobody asks again.
+    pub fn sweep_cache(&self, cache: &mut OpenCache) {
+        let sh = self.shared();
+        cache
+            .entries
+            .retain(|rel, cached| sh.index.change_epoch(rel) == cached.epoch);
     }
 
     /// Removes a corrupt file, unless it was replaced since we opened it.

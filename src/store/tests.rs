@@ -652,3 +652,67 @@ fn enospc_answers_507_and_leaves_nothing_visible() {
         drop(store);
     }
 }
+
+#[test]
+fn open_cache_hits_and_never_serves_a_replaced_or_deleted_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    let mut cache = OpenCache::new(2);
+    let cached_body = |store: &Store, cache: &mut OpenCache, key: &str| {
+        store
+            .get_cached("ns", key, cache)
+            .unwrap()
+            .map(|mut a| read_body(&mut a))
+    };
+    put(&store, "ns", "a", b"first").unwrap();
+    assert_eq!(
+        cached_body(&store, &mut cache, "a").as_deref(),
+        Some(&b"first"[..])
+    );
+    assert_eq!((cache.hits_total, cache.misses_total), (0, 1));
+    assert_eq!(
+        cached_body(&store, &mut cache, "a").as_deref(),
+        Some(&b"first"[..])
+    );
+    assert_eq!((cache.hits_total, cache.misses_total), (1, 1));
+
+    // A replacement moves the shard's epoch: the next lookup reopens.
+    put(&store, "ns", "a", b"second version").unwrap();
+    assert_eq!(
+        cached_body(&store, &mut cache, "a").as_deref(),
+        Some(&b"second version"[..])
+    );
+    assert_eq!(cache.misses_total, 2);
+
+    // A delete is never answered from the cache.
+    assert!(store.delete("ns", "a").unwrap());
+    assert_eq!(cached_body(&store, &mut cache, "a"), None);
+    assert!(cache.is_empty(), "a miss drops the entry");
+
+    // The bound holds, and a sweep closes entries whose shard changed.
+    for key in ["b", "c", "d"] {
+        put(&store, "ns", key, key.as_bytes()).unwrap();
+        assert_eq!(
+            cached_body(&store, &mut cache, key).as_deref(),
+            Some(key.as_bytes())
+        );
+        assert!(cache.len() <= 2);
+    }
+    for key in ["b", "c", "d"] {
+        store.delete("ns", key).unwrap();
+    }
+    store.sweep_cache(&mut cache);
+    assert!(
+        cache.is_empty(),
+        "deleted artifacts' fds are closed by the sweep"
+    );
+
+    // Capacity 0 disables caching but still serves.
+    let mut off = OpenCache::new(0);
+    put(&store, "ns", "e", b"e").unwrap();
+    assert_eq!(
+        cached_body(&store, &mut off, "e").as_deref(),
+        Some(&b"e"[..])
+    );
+    assert!(off.is_empty());
+}
