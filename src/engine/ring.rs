@@ -70,6 +70,8 @@ const _: () = assert!(CQ_ENTRIES >= 2 * SQ_ENTRIES);
 pub const COMPLETIONS_PER_TURN_MAX: usize = 256;
 /// How often deadlines are checked and stats published, in milliseconds.
 pub const TICK_MS: u64 = 100;
+/// File bytes one connection moves before yielding to the others.
+pub const PUMP_BYTES_PER_TURN: u64 = 4 * 1024 * 1024;
 /// Registered buffers per ring (copy mode reads into them), and their size.
 pub const FIXED_BUFFERS_COUNT: u16 = 64;
 pub const FIXED_BUFFER_BYTES: usize = 256 * 1024;
@@ -370,6 +372,12 @@ struct Slot {
     file: Option<SharedFd>,
     xfer: Xfer,
     cancelling: bool,
+    /// The pipe of a splice body, held across waits for `POLLOUT`.
+    pipe: Option<Pipe>,
+    /// What the connection wants sent next: (file offset, bytes).
+    want: (u64, u64),
+    /// The socket was made `O_NONBLOCK` for the engine's own splices.
+    nonblocking: bool,
 }
 
 /// One engine thread's state.
@@ -671,8 +679,8 @@ impl CoreLoop {
                     self.on_copy_read(index, lease, result, now);
                     return;
                 }
-                (OpKind::SpliceFromPipe, Returned::Pipe(pipe)) => {
-                    self.on_splice_out(index, pipe, result, now);
+                (OpKind::PollAdd, _) => {
+                    self.on_pollout(index, result);
                     return;
                 }
                 _ => Next::Close,
@@ -734,6 +742,9 @@ impl CoreLoop {
                 file: None,
                 xfer: Xfer::None,
                 cancelling: false,
+                pipe: None,
+                want: (0, 0),
+                nonblocking: false,
             });
         }
         self.issue(index, Next::Peek);
@@ -861,42 +872,31 @@ impl CoreLoop {
                         return;
                     }
                 }
-                match self.pipes.take() {
-                    Ok(mut pipe) => {
-                        let chunk = len
-                            .min(pipe.capacity_bytes() as u64)
-                            .min(u64::from(u32::MAX)) as usize;
-                        // file -> pipe on this thread (see Pipe::fill_from_file
-                        // for why), pipe -> socket on the ring, where waiting
-                        // for a slow client costs nothing.
-                        match pipe.fill_from_file(&*file, offset, chunk) {
-                            Ok(n) if n > 0 => {
-                                slot.xfer = Xfer::Splice { chunk: n as u64 };
-                                self.submit(
-                                    index,
-                                    Op::SpliceFromPipe {
-                                        pipe,
-                                        fd_out: fd,
-                                        len: n as u32,
-                                    },
-                                );
-                            }
-                            _ => {
-                                drop(pipe);
-                                let next = slot.conn.on_file_sent(Err(libc::EIO), Instant::now());
-                                self.issue(index, next);
-                                self.release_pipe_waiter();
-                            }
+                slot.want = (offset, len);
+                if !slot.nonblocking {
+                    // The engine's own pipe -> socket splices must not block;
+                    // ring recv and send still wait (io_uring polls itself).
+                    if rustix::io::ioctl_fionbio(&*fd, true).is_err() {
+                        self.close(index);
+                        return;
+                    }
+                    slot.nonblocking = true;
+                }
+                if slot.pipe.is_none() {
+                    match self.pipes.take() {
+                        Ok(pipe) => slot.pipe = Some(pipe),
+                        Err(_) => {
+                            // Every pipe is busy: wait for one (bounded by the
+                            // number of connections).
+                            let generation = slot.generation;
+                            self.pipe_waiters
+                                .push_back((index, generation, offset, len));
+                            return;
                         }
                     }
-                    Err(_) => {
-                        // Every pipe is busy: wait for one (bounded by the
-                        // number of connections).
-                        let generation = slot.generation;
-                        self.pipe_waiters
-                            .push_back((index, generation, offset, len));
-                    }
                 }
+                drop(file);
+                self.pump(index);
             }
             Next::Handoff => {
                 // The only other reference to the socket must go first, so
@@ -921,36 +921,107 @@ impl CoreLoop {
         self.free_slot(index);
     }
 
-    fn on_splice_out(&mut self, index: u32, pipe: Pipe, result: Result<usize, i32>, now: Instant) {
-        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
-            return;
-        };
-        let retry = matches!(result, Err(e) if e == libc::EINTR || e == libc::EAGAIN);
-        if (result.is_ok_and(|n| n > 0) || retry) && pipe.held_bytes() > 0 {
-            // Short splice to the socket: drain the rest of the pipe first.
-            let fd_out = Rc::clone(&slot.fd);
-            let len = pipe.held_bytes() as u32;
-            self.submit(index, Op::SpliceFromPipe { pipe, fd_out, len });
-            return;
+    /// Move the file body to the socket: file -> pipe and pipe -> socket by
+    /// non-blocking splices on this thread (see `Pipe::fill_from_file` and
+    /// `Pipe::drain_to` for why not on the ring), waiting on the ring with
+    /// `POLLOUT` when the socket is full. At most `PUMP_BYTES_PER_TURN`
+    /// move before the connection yields to the others.
+    fn pump(&mut self, index: u32) {
+        let now = Instant::now();
+        let mut moved_bytes = 0u64;
+        loop {
+            let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+                return;
+            };
+            let (Some(file), Some(pipe)) = (slot.file.as_ref(), slot.pipe.as_mut()) else {
+                self.close(index);
+                return;
+            };
+            if pipe.held_bytes() == 0 {
+                let (offset, len) = slot.want;
+                let chunk = len.min(pipe.capacity_bytes() as u64) as usize;
+                match pipe.fill_from_file(&**file, offset, chunk) {
+                    Ok(n) if n > 0 => slot.xfer = Xfer::Splice { chunk: n as u64 },
+                    _ => {
+                        slot.pipe = None;
+                        let next = slot.conn.on_file_sent(Err(libc::EIO), now);
+                        self.issue(index, next);
+                        self.release_pipe_waiter();
+                        return;
+                    }
+                }
+            }
+            let held = pipe.held_bytes();
+            match pipe.drain_to(&*slot.fd, held) {
+                Ok(n) if n > 0 => {
+                    if pipe.held_bytes() > 0 {
+                        continue;
+                    }
+                    let Xfer::Splice { chunk } = std::mem::replace(&mut slot.xfer, Xfer::None)
+                    else {
+                        self.close(index);
+                        return;
+                    };
+                    self.app
+                        .metrics
+                        .add_response_bytes(BytePath::RingSplice, chunk);
+                    moved_bytes += chunk;
+                    match slot.conn.on_file_sent(Ok(chunk), now) {
+                        Next::SendFile { offset, len } => {
+                            slot.want = (offset, len);
+                            if moved_bytes >= PUMP_BYTES_PER_TURN {
+                                self.wait_writable(index);
+                                return;
+                            }
+                        }
+                        next => {
+                            // The body is out: the (empty) pipe goes back.
+                            slot.pipe = None;
+                            slot.file = None;
+                            self.issue(index, next);
+                            self.release_pipe_waiter();
+                            return;
+                        }
+                    }
+                }
+                Err(e) if e.0 == libc::EAGAIN => {
+                    self.wait_writable(index);
+                    return;
+                }
+                _ => {
+                    // The client went away: a pipe with bytes in it is
+                    // closed on drop, never reused.
+                    slot.pipe = None;
+                    slot.xfer = Xfer::None;
+                    let next = slot.conn.on_file_sent(Err(libc::EPIPE), now);
+                    self.issue(index, next);
+                    self.release_pipe_waiter();
+                    return;
+                }
+            }
         }
-        let Xfer::Splice { chunk } = std::mem::replace(&mut slot.xfer, Xfer::None) else {
+    }
+
+    fn wait_writable(&mut self, index: u32) {
+        let Some(slot) = self.slots.get(index as usize).and_then(Option::as_ref) else {
             return;
         };
-        let ok = result.is_ok_and(|n| n > 0) && pipe.held_bytes() == 0;
-        drop(pipe);
-        let next = if ok {
-            self.app
-                .metrics
-                .add_response_bytes(BytePath::RingSplice, chunk);
-            slot.conn.on_file_sent(Ok(chunk), now)
-        } else {
-            slot.conn.on_file_sent(Err(libc::EPIPE), now)
-        };
-        if !matches!(next, Next::SendFile { .. }) {
-            slot.file = None;
+        let fd = Rc::clone(&slot.fd);
+        self.submit(
+            index,
+            Op::PollAdd {
+                fd,
+                events: libc::POLLOUT as u32,
+            },
+        );
+    }
+
+    fn on_pollout(&mut self, index: u32, result: Result<usize, i32>) {
+        match result {
+            Ok(_) => self.pump(index),
+            Err(e) if e == libc::EINTR || e == libc::EAGAIN => self.wait_writable(index),
+            Err(_) => self.close(index),
         }
-        self.issue(index, next);
-        self.release_pipe_waiter();
     }
 
     /// A pipe went back to the pool: let the longest-waiting connection use it.

@@ -106,6 +106,7 @@ pub enum OpKind {
     Timeout = 12,
     Nop = 13,
     Connect = 14,
+    PollAdd = 15,
 }
 
 impl OpKind {
@@ -126,6 +127,7 @@ impl OpKind {
             12 => Timeout,
             13 => Nop,
             14 => Connect,
+            15 => PollAdd,
             _ => return None,
         })
     }
@@ -289,6 +291,10 @@ pub enum Op {
     /// Connect the socket `fd` to `addr` (outgoing tasks: replication,
     /// read-through). `Ok(0)` once connected.
     Connect { fd: SharedFd, addr: SocketAddr },
+    /// Complete once `fd` is ready for `events` (`libc::POLLOUT`, …); the
+    /// result is the ready mask. Lets the engine do a non-blocking syscall
+    /// itself and wait on the ring only when it would block.
+    PollAdd { fd: SharedFd, events: u32 },
 }
 
 impl Op {
@@ -309,6 +315,7 @@ impl Op {
             Op::Timeout { .. } => OpKind::Timeout,
             Op::Nop => OpKind::Nop,
             Op::Connect { .. } => OpKind::Connect,
+            Op::PollAdd { .. } => OpKind::PollAdd,
         }
     }
 }
@@ -1000,6 +1007,9 @@ impl Driver {
                 extra.sockaddr = Some(boxed);
                 opcode::Connect::new(types::Fd(fd.as_raw_fd()), ptr, len).build()
             }
+            Op::PollAdd { fd, events } => {
+                opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), *events).build()
+            }
         })
     }
 
@@ -1288,7 +1298,9 @@ impl Driver {
                     Returned::Nothing
                 }
             }
-            Op::Timeout { .. } | Op::Nop | Op::Connect { .. } => Returned::Nothing,
+            Op::Timeout { .. } | Op::Nop | Op::Connect { .. } | Op::PollAdd { .. } => {
+                Returned::Nothing
+            }
         }
     }
 
@@ -1495,10 +1507,10 @@ mod tests {
             assert_eq!(UserData::unpack(ud.pack()), ud);
         }
         assert_eq!(UserData::unpack(0).tag, 0, "tag 0 is never a live op");
-        for t in 1..=14u8 {
+        for t in 1..=15u8 {
             assert_eq!(OpKind::from_tag(t).map(|k| k as u8), Some(t));
         }
-        for t in [0u8, 15, tag::WAKE, tag::CANCEL, tag::LINK_TIMEOUT] {
+        for t in [0u8, 16, tag::WAKE, tag::CANCEL, tag::LINK_TIMEOUT] {
             assert_eq!(OpKind::from_tag(t), None);
         }
     }

@@ -202,6 +202,42 @@ impl Pipe {
         }
     }
 
+    /// Splice up to `len` bytes out of the pipe into `fd` (a socket) on
+    /// this thread, without waiting: `Err(EAGAIN)` when `fd` has no room
+    /// (wait for `POLLOUT` on the ring, then call again). A ring splice
+    /// would always run on an io-wq worker, and block one while the client
+    /// is slow. Returns the bytes moved.
+    pub fn drain_to(&mut self, fd: &impl AsRawFd, len: usize) -> Result<usize, Errno> {
+        let len = len.min(self.held_bytes);
+        if len == 0 {
+            return Ok(0);
+        }
+        loop {
+            // SAFETY: both fds are open (the pipe's read end lives as long as
+            // `self`, `fd` is borrowed for the call); null offsets are what
+            // splice requires for a pipe and a socket; no buffer is involved.
+            let moved = unsafe {
+                libc::splice(
+                    self.read_fd(),
+                    std::ptr::null_mut(),
+                    fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    len,
+                    libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            if moved >= 0 {
+                let moved = moved as usize;
+                self.note_drained(moved);
+                return Ok(moved);
+            }
+            let err = Errno::from_io(&std::io::Error::last_os_error());
+            if err.0 != libc::EINTR {
+                return Err(err);
+            }
+        }
+    }
+
     pub(crate) fn read_fd(&self) -> RawFd {
         self.fds.as_ref().map_or(-1, |f| f.read.as_raw_fd())
     }

@@ -83,6 +83,7 @@ impl ProbeReport {
 pub const OPS_OF_INTEREST: &[(&str, u8)] = &[
     ("accept", opcode::Accept::CODE),
     ("connect", opcode::Connect::CODE),
+    ("poll_add", opcode::PollAdd::CODE),
     ("recv", opcode::Recv::CODE),
     ("send", opcode::Send::CODE),
     ("splice", opcode::Splice::CODE),

@@ -832,3 +832,50 @@ fn fill_pipe_from_file_on_the_thread_then_splice_to_socket() {
     assert_eq!(pool.stats().idle, 1, "an empty pipe goes back to the pool");
     let _ = std::fs::remove_file(path);
 }
+
+/// The engine makes a socket O_NONBLOCK for its own non-blocking splices;
+/// a ring recv on it must still wait for data (io_uring polls internally),
+/// and POLL_ADD must report writability.
+#[test]
+fn ring_recv_waits_on_a_nonblocking_socket_and_poll_add_reports_pollout() {
+    let Some((_, mut d)) = setup("nonblocking recv + poll_add", &["recv", "poll_add"]) else {
+        return;
+    };
+    let (server, mut client) = tcp_pair();
+    let flags = {
+        // SAFETY: F_GETFL on an open fd.
+        unsafe { libc::fcntl(server.as_raw_fd(), libc::F_GETFL) }
+    };
+    // SAFETY: F_SETFL with the flags just read plus O_NONBLOCK, on an open fd.
+    let rc = unsafe { libc::fcntl(server.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    assert_eq!(rc, 0);
+    d.submit(
+        Op::Recv {
+            fd: server.clone(),
+            buf: IoBuf::Vec(Vec::with_capacity(64)),
+            flags: 0,
+        },
+        1,
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    d.wait(0, Some(Duration::from_millis(50))).unwrap();
+    assert_eq!(
+        d.complete(&mut out, 4),
+        0,
+        "recv must wait, not fail with EAGAIN: {out:?}"
+    );
+    client.write_all(b"late").unwrap();
+    let c = next(&mut d);
+    assert_eq!(c.result, Ok(4));
+    d.submit(
+        Op::PollAdd {
+            fd: server.clone(),
+            events: libc::POLLOUT as u32,
+        },
+        2,
+    )
+    .unwrap();
+    let c = next(&mut d);
+    assert!(c.result.unwrap() & libc::POLLOUT as u32 != 0);
+}
