@@ -7,6 +7,8 @@ pub mod doctor;
 pub mod engine;
 pub mod fallback;
 pub mod front;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http1;
 pub mod logging;
 pub mod metrics;

@@ -303,8 +303,23 @@ impl BodyDecoder {
                     b'\r' if line_bytes == 0 => State::EndLf,
                     b'\r' if colon => State::TrailerLf { section_bytes },
                     b'\r' => return Err(Malformed("trailer line without colon")),
+                    // Named apart from other control bytes: hyper takes a bare LF as a line end
+                    // here, and the differential fuzz target allows exactly this disagreement.
+                    b'\n' => return Err(Malformed("bare LF in trailer")),
                     b' ' | b'\t' if line_bytes == 0 => {
                         return Err(Malformed("obsolete line folding in trailer"))
+                    }
+                    // The name must be a token (RFC 9110 5.1): a line like `GET /x HTTP/1.1`
+                    // with a colon later on is not a field, and taking it as one would let
+                    // the trailer section swallow what another parser reads as the next
+                    // request (found by the `http1_vs_hyper` fuzz target).
+                    b':' if !colon && line_bytes > 0 => State::Trailer {
+                        line_bytes: line_bytes + 1,
+                        colon: true,
+                        section_bytes,
+                    },
+                    _ if !colon && !is_tchar(byte) => {
+                        return Err(Malformed("invalid trailer field name"))
                     }
                     b'\t' | b' '..=b'~' | 0x80..=0xff => State::Trailer {
                         line_bytes: line_bytes + 1,
@@ -332,6 +347,11 @@ impl BodyDecoder {
             }
         })
     }
+}
+
+/// `tchar` from RFC 9110 5.6.2: the bytes a field name is made of.
+fn is_tchar(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 
 fn hex_value(byte: u8) -> Option<u8> {

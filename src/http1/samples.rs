@@ -61,6 +61,8 @@ pub static HEADS: &[(&str, &[u8], Want)] = &[
     ("absolute_form", b"GET http://example.com:8080/v1/artifacts/n/k?x HTTP/1.1\r\nHost: example.com\r\n\r\n", ok(Get, "/v1/artifacts/n/k", Framing::None, true)),
     ("absolute_form_https_upper", b"GET HTTPS://h/cas/1 HTTP/1.1\r\nHost: h\r\n\r\n", ok(Get, "/cas/1", Framing::None, true)),
     ("absolute_form_no_path", b"GET http://example.com HTTP/1.1\r\nHost: example.com\r\n\r\n", ok(Get, "/", Framing::None, true)),
+    ("absolute_form_ipv6", b"GET http://[::1]:8080/x?y=[1] HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", ok(Get, "/x", Framing::None, true)),
+    ("target_all_rfc3986_punctuation", b"GET /-._~:@!$&'()*+,;=%41/?q=/?:@[] HTTP/1.1\r\nHost: a\r\n\r\n", ok(Get, "/-._~:@!$&'()*+,;=%41/", Framing::None, true)),
     ("options_asterisk", b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", ok(Options, "*", Framing::None, true)),
     ("expect_continue", b"PUT /k HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 9\r\n\r\n", ok(Put, "/k", Length(9), true)),
     ("leading_crlf", b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", ok(Get, "/", Framing::None, true)),
@@ -132,8 +134,19 @@ pub static HEADS: &[(&str, &[u8], Want)] = &[
     ("authority_form", b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
     ("relative_target", b"GET cas/1 HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
     ("absolute_form_empty_host", b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
+    ("authority_bad_port", b"GET http://[::1]:80p://[::1]:8080/x HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
+    ("authority_userinfo", b"GET http://user@a/x HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
+    ("authority_unclosed_bracket", b"GET http://[::1/x HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
+    ("authority_two_ports", b"GET http://a:1:2/x HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
+    ("authority_percent", b"GET http://a%41/x HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
     ("ftp_scheme", b"GET ftp://a/x HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
     ("fragment", b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
+    ("target_backtick", b"GET /cach`/k HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
+    ("target_angle_brackets", b"GET /a<b> HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
+    ("target_braces_pipe", b"GET /a{b}|c HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
+    ("target_quote_in_query", b"GET /a?\"b\" HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
+    ("target_backslash_caret", b"GET /a\\b^c HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
+    ("target_non_ascii", b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n", Want::Reject(400)),
     // Host and Expect.
     ("host_missing", b"GET / HTTP/1.1\r\n\r\n", Want::Reject(400)),
     ("host_repeated", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", Want::Reject(400)),
@@ -381,6 +394,16 @@ pub static CHUNKED: &[(&str, &[u8], BodyWant)] = &[
         BodyWant::Reject(400),
     ),
     ("final_bare_lf", chunked!("0\r\n\n"), BodyWant::Reject(400)),
+    (
+        "trailer_name_not_token",
+        chunked!("0\r\nGET /admin HTTPHost: a\r\n\r\n"),
+        BodyWant::Reject(400),
+    ),
+    (
+        "trailer_empty_name",
+        chunked!("0\r\n: v\r\n\r\n"),
+        BodyWant::Reject(400),
+    ),
 ];
 
 /// A pipelined stream: GET, PUT with Content-Length, chunked PUT, HEAD with Expect, and a GET
