@@ -229,15 +229,31 @@ fn open_file_cache_hits_and_serves_replacements_fresh() {
     }
     for round in 0..3u8 {
         let body = vec![round; 10_000 + usize::from(round)];
-        let r = server.send(Front::Http1, req("PUT", "/v1/artifacts/e/cached").body(body.clone()));
+        let r = server.send(
+            Front::Http1,
+            req("PUT", "/v1/artifacts/e/cached").body(body.clone()),
+        );
         assert!(r.status == 201 || r.status == 204);
         for _ in 0..5 {
             let r = server.send(Front::Http1, req("GET", "/v1/artifacts/e/cached"));
-            assert_eq!(r.body, body, "round {round}: a replaced artifact is never served stale");
+            assert_eq!(
+                r.body, body,
+                "round {round}: a replaced artifact is never served stale"
+            );
         }
     }
-    assert_eq!(server.send(Front::Http1, req("DELETE", "/v1/artifacts/e/cached")).status, 204);
-    assert_eq!(server.send(Front::Http1, req("GET", "/v1/artifacts/e/cached")).status, 404);
+    assert_eq!(
+        server
+            .send(Front::Http1, req("DELETE", "/v1/artifacts/e/cached"))
+            .status,
+        204
+    );
+    assert_eq!(
+        server
+            .send(Front::Http1, req("GET", "/v1/artifacts/e/cached"))
+            .status,
+        404
+    );
     // Published every tick (100 ms).
     std::thread::sleep(Duration::from_millis(300));
     let hits = metric(&server, "sluice_ring_open_file_hits_total").unwrap_or(0);
