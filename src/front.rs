@@ -139,16 +139,20 @@ fn into_response(app: &Arc<App>, reply: Reply, version: Version) -> Response<Res
             offset,
             len,
         } => {
-            let mut file = artifact.file;
-            match file.seek(SeekFrom::Start(offset)) {
-                Ok(_) => FileBody {
+            // The fallback reads through an uncached `Store::get`, so the
+            // file is normally its own; a shared one is duplicated.
+            let file = Arc::try_unwrap(artifact.file)
+                .or_else(|shared| shared.try_clone())
+                .and_then(|mut file| file.seek(SeekFrom::Start(offset)).map(|_| file));
+            match file {
+                Ok(file) => FileBody {
                     file: tokio::fs::File::from_std(file),
                     remaining_bytes: len,
                     app: Arc::clone(app),
                 }
                 .boxed(),
                 Err(err) => {
-                    tracing::error!(error = %err, "seek in artifact failed");
+                    tracing::error!(error = %err, "artifact could not be prepared for reading");
                     return Response::builder()
                         .status(500)
                         .body(

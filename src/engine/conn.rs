@@ -650,7 +650,7 @@ impl Conn {
                     // A file cut short behind the store's back fails here:
                     // answer 500 and close instead of a short body.
                     let read = std::os::unix::fs::FileExt::read_exact_at(
-                        &artifact.file,
+                        &*artifact.file,
                         &mut out[start..],
                         offset,
                     );

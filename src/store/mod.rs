@@ -173,7 +173,9 @@ impl std::error::Error for StoreError {
 pub struct Artifact {
     /// The artifact file, opened read-only. It stays valid if the artifact is
     /// replaced, deleted or evicted meanwhile (the inode lives until closed).
-    pub file: File,
+    /// Shared with the per-core open-file cache, so a cache hit costs no
+    /// `dup` and no `close`.
+    pub file: Arc<File>,
     /// Where the body starts in `file`, bytes.
     pub body_offset: u64,
     /// Body length, bytes.
@@ -520,7 +522,7 @@ pub struct OpenCache {
 
 #[derive(Debug)]
 struct CachedFile {
-    file: File,
+    file: Arc<File>,
     len: u64,
     sha256: [u8; 32],
     epoch: u64,
@@ -712,15 +714,15 @@ impl Store {
         }
         drop(locked);
         Ok(Some(Artifact {
-            file,
+            file: Arc::new(file),
             body_offset: HEADER_BYTES as u64,
             len: header.body_len,
             sha256: header.sha256,
         }))
     }
 
-    /// [`Store::get`] through a per-thread open-file cache: a hit costs one
-    /// `dup` instead of an open, a stat and a header read. A cached fd is
+    /// [`Store::get`] through a per-thread open-file cache: a hit shares the
+    /// cached fd instead of an open, a stat and a header read. A cached fd is
     /// used only while its shard's change epoch is the one read before it
     /// was opened, so a replaced or deleted artifact is never served from
     /// the cache. Still records the access for LRU.
@@ -736,12 +738,8 @@ impl Store {
         let epoch = sh.index.change_epoch(&rel);
         if let Some(cached) = cache.entries.get(rel.as_str()) {
             if cached.epoch == epoch {
-                let file = cached
-                    .file
-                    .try_clone()
-                    .map_err(|e| sh.io("dup", &sh.path(&rel).display(), e))?;
                 let artifact = Artifact {
-                    file,
+                    file: Arc::clone(&cached.file),
                     body_offset: HEADER_BYTES as u64,
                     len: cached.len,
                     sha256: cached.sha256,
@@ -765,17 +763,15 @@ impl Store {
                     }
                 }
                 if cache.entries_max > 0 {
-                    if let Ok(file) = artifact.file.try_clone() {
-                        cache.entries.insert(
-                            rel.into_boxed_str(),
-                            CachedFile {
-                                file,
-                                len: artifact.len,
-                                sha256: artifact.sha256,
-                                epoch,
-                            },
-                        );
-                    }
+                    cache.entries.insert(
+                        rel.into_boxed_str(),
+                        CachedFile {
+                            file: Arc::clone(&artifact.file),
+                            len: artifact.len,
+                            sha256: artifact.sha256,
+                            epoch,
+                        },
+                    );
                 }
             }
             None => {
