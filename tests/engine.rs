@@ -259,3 +259,44 @@ fn open_file_cache_hits_and_serves_replacements_fresh() {
     let hits = metric(&server, "sluice_ring_open_file_hits_total").unwrap_or(0);
     assert!(hits >= 6, "open-file cache hits: {hits}");
 }
+
+/// Out of file descriptors, the multishot accept fails with EMFILE until
+/// some close. The engine pauses accepting for a tick instead of re-arming
+/// in a loop (which spun on the error: one failed accept per ring round
+/// trip, and a log line each), and serves again once fds are free. The
+/// limit is set at start: io_uring reads RLIMIT_NOFILE when an accept is
+/// armed, so lowering it on a running server would not reach the armed one.
+#[test]
+fn accept_pauses_on_emfile_and_recovers() {
+    if std::process::Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP: prlimit (util-linux) is not installed");
+        return;
+    }
+    // The idle server holds about 25 fds (rings, listeners, store, logs).
+    let server = server().no_tls().nofile(48).start();
+    if !uring_available(&server) {
+        return;
+    }
+    let conns: Vec<TcpStream> = (0..64)
+        .filter_map(|_| TcpStream::connect(server.addr).ok())
+        .collect();
+    assert!(conns.len() > 30, "the kernel backlog takes the connections");
+    std::thread::sleep(Duration::from_millis(1000));
+    let accepted_while_full = fd_count(server.child.id());
+    drop(conns);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(server.send(Front::Http1, req("GET", "/up")).status, 200);
+    // Bounded by the limit, not by the 64 connections waiting.
+    assert!(accepted_while_full < 60, "{accepted_while_full} fds");
+    let errors = metric(&server, "sluice_ring_accept_errors_total").unwrap_or(0);
+    // About one per engine thread per 100 ms tick over ~1 s; a re-arm loop
+    // makes thousands.
+    assert!(
+        (1..=200).contains(&errors),
+        "accept errors while out of fds: {errors}"
+    );
+}

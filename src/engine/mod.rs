@@ -56,6 +56,56 @@ impl Engine {
     }
 }
 
+/// Opcodes every engine thread submits; `read_fixed` only in copy mode.
+const ENGINE_OPS: &[&str] = &[
+    "accept",
+    "recv",
+    "send",
+    "poll_add",
+    "async_cancel",
+    "connect",
+];
+
+/// Multishot accept (a flag, so the opcode probe cannot see it) came with
+/// Linux 5.19.
+const MULTISHOT_ACCEPT_KERNEL: (u32, u32) = (5, 19);
+
+/// Why a ring that can be set up still cannot run the engine, or `None`.
+/// Without this a kernel lacking multishot accept would fail every accept
+/// instead of falling back with a reason.
+pub fn missing_support(probe: &sluice_uring::ProbeReport, mode: ConfigMode) -> Option<String> {
+    let mut missing: Vec<&str> = ENGINE_OPS
+        .iter()
+        .copied()
+        .filter(|op| !probe.supports(op))
+        .collect();
+    if mode == ConfigMode::Copy && !probe.supports("read_fixed") {
+        missing.push("read_fixed");
+    }
+    if !missing.is_empty() {
+        return Some(format!(
+            "the kernel's io_uring lacks {} (kernel {})",
+            missing.join(", "),
+            probe.kernel_release
+        ));
+    }
+    match kernel_version(&probe.kernel_release) {
+        Some(v) if v < MULTISHOT_ACCEPT_KERNEL => Some(format!(
+            "kernel {} predates multishot accept ({}.{})",
+            probe.kernel_release, MULTISHOT_ACCEPT_KERNEL.0, MULTISHOT_ACCEPT_KERNEL.1
+        )),
+        _ => None,
+    }
+}
+
+/// `(major, minor)` of a `uname -r` string such as `6.18.44-fc-v782`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// Start serving `listener` (and, for ring threads after the first, more
 /// `SO_REUSEPORT` listeners on the same address).
 pub fn start(
@@ -70,7 +120,8 @@ pub fn start(
         _ => probe
             .unavailable
             .as_ref()
-            .map(|u| format!("io_uring is unavailable on this host: {}", u.reason)),
+            .map(|u| format!("io_uring is unavailable on this host: {}", u.reason))
+            .or_else(|| missing_support(&probe, config.file_serving_mode)),
     };
     let ring = match why_not {
         Some(reason) => {
@@ -172,4 +223,83 @@ fn start_ring(
     };
     RingEngine::start(settings, listeners, app, fallback)
         .map_err(|e| format!("cannot set up a ring: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_uring::{OpSupport, ProbeReport, OPS_OF_INTEREST};
+
+    fn report(kernel: &str, unsupported: &[&str]) -> ProbeReport {
+        ProbeReport {
+            kernel_release: kernel.to_string(),
+            unavailable: None,
+            io_uring_disabled_sysctl: None,
+            ops: OPS_OF_INTEREST
+                .iter()
+                .map(|&(name, code)| OpSupport {
+                    name,
+                    code,
+                    supported: !unsupported.contains(&name),
+                })
+                .collect(),
+            setup_single_issuer: true,
+            setup_coop_taskrun: true,
+            setup_defer_taskrun: true,
+            setup_submit_all: true,
+            buf_ring: true,
+            memlock_bytes_soft: None,
+            memlock_exempt: true,
+            pipe_max_size_bytes: None,
+        }
+    }
+
+    #[test]
+    fn engine_needs_its_ops_and_multishot_accept() {
+        let cases: &[(&str, &[&str], ConfigMode, Option<&str>)] = &[
+            ("6.18.44-fc-v782", &[], ConfigMode::Splice, None),
+            ("5.19.0", &[], ConfigMode::Copy, None),
+            (
+                "6.1.0-13-amd64",
+                &["splice", "msg_ring"],
+                ConfigMode::Splice,
+                None,
+            ),
+            ("6.1.0", &["read_fixed"], ConfigMode::Splice, None),
+            (
+                "6.1.0",
+                &["read_fixed"],
+                ConfigMode::Copy,
+                Some("lacks read_fixed"),
+            ),
+            (
+                "6.1.0",
+                &["poll_add", "connect"],
+                ConfigMode::Splice,
+                Some("lacks poll_add, connect"),
+            ),
+            (
+                "5.15.0-91-generic",
+                &[],
+                ConfigMode::Splice,
+                Some("predates multishot accept"),
+            ),
+            (
+                "4.19.0",
+                &["accept"],
+                ConfigMode::Splice,
+                Some("lacks accept"),
+            ),
+            // An unparsable release is not a reason to refuse: the ops decide.
+            ("weird", &[], ConfigMode::Splice, None),
+        ];
+        for &(kernel, unsupported, mode, want) in cases {
+            let got = missing_support(&report(kernel, unsupported), mode);
+            match (want, &got) {
+                (None, None) => {}
+                (Some(w), Some(g)) if g.contains(w) && g.contains(kernel) => {}
+                _ => panic!("{kernel} {unsupported:?} {mode:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
 }

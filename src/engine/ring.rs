@@ -98,6 +98,7 @@ const GENERATION_MASK: u32 = 0x7fff_ffff;
 pub struct CoreStats {
     pub connections: AtomicU64,
     pub accepted_total: AtomicU64,
+    pub accept_errors_total: AtomicU64,
     pub handed_off_total: AtomicU64,
     pub handoff_refused_total: AtomicU64,
     pub over_capacity_total: AtomicU64,
@@ -257,7 +258,13 @@ impl RingEngine {
             &'static str,
             fn(&CoreStats) -> u64,
         );
-        let series: [Series; 12] = [
+        let series: [Series; 13] = [
+            (
+                "sluice_ring_accept_errors_total",
+                "counter",
+                "Times the multishot accept ended in an error (EMFILE, ENFILE, ...); accept then pauses one tick.",
+                |s| s.accept_errors_total.load(Ordering::Relaxed),
+            ),
             (
                 "sluice_ring_open_file_hits_total",
                 "counter",
@@ -389,6 +396,11 @@ struct CoreLoop {
     driver: Driver,
     listener: SharedFd,
     accept_op: Option<OpId>,
+    /// The multishot accept ended in an error and is re-armed on the next
+    /// tick, not at once: an error such as EMFILE repeats until fds free up,
+    /// and re-arming in the completion handler would spin on it. Meanwhile
+    /// new connections wait in the kernel backlog (as nginx does).
+    accept_rearm: bool,
     app: Arc<App>,
     fallback: Arc<Fallback>,
     stats: Arc<Vec<CoreStats>>,
@@ -473,6 +485,7 @@ impl CoreLoop {
             driver,
             listener,
             accept_op: Some(accept_op),
+            accept_rearm: false,
             app,
             fallback,
             stats,
@@ -557,6 +570,7 @@ impl CoreLoop {
     }
 
     fn stop_accepting(&mut self) {
+        self.accept_rearm = false;
         if let Some(op) = self.accept_op.take() {
             let _ = self.driver.cancel(op);
         }
@@ -568,6 +582,10 @@ impl CoreLoop {
 
     /// Every tick: enforce deadlines, publish counters.
     fn tick(&mut self, now: Instant, draining: bool) {
+        if self.accept_rearm && !draining {
+            self.accept_rearm = false;
+            self.arm_accept();
+        }
         for index in 0..self.slots.len() {
             self.expire_if(index, |slot| {
                 now >= slot.conn.deadline() || (draining && slot.conn.is_idle())
@@ -693,18 +711,23 @@ impl CoreLoop {
 
     fn on_accept(&mut self, completion: Completion) {
         if !completion.more && self.accept_op.is_some() {
-            // The multishot accept ended (e.g. an error): arm it again.
-            match self.driver.submit(
-                Op::AcceptMulti {
-                    listener: Rc::clone(&self.listener),
-                },
-                TOKEN_ACCEPT,
-            ) {
-                Ok(op) => self.accept_op = Some(op),
-                Err(err) => {
-                    tracing::error!(core = self.core, kind = ?err.kind, "cannot re-arm accept");
+            match completion.result {
+                Err(err) if err.0 != libc::ECANCELED => {
+                    // Pause until the next tick (see `accept_rearm`).
                     self.accept_op = None;
+                    self.accept_rearm = true;
+                    if let Some(s) = self.core_stats() {
+                        s.accept_errors_total.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(
+                        core = self.core,
+                        errno = %errno_name(err.0),
+                        "accept failed; accepting again in {TICK_MS} ms"
+                    );
+                    return;
                 }
+                // The kernel ended the multishot without an error: arm it again.
+                _ => self.arm_accept(),
             }
         }
         let Returned::Fd(fd) = completion.resources else {
@@ -1043,6 +1066,23 @@ impl CoreLoop {
             Ok(_) => self.pump(index),
             Err(e) if e == libc::EINTR || e == libc::EAGAIN => self.wait_writable(index),
             Err(_) => self.close(index),
+        }
+    }
+
+    /// Arm the multishot accept on this thread's listener.
+    fn arm_accept(&mut self) {
+        match self.driver.submit(
+            Op::AcceptMulti {
+                listener: Rc::clone(&self.listener),
+            },
+            TOKEN_ACCEPT,
+        ) {
+            Ok(op) => self.accept_op = Some(op),
+            Err(err) => {
+                tracing::error!(core = self.core, kind = ?err.kind, "cannot arm accept; retrying next tick");
+                self.accept_op = None;
+                self.accept_rearm = true;
+            }
         }
     }
 

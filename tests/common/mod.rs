@@ -45,6 +45,7 @@ pub struct ServerBuilder {
     data_dir: Option<PathBuf>,
     config: Option<String>,
     tls: bool,
+    nofile: Option<u64>,
 }
 
 pub fn server() -> ServerBuilder {
@@ -54,6 +55,7 @@ pub fn server() -> ServerBuilder {
         data_dir: None,
         config: None,
         tls: true,
+        nofile: None,
     }
 }
 
@@ -74,6 +76,12 @@ impl ServerBuilder {
         self.config = Some(toml.to_string());
         self
     }
+    /// Start the server under `prlimit --nofile=N:N` (util-linux).
+    pub fn nofile(mut self, n: u64) -> Self {
+        self.nofile = Some(n);
+        self
+    }
+
     pub fn no_tls(mut self) -> Self {
         self.tls = false;
         self
@@ -85,7 +93,17 @@ impl ServerBuilder {
             .data_dir
             .clone()
             .unwrap_or_else(|| tmp.path().join("data"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        // `prlimit -- BIN` execs BIN, so the child's pid is the server's.
+        let mut cmd = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_sluice"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_sluice")),
+        };
         cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
