@@ -274,6 +274,10 @@ pub struct Config {
     pub engine_threads: usize,
     /// How the ring engine moves file bytes. Default `splice`.
     pub file_serving_mode: FileServingMode,
+    /// How long an engine thread polls its ring, in µs, after a turn that
+    /// had completions, before it sleeps in the kernel. 0 = never poll.
+    /// Default 50, at most 10000.
+    pub engine_spin_us: u64,
     /// Connections per engine thread before new ones wait or go to the fallback.
     /// Default 4096, range 1..=1_000_000.
     pub connections_per_core_max: usize,
@@ -315,6 +319,7 @@ impl Default for Config {
             engine: EngineChoice::Auto,
             engine_threads: 0,
             file_serving_mode: FileServingMode::Splice,
+            engine_spin_us: 50,
             connections_per_core_max: 4096,
             fallback_connections_max: 1024,
             shutdown_pre_drain_ms: 0,
@@ -981,6 +986,15 @@ static KEYS: &[KeySpec] = &[
         |c| Some(toml_string(c.file_serving_mode.as_str())),
     ),
     key(
+        "engine_spin_us",
+        "a whole number of microseconds from 0 to 10000 (0 = never poll)",
+        |c, r| {
+            c.engine_spin_us = r.uint(0, 10_000)?;
+            Some(())
+        },
+        |c| Some(c.engine_spin_us.to_string()),
+    ),
+    key(
         "connections_per_core_max",
         "a whole number from 1 to 1000000",
         |c, r| {
@@ -1586,6 +1600,8 @@ mod tests {
             ("header_read_timeout_ms", "0", "from 1 to 3600000"),
             ("header_read_timeout_ms", "10s", "from 1 to 3600000"),
             ("idle_timeout_ms", "3600001", "from 1 to 3600000"),
+            ("engine_spin_us", "10001", "from 0 to 10000"),
+            ("engine_spin_us", "-1", "from 0 to 10000"),
             ("engine", "turbo", "one of auto, uring, fallback"),
             ("engine_threads", "257", "from 0 to 256"),
             ("engine_threads", "-1", "from 0 to 256"),

@@ -220,6 +220,7 @@ fn start_ring(
         },
         pipes_per_core_max: PIPES_PER_CORE_MAX,
         pipe_bytes: PIPE_BYTES,
+        spin: Duration::from_micros(config.engine_spin_us),
     };
     RingEngine::start(settings, listeners, app, fallback)
         .map_err(|e| format!("cannot set up a ring: {e}"))

@@ -59,6 +59,9 @@ pub struct EngineSettings {
     pub pipes_per_core_max: usize,
     /// Size of each pipe (`F_SETPIPE_SZ`), in bytes.
     pub pipe_bytes: usize,
+    /// Poll the ring this long after a turn with completions before
+    /// sleeping (`engine_spin_us`); zero never polls.
+    pub spin: Duration,
 }
 
 /// Submission queue entries per ring.
@@ -401,6 +404,8 @@ struct CoreLoop {
     /// and re-arming in the completion handler would spin on it. Meanwhile
     /// new connections wait in the kernel backlog (as nginx does).
     accept_rearm: bool,
+    /// The last turn handled at least one completion.
+    busy: bool,
     app: Arc<App>,
     fallback: Arc<Fallback>,
     stats: Arc<Vec<CoreStats>>,
@@ -486,6 +491,7 @@ impl CoreLoop {
             listener,
             accept_op: Some(accept_op),
             accept_rearm: false,
+            busy: false,
             app,
             fallback,
             stats,
@@ -521,7 +527,13 @@ impl CoreLoop {
         loop {
             let now = Instant::now();
             let timeout = next_tick.saturating_duration_since(now);
-            if let Err(err) = self.driver.wait(1, Some(timeout)) {
+            // Poll only right after work: an idle thread sleeps at once.
+            let waited = if self.busy && !self.settings.spin.is_zero() {
+                self.driver.wait_spinning(self.settings.spin, Some(timeout))
+            } else {
+                self.driver.wait(1, Some(timeout))
+            };
+            if let Err(err) = waited {
                 tracing::error!(
                     core = self.core,
                     errno = err.0,
@@ -531,7 +543,7 @@ impl CoreLoop {
             }
             self.driver.take_woken();
             let mut batch = std::mem::take(&mut self.batch);
-            self.driver.complete(&mut batch, COMPLETIONS_PER_TURN_MAX);
+            self.busy = self.driver.complete(&mut batch, COMPLETIONS_PER_TURN_MAX) > 0;
             for completion in batch.drain(..) {
                 self.dispatch(completion);
             }
@@ -1400,6 +1412,7 @@ mod tests {
             mode: FileServingMode::Splice,
             pipes_per_core_max: 4,
             pipe_bytes: 64 * 1024,
+            spin: Duration::from_micros(50),
         };
         let engine = RingEngine::start(settings, vec![listener], &app, &fallback).expect("engine");
         Some((engine, addr, dir))

@@ -1083,6 +1083,33 @@ impl Driver {
         self.ring.submit_and_wait(min_complete, timeout)
     }
 
+    /// Like [`Driver::wait`] for one completion, but first polls the ring
+    /// for up to `spin`, yielding the CPU between polls, before it sleeps.
+    /// A thread that sleeps in the kernel pays a wake-up (an IPI, and on a
+    /// VM an exit from idle) for the next completion; one that polls while
+    /// traffic is flowing does not. `sched_yield` between polls lets any
+    /// other runnable thread on this CPU go first, so the spin only uses
+    /// time nothing else wanted.
+    pub fn wait_spinning(
+        &mut self,
+        spin: Duration,
+        timeout: Option<Duration>,
+    ) -> Result<(), Errno> {
+        let start = std::time::Instant::now();
+        loop {
+            self.ring.submit_and_wait(0, None)?;
+            if !self.ring.inner().completion().is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() >= spin {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        let timeout = timeout.map(|t| t.saturating_sub(start.elapsed()));
+        self.ring.submit_and_wait(1, timeout)
+    }
+
     /// Drains ready CQEs into `out`, adding at most `max` completions, and
     /// returns how many were added. Driver-internal CQEs (wake-ups, cancel
     /// results, linked timeouts, stale ones) are consumed without being

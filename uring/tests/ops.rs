@@ -879,3 +879,45 @@ fn ring_recv_waits_on_a_nonblocking_socket_and_poll_add_reports_pollout() {
     let c = next(&mut d);
     assert!(c.result.unwrap() & libc::POLLOUT as u32 != 0);
 }
+
+/// `wait_spinning` sees a completion that arrives while it polls (a recv
+/// whose data another thread sends 2 ms later, inside a 500 ms spin), and
+/// with nothing to complete it still honours its timeout after the spin.
+#[test]
+fn wait_spinning_sees_a_completion_during_the_spin_and_times_out_without_one() {
+    let Some((_, mut d)) = setup("wait_spinning", &["recv"]) else {
+        return;
+    };
+    let (server, mut client) = tcp_pair();
+    d.submit(
+        Op::Recv {
+            fd: server,
+            buf: IoBuf::Vec(Vec::with_capacity(64)),
+            flags: 0,
+        },
+        1,
+    )
+    .unwrap();
+    let sender = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(2));
+        client.write_all(b"ping").unwrap();
+        client
+    });
+    let mut out = Vec::new();
+    let start = Instant::now();
+    while d.complete(&mut out, 1) == 0 {
+        assert!(start.elapsed() < DEADLINE, "no completion");
+        d.wait_spinning(Duration::from_millis(500), Some(Duration::from_secs(1)))
+            .unwrap();
+    }
+    let c = out.pop().unwrap();
+    assert_eq!((c.token, c.result), (1, Ok(4)));
+    let _client = sender.join().unwrap();
+
+    // Nothing in flight: spin 1 ms, then sleep out the 20 ms timeout.
+    let start = Instant::now();
+    d.wait_spinning(Duration::from_millis(1), Some(Duration::from_millis(20)))
+        .unwrap();
+    assert_eq!(d.complete(&mut out, 1), 0);
+    assert!(start.elapsed() >= Duration::from_millis(15));
+}
