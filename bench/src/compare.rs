@@ -59,6 +59,14 @@ pub struct CompareConfig {
     pub out_dir: PathBuf,
     /// Also measure the loopback bound at the start.
     pub loopback_bound: bool,
+    /// Keep-alive connections opened (one GET each, then idle) to report each server's RSS
+    /// under them; 0 skips it.
+    pub idle_connections: usize,
+    /// Body size of the sluice-only PUT runs (to the Bazel CAS route, so the server checks the
+    /// digest of every body against its key); 0 skips them.
+    pub put_bytes: usize,
+    /// Connections of the PUT runs.
+    pub put_concurrency: usize,
 }
 
 impl CompareConfig {
@@ -137,6 +145,124 @@ pub fn process_tree_cpu_secs(pid: u32) -> f64 {
         );
     }
     total as f64 / sys::clock_ticks_per_sec() as f64
+}
+
+/// Resident memory (bytes) of `pid` and all its live descendants: the sum of each process's
+/// resident pages from `/proc/*/statm`. Pages shared between processes (nginx's workers and
+/// master) are counted in each, so for a multi-process server this is an upper bound.
+pub fn process_tree_rss_bytes(pid: u32) -> u64 {
+    let mut parents: BTreeMap<u32, u32> = BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some((ppid, _)) = read_stat(p) {
+                parents.insert(p, ppid);
+            }
+        }
+    }
+    let page = sys::page_bytes();
+    let mut total = 0u64;
+    let mut frontier = vec![pid];
+    // Each pid is visited once, since a pid has one parent.
+    while let Some(p) = frontier.pop() {
+        let resident_pages = std::fs::read_to_string(format!("/proc/{p}/statm"))
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0);
+        total += resident_pages * page;
+        frontier.extend(parents.iter().filter(|(_, pp)| **pp == p).map(|(c, _)| *c));
+    }
+    total
+}
+
+/// Samples [`process_tree_rss_bytes`] every 50 ms on a thread until dropped; `max_bytes`
+/// then gives the largest sample.
+struct RssSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> RssSampler {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut max = process_tree_rss_bytes(pid);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+                max = max.max(process_tree_rss_bytes(pid));
+            }
+            max
+        });
+        RssSampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn max_bytes(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0)
+    }
+}
+
+/// Server RSS before and while `idle` keep-alive connections each completed one GET of the
+/// smallest artifact and then stayed open, bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct IdleRss {
+    /// Before the connections were opened.
+    pub before_bytes: u64,
+    /// With every connection open and idle.
+    pub idle_bytes: u64,
+    /// Connections that completed their GET.
+    pub connections: usize,
+}
+
+fn idle_connections_rss(server: &Server, size: u64, idle: usize) -> Result<IdleRss, String> {
+    use std::io::{Read, Write};
+    let before_bytes = process_tree_rss_bytes(server.pid());
+    let request = format!(
+        "GET {ARTIFACT_PREFIX}{} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        artifact_name(size)
+    );
+    let mut conns = Vec::with_capacity(idle);
+    for _ in 0..idle {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port))
+            .map_err(|e| format!("idle connections: connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| format!("idle connections: {e}"))?;
+        s.write_all(request.as_bytes())
+            .map_err(|e| format!("idle connections: write: {e}"))?;
+        conns.push(s);
+    }
+    let mut connections = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    for s in &mut conns {
+        // Read until the body's length has arrived past the head (the artifact is small).
+        let mut got = Vec::new();
+        let done = loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break false,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                if got.len() >= end + 4 + usize::try_from(size).unwrap_or(usize::MAX) {
+                    break true;
+                }
+            }
+        };
+        connections += usize::from(done);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let idle_bytes = process_tree_rss_bytes(server.pid());
+    drop(conns);
+    Ok(IdleRss {
+        before_bytes,
+        idle_bytes,
+        connections,
+    })
 }
 
 /// (ppid, utime + stime + cutime + cstime) of one process, in clock ticks.
@@ -342,6 +468,8 @@ pub struct Measurement {
     pub record: RunRecord,
     /// Server CPU seconds (process tree) during the measured part.
     pub server_cpu_secs: f64,
+    /// Largest server RSS (process tree, sampled every 50 ms) during the measured part, bytes.
+    pub server_rss_max_bytes: u64,
 }
 
 impl Measurement {
@@ -389,6 +517,7 @@ fn bench_once(
     }
     let started = SystemTime::now();
     let cpu_before = process_tree_cpu_secs(server.pid());
+    let rss = RssSampler::start(server.pid());
     let result = run(
         make_set()?,
         RunConfig {
@@ -397,6 +526,7 @@ fn bench_once(
         },
     )?;
     let cpu_after = process_tree_cpu_secs(server.pid());
+    let server_rss_max_bytes = rss.max_bytes();
     let desc = RunDescription {
         command: std::env::args().collect(),
         label,
@@ -419,6 +549,7 @@ fn bench_once(
     Ok(Measurement {
         record,
         server_cpu_secs: (cpu_after - cpu_before).max(0.0),
+        server_rss_max_bytes,
     })
 }
 
@@ -450,13 +581,16 @@ pub struct Cell {
 
 type Metric = (&'static str, fn(&Measurement) -> f64);
 
-const METRICS: [Metric; 6] = [
+const METRICS: [Metric; 7] = [
     ("req/s", |m| m.record.requests_per_sec),
     ("MB/s", |m| m.record.mb_per_sec),
     ("p50 ms", |m| m.record.latency.p50_ms),
     ("p99 ms", |m| m.record.latency.p99_ms),
     ("p99.9 ms", |m| m.record.latency.p99_9_ms),
     ("CPU s/GB", Measurement::cpu_secs_per_gb),
+    ("RSS max MiB", |m| {
+        m.server_rss_max_bytes as f64 / (1u64 << 20) as f64
+    }),
 ];
 
 fn fmt_num(x: f64) -> String {
@@ -516,6 +650,47 @@ pub fn markdown_table(names: (&str, &str), cells: &BTreeMap<(u64, usize), Cell>)
     out
 }
 
+/// Each server's median MB/s as a share of the loopback bound: the 1-stream bound for c=1,
+/// the per-core-streams bound otherwise. Sizes under 1 MiB are left out (they are bound by
+/// requests, not bytes).
+pub fn bound_table(
+    names: (&str, &str),
+    cells: &BTreeMap<(u64, usize), Cell>,
+    one_gb_per_sec: f64,
+    many_gb_per_sec: f64,
+) -> String {
+    let (a, b) = names;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| size (B) | c | bound GB/s | {a} MB/s / bound | {b} MB/s / bound |"
+    );
+    let _ = writeln!(out, "|---:|---:|---:|---:|---:|");
+    for ((size, c), cell) in cells {
+        if *size < 1 << 20 {
+            continue;
+        }
+        let bound = if *c == 1 {
+            one_gb_per_sec
+        } else {
+            many_gb_per_sec
+        };
+        let share = |ms: &[Measurement]| {
+            let v: Vec<f64> = ms.iter().map(|m| m.record.mb_per_sec).collect();
+            median_min_max(&v).map_or("–".to_string(), |(m, _, _)| {
+                format!("{:.0} %", 100.0 * m / (bound * 1000.0))
+            })
+        };
+        let _ = writeln!(
+            out,
+            "| {size} | {c} | {bound:.2} | {} | {} |",
+            share(&cell.a),
+            share(&cell.b)
+        );
+    }
+    out
+}
+
 /// Runs the whole comparison and returns the Markdown report (also written to
 /// `out_dir/table.md`).
 pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
@@ -542,9 +717,17 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
         bodies.push((size, body));
     }
 
+    // One stream bounds c=1; one stream per core bounds the concurrent cells, where one
+    // connection's sender no longer has the machine to itself.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let bound = if cfg.loopback_bound {
-        eprintln!("sluice-bench compare: measuring the loopback bound");
-        Some(loopback::measure(&LoopbackConfig::default())?)
+        eprintln!("sluice-bench compare: measuring the loopback bound (1 and {cores} streams)");
+        let one = loopback::measure(&LoopbackConfig::default())?;
+        let many = loopback::measure(&LoopbackConfig {
+            streams: cores,
+            ..LoopbackConfig::default()
+        })?;
+        Some((one, many))
     } else {
         None
     };
@@ -569,6 +752,22 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
         b.name,
         cfg.planned_time().as_secs_f64()
     );
+
+    let mut idle = Vec::new();
+    if cfg.idle_connections > 0 {
+        let smallest = cfg.sizes.iter().copied().min().unwrap_or(0);
+        for s in [&a, &b] {
+            let r = idle_connections_rss(s, smallest, cfg.idle_connections)?;
+            eprintln!(
+                "  {:<32} RSS {:.1} MiB -> {:.1} MiB with {} idle keep-alive connections",
+                s.name,
+                r.before_bytes as f64 / (1u64 << 20) as f64,
+                r.idle_bytes as f64 / (1u64 << 20) as f64,
+                r.connections
+            );
+            idle.push((s.name.clone(), r));
+        }
+    }
 
     let mut cells: BTreeMap<(u64, usize), Cell> = BTreeMap::new();
     for &size in &cfg.sizes {
@@ -603,6 +802,67 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
         }
     }
 
+    // PUT: sluice only (nginx has no store that checks a digest), to the CAS route.
+    let mut puts: Vec<(String, Vec<RunRecord>)> = Vec::new();
+    if cfg.put_bytes > 0 {
+        let body = Arc::new(Body::generate(cfg.put_bytes));
+        for s in [&a, &b]
+            .into_iter()
+            .filter(|s| s.name.starts_with("sluice"))
+        {
+            let url = format!(
+                "http://127.0.0.1:{}/cas/{}",
+                s.port,
+                hex::encode(body.sha256)
+            );
+            let mut records = Vec::new();
+            for r in 0..cfg.repeats {
+                let set = RequestSet {
+                    authority: Url::parse(&url)?.authority,
+                    requests: vec![Request::new(
+                        Method::Put,
+                        &Url::parse(&url)?,
+                        Some(Arc::clone(&body)),
+                        None,
+                    )],
+                    weighted: false,
+                };
+                let result = run(
+                    set,
+                    RunConfig {
+                        connections: cfg.put_concurrency,
+                        warmup: cfg.warmup,
+                        progress: false,
+                        stop: Stop::Duration(cfg.run_time),
+                        ..RunConfig::default()
+                    },
+                )?;
+                let desc = RunDescription {
+                    command: std::env::args().collect(),
+                    label: format!(
+                        "{} PUT {}B c{} r{r}",
+                        s.name, cfg.put_bytes, cfg.put_concurrency
+                    ),
+                    started: SystemTime::now(),
+                    connections: cfg.put_concurrency,
+                    rate_per_sec: None,
+                    warmup_secs: cfg.warmup.as_secs_f64(),
+                };
+                let record = RunRecord::new(&desc, &result);
+                eprintln!(
+                    "  {:<32} {:>10.1} req/s {:>9.1} MB/s  p99 {:.3} ms  errors {}",
+                    record.label,
+                    record.requests_per_sec,
+                    record.mb_per_sec,
+                    record.latency.p99_ms,
+                    record.errors.values().sum::<u64>()
+                );
+                records.push(record);
+            }
+            puts.push((s.name.clone(), records));
+        }
+    }
+
     let host = HostFacts::collect();
     let mut report = String::new();
     let _ = writeln!(
@@ -618,15 +878,48 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
         a.name,
         b.name
     );
-    if let Some(bound) = bound {
+    if let Some((one, many)) = bound {
         let _ = writeln!(
             report,
-            "Zero-copy loopback bound (1 stream, sendfile -> splice to /dev/null): {:.2} GB/s.",
-            bound.gb_per_sec
+            "Zero-copy loopback bound (corked sendfile -> splice to /dev/null): {:.2} GB/s with 1 stream, {:.2} GB/s with {cores}.",
+            one.gb_per_sec, many.gb_per_sec
+        );
+    }
+    for (name, r) in &idle {
+        let _ = writeln!(
+            report,
+            "{name} RSS: {:.1} MiB idle, {:.1} MiB with {} keep-alive connections open after one GET each.",
+            r.before_bytes as f64 / (1u64 << 20) as f64,
+            r.idle_bytes as f64 / (1u64 << 20) as f64,
+            r.connections
         );
     }
     report.push('\n');
     report.push_str(&markdown_table((&a.name, &b.name), &cells));
+    for (name, records) in &puts {
+        let v: Vec<f64> = records.iter().map(|r| r.mb_per_sec).collect();
+        let errors: u64 = records.iter().flat_map(|r| r.errors.values()).sum();
+        if let Some((m, lo, hi)) = median_min_max(&v) {
+            let _ = writeln!(
+                report,
+                "\n{name} PUT of {} B to /cas/{{sha256}} (digest checked by the server) at c={}: {} MB/s median (min {}, max {}), {errors} failed requests.",
+                cfg.put_bytes,
+                cfg.put_concurrency,
+                fmt_num(m),
+                fmt_num(lo),
+                fmt_num(hi)
+            );
+        }
+    }
+    if let Some((one, many)) = bound {
+        report.push('\n');
+        report.push_str(&bound_table(
+            (&a.name, &b.name),
+            &cells,
+            one.gb_per_sec,
+            many.gb_per_sec,
+        ));
+    }
     std::fs::write(cfg.out_dir.join("table.md"), &report)
         .map_err(|e| format!("writing table.md: {e}"))?;
     Ok(report)
@@ -654,6 +947,77 @@ mod tests {
         }
         std::hint::black_box(x);
         assert!(process_tree_cpu_secs(std::process::id()) > 0.0);
+    }
+
+    #[test]
+    fn own_process_tree_rss_counts_a_child() {
+        // A 32 MiB buffer that is really touched is resident; a child process adds its own.
+        let buf = std::hint::black_box(vec![1u8; 32 << 20]);
+        let alone = process_tree_rss_bytes(std::process::id());
+        assert!(alone >= 32 << 20, "rss {alone}");
+        let mut child = Command::new("sleep").arg("5").spawn().expect("sleep");
+        std::thread::sleep(Duration::from_millis(100));
+        let with_child = process_tree_rss_bytes(std::process::id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(with_child > alone - (4 << 20), "{with_child} vs {alone}");
+        assert!(process_tree_rss_bytes(u32::MAX) == 0);
+        drop(buf);
+    }
+
+    #[test]
+    fn bound_table_uses_the_bound_of_its_concurrency() {
+        let cell = |mb_per_sec: f64| {
+            let result = crate::run::RunResult {
+                histogram: crate::report::new_latency_histogram(),
+                requests_ok: 1,
+                errors: crate::run::ErrorCounts::default(),
+                body_bytes: 1,
+                elapsed: Duration::from_secs(1),
+                connects: 1,
+            };
+            let desc = RunDescription {
+                command: Vec::new(),
+                label: "t".into(),
+                started: SystemTime::now(),
+                connections: 1,
+                rate_per_sec: None,
+                warmup_secs: 0.0,
+            };
+            let mut record = RunRecord::new(&desc, &result);
+            record.mb_per_sec = mb_per_sec;
+            Measurement {
+                record,
+                server_cpu_secs: 1.0,
+                server_rss_max_bytes: 0,
+            }
+        };
+        let mut cells = BTreeMap::new();
+        cells.insert(
+            (4096, 1),
+            Cell {
+                a: vec![cell(100.0)],
+                b: vec![cell(100.0)],
+            },
+        );
+        cells.insert(
+            (64 << 20, 1),
+            Cell {
+                a: vec![cell(2000.0)],
+                b: vec![cell(1000.0)],
+            },
+        );
+        cells.insert(
+            (64 << 20, 8),
+            Cell {
+                a: vec![cell(3000.0)],
+                b: vec![cell(4000.0)],
+            },
+        );
+        let t = bound_table(("x", "y"), &cells, 2.5, 4.0);
+        assert!(!t.contains("| 4096 |"), "small sizes are left out:\n{t}");
+        assert!(t.contains("| 67108864 | 1 | 2.50 | 80 % | 40 % |"), "{t}");
+        assert!(t.contains("| 67108864 | 8 | 4.00 | 75 % | 100 % |"), "{t}");
     }
 
     #[test]

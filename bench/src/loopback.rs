@@ -129,6 +129,10 @@ fn sender(
     chunk: usize,
     stop: &AtomicBool,
 ) -> Result<(), String> {
+    // Corked, as nginx's `tcp_nopush` and sluice's spliced bodies are: only full segments
+    // leave, and the reader is not woken for part-filled ones. Uncorked, this program read
+    // about 1.9 GB/s here, below what nginx itself served through the same loopback.
+    sys::set_tcp_cork(&sock, true).map_err(|e| format!("loopback bound: TCP_CORK: {e}"))?;
     while !stop.load(Ordering::Relaxed) {
         let mut offset = 0u64;
         while offset < file_bytes && !stop.load(Ordering::Relaxed) {
@@ -140,7 +144,8 @@ fn sender(
             }
         }
     }
-    // End of stream tells the reader to stop.
+    // Uncork to push the tail; end of stream tells the reader to stop.
+    sys::set_tcp_cork(&sock, false).map_err(|e| format!("loopback bound: TCP_CORK: {e}"))?;
     sock.shutdown(Shutdown::Write)
         .map_err(|e| format!("loopback bound: shutdown: {e}"))
 }

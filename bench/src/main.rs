@@ -153,6 +153,15 @@ struct CompareArgs {
     /// Skip the loopback-bound measurement.
     #[arg(long)]
     no_loopback_bound: bool,
+    /// Idle keep-alive connections for the RSS report (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    idle_connections: usize,
+    /// Body size of the sluice-only PUT runs to /cas/{sha256} (suffixes k, m, g; 0 skips them).
+    #[arg(long, default_value = "64m")]
+    put_bytes: String,
+    /// Connections of the PUT runs.
+    #[arg(long, default_value_t = 8)]
+    put_concurrency: usize,
 }
 
 /// Parses `10s`, `500ms`, `2m`, `1h` or a bare number of seconds.
@@ -272,6 +281,10 @@ fn cmd_compare(a: CompareArgs) -> Result<(), String> {
         warmup: secs(a.warmup_secs.unwrap_or(warm_default))?,
         out_dir: a.out_dir,
         loopback_bound: !a.no_loopback_bound,
+        idle_connections: a.idle_connections,
+        put_bytes: usize::try_from(parse_bytes(&a.put_bytes)?)
+            .map_err(|_| "--put-bytes does not fit in memory".to_string())?,
+        put_concurrency: a.put_concurrency.max(1),
     };
     print!("{}", compare::compare(&cfg)?);
     Ok(())

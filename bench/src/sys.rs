@@ -74,6 +74,33 @@ pub fn sendfile(
     Ok(usize::try_from(rc).unwrap_or(0))
 }
 
+/// The size of a memory page, bytes (4096 if sysconf cannot tell).
+pub fn page_bytes() -> u64 {
+    // SAFETY: sysconf only reads the name passed and returns a value; no memory is shared.
+    let rc = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(rc).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
+
+/// Sets or clears `TCP_CORK` on a TCP socket: while set, the kernel sends only full segments.
+pub fn set_tcp_cork(socket: &impl AsRawFd, on: bool) -> io::Result<()> {
+    let value: libc::c_int = on.into();
+    // SAFETY: `value` is a live c_int for the duration of the call and its size is passed; the
+    // kernel only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Pins the calling thread to one CPU. Errors (CPU offline, not allowed by the cpuset) are
 /// returned, and the caller decides whether a run without pinning is acceptable.
 pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
