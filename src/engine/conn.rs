@@ -78,6 +78,10 @@ pub enum Next {
     /// client closes or the linger budget ends; report with
     /// [`Conn::on_recv`].
     Linger,
+    /// The body is in: publish the upload from [`Conn::take_publish`] off
+    /// the engine thread (it may fsync) and report with
+    /// [`Conn::on_published`].
+    Publish,
     /// Close the socket.
     Close,
 }
@@ -95,6 +99,9 @@ enum State {
     },
     /// Receiving a PUT body. Boxed: large, and one per upload.
     ReadingBody(Box<BodyRx>),
+    /// The body is in; the upload is being published (verified, linked,
+    /// fsynced) by the core's publisher thread.
+    Publishing,
     Lingering {
         discarded_bytes: usize,
     },
@@ -141,6 +148,8 @@ pub struct Conn {
     out_sent: usize,
     /// The artifact whose bytes are being sent.
     file: Option<Artifact>,
+    /// A complete upload waiting to be taken for publishing.
+    publish: Option<PutSink>,
     /// Close after the current response.
     close_after: bool,
     /// The request being answered (for counters).
@@ -171,6 +180,7 @@ impl Conn {
             out_buf: Some(Vec::new()),
             out_sent: 0,
             file: None,
+            publish: None,
             close_after: false,
             current: None,
             deadline: now + Duration::from_millis(limits.header_read_timeout_ms),
@@ -235,6 +245,23 @@ impl Conn {
     /// the whole body (the engine keeps the fd until the body is out).
     pub fn take_file(&mut self) -> Option<Artifact> {
         self.file.take()
+    }
+
+    /// The complete upload after [`Next::Publish`].
+    pub fn take_publish(&mut self) -> Option<PutSink> {
+        self.publish.take()
+    }
+
+    /// The upload taken after [`Next::Publish`] was published (or refused)
+    /// with this reply: send it, then go on with the next request.
+    pub fn on_published(&mut self, reply: Reply) -> Next {
+        if !matches!(self.state, State::Publishing) {
+            return self.close();
+        }
+        let (route, method) = self
+            .current
+            .map_or(("none", "OTHER"), |f| (f.route, f.method));
+        self.respond(reply, route, method)
     }
 
     /// True until the first bytes have been classified.
@@ -435,6 +462,16 @@ impl Conn {
         }
         self.state = State::ReadingHead;
         self.deadline = now + Duration::from_millis(self.limits.idle_timeout_ms);
+        // A PUT grew the buffer to BODY_READ_BYTES; back between requests it
+        // returns to head_bytes_max (or what pipelined bytes need), so the
+        // memory of idle keep-alive connections is bounded by configuration,
+        // not by what they once uploaded.
+        let head_max = self.limits.head.head_bytes_max;
+        if let Some(buf) = self.read_buf.as_mut() {
+            if buf.capacity() > head_max {
+                buf.shrink_to(head_max);
+            }
+        }
         if self.read_len() > 0 {
             self.deadline = now + Duration::from_millis(self.limits.header_read_timeout_ms);
             return self.advance(now);
@@ -584,10 +621,12 @@ impl Conn {
                 Next::Recv
             }
             Some(Ok(())) => {
-                // Publishing may fsync; it is the one blocking step left on
-                // the engine thread (see docs/architecture.md).
-                let reply = rx.sink.finish();
-                self.respond(reply, route, method)
+                // Publishing may fsync: the engine hands it to a publisher
+                // thread and reports back (see docs/architecture.md).
+                let BodyRx { sink, .. } = *rx;
+                self.publish = Some(sink);
+                self.state = State::Publishing;
+                Next::Publish
             }
             Some(Err(reply)) => {
                 drop(rx);
@@ -705,4 +744,106 @@ pub fn encode_reply_head(reply: &mut Reply, close: bool, out: &mut Vec<u8>) {
         close,
     };
     http1::encode_response_head(&head, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Store, StoreConfig};
+
+    /// Feeds `bytes` to the connection as one recv (the kernel's part).
+    fn recv(conn: &mut Conn, bytes: &[u8], now: Instant) -> Next {
+        let mut buf = conn.take_read_buf();
+        buf.extend_from_slice(bytes);
+        conn.on_recv(buf, Ok(bytes.len()), now)
+    }
+
+    /// Completes a whole send of the out buffer; returns it and what follows.
+    fn send_all(conn: &mut Conn, now: Instant) -> (Vec<u8>, Next) {
+        let buf = conn.take_out_buf();
+        let copy = buf.clone();
+        let n = buf.len();
+        (copy, conn.on_sent(buf, Ok(n), now))
+    }
+
+    /// A PUT goes ReadingBody -> Publishing (nothing answered until the
+    /// publisher's reply comes back) -> SendingHead -> ReadingHead, and its
+    /// 256 KiB body buffer shrinks back to `head_bytes_max` for the idle
+    /// keep-alive wait (it stayed at 256 KiB per connection before).
+    #[test]
+    fn put_publishes_through_the_engine_then_the_buffer_shrinks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..StoreConfig::default()
+        })
+        .expect("store");
+        let config = crate::config::Config::default();
+        let app = App::new(&config, store);
+        let files = Rc::new(RefCell::new(OpenCache::new(4)));
+        let limits = ConnLimits {
+            head: Limits::default(),
+            header_read_timeout_ms: 1000,
+            idle_timeout_ms: 1000,
+        };
+        let head_max = limits.head.head_bytes_max;
+        let now = Instant::now();
+        let mut conn = Conn::new(Arc::clone(&app), files, limits, now);
+        assert_eq!(conn.on_peek(b"PUT ", now), Next::Recv);
+
+        let body = vec![7u8; 300_000];
+        let head = format!(
+            "PUT /v1/artifacts/ns/big HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        assert_eq!(recv(&mut conn, head.as_bytes(), now), Next::Recv);
+        let mut next = Next::Recv;
+        for chunk in body.chunks(100_000) {
+            assert_eq!(next, Next::Recv);
+            next = recv(&mut conn, chunk, now);
+        }
+        assert_eq!(next, Next::Publish);
+        assert!(!conn.waits_for_input(), "no deadline while publishing");
+        let sink = conn.take_publish().expect("the upload");
+        assert!(conn.take_publish().is_none());
+        assert_eq!(conn.on_published(sink.finish()), Next::Send { more: false });
+        let (reply, next) = send_all(&mut conn, now);
+        assert!(
+            reply.starts_with(b"HTTP/1.1 201 "),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        assert_eq!(next, Next::Recv);
+        assert!(app.store.get("ns", "big").expect("get").is_some());
+        let buf = conn.take_read_buf();
+        assert!(
+            buf.capacity() < BODY_READ_BYTES,
+            "idle buffer holds {} bytes",
+            buf.capacity()
+        );
+        assert!(buf.capacity() >= head_max);
+    }
+
+    /// A reply for a connection that is not publishing closes it instead of
+    /// answering out of turn.
+    #[test]
+    fn a_stray_publish_reply_closes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..StoreConfig::default()
+        })
+        .expect("store");
+        let app = App::new(&crate::config::Config::default(), store);
+        let files = Rc::new(RefCell::new(OpenCache::new(4)));
+        let limits = ConnLimits {
+            head: Limits::default(),
+            header_read_timeout_ms: 1000,
+            idle_timeout_ms: 1000,
+        };
+        let now = Instant::now();
+        let mut conn = Conn::new(app, files, limits, now);
+        assert_eq!(conn.on_peek(b"GET ", now), Next::Recv);
+        assert_eq!(conn.on_published(Reply::error(500, "stray")), Next::Close);
+    }
 }

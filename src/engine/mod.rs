@@ -8,6 +8,7 @@
 //! refuses to start instead; `engine = "fallback"` never tries.
 
 pub mod conn;
+pub mod publish;
 pub mod ring;
 pub mod task;
 

@@ -30,6 +30,7 @@ use sluice_uring::{
 };
 
 use super::conn::{Conn, ConnLimits, Next};
+use super::publish::{Done, Job, Publisher};
 use super::task::{OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYTES};
 use crate::app::App;
 use crate::fallback::Fallback;
@@ -420,6 +421,8 @@ struct CoreLoop {
     tasks: Vec<Option<TaskSlot>>,
     task_generation: u32,
     files: Rc<RefCell<OpenCache>>,
+    /// Publishes finished uploads off this thread.
+    publisher: Publisher,
     ticks: u64,
 }
 
@@ -484,7 +487,9 @@ impl CoreLoop {
             s.fixed_buffers_registered
                 .store(driver.fixed_buffers().registered(), Ordering::Relaxed);
         }
+        let publisher = Publisher::start(core, driver.waker())?;
         Ok(CoreLoop {
+            publisher,
             core,
             settings,
             driver,
@@ -542,6 +547,11 @@ impl CoreLoop {
                 break;
             }
             self.driver.take_woken();
+            // Replies of uploads published meanwhile (their wake-up may be
+            // what ended the wait).
+            while let Some(done) = self.publisher.try_done() {
+                self.on_published(done);
+            }
             let mut batch = std::mem::take(&mut self.batch);
             self.busy = self.driver.complete(&mut batch, COMPLETIONS_PER_TURN_MAX) > 0;
             for completion in batch.drain(..) {
@@ -896,6 +906,7 @@ impl CoreLoop {
                     return;
                 };
                 if self.settings.mode == FileServingMode::Copy {
+                    slot.want = (offset, len);
                     if let Some(lease) = self.driver.fixed_buffers().lease() {
                         // `chunk` holds the most this read may use: a range
                         // ends before the file does.
@@ -953,8 +964,40 @@ impl CoreLoop {
                     }
                 }
             }
+            Next::Publish => {
+                let Some(sink) = slot.conn.take_publish() else {
+                    self.close(index);
+                    return;
+                };
+                let job = Job {
+                    index,
+                    generation: slot.generation,
+                    sink: Box::new(sink),
+                };
+                if let Err(job) = self.publisher.submit(job) {
+                    // The publisher is PUBLISH_QUEUE_MAX uploads behind:
+                    // publish here rather than queue without bound.
+                    let next = slot.conn.on_published(job.sink.finish());
+                    self.issue(index, next);
+                }
+            }
             Next::Close => self.close(index),
         }
+    }
+
+    /// An upload came back from the publisher: answer it, unless its
+    /// connection is gone (closed, or the slot reused: generation differs).
+    fn on_published(&mut self, done: Done) {
+        let Some(slot) = self
+            .slots
+            .get_mut(done.index as usize)
+            .and_then(Option::as_mut)
+            .filter(|s| s.generation == done.generation)
+        else {
+            return;
+        };
+        let next = slot.conn.on_published(done.reply);
+        self.issue(done.index, next);
     }
 
     fn close(&mut self, index: u32) {
@@ -1145,6 +1188,12 @@ impl CoreLoop {
                         flags: libc::MSG_NOSIGNAL,
                     },
                 );
+            }
+            Err(e) if e == libc::EINTR || e == libc::EAGAIN => {
+                // Nothing was read: read the same part again.
+                drop(lease);
+                let (offset, len) = slot.want;
+                self.issue(index, Next::SendFile { offset, len });
             }
             _ => {
                 drop(lease);
