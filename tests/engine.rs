@@ -64,6 +64,16 @@ fn plaintext_gets_are_spliced_and_copy_mode_copies() {
         after >= before + body.len() as u64,
         "ring_splice {before} -> {after}"
     );
+    // A range too large to go inline is spliced too, exactly the range.
+    let r = server.send(
+        Front::Http1,
+        req("GET", "/v1/artifacts/e/s").header("Range", "bytes=1000-2098575"),
+    );
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("content-range"), Some("bytes 1000-2098575/3145728"));
+    assert_eq!(r.body, &body[1000..2_098_576]);
+    let ranged = metric(&server, "sluice_response_bytes_total{path=\"ring_splice\"}").unwrap_or(0);
+    assert!(ranged >= after + 2_097_576, "ring_splice {after} -> {ranged}");
 
     let copy = server_copy();
     let body = put_blob(&copy, "/v1/artifacts/e/c", (1 << 20) + 17);
@@ -299,4 +309,71 @@ fn accept_pauses_on_emfile_and_recovers() {
         (1..=200).contains(&errors),
         "accept errors while out of fds: {errors}"
     );
+}
+
+/// Past `connections_per_core_max` the ring hands new connections to the
+/// fallback, which serves them: nothing is refused and nothing waits
+/// unbounded on the ring.
+#[test]
+fn over_capacity_connections_are_served_by_the_fallback() {
+    let server = server()
+        .no_tls()
+        .config("connections_per_core_max = 2\nengine_threads = 1\n")
+        .start();
+    if !uring_available(&server) {
+        return;
+    }
+    put_blob(&server, "/v1/artifacts/e/cap", 4096);
+    // Six idle keep-alive connections hold the ring's two slots and more.
+    let mut held: Vec<TcpStream> = (0..6)
+        .map(|_| TcpStream::connect(server.addr).expect("connect"))
+        .collect();
+    for (i, s) in held.iter_mut().enumerate() {
+        s.write_all(b"GET /v1/artifacts/e/cap HTTP/1.1\r\nHost: a\r\n\r\n")
+            .expect("write");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        while parse_response(&out, false).is_none() {
+            let n = s.read(&mut buf).unwrap_or_else(|e| panic!("conn {i}: {e}"));
+            assert!(n > 0, "conn {i} closed");
+            out.extend_from_slice(&buf[..n]);
+        }
+        let (r, _) = parse_response(&out, false).expect("response");
+        assert_eq!((r.status, r.body.len()), (200, 4096), "conn {i}");
+    }
+    let over = metric(&server, "sluice_ring_over_capacity_total").unwrap_or(0);
+    assert!(over >= 4, "over-capacity hand-offs: {over}");
+    let served = metric(&server, "sluice_fallback_accepted_http1_total").unwrap_or(0);
+    assert!(served >= 4, "fallback HTTP/1 connections: {served}");
+}
+
+/// An idle keep-alive connection is closed after `idle_timeout_ms`.
+#[test]
+fn idle_keep_alive_connections_are_closed() {
+    let server = server()
+        .no_tls()
+        .config("idle_timeout_ms = 300\n")
+        .start();
+    if !uring_available(&server) {
+        return;
+    }
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.write_all(b"GET /up HTTP/1.1\r\nHost: a\r\n\r\n").expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while parse_response(&out, false).is_none() {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0);
+        out.extend_from_slice(&buf[..n]);
+    }
+    // Then nothing more arrives, and the server closes (EOF) well inside the
+    // 10 s read timeout.
+    let start = Instant::now();
+    let n = s.read(&mut buf).expect("EOF, not a timeout");
+    assert_eq!(n, 0);
+    assert!(start.elapsed() < Duration::from_secs(9));
 }
