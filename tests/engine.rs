@@ -70,10 +70,16 @@ fn plaintext_gets_are_spliced_and_copy_mode_copies() {
         req("GET", "/v1/artifacts/e/s").header("Range", "bytes=1000-2098575"),
     );
     assert_eq!(r.status, 206);
-    assert_eq!(r.header("content-range"), Some("bytes 1000-2098575/3145728"));
+    assert_eq!(
+        r.header("content-range"),
+        Some("bytes 1000-2098575/3145728")
+    );
     assert_eq!(r.body, &body[1000..2_098_576]);
     let ranged = metric(&server, "sluice_response_bytes_total{path=\"ring_splice\"}").unwrap_or(0);
-    assert!(ranged >= after + 2_097_576, "ring_splice {after} -> {ranged}");
+    assert!(
+        ranged >= after + 2_097_576,
+        "ring_splice {after} -> {ranged}"
+    );
 
     let copy = server_copy();
     let body = put_blob(&copy, "/v1/artifacts/e/c", (1 << 20) + 17);
@@ -352,15 +358,13 @@ fn over_capacity_connections_are_served_by_the_fallback() {
 /// An idle keep-alive connection is closed after `idle_timeout_ms`.
 #[test]
 fn idle_keep_alive_connections_are_closed() {
-    let server = server()
-        .no_tls()
-        .config("idle_timeout_ms = 300\n")
-        .start();
+    let server = server().no_tls().config("idle_timeout_ms = 300\n").start();
     if !uring_available(&server) {
         return;
     }
     let mut s = TcpStream::connect(server.addr).expect("connect");
-    s.write_all(b"GET /up HTTP/1.1\r\nHost: a\r\n\r\n").expect("write");
+    s.write_all(b"GET /up HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let mut out = Vec::new();
