@@ -106,6 +106,14 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => {
             match config::load(Some(&file), &env, &Overrides::default()) {
                 Ok(config) => {
+                    // The PEM files are read as `serve` reads them, so a
+                    // missing or unparsable certificate fails here too.
+                    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+                        if let Err(err) = sluice::fallback::TlsSettings::load(cert, key) {
+                            eprintln!("sluice: {err}");
+                            return ExitCode::from(2);
+                        }
+                    }
                     print!("{}", config.to_toml());
                     ExitCode::SUCCESS
                 }

@@ -110,3 +110,40 @@ fn doctor_reports_io_uring_and_limits() {
     assert!(out.to_lowercase().contains("io_uring"), "{out}");
     assert!(out.to_lowercase().contains("memlock"), "{out}");
 }
+
+/// `check-config` reads the TLS files as `serve` would: a missing file or
+/// one that holds no certificate is an error naming the file, and a good
+/// pair passes.
+#[test]
+fn check_config_reads_the_tls_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    let junk_path = dir.path().join("junk.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+    std::fs::write(&junk_path, "not a certificate\n").expect("write junk");
+    let check = |cert: &std::path::Path, key: &std::path::Path| {
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "tls_cert = {:?}\ntls_key = {:?}\n",
+                cert.display().to_string(),
+                key.display().to_string()
+            ),
+        )
+        .expect("write config");
+        sluice(&["check-config", path.to_str().expect("utf8")], &[])
+    };
+    let (code, _, err) = check(&cert_path, &key_path);
+    assert_eq!(code, 0, "{err}");
+    let missing = dir.path().join("missing.pem");
+    let (code, _, err) = check(&missing, &key_path);
+    assert_eq!(code, 2);
+    assert!(err.contains("missing.pem"), "{err}");
+    let (code, _, err) = check(&junk_path, &key_path);
+    assert_eq!(code, 2);
+    assert!(err.contains("junk.pem"), "{err}");
+}
