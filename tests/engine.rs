@@ -381,3 +381,31 @@ fn idle_keep_alive_connections_are_closed() {
     assert_eq!(n, 0);
     assert!(start.elapsed() < Duration::from_secs(9));
 }
+
+/// An h2c client whose first segment is only `PR` (the rest of the preface
+/// follows later) still reaches the h2 fallback: the ring cannot tell `PR`
+/// from the start of `PUT`, so it peeks again instead of taking the bytes
+/// as HTTP/1. Before, it answered with an HTTP/1.1 error.
+#[test]
+fn a_split_h2c_preface_is_still_handed_off() {
+    let server = server().no_tls().start();
+    if !uring_available(&server) {
+        return;
+    }
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    s.write_all(b"PR").expect("first segment");
+    std::thread::sleep(Duration::from_millis(50));
+    s.write_all(b"I * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .expect("rest of the preface");
+    // An empty SETTINGS frame: length 0, type 4, flags 0, stream 0.
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).expect("settings");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).expect("the server's first frame");
+    assert_ne!(&head[..5], b"HTTP/", "answered as HTTP/1");
+    assert_eq!(head[3], 4, "h2 servers open with SETTINGS: {head:?}");
+    let handed = metric(&server, "sluice_ring_handed_off_total").unwrap_or(0);
+    assert!(handed >= 1);
+}

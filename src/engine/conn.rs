@@ -33,6 +33,8 @@ use crate::store::{Artifact, OpenCache};
 const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 /// First byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
+/// Wait before peeking again at a first segment too short to classify, ms.
+pub const PEEK_AGAIN_MS: u64 = 5;
 /// Largest body chunk the connection reads at once while receiving a PUT,
 /// in bytes. Heads are read into at most `head_bytes_max`.
 pub const BODY_READ_BYTES: usize = 256 * 1024;
@@ -61,6 +63,10 @@ pub enum Next {
     /// `recv` with `MSG_PEEK` into [`Conn::peek_buf_bytes`] bytes; report
     /// with [`Conn::on_peek`].
     Peek,
+    /// Peek again after [`PEEK_AGAIN_MS`]: the bytes so far (`P`, `PR`,
+    /// `PRI`) could begin the h2 preface or an HTTP/1 `PUT`. A peek returns
+    /// at once while any byte is queued, so waiting on the socket would spin.
+    PeekAgain,
     /// `recv` into the spare capacity of the buffer from
     /// [`Conn::take_read_buf`]; report with [`Conn::on_recv`].
     Recv,
@@ -283,6 +289,10 @@ impl Conn {
         if peeked[0] == TLS_HANDSHAKE || peeked.starts_with(b"PRI ") {
             self.state = State::Closed;
             return Next::Handoff;
+        }
+        if peeked.len() < H2_PREFACE_START.len() && H2_PREFACE_START.starts_with(peeked) {
+            // Too few bytes to tell; the header-read deadline bounds the wait.
+            return Next::PeekAgain;
         }
         self.state = State::ReadingHead;
         self.deadline = now + Duration::from_millis(self.limits.header_read_timeout_ms);

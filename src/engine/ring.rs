@@ -725,6 +725,9 @@ impl CoreLoop {
                     self.on_pollout(index, result);
                     return;
                 }
+                // The pause of `Next::PeekAgain` is over (ETIME), or was
+                // cancelled at the deadline (the peek then sees `timed_out`).
+                (OpKind::Timeout, _) if slot.conn.is_peeking() => Next::Peek,
                 _ => Next::Close,
             }
         };
@@ -862,6 +865,12 @@ impl CoreLoop {
                     },
                 );
             }
+            Next::PeekAgain => self.submit(
+                index,
+                Op::Timeout {
+                    duration: Duration::from_millis(super::conn::PEEK_AGAIN_MS),
+                },
+            ),
             Next::Recv | Next::Linger => {
                 if next == Next::Linger {
                     let _ = rustix::net::shutdown(&*fd, rustix::net::Shutdown::Write);
