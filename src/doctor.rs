@@ -8,14 +8,22 @@ pub fn report() -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{probe}");
     let _ = writeln!(out, "sluice serve would use:");
-    if probe.available() {
-        let splice = probe.supports("splice");
-        let accept = probe.supports("accept");
+    // The same check `serve` makes before it starts the rings (default
+    // splice mode; copy mode also needs read_fixed, listed above).
+    let missing = crate::engine::missing_support(&probe, crate::config::FileServingMode::Splice);
+    if let Some(reason) = missing.filter(|_| probe.available()) {
         let _ = writeln!(
             out,
-            "  engine: io_uring rings (one per core by default); multishot accept {}, splice {}",
-            yes(accept),
-            yes(splice)
+            "  engine: fallback (hyper) for every connection, because {reason}"
+        );
+    } else if probe.available() {
+        let _ = writeln!(
+            out,
+            "  engine: io_uring rings (one per core by default), multishot accept"
+        );
+        let _ = writeln!(
+            out,
+            "  file bodies: splice(2) file -> pipe -> socket on the engine thread, waiting on the ring (POLLOUT) when the socket is full; TCP_CORK per body"
         );
         let flags = if probe.setup_defer_taskrun {
             "SINGLE_ISSUER + DEFER_TASKRUN"
@@ -69,12 +77,4 @@ pub fn report() -> String {
         "  TLS and HTTP/2: hyper + rustls fallback on the same port"
     );
     out
-}
-
-fn yes(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "NO"
-    }
 }
