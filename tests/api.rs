@@ -350,3 +350,65 @@ fn ring_and_fallback_give_identical_answers() {
         );
     }
 }
+
+/// A PUT without a length (chunked on HTTP/1.1, DATA frames without
+/// `content-length` on h2), with and without `Expect: 100-continue`, is
+/// stored whole on every front; over the Gradle limit it is 413 and
+/// nothing is stored.
+#[test]
+fn streamed_puts_and_expect_continue_on_every_front() {
+    let server = server().config("gradle_body_bytes_max = 200000\n").start();
+    let body: Vec<u8> = (0..300_000u32).map(|n| (n % 241) as u8).collect();
+    for (i, front) in FRONTS.iter().copied().enumerate() {
+        for expect in [false, true] {
+            let path = format!("/v1/artifacts/stream/f{i}-{expect}");
+            let mut r = req("PUT", &path).body(body.clone()).streamed(7_000);
+            if expect {
+                r = r.header("expect", "100-continue");
+            }
+            let put = server.send(front, r);
+            assert_eq!(put.status, 201, "{front:?} expect={expect}");
+            let got = server.send(front, req("GET", &path));
+            assert_eq!((got.status, got.body.len()), (200, body.len()), "{front:?}");
+            assert!(got.body == body, "{front:?} expect={expect}: body differs");
+        }
+        let path = format!("/cache/too-big-{i}");
+        let r = server.send(front, req("PUT", &path).body(body.clone()).streamed(7_000));
+        assert_eq!(r.status, 413, "{front:?}");
+        assert_eq!(
+            server.send(front, req("GET", &path)).status,
+            404,
+            "{front:?}"
+        );
+    }
+}
+
+/// After SIGTERM, in the pre-drain phase, every front answers /ready 503
+/// and still serves.
+#[test]
+fn readiness_turns_503_on_every_front_while_draining() {
+    let mut server = server().env("SLUICE_SHUTDOWN_PRE_DRAIN_MS", "4000").start();
+    for front in FRONTS {
+        assert_eq!(
+            server.send(front, req("GET", "/ready")).status,
+            200,
+            "{front:?}"
+        );
+    }
+    let pid = rustix::process::Pid::from_raw(server.child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for front in FRONTS {
+        assert_eq!(
+            server.send(front, req("GET", "/ready")).status,
+            503,
+            "{front:?}"
+        );
+        assert_eq!(
+            server.send(front, req("GET", "/up")).status,
+            200,
+            "{front:?}"
+        );
+    }
+    assert!(server.stop().success());
+}

@@ -214,6 +214,23 @@ pub struct Req {
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Option<Vec<u8>>,
+    /// Send the body without a length, in pieces of this many bytes:
+    /// `chunked` on HTTP/1.1, DATA frames without `content-length` on h2.
+    pub streamed: Option<usize>,
+}
+
+/// A request body sent as separate frames of unknown total length.
+struct Pieces(std::collections::VecDeque<Bytes>);
+
+impl hyper::body::Body for Pieces {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(hyper::body::Frame::data(b))))
+    }
 }
 
 pub fn req(method: &str, path: &str) -> Req {
@@ -222,6 +239,7 @@ pub fn req(method: &str, path: &str) -> Req {
         path: path.to_string(),
         headers: Vec::new(),
         body: None,
+        streamed: None,
     }
 }
 
@@ -232,6 +250,11 @@ impl Req {
     }
     pub fn body(mut self, body: impl Into<Vec<u8>>) -> Req {
         self.body = Some(body.into());
+        self
+    }
+    /// Send the body without a length, `piece_bytes` at a time.
+    pub fn streamed(mut self, piece_bytes: usize) -> Req {
+        self.streamed = Some(piece_bytes.max(1));
         self
     }
 }
@@ -330,7 +353,18 @@ fn send_http1(addr: SocketAddr, req: &Req) -> Resp {
     for (k, v) in &req.headers {
         raw.push_str(&format!("{k}: {v}\r\n"));
     }
-    if let Some(body) = &req.body {
+    let mut body_bytes = req.body.clone();
+    if let (Some(body), Some(piece)) = (&req.body, req.streamed) {
+        raw.push_str("Transfer-Encoding: chunked\r\n");
+        let mut chunked = Vec::new();
+        for part in body.chunks(piece) {
+            chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+            chunked.extend_from_slice(part);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        chunked.extend_from_slice(b"0\r\n\r\n");
+        body_bytes = Some(chunked);
+    } else if let Some(body) = &req.body {
         raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     raw.push_str("Connection: close\r\n\r\n");
@@ -338,7 +372,7 @@ fn send_http1(addr: SocketAddr, req: &Req) -> Resp {
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     s.write_all(raw.as_bytes()).expect("write head");
-    if let Some(body) = &req.body {
+    if let Some(body) = &body_bytes {
         // The server may refuse before the body (and close): not an error here.
         let _ = s.write_all(body);
     }
@@ -353,7 +387,15 @@ fn send_http1(addr: SocketAddr, req: &Req) -> Resp {
         }
     }
     let head_only = req.method == "HEAD";
-    let (resp, _) = parse_response(&out, head_only).unwrap_or_else(|| {
+    // Interim 1xx responses (100 Continue) come before the final one.
+    let mut out = &out[..];
+    while out.starts_with(b"HTTP/1.1 1") {
+        match out.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(end) => out = &out[end + 4..],
+            None => break,
+        }
+    }
+    let (resp, _) = parse_response(out, head_only).unwrap_or_else(|| {
         panic!(
             "bad response: {:?}",
             String::from_utf8_lossy(&out[..out.len().min(500)])
@@ -390,7 +432,18 @@ async fn send_hyper(server: &Server, front: Front, req: Req) -> Resp {
     for (k, v) in &req.headers {
         builder = builder.header(k.as_str(), v.as_str());
     }
-    let body = Full::new(Bytes::from(req.body.clone().unwrap_or_default()));
+    let body = match req.streamed {
+        Some(piece) => Pieces(
+            req.body
+                .clone()
+                .unwrap_or_default()
+                .chunks(piece)
+                .map(Bytes::copy_from_slice)
+                .collect(),
+        )
+        .boxed(),
+        None => Full::new(Bytes::from(req.body.clone().unwrap_or_default())).boxed(),
+    };
     let request = builder.body(body).expect("request");
     let response = match front {
         Front::TlsHttp1 | Front::TlsH2 => {
