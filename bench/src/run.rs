@@ -307,9 +307,17 @@ fn connection_loop(shared: &Shared, index: usize, start: Instant) -> ThreadResul
         // late (a late send is the server's fault, which is exactly what CO correction keeps).
         let send_at = match (intended, interval) {
             (Some(t), Some(i)) => {
-                let now = Instant::now();
-                if t > now {
-                    std::thread::sleep(t - now);
+                // Sleep in slices of at most 50 ms so a stop is seen promptly even at low
+                // rates (one interval can be seconds), never sending past the end.
+                loop {
+                    let now = Instant::now();
+                    if t <= now || shared.stop_flag.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::sleep((t - now).min(Duration::from_millis(50)));
+                }
+                if shared.stop_flag.load(Ordering::Relaxed) {
+                    break;
                 }
                 intended = Some(t + i);
                 t

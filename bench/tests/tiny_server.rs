@@ -132,6 +132,24 @@ fn open_loop_with_digests_counts_match_the_server() {
     assert_eq!(result.requests_ok, server.answered.load(Ordering::SeqCst));
 }
 
+/// At a rate far below one request per run, the open loop sends the first request and then
+/// stops at the end of the run: before, a connection slept out its whole interval (here 5 s)
+/// and sent one more request after the stop.
+#[test]
+fn open_loop_sends_nothing_after_the_stop() {
+    let server = start(Behaviour::Correct);
+    let url = format!("http://127.0.0.1:{}/bench/10", server.port);
+    let set = RequestSet::single(&url, Method::Get, 0).unwrap();
+    let cfg = RunConfig {
+        rate_per_sec: Some(0.2),
+        ..config(1, Stop::Duration(Duration::from_millis(300)))
+    };
+    let result = run(set, cfg).unwrap();
+    assert_eq!(result.errors.total(), 0, "errors {:?}", result.errors);
+    assert_eq!(result.requests_ok, 1);
+    assert_eq!(server.answered.load(Ordering::SeqCst), 1);
+}
+
 #[test]
 fn request_count_stops_exactly() {
     let server = start(Behaviour::Correct);
