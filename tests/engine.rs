@@ -409,3 +409,98 @@ fn a_split_h2c_preface_is_still_handed_off() {
     let handed = metric(&server, "sluice_ring_handed_off_total").unwrap_or(0);
     assert!(handed >= 1);
 }
+
+/// Runs as nobody under a memlock limit, if this host lets the test do
+/// that (root, util-linux prlimit and setpriv); None (skipped, loudly)
+/// otherwise. The data dir is world-writable so nobody can use it.
+fn unprivileged_server(memlock_bytes: u64, extra: &[&str]) -> Option<(Server, tempfile::TempDir)> {
+    let tools = ["prlimit", "setpriv"].iter().all(|t| {
+        std::process::Command::new(t)
+            .arg("--version")
+            .output()
+            .is_ok()
+    });
+    if !tools || !rustix::process::geteuid().is_root() {
+        eprintln!("SKIP: needs root with prlimit and setpriv to run the server unprivileged");
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    use std::os::unix::fs::PermissionsExt;
+    for p in [dir.path(), data.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    }
+    let mut b = server()
+        .no_tls()
+        .data_dir(&data)
+        .unprivileged_memlock(memlock_bytes);
+    for a in extra {
+        b = b.arg(a);
+    }
+    Some((b.start(), dir))
+}
+
+/// Without CAP_IPC_LOCK and with a 1 MiB memlock limit, the rings come up
+/// but the 16 MiB of fixed buffers cannot be registered: the engine says so
+/// once in the log and in /status, and serves (copy mode reads into the
+/// same buffers, unregistered).
+#[test]
+fn refused_fixed_buffers_are_reported_once_and_serving_goes_on() {
+    let Some((server, _dir)) = unprivileged_server(1 << 20, &["--file-serving-mode", "copy"])
+    else {
+        return;
+    };
+    let status = server.send(Front::Http1, req("GET", "/status"));
+    let v: serde_json::Value = serde_json::from_slice(&status.body).expect("json");
+    if !v["engine"]["io_uring"].as_bool().unwrap_or(false) {
+        eprintln!(
+            "SKIP: no ring under a 1 MiB memlock limit here: {}",
+            v["engine"]["mode"]
+        );
+        return;
+    }
+    let mode = v["engine"]["mode"].as_str().unwrap_or_default().to_string();
+    assert!(mode.contains("fixed buffers not registered"), "{mode}");
+    assert!(mode.contains("memlock"), "says what to change: {mode}");
+    let body = put_blob(&server, "/v1/artifacts/e/unreg", (1 << 20) + 3);
+    let r = server.send(Front::Http1, req("GET", "/v1/artifacts/e/unreg"));
+    assert_eq!((r.status, r.body == body), (200, true));
+    let warnings = server
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("fixed buffers not registered"))
+        .count();
+    assert_eq!(warnings, 1, "{}", server.stderr());
+}
+
+/// With no memlock allowance at all, io_uring cannot set up a ring: every
+/// connection goes to the fallback, which serves everything, and the log
+/// and /status say why.
+#[test]
+fn without_a_ring_the_fallback_serves_and_says_why() {
+    let Some((server, _dir)) = unprivileged_server(0, &[]) else {
+        return;
+    };
+    let status = server.send(Front::Http1, req("GET", "/status"));
+    let v: serde_json::Value = serde_json::from_slice(&status.body).expect("json");
+    if v["engine"]["io_uring"].as_bool().unwrap_or(true) {
+        eprintln!(
+            "SKIP: this kernel sets up rings without memlock: {}",
+            v["engine"]["mode"]
+        );
+        return;
+    }
+    let mode = v["engine"]["mode"].as_str().unwrap_or_default().to_string();
+    assert!(mode.starts_with("fallback"), "{mode}");
+    assert!(mode.contains("memlock"), "says why: {mode}");
+    let body = put_blob(&server, "/v1/artifacts/e/fb", 300_000);
+    let r = server.send(Front::Http1, req("GET", "/v1/artifacts/e/fb"));
+    assert_eq!((r.status, r.body == body), (200, true));
+    assert!(
+        metric(&server, "sluice_response_bytes_total{path=\"fallback\"}").unwrap_or(0) >= 300_000
+    );
+    assert!(server
+        .stderr()
+        .contains("serving every connection through the fallback"));
+}

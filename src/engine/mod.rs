@@ -224,7 +224,17 @@ fn start_ring(
         spin: Duration::from_micros(config.engine_spin_us),
     };
     RingEngine::start(settings, listeners, app, fallback)
-        .map_err(|e| format!("cannot set up a ring: {e}"))
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOMEM) {
+                // Ring memory counts against RLIMIT_MEMLOCK for processes
+                // without CAP_IPC_LOCK.
+                format!(
+                    "cannot set up a ring: {e}; the memlock limit (ulimit -l, LimitMEMLOCK= in systemd) is likely too low, or grant CAP_IPC_LOCK"
+                )
+            } else {
+                format!("cannot set up a ring: {e}")
+            }
+        })
 }
 
 #[cfg(test)]

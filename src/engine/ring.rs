@@ -519,7 +519,7 @@ impl CoreLoop {
     fn fixed_buffers_note(&self) -> Option<String> {
         self.driver
             .fixed_buffers_refused()
-            .map(|r| format!("fixed buffers not registered: {r:?}"))
+            .map(|r| format!("fixed buffers not registered: {}", r.reason))
     }
 
     fn core_stats(&self) -> Option<&CoreStats> {

@@ -45,7 +45,8 @@ pub struct ServerBuilder {
     data_dir: Option<PathBuf>,
     config: Option<String>,
     tls: bool,
-    nofile: Option<u64>,
+    /// A command line the binary runs under (`prlimit ... --`, `setpriv ... --`).
+    wrapper: Vec<String>,
 }
 
 pub fn server() -> ServerBuilder {
@@ -55,7 +56,7 @@ pub fn server() -> ServerBuilder {
         data_dir: None,
         config: None,
         tls: true,
-        nofile: None,
+        wrapper: Vec::new(),
     }
 }
 
@@ -78,7 +79,28 @@ impl ServerBuilder {
     }
     /// Start the server under `prlimit --nofile=N:N` (util-linux).
     pub fn nofile(mut self, n: u64) -> Self {
-        self.nofile = Some(n);
+        self.wrapper
+            .extend(["prlimit".into(), format!("--nofile={n}:{n}"), "--".into()]);
+        self
+    }
+
+    /// Start the server as an unprivileged user (nobody, via util-linux
+    /// `setpriv`) with `RLIMIT_MEMLOCK` at `bytes`: without CAP_IPC_LOCK the
+    /// kernel then accounts ring memory and fixed buffers against it. The
+    /// data dir must be writable by that user.
+    pub fn unprivileged_memlock(mut self, bytes: u64) -> Self {
+        for a in [
+            "prlimit".to_string(),
+            format!("--memlock={bytes}:{bytes}"),
+            "--".into(),
+            "setpriv".into(),
+            "--reuid=65534".into(),
+            "--regid=65534".into(),
+            "--clear-groups".into(),
+            "--".into(),
+        ] {
+            self.wrapper.push(a);
+        }
         self
     }
 
@@ -93,13 +115,11 @@ impl ServerBuilder {
             .data_dir
             .clone()
             .unwrap_or_else(|| tmp.path().join("data"));
-        // `prlimit -- BIN` execs BIN, so the child's pid is the server's.
-        let mut cmd = match self.nofile {
-            Some(n) => {
-                let mut c = Command::new("prlimit");
-                c.arg(format!("--nofile={n}:{n}"))
-                    .arg("--")
-                    .arg(env!("CARGO_BIN_EXE_sluice"));
+        // The wrappers exec the binary, so the child's pid is the server's.
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_sluice"));
                 c
             }
             None => Command::new(env!("CARGO_BIN_EXE_sluice")),
