@@ -24,14 +24,9 @@ fn metric(server: &Server, name_and_labels: &str) -> Option<u64> {
 }
 
 fn uring_available(server: &Server) -> bool {
-    let r = server.send(Front::Http1, req("GET", "/status"));
-    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
-    let on = v["engine"]["io_uring"].as_bool().unwrap_or(false);
+    let (on, mode) = engine_status(server);
     if !on {
-        eprintln!(
-            "SKIP: io_uring is not available here: {}",
-            v["engine"]["mode"]
-        );
+        eprintln!("SKIP: io_uring is not available here: {mode}");
     }
     on
 }
@@ -451,16 +446,11 @@ fn refused_fixed_buffers_are_reported_once_and_serving_goes_on() {
     else {
         return;
     };
-    let status = server.send(Front::Http1, req("GET", "/status"));
-    let v: serde_json::Value = serde_json::from_slice(&status.body).expect("json");
-    if !v["engine"]["io_uring"].as_bool().unwrap_or(false) {
-        eprintln!(
-            "SKIP: no ring under a 1 MiB memlock limit here: {}",
-            v["engine"]["mode"]
-        );
+    let (on, mode) = engine_status(&server);
+    if !on {
+        eprintln!("SKIP: no ring under a 1 MiB memlock limit here: {mode}");
         return;
     }
-    let mode = v["engine"]["mode"].as_str().unwrap_or_default().to_string();
     assert!(mode.contains("fixed buffers not registered"), "{mode}");
     assert!(mode.contains("memlock"), "says what to change: {mode}");
     let body = put_blob(&server, "/v1/artifacts/e/unreg", (1 << 20) + 3);
@@ -482,16 +472,11 @@ fn without_a_ring_the_fallback_serves_and_says_why() {
     let Some((server, _dir)) = unprivileged_server(0, &[]) else {
         return;
     };
-    let status = server.send(Front::Http1, req("GET", "/status"));
-    let v: serde_json::Value = serde_json::from_slice(&status.body).expect("json");
-    if v["engine"]["io_uring"].as_bool().unwrap_or(true) {
-        eprintln!(
-            "SKIP: this kernel sets up rings without memlock: {}",
-            v["engine"]["mode"]
-        );
+    let (on, mode) = engine_status(&server);
+    if on {
+        eprintln!("SKIP: this kernel sets up rings without memlock: {mode}");
         return;
     }
-    let mode = v["engine"]["mode"].as_str().unwrap_or_default().to_string();
     assert!(mode.starts_with("fallback"), "{mode}");
     assert!(mode.contains("memlock"), "says why: {mode}");
     let body = put_blob(&server, "/v1/artifacts/e/fb", 300_000);

@@ -22,13 +22,9 @@ fn malformed_requests_get_their_status_and_close() {
     // These are the sans-IO core's rules, which plaintext meets on the ring.
     // Where io_uring is unavailable, hyper serves plaintext with its own
     // (documented, looser) rules: docs/security.md.
-    let status = server.send(Front::Http1, req("GET", "/status"));
-    let v: serde_json::Value = serde_json::from_slice(&status.body).expect("json");
-    if !v["engine"]["io_uring"].as_bool().unwrap_or(false) {
-        eprintln!(
-            "SKIP: plaintext is served by the fallback here: {}",
-            v["engine"]["mode"]
-        );
+    let (on, mode) = engine_status(&server);
+    if !on {
+        eprintln!("SKIP: plaintext is served by the fallback here: {mode}");
         return;
     }
     let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(9000));

@@ -761,6 +761,26 @@ mod tests {
     use super::*;
     use crate::store::{Store, StoreConfig};
 
+    /// A connection on an app over a fresh store in `dir`, already past
+    /// the peek (its first bytes begin with `first`).
+    fn conn(dir: &std::path::Path, first: &[u8], now: Instant) -> (Conn, Arc<App>) {
+        let store = Store::open(StoreConfig {
+            data_dir: dir.to_path_buf(),
+            ..StoreConfig::default()
+        })
+        .expect("store");
+        let app = App::new(&crate::config::Config::default(), store);
+        let files = Rc::new(RefCell::new(OpenCache::new(4)));
+        let limits = ConnLimits {
+            head: Limits::default(),
+            header_read_timeout_ms: 1000,
+            idle_timeout_ms: 1000,
+        };
+        let mut conn = Conn::new(Arc::clone(&app), files, limits, now);
+        assert_eq!(conn.on_peek(first, now), Next::Recv);
+        (conn, app)
+    }
+
     /// Feeds `bytes` to the connection as one recv (the kernel's part).
     fn recv(conn: &mut Conn, bytes: &[u8], now: Instant) -> Next {
         let mut buf = conn.take_read_buf();
@@ -783,23 +803,9 @@ mod tests {
     #[test]
     fn put_publishes_through_the_engine_then_the_buffer_shrinks() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(StoreConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..StoreConfig::default()
-        })
-        .expect("store");
-        let config = crate::config::Config::default();
-        let app = App::new(&config, store);
-        let files = Rc::new(RefCell::new(OpenCache::new(4)));
-        let limits = ConnLimits {
-            head: Limits::default(),
-            header_read_timeout_ms: 1000,
-            idle_timeout_ms: 1000,
-        };
-        let head_max = limits.head.head_bytes_max;
         let now = Instant::now();
-        let mut conn = Conn::new(Arc::clone(&app), files, limits, now);
-        assert_eq!(conn.on_peek(b"PUT ", now), Next::Recv);
+        let (mut conn, app) = conn(dir.path(), b"PUT ", now);
+        let head_max = Limits::default().head_bytes_max;
 
         let body = vec![7u8; 300_000];
         let head = format!(
@@ -839,21 +845,8 @@ mod tests {
     #[test]
     fn a_stray_publish_reply_closes() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(StoreConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..StoreConfig::default()
-        })
-        .expect("store");
-        let app = App::new(&crate::config::Config::default(), store);
-        let files = Rc::new(RefCell::new(OpenCache::new(4)));
-        let limits = ConnLimits {
-            head: Limits::default(),
-            header_read_timeout_ms: 1000,
-            idle_timeout_ms: 1000,
-        };
         let now = Instant::now();
-        let mut conn = Conn::new(app, files, limits, now);
-        assert_eq!(conn.on_peek(b"GET ", now), Next::Recv);
+        let (mut conn, _app) = conn(dir.path(), b"GET ", now);
         assert_eq!(conn.on_published(Reply::error(500, "stray")), Next::Close);
     }
 }

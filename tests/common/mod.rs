@@ -552,3 +552,14 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// The server's engine as `/status` reports it: (io_uring serves plaintext,
+/// the one-line description of what serves and why).
+pub fn engine_status(server: &Server) -> (bool, String) {
+    let r = server.send(Front::Http1, req("GET", "/status"));
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("status json");
+    (
+        v["engine"]["io_uring"].as_bool().unwrap_or(false),
+        v["engine"]["mode"].as_str().unwrap_or_default().to_string(),
+    )
+}
