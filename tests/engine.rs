@@ -489,3 +489,28 @@ fn without_a_ring_the_fallback_serves_and_says_why() {
         .stderr()
         .contains("serving every connection through the fallback"));
 }
+
+/// With two engine threads, each has its own SO_REUSEPORT listener and the
+/// kernel spreads connections over both: every thread accepts some of 40
+/// connections (all landing on one would happen with probability 2^-39).
+#[test]
+fn engine_threads_each_accept_on_their_own_listener() {
+    let server = server().no_tls().arg("--engine-threads").arg("2").start();
+    if !uring_available(&server) {
+        return;
+    }
+    for _ in 0..40 {
+        let r = server.send(Front::Http1, req("GET", "/up"));
+        assert_eq!(r.status, 200);
+    }
+    for core in 0..2 {
+        let accepted = metric(
+            &server,
+            &format!("sluice_ring_accepted_total{{core=\"{core}\"}}"),
+        )
+        .unwrap_or(0);
+        assert!(accepted > 0, "engine thread {core} accepted nothing");
+    }
+    let (_, mode) = engine_status(&server);
+    assert!(mode.contains("2 ring thread(s)"), "{mode}");
+}
