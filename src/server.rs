@@ -49,6 +49,9 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Run `sluice serve` until SIGTERM or SIGINT, then shut down in phases.
 pub fn run(config: Config) -> Result<(), ServeError> {
+    // First of all: a SIGTERM that arrives once the port is open must start
+    // the shutdown phases, not kill the process with the default action.
+    let signals = ShutdownSignals::install()?;
     let store = Store::open(StoreConfig {
         data_dir: config.data_dir.clone(),
         store_bytes_max: config.store_bytes_max,
@@ -110,7 +113,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let _ = writeln!(stdout, "sluice listening on {local}");
     let _ = stdout.flush();
 
-    wait_for_shutdown_signal()?;
+    signals.wait();
     tracing::info!("shutdown requested: readiness now answers 503");
     app.set_draining();
     std::thread::sleep(Duration::from_millis(config.shutdown_pre_drain_ms));
@@ -180,21 +183,43 @@ fn render_fallback_metrics(fallback: &Fallback, out: &mut String) {
     );
 }
 
-fn wait_for_shutdown_signal() -> Result<(), ServeError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| ServeError(format!("cannot start the signal runtime: {e}")))?;
-    runtime.block_on(async {
+/// SIGTERM and SIGINT handlers, installed before anything listens. They
+/// used to be installed only after "sluice listening" was printed, so a
+/// SIGTERM in between (an orchestrator stopping a fresh instance, or a test
+/// under load) killed the process outright: connections refused, no drain.
+/// A signal delivered before [`ShutdownSignals::wait`] is kept, not lost.
+struct ShutdownSignals {
+    runtime: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> Result<ShutdownSignals, ServeError> {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())
-            .map_err(|e| ServeError(format!("cannot install the SIGTERM handler: {e}")))?;
-        let mut int = signal(SignalKind::interrupt())
-            .map_err(|e| ServeError(format!("cannot install the SIGINT handler: {e}")))?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        Ok(())
-    })
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ServeError(format!("cannot start the signal runtime: {e}")))?;
+        let (term, int) = {
+            let _context = runtime.enter();
+            let term = signal(SignalKind::terminate())
+                .map_err(|e| ServeError(format!("cannot install the SIGTERM handler: {e}")))?;
+            let int = signal(SignalKind::interrupt())
+                .map_err(|e| ServeError(format!("cannot install the SIGINT handler: {e}")))?;
+            (term, int)
+        };
+        Ok(ShutdownSignals { runtime, term, int })
+    }
+
+    /// Blocks until SIGTERM or SIGINT (or one that came earlier).
+    fn wait(mut self) {
+        let (term, int) = (&mut self.term, &mut self.int);
+        self.runtime.block_on(async {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        });
+    }
 }

@@ -363,3 +363,23 @@ fn store_bytes_max_evicts_least_recently_used() {
     assert_eq!(status("k4"), 200, "the newest stays");
     assert_eq!(status("k0"), 200, "a recent read keeps an old write");
 }
+
+/// A SIGTERM the moment the server says it is listening starts the graceful
+/// shutdown: exit status 0. The handlers used to be installed only after the
+/// "listening" line, and a signal in that gap killed the process outright
+/// (this test failed most times then; the readiness test failed about one
+/// run in four under load).
+#[test]
+fn sigterm_right_after_start_shuts_down_cleanly() {
+    for round in 0..5 {
+        let mut server = server().no_tls().start();
+        let pid = rustix::process::Pid::from_raw(server.child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill");
+        let status = server.stop();
+        assert!(
+            status.success(),
+            "round {round}: {status:?}\n{}",
+            server.stderr()
+        );
+    }
+}
