@@ -399,7 +399,7 @@ fn send_http1(addr: SocketAddr, req: &Req) -> Resp {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        match s.read(&mut buf) {
+        match read_some(&mut s, &mut buf) {
             Ok(0) => break,
             Ok(n) => out.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
@@ -562,4 +562,17 @@ pub fn engine_status(server: &Server) -> (bool, String) {
         v["engine"]["io_uring"].as_bool().unwrap_or(false),
         v["engine"]["mode"].as_str().unwrap_or_default().to_string(),
     )
+}
+
+/// One `read`, retried on EINTR. A read on a socket with a timeout
+/// (SO_RCVTIMEO) is not restarted after a signal handler runs, and the test
+/// process gets signals while it reaps the servers it starts: a client must
+/// retry, as any real one does.
+pub fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
 }
