@@ -139,10 +139,8 @@ fn into_response(app: &Arc<App>, reply: Reply, version: Version) -> Response<Res
             offset,
             len,
         } => {
-            // The fallback reads through an uncached `Store::get`, so the
-            // file is normally its own; a shared one is duplicated.
-            let file = Arc::try_unwrap(artifact.file)
-                .or_else(|shared| shared.try_clone())
+            let file = artifact
+                .into_file()
                 .and_then(|mut file| file.seek(SeekFrom::Start(offset)).map(|_| file));
             match file {
                 Ok(file) => FileBody {

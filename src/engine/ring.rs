@@ -901,13 +901,12 @@ impl CoreLoop {
             }
             Next::SendFile { offset, len } => {
                 if slot.file.is_none() {
-                    // Ring operations hold their fd as an `Rc<OwnedFd>`; the
-                    // open-file cache shares the artifact's, so a large body
-                    // takes its own with one dup (small ones never get here).
+                    // Ring operations hold their fd as an `Rc<OwnedFd>`: a
+                    // large body takes its own (small ones never get here).
                     slot.file = slot
                         .conn
                         .take_file()
-                        .and_then(|a| Arc::try_unwrap(a.file).or_else(|f| f.try_clone()).ok())
+                        .and_then(|a| a.into_file().ok())
                         .map(|f| Rc::new(OwnedFd::from(f)));
                 }
                 let Some(file) = slot.file.clone() else {

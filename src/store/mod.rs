@@ -189,6 +189,13 @@ impl Artifact {
     pub fn etag(&self) -> String {
         format!("\"{}\"", hex::encode(self.sha256))
     }
+
+    /// The file as a descriptor of its own: this artifact's, if nothing else
+    /// shares it (an uncached `Store::get`), else a `dup` of the one the
+    /// open-file cache shares.
+    pub fn into_file(self) -> std::io::Result<File> {
+        Arc::try_unwrap(self.file).or_else(|shared| shared.try_clone())
+    }
 }
 
 /// Limits and promises for one upload.
