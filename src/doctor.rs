@@ -10,13 +10,14 @@ pub fn report() -> String {
     let _ = writeln!(out, "sluice serve would use:");
     // The same check `serve` makes before it starts the rings (default
     // splice mode; copy mode also needs read_fixed, listed above).
-    let missing = crate::engine::missing_support(&probe, crate::config::FileServingMode::Splice);
-    if let Some(reason) = missing.filter(|_| probe.available()) {
+    if let Some(reason) =
+        crate::engine::ring_refusal(&probe, crate::config::FileServingMode::Splice)
+    {
         let _ = writeln!(
             out,
             "  engine: fallback (hyper) for every connection, because {reason}"
         );
-    } else if probe.available() {
+    } else {
         let _ = writeln!(
             out,
             "  engine: io_uring rings (one per core by default), multishot accept"
@@ -61,15 +62,6 @@ pub fn report() -> String {
             probe
                 .pipe_max_size_bytes
                 .map_or("unknown".to_string(), |b| b.to_string())
-        );
-    } else {
-        let reason = probe
-            .unavailable
-            .as_ref()
-            .map_or("unknown", |u| u.reason.as_str());
-        let _ = writeln!(
-            out,
-            "  engine: fallback (hyper) for every connection, because {reason}"
         );
     }
     let _ = writeln!(

@@ -99,6 +99,17 @@ pub fn missing_support(probe: &sluice_uring::ProbeReport, mode: ConfigMode) -> O
     }
 }
 
+/// Why `serve` cannot run rings on this host in this mode, or `None`: io_uring
+/// unavailable, or a ring without what the engine needs. `sluice doctor`
+/// asks the same question.
+pub fn ring_refusal(probe: &sluice_uring::ProbeReport, mode: ConfigMode) -> Option<String> {
+    probe
+        .unavailable
+        .as_ref()
+        .map(|u| format!("io_uring is unavailable on this host: {}", u.reason))
+        .or_else(|| missing_support(probe, mode))
+}
+
 /// `(major, minor)` of a `uname -r` string such as `6.18.44-fc-v782`.
 fn kernel_version(release: &str) -> Option<(u32, u32)> {
     let mut parts = release.split(['.', '-']);
@@ -118,11 +129,7 @@ pub fn start(
     let probe = sluice_uring::probe();
     let why_not = match config.engine {
         EngineChoice::Fallback => Some("engine = \"fallback\" in the config".to_string()),
-        _ => probe
-            .unavailable
-            .as_ref()
-            .map(|u| format!("io_uring is unavailable on this host: {}", u.reason))
-            .or_else(|| missing_support(&probe, config.file_serving_mode)),
+        _ => ring_refusal(&probe, config.file_serving_mode),
     };
     let ring = match why_not {
         Some(reason) => {
@@ -224,16 +231,14 @@ fn start_ring(
         spin: Duration::from_micros(config.engine_spin_us),
     };
     RingEngine::start(settings, listeners, app, fallback)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ENOMEM) {
-                // Ring memory counts against RLIMIT_MEMLOCK for processes
-                // without CAP_IPC_LOCK.
-                format!(
-                    "cannot set up a ring: {e}; the memlock limit (ulimit -l, LimitMEMLOCK= in systemd) is likely too low, or grant CAP_IPC_LOCK"
-                )
-            } else {
-                format!("cannot set up a ring: {e}")
-            }
+        // The probe's ring is small; the engine's can still be refused (a
+        // memlock limit between the two): explain it as the probe would.
+        .map_err(|e| match e.raw_os_error() {
+            Some(errno) => format!(
+                "cannot set up a ring: {}",
+                sluice_uring::unavailable_reason(sluice_uring::Errno(errno), None)
+            ),
+            None => format!("cannot set up a ring: {e}"),
         })
 }
 

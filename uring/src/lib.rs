@@ -81,5 +81,5 @@ pub use driver::{
 };
 pub use errno::{Errno, ErrnoClass};
 pub use pipe::{Pipe, PipePool, PipePoolStats};
-pub use probe::{probe, OpSupport, ProbeReport, Unavailable, OPS_OF_INTEREST};
+pub use probe::{probe, unavailable_reason, OpSupport, ProbeReport, Unavailable, OPS_OF_INTEREST};
 pub use ring::{QueueFull, Ring, RingConfig, SetupFlags};

@@ -188,7 +188,10 @@ fn probe_buf_ring(ring: &IoUring) -> bool {
     registered
 }
 
-fn unavailable_reason(errno: Errno, sysctl: Option<u32>) -> String {
+/// An operator-facing sentence for an `io_uring_setup` failure with
+/// `errno`, given `kernel.io_uring_disabled` (if known): what blocks it and
+/// what to change.
+pub fn unavailable_reason(errno: Errno, sysctl: Option<u32>) -> String {
     match errno.0 {
         libc::ENOSYS => "io_uring_setup is not implemented: kernel older than 5.1, built without \
                          CONFIG_IO_URING, or a seccomp filter answers ENOSYS"
@@ -205,7 +208,8 @@ fn unavailable_reason(errno: Errno, sysctl: Option<u32>) -> String {
                 .to_string(),
         },
         libc::ENOMEM => "io_uring_setup failed with ENOMEM: the memlock limit (RLIMIT_MEMLOCK) \
-                         is too low for the ring on this kernel"
+                         is too low for the ring on this kernel; raise it (ulimit -l, \
+                         LimitMEMLOCK= in systemd) or grant CAP_IPC_LOCK"
             .to_string(),
         _ => format!("io_uring_setup failed: {errno}"),
     }
