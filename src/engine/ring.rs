@@ -389,8 +389,6 @@ struct Slot {
     want: (u64, u64),
     /// The socket was made `O_NONBLOCK` for the engine's own splices.
     nonblocking: bool,
-    /// `TCP_CORK` is set while a spliced body is in flight (see `pump`).
-    corked: bool,
 }
 
 /// One engine thread's state.
@@ -795,7 +793,6 @@ impl CoreLoop {
                 pipe: None,
                 want: (0, 0),
                 nonblocking: false,
-                corked: false,
             });
         }
         self.issue(index, Next::Peek);
@@ -945,7 +942,18 @@ impl CoreLoop {
                 }
                 if slot.pipe.is_none() {
                     match self.pipes.take() {
-                        Ok(pipe) => slot.pipe = Some(pipe),
+                        Ok(pipe) => {
+                            // Corked while the body holds its pipe, as nginx's
+                            // `tcp_nopush` does around sendfile: the connection
+                            // is TCP_NODELAY, so without it every splice ends in
+                            // a push of a part-filled segment and the loopback
+                            // receiver wakes per chunk (64 MiB GET at c=1:
+                            // 35 -> 25 ms, docs/benchmarks.md). `pump` uncorks
+                            // when the pipe goes back. A failure only costs
+                            // that gain, so it is not an error.
+                            let _ = rustix::net::sockopt::set_tcp_cork(&*fd, true);
+                            slot.pipe = Some(pipe);
+                        }
                         Err(_) => {
                             // Every pipe is busy: wait for one (bounded by the
                             // number of connections).
@@ -1030,16 +1038,6 @@ impl CoreLoop {
                 self.close(index);
                 return;
             };
-            if !slot.corked {
-                // Cork for the body, as nginx's `tcp_nopush` does around
-                // sendfile: the connection is TCP_NODELAY, so without it every
-                // splice ends in a push of a part-filled segment and the
-                // loopback receiver wakes per chunk. Measured on a 64 MiB GET at
-                // c=1: 35 ms -> 25 ms (docs/benchmarks.md). A failure only
-                // costs that gain, so it is not an error.
-                let _ = rustix::net::sockopt::set_tcp_cork(&*slot.fd, true);
-                slot.corked = true;
-            }
             if pipe.held_bytes() == 0 {
                 let (offset, len) = slot.want;
                 let chunk = len.min(pipe.capacity_bytes() as u64) as usize;
@@ -1082,7 +1080,6 @@ impl CoreLoop {
                             // part-filled segment now, not after the kernel's
                             // 200 ms cork timer.
                             let _ = rustix::net::sockopt::set_tcp_cork(&*slot.fd, false);
-                            slot.corked = false;
                             // The (empty) pipe goes back.
                             slot.pipe = None;
                             slot.file = None;
