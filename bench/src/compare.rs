@@ -116,26 +116,31 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("finding a free port: {e}"))
 }
 
-/// CPU time (user + system, seconds) of `pid` and all its live descendants, plus the reaped
-/// children's times folded into each (`cutime`, `cstime`), from `/proc/*/stat`.
-pub fn process_tree_cpu_secs(pid: u32) -> f64 {
-    let mut stats: BTreeMap<u32, (u32, u64)> = BTreeMap::new();
+/// `/proc/*/stat` of every live process: pid -> (ppid, utime + stime + cutime + cstime ticks).
+fn all_stats() -> BTreeMap<u32, (u32, u64)> {
+    let mut stats = BTreeMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
             let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
-            if let Some((ppid, ticks)) = read_stat(p) {
-                stats.insert(p, (ppid, ticks));
+            if let Some(stat) = read_stat(p) {
+                stats.insert(p, stat);
             }
         }
     }
-    let mut total = 0u64;
+    stats
+}
+
+/// `pid` and all its live descendants, with their `/proc/PID/stat` CPU ticks.
+fn process_tree(pid: u32) -> Vec<(u32, u64)> {
+    let stats = all_stats();
+    let mut tree = Vec::new();
     let mut frontier = vec![pid];
     // Bounded by the number of processes: each pid is visited once, since a pid has one parent.
     while let Some(p) = frontier.pop() {
-        if let Some((_, t)) = stats.get(&p) {
-            total += t;
+        if let Some((_, ticks)) = stats.get(&p) {
+            tree.push((p, *ticks));
         }
         frontier.extend(
             stats
@@ -144,37 +149,31 @@ pub fn process_tree_cpu_secs(pid: u32) -> f64 {
                 .map(|(c, _)| *c),
         );
     }
-    total as f64 / sys::clock_ticks_per_sec() as f64
+    tree
+}
+
+/// CPU time (user + system, seconds) of `pid` and all its live descendants, plus the reaped
+/// children's times folded into each (`cutime`, `cstime`), from `/proc/*/stat`.
+pub fn process_tree_cpu_secs(pid: u32) -> f64 {
+    let ticks: u64 = process_tree(pid).iter().map(|(_, t)| t).sum();
+    ticks as f64 / sys::clock_ticks_per_sec() as f64
 }
 
 /// Resident memory (bytes) of `pid` and all its live descendants: the sum of each process's
 /// resident pages from `/proc/*/statm`. Pages shared between processes (nginx's workers and
 /// master) are counted in each, so for a multi-process server this is an upper bound.
 pub fn process_tree_rss_bytes(pid: u32) -> u64 {
-    let mut parents: BTreeMap<u32, u32> = BTreeMap::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            if let Some((ppid, _)) = read_stat(p) {
-                parents.insert(p, ppid);
-            }
-        }
-    }
     let page = sys::page_bytes();
-    let mut total = 0u64;
-    let mut frontier = vec![pid];
-    // Each pid is visited once, since a pid has one parent.
-    while let Some(p) = frontier.pop() {
-        let resident_pages = std::fs::read_to_string(format!("/proc/{p}/statm"))
-            .ok()
-            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .unwrap_or(0);
-        total += resident_pages * page;
-        frontier.extend(parents.iter().filter(|(_, pp)| **pp == p).map(|(c, _)| *c));
-    }
-    total
+    process_tree(pid)
+        .iter()
+        .map(|(p, _)| {
+            std::fs::read_to_string(format!("/proc/{p}/statm"))
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .unwrap_or(0)
+                * page
+        })
+        .sum()
 }
 
 /// Samples [`process_tree_rss_bytes`] every 50 ms on a thread until dropped; `max_bytes`
