@@ -176,15 +176,7 @@ fn a_thousand_keep_alive_connections() {
         for (i, s) in conns.iter_mut().enumerate() {
             s.set_read_timeout(Some(Duration::from_secs(20)))
                 .expect("timeout");
-            let mut out = Vec::new();
-            let mut buf = [0u8; 8192];
-            while parse_response(&out, false).is_none() {
-                let n = read_some(s, &mut buf)
-                    .unwrap_or_else(|e| panic!("conn {i} round {round}: {e}"));
-                assert!(n > 0, "conn {i} closed in round {round}");
-                out.extend_from_slice(&buf[..n]);
-            }
-            let (r, _) = parse_response(&out, false).expect("response");
+            let r = read_one_response(s, &format!("conn {i} round {round}"));
             assert_eq!((r.status, r.body.len()), (200, 4096), "conn {i}");
         }
     }
@@ -333,14 +325,7 @@ fn over_capacity_connections_are_served_by_the_fallback() {
             .expect("write");
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        let mut out = Vec::new();
-        let mut buf = [0u8; 8192];
-        while parse_response(&out, false).is_none() {
-            let n = read_some(s, &mut buf).unwrap_or_else(|e| panic!("conn {i}: {e}"));
-            assert!(n > 0, "conn {i} closed");
-            out.extend_from_slice(&buf[..n]);
-        }
-        let (r, _) = parse_response(&out, false).expect("response");
+        let r = read_one_response(s, &format!("conn {i}"));
         assert_eq!((r.status, r.body.len()), (200, 4096), "conn {i}");
     }
     let over = metric(&server, "sluice_ring_over_capacity_total").unwrap_or(0);
@@ -361,13 +346,9 @@ fn idle_keep_alive_connections_are_closed() {
         .expect("write");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    let mut out = Vec::new();
+    let r = read_one_response(&mut s, "/up");
+    assert_eq!(r.status, 200);
     let mut buf = [0u8; 4096];
-    while parse_response(&out, false).is_none() {
-        let n = read_some(&mut s, &mut buf).expect("read");
-        assert!(n > 0);
-        out.extend_from_slice(&buf[..n]);
-    }
     // Then nothing more arrives, and the server closes (EOF) well inside the
     // 10 s read timeout.
     let start = Instant::now();

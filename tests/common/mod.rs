@@ -576,3 +576,18 @@ pub fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
 }
+
+/// Reads one complete response (not a HEAD's) from a keep-alive connection;
+/// panics, naming `what`, on an error or on EOF before it is complete.
+pub fn read_one_response(s: &mut TcpStream, what: &str) -> Resp {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some((r, _)) = parse_response(&out, false) {
+            return r;
+        }
+        let n = read_some(s, &mut buf).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(n > 0, "{what}: closed before the response was complete");
+        out.extend_from_slice(&buf[..n]);
+    }
+}
