@@ -485,7 +485,12 @@ impl CoreLoop {
             s.fixed_buffers_registered
                 .store(driver.fixed_buffers().registered(), Ordering::Relaxed);
         }
-        let publisher = Publisher::start(core, driver.waker())?;
+        let publisher = Publisher::start(core, driver.waker()).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot start the publisher thread of engine thread {core}: {e}"),
+            )
+        })?;
         Ok(CoreLoop {
             publisher,
             core,
