@@ -14,7 +14,8 @@ use std::time::Instant;
 use crate::auth::{Access, Auth, Denied};
 use crate::config::Config;
 use crate::http1::{
-    content_range, content_range_unsatisfied, if_none_match, parse_range, RangeOutcome,
+    content_range, content_range_unsatisfied, evaluate, if_range, parse_range, Conditions,
+    Precondition, RangeOutcome,
 };
 use crate::metrics::{write_metric, Metrics};
 use crate::route::{classify, Action, ArtifactKind, Route, RouteError};
@@ -34,6 +35,10 @@ pub struct RequestInfo<'a> {
     pub range: Option<&'a [u8]>,
     /// Raw `If-None-Match` value.
     pub if_none_match: Option<&'a [u8]>,
+    /// Raw `If-Match` value.
+    pub if_match: Option<&'a [u8]>,
+    /// Raw `If-Range` value.
+    pub if_range: Option<&'a [u8]>,
     /// Declared body length, when framed by `Content-Length`.
     pub content_length: Option<u64>,
     /// True when the body is `chunked` (length unknown up front).
@@ -272,6 +277,31 @@ impl App {
             })
     }
 
+    /// `If-Match` / `If-None-Match` on a PUT or DELETE (RFC 9110 13.2.2): 412 and no change
+    /// when they fail. `If-None-Match: *` makes a create-only write. The check and the write
+    /// are not one atomic step: a concurrent writer of the same key can slip between them,
+    /// and then the last writer wins as it would without the header.
+    #[allow(clippy::result_large_err)] // see `authorize`
+    fn check_write_preconditions(
+        &self,
+        req: &RequestInfo<'_>,
+        ns: &str,
+        key: &str,
+    ) -> Result<(), Reply> {
+        let conditions = req.conditions();
+        if conditions.if_match.is_none() && conditions.if_none_match.is_none() {
+            return Ok(());
+        }
+        let current = match self.store.get(ns, key) {
+            Ok(found) => found.map(|artifact| artifact.etag()),
+            Err(err) => return Err(store_error(&err)),
+        };
+        match evaluate(conditions, current.as_deref(), false) {
+            Precondition::Proceed => Ok(()),
+            Precondition::NotModified | Precondition::Failed => Err(precondition_failed()),
+        }
+    }
+
     fn get(
         &self,
         req: &RequestInfo<'_>,
@@ -297,8 +327,9 @@ impl App {
             ("accept-ranges", "bytes".to_string()),
             ("content-type", "application/octet-stream".to_string()),
         ];
-        if let Some(inm) = req.if_none_match {
-            if if_none_match(inm, &etag) {
+        match evaluate(req.conditions(), Some(&etag), true) {
+            Precondition::Proceed => {}
+            Precondition::NotModified => {
                 headers.truncate(2);
                 return Reply {
                     status: 304,
@@ -308,9 +339,16 @@ impl App {
                     close: false,
                 };
             }
+            Precondition::Failed => return precondition_failed(),
         }
+        // A Range under an If-Range that does not strongly match the current ETag is ignored
+        // (RFC 9110 13.1.5): the client holds part of another representation and must get
+        // the whole current one, never a piece of it to stitch onto the old.
+        let range = req
+            .range
+            .filter(|_| req.if_range.is_none_or(|value| if_range(value, &etag)));
         let len = artifact.len;
-        let (status, start, count) = match req.range.map(|r| parse_range(r, len)) {
+        let (status, start, count) = match range.map(|r| parse_range(r, len)) {
             None | Some(RangeOutcome::Full) => (200, 0, len),
             Some(RangeOutcome::Partial {
                 start,
@@ -344,6 +382,9 @@ impl App {
         if let Err(reply) = self.authorize(req, ns, Access::Write) {
             return reply;
         }
+        if let Err(reply) = self.check_write_preconditions(req, ns, key) {
+            return reply;
+        }
         match self.store.delete(ns, key) {
             Ok(true) => Reply::empty(204),
             Ok(false) => Reply::error(404, "no such artifact"),
@@ -358,6 +399,9 @@ impl App {
             Decision::Reply(close_if_unread(reply, has_body))
         };
         if let Err(reply) = self.authorize(req, ns, Access::Write) {
+            return refuse(reply);
+        }
+        if let Err(reply) = self.check_write_preconditions(req, ns, key) {
             return refuse(reply);
         }
         if req.content_length.is_none() && !req.chunked {
@@ -494,6 +538,22 @@ impl App {
         text.push('\n');
         text
     }
+}
+
+impl RequestInfo<'_> {
+    fn conditions(&self) -> Conditions<'_> {
+        Conditions {
+            if_match: self.if_match,
+            if_none_match: self.if_none_match,
+        }
+    }
+}
+
+fn precondition_failed() -> Reply {
+    Reply::error(
+        412,
+        "a precondition (If-Match or If-None-Match) does not hold",
+    )
 }
 
 fn close_if_unread(reply: Reply, has_body: bool) -> Reply {

@@ -66,6 +66,8 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Response<ResponseBody> 
         authorization: header("authorization"),
         range: header("range"),
         if_none_match: header("if-none-match"),
+        if_match: header("if-match"),
+        if_range: header("if-range"),
         content_length,
         chunked,
     };

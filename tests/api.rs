@@ -412,3 +412,119 @@ fn readiness_turns_503_on_every_front_while_draining() {
     }
     assert!(server.stop().success());
 }
+
+/// RFC 9110 13: a resumed download of an artifact that changed meanwhile gets the whole
+/// current body, never a piece of it; conditional writes are refused with 412 and change
+/// nothing. The same answers on every front.
+#[test]
+fn conditional_requests_on_every_front() {
+    let server = server().start();
+    for (i, front) in FRONTS.iter().copied().enumerate() {
+        let path = format!("/v1/artifacts/cond/item-{i}");
+        let old: Vec<u8> = (0..50_000u32).map(|n| (n % 251) as u8).collect();
+        let new: Vec<u8> = (0..60_000u32).map(|n| (n % 241) as u8).collect();
+        let old_etag = format!("\"{}\"", sha256_hex(&old));
+        let new_etag = format!("\"{}\"", sha256_hex(&new));
+
+        // Create-only: If-None-Match: * creates once, then refuses.
+        let r = server.send(
+            front,
+            req("PUT", &path)
+                .header("If-None-Match", "*")
+                .body(old.clone()),
+        );
+        assert_eq!(r.status, 201, "{front:?}");
+        let r = server.send(
+            front,
+            req("PUT", &path)
+                .header("If-None-Match", "*")
+                .body(new.clone()),
+        );
+        assert_eq!(
+            r.status, 412,
+            "{front:?}: create-only PUT over an existing key"
+        );
+        let r = server.send(front, req("GET", &path));
+        assert_eq!(r.body, old, "{front:?}: a refused PUT changes nothing");
+
+        // If-Match that does not hold: 412, nothing changes.
+        let r = server.send(
+            front,
+            req("PUT", &path)
+                .header("If-Match", "\"not-the-current-one\"")
+                .body(new.clone()),
+        );
+        assert_eq!(r.status, 412, "{front:?}: If-Match mismatch");
+        // A weak tag never matches If-Match (strong comparison).
+        let r = server.send(
+            front,
+            req("PUT", &path)
+                .header("If-Match", &format!("W/{old_etag}"))
+                .body(new.clone()),
+        );
+        assert_eq!(r.status, 412, "{front:?}: weak If-Match");
+        assert_eq!(server.send(front, req("GET", &path)).body, old, "{front:?}");
+
+        // A Range under an If-Range of the current ETag is honoured.
+        let r = server.send(
+            front,
+            req("GET", &path)
+                .header("Range", "bytes=100-199")
+                .header("If-Range", &old_etag),
+        );
+        assert_eq!(r.status, 206, "{front:?}");
+        assert_eq!(r.body, &old[100..200], "{front:?}");
+
+        // If-Match that holds: the write goes through.
+        let r = server.send(
+            front,
+            req("PUT", &path)
+                .header("If-Match", &old_etag)
+                .body(new.clone()),
+        );
+        assert_eq!(r.status, 204, "{front:?}: If-Match of the current ETag");
+
+        // The artifact changed: resuming with the old ETag gets all of the new one.
+        for if_range in [old_etag.clone(), format!("W/{new_etag}")] {
+            let r = server.send(
+                front,
+                req("GET", &path)
+                    .header("Range", "bytes=100-199")
+                    .header("If-Range", &if_range),
+            );
+            assert_eq!(r.status, 200, "{front:?}: If-Range {if_range}");
+            assert_eq!(r.body, new, "{front:?}: If-Range {if_range}");
+            assert_eq!(r.header("content-range"), None, "{front:?}");
+        }
+        // A date cannot match: sluice sends no Last-Modified.
+        let r = server.send(
+            front,
+            req("GET", &path)
+                .header("Range", "bytes=0-0")
+                .header("If-Range", "Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!((r.status, r.body.len()), (200, new.len()), "{front:?}");
+
+        // Reads: If-Match that fails is 412 too.
+        let r = server.send(front, req("GET", &path).header("If-Match", &old_etag));
+        assert_eq!(r.status, 412, "{front:?}");
+
+        // DELETE under a failing If-Match keeps the artifact.
+        let r = server.send(front, req("DELETE", &path).header("If-Match", &old_etag));
+        assert_eq!(r.status, 412, "{front:?}");
+        assert_eq!(server.send(front, req("GET", &path)).status, 200);
+        let r = server.send(front, req("DELETE", &path).header("If-Match", &new_etag));
+        assert_eq!(r.status, 204, "{front:?}");
+        // If-Match: * on a missing artifact fails.
+        let r = server.send(
+            front,
+            req("PUT", &path).header("If-Match", "*").body(new.clone()),
+        );
+        assert_eq!(r.status, 412, "{front:?}");
+        assert_eq!(
+            server.send(front, req("GET", &path)).status,
+            404,
+            "{front:?}"
+        );
+    }
+}

@@ -540,6 +540,8 @@ impl Conn {
             authorization: head.header("authorization"),
             range: head.header("range"),
             if_none_match: head.header("if-none-match"),
+            if_match: head.header("if-match"),
+            if_range: head.header("if-range"),
             content_length,
             chunked,
         };
