@@ -133,6 +133,11 @@ pub enum Decision {
     /// asked for it), feed it to the sink, then send what
     /// [`PutSink::finish`] returns.
     ReceiveBody(PutSink),
+    /// The artifact is not in memory (its path or header would be read from
+    /// the disk). Only [`App::handle_with`] under a no-wait [`OpenCache`]
+    /// answers this: the ring engine opens it on another thread, so its own
+    /// thread never waits for a disk, and then asks again.
+    Cold { namespace: String, key: String },
 }
 
 /// Limits the application applies per route.
@@ -251,7 +256,15 @@ impl App {
                 key,
                 action,
             } => match action {
-                Action::Get | Action::Head => self.get(req, namespace, key, files),
+                Action::Get | Action::Head => match self.get(req, namespace, key, files) {
+                    Ok(reply) => reply,
+                    Err(Cold) => {
+                        return Decision::Cold {
+                            namespace: namespace.to_string(),
+                            key: key.to_string(),
+                        }
+                    }
+                },
                 Action::Delete => self.delete(req, namespace, key),
                 Action::Put => return self.put(req, kind, namespace, key),
             },
@@ -308,9 +321,9 @@ impl App {
         ns: &str,
         key: &str,
         files: Option<&mut OpenCache>,
-    ) -> Reply {
+    ) -> Result<Reply, Cold> {
         if let Err(reply) = self.authorize(req, ns, Access::Read) {
-            return reply;
+            return Ok(reply);
         }
         let opened = match files {
             Some(cache) => self.store.get_cached(ns, key, cache),
@@ -318,8 +331,9 @@ impl App {
         };
         let artifact = match opened {
             Ok(Some(artifact)) => artifact,
-            Ok(None) => return Reply::error(404, "no such artifact"),
-            Err(err) => return store_error(&err),
+            Ok(None) => return Ok(Reply::error(404, "no such artifact")),
+            Err(StoreError::WouldBlock) => return Err(Cold),
+            Err(err) => return Ok(store_error(&err)),
         };
         let etag = artifact.etag();
         let mut headers = vec![
@@ -331,15 +345,15 @@ impl App {
             Precondition::Proceed => {}
             Precondition::NotModified => {
                 headers.truncate(2);
-                return Reply {
+                return Ok(Reply {
                     status: 304,
                     headers,
                     content_length: None,
                     body: ReplyBody::Empty,
                     close: false,
-                };
+                });
             }
-            Precondition::Failed => return precondition_failed(),
+            Precondition::Failed => return Ok(precondition_failed()),
         }
         // A Range under an If-Range that does not strongly match the current ETag is ignored
         // (RFC 9110 13.1.5): the client holds part of another representation and must get
@@ -361,11 +375,11 @@ impl App {
                 let mut r = Reply::error(416, "range not satisfiable");
                 r.headers
                     .push(("content-range", content_range_unsatisfied(len)));
-                return r;
+                return Ok(r);
             }
         };
         let offset = artifact.body_offset + start;
-        Reply {
+        Ok(Reply {
             status,
             headers,
             content_length: Some(count),
@@ -375,7 +389,7 @@ impl App {
                 len: count,
             },
             close: false,
-        }
+        })
     }
 
     fn delete(&self, req: &RequestInfo<'_>, ns: &str, key: &str) -> Reply {
@@ -548,6 +562,9 @@ impl RequestInfo<'_> {
         }
     }
 }
+
+/// [`App::get`] found the artifact's file cold under a no-wait open.
+struct Cold;
 
 fn precondition_failed() -> Reply {
     Reply::error(

@@ -74,6 +74,9 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Response<ResponseBody> 
     let route_label = classify(&method, &path).map_or("none", |r| r.label());
     let reply = match app.handle(&info) {
         Decision::Reply(reply) => reply,
+        // `App::handle` opens artifacts blocking (on this runtime's threads),
+        // so it never answers `Cold`; should it, the client may retry.
+        Decision::Cold { .. } => Reply::error(503, "artifact not ready; try again"),
         Decision::ReceiveBody(mut sink) => {
             // Polling the body is what makes hyper send `100 Continue`, so a
             // refusal decided above never invites the body.

@@ -48,6 +48,10 @@ pub const INLINE_BODY_BYTES_MAX: u64 = 64 * 1024;
 pub const LINGER_BYTES_MAX: usize = 1024 * 1024;
 /// How long a lingering close may wait for the client, in milliseconds.
 pub const LINGER_TIMEOUT_MS: u64 = 2_000;
+/// Cold opens one request may wait for before its open is done on the
+/// engine thread after all: a page evicted again between the opener's read
+/// and the ring's second look must not bounce a request for ever.
+pub const COLD_OPENS_PER_REQUEST_MAX: u8 = 2;
 
 /// Per-connection limits, from the config.
 #[derive(Clone, Copy, Debug)]
@@ -88,6 +92,10 @@ pub enum Next {
     /// the engine thread (it may fsync) and report with
     /// [`Conn::on_published`].
     Publish,
+    /// The artifact the request names is cold (its path or header would
+    /// come from the disk): open it off the engine thread, then call
+    /// [`Conn::on_opened`], which decides the request again.
+    Open { namespace: String, key: String },
     /// Close the socket.
     Close,
 }
@@ -168,6 +176,8 @@ pub struct Conn {
     head_at: Instant,
     /// Responses completed on this connection.
     pub responses: u64,
+    /// Cold opens the current request has waited for.
+    cold_opens: u8,
 }
 
 impl Conn {
@@ -193,6 +203,7 @@ impl Conn {
             timed_out: false,
             head_at: now,
             responses: 0,
+            cold_opens: 0,
         }
     }
 
@@ -268,6 +279,23 @@ impl Conn {
             .current
             .map_or(("none", "OTHER"), |f| (f.route, f.method));
         self.respond(reply, route, method)
+    }
+
+    /// The cold open asked for by [`Next::Open`] is done: decide the request
+    /// again (its head is still in the read buffer).
+    pub fn on_opened(&mut self, now: Instant) -> Next {
+        if !matches!(self.state, State::ReadingHead) {
+            return self.close();
+        }
+        self.cold_opens = self.cold_opens.saturating_add(1);
+        self.read_head(now)
+    }
+
+    /// The opener could not take the cold open: decide the request again,
+    /// opening the artifact on the engine thread this once.
+    pub fn open_here(&mut self, now: Instant) -> Next {
+        self.cold_opens = COLD_OPENS_PER_REQUEST_MAX;
+        self.on_opened(now)
     }
 
     /// True until the first bytes have been classified.
@@ -553,9 +581,17 @@ impl Conn {
         self.close_after = !head.keep_alive();
         let decision = {
             let mut files = self.files.borrow_mut();
+            files.nowait = self.cold_opens < COLD_OPENS_PER_REQUEST_MAX;
             self.app.handle_with(&info, Some(&mut files))
         };
+        if let Decision::Cold { namespace, key } = decision {
+            // Nothing of the head is consumed: it is decided again once the
+            // artifact is open.
+            return (Some(Next::Open { namespace, key }), 0);
+        }
+        self.cold_opens = 0;
         let next = match decision {
+            Decision::Cold { .. } => Some(self.close()),
             Decision::Reply(reply) => Some(self.respond_head_only(reply, route, method, head_only)),
             Decision::ReceiveBody(sink) => match BodyDecoder::new(framing, sink.body_bytes_max()) {
                 Err(err) => {
@@ -693,19 +729,24 @@ impl Conn {
                 offset,
                 len,
             } => {
-                if head_only || len == 0 {
-                    AfterSend::Done
+                let inline = if head_only || len == 0 {
+                    None
                 } else if len <= INLINE_BODY_BYTES_MAX {
-                    let start = out.len();
-                    out.resize(start + len as usize, 0);
-                    // A file cut short behind the store's back fails here:
-                    // answer 500 and close instead of a short body.
-                    let read = std::os::unix::fs::FileExt::read_exact_at(
-                        &*artifact.file,
-                        &mut out[start..],
-                        offset,
-                    );
-                    if read.is_err() {
+                    Some(inline_read(&artifact, out, offset, len))
+                } else {
+                    Some(InlineRead::Cold)
+                };
+                match inline {
+                    None => AfterSend::Done,
+                    Some(InlineRead::Done) => {
+                        self.app
+                            .metrics
+                            .add_response_bytes(crate::metrics::BytePath::RingCopy, len);
+                        AfterSend::Done
+                    }
+                    Some(InlineRead::Failed) => {
+                        // A file cut short behind the store's back: answer
+                        // 500 and close instead of a short body.
                         out.clear();
                         self.close_after = true;
                         let mut reply = Reply::error(500, "artifact could not be read").closing();
@@ -716,15 +757,14 @@ impl Conn {
                         if let Some(current) = self.current.as_mut() {
                             current.status = 500;
                         }
-                    } else {
-                        self.app
-                            .metrics
-                            .add_response_bytes(crate::metrics::BytePath::RingCopy, len);
+                        AfterSend::Done
                     }
-                    AfterSend::Done
-                } else {
-                    self.file = Some(artifact);
-                    AfterSend::File { offset, len }
+                    // Large, or small but not all in the page cache: the
+                    // engine moves it, reading cold parts through the ring.
+                    Some(InlineRead::Cold) => {
+                        self.file = Some(artifact);
+                        AfterSend::File { offset, len }
+                    }
                 }
             }
         };
@@ -732,6 +772,39 @@ impl Conn {
         self.state = State::SendingHead(after);
         Next::Send { more }
     }
+}
+
+/// How an inline body read went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InlineRead {
+    /// The body follows the head in the out buffer.
+    Done,
+    /// Part of it is not in the page cache: nothing was added.
+    Cold,
+    /// The file is shorter than its header says, or unreadable.
+    Failed,
+}
+
+/// Append `len` bytes of `artifact` at `offset` to `out` from the page
+/// cache only (`RWF_NOWAIT`): an engine thread never waits for the disk.
+fn inline_read(artifact: &Artifact, out: &mut Vec<u8>, offset: u64, len: u64) -> InlineRead {
+    let start = out.len();
+    out.resize(start + len as usize, 0);
+    let read = rustix::io::preadv2(
+        &*artifact.file,
+        &mut [std::io::IoSliceMut::new(&mut out[start..])],
+        offset,
+        rustix::io::ReadWriteFlags::NOWAIT,
+    );
+    let outcome = match read {
+        Ok(n) if n as u64 == len => return InlineRead::Done,
+        // Short with NOWAIT: the rest is not cached, or the file ends early;
+        // the engine's file path tells the two apart (EOF answers an error).
+        Ok(_) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::OPNOTSUPP) => InlineRead::Cold,
+        Err(_) => InlineRead::Failed,
+    };
+    out.truncate(start);
+    outcome
 }
 
 /// The metrics label for a method token.

@@ -1,0 +1,135 @@
+//! Whether a file range is in the page cache, asked without reading it.
+//!
+//! The engine serves a range by splice on its own thread only when every page of it is
+//! resident; anything else is read through the ring (io-wq), so no engine thread waits for a
+//! disk. `cachestat(2)` (Linux 6.5+) answers from the page cache's own tree in one syscall and
+//! touches no page; on older kernels the answer is [`Residency::Unknown`].
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::Errno;
+
+/// The `cachestat` syscall number: the same on every architecture (it was added after the
+/// syscall tables were unified at 424).
+const SYS_CACHESTAT: libc::c_long = 451;
+/// Page size assumed to count the pages of a range. A larger real page size only makes the
+/// count of needed pages an over-estimate, which reads as "not resident": the safe side.
+const PAGE_BYTES: u64 = 4096;
+
+/// Set once `cachestat` answered ENOSYS: do not ask again.
+static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+/// What the page cache holds of a range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Residency {
+    /// Every page of the range is cached: reading it does not wait for the disk.
+    Resident,
+    /// At least one page must come from the disk.
+    NotResident,
+    /// The kernel cannot tell (no `cachestat`): the caller decides.
+    Unknown,
+}
+
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// Whether `len` bytes of `file` from `offset` are all in the page cache.
+pub fn residency(file: &impl AsRawFd, offset: u64, len: u64) -> Residency {
+    if len == 0 {
+        return Residency::Resident;
+    }
+    if UNSUPPORTED.load(Ordering::Relaxed) {
+        return Residency::Unknown;
+    }
+    match cachestat(file, offset, len) {
+        Ok(stat) => {
+            let first_page = offset / PAGE_BYTES;
+            let end_page = offset.saturating_add(len).div_ceil(PAGE_BYTES);
+            if stat.nr_cache >= end_page - first_page {
+                Residency::Resident
+            } else {
+                Residency::NotResident
+            }
+        }
+        Err(err) if err.0 == libc::ENOSYS => {
+            UNSUPPORTED.store(true, Ordering::Relaxed);
+            Residency::Unknown
+        }
+        // EBADF, EINVAL (not a file cachestat knows, e.g. hugetlbfs), EOPNOTSUPP: no answer.
+        Err(_) => Residency::Unknown,
+    }
+}
+
+/// Whether this kernel answers `cachestat` (probed on a pipe-free fd: `/proc/self/exe`'s page
+/// cache is as good as any file's).
+pub fn supported() -> bool {
+    if UNSUPPORTED.load(Ordering::Relaxed) {
+        return false;
+    }
+    match std::fs::File::open("/proc/self/exe") {
+        Ok(file) => residency(&file, 0, 1) != Residency::Unknown,
+        Err(_) => false,
+    }
+}
+
+fn cachestat(file: &impl AsRawFd, offset: u64, len: u64) -> Result<Cachestat, Errno> {
+    let range = CachestatRange { off: offset, len };
+    let mut stat = Cachestat::default();
+    // SAFETY: `range` and `stat` are live, properly aligned `repr(C)` structs laid out as the
+    // kernel's `struct cachestat_range` and `struct cachestat`; the kernel reads the first and
+    // writes the second only during the call. The fd is borrowed for the call, so it is open.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut stat as *mut Cachestat,
+            0u32,
+        )
+    };
+    if rc == 0 {
+        Ok(stat)
+    } else {
+        Err(Errno::from_io(&std::io::Error::last_os_error()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_file_just_written_is_resident_and_a_dropped_one_is_not() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&vec![7u8; 64 * 1024]).unwrap();
+        let first = residency(&file, 0, 64 * 1024);
+        if first == Residency::Unknown {
+            eprintln!("SKIP: this kernel has no cachestat(2)");
+            return;
+        }
+        assert_eq!(first, Residency::Resident);
+        assert_eq!(residency(&file, 0, 0), Residency::Resident);
+        // Past the end of the file nothing can be cached.
+        assert_eq!(residency(&file, 1 << 30, 4096), Residency::NotResident);
+        // Written back and dropped from the cache, the pages are no longer resident.
+        file.sync_all().unwrap();
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        assert_eq!(residency(&file, 0, 64 * 1024), Residency::NotResident);
+        assert!(supported());
+    }
+}
