@@ -29,8 +29,8 @@ use sluice_uring::{
     PipePool, Residency, Returned, RingConfig, SharedFd, Waker,
 };
 
-use super::conn::{Conn, ConnLimits, Next};
 use super::cold::{self, Opener};
+use super::conn::{Conn, ConnLimits, Next};
 use super::publish::{self, Done, Job, Publisher};
 use super::task::{OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYTES};
 use crate::app::App;
@@ -519,10 +519,9 @@ impl CoreLoop {
         task_rx: std::sync::mpsc::Receiver<OutgoingRequest>,
     ) -> std::io::Result<CoreLoop> {
         let connections_max = settings.connections_per_core_max;
-        let ops_max = u32::try_from(
-            connections_max + 1 + TASKS_PER_CORE_MAX + READAHEADS_PER_CORE_MAX,
-        )
-        .unwrap_or(u32::MAX);
+        let ops_max =
+            u32::try_from(connections_max + 1 + TASKS_PER_CORE_MAX + READAHEADS_PER_CORE_MAX)
+                .unwrap_or(u32::MAX);
         let mut driver = Driver::new(DriverConfig {
             ring: RingConfig {
                 sq_entries: SQ_ENTRIES,

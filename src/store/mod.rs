@@ -686,7 +686,12 @@ impl Store {
         self.open_artifact(ns, key, true)
     }
 
-    fn open_artifact(&self, ns: &str, key: &str, nowait: bool) -> Result<Option<Artifact>, StoreError> {
+    fn open_artifact(
+        &self,
+        ns: &str,
+        key: &str,
+        nowait: bool,
+    ) -> Result<Option<Artifact>, StoreError> {
         check_names(ns, key)?;
         let sh = self.shared();
         let rel = relative_path(ns, key);

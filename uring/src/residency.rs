@@ -74,6 +74,14 @@ pub fn residency(file: &impl AsRawFd, offset: u64, len: u64) -> Residency {
     }
 }
 
+/// Bytes of `len` from `offset` of `file` that the page cache holds (whole
+/// pages), or `None` where the kernel cannot tell.
+pub fn cached_bytes(file: &impl AsRawFd, offset: u64, len: u64) -> Option<u64> {
+    cachestat(file, offset, len)
+        .ok()
+        .map(|stat| stat.nr_cache.saturating_mul(PAGE_BYTES))
+}
+
 /// Whether this kernel answers `cachestat` (probed on a pipe-free fd: `/proc/self/exe`'s page
 /// cache is as good as any file's).
 pub fn supported() -> bool {
