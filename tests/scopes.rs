@@ -76,7 +76,8 @@ fn get(path: &str, authorization: &str) -> Req {
 
 /// In scope: 201 on `/v1/artifacts/`, `/ac/`, `/cas/`, an instance-prefixed `/ac/` and
 /// `/cache/`. Out of scope: 403 naming the namespace, on each of those routes (a plain and
-/// a streamed `Expect: 100-continue` body), and an all-namespace token then finds nothing.
+/// a streamed `Expect: 100-continue` body), and an all-namespace token then finds nothing;
+/// an out-of-scope DELETE is refused and leaves the artifact.
 #[test]
 fn scoped_tokens_write_only_their_namespaces_on_every_front() {
     let server = server().config(SCOPED_CONFIG).start();
@@ -183,6 +184,19 @@ fn scoped_tokens_write_only_their_namespaces_on_every_front() {
                 .streamed(7_000),
         );
         assert_eq!(r.status, 403, "{front:?} streamed PUT");
+        // DELETE is a write too: out of scope it is refused and the artifact stays.
+        let keep = format!("/v1/artifacts/team-b/keep-{i}");
+        assert_eq!(server.send(front, put(&keep, ADMIN, b"kept")).status, 201);
+        let r = server.send(front, req("DELETE", &keep).header("Authorization", TEAM_A));
+        assert_eq!(r.status, 403, "{front:?} DELETE {keep}");
+        assert_eq!(
+            server.send(front, get(&keep, ADMIN)).status,
+            200,
+            "{front:?}"
+        );
+        let own = format!("/v1/artifacts/team-a/in-{i}");
+        let r = server.send(front, req("DELETE", &own).header("Authorization", TEAM_A));
+        assert_eq!(r.status, 204, "{front:?} DELETE {own}");
         // Nothing was stored: a token covering every namespace finds none of them.
         let stored_as = [
             streamed,
