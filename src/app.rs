@@ -287,6 +287,9 @@ impl App {
                     r
                 }
                 Denied::Forbidden => Reply::error(403, "this token may not write"),
+                Denied::OutOfScope => {
+                    Reply::error(403, &format!("this token is not scoped to namespace {ns}"))
+                }
             })
     }
 

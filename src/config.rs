@@ -35,6 +35,14 @@
 //!   secret is 16 to 1024 bytes of visible ASCII (`!`..`~`), so it can be sent in an
 //!   `Authorization` header; two tokens may not share one secret (its access would be
 //!   ambiguous); `access` is required (`"ro"` or `"rw"`): no silent default for a grant.
+//! - **Token scopes**: `namespaces = ["a", "b"]` limits a token to those namespaces (writes,
+//!   and reads of `read = "token"` namespaces); without the key a token covers every
+//!   namespace. The list holds 1 to 1024 names, each a valid namespace name listed once. An
+//!   empty list is an error, not "no namespaces": a token that can do nothing is a mistake,
+//!   and "all" must be spelled by leaving the key out. A duplicate is an error too: it is
+//!   harmless to the check but is usually a copy-paste slip hiding a missing name. The Bazel
+//!   routes are named by the namespace they store into (`ac`, `cas`, whatever the instance
+//!   prefix), Gradle's `/cache/` by `gradle`.
 //! - **TLS files** are not opened here: the front end reports an unreadable certificate or key
 //!   when it loads them, with the path.
 use std::collections::{BTreeMap, HashMap};
@@ -58,6 +66,8 @@ pub const SECRET_BYTES_MAX: usize = 1024;
 pub const TOKENS_MAX: usize = 1024;
 /// Most `[namespaces.NAME]` tables.
 pub const NAMESPACES_MAX: usize = 1024;
+/// Most names in one token's `namespaces` list.
+pub const TOKEN_NAMESPACES_MAX: usize = 1024;
 /// Longest value quoted back in an error message, in bytes.
 const ERROR_VALUE_BYTES_MAX: usize = 200;
 
@@ -226,6 +236,10 @@ pub struct TokenConfig {
     pub secret_source: SecretSource,
     /// What the token grants.
     pub access: TokenAccess,
+    /// The namespaces the token is limited to (`namespaces = [...]`), in the order written,
+    /// each valid and listed once, 1 to [`TOKEN_NAMESPACES_MAX`] of them. `None` (the key
+    /// left out, the default) covers every namespace.
+    pub namespaces: Option<Vec<String>>,
 }
 
 /// One `[namespaces.NAME]` table.
@@ -400,6 +414,16 @@ impl Config {
             out.push_str("access = ");
             out.push_str(&toml_string(token.access.as_str()));
             out.push('\n');
+            if let Some(namespaces) = &token.namespaces {
+                out.push_str("namespaces = [");
+                for (i, name) in namespaces.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    out.push_str(&toml_string(name));
+                }
+                out.push_str("]\n");
+            }
         }
         out
     }
@@ -1090,8 +1114,11 @@ static KEYS: &[KeySpec] = &[
 ];
 
 const NAMESPACE_KEYS: &[&str] = &["read"];
-const TOKEN_KEYS: &[&str] = &["name", "secret", "secret_env", "access"];
+const TOKEN_KEYS: &[&str] = &["name", "secret", "secret_env", "access", "namespaces"];
 const NAMESPACE_NAME_EXPECTED: &str = "a namespace name matching [a-z0-9][a-z0-9_-]{0,63}";
+const TOKEN_NAMESPACE_EXPECTED: &str = "a namespace name matching [a-z0-9][a-z0-9_-]{0,63} \
+     (the Bazel routes /ac/ and /cas/, with or without an instance name, are `ac` and `cas`; \
+     Gradle's /cache/ is `gradle`)";
 const TOKEN_NAME_EXPECTED: &str = "a token name matching [A-Za-z0-9][A-Za-z0-9_.-]{0,63}";
 
 fn find_key(name: &str) -> Option<&'static KeySpec> {
@@ -1117,6 +1144,60 @@ pub fn is_valid_namespace(name: &str) -> bool {
         && bytes
             .iter()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-')
+}
+
+/// Validates a token's `namespaces = [...]` (see the module docs): on error, the key (down to
+/// the list element at fault), the value as shown to the operator, and what is allowed.
+fn token_namespaces(
+    prefix: &str,
+    value: &toml::Value,
+) -> Result<Vec<String>, (String, String, &'static str)> {
+    let key = format!("{prefix}.namespaces");
+    let toml::Value::Array(items) = value else {
+        return Err((
+            key,
+            truncate(describe_toml(value)),
+            "an array of namespace names, e.g. [\"ac\", \"cas\"]; leave the key out for \
+             every namespace",
+        ));
+    };
+    if items.is_empty() {
+        return Err((
+            key,
+            "[]".to_owned(),
+            "at least one namespace name; leave the key out for every namespace",
+        ));
+    }
+    if items.len() > TOKEN_NAMESPACES_MAX {
+        return Err((
+            key,
+            format!("{} names", items.len()),
+            "at most 1024 namespace names",
+        ));
+    }
+    let mut names: Vec<String> = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let key = format!("{key}[{index}]");
+        let name = match item {
+            toml::Value::String(name) if is_valid_namespace(name) => name,
+            other => {
+                return Err((
+                    key,
+                    truncate(describe_toml(other)),
+                    TOKEN_NAMESPACE_EXPECTED,
+                ))
+            }
+        };
+        if names.contains(name) {
+            return Err((
+                key,
+                format!("{name:?}"),
+                "a namespace not already listed for this token",
+            ));
+        }
+        names.push(name.clone());
+    }
+    Ok(names)
 }
 
 fn is_valid_token_name(name: &str) -> bool {
@@ -1327,6 +1408,13 @@ impl Loader {
                     .keyword(TokenAccess::from_name)
                     .ok_or_else(|| bad(access_key, describe_toml(access), access_expected))?,
             };
+            let namespaces = match entry.get("namespaces") {
+                None => None,
+                Some(value) => Some(
+                    token_namespaces(&prefix, value)
+                        .map_err(|(key, value, expected)| bad(key, value, expected))?,
+                ),
+            };
 
             let (secret_key, secret, secret_source) =
                 match (entry.get("secret"), entry.get("secret_env")) {
@@ -1418,6 +1506,7 @@ impl Loader {
                 secret,
                 secret_source,
                 access,
+                namespaces,
             });
         }
         Ok(())
@@ -1792,6 +1881,70 @@ mod tests {
                 "\"NOT_SET\"",
                 "it is not set",
             ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = []",
+                "tokens[0].namespaces",
+                "[]",
+                "at least one namespace name; leave the key out for every namespace",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = \"team-a\"",
+                "tokens[0].namespaces",
+                "\"team-a\"",
+                "an array of namespace names",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 [tokens.namespaces]\nteam-a = true",
+                "tokens[0].namespaces",
+                "a table",
+                "an array of namespace names",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = [\"team-a\", \"Team-B\"]",
+                "tokens[0].namespaces[1]",
+                "\"Team-B\"",
+                "[a-z0-9][a-z0-9_-]{0,63}",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = [\"a/b\"]",
+                "tokens[0].namespaces[0]",
+                "\"a/b\"",
+                "`ac` and `cas`",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = [\"\"]",
+                "tokens[0].namespaces[0]",
+                "\"\"",
+                "a namespace name matching",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = [\"ac\", 7]",
+                "tokens[0].namespaces[1]",
+                "7",
+                "a namespace name matching",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = [\"ac\", [\"cas\"]]",
+                "tokens[0].namespaces[1]",
+                "an array of 1 items",
+                "a namespace name matching",
+            ),
+            (
+                "[[tokens]]\nname = \"a\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 [[tokens]]\nname = \"b\"\nsecret = \"fedcba9876543210\"\naccess = \"ro\"\n\
+                 namespaces = [\"ac\", \"cas\", \"ac\"]",
+                "tokens[1].namespaces[2]",
+                "\"ac\"",
+                "a namespace not already listed for this token",
+            ),
         ];
         for (text, key, value, allowed) in rows {
             let message = err(from_file(text));
@@ -2148,11 +2301,26 @@ mod tests {
                         secret: Secret::new(format!("secret-number-{i:04}")),
                         secret_source: SecretSource::Inline,
                         access: *access,
+                        namespaces: None,
                     })
                     .collect(),
                 ..Config::default()
             };
             assert_eq!(config.anonymous_writes(), *anonymous, "{accesses:?}");
+            // A scope narrows what a token may write; it does not make anyone else's
+            // writes anonymous.
+            let scoped = Config {
+                tokens: config
+                    .tokens
+                    .iter()
+                    .map(|token| TokenConfig {
+                        namespaces: Some(vec!["team-a".to_owned()]),
+                        ..token.clone()
+                    })
+                    .collect(),
+                ..config.clone()
+            };
+            assert_eq!(scoped.anonymous_writes(), *anonymous, "{accesses:?}");
         }
     }
 
@@ -2278,8 +2446,13 @@ mod tests {
                     fsync = \"never\"\nengine = \"uring\"\nengine_threads = 4\n\
                     file_serving_mode = \"copy\"\nlog_level = \"debug\"\n\
                     [namespaces.ac]\nread = \"token\"\n[namespaces.gradle]\nread = \"public\"\n\
-                    [[tokens]]\nname = \"ci\"\nsecret_env = \"CI_SECRET\"\naccess = \"rw\"\n";
-        let vars = env(&[("CI_SECRET", "0123456789abcdef")]);
+                    [[tokens]]\nname = \"ci\"\nsecret_env = \"CI_SECRET\"\naccess = \"rw\"\n\
+                    [[tokens]]\nname = \"team-a\"\nsecret_env = \"TEAM_A_SECRET\"\n\
+                    access = \"rw\"\nnamespaces = [\"team-a\", \"ac\", \"cas\"]\n";
+        let vars = env(&[
+            ("CI_SECRET", "0123456789abcdef"),
+            ("TEAM_A_SECRET", "fedcba9876543210"),
+        ]);
         let config = load_text(
             Some((Path::new("a.toml"), text)),
             &vars,
@@ -2295,6 +2468,10 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}\n{printed}"));
         assert_eq!(config, again, "{printed}");
         assert!(printed.contains("secret_env = \"CI_SECRET\""), "{printed}");
+        assert!(
+            printed.contains("namespaces = [\"team-a\", \"ac\", \"cas\"]"),
+            "{printed}"
+        );
         assert!(!printed.contains("0123456789abcdef"), "{printed}");
 
         let defaults = Config::default().to_toml();
@@ -2311,6 +2488,49 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(fixed.engine_threads_effective(), 3);
+    }
+
+    /// `namespaces` on a token: left out covers every namespace; written, it is kept in the
+    /// order given (reserved Bazel/Gradle names included); past the bound it is refused.
+    #[test]
+    fn token_namespaces_default_to_all_and_keep_their_order() {
+        let config = from_file(
+            "[[tokens]]\nname = \"all\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+             [[tokens]]\nname = \"team\"\nsecret = \"fedcba9876543210\"\naccess = \"ro\"\n\
+             namespaces = [\"team-b\", \"gradle\", \"ac\", \"cas\", \"0_x\"]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.tokens[0].namespaces, None);
+        assert_eq!(
+            config.tokens[1].namespaces.as_deref(),
+            Some(&["team-b", "gradle", "ac", "cas", "0_x"].map(String::from)[..])
+        );
+
+        let names = |count: usize| {
+            (0..count)
+                .map(|i| format!("\"n{i}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let token = |list: String| {
+            format!(
+                "[[tokens]]\nname = \"t\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = [{list}]\n"
+            )
+        };
+        let most = from_file(&token(names(TOKEN_NAMESPACES_MAX))).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            most.tokens[0].namespaces.as_ref().map(Vec::len),
+            Some(TOKEN_NAMESPACES_MAX)
+        );
+        let message = err(from_file(&token(names(TOKEN_NAMESPACES_MAX + 1))));
+        for needle in [
+            "config key `tokens[0].namespaces`",
+            "= `1025 names`",
+            "at most 1024 namespace names",
+        ] {
+            assert!(message.contains(needle), "{needle:?} not in {message}");
+        }
     }
 
     #[test]

@@ -193,6 +193,9 @@ const CONFIGS: &[(&str, &str)] = &[
     ("bad_namespace", "[namespaces.\"../x\"]\nread = \"token\"\n"),
     ("bad_access", "[[tokens]]\nname = \"a\"\nsecret_env = \"FUZZ_TOKEN\"\naccess = \"admin\"\n"),
     ("not_toml", "listen = [\n"),
+    ("token_scopes", "[namespaces.team-a-private]\nread = \"token\"\n\n[[tokens]]\nname = \"team-a\"\nsecret_env = \"FUZZ_TOKEN\"\naccess = \"rw\"\nnamespaces = [\"team-a\", \"team-a-private\", \"ac\", \"cas\", \"gradle\"]\n"),
+    ("empty_token_scope", "[[tokens]]\nname = \"a\"\nsecret_env = \"FUZZ_TOKEN\"\naccess = \"rw\"\nnamespaces = []\n"),
+    ("bad_token_scope", "[[tokens]]\nname = \"a\"\nsecret_env = \"FUZZ_TOKEN\"\naccess = \"rw\"\nnamespaces = [\"ac\", \"../x\", \"ac\"]\n"),
 ];
 
 /// Every named seed: (target, file name, bytes).
