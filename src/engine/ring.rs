@@ -1004,7 +1004,18 @@ impl CoreLoop {
                         .conn
                         .take_file()
                         .and_then(|a| a.into_file().ok())
-                        .map(|f| Rc::new(OwnedFd::from(f)));
+                        .map(|f| {
+                            // No kernel read-ahead on files the engine reads:
+                            // it would run inside the engine's own splice of a
+                            // cached chunk (an async read-ahead mark on a page)
+                            // and wait there for block-map metadata from the
+                            // disk (bench/cold: hot p99 1 s). The engine reads
+                            // ahead itself, through the ring (`read_cold`). The
+                            // flag is on the open file description, which the
+                            // fallback never shares.
+                            let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::Random);
+                            Rc::new(OwnedFd::from(f))
+                        });
                 }
                 let Some(file) = slot.file.clone() else {
                     self.close(index);
