@@ -412,3 +412,79 @@ fn readiness_turns_503_on_every_front_while_draining() {
     }
     assert!(server.stop().success());
 }
+
+/// ccache's default layout sends `/v1/artifacts/ccache/fe/a5c6…`: generic
+/// keys take `/`-separated segments on every front (and on plaintext served
+/// by the fallback), while traversal and empty segments answer 400 and store
+/// nothing.
+#[test]
+fn multi_segment_generic_keys_on_every_front() {
+    for engine in ["auto", "fallback"] {
+        let server = server().env("SLUICE_ENGINE", engine).start();
+        for (i, front) in FRONTS.iter().copied().enumerate() {
+            let path = format!("/v1/artifacts/ccache/fe/a5c6ltr4q0kut6qjm9545n50fgo5c{i}");
+            let body = vec![i as u8; 70_000];
+            let what = format!("{engine} {front:?}");
+            assert_eq!(server.send(front, req("GET", &path)).status, 404, "{what}");
+            let r = server.send(front, req("PUT", &path).body(body.clone()));
+            assert_eq!(r.status, 201, "{what}");
+            let r = server.send(front, req("GET", &path));
+            assert_eq!((r.status, &r.body), (200, &body), "{what}");
+            let h = server.send(front, req("HEAD", &path));
+            assert_eq!(h.status, 200, "{what}");
+            assert_eq!(h.header("content-length"), Some("70000"), "{what}");
+            // A deeper key beside it is a different artifact.
+            let deep = format!("/v1/artifacts/ccache/a/b/c/d/{i}.bin");
+            assert_eq!(
+                server
+                    .send(front, req("PUT", &deep).body(b"x".to_vec()))
+                    .status,
+                201
+            );
+            assert_eq!(server.send(front, req("GET", &deep)).body, b"x", "{what}");
+            assert_eq!(
+                server.send(front, req("DELETE", &deep)).status,
+                204,
+                "{what}"
+            );
+            let r = server.send(front, req("DELETE", &path));
+            assert_eq!(r.status, 204, "{what}");
+            assert_eq!(server.send(front, req("GET", &path)).status, 404, "{what}");
+        }
+        // One stays, to show its file: one flat name in the key's shard.
+        let r = server.send(
+            Front::Http1,
+            req("PUT", "/v1/artifacts/ccache/fe/kept").body(b"k".to_vec()),
+        );
+        assert_eq!(r.status, 201);
+        let before = files_under(&server.data_dir);
+        assert!(
+            before.contains(&server.data_dir.join("ccache/fe/fe~kept")),
+            "{before:?}"
+        );
+        let refused = [
+            "/v1/artifacts/ccache/a/../../../etc/passwd",
+            "/v1/artifacts/ccache/../gradle/x",
+            "/v1/artifacts/ccache/a/./b",
+            "/v1/artifacts/ccache/a//b",
+            "/v1/artifacts/ccache/a/",
+            "/v1/artifacts/ccache/a/.hidden",
+            "/v1/artifacts/ccache/a/%2e%2e/b",
+            "/v1/artifacts/ccache/a%2fb",
+            "/v1/artifacts/ccache/a~b",
+        ];
+        for front in FRONTS {
+            for path in refused {
+                let r = server.send(front, req("PUT", path).body(b"evil".to_vec()));
+                assert_eq!(r.status, 400, "{engine} {front:?} PUT {path}");
+                let r = server.send(front, req("GET", path));
+                assert_eq!(r.status, 400, "{engine} {front:?} GET {path}");
+            }
+        }
+        assert_eq!(
+            files_under(&server.data_dir),
+            before,
+            "{engine}: nothing stored"
+        );
+    }
+}
