@@ -268,6 +268,17 @@ pub struct Config {
     pub header_read_timeout_ms: u64,
     /// Time an idle keep-alive connection is kept, in ms. Default 60000.
     pub idle_timeout_ms: u64,
+    /// Longest wait for the next bytes of a request body, in ms (idle time between body
+    /// bytes, not the whole upload); past it the request answers 408 (HTTP/2: the stream is
+    /// answered or reset). Default 30000.
+    pub body_read_timeout_ms: u64,
+    /// Longest time a response may make no progress because the client does not read, in ms
+    /// (nginx's `send_timeout`); past it the connection is closed. Also bounds how long an
+    /// HTTP/2 PING answer is awaited. Default 30000.
+    pub send_timeout_ms: u64,
+    /// Connections one client address may hold on each front (per ring engine thread, and in
+    /// the fallback); 0 = no cap. Default 256.
+    pub connections_per_ip_max: usize,
     /// Which front end serves plaintext HTTP/1. Default `auto`.
     pub engine: EngineChoice,
     /// Engine threads; 0 = one per core. Default 0, at most 256.
@@ -316,6 +327,9 @@ impl Default for Config {
             gradle_body_bytes_max: 100 * MIB,
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
+            body_read_timeout_ms: 30_000,
+            send_timeout_ms: 30_000,
+            connections_per_ip_max: 256,
             engine: EngineChoice::Auto,
             engine_threads: 0,
             file_serving_mode: FileServingMode::Splice,
@@ -985,6 +999,33 @@ static KEYS: &[KeySpec] = &[
         },
         |c| Some(c.idle_timeout_ms.to_string()),
     ),
+    key(
+        "body_read_timeout_ms",
+        MS_POSITIVE_EXPECTED,
+        |c, r| {
+            c.body_read_timeout_ms = r.uint(1, TIMEOUT_MS_LIMIT)?;
+            Some(())
+        },
+        |c| Some(c.body_read_timeout_ms.to_string()),
+    ),
+    key(
+        "send_timeout_ms",
+        MS_POSITIVE_EXPECTED,
+        |c, r| {
+            c.send_timeout_ms = r.uint(1, TIMEOUT_MS_LIMIT)?;
+            Some(())
+        },
+        |c| Some(c.send_timeout_ms.to_string()),
+    ),
+    key(
+        "connections_per_ip_max",
+        "a whole number from 0 to 1000000 (0 = no cap)",
+        |c, r| {
+            c.connections_per_ip_max = usize::try_from(r.uint(0, 1_000_000)?).ok()?;
+            Some(())
+        },
+        |c| Some(c.connections_per_ip_max.to_string()),
+    ),
     flag_key(
         "engine",
         "--engine",
@@ -1630,6 +1671,18 @@ mod tests {
             ("header_read_timeout_ms", "0", "from 1 to 3600000"),
             ("header_read_timeout_ms", "10s", "from 1 to 3600000"),
             ("idle_timeout_ms", "3600001", "from 1 to 3600000"),
+            ("body_read_timeout_ms", "0", "from 1 to 3600000"),
+            ("send_timeout_ms", "3600001", "from 1 to 3600000"),
+            (
+                "connections_per_ip_max",
+                "1000001",
+                "from 0 to 1000000 (0 = no cap)",
+            ),
+            (
+                "connections_per_ip_max",
+                "-1",
+                "from 0 to 1000000 (0 = no cap)",
+            ),
             ("engine_spin_us", "10001", "from 0 to 10000"),
             ("engine_spin_us", "-1", "from 0 to 10000"),
             ("engine", "turbo", "one of auto, uring, fallback"),

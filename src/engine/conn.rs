@@ -55,6 +55,8 @@ pub struct ConnLimits {
     pub head: Limits,
     pub header_read_timeout_ms: u64,
     pub idle_timeout_ms: u64,
+    /// Idle time allowed between the bytes of a request body (408 after).
+    pub body_read_timeout_ms: u64,
 }
 
 /// The operation the engine must submit next for this connection.
@@ -576,7 +578,8 @@ impl Conn {
                         Some(Next::Send { more: false })
                     } else {
                         self.state = State::ReadingBody(Box::new(BodyRx { sink, decoder }));
-                        self.deadline = now + Duration::from_millis(self.limits.idle_timeout_ms);
+                        self.deadline =
+                            now + Duration::from_millis(self.limits.body_read_timeout_ms);
                         None
                     }
                 }
@@ -627,7 +630,7 @@ impl Conn {
         match outcome {
             None => {
                 self.state = State::ReadingBody(rx);
-                self.deadline = now + Duration::from_millis(self.limits.idle_timeout_ms);
+                self.deadline = now + Duration::from_millis(self.limits.body_read_timeout_ms);
                 Next::Recv
             }
             Some(Ok(())) => {
@@ -775,6 +778,7 @@ mod tests {
             head: Limits::default(),
             header_read_timeout_ms: 1000,
             idle_timeout_ms: 1000,
+            body_read_timeout_ms: 1000,
         };
         let mut conn = Conn::new(Arc::clone(&app), files, limits, now);
         assert_eq!(conn.on_peek(first, now), Next::Recv);

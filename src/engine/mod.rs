@@ -221,7 +221,9 @@ fn start_ring(
             },
             header_read_timeout_ms: config.header_read_timeout_ms,
             idle_timeout_ms: config.idle_timeout_ms,
+            body_read_timeout_ms: config.body_read_timeout_ms,
         },
+        connections_per_ip_max: config.connections_per_ip_max,
         mode: match config.file_serving_mode {
             ConfigMode::Splice => FileServingMode::Splice,
             ConfigMode::Copy => FileServingMode::Copy,

@@ -17,7 +17,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +35,7 @@ use super::task::{OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYT
 use crate::app::App;
 use crate::fallback::Fallback;
 use crate::metrics::BytePath;
+use crate::peer_limit::PerIpCounts;
 use crate::store::OpenCache;
 
 /// How file bodies leave a ring.
@@ -54,6 +55,10 @@ pub struct EngineSettings {
     /// Connections one thread serves at once; more are handed to the
     /// fallback, which has its own bound.
     pub connections_per_core_max: usize,
+    /// Connections one client address may hold on one engine thread (0 = no cap). Per thread,
+    /// so the accept path takes no lock: `SO_REUSEPORT` spreads one client's connections over
+    /// the threads, and each thread keeps the address from filling it.
+    pub connections_per_ip_max: usize,
     pub conn_limits: ConnLimits,
     pub mode: FileServingMode,
     /// Pipes per thread: also the bound on splices in flight per thread.
@@ -106,6 +111,7 @@ pub struct CoreStats {
     pub handed_off_total: AtomicU64,
     pub handoff_refused_total: AtomicU64,
     pub over_capacity_total: AtomicU64,
+    pub per_ip_refused_total: AtomicU64,
     pub submissions_total: AtomicU64,
     pub completions_total: AtomicU64,
     pub sq_full_total: AtomicU64,
@@ -262,7 +268,7 @@ impl RingEngine {
             &'static str,
             fn(&CoreStats) -> u64,
         );
-        let series: [Series; 13] = [
+        let series: [Series; 14] = [
             (
                 "sluice_ring_accept_errors_total",
                 "counter",
@@ -310,6 +316,12 @@ impl RingEngine {
                 "counter",
                 "Connections accepted while the ring was full.",
                 |s| s.over_capacity_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_per_ip_refused_total",
+                "counter",
+                "Connections closed at accept: their address held connections_per_ip_max.",
+                |s| s.per_ip_refused_total.load(Ordering::Relaxed),
             ),
             (
                 "sluice_ring_submissions_total",
@@ -389,6 +401,8 @@ struct Slot {
     want: (u64, u64),
     /// The socket was made `O_NONBLOCK` for the engine's own splices.
     nonblocking: bool,
+    /// The client's address, counted in `per_ip` while the slot lives.
+    ip: Option<IpAddr>,
 }
 
 /// One engine thread's state.
@@ -422,6 +436,8 @@ struct CoreLoop {
     /// Publishes finished uploads off this thread.
     publisher: Publisher,
     ticks: u64,
+    /// Connections per client address on this thread (`connections_per_ip_max`).
+    per_ip: PerIpCounts,
 }
 
 struct TaskSlot {
@@ -516,6 +532,7 @@ impl CoreLoop {
             task_generation: 1,
             files: Rc::new(RefCell::new(OpenCache::new(OPEN_FILES_PER_CORE_MAX))),
             ticks: 0,
+            per_ip: PerIpCounts::new(settings.connections_per_ip_max),
         })
     }
 
@@ -770,7 +787,24 @@ impl CoreLoop {
             s.accepted_total.fetch_add(1, Ordering::Relaxed);
         }
         let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
+        let stream = TcpStream::from(fd);
+        let ip = stream.peer_addr().ok().map(|peer| peer.ip());
+        let fd = OwnedFd::from(stream);
+        if let Some(ip) = ip {
+            if !self.per_ip.try_add(ip) {
+                // Closed without a status: nothing has been read, so whether it speaks
+                // HTTP/1, TLS or h2 is not known yet (docs/security.md).
+                if let Some(s) = self.core_stats() {
+                    s.per_ip_refused_total.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(%ip, "connections_per_ip_max reached; closing");
+                return;
+            }
+        }
         let Some(index) = self.free.pop() else {
+            if let Some(ip) = ip {
+                self.per_ip.remove(ip);
+            }
             // The ring is full: the fallback takes the connection (it has
             // its own bound), so nothing waits unbounded here.
             if let Some(s) = self.core_stats() {
@@ -798,6 +832,7 @@ impl CoreLoop {
                 pipe: None,
                 want: (0, 0),
                 nonblocking: false,
+                ip,
             });
         }
         self.issue(index, Next::Peek);
@@ -815,10 +850,13 @@ impl CoreLoop {
                 }
             }
             Err(refused) => {
-                tracing::debug!(reason = ?refused.reason, "fallback refused a connection; closing it");
+                tracing::debug!(reason = ?refused.reason, "fallback refused a connection");
                 if let Some(s) = self.core_stats() {
                     s.handoff_refused_total.fetch_add(1, Ordering::Relaxed);
                 }
+                // The fallback answers it without blocking this thread: 503 for HTTP/1,
+                // a close for TLS and h2c (docs/security.md).
+                self.fallback.answer_refused(refused.stream);
             }
         }
     }
@@ -826,6 +864,9 @@ impl CoreLoop {
     fn free_slot(&mut self, index: u32) -> Option<Slot> {
         let slot = self.slots.get_mut(index as usize)?.take()?;
         self.free.push(index);
+        if let Some(ip) = slot.ip {
+            self.per_ip.remove(ip);
+        }
         Some(slot)
     }
 
@@ -1451,8 +1492,11 @@ mod tests {
                 None,
                 FallbackLimits {
                     connections_max: 16,
+                    connections_per_ip_max: 0,
                     header_read_timeout_ms: 1000,
                     idle_timeout_ms: 1000,
+                    send_timeout_ms: 1000,
+                    uri_bytes_max: 8192,
                 },
             )
             .expect("fallback"),
@@ -1467,7 +1511,9 @@ mod tests {
                 head: crate::http1::Limits::default(),
                 header_read_timeout_ms: 1000,
                 idle_timeout_ms: 1000,
+                body_read_timeout_ms: 1000,
             },
+            connections_per_ip_max: 0,
             mode: FileServingMode::Splice,
             pipes_per_core_max: 4,
             pipe_bytes: 64 * 1024,
