@@ -29,11 +29,14 @@ const FILE_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Default of [`AppHandler::with_body_read_timeout`], as `body_read_timeout_ms` defaults.
 pub const BODY_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Default of [`AppHandler::with_uri_bytes_max`], as `uri_bytes_max` defaults.
+pub const URI_BYTES_MAX_DEFAULT: usize = 8192;
 
 /// [`Handler`] that serves the application.
 pub struct AppHandler {
     app: Arc<App>,
     body_read_timeout: Duration,
+    uri_bytes_max: usize,
 }
 
 impl AppHandler {
@@ -41,7 +44,16 @@ impl AppHandler {
         AppHandler {
             app,
             body_read_timeout: BODY_READ_TIMEOUT_DEFAULT,
+            uri_bytes_max: URI_BYTES_MAX_DEFAULT,
         }
+    }
+
+    /// Longest request target in bytes (`uri_bytes_max`); a longer one answers 414, as on the
+    /// ring. HTTP/1 targets far over it never get here (the fallback's guard answers them);
+    /// this catches HTTP/2 `:path` and pipelined HTTP/1 heads.
+    pub fn with_uri_bytes_max(mut self, uri_bytes_max: usize) -> AppHandler {
+        self.uri_bytes_max = uri_bytes_max;
+        self
     }
 
     /// Longest wait for the next piece of a request body (`body_read_timeout_ms`); past it the
@@ -61,7 +73,16 @@ impl Handler for AppHandler {
     ) -> impl Future<Output = Response<ResponseBody>> + Send {
         let app = Arc::clone(&self.app);
         let body_read_timeout = self.body_read_timeout;
-        async move { serve(app, req, body_read_timeout).await }
+        let uri_bytes_max = self.uri_bytes_max;
+        async move {
+            let target_bytes = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+            if target_bytes > uri_bytes_max {
+                let reply = Reply::error(414, "request target is too long").closing();
+                app.record("none", req.method().as_str(), reply.status);
+                return into_response(&app, reply, req.version());
+            }
+            serve(app, req, body_read_timeout).await
+        }
     }
 }
 

@@ -78,7 +78,8 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         Fallback::start(
             Arc::new(
                 AppHandler::new(Arc::clone(&app))
-                    .with_body_read_timeout(Duration::from_millis(config.body_read_timeout_ms)),
+                    .with_body_read_timeout(Duration::from_millis(config.body_read_timeout_ms))
+                    .with_uri_bytes_max(config.uri_bytes_max),
             ),
             tls.clone(),
             FallbackLimits {

@@ -453,6 +453,20 @@ impl Conn {
                 "none",
                 "OTHER",
             ),
+            // A body that stalls past body_read_timeout_ms: answer as the fallback does. The
+            // sink goes with the old state, so nothing half-written becomes visible.
+            State::ReadingBody(_) => {
+                self.state = State::Closed;
+                self.app.metrics.count_put_aborted();
+                let (route, method) = self
+                    .current
+                    .map_or(("none", "OTHER"), |f| (f.route, f.method));
+                self.respond(
+                    Reply::error(408, "the request body stalled").closing(),
+                    route,
+                    method,
+                )
+            }
             _ => self.close(),
         }
     }

@@ -207,7 +207,9 @@ mod tests {
     #[test]
     fn victim_is_the_longest_idle_that_is_not_busy() {
         let ms = Duration::from_millis;
-        let rows: &[(&[(u64, bool, u64)], Option<u64>)] = &[
+        // (id, busy, idle ms) candidates and the victim expected.
+        type Row<'a> = (&'a [(u64, bool, u64)], Option<u64>);
+        let rows: &[Row] = &[
             (&[], None),
             (&[(1, true, 900)], None),
             (&[(1, true, 900), (2, false, 10), (3, false, 20)], Some(3)),
