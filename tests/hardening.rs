@@ -146,8 +146,8 @@ fn stalled_request_bodies_end_after_body_read_timeout_1_2() {
 }
 
 /// Item 3: an HTTP/2 client that never reads is closed: the graceful close after the idle
-/// timeout (GOAWAY + PING) is not waited on forever. And an HTTP/1.1 TLS client that stops
-/// reading a large response is closed after `send_timeout_ms`.
+/// timeout (GOAWAY + PING) is not waited on forever. And an HTTP/1.1 client that stops
+/// reading a large response is closed after `send_timeout_ms`, on the ring and over TLS.
 #[test]
 fn clients_that_never_read_are_closed_3() {
     let server = quick().start();
@@ -171,20 +171,25 @@ fn clients_that_never_read_are_closed_3() {
                 "{front:?}: non-reading h2 client still open"
             );
         }
-        let mut io = connect(&server, Front::TlsHttp1).await;
-        io.write_all(b"GET /v1/artifacts/t/big HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .expect("write");
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        let out = read_until_closed(&mut io, Duration::from_secs(5))
-            .await
-            .expect("a TLS client that does not read is still open");
-        assert!(
-            out.len() < body.len(),
-            "the whole body was sent: no stall to time out"
-        );
+        for front in H1_FRONTS {
+            let mut io = connect(&server, front).await;
+            io.write_all(b"GET /v1/artifacts/t/big HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .expect("write");
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let out = read_until_closed(&mut io, Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|| panic!("{front:?}: a client that does not read is still open"));
+            assert!(
+                out.len() < body.len(),
+                "{front:?}: the whole body was sent: no stall to time out"
+            );
+        }
     });
     assert!(metric(&server, "sluice_fallback_send_timeout_total") >= 1);
+    if common::engine_status(&server).0 {
+        assert!(metric(&server, "sluice_ring_send_timeout_total") >= 1);
+    }
 }
 
 /// Item 4: 16 held connections (idle TLS, h2c that never reads, a TLS handshake that never

@@ -57,6 +57,8 @@ pub struct ConnLimits {
     pub idle_timeout_ms: u64,
     /// Idle time allowed between the bytes of a request body (408 after).
     pub body_read_timeout_ms: u64,
+    /// Time a response may make no progress because the client does not read (close after).
+    pub send_timeout_ms: u64,
 }
 
 /// The operation the engine must submit next for this connection.
@@ -216,6 +218,16 @@ impl Conn {
         self.timed_out = true;
     }
 
+    /// True while a response waits for the client to take it (a send, a
+    /// splice or its `POLLOUT` wait is pending): the deadline is then
+    /// `send_timeout_ms` after the last progress, and passing it closes.
+    pub fn waits_for_output(&self) -> bool {
+        matches!(
+            self.state,
+            State::SendingHead(_) | State::SendingFile { .. }
+        )
+    }
+
     /// True while the connection waits for the client (a recv is pending),
     /// which is when a deadline applies.
     pub fn waits_for_input(&self) -> bool {
@@ -351,6 +363,9 @@ impl Conn {
             Err(_) => return self.close(),
         };
         self.out_sent += sent;
+        if sent > 0 {
+            self.deadline = now + Duration::from_millis(self.limits.send_timeout_ms);
+        }
         if self.out_sent < self.out_len() {
             // Short send: resume from where the kernel stopped.
             return self.resume_send();
@@ -391,6 +406,7 @@ impl Conn {
             Ok(n) if n > 0 && n <= *remaining => {
                 *offset += n;
                 *remaining -= n;
+                self.deadline = now + Duration::from_millis(self.limits.send_timeout_ms);
                 if *remaining == 0 {
                     self.file = None;
                     self.response_done(now)
@@ -681,6 +697,7 @@ impl Conn {
         }
         let close = self.close_after;
         self.app.metrics.record_ttfb(self.head_at.elapsed());
+        self.deadline = Instant::now() + Duration::from_millis(self.limits.send_timeout_ms);
         self.current = Some(Finished {
             route,
             method,
@@ -793,6 +810,7 @@ mod tests {
             header_read_timeout_ms: 1000,
             idle_timeout_ms: 1000,
             body_read_timeout_ms: 1000,
+            send_timeout_ms: 1000,
         };
         let mut conn = Conn::new(Arc::clone(&app), files, limits, now);
         assert_eq!(conn.on_peek(first, now), Next::Recv);

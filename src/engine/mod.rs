@@ -222,6 +222,7 @@ fn start_ring(
             header_read_timeout_ms: config.header_read_timeout_ms,
             idle_timeout_ms: config.idle_timeout_ms,
             body_read_timeout_ms: config.body_read_timeout_ms,
+            send_timeout_ms: config.send_timeout_ms,
         },
         connections_per_ip_max: config.connections_per_ip_max,
         mode: match config.file_serving_mode {

@@ -112,6 +112,7 @@ pub struct CoreStats {
     pub handoff_refused_total: AtomicU64,
     pub over_capacity_total: AtomicU64,
     pub per_ip_refused_total: AtomicU64,
+    pub send_timeout_total: AtomicU64,
     pub submissions_total: AtomicU64,
     pub completions_total: AtomicU64,
     pub sq_full_total: AtomicU64,
@@ -268,7 +269,7 @@ impl RingEngine {
             &'static str,
             fn(&CoreStats) -> u64,
         );
-        let series: [Series; 14] = [
+        let series: [Series; 15] = [
             (
                 "sluice_ring_accept_errors_total",
                 "counter",
@@ -322,6 +323,12 @@ impl RingEngine {
                 "counter",
                 "Connections closed at accept: their address held connections_per_ip_max.",
                 |s| s.per_ip_refused_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_send_timeout_total",
+                "counter",
+                "Connections closed: the client took no response bytes for send_timeout_ms.",
+                |s| s.send_timeout_total.load(Ordering::Relaxed),
             ),
             (
                 "sluice_ring_submissions_total",
@@ -667,19 +674,28 @@ impl CoreLoop {
         }
     }
 
-    /// If the connection waits for input and `pred` holds, cancel its recv;
-    /// the completion (ECANCELED) then lets the connection answer 408 or close.
+    /// If the connection waits for the client (input, or a response it does
+    /// not take) and `pred` holds, cancel its operation; the completion
+    /// (ECANCELED) then lets the connection answer 408 or close.
     fn expire_if(&mut self, index: usize, pred: impl Fn(&Slot) -> bool) {
         let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
-        if slot.cancelling || !slot.conn.waits_for_input() || !pred(slot) {
+        let sending = slot.conn.waits_for_output();
+        if slot.cancelling || !(slot.conn.waits_for_input() || sending) || !pred(slot) {
             return;
         }
         if let Some(op) = slot.pending {
             slot.conn.on_deadline();
             slot.cancelling = true;
+            // A cancelled send, splice or POLLOUT wait completes with ECANCELED, and the
+            // connection closes: a client that does not read gets no more time.
             let _ = self.driver.cancel(op);
+            if sending {
+                if let Some(s) = self.stats.get(self.core) {
+                    s.send_timeout_total.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -1512,6 +1528,7 @@ mod tests {
                 header_read_timeout_ms: 1000,
                 idle_timeout_ms: 1000,
                 body_read_timeout_ms: 1000,
+                send_timeout_ms: 1000,
             },
             connections_per_ip_max: 0,
             mode: FileServingMode::Splice,

@@ -597,7 +597,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardIo<I> {
                     } else {
                         Vec::new()
                     };
-                    this.refuse(goaway, false, "HTTP/2 stream resets over the limit");
+                    // Linger as for a 414: closing on unread input would reset the connection,
+                    // and a reset can destroy the GOAWAY before the client reads it.
+                    this.refuse(goaway, true, "HTTP/2 stream resets over the limit");
                     return this.poll_refusing(cx);
                 }
             }
