@@ -23,23 +23,55 @@
 //! too. Per connection the first bytes are peeked again under the header-read deadline:
 //! `0x16` is a TLS ClientHello, the 24-byte h2 preface is h2c, anything else is HTTP/1.1.
 //!
+//! # Slots under pressure (`slots.rs`)
+//!
+//! When every slot is taken, the connection idle longest (no handler running and no response
+//! body being sent: an HTTP/1 keep-alive between requests, an h2 connection with no open
+//! stream, a connection still in its TLS handshake or before its first request) is told to
+//! close, and the new one is admitted at once, as nginx reuses keep-alive connections when
+//! `worker_connections` run out. Only when every slot serves a request is the new one refused:
+//! [`Fallback::answer_refused`] peeks it briefly and answers HTTP/1 `503` with `retry-after`;
+//! TLS and h2c are closed, since no status can be sent before a handshake or an h2 session.
+//! One client address holds at most `connections_per_ip_max` slots. Shed and refused
+//! connections are counted in [`FallbackStats`].
+//!
+//! # Time bounds
+//!
+//! - `header_read_timeout_ms`: from accept to classification and a finished TLS handshake,
+//!   and for HTTP/1 to the end of the first head; later heads get it from their first byte.
+//!   The guard under hyper (`guard.rs`) answers `408` when it passes (hyper's own head timeout,
+//!   which closes silently and starts when hyper begins to wait, is off).
+//! - `idle_timeout_ms`: no socket progress and no request in flight: a graceful close (GOAWAY
+//!   for h2). An h2 connection is also PINGed after that long without frames.
+//! - `send_timeout_ms`: a write that waits, or a response body in flight with nothing written,
+//!   for that long closes the connection (nginx's `send_timeout`; an h2 client that opens no
+//!   flow-control window never makes a write wait). It also bounds a graceful close the client
+//!   does not finish (h2's GOAWAY is followed by a PING whose answer hyper would otherwise
+//!   await for ever) and the answer to a keep-alive PING.
+//! - `body_read_timeout_ms` is the handler's (`front.rs`): idle time between request-body
+//!   pieces, then `408`; on h2 that ends the stream, not the connection.
+//!
+//! # Limits on what a client sends
+//!
+//! - An HTTP/1 request target over `uri_bytes_max` gets `414` from the guard as soon as the
+//!   request line shows it, however long (hyper would answer 431 past its head bound, or let a
+//!   9,000-byte target through); an h2 `:path` gets it from the handler.
+//! - Hyper answers a too-large HTTP/1 head itself (431), bounded by [`HTTP1_HEAD_BYTES_MAX`].
+//! - HTTP/2: [`H2_STREAMS_MAX`] concurrent streams, [`H2_HEADER_LIST_BYTES_MAX`] of headers
+//!   (431 from h2), h2's burst limits on resets ([`H2_PENDING_ACCEPT_RESETS_MAX`],
+//!   [`H2_LOCAL_ERROR_RESETS_MAX`]), and the guard's count of RST_STREAM frames per window
+//!   ([`H2_RESETS_PER_WINDOW_MAX`] per [`H2_RESET_WINDOW`]), which catches the paced rapid
+//!   reset the burst limits miss: GOAWAY ENHANCE_YOUR_CALM, then close.
+//!
 //! # Decisions where the brief was silent
 //!
-//! - The header-read timeout bounds classification *and* the TLS handshake together: a client
-//!   has `header_read_timeout_ms` from accept to a finished handshake. For HTTP/1 hyper then
-//!   applies it again to each request head, and (as of hyper 1.x) it starts as soon as hyper
-//!   waits for the next head, so an idle HTTP/1 keep-alive connection is closed after
-//!   `min(header_read_timeout_ms, idle_timeout_ms)`.
-//! - The idle timeout closes (gracefully: GOAWAY for h2) a connection that has had no socket
-//!   progress for `idle_timeout_ms` while no request handler is running. A stalled response
-//!   (client not reading) also counts as idle, as nginx's `send_timeout` does.
 //! - A TLS ClientHello arriving while TLS is not configured is closed without a reply: there is
 //!   no way to answer it meaningfully, and it is counted in [`FallbackStats::rejected_total`].
-//! - When `connections_max` is reached, a listener's new connections wait in the kernel backlog
-//!   (as nginx's `worker_connections`), while [`Fallback::handoff`] returns the socket at once
-//!   so the engine thread can answer 503 or close.
-//! - Hyper answers a too-large HTTP/1 head itself (431), bounded by [`HTTP1_HEAD_BYTES_MAX`]; a
-//!   head that does not arrive in time is closed without a 408.
+//! - [`Fallback::handoff`] returns a refused socket at once so the engine thread never blocks;
+//!   the engine passes it back to [`Fallback::answer_refused`].
+//! - The guard writes its own `408`/`414`/GOAWAY only where nothing of hyper's can be
+//!   interleaved (HTTP/1: no request in flight; h2: between frames, else it just closes), then
+//!   half-closes and drains the client's input briefly, so a reset does not destroy the answer.
 
 mod guard;
 mod slots;
