@@ -439,6 +439,12 @@ pub struct Overrides {
     pub engine_threads: Option<String>,
     /// `--file-serving-mode splice|copy`.
     pub file_serving_mode: Option<String>,
+    /// `--body-read-timeout-ms MS`.
+    pub body_read_timeout_ms: Option<String>,
+    /// `--send-timeout-ms MS`.
+    pub send_timeout_ms: Option<String>,
+    /// `--connections-per-ip-max N`.
+    pub connections_per_ip_max: Option<String>,
 }
 
 /// Where a value came from, for error messages.
@@ -999,8 +1005,9 @@ static KEYS: &[KeySpec] = &[
         },
         |c| Some(c.idle_timeout_ms.to_string()),
     ),
-    key(
+    flag_key(
         "body_read_timeout_ms",
+        "--body-read-timeout-ms",
         MS_POSITIVE_EXPECTED,
         |c, r| {
             c.body_read_timeout_ms = r.uint(1, TIMEOUT_MS_LIMIT)?;
@@ -1008,8 +1015,9 @@ static KEYS: &[KeySpec] = &[
         },
         |c| Some(c.body_read_timeout_ms.to_string()),
     ),
-    key(
+    flag_key(
         "send_timeout_ms",
+        "--send-timeout-ms",
         MS_POSITIVE_EXPECTED,
         |c, r| {
             c.send_timeout_ms = r.uint(1, TIMEOUT_MS_LIMIT)?;
@@ -1017,8 +1025,9 @@ static KEYS: &[KeySpec] = &[
         },
         |c| Some(c.send_timeout_ms.to_string()),
     ),
-    key(
+    flag_key(
         "connections_per_ip_max",
+        "--connections-per-ip-max",
         "a whole number from 0 to 1000000 (0 = no cap)",
         |c, r| {
             c.connections_per_ip_max = usize::try_from(r.uint(0, 1_000_000)?).ok()?;
@@ -1498,6 +1507,9 @@ impl Loader {
             ("engine", &overrides.engine),
             ("engine_threads", &overrides.engine_threads),
             ("file_serving_mode", &overrides.file_serving_mode),
+            ("body_read_timeout_ms", &overrides.body_read_timeout_ms),
+            ("send_timeout_ms", &overrides.send_timeout_ms),
+            ("connections_per_ip_max", &overrides.connections_per_ip_max),
         ];
         for (name, value) in texts {
             let Some(value) = value else { continue };
@@ -1910,6 +1922,33 @@ mod tests {
                 "mmap",
                 "--file-serving-mode",
             ),
+            (
+                Overrides {
+                    body_read_timeout_ms: Some("0".into()),
+                    ..Overrides::default()
+                },
+                "body_read_timeout_ms",
+                "0",
+                "--body-read-timeout-ms",
+            ),
+            (
+                Overrides {
+                    send_timeout_ms: Some("1s".into()),
+                    ..Overrides::default()
+                },
+                "send_timeout_ms",
+                "1s",
+                "--send-timeout-ms",
+            ),
+            (
+                Overrides {
+                    connections_per_ip_max: Some("-1".into()),
+                    ..Overrides::default()
+                },
+                "connections_per_ip_max",
+                "-1",
+                "--connections-per-ip-max",
+            ),
         ];
         for (overrides, key, value, flag) in rows {
             let message = err(load_text(None, &[], overrides));
@@ -1995,8 +2034,14 @@ mod tests {
             engine: Some("fallback".into()),
             engine_threads: Some("8".into()),
             file_serving_mode: Some("copy".into()),
+            body_read_timeout_ms: Some("1500".into()),
+            send_timeout_ms: Some("2500".into()),
+            connections_per_ip_max: Some("0".into()),
         };
         let config = load_text(None, &vars, &overrides).unwrap();
+        assert_eq!(config.body_read_timeout_ms, 1500);
+        assert_eq!(config.send_timeout_ms, 2500);
+        assert_eq!(config.connections_per_ip_max, 0);
         assert_eq!(config.listen.to_string(), "0.0.0.0:9000");
         assert_eq!(config.data_dir, PathBuf::from("/flag/data"));
         assert_eq!(config.tls_cert, Some(PathBuf::from("/flag/cert.pem")));
