@@ -17,6 +17,9 @@ struct Cli {
     command: Command,
 }
 
+// One value, parsed once at start: the size of its largest variant costs nothing, and boxing
+// it would only make clap's derive harder to read.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Serve artifacts (defaults: 127.0.0.1:8080, data in ./sluice-data).

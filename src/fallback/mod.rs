@@ -42,12 +42,12 @@
 //!   The guard under hyper (`guard.rs`) answers `408` when it passes (hyper's own head timeout,
 //!   which closes silently and starts when hyper begins to wait, is off).
 //! - `idle_timeout_ms`: no socket progress and no request in flight: a graceful close (GOAWAY
-//!   for h2). An h2 connection is also PINGed after that long without frames.
+//!   for h2). The server sends no keep-alive PINGs: their answers would count as progress.
 //! - `send_timeout_ms`: a write that waits, or a response body in flight with nothing written,
 //!   for that long closes the connection (nginx's `send_timeout`; an h2 client that opens no
 //!   flow-control window never makes a write wait). It also bounds a graceful close the client
 //!   does not finish (h2's GOAWAY is followed by a PING whose answer hyper would otherwise
-//!   await for ever) and the answer to a keep-alive PING.
+//!   await for ever).
 //! - `body_read_timeout_ms` is the handler's (`front.rs`): idle time between request-body
 //!   pieces, then `408`; on h2 that ends the stream, not the connection.
 //!
@@ -640,17 +640,16 @@ impl Fallback {
         let send_timeout = Duration::from_millis(limits.send_timeout_ms);
         let idle_timeout = Duration::from_millis(limits.idle_timeout_ms);
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        // Keep-alive PINGs find a peer that stopped reading while a stream is open; their
-        // answer is awaited for send_timeout_ms, then the connection closes.
+        // No keep-alive PINGs: each PING and its answer would count as progress and keep an
+        // idle connection from ever reaching idle_timeout_ms. A peer that stops reading is
+        // found by the send timeout instead, and the PING of a graceful close by `quiet_for`.
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(H2_STREAMS_MAX)
             .max_header_list_size(H2_HEADER_LIST_BYTES_MAX)
             .initial_stream_window_size(H2_STREAM_WINDOW_BYTES)
             .initial_connection_window_size(H2_CONNECTION_WINDOW_BYTES)
             .max_pending_accept_reset_streams(H2_PENDING_ACCEPT_RESETS_MAX)
-            .max_local_error_reset_streams(H2_LOCAL_ERROR_RESETS_MAX)
-            .keep_alive_interval(idle_timeout)
-            .keep_alive_timeout(send_timeout);
+            .max_local_error_reset_streams(H2_LOCAL_ERROR_RESETS_MAX);
         let counters = Arc::new(Counters::default());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
