@@ -1747,6 +1747,14 @@ mod tests {
                 idle_timeout_ms: 0,
                 ..limits()
             },
+            FallbackLimits {
+                send_timeout_ms: 0,
+                ..limits()
+            },
+            FallbackLimits {
+                uri_bytes_max: 0,
+                ..limits()
+            },
         ] {
             let result = Fallback::start(Arc::new(Echo::default()), None, limits);
             let err = result.err().unwrap();
