@@ -321,7 +321,7 @@ impl RingEngine {
             (
                 "sluice_ring_per_ip_refused_total",
                 "counter",
-                "Connections closed at accept: their address held connections_per_ip_max.",
+                "Connections refused at accept (503 for HTTP/1): their address held connections_per_ip_max.",
                 |s| s.per_ip_refused_total.load(Ordering::Relaxed),
             ),
             (
@@ -808,12 +808,14 @@ impl CoreLoop {
         let fd = OwnedFd::from(stream);
         if let Some(ip) = ip {
             if !self.per_ip.try_add(ip) {
-                // Closed without a status: nothing has been read, so whether it speaks
-                // HTTP/1, TLS or h2 is not known yet (docs/security.md).
                 if let Some(s) = self.core_stats() {
                     s.per_ip_refused_total.fetch_add(1, Ordering::Relaxed);
                 }
-                tracing::debug!(%ip, "connections_per_ip_max reached; closing");
+                tracing::debug!(%ip, "connections_per_ip_max reached; refusing");
+                // Nothing has been read, so the protocol is not known yet: the fallback peeks
+                // off this thread and answers HTTP/1 with 503, closes TLS and h2c
+                // (docs/security.md). Its refusal tasks are bounded; past them, a close.
+                self.fallback.answer_refused(TcpStream::from(fd));
                 return;
             }
         }
