@@ -303,6 +303,17 @@ pub struct Config {
     /// Most body bytes discarded after an early error before closing. 0 closes at once.
     /// Default 256 MiB, range 0..=1 TiB.
     pub lingering_bytes_max: u64,
+    /// Longest wait for the next bytes of a request body, in ms (idle time between body
+    /// bytes, not the whole upload); past it the request answers 408 (HTTP/2: the stream is
+    /// answered or reset). Default 30000.
+    pub body_read_timeout_ms: u64,
+    /// Longest time a response may make no progress because the client does not read, in ms
+    /// (nginx's `send_timeout`); past it the connection is closed. Also bounds how long an
+    /// HTTP/2 PING answer is awaited. Default 30000.
+    pub send_timeout_ms: u64,
+    /// Connections one client address may hold on each front (per ring engine thread, and in
+    /// the fallback); 0 = no cap. Default 256.
+    pub connections_per_ip_max: usize,
     /// Which front end serves plaintext HTTP/1. Default `auto`.
     pub engine: EngineChoice,
     /// Engine threads; 0 = one per core. Default 0, at most 256.
@@ -356,6 +367,9 @@ impl Default for Config {
             lingering_time_ms: 30_000,
             lingering_timeout_ms: 5_000,
             lingering_bytes_max: 256 * MIB,
+            body_read_timeout_ms: 30_000,
+            send_timeout_ms: 30_000,
+            connections_per_ip_max: 256,
             engine: EngineChoice::Auto,
             engine_threads: 0,
             file_serving_mode: FileServingMode::Splice,
@@ -476,6 +490,12 @@ pub struct Overrides {
     pub engine_threads: Option<String>,
     /// `--file-serving-mode splice|copy`.
     pub file_serving_mode: Option<String>,
+    /// `--body-read-timeout-ms MS`.
+    pub body_read_timeout_ms: Option<String>,
+    /// `--send-timeout-ms MS`.
+    pub send_timeout_ms: Option<String>,
+    /// `--connections-per-ip-max N`.
+    pub connections_per_ip_max: Option<String>,
 }
 
 /// Where a value came from, for error messages.
@@ -1064,6 +1084,36 @@ static KEYS: &[KeySpec] = &[
         |c| Some(c.lingering_bytes_max.to_string()),
     ),
     flag_key(
+        "body_read_timeout_ms",
+        "--body-read-timeout-ms",
+        MS_POSITIVE_EXPECTED,
+        |c, r| {
+            c.body_read_timeout_ms = r.uint(1, TIMEOUT_MS_LIMIT)?;
+            Some(())
+        },
+        |c| Some(c.body_read_timeout_ms.to_string()),
+    ),
+    flag_key(
+        "send_timeout_ms",
+        "--send-timeout-ms",
+        MS_POSITIVE_EXPECTED,
+        |c, r| {
+            c.send_timeout_ms = r.uint(1, TIMEOUT_MS_LIMIT)?;
+            Some(())
+        },
+        |c| Some(c.send_timeout_ms.to_string()),
+    ),
+    flag_key(
+        "connections_per_ip_max",
+        "--connections-per-ip-max",
+        "a whole number from 0 to 1000000 (0 = no cap)",
+        |c, r| {
+            c.connections_per_ip_max = usize::try_from(r.uint(0, 1_000_000)?).ok()?;
+            Some(())
+        },
+        |c| Some(c.connections_per_ip_max.to_string()),
+    ),
+    flag_key(
         "engine",
         "--engine",
         "one of auto, uring, fallback",
@@ -1609,6 +1659,9 @@ impl Loader {
             ("engine", &overrides.engine),
             ("engine_threads", &overrides.engine_threads),
             ("file_serving_mode", &overrides.file_serving_mode),
+            ("body_read_timeout_ms", &overrides.body_read_timeout_ms),
+            ("send_timeout_ms", &overrides.send_timeout_ms),
+            ("connections_per_ip_max", &overrides.connections_per_ip_max),
         ];
         for (name, value) in texts {
             let Some(value) = value else { continue };
@@ -1785,6 +1838,18 @@ mod tests {
             ("lingering_time_ms", "-1", "from 0 to 3600000"),
             ("lingering_timeout_ms", "0", "from 1 to 3600000"),
             ("lingering_bytes_max", "2TiB", "from 0 to 1 TiB"),
+            ("body_read_timeout_ms", "0", "from 1 to 3600000"),
+            ("send_timeout_ms", "3600001", "from 1 to 3600000"),
+            (
+                "connections_per_ip_max",
+                "1000001",
+                "from 0 to 1000000 (0 = no cap)",
+            ),
+            (
+                "connections_per_ip_max",
+                "-1",
+                "from 0 to 1000000 (0 = no cap)",
+            ),
             ("engine_spin_us", "10001", "from 0 to 10000"),
             ("engine_spin_us", "-1", "from 0 to 10000"),
             ("engine", "turbo", "one of auto, uring, fallback"),
@@ -2077,6 +2142,33 @@ mod tests {
                 "mmap",
                 "--file-serving-mode",
             ),
+            (
+                Overrides {
+                    body_read_timeout_ms: Some("0".into()),
+                    ..Overrides::default()
+                },
+                "body_read_timeout_ms",
+                "0",
+                "--body-read-timeout-ms",
+            ),
+            (
+                Overrides {
+                    send_timeout_ms: Some("1s".into()),
+                    ..Overrides::default()
+                },
+                "send_timeout_ms",
+                "1s",
+                "--send-timeout-ms",
+            ),
+            (
+                Overrides {
+                    connections_per_ip_max: Some("-1".into()),
+                    ..Overrides::default()
+                },
+                "connections_per_ip_max",
+                "-1",
+                "--connections-per-ip-max",
+            ),
         ];
         for (overrides, key, value, flag) in rows {
             let message = err(load_text(None, &[], overrides));
@@ -2162,8 +2254,14 @@ mod tests {
             engine: Some("fallback".into()),
             engine_threads: Some("8".into()),
             file_serving_mode: Some("copy".into()),
+            body_read_timeout_ms: Some("1500".into()),
+            send_timeout_ms: Some("2500".into()),
+            connections_per_ip_max: Some("0".into()),
         };
         let config = load_text(None, &vars, &overrides).unwrap();
+        assert_eq!(config.body_read_timeout_ms, 1500);
+        assert_eq!(config.send_timeout_ms, 2500);
+        assert_eq!(config.connections_per_ip_max, 0);
         assert_eq!(config.listen.to_string(), "0.0.0.0:9000");
         assert_eq!(config.data_dir, PathBuf::from("/flag/data"));
         assert_eq!(config.tls_cert, Some(PathBuf::from("/flag/cert.pem")));

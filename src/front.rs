@@ -11,7 +11,7 @@ use std::io::{Seek, SeekFrom};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -26,14 +26,41 @@ use crate::metrics::BytePath;
 /// Size of one read when streaming an artifact through hyper, in bytes.
 const FILE_CHUNK_BYTES: usize = 256 * 1024;
 
+/// Default of [`AppHandler::with_body_read_timeout`], as `body_read_timeout_ms` defaults.
+pub const BODY_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Default of [`AppHandler::with_uri_bytes_max`], as `uri_bytes_max` defaults.
+pub const URI_BYTES_MAX_DEFAULT: usize = 8192;
+
 /// [`Handler`] that serves the application.
 pub struct AppHandler {
     app: Arc<App>,
+    body_read_timeout: Duration,
+    uri_bytes_max: usize,
 }
 
 impl AppHandler {
     pub fn new(app: Arc<App>) -> AppHandler {
-        AppHandler { app }
+        AppHandler {
+            app,
+            body_read_timeout: BODY_READ_TIMEOUT_DEFAULT,
+            uri_bytes_max: URI_BYTES_MAX_DEFAULT,
+        }
+    }
+
+    /// Longest request target in bytes (`uri_bytes_max`); a longer one answers 414, as on the
+    /// ring. HTTP/1 targets far over it never get here (the fallback's guard answers them);
+    /// this catches HTTP/2 `:path` and pipelined HTTP/1 heads.
+    pub fn with_uri_bytes_max(mut self, uri_bytes_max: usize) -> AppHandler {
+        self.uri_bytes_max = uri_bytes_max;
+        self
+    }
+
+    /// Longest wait for the next piece of a request body (`body_read_timeout_ms`); past it the
+    /// request answers 408 and nothing is stored. On HTTP/2 the stream then ends (hyper resets
+    /// the unread request side), on HTTP/1 the connection closes.
+    pub fn with_body_read_timeout(mut self, timeout: Duration) -> AppHandler {
+        self.body_read_timeout = timeout;
+        self
     }
 }
 
@@ -44,11 +71,25 @@ impl Handler for AppHandler {
         _conn: ConnInfo,
     ) -> impl Future<Output = Response<ResponseBody>> + Send {
         let app = Arc::clone(&self.app);
-        async move { serve(app, req).await }
+        let body_read_timeout = self.body_read_timeout;
+        let uri_bytes_max = self.uri_bytes_max;
+        async move {
+            let target_bytes = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+            if target_bytes > uri_bytes_max {
+                let reply = Reply::error(414, "request target is too long").closing();
+                app.record("none", req.method().as_str(), reply.status);
+                return into_response(&app, reply, req.version());
+            }
+            serve(app, req, body_read_timeout).await
+        }
     }
 }
 
-async fn serve(app: Arc<App>, req: Request<Incoming>) -> Response<ResponseBody> {
+async fn serve(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    body_read_timeout: Duration,
+) -> Response<ResponseBody> {
     let started = Instant::now();
     let (parts, mut body) = req.into_parts();
     let header = |name: &str| parts.headers.get(name).map(|v| v.as_bytes());
@@ -85,7 +126,15 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Response<ResponseBody> 
             // refusal decided above never invites the body.
             body_invited = true;
             let mut failed = None;
-            while let Some(frame) = body.frame().await {
+            loop {
+                // Idle time between body pieces is bounded, as on the ring: a client that
+                // declares a length and stalls must not hold the request open forever.
+                let Ok(frame) = tokio::time::timeout(body_read_timeout, body.frame()).await else {
+                    tracing::debug!("PUT body stalled past body_read_timeout_ms");
+                    failed = Some(Reply::error(408, "request body timed out").closing());
+                    break;
+                };
+                let Some(frame) = frame else { break };
                 match frame {
                     Ok(frame) => {
                         if let Some(data) = frame.data_ref() {

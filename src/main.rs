@@ -17,6 +17,9 @@ struct Cli {
     command: Command,
 }
 
+// One value, parsed once at start: the size of its largest variant costs nothing, and boxing
+// it would only make clap's derive harder to read.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Serve artifacts (defaults: 127.0.0.1:8080, data in ./sluice-data).
@@ -60,6 +63,15 @@ struct ServeArgs {
     /// splice or copy.
     #[arg(long)]
     file_serving_mode: Option<String>,
+    /// Longest wait for the next request-body bytes, in ms (408 after).
+    #[arg(long)]
+    body_read_timeout_ms: Option<String>,
+    /// Longest time a client may not read a response, in ms (closed after).
+    #[arg(long)]
+    send_timeout_ms: Option<String>,
+    /// Connections one client address may hold per front (0 = no cap).
+    #[arg(long)]
+    connections_per_ip_max: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -80,6 +92,9 @@ fn main() -> ExitCode {
                 engine: args.engine,
                 engine_threads: args.engine_threads,
                 file_serving_mode: args.file_serving_mode,
+                body_read_timeout_ms: args.body_read_timeout_ms,
+                send_timeout_ms: args.send_timeout_ms,
+                connections_per_ip_max: args.connections_per_ip_max,
             };
             // --config, else SLUICE_CONFIG (the environment form of the flag).
             let config_path = args.config.or_else(|| {

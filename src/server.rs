@@ -76,12 +76,19 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     };
     let fallback = Arc::new(
         Fallback::start(
-            Arc::new(AppHandler::new(Arc::clone(&app))),
+            Arc::new(
+                AppHandler::new(Arc::clone(&app))
+                    .with_body_read_timeout(Duration::from_millis(config.body_read_timeout_ms))
+                    .with_uri_bytes_max(config.uri_bytes_max),
+            ),
             tls.clone(),
             FallbackLimits {
                 connections_max: config.fallback_connections_max,
+                connections_per_ip_max: config.connections_per_ip_max,
                 header_read_timeout_ms: config.header_read_timeout_ms,
                 idle_timeout_ms: config.idle_timeout_ms,
+                send_timeout_ms: config.send_timeout_ms,
+                uri_bytes_max: config.uri_bytes_max,
             },
         )
         .map_err(|e| ServeError(format!("cannot start the fallback front end: {e}")))?,
@@ -181,6 +188,46 @@ fn render_fallback_metrics(fallback: &Fallback, out: &mut String) {
         "Connections closed before serving (e.g. TLS without a certificate).",
         stats.rejected_total,
     );
+    let shed: [(&str, &str, u64); 7] = [
+        (
+            "sluice_fallback_shed_idle_total",
+            "Idle connections closed to admit a new one at fallback_connections_max.",
+            stats.shed_idle_total,
+        ),
+        (
+            "sluice_fallback_refused_full_total",
+            "Connections refused at fallback_connections_max with nothing idle (HTTP/1 got 503).",
+            stats.refused_full_total,
+        ),
+        (
+            "sluice_fallback_refused_per_ip_total",
+            "Connections refused at connections_per_ip_max (HTTP/1 got 503).",
+            stats.refused_per_ip_total,
+        ),
+        (
+            "sluice_fallback_send_timeout_total",
+            "Connections closed because the client did not read for send_timeout_ms.",
+            stats.send_timeout_total,
+        ),
+        (
+            "sluice_fallback_head_timeout_total",
+            "HTTP/1 heads not complete within header_read_timeout_ms (408).",
+            stats.head_timeout_total,
+        ),
+        (
+            "sluice_fallback_uri_too_long_total",
+            "HTTP/1 request targets over uri_bytes_max refused before parsing (414).",
+            stats.uri_too_long_total,
+        ),
+        (
+            "sluice_fallback_h2_reset_flood_total",
+            "HTTP/2 connections sent GOAWAY ENHANCE_YOUR_CALM for resetting streams too often.",
+            stats.h2_reset_flood_total,
+        ),
+    ];
+    for (name, help, value) in shed {
+        write_metric(out, name, "counter", help, value);
+    }
 }
 
 /// SIGTERM and SIGINT handlers, installed before anything listens. They

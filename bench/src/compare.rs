@@ -326,7 +326,10 @@ fn start_sluice(cfg: &CompareConfig, name: &str, mode: Option<&str>) -> Result<S
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--data-dir")
-        .arg(&data);
+        .arg(&data)
+        // The load generator is one address holding up to `idle_connections` sockets: the
+        // per-address cap (a defence against one client holding every slot) must not apply.
+        .env("SLUICE_CONNECTIONS_PER_IP_MAX", "0");
     if let Some(m) = mode {
         cmd.arg("--file-serving-mode").arg(m);
     }

@@ -56,6 +56,10 @@ pub struct ConnLimits {
     /// The lingering close after a response that closes the connection
     /// (see [`http1::Linger`] for why).
     pub linger: LingerLimits,
+    /// Idle time allowed between the bytes of a request body (408 after).
+    pub body_read_timeout_ms: u64,
+    /// Time a response may make no progress because the client does not read (close after).
+    pub send_timeout_ms: u64,
 }
 
 /// The operation the engine must submit next for this connection.
@@ -222,6 +226,16 @@ impl Conn {
         self.timed_out = true;
     }
 
+    /// True while a response waits for the client to take it (a send, a
+    /// splice or its `POLLOUT` wait is pending): the deadline is then
+    /// `send_timeout_ms` after the last progress, and passing it closes.
+    pub fn waits_for_output(&self) -> bool {
+        matches!(
+            self.state,
+            State::SendingHead(_) | State::SendingFile { .. }
+        )
+    }
+
     /// True while the connection waits for the client (a recv is pending),
     /// which is when a deadline applies.
     pub fn waits_for_input(&self) -> bool {
@@ -373,6 +387,9 @@ impl Conn {
             Err(_) => return self.close(),
         };
         self.out_sent += sent;
+        if sent > 0 {
+            self.deadline = now + Duration::from_millis(self.limits.send_timeout_ms);
+        }
         if self.out_sent < self.out_len() {
             // Short send: resume from where the kernel stopped.
             return self.resume_send();
@@ -413,6 +430,7 @@ impl Conn {
             Ok(n) if n > 0 && n <= *remaining => {
                 *offset += n;
                 *remaining -= n;
+                self.deadline = now + Duration::from_millis(self.limits.send_timeout_ms);
                 if *remaining == 0 {
                     self.file = None;
                     self.response_done(now)
@@ -485,6 +503,20 @@ impl Conn {
                 "none",
                 "OTHER",
             ),
+            // A body that stalls past body_read_timeout_ms: answer as the fallback does. The
+            // sink goes with the old state, so nothing half-written becomes visible.
+            State::ReadingBody(_) => {
+                self.state = State::Closed;
+                self.app.metrics.count_put_aborted();
+                let (route, method) = self
+                    .current
+                    .map_or(("none", "OTHER"), |f| (f.route, f.method));
+                self.respond(
+                    Reply::error(408, "the request body stalled").closing(),
+                    route,
+                    method,
+                )
+            }
             _ => self.close(),
         }
     }
@@ -624,7 +656,8 @@ impl Conn {
                         Some(Next::Send { more: false })
                     } else {
                         self.state = State::ReadingBody(Box::new(BodyRx { sink, decoder }));
-                        self.deadline = now + Duration::from_millis(self.limits.idle_timeout_ms);
+                        self.deadline =
+                            now + Duration::from_millis(self.limits.body_read_timeout_ms);
                         None
                     }
                 }
@@ -675,7 +708,7 @@ impl Conn {
         match outcome {
             None => {
                 self.state = State::ReadingBody(rx);
-                self.deadline = now + Duration::from_millis(self.limits.idle_timeout_ms);
+                self.deadline = now + Duration::from_millis(self.limits.body_read_timeout_ms);
                 Next::Recv
             }
             Some(Ok(())) => {
@@ -712,6 +745,7 @@ impl Conn {
         }
         let close = self.close_after;
         self.app.metrics.record_ttfb(self.head_at.elapsed());
+        self.deadline = Instant::now() + Duration::from_millis(self.limits.send_timeout_ms);
         self.current = Some(Finished {
             route,
             method,
@@ -871,6 +905,8 @@ mod tests {
             header_read_timeout_ms: 1000,
             idle_timeout_ms: 1000,
             linger: LingerLimits::default(),
+            body_read_timeout_ms: 1000,
+            send_timeout_ms: 1000,
         };
         let mut conn = Conn::new(Arc::clone(&app), files, limits, now);
         assert_eq!(conn.on_peek(first, now), Next::Recv);

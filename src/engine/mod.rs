@@ -240,7 +240,10 @@ fn start_ring(
                 timeout_ms: config.lingering_timeout_ms,
                 bytes_max: config.lingering_bytes_max,
             },
+            body_read_timeout_ms: config.body_read_timeout_ms,
+            send_timeout_ms: config.send_timeout_ms,
         },
+        connections_per_ip_max: config.connections_per_ip_max,
         mode: match config.file_serving_mode {
             ConfigMode::Splice => FileServingMode::Splice,
             ConfigMode::Copy => FileServingMode::Copy,

@@ -17,7 +17,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,6 +36,7 @@ use super::task::{OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYT
 use crate::app::App;
 use crate::fallback::Fallback;
 use crate::metrics::BytePath;
+use crate::peer_limit::PerIpCounts;
 use crate::store::OpenCache;
 
 /// How file bodies leave a ring.
@@ -55,6 +56,10 @@ pub struct EngineSettings {
     /// Connections one thread serves at once; more are handed to the
     /// fallback, which has its own bound.
     pub connections_per_core_max: usize,
+    /// Connections one client address may hold on one engine thread (0 = no cap). Per thread,
+    /// so the accept path takes no lock: `SO_REUSEPORT` spreads one client's connections over
+    /// the threads, and each thread keeps the address from filling it.
+    pub connections_per_ip_max: usize,
     pub conn_limits: ConnLimits,
     pub mode: FileServingMode,
     /// Pipes per thread: also the bound on splices in flight per thread.
@@ -121,6 +126,8 @@ pub struct CoreStats {
     pub handed_off_total: AtomicU64,
     pub handoff_refused_total: AtomicU64,
     pub over_capacity_total: AtomicU64,
+    pub per_ip_refused_total: AtomicU64,
+    pub send_timeout_total: AtomicU64,
     pub submissions_total: AtomicU64,
     pub completions_total: AtomicU64,
     pub sq_full_total: AtomicU64,
@@ -287,7 +294,7 @@ impl RingEngine {
             &'static str,
             fn(&CoreStats) -> u64,
         );
-        let series: [Series; 17] = [
+        let series: [Series; 19] = [
             (
                 "sluice_ring_accept_errors_total",
                 "counter",
@@ -335,6 +342,18 @@ impl RingEngine {
                 "counter",
                 "Connections accepted while the ring was full.",
                 |s| s.over_capacity_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_per_ip_refused_total",
+                "counter",
+                "Connections refused at accept (503 for HTTP/1): their address held connections_per_ip_max.",
+                |s| s.per_ip_refused_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_send_timeout_total",
+                "counter",
+                "Connections closed: the client took no response bytes for send_timeout_ms.",
+                |s| s.send_timeout_total.load(Ordering::Relaxed),
             ),
             (
                 "sluice_ring_submissions_total",
@@ -449,6 +468,8 @@ struct Slot {
     nonblocking: bool,
     /// When the connection started waiting for a cold open or read.
     cold_since: Option<Instant>,
+    /// The client's address, counted in `per_ip` while the slot lives.
+    ip: Option<IpAddr>,
 }
 
 /// One engine thread's state.
@@ -486,6 +507,8 @@ struct CoreLoop {
     /// Read-ahead hints in flight.
     readaheads_in_flight: usize,
     ticks: u64,
+    /// Connections per client address on this thread (`connections_per_ip_max`).
+    per_ip: PerIpCounts,
 }
 
 struct TaskSlot {
@@ -599,6 +622,7 @@ impl CoreLoop {
             task_generation: 1,
             files: Rc::new(RefCell::new(OpenCache::new(OPEN_FILES_PER_CORE_MAX))),
             ticks: 0,
+            per_ip: PerIpCounts::new(settings.connections_per_ip_max),
         })
     }
 
@@ -736,19 +760,28 @@ impl CoreLoop {
         }
     }
 
-    /// If the connection waits for input and `pred` holds, cancel its recv;
-    /// the completion (ECANCELED) then lets the connection answer 408 or close.
+    /// If the connection waits for the client (input, or a response it does
+    /// not take) and `pred` holds, cancel its operation; the completion
+    /// (ECANCELED) then lets the connection answer 408 or close.
     fn expire_if(&mut self, index: usize, pred: impl Fn(&Slot) -> bool) {
         let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
-        if slot.cancelling || !slot.conn.waits_for_input() || !pred(slot) {
+        let sending = slot.conn.waits_for_output();
+        if slot.cancelling || !(slot.conn.waits_for_input() || sending) || !pred(slot) {
             return;
         }
         if let Some(op) = slot.pending {
             slot.conn.on_deadline();
             slot.cancelling = true;
+            // A cancelled send, splice or POLLOUT wait completes with ECANCELED, and the
+            // connection closes: a client that does not read gets no more time.
             let _ = self.driver.cancel(op);
+            if sending {
+                if let Some(s) = self.stats.get(self.core) {
+                    s.send_timeout_total.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -864,7 +897,26 @@ impl CoreLoop {
             s.accepted_total.fetch_add(1, Ordering::Relaxed);
         }
         let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
+        let stream = TcpStream::from(fd);
+        let ip = stream.peer_addr().ok().map(|peer| peer.ip());
+        let fd = OwnedFd::from(stream);
+        if let Some(ip) = ip {
+            if !self.per_ip.try_add(ip) {
+                if let Some(s) = self.core_stats() {
+                    s.per_ip_refused_total.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(%ip, "connections_per_ip_max reached; refusing");
+                // Nothing has been read, so the protocol is not known yet: the fallback peeks
+                // off this thread and answers HTTP/1 with 503, closes TLS and h2c
+                // (docs/security.md). Its refusal tasks are bounded; past them, a close.
+                self.fallback.answer_refused(TcpStream::from(fd));
+                return;
+            }
+        }
         let Some(index) = self.free.pop() else {
+            if let Some(ip) = ip {
+                self.per_ip.remove(ip);
+            }
             // The ring is full: the fallback takes the connection (it has
             // its own bound), so nothing waits unbounded here.
             if let Some(s) = self.core_stats() {
@@ -893,6 +945,7 @@ impl CoreLoop {
                 want: (0, 0),
                 nonblocking: false,
                 cold_since: None,
+                ip,
             });
         }
         self.issue(index, Next::Peek);
@@ -910,10 +963,13 @@ impl CoreLoop {
                 }
             }
             Err(refused) => {
-                tracing::debug!(reason = ?refused.reason, "fallback refused a connection; closing it");
+                tracing::debug!(reason = ?refused.reason, "fallback refused a connection");
                 if let Some(s) = self.core_stats() {
                     s.handoff_refused_total.fetch_add(1, Ordering::Relaxed);
                 }
+                // The fallback answers it without blocking this thread: 503 for HTTP/1,
+                // a close for TLS and h2c (docs/security.md).
+                self.fallback.answer_refused(refused.stream);
             }
         }
     }
@@ -921,6 +977,9 @@ impl CoreLoop {
     fn free_slot(&mut self, index: u32) -> Option<Slot> {
         let slot = self.slots.get_mut(index as usize)?.take()?;
         self.free.push(index);
+        if let Some(ip) = slot.ip {
+            self.per_ip.remove(ip);
+        }
         Some(slot)
     }
 
@@ -1692,8 +1751,11 @@ mod tests {
                 None,
                 FallbackLimits {
                     connections_max: 16,
+                    connections_per_ip_max: 0,
                     header_read_timeout_ms: 1000,
                     idle_timeout_ms: 1000,
+                    send_timeout_ms: 1000,
+                    uri_bytes_max: 8192,
                 },
             )
             .expect("fallback"),
@@ -1709,7 +1771,10 @@ mod tests {
                 header_read_timeout_ms: 1000,
                 idle_timeout_ms: 1000,
                 linger: crate::http1::LingerLimits::default(),
+                body_read_timeout_ms: 1000,
+                send_timeout_ms: 1000,
             },
+            connections_per_ip_max: 0,
             mode: FileServingMode::Splice,
             pipes_per_core_max: 4,
             pipe_bytes: 64 * 1024,

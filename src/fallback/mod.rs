@@ -23,23 +23,58 @@
 //! too. Per connection the first bytes are peeked again under the header-read deadline:
 //! `0x16` is a TLS ClientHello, the 24-byte h2 preface is h2c, anything else is HTTP/1.1.
 //!
+//! # Slots under pressure (`slots.rs`)
+//!
+//! When every slot is taken, the connection idle longest (no handler running and no response
+//! body being sent: an HTTP/1 keep-alive between requests, an h2 connection with no open
+//! stream, a connection still in its TLS handshake or before its first request) is told to
+//! close, and the new one is admitted at once, as nginx reuses keep-alive connections when
+//! `worker_connections` run out. Only when every slot serves a request is the new one refused:
+//! [`Fallback::answer_refused`] peeks it briefly and answers HTTP/1 `503` with `retry-after`;
+//! TLS and h2c are closed, since no status can be sent before a handshake or an h2 session.
+//! One client address holds at most `connections_per_ip_max` slots. Shed and refused
+//! connections are counted in [`FallbackStats`].
+//!
+//! # Time bounds
+//!
+//! - `header_read_timeout_ms`: from accept to classification and a finished TLS handshake,
+//!   and for HTTP/1 to the end of the first head; later heads get it from their first byte.
+//!   The guard under hyper (`guard.rs`) answers `408` when it passes (hyper's own head timeout,
+//!   which closes silently and starts when hyper begins to wait, is off).
+//! - `idle_timeout_ms`: no socket progress and no request in flight: a graceful close (GOAWAY
+//!   for h2). The server sends no keep-alive PINGs: their answers would count as progress.
+//! - `send_timeout_ms`: a write that waits, or a response body in flight with nothing written,
+//!   for that long closes the connection (nginx's `send_timeout`; an h2 client that opens no
+//!   flow-control window never makes a write wait). It also bounds a graceful close the client
+//!   does not finish (h2's GOAWAY is followed by a PING whose answer hyper would otherwise
+//!   await for ever).
+//! - `body_read_timeout_ms` is the handler's (`front.rs`): idle time between request-body
+//!   pieces, then `408`; on h2 that ends the stream, not the connection.
+//!
+//! # Limits on what a client sends
+//!
+//! - An HTTP/1 request target over `uri_bytes_max` gets `414` from the guard as soon as the
+//!   request line shows it, however long (hyper would answer 431 past its head bound, or let a
+//!   9,000-byte target through); an h2 `:path` gets it from the handler.
+//! - Hyper answers a too-large HTTP/1 head itself (431), bounded by [`HTTP1_HEAD_BYTES_MAX`].
+//! - HTTP/2: [`H2_STREAMS_MAX`] concurrent streams, [`H2_HEADER_LIST_BYTES_MAX`] of headers
+//!   (431 from h2), h2's burst limits on resets ([`H2_PENDING_ACCEPT_RESETS_MAX`],
+//!   [`H2_LOCAL_ERROR_RESETS_MAX`]), and the guard's count of RST_STREAM frames per window
+//!   ([`H2_RESETS_PER_WINDOW_MAX`] per [`H2_RESET_WINDOW`]), which catches the paced rapid
+//!   reset the burst limits miss: GOAWAY ENHANCE_YOUR_CALM, then close.
+//!
 //! # Decisions where the brief was silent
 //!
-//! - The header-read timeout bounds classification *and* the TLS handshake together: a client
-//!   has `header_read_timeout_ms` from accept to a finished handshake. For HTTP/1 hyper then
-//!   applies it again to each request head, and (as of hyper 1.x) it starts as soon as hyper
-//!   waits for the next head, so an idle HTTP/1 keep-alive connection is closed after
-//!   `min(header_read_timeout_ms, idle_timeout_ms)`.
-//! - The idle timeout closes (gracefully: GOAWAY for h2) a connection that has had no socket
-//!   progress for `idle_timeout_ms` while no request handler is running. A stalled response
-//!   (client not reading) also counts as idle, as nginx's `send_timeout` does.
 //! - A TLS ClientHello arriving while TLS is not configured is closed without a reply: there is
 //!   no way to answer it meaningfully, and it is counted in [`FallbackStats::rejected_total`].
-//! - When `connections_max` is reached, a listener's new connections wait in the kernel backlog
-//!   (as nginx's `worker_connections`), while [`Fallback::handoff`] returns the socket at once
-//!   so the engine thread can answer 503 or close.
-//! - Hyper answers a too-large HTTP/1 head itself (431), bounded by [`HTTP1_HEAD_BYTES_MAX`]; a
-//!   head that does not arrive in time is closed without a 408.
+//! - [`Fallback::handoff`] returns a refused socket at once so the engine thread never blocks;
+//!   the engine passes it back to [`Fallback::answer_refused`].
+//! - The guard writes its own `408`/`414`/GOAWAY only where nothing of hyper's can be
+//!   interleaved (HTTP/1: no request in flight; h2: between frames, else it just closes), then
+//!   half-closes and drains the client's input briefly, so a reset does not destroy the answer.
+
+mod guard;
+mod slots;
 
 use std::convert::Infallible;
 use std::fmt;
@@ -49,7 +84,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -61,11 +96,16 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, warn};
+
+use guard::{Activity, GuardIo, H2Watch, Http1Watch, Watch};
+pub use guard::{H2_RESETS_PER_WINDOW_MAX, H2_RESET_WINDOW};
+pub use slots::SHEDDING_MAX;
+use slots::{Admitted, Refusal, SlotTable};
 
 /// Worker threads of the fallback runtime (see the module docs for why two).
 pub const WORKER_THREADS: usize = 2;
@@ -87,6 +127,17 @@ pub const H2_HEADER_LIST_BYTES_MAX: u32 = 64 * 1024;
 pub const H2_STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
 /// HTTP/2 receive window per connection, in bytes (bounds buffered upload data per connection).
 pub const H2_CONNECTION_WINDOW_BYTES: u32 = 2 * 1024 * 1024;
+/// HTTP/2 streams the client reset before the server accepted them, at most at once (h2's
+/// burst rapid-reset guard; over it, GOAWAY ENHANCE_YOUR_CALM). hyper's default is 20.
+pub const H2_PENDING_ACCEPT_RESETS_MAX: usize = 20;
+/// HTTP/2 streams the server reset for the client's protocol errors before GOAWAY
+/// ENHANCE_YOUR_CALM (h2's guard against provoking resets). hyper's default is 1024.
+pub const H2_LOCAL_ERROR_RESETS_MAX: usize = 256;
+/// Refused connections answered at once (peek, 503 for HTTP/1, close), at most; past it a
+/// refused connection is closed without a status.
+pub const REFUSALS_IN_FLIGHT_MAX: usize = 64;
+/// How long a refused connection is given to show its first bytes, so HTTP/1 can get a 503.
+const REFUSAL_PEEK: Duration = Duration::from_millis(500);
 
 // hyper panics on a read buffer under 8 KiB, and the head must fit in the buffer.
 const _: () = assert!(HTTP1_BUF_BYTES_MAX >= 8192 && HTTP1_BUF_BYTES_MAX >= HTTP1_HEAD_BYTES_MAX);
@@ -150,17 +201,25 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Response<ResponseBody>> + Send;
 }
 
-/// Bounds of the fallback. All are required; zero is rejected by [`Fallback::start`].
+/// Bounds of the fallback. Zero is rejected by [`Fallback::start`] except for
+/// `connections_per_ip_max`, where it means no cap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FallbackLimits {
     /// Open connections at most, counting those queued after hand-off.
     pub connections_max: usize,
-    /// Milliseconds from accept to a classified connection with a finished TLS handshake, and
-    /// for each HTTP/1 request head.
+    /// Open connections one client address may hold (0 = no cap).
+    pub connections_per_ip_max: usize,
+    /// Milliseconds from accept to a classified connection with a finished TLS handshake and
+    /// the first HTTP/1 request head; then for each later head from its first byte (408).
     pub header_read_timeout_ms: u64,
-    /// Milliseconds without socket progress, while no handler runs, before a connection is
-    /// closed gracefully.
+    /// Milliseconds without socket progress, while no request is in flight, before a
+    /// connection is closed gracefully.
     pub idle_timeout_ms: u64,
+    /// Milliseconds a response may wait for a client that does not read before the connection
+    /// closes; also the bound on a graceful close (GOAWAY and its PING) the client ignores.
+    pub send_timeout_ms: u64,
+    /// Longest HTTP/1 request target in bytes (414 above).
+    pub uri_bytes_max: usize,
 }
 
 /// Snapshot of the fallback's gauges and counters for `/metrics`.
@@ -181,6 +240,21 @@ pub struct FallbackStats {
     /// Connections closed before serving: peer closed or timed out before classification or
     /// handshake, failed handshake, or TLS while TLS is not configured.
     pub rejected_total: u64,
+    /// Idle connections closed to admit a new one while all slots were taken.
+    pub shed_idle_total: u64,
+    /// Connections refused because every slot served a request (503 for HTTP/1, else closed).
+    pub refused_full_total: u64,
+    /// Connections refused because their address held `connections_per_ip_max`.
+    pub refused_per_ip_total: u64,
+    /// Connections closed because the client did not read a response for `send_timeout_ms`
+    /// (or ignored a graceful close for as long).
+    pub send_timeout_total: u64,
+    /// HTTP/1 heads not complete within `header_read_timeout_ms` (answered 408).
+    pub head_timeout_total: u64,
+    /// HTTP/1 request targets over `uri_bytes_max` refused before hyper parsed them (414).
+    pub uri_too_long_total: u64,
+    /// HTTP/2 connections sent GOAWAY ENHANCE_YOUR_CALM for resetting streams too often.
+    pub h2_reset_flood_total: u64,
 }
 
 /// Why a TLS certificate or key could not be loaded. Every variant names the file(s).
@@ -326,8 +400,10 @@ fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
 /// Why [`Fallback::handoff`] refused a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HandoffRefusal {
-    /// `connections_max` connections are open.
+    /// `connections_max` connections serve requests; none was idle to make room.
     AtCapacity,
+    /// The client's address holds `connections_per_ip_max` connections.
+    PerIpCap,
     /// The hand-off queue is full (the runtime is not keeping up).
     QueueFull,
     /// [`Fallback::shutdown`] has begun.
@@ -349,6 +425,7 @@ impl fmt::Display for HandoffError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let why = match self.reason {
             HandoffRefusal::AtCapacity => "fallback at connections_max",
+            HandoffRefusal::PerIpCap => "client address at connections_per_ip_max",
             HandoffRefusal::QueueFull => "fallback hand-off queue full",
             HandoffRefusal::ShutDown => "fallback shut down",
         };
@@ -396,26 +473,65 @@ async fn sniff(stream: &TcpStream) -> io::Result<Option<Sniffed>> {
     }
 }
 
-/// One of `connections_max` slots, held by an open (or queued) connection. The semaphore
-/// permit bounds connections; the gauge counts them. They differ because an accept loop takes
-/// a permit before `accept` returns, and a permit waiting for a client is not a connection.
+/// The slot table, shared by the accept paths and every connection's slot.
+type Table = Arc<Mutex<SlotTable<Activity>>>;
+
+fn lock(table: &Table) -> MutexGuard<'_, SlotTable<Activity>> {
+    // Nothing panics while the lock is held, so a poisoned table still holds valid state.
+    table
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One of `connections_max` slots, held by an open (or queued) connection from admission until
+/// it closes. It carries the connection's [`Activity`], which the table reads to choose an
+/// idle connection to shed.
 struct ConnSlot {
-    _permit: OwnedSemaphorePermit,
+    id: u64,
+    activity: Arc<Activity>,
+    table: Table,
     gauge: Arc<AtomicUsize>,
 }
 
 impl ConnSlot {
-    fn new(permit: OwnedSemaphorePermit, gauge: &Arc<AtomicUsize>) -> ConnSlot {
-        gauge.fetch_add(1, Ordering::Relaxed);
-        ConnSlot {
-            _permit: permit,
-            gauge: gauge.clone(),
+    /// Admits a connection from `peer`, shedding the longest-idle one when full.
+    fn admit(
+        table: &Table,
+        gauge: &Arc<AtomicUsize>,
+        counters: &Counters,
+        peer: SocketAddr,
+    ) -> Result<ConnSlot, HandoffRefusal> {
+        let activity = Arc::new(Activity::new());
+        let admitted = lock(table).admit(peer.ip(), activity.clone());
+        match admitted {
+            Ok((id, how)) => {
+                if how == Admitted::Shed {
+                    counters.shed_idle.fetch_add(1, Ordering::Relaxed);
+                }
+                gauge.fetch_add(1, Ordering::Relaxed);
+                Ok(ConnSlot {
+                    id,
+                    activity,
+                    table: table.clone(),
+                    gauge: gauge.clone(),
+                })
+            }
+            Err(Refusal::Full) => {
+                counters.refused_full.fetch_add(1, Ordering::Relaxed);
+                Err(HandoffRefusal::AtCapacity)
+            }
+            Err(Refusal::PerIp) => {
+                counters.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+                Err(HandoffRefusal::PerIpCap)
+            }
+            Err(Refusal::Closed) => Err(HandoffRefusal::ShutDown),
         }
     }
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
+        lock(&self.table).release(self.id);
         self.gauge.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -440,6 +556,13 @@ struct Counters {
     http1: AtomicU64,
     handoff_refused: AtomicU64,
     rejected: AtomicU64,
+    shed_idle: AtomicU64,
+    refused_full: AtomicU64,
+    refused_per_ip: AtomicU64,
+    send_timeout: AtomicU64,
+    head_timeout: AtomicU64,
+    uri_too_long: AtomicU64,
+    h2_calm: AtomicU64,
 }
 
 /// State shared by every task of the runtime.
@@ -450,6 +573,8 @@ struct Shared<H> {
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
+    send_timeout: Duration,
+    uri_bytes_max: usize,
     counters: Arc<Counters>,
     shutdown: watch::Receiver<bool>,
 }
@@ -461,9 +586,11 @@ pub struct Fallback {
     handle: tokio::runtime::Handle,
     queue: mpsc::Sender<Queued>,
     spawner: Spawner,
-    slots: Arc<Semaphore>,
+    table: Table,
     gauge: Arc<AtomicUsize>,
     counters: Arc<Counters>,
+    /// Bounds the tasks that answer refused connections.
+    refusals: Arc<Semaphore>,
     shutdown: watch::Sender<bool>,
     shutting_down: AtomicBool,
 }
@@ -481,6 +608,8 @@ impl Fallback {
             ("connections_max", limits.connections_max as u64),
             ("header_read_timeout_ms", limits.header_read_timeout_ms),
             ("idle_timeout_ms", limits.idle_timeout_ms),
+            ("send_timeout_ms", limits.send_timeout_ms),
+            ("uri_bytes_max", limits.uri_bytes_max as u64),
         ] {
             if value == 0 {
                 return Err(io::Error::new(
@@ -488,16 +617,6 @@ impl Fallback {
                     format!("fallback limit {key} = 0: must be at least 1"),
                 ));
             }
-        }
-        if limits.connections_max > Semaphore::MAX_PERMITS {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "fallback limit connections_max = {}: must be at most {}",
-                    limits.connections_max,
-                    Semaphore::MAX_PERMITS
-                ),
-            ));
         }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKER_THREADS)
@@ -510,17 +629,27 @@ impl Fallback {
         // from the peek, and only hyper's builder exposes `max_header_size` (the read buffer
         // bound alone lets a head overshoot it by a whole read).
         let mut h1 = hyper::server::conn::http1::Builder::new();
+        // hyper's own head timeout is off: it would close a slow head without a status, and it
+        // starts when hyper waits for a head rather than at the head's first byte. The guard
+        // (guard.rs) enforces the deadline and answers 408 instead.
         h1.timer(TokioTimer::new())
             .keep_alive(true)
-            .header_read_timeout(header_read_timeout)
+            .header_read_timeout(None)
             .max_header_size(HTTP1_HEAD_BYTES_MAX)
             .max_buf_size(HTTP1_BUF_BYTES_MAX);
+        let send_timeout = Duration::from_millis(limits.send_timeout_ms);
+        let idle_timeout = Duration::from_millis(limits.idle_timeout_ms);
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        // No keep-alive PINGs: each PING and its answer would count as progress and keep an
+        // idle connection from ever reaching idle_timeout_ms. A peer that stops reading is
+        // found by the send timeout instead, and the PING of a graceful close by `quiet_for`.
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(H2_STREAMS_MAX)
             .max_header_list_size(H2_HEADER_LIST_BYTES_MAX)
             .initial_stream_window_size(H2_STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(H2_CONNECTION_WINDOW_BYTES);
+            .initial_connection_window_size(H2_CONNECTION_WINDOW_BYTES)
+            .max_pending_accept_reset_streams(H2_PENDING_ACCEPT_RESETS_MAX)
+            .max_local_error_reset_streams(H2_LOCAL_ERROR_RESETS_MAX);
         let counters = Arc::new(Counters::default());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -529,7 +658,9 @@ impl Fallback {
             h1,
             h2,
             header_read_timeout,
-            idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
+            idle_timeout,
+            send_timeout,
+            uri_bytes_max: limits.uri_bytes_max,
             counters: counters.clone(),
             shutdown: shutdown_rx,
         });
@@ -547,9 +678,13 @@ impl Fallback {
             handle,
             queue: queue_tx,
             spawner,
-            slots: Arc::new(Semaphore::new(limits.connections_max)),
+            table: Arc::new(Mutex::new(SlotTable::new(
+                limits.connections_max,
+                limits.connections_per_ip_max,
+            ))),
             gauge: Arc::new(AtomicUsize::new(0)),
             counters,
+            refusals: Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT_MAX)),
             shutdown: shutdown_tx,
             shutting_down: AtomicBool::new(false),
         })
@@ -573,10 +708,12 @@ impl Fallback {
                 reason,
             })
         };
-        let slot = match self.slots.clone().try_acquire_owned() {
-            Ok(permit) => ConnSlot::new(permit, &self.gauge),
-            Err(TryAcquireError::NoPermits) => return refuse(stream, HandoffRefusal::AtCapacity),
-            Err(TryAcquireError::Closed) => return refuse(stream, HandoffRefusal::ShutDown),
+        if self.shutting_down.load(Ordering::Acquire) {
+            return refuse(stream, HandoffRefusal::ShutDown);
+        }
+        let slot = match ConnSlot::admit(&self.table, &self.gauge, &self.counters, peer) {
+            Ok(slot) => slot,
+            Err(reason) => return refuse(stream, reason),
         };
         match self.queue.try_send(Queued { stream, peer, slot }) {
             Ok(()) => Ok(()),
@@ -585,8 +722,32 @@ impl Fallback {
         }
     }
 
-    /// Accepts connections from `listener` on the fallback runtime until shutdown. At
-    /// `connections_max` it stops accepting, so new clients wait in the kernel backlog.
+    /// Answers a connection that was refused (by [`Fallback::handoff`] or the caller's own
+    /// limits) as well as its protocol allows, without blocking: a task peeks its first bytes
+    /// for a moment and sends HTTP/1 a `503` with `retry-after`; TLS and h2c are closed (no
+    /// status can be sent without a handshake or an h2 session). At most
+    /// [`REFUSALS_IN_FLIGHT_MAX`] such tasks run; past that the connection closes at once.
+    pub fn answer_refused(&self, stream: std::net::TcpStream) {
+        let Ok(permit) = self.refusals.clone().try_acquire_owned() else {
+            return;
+        };
+        let _enter = self.handle.enter();
+        let Ok(stream) = stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream))
+        else {
+            return;
+        };
+        self.handle.spawn(async move {
+            answer_refused(stream).await;
+            drop(permit);
+        });
+    }
+
+    /// Accepts connections from `listener` on the fallback runtime until shutdown. When all
+    /// `connections_max` slots are taken, the longest-idle connection is closed to admit the
+    /// new one; if every slot serves a request, the new one is refused
+    /// ([`Fallback::answer_refused`]).
     pub fn serve_listener(&self, listener: std::net::TcpListener) -> Result<(), io::Error> {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(io::Error::other("fallback is shut down"));
@@ -599,9 +760,13 @@ impl Fallback {
         };
         self.handle.spawn(accept_loop(
             listener,
-            self.slots.clone(),
-            self.gauge.clone(),
-            self.spawner.clone(),
+            AcceptShared {
+                table: self.table.clone(),
+                gauge: self.gauge.clone(),
+                counters: self.counters.clone(),
+                refusals: self.refusals.clone(),
+                spawner: self.spawner.clone(),
+            },
             self.shutdown.subscribe(),
         ));
         Ok(())
@@ -623,6 +788,13 @@ impl Fallback {
             accepted_http1_total: c.http1.load(Ordering::Relaxed),
             handoff_refused_total: c.handoff_refused.load(Ordering::Relaxed),
             rejected_total: c.rejected.load(Ordering::Relaxed),
+            shed_idle_total: c.shed_idle.load(Ordering::Relaxed),
+            refused_full_total: c.refused_full.load(Ordering::Relaxed),
+            refused_per_ip_total: c.refused_per_ip.load(Ordering::Relaxed),
+            send_timeout_total: c.send_timeout.load(Ordering::Relaxed),
+            head_timeout_total: c.head_timeout.load(Ordering::Relaxed),
+            uri_too_long_total: c.uri_too_long.load(Ordering::Relaxed),
+            h2_reset_flood_total: c.h2_calm.load(Ordering::Relaxed),
         }
     }
 
@@ -634,7 +806,7 @@ impl Fallback {
     /// `spawn_blocking`). A second call returns at once.
     pub fn shutdown(&self, drain: Duration) {
         self.shutting_down.store(true, Ordering::Release);
-        self.slots.close();
+        lock(&self.table).close();
         // send_replace stores the value even when no receiver is left.
         self.shutdown.send_replace(true);
         // Nothing can panic while the lock is held, so a poisoned lock still holds valid state.
@@ -681,7 +853,7 @@ fn drain_and_stop(runtime: tokio::runtime::Runtime, gauge: &AtomicUsize, drain: 
 
 impl Drop for Fallback {
     fn drop(&mut self) {
-        self.slots.close();
+        lock(&self.table).close();
         self.shutdown.send_replace(true);
         let runtime = match self.runtime.lock() {
             Ok(mut guard) => guard.take(),
@@ -700,33 +872,79 @@ async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stopping| *stopping).await;
 }
 
+/// What the accept loop needs of the [`Fallback`].
+struct AcceptShared {
+    table: Table,
+    gauge: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
+    refusals: Arc<Semaphore>,
+    spawner: Spawner,
+}
+
 async fn accept_loop(
     listener: tokio::net::TcpListener,
-    slots: Arc<Semaphore>,
-    gauge: Arc<AtomicUsize>,
-    spawner: Spawner,
+    shared: AcceptShared,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        // Take a slot before accepting, so that at capacity clients wait in the backlog.
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_closed) => return,
-            },
-            _ = wait_shutdown(&mut shutdown) => return,
-        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = wait_shutdown(&mut shutdown) => return,
         };
         match accepted {
-            Ok((stream, peer)) => spawner(stream, peer, ConnSlot::new(permit, &gauge)),
+            Ok((stream, peer)) => {
+                match ConnSlot::admit(&shared.table, &shared.gauge, &shared.counters, peer) {
+                    Ok(slot) => (shared.spawner)(stream, peer, slot),
+                    Err(reason) => {
+                        debug!(%peer, ?reason, "fallback refused a connection");
+                        if let Ok(permit) = shared.refusals.clone().try_acquire_owned() {
+                            tokio::spawn(async move {
+                                answer_refused(stream).await;
+                                drop(permit);
+                            });
+                        }
+                    }
+                }
+            }
             Err(err) => {
                 // EMFILE, ENOBUFS, ECONNABORTED: none is fatal for the listener.
                 debug!(%err, "fallback accept failed");
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
             }
+        }
+    }
+}
+
+/// Answers a refused connection: 503 for HTTP/1 (after a short peek), nothing for TLS or h2c.
+async fn answer_refused(mut stream: TcpStream) {
+    let sniffed = tokio::time::timeout(REFUSAL_PEEK, sniff(&stream)).await;
+    if let Ok(Ok(Some(Sniffed::Http1))) = sniffed {
+        let reply = guard::status_response(
+            503,
+            "Service Unavailable",
+            "too many connections; retry later",
+        );
+        // retry-after goes in before the blank line ending the head.
+        let reply = String::from_utf8_lossy(&reply).replacen(
+            "connection: close\r\n",
+            "connection: close\r\nretry-after: 1\r\n",
+            1,
+        );
+        let sent = tokio::time::timeout(REFUSAL_PEEK, async {
+            stream.write_all(reply.as_bytes()).await?;
+            stream.shutdown().await?;
+            // Read what the client sent, briefly, so closing does not reset the answer away.
+            let mut scratch = [0u8; 4096];
+            loop {
+                let n = tokio::io::AsyncReadExt::read(&mut stream, &mut scratch).await?;
+                if n == 0 {
+                    return Ok::<_, io::Error>(());
+                }
+            }
+        })
+        .await;
+        if let Ok(Err(err)) = sent {
+            debug!(%err, "503 to a refused connection not delivered");
         }
     }
 }
@@ -756,12 +974,29 @@ async fn dispatch(
     }
 }
 
-/// One connection from classification to close. `_slot` returns to the pool on drop.
+/// One connection from admission to close. The slot returns to the table on drop. The slot
+/// table may ask the connection to close for room at any point (it is then idle).
 async fn serve_connection<H: Handler>(
     shared: Arc<Shared<H>>,
     stream: TcpStream,
     peer: SocketAddr,
-    _slot: ConnSlot,
+    slot: ConnSlot,
+) {
+    let activity = slot.activity.clone();
+    tokio::select! {
+        () = classify_and_serve(&shared, stream, peer, activity.clone()) => {}
+        () = activity.shed_requested() => {
+            debug!(%peer, "fallback: idle connection closed to admit a new one");
+        }
+    }
+    drop(slot);
+}
+
+async fn classify_and_serve<H: Handler>(
+    shared: &Arc<Shared<H>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    activity: Arc<Activity>,
 ) {
     let mut shutdown = shared.shutdown.clone();
     let deadline = Instant::now() + shared.header_read_timeout;
@@ -790,6 +1025,11 @@ async fn serve_connection<H: Handler>(
         }
     };
     let counters = &shared.counters;
+    let conn = ConnStart {
+        activity,
+        head_deadline: deadline,
+        shutdown,
+    };
     match sniffed {
         Sniffed::Http1 | Sniffed::H2c => {
             let h2 = sniffed == Sniffed::H2c;
@@ -800,7 +1040,7 @@ async fn serve_connection<H: Handler>(
                 tls: false,
                 alpn_h2: false,
             };
-            serve_http(&shared, stream, info, h2, shutdown).await;
+            serve_http(shared, stream, info, h2, conn).await;
         }
         Sniffed::Tls => {
             let Some(acceptor) = shared.tls.clone() else {
@@ -808,6 +1048,7 @@ async fn serve_connection<H: Handler>(
                 rejected();
                 return;
             };
+            let mut shutdown = conn.shutdown.clone();
             let handshake = tokio::select! {
                 done = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => done,
                 _ = wait_shutdown(&mut shutdown) => return,
@@ -825,6 +1066,7 @@ async fn serve_connection<H: Handler>(
                     return;
                 }
             };
+            conn.activity.touch();
             let alpn_h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
             let counter = if alpn_h2 {
                 &counters.tls_h2
@@ -837,41 +1079,72 @@ async fn serve_connection<H: Handler>(
                 tls: true,
                 alpn_h2,
             };
-            serve_http(&shared, tls_stream, info, alpn_h2, shutdown).await;
+            serve_http(shared, tls_stream, info, alpn_h2, conn).await;
         }
     }
 }
 
-/// Runs hyper on a classified connection until it ends, shutdown drains it, or it idles out.
-async fn serve_http<H, I>(
-    shared: &Shared<H>,
-    io: I,
-    info: ConnInfo,
-    h2: bool,
-    mut shutdown: watch::Receiver<bool>,
-) where
+/// What a classified connection carries into [`serve_http`].
+struct ConnStart {
+    activity: Arc<Activity>,
+    /// The first HTTP/1 head must be complete by then (counted from accept).
+    head_deadline: Instant,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Runs hyper on a classified connection until it ends, shutdown drains it, it idles out, or
+/// the client stops reading.
+async fn serve_http<H, I>(shared: &Shared<H>, io: I, info: ConnInfo, h2: bool, conn: ConnStart)
+where
     H: Handler,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(ActivityIo {
-        inner: io,
-        activity: activity.clone(),
-    });
+    let ConnStart {
+        activity,
+        head_deadline,
+        mut shutdown,
+    } = conn;
+    let watch = if h2 {
+        Watch::H2(Box::new(H2Watch::new()))
+    } else {
+        Watch::Http1(Box::new(Http1Watch::new(
+            head_deadline,
+            shared.header_read_timeout,
+            shared.uri_bytes_max,
+        )))
+    };
+    let io = TokioIo::new(GuardIo::new(
+        io,
+        activity.clone(),
+        shared.counters.clone(),
+        watch,
+    ));
     let handler = shared.handler.clone();
     let service_activity = activity.clone();
     let service = service_fn(move |req| {
         let handler = handler.clone();
-        let busy = BusyGuard::new(service_activity.clone());
+        let activity = service_activity.clone();
+        let busy = BusyGuard::new(activity.clone());
         async move {
             let response = handler.call(req, info).await;
+            // The request stays in flight until hyper drops the body, i.e. until it is sent:
+            // an idle timeout or shedding must not cut a response short.
+            let sending = SendingGuard::new(activity);
             drop(busy);
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(response.map(|body| {
+                TrackedBody {
+                    inner: body,
+                    _sending: sending,
+                }
+                .boxed()
+            }))
         }
     });
     let drive = Drive {
         info,
         idle_timeout: shared.idle_timeout,
+        send_timeout: shared.send_timeout,
+        counters: &shared.counters,
         activity: &activity,
         shutdown: &mut shutdown,
     };
@@ -888,6 +1161,8 @@ async fn serve_http<H, I>(
 struct Drive<'a> {
     info: ConnInfo,
     idle_timeout: Duration,
+    send_timeout: Duration,
+    counters: &'a Counters,
     activity: &'a Activity,
     shutdown: &'a mut watch::Receiver<bool>,
 }
@@ -900,6 +1175,8 @@ impl Drive<'_> {
         let Drive {
             info,
             idle_timeout,
+            send_timeout,
+            counters,
             activity,
             shutdown,
         } = self;
@@ -922,56 +1199,31 @@ impl Drive<'_> {
                     graceful_shutdown(conn.as_mut());
                     draining = true;
                 }
+                _ = activity.send_stalled(send_timeout) => {
+                    debug!(peer = %info.peer, "fallback client does not read; closing");
+                    counters.send_timeout.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                // A graceful close waits for the client (h2: the answer to its PING); one that
+                // ignores it is closed once nothing is in flight and nothing moved for as long.
+                _ = activity.quiet_for(send_timeout), if draining => {
+                    debug!(peer = %info.peer, "fallback client ignored the graceful close");
+                    counters.send_timeout.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
             }
         }
     }
 }
 
-/// Last socket progress and running handlers of one connection, for the idle timeout.
-struct Activity {
-    epoch: Instant,
-    last_progress_ms: AtomicU64,
-    handlers_running: AtomicUsize,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            epoch: Instant::now(),
-            last_progress_ms: AtomicU64::new(0),
-            handlers_running: AtomicUsize::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let now_ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_progress_ms.store(now_ms, Ordering::Relaxed);
-    }
-
-    /// Resolves once the connection has made no progress for `idle` with no handler running.
-    async fn idle_expired(&self, idle: Duration) {
-        loop {
-            let last = Duration::from_millis(self.last_progress_ms.load(Ordering::Relaxed));
-            let due = self.epoch + last + idle;
-            if Instant::now() >= due && self.handlers_running.load(Ordering::Relaxed) == 0 {
-                return;
-            }
-            if Instant::now() >= due {
-                // A handler is running (e.g. fsync of a large PUT): look again one period on.
-                tokio::time::sleep(idle).await;
-            } else {
-                tokio::time::sleep_until(due).await;
-            }
-        }
-    }
-}
-
-/// Marks a handler as running for the idle timeout; touches the connection when it ends.
+/// Marks a handler as running, for the idle timeout and shedding; touches the connection when
+/// it ends.
 struct BusyGuard(Arc<Activity>);
 
 impl BusyGuard {
     fn new(activity: Arc<Activity>) -> BusyGuard {
         activity.handlers_running.fetch_add(1, Ordering::Relaxed);
+        activity.requests_started.fetch_add(1, Ordering::Relaxed);
         BusyGuard(activity)
     }
 }
@@ -983,65 +1235,46 @@ impl Drop for BusyGuard {
     }
 }
 
-/// Records socket progress (bytes read or written) for the idle timeout.
-struct ActivityIo<I> {
-    inner: I,
-    activity: Arc<Activity>,
-}
+/// Marks a response body as being sent until hyper drops it.
+struct SendingGuard(Arc<Activity>);
 
-impl<I: AsyncRead + Unpin> AsyncRead for ActivityIo<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.touch();
-        }
-        result
+impl SendingGuard {
+    fn new(activity: Arc<Activity>) -> SendingGuard {
+        activity.bodies_sending.fetch_add(1, Ordering::Relaxed);
+        SendingGuard(activity)
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for ActivityIo<I> {
-    fn poll_write(
+impl Drop for SendingGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.bodies_sending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that holds a [`SendingGuard`] while hyper sends it.
+struct TrackedBody {
+    inner: ResponseBody,
+    _sending: SendingGuard,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(result, Poll::Ready(Ok(written)) if written > 0) {
-            this.activity.touch();
-        }
-        result
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, io::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(written)) if written > 0) {
-            this.activity.touch();
-        }
-        result
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -1131,8 +1364,11 @@ mod tests {
     fn limits() -> FallbackLimits {
         FallbackLimits {
             connections_max: 64,
+            connections_per_ip_max: 0,
             header_read_timeout_ms: 5_000,
             idle_timeout_ms: 30_000,
+            send_timeout_ms: 30_000,
+            uri_bytes_max: 8192,
         }
     }
 
@@ -1511,6 +1747,14 @@ mod tests {
                 idle_timeout_ms: 0,
                 ..limits()
             },
+            FallbackLimits {
+                send_timeout_ms: 0,
+                ..limits()
+            },
+            FallbackLimits {
+                uri_bytes_max: 0,
+                ..limits()
+            },
         ] {
             let result = Fallback::start(Arc::new(Echo::default()), None, limits);
             let err = result.err().unwrap();
@@ -1520,19 +1764,26 @@ mod tests {
     }
 
     #[test]
-    fn connections_max_is_enforced_for_handoff_and_listener() {
+    fn full_fallback_sheds_the_idle_and_refuses_with_503_when_all_are_busy() {
+        use std::io::{Read, Write};
         let limits = FallbackLimits {
             connections_max: 1,
             ..limits()
         };
-        let (fallback, _handler, addr) = start_listening(None, limits);
+        let (fallback, handler, addr) = start_listening(None, limits);
         let engine = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let engine_addr = engine.local_addr().unwrap();
         client_runtime().block_on(async {
+            // The only slot serves a slow request: nothing can be shed.
             let tcp = TcpStream::connect(addr).await.unwrap();
             let mut first = Client::connect(tcp, false).await;
-            first.send("GET", "/a", small_body("")).await.unwrap();
-            assert_eq!(fallback.connections(), 1);
+            let slow = tokio::spawn(async move {
+                let sent = first.send("GET", "/slow/1500", small_body("")).await;
+                (first, sent)
+            });
+            while handler.started.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
 
             // A hand-off at capacity comes back at once with its socket.
             let _engine_client = std::net::TcpStream::connect(engine_addr).unwrap();
@@ -1542,23 +1793,57 @@ mod tests {
             assert_eq!(refused.stream.peer_addr().unwrap(), peer);
             assert_eq!(fallback.stats().handoff_refused_total, 1);
 
-            // A listener client waits in the backlog until the first connection closes.
+            // A listener client is answered 503 at once instead of waiting.
+            let reply = tokio::task::spawn_blocking(move || {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s.write_all(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+                let mut reply = Vec::new();
+                let _ = s.read_to_end(&mut reply);
+                String::from_utf8_lossy(&reply).into_owned()
+            })
+            .await
+            .unwrap();
+            assert!(reply.starts_with("HTTP/1.1 503"), "{reply:?}");
+            assert!(reply.contains("retry-after: 1"), "{reply:?}");
+
+            // Once the first connection is idle, a new one takes its slot.
+            let (mut first, sent) = slow.await.unwrap();
+            assert_eq!(sent.unwrap().0, StatusCode::OK);
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut third = Client::connect(tcp, false).await;
+            let (_, text) = third.send("GET", "/c", small_body("")).await.unwrap();
+            assert_eq!(text, "GET /c 0 HTTP/1.1 tls=false h2=false");
+            assert!(
+                first.send("GET", "/a", small_body("")).await.is_err(),
+                "shed"
+            );
+            let stats = fallback.stats();
+            assert_eq!(stats.shed_idle_total, 1);
+            assert_eq!(stats.refused_full_total, 2);
+        });
+    }
+
+    #[test]
+    fn connections_per_ip_max_refuses_the_next_from_one_address() {
+        let limits = FallbackLimits {
+            connections_per_ip_max: 1,
+            ..limits()
+        };
+        let (fallback, _handler, addr) = start_listening(None, limits);
+        client_runtime().block_on(async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut first = Client::connect(tcp, false).await;
+            first.send("GET", "/a", small_body("")).await.unwrap();
             let tcp = TcpStream::connect(addr).await.unwrap();
             let mut second = Client::connect(tcp, false).await;
-            let waiting = tokio::spawn(async move {
-                second
-                    .send("GET", "/b", small_body(""))
-                    .await
-                    .map(|(_, text)| text)
-            });
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            assert!(
-                !waiting.is_finished(),
-                "second connection served over the limit"
-            );
-            drop(first);
-            let text = waiting.await.unwrap().unwrap();
-            assert_eq!(text, "GET /b 0 HTTP/1.1 tls=false h2=false");
+            let refused = second.send("GET", "/b", small_body("")).await;
+            match refused {
+                Ok((status, _)) => assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE),
+                Err(err) => panic!("expected a 503, got {err}"),
+            }
+            assert_eq!(fallback.stats().refused_per_ip_total, 1);
+            first.send("GET", "/c", small_body("")).await.unwrap();
         });
     }
 
@@ -1663,15 +1948,20 @@ mod tests {
             0,
             "silent client not closed"
         );
-        // hyper closes a slow head without answering (no 408; see the module docs).
+        // The guard answers a slow head 408, as the ring does.
         let mut rest = Vec::new();
         partial.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty(), "unexpected reply {rest:?}");
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(
+            rest.starts_with("HTTP/1.1 408"),
+            "unexpected reply {rest:?}"
+        );
         assert!(began.elapsed() < Duration::from_secs(3));
         assert_eq!(handler.started.load(Ordering::SeqCst), 0);
         wait_until("both connections to close", || fallback.connections() == 0);
         assert_eq!(fallback.stats().rejected_total, 1);
         assert_eq!(fallback.stats().accepted_http1_total, 1);
+        assert_eq!(fallback.stats().head_timeout_total, 1);
     }
 
     #[test]
