@@ -1,5 +1,8 @@
 //! Checks shared by the cargo-fuzz targets in `fuzz/` and the corpus replay test
-//! `tests/fuzz_corpus.rs`. Not an API: hidden from the docs and free to change.
+//! `tests/fuzz_corpus.rs`. Not an API: hidden from the docs and free to change. Compiled only
+//! with the `fuzzing` feature (off by default: the server does not carry its oracles);
+//! `fuzz/Cargo.toml` turns it on, and so does this crate's dev-dependency on itself, so
+//! `cargo test` replays the corpus without flags.
 //!
 //! Each `check_*` function takes the raw fuzz input and panics when a property is violated,
 //! which is what a fuzz target reports as a crash. The fuzz targets are one call each, and the
