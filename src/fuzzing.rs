@@ -613,7 +613,7 @@ pub fn check_artifact_header(data: &[u8]) {
 /// is non-empty and bounded; an accepted configuration without inline secrets renders with
 /// `to_toml` into text that loads back into an equal configuration.
 pub fn check_config(data: &[u8]) {
-    use crate::config::{load_text, Overrides, SecretSource};
+    use crate::config::{load_text, Overrides};
 
     let text = String::from_utf8_lossy(data);
     let path = std::path::Path::new("fuzz.toml");
@@ -630,11 +630,7 @@ pub fn check_config(data: &[u8]) {
             );
         }
         Ok(config) => {
-            if config
-                .tokens
-                .iter()
-                .any(|t| matches!(t.secret_source, SecretSource::Inline))
-            {
+            if config.tokens.iter().any(|t| t.secret_env.is_none()) {
                 return;
             }
             let rendered = config.to_toml();
