@@ -181,20 +181,24 @@ pub enum TokenAccess {
 }
 
 /// A token secret. Its `Debug` never shows the bytes, so a config can be logged; it is never
-/// serialised.
+/// serialised. The default is "not given", which is not the same as an empty secret.
 #[derive(Clone, Default, Deserialize)]
 #[serde(transparent)]
-pub struct Secret(String);
+pub struct Secret(Option<String>);
 
 impl Secret {
     /// Wraps a secret; validation happens in [`load`].
     pub fn new(secret: String) -> Self {
-        Self(secret)
+        Self(Some(secret))
     }
 
-    /// The secret bytes. Only the authoriser should call this.
+    /// The secret bytes (none when not given). Only the authoriser should call this.
     pub fn expose(&self) -> &[u8] {
-        self.0.as_bytes()
+        self.0.as_deref().unwrap_or_default().as_bytes()
+    }
+
+    fn is_given(&self) -> bool {
+        self.0.is_some()
     }
 }
 
@@ -971,7 +975,7 @@ fn check_tables(c: &mut Config, path: &Path, env: &[(String, String)]) -> Result
         }
         let mut secret_key = format!("{prefix}.secret");
         let mut secret_source = source.clone();
-        match (&token.secret_env, token.secret.expose().is_empty()) {
+        match (&token.secret_env, !token.secret.is_given()) {
             (Some(_), false) => {
                 return Err(ConfigError::Conflict {
                     message: format!(
@@ -1397,6 +1401,12 @@ mod tests {
                 "[[tokens]]\nname = \"ci\"\nsecret = \"short\"\naccess = \"ro\"",
                 "tokens[0].secret",
                 "<redacted, 5 bytes>",
+                "16 to 1024 bytes",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"\"\naccess = \"ro\"",
+                "tokens[0].secret",
+                "<redacted, 0 bytes>",
                 "16 to 1024 bytes",
             ),
             (
@@ -1853,6 +1863,11 @@ mod tests {
             ("shutdown_grace_ms = 0", &[], &["`shutdown_grace_ms` = `0`", "12000"]),
             (
                 "[[tokens]]\nname = \"a\"\nsecret = \"0123456789abcdef\"\nsecret_env = \"X\"\naccess = \"ro\"",
+                &[("X", "fedcba9876543210")],
+                &["`tokens[0].secret`", "`tokens[0].secret_env`", "not both"],
+            ),
+            (
+                "[[tokens]]\nname = \"a\"\nsecret = \"\"\nsecret_env = \"X\"\naccess = \"ro\"",
                 &[("X", "fedcba9876543210")],
                 &["`tokens[0].secret`", "`tokens[0].secret_env`", "not both"],
             ),
