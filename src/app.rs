@@ -14,7 +14,8 @@ use std::time::Instant;
 use crate::auth::{Access, Auth, Denied};
 use crate::config::Config;
 use crate::http1::{
-    content_range, content_range_unsatisfied, if_none_match, parse_range, RangeOutcome,
+    content_range, content_range_unsatisfied, evaluate, if_range, parse_range, Conditions,
+    Precondition, RangeOutcome,
 };
 use crate::metrics::{write_metric, Metrics};
 use crate::route::{classify, Action, ArtifactKind, Route, RouteError};
@@ -34,6 +35,10 @@ pub struct RequestInfo<'a> {
     pub range: Option<&'a [u8]>,
     /// Raw `If-None-Match` value.
     pub if_none_match: Option<&'a [u8]>,
+    /// Raw `If-Match` value.
+    pub if_match: Option<&'a [u8]>,
+    /// Raw `If-Range` value.
+    pub if_range: Option<&'a [u8]>,
     /// Declared body length, when framed by `Content-Length`.
     pub content_length: Option<u64>,
     /// True when the body is `chunked` (length unknown up front).
@@ -128,6 +133,11 @@ pub enum Decision {
     /// asked for it), feed it to the sink, then send what
     /// [`PutSink::finish`] returns.
     ReceiveBody(PutSink),
+    /// The artifact is not in memory (its path or header would be read from
+    /// the disk). Only [`App::handle_with`] under a no-wait [`OpenCache`]
+    /// answers this: the ring engine opens it on another thread, so its own
+    /// thread never waits for a disk, and then asks again.
+    Cold { namespace: String, key: String },
 }
 
 /// Limits the application applies per route.
@@ -137,6 +147,9 @@ pub struct AppLimits {
     pub body_bytes_max: u64,
     /// Largest PUT body on the Gradle route, in bytes (Gradle expects 413).
     pub gradle_body_bytes_max: u64,
+    /// The lingering close after an early error, for front ends that do
+    /// not take it from their own limits (the hyper front).
+    pub linger: crate::http1::LingerLimits,
 }
 
 type MetricsSource = Box<dyn Fn(&mut String) + Send + Sync>;
@@ -167,12 +180,22 @@ impl App {
             limits: AppLimits {
                 body_bytes_max: config.body_bytes_max,
                 gradle_body_bytes_max: config.gradle_body_bytes_max,
+                linger: crate::http1::LingerLimits {
+                    time_ms: config.lingering_time_ms,
+                    timeout_ms: config.lingering_timeout_ms,
+                    bytes_max: config.lingering_bytes_max,
+                },
             },
             draining: AtomicBool::new(false),
             started: Instant::now(),
             metrics_sources: RwLock::new(Vec::new()),
             status_sources: RwLock::new(Vec::new()),
         })
+    }
+
+    /// Bounds on the lingering close after an early error.
+    pub fn linger_limits(&self) -> crate::http1::LingerLimits {
+        self.limits.linger
     }
 
     /// Add series to `/metrics`.
@@ -246,7 +269,15 @@ impl App {
                 key,
                 action,
             } => match action {
-                Action::Get | Action::Head => self.get(req, namespace, key, files),
+                Action::Get | Action::Head => match self.get(req, namespace, key, files) {
+                    Ok(reply) => reply,
+                    Err(Cold) => {
+                        return Decision::Cold {
+                            namespace: namespace.to_string(),
+                            key: key.to_string(),
+                        }
+                    }
+                },
                 Action::Delete => self.delete(req, namespace, key),
                 Action::Put => return self.put(req, kind, namespace, key),
             },
@@ -269,7 +300,35 @@ impl App {
                     r
                 }
                 Denied::Forbidden => Reply::error(403, "this token may not write"),
+                Denied::OutOfScope => {
+                    Reply::error(403, &format!("this token is not scoped to namespace {ns}"))
+                }
             })
+    }
+
+    /// `If-Match` / `If-None-Match` on a PUT or DELETE (RFC 9110 13.2.2): 412 and no change
+    /// when they fail. `If-None-Match: *` makes a create-only write. The check and the write
+    /// are not one atomic step: a concurrent writer of the same key can slip between them,
+    /// and then the last writer wins as it would without the header.
+    #[allow(clippy::result_large_err)] // see `authorize`
+    fn check_write_preconditions(
+        &self,
+        req: &RequestInfo<'_>,
+        ns: &str,
+        key: &str,
+    ) -> Result<(), Reply> {
+        let conditions = req.conditions();
+        if conditions.if_match.is_none() && conditions.if_none_match.is_none() {
+            return Ok(());
+        }
+        let current = match self.store.get(ns, key) {
+            Ok(found) => found.map(|artifact| artifact.etag()),
+            Err(err) => return Err(store_error(&err)),
+        };
+        match evaluate(conditions, current.as_deref(), false) {
+            Precondition::Proceed => Ok(()),
+            Precondition::NotModified | Precondition::Failed => Err(precondition_failed()),
+        }
     }
 
     fn get(
@@ -278,9 +337,9 @@ impl App {
         ns: &str,
         key: &str,
         files: Option<&mut OpenCache>,
-    ) -> Reply {
+    ) -> Result<Reply, Cold> {
         if let Err(reply) = self.authorize(req, ns, Access::Read) {
-            return reply;
+            return Ok(reply);
         }
         let opened = match files {
             Some(cache) => self.store.get_cached(ns, key, cache),
@@ -288,8 +347,9 @@ impl App {
         };
         let artifact = match opened {
             Ok(Some(artifact)) => artifact,
-            Ok(None) => return Reply::error(404, "no such artifact"),
-            Err(err) => return store_error(&err),
+            Ok(None) => return Ok(Reply::error(404, "no such artifact")),
+            Err(StoreError::WouldBlock) => return Err(Cold),
+            Err(err) => return Ok(store_error(&err)),
         };
         let etag = artifact.etag();
         let mut headers = vec![
@@ -297,20 +357,28 @@ impl App {
             ("accept-ranges", "bytes".to_string()),
             ("content-type", "application/octet-stream".to_string()),
         ];
-        if let Some(inm) = req.if_none_match {
-            if if_none_match(inm, &etag) {
+        match evaluate(req.conditions(), Some(&etag), true) {
+            Precondition::Proceed => {}
+            Precondition::NotModified => {
                 headers.truncate(2);
-                return Reply {
+                return Ok(Reply {
                     status: 304,
                     headers,
                     content_length: None,
                     body: ReplyBody::Empty,
                     close: false,
-                };
+                });
             }
+            Precondition::Failed => return Ok(precondition_failed()),
         }
+        // A Range under an If-Range that does not strongly match the current ETag is ignored
+        // (RFC 9110 13.1.5): the client holds part of another representation and must get
+        // the whole current one, never a piece of it to stitch onto the old.
+        let range = req
+            .range
+            .filter(|_| req.if_range.is_none_or(|value| if_range(value, &etag)));
         let len = artifact.len;
-        let (status, start, count) = match req.range.map(|r| parse_range(r, len)) {
+        let (status, start, count) = match range.map(|r| parse_range(r, len)) {
             None | Some(RangeOutcome::Full) => (200, 0, len),
             Some(RangeOutcome::Partial {
                 start,
@@ -323,11 +391,11 @@ impl App {
                 let mut r = Reply::error(416, "range not satisfiable");
                 r.headers
                     .push(("content-range", content_range_unsatisfied(len)));
-                return r;
+                return Ok(r);
             }
         };
         let offset = artifact.body_offset + start;
-        Reply {
+        Ok(Reply {
             status,
             headers,
             content_length: Some(count),
@@ -337,11 +405,14 @@ impl App {
                 len: count,
             },
             close: false,
-        }
+        })
     }
 
     fn delete(&self, req: &RequestInfo<'_>, ns: &str, key: &str) -> Reply {
         if let Err(reply) = self.authorize(req, ns, Access::Write) {
+            return reply;
+        }
+        if let Err(reply) = self.check_write_preconditions(req, ns, key) {
             return reply;
         }
         match self.store.delete(ns, key) {
@@ -358,6 +429,9 @@ impl App {
             Decision::Reply(close_if_unread(reply, has_body))
         };
         if let Err(reply) = self.authorize(req, ns, Access::Write) {
+            return refuse(reply);
+        }
+        if let Err(reply) = self.check_write_preconditions(req, ns, key) {
             return refuse(reply);
         }
         if req.content_length.is_none() && !req.chunked {
@@ -494,6 +568,25 @@ impl App {
         text.push('\n');
         text
     }
+}
+
+impl RequestInfo<'_> {
+    fn conditions(&self) -> Conditions<'_> {
+        Conditions {
+            if_match: self.if_match,
+            if_none_match: self.if_none_match,
+        }
+    }
+}
+
+/// [`App::get`] found the artifact's file cold under a no-wait open.
+struct Cold;
+
+fn precondition_failed() -> Reply {
+    Reply::error(
+        412,
+        "a precondition (If-Match or If-None-Match) does not hold",
+    )
 }
 
 fn close_if_unread(reply: Reply, has_body: bool) -> Reply {

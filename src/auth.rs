@@ -10,6 +10,14 @@
 //! - **Writes** are allowed to anyone when writes are anonymous (no `rw` token configured;
 //!   the header is ignored, as for public reads). Otherwise they need an `rw` token: an `ro`
 //!   token gets 403, no or an unknown token 401.
+//! - **Scopes.** A token with `namespaces = [...]` is limited to those namespaces: a write
+//!   elsewhere, or a read of a `read = "token"` namespace elsewhere, gets 403
+//!   ([`Denied::OutOfScope`]) and nothing is stored. A token without the key covers every
+//!   namespace. Scopes name the namespace a route maps to ([`crate::route`]): `ac` for
+//!   `/[{instance}/]ac/`, `cas` for `/[{instance}/]cas/` (the instance name does not partition
+//!   the cache, so it is not part of the scope), `gradle` for `/cache/`, `{namespace}` for
+//!   `/v1/artifacts/{namespace}/`. Reads of public namespaces ignore the header, so a scope
+//!   never narrows them; anonymous writes (no `rw` token at all) ignore it too.
 //! - A token is presented as `Bearer <secret>` or as the password of
 //!   `Basic base64(user:password)`; the user part is ignored. Scheme names ignore case.
 //!
@@ -23,7 +31,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
-use subtle::{Choice, ConstantTimeEq};
+use subtle::{Choice, ConditionallySelectable as _, ConstantTimeEq};
 
 use crate::config::{Config, NamespaceRead, TokenAccess};
 
@@ -41,8 +49,10 @@ pub enum Access {
 pub enum Denied {
     /// No valid credentials: answer 401 with [`Denied::WWW_AUTHENTICATE`].
     Unauthorized,
-    /// Valid credentials that do not grant this access: answer 403.
+    /// Valid credentials that do not grant this access (a read-only token writing): answer 403.
     Forbidden,
+    /// Valid credentials whose `namespaces` scope does not include the namespace: answer 403.
+    OutOfScope,
 }
 
 impl Denied {
@@ -53,7 +63,7 @@ impl Denied {
     pub fn status(self) -> u16 {
         match self {
             Self::Unauthorized => 401,
-            Self::Forbidden => 403,
+            Self::Forbidden | Self::OutOfScope => 403,
         }
     }
 
@@ -61,7 +71,7 @@ impl Denied {
     pub fn www_authenticate(self) -> Option<&'static str> {
         match self {
             Self::Unauthorized => Some(Self::WWW_AUTHENTICATE),
-            Self::Forbidden => None,
+            Self::Forbidden | Self::OutOfScope => None,
         }
     }
 }
@@ -83,16 +93,26 @@ struct TokenEntry {
     name: String,
     digest: [u8; 32],
     read_write: bool,
+    /// The namespaces this token is limited to, sorted for binary search; `None` covers all.
+    scope: Option<Box<[Box<str>]>>,
+}
+
+impl TokenEntry {
+    fn covers(&self, namespace: &str) -> bool {
+        self.scope
+            .as_ref()
+            .is_none_or(|scope| scope.binary_search_by(|n| (**n).cmp(namespace)).is_ok())
+    }
 }
 
 /// What the request presented.
-enum Credential {
+enum Credential<'a> {
     /// No `Authorization` header.
     Absent,
     /// A header that is malformed or holds no configured secret.
     Invalid,
     /// A configured token.
-    Valid { read_write: bool },
+    Valid(&'a TokenEntry),
 }
 
 /// The authoriser, built once from the config and shared by every front end.
@@ -118,6 +138,12 @@ impl Auth {
                     name: token.name.clone(),
                     digest: Sha256::digest(token.secret.expose()).into(),
                     read_write: token.access == TokenAccess::ReadWrite,
+                    scope: token.namespaces.as_ref().map(|names| {
+                        let mut scope: Box<[Box<str>]> =
+                            names.iter().map(|name| name.as_str().into()).collect();
+                        scope.sort_unstable();
+                        scope
+                    }),
                 })
                 .collect(),
             anonymous_writes: config.anonymous_writes(),
@@ -141,20 +167,22 @@ impl Auth {
             Access::Read => match self.namespaces.get(namespace) {
                 None | Some(NamespaceRead::Public) => Ok(()),
                 Some(NamespaceRead::Token) => match self.credential(authorization) {
-                    Credential::Valid { .. } => Ok(()),
+                    Credential::Valid(token) if token.covers(namespace) => Ok(()),
+                    Credential::Valid(_) => Err(Denied::OutOfScope),
                     Credential::Absent | Credential::Invalid => Err(Denied::Unauthorized),
                 },
             },
             Access::Write if self.anonymous_writes => Ok(()),
             Access::Write => match self.credential(authorization) {
-                Credential::Valid { read_write: true } => Ok(()),
-                Credential::Valid { read_write: false } => Err(Denied::Forbidden),
+                Credential::Valid(token) if !token.read_write => Err(Denied::Forbidden),
+                Credential::Valid(token) if !token.covers(namespace) => Err(Denied::OutOfScope),
+                Credential::Valid(_) => Ok(()),
                 Credential::Absent | Credential::Invalid => Err(Denied::Unauthorized),
             },
         }
     }
 
-    fn credential(&self, authorization: Option<&[u8]>) -> Credential {
+    fn credential(&self, authorization: Option<&[u8]>) -> Credential<'_> {
         let Some(header) = authorization else {
             return Credential::Absent;
         };
@@ -190,20 +218,25 @@ impl Auth {
         }
     }
 
-    /// Compares the candidate's digest with every token's, without early exit.
-    fn match_secret(&self, candidate: &[u8]) -> Credential {
+    /// Compares the candidate's digest with every token's, without early exit; the matching
+    /// index is picked with a constant-time select, so which token matched is known only once
+    /// the loop is over. The config refuses two tokens with one secret, so at most one matches.
+    fn match_secret(&self, candidate: &[u8]) -> Credential<'_> {
         let digest: [u8; 32] = Sha256::digest(candidate).into();
         let mut found = Choice::from(0);
-        let mut read_write = Choice::from(0);
-        for token in self.tokens.iter() {
+        let mut matched = 0u64;
+        for (index, token) in self.tokens.iter().enumerate() {
             let equal = token.digest.ct_eq(&digest);
             found |= equal;
-            read_write |= equal & Choice::from(u8::from(token.read_write));
+            // TOKENS_MAX (1024) bounds the index, so it fits any u64.
+            matched.conditional_assign(&(index as u64), equal);
         }
         if bool::from(found) {
-            Credential::Valid {
-                read_write: bool::from(read_write),
-            }
+            // `matched` was assigned by the one token whose digest is equal.
+            usize::try_from(matched)
+                .ok()
+                .and_then(|index| self.tokens.get(index))
+                .map_or(Credential::Invalid, Credential::Valid)
         } else {
             Credential::Invalid
         }
@@ -217,11 +250,10 @@ impl fmt::Debug for Auth {
         impl fmt::Debug for Tokens<'_> {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.debug_map()
-                    .entries(
-                        self.0
-                            .iter()
-                            .map(|t| (&t.name, if t.read_write { "rw" } else { "ro" })),
-                    )
+                    .entries(self.0.iter().map(|t| {
+                        let access = if t.read_write { "rw" } else { "ro" };
+                        (&t.name, (access, &t.scope))
+                    }))
                     .finish()
             }
         }
@@ -363,6 +395,134 @@ mod tests {
         }
     }
 
+    const ADMIN: &str = "admin-secret-0123456789";
+    const TEAM_A: &str = "team-a-secret-0123456789";
+    const BAZEL: &str = "bazel-secret-0123456789";
+    const GRADLE: &str = "gradle-secret-0123456789";
+    const TEAM_B_READER: &str = "team-b-reader-secret-0123";
+
+    /// Namespaces of [`scoped`], in the column order of [`scopes_by_namespace_and_access`]:
+    /// `team-a-priv`, `team-b-priv` and `ac` are `read = "token"`, the rest public.
+    const SCOPED_NAMESPACES: [&str; 7] = [
+        "team-a",
+        "team-a-priv",
+        "team-b",
+        "team-b-priv",
+        "ac",
+        "cas",
+        "gradle",
+    ];
+
+    fn scoped() -> Auth {
+        auth(&format!(
+            "[namespaces.team-a-priv]\nread = \"token\"\n\
+             [namespaces.team-b-priv]\nread = \"token\"\n\
+             [namespaces.ac]\nread = \"token\"\n\
+             [[tokens]]\nname = \"admin\"\nsecret = \"{ADMIN}\"\naccess = \"rw\"\n\
+             [[tokens]]\nname = \"team-a\"\nsecret = \"{TEAM_A}\"\naccess = \"rw\"\n\
+             namespaces = [\"team-a-priv\", \"team-a\"]\n\
+             [[tokens]]\nname = \"bazel\"\nsecret = \"{BAZEL}\"\naccess = \"rw\"\n\
+             namespaces = [\"cas\", \"ac\"]\n\
+             [[tokens]]\nname = \"gradle\"\nsecret = \"{GRADLE}\"\naccess = \"rw\"\n\
+             namespaces = [\"gradle\"]\n\
+             [[tokens]]\nname = \"team-b-reader\"\nsecret = \"{TEAM_B_READER}\"\n\
+             access = \"ro\"\nnamespaces = [\"team-b-priv\"]\n"
+        ))
+    }
+
+    /// Token scope × namespace × read/write. A scope narrows writes everywhere and reads of
+    /// `read = "token"` namespaces; public reads ignore it; an `ro` token's write is
+    /// `Forbidden` whatever its scope.
+    #[test]
+    fn scopes_by_namespace_and_access() {
+        const OK: Outcome = Ok(());
+        const U: Outcome = Err(Denied::Unauthorized);
+        const F: Outcome = Err(Denied::Forbidden);
+        const S: Outcome = Err(Denied::OutOfScope);
+        let bearer = |secret: &str| format!("Bearer {secret}");
+        let admin = bearer(ADMIN);
+        let team_a = bearer(TEAM_A);
+        let team_a_basic = basic(&format!("gradle:{TEAM_A}"));
+        let bazel = bearer(BAZEL);
+        let gradle = basic(&format!("gradle:{GRADLE}"));
+        let team_b_reader = bearer(TEAM_B_READER);
+        // Columns as in SCOPED_NAMESPACES:
+        //  team-a team-a-priv team-b team-b-priv ac cas gradle
+        #[rustfmt::skip]
+        let rows: &[(Option<&str>, [Outcome; 7], [Outcome; 7])] = &[
+            (Some(&admin),
+                [OK, OK, OK, OK, OK, OK, OK],
+                [OK, OK, OK, OK, OK, OK, OK]),
+            (Some(&team_a),
+                [OK, OK, OK, S, S, OK, OK],
+                [OK, OK, S, S, S, S, S]),
+            (Some(&team_a_basic),
+                [OK, OK, OK, S, S, OK, OK],
+                [OK, OK, S, S, S, S, S]),
+            (Some(&bazel),
+                [OK, S, OK, S, OK, OK, OK],
+                [S, S, S, S, OK, OK, S]),
+            (Some(&gradle),
+                [OK, S, OK, S, S, OK, OK],
+                [S, S, S, S, S, S, OK]),
+            (Some(&team_b_reader),
+                [OK, S, OK, OK, S, OK, OK],
+                [F, F, F, F, F, F, F]),
+            (None,
+                [OK, U, OK, U, U, OK, OK],
+                [U, U, U, U, U, U, U]),
+            (Some("Bearer team-a-secret-012345678"),
+                [OK, U, OK, U, U, OK, OK],
+                [U, U, U, U, U, U, U]),
+        ];
+        let auth = scoped();
+        assert!(!auth.anonymous_writes());
+        for (credential, reads, writes) in rows {
+            let header = credential.map(str::as_bytes);
+            let got_reads = SCOPED_NAMESPACES.map(|ns| auth.check(ns, Access::Read, header));
+            let got_writes = SCOPED_NAMESPACES.map(|ns| auth.check(ns, Access::Write, header));
+            assert_eq!(&got_reads, reads, "reads with {credential:?}");
+            assert_eq!(&got_writes, writes, "writes with {credential:?}");
+        }
+    }
+
+    /// A scope is matched by exact name: no prefixes, no case folding, no instance names.
+    #[test]
+    fn scopes_match_whole_namespace_names() {
+        let auth = scoped();
+        let team_a = format!("Bearer {TEAM_A}");
+        let header = Some(team_a.as_bytes());
+        for ns in ["team", "team-a-", "team-ab", "team-a-priv2", "TEAM-A", ""] {
+            assert_eq!(
+                auth.check(ns, Access::Write, header),
+                Err(Denied::OutOfScope),
+                "{ns:?}"
+            );
+        }
+        assert_eq!(auth.check("team-a", Access::Write, header), Ok(()));
+    }
+
+    /// With no rw token, writes stay anonymous (the header is ignored, scoped or not), but a
+    /// scoped ro token still reads only its own `read = "token"` namespaces.
+    #[test]
+    fn scopes_with_anonymous_writes() {
+        let auth = auth(&format!(
+            "[namespaces.a]\nread = \"token\"\n[namespaces.b]\nread = \"token\"\n\
+             [[tokens]]\nname = \"reader\"\nsecret = \"{RO}\"\naccess = \"ro\"\n\
+             namespaces = [\"a\"]\n"
+        ));
+        assert!(auth.anonymous_writes());
+        let reader = format!("Bearer {RO}");
+        let header = Some(reader.as_bytes());
+        assert_eq!(auth.check("a", Access::Read, header), Ok(()));
+        assert_eq!(
+            auth.check("b", Access::Read, header),
+            Err(Denied::OutOfScope)
+        );
+        assert_eq!(auth.check("b", Access::Write, header), Ok(()));
+        assert_eq!(auth.check("c", Access::Read, header), Ok(()));
+    }
+
     #[test]
     fn no_config_allows_everything() {
         let auth = Auth::from_config(&Config::default());
@@ -392,6 +552,8 @@ mod tests {
     fn denied_maps_to_status_and_challenge() {
         assert_eq!(Denied::Unauthorized.status(), 401);
         assert_eq!(Denied::Forbidden.status(), 403);
+        assert_eq!(Denied::OutOfScope.status(), 403);
+        assert_eq!(Denied::OutOfScope.www_authenticate(), None);
         assert_eq!(
             Denied::Unauthorized.www_authenticate(),
             Some(r#"Bearer realm="sluice", Basic realm="sluice""#)
@@ -409,5 +571,11 @@ mod tests {
         assert!(!shown.contains(RO) && !shown.contains(RW), "{shown}");
         let digest = hex::encode(Sha256::digest(RW.as_bytes()));
         assert!(!shown.contains(&digest[..8]), "{shown}");
+        let shown = format!("{:?}", scoped());
+        assert!(
+            shown.contains(r#""bazel": ("rw", Some(["ac", "cas"]))"#),
+            "{shown}"
+        );
+        assert!(!shown.contains(BAZEL), "{shown}");
     }
 }

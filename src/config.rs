@@ -60,6 +60,14 @@
 //!   secret is 16 to 1024 bytes of visible ASCII (`!`..`~`), so it can be sent in an
 //!   `Authorization` header; two tokens may not share one secret (its access would be
 //!   ambiguous); `access` is required (`"ro"` or `"rw"`): no silent default for a grant.
+//! - **Token scopes**: `namespaces = ["a", "b"]` limits a token to those namespaces (writes,
+//!   and reads of `read = "token"` namespaces); without the key a token covers every
+//!   namespace. The list holds 1 to 1024 names, each a valid namespace name listed once. An
+//!   empty list is an error, not "no namespaces": a token that can do nothing is a mistake,
+//!   and "all" must be spelled by leaving the key out. A duplicate is an error too: it is
+//!   harmless to the check but is usually a copy-paste slip hiding a missing name. The Bazel
+//!   routes are named by the namespace they store into (`ac`, `cas`, whatever the instance
+//!   prefix), Gradle's `/cache/` by `gradle`.
 //! - **TLS files** are not opened here: the front end reports an unreadable certificate or key
 //!   when it loads them, with the path.
 use std::collections::BTreeMap;
@@ -88,6 +96,8 @@ pub const SECRET_BYTES_MAX: usize = 1024;
 pub const TOKENS_MAX: usize = 1024;
 /// Most `[namespaces.NAME]` tables.
 pub const NAMESPACES_MAX: usize = 1024;
+/// Most names in one token's `namespaces` list.
+pub const TOKEN_NAMESPACES_MAX: usize = 1024;
 /// Longest value quoted back in an error message, in bytes.
 const ERROR_VALUE_BYTES_MAX: usize = 200;
 
@@ -157,6 +167,16 @@ impl fmt::Display for LogLevel {
             _ => write!(f, "{self:?}"),
         }
     }
+}
+
+/// How log lines are written on stderr (key `log_format`, default `text`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event; coloured only when stderr is a terminal.
+    Text,
+    /// One JSON object per line, for log shippers (journald, Loki, Elasticsearch).
+    Json,
 }
 
 /// Who may read a namespace (`[namespaces.NAME] read = ...`).
@@ -234,6 +254,11 @@ pub struct TokenConfig {
     pub secret_env: Option<String>,
     /// What the token grants.
     pub access: TokenAccess,
+    /// The namespaces the token is limited to (`namespaces = [...]`), in the order written,
+    /// each valid and listed once, 1 to [`TOKEN_NAMESPACES_MAX`] of them. `None` (the key
+    /// left out, the default) covers every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<String>>,
 }
 
 /// One `[namespaces.NAME]` table.
@@ -286,6 +311,18 @@ pub struct Config {
     pub header_read_timeout_ms: u64,
     /// Time an idle keep-alive connection is kept, in ms. Default 60000.
     pub idle_timeout_ms: u64,
+    /// After an early error on a request whose body is still arriving (413, 400), the
+    /// longest the body is read and discarded before closing, in ms, so a client that
+    /// writes its whole body before reading sees the status, not a reset (nginx's
+    /// `lingering_time`). 0 closes at once. Default 30000.
+    pub lingering_time_ms: u64,
+    /// Longest wait for more of a discarded body, in ms (nginx's `lingering_timeout`).
+    /// Default 5000, range 1..=3600000.
+    pub lingering_timeout_ms: u64,
+    /// Most body bytes discarded after an early error before closing. 0 closes at once.
+    /// Default 256 MiB, range 0..=1 TiB.
+    #[serde(deserialize_with = "bytes")]
+    pub lingering_bytes_max: u64,
     /// Which front end serves plaintext HTTP/1. Default `auto`.
     pub engine: EngineChoice,
     /// Engine threads; 0 = one per core. Default 0, at most 256.
@@ -311,6 +348,8 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Least severe level logged. Default `info`.
     pub log_level: LogLevel,
+    /// How log lines are written: `text` or `json` (one object a line). Default `text`.
+    pub log_format: LogFormat,
     /// Namespaces with an explicit read policy; unlisted namespaces are public. The Bazel
     /// routes use `ac` and `cas`, Gradle's `/cache/` uses `gradle`, generic routes their own.
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -334,6 +373,9 @@ impl Default for Config {
             gradle_body_bytes_max: 100 * MIB,
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
+            lingering_time_ms: 30_000,
+            lingering_timeout_ms: 5_000,
+            lingering_bytes_max: 256 * MIB,
             engine: EngineChoice::Auto,
             engine_threads: 0,
             file_serving_mode: FileServingMode::Splice,
@@ -345,6 +387,7 @@ impl Default for Config {
             shutdown_teardown_ms: 2_000,
             shutdown_grace_ms: 30_000,
             log_level: LogLevel::Info,
+            log_format: LogFormat::Text,
             namespaces: BTreeMap::new(),
             tokens: Vec::new(),
         }
@@ -423,6 +466,21 @@ fn rules(c: &Config) -> Vec<Rule> {
             within(c.idle_timeout_ms, 1, TIMEOUT_MS_LIMIT),
             MS_POSITIVE_EXPECTED,
         ),
+        Rule::new(
+            "lingering_time_ms",
+            within(c.lingering_time_ms, 0, TIMEOUT_MS_LIMIT),
+            MS_EXPECTED,
+        ),
+        Rule::new(
+            "lingering_timeout_ms",
+            within(c.lingering_timeout_ms, 1, TIMEOUT_MS_LIMIT),
+            MS_POSITIVE_EXPECTED,
+        ),
+        Rule::new(
+            "lingering_bytes_max",
+            within(c.lingering_bytes_max, 0, BODY_BYTES_LIMIT),
+            "a byte count from 0 to 1 TiB: a whole number, or a string such as \"256MiB\"",
+        ),
         Rule::keyword::<EngineChoice>("engine"),
         Rule::new(
             "engine_threads",
@@ -466,6 +524,7 @@ fn rules(c: &Config) -> Vec<Rule> {
             MS_EXPECTED,
         ),
         Rule::keyword::<LogLevel>("log_level"),
+        Rule::keyword::<LogFormat>("log_format"),
     ]
 }
 
@@ -483,6 +542,11 @@ fn table_expected(key: &str) -> String {
             Some("secret") => SECRET_EXPECTED,
             Some("secret_env") => "the name of an environment variable",
             Some("access") => return one_of::<TokenAccess>(),
+            Some("namespaces") => {
+                "an array of namespace names, e.g. [\"ac\", \"cas\"]; leave the key out for \
+                 every namespace"
+            }
+            Some(field) if field.starts_with("namespaces[") => TOKEN_NAMESPACE_EXPECTED,
             Some(_) => "a value of the documented type",
         },
         _ => "a value of the documented type",
@@ -491,6 +555,9 @@ fn table_expected(key: &str) -> String {
 }
 
 const NAMESPACE_NAME_EXPECTED: &str = "a namespace name matching [a-z0-9][a-z0-9_-]{0,63}";
+const TOKEN_NAMESPACE_EXPECTED: &str = "a namespace name matching [a-z0-9][a-z0-9_-]{0,63} \
+     (the Bazel routes /ac/ and /cas/, with or without an instance name, are `ac` and `cas`; \
+     Gradle's /cache/ is `gradle`)";
 const TOKEN_NAME_EXPECTED: &str = "a token name matching [A-Za-z0-9][A-Za-z0-9_.-]{0,63}";
 const SECRET_EXPECTED: &str = "16 to 1024 bytes of visible ASCII (! to ~, no spaces)";
 
@@ -973,6 +1040,10 @@ fn check_tables(c: &mut Config, path: &Path, env: &[(String, String)]) -> Result
             let expected = "a name no other token uses";
             return Err(bad(format!("{prefix}.name"), quoted, expected));
         }
+        if let Some(names) = &token.namespaces {
+            check_scope(&format!("{prefix}.namespaces"), names)
+                .map_err(|(key, value, expected)| bad(key, value, expected))?;
+        }
         let mut secret_key = format!("{prefix}.secret");
         let mut secret_source = source.clone();
         match (&token.secret_env, !token.secret.is_given()) {
@@ -1033,6 +1104,31 @@ fn check_tables(c: &mut Config, path: &Path, env: &[(String, String)]) -> Result
                     path.display()
                 ),
             });
+        }
+    }
+    Ok(())
+}
+
+/// Checks a token's `namespaces = [...]` (see the module docs; serde has checked that it is an
+/// array of strings): on error, the key down to the element at fault, the value as shown, and
+/// what is allowed.
+fn check_scope(key: &str, names: &[String]) -> Result<(), (String, String, &'static str)> {
+    if names.is_empty() {
+        let expected = "at least one namespace name; leave the key out for every namespace";
+        return Err((key.to_owned(), "[]".to_owned(), expected));
+    }
+    if names.len() > TOKEN_NAMESPACES_MAX {
+        let count = format!("{} names", names.len());
+        return Err((key.to_owned(), count, "at most 1024 namespace names"));
+    }
+    for (index, name) in names.iter().enumerate() {
+        let key = format!("{key}[{index}]");
+        let quoted = truncate(format!("{name:?}"));
+        if !is_valid_namespace(name) {
+            return Err((key, quoted, TOKEN_NAMESPACE_EXPECTED));
+        }
+        if names[..index].contains(name) {
+            return Err((key, quoted, "a namespace not already listed for this token"));
         }
     }
     Ok(())
@@ -1246,6 +1342,9 @@ mod tests {
             ("header_read_timeout_ms", "0", "from 1 to 3600000"),
             ("header_read_timeout_ms", "10s", "from 1 to 3600000"),
             ("idle_timeout_ms", "3600001", "from 1 to 3600000"),
+            ("lingering_time_ms", "-1", "from 0 to 3600000"),
+            ("lingering_timeout_ms", "0", "from 1 to 3600000"),
+            ("lingering_bytes_max", "2TiB", "from 0 to 1 TiB"),
             ("engine_spin_us", "10001", "from 0 to 10000"),
             ("engine_spin_us", "-1", "from 0 to 10000"),
             ("engine", "turbo", "one of auto, uring, fallback"),
@@ -1266,6 +1365,7 @@ mod tests {
                 "verbose",
                 "one of error, warn, info, debug, trace",
             ),
+            ("log_format", "logfmt", "one of text, json"),
         ];
         for (key, value, allowed) in rows {
             let var = env_name(key);
@@ -1433,6 +1533,70 @@ mod tests {
                 "tokens[0].secret_env",
                 "\"NOT_SET\"",
                 "it is not set",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = []",
+                "tokens[0].namespaces",
+                "[]",
+                "at least one namespace name; leave the key out for every namespace",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = \"team-a\"",
+                "tokens[0].namespaces",
+                "\"team-a\"",
+                "an array of namespace names",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 [tokens.namespaces]\nteam-a = true",
+                "tokens[0].namespaces",
+                "a table",
+                "an array of namespace names",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = [\"team-a\", \"Team-B\"]",
+                "tokens[0].namespaces[1]",
+                "\"Team-B\"",
+                "[a-z0-9][a-z0-9_-]{0,63}",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = [\"a/b\"]",
+                "tokens[0].namespaces[0]",
+                "\"a/b\"",
+                "`ac` and `cas`",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = [\"\"]",
+                "tokens[0].namespaces[0]",
+                "\"\"",
+                "a namespace name matching",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = [\"ac\", 7]",
+                "tokens[0].namespaces[1]",
+                "7",
+                "a namespace name matching",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = [\"ac\", [\"cas\"]]",
+                "tokens[0].namespaces[1]",
+                "an array of 1 items",
+                "a namespace name matching",
+            ),
+            (
+                "[[tokens]]\nname = \"a\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 [[tokens]]\nname = \"b\"\nsecret = \"fedcba9876543210\"\naccess = \"ro\"\n\
+                 namespaces = [\"ac\", \"cas\", \"ac\"]",
+                "tokens[1].namespaces[2]",
+                "\"ac\"",
+                "a namespace not already listed for this token",
             ),
         ];
         for (text, key, value, allowed) in rows {
@@ -1826,11 +1990,26 @@ mod tests {
                         secret: Secret::new(format!("secret-number-{i:04}")),
                         secret_env: None,
                         access: *access,
+                        namespaces: None,
                     })
                     .collect(),
                 ..Config::default()
             };
             assert_eq!(config.anonymous_writes(), *anonymous, "{accesses:?}");
+            // A scope narrows what a token may write; it does not make anyone else's
+            // writes anonymous.
+            let scoped = Config {
+                tokens: config
+                    .tokens
+                    .iter()
+                    .map(|token| TokenConfig {
+                        namespaces: Some(vec!["team-a".to_owned()]),
+                        ..token.clone()
+                    })
+                    .collect(),
+                ..config.clone()
+            };
+            assert_eq!(scoped.anonymous_writes(), *anonymous, "{accesses:?}");
         }
     }
 
@@ -1961,8 +2140,13 @@ mod tests {
                     fsync = \"never\"\nengine = \"uring\"\nengine_threads = 4\n\
                     file_serving_mode = \"copy\"\nlog_level = \"debug\"\n\
                     [namespaces.ac]\nread = \"token\"\n[namespaces.gradle]\nread = \"public\"\n\
-                    [[tokens]]\nname = \"ci\"\nsecret_env = \"CI_SECRET\"\naccess = \"rw\"\n";
-        let vars = env(&[("CI_SECRET", "0123456789abcdef")]);
+                    [[tokens]]\nname = \"ci\"\nsecret_env = \"CI_SECRET\"\naccess = \"rw\"\n\
+                    [[tokens]]\nname = \"team-a\"\nsecret_env = \"TEAM_A_SECRET\"\n\
+                    access = \"rw\"\nnamespaces = [\"team-a\", \"ac\", \"cas\"]\n";
+        let vars = env(&[
+            ("CI_SECRET", "0123456789abcdef"),
+            ("TEAM_A_SECRET", "fedcba9876543210"),
+        ]);
         let config = load_text(
             Some((Path::new("a.toml"), text)),
             &vars,
@@ -1978,6 +2162,10 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}\n{printed}"));
         assert_eq!(config, again, "{printed}");
         assert!(printed.contains("secret_env = \"CI_SECRET\""), "{printed}");
+        assert!(
+            printed.contains("namespaces = [\"team-a\", \"ac\", \"cas\"]"),
+            "{printed}"
+        );
         assert!(!printed.contains("0123456789abcdef"), "{printed}");
 
         let defaults = Config::default().to_toml();
@@ -1994,6 +2182,49 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(fixed.engine_threads_effective(), 3);
+    }
+
+    /// `namespaces` on a token: left out covers every namespace; written, it is kept in the
+    /// order given (reserved Bazel/Gradle names included); past the bound it is refused.
+    #[test]
+    fn token_namespaces_default_to_all_and_keep_their_order() {
+        let config = from_file(
+            "[[tokens]]\nname = \"all\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+             [[tokens]]\nname = \"team\"\nsecret = \"fedcba9876543210\"\naccess = \"ro\"\n\
+             namespaces = [\"team-b\", \"gradle\", \"ac\", \"cas\", \"0_x\"]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.tokens[0].namespaces, None);
+        assert_eq!(
+            config.tokens[1].namespaces.as_deref(),
+            Some(&["team-b", "gradle", "ac", "cas", "0_x"].map(String::from)[..])
+        );
+
+        let names = |count: usize| {
+            (0..count)
+                .map(|i| format!("\"n{i}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let token = |list: String| {
+            format!(
+                "[[tokens]]\nname = \"t\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+                 namespaces = [{list}]\n"
+            )
+        };
+        let most = from_file(&token(names(TOKEN_NAMESPACES_MAX))).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            most.tokens[0].namespaces.as_ref().map(Vec::len),
+            Some(TOKEN_NAMESPACES_MAX)
+        );
+        let message = err(from_file(&token(names(TOKEN_NAMESPACES_MAX + 1))));
+        for needle in [
+            "config key `tokens[0].namespaces`",
+            "= `1025 names`",
+            "at most 1024 namespace names",
+        ] {
+            assert!(message.contains(needle), "{needle:?} not in {message}");
+        }
     }
 
     #[test]

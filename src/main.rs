@@ -63,7 +63,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            sluice::logging::init(&config.log_level.to_string(), &env);
+            sluice::logging::init(&config.log_level.to_string(), config.log_format, &env);
             match sluice::server::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {

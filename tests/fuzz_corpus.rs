@@ -176,7 +176,7 @@ const RANGES: &[(&str, &str)] = &[
 /// Config files: the operations guide's examples and one bad value per kind of check.
 const CONFIGS: &[(&str, &str)] = &[
     ("empty", ""),
-    ("full", "listen = \"0.0.0.0:9090\"\ndata_dir = \"/var/lib/sluice\"\nallow_anonymous_writes = true\nstore_bytes_max = \"10GiB\"\nfsync = \"never\"\nhead_bytes_max = 8192\nuri_bytes_max = 4096\nbody_bytes_max = \"1GiB\"\ngradle_body_bytes_max = \"100MB\"\nheader_read_timeout_ms = 5000\nidle_timeout_ms = 30000\nengine = \"fallback\"\nengine_threads = 2\nfile_serving_mode = \"copy\"\nconnections_per_core_max = 1024\nfallback_connections_max = 64\nshutdown_pre_drain_ms = 1000\nshutdown_drain_ms = 5000\nshutdown_teardown_ms = 1000\nshutdown_grace_ms = 30000\nlog_level = \"debug\"\n"),
+    ("full", "listen = \"0.0.0.0:9090\"\ndata_dir = \"/var/lib/sluice\"\nallow_anonymous_writes = true\nstore_bytes_max = \"10GiB\"\nfsync = \"never\"\nhead_bytes_max = 8192\nuri_bytes_max = 4096\nbody_bytes_max = \"1GiB\"\ngradle_body_bytes_max = \"100MB\"\nheader_read_timeout_ms = 5000\nidle_timeout_ms = 30000\nengine = \"fallback\"\nengine_threads = 2\nfile_serving_mode = \"copy\"\nconnections_per_core_max = 1024\nfallback_connections_max = 64\nshutdown_pre_drain_ms = 1000\nshutdown_drain_ms = 5000\nshutdown_teardown_ms = 1000\nshutdown_grace_ms = 30000\nlog_level = \"debug\"\nlog_format = \"json\"\nlingering_time_ms = 30000\nlingering_timeout_ms = 5000\nlingering_bytes_max = \"256MiB\"\n"),
     ("auth", "[namespaces.private]\nread = \"token\"\n\n[[tokens]]\nname = \"ci\"\nsecret_env = \"FUZZ_TOKEN\"\naccess = \"rw\"\n\n[[tokens]]\nname = \"dev\"\nsecret = \"0123456789abcdef0123\"\naccess = \"ro\"\n"),
     ("tls_half", "tls_cert = \"cert.pem\"\n"),
     ("unknown_key", "listen_addr = \"127.0.0.1:1\"\n"),
@@ -193,6 +193,9 @@ const CONFIGS: &[(&str, &str)] = &[
     ("bad_namespace", "[namespaces.\"../x\"]\nread = \"token\"\n"),
     ("bad_access", "[[tokens]]\nname = \"a\"\nsecret_env = \"FUZZ_TOKEN\"\naccess = \"admin\"\n"),
     ("not_toml", "listen = [\n"),
+    ("token_scopes", "[namespaces.team-a-private]\nread = \"token\"\n\n[[tokens]]\nname = \"team-a\"\nsecret_env = \"FUZZ_TOKEN\"\naccess = \"rw\"\nnamespaces = [\"team-a\", \"team-a-private\", \"ac\", \"cas\", \"gradle\"]\n"),
+    ("empty_token_scope", "[[tokens]]\nname = \"a\"\nsecret_env = \"FUZZ_TOKEN\"\naccess = \"rw\"\nnamespaces = []\n"),
+    ("bad_token_scope", "[[tokens]]\nname = \"a\"\nsecret_env = \"FUZZ_TOKEN\"\naccess = \"rw\"\nnamespaces = [\"ac\", \"../x\", \"ac\"]\n"),
 ];
 
 /// Every named seed: (target, file name, bytes).

@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::app::{App, Decision, PutSink, Reply, ReplyBody, RequestInfo};
-use crate::http1::{self, BodyDecoder, Framing, Limits, Status};
-use crate::route::classify;
+use crate::http1::{self, BodyDecoder, Framing, Limits, Linger, LingerLimits, LingerStep, Status};
+use crate::route::route_label;
 use crate::store::{Artifact, OpenCache};
 
 /// The first bytes of an HTTP/2 prior-knowledge connection.
@@ -42,12 +42,10 @@ pub const BODY_READ_BYTES: usize = 256 * 1024;
 /// page cache into the out buffer and one `send`, instead of a send, two
 /// splices and their completions. Measured in docs/benchmarks.md.
 pub const INLINE_BODY_BYTES_MAX: u64 = 64 * 1024;
-/// How much unread input a connection closed after an error may discard
-/// before it is closed hard, in bytes (lingering close, as nginx does, so
-/// the client sees the error rather than a reset).
-pub const LINGER_BYTES_MAX: usize = 1024 * 1024;
-/// How long a lingering close may wait for the client, in milliseconds.
-pub const LINGER_TIMEOUT_MS: u64 = 2_000;
+/// Cold opens one request may wait for before its open is done on the
+/// engine thread after all: a page evicted again between the opener's read
+/// and the ring's second look must not bounce a request for ever.
+pub const COLD_OPENS_PER_REQUEST_MAX: u8 = 2;
 
 /// Per-connection limits, from the config.
 #[derive(Clone, Copy, Debug)]
@@ -55,6 +53,9 @@ pub struct ConnLimits {
     pub head: Limits,
     pub header_read_timeout_ms: u64,
     pub idle_timeout_ms: u64,
+    /// The lingering close after a response that closes the connection
+    /// (see [`http1::Linger`] for why).
+    pub linger: LingerLimits,
 }
 
 /// The operation the engine must submit next for this connection.
@@ -88,6 +89,10 @@ pub enum Next {
     /// the engine thread (it may fsync) and report with
     /// [`Conn::on_published`].
     Publish,
+    /// The artifact the request names is cold (its path or header would
+    /// come from the disk): open it off the engine thread, then call
+    /// [`Conn::on_opened`], which decides the request again.
+    Open { namespace: String, key: String },
     /// Close the socket.
     Close,
 }
@@ -108,9 +113,9 @@ enum State {
     /// The body is in; the upload is being published (verified, linked,
     /// fsynced) by the core's publisher thread.
     Publishing,
-    Lingering {
-        discarded_bytes: usize,
-    },
+    /// Discarding input after a closing response, write side shut down,
+    /// until the client closes or a [`LingerLimits`] bound is reached.
+    Lingering(Linger),
     Closed,
 }
 
@@ -168,6 +173,8 @@ pub struct Conn {
     head_at: Instant,
     /// Responses completed on this connection.
     pub responses: u64,
+    /// Cold opens the current request has waited for.
+    cold_opens: u8,
 }
 
 impl Conn {
@@ -193,6 +200,7 @@ impl Conn {
             timed_out: false,
             head_at: now,
             responses: 0,
+            cold_opens: 0,
         }
     }
 
@@ -219,7 +227,7 @@ impl Conn {
     pub fn waits_for_input(&self) -> bool {
         matches!(
             self.state,
-            State::Peeking | State::ReadingHead | State::ReadingBody(_) | State::Lingering { .. }
+            State::Peeking | State::ReadingHead | State::ReadingBody(_) | State::Lingering(_)
         )
     }
 
@@ -228,7 +236,7 @@ impl Conn {
     pub fn take_read_buf(&mut self) -> Vec<u8> {
         let mut buf = self.read_buf.take().unwrap_or_default();
         let want = match self.state {
-            State::ReadingBody(_) | State::Lingering { .. } => BODY_READ_BYTES,
+            State::ReadingBody(_) | State::Lingering(_) => BODY_READ_BYTES,
             _ => self.limits.head.head_bytes_max,
         };
         if buf.capacity() < want {
@@ -268,6 +276,23 @@ impl Conn {
             .current
             .map_or(("none", "OTHER"), |f| (f.route, f.method));
         self.respond(reply, route, method)
+    }
+
+    /// The cold open asked for by [`Next::Open`] is done: decide the request
+    /// again (its head is still in the read buffer).
+    pub fn on_opened(&mut self, now: Instant) -> Next {
+        if !matches!(self.state, State::ReadingHead) {
+            return self.close();
+        }
+        self.cold_opens = self.cold_opens.saturating_add(1);
+        self.read_head(now)
+    }
+
+    /// The opener could not take the cold open: decide the request again,
+    /// opening the artifact on the engine thread this once.
+    pub fn open_here(&mut self, now: Instant) -> Next {
+        self.cold_opens = COLD_OPENS_PER_REQUEST_MAX;
+        self.on_opened(now)
     }
 
     /// True until the first bytes have been classified.
@@ -315,13 +340,12 @@ impl Conn {
         if self.timed_out {
             return self.on_timed_out();
         }
-        if let State::Lingering { discarded_bytes } = &mut self.state {
-            *discarded_bytes += received;
-            let done = received == 0 || *discarded_bytes >= LINGER_BYTES_MAX;
+        if let State::Lingering(linger) = &mut self.state {
+            let step = linger.on_read(received, now);
             if let Some(buf) = self.read_buf.as_mut() {
                 buf.clear();
             }
-            return if done { self.close() } else { Next::Linger };
+            return self.linger_step(step);
         }
         if received == 0 {
             // The client closed. A PUT in progress is dropped here: its
@@ -417,7 +441,7 @@ impl Conn {
     fn resume_recv(&mut self) -> Next {
         match self.state {
             State::Peeking => Next::Peek,
-            State::Lingering { .. } => Next::Linger,
+            State::Lingering(_) => Next::Linger,
             _ => Next::Recv,
         }
     }
@@ -443,6 +467,16 @@ impl Conn {
         Next::Close
     }
 
+    fn linger_step(&mut self, step: LingerStep) -> Next {
+        match step {
+            LingerStep::ReadUntil(deadline) => {
+                self.deadline = deadline;
+                Next::Linger
+            }
+            LingerStep::Close => self.close(),
+        }
+    }
+
     fn on_timed_out(&mut self) -> Next {
         self.timed_out = false;
         match self.state {
@@ -463,12 +497,14 @@ impl Conn {
         if self.close_after {
             // Input may still be arriving (an unread body): linger so the
             // client reads our answer instead of a reset.
-            self.state = State::Lingering { discarded_bytes: 0 };
-            self.deadline = now + Duration::from_millis(LINGER_TIMEOUT_MS);
+            let Some((linger, step)) = Linger::start(self.limits.linger, now) else {
+                return self.close();
+            };
+            self.state = State::Lingering(linger);
             if let Some(buf) = self.read_buf.as_mut() {
                 buf.clear();
             }
-            return Next::Linger;
+            return self.linger_step(step);
         }
         self.state = State::ReadingHead;
         self.deadline = now + Duration::from_millis(self.limits.idle_timeout_ms);
@@ -517,14 +553,16 @@ impl Conn {
             Ok(Status::Partial) => {
                 if buf.len() >= self.limits.head.head_bytes_max {
                     let reply = Reply::error(431, "request head too large").closing();
-                    return (Some(self.respond(reply, "none", "OTHER")), 0);
+                    let method = head_method_label(buf);
+                    return (Some(self.respond(reply, "none", method)), 0);
                 }
                 return (Some(Next::Recv), 0);
             }
             Ok(Status::Complete(head)) => head,
             Err(err) => {
                 let reply = Reply::error(err.status(), err.reason()).closing();
-                return (Some(self.respond(reply, "none", "OTHER")), 0);
+                let method = head_method_label(buf);
+                return (Some(self.respond(reply, "none", method)), 0);
             }
         };
         self.head_at = now;
@@ -540,10 +578,12 @@ impl Conn {
             authorization: head.header("authorization"),
             range: head.header("range"),
             if_none_match: head.header("if-none-match"),
+            if_match: head.header("if-match"),
+            if_range: head.header("if-range"),
             content_length,
             chunked,
         };
-        let route = classify(info.method, info.path).map_or("none", |r| r.label());
+        let route = route_label(info.method, info.path);
         let method = method_label(info.method);
         let head_only = info.method == "HEAD";
         let expect_continue = head.expect_continue();
@@ -551,9 +591,17 @@ impl Conn {
         self.close_after = !head.keep_alive();
         let decision = {
             let mut files = self.files.borrow_mut();
+            files.nowait = self.cold_opens < COLD_OPENS_PER_REQUEST_MAX;
             self.app.handle_with(&info, Some(&mut files))
         };
+        if let Decision::Cold { namespace, key } = decision {
+            // Nothing of the head is consumed: it is decided again once the
+            // artifact is open.
+            return (Some(Next::Open { namespace, key }), 0);
+        }
+        self.cold_opens = 0;
         let next = match decision {
+            Decision::Cold { .. } => Some(self.close()),
             Decision::Reply(reply) => Some(self.respond_head_only(reply, route, method, head_only)),
             Decision::ReceiveBody(sink) => match BodyDecoder::new(framing, sink.body_bytes_max()) {
                 Err(err) => {
@@ -691,19 +739,24 @@ impl Conn {
                 offset,
                 len,
             } => {
-                if head_only || len == 0 {
-                    AfterSend::Done
+                let inline = if head_only || len == 0 {
+                    None
                 } else if len <= INLINE_BODY_BYTES_MAX {
-                    let start = out.len();
-                    out.resize(start + len as usize, 0);
-                    // A file cut short behind the store's back fails here:
-                    // answer 500 and close instead of a short body.
-                    let read = std::os::unix::fs::FileExt::read_exact_at(
-                        &*artifact.file,
-                        &mut out[start..],
-                        offset,
-                    );
-                    if read.is_err() {
+                    Some(inline_read(&artifact, out, offset, len))
+                } else {
+                    Some(InlineRead::Cold)
+                };
+                match inline {
+                    None => AfterSend::Done,
+                    Some(InlineRead::Done) => {
+                        self.app
+                            .metrics
+                            .add_response_bytes(crate::metrics::BytePath::RingCopy, len);
+                        AfterSend::Done
+                    }
+                    Some(InlineRead::Failed) => {
+                        // A file cut short behind the store's back: answer
+                        // 500 and close instead of a short body.
                         out.clear();
                         self.close_after = true;
                         let mut reply = Reply::error(500, "artifact could not be read").closing();
@@ -714,15 +767,14 @@ impl Conn {
                         if let Some(current) = self.current.as_mut() {
                             current.status = 500;
                         }
-                    } else {
-                        self.app
-                            .metrics
-                            .add_response_bytes(crate::metrics::BytePath::RingCopy, len);
+                        AfterSend::Done
                     }
-                    AfterSend::Done
-                } else {
-                    self.file = Some(artifact);
-                    AfterSend::File { offset, len }
+                    // Large, or small but not all in the page cache: the
+                    // engine moves it, reading cold parts through the ring.
+                    Some(InlineRead::Cold) => {
+                        self.file = Some(artifact);
+                        AfterSend::File { offset, len }
+                    }
                 }
             }
         };
@@ -732,15 +784,58 @@ impl Conn {
     }
 }
 
+/// How an inline body read went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InlineRead {
+    /// The body follows the head in the out buffer.
+    Done,
+    /// Part of it is not in the page cache: nothing was added.
+    Cold,
+    /// The file is shorter than its header says, or unreadable.
+    Failed,
+}
+
+/// Append `len` bytes of `artifact` at `offset` to `out` from the page
+/// cache only (`RWF_NOWAIT`): an engine thread never waits for the disk.
+fn inline_read(artifact: &Artifact, out: &mut Vec<u8>, offset: u64, len: u64) -> InlineRead {
+    let start = out.len();
+    out.resize(start + len as usize, 0);
+    let read = rustix::io::preadv2(
+        &*artifact.file,
+        &mut [std::io::IoSliceMut::new(&mut out[start..])],
+        offset,
+        rustix::io::ReadWriteFlags::NOWAIT,
+    );
+    let outcome = match read {
+        Ok(n) if n as u64 == len => return InlineRead::Done,
+        // Short with NOWAIT: the rest is not cached, or the file ends early;
+        // the engine's file path tells the two apart (EOF answers an error).
+        Ok(_) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::OPNOTSUPP) => InlineRead::Cold,
+        Err(_) => InlineRead::Failed,
+    };
+    out.truncate(start);
+    outcome
+}
+
 /// The metrics label for a method token.
 pub fn method_label(method: &str) -> &'static str {
-    match method {
-        "GET" => "GET",
-        "HEAD" => "HEAD",
-        "PUT" => "PUT",
-        "DELETE" => "DELETE",
-        _ => "OTHER",
-    }
+    crate::metrics::method_label(method)
+}
+
+/// The metrics label for the method of a head that failed to parse or grew
+/// too large: its method once the request line got past the method token
+/// (a 414, or a 431 after the request line), `OTHER` before that.
+fn head_method_label(buf: &[u8]) -> &'static str {
+    // Empty lines before a request line are allowed (RFC 9112 §2.2).
+    let start = buf
+        .iter()
+        .position(|&c| c != b'\r' && c != b'\n')
+        .unwrap_or(buf.len());
+    let line = &buf[start..];
+    let Some(end) = line.iter().position(|&c| c == b' ') else {
+        return "OTHER";
+    };
+    std::str::from_utf8(&line[..end]).map_or("OTHER", method_label)
 }
 
 /// Write the status line and headers of `reply`, ending with the blank
@@ -775,6 +870,7 @@ mod tests {
             head: Limits::default(),
             header_read_timeout_ms: 1000,
             idle_timeout_ms: 1000,
+            linger: LingerLimits::default(),
         };
         let mut conn = Conn::new(Arc::clone(&app), files, limits, now);
         assert_eq!(conn.on_peek(first, now), Next::Recv);
@@ -838,6 +934,89 @@ mod tests {
             buf.capacity()
         );
         assert!(buf.capacity() >= head_max);
+    }
+
+    /// An oversized Gradle PUT is answered 413 at once; then the connection
+    /// discards the body as it keeps arriving (more than the 1 MiB it
+    /// used to stop at, which reset clients that write the whole body
+    /// before reading), each read under the lingering idle deadline, and
+    /// closes when the client does.
+    #[test]
+    fn an_early_413_lingers_through_the_body() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Instant::now();
+        let (mut conn, _app) = conn(dir.path(), b"PUT ", now);
+        let head =
+            "PUT /cache/0123abcd HTTP/1.1\r\nHost: a\r\nContent-Length: 999999999999\r\n\r\n";
+        assert_eq!(
+            recv(&mut conn, head.as_bytes(), now),
+            Next::Send { more: false }
+        );
+        let (reply, next) = send_all(&mut conn, now);
+        assert!(
+            reply.starts_with(b"HTTP/1.1 413 "),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        assert_eq!(next, Next::Linger);
+        let timeout = Duration::from_millis(LingerLimits::default().timeout_ms);
+        assert_eq!(conn.deadline(), now + timeout);
+        assert!(conn.waits_for_input());
+        let chunk = vec![0u8; BODY_READ_BYTES];
+        for i in 1..=8u32 {
+            let at = now + Duration::from_millis(u64::from(i));
+            assert_eq!(recv(&mut conn, &chunk, at), Next::Linger, "read {i}");
+            assert_eq!(conn.deadline(), at + timeout);
+        }
+        assert_eq!(recv(&mut conn, b"", now), Next::Close);
+    }
+
+    #[test]
+    fn method_labels() {
+        let rows: &[(&[u8], &str)] = &[
+            (b"POST /x HTTP/1.1\r\n", "POST"),
+            (b"\r\nOPTIONS * HTTP/1.1", "OPTIONS"),
+            (b"PATCH /aaaaaaaa", "PATCH"),
+            (b"TRACE ", "TRACE"),
+            (b"CONNECT a:1 ", "CONNECT"),
+            (b"DELETE /x", "DELETE"),
+            (b"get /x", "OTHER"),
+            (b"BREW /pot", "OTHER"),
+            (b"GETTING-LONGER", "OTHER"),
+            (b"\xff\xfe /x", "OTHER"),
+            (b"", "OTHER"),
+        ];
+        for (head, want) in rows {
+            assert_eq!(
+                head_method_label(head),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    /// A 414 is counted under the method of its request line.
+    #[test]
+    fn a_414_counts_its_method() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Instant::now();
+        let (mut conn, app) = conn(dir.path(), b"POS", now);
+        let long = format!(
+            "POST /{} HTTP/1.1\r\n",
+            "a".repeat(Limits::default().uri_bytes_max + 1)
+        );
+        assert_eq!(
+            recv(&mut conn, long.as_bytes(), now),
+            Next::Send { more: false }
+        );
+        let (reply, _) = send_all(&mut conn, now);
+        assert!(
+            reply.starts_with(b"HTTP/1.1 414 "),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        assert_eq!(app.metrics.requests("none", "POST", 414), 1);
     }
 
     /// A reply for a connection that is not publishing closes it instead of

@@ -7,7 +7,9 @@
 //! the reason is logged once and shown in `/status`. `engine = "uring"`
 //! refuses to start instead; `engine = "fallback"` never tries.
 
+pub mod cold;
 pub mod conn;
+pub mod offload;
 pub mod publish;
 pub mod ring;
 pub mod task;
@@ -174,11 +176,23 @@ pub fn start(
     {
         let status = description.clone();
         let uring = ring.is_some();
+        let stats = ring.as_ref().map(|r| Arc::clone(&r.stats));
+        let residency_known = sluice_uring::residency::supported();
         app.add_status_source(move || {
-            (
-                "engine".to_string(),
-                serde_json::json!({ "io_uring": uring, "mode": status }),
-            )
+            let mut engine = serde_json::json!({ "io_uring": uring, "mode": status });
+            if let Some(stats) = &stats {
+                let sum = |get: fn(&ring::CoreStats) -> u64| stats.iter().map(get).sum::<u64>();
+                use std::sync::atomic::Ordering::Relaxed;
+                engine["cold"] = serde_json::json!({
+                    "page_cache_residency_known": residency_known,
+                    "opens_total": sum(|s| s.cold_opens_total.load(Relaxed)),
+                    "reads_total": sum(|s| s.cold_reads_total.load(Relaxed)),
+                    "read_bytes_total": sum(|s| s.cold_read_bytes_total.load(Relaxed)),
+                    "wait_seconds_total": sum(|s| s.cold_wait_us_total.load(Relaxed)) as f64 / 1e6,
+                    "iowq_workers_max_per_ring": stats.first().map_or(0, |s| s.iowq_workers_max.load(Relaxed)),
+                });
+            }
+            ("engine".to_string(), engine)
         });
     }
     if let Some(ring) = &ring {
@@ -221,6 +235,11 @@ fn start_ring(
             },
             header_read_timeout_ms: config.header_read_timeout_ms,
             idle_timeout_ms: config.idle_timeout_ms,
+            linger: crate::http1::LingerLimits {
+                time_ms: config.lingering_time_ms,
+                timeout_ms: config.lingering_timeout_ms,
+                bytes_max: config.lingering_bytes_max,
+            },
         },
         mode: match config.file_serving_mode {
             ConfigMode::Splice => FileServingMode::Splice,

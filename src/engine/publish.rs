@@ -7,11 +7,9 @@
 //! publisher thread: the ring hands it the finished upload and goes on, and
 //! the thread sends the reply back and wakes the ring.
 
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender, TrySendError};
-use std::thread::JoinHandle;
-
 use sluice_uring::Waker;
 
+use super::offload::Offload;
 use crate::app::{PutSink, Reply};
 
 /// Uploads queued for one core's publisher. A full queue makes the engine
@@ -35,70 +33,19 @@ pub struct Done {
 }
 
 /// One core's publisher thread and its two queues.
-pub struct Publisher {
-    jobs: Option<SyncSender<Job>>,
-    // Unbounded, but holds at most one reply per job the ring submitted
-    // since it last drained it, and each connection has at most one job:
-    // bounded by `connections_per_core_max`.
-    done: Receiver<Done>,
-    thread: Option<JoinHandle<()>>,
-}
+pub type Publisher = Offload<Job, Done>;
 
-impl Publisher {
-    /// Start the publisher of `core`; it wakes the ring through `waker`
-    /// after each reply.
-    pub fn start(core: usize, waker: Waker) -> std::io::Result<Publisher> {
-        let (jobs_tx, jobs_rx) = sync_channel::<Job>(PUBLISH_QUEUE_MAX);
-        let (done_tx, done_rx): (Sender<Done>, Receiver<Done>) = channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("sluice-publish-{core}"))
-            .spawn(move || {
-                // Ends when the engine drops its sender (after the queue is
-                // worked off) or stops reading replies.
-                for job in jobs_rx {
-                    let reply = job.sink.finish();
-                    let done = Done {
-                        index: job.index,
-                        generation: job.generation,
-                        reply,
-                    };
-                    if done_tx.send(done).is_err() {
-                        break;
-                    }
-                    waker.wake();
-                }
-            })?;
-        Ok(Publisher {
-            jobs: Some(jobs_tx),
-            done: done_rx,
-            thread: Some(thread),
-        })
-    }
-
-    /// Queue an upload; a full queue (or a stopped thread) gives it back.
-    pub fn submit(&self, job: Job) -> Result<(), Job> {
-        match &self.jobs {
-            Some(jobs) => jobs.try_send(job).map_err(|e| match e {
-                TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
-            }),
-            None => Err(job),
-        }
-    }
-
-    /// A reply that is ready, if any. Never blocks.
-    pub fn try_done(&self) -> Option<Done> {
-        self.done.try_recv().ok()
-    }
-}
-
-impl Drop for Publisher {
-    /// Uploads already queued are still published (their clients may be
-    /// gone, but nothing half-written becomes visible either way); then the
-    /// thread ends.
-    fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+/// Start the publisher of `core`; it wakes the ring through `waker` after
+/// each reply.
+pub fn start(core: usize, waker: Waker) -> std::io::Result<Publisher> {
+    Offload::start(
+        format!("sluice-publish-{core}"),
+        PUBLISH_QUEUE_MAX,
+        waker,
+        |job: Job| Done {
+            index: job.index,
+            generation: job.generation,
+            reply: job.sink.finish(),
+        },
+    )
 }

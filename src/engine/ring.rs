@@ -25,12 +25,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_uring::{
-    Completion, Driver, DriverConfig, Errno, FixedLease, IoBuf, Op, OpId, OpKind, Pipe, PipePool,
-    Returned, RingConfig, SharedFd, Waker,
+    residency, Completion, Driver, DriverConfig, Errno, FixedLease, IoBuf, Op, OpId, OpKind, Pipe,
+    PipePool, Residency, Returned, RingConfig, SharedFd, Waker,
 };
 
+use super::cold::{self, Opener};
 use super::conn::{Conn, ConnLimits, Next};
-use super::publish::{Done, Job, Publisher};
+use super::publish::{self, Done, Job, Publisher};
 use super::task::{OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYTES};
 use crate::app::App;
 use crate::fallback::Fallback;
@@ -85,6 +86,18 @@ pub const OPEN_FILES_PER_CORE_MAX: usize = 1024;
 /// Every this many ticks, cached fds of changed artifacts are closed.
 pub const OPEN_FILES_SWEEP_TICKS: u64 = 10;
 
+/// io-wq workers the kernel may start per ring, for each of its two classes
+/// (bounded: regular-file work; unbounded: the rest, which includes a
+/// splice into a pipe). Cold reads beyond it wait in io-wq's queue, which
+/// the pipe pool bounds (`PIPES_PER_CORE_MAX` cold reads per core at most).
+pub const IOWQ_WORKERS_MAX: u32 = 8;
+/// Read-ahead hints (`fadvise(WILLNEED)` through the ring) in flight per core.
+pub const READAHEADS_PER_CORE_MAX: usize = 32;
+/// How far past a cold chunk read-ahead reaches, in chunks (pipe sizes). A
+/// client that stops reading stops the pump and so the read-ahead: at most
+/// this many chunks are read for it beyond what it took.
+pub const READAHEAD_CHUNKS: u64 = 2;
+
 /// Outgoing tasks one thread runs at once.
 pub const TASKS_PER_CORE_MAX: usize = 64;
 /// Outgoing tasks waiting for a thread, per thread.
@@ -92,8 +105,10 @@ pub const TASKS_QUEUED_MAX: usize = 256;
 
 /// Reserved tokens. Connection tokens are `generation << 32 | slot` with a
 /// 31-bit generation; task tokens set `TASK_BIT`; the accept token is all
-/// ones (checked first).
+/// ones and the read-ahead token all ones but the last bit (both checked
+/// before `TASK_BIT`).
 const TOKEN_ACCEPT: u64 = u64::MAX;
+const TOKEN_READAHEAD: u64 = u64::MAX - 1;
 const TASK_BIT: u64 = 1 << 63;
 const GENERATION_MASK: u32 = 0x7fff_ffff;
 
@@ -114,6 +129,16 @@ pub struct CoreStats {
     pub open_file_hits_total: AtomicU64,
     pub open_file_misses_total: AtomicU64,
     pub fixed_buffers_registered: AtomicBool,
+    /// GETs whose artifact had to be opened off the engine thread.
+    pub cold_opens_total: AtomicU64,
+    /// File chunks read through the ring (io-wq) because they were not in
+    /// the page cache.
+    pub cold_reads_total: AtomicU64,
+    pub cold_read_bytes_total: AtomicU64,
+    /// Time connections waited for cold opens and cold reads, in µs.
+    pub cold_wait_us_total: AtomicU64,
+    /// io-wq worker limit of this ring (bounded class; 0: not set).
+    pub iowq_workers_max: AtomicU64,
 }
 
 /// The running engine threads.
@@ -262,7 +287,7 @@ impl RingEngine {
             &'static str,
             fn(&CoreStats) -> u64,
         );
-        let series: [Series; 13] = [
+        let series: [Series; 17] = [
             (
                 "sluice_ring_accept_errors_total",
                 "counter",
@@ -341,12 +366,45 @@ impl RingEngine {
                 "Operations the driver refused (slots or queue full).",
                 |s| s.submit_refused_total.load(Ordering::Relaxed),
             ),
+            (
+                "sluice_ring_cold_opens_total",
+                "counter",
+                "GETs whose artifact was not in memory and was opened off the engine thread.",
+                |s| s.cold_opens_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_cold_reads_total",
+                "counter",
+                "Body chunks read through the ring (io-wq) because the page cache did not hold them.",
+                |s| s.cold_reads_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_cold_read_bytes_total",
+                "counter",
+                "Body bytes read through the ring because the page cache did not hold them.",
+                |s| s.cold_read_bytes_total.load(Ordering::Relaxed),
+            ),
+            (
+                "sluice_ring_iowq_workers_max",
+                "gauge",
+                "io-wq worker limit per class of this ring (0: the kernel's own).",
+                |s| s.iowq_workers_max.load(Ordering::Relaxed),
+            ),
         ];
         for (name, kind, help, get) in series {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (core, s) in stats.iter().enumerate() {
                 let _ = writeln!(out, "{name}{{core=\"{core}\"}} {}", get(s));
             }
+        }
+        let name = "sluice_ring_cold_wait_seconds_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time connections waited for cold opens and cold reads.\n# TYPE {name} counter"
+        );
+        for (core, s) in stats.iter().enumerate() {
+            let secs = s.cold_wait_us_total.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(out, "{name}{{core=\"{core}\"}} {secs}");
         }
     }
 }
@@ -389,6 +447,8 @@ struct Slot {
     want: (u64, u64),
     /// The socket was made `O_NONBLOCK` for the engine's own splices.
     nonblocking: bool,
+    /// When the connection started waiting for a cold open or read.
+    cold_since: Option<Instant>,
 }
 
 /// One engine thread's state.
@@ -421,6 +481,10 @@ struct CoreLoop {
     files: Rc<RefCell<OpenCache>>,
     /// Publishes finished uploads off this thread.
     publisher: Publisher,
+    /// Opens cold artifacts off this thread.
+    opener: Opener,
+    /// Read-ahead hints in flight.
+    readaheads_in_flight: usize,
     ticks: u64,
 }
 
@@ -455,7 +519,9 @@ impl CoreLoop {
         task_rx: std::sync::mpsc::Receiver<OutgoingRequest>,
     ) -> std::io::Result<CoreLoop> {
         let connections_max = settings.connections_per_core_max;
-        let ops_max = u32::try_from(connections_max + 64).unwrap_or(u32::MAX);
+        let ops_max =
+            u32::try_from(connections_max + 1 + TASKS_PER_CORE_MAX + READAHEADS_PER_CORE_MAX)
+                .unwrap_or(u32::MAX);
         let mut driver = Driver::new(DriverConfig {
             ring: RingConfig {
                 sq_entries: SQ_ENTRIES,
@@ -485,14 +551,31 @@ impl CoreLoop {
             s.fixed_buffers_registered
                 .store(driver.fixed_buffers().registered(), Ordering::Relaxed);
         }
-        let publisher = Publisher::start(core, driver.waker()).map_err(|e| {
+        let publisher = publish::start(core, driver.waker()).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!("cannot start the publisher thread of engine thread {core}: {e}"),
             )
         })?;
+        let opener = cold::start(core, driver.waker(), Arc::clone(&app)).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot start the opener thread of engine thread {core}: {e}"),
+            )
+        })?;
+        // A kernel without the limit (before 5.15) keeps its own; the ring
+        // still serves, and the gauge says 0.
+        let iowq_limit = driver
+            .limit_iowq_workers(IOWQ_WORKERS_MAX, IOWQ_WORKERS_MAX)
+            .map_or(0, |limits| limits[0]);
+        if let Some(s) = stats.get(core) {
+            s.iowq_workers_max
+                .store(u64::from(iowq_limit), Ordering::Relaxed);
+        }
         Ok(CoreLoop {
             publisher,
+            opener,
+            readaheads_in_flight: 0,
             core,
             settings,
             driver,
@@ -554,6 +637,9 @@ impl CoreLoop {
             // what ended the wait).
             while let Some(done) = self.publisher.try_done() {
                 self.on_published(done);
+            }
+            while let Some(done) = self.opener.try_done() {
+                self.on_opened(done);
             }
             let mut batch = std::mem::take(&mut self.batch);
             self.busy = self.driver.complete(&mut batch, COMPLETIONS_PER_TURN_MAX) > 0;
@@ -671,6 +757,10 @@ impl CoreLoop {
             self.on_accept(completion);
             return;
         }
+        if completion.token == TOKEN_READAHEAD {
+            self.readaheads_in_flight = self.readaheads_in_flight.saturating_sub(1);
+            return;
+        }
         if completion.token & TASK_BIT != 0 {
             self.on_task(completion);
             return;
@@ -726,6 +816,10 @@ impl CoreLoop {
                 }
                 (OpKind::PollAdd, _) => {
                     self.on_pollout(index, result);
+                    return;
+                }
+                (OpKind::SpliceToPipe, Returned::Pipe(pipe)) => {
+                    self.on_cold_read(index, pipe, result);
                     return;
                 }
                 // The pause of `Next::PeekAgain` is over (ETIME), or was
@@ -798,6 +892,7 @@ impl CoreLoop {
                 pipe: None,
                 want: (0, 0),
                 nonblocking: false,
+                cold_since: None,
             });
         }
         self.issue(index, Next::Peek);
@@ -909,7 +1004,18 @@ impl CoreLoop {
                         .conn
                         .take_file()
                         .and_then(|a| a.into_file().ok())
-                        .map(|f| Rc::new(OwnedFd::from(f)));
+                        .map(|f| {
+                            // No kernel read-ahead on files the engine reads:
+                            // it would run inside the engine's own splice of a
+                            // cached chunk (an async read-ahead mark on a page)
+                            // and wait there for block-map metadata from the
+                            // disk (bench/cold: hot p99 1 s). The engine reads
+                            // ahead itself, through the ring (`read_cold`). The
+                            // flag is on the open file description, which the
+                            // fallback never shares.
+                            let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::Random);
+                            Rc::new(OwnedFd::from(f))
+                        });
                 }
                 let Some(file) = slot.file.clone() else {
                     self.close(index);
@@ -1002,7 +1108,134 @@ impl CoreLoop {
                     self.issue(index, next);
                 }
             }
+            Next::Open { namespace, key } => {
+                let job = cold::Job {
+                    index,
+                    generation: slot.generation,
+                    namespace,
+                    key,
+                };
+                slot.cold_since = Some(Instant::now());
+                if let Some(s) = self.stats.get(self.core) {
+                    s.cold_opens_total.fetch_add(1, Ordering::Relaxed);
+                }
+                if self.opener.submit(job).is_err() {
+                    // The opener is OPEN_QUEUE_MAX opens behind: open here
+                    // rather than queue without bound.
+                    slot.cold_since = None;
+                    let next = slot.conn.open_here(Instant::now());
+                    self.issue(index, next);
+                }
+            }
             Next::Close => self.close(index),
+        }
+    }
+
+    /// A cold open came back from the opener: decide the request again,
+    /// unless its connection is gone.
+    fn on_opened(&mut self, done: cold::Done) {
+        let Some(slot) = self
+            .slots
+            .get_mut(done.index as usize)
+            .and_then(Option::as_mut)
+            .filter(|s| s.generation == done.generation)
+        else {
+            return;
+        };
+        if let (Some(since), Some(s)) = (slot.cold_since.take(), self.stats.get(self.core)) {
+            s.cold_wait_us_total
+                .fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        let next = slot.conn.on_opened(Instant::now());
+        self.issue(done.index, next);
+    }
+
+    /// Read the next chunk of a body that is not in the page cache through
+    /// the ring: the kernel runs the splice file -> pipe on an io-wq worker
+    /// and this thread goes on serving. Read-ahead for the chunks after it
+    /// goes out at the same time, so the disk is busy while the client
+    /// takes this one.
+    fn read_cold(&mut self, index: u32, offset: u64, chunk: usize) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let (Some(file), Some(pipe)) = (slot.file.clone(), slot.pipe.take()) else {
+            self.close(index);
+            return;
+        };
+        let remaining = slot.want.1;
+        let token = token(index, slot.generation);
+        slot.cold_since = Some(Instant::now());
+        let op = Op::SpliceToPipe {
+            fd_in: Rc::clone(&file),
+            offset_in: offset,
+            pipe,
+            len: u32::try_from(chunk).unwrap_or(u32::MAX),
+        };
+        match self.driver.submit(op, token) {
+            Ok(id) => slot.pending = Some(id),
+            Err(err) => {
+                tracing::warn!(kind = ?err.kind, "ring refused a cold read; closing the connection");
+                if let Some(s) = self.stats.get(self.core) {
+                    s.submit_refused_total.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(err);
+                self.free_slot(index);
+                self.release_pipe_waiter();
+                return;
+            }
+        }
+        if let Some(s) = self.stats.get(self.core) {
+            s.cold_reads_total.fetch_add(1, Ordering::Relaxed);
+        }
+        let ahead_start = offset + chunk as u64;
+        let ahead_len = remaining
+            .saturating_sub(chunk as u64)
+            .min(READAHEAD_CHUNKS * self.settings.pipe_bytes as u64);
+        if ahead_len > 0 && self.readaheads_in_flight < READAHEADS_PER_CORE_MAX {
+            let hint = Op::Fadvise {
+                file,
+                offset: ahead_start,
+                len: u32::try_from(ahead_len).unwrap_or(u32::MAX),
+                advice: libc::POSIX_FADV_WILLNEED,
+            };
+            // A hint the ring cannot take is only a missed hint.
+            if self.driver.submit(hint, TOKEN_READAHEAD).is_ok() {
+                self.readaheads_in_flight += 1;
+            }
+        }
+    }
+
+    /// A cold chunk is in the pipe (or the read failed): send it on.
+    fn on_cold_read(&mut self, index: u32, pipe: Pipe, result: Result<usize, i32>) {
+        let now = Instant::now();
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if let (Some(since), Some(s)) = (slot.cold_since.take(), self.stats.get(self.core)) {
+            s.cold_wait_us_total
+                .fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        match result {
+            Ok(n) if n > 0 && pipe.held_bytes() > 0 => {
+                if let Some(s) = self.stats.get(self.core) {
+                    s.cold_read_bytes_total
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                slot.pipe = Some(pipe);
+                slot.xfer = Xfer::Splice { chunk: n as u64 };
+                self.pump(index);
+            }
+            // EOF before the body's end (the file was cut short behind the
+            // store's back) or a read error: the response cannot be
+            // completed, so the connection closes.
+            _ => {
+                drop(pipe);
+                slot.xfer = Xfer::None;
+                let next = slot.conn.on_file_sent(Err(libc::EIO), now);
+                self.issue(index, next);
+                self.release_pipe_waiter();
+            }
         }
     }
 
@@ -1046,6 +1279,14 @@ impl CoreLoop {
             if pipe.held_bytes() == 0 {
                 let (offset, len) = slot.want;
                 let chunk = len.min(pipe.capacity_bytes() as u64) as usize;
+                // A chunk the page cache does not hold whole would block this
+                // thread in the splice below: read it through the ring.
+                // Unknown (no cachestat, before Linux 6.5) keeps the inline
+                // splice, as before.
+                if residency(&**file, offset, chunk as u64) == Residency::NotResident {
+                    self.read_cold(index, offset, chunk);
+                    return;
+                }
                 match pipe.fill_from_file(&**file, offset, chunk) {
                     Ok(n) if n > 0 => slot.xfer = Xfer::Splice { chunk: n as u64 },
                     _ => {
@@ -1467,6 +1708,7 @@ mod tests {
                 head: crate::http1::Limits::default(),
                 header_read_timeout_ms: 1000,
                 idle_timeout_ms: 1000,
+                linger: crate::http1::LingerLimits::default(),
             },
             mode: FileServingMode::Splice,
             pipes_per_core_max: 4,

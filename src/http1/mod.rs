@@ -9,7 +9,8 @@
 //! - [`BodyDecoder`] decodes a `Content-Length` or `chunked` body incrementally.
 //! - [`RequestReader`] ties both together for one connection's byte stream, pipelining
 //!   included.
-//! - [`encode_response_head`], [`parse_range`] and [`if_none_match`] cover the response side.
+//! - [`encode_response_head`], [`parse_range`] and the preconditions ([`evaluate`],
+//!   [`if_range`]) cover the response side.
 //!
 //! Every error in this module means "answer with `status()` and close the connection": once
 //! framing is in doubt, nothing after the error can be trusted to start a new request.
@@ -18,6 +19,7 @@ mod body;
 mod conditional;
 mod date;
 mod head;
+mod linger;
 mod range;
 mod reader;
 mod response;
@@ -25,9 +27,10 @@ mod response;
 pub mod samples;
 
 pub use body::{BodyDecoder, BodyError, BodyStep, CHUNK_LINE_BYTES_MAX, TRAILER_BYTES_MAX};
-pub use conditional::if_none_match;
+pub use conditional::{evaluate, if_match, if_none_match, if_range, Conditions, Precondition};
 pub use date::{http_date_now, imf_fixdate};
 pub use head::{parse_head, HeadError, Headers, RequestHead, HEADERS_CAPACITY};
+pub use linger::{Linger, LingerLimits, LingerStep};
 pub use range::{content_range, content_range_unsatisfied, parse_range, RangeOutcome};
 pub use reader::{Event, ReaderError, RequestReader};
 pub use response::{encode_response_head, reason_phrase, ResponseHead, CONTINUE_RESPONSE};

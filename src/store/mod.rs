@@ -1,7 +1,8 @@
 //! The artifact store: one self-describing file per artifact, atomic
 //! publication, LRU-style eviction in the background.
 //!
-//! Layout: `data_dir/{ns}/{2 hex}/{key}` (see [`relative_path`]); each file is
+//! Layout: `data_dir/{ns}/{2 hex}/{key}` (see [`relative_path`]; a key's `/`
+//! is written `~` in its file name, see [`file_name`]); each file is
 //! a 64-byte [`format`] header (length, sha256, checksum) followed by the body.
 //! `data_dir/.tmp/` holds named temporary files when the filesystem lacks
 //! `O_TMPFILE`.
@@ -44,7 +45,9 @@ mod tests;
 
 pub use index::{INDEX_ENTRIES_MAX, SHARDS};
 pub use layout::{
-    relative_path, shard_dir, valid_key, valid_namespace, KEY_BYTES_MAX, NAMESPACE_BYTES_MAX,
+    file_name, key_of_file_name, relative_path, shard_dir, valid_key, valid_key_segment,
+    valid_namespace, KEY_BYTES_MAX, KEY_SEGMENTS_MAX, NAMESPACE_BYTES_MAX,
+    SEGMENT_SEPARATOR_ON_DISK,
 };
 
 use format::HEADER_BYTES;
@@ -116,6 +119,8 @@ pub enum StoreError {
     TooLarge { limit_bytes: u64 },
     /// Any other I/O failure; the message names the operation and the path.
     Io(io::Error),
+    /// [`Store::get_nowait`] would have waited for the disk.
+    WouldBlock,
 }
 
 impl StoreError {
@@ -126,6 +131,9 @@ impl StoreError {
             Self::NoSpace => 507,
             Self::TooLarge { .. } => 413,
             Self::Io(_) => 500,
+            // Never meant for a client: the ring opens the artifact elsewhere
+            // and asks again. Should one escape, "try again" is the truth.
+            Self::WouldBlock => 503,
         }
     }
 }
@@ -155,6 +163,7 @@ impl fmt::Display for StoreError {
                 write!(f, "body exceeds the limit of {limit_bytes} bytes")
             }
             Self::Io(e) => write!(f, "store I/O error: {e}"),
+            Self::WouldBlock => write!(f, "the artifact is not in memory yet; try again"),
         }
     }
 }
@@ -525,6 +534,9 @@ pub struct OpenCache {
     pub hits_total: u64,
     /// Lookups that opened the file.
     pub misses_total: u64,
+    /// Open misses with [`Store::get_nowait`]: a miss that would wait for
+    /// the disk is [`StoreError::WouldBlock`]. The ring engine sets it.
+    pub nowait: bool,
 }
 
 #[derive(Debug)]
@@ -543,6 +555,7 @@ impl OpenCache {
             entries_max,
             hits_total: 0,
             misses_total: 0,
+            nowait: false,
         }
     }
 
@@ -664,15 +677,50 @@ impl Store {
     /// truncated file, which is removed, counted in `corrupt_total` and logged.
     /// Records the access for LRU (one shard lock, no global lock).
     pub fn get(&self, ns: &str, key: &str) -> Result<Option<Artifact>, StoreError> {
+        self.open_artifact(ns, key, false)
+    }
+
+    /// [`Store::get`], or [`StoreError::WouldBlock`] where it would wait for the disk: the
+    /// path is resolved only from the dentry cache (`openat2` with `RESOLVE_CACHED`) and the
+    /// header read only from the page cache (`preadv2` with `RWF_NOWAIT`). The ring engine
+    /// calls this so a cold artifact never stalls its thread; it has the open done elsewhere
+    /// and asks again.
+    pub fn get_nowait(&self, ns: &str, key: &str) -> Result<Option<Artifact>, StoreError> {
+        self.open_artifact(ns, key, true)
+    }
+
+    fn open_artifact(
+        &self,
+        ns: &str,
+        key: &str,
+        nowait: bool,
+    ) -> Result<Option<Artifact>, StoreError> {
         check_names(ns, key)?;
         let sh = self.shared();
         let rel = relative_path(ns, key);
         let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY;
-        let fd = match rustix::fs::openat(&sh.data_dir_fd, rel.as_str(), flags, Mode::empty()) {
+        let opened = if nowait {
+            rustix::fs::openat2(
+                &sh.data_dir_fd,
+                rel.as_str(),
+                flags,
+                Mode::empty(),
+                rustix::fs::ResolveFlags::CACHED,
+            )
+        } else {
+            rustix::fs::openat(&sh.data_dir_fd, rel.as_str(), flags, Mode::empty())
+        };
+        let fd = match opened {
             Ok(fd) => fd,
             // ELOOP: a symlink, which sluice never writes; do not follow it
             // out of the store.
             Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => return Ok(None),
+            // RESOLVE_CACHED: a lookup needs the disk. ENOSYS/EINVAL: a kernel
+            // before openat2 (5.6) or RESOLVE_CACHED (5.12); let the caller
+            // open it elsewhere too, which is always safe.
+            Err(Errno::AGAIN | Errno::NOSYS | Errno::INVAL) if nowait => {
+                return Err(StoreError::WouldBlock)
+            }
             Err(e) => return Err(sh.errno("open", &sh.path(&rel).display(), e)),
         };
         let file = File::from(fd);
@@ -687,8 +735,23 @@ impl Store {
             self.discard_corrupt(&rel, &meta, "shorter than the header");
             return Ok(None);
         }
-        file.read_exact_at(&mut head, 0)
-            .map_err(|e| sh.io("read header of", &sh.path(&rel).display(), e))?;
+        if nowait {
+            match rustix::io::preadv2(
+                &file,
+                &mut [std::io::IoSliceMut::new(&mut head)],
+                0,
+                rustix::io::ReadWriteFlags::NOWAIT,
+            ) {
+                Ok(n) if n == HEADER_BYTES => {}
+                // Short: part of the header is not cached. EOPNOTSUPP: a
+                // filesystem without RWF_NOWAIT support.
+                Ok(_) | Err(Errno::AGAIN | Errno::OPNOTSUPP) => return Err(StoreError::WouldBlock),
+                Err(e) => return Err(sh.errno("read header of", &sh.path(&rel).display(), e)),
+            }
+        } else {
+            file.read_exact_at(&mut head, 0)
+                .map_err(|e| sh.io("read header of", &sh.path(&rel).display(), e))?;
+        }
         let header = match format::decode_header(&head) {
             Ok(h) => h,
             Err(e) => {
@@ -757,7 +820,11 @@ impl Store {
             }
         }
         cache.misses_total += 1;
-        let got = self.get(ns, key)?;
+        let got = if cache.nowait {
+            self.get_nowait(ns, key)?
+        } else {
+            self.get(ns, key)?
+        };
         match &got {
             Some(artifact) => {
                 if cache.entries.len() >= cache.entries_max

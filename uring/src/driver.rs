@@ -107,6 +107,7 @@ pub enum OpKind {
     Nop = 13,
     Connect = 14,
     PollAdd = 15,
+    Fadvise = 16,
 }
 
 impl OpKind {
@@ -128,6 +129,7 @@ impl OpKind {
             13 => Nop,
             14 => Connect,
             15 => PollAdd,
+            16 => Fadvise,
             _ => return None,
         })
     }
@@ -295,6 +297,16 @@ pub enum Op {
     /// result is the ready mask. Lets the engine do a non-blocking syscall
     /// itself and wait on the ring only when it would block.
     PollAdd { fd: SharedFd, events: u32 },
+    /// `posix_fadvise(file, offset, len, advice)` through the ring. With
+    /// `POSIX_FADV_WILLNEED` the kernel starts reading the range into the
+    /// page cache on an io-wq worker: read-ahead that never blocks the
+    /// submitting thread.
+    Fadvise {
+        file: SharedFd,
+        offset: u64,
+        len: u32,
+        advice: i32,
+    },
 }
 
 impl Op {
@@ -316,6 +328,7 @@ impl Op {
             Op::Nop => OpKind::Nop,
             Op::Connect { .. } => OpKind::Connect,
             Op::PollAdd { .. } => OpKind::PollAdd,
+            Op::Fadvise { .. } => OpKind::Fadvise,
         }
     }
 }
@@ -698,6 +711,30 @@ impl Driver {
         stats
     }
 
+    /// Bounds the io-wq worker threads the kernel may start for this ring:
+    /// `bounded` for work on regular files and block devices, `unbounded`
+    /// for the rest (a splice into a pipe counts as unbounded: the pipe is
+    /// the op's target). Zero leaves a class as it is. Returns the limits
+    /// now in force. Without this a storm of cold reads could start
+    /// hundreds of kernel threads (the default unbounded limit is
+    /// `RLIMIT_NPROC`).
+    pub fn limit_iowq_workers(&mut self, bounded: u32, unbounded: u32) -> Result<[u32; 2], Errno> {
+        let mut limits = [bounded, unbounded];
+        self.ring
+            .inner_ref()
+            .submitter()
+            .register_iowq_max_workers(&mut limits)
+            .map_err(|e| Errno::from_io(&e))?;
+        // The kernel answers with the previous limits; read them back.
+        let mut now = [0u32; 2];
+        self.ring
+            .inner_ref()
+            .submitter()
+            .register_iowq_max_workers(&mut now)
+            .map_err(|e| Errno::from_io(&e))?;
+        Ok(now)
+    }
+
     /// Allocates and registers a provided-buffer ring of `entries` (a power
     /// of two up to 32768) buffers of `buf_bytes` each, for
     /// [`Op::RecvMulti`]. Bounded by `buf_rings_max` (`EAGAIN` beyond it).
@@ -1007,6 +1044,14 @@ impl Driver {
                 extra.sockaddr = Some(boxed);
                 opcode::Connect::new(types::Fd(fd.as_raw_fd()), ptr, len).build()
             }
+            Op::Fadvise {
+                file,
+                offset,
+                len,
+                advice,
+            } => opcode::Fadvise::new(types::Fd(file.as_raw_fd()), *len as libc::off_t, *advice)
+                .offset(*offset)
+                .build(),
             Op::PollAdd { fd, events } => {
                 opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), *events).build()
             }
@@ -1325,9 +1370,11 @@ impl Driver {
                     Returned::Nothing
                 }
             }
-            Op::Timeout { .. } | Op::Nop | Op::Connect { .. } | Op::PollAdd { .. } => {
-                Returned::Nothing
-            }
+            Op::Timeout { .. }
+            | Op::Nop
+            | Op::Connect { .. }
+            | Op::PollAdd { .. }
+            | Op::Fadvise { .. } => Returned::Nothing,
         }
     }
 
@@ -1534,10 +1581,10 @@ mod tests {
             assert_eq!(UserData::unpack(ud.pack()), ud);
         }
         assert_eq!(UserData::unpack(0).tag, 0, "tag 0 is never a live op");
-        for t in 1..=15u8 {
+        for t in 1..=16u8 {
             assert_eq!(OpKind::from_tag(t).map(|k| k as u8), Some(t));
         }
-        for t in [0u8, 16, tag::WAKE, tag::CANCEL, tag::LINK_TIMEOUT] {
+        for t in [0u8, 17, tag::WAKE, tag::CANCEL, tag::LINK_TIMEOUT] {
             assert_eq!(OpKind::from_tag(t), None);
         }
     }

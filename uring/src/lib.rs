@@ -72,6 +72,7 @@ pub mod driver;
 pub mod errno;
 pub mod pipe;
 pub mod probe;
+pub mod residency;
 pub mod ring;
 
 pub use buffers::{BufLease, BufRing, FixedBufferPool, FixedLease, RegistrationRefused};
@@ -82,4 +83,5 @@ pub use driver::{
 pub use errno::{Errno, ErrnoClass};
 pub use pipe::{Pipe, PipePool, PipePoolStats};
 pub use probe::{probe, unavailable_reason, OpSupport, ProbeReport, Unavailable, OPS_OF_INTEREST};
+pub use residency::{residency, Residency};
 pub use ring::{QueueFull, Ring, RingConfig, SetupFlags};

@@ -1,0 +1,77 @@
+//! A thread beside an engine thread for work that may block on the disk.
+//!
+//! The engine hands a job over a bounded queue and goes on serving; the thread does the
+//! blocking part, sends the result back and wakes the ring. Publishing uploads (fsync) and
+//! opening cold artifacts (a path lookup or header read from the disk) both work this way,
+//! each on a thread of its own so a long fsync never delays a cold open.
+
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+
+use sluice_uring::Waker;
+
+/// One blocking worker thread with a bounded job queue and its replies.
+pub struct Offload<J, D> {
+    jobs: Option<SyncSender<J>>,
+    // Unbounded, but holds at most one reply per job the ring submitted since
+    // it last drained it, and each connection has at most one job in flight:
+    // bounded by `connections_per_core_max`.
+    done: Receiver<D>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
+    /// Start thread `name`, taking at most `queue_max` queued jobs; it runs
+    /// `work` on each and wakes the ring through `waker` after each reply.
+    pub fn start(
+        name: String,
+        queue_max: usize,
+        waker: Waker,
+        mut work: impl FnMut(J) -> D + Send + 'static,
+    ) -> std::io::Result<Offload<J, D>> {
+        let (jobs_tx, jobs_rx) = sync_channel::<J>(queue_max);
+        let (done_tx, done_rx): (Sender<D>, Receiver<D>) = channel();
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            // Ends when the engine drops its sender (after the queue is
+            // worked off) or stops reading replies.
+            for job in jobs_rx {
+                if done_tx.send(work(job)).is_err() {
+                    break;
+                }
+                waker.wake();
+            }
+        })?;
+        Ok(Offload {
+            jobs: Some(jobs_tx),
+            done: done_rx,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queue a job; a full queue (or a stopped thread) gives it back.
+    pub fn submit(&self, job: J) -> Result<(), J> {
+        match &self.jobs {
+            Some(jobs) => jobs.try_send(job).map_err(|e| match e {
+                TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
+            }),
+            None => Err(job),
+        }
+    }
+
+    /// A reply that is ready, if any. Never blocks.
+    pub fn try_done(&self) -> Option<D> {
+        self.done.try_recv().ok()
+    }
+}
+
+impl<J, D> Drop for Offload<J, D> {
+    /// Jobs already queued are still worked off (for uploads: their clients
+    /// may be gone, but nothing half-written becomes visible either way);
+    /// then the thread ends.
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
