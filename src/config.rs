@@ -6,6 +6,31 @@
 //! applied, combinations are checked (TLS pair, URI vs head limit, shutdown budgets, anonymous
 //! writes on a public address).
 //!
+//! How it is built, so that a key is written down once:
+//!
+//! - [`Config`] is plain data with serde's derive (`deny_unknown_fields`, `default`). Its fields
+//!   are the keys, in the order `check-config` prints them; its [`Default`] holds the defaults;
+//!   its `Serialize` is what [`Config::to_toml`] prints. The key list, the `SLUICE_*` names and
+//!   the allowed keys quoted in errors all come from the derive (see `names`).
+//! - Each layer (the file's top-level table, the `SLUICE_*` variables, the flags on
+//!   [`Overrides`]) is a list of entries (key, raw value, source), deserialised into a `Config`
+//!   by one serde deserializer, `ValueDe`. It reads env and flag text the way the module docs
+//!   below say (`yes` for a bool, `10GiB` for a byte count, keywords in any case) and, when
+//!   serde refuses a value, ties the refusal to its key, value and source.
+//! - `rules` has one line per key: whether the value is allowed and the text that says what
+//!   is. serde's refusals quote the same text, so it is the one place a key's limits live.
+//! - Every layer is deserialised and checked on its own before it is merged, so a bad value is
+//!   refused even when a higher layer replaces it.
+//!
+//! Adding a key: a field on [`Config`] with its doc comment (unit, default, range), its value
+//! in `impl Default`, and its line in `rules` (the check and the words for what is allowed);
+//! a byte count also takes `#[serde(deserialize_with = "bytes")]`. The file key, the
+//! `SLUICE_*` variable, `check-config` and the error texts follow. A flag is one more field
+//! with the key's name on [`Overrides`]. A key inside `[[tokens]]` or `[namespaces.NAME]` is a
+//! field on [`TokenConfig`] or [`NamespaceConfig`] (with `#[serde(default)]` unless it is
+//! required), its words in `table_expected`, and any check serde cannot make in
+//! `check_tables`. Then a row in `docs/operations.md`.
+//!
 //! Decisions written down here because nothing else specifies them:
 //!
 //! - **Errors, not defaults.** An unknown key, an unknown `SLUICE_*` variable, a value of the
@@ -45,12 +70,17 @@
 //!   prefix), Gradle's `/cache/` by `gradle`.
 //! - **TLS files** are not opened here: the front end reports an unreadable certificate or key
 //!   when it loads them, with the path.
-use std::collections::{BTreeMap, HashMap};
-use std::fmt;
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
+
+mod de;
+use de::{bytes, names, truncate, DeError, Entry, MapDe, Raw};
 
 /// Prefix of every environment variable sluice reads.
 pub const ENV_PREFIX: &str = "SLUICE_";
@@ -80,134 +110,115 @@ const BODY_BYTES_LIMIT: u64 = TIB;
 /// Upper bound of every `_ms` key: one hour.
 const TIMEOUT_MS_LIMIT: u64 = 3_600_000;
 
-macro_rules! keyword_enum {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name {
-            $($(#[$vmeta])* $variant),+
+/// When the store calls `fsync` (key `fsync`, default `always`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Before a write is acknowledged, the file and its directory are synced: an
+    /// acknowledged artifact survives power loss.
+    Always,
+    /// Never sync; the page cache decides. Faster, loses recent writes on power loss.
+    Never,
+}
+
+/// Which front end serves plaintext HTTP/1 (key `engine`, default `auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineChoice {
+    /// io_uring when the kernel allows it, otherwise the portable fallback.
+    Auto,
+    /// io_uring or refuse to start.
+    Uring,
+    /// The portable hyper front end only.
+    Fallback,
+}
+
+/// How the ring engine moves file bytes to sockets (key `file_serving_mode`, default `splice`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileServingMode {
+    /// file → pipe → socket, no user-space copy.
+    Splice,
+    /// read into a buffer, then send; for comparison in benchmarks.
+    Copy,
+}
+
+/// Least severe level logged (key `log_level`, default `info`); `SLUICE_LOG` overrides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// Start-up facts, degradations, and the above.
+    Info,
+    /// Per-connection detail.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+/// The spelling used in config files, e.g. `info` (an `EnvFilter` directive too).
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match toml::Value::try_from(self) {
+            Ok(toml::Value::String(name)) => f.write_str(&name),
+            _ => write!(f, "{self:?}"),
         }
-
-        impl $name {
-            /// Every accepted spelling, in documentation order.
-            pub const NAMES: &'static [&'static str] = &[$($text),+];
-
-            /// The spelling used in config files and in [`Config::to_toml`].
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(Self::$variant => $text),+
-                }
-            }
-
-            /// Parses a spelling, ignoring ASCII case.
-            pub fn from_name(text: &str) -> Option<Self> {
-                $(if text.eq_ignore_ascii_case($text) {
-                    return Some(Self::$variant);
-                })+
-                None
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
-}
-
-keyword_enum! {
-    /// When the store calls `fsync` (key `fsync`, default `always`).
-    FsyncPolicy {
-        /// Before a write is acknowledged, the file and its directory are synced: an
-        /// acknowledged artifact survives power loss.
-        Always = "always",
-        /// Never sync; the page cache decides. Faster, loses recent writes on power loss.
-        Never = "never",
     }
 }
 
-keyword_enum! {
-    /// Which front end serves plaintext HTTP/1 (key `engine`, default `auto`).
-    EngineChoice {
-        /// io_uring when the kernel allows it, otherwise the portable fallback.
-        Auto = "auto",
-        /// io_uring or refuse to start.
-        Uring = "uring",
-        /// The portable hyper front end only.
-        Fallback = "fallback",
-    }
+/// How log lines are written on stderr (key `log_format`, default `text`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event; coloured only when stderr is a terminal.
+    Text,
+    /// One JSON object per line, for log shippers (journald, Loki, Elasticsearch).
+    Json,
 }
 
-keyword_enum! {
-    /// How the ring engine moves file bytes to sockets (key `file_serving_mode`, default `splice`).
-    FileServingMode {
-        /// file → pipe → socket, no user-space copy.
-        Splice = "splice",
-        /// read into a buffer, then send; for comparison in benchmarks.
-        Copy = "copy",
-    }
+/// Who may read a namespace (`[namespaces.NAME] read = ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NamespaceRead {
+    /// Anyone, with or without credentials.
+    Public,
+    /// Any configured token, read-only or read-write.
+    Token,
 }
 
-keyword_enum! {
-    /// Least severe level logged (key `log_level`, default `info`); `SLUICE_LOG` overrides it.
-    LogLevel {
-        /// Errors only.
-        Error = "error",
-        /// Warnings and errors.
-        Warn = "warn",
-        /// Start-up facts, degradations, and the above.
-        Info = "info",
-        /// Per-connection detail.
-        Debug = "debug",
-        /// Everything.
-        Trace = "trace",
-    }
+/// What a token grants (`[[tokens]] access = ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+pub enum TokenAccess {
+    /// Reads of `token` namespaces; writes are refused with 403.
+    #[serde(rename = "ro")]
+    ReadOnly,
+    /// Reads and writes.
+    #[serde(rename = "rw")]
+    ReadWrite,
 }
 
-keyword_enum! {
-    /// How log lines are written on stderr (key `log_format`, default `text`).
-    LogFormat {
-        /// One human-readable line per event; coloured only when stderr is a terminal.
-        Text = "text",
-        /// One JSON object per line, for log shippers (journald, Loki, Elasticsearch).
-        Json = "json",
-    }
-}
-
-keyword_enum! {
-    /// Who may read a namespace (`[namespaces.NAME] read = ...`).
-    NamespaceRead {
-        /// Anyone, with or without credentials.
-        Public = "public",
-        /// Any configured token, read-only or read-write.
-        Token = "token",
-    }
-}
-
-keyword_enum! {
-    /// What a token grants (`[[tokens]] access = ...`).
-    TokenAccess {
-        /// Reads of `token` namespaces; writes are refused with 403.
-        ReadOnly = "ro",
-        /// Reads and writes.
-        ReadWrite = "rw",
-    }
-}
-
-/// A token secret. Its `Debug` never shows the bytes, so a config can be logged.
-#[derive(Clone)]
-pub struct Secret(String);
+/// A token secret. Its `Debug` never shows the bytes, so a config can be logged; it is never
+/// serialised. The default is "not given", which is not the same as an empty secret.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(Option<String>);
 
 impl Secret {
     /// Wraps a secret; validation happens in [`load`].
     pub fn new(secret: String) -> Self {
-        Self(secret)
+        Self(Some(secret))
     }
 
-    /// The secret bytes. Only the authoriser should call this.
+    /// The secret bytes (none when not given). Only the authoriser should call this.
     pub fn expose(&self) -> &[u8] {
-        self.0.as_bytes()
+        self.0.as_deref().unwrap_or_default().as_bytes()
+    }
+
+    fn is_given(&self) -> bool {
+        self.0.is_some()
     }
 }
 
@@ -226,41 +237,44 @@ impl PartialEq for Secret {
 
 impl Eq for Secret {}
 
-/// Where a token's secret was written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SecretSource {
-    /// `secret = "..."` in the file.
-    Inline,
-    /// `secret_env = "VAR"`: read from this environment variable.
-    Env(String),
-}
-
 /// One `[[tokens]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// Unique name, used in logs instead of the secret.
     pub name: String,
-    /// The secret presented as `Bearer <secret>` or as a Basic password.
+    /// The secret presented as `Bearer <secret>` or as a Basic password: `secret = "..."` in
+    /// the file, or, after [`load`], the value of the variable `secret_env` names. Never
+    /// printed.
+    #[serde(default, skip_serializing)]
     pub secret: Secret,
-    /// Where the secret came from; [`Config::to_toml`] prints `secret_env` back.
-    pub secret_source: SecretSource,
+    /// `secret_env = "VAR"`: the environment variable the secret was read from; `None` when
+    /// the secret is inline. [`Config::to_toml`] prints it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
     /// What the token grants.
     pub access: TokenAccess,
     /// The namespaces the token is limited to (`namespaces = [...]`), in the order written,
     /// each valid and listed once, 1 to [`TOKEN_NAMESPACES_MAX`] of them. `None` (the key
     /// left out, the default) covers every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespaces: Option<Vec<String>>,
 }
 
 /// One `[namespaces.NAME]` table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct NamespaceConfig {
     /// Who may read. Namespaces without a table are public.
     pub read: NamespaceRead,
 }
 
 /// The effective configuration. Build it with [`load`]; [`Default`] gives every default.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Each field is a key (file `key = ...`, env `SLUICE_KEY`); what each accepts is in `rules`.
+/// Byte counts opt into size suffixes with `deserialize_with = "bytes"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Public listening address, IP literal and port. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
@@ -274,19 +288,24 @@ pub struct Config {
     /// [`Config::anonymous_writes`].
     pub allow_anonymous_writes: bool,
     /// Store size limit in bytes before eviction; 0 = unlimited. Default 0.
+    #[serde(deserialize_with = "bytes")]
     pub store_bytes_max: u64,
     /// Sync policy for acknowledged writes. Default `always`.
     pub fsync: FsyncPolicy,
     /// Largest request head in bytes (431 above). Default 16384, range 1024..=1 MiB.
+    #[serde(deserialize_with = "bytes")]
     pub head_bytes_max: usize,
     /// Longest request URI in bytes (414 above). Default 8192, or `head_bytes_max` when that
     /// is set lower and this is not set; range 64..=1 MiB, at most `head_bytes_max`.
+    #[serde(deserialize_with = "bytes")]
     pub uri_bytes_max: usize,
     /// Largest PUT body in bytes for `ac`, `cas` and generic routes (413 above).
     /// Default 16 GiB, range 1 byte..=1 TiB.
+    #[serde(deserialize_with = "bytes")]
     pub body_bytes_max: u64,
     /// Largest PUT body in bytes for Gradle `/cache/` (413 above). Default 100 MiB,
     /// range 1 byte..=1 TiB.
+    #[serde(deserialize_with = "bytes")]
     pub gradle_body_bytes_max: u64,
     /// Time allowed to receive a whole request head, in ms (408 after). Default 10000.
     pub header_read_timeout_ms: u64,
@@ -302,17 +321,18 @@ pub struct Config {
     pub lingering_timeout_ms: u64,
     /// Most body bytes discarded after an early error before closing. 0 closes at once.
     /// Default 256 MiB, range 0..=1 TiB.
+    #[serde(deserialize_with = "bytes")]
     pub lingering_bytes_max: u64,
     /// Longest wait for the next bytes of a request body, in ms (idle time between body
     /// bytes, not the whole upload); past it the request answers 408 (HTTP/2: the stream is
-    /// answered or reset). Default 30000.
+    /// answered or reset). Default 30000, range 1..=3600000.
     pub body_read_timeout_ms: u64,
     /// Longest time a response may make no progress because the client does not read, in ms
     /// (nginx's `send_timeout`); past it the connection is closed. Also bounds how long an
-    /// HTTP/2 PING answer is awaited. Default 30000.
+    /// HTTP/2 PING answer is awaited. Default 30000, range 1..=3600000.
     pub send_timeout_ms: u64,
     /// Connections one client address may hold on each front (per ring engine thread, and in
-    /// the fallback); 0 = no cap. Default 256.
+    /// the fallback); 0 = no cap. Default 256, range 0..=1000000.
     pub connections_per_ip_max: usize,
     /// Which front end serves plaintext HTTP/1. Default `auto`.
     pub engine: EngineChoice,
@@ -388,6 +408,247 @@ impl Default for Config {
     }
 }
 
+const MS_EXPECTED: &str = "a whole number of milliseconds from 0 to 3600000";
+const MS_POSITIVE_EXPECTED: &str = "a whole number of milliseconds from 1 to 3600000";
+const BODY_EXPECTED: &str = "a byte count from 1 byte to 1 TiB: a whole number, or a string \
+                             with a suffix B, KiB, MiB, GiB, TiB (1024-based) or kB, MB, GB, TB \
+                             (1000-based), e.g. \"100MiB\"";
+const CONNECTIONS_EXPECTED: &str = "a whole number from 1 to 1000000";
+
+/// What each key accepts: one line per key of [`Config`], whether `c`'s value is allowed and
+/// the text that says what is. A test checks that every key has its line.
+fn rules(c: &Config) -> Vec<Rule> {
+    let path_ok = |path: &Option<PathBuf>| path.as_ref().is_none_or(|p| !p.as_os_str().is_empty());
+    vec![
+        Rule::any(
+            "listen",
+            "an IP address and port, e.g. 127.0.0.1:8080 or [::1]:8080 (host names are not \
+             resolved)",
+        ),
+        Rule::new(
+            "data_dir",
+            !c.data_dir.as_os_str().is_empty(),
+            "a non-empty directory path",
+        ),
+        Rule::new(
+            "tls_cert",
+            path_ok(&c.tls_cert),
+            "a non-empty path to a PEM certificate chain",
+        ),
+        Rule::new(
+            "tls_key",
+            path_ok(&c.tls_key),
+            "a non-empty path to a PEM private key",
+        ),
+        Rule::any(
+            "allow_anonymous_writes",
+            "true or false (env and flags also take 1/0, yes/no, on/off)",
+        ),
+        Rule::any(
+            "store_bytes_max",
+            "a byte count, 0 for unlimited: a whole number, or a string with a suffix B, KiB, \
+             MiB, GiB, TiB (1024-based) or kB, MB, GB, TB (1000-based), e.g. \"10GiB\"",
+        ),
+        Rule::keyword::<FsyncPolicy>("fsync"),
+        Rule::new(
+            "head_bytes_max",
+            within(c.head_bytes_max, 1024, MIB),
+            "a byte count from 1024 to 1048576 (1 MiB), e.g. 16384 or \"16KiB\"",
+        ),
+        Rule::new(
+            "uri_bytes_max",
+            within(c.uri_bytes_max, 64, MIB),
+            "a byte count from 64 to 1048576 (1 MiB), and at most head_bytes_max",
+        ),
+        Rule::new(
+            "body_bytes_max",
+            within(c.body_bytes_max, 1, BODY_BYTES_LIMIT),
+            BODY_EXPECTED,
+        ),
+        Rule::new(
+            "gradle_body_bytes_max",
+            within(c.gradle_body_bytes_max, 1, BODY_BYTES_LIMIT),
+            BODY_EXPECTED,
+        ),
+        Rule::new(
+            "header_read_timeout_ms",
+            within(c.header_read_timeout_ms, 1, TIMEOUT_MS_LIMIT),
+            MS_POSITIVE_EXPECTED,
+        ),
+        Rule::new(
+            "idle_timeout_ms",
+            within(c.idle_timeout_ms, 1, TIMEOUT_MS_LIMIT),
+            MS_POSITIVE_EXPECTED,
+        ),
+        Rule::new(
+            "lingering_time_ms",
+            within(c.lingering_time_ms, 0, TIMEOUT_MS_LIMIT),
+            MS_EXPECTED,
+        ),
+        Rule::new(
+            "lingering_timeout_ms",
+            within(c.lingering_timeout_ms, 1, TIMEOUT_MS_LIMIT),
+            MS_POSITIVE_EXPECTED,
+        ),
+        Rule::new(
+            "lingering_bytes_max",
+            within(c.lingering_bytes_max, 0, BODY_BYTES_LIMIT),
+            "a byte count from 0 to 1 TiB: a whole number, or a string such as \"256MiB\"",
+        ),
+        Rule::new(
+            "body_read_timeout_ms",
+            within(c.body_read_timeout_ms, 1, TIMEOUT_MS_LIMIT),
+            MS_POSITIVE_EXPECTED,
+        ),
+        Rule::new(
+            "send_timeout_ms",
+            within(c.send_timeout_ms, 1, TIMEOUT_MS_LIMIT),
+            MS_POSITIVE_EXPECTED,
+        ),
+        Rule::new(
+            "connections_per_ip_max",
+            within(c.connections_per_ip_max, 0, 1_000_000),
+            "a whole number from 0 to 1000000 (0 = no cap)",
+        ),
+        Rule::keyword::<EngineChoice>("engine"),
+        Rule::new(
+            "engine_threads",
+            within(c.engine_threads, 0, 256),
+            "a whole number from 0 to 256 (0 = one per core)",
+        ),
+        Rule::keyword::<FileServingMode>("file_serving_mode"),
+        Rule::new(
+            "engine_spin_us",
+            within(c.engine_spin_us, 0, 10_000),
+            "a whole number of microseconds from 0 to 10000 (0 = never poll)",
+        ),
+        Rule::new(
+            "connections_per_core_max",
+            within(c.connections_per_core_max, 1, 1_000_000),
+            CONNECTIONS_EXPECTED,
+        ),
+        Rule::new(
+            "fallback_connections_max",
+            within(c.fallback_connections_max, 1, 1_000_000),
+            CONNECTIONS_EXPECTED,
+        ),
+        Rule::new(
+            "shutdown_pre_drain_ms",
+            within(c.shutdown_pre_drain_ms, 0, TIMEOUT_MS_LIMIT),
+            MS_EXPECTED,
+        ),
+        Rule::new(
+            "shutdown_drain_ms",
+            within(c.shutdown_drain_ms, 0, TIMEOUT_MS_LIMIT),
+            MS_EXPECTED,
+        ),
+        Rule::new(
+            "shutdown_teardown_ms",
+            within(c.shutdown_teardown_ms, 0, TIMEOUT_MS_LIMIT),
+            MS_EXPECTED,
+        ),
+        Rule::new(
+            "shutdown_grace_ms",
+            within(c.shutdown_grace_ms, 0, TIMEOUT_MS_LIMIT),
+            MS_EXPECTED,
+        ),
+        Rule::keyword::<LogLevel>("log_level"),
+        Rule::keyword::<LogFormat>("log_format"),
+    ]
+}
+
+/// What the values inside `[namespaces.*]` and `[[tokens]]` accept, by key (`tokens[3].name`).
+/// The checks serde's types do not make are in `check_tables`.
+fn table_expected(key: &str) -> String {
+    let text = match key.split_once(['.', '[']) {
+        None if key == "namespaces" => "a table of [namespaces.NAME] tables",
+        None if key == "tokens" => "an array of [[tokens]] tables",
+        Some(("namespaces", _)) if key.ends_with(".read") => return one_of::<NamespaceRead>(),
+        Some(("namespaces", _)) => "a table with key `read`",
+        Some(("tokens", rest)) => match rest.split_once("].").map(|(_, field)| field) {
+            None => "a table with keys name, secret or secret_env, access",
+            Some("name") => TOKEN_NAME_EXPECTED,
+            Some("secret") => SECRET_EXPECTED,
+            Some("secret_env") => "the name of an environment variable",
+            Some("access") => return one_of::<TokenAccess>(),
+            Some("namespaces") => {
+                "an array of namespace names, e.g. [\"ac\", \"cas\"]; leave the key out for \
+                 every namespace"
+            }
+            Some(field) if field.starts_with("namespaces[") => TOKEN_NAMESPACE_EXPECTED,
+            Some(_) => "a value of the documented type",
+        },
+        _ => "a value of the documented type",
+    };
+    text.to_owned()
+}
+
+const NAMESPACE_NAME_EXPECTED: &str = "a namespace name matching [a-z0-9][a-z0-9_-]{0,63}";
+const TOKEN_NAMESPACE_EXPECTED: &str = "a namespace name matching [a-z0-9][a-z0-9_-]{0,63} \
+     (the Bazel routes /ac/ and /cas/, with or without an instance name, are `ac` and `cas`; \
+     Gradle's /cache/ is `gradle`)";
+const TOKEN_NAME_EXPECTED: &str = "a token name matching [A-Za-z0-9][A-Za-z0-9_.-]{0,63}";
+const SECRET_EXPECTED: &str = "16 to 1024 bytes of visible ASCII (! to ~, no spaces)";
+
+/// One line of [`rules`].
+struct Rule {
+    key: &'static str,
+    ok: bool,
+    expected: String,
+}
+
+impl Rule {
+    fn new(key: &'static str, ok: bool, expected: &str) -> Self {
+        let expected = expected.to_owned();
+        Self { key, ok, expected }
+    }
+
+    /// A key whose every well-typed value is allowed.
+    fn any(key: &'static str, expected: &str) -> Self {
+        Self::new(key, true, expected)
+    }
+
+    /// A keyword key: its variants, from serde, are what is allowed.
+    fn keyword<T: DeserializeOwned>(key: &'static str) -> Self {
+        Self::new(key, true, &one_of::<T>())
+    }
+}
+
+fn one_of<T: DeserializeOwned>() -> String {
+    format!("one of {}", names::<T>().join(", "))
+}
+
+fn within(value: impl TryInto<u64>, min: u64, max: u64) -> bool {
+    value.try_into().is_ok_and(|v| (min..=max).contains(&v))
+}
+
+/// What `key` accepts, for an error message.
+fn expected(key: &str) -> String {
+    match rules(&Config::default())
+        .into_iter()
+        .find(|rule| rule.key == key)
+    {
+        Some(rule) => rule.expected,
+        None => table_expected(key),
+    }
+}
+
+/// Keys that are tables in the file; nothing else may set them.
+const TABLE_KEYS: [&str; 2] = ["namespaces", "tokens"];
+
+/// The keys the environment (and the flags) may set, in declaration order.
+fn scalar_keys() -> Vec<&'static str> {
+    names::<Config>()
+        .iter()
+        .copied()
+        .filter(|key| !TABLE_KEYS.contains(key))
+        .collect()
+}
+
+fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
+}
+
 impl Config {
     /// Whether writes need no credentials.
     ///
@@ -413,88 +674,83 @@ impl Config {
         threads.clamp(1, 256)
     }
 
-    /// The effective configuration as TOML, for `sluice check-config`. Inline token secrets are
-    /// replaced by a comment; `secret_env` tokens show the variable name. Without inline
-    /// secrets the output loads back into an equal `Config`. Non-UTF-8 paths are shown lossily.
+    /// The effective configuration as TOML, for `sluice check-config`: the derived
+    /// `Serialize`, every key in declaration order, with a comment for keys that are unset.
+    /// Inline token secrets are replaced by a comment; `secret_env` tokens show the variable
+    /// name. Without inline secrets the output loads back into an equal `Config`.
     pub fn to_toml(&self) -> String {
         let mut out = String::from("# sluice effective configuration\n");
-        for spec in KEYS {
-            match (spec.render)(self) {
-                Some(value) => {
-                    out.push_str(spec.name);
-                    out.push_str(" = ");
-                    out.push_str(&value);
-                    out.push('\n');
-                }
-                None => {
-                    out.push_str("# ");
-                    out.push_str(spec.name);
-                    out.push_str(" is not set\n");
-                }
-            }
+        let table = match toml::Table::try_from(self) {
+            Ok(table) => table,
+            // Only a non-UTF-8 path, which no loaded config holds, can fail.
+            Err(error) => return format!("{out}# cannot be shown: {error}\n"),
+        };
+        for key in scalar_keys() {
+            let _ = match table.get(key) {
+                Some(value) => writeln!(out, "{key} = {value}"),
+                None => writeln!(out, "# {key} is not set"),
+            };
         }
         for (name, namespace) in &self.namespaces {
-            out.push_str("\n[namespaces.");
-            out.push_str(name);
-            out.push_str("]\nread = ");
-            out.push_str(&toml_string(namespace.read.as_str()));
-            out.push('\n');
+            let _ = write!(out, "\n[namespaces.{name}]\n{}", toml_body(namespace));
         }
         for token in &self.tokens {
-            out.push_str("\n[[tokens]]\nname = ");
-            out.push_str(&toml_string(&token.name));
-            out.push('\n');
-            match &token.secret_source {
-                SecretSource::Inline => out.push_str("# secret = (redacted)\n"),
-                SecretSource::Env(var) => {
-                    out.push_str("secret_env = ");
-                    out.push_str(&toml_string(var));
-                    out.push('\n');
+            let body = toml_body(token);
+            // The comment goes where `secret` would be: after `name`, the first field.
+            let _ = match body.split_once('\n') {
+                Some((name, rest)) if token.secret_env.is_none() => {
+                    write!(out, "\n[[tokens]]\n{name}\n# secret = (redacted)\n{rest}")
                 }
-            }
-            out.push_str("access = ");
-            out.push_str(&toml_string(token.access.as_str()));
-            out.push('\n');
-            if let Some(namespaces) = &token.namespaces {
-                out.push_str("namespaces = [");
-                for (i, name) in namespaces.iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(", ");
-                    }
-                    out.push_str(&toml_string(name));
-                }
-                out.push_str("]\n");
-            }
+                _ => write!(out, "\n[[tokens]]\n{body}"),
+            };
         }
         out
     }
 }
 
+/// The keys of one table, as TOML lines.
+fn toml_body<T: Serialize>(value: &T) -> String {
+    toml::to_string(value).unwrap_or_else(|error| format!("# cannot be shown: {error}\n"))
+}
+
 /// Values given on the command line; each overrides the environment and the file. Values are
-/// text, parsed and validated exactly as environment values are.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// text, parsed and validated exactly as environment values are. Each field is named after its
+/// key, and its flag is the key with dashes (`engine_threads` is `--engine-threads`): adding a
+/// field here is all it takes to give a key a flag.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, clap::Args)]
 pub struct Overrides {
-    /// `--listen ADDR`.
+    /// Address to listen on, e.g. 127.0.0.1:8080.
+    #[arg(long)]
     pub listen: Option<String>,
-    /// `--data-dir DIR`.
+    /// Directory holding the artifacts.
+    #[arg(long)]
     pub data_dir: Option<String>,
-    /// `--tls-cert PEM`.
+    /// PEM certificate chain for TLS (with --tls-key).
+    #[arg(long)]
     pub tls_cert: Option<String>,
-    /// `--tls-key PEM`.
+    /// PEM private key for TLS (with --tls-cert).
+    #[arg(long)]
     pub tls_key: Option<String>,
-    /// `--allow-anonymous-writes`: `Some(true)` when the flag is given, `None` otherwise.
+    /// Allow anonymous writes on a non-loopback address.
+    #[arg(long, num_args = 0, default_missing_value = "true")]
     pub allow_anonymous_writes: Option<bool>,
-    /// `--engine auto|uring|fallback`.
+    /// auto, uring or fallback.
+    #[arg(long)]
     pub engine: Option<String>,
-    /// `--engine-threads N`.
+    /// Engine threads (0 = one per core).
+    #[arg(long)]
     pub engine_threads: Option<String>,
-    /// `--file-serving-mode splice|copy`.
+    /// splice or copy.
+    #[arg(long)]
     pub file_serving_mode: Option<String>,
-    /// `--body-read-timeout-ms MS`.
+    /// Longest wait for the next request-body bytes, in ms (408 after).
+    #[arg(long)]
     pub body_read_timeout_ms: Option<String>,
-    /// `--send-timeout-ms MS`.
+    /// Longest time a client may not read a response, in ms (closed after).
+    #[arg(long)]
     pub send_timeout_ms: Option<String>,
-    /// `--connections-per-ip-max N`.
+    /// Connections one client address may hold per front (0 = no cap).
+    #[arg(long)]
     pub connections_per_ip_max: Option<String>,
 }
 
@@ -508,7 +764,7 @@ pub enum Source {
     /// This environment variable.
     Env(String),
     /// This command-line flag, e.g. `--listen`.
-    Flag(&'static str),
+    Flag(String),
 }
 
 impl fmt::Display for Source {
@@ -679,107 +935,324 @@ pub fn load_text(
     env: &[(String, String)],
     overrides: &Overrides,
 ) -> Result<Config, ConfigError> {
-    let mut loader = Loader {
-        config: Config::default(),
-        provenance: HashMap::new(),
-        secret_env_names: Vec::new(),
-    };
+    let path = file.map_or(Path::new(""), |(path, _)| path);
+    // Every scalar key set so far, with its value as given and where; a later layer replaces.
+    let mut set: Vec<Entry> = Vec::new();
+    let mut tables = Config::default();
     if let Some((path, text)) = file {
-        loader.apply_file(path, text, env)?;
+        let table: toml::Table =
+            text.parse()
+                .map_err(|error: toml::de::Error| ConfigError::Syntax {
+                    path: path.to_path_buf(),
+                    message: syntax_message(text, &error),
+                })?;
+        let source = Source::File(path.to_path_buf());
+        let layer: Vec<Entry> = table
+            .into_iter()
+            .map(|(key, value)| Entry::new(key, Raw::Toml(value), source.clone()))
+            .collect();
+        tables = check_layer(&layer, path)?;
+        check_tables(&mut tables, path, env)?;
+        merge(&mut set, layer);
     }
-    loader.apply_env(env)?;
-    loader.apply_overrides(overrides)?;
-    loader.validate()?;
-    Ok(loader.config)
+    let layer = env_layer(env, &tables.tokens)?;
+    check_layer(&layer, path)?;
+    merge(&mut set, layer);
+    let layer = flag_layer(overrides);
+    check_layer(&layer, path)?;
+    merge(&mut set, layer);
+
+    let mut config = check_layer(&set, path)?;
+    config.namespaces = tables.namespaces;
+    config.tokens = tables.tokens;
+    validate(&mut config, &set)?;
+    Ok(config)
 }
 
-/// A value before parsing: from the TOML file, or text from the environment or a flag.
-enum Raw<'a> {
-    Toml(&'a toml::Value),
-    Text(&'a str),
-}
-
-impl Raw<'_> {
-    /// The value as quoted back in an error, bounded in length.
-    fn display(&self) -> String {
-        let shown = match self {
-            Raw::Text(text) => (*text).to_owned(),
-            Raw::Toml(value) => describe_toml(value),
-        };
-        truncate(shown)
-    }
-
-    /// A string value: a TOML string, or env/flag text trimmed of surrounding whitespace.
-    fn text(&self) -> Option<&str> {
-        match self {
-            Raw::Toml(toml::Value::String(text)) => Some(text),
-            Raw::Toml(_) => None,
-            Raw::Text(text) => Some(text.trim_ascii()),
+/// Adds a layer's scalar keys to `set`, replacing what lower layers set.
+fn merge(set: &mut Vec<Entry>, layer: Vec<Entry>) {
+    for entry in layer {
+        if !TABLE_KEYS.contains(&entry.key.as_str()) {
+            set.retain(|old| old.key != entry.key);
+            set.push(entry);
         }
     }
+}
 
-    /// A whole number in `min..=max`: a TOML integer, or decimal digits in text.
-    fn uint(&self, min: u64, max: u64) -> Option<u64> {
-        let value = match self {
-            Raw::Toml(toml::Value::Integer(n)) => u64::try_from(*n).ok()?,
-            Raw::Toml(_) => return None,
-            Raw::Text(_) => parse_digits(self.text()?)?,
+/// The `SLUICE_*` variables in `env`, as entries; an unknown one is an error.
+fn env_layer(env: &[(String, String)], tokens: &[TokenConfig]) -> Result<Vec<Entry>, ConfigError> {
+    let keys = scalar_keys();
+    let mut layer = Vec::new();
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
         };
-        (min..=max).contains(&value).then_some(value)
-    }
-
-    /// A byte count in `min..=max`: a TOML integer, or text with an optional size suffix.
-    fn bytes(&self, min: u64, max: u64) -> Option<u64> {
-        let value = match self {
-            Raw::Toml(toml::Value::Integer(n)) => u64::try_from(*n).ok()?,
-            _ => parse_bytes(self.text()?)?,
+        let is_secret = tokens.iter().any(|t| t.secret_env.as_ref() == Some(name));
+        if name == ENV_LOG || name == ENV_CONFIG || is_secret {
+            continue;
+        }
+        // Exact capitals only: `SLUICE_listen` is more likely a typo than intent.
+        let Some(key) = keys.iter().find(|key| key.to_ascii_uppercase() == rest) else {
+            return Err(ConfigError::UnknownEnv {
+                name: name.clone(),
+                allowed: keys.iter().map(|key| env_name(key)).collect(),
+            });
         };
-        (min..=max).contains(&value).then_some(value)
+        let entry = Entry::new(
+            (*key).to_owned(),
+            Raw::Text(value.clone()),
+            Source::Env(name.clone()),
+        );
+        merge(&mut layer, vec![entry]);
     }
+    Ok(layer)
+}
 
-    /// A boolean: a TOML boolean, or one of the accepted words in text.
-    fn boolean(&self) -> Option<bool> {
-        match self {
-            Raw::Toml(toml::Value::Boolean(b)) => Some(*b),
-            Raw::Toml(_) => None,
-            Raw::Text(_) => {
-                let text = self.text()?;
-                ["true", "1", "yes", "on"]
-                    .iter()
-                    .any(|word| text.eq_ignore_ascii_case(word))
-                    .then_some(true)
-                    .or_else(|| {
-                        ["false", "0", "no", "off"]
-                            .iter()
-                            .any(|word| text.eq_ignore_ascii_case(word))
-                            .then_some(false)
-                    })
+/// The flags that were given, as entries: text like env values, and a bare flag as `true`.
+fn flag_layer(overrides: &Overrides) -> Vec<Entry> {
+    // `None` fields are left out of the table.
+    let table = toml::Table::try_from(overrides).unwrap_or_default();
+    table
+        .into_iter()
+        .map(|(key, value)| {
+            let raw = match value {
+                toml::Value::String(text) => Raw::Text(text),
+                other => Raw::Toml(other),
+            };
+            let flag = format!("--{}", key.replace('_', "-"));
+            Entry::new(key, raw, Source::Flag(flag))
+        })
+        .collect()
+}
+
+/// Deserialises one layer alone and checks each key it sets against its rule.
+fn check_layer(layer: &[Entry], file: &Path) -> Result<Config, ConfigError> {
+    let items = layer.iter().map(|e| (e.key.as_str(), e.raw(), &e.source));
+    let config = Config::deserialize(MapDe::new(String::new(), items.collect(), file))
+        .map_err(DeError::into_config_error)?;
+    for rule in rules(&config).into_iter().filter(|rule| !rule.ok) {
+        if let Some(entry) = layer.iter().find(|e| e.key == rule.key) {
+            return Err(ConfigError::BadValue {
+                key: rule.key.to_owned(),
+                value: entry.raw().display(),
+                source: entry.source.clone(),
+                expected: rule.expected,
+            });
+        }
+    }
+    Ok(config)
+}
+
+/// The checks serde's types do not make on `[namespaces.*]` and `[[tokens]]`, and each
+/// `secret_env` read from `env` into its token's secret.
+fn check_tables(c: &mut Config, path: &Path, env: &[(String, String)]) -> Result<(), ConfigError> {
+    let source = Source::File(path.to_path_buf());
+    let bad = |key: String, value: String, expected: &str| ConfigError::BadValue {
+        key,
+        value,
+        source: source.clone(),
+        expected: expected.to_owned(),
+    };
+    if c.namespaces.len() > NAMESPACES_MAX {
+        let count = format!("{} tables", c.namespaces.len());
+        return Err(bad("namespaces".into(), count, "at most 1024 namespaces"));
+    }
+    if let Some(name) = c.namespaces.keys().find(|name| !is_valid_namespace(name)) {
+        let name = truncate(name.clone());
+        return Err(bad("namespaces".into(), name, NAMESPACE_NAME_EXPECTED));
+    }
+    if c.tokens.len() > TOKENS_MAX {
+        let count = format!("{} entries", c.tokens.len());
+        return Err(bad("tokens".into(), count, "at most 1024 tokens"));
+    }
+    let settings: Vec<String> = scalar_keys().iter().map(|key| env_name(key)).collect();
+    for index in 0..c.tokens.len() {
+        let (earlier, rest) = c.tokens.split_at_mut(index);
+        let token = &mut rest[0];
+        let prefix = format!("tokens[{index}]");
+        let quoted = truncate(format!("{:?}", token.name));
+        if !is_valid_token_name(&token.name) {
+            return Err(bad(format!("{prefix}.name"), quoted, TOKEN_NAME_EXPECTED));
+        }
+        if earlier.iter().any(|t| t.name == token.name) {
+            let expected = "a name no other token uses";
+            return Err(bad(format!("{prefix}.name"), quoted, expected));
+        }
+        if let Some(names) = &token.namespaces {
+            check_scope(&format!("{prefix}.namespaces"), names)
+                .map_err(|(key, value, expected)| bad(key, value, expected))?;
+        }
+        let mut secret_key = format!("{prefix}.secret");
+        let mut secret_source = source.clone();
+        match (&token.secret_env, !token.secret.is_given()) {
+            (Some(_), false) => {
+                return Err(ConfigError::Conflict {
+                    message: format!(
+                        "config keys `{prefix}.secret` and `{prefix}.secret_env` are both set \
+                         in `{}`: give the secret inline or name the environment variable \
+                         holding it, not both",
+                        path.display()
+                    ),
+                })
+            }
+            (None, true) => {
+                return Err(ConfigError::MissingKey {
+                    key: secret_key,
+                    path: path.to_path_buf(),
+                    expected: "`secret` (the secret itself) or `secret_env` (the environment \
+                               variable holding it)"
+                        .to_owned(),
+                })
+            }
+            (None, false) => {}
+            (Some(var), true) => {
+                secret_key = format!("{prefix}.secret_env");
+                let quoted = format!("{var:?}");
+                if var == ENV_LOG || var == ENV_CONFIG || settings.contains(var) {
+                    let expected = "a variable that is not itself a sluice setting";
+                    return Err(bad(secret_key, quoted, expected));
+                }
+                let Some((_, secret)) = env.iter().rev().find(|(k, _)| k == var) else {
+                    let expected = "the name of a variable set in the environment; it is not set";
+                    return Err(bad(secret_key, quoted, expected));
+                };
+                secret_source = Source::Env(var.clone());
+                token.secret = Secret::new(secret.clone());
             }
         }
+        let secret = token.secret.expose();
+        let secret_ok = (SECRET_BYTES_MIN..=SECRET_BYTES_MAX).contains(&secret.len())
+            && secret.iter().all(u8::is_ascii_graphic);
+        if !secret_ok {
+            // Never quote a secret, even a bad one: it may be a real one mistyped.
+            return Err(ConfigError::BadValue {
+                key: secret_key,
+                value: format!("<redacted, {} bytes>", secret.len()),
+                source: secret_source,
+                expected: SECRET_EXPECTED.to_owned(),
+            });
+        }
+        if let Some(twin) = earlier.iter().find(|t| t.secret == token.secret) {
+            return Err(ConfigError::Conflict {
+                message: format!(
+                    "tokens `{}` and `{}` in `{}` have the same secret: each token needs its \
+                     own, or which access applies would be ambiguous",
+                    twin.name,
+                    token.name,
+                    path.display()
+                ),
+            });
+        }
     }
-
-    /// A non-empty path.
-    fn path(&self) -> Option<PathBuf> {
-        let text = self.text()?;
-        (!text.is_empty()).then(|| PathBuf::from(text))
-    }
-
-    fn keyword<T>(&self, parse: fn(&str) -> Option<T>) -> Option<T> {
-        parse(self.text()?)
-    }
+    Ok(())
 }
 
-/// Describes a TOML value for an error message without serialising it (which could fail).
-fn describe_toml(value: &toml::Value) -> String {
-    match value {
-        toml::Value::String(text) => format!("{text:?}"),
-        toml::Value::Integer(n) => n.to_string(),
-        toml::Value::Float(x) => x.to_string(),
-        toml::Value::Boolean(b) => b.to_string(),
-        toml::Value::Datetime(dt) => dt.to_string(),
-        toml::Value::Array(items) => format!("an array of {} items", items.len()),
-        toml::Value::Table(_) => "a table".to_owned(),
+/// Checks a token's `namespaces = [...]` (see the module docs; serde has checked that it is an
+/// array of strings): on error, the key down to the element at fault, the value as shown, and
+/// what is allowed.
+fn check_scope(key: &str, names: &[String]) -> Result<(), (String, String, &'static str)> {
+    if names.is_empty() {
+        let expected = "at least one namespace name; leave the key out for every namespace";
+        return Err((key.to_owned(), "[]".to_owned(), expected));
     }
+    if names.len() > TOKEN_NAMESPACES_MAX {
+        let count = format!("{} names", names.len());
+        return Err((key.to_owned(), count, "at most 1024 namespace names"));
+    }
+    for (index, name) in names.iter().enumerate() {
+        let key = format!("{key}[{index}]");
+        let quoted = truncate(format!("{name:?}"));
+        if !is_valid_namespace(name) {
+            return Err((key, quoted, TOKEN_NAMESPACE_EXPECTED));
+        }
+        if names[..index].contains(name) {
+            return Err((key, quoted, "a namespace not already listed for this token"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the combinations, once every layer is applied; `set` is where each key came from.
+fn validate(c: &mut Config, set: &[Entry]) -> Result<(), ConfigError> {
+    let source_of = |key: &str| {
+        let entry = set.iter().find(|entry| entry.key == key);
+        entry.map_or(Source::Default, |entry| entry.source.clone())
+    };
+    if !set.iter().any(|entry| entry.key == "uri_bytes_max") {
+        // When only head_bytes_max was lowered, the default URI limit follows it rather
+        // than making the operator set both.
+        c.uri_bytes_max = c.uri_bytes_max.min(c.head_bytes_max);
+    }
+    let conflict = |message: String| Err(ConfigError::Conflict { message });
+
+    match (&c.tls_cert, &c.tls_key) {
+        (Some(path), None) => {
+            return conflict(format!(
+                "config key `tls_cert` = `{}` (from {}) is set but `tls_key` is not: set both \
+                 to serve TLS, or neither to serve plaintext only",
+                path.display(),
+                source_of("tls_cert")
+            ))
+        }
+        (None, Some(path)) => {
+            return conflict(format!(
+                "config key `tls_key` = `{}` (from {}) is set but `tls_cert` is not: set both \
+                 to serve TLS, or neither to serve plaintext only",
+                path.display(),
+                source_of("tls_key")
+            ))
+        }
+        _ => {}
+    }
+
+    if c.uri_bytes_max > c.head_bytes_max {
+        return conflict(format!(
+            "config key `uri_bytes_max` = `{}` (from {}) exceeds `head_bytes_max` = `{}` \
+             (from {}): the URI is part of the request head, so uri_bytes_max must be at most \
+             head_bytes_max",
+            c.uri_bytes_max,
+            source_of("uri_bytes_max"),
+            c.head_bytes_max,
+            source_of("head_bytes_max")
+        ));
+    }
+
+    let phases_ms = c
+        .shutdown_pre_drain_ms
+        .saturating_add(c.shutdown_drain_ms)
+        .saturating_add(c.shutdown_teardown_ms);
+    if phases_ms > c.shutdown_grace_ms {
+        return conflict(format!(
+            "shutdown phases exceed the grace ceiling: `shutdown_pre_drain_ms` = `{}` (from \
+             {}) + `shutdown_drain_ms` = `{}` (from {}) + `shutdown_teardown_ms` = `{}` (from \
+             {}) = {phases_ms} ms, but `shutdown_grace_ms` = `{}` (from {}); shorten a phase \
+             or raise shutdown_grace_ms to at least {phases_ms}",
+            c.shutdown_pre_drain_ms,
+            source_of("shutdown_pre_drain_ms"),
+            c.shutdown_drain_ms,
+            source_of("shutdown_drain_ms"),
+            c.shutdown_teardown_ms,
+            source_of("shutdown_teardown_ms"),
+            c.shutdown_grace_ms,
+            source_of("shutdown_grace_ms"),
+        ));
+    }
+
+    // `to_canonical` so that an IPv4-mapped loopback (::ffff:127.0.0.1) counts as loopback.
+    let loopback = c.listen.ip().to_canonical().is_loopback();
+    if !loopback && c.anonymous_writes() && !c.allow_anonymous_writes {
+        return conflict(format!(
+            "refusing to listen on `{}` (config key `listen`, from {}) with anonymous writes: \
+             no token with access = \"rw\" is configured, so anyone who can reach this \
+             address could write to the cache. Either add a [[tokens]] entry with access = \
+             \"rw\" to the config file (writes then need that token), or accept anonymous \
+             writes explicitly with --allow-anonymous-writes \
+             (SLUICE_ALLOW_ANONYMOUS_WRITES=true, or allow_anonymous_writes = true)",
+            c.listen,
+            source_of("listen")
+        ));
+    }
+    Ok(())
 }
 
 /// The parser's complaint as one bounded line: where (line and column), why,
@@ -812,443 +1285,6 @@ fn syntax_message(text: &str, error: &toml::de::Error) -> String {
     )
 }
 
-fn truncate(mut text: String) -> String {
-    if text.len() > ERROR_VALUE_BYTES_MAX {
-        let mut end = ERROR_VALUE_BYTES_MAX;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push_str("...");
-    }
-    text
-}
-
-/// Decimal digits only: no sign, no spaces, no `0x`; `None` on overflow.
-fn parse_digits(text: &str) -> Option<u64> {
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    text.parse().ok()
-}
-
-/// A byte count: digits, then optionally spaces and a suffix (see the module docs).
-fn parse_bytes(text: &str) -> Option<u64> {
-    let digits_end = text
-        .bytes()
-        .position(|b| !b.is_ascii_digit())
-        .unwrap_or(text.len());
-    let number = parse_digits(&text[..digits_end])?;
-    let suffix = text[digits_end..].trim_start_matches(' ');
-    const SUFFIXES: &[(&str, u64)] = &[
-        ("", 1),
-        ("b", 1),
-        ("kib", KIB),
-        ("mib", MIB),
-        ("gib", GIB),
-        ("tib", TIB),
-        ("kb", 1000),
-        ("mb", 1000 * 1000),
-        ("gb", 1000 * 1000 * 1000),
-        ("tb", 1000 * 1000 * 1000 * 1000),
-    ];
-    let (_, unit) = SUFFIXES
-        .iter()
-        .find(|(name, _)| suffix.eq_ignore_ascii_case(name))?;
-    number.checked_mul(*unit)
-}
-
-/// A TOML basic string literal.
-fn toml_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn toml_path(path: &Path) -> String {
-    toml_string(&path.to_string_lossy())
-}
-
-/// One scalar key: its name, flag, what it accepts, how to set it and how to print it.
-struct KeySpec {
-    name: &'static str,
-    /// The command-line flag, for keys on [`Overrides`].
-    flag: Option<&'static str>,
-    /// Completes "expected ..." in error messages.
-    expected: &'static str,
-    /// Parses and stores the value; `None` means the value is bad.
-    apply: fn(&mut Config, &Raw<'_>) -> Option<()>,
-    /// The value as a TOML literal; `None` when unset.
-    render: fn(&Config) -> Option<String>,
-}
-
-const fn key(
-    name: &'static str,
-    expected: &'static str,
-    apply: fn(&mut Config, &Raw<'_>) -> Option<()>,
-    render: fn(&Config) -> Option<String>,
-) -> KeySpec {
-    KeySpec {
-        name,
-        flag: None,
-        expected,
-        apply,
-        render,
-    }
-}
-
-const fn flag_key(
-    name: &'static str,
-    flag: &'static str,
-    expected: &'static str,
-    apply: fn(&mut Config, &Raw<'_>) -> Option<()>,
-    render: fn(&Config) -> Option<String>,
-) -> KeySpec {
-    KeySpec {
-        name,
-        flag: Some(flag),
-        expected,
-        apply,
-        render,
-    }
-}
-
-const MS_EXPECTED: &str = "a whole number of milliseconds from 0 to 3600000";
-const MS_POSITIVE_EXPECTED: &str = "a whole number of milliseconds from 1 to 3600000";
-const BODY_EXPECTED: &str = "a byte count from 1 byte to 1 TiB: a whole number, or a string \
-                             with a suffix B, KiB, MiB, GiB, TiB (1024-based) or kB, MB, GB, TB \
-                             (1000-based), e.g. \"100MiB\"";
-
-/// Every scalar key, in the order `to_toml` prints them.
-static KEYS: &[KeySpec] = &[
-    flag_key(
-        "listen",
-        "--listen",
-        "an IP address and port, e.g. 127.0.0.1:8080 or [::1]:8080 (host names are not resolved)",
-        |c, r| {
-            c.listen = r.text()?.parse().ok()?;
-            Some(())
-        },
-        |c| Some(toml_string(&c.listen.to_string())),
-    ),
-    flag_key(
-        "data_dir",
-        "--data-dir",
-        "a non-empty directory path",
-        |c, r| {
-            c.data_dir = r.path()?;
-            Some(())
-        },
-        |c| Some(toml_path(&c.data_dir)),
-    ),
-    flag_key(
-        "tls_cert",
-        "--tls-cert",
-        "a non-empty path to a PEM certificate chain",
-        |c, r| {
-            c.tls_cert = Some(r.path()?);
-            Some(())
-        },
-        |c| c.tls_cert.as_deref().map(toml_path),
-    ),
-    flag_key(
-        "tls_key",
-        "--tls-key",
-        "a non-empty path to a PEM private key",
-        |c, r| {
-            c.tls_key = Some(r.path()?);
-            Some(())
-        },
-        |c| c.tls_key.as_deref().map(toml_path),
-    ),
-    flag_key(
-        "allow_anonymous_writes",
-        "--allow-anonymous-writes",
-        "true or false (env and flags also take 1/0, yes/no, on/off)",
-        |c, r| {
-            c.allow_anonymous_writes = r.boolean()?;
-            Some(())
-        },
-        |c| Some(c.allow_anonymous_writes.to_string()),
-    ),
-    key(
-        "store_bytes_max",
-        "a byte count, 0 for unlimited: a whole number, or a string with a suffix B, KiB, \
-         MiB, GiB, TiB (1024-based) or kB, MB, GB, TB (1000-based), e.g. \"10GiB\"",
-        |c, r| {
-            c.store_bytes_max = r.bytes(0, u64::MAX)?;
-            Some(())
-        },
-        |c| Some(c.store_bytes_max.to_string()),
-    ),
-    key(
-        "fsync",
-        "one of always, never",
-        |c, r| {
-            c.fsync = r.keyword(FsyncPolicy::from_name)?;
-            Some(())
-        },
-        |c| Some(toml_string(c.fsync.as_str())),
-    ),
-    key(
-        "head_bytes_max",
-        "a byte count from 1024 to 1048576 (1 MiB), e.g. 16384 or \"16KiB\"",
-        |c, r| {
-            c.head_bytes_max = usize::try_from(r.bytes(1024, MIB)?).ok()?;
-            Some(())
-        },
-        |c| Some(c.head_bytes_max.to_string()),
-    ),
-    key(
-        "uri_bytes_max",
-        "a byte count from 64 to 1048576 (1 MiB), and at most head_bytes_max",
-        |c, r| {
-            c.uri_bytes_max = usize::try_from(r.bytes(64, MIB)?).ok()?;
-            Some(())
-        },
-        |c| Some(c.uri_bytes_max.to_string()),
-    ),
-    key(
-        "body_bytes_max",
-        BODY_EXPECTED,
-        |c, r| {
-            c.body_bytes_max = r.bytes(1, BODY_BYTES_LIMIT)?;
-            Some(())
-        },
-        |c| Some(c.body_bytes_max.to_string()),
-    ),
-    key(
-        "gradle_body_bytes_max",
-        BODY_EXPECTED,
-        |c, r| {
-            c.gradle_body_bytes_max = r.bytes(1, BODY_BYTES_LIMIT)?;
-            Some(())
-        },
-        |c| Some(c.gradle_body_bytes_max.to_string()),
-    ),
-    key(
-        "header_read_timeout_ms",
-        MS_POSITIVE_EXPECTED,
-        |c, r| {
-            c.header_read_timeout_ms = r.uint(1, TIMEOUT_MS_LIMIT)?;
-            Some(())
-        },
-        |c| Some(c.header_read_timeout_ms.to_string()),
-    ),
-    key(
-        "idle_timeout_ms",
-        MS_POSITIVE_EXPECTED,
-        |c, r| {
-            c.idle_timeout_ms = r.uint(1, TIMEOUT_MS_LIMIT)?;
-            Some(())
-        },
-        |c| Some(c.idle_timeout_ms.to_string()),
-    ),
-    key(
-        "lingering_time_ms",
-        MS_EXPECTED,
-        |c, r| {
-            c.lingering_time_ms = r.uint(0, TIMEOUT_MS_LIMIT)?;
-            Some(())
-        },
-        |c| Some(c.lingering_time_ms.to_string()),
-    ),
-    key(
-        "lingering_timeout_ms",
-        MS_POSITIVE_EXPECTED,
-        |c, r| {
-            c.lingering_timeout_ms = r.uint(1, TIMEOUT_MS_LIMIT)?;
-            Some(())
-        },
-        |c| Some(c.lingering_timeout_ms.to_string()),
-    ),
-    key(
-        "lingering_bytes_max",
-        "a byte count from 0 to 1 TiB: a whole number, or a string such as \"256MiB\"",
-        |c, r| {
-            c.lingering_bytes_max = r.bytes(0, BODY_BYTES_LIMIT)?;
-            Some(())
-        },
-        |c| Some(c.lingering_bytes_max.to_string()),
-    ),
-    flag_key(
-        "body_read_timeout_ms",
-        "--body-read-timeout-ms",
-        MS_POSITIVE_EXPECTED,
-        |c, r| {
-            c.body_read_timeout_ms = r.uint(1, TIMEOUT_MS_LIMIT)?;
-            Some(())
-        },
-        |c| Some(c.body_read_timeout_ms.to_string()),
-    ),
-    flag_key(
-        "send_timeout_ms",
-        "--send-timeout-ms",
-        MS_POSITIVE_EXPECTED,
-        |c, r| {
-            c.send_timeout_ms = r.uint(1, TIMEOUT_MS_LIMIT)?;
-            Some(())
-        },
-        |c| Some(c.send_timeout_ms.to_string()),
-    ),
-    flag_key(
-        "connections_per_ip_max",
-        "--connections-per-ip-max",
-        "a whole number from 0 to 1000000 (0 = no cap)",
-        |c, r| {
-            c.connections_per_ip_max = usize::try_from(r.uint(0, 1_000_000)?).ok()?;
-            Some(())
-        },
-        |c| Some(c.connections_per_ip_max.to_string()),
-    ),
-    flag_key(
-        "engine",
-        "--engine",
-        "one of auto, uring, fallback",
-        |c, r| {
-            c.engine = r.keyword(EngineChoice::from_name)?;
-            Some(())
-        },
-        |c| Some(toml_string(c.engine.as_str())),
-    ),
-    flag_key(
-        "engine_threads",
-        "--engine-threads",
-        "a whole number from 0 to 256 (0 = one per core)",
-        |c, r| {
-            c.engine_threads = usize::try_from(r.uint(0, 256)?).ok()?;
-            Some(())
-        },
-        |c| Some(c.engine_threads.to_string()),
-    ),
-    flag_key(
-        "file_serving_mode",
-        "--file-serving-mode",
-        "one of splice, copy",
-        |c, r| {
-            c.file_serving_mode = r.keyword(FileServingMode::from_name)?;
-            Some(())
-        },
-        |c| Some(toml_string(c.file_serving_mode.as_str())),
-    ),
-    key(
-        "engine_spin_us",
-        "a whole number of microseconds from 0 to 10000 (0 = never poll)",
-        |c, r| {
-            c.engine_spin_us = r.uint(0, 10_000)?;
-            Some(())
-        },
-        |c| Some(c.engine_spin_us.to_string()),
-    ),
-    key(
-        "connections_per_core_max",
-        "a whole number from 1 to 1000000",
-        |c, r| {
-            c.connections_per_core_max = usize::try_from(r.uint(1, 1_000_000)?).ok()?;
-            Some(())
-        },
-        |c| Some(c.connections_per_core_max.to_string()),
-    ),
-    key(
-        "fallback_connections_max",
-        "a whole number from 1 to 1000000",
-        |c, r| {
-            c.fallback_connections_max = usize::try_from(r.uint(1, 1_000_000)?).ok()?;
-            Some(())
-        },
-        |c| Some(c.fallback_connections_max.to_string()),
-    ),
-    key(
-        "shutdown_pre_drain_ms",
-        MS_EXPECTED,
-        |c, r| {
-            c.shutdown_pre_drain_ms = r.uint(0, TIMEOUT_MS_LIMIT)?;
-            Some(())
-        },
-        |c| Some(c.shutdown_pre_drain_ms.to_string()),
-    ),
-    key(
-        "shutdown_drain_ms",
-        MS_EXPECTED,
-        |c, r| {
-            c.shutdown_drain_ms = r.uint(0, TIMEOUT_MS_LIMIT)?;
-            Some(())
-        },
-        |c| Some(c.shutdown_drain_ms.to_string()),
-    ),
-    key(
-        "shutdown_teardown_ms",
-        MS_EXPECTED,
-        |c, r| {
-            c.shutdown_teardown_ms = r.uint(0, TIMEOUT_MS_LIMIT)?;
-            Some(())
-        },
-        |c| Some(c.shutdown_teardown_ms.to_string()),
-    ),
-    key(
-        "shutdown_grace_ms",
-        MS_EXPECTED,
-        |c, r| {
-            c.shutdown_grace_ms = r.uint(0, TIMEOUT_MS_LIMIT)?;
-            Some(())
-        },
-        |c| Some(c.shutdown_grace_ms.to_string()),
-    ),
-    key(
-        "log_level",
-        "one of error, warn, info, debug, trace",
-        |c, r| {
-            c.log_level = r.keyword(LogLevel::from_name)?;
-            Some(())
-        },
-        |c| Some(toml_string(c.log_level.as_str())),
-    ),
-    key(
-        "log_format",
-        "one of text, json",
-        |c, r| {
-            c.log_format = r.keyword(LogFormat::from_name)?;
-            Some(())
-        },
-        |c| Some(toml_string(c.log_format.as_str())),
-    ),
-];
-
-const NAMESPACE_KEYS: &[&str] = &["read"];
-const TOKEN_KEYS: &[&str] = &["name", "secret", "secret_env", "access", "namespaces"];
-const NAMESPACE_NAME_EXPECTED: &str = "a namespace name matching [a-z0-9][a-z0-9_-]{0,63}";
-const TOKEN_NAMESPACE_EXPECTED: &str = "a namespace name matching [a-z0-9][a-z0-9_-]{0,63} \
-     (the Bazel routes /ac/ and /cas/, with or without an instance name, are `ac` and `cas`; \
-     Gradle's /cache/ is `gradle`)";
-const TOKEN_NAME_EXPECTED: &str = "a token name matching [A-Za-z0-9][A-Za-z0-9_.-]{0,63}";
-
-fn find_key(name: &str) -> Option<&'static KeySpec> {
-    KEYS.iter().find(|spec| spec.name == name)
-}
-
-fn top_level_keys() -> Vec<&'static str> {
-    KEYS.iter()
-        .map(|spec| spec.name)
-        .chain(["namespaces", "tokens"])
-        .collect()
-}
-
-fn env_name(key: &str) -> String {
-    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
-}
-
 /// `[a-z0-9][a-z0-9_-]{0,63}`: safe as a directory name and in a URL path segment.
 pub fn is_valid_namespace(name: &str) -> bool {
     let bytes = name.as_bytes();
@@ -1257,60 +1293,6 @@ pub fn is_valid_namespace(name: &str) -> bool {
         && bytes
             .iter()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-')
-}
-
-/// Validates a token's `namespaces = [...]` (see the module docs): on error, the key (down to
-/// the list element at fault), the value as shown to the operator, and what is allowed.
-fn token_namespaces(
-    prefix: &str,
-    value: &toml::Value,
-) -> Result<Vec<String>, (String, String, &'static str)> {
-    let key = format!("{prefix}.namespaces");
-    let toml::Value::Array(items) = value else {
-        return Err((
-            key,
-            truncate(describe_toml(value)),
-            "an array of namespace names, e.g. [\"ac\", \"cas\"]; leave the key out for \
-             every namespace",
-        ));
-    };
-    if items.is_empty() {
-        return Err((
-            key,
-            "[]".to_owned(),
-            "at least one namespace name; leave the key out for every namespace",
-        ));
-    }
-    if items.len() > TOKEN_NAMESPACES_MAX {
-        return Err((
-            key,
-            format!("{} names", items.len()),
-            "at most 1024 namespace names",
-        ));
-    }
-    let mut names: Vec<String> = Vec::with_capacity(items.len());
-    for (index, item) in items.iter().enumerate() {
-        let key = format!("{key}[{index}]");
-        let name = match item {
-            toml::Value::String(name) if is_valid_namespace(name) => name,
-            other => {
-                return Err((
-                    key,
-                    truncate(describe_toml(other)),
-                    TOKEN_NAMESPACE_EXPECTED,
-                ))
-            }
-        };
-        if names.contains(name) {
-            return Err((
-                key,
-                format!("{name:?}"),
-                "a namespace not already listed for this token",
-            ));
-        }
-        names.push(name.clone());
-    }
-    Ok(names)
 }
 
 fn is_valid_token_name(name: &str) -> bool {
@@ -1322,446 +1304,9 @@ fn is_valid_token_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-struct Loader {
-    config: Config,
-    /// Where each scalar key was last set; absent = default.
-    provenance: HashMap<&'static str, Source>,
-    /// Variables named by `secret_env`, exempt from the unknown-variable check.
-    secret_env_names: Vec<String>,
-}
-
-impl Loader {
-    fn apply(&mut self, spec: &KeySpec, raw: &Raw<'_>, source: Source) -> Result<(), ConfigError> {
-        match (spec.apply)(&mut self.config, raw) {
-            Some(()) => {
-                self.provenance.insert(spec.name, source);
-                Ok(())
-            }
-            None => Err(ConfigError::BadValue {
-                key: spec.name.to_owned(),
-                value: raw.display(),
-                source,
-                expected: spec.expected.to_owned(),
-            }),
-        }
-    }
-
-    fn source_of(&self, key: &str) -> Source {
-        self.provenance.get(key).cloned().unwrap_or(Source::Default)
-    }
-
-    fn apply_file(
-        &mut self,
-        path: &Path,
-        text: &str,
-        env: &[(String, String)],
-    ) -> Result<(), ConfigError> {
-        let table: toml::Table =
-            text.parse()
-                .map_err(|error: toml::de::Error| ConfigError::Syntax {
-                    path: path.to_path_buf(),
-                    message: syntax_message(text, &error),
-                })?;
-        let source = Source::File(path.to_path_buf());
-        for (name, value) in &table {
-            match name.as_str() {
-                "namespaces" => self.apply_namespaces(path, value)?,
-                "tokens" => self.apply_tokens(path, value, env)?,
-                _ => match find_key(name) {
-                    Some(spec) => self.apply(spec, &Raw::Toml(value), source.clone())?,
-                    None => {
-                        return Err(ConfigError::UnknownKey {
-                            key: name.clone(),
-                            table: "the top level".to_owned(),
-                            path: path.to_path_buf(),
-                            allowed: top_level_keys(),
-                        })
-                    }
-                },
-            }
-        }
-        Ok(())
-    }
-
-    fn apply_namespaces(&mut self, path: &Path, value: &toml::Value) -> Result<(), ConfigError> {
-        let source = Source::File(path.to_path_buf());
-        let bad = |key: String, value: String, expected: &str| ConfigError::BadValue {
-            key,
-            value,
-            source: source.clone(),
-            expected: expected.to_owned(),
-        };
-        let toml::Value::Table(namespaces) = value else {
-            return Err(bad(
-                "namespaces".to_owned(),
-                describe_toml(value),
-                "a table of [namespaces.NAME] tables",
-            ));
-        };
-        if namespaces.len() > NAMESPACES_MAX {
-            return Err(bad(
-                "namespaces".to_owned(),
-                format!("{} tables", namespaces.len()),
-                "at most 1024 namespaces",
-            ));
-        }
-        for (name, body) in namespaces {
-            if !is_valid_namespace(name) {
-                return Err(bad(
-                    "namespaces".to_owned(),
-                    truncate(name.clone()),
-                    NAMESPACE_NAME_EXPECTED,
-                ));
-            }
-            let key = format!("namespaces.{name}");
-            let toml::Value::Table(body) = body else {
-                return Err(bad(key, describe_toml(body), "a table with key `read`"));
-            };
-            if let Some(unknown) = body.keys().find(|k| !NAMESPACE_KEYS.contains(&k.as_str())) {
-                return Err(ConfigError::UnknownKey {
-                    key: unknown.clone(),
-                    table: format!("table `[{key}]`"),
-                    path: path.to_path_buf(),
-                    allowed: NAMESPACE_KEYS.to_vec(),
-                });
-            }
-            let read_key = format!("{key}.read");
-            let read_expected = "one of public, token";
-            let read = match body.get("read") {
-                None => {
-                    return Err(ConfigError::MissingKey {
-                        key: read_key,
-                        path: path.to_path_buf(),
-                        expected: read_expected.to_owned(),
-                    })
-                }
-                Some(read) => Raw::Toml(read)
-                    .keyword(NamespaceRead::from_name)
-                    .ok_or_else(|| bad(read_key, describe_toml(read), read_expected))?,
-            };
-            self.config
-                .namespaces
-                .insert(name.clone(), NamespaceConfig { read });
-        }
-        Ok(())
-    }
-
-    fn apply_tokens(
-        &mut self,
-        path: &Path,
-        value: &toml::Value,
-        env: &[(String, String)],
-    ) -> Result<(), ConfigError> {
-        let source = Source::File(path.to_path_buf());
-        let bad = |key: String, value: String, expected: &str| ConfigError::BadValue {
-            key,
-            value,
-            source: source.clone(),
-            expected: expected.to_owned(),
-        };
-        let missing = |key: String, expected: &str| ConfigError::MissingKey {
-            key,
-            path: path.to_path_buf(),
-            expected: expected.to_owned(),
-        };
-        let toml::Value::Array(entries) = value else {
-            return Err(bad(
-                "tokens".to_owned(),
-                describe_toml(value),
-                "an array of [[tokens]] tables",
-            ));
-        };
-        if entries.len() > TOKENS_MAX {
-            return Err(bad(
-                "tokens".to_owned(),
-                format!("{} entries", entries.len()),
-                "at most 1024 tokens",
-            ));
-        }
-        let secret_expected = "16 to 1024 bytes of visible ASCII (! to ~, no spaces)";
-        for (index, entry) in entries.iter().enumerate() {
-            let prefix = format!("tokens[{index}]");
-            let toml::Value::Table(entry) = entry else {
-                return Err(bad(
-                    prefix,
-                    describe_toml(entry),
-                    "a table with keys name, secret or secret_env, access",
-                ));
-            };
-            if let Some(unknown) = entry.keys().find(|k| !TOKEN_KEYS.contains(&k.as_str())) {
-                return Err(ConfigError::UnknownKey {
-                    key: unknown.clone(),
-                    table: format!("`[[tokens]]` entry {index}"),
-                    path: path.to_path_buf(),
-                    allowed: TOKEN_KEYS.to_vec(),
-                });
-            }
-
-            let name_key = format!("{prefix}.name");
-            let name = match entry.get("name") {
-                None => return Err(missing(name_key, TOKEN_NAME_EXPECTED)),
-                Some(toml::Value::String(name)) if is_valid_token_name(name) => name.clone(),
-                Some(other) => {
-                    return Err(bad(name_key, describe_toml(other), TOKEN_NAME_EXPECTED))
-                }
-            };
-            if self.config.tokens.iter().any(|t| t.name == name) {
-                return Err(bad(
-                    name_key,
-                    format!("{name:?}"),
-                    "a name no other token uses",
-                ));
-            }
-
-            let access_key = format!("{prefix}.access");
-            let access_expected = "one of ro, rw";
-            let access = match entry.get("access") {
-                None => return Err(missing(access_key, access_expected)),
-                Some(access) => Raw::Toml(access)
-                    .keyword(TokenAccess::from_name)
-                    .ok_or_else(|| bad(access_key, describe_toml(access), access_expected))?,
-            };
-            let namespaces = match entry.get("namespaces") {
-                None => None,
-                Some(value) => Some(
-                    token_namespaces(&prefix, value)
-                        .map_err(|(key, value, expected)| bad(key, value, expected))?,
-                ),
-            };
-
-            let (secret_key, secret, secret_source) =
-                match (entry.get("secret"), entry.get("secret_env")) {
-                    (Some(_), Some(_)) => {
-                        return Err(ConfigError::Conflict {
-                            message: format!(
-                                "config keys `{prefix}.secret` and `{prefix}.secret_env` are both \
-                                 set in `{}`: give the secret inline or name the environment \
-                                 variable holding it, not both",
-                                path.display()
-                            ),
-                        })
-                    }
-                    (None, None) => {
-                        return Err(missing(
-                            format!("{prefix}.secret"),
-                            "`secret` (the secret itself) or `secret_env` (the environment \
-                             variable holding it)",
-                        ))
-                    }
-                    (Some(secret), None) => {
-                        let key = format!("{prefix}.secret");
-                        let toml::Value::String(secret) = secret else {
-                            return Err(bad(key, describe_toml(secret), secret_expected));
-                        };
-                        (key, secret.clone(), SecretSource::Inline)
-                    }
-                    (None, Some(var)) => {
-                        let key = format!("{prefix}.secret_env");
-                        let toml::Value::String(var) = var else {
-                            return Err(bad(
-                                key,
-                                describe_toml(var),
-                                "the name of an environment variable",
-                            ));
-                        };
-                        if var == ENV_LOG
-                            || var == ENV_CONFIG
-                            || KEYS.iter().any(|spec| env_name(spec.name) == *var)
-                        {
-                            return Err(bad(
-                                key,
-                                format!("{var:?}"),
-                                "a variable that is not itself a sluice setting",
-                            ));
-                        }
-                        let Some((_, secret)) = env.iter().rev().find(|(k, _)| k == var) else {
-                            return Err(bad(
-                                key,
-                                format!("{var:?}"),
-                                "the name of a variable set in the environment; it is not set",
-                            ));
-                        };
-                        self.secret_env_names.push(var.clone());
-                        (
-                            format!("{prefix}.secret_env"),
-                            secret.clone(),
-                            SecretSource::Env(var.clone()),
-                        )
-                    }
-                };
-            let secret_ok = (SECRET_BYTES_MIN..=SECRET_BYTES_MAX).contains(&secret.len())
-                && secret.bytes().all(|b| b.is_ascii_graphic());
-            if !secret_ok {
-                // Never quote a secret, even a bad one: it may be a real one mistyped.
-                return Err(ConfigError::BadValue {
-                    key: secret_key,
-                    value: format!("<redacted, {} bytes>", secret.len()),
-                    source: match &secret_source {
-                        SecretSource::Inline => source.clone(),
-                        SecretSource::Env(var) => Source::Env(var.clone()),
-                    },
-                    expected: secret_expected.to_owned(),
-                });
-            }
-            let secret = Secret::new(secret);
-            if let Some(twin) = self.config.tokens.iter().find(|t| t.secret == secret) {
-                return Err(ConfigError::Conflict {
-                    message: format!(
-                        "tokens `{}` and `{name}` in `{}` have the same secret: each token needs \
-                         its own, or which access applies would be ambiguous",
-                        twin.name,
-                        path.display()
-                    ),
-                });
-            }
-            self.config.tokens.push(TokenConfig {
-                name,
-                secret,
-                secret_source,
-                access,
-                namespaces,
-            });
-        }
-        Ok(())
-    }
-
-    fn apply_env(&mut self, env: &[(String, String)]) -> Result<(), ConfigError> {
-        for (name, value) in env {
-            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
-                continue;
-            };
-            if name == ENV_LOG || name == ENV_CONFIG || self.secret_env_names.contains(name) {
-                continue;
-            }
-            // Exact capitals only: `SLUICE_listen` is more likely a typo than intent.
-            let spec = KEYS
-                .iter()
-                .find(|spec| spec.name.to_ascii_uppercase() == rest);
-            match spec {
-                Some(spec) => self.apply(spec, &Raw::Text(value), Source::Env(name.clone()))?,
-                None => {
-                    return Err(ConfigError::UnknownEnv {
-                        name: name.clone(),
-                        allowed: KEYS.iter().map(|spec| env_name(spec.name)).collect(),
-                    })
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn apply_overrides(&mut self, overrides: &Overrides) -> Result<(), ConfigError> {
-        let texts = [
-            ("listen", &overrides.listen),
-            ("data_dir", &overrides.data_dir),
-            ("tls_cert", &overrides.tls_cert),
-            ("tls_key", &overrides.tls_key),
-            ("engine", &overrides.engine),
-            ("engine_threads", &overrides.engine_threads),
-            ("file_serving_mode", &overrides.file_serving_mode),
-            ("body_read_timeout_ms", &overrides.body_read_timeout_ms),
-            ("send_timeout_ms", &overrides.send_timeout_ms),
-            ("connections_per_ip_max", &overrides.connections_per_ip_max),
-        ];
-        for (name, value) in texts {
-            let Some(value) = value else { continue };
-            let Some(spec) = find_key(name) else { continue };
-            let flag = spec.flag.unwrap_or(spec.name);
-            self.apply(spec, &Raw::Text(value), Source::Flag(flag))?;
-        }
-        if let Some(allow) = overrides.allow_anonymous_writes {
-            self.config.allow_anonymous_writes = allow;
-            self.provenance.insert(
-                "allow_anonymous_writes",
-                Source::Flag("--allow-anonymous-writes"),
-            );
-        }
-        Ok(())
-    }
-
-    /// Checks the combinations, once every layer is applied.
-    fn validate(&mut self) -> Result<(), ConfigError> {
-        if !self.provenance.contains_key("uri_bytes_max") {
-            // When only head_bytes_max was lowered, the default URI limit follows it rather
-            // than making the operator set both.
-            self.config.uri_bytes_max = self.config.uri_bytes_max.min(self.config.head_bytes_max);
-        }
-        let c = &self.config;
-        let conflict = |message: String| Err(ConfigError::Conflict { message });
-
-        match (&c.tls_cert, &c.tls_key) {
-            (Some(path), None) => {
-                return conflict(format!(
-                    "config key `tls_cert` = `{}` (from {}) is set but `tls_key` is not: set both \
-                     to serve TLS, or neither to serve plaintext only",
-                    path.display(),
-                    self.source_of("tls_cert")
-                ))
-            }
-            (None, Some(path)) => {
-                return conflict(format!(
-                    "config key `tls_key` = `{}` (from {}) is set but `tls_cert` is not: set both \
-                     to serve TLS, or neither to serve plaintext only",
-                    path.display(),
-                    self.source_of("tls_key")
-                ))
-            }
-            _ => {}
-        }
-
-        if c.uri_bytes_max > c.head_bytes_max {
-            return conflict(format!(
-                "config key `uri_bytes_max` = `{}` (from {}) exceeds `head_bytes_max` = `{}` \
-                 (from {}): the URI is part of the request head, so uri_bytes_max must be at most \
-                 head_bytes_max",
-                c.uri_bytes_max,
-                self.source_of("uri_bytes_max"),
-                c.head_bytes_max,
-                self.source_of("head_bytes_max")
-            ));
-        }
-
-        let phases_ms = c
-            .shutdown_pre_drain_ms
-            .saturating_add(c.shutdown_drain_ms)
-            .saturating_add(c.shutdown_teardown_ms);
-        if phases_ms > c.shutdown_grace_ms {
-            return conflict(format!(
-                "shutdown phases exceed the grace ceiling: `shutdown_pre_drain_ms` = `{}` (from \
-                 {}) + `shutdown_drain_ms` = `{}` (from {}) + `shutdown_teardown_ms` = `{}` (from \
-                 {}) = {phases_ms} ms, but `shutdown_grace_ms` = `{}` (from {}); shorten a phase \
-                 or raise shutdown_grace_ms to at least {phases_ms}",
-                c.shutdown_pre_drain_ms,
-                self.source_of("shutdown_pre_drain_ms"),
-                c.shutdown_drain_ms,
-                self.source_of("shutdown_drain_ms"),
-                c.shutdown_teardown_ms,
-                self.source_of("shutdown_teardown_ms"),
-                c.shutdown_grace_ms,
-                self.source_of("shutdown_grace_ms"),
-            ));
-        }
-
-        // `to_canonical` so that an IPv4-mapped loopback (::ffff:127.0.0.1) counts as loopback.
-        let loopback = c.listen.ip().to_canonical().is_loopback();
-        if !loopback && c.anonymous_writes() && !c.allow_anonymous_writes {
-            return conflict(format!(
-                "refusing to listen on `{}` (config key `listen`, from {}) with anonymous writes: \
-                 no token with access = \"rw\" is configured, so anyone who can reach this \
-                 address could write to the cache. Either add a [[tokens]] entry with access = \
-                 \"rw\" to the config file (writes then need that token), or accept anonymous \
-                 writes explicitly with --allow-anonymous-writes \
-                 (SLUICE_ALLOW_ANONYMOUS_WRITES=true, or allow_anonymous_writes = true)",
-                c.listen,
-                self.source_of("listen")
-            ));
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::de::parse_bytes;
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -1892,12 +1437,19 @@ mod tests {
     /// Every scalar key appears in some row above or below, so none goes untested.
     #[test]
     fn every_key_has_an_expected_text_and_env_name() {
-        for spec in KEYS {
-            assert!(!spec.expected.is_empty(), "{}", spec.name);
-            assert_eq!(
-                env_name(spec.name),
-                format!("SLUICE_{}", spec.name.to_uppercase())
-            );
+        let rules = rules(&Config::default());
+        let keys = scalar_keys();
+        assert!(keys.len() >= 24, "{keys:?}");
+        for key in keys {
+            let rule = rules.iter().find(|rule| rule.key == key);
+            let rule = rule.unwrap_or_else(|| panic!("`{key}` has no line in rules()"));
+            assert!(rule.ok, "the default of `{key}` breaks its rule");
+            assert!(!rule.expected.is_empty(), "{key}");
+            assert_eq!(env_name(key), format!("SLUICE_{}", key.to_uppercase()));
+        }
+        // And no rule for a key that does not exist.
+        for rule in &rules {
+            assert!(scalar_keys().contains(&rule.key), "{}", rule.key);
         }
     }
 
@@ -1957,6 +1509,19 @@ mod tests {
                 "one of error",
             ),
             (
+                "data_dir = 1979-05-27",
+                "data_dir",
+                "1979-05-27",
+                "non-empty directory path",
+            ),
+            (
+                "[namespaces]\nac = [\"token\"]",
+                "namespaces.ac",
+                "an array of 1 items",
+                "a table with key `read`",
+            ),
+            ("tokens = [3]", "tokens[0]", "3", "a table with keys name"),
+            (
                 "[namespaces.Bad]\nread = \"public\"",
                 "namespaces",
                 "Bad",
@@ -1986,6 +1551,12 @@ mod tests {
                 "[[tokens]]\nname = \"ci\"\nsecret = \"short\"\naccess = \"ro\"",
                 "tokens[0].secret",
                 "<redacted, 5 bytes>",
+                "16 to 1024 bytes",
+            ),
+            (
+                "[[tokens]]\nname = \"ci\"\nsecret = \"\"\naccess = \"ro\"",
+                "tokens[0].secret",
+                "<redacted, 0 bytes>",
                 "16 to 1024 bytes",
             ),
             (
@@ -2178,6 +1749,20 @@ mod tests {
     }
 
     #[test]
+    fn time_and_slot_flags_set_their_keys() {
+        let overrides = Overrides {
+            body_read_timeout_ms: Some("1500".into()),
+            send_timeout_ms: Some("2500".into()),
+            connections_per_ip_max: Some("0".into()),
+            ..Overrides::default()
+        };
+        let config = load_text(None, &[], &overrides).unwrap();
+        assert_eq!(config.body_read_timeout_ms, 1500);
+        assert_eq!(config.send_timeout_ms, 2500);
+        assert_eq!(config.connections_per_ip_max, 0);
+    }
+
+    #[test]
     fn secrets_never_appear_in_errors_debug_or_toml() {
         let secret = "sup3r-s3cret-value";
         let config = from_file(&format!(
@@ -2233,6 +1818,42 @@ mod tests {
         }
     }
 
+    /// Each layer is checked alone: a bad value is an error even where a higher layer would
+    /// replace it.
+    #[test]
+    fn overridden_bad_values_are_still_errors() {
+        let overrides = Overrides {
+            engine_threads: Some("4".into()),
+            ..Overrides::default()
+        };
+        let message = err(load_text(
+            Some((Path::new("f.toml"), "engine_threads = \"many\"")),
+            &env(&[("SLUICE_ENGINE_THREADS", "2")]),
+            &overrides,
+        ));
+        assert!(
+            message.contains("`engine_threads` = `\"many\"` (from f.toml)"),
+            "{message}"
+        );
+        let message = err(load_text(
+            None,
+            &env(&[("SLUICE_ENGINE_THREADS", "999")]),
+            &overrides,
+        ));
+        assert!(
+            message.contains("(from SLUICE_ENGINE_THREADS)"),
+            "{message}"
+        );
+        // The flag wins when every layer is well-formed, and a bare flag reads as true.
+        let overrides = Overrides {
+            allow_anonymous_writes: Some(true),
+            ..overrides
+        };
+        let config = load_text(None, &env(&[("SLUICE_ENGINE_THREADS", "2")]), &overrides).unwrap();
+        assert_eq!(config.engine_threads, 4);
+        assert!(config.allow_anonymous_writes);
+    }
+
     #[test]
     fn env_and_flags_cover_every_overridable_key() {
         let vars = env(&[
@@ -2254,14 +1875,9 @@ mod tests {
             engine: Some("fallback".into()),
             engine_threads: Some("8".into()),
             file_serving_mode: Some("copy".into()),
-            body_read_timeout_ms: Some("1500".into()),
-            send_timeout_ms: Some("2500".into()),
-            connections_per_ip_max: Some("0".into()),
+            ..Overrides::default()
         };
         let config = load_text(None, &vars, &overrides).unwrap();
-        assert_eq!(config.body_read_timeout_ms, 1500);
-        assert_eq!(config.send_timeout_ms, 2500);
-        assert_eq!(config.connections_per_ip_max, 0);
         assert_eq!(config.listen.to_string(), "0.0.0.0:9000");
         assert_eq!(config.data_dir, PathBuf::from("/flag/data"));
         assert_eq!(config.tls_cert, Some(PathBuf::from("/flag/cert.pem")));
@@ -2329,8 +1945,8 @@ mod tests {
         .unwrap();
         assert_eq!(config.tokens[0].secret.expose(), b"0123456789abcdef");
         assert_eq!(
-            config.tokens[0].secret_source,
-            SecretSource::Env("SLUICE_CI_SECRET".into())
+            config.tokens[0].secret_env.as_deref(),
+            Some("SLUICE_CI_SECRET")
         );
     }
 
@@ -2464,7 +2080,7 @@ mod tests {
                     .map(|(i, access)| TokenConfig {
                         name: format!("t{i}"),
                         secret: Secret::new(format!("secret-number-{i:04}")),
-                        secret_source: SecretSource::Inline,
+                        secret_env: None,
                         access: *access,
                         namespaces: None,
                     })
@@ -2518,6 +2134,11 @@ mod tests {
             ("shutdown_grace_ms = 0", &[], &["`shutdown_grace_ms` = `0`", "12000"]),
             (
                 "[[tokens]]\nname = \"a\"\nsecret = \"0123456789abcdef\"\nsecret_env = \"X\"\naccess = \"ro\"",
+                &[("X", "fedcba9876543210")],
+                &["`tokens[0].secret`", "`tokens[0].secret_env`", "not both"],
+            ),
+            (
+                "[[tokens]]\nname = \"a\"\nsecret = \"\"\nsecret_env = \"X\"\naccess = \"ro\"",
                 &[("X", "fedcba9876543210")],
                 &["`tokens[0].secret`", "`tokens[0].secret_env`", "not both"],
             ),

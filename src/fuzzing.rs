@@ -1,5 +1,8 @@
 //! Checks shared by the cargo-fuzz targets in `fuzz/` and the corpus replay test
-//! `tests/fuzz_corpus.rs`. Not an API: hidden from the docs and free to change.
+//! `tests/fuzz_corpus.rs`. Not an API: hidden from the docs and free to change. Compiled only
+//! with the `fuzzing` feature (off by default: the server does not carry its oracles);
+//! `fuzz/Cargo.toml` turns it on, and so does this crate's dev-dependency on itself, so
+//! `cargo test` replays the corpus without flags.
 //!
 //! Each `check_*` function takes the raw fuzz input and panics when a property is violated,
 //! which is what a fuzz target reports as a crash. The fuzz targets are one call each, and the
@@ -610,7 +613,7 @@ pub fn check_artifact_header(data: &[u8]) {
 /// is non-empty and bounded; an accepted configuration without inline secrets renders with
 /// `to_toml` into text that loads back into an equal configuration.
 pub fn check_config(data: &[u8]) {
-    use crate::config::{load_text, Overrides, SecretSource};
+    use crate::config::{load_text, Overrides};
 
     let text = String::from_utf8_lossy(data);
     let path = std::path::Path::new("fuzz.toml");
@@ -627,11 +630,7 @@ pub fn check_config(data: &[u8]) {
             );
         }
         Ok(config) => {
-            if config
-                .tokens
-                .iter()
-                .any(|t| matches!(t.secret_source, SecretSource::Inline))
-            {
+            if config.tokens.iter().any(|t| t.secret_env.is_none()) {
                 return;
             }
             let rendered = config.to_toml();

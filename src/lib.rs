@@ -7,6 +7,7 @@ pub mod doctor;
 pub mod engine;
 pub mod fallback;
 pub mod front;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http1;

@@ -39,39 +39,9 @@ struct ServeArgs {
     /// TOML config file (or SLUICE_CONFIG).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Address to listen on, e.g. 127.0.0.1:8080.
-    #[arg(long)]
-    listen: Option<String>,
-    /// Directory holding the artifacts.
-    #[arg(long)]
-    data_dir: Option<String>,
-    /// PEM certificate chain for TLS (with --tls-key).
-    #[arg(long)]
-    tls_cert: Option<String>,
-    /// PEM private key for TLS (with --tls-cert).
-    #[arg(long)]
-    tls_key: Option<String>,
-    /// Allow anonymous writes on a non-loopback address.
-    #[arg(long)]
-    allow_anonymous_writes: bool,
-    /// auto, uring or fallback.
-    #[arg(long)]
-    engine: Option<String>,
-    /// Engine threads (0 = one per core).
-    #[arg(long)]
-    engine_threads: Option<String>,
-    /// splice or copy.
-    #[arg(long)]
-    file_serving_mode: Option<String>,
-    /// Longest wait for the next request-body bytes, in ms (408 after).
-    #[arg(long)]
-    body_read_timeout_ms: Option<String>,
-    /// Longest time a client may not read a response, in ms (closed after).
-    #[arg(long)]
-    send_timeout_ms: Option<String>,
-    /// Connections one client address may hold per front (0 = no cap).
-    #[arg(long)]
-    connections_per_ip_max: Option<String>,
+    /// The flags that set config keys.
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
 fn main() -> ExitCode {
@@ -83,33 +53,20 @@ fn main() -> ExitCode {
         .collect();
     match cli.command {
         Command::Serve(args) => {
-            let overrides = Overrides {
-                listen: args.listen,
-                data_dir: args.data_dir,
-                tls_cert: args.tls_cert,
-                tls_key: args.tls_key,
-                allow_anonymous_writes: args.allow_anonymous_writes.then_some(true),
-                engine: args.engine,
-                engine_threads: args.engine_threads,
-                file_serving_mode: args.file_serving_mode,
-                body_read_timeout_ms: args.body_read_timeout_ms,
-                send_timeout_ms: args.send_timeout_ms,
-                connections_per_ip_max: args.connections_per_ip_max,
-            };
             // --config, else SLUICE_CONFIG (the environment form of the flag).
             let config_path = args.config.or_else(|| {
                 env.iter()
                     .find(|(k, _)| k == config::ENV_CONFIG)
                     .map(|(_, v)| PathBuf::from(v))
             });
-            let config = match config::load(config_path.as_deref(), &env, &overrides) {
+            let config = match config::load(config_path.as_deref(), &env, &args.overrides) {
                 Ok(config) => config,
                 Err(err) => {
                     eprintln!("sluice: {err}");
                     return ExitCode::from(2);
                 }
             };
-            sluice::logging::init(config.log_level.as_str(), config.log_format, &env);
+            sluice::logging::init(&config.log_level.to_string(), config.log_format, &env);
             match sluice::server::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
