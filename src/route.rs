@@ -133,6 +133,17 @@ pub const NAMESPACE_BYTES_MAX: usize = 64;
 const KEY_RULE: &str = "key must match [A-Za-z0-9._-]{1,255} and not start with '.'";
 const GENERIC_KEY_RULE: &str = "key must be 1 to 16 '/'-separated segments, 255 bytes in all, each matching [A-Za-z0-9._-]+ and not starting with '.'";
 
+/// The metrics route label of a request: its route's, also when the route
+/// exists but not for this method (a POST to an artifact path counts under
+/// that artifact route), `none` when no route matched.
+pub fn route_label(method: &str, path: &str) -> &'static str {
+    match classify(method, path) {
+        Ok(route) => route.label(),
+        Err(RouteError::MethodNotAllowed { route, .. }) => route,
+        Err(_) => "none",
+    }
+}
+
 /// Classify `method` and `path` (the request-target without its query).
 pub fn classify<'a>(method: &str, path: &'a str) -> Result<Route<'a>, RouteError> {
     let admin = match path {
@@ -471,6 +482,15 @@ mod tests {
             classify("GET", "/cache/a/b"),
             Err(RouteError::BadRequest(KEY_RULE))
         );
+    }
+
+    #[test]
+    fn route_labels_include_method_not_allowed() {
+        assert_eq!(route_label("POST", "/v1/artifacts/ns/k"), "generic");
+        assert_eq!(route_label("DELETE", "/cache/k"), "gradle");
+        assert_eq!(route_label("POST", "/up"), "up");
+        assert_eq!(route_label("GET", "/cache/a~b"), "none");
+        assert_eq!(route_label("GET", "/nothing"), "none");
     }
 
     #[test]

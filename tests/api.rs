@@ -488,3 +488,43 @@ fn multi_segment_generic_keys_on_every_front() {
         );
     }
 }
+
+/// Metrics count the methods HTTP defines by name on every front (a POST to
+/// an artifact path was `OTHER`), keep `OTHER` for the rest, and count a 414
+/// under the method of its request line.
+#[test]
+fn metrics_label_real_method_names_on_every_front() {
+    let server = server().start();
+    for front in FRONTS {
+        let r = server.send(front, req("POST", "/v1/artifacts/blobs/k"));
+        assert_eq!(r.status, 405, "{front:?}");
+        let r = server.send(front, req("PATCH", "/cache/k"));
+        assert_eq!(r.status, 405, "{front:?}");
+    }
+    let r = server.send(Front::Http1, req("BREW", "/cache/k"));
+    assert_eq!(r.status, 405);
+    let long = format!("POST /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(9000));
+    let out = server.http1(long.as_bytes());
+    assert!(
+        out.starts_with(b"HTTP/1.1 414 "),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let text = String::from_utf8_lossy(&server.send(Front::Http1, req("GET", "/metrics")).body)
+        .into_owned();
+    let n = FRONTS.len();
+    for line in [
+        format!("sluice_requests_total{{route=\"generic\",method=\"POST\",status=\"405\"}} {n}\n"),
+        format!("sluice_requests_total{{route=\"gradle\",method=\"PATCH\",status=\"405\"}} {n}\n"),
+        "sluice_requests_total{route=\"gradle\",method=\"OTHER\",status=\"405\"} 1\n".to_string(),
+    ] {
+        assert!(text.contains(&line), "missing {line:?} in:\n{text}");
+    }
+    // The ring parses the head itself; the fallback's hyper answers 414
+    // without calling the application, so it is only counted on the ring.
+    let (on, _) = engine_status(&server);
+    if on {
+        let line = "sluice_requests_total{route=\"none\",method=\"POST\",status=\"414\"} 1\n";
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+}

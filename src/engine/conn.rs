@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::app::{App, Decision, PutSink, Reply, ReplyBody, RequestInfo};
 use crate::http1::{self, BodyDecoder, Framing, Limits, Linger, LingerLimits, LingerStep, Status};
-use crate::route::classify;
+use crate::route::route_label;
 use crate::store::{Artifact, OpenCache};
 
 /// The first bytes of an HTTP/2 prior-knowledge connection.
@@ -524,14 +524,16 @@ impl Conn {
             Ok(Status::Partial) => {
                 if buf.len() >= self.limits.head.head_bytes_max {
                     let reply = Reply::error(431, "request head too large").closing();
-                    return (Some(self.respond(reply, "none", "OTHER")), 0);
+                    let method = head_method_label(buf);
+                    return (Some(self.respond(reply, "none", method)), 0);
                 }
                 return (Some(Next::Recv), 0);
             }
             Ok(Status::Complete(head)) => head,
             Err(err) => {
                 let reply = Reply::error(err.status(), err.reason()).closing();
-                return (Some(self.respond(reply, "none", "OTHER")), 0);
+                let method = head_method_label(buf);
+                return (Some(self.respond(reply, "none", method)), 0);
             }
         };
         self.head_at = now;
@@ -550,7 +552,7 @@ impl Conn {
             content_length,
             chunked,
         };
-        let route = classify(info.method, info.path).map_or("none", |r| r.label());
+        let route = route_label(info.method, info.path);
         let method = method_label(info.method);
         let head_only = info.method == "HEAD";
         let expect_continue = head.expect_continue();
@@ -741,13 +743,23 @@ impl Conn {
 
 /// The metrics label for a method token.
 pub fn method_label(method: &str) -> &'static str {
-    match method {
-        "GET" => "GET",
-        "HEAD" => "HEAD",
-        "PUT" => "PUT",
-        "DELETE" => "DELETE",
-        _ => "OTHER",
-    }
+    crate::metrics::method_label(method)
+}
+
+/// The metrics label for the method of a head that failed to parse or grew
+/// too large: its method once the request line got past the method token
+/// (a 414, or a 431 after the request line), `OTHER` before that.
+fn head_method_label(buf: &[u8]) -> &'static str {
+    // Empty lines before a request line are allowed (RFC 9112 §2.2).
+    let start = buf
+        .iter()
+        .position(|&c| c != b'\r' && c != b'\n')
+        .unwrap_or(buf.len());
+    let line = &buf[start..];
+    let Some(end) = line.iter().position(|&c| c == b' ') else {
+        return "OTHER";
+    };
+    std::str::from_utf8(&line[..end]).map_or("OTHER", method_label)
 }
 
 /// Write the status line and headers of `reply`, ending with the blank
@@ -881,6 +893,54 @@ mod tests {
             assert_eq!(conn.deadline(), at + timeout);
         }
         assert_eq!(recv(&mut conn, b"", now), Next::Close);
+    }
+
+    #[test]
+    fn method_labels() {
+        let rows: &[(&[u8], &str)] = &[
+            (b"POST /x HTTP/1.1\r\n", "POST"),
+            (b"\r\nOPTIONS * HTTP/1.1", "OPTIONS"),
+            (b"PATCH /aaaaaaaa", "PATCH"),
+            (b"TRACE ", "TRACE"),
+            (b"CONNECT a:1 ", "CONNECT"),
+            (b"DELETE /x", "DELETE"),
+            (b"get /x", "OTHER"),
+            (b"BREW /pot", "OTHER"),
+            (b"GETTING-LONGER", "OTHER"),
+            (b"\xff\xfe /x", "OTHER"),
+            (b"", "OTHER"),
+        ];
+        for (head, want) in rows {
+            assert_eq!(
+                head_method_label(head),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    /// A 414 is counted under the method of its request line.
+    #[test]
+    fn a_414_counts_its_method() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Instant::now();
+        let (mut conn, app) = conn(dir.path(), b"POS", now);
+        let long = format!(
+            "POST /{} HTTP/1.1\r\n",
+            "a".repeat(Limits::default().uri_bytes_max + 1)
+        );
+        assert_eq!(
+            recv(&mut conn, long.as_bytes(), now),
+            Next::Send { more: false }
+        );
+        let (reply, _) = send_all(&mut conn, now);
+        assert!(
+            reply.starts_with(b"HTTP/1.1 414 "),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        assert_eq!(app.metrics.requests("none", "POST", 414), 1);
     }
 
     /// A reply for a connection that is not publishing closes it instead of
