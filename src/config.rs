@@ -156,6 +156,16 @@ keyword_enum! {
 }
 
 keyword_enum! {
+    /// How log lines are written on stderr (key `log_format`, default `text`).
+    LogFormat {
+        /// One human-readable line per event; coloured only when stderr is a terminal.
+        Text = "text",
+        /// One JSON object per line, for log shippers (journald, Loki, Elasticsearch).
+        Json = "json",
+    }
+}
+
+keyword_enum! {
     /// Who may read a namespace (`[namespaces.NAME] read = ...`).
     NamespaceRead {
         /// Anyone, with or without credentials.
@@ -304,6 +314,8 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Least severe level logged. Default `info`.
     pub log_level: LogLevel,
+    /// How log lines are written: `text` or `json` (one object a line). Default `text`.
+    pub log_format: LogFormat,
     /// Namespaces with an explicit read policy; unlisted namespaces are public. The Bazel
     /// routes use `ac` and `cas`, Gradle's `/cache/` uses `gradle`, generic routes their own.
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -341,6 +353,7 @@ impl Default for Config {
             shutdown_teardown_ms: 2_000,
             shutdown_grace_ms: 30_000,
             log_level: LogLevel::Info,
+            log_format: LogFormat::Text,
             namespaces: BTreeMap::new(),
             tokens: Vec::new(),
         }
@@ -1128,6 +1141,15 @@ static KEYS: &[KeySpec] = &[
         },
         |c| Some(toml_string(c.log_level.as_str())),
     ),
+    key(
+        "log_format",
+        "one of text, json",
+        |c, r| {
+            c.log_format = r.keyword(LogFormat::from_name)?;
+            Some(())
+        },
+        |c| Some(toml_string(c.log_format.as_str())),
+    ),
 ];
 
 const NAMESPACE_KEYS: &[&str] = &["read"];
@@ -1694,6 +1716,7 @@ mod tests {
                 "verbose",
                 "one of error, warn, info, debug, trace",
             ),
+            ("log_format", "logfmt", "one of text, json"),
         ];
         for (key, value, allowed) in rows {
             let var = env_name(key);
