@@ -142,6 +142,9 @@ pub struct AppLimits {
     pub body_bytes_max: u64,
     /// Largest PUT body on the Gradle route, in bytes (Gradle expects 413).
     pub gradle_body_bytes_max: u64,
+    /// The lingering close after an early error, for front ends that do
+    /// not take it from their own limits (the hyper front).
+    pub linger: crate::http1::LingerLimits,
 }
 
 type MetricsSource = Box<dyn Fn(&mut String) + Send + Sync>;
@@ -172,12 +175,22 @@ impl App {
             limits: AppLimits {
                 body_bytes_max: config.body_bytes_max,
                 gradle_body_bytes_max: config.gradle_body_bytes_max,
+                linger: crate::http1::LingerLimits {
+                    time_ms: config.lingering_time_ms,
+                    timeout_ms: config.lingering_timeout_ms,
+                    bytes_max: config.lingering_bytes_max,
+                },
             },
             draining: AtomicBool::new(false),
             started: Instant::now(),
             metrics_sources: RwLock::new(Vec::new()),
             status_sources: RwLock::new(Vec::new()),
         })
+    }
+
+    /// Bounds on the lingering close after an early error.
+    pub fn linger_limits(&self) -> crate::http1::LingerLimits {
+        self.limits.linger
     }
 
     /// Add series to `/metrics`.

@@ -156,6 +156,16 @@ keyword_enum! {
 }
 
 keyword_enum! {
+    /// How log lines are written on stderr (key `log_format`, default `text`).
+    LogFormat {
+        /// One human-readable line per event; coloured only when stderr is a terminal.
+        Text = "text",
+        /// One JSON object per line, for log shippers (journald, Loki, Elasticsearch).
+        Json = "json",
+    }
+}
+
+keyword_enum! {
     /// Who may read a namespace (`[namespaces.NAME] read = ...`).
     NamespaceRead {
         /// Anyone, with or without credentials.
@@ -268,6 +278,17 @@ pub struct Config {
     pub header_read_timeout_ms: u64,
     /// Time an idle keep-alive connection is kept, in ms. Default 60000.
     pub idle_timeout_ms: u64,
+    /// After an early error on a request whose body is still arriving (413, 400), the
+    /// longest the body is read and discarded before closing, in ms, so a client that
+    /// writes its whole body before reading sees the status, not a reset (nginx's
+    /// `lingering_time`). 0 closes at once. Default 30000.
+    pub lingering_time_ms: u64,
+    /// Longest wait for more of a discarded body, in ms (nginx's `lingering_timeout`).
+    /// Default 5000, range 1..=3600000.
+    pub lingering_timeout_ms: u64,
+    /// Most body bytes discarded after an early error before closing. 0 closes at once.
+    /// Default 256 MiB, range 0..=1 TiB.
+    pub lingering_bytes_max: u64,
     /// Which front end serves plaintext HTTP/1. Default `auto`.
     pub engine: EngineChoice,
     /// Engine threads; 0 = one per core. Default 0, at most 256.
@@ -293,6 +314,8 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Least severe level logged. Default `info`.
     pub log_level: LogLevel,
+    /// How log lines are written: `text` or `json` (one object a line). Default `text`.
+    pub log_format: LogFormat,
     /// Namespaces with an explicit read policy; unlisted namespaces are public. The Bazel
     /// routes use `ac` and `cas`, Gradle's `/cache/` uses `gradle`, generic routes their own.
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -316,6 +339,9 @@ impl Default for Config {
             gradle_body_bytes_max: 100 * MIB,
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
+            lingering_time_ms: 30_000,
+            lingering_timeout_ms: 5_000,
+            lingering_bytes_max: 256 * MIB,
             engine: EngineChoice::Auto,
             engine_threads: 0,
             file_serving_mode: FileServingMode::Splice,
@@ -327,6 +353,7 @@ impl Default for Config {
             shutdown_teardown_ms: 2_000,
             shutdown_grace_ms: 30_000,
             log_level: LogLevel::Info,
+            log_format: LogFormat::Text,
             namespaces: BTreeMap::new(),
             tokens: Vec::new(),
         }
@@ -985,6 +1012,33 @@ static KEYS: &[KeySpec] = &[
         },
         |c| Some(c.idle_timeout_ms.to_string()),
     ),
+    key(
+        "lingering_time_ms",
+        MS_EXPECTED,
+        |c, r| {
+            c.lingering_time_ms = r.uint(0, TIMEOUT_MS_LIMIT)?;
+            Some(())
+        },
+        |c| Some(c.lingering_time_ms.to_string()),
+    ),
+    key(
+        "lingering_timeout_ms",
+        MS_POSITIVE_EXPECTED,
+        |c, r| {
+            c.lingering_timeout_ms = r.uint(1, TIMEOUT_MS_LIMIT)?;
+            Some(())
+        },
+        |c| Some(c.lingering_timeout_ms.to_string()),
+    ),
+    key(
+        "lingering_bytes_max",
+        "a byte count from 0 to 1 TiB: a whole number, or a string such as \"256MiB\"",
+        |c, r| {
+            c.lingering_bytes_max = r.bytes(0, BODY_BYTES_LIMIT)?;
+            Some(())
+        },
+        |c| Some(c.lingering_bytes_max.to_string()),
+    ),
     flag_key(
         "engine",
         "--engine",
@@ -1086,6 +1140,15 @@ static KEYS: &[KeySpec] = &[
             Some(())
         },
         |c| Some(toml_string(c.log_level.as_str())),
+    ),
+    key(
+        "log_format",
+        "one of text, json",
+        |c, r| {
+            c.log_format = r.keyword(LogFormat::from_name)?;
+            Some(())
+        },
+        |c| Some(toml_string(c.log_format.as_str())),
     ),
 ];
 
@@ -1630,6 +1693,9 @@ mod tests {
             ("header_read_timeout_ms", "0", "from 1 to 3600000"),
             ("header_read_timeout_ms", "10s", "from 1 to 3600000"),
             ("idle_timeout_ms", "3600001", "from 1 to 3600000"),
+            ("lingering_time_ms", "-1", "from 0 to 3600000"),
+            ("lingering_timeout_ms", "0", "from 1 to 3600000"),
+            ("lingering_bytes_max", "2TiB", "from 0 to 1 TiB"),
             ("engine_spin_us", "10001", "from 0 to 10000"),
             ("engine_spin_us", "-1", "from 0 to 10000"),
             ("engine", "turbo", "one of auto, uring, fallback"),
@@ -1650,6 +1716,7 @@ mod tests {
                 "verbose",
                 "one of error, warn, info, debug, trace",
             ),
+            ("log_format", "logfmt", "one of text, json"),
         ];
         for (key, value, allowed) in rows {
             let var = env_name(key);

@@ -22,7 +22,6 @@ use tokio::io::{AsyncRead, ReadBuf};
 use crate::app::{App, Decision, Reply, ReplyBody, RequestInfo};
 use crate::fallback::{ConnInfo, Handler, ResponseBody};
 use crate::metrics::BytePath;
-use crate::route::classify;
 
 /// Size of one read when streaming an artifact through hyper, in bytes.
 const FILE_CHUNK_BYTES: usize = 256 * 1024;
@@ -58,6 +57,10 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Response<ResponseBody> 
     // HTTP/2 body without a length.
     let content_length = body.size_hint().exact();
     let chunked = content_length.is_none() && !body.is_end_stream();
+    let expect_continue = header("expect").is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
+    // Whether the client may be sending the body now: it did not wait for
+    // `100 Continue`, or polling the body below sent it.
+    let mut body_invited = !expect_continue;
     let method = parts.method.as_str().to_string();
     let path = parts.uri.path().to_string();
     let info = RequestInfo {
@@ -71,12 +74,13 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Response<ResponseBody> 
         content_length,
         chunked,
     };
-    let route_label = classify(&method, &path).map_or("none", |r| r.label());
+    let route_label = crate::route::route_label(&method, &path);
     let reply = match app.handle(&info) {
         Decision::Reply(reply) => reply,
         Decision::ReceiveBody(mut sink) => {
             // Polling the body is what makes hyper send `100 Continue`, so a
             // refusal decided above never invites the body.
+            body_invited = true;
             let mut failed = None;
             while let Some(frame) = body.frame().await {
                 match frame {
@@ -110,7 +114,35 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Response<ResponseBody> 
     };
     app.record(route_label, &method, reply.status);
     app.metrics.record_ttfb(started.elapsed());
+    if reply.close && parts.version <= Version::HTTP_11 && body_invited && !body.is_end_stream() {
+        // hyper drains at most one read of an unread body and then closes,
+        // which resets a client still writing it before it reads our answer
+        // (see `http1::Linger`). While a task holds the body, hyper keeps
+        // reading it alongside sending the response, and closes once the
+        // body ends or the task drops it at a bound.
+        tokio::spawn(discard_body(body, app.linger_limits()));
+    }
     into_response(&app, reply, parts.version)
+}
+
+/// Reads and drops what is left of a request body, within `limits`.
+async fn discard_body(mut body: Incoming, limits: crate::http1::LingerLimits) {
+    use crate::http1::{Linger, LingerStep};
+    let Some((mut linger, mut step)) = Linger::start(limits, Instant::now()) else {
+        return;
+    };
+    while let LingerStep::ReadUntil(deadline) = step {
+        let frame = tokio::time::timeout_at(deadline.into(), body.frame()).await;
+        step = match frame {
+            Ok(Some(Ok(frame))) => {
+                let received = frame.data_ref().map_or(0, |data| data.len());
+                // An empty frame (trailers) is not the end of the body.
+                linger.on_read(received.max(1), Instant::now())
+            }
+            // The body ended, failed, or the client went quiet.
+            _ => LingerStep::Close,
+        };
+    }
 }
 
 fn into_response(app: &Arc<App>, reply: Reply, version: Version) -> Response<ResponseBody> {

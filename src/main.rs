@@ -94,7 +94,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            sluice::logging::init(config.log_level.as_str(), &env);
+            sluice::logging::init(config.log_level.as_str(), config.log_format, &env);
             match sluice::server::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {

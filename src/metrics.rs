@@ -15,8 +15,19 @@ use std::time::Duration;
 pub const ROUTES: [&str; 9] = [
     "ac", "cas", "gradle", "generic", "up", "ready", "metrics", "status", "none",
 ];
-/// Method labels, in table order.
-pub const METHODS: [&str; 5] = ["GET", "HEAD", "PUT", "DELETE", "OTHER"];
+/// Method labels, in table order: the methods HTTP defines (RFC 9110 and
+/// PATCH), so a POST to an artifact path is counted as what it is; any
+/// other token, or a head that failed before its method was known, is
+/// `OTHER` (the set stays closed whatever clients send).
+pub const METHODS: [&str; 10] = [
+    "GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT", "OTHER",
+];
+
+/// The metrics label of a method token: itself for a method in
+/// [`METHODS`], `OTHER` for anything else (methods are case-sensitive).
+pub fn method_label(method: &str) -> &'static str {
+    METHODS[index_of(&METHODS, &method, METHODS.len() - 1)]
+}
 /// Status codes sluice produces; anything else is `other`.
 pub const STATUSES: [u16; 26] = [
     100, 200, 201, 204, 206, 304, 400, 401, 403, 404, 405, 408, 411, 412, 413, 414, 416, 417, 429,

@@ -2,9 +2,12 @@
 //!
 //! Classification is pure (no I/O, no allocation) so the ring engine, the
 //! hyper fallback, the fuzz targets and the tests all agree on what a path
-//! means. Keys are restricted to `[A-Za-z0-9._-]` and never start with `.`,
-//! so a key can never name a directory or escape the data directory; a
-//! percent-encoded key is therefore simply invalid (400), not decoded.
+//! means. Key segments are restricted to `[A-Za-z0-9._-]` and never start
+//! with `.`, so a key can never name a directory or escape the data
+//! directory; a percent-encoded key is therefore simply invalid (400), not
+//! decoded. Generic keys may have several `/`-separated segments, as object
+//! store keys do (ccache's default layout sends `fe/a5c6…`); the store keeps
+//! such a key in one flat file name (see `store::file_name`).
 
 /// Which family of artifact routes a request addressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,10 +122,27 @@ impl RouteError {
     }
 }
 
-/// Longest accepted key (bytes). Matches the store's limit on a file name.
-pub const KEY_BYTES_MAX: usize = 255;
+/// Longest accepted key (bytes, separators included). Matches the store's
+/// limit on a file name.
+pub const KEY_BYTES_MAX: usize = crate::store::KEY_BYTES_MAX;
+/// Most `/`-separated segments in a generic key.
+pub const KEY_SEGMENTS_MAX: usize = crate::store::KEY_SEGMENTS_MAX;
 /// Longest accepted namespace (bytes).
 pub const NAMESPACE_BYTES_MAX: usize = 64;
+
+const KEY_RULE: &str = "key must match [A-Za-z0-9._-]{1,255} and not start with '.'";
+const GENERIC_KEY_RULE: &str = "key must be 1 to 16 '/'-separated segments, 255 bytes in all, each matching [A-Za-z0-9._-]+ and not starting with '.'";
+
+/// The metrics route label of a request: its route's, also when the route
+/// exists but not for this method (a POST to an artifact path counts under
+/// that artifact route), `none` when no route matched.
+pub fn route_label(method: &str, path: &str) -> &'static str {
+    match classify(method, path) {
+        Ok(route) => route.label(),
+        Err(RouteError::MethodNotAllowed { route, .. }) => route,
+        Err(_) => "none",
+    }
+}
 
 /// Classify `method` and `path` (the request-target without its query).
 pub fn classify<'a>(method: &str, path: &'a str) -> Result<Route<'a>, RouteError> {
@@ -176,18 +196,14 @@ fn split_artifact_path(path: &str) -> Result<(ArtifactKind, &str, &str), RouteEr
                 "namespaces ac, cas and gradle are reserved for the Bazel and Gradle routes",
             ));
         }
-        if !valid_key(key) {
-            return Err(RouteError::BadRequest(
-                "key must match [A-Za-z0-9._-]{1,255} and not start with '.'",
-            ));
+        if !valid_generic_key(key) {
+            return Err(RouteError::BadRequest(GENERIC_KEY_RULE));
         }
         return Ok((ArtifactKind::Generic, namespace, key));
     }
     if let Some(key) = path.strip_prefix("/cache/") {
         if !valid_key(key) {
-            return Err(RouteError::BadRequest(
-                "key must match [A-Za-z0-9._-]{1,255} and not start with '.'",
-            ));
+            return Err(RouteError::BadRequest(KEY_RULE));
         }
         return Ok((ArtifactKind::Gradle, "gradle", key));
     }
@@ -233,14 +249,17 @@ pub fn valid_namespace(ns: &str) -> bool {
             .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
 }
 
-/// An artifact key: `[A-Za-z0-9._-]{1,255}`, not starting with `.`.
+/// A single-segment key (Gradle) or instance segment:
+/// `[A-Za-z0-9._-]{1,255}`, not starting with `.`.
 pub fn valid_key(key: &str) -> bool {
-    let b = key.as_bytes();
-    !b.is_empty()
-        && b.len() <= KEY_BYTES_MAX
-        && b[0] != b'.'
-        && b.iter()
-            .all(|&c| c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-')
+    crate::store::valid_key_segment(key)
+}
+
+/// A generic key: 1 to [`KEY_SEGMENTS_MAX`] `/`-separated segments, each a
+/// [`valid_key`], [`KEY_BYTES_MAX`] bytes in all. The store applies the same
+/// rule, so a key the router accepts always has a file.
+pub fn valid_generic_key(key: &str) -> bool {
+    crate::store::valid_key(key)
 }
 
 /// 64 lowercase hex digits.
@@ -386,20 +405,6 @@ mod tests {
                     "namespaces ac, cas and gradle are reserved for the Bazel and Gradle routes",
                 )),
             ),
-            (
-                "GET",
-                "/v1/artifacts/ns/a/b",
-                Err(RouteError::BadRequest(
-                    "key must match [A-Za-z0-9._-]{1,255} and not start with '.'",
-                )),
-            ),
-            (
-                "GET",
-                "/v1/artifacts/ns/.hidden",
-                Err(RouteError::BadRequest(
-                    "key must match [A-Za-z0-9._-]{1,255} and not start with '.'",
-                )),
-            ),
             ("GET", "/v1/artifacts/ns", Err(RouteError::NotFound)),
             ("GET", "/", Err(RouteError::NotFound)),
             ("GET", "/nothing/here", Err(RouteError::NotFound)),
@@ -408,6 +413,84 @@ mod tests {
         for (method, path, want) in rows {
             assert_eq!(classify(method, path), want, "{method} {path}");
         }
+    }
+
+    /// Generic keys: accepted and refused, one row each.
+    #[test]
+    fn generic_keys() {
+        let ccache = "fe/a5c6ltr4q0kut6qjm9545n50fgo5cbi";
+        let deep_ok = ["s"; KEY_SEGMENTS_MAX].join("/");
+        let deep_bad = ["s"; KEY_SEGMENTS_MAX + 1].join("/");
+        let long_ok = format!("{}/{}", "a".repeat(127), "b".repeat(127));
+        let long_bad = format!("{}/{}", "a".repeat(128), "b".repeat(127));
+        let accepted = [
+            "x.tar",
+            "a/b",
+            ccache,
+            "a/b.c/d-e_f",
+            &deep_ok,
+            &long_ok,
+            "x..y/z",
+        ];
+        for key in accepted {
+            let path = format!("/v1/artifacts/ccache/{key}");
+            assert_eq!(
+                classify("PUT", &path),
+                Ok(Route::Artifact {
+                    kind: ArtifactKind::Generic,
+                    namespace: "ccache",
+                    key,
+                    action: Action::Put,
+                }),
+                "{path}"
+            );
+        }
+        let refused = [
+            "",
+            "/",
+            "a/",
+            "/a",
+            "a//b",
+            ".",
+            "..",
+            "./a",
+            "../a",
+            "a/.",
+            "a/..",
+            "a/../b",
+            "a/./b",
+            "a/.hidden",
+            ".hidden",
+            "a%2fb",
+            "a%2e%2e",
+            "a~b",
+            "a\\b",
+            "a b",
+            &deep_bad,
+            &long_bad,
+        ];
+        for key in refused {
+            let path = format!("/v1/artifacts/ccache/{key}");
+            assert_eq!(
+                classify("GET", &path),
+                Err(RouteError::BadRequest(GENERIC_KEY_RULE)),
+                "{path}"
+            );
+        }
+        // Gradle keys stay one segment.
+        assert_eq!(
+            classify("GET", "/cache/a/b"),
+            Err(RouteError::BadRequest(KEY_RULE))
+        );
+    }
+
+    #[test]
+    fn route_labels_include_method_not_allowed() {
+        assert_eq!(route_label("POST", "/v1/artifacts/ns/k"), "generic");
+        assert_eq!(route_label("DELETE", "/cache/k"), "gradle");
+        assert_eq!(route_label("POST", "/up"), "up");
+        assert_eq!(route_label("GET", "/cache/a~b"), "none");
+        assert_eq!(route_label("GET", "/nothing"), "none");
     }
 
     #[test]

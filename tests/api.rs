@@ -528,3 +528,119 @@ fn conditional_requests_on_every_front() {
         );
     }
 }
+
+/// ccache's default layout sends `/v1/artifacts/ccache/fe/a5c6…`: generic
+/// keys take `/`-separated segments on every front (and on plaintext served
+/// by the fallback), while traversal and empty segments answer 400 and store
+/// nothing.
+#[test]
+fn multi_segment_generic_keys_on_every_front() {
+    for engine in ["auto", "fallback"] {
+        let server = server().env("SLUICE_ENGINE", engine).start();
+        for (i, front) in FRONTS.iter().copied().enumerate() {
+            let path = format!("/v1/artifacts/ccache/fe/a5c6ltr4q0kut6qjm9545n50fgo5c{i}");
+            let body = vec![i as u8; 70_000];
+            let what = format!("{engine} {front:?}");
+            assert_eq!(server.send(front, req("GET", &path)).status, 404, "{what}");
+            let r = server.send(front, req("PUT", &path).body(body.clone()));
+            assert_eq!(r.status, 201, "{what}");
+            let r = server.send(front, req("GET", &path));
+            assert_eq!((r.status, &r.body), (200, &body), "{what}");
+            let h = server.send(front, req("HEAD", &path));
+            assert_eq!(h.status, 200, "{what}");
+            assert_eq!(h.header("content-length"), Some("70000"), "{what}");
+            // A deeper key beside it is a different artifact.
+            let deep = format!("/v1/artifacts/ccache/a/b/c/d/{i}.bin");
+            assert_eq!(
+                server
+                    .send(front, req("PUT", &deep).body(b"x".to_vec()))
+                    .status,
+                201
+            );
+            assert_eq!(server.send(front, req("GET", &deep)).body, b"x", "{what}");
+            assert_eq!(
+                server.send(front, req("DELETE", &deep)).status,
+                204,
+                "{what}"
+            );
+            let r = server.send(front, req("DELETE", &path));
+            assert_eq!(r.status, 204, "{what}");
+            assert_eq!(server.send(front, req("GET", &path)).status, 404, "{what}");
+        }
+        // One stays, to show its file: one flat name in the key's shard.
+        let r = server.send(
+            Front::Http1,
+            req("PUT", "/v1/artifacts/ccache/fe/kept").body(b"k".to_vec()),
+        );
+        assert_eq!(r.status, 201);
+        let before = files_under(&server.data_dir);
+        assert!(
+            before.contains(&server.data_dir.join("ccache/fe/fe~kept")),
+            "{before:?}"
+        );
+        let refused = [
+            "/v1/artifacts/ccache/a/../../../etc/passwd",
+            "/v1/artifacts/ccache/../gradle/x",
+            "/v1/artifacts/ccache/a/./b",
+            "/v1/artifacts/ccache/a//b",
+            "/v1/artifacts/ccache/a/",
+            "/v1/artifacts/ccache/a/.hidden",
+            "/v1/artifacts/ccache/a/%2e%2e/b",
+            "/v1/artifacts/ccache/a%2fb",
+            "/v1/artifacts/ccache/a~b",
+        ];
+        for front in FRONTS {
+            for path in refused {
+                let r = server.send(front, req("PUT", path).body(b"evil".to_vec()));
+                assert_eq!(r.status, 400, "{engine} {front:?} PUT {path}");
+                let r = server.send(front, req("GET", path));
+                assert_eq!(r.status, 400, "{engine} {front:?} GET {path}");
+            }
+        }
+        assert_eq!(
+            files_under(&server.data_dir),
+            before,
+            "{engine}: nothing stored"
+        );
+    }
+}
+
+/// Metrics count the methods HTTP defines by name on every front (a POST to
+/// an artifact path was `OTHER`), keep `OTHER` for the rest, and count a 414
+/// under the method of its request line.
+#[test]
+fn metrics_label_real_method_names_on_every_front() {
+    let server = server().start();
+    for front in FRONTS {
+        let r = server.send(front, req("POST", "/v1/artifacts/blobs/k"));
+        assert_eq!(r.status, 405, "{front:?}");
+        let r = server.send(front, req("PATCH", "/cache/k"));
+        assert_eq!(r.status, 405, "{front:?}");
+    }
+    let r = server.send(Front::Http1, req("BREW", "/cache/k"));
+    assert_eq!(r.status, 405);
+    let long = format!("POST /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(9000));
+    let out = server.http1(long.as_bytes());
+    assert!(
+        out.starts_with(b"HTTP/1.1 414 "),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let text = String::from_utf8_lossy(&server.send(Front::Http1, req("GET", "/metrics")).body)
+        .into_owned();
+    let n = FRONTS.len();
+    for line in [
+        format!("sluice_requests_total{{route=\"generic\",method=\"POST\",status=\"405\"}} {n}\n"),
+        format!("sluice_requests_total{{route=\"gradle\",method=\"PATCH\",status=\"405\"}} {n}\n"),
+        "sluice_requests_total{route=\"gradle\",method=\"OTHER\",status=\"405\"} 1\n".to_string(),
+    ] {
+        assert!(text.contains(&line), "missing {line:?} in:\n{text}");
+    }
+    // The ring parses the head itself; the fallback's hyper answers 414
+    // without calling the application, so it is only counted on the ring.
+    let (on, _) = engine_status(&server);
+    if on {
+        let line = "sluice_requests_total{route=\"none\",method=\"POST\",status=\"414\"} 1\n";
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+}

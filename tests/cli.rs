@@ -54,6 +54,11 @@ fn bad_values_name_key_value_and_allowed() {
             "",
             &["fsync", "sometimes", "always"],
         ),
+        (
+            "log_format = \"logfmt\"\n",
+            "",
+            &["log_format", "logfmt", "one of text, json"],
+        ),
     ];
     for (toml, _, needles) in rows {
         let path = dir.path().join("bad.toml");

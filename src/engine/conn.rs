@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::app::{App, Decision, PutSink, Reply, ReplyBody, RequestInfo};
-use crate::http1::{self, BodyDecoder, Framing, Limits, Status};
-use crate::route::classify;
+use crate::http1::{self, BodyDecoder, Framing, Limits, Linger, LingerLimits, LingerStep, Status};
+use crate::route::route_label;
 use crate::store::{Artifact, OpenCache};
 
 /// The first bytes of an HTTP/2 prior-knowledge connection.
@@ -42,19 +42,15 @@ pub const BODY_READ_BYTES: usize = 256 * 1024;
 /// page cache into the out buffer and one `send`, instead of a send, two
 /// splices and their completions. Measured in docs/benchmarks.md.
 pub const INLINE_BODY_BYTES_MAX: u64 = 64 * 1024;
-/// How much unread input a connection closed after an error may discard
-/// before it is closed hard, in bytes (lingering close, as nginx does, so
-/// the client sees the error rather than a reset).
-pub const LINGER_BYTES_MAX: usize = 1024 * 1024;
-/// How long a lingering close may wait for the client, in milliseconds.
-pub const LINGER_TIMEOUT_MS: u64 = 2_000;
-
 /// Per-connection limits, from the config.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnLimits {
     pub head: Limits,
     pub header_read_timeout_ms: u64,
     pub idle_timeout_ms: u64,
+    /// The lingering close after a response that closes the connection
+    /// (see [`http1::Linger`] for why).
+    pub linger: LingerLimits,
 }
 
 /// The operation the engine must submit next for this connection.
@@ -108,9 +104,9 @@ enum State {
     /// The body is in; the upload is being published (verified, linked,
     /// fsynced) by the core's publisher thread.
     Publishing,
-    Lingering {
-        discarded_bytes: usize,
-    },
+    /// Discarding input after a closing response, write side shut down,
+    /// until the client closes or a [`LingerLimits`] bound is reached.
+    Lingering(Linger),
     Closed,
 }
 
@@ -219,7 +215,7 @@ impl Conn {
     pub fn waits_for_input(&self) -> bool {
         matches!(
             self.state,
-            State::Peeking | State::ReadingHead | State::ReadingBody(_) | State::Lingering { .. }
+            State::Peeking | State::ReadingHead | State::ReadingBody(_) | State::Lingering(_)
         )
     }
 
@@ -228,7 +224,7 @@ impl Conn {
     pub fn take_read_buf(&mut self) -> Vec<u8> {
         let mut buf = self.read_buf.take().unwrap_or_default();
         let want = match self.state {
-            State::ReadingBody(_) | State::Lingering { .. } => BODY_READ_BYTES,
+            State::ReadingBody(_) | State::Lingering(_) => BODY_READ_BYTES,
             _ => self.limits.head.head_bytes_max,
         };
         if buf.capacity() < want {
@@ -315,13 +311,12 @@ impl Conn {
         if self.timed_out {
             return self.on_timed_out();
         }
-        if let State::Lingering { discarded_bytes } = &mut self.state {
-            *discarded_bytes += received;
-            let done = received == 0 || *discarded_bytes >= LINGER_BYTES_MAX;
+        if let State::Lingering(linger) = &mut self.state {
+            let step = linger.on_read(received, now);
             if let Some(buf) = self.read_buf.as_mut() {
                 buf.clear();
             }
-            return if done { self.close() } else { Next::Linger };
+            return self.linger_step(step);
         }
         if received == 0 {
             // The client closed. A PUT in progress is dropped here: its
@@ -417,7 +412,7 @@ impl Conn {
     fn resume_recv(&mut self) -> Next {
         match self.state {
             State::Peeking => Next::Peek,
-            State::Lingering { .. } => Next::Linger,
+            State::Lingering(_) => Next::Linger,
             _ => Next::Recv,
         }
     }
@@ -443,6 +438,16 @@ impl Conn {
         Next::Close
     }
 
+    fn linger_step(&mut self, step: LingerStep) -> Next {
+        match step {
+            LingerStep::ReadUntil(deadline) => {
+                self.deadline = deadline;
+                Next::Linger
+            }
+            LingerStep::Close => self.close(),
+        }
+    }
+
     fn on_timed_out(&mut self) -> Next {
         self.timed_out = false;
         match self.state {
@@ -463,12 +468,14 @@ impl Conn {
         if self.close_after {
             // Input may still be arriving (an unread body): linger so the
             // client reads our answer instead of a reset.
-            self.state = State::Lingering { discarded_bytes: 0 };
-            self.deadline = now + Duration::from_millis(LINGER_TIMEOUT_MS);
+            let Some((linger, step)) = Linger::start(self.limits.linger, now) else {
+                return self.close();
+            };
+            self.state = State::Lingering(linger);
             if let Some(buf) = self.read_buf.as_mut() {
                 buf.clear();
             }
-            return Next::Linger;
+            return self.linger_step(step);
         }
         self.state = State::ReadingHead;
         self.deadline = now + Duration::from_millis(self.limits.idle_timeout_ms);
@@ -517,14 +524,16 @@ impl Conn {
             Ok(Status::Partial) => {
                 if buf.len() >= self.limits.head.head_bytes_max {
                     let reply = Reply::error(431, "request head too large").closing();
-                    return (Some(self.respond(reply, "none", "OTHER")), 0);
+                    let method = head_method_label(buf);
+                    return (Some(self.respond(reply, "none", method)), 0);
                 }
                 return (Some(Next::Recv), 0);
             }
             Ok(Status::Complete(head)) => head,
             Err(err) => {
                 let reply = Reply::error(err.status(), err.reason()).closing();
-                return (Some(self.respond(reply, "none", "OTHER")), 0);
+                let method = head_method_label(buf);
+                return (Some(self.respond(reply, "none", method)), 0);
             }
         };
         self.head_at = now;
@@ -545,7 +554,7 @@ impl Conn {
             content_length,
             chunked,
         };
-        let route = classify(info.method, info.path).map_or("none", |r| r.label());
+        let route = route_label(info.method, info.path);
         let method = method_label(info.method);
         let head_only = info.method == "HEAD";
         let expect_continue = head.expect_continue();
@@ -736,13 +745,23 @@ impl Conn {
 
 /// The metrics label for a method token.
 pub fn method_label(method: &str) -> &'static str {
-    match method {
-        "GET" => "GET",
-        "HEAD" => "HEAD",
-        "PUT" => "PUT",
-        "DELETE" => "DELETE",
-        _ => "OTHER",
-    }
+    crate::metrics::method_label(method)
+}
+
+/// The metrics label for the method of a head that failed to parse or grew
+/// too large: its method once the request line got past the method token
+/// (a 414, or a 431 after the request line), `OTHER` before that.
+fn head_method_label(buf: &[u8]) -> &'static str {
+    // Empty lines before a request line are allowed (RFC 9112 §2.2).
+    let start = buf
+        .iter()
+        .position(|&c| c != b'\r' && c != b'\n')
+        .unwrap_or(buf.len());
+    let line = &buf[start..];
+    let Some(end) = line.iter().position(|&c| c == b' ') else {
+        return "OTHER";
+    };
+    std::str::from_utf8(&line[..end]).map_or("OTHER", method_label)
 }
 
 /// Write the status line and headers of `reply`, ending with the blank
@@ -777,6 +796,7 @@ mod tests {
             head: Limits::default(),
             header_read_timeout_ms: 1000,
             idle_timeout_ms: 1000,
+            linger: LingerLimits::default(),
         };
         let mut conn = Conn::new(Arc::clone(&app), files, limits, now);
         assert_eq!(conn.on_peek(first, now), Next::Recv);
@@ -840,6 +860,89 @@ mod tests {
             buf.capacity()
         );
         assert!(buf.capacity() >= head_max);
+    }
+
+    /// An oversized Gradle PUT is answered 413 at once; then the connection
+    /// discards the body as it keeps arriving (more than the 1 MiB it
+    /// used to stop at, which reset clients that write the whole body
+    /// before reading), each read under the lingering idle deadline, and
+    /// closes when the client does.
+    #[test]
+    fn an_early_413_lingers_through_the_body() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Instant::now();
+        let (mut conn, _app) = conn(dir.path(), b"PUT ", now);
+        let head =
+            "PUT /cache/0123abcd HTTP/1.1\r\nHost: a\r\nContent-Length: 999999999999\r\n\r\n";
+        assert_eq!(
+            recv(&mut conn, head.as_bytes(), now),
+            Next::Send { more: false }
+        );
+        let (reply, next) = send_all(&mut conn, now);
+        assert!(
+            reply.starts_with(b"HTTP/1.1 413 "),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        assert_eq!(next, Next::Linger);
+        let timeout = Duration::from_millis(LingerLimits::default().timeout_ms);
+        assert_eq!(conn.deadline(), now + timeout);
+        assert!(conn.waits_for_input());
+        let chunk = vec![0u8; BODY_READ_BYTES];
+        for i in 1..=8u32 {
+            let at = now + Duration::from_millis(u64::from(i));
+            assert_eq!(recv(&mut conn, &chunk, at), Next::Linger, "read {i}");
+            assert_eq!(conn.deadline(), at + timeout);
+        }
+        assert_eq!(recv(&mut conn, b"", now), Next::Close);
+    }
+
+    #[test]
+    fn method_labels() {
+        let rows: &[(&[u8], &str)] = &[
+            (b"POST /x HTTP/1.1\r\n", "POST"),
+            (b"\r\nOPTIONS * HTTP/1.1", "OPTIONS"),
+            (b"PATCH /aaaaaaaa", "PATCH"),
+            (b"TRACE ", "TRACE"),
+            (b"CONNECT a:1 ", "CONNECT"),
+            (b"DELETE /x", "DELETE"),
+            (b"get /x", "OTHER"),
+            (b"BREW /pot", "OTHER"),
+            (b"GETTING-LONGER", "OTHER"),
+            (b"\xff\xfe /x", "OTHER"),
+            (b"", "OTHER"),
+        ];
+        for (head, want) in rows {
+            assert_eq!(
+                head_method_label(head),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    /// A 414 is counted under the method of its request line.
+    #[test]
+    fn a_414_counts_its_method() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Instant::now();
+        let (mut conn, app) = conn(dir.path(), b"POS", now);
+        let long = format!(
+            "POST /{} HTTP/1.1\r\n",
+            "a".repeat(Limits::default().uri_bytes_max + 1)
+        );
+        assert_eq!(
+            recv(&mut conn, long.as_bytes(), now),
+            Next::Send { more: false }
+        );
+        let (reply, _) = send_all(&mut conn, now);
+        assert!(
+            reply.starts_with(b"HTTP/1.1 414 "),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        assert_eq!(app.metrics.requests("none", "POST", 414), 1);
     }
 
     /// A reply for a connection that is not publishing closes it instead of

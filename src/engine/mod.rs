@@ -221,6 +221,11 @@ fn start_ring(
             },
             header_read_timeout_ms: config.header_read_timeout_ms,
             idle_timeout_ms: config.idle_timeout_ms,
+            linger: crate::http1::LingerLimits {
+                time_ms: config.lingering_time_ms,
+                timeout_ms: config.lingering_timeout_ms,
+                bytes_max: config.lingering_bytes_max,
+            },
         },
         mode: match config.file_serving_mode {
             ConfigMode::Splice => FileServingMode::Splice,

@@ -1467,6 +1467,7 @@ mod tests {
                 head: crate::http1::Limits::default(),
                 header_read_timeout_ms: 1000,
                 idle_timeout_ms: 1000,
+                linger: crate::http1::LingerLimits::default(),
             },
             mode: FileServingMode::Splice,
             pipes_per_core_max: 4,

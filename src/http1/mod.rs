@@ -19,6 +19,7 @@ mod body;
 mod conditional;
 mod date;
 mod head;
+mod linger;
 mod range;
 mod reader;
 mod response;
@@ -29,6 +30,7 @@ pub use body::{BodyDecoder, BodyError, BodyStep, CHUNK_LINE_BYTES_MAX, TRAILER_B
 pub use conditional::{evaluate, if_match, if_none_match, if_range, Conditions, Precondition};
 pub use date::{http_date_now, imf_fixdate};
 pub use head::{parse_head, HeadError, Headers, RequestHead, HEADERS_CAPACITY};
+pub use linger::{Linger, LingerLimits, LingerStep};
 pub use range::{content_range, content_range_unsatisfied, parse_range, RangeOutcome};
 pub use reader::{Event, ReaderError, RequestReader};
 pub use response::{encode_response_head, reason_phrase, ResponseHead, CONTINUE_RESPONSE};

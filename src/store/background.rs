@@ -128,7 +128,8 @@ fn scan_shard(sh: &Shared, ns: &str, shard: &str) -> bool {
             }
             continue;
         }
-        if !layout::valid_key(&name) || layout::shard_dir(&name) != shard.as_bytes() {
+        if layout::key_of_file_name(&name).is_none() || layout::shard_dir(&name) != shard.as_bytes()
+        {
             continue; // not ours, or misplaced: never served, never counted
         }
         scan_file(sh, &format!("{dir_rel}/{name}"));

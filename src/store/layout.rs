@@ -4,8 +4,16 @@ use sha2::{Digest, Sha256};
 
 /// Longest namespace name in bytes.
 pub const NAMESPACE_BYTES_MAX: usize = 64;
-/// Longest key in bytes (a common file-name limit, `NAME_MAX`).
+/// Longest key in bytes, separators included. A key is stored under one
+/// file name (see [`file_name`]), so this is the file-name limit, `NAME_MAX`.
 pub const KEY_BYTES_MAX: usize = 255;
+/// Most `/`-separated segments in a key. ccache's default layout uses two
+/// (`fe/a5c6…`); object-store style keys rarely need more than a few.
+pub const KEY_SEGMENTS_MAX: usize = 16;
+/// What stands for `/` in a multi-segment key's file name. It is outside the
+/// key alphabet, so the mapping is one-to-one and no single-segment key (whose
+/// file name is the key itself) can collide with a multi-segment one.
+pub const SEGMENT_SEPARATOR_ON_DISK: &str = "~";
 
 /// `[a-z0-9][a-z0-9_-]{0,63}`. Namespaces become directory names, so the rule
 /// keeps out `.`/`..`, separators, the store's own `.tmp`, and case aliases.
@@ -20,16 +28,48 @@ pub fn valid_namespace(ns: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
 }
 
-/// `[A-Za-z0-9_.-]{1,255}`, not starting with `.`. Keys become file names; a
-/// leading dot is reserved for the store's own temporary names (`.tmp-…`), so
-/// a key can never collide with one, and it also excludes `.` and `..`.
-pub fn valid_key(key: &str) -> bool {
-    let b = key.as_bytes();
+/// One key segment: `[A-Za-z0-9_.-]{1,255}`, not starting with `.`. A leading
+/// dot is reserved for the store's own temporary names (`.tmp-…`), so a key
+/// can never collide with one, and it also excludes `.` and `..`.
+pub fn valid_key_segment(segment: &str) -> bool {
+    let b = segment.as_bytes();
     !b.is_empty()
         && b.len() <= KEY_BYTES_MAX
         && b[0] != b'.'
         && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'.' || *c == b'-')
+}
+
+/// A key: 1 to [`KEY_SEGMENTS_MAX`] `/`-separated [segments](valid_key_segment),
+/// [`KEY_BYTES_MAX`] bytes in all. No empty, `.` or `..` segment, no leading
+/// or trailing `/`, so a key never names a directory or leaves its namespace.
+pub fn valid_key(key: &str) -> bool {
+    key.len() <= KEY_BYTES_MAX
+        && key.split('/').count() <= KEY_SEGMENTS_MAX
+        && key.split('/').all(valid_key_segment)
+}
+
+/// The file name of `key` inside its shard directory: the key itself with
+/// each `/` written as [`SEGMENT_SEPARATOR_ON_DISK`]. One flat name instead
+/// of nested directories: nothing to create or remove per segment, the scan
+/// and eviction keep walking a fixed depth, and a single-segment key's file
+/// keeps the name it always had. Callers validate `key` first.
+pub fn file_name(key: &str) -> std::borrow::Cow<'_, str> {
+    if key.contains('/') {
+        std::borrow::Cow::Owned(key.replace('/', SEGMENT_SEPARATOR_ON_DISK))
+    } else {
+        std::borrow::Cow::Borrowed(key)
+    }
+}
+
+/// The key a file name in a shard directory stands for, if it is one
+/// [`file_name`] can produce (the background scan ignores anything else).
+pub fn key_of_file_name(name: &str) -> Option<String> {
+    if name.contains('/') {
+        return None;
+    }
+    let key = name.replace(SEGMENT_SEPARATOR_ON_DISK, "/");
+    valid_key(&key).then_some(key)
 }
 
 fn is_lower_hex(c: u8) -> bool {
@@ -50,17 +90,20 @@ pub fn shard_dir(key: &str) -> [u8; 2] {
     [HEX[usize::from(first >> 4)], HEX[usize::from(first & 0xf)]]
 }
 
-/// `{ns}/{2 hex}/{key}`, the artifact's path relative to the data dir; also its
-/// identity in the in-memory index. Callers validate `ns` and `key` first.
+/// `{ns}/{2 hex}/{file name}`, the artifact's path relative to the data dir;
+/// also its identity in the in-memory index. The shard is that of the
+/// [`file_name`], so the scan can check a file's placement from its name
+/// alone. Callers validate `ns` and `key` first.
 pub fn relative_path(ns: &str, key: &str) -> String {
-    let shard = shard_dir(key);
-    let mut rel = String::with_capacity(ns.len() + key.len() + 4);
+    let name = file_name(key);
+    let shard = shard_dir(&name);
+    let mut rel = String::with_capacity(ns.len() + name.len() + 4);
     rel.push_str(ns);
     rel.push('/');
     rel.push(char::from(shard[0]));
     rel.push(char::from(shard[1]));
     rel.push('/');
-    rel.push_str(key);
+    rel.push_str(&name);
     rel
 }
 
@@ -113,7 +156,19 @@ mod tests {
             (".", false),
             ("..", false),
             (".tmp-1-2", false),
-            ("a/b", false),
+            ("a/b", true),
+            ("fe/a5c6ltr4q0kut6qjm9545n50fgo5cbi", true),
+            ("a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p", true),
+            ("a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q", false),
+            ("/a", false),
+            ("a/", false),
+            ("a//b", false),
+            ("a/./b", false),
+            ("a/../b", false),
+            ("../a", false),
+            ("a/..", false),
+            ("a/.hidden", false),
+            ("a~b", false),
             ("a\\b", false),
             ("a b", false),
             ("a\0b", false),
@@ -139,5 +194,32 @@ mod tests {
         // Known values: sha256("zz") starts 4a, sha256("a") starts ca.
         assert_eq!(shard_dir("zz"), *b"4a");
         assert_eq!(shard_dir("a"), *b"ca");
+    }
+
+    /// A multi-segment key is one flat file name; single-segment keys keep
+    /// the names existing data already has.
+    #[test]
+    fn multi_segment_keys_map_to_one_file_name() {
+        assert_eq!(
+            relative_path("ccache", "fe/a5c6ltr4q0kut6qjm9545n50fgo5cbi"),
+            "ccache/fe/fe~a5c6ltr4q0kut6qjm9545n50fgo5cbi"
+        );
+        assert_eq!(file_name("plain.bin"), "plain.bin");
+        assert_eq!(
+            relative_path("cache", "AB12"),
+            format!(
+                "cache/{}/AB12",
+                std::str::from_utf8(&shard_dir("AB12")).unwrap()
+            )
+        );
+        let long = format!("{}/{}", "a".repeat(127), "b".repeat(127));
+        assert!(valid_key(&long));
+        assert_eq!(file_name(&long).len(), KEY_BYTES_MAX);
+        for key in ["a/b", "x", "a/b/c.d-e_f"] {
+            assert_eq!(key_of_file_name(&file_name(key)).as_deref(), Some(key));
+        }
+        for name in ["~a", "a~", "a~~b", "a~.b", ".tmp-1-2", "a/b", "a~..~b"] {
+            assert_eq!(key_of_file_name(name), None, "{name:?}");
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! The artifact store: one self-describing file per artifact, atomic
 //! publication, LRU-style eviction in the background.
 //!
-//! Layout: `data_dir/{ns}/{2 hex}/{key}` (see [`relative_path`]); each file is
+//! Layout: `data_dir/{ns}/{2 hex}/{key}` (see [`relative_path`]; a key's `/`
+//! is written `~` in its file name, see [`file_name`]); each file is
 //! a 64-byte [`format`] header (length, sha256, checksum) followed by the body.
 //! `data_dir/.tmp/` holds named temporary files when the filesystem lacks
 //! `O_TMPFILE`.
@@ -44,7 +45,9 @@ mod tests;
 
 pub use index::{INDEX_ENTRIES_MAX, SHARDS};
 pub use layout::{
-    relative_path, shard_dir, valid_key, valid_namespace, KEY_BYTES_MAX, NAMESPACE_BYTES_MAX,
+    file_name, key_of_file_name, relative_path, shard_dir, valid_key, valid_key_segment,
+    valid_namespace, KEY_BYTES_MAX, KEY_SEGMENTS_MAX, NAMESPACE_BYTES_MAX,
+    SEGMENT_SEPARATOR_ON_DISK,
 };
 
 use format::HEADER_BYTES;

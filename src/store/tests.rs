@@ -148,6 +148,12 @@ fn invalid_names_are_rejected_everywhere() {
         ("../etc", "k"),
         ("", "k"),
         ("cas", ""),
+        ("cas", "a/../../x"),
+        ("cas", "a//b"),
+        ("cas", "/abs"),
+        ("cas", "a/"),
+        ("cas", "a/.tmp-1-1"),
+        ("cas", "a~b"),
     ] {
         assert!(
             matches!(store.get(ns, key), Err(StoreError::InvalidKey)),
@@ -362,6 +368,53 @@ fn reopen_serves_at_once_and_accounting_catches_up() {
     assert!(!dir.path().join(".tmp/.tmp-999999-1").exists());
     assert!(!stray.exists());
     assert_eq!(get_body(&store, "gen", "key5").unwrap(), vec![1u8; 50]);
+}
+
+/// A multi-segment key lives in one flat file in its shard (`/` written
+/// `~`), and the background scan, eviction and delete account it like any
+/// other artifact after a restart.
+#[test]
+fn multi_segment_keys_are_one_file_scanned_and_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "fe/a5c6ltr4q0kut6qjm9545n50fgo5cbi";
+    let file_bytes = 1000 + HEADER_BYTES as u64;
+    {
+        let store = Store::open(config(dir.path())).unwrap();
+        put(&store, "ccache", key, &[3u8; 1000]).unwrap();
+        put(&store, "ccache", "fe", &[4u8; 1000]).unwrap();
+        put(&store, "ccache", "a/b/c", &[5u8; 1000]).unwrap();
+    }
+    let on_disk = files(dir.path());
+    assert!(
+        on_disk.contains("ccache/fe/fe~a5c6ltr4q0kut6qjm9545n50fgo5cbi"),
+        "{on_disk:?}"
+    );
+    assert!(on_disk.contains("ccache/fe/fe"), "{on_disk:?}");
+    assert_eq!(on_disk.len(), 3, "{on_disk:?}");
+    // A file no key maps to is neither served nor counted.
+    std::fs::write(dir.path().join("ccache/fe/fe~~x"), b"junk").unwrap();
+
+    // Restart with a limit below what is there: the scan finds all three
+    // and eviction brings the store back under 90% of the limit.
+    let store = Store::open(StoreConfig {
+        store_bytes_max: 2 * file_bytes,
+        ..config(dir.path())
+    })
+    .unwrap();
+    assert_eq!(get_body(&store, "ccache", key).unwrap(), vec![3u8; 1000]);
+    wait_for("accounting", || store.stats().accounting_complete);
+    wait_for("eviction", || store.stats().evictions_total >= 2);
+    let s = store.stats();
+    assert_eq!((s.entries, s.bytes), (1, file_bytes));
+    // Eviction unlinked the files it accounted; the stray stays untouched.
+    assert_eq!(files(dir.path()).len(), 2, "{:?}", files(dir.path()));
+    assert!(dir.path().join("ccache/fe/fe~~x").exists());
+    for k in [key, "fe", "a/b/c"] {
+        if store.get("ccache", k).unwrap().is_some() {
+            assert!(store.delete("ccache", k).unwrap());
+        }
+    }
+    assert_eq!(store.stats().entries, 0);
 }
 
 #[test]
