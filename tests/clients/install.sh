@@ -25,15 +25,15 @@ if [ -z "$missing" ]; then
     exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
-    echo "client suite: missing$missing; not root, so not installing them"
+    echo "client suite: missing$missing; not root, so not installing them" >&2
     exit 3
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "client suite: missing$missing; no apt-get on this machine"
+    echo "client suite: missing$missing; no apt-get on this machine" >&2
     exit 3
 fi
 
-echo "client suite: installing$missing"
+echo "client suite: installing$missing" >&2
 export DEBIAN_FRONTEND=noninteractive
 # Other jobs on the machine may hold the dpkg lock for a while: wait for it.
 lock="-o DPkg::Lock::Timeout=600"
@@ -41,5 +41,5 @@ lock="-o DPkg::Lock::Timeout=600"
 if apt-get $lock update -q && apt-get $lock install -y -q $missing; then
     exit 0
 fi
-echo "client suite: apt-get could not install$missing"
+echo "client suite: apt-get could not install$missing" >&2
 exit 3
