@@ -42,6 +42,7 @@ pub const BODY_READ_BYTES: usize = 256 * 1024;
 /// page cache into the out buffer and one `send`, instead of a send, two
 /// splices and their completions. Measured in docs/benchmarks.md.
 pub const INLINE_BODY_BYTES_MAX: u64 = 64 * 1024;
+
 /// Per-connection limits, from the config.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnLimits {
