@@ -370,7 +370,8 @@ fn gradle_command(gradle: &Path, project: &Path, user_home: &Path, url: &str) ->
     cmd
 }
 
-/// Lines naming a task's outcome, e.g. `:compileJava FROM-CACHE`.
+/// The outcome Gradle's plain console printed for `task`: `""` when it ran,
+/// else `FROM-CACHE`, `UP-TO-DATE`, `NO-SOURCE`, ….
 fn gradle_outcome<'a>(log: &'a str, task: &str) -> Option<&'a str> {
     log.lines().find_map(|l| {
         let rest = l.strip_prefix(task)?;
@@ -464,9 +465,10 @@ fn gradle_version(gradle: &Path, log_dir: &Path) -> Vec<u32> {
         .lines()
         .find_map(|l| l.strip_prefix("Gradle "))
         .unwrap_or_else(|| panic!("no version in gradle --version:\n{log}"));
+    // "4.4.1", "8.5", "7.6-rc-1": the leading numbers are enough here.
     line.trim()
-        .split('.')
-        .map(|p| p.parse().expect("numeric Gradle version"))
+        .split(['.', '-'])
+        .map_while(|p| p.parse().ok())
         .collect()
 }
 
