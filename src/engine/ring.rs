@@ -771,6 +771,11 @@ impl CoreLoop {
         if slot.cancelling || !(slot.conn.waits_for_input() || sending) || !pred(slot) {
             return;
         }
+        // A cold read in flight waits for the disk, not for the client: the
+        // send timeout is the client's budget, so it does not run out here.
+        if slot.cold_since.is_some() {
+            return;
+        }
         if let Some(op) = slot.pending {
             slot.conn.on_deadline();
             slot.cancelling = true;
