@@ -8,7 +8,7 @@
 //! bodies are decided here once, so the two front ends cannot drift apart.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
 use crate::auth::{Access, Auth, Denied};
@@ -19,7 +19,8 @@ use crate::http1::{
 };
 use crate::metrics::{write_metric, Metrics};
 use crate::route::{classify, Action, ArtifactKind, Route, RouteError};
-use crate::store::{Artifact, OpenCache, PutOptions, PutWriter, Store, StoreError};
+use crate::replication::Replication;
+use crate::store::{Artifact, Committed, OpenCache, PutOptions, PutWriter, Store, StoreError};
 
 /// The request facts every decision needs, borrowed from whichever parser
 /// read the head.
@@ -94,7 +95,7 @@ impl Reply {
         Reply::text(status, format!("{} {}: {detail}\n", status, reason(status)))
     }
 
-    fn empty(status: u16) -> Reply {
+    pub fn empty(status: u16) -> Reply {
         Reply {
             status,
             headers: Vec::new(),
@@ -166,6 +167,9 @@ pub struct App {
     metrics_sources: RwLock<Vec<MetricsSource>>,
     /// Extra sections of `/status`, registered once at start.
     status_sources: RwLock<Vec<StatusSource>>,
+    /// The replication mesh, when peers are configured: acknowledged writes
+    /// go to its outbox, `/_peer/` requests to its peer API.
+    replication: OnceLock<Arc<Replication>>,
 }
 
 impl App {
@@ -182,7 +186,17 @@ impl App {
             started: Instant::now(),
             metrics_sources: RwLock::new(Vec::new()),
             status_sources: RwLock::new(Vec::new()),
+            replication: OnceLock::new(),
         })
+    }
+
+    /// Attach the replication mesh (once, at start, before serving).
+    pub fn set_replication(&self, replication: Arc<Replication>) {
+        let _ = self.replication.set(replication);
+    }
+
+    pub fn replication(&self) -> Option<&Arc<Replication>> {
+        self.replication.get()
     }
 
     /// Add series to `/metrics`.
@@ -220,6 +234,9 @@ impl App {
     /// cache (the ring engine keeps one per core).
     pub fn handle_with(&self, req: &RequestInfo<'_>, files: Option<&mut OpenCache>) -> Decision {
         let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
+        if let Some(rest) = req.path.strip_prefix(crate::replication::PEER_PREFIX) {
+            return crate::replication::peer_api::handle(self, req, rest);
+        }
         let route = match classify(req.method, req.path) {
             Ok(route) => route,
             Err(err) => {
@@ -403,7 +420,15 @@ impl App {
             return reply;
         }
         match self.store.delete(ns, key) {
-            Ok(true) => Reply::empty(204),
+            Ok(true) => {
+                if let Some(replication) = self.replication() {
+                    let now_ms = crate::replication::now_ms();
+                    if let Err(reply) = replication.record_delete(ns, key, now_ms) {
+                        return reply;
+                    }
+                }
+                Reply::empty(204)
+            }
             Ok(false) => Reply::error(404, "no such artifact"),
             Err(err) => store_error(&err),
         }
@@ -452,13 +477,22 @@ impl App {
             expected_len: req.content_length,
             expected_sha256,
             body_bytes_max,
+            write_time_ms: None,
         };
         match self.store.begin_put(ns, key, options) {
-            Ok(writer) => Decision::ReceiveBody(PutSink {
-                writer: Some(writer),
-                received_bytes: 0,
-                body_bytes_max,
-            }),
+            Ok(writer) => {
+                let mut sink = PutSink::new(writer, body_bytes_max);
+                if let Some(replication) = self.replication() {
+                    let (replication, ns, key) =
+                        (Arc::clone(replication), ns.to_string(), key.to_string());
+                    sink.on_commit = Some(OnCommit(Box::new(move |committed| {
+                        replication
+                            .record_put(&ns, &key, committed.write_time_ms)
+                            .err()
+                    })));
+                }
+                Decision::ReceiveBody(sink)
+            }
             Err(err) => refuse(store_error(&err)),
         }
     }
@@ -592,6 +626,17 @@ fn store_error(err: &StoreError) -> Reply {
     Reply::error(status, &err.to_string())
 }
 
+/// Runs once a PUT is published, before the client's reply: replication
+/// records the write in its outbox here. `Some(reply)` replaces the 2xx
+/// (the write is visible but was not acknowledged).
+pub struct OnCommit(pub Box<dyn FnOnce(&Committed) -> Option<Reply> + Send>);
+
+impl std::fmt::Debug for OnCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnCommit")
+    }
+}
+
 /// Receives one PUT body and publishes it, atomically, when it is complete.
 /// Dropping the sink before [`PutSink::finish`] stores nothing.
 #[derive(Debug)]
@@ -599,9 +644,36 @@ pub struct PutSink {
     writer: Option<PutWriter>,
     received_bytes: u64,
     body_bytes_max: u64,
+    /// Called after a successful commit.
+    pub on_commit: Option<OnCommit>,
+    /// Read the body and throw it away, then answer this (a replicated
+    /// write older than what this node holds).
+    discard: Option<Reply>,
 }
 
 impl PutSink {
+    pub fn new(writer: PutWriter, body_bytes_max: u64) -> PutSink {
+        PutSink {
+            writer: Some(writer),
+            received_bytes: 0,
+            body_bytes_max,
+            on_commit: None,
+            discard: None,
+        }
+    }
+
+    /// A sink that reads up to `body_bytes_max` bytes, stores nothing and
+    /// answers `reply`.
+    pub fn discarding(reply: Reply, body_bytes_max: u64) -> PutSink {
+        PutSink {
+            writer: None,
+            received_bytes: 0,
+            body_bytes_max,
+            on_commit: None,
+            discard: Some(reply),
+        }
+    }
+
     /// The body limit that applies to this PUT, in bytes.
     pub fn body_bytes_max(&self) -> u64 {
         self.body_bytes_max
@@ -616,6 +688,10 @@ impl PutSink {
     /// front end sends it and closes the connection; nothing is stored.
     #[allow(clippy::result_large_err)] // see `App::authorize`
     pub fn write(&mut self, data: &[u8]) -> Result<(), Reply> {
+        if self.discard.is_some() {
+            self.received_bytes += data.len() as u64;
+            return Ok(());
+        }
         let Some(writer) = self.writer.as_mut() else {
             return Err(Reply::error(500, "body received after the upload ended").closing());
         };
@@ -640,11 +716,19 @@ impl PutSink {
     /// The body is complete: verify, publish and answer. 201 for a new
     /// artifact, 204 when it replaced one (as nginx's WebDAV PUT does).
     pub fn finish(mut self) -> Reply {
+        if let Some(reply) = self.discard.take() {
+            return reply;
+        }
         let Some(writer) = self.writer.take() else {
             return Reply::error(500, "upload already ended").closing();
         };
         match writer.commit() {
             Ok(committed) => {
+                if let Some(hook) = self.on_commit.take() {
+                    if let Some(reply) = (hook.0)(&committed) {
+                        return reply;
+                    }
+                }
                 let etag = format!("\"{}\"", hex::encode(committed.sha256));
                 let mut reply = if committed.replaced {
                     Reply::empty(204)

@@ -307,6 +307,27 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Least severe level logged. Default `info`.
     pub log_level: LogLevel,
+    /// Static replication peers, `host:port` each (key `peers`, flag `--peers a:1,b:2`, env
+    /// `SLUICE_PEERS`, comma-separated). Default empty: no replication. At most 256.
+    pub peers: Vec<String>,
+    /// A DNS name listing the peers, `name:port`, re-resolved every `peer_refresh_ms` (key
+    /// `peers_dns`, flag `--peers-dns`). Default unset.
+    pub peers_dns: Option<String>,
+    /// How often `peers_dns` is re-resolved, in ms. Default 2000, range 100..=3600000.
+    pub peer_refresh_ms: u64,
+    /// The secret every peer API request carries (key `peer_secret`, flag `--peer-secret`, env
+    /// `SLUICE_PEER_SECRET`): 16 to 1024 bytes of visible ASCII. Required with peers.
+    pub peer_secret: Option<String>,
+    /// Bound on each peer's outbox backlog, in bytes on disk; past it the peer is repaired by
+    /// anti-entropy instead. Default 1 GiB, range 4 KiB..=1 TiB.
+    pub replication_outbox_bytes_max: u64,
+    /// Period of anti-entropy with each peer, in ms. Default 600000 (10 min),
+    /// range 1000..=86400000.
+    pub anti_entropy_interval_ms: u64,
+    /// How often an up peer is probed, in ms. Default 1000, range 100..=3600000.
+    pub peer_probe_interval_ms: u64,
+    /// Deadline of one replication request, in ms. Default 30000, range 100..=3600000.
+    pub replication_request_timeout_ms: u64,
     /// Namespaces with an explicit read policy; unlisted namespaces are public. The Bazel
     /// routes use `ac` and `cas`, Gradle's `/cache/` uses `gradle`, generic routes their own.
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -341,6 +362,14 @@ impl Default for Config {
             shutdown_teardown_ms: 2_000,
             shutdown_grace_ms: 30_000,
             log_level: LogLevel::Info,
+            peers: Vec::new(),
+            peers_dns: None,
+            peer_refresh_ms: 2_000,
+            peer_secret: None,
+            replication_outbox_bytes_max: GIB,
+            anti_entropy_interval_ms: 600_000,
+            peer_probe_interval_ms: 1_000,
+            replication_request_timeout_ms: 30_000,
             namespaces: BTreeMap::new(),
             tokens: Vec::new(),
         }
@@ -449,6 +478,12 @@ pub struct Overrides {
     pub engine_threads: Option<String>,
     /// `--file-serving-mode splice|copy`.
     pub file_serving_mode: Option<String>,
+    /// `--peers host:port,host:port`.
+    pub peers: Option<String>,
+    /// `--peers-dns name:port`.
+    pub peers_dns: Option<String>,
+    /// `--peer-secret SECRET`.
+    pub peer_secret: Option<String>,
 }
 
 /// Where a value came from, for error messages.
@@ -1111,7 +1146,129 @@ static KEYS: &[KeySpec] = &[
         },
         |c| Some(toml_string(c.log_level.as_str())),
     ),
+    flag_key(
+        "peers",
+        "--peers",
+        "a list of peers, each host:port (port 1 to 65535), at most 256: a TOML array of \
+         strings, or one comma-separated string (env, flag)",
+        |c, r| {
+            let list: Vec<String> = match r {
+                Raw::Toml(toml::Value::Array(items)) => items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<_>>()?,
+                _ => r
+                    .text()?
+                    .split(',')
+                    .map(|p| p.trim().to_string())
+                    .filter(|p| !p.is_empty())
+                    .collect(),
+            };
+            if list.len() > PEERS_MAX || !list.iter().all(|p| is_host_port(p)) {
+                return None;
+            }
+            c.peers = list;
+            Some(())
+        },
+        |c| {
+            Some(format!(
+                "[{}]",
+                c.peers
+                    .iter()
+                    .map(|p| toml_string(p))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        },
+    ),
+    flag_key(
+        "peers_dns",
+        "--peers-dns",
+        "a DNS name and port, name:port, e.g. sluice-headless.default.svc:8080",
+        |c, r| {
+            let text = r.text()?;
+            is_host_port(text).then(|| c.peers_dns = Some(text.to_string()))
+        },
+        |c| c.peers_dns.as_deref().map(toml_string),
+    ),
+    key(
+        "peer_refresh_ms",
+        "a whole number of milliseconds from 100 to 3600000",
+        |c, r| {
+            c.peer_refresh_ms = r.uint(100, TIMEOUT_MS_LIMIT)?;
+            Some(())
+        },
+        |c| Some(c.peer_refresh_ms.to_string()),
+    ),
+    flag_key(
+        "peer_secret",
+        "--peer-secret",
+        "a secret of 16 to 1024 bytes of visible ASCII (! to ~), the same on every node",
+        |c, r| {
+            let text = r.text()?;
+            let ok = (SECRET_BYTES_MIN..=SECRET_BYTES_MAX).contains(&text.len())
+                && text.bytes().all(|b| b.is_ascii_graphic());
+            ok.then(|| c.peer_secret = Some(text.to_string()))
+        },
+        // A secret is never printed back.
+        |_| None,
+    ),
+    key(
+        "replication_outbox_bytes_max",
+        "a byte count from 4096 (4 KiB) to 1 TiB: a whole number, or a string with a suffix, \
+         e.g. \"1GiB\"",
+        |c, r| {
+            c.replication_outbox_bytes_max = r.bytes(4 * KIB, TIB)?;
+            Some(())
+        },
+        |c| Some(c.replication_outbox_bytes_max.to_string()),
+    ),
+    key(
+        "anti_entropy_interval_ms",
+        "a whole number of milliseconds from 1000 to 86400000 (one day)",
+        |c, r| {
+            c.anti_entropy_interval_ms = r.uint(1_000, 86_400_000)?;
+            Some(())
+        },
+        |c| Some(c.anti_entropy_interval_ms.to_string()),
+    ),
+    key(
+        "peer_probe_interval_ms",
+        "a whole number of milliseconds from 100 to 3600000",
+        |c, r| {
+            c.peer_probe_interval_ms = r.uint(100, TIMEOUT_MS_LIMIT)?;
+            Some(())
+        },
+        |c| Some(c.peer_probe_interval_ms.to_string()),
+    ),
+    key(
+        "replication_request_timeout_ms",
+        "a whole number of milliseconds from 100 to 3600000",
+        |c, r| {
+            c.replication_request_timeout_ms = r.uint(100, TIMEOUT_MS_LIMIT)?;
+            Some(())
+        },
+        |c| Some(c.replication_request_timeout_ms.to_string()),
+    ),
 ];
+
+/// Most entries in `peers`.
+pub const PEERS_MAX: usize = 256;
+
+/// `host:port` with a non-empty host of name or IP characters (or a bracketed IPv6 literal)
+/// and a port from 1 to 65535.
+fn is_host_port(text: &str) -> bool {
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && (host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+            || (host.starts_with('[') && host.ends_with(']')));
+    host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
 
 const NAMESPACE_KEYS: &[&str] = &["read"];
 const TOKEN_KEYS: &[&str] = &["name", "secret", "secret_env", "access", "namespaces"];
@@ -1226,7 +1383,14 @@ impl Loader {
             }
             None => Err(ConfigError::BadValue {
                 key: spec.name.to_owned(),
-                value: raw.display(),
+                value: if spec.name == "peer_secret" {
+                    match raw.text() {
+                        Some(text) => format!("({} bytes, not shown)", text.len()),
+                        None => "(not a string)".to_string(),
+                    }
+                } else {
+                    raw.display()
+                },
                 source,
                 expected: spec.expected.to_owned(),
             }),
@@ -1546,6 +1710,9 @@ impl Loader {
             ("engine", &overrides.engine),
             ("engine_threads", &overrides.engine_threads),
             ("file_serving_mode", &overrides.file_serving_mode),
+            ("peers", &overrides.peers),
+            ("peers_dns", &overrides.peers_dns),
+            ("peer_secret", &overrides.peer_secret),
         ];
         for (name, value) in texts {
             let Some(value) = value else { continue };
@@ -1591,6 +1758,16 @@ impl Loader {
                 ))
             }
             _ => {}
+        }
+
+        if (!c.peers.is_empty() || c.peers_dns.is_some()) && c.peer_secret.is_none() {
+            return conflict(format!(
+                "config key `peers` (from {}) or `peers_dns` (from {}) is set but `peer_secret` \
+                 is not: every peer API request must carry it; set peer_secret (16 to 1024 \
+                 bytes, the same on every node) with --peer-secret or SLUICE_PEER_SECRET",
+                self.source_of("peers"),
+                self.source_of("peers_dns")
+            ));
         }
 
         if c.uri_bytes_max > c.head_bytes_max {
@@ -2095,6 +2272,7 @@ mod tests {
             engine: Some("fallback".into()),
             engine_threads: Some("8".into()),
             file_serving_mode: Some("copy".into()),
+            ..Overrides::default()
         };
         let config = load_text(None, &vars, &overrides).unwrap();
         assert_eq!(config.listen.to_string(), "0.0.0.0:9000");

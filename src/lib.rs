@@ -12,6 +12,7 @@ pub mod fuzzing;
 pub mod http1;
 pub mod logging;
 pub mod metrics;
+pub mod replication;
 pub mod route;
 pub mod server;
 pub mod store;

@@ -60,6 +60,15 @@ struct ServeArgs {
     /// splice or copy.
     #[arg(long)]
     file_serving_mode: Option<String>,
+    /// Replication peers, host:port,host:port (or SLUICE_PEERS).
+    #[arg(long)]
+    peers: Option<String>,
+    /// A DNS name listing the peers, name:port, re-resolved every peer_refresh_ms.
+    #[arg(long)]
+    peers_dns: Option<String>,
+    /// The secret peers present to each other (or SLUICE_PEER_SECRET; 16+ bytes).
+    #[arg(long)]
+    peer_secret: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -80,6 +89,9 @@ fn main() -> ExitCode {
                 engine: args.engine,
                 engine_threads: args.engine_threads,
                 file_serving_mode: args.file_serving_mode,
+                peers: args.peers,
+                peers_dns: args.peers_dns,
+                peer_secret: args.peer_secret,
             };
             // --config, else SLUICE_CONFIG (the environment form of the flag).
             let config_path = args.config.or_else(|| {

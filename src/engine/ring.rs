@@ -141,6 +141,40 @@ pub struct CoreStats {
     pub iowq_workers_max: AtomicU64,
 }
 
+/// Submits outgoing tasks to the rings from any thread; see
+/// [`RingEngine::submit_task`]. Once the engine stops, every submit is
+/// given back.
+#[derive(Clone)]
+pub struct TaskSubmitter {
+    task_queues: Vec<std::sync::mpsc::SyncSender<OutgoingRequest>>,
+    wakers: Vec<Waker>,
+    next_core: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TaskSubmitter {
+    /// Queue `request` on one of the rings (round robin); a full queue or a
+    /// stopped engine gives it back.
+    pub fn submit(&self, request: OutgoingRequest) -> Result<(), OutgoingRequest> {
+        if self.task_queues.is_empty() || self.stop.load(Ordering::SeqCst) {
+            return Err(request);
+        }
+        let core = self.next_core.fetch_add(1, Ordering::Relaxed) % self.task_queues.len();
+        match self.task_queues[core].try_send(request) {
+            Ok(()) => {
+                if let Some(waker) = self.wakers.get(core) {
+                    waker.wake();
+                }
+                Ok(())
+            }
+            Err(
+                std::sync::mpsc::TrySendError::Full(r)
+                | std::sync::mpsc::TrySendError::Disconnected(r),
+            ) => Err(r),
+        }
+    }
+}
+
 /// The running engine threads.
 pub struct RingEngine {
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -239,6 +273,17 @@ impl RingEngine {
             stats,
             fixed_buffers_note,
         })
+    }
+
+    /// A handle that submits tasks from another thread (the replication
+    /// thread) without owning the engine.
+    pub fn submitter(&self) -> TaskSubmitter {
+        TaskSubmitter {
+            task_queues: self.task_queues.clone(),
+            wakers: self.wakers.clone(),
+            next_core: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            stop: Arc::clone(&self.stop),
+        }
     }
 
     /// Queue an outgoing request on one of the rings (round robin). A full

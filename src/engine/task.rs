@@ -108,9 +108,18 @@ impl Task {
     /// Parse the response received so far: `None` while incomplete.
     /// Without `Content-Length` the body runs to the close (`eof`).
     pub fn response(&self, eof: bool) -> Option<Result<OutgoingResponse, TaskError>> {
+        parse_response(&self.received, eof)
+    }
+}
+
+/// Parse a response received so far: `None` while incomplete. Without
+/// `Content-Length` the body runs to the close (`eof`). Shared by the ring's
+/// tasks and the blocking sender the fallback engine uses.
+pub fn parse_response(received: &[u8], eof: bool) -> Option<Result<OutgoingResponse, TaskError>> {
+    {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut parsed = httparse::Response::new(&mut headers);
-        let head_len = match parsed.parse(&self.received) {
+        let head_len = match parsed.parse(received) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) if eof => {
                 return Some(Err(TaskError::BadResponse("incomplete head")))
@@ -125,7 +134,7 @@ impl Task {
             .find(|h| h.name.eq_ignore_ascii_case("content-length"))
             .and_then(|h| std::str::from_utf8(h.value).ok())
             .and_then(|v| v.trim().parse::<usize>().ok());
-        let body = &self.received[head_len..];
+        let body = &received[head_len..];
         match length {
             Some(len) if body.len() >= len => Some(Ok(OutgoingResponse {
                 status,

@@ -1,0 +1,137 @@
+//! How replication requests reach peers.
+//!
+//! With io_uring, every request is an outgoing task on an engine ring
+//! (`engine::task`): connect, send, read the answer, on the same loop and
+//! under the same bounded tables as public connections. Without rings
+//! (engine = fallback) a few blocking sender threads of their own do the
+//! same, so replication works on any host.
+//!
+//! Each request goes on a fresh connection (`Connection: close`) and the
+//! whole request, body included, is one buffer: see "Not yet" in
+//! docs/replication.md (no keep-alive pool, no file → socket splice).
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::engine::ring::TaskSubmitter;
+use crate::engine::task::{
+    parse_response, Done, OutgoingRequest, TaskError, RESPONSE_BYTES_MAX_DEFAULT,
+    RESPONSE_READ_BYTES,
+};
+
+/// Blocking sender threads when there are no rings.
+pub const BLOCKING_THREADS: usize = 4;
+/// Requests waiting for a blocking sender thread.
+pub const BLOCKING_QUEUE_MAX: usize = 256;
+
+/// Where requests go.
+#[derive(Clone)]
+pub enum Transport {
+    Ring(TaskSubmitter),
+    Blocking(SyncSender<OutgoingRequest>),
+}
+
+impl Transport {
+    /// Run `request`; its `done` is called exactly once, on whichever thread
+    /// finishes it (a refusal calls it here).
+    pub fn submit(&self, request: OutgoingRequest) {
+        let refused = match self {
+            Transport::Ring(submitter) => submitter.submit(request).err(),
+            Transport::Blocking(tx) => match tx.try_send(request) {
+                Ok(()) => None,
+                Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) => Some(r),
+            },
+        };
+        if let Some(request) = refused {
+            (request.done)(Err(TaskError::Refused));
+        }
+    }
+
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Transport::Ring(_) => "tasks on the engine rings",
+            Transport::Blocking(_) => "blocking sender threads (no rings)",
+        }
+    }
+
+    /// Start the blocking sender threads.
+    pub fn blocking() -> std::io::Result<Transport> {
+        let (tx, rx) = sync_channel::<OutgoingRequest>(BLOCKING_QUEUE_MAX);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..BLOCKING_THREADS {
+            let rx = Arc::clone(&rx);
+            std::thread::Builder::new()
+                .name(format!("sluice-peer-send-{i}"))
+                .spawn(move || blocking_loop(&rx))?;
+        }
+        Ok(Transport::Blocking(tx))
+    }
+}
+
+fn blocking_loop(rx: &Mutex<Receiver<OutgoingRequest>>) {
+    loop {
+        let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let Ok(request) = next else {
+            return; // every sender gone: the server is stopping
+        };
+        let outcome = send_blocking(request.addr, &request.request, request.timeout);
+        (request.done)(outcome);
+    }
+}
+
+fn errno_of(err: &std::io::Error) -> i32 {
+    err.raw_os_error().unwrap_or(0)
+}
+
+/// One request on a fresh blocking connection.
+pub fn send_blocking(
+    addr: SocketAddr,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<crate::engine::task::OutgoingResponse, TaskError> {
+    let deadline = Instant::now() + timeout;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            TaskError::TimedOut
+        } else {
+            TaskError::Connect(errno_of(&e))
+        }
+    })?;
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => TaskError::TimedOut,
+        _ => TaskError::Io(errno_of(&e)),
+    };
+    let remaining = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    stream.set_write_timeout(Some(remaining())).map_err(io)?;
+    stream.write_all(request).map_err(io)?;
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; RESPONSE_READ_BYTES];
+    loop {
+        stream.set_read_timeout(Some(remaining())).map_err(io)?;
+        let n = stream.read(&mut buf).map_err(io)?;
+        received.extend_from_slice(&buf[..n]);
+        if let Some(outcome) = parse_response(&received, n == 0) {
+            return outcome;
+        }
+        if received.len() > RESPONSE_BYTES_MAX_DEFAULT {
+            return Err(TaskError::BadResponse("response over the size bound"));
+        }
+        if Instant::now() >= deadline {
+            return Err(TaskError::TimedOut);
+        }
+    }
+}
+
+/// An outgoing request for `transport`.
+pub fn request(addr: SocketAddr, bytes: Vec<u8>, timeout: Duration, done: Done) -> OutgoingRequest {
+    OutgoingRequest {
+        addr,
+        request: bytes,
+        timeout,
+        response_bytes_max: RESPONSE_BYTES_MAX_DEFAULT,
+        done,
+    }
+}
