@@ -18,8 +18,8 @@ use crate::http1::{
     Precondition, RangeOutcome,
 };
 use crate::metrics::{write_metric, Metrics};
-use crate::route::{classify, Action, ArtifactKind, Route, RouteError};
 use crate::replication::Replication;
+use crate::route::{classify, Action, ArtifactKind, Route, RouteError};
 use crate::store::{Artifact, Committed, OpenCache, PutOptions, PutWriter, Store, StoreError};
 
 /// The request facts every decision needs, borrowed from whichever parser
@@ -485,7 +485,7 @@ impl App {
                 if let Some(replication) = self.replication() {
                     let (replication, ns, key) =
                         (Arc::clone(replication), ns.to_string(), key.to_string());
-                    sink.on_commit = Some(OnCommit(Box::new(move |committed| {
+                    sink.set_on_commit(OnCommit(Box::new(move |committed| {
                         replication
                             .record_put(&ns, &key, committed.write_time_ms)
                             .err()
@@ -629,7 +629,10 @@ fn store_error(err: &StoreError) -> Reply {
 /// Runs once a PUT is published, before the client's reply: replication
 /// records the write in its outbox here. `Some(reply)` replaces the 2xx
 /// (the write is visible but was not acknowledged).
-pub struct OnCommit(pub Box<dyn FnOnce(&Committed) -> Option<Reply> + Send>);
+pub struct OnCommit(pub CommitHook);
+
+/// The function inside an [`OnCommit`].
+pub type CommitHook = Box<dyn FnOnce(&Committed) -> Option<Reply> + Send>;
 
 impl std::fmt::Debug for OnCommit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -644,8 +647,15 @@ pub struct PutSink {
     writer: Option<PutWriter>,
     received_bytes: u64,
     body_bytes_max: u64,
+    /// Replication's additions, boxed: most sinks have none, and every
+    /// sink travels inside a `Decision`.
+    hooks: Option<Box<SinkHooks>>,
+}
+
+#[derive(Debug, Default)]
+struct SinkHooks {
     /// Called after a successful commit.
-    pub on_commit: Option<OnCommit>,
+    on_commit: Option<OnCommit>,
     /// Read the body and throw it away, then answer this (a replicated
     /// write older than what this node holds).
     discard: Option<Reply>,
@@ -657,9 +667,17 @@ impl PutSink {
             writer: Some(writer),
             received_bytes: 0,
             body_bytes_max,
-            on_commit: None,
-            discard: None,
+            hooks: None,
         }
+    }
+
+    /// Run `hook` after a successful commit, before the reply.
+    pub fn set_on_commit(&mut self, hook: OnCommit) {
+        self.hooks.get_or_insert_with(Box::default).on_commit = Some(hook);
+    }
+
+    fn discarding_reply(&self) -> bool {
+        self.hooks.as_ref().is_some_and(|h| h.discard.is_some())
     }
 
     /// A sink that reads up to `body_bytes_max` bytes, stores nothing and
@@ -669,8 +687,10 @@ impl PutSink {
             writer: None,
             received_bytes: 0,
             body_bytes_max,
-            on_commit: None,
-            discard: Some(reply),
+            hooks: Some(Box::new(SinkHooks {
+                on_commit: None,
+                discard: Some(reply),
+            })),
         }
     }
 
@@ -688,7 +708,7 @@ impl PutSink {
     /// front end sends it and closes the connection; nothing is stored.
     #[allow(clippy::result_large_err)] // see `App::authorize`
     pub fn write(&mut self, data: &[u8]) -> Result<(), Reply> {
-        if self.discard.is_some() {
+        if self.discarding_reply() {
             self.received_bytes += data.len() as u64;
             return Ok(());
         }
@@ -716,7 +736,7 @@ impl PutSink {
     /// The body is complete: verify, publish and answer. 201 for a new
     /// artifact, 204 when it replaced one (as nginx's WebDAV PUT does).
     pub fn finish(mut self) -> Reply {
-        if let Some(reply) = self.discard.take() {
+        if let Some(reply) = self.hooks.as_mut().and_then(|h| h.discard.take()) {
             return reply;
         }
         let Some(writer) = self.writer.take() else {
@@ -724,7 +744,7 @@ impl PutSink {
         };
         match writer.commit() {
             Ok(committed) => {
-                if let Some(hook) = self.on_commit.take() {
+                if let Some(hook) = self.hooks.as_mut().and_then(|h| h.on_commit.take()) {
                     if let Some(reply) = (hook.0)(&committed) {
                         return reply;
                     }

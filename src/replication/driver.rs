@@ -20,7 +20,7 @@ use super::outbox::{Op, Record};
 use super::policy::{Action, Membership, Next, PeerPolicy, PeerState, Rng, Transition};
 use super::summary::{self, Entry};
 use super::transport::{self, Transport};
-use super::{Replication, PeerView, AUTH_SCHEME};
+use super::{PeerView, Replication, AUTH_SCHEME};
 
 /// Bytes of request bodies in flight at once, over all peers: bounds the
 /// memory replication holds (a single larger body still goes alone).
@@ -104,6 +104,11 @@ struct PeerRun {
     last_error: Option<String>,
     repairs: VecDeque<Entry>,
     repairs_in_flight: usize,
+    /// Keys of the entries in flight (by outbox offset). A key is never in
+    /// flight twice to one peer: a PUT and the DELETE after it could
+    /// otherwise arrive swapped, and without tombstones the peer would keep
+    /// the artifact.
+    keys_in_flight: BTreeMap<u64, (String, String)>,
 }
 
 struct Driver {
@@ -273,6 +278,7 @@ impl Driver {
                             last_error: None,
                             repairs: VecDeque::new(),
                             repairs_in_flight: 0,
+                            keys_in_flight: BTreeMap::new(),
                         },
                     );
                     tracing::info!(%peer, %addr, "peer joined the set");
@@ -303,9 +309,11 @@ impl Driver {
                 format!("peer=\"{peer}\",to=\"{}\"", to.as_str()),
                 1,
             );
-            self.r
-                .series
-                .set("sluice_peer_up", label(peer), u64::from(to == PeerState::Up));
+            self.r.series.set(
+                "sluice_peer_up",
+                label(peer),
+                u64::from(to == PeerState::Up),
+            );
             self.count_reconciles();
         }
     }
@@ -334,7 +342,9 @@ impl Driver {
                     let addr = run.addr;
                     match self.r.outbox.clear_overflow(name) {
                         Ok(pos) => run.policy.cursor.jump(pos),
-                        Err(err) => tracing::warn!(error = %err, "outbox: cannot clear an overflow"),
+                        Err(err) => {
+                            tracing::warn!(error = %err, "outbox: cannot clear an overflow")
+                        }
                     }
                     if self
                         .ae_tx
@@ -367,7 +377,10 @@ impl Driver {
     }
 
     fn auth_header(&self) -> String {
-        format!("Authorization: {AUTH_SCHEME} {}\r\n", self.r.settings.peer_secret)
+        format!(
+            "Authorization: {AUTH_SCHEME} {}\r\n",
+            self.r.settings.peer_secret
+        )
     }
 
     fn count_attempt(&self, peer: &str, retried: bool) {
@@ -382,13 +395,17 @@ impl Driver {
     }
 
     fn probe(&mut self, name: &str, retried: bool) {
-        let Some(run) = self.peers.get(name) else { return };
+        let Some(run) = self.peers.get(name) else {
+            return;
+        };
         let addr = run.addr;
         let req = format!(
             "GET /_peer/v1/hello HTTP/1.1\r\nHost: {addr}\r\n{}Connection: close\r\n\r\n",
             self.auth_header()
         );
-        self.r.series.add("sluice_peer_probes_total", label(name), 1);
+        self.r
+            .series
+            .add("sluice_peer_probes_total", label(name), 1);
         self.count_attempt(name, retried);
         let tx = self.tx.clone();
         let peer = name.to_string();
@@ -425,7 +442,12 @@ impl Driver {
         }
     }
 
-    fn build_put(&self, addr: SocketAddr, ns: &str, key: &str) -> Result<Option<(Vec<u8>, u64)>, ()> {
+    fn build_put(
+        &self,
+        addr: SocketAddr,
+        ns: &str,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, u64)>, ()> {
         let artifact = match self.store.get(ns, key) {
             Ok(Some(a)) => a,
             Ok(None) => return Ok(None),
@@ -477,10 +499,25 @@ impl Driver {
                 return false;
             }
         };
+        let busy = self.peers.get(name).is_some_and(|run| {
+            run.keys_in_flight
+                .iter()
+                .any(|(&at, (ns, key))| at != start && *ns == record.ns && *key == record.key)
+        });
+        if busy {
+            return false; // after the earlier entry for this key is answered
+        }
         self.send_record(name, start, end, &record, false)
     }
 
-    fn send_record(&mut self, name: &str, start: u64, end: u64, record: &Record, retried: bool) -> bool {
+    fn send_record(
+        &mut self,
+        name: &str,
+        start: u64,
+        end: u64,
+        record: &Record,
+        retried: bool,
+    ) -> bool {
         let Some(addr) = self.peers.get(name).map(|r| r.addr) else {
             return false;
         };
@@ -494,10 +531,12 @@ impl Driver {
             }
             Err(()) => return false,
         };
-        if !retried {
-            if let Some(run) = self.peers.get_mut(name) {
+        if let Some(run) = self.peers.get_mut(name) {
+            if !retried {
                 run.policy.cursor.on_sent(start, end);
             }
+            run.keys_in_flight
+                .insert(start, (record.ns.clone(), record.key.clone()));
         }
         self.in_flight_bytes += body;
         self.count_attempt(name, retried);
@@ -523,14 +562,18 @@ impl Driver {
 
     fn send_repairs(&mut self, name: &str) {
         loop {
-            let Some(run) = self.peers.get_mut(name) else { return };
+            let Some(run) = self.peers.get_mut(name) else {
+                return;
+            };
             if run.policy.state != PeerState::Up
                 || run.policy.backoff.failures() > 0
                 || run.repairs_in_flight >= REPAIR_WINDOW_MAX
             {
                 return;
             }
-            let Some(entry) = run.repairs.pop_front() else { return };
+            let Some(entry) = run.repairs.pop_front() else {
+                return;
+            };
             let addr = run.addr;
             let built = match self.build_put(addr, &entry.ns, &entry.key) {
                 Ok(Some(built)) => built,
@@ -581,12 +624,18 @@ impl Driver {
                     }
                 }
                 let node_id = self.r.node_id.clone();
-                let Some(run) = self.peers.get_mut(&peer) else { return };
+                let Some(run) = self.peers.get_mut(&peer) else {
+                    return;
+                };
                 let result = match &outcome {
                     Ok(resp) if resp.status == 200 => {
                         let myself = serde_json::from_slice::<serde_json::Value>(&resp.body)
                             .ok()
-                            .and_then(|v| v.get("node_id").and_then(|n| n.as_str()).map(str::to_string))
+                            .and_then(|v| {
+                                v.get("node_id")
+                                    .and_then(|n| n.as_str())
+                                    .map(str::to_string)
+                            })
                             .is_some_and(|id| id == node_id);
                         Some(!myself)
                     }
@@ -625,7 +674,10 @@ impl Driver {
                     }
                 }
                 let verdict = self.classify(&peer, &outcome, bytes);
-                let Some(run) = self.peers.get_mut(&peer) else { return };
+                let Some(run) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                run.keys_in_flight.remove(&start);
                 let state = match verdict {
                     Verdict::Refused => {
                         run.policy.cursor.on_fail(start);
@@ -647,7 +699,9 @@ impl Driver {
             } => {
                 self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
                 let verdict = self.classify(&peer, &outcome, bytes);
-                let Some(run) = self.peers.get_mut(&peer) else { return };
+                let Some(run) = self.peers.get_mut(&peer) else {
+                    return;
+                };
                 run.repairs_in_flight = run.repairs_in_flight.saturating_sub(1);
                 match verdict {
                     Verdict::Done => {
@@ -667,7 +721,9 @@ impl Driver {
                 }
             }
             Event::AntiEntropyDone { peer, result } => {
-                let Some(run) = self.peers.get_mut(&peer) else { return };
+                let Some(run) = self.peers.get_mut(&peer) else {
+                    return;
+                };
                 match result {
                     Ok(report) => {
                         tracing::info!(
@@ -733,7 +789,9 @@ impl Driver {
                     .add("sluice_replication_sent_bytes_total", label(peer), bytes);
                 Verdict::Done
             }
-            Ok(resp) if (400..500).contains(&resp.status) && ![401, 408, 429].contains(&resp.status) => {
+            Ok(resp)
+                if (400..500).contains(&resp.status) && ![401, 408, 429].contains(&resp.status) =>
+            {
                 // The peer says it will never take this entry (bad name,
                 // digest mismatch, too large): retrying cannot help.
                 count("rejected");
@@ -756,7 +814,10 @@ impl Driver {
             Err(err) => {
                 count("failed");
                 Verdict::Failed {
-                    down: matches!(err, TaskError::Connect(_) | TaskError::Io(_) | TaskError::TimedOut),
+                    down: matches!(
+                        err,
+                        TaskError::Connect(_) | TaskError::Io(_) | TaskError::TimedOut
+                    ),
                     why: err.to_string(),
                 }
             }
@@ -816,7 +877,12 @@ fn fetch(
 /// A peer query, waiting while the peer computes it (503) and serving our
 /// own pending queries meanwhile, so two nodes comparing with each other at
 /// once never wait on each other.
-fn query(r: &Replication, transport: &Transport, addr: SocketAddr, path: &str) -> Result<Vec<u8>, String> {
+fn query(
+    r: &Replication,
+    transport: &Transport,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<Vec<u8>, String> {
     let deadline = Instant::now() + QUERY_WAIT;
     loop {
         let resp = fetch(transport, addr, path, &r.settings.peer_secret)?;
@@ -831,7 +897,12 @@ fn query(r: &Replication, transport: &Transport, addr: SocketAddr, path: &str) -
     }
 }
 
-fn anti_entropy_loop(r: &Replication, transport: &Transport, rx: &Receiver<AeJob>, tx: &Sender<Event>) {
+fn anti_entropy_loop(
+    r: &Replication,
+    transport: &Transport,
+    rx: &Receiver<AeJob>,
+    tx: &Sender<Event>,
+) {
     while let Ok(job) = rx.recv() {
         match job {
             AeJob::Serve => r.summaries.serve_pending(),
@@ -844,7 +915,11 @@ fn anti_entropy_loop(r: &Replication, transport: &Transport, rx: &Receiver<AeJob
 }
 
 /// Compare summaries with the peer at `addr` and list what it lacks.
-fn compare(r: &Replication, transport: &Transport, addr: SocketAddr) -> Result<AntiEntropyReport, String> {
+fn compare(
+    r: &Replication,
+    transport: &Transport,
+    addr: SocketAddr,
+) -> Result<AntiEntropyReport, String> {
     let data_dir = r.summaries.data_dir();
     let ours = summary::compute(data_dir).map_err(|e| e.to_string())?;
     let theirs = query(r, transport, addr, "/_peer/v1/summary")?;
@@ -863,11 +938,17 @@ fn compare(r: &Replication, transport: &Transport, addr: SocketAddr) -> Result<A
         let our_list = summary::list(data_dir, &set).map_err(|e| e.to_string())?;
         let path = format!(
             "/_peer/v1/buckets/{}",
-            chunk.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")
+            chunk
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         );
         let their_list = query(r, transport, addr, &path)?;
         let their_list = summary::decode_listing(&their_list).ok_or("malformed listing")?;
-        report.repairs.extend(summary::to_repair(&our_list, &their_list));
+        report
+            .repairs
+            .extend(summary::to_repair(&our_list, &their_list));
         if report.repairs.len() >= REPAIRS_MAX {
             report.repairs.truncate(REPAIRS_MAX);
             report.incomplete = true;

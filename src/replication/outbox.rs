@@ -184,7 +184,7 @@ impl Outbox {
                 last.len = good_len;
             }
             let text = String::from_utf8_lossy(&tail[..keep]);
-            if let Some(record) = text.lines().filter_map(Record::parse).last() {
+            if let Some(record) = text.lines().filter_map(Record::parse).next_back() {
                 next_seq = record.seq + 1;
             }
         }
@@ -367,12 +367,16 @@ impl Outbox {
         let mut buf = vec![0u8; want];
         file.read_exact_at(&mut buf, pos - base)?;
         let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
-            return Err(io::Error::other(format!("outbox record at {pos} has no end")));
+            return Err(io::Error::other(format!(
+                "outbox record at {pos} has no end"
+            )));
         };
         let line = std::str::from_utf8(&buf[..nl]).map_err(io::Error::other)?;
         match Record::parse(line) {
             Some(record) => Ok(Some((record, pos + nl as u64 + 1))),
-            None => Err(io::Error::other(format!("outbox record at {pos} is damaged"))),
+            None => Err(io::Error::other(format!(
+                "outbox record at {pos} is damaged"
+            ))),
         }
     }
 
@@ -498,7 +502,10 @@ mod tests {
         ob.append(Op::Put, "ns", "k1", 5).unwrap();
         ob.append(Op::Delete, "ns", "k2", 6).unwrap();
         let (r1, next) = ob.read_at(0).unwrap().unwrap();
-        assert_eq!((r1.op, r1.key.as_str(), r1.write_time_ms), (Op::Put, "k1", 5));
+        assert_eq!(
+            (r1.op, r1.key.as_str(), r1.write_time_ms),
+            (Op::Put, "k1", 5)
+        );
         let (r2, end) = ob.read_at(next).unwrap().unwrap();
         assert_eq!((r2.op, r2.seq), (Op::Delete, 1));
         assert_eq!(ob.read_at(end).unwrap(), None);
@@ -549,6 +556,12 @@ mod tests {
         let ob = Outbox::open(&dir, false, OUTBOX_BYTES_MIN).unwrap();
         assert!(ob.mark("dead:1").unwrap().overflow);
         let end = ob.clear_overflow("dead:1").unwrap();
-        assert_eq!(ob.mark("dead:1").unwrap(), PeerMark { acked: end, overflow: false });
+        assert_eq!(
+            ob.mark("dead:1").unwrap(),
+            PeerMark {
+                acked: end,
+                overflow: false
+            }
+        );
     }
 }

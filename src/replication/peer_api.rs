@@ -28,9 +28,7 @@ use super::Replication;
 /// Handle a request whose path starts with `/_peer/`; `rest` follows it.
 pub fn handle(app: &App, req: &RequestInfo<'_>, rest: &str) -> Decision {
     let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
-    let reply = |r: Reply| {
-        Decision::Reply(if has_body { r.closing() } else { r })
-    };
+    let reply = |r: Reply| Decision::Reply(if has_body { r.closing() } else { r });
     let Some(replication) = app.replication() else {
         return reply(Reply::error(404, "this node has no peers configured"));
     };
@@ -57,14 +55,16 @@ pub fn handle(app: &App, req: &RequestInfo<'_>, rest: &str) -> Decision {
         ("PUT", ["v1", "put", ns, key, time, sha]) => {
             put(app, replication, req, ns, key, time, sha, &count)
         }
-        ("DELETE", ["v1", "delete", ns, key, time]) => {
-            reply(delete(app, ns, key, time, &count))
-        }
+        ("DELETE", ["v1", "delete", ns, key, time]) => reply(delete(app, ns, key, time, &count)),
         ("GET", ["v1", "summary"]) => reply(query(replication, Query::Summary, &count)),
         ("GET", ["v1", "buckets", list]) => {
             let buckets: Option<Vec<u16>> = list
                 .split(',')
-                .map(|b| b.parse::<u16>().ok().filter(|&b| (b as usize) < super::summary::BUCKETS))
+                .map(|b| {
+                    b.parse::<u16>()
+                        .ok()
+                        .filter(|&b| (b as usize) < super::summary::BUCKETS)
+                })
                 .collect();
             match buckets {
                 Some(b) if !b.is_empty() && b.len() <= super::summary::QUERY_BUCKETS_MAX => {
@@ -72,7 +72,10 @@ pub fn handle(app: &App, req: &RequestInfo<'_>, rest: &str) -> Decision {
                 }
                 _ => {
                     count("bad");
-                    reply(Reply::error(400, "bucket list: comma-separated numbers below 4096"))
+                    reply(Reply::error(
+                        400,
+                        "bucket list: comma-separated numbers below 4096",
+                    ))
                 }
             }
         }
@@ -83,6 +86,7 @@ pub fn handle(app: &App, req: &RequestInfo<'_>, rest: &str) -> Decision {
     }
 }
 
+#[allow(clippy::result_large_err)] // the error is the reply, as in `App`
 fn parse_write(ns: &str, key: &str, time: &str) -> Result<u64, Reply> {
     if !valid_namespace(ns) || !valid_key(key) {
         return Err(Reply::error(400, "invalid namespace or key"));
@@ -143,7 +147,7 @@ fn put(
         Ok(writer) => {
             let mut sink = PutSink::new(writer, body_bytes_max);
             let series_ok = std::sync::Arc::clone(app.replication().expect("checked above"));
-            sink.on_commit = Some(crate::app::OnCommit(Box::new(move |committed| {
+            sink.set_on_commit(crate::app::OnCommit(Box::new(move |committed| {
                 series_ok.series.add(
                     "sluice_replication_received_requests_total",
                     "result=\"stored\"".to_string(),

@@ -68,7 +68,8 @@ impl Backoff {
 
     /// The current window (0 when healthy), for `sluice_peer_backoff_seconds`.
     pub fn remaining(&self, now: Instant) -> Duration {
-        self.until.map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
+        self.until
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
     }
 
     /// A failure at `now`: returns when the next attempt may start.
@@ -488,7 +489,10 @@ mod tests {
         assert!(m.observe("a:1", PeerState::Down).is_some());
         assert_eq!(m.set_peers(&["b:1".to_string()]).len(), 1);
         assert_eq!(m.state("a:1"), None);
-        assert!(m.observe("a:1", PeerState::Up).is_none(), "gone peers are ignored");
+        assert!(
+            m.observe("a:1", PeerState::Up).is_none(),
+            "gone peers are ignored"
+        );
         assert!(m.observe("b:1", PeerState::Myself).is_some());
         assert!(m.observe("b:1", PeerState::Up).is_none(), "self stays self");
     }
@@ -630,7 +634,11 @@ mod tests {
                 Action::Idle => now += ms(100),
             }
         }
-        assert_eq!(p.cursor.acked(), end, "seed {seed}: everything acknowledged");
+        assert_eq!(
+            p.cursor.acked(),
+            end,
+            "seed {seed}: everything acknowledged"
+        );
         assert!(
             appended.is_subset(&acked_by_peer),
             "seed {seed}: an entry was never taken"

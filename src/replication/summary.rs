@@ -220,7 +220,9 @@ impl Cache {
     pub fn get_or_request(&self, q: &Query) -> Option<Arc<Vec<u8>>> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
-        inner.0.retain(|(_, at, _)| now.duration_since(*at) < CACHE_FRESH);
+        inner
+            .0
+            .retain(|(_, at, _)| now.duration_since(*at) < CACHE_FRESH);
         if let Some((_, _, body)) = inner.0.iter().find(|(query, _, _)| query == q) {
             return Some(Arc::clone(body));
         }
@@ -245,9 +247,8 @@ impl Cache {
 
     /// Compute every queued query (on the anti-entropy thread).
     pub fn serve_pending(&self) {
-        let pending = std::mem::take(
-            &mut self.inner.lock().unwrap_or_else(PoisonError::into_inner).1,
-        );
+        let pending =
+            std::mem::take(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner).1);
         for q in pending {
             let body = match &q {
                 Query::Summary => compute(&self.data_dir).map(|s| encode_summary(&s)),
@@ -264,7 +265,9 @@ impl Cache {
                     }
                     inner.0.push((q, Instant::now(), Arc::new(body)));
                 }
-                Err(err) => tracing::warn!(error = %err, "anti-entropy: cannot walk the data directory"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "anti-entropy: cannot walk the data directory")
+                }
             }
         }
     }
@@ -303,7 +306,12 @@ mod tests {
 
     #[test]
     fn repairs_send_missing_and_newer_only() {
-        let ours = vec![e("a", "k1", 5, 1), e("a", "k2", 5, 1), e("a", "k3", 5, 1), e("cas", "x", 9, 1)];
+        let ours = vec![
+            e("a", "k1", 5, 1),
+            e("a", "k2", 5, 1),
+            e("a", "k3", 5, 1),
+            e("cas", "x", 9, 1),
+        ];
         let theirs = vec![e("a", "k2", 6, 1), e("a", "k3", 4, 1), e("cas", "x", 1, 2)];
         let repairs = to_repair(&ours, &theirs);
         let got: Vec<&str> = repairs.iter().map(|e| e.key.as_str()).collect();

@@ -104,7 +104,11 @@ pub fn send_blocking(
         std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => TaskError::TimedOut,
         _ => TaskError::Io(errno_of(&e)),
     };
-    let remaining = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let remaining = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
     stream.set_write_timeout(Some(remaining())).map_err(io)?;
     stream.write_all(request).map_err(io)?;
     let mut received = Vec::new();

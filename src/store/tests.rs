@@ -232,7 +232,11 @@ fn digest_and_length_mismatch_store_nothing() {
         w.write(data).unwrap();
         assert_eq!(w.commit().unwrap().write_time_ms, 1_234_567);
         let kept = store.get("cas", "bb").unwrap().unwrap();
-        assert_eq!(kept.write_time_ms().unwrap(), 1_234_567, "a given write time is kept");
+        assert_eq!(
+            kept.write_time_ms().unwrap(),
+            1_234_567,
+            "a given write time is kept"
+        );
         assert_eq!(files(dir.path()), BTreeSet::from(["cas/bb/bb".to_string()]));
         assert_eq!(store.stats().entries, 1);
     }
