@@ -584,3 +584,39 @@ fn a_short_peer_secret_is_a_config_error_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("peer_secret"));
 }
+
+#[test]
+fn replication_works_without_io_uring_and_with_a_dns_peer_list() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ports = free_ports(2);
+    // A runs the portable engine (blocking senders) and finds B by a DNS
+    // name; B runs the rings and lists A statically.
+    let a_node = server()
+        .no_tls()
+        .listen(&addr(ports[0]))
+        .data_dir(&tmp.path().join("a"))
+        .arg("--engine")
+        .arg("fallback")
+        .arg("--peers-dns")
+        .arg(&format!("localhost:{}", ports[1]))
+        .env("SLUICE_PEER_SECRET", SECRET)
+        .env("SLUICE_PEER_REFRESH_MS", "200")
+        .start();
+    let b_node = node(ports[1], &tmp.path().join("b"), &[ports[0]], &[]);
+    let (a, b) = (a_node.addr, b_node.addr);
+    let arts: Vec<Artifact> = (0..20u64).map(|i| artifact(7000 + i, 10_000 + i as usize)).collect();
+    for (i, art) in arts.iter().enumerate() {
+        // Both directions: through the fallback's senders and the rings.
+        put_ok(if i % 2 == 0 { a } else { b }, art);
+    }
+    for art in &arts {
+        for n in [a, b] {
+            wait_for(&format!("{} everywhere", art.path), Duration::from_secs(30), || holds(n, art));
+        }
+    }
+    let status: serde_json::Value =
+        serde_json::from_slice(&http(a, "GET", "/status", &[], b"").body).expect("json");
+    assert_eq!(status["engine"]["io_uring"], false);
+    let peers = status["replication"]["peers"].as_array().expect("peers");
+    assert!(peers.iter().any(|p| p["peer"] == format!("127.0.0.1:{}", ports[1]) && p["state"] == "up"));
+}

@@ -34,6 +34,8 @@ pub const REPAIR_WINDOW_MAX: usize = 4;
 const TICK: Duration = Duration::from_millis(200);
 /// Cursors are written at most this often (a stale one only re-sends).
 const PERSIST_EVERY: Duration = Duration::from_millis(200);
+/// Pause after the transport refused a request (its queue was full).
+const REFUSED_PAUSE: Duration = Duration::from_millis(50);
 /// How long a probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Anti-entropy waits this long at most for a peer to compute an answer.
@@ -109,6 +111,9 @@ struct PeerRun {
     /// otherwise arrive swapped, and without tombstones the peer would keep
     /// the artifact.
     keys_in_flight: BTreeMap<u64, (String, String)>,
+    /// The transport refused a request (engine queue full): wait a little
+    /// before the next, rather than spin on the refusal.
+    paused_until: Option<Instant>,
 }
 
 struct Driver {
@@ -279,6 +284,7 @@ impl Driver {
                             repairs: VecDeque::new(),
                             repairs_in_flight: 0,
                             keys_in_flight: BTreeMap::new(),
+                            paused_until: None,
                         },
                     );
                     tracing::info!(%peer, %addr, "peer joined the set");
@@ -327,6 +333,11 @@ impl Driver {
                     run.policy.cursor.jump(mark.acked);
                     run.policy.anti_entropy_due = true;
                 }
+            }
+        }
+        if let Some(until) = self.peers.get(name).and_then(|r| r.paused_until) {
+            if now < until {
+                return Some(until);
             }
         }
         for _ in 0..64 {
@@ -681,6 +692,7 @@ impl Driver {
                 let state = match verdict {
                     Verdict::Refused => {
                         run.policy.cursor.on_fail(start);
+                        run.paused_until = Some(now + REFUSED_PAUSE);
                         return;
                     }
                     Verdict::Done => run.policy.on_send(now, start, Ok(()), &mut self.rng),
