@@ -110,7 +110,10 @@ pub fn run(config: Config) -> Result<(), ServeError> {
             // Rings when they run; otherwise replication brings its own
             // blocking sender threads (engine = fallback).
             let transport = match engine.task_submitter() {
-                Some(submitter) => crate::replication::transport::Transport::Ring(submitter),
+                Some(submitter) => crate::replication::transport::Transport::Ring {
+                    submitter,
+                    splice: sluice_uring::probe().supports("splice"),
+                },
                 None => crate::replication::transport::Transport::blocking().map_err(|e| {
                     ServeError(format!("cannot start the replication senders: {e}"))
                 })?,

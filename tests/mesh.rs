@@ -310,6 +310,9 @@ fn a_node_killed_before_a_burst_converges_after_restart() {
 fn a_node_killed_mid_replication_finishes_from_its_outbox() {
     let mut mesh = Mesh::start(3, &[]);
     let a = mesh.addr(0);
+    wait_for("A to see its peers up", Duration::from_secs(20), || {
+        metric(a, "sluice_peer_up", &[]) == 2.0
+    });
     let arts: Vec<Artifact> = (0..80u64).map(|i| artifact(4000 + i, 256 * 1024)).collect();
     for art in &arts {
         put_ok(a, art);
@@ -322,11 +325,24 @@ fn a_node_killed_mid_replication_finishes_from_its_outbox() {
         .count();
     println!("at the kill, B held {on_b_at_kill} of {}", arts.len());
     mesh.restart(0, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
     for i in [1, 2] {
         let addr = mesh.addr(i);
-        wait_for("everything on B and C", Duration::from_secs(60), || {
-            arts.iter().all(|art| holds(addr, art))
-        });
+        while !arts.iter().all(|art| holds(addr, art)) {
+            if Instant::now() > deadline {
+                let status = http(mesh.addr(0), "GET", "/status", &[], b"");
+                let missing = arts.iter().filter(|art| !holds(addr, art)).count();
+                panic!(
+                    "node {i} misses {missing}; A's status: {}\nA's log: {}",
+                    String::from_utf8_lossy(&status.body),
+                    mesh.nodes[0]
+                        .as_ref()
+                        .map(|s| s.stderr())
+                        .unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -604,19 +620,27 @@ fn replication_works_without_io_uring_and_with_a_dns_peer_list() {
         .start();
     let b_node = node(ports[1], &tmp.path().join("b"), &[ports[0]], &[]);
     let (a, b) = (a_node.addr, b_node.addr);
-    let arts: Vec<Artifact> = (0..20u64).map(|i| artifact(7000 + i, 10_000 + i as usize)).collect();
+    let arts: Vec<Artifact> = (0..20u64)
+        .map(|i| artifact(7000 + i, 10_000 + i as usize))
+        .collect();
     for (i, art) in arts.iter().enumerate() {
         // Both directions: through the fallback's senders and the rings.
         put_ok(if i % 2 == 0 { a } else { b }, art);
     }
     for art in &arts {
         for n in [a, b] {
-            wait_for(&format!("{} everywhere", art.path), Duration::from_secs(30), || holds(n, art));
+            wait_for(
+                &format!("{} everywhere", art.path),
+                Duration::from_secs(30),
+                || holds(n, art),
+            );
         }
     }
     let status: serde_json::Value =
         serde_json::from_slice(&http(a, "GET", "/status", &[], b"").body).expect("json");
     assert_eq!(status["engine"]["io_uring"], false);
     let peers = status["replication"]["peers"].as_array().expect("peers");
-    assert!(peers.iter().any(|p| p["peer"] == format!("127.0.0.1:{}", ports[1]) && p["state"] == "up"));
+    assert!(peers
+        .iter()
+        .any(|p| p["peer"] == format!("127.0.0.1:{}", ports[1]) && p["state"] == "up"));
 }

@@ -51,11 +51,23 @@ impl std::fmt::Display for TaskError {
 /// Called once, on the engine thread, with the outcome.
 pub type Done = Box<dyn FnOnce(Result<OutgoingResponse, TaskError>) + Send>;
 
+/// A request body taken from a file range: the ring splices it file ->
+/// pipe -> socket, with no copy through user space.
+pub struct FileBody {
+    pub file: std::sync::Arc<std::fs::File>,
+    /// Where the body starts in `file`, bytes.
+    pub offset: u64,
+    pub len: u64,
+}
+
 /// An outgoing HTTP/1.1 request for a ring to run.
 pub struct OutgoingRequest {
     pub addr: SocketAddr,
-    /// The whole request: head and body, as it goes on the wire.
+    /// The request as it goes on the wire: head and body, or only the head
+    /// when `body_file` carries the body.
     pub request: Vec<u8>,
+    /// The body, sent after `request`, straight from a file.
+    pub body_file: Option<FileBody>,
     pub timeout: Duration,
     pub response_bytes_max: usize,
     pub done: Done,
@@ -69,6 +81,7 @@ impl OutgoingRequest {
         OutgoingRequest {
             addr,
             request,
+            body_file: None,
             timeout,
             response_bytes_max: RESPONSE_BYTES_MAX_DEFAULT,
             done,
@@ -81,6 +94,10 @@ impl OutgoingRequest {
 pub enum TaskState {
     Connecting,
     Sending,
+    /// Body: a chunk of the file is being spliced into the pipe.
+    SplicingIn,
+    /// Body: the pipe is being spliced into the socket.
+    SplicingOut,
     Receiving,
 }
 
@@ -89,6 +106,8 @@ pub struct Task {
     pub request: OutgoingRequest,
     pub state: TaskState,
     pub sent: usize,
+    /// Body bytes spliced to the socket so far.
+    pub body_sent: u64,
     pub received: Vec<u8>,
     pub deadline: Instant,
 }
@@ -100,6 +119,7 @@ impl Task {
             request,
             state: TaskState::Connecting,
             sent: 0,
+            body_sent: 0,
             received: Vec::new(),
             deadline,
         }

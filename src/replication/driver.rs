@@ -6,14 +6,16 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::engine::task::{OutgoingResponse, TaskError};
+use crate::engine::task::{FileBody, OutgoingResponse, TaskError};
+
+/// A request ready to go: head (or whole request), file body, body bytes.
+type Built = (Vec<u8>, Option<FileBody>, u64);
 use crate::store::Store;
 
 use super::outbox::{Op, Record};
@@ -22,9 +24,6 @@ use super::summary::{self, Entry};
 use super::transport::{self, Transport};
 use super::{PeerView, Replication, AUTH_SCHEME};
 
-/// Bytes of request bodies in flight at once, over all peers: bounds the
-/// memory replication holds (a single larger body still goes alone).
-pub const IN_FLIGHT_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Repairs queued from one anti-entropy run per peer; more wait for the
 /// next run.
 pub const REPAIRS_MAX: usize = 10_000;
@@ -423,6 +422,7 @@ impl Driver {
         self.transport.submit(transport::request(
             addr,
             req.into_bytes(),
+            None,
             PROBE_TIMEOUT,
             Box::new(move |outcome| {
                 let _ = tx.send(Event::Probe {
@@ -436,7 +436,7 @@ impl Driver {
 
     /// Build the request for `record`: `None` when nothing needs sending
     /// (the artifact is gone since), `Err` to wait (memory bound).
-    fn build(&self, addr: SocketAddr, record: &Record) -> Result<Option<(Vec<u8>, u64)>, ()> {
+    fn build(&self, addr: SocketAddr, record: &Record) -> Result<Option<Built>, ()> {
         match record.op {
             Op::Delete => Ok(Some((
                 format!(
@@ -447,18 +447,14 @@ impl Driver {
                     self.auth_header()
                 )
                 .into_bytes(),
+                None,
                 0,
             ))),
             Op::Put => self.build_put(addr, &record.ns, &record.key),
         }
     }
 
-    fn build_put(
-        &self,
-        addr: SocketAddr,
-        ns: &str,
-        key: &str,
-    ) -> Result<Option<(Vec<u8>, u64)>, ()> {
+    fn build_put(&self, addr: SocketAddr, ns: &str, key: &str) -> Result<Option<Built>, ()> {
         let artifact = match self.store.get(ns, key) {
             Ok(Some(a)) => a,
             Ok(None) => return Ok(None),
@@ -467,9 +463,6 @@ impl Driver {
                 return Ok(None);
             }
         };
-        if self.in_flight_bytes > 0 && self.in_flight_bytes + artifact.len > IN_FLIGHT_BYTES_MAX {
-            return Err(());
-        }
         let write_time_ms = artifact.write_time_ms().unwrap_or(0);
         let head = format!(
             "PUT /_peer/v1/put/{ns}/{key}/{write_time_ms}/{} HTTP/1.1\r\nHost: {addr}\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n",
@@ -477,18 +470,15 @@ impl Driver {
             self.auth_header(),
             artifact.len
         );
-        let len = usize::try_from(artifact.len).map_err(|_| ())?;
-        let mut bytes = Vec::with_capacity(head.len() + len);
-        bytes.extend_from_slice(head.as_bytes());
-        bytes.resize(head.len() + len, 0);
-        if let Err(err) = artifact
-            .file
-            .read_exact_at(&mut bytes[head.len()..], artifact.body_offset)
-        {
-            tracing::warn!(ns, key, error = %err, "replication: cannot read an artifact to send");
-            return Ok(None);
-        }
-        Ok(Some((bytes, artifact.len)))
+        // The body goes from the file (the version opened here, whatever
+        // replaces it meanwhile): spliced by the ring, never read into
+        // this thread's memory.
+        let body = FileBody {
+            file: Arc::clone(&artifact.file),
+            offset: artifact.body_offset,
+            len: artifact.len,
+        };
+        Ok(Some((head.into_bytes(), Some(body), artifact.len)))
     }
 
     /// Send the entry `next` to `name`; false when the loop should stop
@@ -532,11 +522,12 @@ impl Driver {
         let Some(addr) = self.peers.get(name).map(|r| r.addr) else {
             return false;
         };
-        let (bytes, body) = match self.build(addr, record) {
+        let (bytes, file_body, body) = match self.build(addr, record) {
             Ok(Some(built)) => built,
             Ok(None) => {
                 if let Some(run) = self.peers.get_mut(name) {
                     run.policy.cursor.skip(start, end);
+                    run.keys_in_flight.remove(&start);
                 }
                 return true;
             }
@@ -557,6 +548,7 @@ impl Driver {
         self.transport.submit(transport::request(
             addr,
             bytes,
+            file_body,
             timeout,
             Box::new(move |outcome| {
                 let _ = tx.send(Event::Sent {
@@ -599,14 +591,15 @@ impl Driver {
             if let Some(run) = self.peers.get_mut(name) {
                 run.repairs_in_flight += 1;
             }
-            self.in_flight_bytes += built.1;
+            self.in_flight_bytes += built.2;
             self.count_attempt(name, false);
             let tx = self.tx.clone();
             let peer = name.to_string();
-            let body = built.1;
+            let body = built.2;
             self.transport.submit(transport::request(
                 addr,
                 built.0,
+                built.1,
                 self.r.settings.request_timeout,
                 Box::new(move |outcome| {
                     let _ = tx.send(Event::Repaired {
@@ -874,6 +867,7 @@ fn fetch(
     transport.submit(transport::request(
         addr,
         req.into_bytes(),
+        None,
         Duration::from_secs(10),
         Box::new(move |outcome| {
             let _ = tx.send(outcome);

@@ -259,6 +259,7 @@ impl OutboxCursor {
     /// was already handled): as good as acknowledged.
     pub fn skip(&mut self, start: u64, end: u64) {
         self.retry.remove(&start);
+        self.in_flight.remove(&start);
         if start == self.read_pos {
             self.read_pos = end;
         }

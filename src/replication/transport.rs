@@ -6,21 +6,27 @@
 //! (engine = fallback) a few blocking sender threads of their own do the
 //! same, so replication works on any host.
 //!
-//! Each request goes on a fresh connection (`Connection: close`) and the
-//! whole request, body included, is one buffer: see "Not yet" in
-//! docs/replication.md (no keep-alive pool, no file → socket splice).
+//! A PUT's body goes from the artifact file: on the rings by splice (file →
+//! pipe → socket, both through the ring, no user-space copy); on the
+//! blocking senders by a bounded read/write loop. Each request goes on a
+//! fresh connection (`Connection: close`): see "Not yet" in
+//! docs/replication.md (no keep-alive pool).
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::engine::ring::TaskSubmitter;
 use crate::engine::task::{
-    parse_response, Done, OutgoingRequest, TaskError, RESPONSE_BYTES_MAX_DEFAULT,
+    parse_response, Done, FileBody, OutgoingRequest, TaskError, RESPONSE_BYTES_MAX_DEFAULT,
     RESPONSE_READ_BYTES,
 };
+
+/// Chunk of a file body the blocking sender reads and writes at a time.
+const COPY_BYTES: usize = 256 * 1024;
 
 /// Blocking sender threads when there are no rings.
 pub const BLOCKING_THREADS: usize = 4;
@@ -30,16 +36,31 @@ pub const BLOCKING_QUEUE_MAX: usize = 256;
 /// Where requests go.
 #[derive(Clone)]
 pub enum Transport {
-    Ring(TaskSubmitter),
+    /// Tasks on the rings; `splice`: the ring can splice (IORING_OP_SPLICE,
+    /// Linux 5.7), else file bodies are read into the request first.
+    Ring {
+        submitter: TaskSubmitter,
+        splice: bool,
+    },
     Blocking(SyncSender<OutgoingRequest>),
 }
 
 impl Transport {
     /// Run `request`; its `done` is called exactly once, on whichever thread
     /// finishes it (a refusal calls it here).
-    pub fn submit(&self, request: OutgoingRequest) {
+    pub fn submit(&self, mut request: OutgoingRequest) {
         let refused = match self {
-            Transport::Ring(submitter) => submitter.submit(request).err(),
+            Transport::Ring { submitter, splice } => {
+                if !splice {
+                    if let Some(body) = request.body_file.take() {
+                        if let Err(err) = append_body(&mut request.request, &body) {
+                            (request.done)(Err(TaskError::Io(errno_of(&err))));
+                            return;
+                        }
+                    }
+                }
+                submitter.submit(request).err()
+            }
             Transport::Blocking(tx) => match tx.try_send(request) {
                 Ok(()) => None,
                 Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) => Some(r),
@@ -52,7 +73,8 @@ impl Transport {
 
     pub fn describe(&self) -> &'static str {
         match self {
-            Transport::Ring(_) => "tasks on the engine rings",
+            Transport::Ring { splice: true, .. } => "tasks on the engine rings, bodies spliced",
+            Transport::Ring { .. } => "tasks on the engine rings, bodies copied (no ring splice)",
             Transport::Blocking(_) => "blocking sender threads (no rings)",
         }
     }
@@ -77,7 +99,12 @@ fn blocking_loop(rx: &Mutex<Receiver<OutgoingRequest>>) {
         let Ok(request) = next else {
             return; // every sender gone: the server is stopping
         };
-        let outcome = send_blocking(request.addr, &request.request, request.timeout);
+        let outcome = send_blocking(
+            request.addr,
+            &request.request,
+            request.body_file.as_ref(),
+            request.timeout,
+        );
         (request.done)(outcome);
     }
 }
@@ -90,6 +117,7 @@ fn errno_of(err: &std::io::Error) -> i32 {
 pub fn send_blocking(
     addr: SocketAddr,
     request: &[u8],
+    body: Option<&FileBody>,
     timeout: Duration,
 ) -> Result<crate::engine::task::OutgoingResponse, TaskError> {
     let deadline = Instant::now() + timeout;
@@ -111,6 +139,21 @@ pub fn send_blocking(
     };
     stream.set_write_timeout(Some(remaining())).map_err(io)?;
     stream.write_all(request).map_err(io)?;
+    if let Some(body) = body {
+        let mut chunk = vec![0u8; COPY_BYTES.min(usize::try_from(body.len).unwrap_or(COPY_BYTES))];
+        let mut done = 0u64;
+        while done < body.len {
+            let n = chunk
+                .len()
+                .min(usize::try_from(body.len - done).unwrap_or(usize::MAX));
+            body.file
+                .read_exact_at(&mut chunk[..n], body.offset + done)
+                .map_err(|e| TaskError::Io(errno_of(&e)))?;
+            stream.set_write_timeout(Some(remaining())).map_err(io)?;
+            stream.write_all(&chunk[..n]).map_err(io)?;
+            done += n as u64;
+        }
+    }
     let mut received = Vec::new();
     let mut buf = vec![0u8; RESPONSE_READ_BYTES];
     loop {
@@ -129,11 +172,26 @@ pub fn send_blocking(
     }
 }
 
+/// Read a file body onto the end of `request` (rings without splice).
+fn append_body(request: &mut Vec<u8>, body: &FileBody) -> std::io::Result<()> {
+    let at = request.len();
+    let len = usize::try_from(body.len).map_err(std::io::Error::other)?;
+    request.resize(at + len, 0);
+    body.file.read_exact_at(&mut request[at..], body.offset)
+}
+
 /// An outgoing request for `transport`.
-pub fn request(addr: SocketAddr, bytes: Vec<u8>, timeout: Duration, done: Done) -> OutgoingRequest {
+pub fn request(
+    addr: SocketAddr,
+    bytes: Vec<u8>,
+    body_file: Option<FileBody>,
+    timeout: Duration,
+    done: Done,
+) -> OutgoingRequest {
     OutgoingRequest {
         addr,
         request: bytes,
+        body_file,
         timeout,
         response_bytes_max: RESPONSE_BYTES_MAX_DEFAULT,
         done,
