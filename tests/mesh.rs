@@ -453,7 +453,10 @@ fn a_cold_start_with_dead_peers_backs_off_and_is_ready_at_once() {
         "sluice_replication_outbox_entries",
         &[&format!(":{reset_port}\"")],
     );
-    assert_eq!(pending, arts as f64, "every entry survived the kill");
+    assert_eq!(
+        pending, arts as f64,
+        "every entry survived the kill: {pending}"
+    );
 
     let window = Duration::from_secs(7);
     std::thread::sleep(window.saturating_sub(started.elapsed()));

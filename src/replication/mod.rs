@@ -273,15 +273,17 @@ impl Replication {
                 | "sluice_replication_outbox_bytes"
                 | "sluice_replication_outbox_oldest_age_seconds"
                 | "sluice_replication_outbox_overflows_total" => {
-                    for view in self.views_snapshot() {
-                        let b = self.outbox.backlog(&view.peer);
+                    // From the outbox's own peer list: right after a restart
+                    // the backlog shows before the thread's first round.
+                    for peer in self.outbox.peers() {
+                        let b = self.outbox.backlog(&peer);
                         let v = match *name {
                             "sluice_replication_outbox_entries" => b.entries as f64,
                             "sluice_replication_outbox_bytes" => b.bytes as f64,
                             "sluice_replication_outbox_overflows_total" => b.overflows_total as f64,
                             _ => b.oldest_age_ms as f64 / 1000.0,
                         };
-                        let _ = writeln!(out, "{name}{{peer=\"{}\"}} {v}", view.peer);
+                        let _ = writeln!(out, "{name}{{peer=\"{peer}\"}} {v}");
                     }
                 }
                 "sluice_peer_backoff_seconds" => {

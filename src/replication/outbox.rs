@@ -254,6 +254,12 @@ impl Outbox {
         inner.dirty = true;
     }
 
+    /// The peers the outbox keeps cursors for (from the cursors file at
+    /// start, then the replication thread's set).
+    pub fn peers(&self) -> Vec<String> {
+        self.lock().peers.keys().cloned().collect()
+    }
+
     pub fn mark(&self, peer: &str) -> Option<PeerMark> {
         self.lock().peers.get(peer).copied()
     }
