@@ -13,15 +13,25 @@ use common::{parse_response, server, sha256_hex, Server};
 
 const SECRET: &str = "mesh-test-secret-0123456789";
 
-/// Loopback ports nothing listens on now: bound to learn them, then closed.
+/// Loopback ports nothing listens on now, for nodes that must know each
+/// other's ports before they start. Taken below the kernel's ephemeral
+/// range (32768+), from a per-process block and a counter: a port bound to
+/// 0 and closed could be handed to a parallel test (or to an outgoing
+/// connection) before the node binds it, and two nodes sharing a port
+/// through SO_REUSEPORT would split each other's connections.
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = 20_000 + (u64::from(std::process::id()) % 120) * 100;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(offset < 100, "this test binary ran out of its port block");
+        let port = (base + offset) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            out.push(port);
+        }
+    }
+    out
 }
 
 fn addr(port: u16) -> String {
@@ -259,6 +269,10 @@ fn two_hundred_artifacts_written_to_one_node_appear_on_the_others() {
         400.0
     );
     assert_eq!(metric(a, "sluice_peer_up", &[]), 2.0);
+    // Keep-alive: most sends reuse a pooled connection instead of connecting.
+    let reused = metric(a, "sluice_replication_connections_reused_total", &[]);
+    println!("{reused} of 400 sends reused a pooled connection");
+    assert!(reused >= 200.0, "{reused} reused");
     // The status page lists both peers, up, with an empty backlog.
     let status: serde_json::Value =
         serde_json::from_slice(&http(a, "GET", "/status", &[], b"").body).expect("json");

@@ -102,6 +102,12 @@ pub const READAHEAD_CHUNKS: u64 = 2;
 pub const TASKS_PER_CORE_MAX: usize = 64;
 /// Outgoing tasks waiting for a thread, per thread.
 pub const TASKS_QUEUED_MAX: usize = 256;
+/// Idle keep-alive connections of outgoing tasks one thread keeps.
+pub const IDLE_TASK_CONNS_MAX: usize = 16;
+/// An idle task connection is closed after this long, in ms: well under
+/// a sluice peer's default `idle_timeout_ms`, so the pool seldom holds a
+/// connection the peer has already closed.
+pub const IDLE_TASK_CONN_MS: u64 = 20_000;
 
 /// Reserved tokens. Connection tokens are `generation << 32 | slot` with a
 /// 31-bit generation; task tokens set `TASK_BIT`; the accept token is all
@@ -523,6 +529,8 @@ struct CoreLoop {
     task_rx: std::sync::mpsc::Receiver<OutgoingRequest>,
     tasks: Vec<Option<TaskSlot>>,
     task_generation: u32,
+    /// Idle keep-alive task connections, oldest first (bounded).
+    idle_task_conns: VecDeque<IdleConn>,
     files: Rc<RefCell<OpenCache>>,
     /// Publishes finished uploads off this thread.
     publisher: Publisher,
@@ -533,10 +541,20 @@ struct CoreLoop {
     ticks: u64,
 }
 
+/// A keep-alive connection of a finished task, ready for the next task to
+/// the same address.
+struct IdleConn {
+    addr: SocketAddr,
+    fd: SharedFd,
+    since: Instant,
+}
+
 struct TaskSlot {
     generation: u32,
     task: Task,
     fd: SharedFd,
+    /// The connection came from the idle pool (no connect).
+    reused: bool,
     /// The body file, when the body is spliced from a file.
     body_fd: Option<SharedFd>,
     /// Its pipe; `None` while an op holds it.
@@ -646,6 +664,7 @@ impl CoreLoop {
             task_rx,
             tasks: (0..TASKS_PER_CORE_MAX).map(|_| None).collect(),
             task_generation: 1,
+            idle_task_conns: VecDeque::new(),
             files: Rc::new(RefCell::new(OpenCache::new(OPEN_FILES_PER_CORE_MAX))),
             ticks: 0,
         })
@@ -751,6 +770,9 @@ impl CoreLoop {
                 now >= slot.conn.deadline() || (draining && slot.conn.is_idle())
             });
         }
+        let idle_max = Duration::from_millis(IDLE_TASK_CONN_MS);
+        self.idle_task_conns
+            .retain(|c| now.duration_since(c.since) < idle_max);
         for slot in self.tasks.iter_mut().flatten() {
             if now >= slot.task.deadline && !slot.timed_out {
                 slot.timed_out = true;
@@ -1557,23 +1579,6 @@ impl CoreLoop {
     }
 
     fn start_task(&mut self, index: u32, request: OutgoingRequest) {
-        let family = if request.addr.is_ipv4() {
-            rustix::net::AddressFamily::INET
-        } else {
-            rustix::net::AddressFamily::INET6
-        };
-        let fd = match rustix::net::socket_with(
-            family,
-            rustix::net::SocketType::STREAM,
-            rustix::net::SocketFlags::CLOEXEC,
-            None,
-        ) {
-            Ok(fd) => Rc::new(fd),
-            Err(errno) => {
-                (request.done)(Err(TaskError::Connect(errno.raw_os_error())));
-                return;
-            }
-        };
         // A file body needs its own fd (the op holds it) and a pipe for the
         // splices; without a free pipe the task is refused before anything
         // reaches the peer, and the caller tries again later.
@@ -1593,21 +1598,102 @@ impl CoreLoop {
                 }
             }
         };
+        let pooled = if request.keep_alive {
+            self.take_idle_conn(request.addr)
+        } else {
+            None
+        };
+        let reused = pooled.is_some();
+        let fd = match pooled {
+            Some(fd) => fd,
+            None => {
+                let family = if request.addr.is_ipv4() {
+                    rustix::net::AddressFamily::INET
+                } else {
+                    rustix::net::AddressFamily::INET6
+                };
+                match rustix::net::socket_with(
+                    family,
+                    rustix::net::SocketType::STREAM,
+                    rustix::net::SocketFlags::CLOEXEC,
+                    None,
+                ) {
+                    Ok(fd) => Rc::new(fd),
+                    Err(errno) => {
+                        (request.done)(Err(TaskError::Connect(errno.raw_os_error())));
+                        return;
+                    }
+                }
+            }
+        };
         let addr = request.addr;
         self.task_generation = (self.task_generation.wrapping_add(1) & GENERATION_MASK).max(1);
         let generation = self.task_generation;
+        let mut task = Task::new(request, Instant::now());
+        let op = if reused {
+            task.state = TaskState::Sending;
+            Op::Send {
+                fd: Rc::clone(&fd),
+                buf: IoBuf::Vec(std::mem::take(&mut task.request.request)),
+                offset: 0,
+                flags: libc::MSG_NOSIGNAL,
+            }
+        } else {
+            Op::Connect {
+                fd: Rc::clone(&fd),
+                addr,
+            }
+        };
         if let Some(entry) = self.tasks.get_mut(index as usize) {
             *entry = Some(TaskSlot {
                 generation,
-                task: Task::new(request, Instant::now()),
-                fd: Rc::clone(&fd),
+                task,
+                fd,
+                reused,
                 body_fd: body.as_ref().map(|(f, _)| Rc::clone(f)),
                 pipe: body.map(|(_, p)| p),
                 pending: None,
                 timed_out: false,
             });
         }
-        self.submit_task_op(index, Op::Connect { fd, addr });
+        self.submit_task_op(index, op);
+    }
+
+    /// An idle pooled connection to `addr` that is still open. The check is
+    /// a non-blocking `MSG_PEEK`: no data and no EOF (`EAGAIN`) means open;
+    /// a connection the peer closed while idle (EOF, an error, or stray
+    /// bytes) is closed here, before anything is written to it, and the
+    /// next one is tried.
+    fn take_idle_conn(&mut self, addr: SocketAddr) -> Option<SharedFd> {
+        while let Some(at) = self.idle_task_conns.iter().rposition(|c| c.addr == addr) {
+            let conn = self.idle_task_conns.remove(at)?;
+            let mut probe = [0u8; 1];
+            match rustix::net::recv(
+                &*conn.fd,
+                &mut probe,
+                rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+            ) {
+                Err(rustix::io::Errno::AGAIN) => return Some(conn.fd),
+                _ => continue,
+            }
+        }
+        None
+    }
+
+    /// Keep a finished task's connection for the next task to its address.
+    fn pool_idle_conn(&mut self, addr: SocketAddr, fd: SharedFd) {
+        // Only a connection no op still holds can be pooled.
+        if Rc::strong_count(&fd) != 1 {
+            return;
+        }
+        if self.idle_task_conns.len() >= IDLE_TASK_CONNS_MAX {
+            self.idle_task_conns.pop_front();
+        }
+        self.idle_task_conns.push_back(IdleConn {
+            addr,
+            fd,
+            since: Instant::now(),
+        });
     }
 
     /// The next splice of a task's file body, or `None` when the body is
@@ -1658,9 +1744,35 @@ impl CoreLoop {
         index: u32,
         outcome: Result<super::task::OutgoingResponse, TaskError>,
     ) {
-        if let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::take) {
-            (slot.task.request.done)(outcome);
-        }
+        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::take) else {
+            return;
+        };
+        let TaskSlot {
+            task, fd, reused, ..
+        } = slot;
+        let outcome = match outcome {
+            Ok(mut response) => {
+                response.reused_connection = reused;
+                if task.request.keep_alive && task.keeps_alive() {
+                    self.pool_idle_conn(task.request.addr, fd);
+                }
+                Ok(response)
+            }
+            // The peer closed a pooled connection while it was idle and the
+            // check before the write could not see it yet: no response byte
+            // came back, so nothing says the request was even read.
+            Err(err @ (TaskError::Io(_) | TaskError::BadResponse(_)))
+                if reused && task.received.is_empty() =>
+            {
+                let errno = match err {
+                    TaskError::Io(errno) => errno,
+                    _ => 0,
+                };
+                Err(TaskError::StaleConnection(errno))
+            }
+            Err(err) => Err(err),
+        };
+        (task.request.done)(outcome);
     }
 
     fn on_task(&mut self, completion: Completion) {
@@ -1756,6 +1868,9 @@ impl CoreLoop {
                     slot.task.received.extend_from_slice(&buf);
                     let eof = n == 0;
                     if let Some(outcome) = slot.task.response(eof) {
+                        // The slot's own reference must be the last for the
+                        // connection to go back to the pool.
+                        drop(fd);
                         self.finish_task(index, outcome);
                     } else if slot.task.received.len() > slot.task.request.response_bytes_max {
                         self.finish_task(
@@ -1873,7 +1988,8 @@ mod tests {
             got,
             Ok(OutgoingResponse {
                 status: 200,
-                body: b"up\n".to_vec()
+                body: b"up\n".to_vec(),
+                reused_connection: false,
             })
         );
         let got = run(&engine, |done| {
@@ -1923,11 +2039,12 @@ mod tests {
                 body.len()
             )
             .into_bytes(),
-            body_file: Some(task::FileBody {
+            body_file: Some(Box::new(task::FileBody {
                 file,
                 offset: 7,
                 len: body.len() as u64,
-            }),
+            })),
+            keep_alive: false,
             timeout: Duration::from_secs(5),
             response_bytes_max: task::RESPONSE_BYTES_MAX_DEFAULT,
             done,
@@ -1943,6 +2060,58 @@ mod tests {
             )
         });
         assert!(got.is_ok_and(|r| r.status == 200 && r.body == body));
+        engine.shutdown(Duration::from_millis(100));
+    }
+
+    /// Keep-alive tasks to one address share a pooled connection: the
+    /// second and third skip the connect. A pooled connection the peer
+    /// closed while idle is found closed before the write and replaced.
+    #[test]
+    fn keep_alive_tasks_reuse_a_pooled_connection() {
+        let Some((engine, addr, _dir)) = engine() else {
+            return;
+        };
+        let keep_alive = |done| {
+            let mut r = OutgoingRequest::get(addr, "/up", Duration::from_secs(5), done);
+            r.request = format!("GET /up HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes();
+            r.keep_alive = true;
+            r
+        };
+        let reused: Vec<bool> = (0..3)
+            .map(|_| {
+                let got = run(&engine, keep_alive).expect("response");
+                assert_eq!((got.status, got.body.as_slice()), (200, &b"up\n"[..]));
+                got.reused_connection
+            })
+            .collect();
+        assert_eq!(reused, vec![false, true, true]);
+
+        // A peer that answers one request and closes while idle.
+        let once = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let once_addr = once.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for _ in 0..2 {
+                let (mut s, _) = once.accept().expect("accept");
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                std::thread::sleep(Duration::from_millis(50));
+                drop(s); // closes while the client holds it idle
+            }
+        });
+        let to_once = |done| {
+            let mut r = OutgoingRequest::get(once_addr, "/", Duration::from_secs(5), done);
+            r.request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+            r.keep_alive = true;
+            r
+        };
+        let first = run(&engine, to_once).expect("first");
+        assert!(!first.reused_connection);
+        std::thread::sleep(Duration::from_millis(200));
+        let second = run(&engine, to_once).expect("second, on a fresh connection");
+        assert_eq!((second.status, second.reused_connection), (200, false));
+        server.join().expect("server");
         engine.shutdown(Duration::from_millis(100));
     }
 }

@@ -17,6 +17,8 @@ pub const RESPONSE_READ_BYTES: usize = 64 * 1024;
 pub struct OutgoingResponse {
     pub status: u16,
     pub body: Vec<u8>,
+    /// It went over a pooled keep-alive connection (no connect).
+    pub reused_connection: bool,
 }
 
 /// Why an outgoing request failed. `Connect` is the class the replication
@@ -29,6 +31,10 @@ pub enum TaskError {
     Io(i32),
     /// The response was not valid HTTP/1.1 or was over the size bound.
     BadResponse(&'static str),
+    /// A pooled keep-alive connection failed before any byte of a response
+    /// came back: the peer had closed it while idle. Like `Connect`, the
+    /// one class retried at once on a fresh connection.
+    StaleConnection(i32),
     /// The deadline passed.
     TimedOut,
     /// The engine's task queue or table was full, or it is shutting down.
@@ -42,6 +48,9 @@ impl std::fmt::Display for TaskError {
             TaskError::Io(0) => write!(f, "the peer closed the connection early"),
             TaskError::Io(e) => write!(f, "connection failed: errno {e}"),
             TaskError::BadResponse(why) => write!(f, "bad response: {why}"),
+            TaskError::StaleConnection(e) => {
+                write!(f, "a pooled connection was closed by the peer (errno {e})")
+            }
             TaskError::TimedOut => write!(f, "timed out"),
             TaskError::Refused => write!(f, "the engine refused the task"),
         }
@@ -66,8 +75,14 @@ pub struct OutgoingRequest {
     /// The request as it goes on the wire: head and body, or only the head
     /// when `body_file` carries the body.
     pub request: Vec<u8>,
-    /// The body, sent after `request`, straight from a file.
-    pub body_file: Option<FileBody>,
+    /// The body, sent after `request`, straight from a file. Boxed: most
+    /// requests have none, and a request is moved through queues and given
+    /// back in `Err` when refused.
+    pub body_file: Option<Box<FileBody>>,
+    /// The head asks for keep-alive: the ring may run it on a pooled
+    /// connection to `addr` and pools the connection again after a
+    /// complete response that does not say `Connection: close`.
+    pub keep_alive: bool,
     pub timeout: Duration,
     pub response_bytes_max: usize,
     pub done: Done,
@@ -82,6 +97,7 @@ impl OutgoingRequest {
             addr,
             request,
             body_file: None,
+            keep_alive: false,
             timeout,
             response_bytes_max: RESPONSE_BYTES_MAX_DEFAULT,
             done,
@@ -130,6 +146,50 @@ impl Task {
     pub fn response(&self, eof: bool) -> Option<Result<OutgoingResponse, TaskError>> {
         parse_response(&self.received, eof)
     }
+
+    /// After a complete response: whether its connection can carry another
+    /// request (framed by length, nothing extra received, no `close`).
+    pub fn keeps_alive(&self) -> bool {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let Ok(httparse::Status::Complete(head_len)) = parsed.parse(&self.received) else {
+            return false;
+        };
+        let close = parsed.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("connection")
+                && std::str::from_utf8(h.value)
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+        });
+        let body_len = match body_framing(&parsed) {
+            Framing::Empty => Some(0),
+            Framing::Length(n) => Some(n),
+            Framing::ToClose => None,
+        };
+        !close
+            && parsed.version == Some(1)
+            && body_len.is_some_and(|n| self.received.len() == head_len + n)
+    }
+}
+
+enum Framing {
+    /// 1xx, 204, 304: no body, whatever the headers say.
+    Empty,
+    Length(usize),
+    ToClose,
+}
+
+fn body_framing(parsed: &httparse::Response<'_, '_>) -> Framing {
+    let status = parsed.code.unwrap_or(0);
+    if status < 200 || status == 204 || status == 304 {
+        return Framing::Empty;
+    }
+    parsed
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(Framing::ToClose, Framing::Length)
 }
 
 /// Parse a response received so far: `None` while incomplete. Without
@@ -148,23 +208,26 @@ pub fn parse_response(received: &[u8], eof: bool) -> Option<Result<OutgoingRespo
             Err(_) => return Some(Err(TaskError::BadResponse("malformed head"))),
         };
         let status = parsed.code.unwrap_or(0);
-        let length = parsed
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-            .and_then(|v| v.trim().parse::<usize>().ok());
+        // 204 and 304 carry no body and often no Content-Length: on a
+        // keep-alive connection waiting for the close would never end.
+        let length = match body_framing(&parsed) {
+            Framing::Empty => Some(0),
+            Framing::Length(n) => Some(n),
+            Framing::ToClose => None,
+        };
         let body = &received[head_len..];
         match length {
             Some(len) if body.len() >= len => Some(Ok(OutgoingResponse {
                 status,
                 body: body[..len].to_vec(),
+                reused_connection: false,
             })),
             Some(_) if eof => Some(Err(TaskError::Io(0))),
             Some(_) => None,
             None if eof => Some(Ok(OutgoingResponse {
                 status,
                 body: body.to_vec(),
+                reused_connection: false,
             })),
             None => None,
         }
@@ -195,6 +258,7 @@ mod tests {
             Some(Ok(OutgoingResponse {
                 status,
                 body: body.to_vec(),
+                reused_connection: false,
             }))
         };
         type Want = Option<Result<OutgoingResponse, TaskError>>;
@@ -215,6 +279,8 @@ mod tests {
                 Some(Err(TaskError::Io(0))),
             ),
             (b"HTTP/1.1 404 Not Found\r\n\r\nno", true, ok(404, b"no")),
+            // 204 ends at its head, with or without a close.
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false, ok(204, b"")),
             (b"HTTP/1.1 200 OK\r\n", false, None),
             (
                 b"HTTP/1.1 200 OK\r\n",

@@ -178,8 +178,17 @@ fn label(peer: &str) -> String {
     format!("peer=\"{peer}\"")
 }
 
+/// A failure before any byte reached the peer: the connect was refused or
+/// unroutable, or a pooled connection turned out closed. The only class
+/// retried at once, once, on a fresh connection.
 fn is_before_any_byte(err: &TaskError) -> bool {
-    matches!(err, TaskError::Connect(e) if [libc::ECONNREFUSED, libc::EHOSTUNREACH, libc::ENETUNREACH].contains(e))
+    match err {
+        TaskError::Connect(e) => {
+            [libc::ECONNREFUSED, libc::EHOSTUNREACH, libc::ENETUNREACH].contains(e)
+        }
+        TaskError::StaleConnection(_) => true,
+        _ => false,
+    }
 }
 
 impl Driver {
@@ -410,7 +419,7 @@ impl Driver {
         };
         let addr = run.addr;
         let req = format!(
-            "GET /_peer/v1/hello HTTP/1.1\r\nHost: {addr}\r\n{}Connection: close\r\n\r\n",
+            "GET /_peer/v1/hello HTTP/1.1\r\nHost: {addr}\r\n{}\r\n",
             self.auth_header()
         );
         self.r
@@ -440,7 +449,7 @@ impl Driver {
         match record.op {
             Op::Delete => Ok(Some((
                 format!(
-                    "DELETE /_peer/v1/delete/{}/{}/{} HTTP/1.1\r\nHost: {addr}\r\n{}Connection: close\r\n\r\n",
+                    "DELETE /_peer/v1/delete/{}/{}/{} HTTP/1.1\r\nHost: {addr}\r\n{}\r\n",
                     record.ns,
                     record.key,
                     record.write_time_ms,
@@ -465,7 +474,7 @@ impl Driver {
         };
         let write_time_ms = artifact.write_time_ms().unwrap_or(0);
         let head = format!(
-            "PUT /_peer/v1/put/{ns}/{key}/{write_time_ms}/{} HTTP/1.1\r\nHost: {addr}\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            "PUT /_peer/v1/put/{ns}/{key}/{write_time_ms}/{} HTTP/1.1\r\nHost: {addr}\r\n{}Content-Length: {}\r\n\r\n",
             hex::encode(artifact.sha256),
             self.auth_header(),
             artifact.len
@@ -786,6 +795,13 @@ impl Driver {
                 1,
             );
         };
+        if outcome.as_ref().is_ok_and(|r| r.reused_connection) {
+            self.r.series.add(
+                "sluice_replication_connections_reused_total",
+                label(peer),
+                1,
+            );
+        }
         match outcome {
             Ok(resp) if (200..300).contains(&resp.status) => {
                 count("ok");
@@ -862,7 +878,7 @@ fn fetch(
 ) -> Result<OutgoingResponse, String> {
     let (tx, rx) = sync_channel(1);
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {AUTH_SCHEME} {secret}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {AUTH_SCHEME} {secret}\r\n\r\n"
     );
     transport.submit(transport::request(
         addr,

@@ -7,10 +7,9 @@
 //! same, so replication works on any host.
 //!
 //! A PUT's body goes from the artifact file: on the rings by splice (file →
-//! pipe → socket, both through the ring, no user-space copy); on the
-//! blocking senders by a bounded read/write loop. Each request goes on a
-//! fresh connection (`Connection: close`): see "Not yet" in
-//! docs/replication.md (no keep-alive pool).
+//! pipe → socket, both through the ring, no user-space copy), over
+//! keep-alive connections pooled per ring; on the blocking senders by a
+//! bounded read/write loop, one connection per request.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -102,7 +101,7 @@ fn blocking_loop(rx: &Mutex<Receiver<OutgoingRequest>>) {
         let outcome = send_blocking(
             request.addr,
             &request.request,
-            request.body_file.as_ref(),
+            request.body_file.as_deref(),
             request.timeout,
         );
         (request.done)(outcome);
@@ -191,7 +190,10 @@ pub fn request(
     OutgoingRequest {
         addr,
         request: bytes,
-        body_file,
+        body_file: body_file.map(Box::new),
+        // Every replication request is keep-alive: the rings pool
+        // connections per peer (the blocking senders do not).
+        keep_alive: true,
         timeout,
         response_bytes_max: RESPONSE_BYTES_MAX_DEFAULT,
         done,
