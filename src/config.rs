@@ -408,6 +408,9 @@ impl Config {
         let mut out = String::from("# sluice effective configuration\n");
         for spec in KEYS {
             match (spec.render)(self) {
+                None if spec.name == "peer_secret" && self.peer_secret.is_some() => {
+                    out.push_str("# peer_secret = (redacted)\n");
+                }
                 Some(value) => {
                     out.push_str(spec.name);
                     out.push_str(" = ");
@@ -1916,6 +1919,23 @@ mod tests {
                 "verbose",
                 "one of error, warn, info, debug, trace",
             ),
+            ("peers", "127.0.0.1", "each host:port"),
+            ("peers", "a:1,b:0", "each host:port"),
+            ("peers", "a b:1", "each host:port"),
+            ("peers_dns", "sluice-headless", "name:port"),
+            ("peer_refresh_ms", "99", "from 100 to 3600000"),
+            (
+                "replication_outbox_bytes_max",
+                "4095",
+                "from 4096 (4 KiB) to 1 TiB",
+            ),
+            ("anti_entropy_interval_ms", "999", "from 1000 to 86400000"),
+            ("peer_probe_interval_ms", "0", "from 100 to 3600000"),
+            (
+                "replication_request_timeout_ms",
+                "50",
+                "from 100 to 3600000",
+            ),
         ];
         for (key, value, allowed) in rows {
             let var = env_name(key);
@@ -1932,6 +1952,37 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The peer secret: 16 bytes at least, visible ASCII, never quoted back,
+    /// never printed by check-config, and required once peers are set.
+    #[test]
+    fn peer_secret_rules() {
+        for bad in ["short", "sixteen bytes!!!", "ab\u{e9}cdefghijklmnopq"] {
+            let message = err(from_env(&[("SLUICE_PEER_SECRET", bad)]));
+            assert!(message.contains("config key `peer_secret`"), "{message}");
+            assert!(message.contains("16 to 1024 bytes"), "{message}");
+            assert!(
+                !message.contains(bad),
+                "the secret is quoted back: {message}"
+            );
+        }
+        let message = err(from_env(&[("SLUICE_PEERS", "127.0.0.1:9001")]));
+        assert!(message.contains("`peer_secret`"), "{message}");
+        let config = from_env(&[
+            ("SLUICE_PEERS", "127.0.0.1:9001, 127.0.0.1:9002"),
+            ("SLUICE_PEER_SECRET", "0123456789abcdef"),
+        ])
+        .unwrap();
+        assert_eq!(config.peers, ["127.0.0.1:9001", "127.0.0.1:9002"]);
+        let toml = config.to_toml();
+        assert!(!toml.contains("0123456789abcdef"), "{toml}");
+        assert!(toml.contains("# peer_secret = (redacted)"), "{toml}");
+        let from_file = from_file(
+            "peers = [\"a.example:8080\", \"[::1]:8080\"]\npeer_secret = \"0123456789abcdef\"\n",
+        )
+        .unwrap();
+        assert_eq!(from_file.peers, ["a.example:8080", "[::1]:8080"]);
     }
 
     /// Every scalar key appears in some row above or below, so none goes untested.

@@ -331,7 +331,9 @@ fn a_node_killed_mid_replication_finishes_from_its_outbox() {
     for art in &arts {
         put_ok(a, art);
     }
+    let pending = metric(a, "sluice_replication_outbox_entries", &[]);
     mesh.kill(0);
+    println!("at the kill, A's outbox held {pending} entries over both peers");
     let b = mesh.addr(1);
     let on_b_at_kill = arts
         .iter()
@@ -552,6 +554,29 @@ fn the_peer_api_needs_the_secret_and_identical_probes_change_nothing() {
         200
     );
     assert_eq!(http(b, "GET", "/v1/artifacts/evil/k1", &[], b"").body, data);
+    // Last writer wins: an older version is read and dropped, a newer one
+    // replaces; a delete older than what B holds changes nothing.
+    let other = b"another version";
+    let older = format!(
+        "/_peer/v1/put/evil/k1/{}/{}",
+        now_ms - 1000,
+        sha256_hex(other)
+    );
+    let auth = [("Authorization", good.as_str())];
+    assert_eq!(http(b, "PUT", &older, &auth, other).status, 200);
+    assert_eq!(http(b, "GET", "/v1/artifacts/evil/k1", &[], b"").body, data);
+    let stale_delete = format!("/_peer/v1/delete/evil/k1/{}", now_ms - 1);
+    assert_eq!(http(b, "DELETE", &stale_delete, &auth, b"").status, 200);
+    let newer = format!("/_peer/v1/put/evil/k1/{}/{}", now_ms + 1, sha256_hex(other));
+    assert_eq!(http(b, "PUT", &newer, &auth, other).status, 204);
+    assert_eq!(
+        http(b, "GET", "/v1/artifacts/evil/k1", &[], b"").body,
+        other
+    );
+    // A body that does not hash to the announced sha256 is refused.
+    let lying = format!("/_peer/v1/put/evil/k2/{now_ms}/{}", sha256_hex(b"x"));
+    assert_eq!(http(b, "PUT", &lying, &auth, b"y").status, 400);
+    assert_eq!(status_of(b, "GET", "/v1/artifacts/evil/k2"), 404);
     // The peer secret opens nothing else: it is not a public token.
     assert_eq!(
         http(b, "GET", "/status", &[("Authorization", &good)], b"").status,
