@@ -1581,10 +1581,10 @@ mod tests {
             assert_eq!(UserData::unpack(ud.pack()), ud);
         }
         assert_eq!(UserData::unpack(0).tag, 0, "tag 0 is never a live op");
-        for t in 1..=15u8 {
+        for t in 1..=16u8 {
             assert_eq!(OpKind::from_tag(t).map(|k| k as u8), Some(t));
         }
-        for t in [0u8, 16, tag::WAKE, tag::CANCEL, tag::LINK_TIMEOUT] {
+        for t in [0u8, 17, tag::WAKE, tag::CANCEL, tag::LINK_TIMEOUT] {
             assert_eq!(OpKind::from_tag(t), None);
         }
     }

@@ -100,6 +100,7 @@ pub const OPS_OF_INTEREST: &[(&str, u8)] = &[
     ("msg_ring", opcode::MsgRingData::CODE),
     ("provide_buffers", opcode::ProvideBuffers::CODE),
     ("nop", opcode::Nop::CODE),
+    ("fadvise", opcode::Fadvise::CODE),
 ];
 
 /// Probes the running kernel. Never fails: what cannot be learned is

@@ -385,6 +385,48 @@ fn round_trip_fixed(d: &mut Driver) {
 }
 
 #[test]
+fn fadvise_willneed_reads_a_range_in_and_iowq_workers_can_be_limited() {
+    let Some((_, mut d)) = setup("fadvise", &["fadvise"]) else {
+        return;
+    };
+    let limits = d.limit_iowq_workers(3, 5).expect("limit io-wq workers");
+    assert_eq!(limits, [3, 5]);
+    let path = temp_path("fadvise");
+    std::fs::write(&path, pattern(256 * 1024)).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    file.sync_all().unwrap();
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let fd: SharedFd = Rc::new(OwnedFd::from(file));
+    if sluice_uring::residency(&*fd, 0, 256 * 1024) != sluice_uring::Residency::NotResident {
+        eprintln!("SKIP: the pages could not be dropped or residency cannot be told here");
+        return;
+    }
+    d.submit(
+        Op::Fadvise {
+            file: Rc::clone(&fd),
+            offset: 0,
+            len: 256 * 1024,
+            advice: libc::POSIX_FADV_WILLNEED,
+        },
+        1,
+    )
+    .unwrap();
+    let c = next(&mut d);
+    assert_eq!(c.result, Ok(0), "{c:?}");
+    assert!(matches!(c.resources, Returned::Nothing));
+    // The read-ahead it started completes on its own; wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while sluice_uring::residency(&*fd, 0, 256 * 1024) != sluice_uring::Residency::Resident {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "WILLNEED read nothing in"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
 fn openat_and_statx_size() {
     let Some((_, mut d)) = setup("openat_statx", &["openat", "statx"]) else {
         return;
