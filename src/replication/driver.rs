@@ -44,6 +44,8 @@ const QUERY_WAIT: Duration = Duration::from_secs(30);
 pub enum Event {
     /// The outbox has new entries, or a summary is wanted.
     Kick,
+    /// The resolver's current peer set: (name, address).
+    Resolved(Vec<(String, SocketAddr)>),
     Probe {
         peer: String,
         outcome: Result<OutgoingResponse, TaskError>,
@@ -123,7 +125,6 @@ struct Driver {
     membership: Membership,
     peers: BTreeMap<String, PeerRun>,
     rng: Rng,
-    next_refresh: Instant,
     last_persist: Instant,
     in_flight_bytes: u64,
     ae_tx: SyncSender<AeJob>,
@@ -153,7 +154,6 @@ pub fn start(r: Arc<Replication>, store: Store, transport: Transport) -> std::io
         membership: Membership::default(),
         peers: BTreeMap::new(),
         rng: Rng::new(seed),
-        next_refresh: now,
         last_persist: now,
         in_flight_bytes: 0,
         ae_tx,
@@ -163,6 +163,14 @@ pub fn start(r: Arc<Replication>, store: Store, transport: Transport) -> std::io
         transport = driver.transport.describe(),
         "replication started"
     );
+    {
+        let settings = r.settings.clone();
+        let tx = tx.clone();
+        let stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("sluice-peer-dns".into())
+            .spawn(move || resolver_loop(&settings, &tx, &stop))?;
+    }
     let thread_stop = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
         .name("sluice-replication".into())
@@ -195,9 +203,6 @@ impl Driver {
     fn run(&mut self, rx: &Receiver<Event>, stop: &AtomicBool) {
         while !stop.load(Ordering::SeqCst) {
             let now = Instant::now();
-            if now >= self.next_refresh {
-                self.refresh_membership(now);
-            }
             let mut wake_at = now + TICK;
             let names: Vec<String> = self.peers.keys().cloned().collect();
             for name in names {
@@ -231,39 +236,24 @@ impl Driver {
         let _ = self.r.outbox.persist();
     }
 
-    fn resolve(&self) -> Vec<(String, SocketAddr)> {
-        let s = &self.r.settings;
-        let mut out = Vec::new();
-        for peer in &s.peers {
-            match peer.to_socket_addrs().map(|mut a| a.next()) {
-                Ok(Some(addr)) if addr != s.listen => out.push((peer.clone(), addr)),
-                Ok(_) => {}
-                Err(err) => tracing::debug!(%peer, error = %err, "cannot resolve peer"),
-            }
-        }
-        if let Some(name) = &s.peers_dns {
-            match name.to_socket_addrs() {
-                Ok(addrs) => {
-                    for addr in addrs {
-                        if addr != s.listen && !out.iter().any(|(_, a)| *a == addr) {
-                            out.push((addr.to_string(), addr));
-                        }
-                    }
-                }
-                Err(err) => tracing::debug!(%name, error = %err, "cannot resolve peers_dns"),
-            }
-        }
-        out
-    }
-
-    fn refresh_membership(&mut self, now: Instant) {
-        self.next_refresh = now + self.r.settings.peer_refresh;
-        let resolved = self.resolve();
+    /// The resolver thread's latest peer set. Only a real change of the set
+    /// reconciles.
+    fn on_resolved(&mut self, now: Instant, resolved: &[(String, SocketAddr)]) {
         let names: Vec<String> = resolved.iter().map(|(n, _)| n.clone()).collect();
+        // An address can change under the same name (a static host name).
+        for (name, addr) in resolved {
+            if let Some(run) = self.peers.get_mut(name) {
+                run.addr = *addr;
+            }
+        }
         let transitions = self.membership.set_peers(&names);
         if transitions.is_empty() {
             return;
         }
+        let known: Vec<bool> = names
+            .iter()
+            .map(|n| self.r.outbox.mark(n).is_some())
+            .collect();
         self.r.outbox.set_peers(&names);
         for t in &transitions {
             match t {
@@ -281,6 +271,17 @@ impl Driver {
                         self.r.settings.anti_entropy_interval,
                     );
                     if self.r.outbox.mark(peer).is_some_and(|m| m.overflow) {
+                        policy.anti_entropy_due = true;
+                    }
+                    // A peer the outbox never kept a cursor for (a new node
+                    // behind the DNS name) missed everything written before:
+                    // compare summaries once it is up.
+                    let was_known = names
+                        .iter()
+                        .position(|n| n == peer)
+                        .and_then(|i| known.get(i).copied())
+                        .unwrap_or(false);
+                    if !was_known {
                         policy.anti_entropy_due = true;
                     }
                     self.peers.insert(
@@ -625,6 +626,7 @@ impl Driver {
         let now = Instant::now();
         match event {
             Event::Kick => {}
+            Event::Resolved(resolved) => self.on_resolved(now, &resolved),
             Event::Probe {
                 peer,
                 outcome,
@@ -867,6 +869,55 @@ enum Verdict {
     Done,
     Refused,
     Failed { down: bool, why: String },
+}
+
+/// Resolve the peer set every `peer_refresh` on a thread of its own, so a
+/// slow DNS server never stalls replication. A name that fails to resolve
+/// keeps its last address (a DNS hiccup is not a peer leaving); a node's
+/// own listen address is never a peer.
+fn resolver_loop(s: &super::Settings, tx: &Sender<Event>, stop: &AtomicBool) {
+    let mut statics: BTreeMap<String, SocketAddr> = BTreeMap::new();
+    let mut dns: Vec<SocketAddr> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        for peer in &s.peers {
+            match peer.to_socket_addrs().map(|mut a| a.next()) {
+                Ok(Some(addr)) => {
+                    statics.insert(peer.clone(), addr);
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::debug!(%peer, error = %err, "cannot resolve peer; keeping its last address")
+                }
+            }
+        }
+        if let Some(name) = &s.peers_dns {
+            match name.to_socket_addrs() {
+                Ok(addrs) => dns = addrs.collect(),
+                Err(err) => {
+                    tracing::debug!(%name, error = %err, "cannot resolve peers_dns; keeping the last set")
+                }
+            }
+        }
+        let mut out: Vec<(String, SocketAddr)> = Vec::new();
+        for (name, addr) in &statics {
+            if *addr != s.listen {
+                out.push((name.clone(), *addr));
+            }
+        }
+        for addr in &dns {
+            if *addr != s.listen && !out.iter().any(|(_, a)| a == addr) {
+                out.push((addr.to_string(), *addr));
+            }
+        }
+        if tx.send(Event::Resolved(out)).is_err() {
+            return;
+        }
+        // Sleep in short steps so shutdown is not held up.
+        let until = Instant::now() + s.peer_refresh;
+        while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50).min(s.peer_refresh));
+        }
+    }
 }
 
 /// One request through the transport, waited for (anti-entropy thread only).

@@ -177,6 +177,17 @@ impl Replication {
             settings.fsync,
             settings.outbox_bytes_max,
         )?;
+        // The static peers get cursors now, before anything is served: the
+        // replication thread learns the set a moment later, and a write
+        // acknowledged in between must still be recorded for them. (Peers
+        // found by DNS later are compared by anti-entropy when they join.)
+        let statics: Vec<String> = settings
+            .peers
+            .iter()
+            .filter(|p| p.parse::<SocketAddr>().ok() != Some(settings.listen))
+            .cloned()
+            .collect();
+        outbox.add_peers(&statics);
         let node_id = node_id(data_dir)?;
         let series = Series::default();
         // Present from the start, so a scrape can tell "none" from "unknown".

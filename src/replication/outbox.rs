@@ -254,6 +254,26 @@ impl Outbox {
         inner.dirty = true;
     }
 
+    /// Add `peers` (keeping every other): the static peers, before anything
+    /// is served, so no write acknowledged before the replication thread's
+    /// first membership round finds the outbox without peers.
+    pub fn add_peers(&self, peers: &[String]) {
+        let mut inner = self.lock();
+        let oldest = inner.segments.first().map_or(inner.end, |s| s.base);
+        for p in peers {
+            if !inner.peers.contains_key(p) {
+                inner.peers.insert(
+                    p.clone(),
+                    PeerMark {
+                        acked: oldest,
+                        overflow: false,
+                    },
+                );
+                inner.dirty = true;
+            }
+        }
+    }
+
     /// The peers the outbox keeps cursors for (from the cursors file at
     /// start, then the replication thread's set).
     pub fn peers(&self) -> Vec<String> {
