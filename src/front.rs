@@ -22,7 +22,6 @@ use tokio::io::{AsyncRead, ReadBuf};
 use crate::app::{App, Decision, Reply, ReplyBody, RequestInfo};
 use crate::fallback::{ConnInfo, Handler, ResponseBody};
 use crate::metrics::BytePath;
-use crate::route::classify;
 
 /// Size of one read when streaming an artifact through hyper, in bytes.
 const FILE_CHUNK_BYTES: usize = 256 * 1024;
@@ -71,7 +70,7 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Response<ResponseBody> 
         content_length,
         chunked,
     };
-    let route_label = classify(&method, &path).map_or("none", |r| r.label());
+    let route_label = crate::route::label_of(&method, &path);
     let reply = match app.handle(&info) {
         Decision::Reply(reply) => reply,
         // `App::handle` opens artifacts blocking (on this runtime's threads),

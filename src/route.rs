@@ -124,6 +124,15 @@ pub const KEY_BYTES_MAX: usize = 255;
 /// Longest accepted namespace (bytes).
 pub const NAMESPACE_BYTES_MAX: usize = 64;
 
+/// The metrics label of a request: its route's, `peer` for the replication
+/// peer API (`/_peer/`, answered before classification), else `none`.
+pub fn label_of(method: &str, path: &str) -> &'static str {
+    if path.starts_with("/_peer/") {
+        return "peer";
+    }
+    classify(method, path).map_or("none", |r| r.label())
+}
+
 /// Classify `method` and `path` (the request-target without its query).
 pub fn classify<'a>(method: &str, path: &'a str) -> Result<Route<'a>, RouteError> {
     let admin = match path {

@@ -543,6 +543,8 @@ fn the_peer_api_needs_the_secret_and_identical_probes_change_nothing() {
             &["unauthorized"]
         ) >= 6.0
     );
+    // Peer API requests have their own route label in the request counter.
+    assert!(metric(b, "sluice_requests_total", &["route=\"peer\""]) >= 6.0);
     // The right secret stores, and applying the same write twice is harmless.
     let good = format!("SluicePeer {SECRET}");
     assert_eq!(

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use crate::app::{App, Decision, PutSink, Reply, ReplyBody, RequestInfo};
 use crate::http1::{self, BodyDecoder, Framing, Limits, Status};
-use crate::route::classify;
 use crate::store::{Artifact, OpenCache};
 
 /// The first bytes of an HTTP/2 prior-knowledge connection.
@@ -573,7 +572,7 @@ impl Conn {
             content_length,
             chunked,
         };
-        let route = classify(info.method, info.path).map_or("none", |r| r.label());
+        let route = crate::route::label_of(info.method, info.path);
         let method = method_label(info.method);
         let head_only = info.method == "HEAD";
         let expect_continue = head.expect_continue();
