@@ -8,7 +8,7 @@
 //! bodies are decided here once, so the two front ends cannot drift apart.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
 use crate::auth::{Access, Auth, Denied};
@@ -18,8 +18,9 @@ use crate::http1::{
     Precondition, RangeOutcome,
 };
 use crate::metrics::{write_metric, Metrics};
+use crate::replication::Replication;
 use crate::route::{classify, Action, ArtifactKind, Route, RouteError};
-use crate::store::{Artifact, OpenCache, PutOptions, PutWriter, Store, StoreError};
+use crate::store::{Artifact, Committed, OpenCache, PutOptions, PutWriter, Store, StoreError};
 
 /// The request facts every decision needs, borrowed from whichever parser
 /// read the head.
@@ -94,7 +95,7 @@ impl Reply {
         Reply::text(status, format!("{} {}: {detail}\n", status, reason(status)))
     }
 
-    fn empty(status: u16) -> Reply {
+    pub fn empty(status: u16) -> Reply {
         Reply {
             status,
             headers: Vec::new(),
@@ -169,6 +170,9 @@ pub struct App {
     metrics_sources: RwLock<Vec<MetricsSource>>,
     /// Extra sections of `/status`, registered once at start.
     status_sources: RwLock<Vec<StatusSource>>,
+    /// The replication mesh, when peers are configured: acknowledged writes
+    /// go to its outbox, `/_peer/` requests to its peer API.
+    replication: OnceLock<Arc<Replication>>,
 }
 
 impl App {
@@ -190,12 +194,22 @@ impl App {
             started: Instant::now(),
             metrics_sources: RwLock::new(Vec::new()),
             status_sources: RwLock::new(Vec::new()),
+            replication: OnceLock::new(),
         })
     }
 
     /// Bounds on the lingering close after an early error.
     pub fn linger_limits(&self) -> crate::http1::LingerLimits {
         self.limits.linger
+    }
+
+    /// Attach the replication mesh (once, at start, before serving).
+    pub fn set_replication(&self, replication: Arc<Replication>) {
+        let _ = self.replication.set(replication);
+    }
+
+    pub fn replication(&self) -> Option<&Arc<Replication>> {
+        self.replication.get()
     }
 
     /// Add series to `/metrics`.
@@ -233,6 +247,9 @@ impl App {
     /// cache (the ring engine keeps one per core).
     pub fn handle_with(&self, req: &RequestInfo<'_>, files: Option<&mut OpenCache>) -> Decision {
         let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
+        if let Some(rest) = req.path.strip_prefix(crate::replication::PEER_PREFIX) {
+            return crate::replication::peer_api::handle(self, req, rest);
+        }
         let route = match classify(req.method, req.path) {
             Ok(route) => route,
             Err(err) => {
@@ -416,7 +433,15 @@ impl App {
             return reply;
         }
         match self.store.delete(ns, key) {
-            Ok(true) => Reply::empty(204),
+            Ok(true) => {
+                if let Some(replication) = self.replication() {
+                    let now_ms = crate::replication::now_ms();
+                    if let Err(reply) = replication.record_delete(ns, key, now_ms) {
+                        return reply;
+                    }
+                }
+                Reply::empty(204)
+            }
             Ok(false) => Reply::error(404, "no such artifact"),
             Err(err) => store_error(&err),
         }
@@ -465,13 +490,22 @@ impl App {
             expected_len: req.content_length,
             expected_sha256,
             body_bytes_max,
+            write_time_ms: None,
         };
         match self.store.begin_put(ns, key, options) {
-            Ok(writer) => Decision::ReceiveBody(PutSink {
-                writer: Some(writer),
-                received_bytes: 0,
-                body_bytes_max,
-            }),
+            Ok(writer) => {
+                let mut sink = PutSink::new(writer, body_bytes_max);
+                if let Some(replication) = self.replication() {
+                    let (replication, ns, key) =
+                        (Arc::clone(replication), ns.to_string(), key.to_string());
+                    sink.set_on_commit(OnCommit(Box::new(move |committed| {
+                        replication
+                            .record_put(&ns, &key, committed.write_time_ms)
+                            .err()
+                    })));
+                }
+                Decision::ReceiveBody(sink)
+            }
             Err(err) => refuse(store_error(&err)),
         }
     }
@@ -605,6 +639,20 @@ fn store_error(err: &StoreError) -> Reply {
     Reply::error(status, &err.to_string())
 }
 
+/// Runs once a PUT is published, before the client's reply: replication
+/// records the write in its outbox here. `Some(reply)` replaces the 2xx
+/// (the write is visible but was not acknowledged).
+pub struct OnCommit(pub CommitHook);
+
+/// The function inside an [`OnCommit`].
+pub type CommitHook = Box<dyn FnOnce(&Committed) -> Option<Reply> + Send>;
+
+impl std::fmt::Debug for OnCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnCommit")
+    }
+}
+
 /// Receives one PUT body and publishes it, atomically, when it is complete.
 /// Dropping the sink before [`PutSink::finish`] stores nothing.
 #[derive(Debug)]
@@ -612,9 +660,53 @@ pub struct PutSink {
     writer: Option<PutWriter>,
     received_bytes: u64,
     body_bytes_max: u64,
+    /// Replication's additions, boxed: most sinks have none, and every
+    /// sink travels inside a `Decision`.
+    hooks: Option<Box<SinkHooks>>,
+}
+
+#[derive(Debug, Default)]
+struct SinkHooks {
+    /// Called after a successful commit.
+    on_commit: Option<OnCommit>,
+    /// Read the body and throw it away, then answer this (a replicated
+    /// write older than what this node holds).
+    discard: Option<Reply>,
 }
 
 impl PutSink {
+    pub fn new(writer: PutWriter, body_bytes_max: u64) -> PutSink {
+        PutSink {
+            writer: Some(writer),
+            received_bytes: 0,
+            body_bytes_max,
+            hooks: None,
+        }
+    }
+
+    /// Run `hook` after a successful commit, before the reply.
+    pub fn set_on_commit(&mut self, hook: OnCommit) {
+        self.hooks.get_or_insert_with(Box::default).on_commit = Some(hook);
+    }
+
+    fn discarding_reply(&self) -> bool {
+        self.hooks.as_ref().is_some_and(|h| h.discard.is_some())
+    }
+
+    /// A sink that reads up to `body_bytes_max` bytes, stores nothing and
+    /// answers `reply`.
+    pub fn discarding(reply: Reply, body_bytes_max: u64) -> PutSink {
+        PutSink {
+            writer: None,
+            received_bytes: 0,
+            body_bytes_max,
+            hooks: Some(Box::new(SinkHooks {
+                on_commit: None,
+                discard: Some(reply),
+            })),
+        }
+    }
+
     /// The body limit that applies to this PUT, in bytes.
     pub fn body_bytes_max(&self) -> u64 {
         self.body_bytes_max
@@ -629,6 +721,10 @@ impl PutSink {
     /// front end sends it and closes the connection; nothing is stored.
     #[allow(clippy::result_large_err)] // see `App::authorize`
     pub fn write(&mut self, data: &[u8]) -> Result<(), Reply> {
+        if self.discarding_reply() {
+            self.received_bytes += data.len() as u64;
+            return Ok(());
+        }
         let Some(writer) = self.writer.as_mut() else {
             return Err(Reply::error(500, "body received after the upload ended").closing());
         };
@@ -653,11 +749,19 @@ impl PutSink {
     /// The body is complete: verify, publish and answer. 201 for a new
     /// artifact, 204 when it replaced one (as nginx's WebDAV PUT does).
     pub fn finish(mut self) -> Reply {
+        if let Some(reply) = self.hooks.as_mut().and_then(|h| h.discard.take()) {
+            return reply;
+        }
         let Some(writer) = self.writer.take() else {
             return Reply::error(500, "upload already ended").closing();
         };
         match writer.commit() {
             Ok(committed) => {
+                if let Some(hook) = self.hooks.as_mut().and_then(|h| h.on_commit.take()) {
+                    if let Some(reply) = (hook.0)(&committed) {
+                        return reply;
+                    }
+                }
                 let etag = format!("\"{}\"", hex::encode(committed.sha256));
                 let mut reply = if committed.replaced {
                     Reply::empty(204)

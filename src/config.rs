@@ -334,6 +334,31 @@ pub struct Config {
     /// Connections one client address may hold on each front (per ring engine thread, and in
     /// the fallback); 0 = no cap. Default 256, range 0..=1000000.
     pub connections_per_ip_max: usize,
+    /// Static replication peers, `host:port` each (a TOML array; env `SLUICE_PEERS` and flag
+    /// `--peers` take one comma-separated string). Default empty: no replication. At most 256.
+    #[serde(deserialize_with = "peer_list")]
+    pub peers: Vec<String>,
+    /// A DNS name listing the peers, `name:port`, re-resolved every `peer_refresh_ms` (flag
+    /// `--peers-dns`). Default unset.
+    pub peers_dns: Option<String>,
+    /// How often `peers_dns` is re-resolved, in ms. Default 2000, range 100..=3600000.
+    pub peer_refresh_ms: u64,
+    /// The secret every peer API request carries (flag `--peer-secret`, env
+    /// `SLUICE_PEER_SECRET`): 16 to 1024 bytes of visible ASCII, the same on every node.
+    /// Required with peers. Never printed or quoted back.
+    #[serde(default, skip_serializing)]
+    pub peer_secret: Secret,
+    /// Bound on each peer's outbox backlog, in bytes on disk; past it the peer is repaired by
+    /// anti-entropy instead. Default 1 GiB, range 4 KiB..=1 TiB.
+    #[serde(deserialize_with = "bytes")]
+    pub replication_outbox_bytes_max: u64,
+    /// Period of anti-entropy with each peer, in ms. Default 600000 (10 min),
+    /// range 1000..=86400000.
+    pub anti_entropy_interval_ms: u64,
+    /// How often an up peer is probed, in ms. Default 1000, range 100..=3600000.
+    pub peer_probe_interval_ms: u64,
+    /// Deadline of one replication request, in ms. Default 30000, range 100..=3600000.
+    pub replication_request_timeout_ms: u64,
     /// Which front end serves plaintext HTTP/1. Default `auto`.
     pub engine: EngineChoice,
     /// Engine threads; 0 = one per core. Default 0, at most 256.
@@ -390,6 +415,14 @@ impl Default for Config {
             body_read_timeout_ms: 30_000,
             send_timeout_ms: 30_000,
             connections_per_ip_max: 256,
+            peers: Vec::new(),
+            peers_dns: None,
+            peer_refresh_ms: 2_000,
+            peer_secret: Secret::default(),
+            replication_outbox_bytes_max: GIB,
+            anti_entropy_interval_ms: 600_000,
+            peer_probe_interval_ms: 1_000,
+            replication_request_timeout_ms: 30_000,
             engine: EngineChoice::Auto,
             engine_threads: 0,
             file_serving_mode: FileServingMode::Splice,
@@ -509,6 +542,50 @@ fn rules(c: &Config) -> Vec<Rule> {
             "connections_per_ip_max",
             within(c.connections_per_ip_max, 0, 1_000_000),
             "a whole number from 0 to 1000000 (0 = no cap)",
+        ),
+        Rule::new(
+            "peers",
+            c.peers.len() <= PEERS_MAX && c.peers.iter().all(|p| is_host_port(p)),
+            "a list of peers, each host:port (port 1 to 65535), at most 256: a TOML array of \
+             strings, or one comma-separated string (env, flag)",
+        ),
+        Rule::new(
+            "peers_dns",
+            c.peers_dns.as_deref().is_none_or(is_host_port),
+            "a DNS name and port, name:port, e.g. sluice-headless.default.svc:8080",
+        ),
+        Rule::new(
+            "peer_refresh_ms",
+            within(c.peer_refresh_ms, 100, TIMEOUT_MS_LIMIT),
+            "a whole number of milliseconds from 100 to 3600000",
+        ),
+        Rule::new(
+            "peer_secret",
+            !c.peer_secret.is_given()
+                || ((SECRET_BYTES_MIN..=SECRET_BYTES_MAX).contains(&c.peer_secret.expose().len())
+                    && c.peer_secret.expose().iter().all(u8::is_ascii_graphic)),
+            "a secret of 16 to 1024 bytes of visible ASCII (! to ~), the same on every node",
+        ),
+        Rule::new(
+            "replication_outbox_bytes_max",
+            within(c.replication_outbox_bytes_max, 4 * KIB, BODY_BYTES_LIMIT),
+            "a byte count from 4096 (4 KiB) to 1 TiB: a whole number, or a string with a \
+             suffix, e.g. \"1GiB\"",
+        ),
+        Rule::new(
+            "anti_entropy_interval_ms",
+            within(c.anti_entropy_interval_ms, 1_000, 86_400_000),
+            "a whole number of milliseconds from 1000 to 86400000 (one day)",
+        ),
+        Rule::new(
+            "peer_probe_interval_ms",
+            within(c.peer_probe_interval_ms, 100, TIMEOUT_MS_LIMIT),
+            "a whole number of milliseconds from 100 to 3600000",
+        ),
+        Rule::new(
+            "replication_request_timeout_ms",
+            within(c.replication_request_timeout_ms, 100, TIMEOUT_MS_LIMIT),
+            "a whole number of milliseconds from 100 to 3600000",
         ),
         Rule::keyword::<EngineChoice>("engine"),
         Rule::new(
@@ -686,6 +763,10 @@ impl Config {
             Err(error) => return format!("{out}# cannot be shown: {error}\n"),
         };
         for key in scalar_keys() {
+            if key == "peer_secret" && self.peer_secret.is_given() {
+                let _ = writeln!(out, "# peer_secret = (redacted)");
+                continue;
+            }
             let _ = match table.get(key) {
                 Some(value) => writeln!(out, "{key} = {value}"),
                 None => writeln!(out, "# {key} is not set"),
@@ -752,6 +833,15 @@ pub struct Overrides {
     /// Connections one client address may hold per front (0 = no cap).
     #[arg(long)]
     pub connections_per_ip_max: Option<String>,
+    /// Replication peers, host:port,host:port (or SLUICE_PEERS).
+    #[arg(long)]
+    pub peers: Option<String>,
+    /// A DNS name listing the peers, name:port, re-resolved every peer_refresh_ms.
+    #[arg(long)]
+    pub peers_dns: Option<String>,
+    /// The secret peers present to each other (or SLUICE_PEER_SECRET; 16+ bytes).
+    #[arg(long)]
+    pub peer_secret: Option<String>,
 }
 
 /// Where a value came from, for error messages.
@@ -1034,13 +1124,73 @@ fn check_layer(layer: &[Entry], file: &Path) -> Result<Config, ConfigError> {
         if let Some(entry) = layer.iter().find(|e| e.key == rule.key) {
             return Err(ConfigError::BadValue {
                 key: rule.key.to_owned(),
-                value: entry.raw().display(),
+                value: shown_value(entry),
                 source: entry.source.clone(),
                 expected: rule.expected,
             });
         }
     }
     Ok(config)
+}
+
+/// A value as quoted back in an error: the peer secret only by its length.
+fn shown_value(entry: &Entry) -> String {
+    if entry.key != "peer_secret" {
+        return entry.raw().display();
+    }
+    match &entry.raw {
+        Raw::Text(text) => format!("({} bytes, not shown)", text.len()),
+        Raw::Toml(toml::Value::String(text)) => format!("({} bytes, not shown)", text.len()),
+        Raw::Toml(_) => "(not a string)".to_owned(),
+    }
+}
+
+/// Most entries in `peers`.
+pub const PEERS_MAX: usize = 256;
+
+/// `host:port` with a non-empty host of name or IP characters (or a bracketed IPv6 literal)
+/// and a port from 1 to 65535.
+fn is_host_port(text: &str) -> bool {
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && (host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+            || (host.starts_with('[') && host.ends_with(']')));
+    host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+/// `peers`: a TOML array of strings, or one comma-separated string (the form an environment
+/// variable or a flag can carry); empty items are dropped.
+fn peer_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    struct Peers;
+    impl<'de> serde::de::Visitor<'de> for Peers {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of host:port")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Vec<String>, E> {
+            Ok(text
+                .split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<String>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(item) = seq.next_element::<String>()? {
+                out.push(item);
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_any(Peers)
 }
 
 /// The checks serde's types do not make on `[namespaces.*]` and `[[tokens]]`, and each
@@ -1184,6 +1334,16 @@ fn validate(c: &mut Config, set: &[Entry]) -> Result<(), ConfigError> {
         c.uri_bytes_max = c.uri_bytes_max.min(c.head_bytes_max);
     }
     let conflict = |message: String| Err(ConfigError::Conflict { message });
+
+    if (!c.peers.is_empty() || c.peers_dns.is_some()) && !c.peer_secret.is_given() {
+        return conflict(format!(
+            "config key `peers` (from {}) or `peers_dns` (from {}) is set but `peer_secret` \
+             is not: every peer API request must carry it; set peer_secret (16 to 1024 \
+             bytes, the same on every node) with --peer-secret or SLUICE_PEER_SECRET",
+            source_of("peers"),
+            source_of("peers_dns")
+        ));
+    }
 
     match (&c.tls_cert, &c.tls_key) {
         (Some(path), None) => {
@@ -1384,6 +1544,23 @@ mod tests {
             ("lingering_timeout_ms", "0", "from 1 to 3600000"),
             ("lingering_bytes_max", "2TiB", "from 0 to 1 TiB"),
             ("body_read_timeout_ms", "0", "from 1 to 3600000"),
+            ("peers", "127.0.0.1", "each host:port"),
+            ("peers", "a:1,b:0", "each host:port"),
+            ("peers", "a b:1", "each host:port"),
+            ("peers_dns", "sluice-headless", "name:port"),
+            ("peer_refresh_ms", "99", "from 100 to 3600000"),
+            (
+                "replication_outbox_bytes_max",
+                "4095",
+                "from 4096 (4 KiB) to 1 TiB",
+            ),
+            ("anti_entropy_interval_ms", "999", "from 1000 to 86400000"),
+            ("peer_probe_interval_ms", "0", "from 100 to 3600000"),
+            (
+                "replication_request_timeout_ms",
+                "50",
+                "from 100 to 3600000",
+            ),
             ("send_timeout_ms", "3600001", "from 1 to 3600000"),
             (
                 "connections_per_ip_max",
@@ -1746,6 +1923,63 @@ mod tests {
             let needle = format!("config key `{key}` = `{value}` (from {flag}): expected");
             assert!(message.contains(&needle), "{needle:?} not in {message}");
         }
+    }
+
+    /// The peer secret: 16 bytes at least, visible ASCII, never quoted back,
+    /// never printed by check-config, and required once peers are set.
+    #[test]
+    fn peer_secret_rules() {
+        for bad in ["short", "sixteen bytes!!!", "ab\u{e9}cdefghijklmnopq"] {
+            let message = err(load_text(
+                None,
+                &env(&[("SLUICE_PEER_SECRET", bad)]),
+                &Overrides::default(),
+            ));
+            assert!(message.contains("config key `peer_secret`"), "{message}");
+            assert!(message.contains("16 to 1024 bytes"), "{message}");
+            assert!(
+                !message.contains(bad),
+                "the secret is quoted back: {message}"
+            );
+        }
+        let message = err(load_text(
+            None,
+            &env(&[("SLUICE_PEERS", "127.0.0.1:9001")]),
+            &Overrides::default(),
+        ));
+        assert!(message.contains("`peer_secret`"), "{message}");
+        let config = load_text(
+            None,
+            &env(&[
+                ("SLUICE_PEERS", "127.0.0.1:9001, 127.0.0.1:9002"),
+                ("SLUICE_PEER_SECRET", "0123456789abcdef"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.peers, ["127.0.0.1:9001", "127.0.0.1:9002"]);
+        assert_eq!(config.peer_secret.expose(), b"0123456789abcdef");
+        let toml = config.to_toml();
+        assert!(!toml.contains("0123456789abcdef"), "{toml}");
+        assert!(toml.contains("# peer_secret = (redacted)"), "{toml}");
+        assert!(!format!("{config:?}").contains("0123456789abcdef"));
+        let from_file = load_text(
+            Some((
+                Path::new("f.toml"),
+                "peers = [\"a.example:8080\", \"[::1]:8080\"]\npeer_secret = \"0123456789abcdef\"\n",
+            )),
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(from_file.peers, ["a.example:8080", "[::1]:8080"]);
+        let overrides = Overrides {
+            peers: Some("127.0.0.1:1,127.0.0.1:2".into()),
+            peer_secret: Some("0123456789abcdef".into()),
+            ..Overrides::default()
+        };
+        let from_flags = load_text(None, &[], &overrides).unwrap();
+        assert_eq!(from_flags.peers.len(), 2);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod http1;
 pub mod logging;
 pub mod metrics;
 pub mod peer_limit;
+pub mod replication;
 pub mod route;
 pub mod server;
 pub mod store;

@@ -23,7 +23,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve artifacts (defaults: 127.0.0.1:8080, data in ./sluice-data).
-    Serve(ServeArgs),
+    // Boxed: the serve flags outweigh the other commands many times over.
+    Serve(Box<ServeArgs>),
     /// Validate a config file and print the effective configuration.
     CheckConfig {
         /// TOML config file.

@@ -10,10 +10,11 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Route labels, in table order. `none` counts requests that matched no
-/// route or failed before classification.
-pub const ROUTES: [&str; 9] = [
-    "ac", "cas", "gradle", "generic", "up", "ready", "metrics", "status", "none",
+/// Route labels, in table order. `peer` is the replication peer API
+/// (`/_peer/`); `none` counts requests that matched no route or failed
+/// before classification.
+pub const ROUTES: [&str; 10] = [
+    "ac", "cas", "gradle", "generic", "up", "ready", "metrics", "status", "peer", "none",
 ];
 /// Method labels, in table order: the methods HTTP defines (RFC 9110 and
 /// PATCH), so a POST to an artifact path is counted as what it is; any

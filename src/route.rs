@@ -137,6 +137,10 @@ const GENERIC_KEY_RULE: &str = "key must be 1 to 16 '/'-separated segments, 255 
 /// exists but not for this method (a POST to an artifact path counts under
 /// that artifact route), `none` when no route matched.
 pub fn route_label(method: &str, path: &str) -> &'static str {
+    // The replication peer API is answered before classification.
+    if path.starts_with("/_peer/") {
+        return "peer";
+    }
     match classify(method, path) {
         Ok(route) => route.label(),
         Err(RouteError::MethodNotAllowed { route, .. }) => route,

@@ -107,8 +107,31 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let local = listener
         .local_addr()
         .map_err(|e| ServeError(format!("cannot read the bound address: {e}")))?;
+    // Before anything is served: no acknowledged write may miss the outbox.
+    let replication = crate::replication::attach(&config, local, &app)
+        .map_err(|e| ServeError(format!("cannot open the replication outbox: {e}")))?;
     let engine = crate::engine::start(&config, &app, &fallback, listener)
         .map_err(|e| ServeError(format!("cannot start the engine: {e}")))?;
+    let replication = match replication {
+        Some(replication) => {
+            // Rings when they run; otherwise replication brings its own
+            // blocking sender threads (engine = fallback).
+            let transport = match engine.task_submitter() {
+                Some(submitter) => crate::replication::transport::Transport::Ring {
+                    submitter,
+                    splice: sluice_uring::probe().supports("splice"),
+                },
+                None => crate::replication::transport::Transport::blocking().map_err(|e| {
+                    ServeError(format!("cannot start the replication senders: {e}"))
+                })?,
+            };
+            Some(
+                crate::replication::driver::start(replication, app.store.clone(), transport)
+                    .map_err(|e| ServeError(format!("cannot start replication: {e}")))?,
+            )
+        }
+        None => None,
+    };
     let scheme = if tls.is_some() {
         "http and https"
     } else {
@@ -131,6 +154,10 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     );
     engine.shutdown(drain);
     fallback.shutdown(drain);
+    if let Some(replication) = replication {
+        // What is still queued stays in the outbox for the next start.
+        replication.shutdown();
+    }
     app.store.shutdown();
     tracing::info!("shutdown complete");
     Ok(())

@@ -51,6 +51,11 @@ impl Engine {
         }
     }
 
+    /// A handle for submitting tasks from another thread, when rings run.
+    pub fn task_submitter(&self) -> Option<ring::TaskSubmitter> {
+        self.ring.as_ref().map(RingEngine::submitter)
+    }
+
     /// Stop accepting and drain in-flight requests within `drain`.
     pub fn shutdown(self, drain: Duration) {
         if let Some(ring) = self.ring {

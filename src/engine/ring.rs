@@ -107,6 +107,12 @@ pub const READAHEAD_CHUNKS: u64 = 2;
 pub const TASKS_PER_CORE_MAX: usize = 64;
 /// Outgoing tasks waiting for a thread, per thread.
 pub const TASKS_QUEUED_MAX: usize = 256;
+/// Idle keep-alive connections of outgoing tasks one thread keeps.
+pub const IDLE_TASK_CONNS_MAX: usize = 16;
+/// An idle task connection is closed after this long, in ms: well under
+/// a sluice peer's default `idle_timeout_ms`, so the pool seldom holds a
+/// connection the peer has already closed.
+pub const IDLE_TASK_CONN_MS: u64 = 20_000;
 
 /// Reserved tokens. Connection tokens are `generation << 32 | slot` with a
 /// 31-bit generation; task tokens set `TASK_BIT`; the accept token is all
@@ -146,6 +152,40 @@ pub struct CoreStats {
     pub cold_wait_us_total: AtomicU64,
     /// io-wq worker limit of this ring (bounded class; 0: not set).
     pub iowq_workers_max: AtomicU64,
+}
+
+/// Submits outgoing tasks to the rings from any thread; see
+/// [`RingEngine::submit_task`]. Once the engine stops, every submit is
+/// given back.
+#[derive(Clone)]
+pub struct TaskSubmitter {
+    task_queues: Vec<std::sync::mpsc::SyncSender<OutgoingRequest>>,
+    wakers: Vec<Waker>,
+    next_core: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TaskSubmitter {
+    /// Queue `request` on one of the rings (round robin); a full queue or a
+    /// stopped engine gives it back.
+    pub fn submit(&self, request: OutgoingRequest) -> Result<(), OutgoingRequest> {
+        if self.task_queues.is_empty() || self.stop.load(Ordering::SeqCst) {
+            return Err(request);
+        }
+        let core = self.next_core.fetch_add(1, Ordering::Relaxed) % self.task_queues.len();
+        match self.task_queues[core].try_send(request) {
+            Ok(()) => {
+                if let Some(waker) = self.wakers.get(core) {
+                    waker.wake();
+                }
+                Ok(())
+            }
+            Err(
+                std::sync::mpsc::TrySendError::Full(r)
+                | std::sync::mpsc::TrySendError::Disconnected(r),
+            ) => Err(r),
+        }
+    }
 }
 
 /// The running engine threads.
@@ -246,6 +286,17 @@ impl RingEngine {
             stats,
             fixed_buffers_note,
         })
+    }
+
+    /// A handle that submits tasks from another thread (the replication
+    /// thread) without owning the engine.
+    pub fn submitter(&self) -> TaskSubmitter {
+        TaskSubmitter {
+            task_queues: self.task_queues.clone(),
+            wakers: self.wakers.clone(),
+            next_core: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            stop: Arc::clone(&self.stop),
+        }
     }
 
     /// Queue an outgoing request on one of the rings (round robin). A full
@@ -499,6 +550,8 @@ struct CoreLoop {
     task_rx: std::sync::mpsc::Receiver<OutgoingRequest>,
     tasks: Vec<Option<TaskSlot>>,
     task_generation: u32,
+    /// Idle keep-alive task connections, oldest first (bounded).
+    idle_task_conns: VecDeque<IdleConn>,
     files: Rc<RefCell<OpenCache>>,
     /// Publishes finished uploads off this thread.
     publisher: Publisher,
@@ -511,10 +564,24 @@ struct CoreLoop {
     per_ip: PerIpCounts,
 }
 
+/// A keep-alive connection of a finished task, ready for the next task to
+/// the same address.
+struct IdleConn {
+    addr: SocketAddr,
+    fd: SharedFd,
+    since: Instant,
+}
+
 struct TaskSlot {
     generation: u32,
     task: Task,
     fd: SharedFd,
+    /// The connection came from the idle pool (no connect).
+    reused: bool,
+    /// The body file, when the body is spliced from a file.
+    body_fd: Option<SharedFd>,
+    /// Its pipe; `None` while an op holds it.
+    pipe: Option<Pipe>,
     pending: Option<OpId>,
     timed_out: bool,
 }
@@ -620,6 +687,7 @@ impl CoreLoop {
             task_rx,
             tasks: (0..TASKS_PER_CORE_MAX).map(|_| None).collect(),
             task_generation: 1,
+            idle_task_conns: VecDeque::new(),
             files: Rc::new(RefCell::new(OpenCache::new(OPEN_FILES_PER_CORE_MAX))),
             ticks: 0,
             per_ip: PerIpCounts::new(settings.connections_per_ip_max),
@@ -726,6 +794,9 @@ impl CoreLoop {
                 now >= slot.conn.deadline() || (draining && slot.conn.is_idle())
             });
         }
+        let idle_max = Duration::from_millis(IDLE_TASK_CONN_MS);
+        self.idle_task_conns
+            .retain(|c| now.duration_since(c.since) < idle_max);
         for slot in self.tasks.iter_mut().flatten() {
             if now >= slot.task.deadline && !slot.timed_out {
                 slot.timed_out = true;
@@ -1583,36 +1654,154 @@ impl CoreLoop {
     }
 
     fn start_task(&mut self, index: u32, request: OutgoingRequest) {
-        let family = if request.addr.is_ipv4() {
-            rustix::net::AddressFamily::INET
-        } else {
-            rustix::net::AddressFamily::INET6
+        // A file body needs its own fd (the op holds it) and a pipe for the
+        // splices; without a free pipe the task is refused before anything
+        // reaches the peer, and the caller tries again later.
+        let body = match &request.body_file {
+            None => None,
+            Some(body) => {
+                let file = Arc::clone(&body.file);
+                let fd = Arc::try_unwrap(file)
+                    .or_else(|shared| shared.try_clone())
+                    .map(OwnedFd::from);
+                match (fd, self.pipes.take()) {
+                    (Ok(fd), Ok(pipe)) => Some((Rc::new(fd), pipe)),
+                    _ => {
+                        (request.done)(Err(TaskError::Refused));
+                        return;
+                    }
+                }
+            }
         };
-        let fd = match rustix::net::socket_with(
-            family,
-            rustix::net::SocketType::STREAM,
-            rustix::net::SocketFlags::CLOEXEC,
-            None,
-        ) {
-            Ok(fd) => Rc::new(fd),
-            Err(errno) => {
-                (request.done)(Err(TaskError::Connect(errno.raw_os_error())));
-                return;
+        let pooled = if request.keep_alive {
+            self.take_idle_conn(request.addr)
+        } else {
+            None
+        };
+        let reused = pooled.is_some();
+        let fd = match pooled {
+            Some(fd) => fd,
+            None => {
+                let family = if request.addr.is_ipv4() {
+                    rustix::net::AddressFamily::INET
+                } else {
+                    rustix::net::AddressFamily::INET6
+                };
+                match rustix::net::socket_with(
+                    family,
+                    rustix::net::SocketType::STREAM,
+                    rustix::net::SocketFlags::CLOEXEC,
+                    None,
+                ) {
+                    Ok(fd) => Rc::new(fd),
+                    Err(errno) => {
+                        (request.done)(Err(TaskError::Connect(errno.raw_os_error())));
+                        return;
+                    }
+                }
             }
         };
         let addr = request.addr;
         self.task_generation = (self.task_generation.wrapping_add(1) & GENERATION_MASK).max(1);
         let generation = self.task_generation;
+        let mut task = Task::new(request, Instant::now());
+        let op = if reused {
+            task.state = TaskState::Sending;
+            Op::Send {
+                fd: Rc::clone(&fd),
+                buf: IoBuf::Vec(std::mem::take(&mut task.request.request)),
+                offset: 0,
+                flags: libc::MSG_NOSIGNAL,
+            }
+        } else {
+            Op::Connect {
+                fd: Rc::clone(&fd),
+                addr,
+            }
+        };
         if let Some(entry) = self.tasks.get_mut(index as usize) {
             *entry = Some(TaskSlot {
                 generation,
-                task: Task::new(request, Instant::now()),
-                fd: Rc::clone(&fd),
+                task,
+                fd,
+                reused,
+                body_fd: body.as_ref().map(|(f, _)| Rc::clone(f)),
+                pipe: body.map(|(_, p)| p),
                 pending: None,
                 timed_out: false,
             });
         }
-        self.submit_task_op(index, Op::Connect { fd, addr });
+        self.submit_task_op(index, op);
+    }
+
+    /// An idle pooled connection to `addr` that is still open. The check is
+    /// a non-blocking `MSG_PEEK`: no data and no EOF (`EAGAIN`) means open;
+    /// a connection the peer closed while idle (EOF, an error, or stray
+    /// bytes) is closed here, before anything is written to it, and the
+    /// next one is tried.
+    fn take_idle_conn(&mut self, addr: SocketAddr) -> Option<SharedFd> {
+        while let Some(at) = self.idle_task_conns.iter().rposition(|c| c.addr == addr) {
+            let conn = self.idle_task_conns.remove(at)?;
+            let mut probe = [0u8; 1];
+            match rustix::net::recv(
+                &*conn.fd,
+                &mut probe,
+                rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+            ) {
+                Err(rustix::io::Errno::AGAIN) => return Some(conn.fd),
+                _ => continue,
+            }
+        }
+        None
+    }
+
+    /// Keep a finished task's connection for the next task to its address.
+    fn pool_idle_conn(&mut self, addr: SocketAddr, fd: SharedFd) {
+        // Only a connection no op still holds can be pooled.
+        if Rc::strong_count(&fd) != 1 {
+            return;
+        }
+        if self.idle_task_conns.len() >= IDLE_TASK_CONNS_MAX {
+            self.idle_task_conns.pop_front();
+        }
+        self.idle_task_conns.push_back(IdleConn {
+            addr,
+            fd,
+            since: Instant::now(),
+        });
+    }
+
+    /// The next splice of a task's file body, or `None` when the body is
+    /// out (or there is none): file -> pipe while the pipe is empty, pipe ->
+    /// socket while it holds bytes. Both run through the ring (io-wq), so a
+    /// cold file or a slow peer never blocks this thread. The pipe travels
+    /// with the op and comes back in its completion.
+    fn next_body_op(slot: &mut TaskSlot) -> Option<Op> {
+        let file_fd = slot.body_fd.as_ref()?;
+        let body = slot.task.request.body_file.as_ref()?;
+        let pipe = slot.pipe.take()?;
+        if pipe.held_bytes() > 0 {
+            slot.task.state = TaskState::SplicingOut;
+            let len = u32::try_from(pipe.held_bytes()).unwrap_or(u32::MAX);
+            return Some(Op::SpliceFromPipe {
+                pipe,
+                fd_out: Rc::clone(&slot.fd),
+                len,
+            });
+        }
+        let remaining = body.len.saturating_sub(slot.task.body_sent);
+        if remaining == 0 {
+            slot.pipe = Some(pipe);
+            return None;
+        }
+        slot.task.state = TaskState::SplicingIn;
+        let len = remaining.min(pipe.capacity_bytes() as u64);
+        Some(Op::SpliceToPipe {
+            fd_in: Rc::clone(file_fd),
+            offset_in: body.offset + slot.task.body_sent,
+            pipe,
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+        })
     }
 
     fn submit_task_op(&mut self, index: u32, op: Op) {
@@ -1630,9 +1819,35 @@ impl CoreLoop {
         index: u32,
         outcome: Result<super::task::OutgoingResponse, TaskError>,
     ) {
-        if let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::take) {
-            (slot.task.request.done)(outcome);
-        }
+        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::take) else {
+            return;
+        };
+        let TaskSlot {
+            task, fd, reused, ..
+        } = slot;
+        let outcome = match outcome {
+            Ok(mut response) => {
+                response.reused_connection = reused;
+                if task.request.keep_alive && task.keeps_alive() {
+                    self.pool_idle_conn(task.request.addr, fd);
+                }
+                Ok(response)
+            }
+            // The peer closed a pooled connection while it was idle and the
+            // check before the write could not see it yet: no response byte
+            // came back, so nothing says the request was even read.
+            Err(err @ (TaskError::Io(_) | TaskError::BadResponse(_)))
+                if reused && task.received.is_empty() =>
+            {
+                let errno = match err {
+                    TaskError::Io(errno) => errno,
+                    _ => 0,
+                };
+                Err(TaskError::StaleConnection(errno))
+            }
+            Err(err) => Err(err),
+        };
+        (task.request.done)(outcome);
     }
 
     fn on_task(&mut self, completion: Completion) {
@@ -1677,6 +1892,9 @@ impl CoreLoop {
                             offset: slot.task.sent,
                             flags: libc::MSG_NOSIGNAL,
                         }
+                    } else if let Some(op) = Self::next_body_op(slot) {
+                        slot.task.request.request = buf;
+                        op
                     } else {
                         slot.task.state = TaskState::Receiving;
                         slot.task.request.request = buf;
@@ -1690,11 +1908,44 @@ impl CoreLoop {
                 }
                 Err(errno) => self.finish_task(index, Err(TaskError::Io(errno))),
             },
+            (TaskState::SplicingIn | TaskState::SplicingOut, Returned::Pipe(pipe)) => {
+                let spliced_out = slot.task.state == TaskState::SplicingOut;
+                match result {
+                    Ok(n) if n > 0 => {
+                        if spliced_out {
+                            slot.task.body_sent += n as u64;
+                        }
+                        slot.pipe = Some(pipe);
+                        match Self::next_body_op(slot) {
+                            Some(op) => self.submit_task_op(index, op),
+                            None => {
+                                slot.task.state = TaskState::Receiving;
+                                self.submit_task_op(
+                                    index,
+                                    Op::Recv {
+                                        fd,
+                                        buf: IoBuf::Vec(Vec::with_capacity(RESPONSE_READ_BYTES)),
+                                        flags: 0,
+                                    },
+                                );
+                            }
+                        }
+                    }
+                    // The file ended early (cut behind the store's back) or
+                    // the peer went away: the request cannot complete. A
+                    // pipe holding bytes is closed on drop, never reused.
+                    Ok(_) => self.finish_task(index, Err(TaskError::Io(libc::EIO))),
+                    Err(errno) => self.finish_task(index, Err(TaskError::Io(errno))),
+                }
+            }
             (TaskState::Receiving, Returned::Buf(IoBuf::Vec(mut buf))) => match result {
                 Ok(n) => {
                     slot.task.received.extend_from_slice(&buf);
                     let eof = n == 0;
                     if let Some(outcome) = slot.task.response(eof) {
+                        // The slot's own reference must be the last for the
+                        // connection to go back to the pool.
+                        drop(fd);
                         self.finish_task(index, outcome);
                     } else if slot.task.received.len() > slot.task.request.response_bytes_max {
                         self.finish_task(
@@ -1819,7 +2070,8 @@ mod tests {
             got,
             Ok(OutgoingResponse {
                 status: 200,
-                body: b"up\n".to_vec()
+                body: b"up\n".to_vec(),
+                reused_connection: false,
             })
         );
         let got = run(&engine, |done| {
@@ -1844,6 +2096,104 @@ mod tests {
         });
         assert_eq!(got, Err(TaskError::TimedOut));
         drop(silent);
+        engine.shutdown(Duration::from_millis(100));
+    }
+
+    /// A task's body can come from a file range: spliced file -> pipe ->
+    /// socket in pipe-sized chunks (64 KiB here), all through the ring. The
+    /// ring PUTs it to itself and reads it back byte for byte.
+    #[test]
+    fn a_task_body_is_spliced_from_a_file() {
+        let Some((engine, addr, dir)) = engine() else {
+            return;
+        };
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let path = dir.path().join("body.bin");
+        let mut bytes = b"garbage".to_vec();
+        bytes.extend_from_slice(&body);
+        std::fs::write(&path, &bytes).expect("write");
+        let file = Arc::new(std::fs::File::open(&path).expect("open"));
+        let got = run(&engine, |done| {
+            OutgoingRequest {
+            addr,
+            request: format!(
+                "PUT /v1/artifacts/ns/spliced HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .into_bytes(),
+            body_file: Some(Box::new(task::FileBody {
+                file,
+                offset: 7,
+                len: body.len() as u64,
+            })),
+            keep_alive: false,
+            timeout: Duration::from_secs(5),
+            response_bytes_max: task::RESPONSE_BYTES_MAX_DEFAULT,
+            done,
+        }
+        });
+        assert_eq!(got.map(|r| r.status), Ok(201));
+        let got = run(&engine, |done| {
+            OutgoingRequest::get(
+                addr,
+                "/v1/artifacts/ns/spliced",
+                Duration::from_secs(5),
+                done,
+            )
+        });
+        assert!(got.is_ok_and(|r| r.status == 200 && r.body == body));
+        engine.shutdown(Duration::from_millis(100));
+    }
+
+    /// Keep-alive tasks to one address share a pooled connection: the
+    /// second and third skip the connect. A pooled connection the peer
+    /// closed while idle is found closed before the write and replaced.
+    #[test]
+    fn keep_alive_tasks_reuse_a_pooled_connection() {
+        let Some((engine, addr, _dir)) = engine() else {
+            return;
+        };
+        let keep_alive = |done| {
+            let mut r = OutgoingRequest::get(addr, "/up", Duration::from_secs(5), done);
+            r.request = format!("GET /up HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes();
+            r.keep_alive = true;
+            r
+        };
+        let reused: Vec<bool> = (0..3)
+            .map(|_| {
+                let got = run(&engine, keep_alive).expect("response");
+                assert_eq!((got.status, got.body.as_slice()), (200, &b"up\n"[..]));
+                got.reused_connection
+            })
+            .collect();
+        assert_eq!(reused, vec![false, true, true]);
+
+        // A peer that answers one request and closes while idle.
+        let once = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let once_addr = once.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for _ in 0..2 {
+                let (mut s, _) = once.accept().expect("accept");
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                std::thread::sleep(Duration::from_millis(50));
+                drop(s); // closes while the client holds it idle
+            }
+        });
+        let to_once = |done| {
+            let mut r = OutgoingRequest::get(once_addr, "/", Duration::from_secs(5), done);
+            r.request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+            r.keep_alive = true;
+            r
+        };
+        let first = run(&engine, to_once).expect("first");
+        assert!(!first.reused_connection);
+        std::thread::sleep(Duration::from_millis(200));
+        let second = run(&engine, to_once).expect("second, on a fresh connection");
+        assert_eq!((second.status, second.reused_connection), (200, false));
+        server.join().expect("server");
         engine.shutdown(Duration::from_millis(100));
     }
 }

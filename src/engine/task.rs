@@ -17,6 +17,8 @@ pub const RESPONSE_READ_BYTES: usize = 64 * 1024;
 pub struct OutgoingResponse {
     pub status: u16,
     pub body: Vec<u8>,
+    /// It went over a pooled keep-alive connection (no connect).
+    pub reused_connection: bool,
 }
 
 /// Why an outgoing request failed. `Connect` is the class the replication
@@ -29,6 +31,10 @@ pub enum TaskError {
     Io(i32),
     /// The response was not valid HTTP/1.1 or was over the size bound.
     BadResponse(&'static str),
+    /// A pooled keep-alive connection failed before any byte of a response
+    /// came back: the peer had closed it while idle. Like `Connect`, the
+    /// one class retried at once on a fresh connection.
+    StaleConnection(i32),
     /// The deadline passed.
     TimedOut,
     /// The engine's task queue or table was full, or it is shutting down.
@@ -42,6 +48,9 @@ impl std::fmt::Display for TaskError {
             TaskError::Io(0) => write!(f, "the peer closed the connection early"),
             TaskError::Io(e) => write!(f, "connection failed: errno {e}"),
             TaskError::BadResponse(why) => write!(f, "bad response: {why}"),
+            TaskError::StaleConnection(e) => {
+                write!(f, "a pooled connection was closed by the peer (errno {e})")
+            }
             TaskError::TimedOut => write!(f, "timed out"),
             TaskError::Refused => write!(f, "the engine refused the task"),
         }
@@ -51,11 +60,29 @@ impl std::fmt::Display for TaskError {
 /// Called once, on the engine thread, with the outcome.
 pub type Done = Box<dyn FnOnce(Result<OutgoingResponse, TaskError>) + Send>;
 
+/// A request body taken from a file range: the ring splices it file ->
+/// pipe -> socket, with no copy through user space.
+pub struct FileBody {
+    pub file: std::sync::Arc<std::fs::File>,
+    /// Where the body starts in `file`, bytes.
+    pub offset: u64,
+    pub len: u64,
+}
+
 /// An outgoing HTTP/1.1 request for a ring to run.
 pub struct OutgoingRequest {
     pub addr: SocketAddr,
-    /// The whole request: head and body, as it goes on the wire.
+    /// The request as it goes on the wire: head and body, or only the head
+    /// when `body_file` carries the body.
     pub request: Vec<u8>,
+    /// The body, sent after `request`, straight from a file. Boxed: most
+    /// requests have none, and a request is moved through queues and given
+    /// back in `Err` when refused.
+    pub body_file: Option<Box<FileBody>>,
+    /// The head asks for keep-alive: the ring may run it on a pooled
+    /// connection to `addr` and pools the connection again after a
+    /// complete response that does not say `Connection: close`.
+    pub keep_alive: bool,
     pub timeout: Duration,
     pub response_bytes_max: usize,
     pub done: Done,
@@ -69,6 +96,8 @@ impl OutgoingRequest {
         OutgoingRequest {
             addr,
             request,
+            body_file: None,
+            keep_alive: false,
             timeout,
             response_bytes_max: RESPONSE_BYTES_MAX_DEFAULT,
             done,
@@ -81,6 +110,10 @@ impl OutgoingRequest {
 pub enum TaskState {
     Connecting,
     Sending,
+    /// Body: a chunk of the file is being spliced into the pipe.
+    SplicingIn,
+    /// Body: the pipe is being spliced into the socket.
+    SplicingOut,
     Receiving,
 }
 
@@ -89,6 +122,8 @@ pub struct Task {
     pub request: OutgoingRequest,
     pub state: TaskState,
     pub sent: usize,
+    /// Body bytes spliced to the socket so far.
+    pub body_sent: u64,
     pub received: Vec<u8>,
     pub deadline: Instant,
 }
@@ -100,6 +135,7 @@ impl Task {
             request,
             state: TaskState::Connecting,
             sent: 0,
+            body_sent: 0,
             received: Vec::new(),
             deadline,
         }
@@ -108,9 +144,62 @@ impl Task {
     /// Parse the response received so far: `None` while incomplete.
     /// Without `Content-Length` the body runs to the close (`eof`).
     pub fn response(&self, eof: bool) -> Option<Result<OutgoingResponse, TaskError>> {
+        parse_response(&self.received, eof)
+    }
+
+    /// After a complete response: whether its connection can carry another
+    /// request (framed by length, nothing extra received, no `close`).
+    pub fn keeps_alive(&self) -> bool {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut parsed = httparse::Response::new(&mut headers);
-        let head_len = match parsed.parse(&self.received) {
+        let Ok(httparse::Status::Complete(head_len)) = parsed.parse(&self.received) else {
+            return false;
+        };
+        let close = parsed.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("connection")
+                && std::str::from_utf8(h.value)
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+        });
+        let body_len = match body_framing(&parsed) {
+            Framing::Empty => Some(0),
+            Framing::Length(n) => Some(n),
+            Framing::ToClose => None,
+        };
+        !close
+            && parsed.version == Some(1)
+            && body_len.is_some_and(|n| self.received.len() == head_len + n)
+    }
+}
+
+enum Framing {
+    /// 1xx, 204, 304: no body, whatever the headers say.
+    Empty,
+    Length(usize),
+    ToClose,
+}
+
+fn body_framing(parsed: &httparse::Response<'_, '_>) -> Framing {
+    let status = parsed.code.unwrap_or(0);
+    if status < 200 || status == 204 || status == 304 {
+        return Framing::Empty;
+    }
+    parsed
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(Framing::ToClose, Framing::Length)
+}
+
+/// Parse a response received so far: `None` while incomplete. Without
+/// `Content-Length` the body runs to the close (`eof`). Shared by the ring's
+/// tasks and the blocking sender the fallback engine uses.
+pub fn parse_response(received: &[u8], eof: bool) -> Option<Result<OutgoingResponse, TaskError>> {
+    {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let head_len = match parsed.parse(received) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) if eof => {
                 return Some(Err(TaskError::BadResponse("incomplete head")))
@@ -119,23 +208,26 @@ impl Task {
             Err(_) => return Some(Err(TaskError::BadResponse("malformed head"))),
         };
         let status = parsed.code.unwrap_or(0);
-        let length = parsed
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-            .and_then(|v| v.trim().parse::<usize>().ok());
-        let body = &self.received[head_len..];
+        // 204 and 304 carry no body and often no Content-Length: on a
+        // keep-alive connection waiting for the close would never end.
+        let length = match body_framing(&parsed) {
+            Framing::Empty => Some(0),
+            Framing::Length(n) => Some(n),
+            Framing::ToClose => None,
+        };
+        let body = &received[head_len..];
         match length {
             Some(len) if body.len() >= len => Some(Ok(OutgoingResponse {
                 status,
                 body: body[..len].to_vec(),
+                reused_connection: false,
             })),
             Some(_) if eof => Some(Err(TaskError::Io(0))),
             Some(_) => None,
             None if eof => Some(Ok(OutgoingResponse {
                 status,
                 body: body.to_vec(),
+                reused_connection: false,
             })),
             None => None,
         }
@@ -166,6 +258,7 @@ mod tests {
             Some(Ok(OutgoingResponse {
                 status,
                 body: body.to_vec(),
+                reused_connection: false,
             }))
         };
         type Want = Option<Result<OutgoingResponse, TaskError>>;
@@ -186,6 +279,8 @@ mod tests {
                 Some(Err(TaskError::Io(0))),
             ),
             (b"HTTP/1.1 404 Not Found\r\n\r\nno", true, ok(404, b"no")),
+            // 204 ends at its head, with or without a close.
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false, ok(204, b"")),
             (b"HTTP/1.1 200 OK\r\n", false, None),
             (
                 b"HTTP/1.1 200 OK\r\n",

@@ -37,7 +37,8 @@ pub(super) fn run(sh: &Shared) {
     }
 }
 
-fn millis(secs: i64, nsecs: i64) -> u64 {
+/// Milliseconds since the epoch from a stat's seconds and nanoseconds.
+pub fn millis(secs: i64, nsecs: i64) -> u64 {
     let ms = secs.saturating_mul(1000).saturating_add(nsecs / 1_000_000);
     u64::try_from(ms).unwrap_or(0)
 }

@@ -43,6 +43,7 @@ mod layout;
 #[cfg(test)]
 mod tests;
 
+pub use background::millis as background_millis;
 pub use index::{INDEX_ENTRIES_MAX, SHARDS};
 pub use layout::{
     file_name, key_of_file_name, relative_path, shard_dir, valid_key, valid_key_segment,
@@ -199,6 +200,13 @@ impl Artifact {
         format!("\"{}\"", hex::encode(self.sha256))
     }
 
+    /// When this version was written (its file's mtime), ms since the Unix
+    /// epoch; replication's last-writer-wins compares these.
+    pub fn write_time_ms(&self) -> std::io::Result<u64> {
+        let meta = self.file.metadata()?;
+        Ok(background::millis(meta.mtime(), meta.mtime_nsec()))
+    }
+
     /// The file as a descriptor of its own: this artifact's, if nothing else
     /// shares it (an uncached `Store::get`), else a `dup` of the one the
     /// open-file cache shares.
@@ -220,6 +228,11 @@ pub struct PutOptions {
     /// Largest accepted body in bytes; 0 = no per-request limit (the store's
     /// own limit still applies).
     pub body_bytes_max: u64,
+    /// The artifact's write time, ms since the Unix epoch, kept as the file's
+    /// mtime. `None` (a client's PUT): now. A replicated write brings its
+    /// origin's time, so every node holds the same (key, time, digest) and
+    /// last-writer-wins compares like with like.
+    pub write_time_ms: Option<u64>,
 }
 
 /// The outcome of a successful commit.
@@ -231,6 +244,8 @@ pub struct Committed {
     pub sha256: [u8; 32],
     /// Whether an artifact with this key existed and was replaced.
     pub replaced: bool,
+    /// The write time recorded as the file's mtime, ms since the Unix epoch.
+    pub write_time_ms: u64,
 }
 
 /// Point-in-time counters.
@@ -928,6 +943,7 @@ impl Store {
             expected_len: options.expected_len,
             expected_sha256: options.expected_sha256,
             limit_bytes,
+            write_time_ms: options.write_time_ms,
             failed: false,
         };
         if let Some(len) = options.expected_len.filter(|len| *len > 0) {
@@ -1069,6 +1085,7 @@ pub struct PutWriter {
     expected_sha256: Option<[u8; 32]>,
     /// 0 = unlimited.
     limit_bytes: u64,
+    write_time_ms: Option<u64>,
     failed: bool,
 }
 
@@ -1206,6 +1223,13 @@ impl PutWriter {
         self.file
             .write_all_at(&header, 0)
             .map_err(|e| sh.io("write header of", &path.display(), e))?;
+        // The write time is the file's mtime (set after the last write, which
+        // would move it again), so it needs no format change and survives
+        // as long as the file does.
+        let write_time_ms = self.write_time_ms.unwrap_or_else(now_ms);
+        self.file
+            .set_modified(UNIX_EPOCH + Duration::from_millis(write_time_ms))
+            .map_err(|e| sh.io("set the write time of", &path.display(), e))?;
         if sh.fsync == FsyncPolicy::Always {
             rustix::fs::fdatasync(&self.file)
                 .map_err(|e| sh.errno("fdatasync", &path.display(), e))?;
@@ -1251,6 +1275,7 @@ impl PutWriter {
             len: self.body_len,
             sha256,
             replaced,
+            write_time_ms,
         })
     }
 

@@ -88,9 +88,13 @@ fn round_trip_in_both_temp_modes() {
             Committed {
                 len: data.len() as u64,
                 sha256: sha(&data),
-                replaced: false
+                replaced: false,
+                write_time_ms: c.write_time_ms,
             }
         );
+        // The write time is the file's mtime, read back as such.
+        let written = store.get("cas", "ab12").unwrap().unwrap();
+        assert_eq!(written.write_time_ms().unwrap(), c.write_time_ms);
         let mut a = store.get("cas", "ab12").unwrap().unwrap();
         assert_eq!(a.len, data.len() as u64);
         assert_eq!(a.body_offset, HEADER_BYTES as u64);
@@ -228,10 +232,17 @@ fn digest_and_length_mismatch_store_nothing() {
             expected_len: Some(data.len() as u64),
             expected_sha256: Some(sha(data)),
             body_bytes_max: 100,
+            write_time_ms: Some(1_234_567),
         };
         let mut w = store.begin_put("cas", "bb", opts).unwrap();
         w.write(data).unwrap();
-        w.commit().unwrap();
+        assert_eq!(w.commit().unwrap().write_time_ms, 1_234_567);
+        let kept = store.get("cas", "bb").unwrap().unwrap();
+        assert_eq!(
+            kept.write_time_ms().unwrap(),
+            1_234_567,
+            "a given write time is kept"
+        );
         assert_eq!(files(dir.path()), BTreeSet::from(["cas/bb/bb".to_string()]));
         assert_eq!(store.stats().entries, 1);
     }

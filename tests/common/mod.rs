@@ -47,6 +47,8 @@ pub struct ServerBuilder {
     tls: bool,
     /// A command line the binary runs under (`prlimit ... --`, `setpriv ... --`).
     wrapper: Vec<String>,
+    /// `--listen` value; default `127.0.0.1:0`.
+    listen: Option<String>,
 }
 
 pub fn server() -> ServerBuilder {
@@ -57,6 +59,7 @@ pub fn server() -> ServerBuilder {
         config: None,
         tls: true,
         wrapper: Vec::new(),
+        listen: None,
     }
 }
 
@@ -71,6 +74,12 @@ impl ServerBuilder {
     }
     pub fn data_dir(mut self, dir: &Path) -> Self {
         self.data_dir = Some(dir.to_path_buf());
+        self
+    }
+    /// Listen on this address instead of an ephemeral port (tests whose
+    /// nodes must know each other's ports before they start).
+    pub fn listen(mut self, addr: &str) -> Self {
+        self.listen = Some(addr.to_string());
         self
     }
     pub fn config(mut self, toml: &str) -> Self {
@@ -126,7 +135,7 @@ impl ServerBuilder {
         };
         cmd.arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(self.listen.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--data-dir")
             .arg(&data_dir);
         let mut cert_der = Vec::new();

@@ -1,0 +1,412 @@
+//! The replication mesh: a set of sluice nodes is one cache.
+//!
+//! - [`policy`]: the sans-IO state machines (backoff, membership, outbox
+//!   cursor, per-peer decisions), driven with a clock passed in.
+//! - [`outbox`]: the durable outbox every acknowledged write goes through.
+//! - [`peer_api`]: the receiving side, `/_peer/v1/...` on the public port,
+//!   opened only by `peer_secret`.
+//! - [`summary`]: anti-entropy summaries (bucketed digests of what a node
+//!   holds).
+//! - [`transport`]: how requests reach peers: tasks on the engine rings, or
+//!   a blocking sender thread when there are no rings.
+//! - [`driver`]: the replication thread, which runs the policies against the
+//!   real clock, the outbox and the transport.
+//!
+//! See `docs/replication.md` for the model and its guarantees.
+
+pub mod driver;
+pub mod outbox;
+pub mod peer_api;
+pub mod policy;
+pub mod summary;
+pub mod transport;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::app::Reply;
+use crate::config::Config;
+use outbox::{Op, Outbox};
+
+/// Every peer API path starts with this. Public routes never do (a
+/// namespace or key cannot start with `_`... and none of the fixed routes
+/// does), so the prefix is reserved.
+pub const PEER_PREFIX: &str = "/_peer/";
+/// The `Authorization` scheme of peer requests: `SluicePeer <peer_secret>`.
+/// Not `Bearer`, so a peer secret is never mistaken for a public token and
+/// a public token never opens the peer API.
+pub const AUTH_SCHEME: &str = "SluicePeer";
+
+/// Milliseconds since the Unix epoch (write times).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What the replication thread needs from the configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Static peers, `host:port`.
+    pub peers: Vec<String>,
+    /// `name:port`, re-resolved every `peer_refresh`.
+    pub peers_dns: Option<String>,
+    pub peer_refresh: Duration,
+    pub peer_secret: String,
+    pub outbox_bytes_max: u64,
+    pub anti_entropy_interval: Duration,
+    pub probe_interval: Duration,
+    pub request_timeout: Duration,
+    /// This node's bound address: a peer entry naming it is this node.
+    pub listen: SocketAddr,
+    pub fsync: bool,
+    /// Largest body a peer PUT may carry, bytes.
+    pub body_bytes_max: u64,
+}
+
+impl Settings {
+    /// `None` when no peers are configured: this node does not replicate.
+    pub fn from_config(config: &Config, listen: SocketAddr) -> Option<Settings> {
+        if config.peers.is_empty() && config.peers_dns.is_none() {
+            return None;
+        }
+        Some(Settings {
+            peers: config.peers.clone(),
+            peers_dns: config.peers_dns.clone(),
+            peer_refresh: Duration::from_millis(config.peer_refresh_ms),
+            peer_secret: String::from_utf8_lossy(config.peer_secret.expose()).into_owned(),
+            outbox_bytes_max: config.replication_outbox_bytes_max,
+            anti_entropy_interval: Duration::from_millis(config.anti_entropy_interval_ms),
+            probe_interval: Duration::from_millis(config.peer_probe_interval_ms),
+            request_timeout: Duration::from_millis(config.replication_request_timeout_ms),
+            listen,
+            fsync: config.fsync == crate::config::FsyncPolicy::Always,
+            body_bytes_max: config.body_bytes_max.max(config.gradle_body_bytes_max),
+        })
+    }
+}
+
+/// Labelled counters and gauges for `/metrics`, written by the replication
+/// thread and the peer API (never by the public fast path).
+#[derive(Default)]
+pub struct Series {
+    values: Mutex<BTreeMap<(&'static str, String), u64>>,
+}
+
+impl Series {
+    pub fn add(&self, name: &'static str, labels: String, n: u64) {
+        let mut v = self.values.lock().unwrap_or_else(PoisonError::into_inner);
+        *v.entry((name, labels)).or_default() += n;
+    }
+
+    pub fn set(&self, name: &'static str, labels: String, n: u64) {
+        let mut v = self.values.lock().unwrap_or_else(PoisonError::into_inner);
+        v.insert((name, labels), n);
+    }
+
+    pub fn get(&self, name: &'static str, labels: &str) -> u64 {
+        let v = self.values.lock().unwrap_or_else(PoisonError::into_inner);
+        v.get(&(name, labels.to_string())).copied().unwrap_or(0)
+    }
+
+    fn snapshot(&self) -> Vec<((&'static str, String), u64)> {
+        let v = self.values.lock().unwrap_or_else(PoisonError::into_inner);
+        v.iter().map(|(k, n)| (k.clone(), *n)).collect()
+    }
+}
+
+/// `(name, type, help)` of every replication series, in render order.
+pub const SERIES: &[(&str, &str, &str)] = &[
+    ("sluice_peer_up", "gauge", "1 while the peer answers probes."),
+    ("sluice_peer_transitions_total", "counter", "Peer state changes, by the state entered."),
+    ("sluice_peer_probes_total", "counter", "Probes sent to the peer."),
+    ("sluice_membership_reconciles_total", "counter", "Membership reconciles: only real transitions (peer up/down, set changed) count."),
+    ("sluice_peer_backoff_seconds", "gauge", "Time until the next attempt to reach the peer."),
+    ("sluice_replication_connect_attempts_total", "counter", "Requests started towards the peer (probes, sends, repairs; immediate retries included); each opens a connection unless it reuses a pooled one."),
+    ("sluice_replication_connections_reused_total", "counter", "Requests answered over a pooled keep-alive connection (no connect)."),
+    ("sluice_replication_connect_retries_total", "counter", "Immediate retries on a fresh connection after a failure before any byte reached the peer."),
+    ("sluice_replication_outbox_entries", "gauge", "Outbox entries the peer has not taken."),
+    ("sluice_replication_outbox_bytes", "gauge", "Outbox bytes (on disk) the peer has not taken."),
+    ("sluice_replication_outbox_oldest_age_seconds", "gauge", "Age of the oldest outbox entry the peer has not taken."),
+    ("sluice_replication_outbox_overflows_total", "counter", "Times the peer's backlog passed replication_outbox_bytes_max (anti-entropy repairs it)."),
+    ("sluice_replication_sent_requests_total", "counter", "Replication requests sent, by peer and result (ok, rejected, failed)."),
+    ("sluice_replication_sent_bytes_total", "counter", "Artifact body bytes replicated to the peer."),
+    ("sluice_replication_received_requests_total", "counter", "Peer API requests received, by result."),
+    ("sluice_replication_received_bytes_total", "counter", "Artifact body bytes received from peers and stored."),
+    ("sluice_anti_entropy_runs_total", "counter", "Anti-entropy comparisons with the peer, by result."),
+    ("sluice_anti_entropy_buckets_compared_total", "counter", "Summary buckets compared."),
+    ("sluice_anti_entropy_buckets_differing_total", "counter", "Summary buckets that differed and were walked."),
+    ("sluice_anti_entropy_repaired_total", "counter", "Artifacts sent to a peer by anti-entropy."),
+];
+
+/// What `/status` shows of one peer (published by the replication thread).
+#[derive(Clone, Debug, Default)]
+pub struct PeerView {
+    pub peer: String,
+    pub state: &'static str,
+    pub backoff_ms: u64,
+    pub failures: u32,
+    pub last_error: Option<String>,
+    pub in_flight: usize,
+}
+
+/// The mesh, shared by the front ends (outbox, peer API) and the
+/// replication thread.
+pub struct Replication {
+    pub settings: Settings,
+    pub node_id: String,
+    pub outbox: Outbox,
+    pub series: Series,
+    pub views: Mutex<Vec<PeerView>>,
+    /// Set when the outbox has something new; the thread clears it.
+    kicked: AtomicBool,
+    wake: Mutex<Option<std::sync::mpsc::Sender<driver::Event>>>,
+    /// Anti-entropy summaries, computed off the engine threads.
+    pub summaries: summary::Cache,
+}
+
+impl Replication {
+    /// Open the outbox (in `data_dir/.outbox`) and the node id.
+    pub fn open(settings: Settings, data_dir: &Path) -> std::io::Result<Replication> {
+        let outbox = Outbox::open(
+            &data_dir.join(".outbox"),
+            settings.fsync,
+            settings.outbox_bytes_max,
+        )?;
+        // The static peers get cursors now, before anything is served: the
+        // replication thread learns the set a moment later, and a write
+        // acknowledged in between must still be recorded for them. (Peers
+        // found by DNS later are compared by anti-entropy when they join.)
+        let statics: Vec<String> = settings
+            .peers
+            .iter()
+            .filter(|p| p.parse::<SocketAddr>().ok() != Some(settings.listen))
+            .cloned()
+            .collect();
+        outbox.add_peers(&statics);
+        let node_id = node_id(data_dir)?;
+        let series = Series::default();
+        // Present from the start, so a scrape can tell "none" from "unknown".
+        for name in [
+            "sluice_membership_reconciles_total",
+            "sluice_replication_received_bytes_total",
+            "sluice_anti_entropy_buckets_compared_total",
+            "sluice_anti_entropy_buckets_differing_total",
+            "sluice_anti_entropy_repaired_total",
+        ] {
+            series.add(name, String::new(), 0);
+        }
+        Ok(Replication {
+            settings,
+            node_id,
+            outbox,
+            series,
+            views: Mutex::new(Vec::new()),
+            kicked: AtomicBool::new(false),
+            wake: Mutex::new(None),
+            summaries: summary::Cache::new(data_dir.to_path_buf()),
+        })
+    }
+
+    /// Whether `authorization` carries this mesh's peer secret
+    /// (constant-time).
+    pub fn authorized(&self, authorization: Option<&[u8]>) -> bool {
+        use subtle::ConstantTimeEq;
+        let Some(value) = authorization else {
+            return false;
+        };
+        let value = value.trim_ascii();
+        let Some(rest) = value
+            .strip_prefix(AUTH_SCHEME.as_bytes())
+            .and_then(|r| r.strip_prefix(b" "))
+        else {
+            return false;
+        };
+        let secret = self.settings.peer_secret.as_bytes();
+        !secret.is_empty() && bool::from(rest.trim_ascii().ct_eq(secret))
+    }
+
+    /// Record an acknowledged PUT for the peers. `Err` is the reply the
+    /// client gets instead of its 2xx.
+    #[allow(clippy::result_large_err)] // the error is the reply, as in `App`
+    pub fn record_put(&self, ns: &str, key: &str, write_time_ms: u64) -> Result<(), Reply> {
+        self.record(Op::Put, ns, key, write_time_ms)
+    }
+
+    /// Record an acknowledged DELETE for the peers.
+    #[allow(clippy::result_large_err)]
+    pub fn record_delete(&self, ns: &str, key: &str, write_time_ms: u64) -> Result<(), Reply> {
+        self.record(Op::Delete, ns, key, write_time_ms)
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn record(&self, op: Op, ns: &str, key: &str, write_time_ms: u64) -> Result<(), Reply> {
+        match self.outbox.append(op, ns, key, write_time_ms) {
+            Ok(()) => {
+                self.kick();
+                Ok(())
+            }
+            Err(err) => {
+                tracing::error!(error = %err, ns, key, "cannot record a write in the replication outbox");
+                Err(Reply::error(
+                    500,
+                    "the write is stored here but could not be queued for the peers",
+                ))
+            }
+        }
+    }
+
+    /// Wake the replication thread (coalesced).
+    pub fn kick(&self) {
+        if !self.kicked.swap(true, Ordering::AcqRel) {
+            let wake = self.wake.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(tx) = wake.as_ref() {
+                let _ = tx.send(driver::Event::Kick);
+            }
+        }
+    }
+
+    fn take_kick(&self) {
+        self.kicked.store(false, Ordering::Release);
+    }
+
+    /// `/metrics` lines.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let snapshot = self.series.snapshot();
+        for (name, kind, help) in SERIES {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            match *name {
+                "sluice_replication_outbox_entries"
+                | "sluice_replication_outbox_bytes"
+                | "sluice_replication_outbox_oldest_age_seconds"
+                | "sluice_replication_outbox_overflows_total" => {
+                    // From the outbox's own peer list: right after a restart
+                    // the backlog shows before the thread's first round.
+                    for peer in self.outbox.peers() {
+                        let b = self.outbox.backlog(&peer);
+                        let v = match *name {
+                            "sluice_replication_outbox_entries" => b.entries as f64,
+                            "sluice_replication_outbox_bytes" => b.bytes as f64,
+                            "sluice_replication_outbox_overflows_total" => b.overflows_total as f64,
+                            _ => b.oldest_age_ms as f64 / 1000.0,
+                        };
+                        let _ = writeln!(out, "{name}{{peer=\"{peer}\"}} {v}");
+                    }
+                }
+                "sluice_peer_backoff_seconds" => {
+                    for view in self.views_snapshot() {
+                        let _ = writeln!(
+                            out,
+                            "{name}{{peer=\"{}\"}} {}",
+                            view.peer,
+                            view.backoff_ms as f64 / 1000.0
+                        );
+                    }
+                }
+                _ => {
+                    for ((n, labels), v) in &snapshot {
+                        if n != name {
+                            continue;
+                        }
+                        if labels.is_empty() {
+                            let _ = writeln!(out, "{name} {v}");
+                        } else {
+                            let _ = writeln!(out, "{name}{{{labels}}} {v}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn views_snapshot(&self) -> Vec<PeerView> {
+        self.views
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The `/status` section.
+    pub fn render_status(&self) -> serde_json::Value {
+        let peers: Vec<serde_json::Value> = self
+            .views_snapshot()
+            .into_iter()
+            .map(|v| {
+                let b = self.outbox.backlog(&v.peer);
+                serde_json::json!({
+                    "peer": v.peer,
+                    "state": v.state,
+                    "backoff_ms": v.backoff_ms,
+                    "failures": v.failures,
+                    "in_flight": v.in_flight,
+                    "last_error": v.last_error,
+                    "backlog": {
+                        "entries": b.entries,
+                        "bytes": b.bytes,
+                        "oldest_age_ms": b.oldest_age_ms,
+                        "overflow": b.overflow,
+                    },
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "node_id": self.node_id,
+            "outbox_bytes_max": self.outbox.bytes_max(),
+            "peers": peers,
+        })
+    }
+}
+
+/// This node's id, made once and kept in `data_dir/.node-id`. A probe that
+/// reaches a node with the same id reached this node (a DNS name listing
+/// every node, this one included).
+fn node_id(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join(".node-id");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let id = text.trim();
+        if !id.is_empty() {
+            return Ok(id.to_string());
+        }
+    }
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(now_ms().to_le_bytes());
+    h.update(std::process::id().to_le_bytes());
+    h.update(data_dir.as_os_str().as_encoded_bytes());
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    h.update(nanos.to_le_bytes());
+    let id = hex::encode(&h.finalize()[..8]);
+    std::fs::write(&path, format!("{id}\n"))?;
+    Ok(id)
+}
+
+/// Attach replication to `app` when peers are configured (before anything
+/// is served, so no acknowledged write misses the outbox). The thread
+/// starts later, with [`driver::start`], once the transport exists.
+pub fn attach(
+    config: &Config,
+    listen: SocketAddr,
+    app: &Arc<crate::app::App>,
+) -> std::io::Result<Option<Arc<Replication>>> {
+    let Some(settings) = Settings::from_config(config, listen) else {
+        return Ok(None);
+    };
+    let replication = Arc::new(Replication::open(settings, &config.data_dir)?);
+    app.set_replication(Arc::clone(&replication));
+    {
+        let r = Arc::clone(&replication);
+        app.add_metrics_source(move |out| r.render_metrics(out));
+    }
+    {
+        let r = Arc::clone(&replication);
+        app.add_status_source(move || ("replication".to_string(), r.render_status()));
+    }
+    Ok(Some(replication))
+}

@@ -1,0 +1,214 @@
+//! The receiving side of replication: `/_peer/v1/...` on the public port.
+//!
+//! | request | does |
+//! |---|---|
+//! | `GET /_peer/v1/hello` | the probe: `{"node_id": ...}` |
+//! | `PUT /_peer/v1/put/{ns}/{key}/{write_time_ms}/{sha256}` | a replicated write (body: the artifact, `Content-Length` its length) |
+//! | `DELETE /_peer/v1/delete/{ns}/{key}/{write_time_ms}` | a replicated delete |
+//! | `GET /_peer/v1/summary` | anti-entropy: 4096 bucket digests |
+//! | `GET /_peer/v1/buckets/{b,b,...}` | anti-entropy: the entries of those buckets |
+//!
+//! Every request carries `Authorization: SluicePeer <peer_secret>`; without
+//! it (or with a public token) the answer is 401 and nothing changes.
+//!
+//! Last-writer-wins: a replicated write is applied only when its
+//! `(write_time_ms, sha256)` is greater than the local artifact's, so
+//! applying the same write twice, or an older one late, changes nothing.
+//! The CAS namespace is content-addressed: a present key is already right.
+//! The check and the commit are not one atomic step: a local PUT of the
+//! same key between them may be overwritten by an older replicated one;
+//! the next anti-entropy run (which compares both ways) repairs it.
+
+use crate::app::{App, Decision, PutSink, Reply, RequestInfo};
+use crate::store::{valid_key, valid_namespace, PutOptions};
+
+use super::summary::Query;
+use super::Replication;
+
+/// Handle a request whose path starts with `/_peer/`; `rest` follows it.
+pub fn handle(app: &App, req: &RequestInfo<'_>, rest: &str) -> Decision {
+    let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
+    let reply = |r: Reply| Decision::Reply(if has_body { r.closing() } else { r });
+    let Some(replication) = app.replication() else {
+        return reply(Reply::error(404, "this node has no peers configured"));
+    };
+    let count = |result: &str| {
+        replication.series.add(
+            "sluice_replication_received_requests_total",
+            format!("result=\"{result}\""),
+            1,
+        );
+    };
+    if !replication.authorized(req.authorization) {
+        count("unauthorized");
+        return reply(Reply::error(401, "the peer API needs the peer secret"));
+    }
+    let parts: Vec<&str> = rest.split('/').collect();
+    match (req.method, parts.as_slice()) {
+        ("GET", ["v1", "hello"]) => {
+            count("hello");
+            let body = serde_json::json!({ "node_id": replication.node_id }).to_string();
+            let mut r = Reply::text(200, body);
+            r.headers[0].1 = "application/json".to_string();
+            reply(r)
+        }
+        ("PUT", ["v1", "put", ns, key, time, sha]) => {
+            put(app, replication, req, ns, key, time, sha, &count)
+        }
+        ("DELETE", ["v1", "delete", ns, key, time]) => reply(delete(app, ns, key, time, &count)),
+        ("GET", ["v1", "summary"]) => reply(query(replication, Query::Summary, &count)),
+        ("GET", ["v1", "buckets", list]) => {
+            let buckets: Option<Vec<u16>> = list
+                .split(',')
+                .map(|b| {
+                    b.parse::<u16>()
+                        .ok()
+                        .filter(|&b| (b as usize) < super::summary::BUCKETS)
+                })
+                .collect();
+            match buckets {
+                Some(b) if !b.is_empty() && b.len() <= super::summary::QUERY_BUCKETS_MAX => {
+                    reply(query(replication, Query::Buckets(b), &count))
+                }
+                _ => {
+                    count("bad");
+                    reply(Reply::error(
+                        400,
+                        "bucket list: comma-separated numbers below 4096",
+                    ))
+                }
+            }
+        }
+        _ => {
+            count("bad");
+            reply(Reply::error(404, "no such peer API route"))
+        }
+    }
+}
+
+#[allow(clippy::result_large_err)] // the error is the reply, as in `App`
+fn parse_write(ns: &str, key: &str, time: &str) -> Result<u64, Reply> {
+    if !valid_namespace(ns) || !valid_key(key) {
+        return Err(Reply::error(400, "invalid namespace or key"));
+    }
+    time.parse::<u64>()
+        .map_err(|_| Reply::error(400, "write time must be milliseconds since the epoch"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn put(
+    app: &App,
+    replication: &Replication,
+    req: &RequestInfo<'_>,
+    ns: &str,
+    key: &str,
+    time: &str,
+    sha: &str,
+    count: &dyn Fn(&str),
+) -> Decision {
+    let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
+    let refuse = |r: Reply| {
+        count("bad");
+        Decision::Reply(if has_body { r.closing() } else { r })
+    };
+    let write_time_ms = match parse_write(ns, key, time) {
+        Ok(t) => t,
+        Err(r) => return refuse(r),
+    };
+    let mut sha256 = [0u8; 32];
+    if hex::decode_to_slice(sha, &mut sha256).is_err() {
+        return refuse(Reply::error(400, "sha256 must be 64 hex digits"));
+    }
+    let Some(len) = req.content_length else {
+        return refuse(Reply::error(411, "a replicated write needs Content-Length"));
+    };
+    let body_bytes_max = replication.settings.body_bytes_max;
+    let local = match app.store.get(ns, key) {
+        Ok(found) => found,
+        Err(err) => return refuse(Reply::error(err.status(), &err.to_string())),
+    };
+    if let Some(local) = local {
+        let local_time = local.write_time_ms().unwrap_or(0);
+        let content_addressed = ns == "cas";
+        if content_addressed || (local_time, local.sha256) >= (write_time_ms, sha256) {
+            count("kept");
+            let mut r = Reply::text(200, "kept: this node holds the same or a newer version\n");
+            r.headers.push(("etag", local.etag()));
+            return Decision::ReceiveBody(PutSink::discarding(r, body_bytes_max));
+        }
+    }
+    let options = PutOptions {
+        expected_len: Some(len),
+        expected_sha256: Some(sha256),
+        body_bytes_max,
+        write_time_ms: Some(write_time_ms),
+    };
+    match app.store.begin_put(ns, key, options) {
+        Ok(writer) => {
+            let mut sink = PutSink::new(writer, body_bytes_max);
+            let series_ok = std::sync::Arc::clone(app.replication().expect("checked above"));
+            sink.set_on_commit(crate::app::OnCommit(Box::new(move |committed| {
+                series_ok.series.add(
+                    "sluice_replication_received_requests_total",
+                    "result=\"stored\"".to_string(),
+                    1,
+                );
+                series_ok.series.add(
+                    "sluice_replication_received_bytes_total",
+                    String::new(),
+                    committed.len,
+                );
+                None
+            })));
+            Decision::ReceiveBody(sink)
+        }
+        Err(err) => refuse(Reply::error(err.status(), &err.to_string())),
+    }
+}
+
+fn delete(app: &App, ns: &str, key: &str, time: &str, count: &dyn Fn(&str)) -> Reply {
+    let write_time_ms = match parse_write(ns, key, time) {
+        Ok(t) => t,
+        Err(r) => {
+            count("bad");
+            return r;
+        }
+    };
+    match app.store.get(ns, key) {
+        Ok(Some(local)) if local.write_time_ms().unwrap_or(0) > write_time_ms => {
+            count("kept");
+            return Reply::text(200, "kept: this node holds a newer version\n");
+        }
+        Ok(_) => {}
+        Err(err) => return Reply::error(err.status(), &err.to_string()),
+    }
+    match app.store.delete(ns, key) {
+        Ok(_) => {
+            count("deleted");
+            Reply::empty(204)
+        }
+        Err(err) => Reply::error(err.status(), &err.to_string()),
+    }
+}
+
+/// Summaries are computed off the engine threads (they walk the data
+/// directory): the first ask queues the work and answers 503; the asker
+/// retries and gets the cached answer.
+fn query(replication: &Replication, q: Query, count: &dyn Fn(&str)) -> Reply {
+    match replication.summaries.get_or_request(&q) {
+        Some(body) => {
+            count("summary");
+            let mut r = Reply::text(200, String::new());
+            r.body = crate::app::ReplyBody::Bytes(body.to_vec());
+            r.content_length = Some(body.len() as u64);
+            r
+        }
+        None => {
+            count("summary_pending");
+            replication.kick();
+            let mut r = Reply::error(503, "summary being computed; retry shortly");
+            r.headers.push(("retry-after", "1".to_string()));
+            r
+        }
+    }
+}

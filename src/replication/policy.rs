@@ -1,0 +1,658 @@
+//! The replication policies, sans-IO: per-peer backoff, membership and the
+//! outbox cursor. Each is a plain struct driven by events and a clock passed
+//! in (`now: Instant`); none opens a socket, reads a file or sleeps. The
+//! replication thread drives them with the real clock, the unit tests below
+//! with a fake one (a week of flapping peers in milliseconds, from a seed).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// First backoff after a failure.
+pub const BACKOFF_FIRST_MS: u64 = 2_000;
+/// Backoff never grows past this (jitter included).
+pub const BACKOFF_MAX_MS: u64 = 60_000;
+/// Jitter: each delay is scaled by a factor drawn in `1 ± JITTER_PERMILLE/1000`,
+/// so peers that failed together do not retry together.
+pub const JITTER_PERMILLE: u64 = 100;
+/// Requests in flight to one healthy peer. While a peer is failing, one.
+pub const SEND_WINDOW_MAX: usize = 8;
+
+/// A small deterministic generator (xorshift64*): jitter needs no quality,
+/// and the tests need runs that repeat from a seed.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform-ish in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// Per-peer backoff: 2 s after the first failure, doubling to at most 60 s,
+/// with jitter; the first success clears it.
+#[derive(Clone, Debug, Default)]
+pub struct Backoff {
+    failures: u32,
+    until: Option<Instant>,
+}
+
+impl Backoff {
+    /// The next attempt may start now.
+    pub fn ready(&self, now: Instant) -> bool {
+        self.until.is_none_or(|t| now >= t)
+    }
+
+    /// When the next attempt may start, if it has to wait.
+    pub fn until(&self) -> Option<Instant> {
+        self.until
+    }
+
+    /// Failures since the last success.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// The current window (0 when healthy), for `sluice_peer_backoff_seconds`.
+    pub fn remaining(&self, now: Instant) -> Duration {
+        self.until
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
+    }
+
+    /// A failure at `now`: returns when the next attempt may start.
+    pub fn on_failure(&mut self, now: Instant, rng: &mut Rng) -> Instant {
+        self.failures = self.failures.saturating_add(1);
+        let doublings = self.failures.saturating_sub(1).min(16);
+        let base_ms = BACKOFF_FIRST_MS
+            .saturating_mul(1u64 << doublings)
+            .min(BACKOFF_MAX_MS);
+        let factor = 1000 - JITTER_PERMILLE + rng.below(2 * JITTER_PERMILLE + 1);
+        let delay_ms = (base_ms * factor / 1000).min(BACKOFF_MAX_MS);
+        let until = now + Duration::from_millis(delay_ms);
+        self.until = Some(until);
+        until
+    }
+
+    pub fn on_success(&mut self) {
+        self.failures = 0;
+        self.until = None;
+    }
+}
+
+/// What membership knows of a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerState {
+    /// Not heard from since start (or since it joined the set).
+    Unknown,
+    Up,
+    Down,
+    /// It answered with this node's own id: never a peer.
+    Myself,
+}
+
+impl PeerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Unknown => "unknown",
+            PeerState::Up => "up",
+            PeerState::Down => "down",
+            PeerState::Myself => "self",
+        }
+    }
+}
+
+/// A real change of membership, the only thing that reconciles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transition {
+    Joined(String),
+    Left(String),
+    Changed {
+        peer: String,
+        from: PeerState,
+        to: PeerState,
+    },
+}
+
+/// The peer set and each peer's state. Repeating the known state (a probe
+/// that finds an up peer up, a resolve that returns the same set) returns
+/// no transition: nothing reconciles, nothing is logged.
+#[derive(Clone, Debug, Default)]
+pub struct Membership {
+    peers: BTreeMap<String, PeerState>,
+    /// Transitions returned so far (`sluice_membership_reconciles_total`).
+    pub reconciles_total: u64,
+}
+
+impl Membership {
+    pub fn peers(&self) -> impl Iterator<Item = (&str, PeerState)> {
+        self.peers.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
+    pub fn state(&self, peer: &str) -> Option<PeerState> {
+        self.peers.get(peer).copied()
+    }
+
+    /// The set is now `set` (resolved from the static list and DNS).
+    pub fn set_peers(&mut self, set: &[String]) -> Vec<Transition> {
+        let mut out = Vec::new();
+        let gone: Vec<String> = self
+            .peers
+            .keys()
+            .filter(|p| !set.contains(p))
+            .cloned()
+            .collect();
+        for peer in gone {
+            self.peers.remove(&peer);
+            out.push(Transition::Left(peer));
+        }
+        for peer in set {
+            if !self.peers.contains_key(peer) {
+                self.peers.insert(peer.clone(), PeerState::Unknown);
+                out.push(Transition::Joined(peer.clone()));
+            }
+        }
+        self.reconciles_total += out.len() as u64;
+        out
+    }
+
+    /// A probe (or a send) found `peer` in state `to`.
+    pub fn observe(&mut self, peer: &str, to: PeerState) -> Option<Transition> {
+        let state = self.peers.get_mut(peer)?;
+        if *state == to || *state == PeerState::Myself {
+            return None;
+        }
+        let from = std::mem::replace(state, to);
+        self.reconciles_total += 1;
+        Some(Transition::Changed {
+            peer: peer.to_string(),
+            from,
+            to,
+        })
+    }
+}
+
+/// One peer's position in the outbox log (byte offsets). Entries are sent
+/// in order, several at once; they may complete out of order, and a failed
+/// one is sent again before anything new. The durable cursor is the lowest
+/// offset not yet acknowledged: everything before it has been taken by the
+/// peer. A crash re-sends from there, which is harmless (re-applying a
+/// replicated write changes nothing).
+#[derive(Clone, Debug, Default)]
+pub struct OutboxCursor {
+    /// Next unsent offset.
+    read_pos: u64,
+    /// Sent, no answer yet: start → end.
+    in_flight: BTreeMap<u64, u64>,
+    /// Failed, to send again first: start → end.
+    retry: BTreeMap<u64, u64>,
+}
+
+/// What the cursor wants sent next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// The entry at `start` again (its end is known).
+    Again { start: u64, end: u64 },
+    /// The entry at `start` (the driver reads it to learn its end).
+    New { start: u64 },
+}
+
+impl OutboxCursor {
+    pub fn at(pos: u64) -> OutboxCursor {
+        OutboxCursor {
+            read_pos: pos,
+            ..OutboxCursor::default()
+        }
+    }
+
+    /// Everything before this offset has been acknowledged.
+    pub fn acked(&self) -> u64 {
+        let mut low = self.read_pos;
+        if let Some((&s, _)) = self.in_flight.first_key_value() {
+            low = low.min(s);
+        }
+        if let Some((&s, _)) = self.retry.first_key_value() {
+            low = low.min(s);
+        }
+        low
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// What to send next, if `window` allows and there is anything before `end`.
+    pub fn next(&self, end: u64, window: usize) -> Option<Next> {
+        if self.in_flight.len() >= window {
+            return None;
+        }
+        if let Some((&start, &stop)) = self.retry.first_key_value() {
+            return Some(Next::Again { start, end: stop });
+        }
+        (self.read_pos < end).then_some(Next::New {
+            start: self.read_pos,
+        })
+    }
+
+    /// The entry `start..end` is on its way.
+    pub fn on_sent(&mut self, start: u64, end: u64) {
+        self.retry.remove(&start);
+        self.in_flight.insert(start, end);
+        if start == self.read_pos {
+            self.read_pos = end;
+        }
+    }
+
+    /// The entry `start..end` needs no sending (its artifact is gone, or it
+    /// was already handled): as good as acknowledged.
+    pub fn skip(&mut self, start: u64, end: u64) {
+        self.retry.remove(&start);
+        self.in_flight.remove(&start);
+        if start == self.read_pos {
+            self.read_pos = end;
+        }
+    }
+
+    pub fn on_ack(&mut self, start: u64) {
+        self.in_flight.remove(&start);
+    }
+
+    pub fn on_fail(&mut self, start: u64) {
+        if let Some(end) = self.in_flight.remove(&start) {
+            self.retry.insert(start, end);
+        }
+    }
+
+    /// Nothing before `pos` needs sending any more (the peer overflowed and
+    /// anti-entropy covers it). Answers to entries before `pos` still in
+    /// flight are ignored when they come.
+    pub fn jump(&mut self, pos: u64) {
+        self.read_pos = self.read_pos.max(pos);
+        self.retry.retain(|&s, _| s >= pos);
+        self.in_flight.retain(|&s, _| s >= pos);
+    }
+}
+
+/// What the driver should do for one peer now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Probe,
+    Send(Next),
+    AntiEntropy,
+    /// Nothing until this time (or an event).
+    WaitUntil(Instant),
+    /// Nothing until an event.
+    Idle,
+}
+
+/// Everything the replication thread decides for one peer.
+#[derive(Clone, Debug)]
+pub struct PeerPolicy {
+    pub state: PeerState,
+    pub backoff: Backoff,
+    pub cursor: OutboxCursor,
+    probe_in_flight: bool,
+    next_probe_at: Instant,
+    probe_interval: Duration,
+    /// Anti-entropy is due (peer returned, overflow, period).
+    pub anti_entropy_due: bool,
+    anti_entropy_running: bool,
+    next_anti_entropy_at: Instant,
+    anti_entropy_interval: Duration,
+}
+
+impl PeerPolicy {
+    pub fn new(
+        now: Instant,
+        acked: u64,
+        probe_interval: Duration,
+        anti_entropy_interval: Duration,
+    ) -> PeerPolicy {
+        PeerPolicy {
+            state: PeerState::Unknown,
+            backoff: Backoff::default(),
+            cursor: OutboxCursor::at(acked),
+            probe_in_flight: false,
+            next_probe_at: now,
+            probe_interval,
+            anti_entropy_due: false,
+            anti_entropy_running: false,
+            next_anti_entropy_at: now + anti_entropy_interval,
+            anti_entropy_interval,
+        }
+    }
+
+    /// What to do now, given the outbox's end offset. Call repeatedly until
+    /// it answers `WaitUntil` or `Idle`; each `Probe`/`Send`/`AntiEntropy`
+    /// must be followed by the matching `on_*` call.
+    pub fn next(&mut self, now: Instant, end: u64) -> Action {
+        if self.state == PeerState::Myself {
+            return Action::Idle;
+        }
+        if now >= self.next_anti_entropy_at {
+            self.anti_entropy_due = true;
+            self.next_anti_entropy_at = now + self.anti_entropy_interval;
+        }
+        if !self.backoff.ready(now) {
+            return self.backoff.until().map_or(Action::Idle, Action::WaitUntil);
+        }
+        let attempt_in_flight = self.probe_in_flight || self.cursor.in_flight() > 0;
+        if self.state != PeerState::Up {
+            // One attempt at a time while the peer is not known up: a dead
+            // peer costs one connection per backoff window, whatever the
+            // backlog.
+            if attempt_in_flight {
+                return Action::Idle;
+            }
+            self.probe_in_flight = true;
+            return Action::Probe;
+        }
+        if now >= self.next_probe_at && !self.probe_in_flight {
+            self.probe_in_flight = true;
+            return Action::Probe;
+        }
+        if self.anti_entropy_due && !self.anti_entropy_running && self.backoff.failures() == 0 {
+            self.anti_entropy_running = true;
+            self.anti_entropy_due = false;
+            return Action::AntiEntropy;
+        }
+        let window = if self.backoff.failures() > 0 {
+            1
+        } else {
+            SEND_WINDOW_MAX
+        };
+        match self.cursor.next(end, window) {
+            Some(next) => Action::Send(next),
+            None => Action::WaitUntil(self.next_probe_at.min(self.next_anti_entropy_at)),
+        }
+    }
+
+    /// A probe answered (`Some(true)`: up; `Some(false)`: it is this node)
+    /// or failed (`None`). Returns the membership state to record.
+    pub fn on_probe(&mut self, now: Instant, outcome: Option<bool>, rng: &mut Rng) -> PeerState {
+        self.probe_in_flight = false;
+        self.next_probe_at = now + self.probe_interval;
+        match outcome {
+            Some(false) => self.state = PeerState::Myself,
+            Some(true) => {
+                self.backoff.on_success();
+                if self.state == PeerState::Down {
+                    // Back after being down: what it missed beyond the
+                    // outbox (an overflow, a crash of ours) is found by
+                    // comparing summaries.
+                    self.anti_entropy_due = true;
+                }
+                self.state = PeerState::Up;
+            }
+            None => {
+                self.backoff.on_failure(now, rng);
+                self.state = PeerState::Down;
+            }
+        }
+        self.state
+    }
+
+    /// A send of `start` finished. `Ok(())`: the peer took it (or refused
+    /// it for good); `Err(down)`: it failed, `down` when the connection
+    /// itself failed (the peer is down, not just unwell).
+    pub fn on_send(
+        &mut self,
+        now: Instant,
+        start: u64,
+        outcome: Result<(), bool>,
+        rng: &mut Rng,
+    ) -> PeerState {
+        match outcome {
+            Ok(()) => {
+                self.cursor.on_ack(start);
+                self.backoff.on_success();
+            }
+            Err(down) => {
+                self.cursor.on_fail(start);
+                // Several sends in flight may fail together: one failure
+                // per window, not one doubling per request.
+                if self.backoff.ready(now) {
+                    self.backoff.on_failure(now, rng);
+                }
+                if down {
+                    self.state = PeerState::Down;
+                }
+            }
+        }
+        self.state
+    }
+
+    pub fn on_anti_entropy(&mut self, now: Instant, ok: bool, rng: &mut Rng) {
+        self.anti_entropy_running = false;
+        if !ok {
+            self.anti_entropy_due = true;
+            if self.backoff.ready(now) {
+                self.backoff.on_failure(now, rng);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter_and_clears() {
+        let t0 = Instant::now();
+        let mut rng = Rng::new(7);
+        let mut b = Backoff::default();
+        assert!(b.ready(t0));
+        let mut expected_ms = BACKOFF_FIRST_MS;
+        for _ in 0..12 {
+            let until = b.on_failure(t0, &mut rng);
+            let got = until.duration_since(t0).as_millis() as u64;
+            let low = expected_ms * (1000 - JITTER_PERMILLE) / 1000;
+            let high = (expected_ms * (1000 + JITTER_PERMILLE) / 1000).min(BACKOFF_MAX_MS);
+            assert!((low..=high).contains(&got), "{got} not in {low}..={high}");
+            assert!(!b.ready(t0));
+            assert!(b.ready(until));
+            expected_ms = (expected_ms * 2).min(BACKOFF_MAX_MS);
+        }
+        b.on_success();
+        assert!(b.ready(t0));
+        let again = b.on_failure(t0, &mut rng).duration_since(t0).as_millis() as u64;
+        assert!(again <= BACKOFF_FIRST_MS * 11 / 10);
+    }
+
+    #[test]
+    fn membership_reconciles_only_on_transitions() {
+        let mut m = Membership::default();
+        let set = vec!["a:1".to_string(), "b:1".to_string()];
+        assert_eq!(m.set_peers(&set).len(), 2);
+        assert!(m.set_peers(&set).is_empty(), "same set: nothing");
+        assert!(m.observe("a:1", PeerState::Up).is_some());
+        for _ in 0..10_000 {
+            assert!(m.observe("a:1", PeerState::Up).is_none());
+        }
+        assert_eq!(m.reconciles_total, 3);
+        assert!(m.observe("a:1", PeerState::Down).is_some());
+        assert_eq!(m.set_peers(&["b:1".to_string()]).len(), 1);
+        assert_eq!(m.state("a:1"), None);
+        assert!(
+            m.observe("a:1", PeerState::Up).is_none(),
+            "gone peers are ignored"
+        );
+        assert!(m.observe("b:1", PeerState::Myself).is_some());
+        assert!(m.observe("b:1", PeerState::Up).is_none(), "self stays self");
+    }
+
+    #[test]
+    fn cursor_acks_out_of_order_and_retries_first() {
+        let mut c = OutboxCursor::at(0);
+        // Entries of 10 bytes each.
+        for i in 0..4 {
+            assert_eq!(c.next(100, 8), Some(Next::New { start: i * 10 }));
+            c.on_sent(i * 10, i * 10 + 10);
+        }
+        assert_eq!(c.next(100, 4), None, "window full");
+        c.on_ack(10);
+        c.on_ack(30);
+        assert_eq!(c.acked(), 0);
+        c.on_fail(0);
+        assert_eq!(c.next(100, 8), Some(Next::Again { start: 0, end: 10 }));
+        c.on_sent(0, 10);
+        c.on_ack(0);
+        assert_eq!(c.acked(), 20);
+        c.on_ack(20);
+        assert_eq!(c.acked(), 40);
+        c.skip(40, 55);
+        assert_eq!(c.acked(), 55);
+        c.on_sent(55, 60);
+        c.jump(80);
+        assert_eq!(c.acked(), 80);
+        c.on_ack(55); // late answer before the jump: ignored
+        assert_eq!(c.acked(), 80);
+    }
+
+    /// A simulated peer over a week, flapping from a seed; the node must
+    /// (1) never make more than one connection attempt per backoff window
+    /// while the peer is not up, (2) never attempt inside a window, (3)
+    /// never lose an entry: everything appended is acknowledged in the end,
+    /// and (4) reconcile only on transitions.
+    #[test]
+    fn a_week_of_flapping_peers() {
+        for seed in 1..=4u64 {
+            simulate_week(seed);
+        }
+    }
+
+    fn simulate_week(seed: u64) {
+        let t0 = Instant::now();
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let mut rng = Rng::new(seed);
+        let mut world = Rng::new(seed ^ 0xdead_beef);
+        let mut p = PeerPolicy::new(t0, 0, ms(1000), ms(600_000));
+        let mut m = Membership::default();
+        m.set_peers(&["p:1".to_string()]);
+        let mut now = t0;
+        let mut end = 0u64;
+        let mut peer_up = true;
+        let mut next_flip = t0 + ms(world.below(3_600_000));
+        let mut acked_by_peer = std::collections::BTreeSet::new();
+        let mut appended = std::collections::BTreeSet::new();
+        let mut attempts_while_down: Vec<Instant> = Vec::new();
+        let mut transitions = 0u64;
+        let mut last_state = PeerState::Unknown;
+        while now < t0 + week {
+            if now >= next_flip {
+                peer_up = !peer_up;
+                next_flip = now + ms(1 + world.below(if peer_up { 3_600_000 } else { 600_000 }));
+            }
+            if world.below(10) == 0 {
+                appended.insert(end);
+                end += 10;
+            }
+            let mut wait = now + ms(1000);
+            loop {
+                match p.next(now, end) {
+                    Action::Probe => {
+                        if !peer_up {
+                            attempts_while_down.push(now);
+                        }
+                        let s = p.on_probe(now, peer_up.then_some(true), &mut rng);
+                        if let Some(t) = m.observe("p:1", s) {
+                            transitions += 1;
+                            let _ = t;
+                        }
+                    }
+                    Action::Send(next) => {
+                        let (start, stop) = match next {
+                            Next::Again { start, end } => (start, end),
+                            Next::New { start } => (start, start + 10),
+                        };
+                        assert!(p.backoff.ready(now), "no attempt inside a window");
+                        p.cursor.on_sent(start, stop);
+                        if !peer_up {
+                            attempts_while_down.push(now);
+                        }
+                        // Answers come back at once in this model.
+                        let outcome = if peer_up { Ok(()) } else { Err(true) };
+                        if outcome.is_ok() {
+                            acked_by_peer.insert(start);
+                        }
+                        let s = p.on_send(now, start, outcome, &mut rng);
+                        if m.observe("p:1", s).is_some() {
+                            transitions += 1;
+                        }
+                    }
+                    Action::AntiEntropy => p.on_anti_entropy(now, peer_up, &mut rng),
+                    Action::WaitUntil(t) => {
+                        wait = wait.min(t.max(now + ms(1)));
+                        break;
+                    }
+                    Action::Idle => break,
+                }
+                if p.state != last_state {
+                    last_state = p.state;
+                }
+            }
+            now = wait;
+        }
+        // Let the peer come back and drain.
+        let mut guard = 0;
+        while p.cursor.acked() < end && guard < 100_000 {
+            guard += 1;
+            match p.next(now, end) {
+                Action::Probe => {
+                    let s = p.on_probe(now, Some(true), &mut rng);
+                    if m.observe("p:1", s).is_some() {
+                        transitions += 1;
+                    }
+                }
+                Action::Send(next) => {
+                    let (start, stop) = match next {
+                        Next::Again { start, end } => (start, end),
+                        Next::New { start } => (start, start + 10),
+                    };
+                    p.cursor.on_sent(start, stop);
+                    acked_by_peer.insert(start);
+                    p.on_send(now, start, Ok(()), &mut rng);
+                }
+                Action::AntiEntropy => p.on_anti_entropy(now, true, &mut rng),
+                Action::WaitUntil(t) => now = t.max(now + ms(1)),
+                Action::Idle => now += ms(100),
+            }
+        }
+        assert_eq!(
+            p.cursor.acked(),
+            end,
+            "seed {seed}: everything acknowledged"
+        );
+        assert!(
+            appended.is_subset(&acked_by_peer),
+            "seed {seed}: an entry was never taken"
+        );
+        // Attempts while the peer was down are spaced by at least the
+        // shortest window (2 s less jitter): one per window.
+        for pair in attempts_while_down.windows(2) {
+            let gap = pair[1].duration_since(pair[0]);
+            assert!(
+                gap >= ms(BACKOFF_FIRST_MS * (1000 - JITTER_PERMILLE) / 1000),
+                "seed {seed}: two attempts {gap:?} apart while down"
+            );
+        }
+        assert_eq!(m.reconciles_total, transitions + 1, "seed {seed}");
+    }
+}

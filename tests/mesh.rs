@@ -1,0 +1,690 @@
+//! The replication mesh through real processes: three `sluice serve`
+//! nodes on loopback, each listing the others, with separate data dirs.
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{parse_response, server, sha256_hex, Server};
+
+const SECRET: &str = "mesh-test-secret-0123456789";
+
+/// Loopback ports nothing listens on now, for nodes that must know each
+/// other's ports before they start. Taken below the kernel's ephemeral
+/// range (32768+), from a per-process block and a counter: a port bound to
+/// 0 and closed could be handed to a parallel test (or to an outgoing
+/// connection) before the node binds it, and two nodes sharing a port
+/// through SO_REUSEPORT would split each other's connections.
+fn free_ports(n: usize) -> Vec<u16> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = 20_000 + (u64::from(std::process::id()) % 120) * 100;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(offset < 100, "this test binary ran out of its port block");
+        let port = (base + offset) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            out.push(port);
+        }
+    }
+    out
+}
+
+fn addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+fn node(port: u16, data_dir: &Path, peers: &[u16], extra: &[(&str, &str)]) -> Server {
+    let peers: Vec<String> = peers.iter().map(|p| addr(*p)).collect();
+    let mut b = server()
+        .no_tls()
+        .listen(&addr(port))
+        .data_dir(data_dir)
+        .arg("--peers")
+        .arg(&peers.join(","))
+        .env("SLUICE_PEER_SECRET", SECRET);
+    for (k, v) in extra {
+        b = b.env(k, v);
+    }
+    b.start()
+}
+
+/// One request on a fresh connection.
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> common::Resp {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if method == "PUT" || !body.is_empty() {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).expect("write head");
+    s.write_all(body).expect("write body");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    parse_response(&out, method == "HEAD")
+        .unwrap_or_else(|| {
+            panic!(
+                "no response to {method} {path}: {:?}",
+                String::from_utf8_lossy(&out)
+            )
+        })
+        .0
+}
+
+fn status_of(addr: SocketAddr, method: &str, path: &str) -> u16 {
+    http(addr, method, path, &[], b"").status
+}
+
+/// A metric's value (summed over series matching every `labels` part).
+fn metric(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
+    let text = String::from_utf8(http(addr, "GET", "/metrics", &[], b"").body).expect("utf8");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A deterministic body of `len` bytes.
+fn body(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// An artifact: its path on every node and its body.
+struct Artifact {
+    path: String,
+    body: Vec<u8>,
+}
+
+fn artifact(i: u64, len: usize) -> Artifact {
+    let body = body(i, len);
+    let path = match i % 4 {
+        0 => format!("/cas/{}", sha256_hex(&body)),
+        1 => format!("/ac/{:064x}", i),
+        2 => format!("/cache/gradle-{i}"),
+        _ => format!("/v1/artifacts/mesh/key-{i}"),
+    };
+    Artifact { path, body }
+}
+
+fn put_ok(addr: SocketAddr, a: &Artifact) {
+    let r = http(addr, "PUT", &a.path, &[], &a.body);
+    assert!(
+        matches!(r.status, 201 | 204),
+        "PUT {} -> {}",
+        a.path,
+        r.status
+    );
+}
+
+fn holds(addr: SocketAddr, a: &Artifact) -> bool {
+    let r = http(addr, "GET", &a.path, &[], b"");
+    r.status == 200 && r.body == a.body
+}
+
+struct Mesh {
+    ports: Vec<u16>,
+    dirs: Vec<PathBuf>,
+    nodes: Vec<Option<Server>>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Mesh {
+    fn start(n: usize, extra: &[(&str, &str)]) -> Mesh {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ports = free_ports(n);
+        let dirs: Vec<PathBuf> = (0..n)
+            .map(|i| tmp.path().join(format!("node{i}")))
+            .collect();
+        let mut mesh = Mesh {
+            ports,
+            dirs,
+            nodes: Vec::new(),
+            _tmp: tmp,
+        };
+        for i in 0..n {
+            let s = mesh.spawn(i, extra);
+            mesh.nodes.push(Some(s));
+        }
+        mesh
+    }
+
+    fn spawn(&self, i: usize, extra: &[(&str, &str)]) -> Server {
+        let peers: Vec<u16> = self
+            .ports
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, p)| *p)
+            .collect();
+        node(self.ports[i], &self.dirs[i], &peers, extra)
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        addr(self.ports[i]).parse().expect("addr")
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut s) = self.nodes[i].take() {
+            s.child.kill().expect("SIGKILL");
+            let _ = s.child.wait();
+        }
+    }
+
+    fn restart(&mut self, i: usize, extra: &[(&str, &str)]) {
+        let s = self.spawn(i, extra);
+        self.nodes[i] = Some(s);
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+#[test]
+fn two_hundred_artifacts_written_to_one_node_appear_on_the_others() {
+    let mesh = Mesh::start(3, &[]);
+    let (a, b, c) = (mesh.addr(0), mesh.addr(1), mesh.addr(2));
+    // Mostly small, a few large: 4 KiB .. 256 KiB, five of 1 MiB, three of 20 MB.
+    let artifacts: Vec<Artifact> = (0..200u64)
+        .map(|i| {
+            let len = match i {
+                _ if i % 67 == 5 => 20_000_000,
+                _ if i % 40 == 7 => 1 << 20,
+                _ => 4096 + (i as usize * 1237) % (252 * 1024),
+            };
+            artifact(i, len)
+        })
+        .collect();
+    let total: usize = artifacts.iter().map(|a| a.body.len()).sum();
+    // Each PUT, then B polled until it can read it: the delay from A's 2xx
+    // to readable on B.
+    let mut delays = Vec::with_capacity(artifacts.len());
+    for art in &artifacts {
+        put_ok(a, art);
+        let acked = Instant::now();
+        wait_for(
+            &format!("{} on B", art.path),
+            Duration::from_secs(30),
+            || status_of(b, "HEAD", &art.path) == 200,
+        );
+        delays.push(acked.elapsed());
+    }
+    delays.sort();
+    println!(
+        "replication delay A 2xx -> readable on B over {} artifacts ({} bytes): p50 {:?}, p99 {:?}, max {:?}",
+        delays.len(),
+        total,
+        percentile(&delays, 0.50),
+        percentile(&delays, 0.99),
+        delays[delays.len() - 1]
+    );
+    for art in &artifacts {
+        wait_for(
+            &format!("{} on C", art.path),
+            Duration::from_secs(30),
+            || holds(c, art),
+        );
+        assert!(holds(b, art), "{} differs on B", art.path);
+    }
+    assert_eq!(
+        metric(
+            a,
+            "sluice_replication_sent_requests_total",
+            &["result=\"ok\""]
+        ),
+        400.0
+    );
+    assert_eq!(metric(a, "sluice_peer_up", &[]), 2.0);
+    // Keep-alive: most sends reuse a pooled connection instead of connecting.
+    let reused = metric(a, "sluice_replication_connections_reused_total", &[]);
+    println!("{reused} of 400 sends reused a pooled connection");
+    assert!(reused >= 200.0, "{reused} reused");
+    // The status page lists both peers, up, with an empty backlog.
+    let status: serde_json::Value =
+        serde_json::from_slice(&http(a, "GET", "/status", &[], b"").body).expect("json");
+    let peers = status["replication"]["peers"].as_array().expect("peers");
+    assert_eq!(peers.len(), 2);
+    for p in peers {
+        assert_eq!(p["state"], "up");
+        assert_eq!(p["backlog"]["entries"], 0);
+    }
+}
+
+#[test]
+fn a_node_killed_before_a_burst_converges_after_restart() {
+    let mut mesh = Mesh::start(3, &[]);
+    let a = mesh.addr(0);
+    let first = artifact(1000, 5000);
+    put_ok(a, &first);
+    wait_for("first on B", Duration::from_secs(10), || {
+        holds(mesh.addr(1), &first)
+    });
+    mesh.kill(1);
+    let burst: Vec<Artifact> = (0..120u64)
+        .map(|i| artifact(2000 + i, 2048 + i as usize * 97))
+        .collect();
+    for art in &burst {
+        put_ok(a, art);
+    }
+    // A delete in the burst travels too.
+    let gone = artifact(3003, 100);
+    put_ok(a, &gone);
+    assert_eq!(http(a, "DELETE", &gone.path, &[], b"").status, 204);
+    assert!(metric(a, "sluice_replication_outbox_entries", &["127.0.0.1"]) > 0.0);
+    mesh.restart(1, &[]);
+    let b = mesh.addr(1);
+    let started = Instant::now();
+    wait_for("the burst on B", Duration::from_secs(60), || {
+        burst.iter().all(|art| holds(b, art))
+    });
+    println!("B converged {:?} after its restart", started.elapsed());
+    assert_eq!(status_of(b, "GET", &gone.path), 404);
+    assert!(holds(b, &first));
+    // C had them all along.
+    for art in &burst {
+        assert!(holds(mesh.addr(2), art));
+    }
+}
+
+#[test]
+fn a_node_killed_mid_replication_finishes_from_its_outbox() {
+    let mut mesh = Mesh::start(3, &[]);
+    let a = mesh.addr(0);
+    wait_for("A to see its peers up", Duration::from_secs(20), || {
+        metric(a, "sluice_peer_up", &[]) == 2.0
+    });
+    let arts: Vec<Artifact> = (0..80u64).map(|i| artifact(4000 + i, 256 * 1024)).collect();
+    for art in &arts {
+        put_ok(a, art);
+    }
+    let pending = metric(a, "sluice_replication_outbox_entries", &[]);
+    mesh.kill(0);
+    println!("at the kill, A's outbox held {pending} entries over both peers");
+    let b = mesh.addr(1);
+    let on_b_at_kill = arts
+        .iter()
+        .filter(|art| status_of(b, "HEAD", &art.path) == 200)
+        .count();
+    println!("at the kill, B held {on_b_at_kill} of {}", arts.len());
+    mesh.restart(0, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in [1, 2] {
+        let addr = mesh.addr(i);
+        while !arts.iter().all(|art| holds(addr, art)) {
+            if Instant::now() > deadline {
+                let status = http(mesh.addr(0), "GET", "/status", &[], b"");
+                let missing = arts.iter().filter(|art| !holds(addr, art)).count();
+                panic!(
+                    "node {i} misses {missing}; A's status: {}\nA's log: {}",
+                    String::from_utf8_lossy(&status.body),
+                    mesh.nodes[0]
+                        .as_ref()
+                        .map(|s| s.stderr())
+                        .unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn a_backlog_past_the_bound_is_repaired_by_anti_entropy() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ports = free_ports(2);
+    let env = [
+        ("SLUICE_REPLICATION_OUTBOX_BYTES_MAX", "4096"),
+        ("SLUICE_FSYNC", "never"),
+    ];
+    let a_node = node(ports[0], &tmp.path().join("a"), &[ports[1]], &env);
+    let a = a_node.addr;
+    // B is down: A's backlog for it passes 4 KiB after a few dozen entries.
+    let arts: Vec<Artifact> = (0..300u64).map(|i| artifact(5000 + i, 1024)).collect();
+    for art in &arts {
+        put_ok(a, art);
+    }
+    assert!(metric(a, "sluice_replication_outbox_overflows_total", &[]) >= 1.0);
+    assert!(metric(a, "sluice_replication_outbox_bytes", &[]) <= 4096.0);
+    let outbox_disk: u64 = std::fs::read_dir(tmp.path().join("a/.outbox"))
+        .expect("outbox dir")
+        .map(|e| e.expect("entry").metadata().expect("meta").len())
+        .sum();
+    assert!(
+        outbox_disk <= 3 * 4096,
+        "outbox uses {outbox_disk} bytes on disk"
+    );
+    let b_node = node(ports[1], &tmp.path().join("b"), &[ports[0]], &env);
+    let b = b_node.addr;
+    wait_for("anti-entropy to repair B", Duration::from_secs(60), || {
+        arts.iter()
+            .all(|art| status_of(b, "HEAD", &art.path) == 200)
+    });
+    for art in &arts {
+        assert!(holds(b, art));
+    }
+    assert!(metric(a, "sluice_anti_entropy_runs_total", &["result=\"ok\""]) >= 1.0);
+    assert!(metric(a, "sluice_anti_entropy_repaired_total", &[]) >= 1.0);
+    println!(
+        "anti-entropy: {} buckets differing, {} repaired",
+        metric(a, "sluice_anti_entropy_buckets_differing_total", &[]),
+        metric(a, "sluice_anti_entropy_repaired_total", &[])
+    );
+}
+
+/// A listener that accepts and resets every connection, counting them.
+fn resetting_listener() -> (u16, Arc<AtomicU64>, Arc<AtomicBool>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    l.set_nonblocking(true).expect("nonblocking");
+    let accepts = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (count, halt) = (Arc::clone(&accepts), Arc::clone(&stop));
+    std::thread::spawn(move || {
+        while !halt.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((s, _)) => {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    // SO_LINGER 0: close sends RST.
+                    let _ = rustix::net::sockopt::set_socket_linger(&s, Some(Duration::ZERO));
+                    drop(s);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    (port, accepts, stop)
+}
+
+#[test]
+fn a_cold_start_with_dead_peers_backs_off_and_is_ready_at_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ports = free_ports(4);
+    let (reset_port, accepts, stop) = resetting_listener();
+    let peers = [ports[1], ports[2], ports[3], reset_port];
+    let env = [("SLUICE_FSYNC", "never")];
+    let dir = tmp.path().join("a");
+    let mut first = node(ports[0], &dir, &peers, &env);
+    let arts = 2000u64;
+    for i in 0..arts {
+        let r = http(
+            first.addr,
+            "PUT",
+            &format!("/v1/artifacts/cold/k{i}"),
+            &[],
+            b"x",
+        );
+        assert_eq!(r.status, 201);
+    }
+    first.child.kill().expect("SIGKILL");
+    let _ = first.child.wait();
+    drop(first);
+    let accepts_before = accepts.load(Ordering::Relaxed);
+
+    let started = Instant::now();
+    let a_node = node(ports[0], &dir, &peers, &env);
+    let a = a_node.addr;
+    assert_eq!(status_of(a, "GET", "/ready"), 200);
+    let ready_after = started.elapsed();
+    println!(
+        "ready {ready_after:?} after spawn, with {} entries pending per peer",
+        arts
+    );
+    assert!(ready_after < Duration::from_secs(5));
+    let pending = metric(
+        a,
+        "sluice_replication_outbox_entries",
+        &[&format!(":{reset_port}\"")],
+    );
+    assert_eq!(
+        pending, arts as f64,
+        "every entry survived the kill: {pending}"
+    );
+
+    let window = Duration::from_secs(7);
+    std::thread::sleep(window.saturating_sub(started.elapsed()));
+    let observed = started.elapsed();
+    // Backoff: attempts at about 0, 2, 6 s (then 14): three in 7 s, four at
+    // most with jitter and scheduling slack, whatever the 2000 entries.
+    for p in peers {
+        let label = format!("peer=\"127.0.0.1:{p}\"");
+        let attempts = metric(a, "sluice_replication_connect_attempts_total", &[&label]);
+        let retries = metric(a, "sluice_replication_connect_retries_total", &[&label]);
+        println!("peer {p}: {attempts} connects ({retries} immediate retries) in {observed:?}");
+        assert!(
+            attempts - retries >= 2.0 && attempts - retries <= 4.0,
+            "peer {p}: {attempts} - {retries}"
+        );
+        assert!(
+            retries <= attempts - retries,
+            "at most one immediate retry per attempt"
+        );
+        assert!(
+            metric(a, "sluice_peer_backoff_seconds", &[&label]) > 0.0 || attempts - retries >= 3.0
+        );
+    }
+    let resets = accepts.load(Ordering::Relaxed) - accepts_before;
+    println!("the resetting listener accepted {resets} connections in {observed:?}");
+    assert!((2..=4).contains(&resets), "{resets} accepts");
+    assert_eq!(metric(a, "sluice_peer_up", &[]), 0.0);
+    assert_eq!(status_of(a, "GET", "/ready"), 200);
+    stop.store(true, Ordering::Relaxed);
+}
+
+#[test]
+fn the_peer_api_needs_the_secret_and_identical_probes_change_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ports = free_ports(2);
+    let env = [("SLUICE_PEER_PROBE_INTERVAL_MS", "100")];
+    let a_node = node(ports[0], &tmp.path().join("a"), &[ports[1]], &env);
+    let b_node = node(ports[1], &tmp.path().join("b"), &[ports[0]], &env);
+    let (a, b) = (a_node.addr, b_node.addr);
+    let data = b"replicated?";
+    let sha = sha256_hex(data);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis();
+    let path = format!("/_peer/v1/put/evil/k1/{now_ms}/{sha}");
+    let wrong = format!("SluicePeer {}x", SECRET);
+    let bearer = format!("Bearer {SECRET}");
+    for auth in [None, Some(wrong.as_str()), Some(bearer.as_str())] {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|v| ("Authorization", *v)).collect();
+        assert_eq!(
+            http(b, "PUT", &path, &headers, data).status,
+            401,
+            "{auth:?}"
+        );
+        assert_eq!(http(b, "GET", "/_peer/v1/hello", &headers, b"").status, 401);
+    }
+    assert_eq!(
+        status_of(b, "GET", "/v1/artifacts/evil/k1"),
+        404,
+        "nothing stored"
+    );
+    assert!(!b_node.data_dir.join("evil").exists());
+    assert!(
+        metric(
+            b,
+            "sluice_replication_received_requests_total",
+            &["unauthorized"]
+        ) >= 6.0
+    );
+    // Peer API requests have their own route label in the request counter.
+    assert!(metric(b, "sluice_requests_total", &["route=\"peer\""]) >= 6.0);
+    // The right secret stores, and applying the same write twice is harmless.
+    let good = format!("SluicePeer {SECRET}");
+    assert_eq!(
+        http(b, "PUT", &path, &[("Authorization", &good)], data).status,
+        201
+    );
+    assert_eq!(
+        http(b, "PUT", &path, &[("Authorization", &good)], data).status,
+        200
+    );
+    assert_eq!(http(b, "GET", "/v1/artifacts/evil/k1", &[], b"").body, data);
+    // Last writer wins: an older version is read and dropped, a newer one
+    // replaces; a delete older than what B holds changes nothing.
+    let other = b"another version";
+    let older = format!(
+        "/_peer/v1/put/evil/k1/{}/{}",
+        now_ms - 1000,
+        sha256_hex(other)
+    );
+    let auth = [("Authorization", good.as_str())];
+    assert_eq!(http(b, "PUT", &older, &auth, other).status, 200);
+    assert_eq!(http(b, "GET", "/v1/artifacts/evil/k1", &[], b"").body, data);
+    let stale_delete = format!("/_peer/v1/delete/evil/k1/{}", now_ms - 1);
+    assert_eq!(http(b, "DELETE", &stale_delete, &auth, b"").status, 200);
+    let newer = format!("/_peer/v1/put/evil/k1/{}/{}", now_ms + 1, sha256_hex(other));
+    assert_eq!(http(b, "PUT", &newer, &auth, other).status, 204);
+    assert_eq!(
+        http(b, "GET", "/v1/artifacts/evil/k1", &[], b"").body,
+        other
+    );
+    // A body that does not hash to the announced sha256 is refused.
+    let lying = format!("/_peer/v1/put/evil/k2/{now_ms}/{}", sha256_hex(b"x"));
+    assert_eq!(http(b, "PUT", &lying, &auth, b"y").status, 400);
+    assert_eq!(status_of(b, "GET", "/v1/artifacts/evil/k2"), 404);
+    // The peer secret opens nothing else: it is not a public token.
+    assert_eq!(
+        http(b, "GET", "/status", &[("Authorization", &good)], b"").status,
+        200,
+        "admin routes stay public"
+    );
+
+    // A probe storm of identical states: up, up, up... no reconcile.
+    wait_for("A sees B up", Duration::from_secs(10), || {
+        metric(a, "sluice_peer_up", &[]) == 1.0
+    });
+    let reconciles = metric(a, "sluice_membership_reconciles_total", &[]);
+    let probes = metric(a, "sluice_peer_probes_total", &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    let probes_after = metric(a, "sluice_peer_probes_total", &[]);
+    assert!(
+        probes_after - probes >= 10.0,
+        "probes: {probes} -> {probes_after}"
+    );
+    assert_eq!(
+        metric(a, "sluice_membership_reconciles_total", &[]),
+        reconciles
+    );
+    assert_eq!(
+        metric(a, "sluice_peer_transitions_total", &["to=\"up\""]),
+        1.0
+    );
+    // Joined, then each state change (down first, if B started later): no more.
+    let transitions = metric(a, "sluice_peer_transitions_total", &[]);
+    assert_eq!(reconciles, 1.0 + transitions);
+    let log = a_node.stderr();
+    assert_eq!(
+        log.matches("peer state changed").count() as f64,
+        transitions,
+        "{log}"
+    );
+}
+
+#[test]
+fn a_short_peer_secret_is_a_config_error_naming_the_key() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--peers",
+            "127.0.0.1:1",
+            "--peer-secret",
+            "short",
+        ])
+        .env_remove("SLUICE_PEER_SECRET")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("peer_secret"), "{err}");
+    assert!(!err.contains("short"), "the secret is not echoed: {err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--peers", "127.0.0.1:1"])
+        .env_remove("SLUICE_PEER_SECRET")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("peer_secret"));
+}
+
+#[test]
+fn replication_works_without_io_uring_and_with_a_dns_peer_list() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ports = free_ports(2);
+    // A runs the portable engine (blocking senders) and finds B by a DNS
+    // name; B runs the rings and lists A statically.
+    let a_node = server()
+        .no_tls()
+        .listen(&addr(ports[0]))
+        .data_dir(&tmp.path().join("a"))
+        .arg("--engine")
+        .arg("fallback")
+        .arg("--peers-dns")
+        .arg(&format!("localhost:{}", ports[1]))
+        .env("SLUICE_PEER_SECRET", SECRET)
+        .env("SLUICE_PEER_REFRESH_MS", "200")
+        .start();
+    let b_node = node(ports[1], &tmp.path().join("b"), &[ports[0]], &[]);
+    let (a, b) = (a_node.addr, b_node.addr);
+    let arts: Vec<Artifact> = (0..20u64)
+        .map(|i| artifact(7000 + i, 10_000 + i as usize))
+        .collect();
+    for (i, art) in arts.iter().enumerate() {
+        // Both directions: through the fallback's senders and the rings.
+        put_ok(if i % 2 == 0 { a } else { b }, art);
+    }
+    for art in &arts {
+        for n in [a, b] {
+            wait_for(
+                &format!("{} everywhere", art.path),
+                Duration::from_secs(30),
+                || holds(n, art),
+            );
+        }
+    }
+    let status: serde_json::Value =
+        serde_json::from_slice(&http(a, "GET", "/status", &[], b"").body).expect("json");
+    assert_eq!(status["engine"]["io_uring"], false);
+    let peers = status["replication"]["peers"].as_array().expect("peers");
+    assert!(peers
+        .iter()
+        .any(|p| p["peer"] == format!("127.0.0.1:{}", ports[1]) && p["state"] == "up"));
+}
