@@ -11,7 +11,7 @@ use std::fs::File;
 use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,10 @@ const INLINE_BODY_BYTES_MAX: u64 = 64 * 1024;
 const FIRST_CHUNK_BYTES: u64 = 256 * 1024;
 /// Later reads of a larger body, in bytes: fewer trips through the blocking pool.
 const FILE_CHUNK_BYTES: u64 = 1024 * 1024;
+const _: () = assert!(
+    FIRST_CHUNK_BYTES <= FILE_CHUNK_BYTES,
+    "a pooled buffer holds any chunk"
+);
 
 /// Default of [`AppHandler::with_body_read_timeout`], as `body_read_timeout_ms` defaults.
 pub const BODY_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
@@ -328,6 +332,46 @@ fn chunk_bytes(sent_bytes: u64) -> u64 {
     }
 }
 
+/// Chunk buffers kept for reuse, at most ([`FILE_CHUNK_BYTES`] each, so 32 MiB). A fresh
+/// 1 MiB buffer per chunk cost page faults and zeroing: 14% of the fallback's CPU serving a
+/// 17.9 MB artifact (docs/benchmarks.md, Off the ring).
+const CHUNK_BUFFERS_MAX: usize = 32;
+
+/// Free chunk buffers; a chunk's buffer comes back here when hyper drops its `Bytes`.
+static CHUNK_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// A chunk read into a reusable buffer; returns the buffer to [`CHUNK_BUFFERS`] on drop.
+struct PooledChunk {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl AsRef<[u8]> for PooledChunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for PooledChunk {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        if let Ok(mut free) = CHUNK_BUFFERS.lock() {
+            if free.len() < CHUNK_BUFFERS_MAX {
+                free.push(buf);
+            }
+        }
+    }
+}
+
+/// [`read_at`] of at most [`FILE_CHUNK_BYTES`] into a pooled buffer.
+fn read_chunk_at(file: &File, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    let len = len.min(FILE_CHUNK_BYTES as usize);
+    let reused = CHUNK_BUFFERS.lock().ok().and_then(|mut free| free.pop());
+    let mut buf = reused.unwrap_or_else(|| vec![0u8; FILE_CHUNK_BYTES as usize]);
+    file.read_exact_at(&mut buf[..len], offset)?;
+    Ok(Bytes::from_owner(PooledChunk { buf, len }))
+}
+
 type ChunkRead = tokio::task::JoinHandle<std::io::Result<Bytes>>;
 
 /// Streams `remaining_bytes` of an artifact file from `offset`, with positioned reads on the
@@ -369,7 +413,7 @@ impl FileBody {
         self.offset += want;
         self.unread_bytes -= want;
         self.reading = Some(tokio::task::spawn_blocking(move || {
-            read_at(&file, offset, want as usize)
+            read_chunk_at(&file, offset, want as usize)
         }));
     }
 
