@@ -42,9 +42,20 @@ impl Transport {
     }
 }
 
-/// The h2load arguments of one run (without the program name).
-pub fn args(transport: Transport, url: &str, connections: usize, time: Duration) -> Vec<String> {
+/// The h2load arguments of one run (without the program name). One client thread per core
+/// (at most one per connection): with h2load's default single thread, a 4 KiB plaintext cell
+/// measured 0.8x what sluice-bench's thread-per-connection client measured on the same server,
+/// with two threads within 10 % of it (docs/benchmarks.md).
+pub fn args(
+    transport: Transport,
+    url: &str,
+    connections: usize,
+    time: Duration,
+    threads: usize,
+) -> Vec<String> {
     let mut args = vec![
+        "-t".to_string(),
+        threads.clamp(1, connections.max(1)).to_string(),
         "-c".to_string(),
         connections.to_string(),
         "-D".to_string(),
@@ -71,8 +82,9 @@ pub fn run(
     time: Duration,
     size: u64,
 ) -> Result<RunResult, String> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let out = Command::new("h2load")
-        .args(args(transport, url, connections, time))
+        .args(args(transport, url, connections, time, threads))
         .output()
         .map_err(|e| {
             format!("starting h2load: {e} (install it: apt-get install -y nghttp2-client)")
@@ -154,12 +166,22 @@ status codes: 19629 2xx, 0 3xx, 0 4xx, 0 5xx\n";
     fn args_per_transport() {
         let t = Duration::from_millis(1500);
         assert_eq!(
-            args(Transport::TlsHttp1, "https://h/x", 8, t),
-            ["-c", "8", "-D", "1500ms", "--h1", "https://h/x"]
+            args(Transport::TlsHttp1, "https://h/x", 8, t, 2),
+            ["-t", "2", "-c", "8", "-D", "1500ms", "--h1", "https://h/x"]
         );
         assert_eq!(
-            args(Transport::H2c, "http://h/x", 10, t),
-            ["-c", "10", "-D", "1500ms", "-m", "10", "http://h/x"]
+            args(Transport::H2c, "http://h/x", 1, t, 2),
+            [
+                "-t",
+                "1",
+                "-c",
+                "1",
+                "-D",
+                "1500ms",
+                "-m",
+                "10",
+                "http://h/x"
+            ]
         );
     }
 }
