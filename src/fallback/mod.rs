@@ -57,7 +57,11 @@
 //! - An HTTP/1 request target over `uri_bytes_max` gets `414` from the guard as soon as the
 //!   request line shows it, however long (hyper would answer 431 past its head bound, or let a
 //!   9,000-byte target through); an h2 `:path` gets it from the handler.
-//! - Hyper answers a too-large HTTP/1 head itself (431), bounded by [`HTTP1_HEAD_BYTES_MAX`].
+//! - Every HTTP/1 head goes through the ring's sans-IO core in the guard first
+//!   ([`FallbackLimits::head_bytes_max`], the ring's framing rules: CL with TE, repeated or
+//!   signed CL, unknown TE, obs-fold, missing Host, ...), which answers the core's status (400,
+//!   414, 417, 431, 505) and closes, so every front gives the same bytes the same answer.
+//!   Hyper's own head bound ([`HTTP1_HEAD_BYTES_MAX`]) is only a backstop behind it.
 //! - HTTP/2: [`H2_STREAMS_MAX`] concurrent streams, [`H2_HEADER_LIST_BYTES_MAX`] of headers
 //!   (431 from h2), h2's burst limits on resets ([`H2_PENDING_ACCEPT_RESETS_MAX`],
 //!   [`H2_LOCAL_ERROR_RESETS_MAX`]), and the guard's count of RST_STREAM frames per window
@@ -119,6 +123,9 @@ pub const HTTP1_HEAD_BYTES_MAX: usize = 64 * 1024;
 /// HTTP/1 read and write buffer bound per connection, in bytes. Larger than the head limit so
 /// upload bodies arrive in big reads.
 pub const HTTP1_BUF_BYTES_MAX: usize = 256 * 1024;
+/// Write buffer between h2 and rustls on a TLS h2 connection, in bytes: frames written
+/// until h2 flushes are coalesced into as few TLS records and syscalls as fit.
+pub const H2_TLS_WRITE_BUF_BYTES: usize = 32 * 1024;
 /// HTTP/2 concurrent streams a client may open per connection.
 pub const H2_STREAMS_MAX: u32 = 128;
 /// HTTP/2 bound on the decoded header list of one request, in bytes.
@@ -1113,7 +1120,18 @@ async fn classify_and_serve<H: Handler>(
                 tls: true,
                 alpn_h2,
             };
-            serve_http(shared, tls_stream, info, alpn_h2, conn).await;
+            if alpn_h2 {
+                // h2 writes each frame header and each DATA payload as its own write when the
+                // stream is not vectored, as a TLS stream is not: two TLS records and two
+                // syscalls per 4 KiB response. Coalescing them until h2 flushes (once per
+                // batch of frames) makes one record per batch. hyper's HTTP/1 flattens its own
+                // writes already.
+                let tls_stream =
+                    tokio::io::BufWriter::with_capacity(H2_TLS_WRITE_BUF_BYTES, tls_stream);
+                serve_http(shared, tls_stream, info, alpn_h2, conn).await;
+            } else {
+                serve_http(shared, tls_stream, info, alpn_h2, conn).await;
+            }
         }
     }
 }
