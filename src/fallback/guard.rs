@@ -861,6 +861,60 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardIo<I> {
 mod tests {
     use super::*;
 
+    /// Feeds `bytes` in pieces of `piece` bytes; returns the refusal and the offset in the
+    /// whole stream where the refused request starts.
+    fn framing_of(bytes: &[u8], piece: usize) -> Option<(usize, FramingRefusal)> {
+        let mut check = FramingCheck::new(Http1Limits::default());
+        let mut fed = 0;
+        for chunk in bytes.chunks(piece) {
+            if let Err(refusal) = check.feed(chunk) {
+                return Some((fed + refusal.at, refusal));
+            }
+            fed += chunk.len();
+        }
+        None
+    }
+
+    #[test]
+    fn framing_check_table() {
+        let good = b"PUT /a HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc";
+        let chunked = b"PUT /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\n";
+        let cl_te = b"PUT /c HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let bad_chunk = b"PUT /d HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+        let mut pipelined = Vec::new();
+        pipelined.extend_from_slice(good);
+        pipelined.extend_from_slice(chunked);
+        let bad_at = pipelined.len();
+        pipelined.extend_from_slice(cl_te);
+        let mut closing = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_vec();
+        closing.extend_from_slice(cl_te);
+        // Whatever the split, the same verdict.
+        for piece in [1, 2, 7, 64, 4096] {
+            let mut valid = good.to_vec();
+            valid.extend_from_slice(chunked);
+            assert_eq!(framing_of(&valid, piece), None, "valid, piece {piece}");
+            // Every byte of the valid requests before it reaches hyper; bytes of the refused
+            // head that arrived in earlier reads already have (hyper holds them unparsed), so
+            // the refusal starts where the read that completed the verdict starts, at the
+            // earliest at the refused head.
+            let (at, r) = framing_of(&pipelined, piece).expect("refused");
+            assert_eq!((r.status, r.in_body), (400, false), "piece {piece}");
+            assert!(at >= bad_at, "piece {piece}: {at} < {bad_at}");
+            if piece >= pipelined.len() {
+                assert_eq!(at, bad_at);
+            }
+            let (_, r) = framing_of(cl_te, piece).expect("refused");
+            assert_eq!(r.status, 400, "piece {piece}");
+            let (_, r) = framing_of(bad_chunk, piece).expect("refused");
+            assert!(r.in_body, "a bad chunk size is a body fault, piece {piece}");
+            // After a request that closes, hyper reads nothing more and neither does the check.
+            assert_eq!(framing_of(&closing, piece), None, "piece {piece}");
+        }
+        let (_, r) =
+            framing_of(b"GET / HTTP/1.1\r\nHost: a\r\nExpect: x\r\n\r\n", 4096).expect("refused");
+        assert_eq!(r.status, 417);
+    }
+
     #[test]
     fn request_line_scan_table() {
         // (input pieces, uri_bytes_max, verdict)
