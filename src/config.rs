@@ -374,6 +374,10 @@ pub struct Config {
     pub connections_per_core_max: usize,
     /// Connections the fallback front end serves at once. Default 1024, range 1..=1_000_000.
     pub fallback_connections_max: usize,
+    /// Worker threads of the fallback front end (TLS, HTTP/2, and all plaintext when io_uring
+    /// is off); 0 = as many as the engine uses (`engine_threads`, effective). Default 0, at
+    /// most 256.
+    pub fallback_threads: usize,
     /// Shutdown phase 1, in ms: readiness answers 503 while serving goes on. Default 0.
     pub shutdown_pre_drain_ms: u64,
     /// Shutdown phase 2, in ms: in-flight requests finish. Default 10000.
@@ -429,6 +433,7 @@ impl Default for Config {
             engine_spin_us: 50,
             connections_per_core_max: 4096,
             fallback_connections_max: 1024,
+            fallback_threads: 0,
             shutdown_pre_drain_ms: 0,
             shutdown_drain_ms: 10_000,
             shutdown_teardown_ms: 2_000,
@@ -593,6 +598,11 @@ fn rules(c: &Config) -> Vec<Rule> {
             within(c.engine_threads, 0, 256),
             "a whole number from 0 to 256 (0 = one per core)",
         ),
+        Rule::new(
+            "fallback_threads",
+            within(c.fallback_threads, 0, 256),
+            "a whole number from 0 to 256 (0 = as many as engine threads)",
+        ),
         Rule::keyword::<FileServingMode>("file_serving_mode"),
         Rule::new(
             "engine_spin_us",
@@ -749,6 +759,17 @@ impl Config {
             self.engine_threads
         };
         threads.clamp(1, 256)
+    }
+
+    /// Fallback worker threads to start: `fallback_threads`, or when it is 0 as many as
+    /// [`Config::engine_threads_effective`], so the portable path uses every core the ring
+    /// engine would have.
+    pub fn fallback_threads_effective(&self) -> usize {
+        if self.fallback_threads == 0 {
+            self.engine_threads_effective()
+        } else {
+            self.fallback_threads
+        }
     }
 
     /// The effective configuration as TOML, for `sluice check-config`: the derived
@@ -1579,6 +1600,8 @@ mod tests {
             ("engine_threads", "-1", "from 0 to 256"),
             ("engine_threads", "+4", "from 0 to 256"),
             ("engine_threads", "0x10", "from 0 to 256"),
+            ("fallback_threads", "257", "from 0 to 256"),
+            ("fallback_threads", "-2", "from 0 to 256"),
             ("file_serving_mode", "sendfile", "one of splice, copy"),
             ("connections_per_core_max", "0", "from 1 to 1000000"),
             ("connections_per_core_max", "1000001", "from 1 to 1000000"),

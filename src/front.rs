@@ -6,10 +6,12 @@
 //! headers and bodies are the ones the ring engine sends for the same
 //! request.
 
+use std::cell::RefCell;
+use std::fs::File;
 use std::future::Future;
-use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -17,14 +19,22 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, Version};
-use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::app::{App, Decision, Reply, ReplyBody, RequestInfo};
 use crate::fallback::{ConnInfo, Handler, ResponseBody};
 use crate::metrics::BytePath;
+use crate::store::OpenCache;
 
-/// Size of one read when streaming an artifact through hyper, in bytes.
-const FILE_CHUNK_BYTES: usize = 256 * 1024;
+/// Bodies up to this many bytes are read in one pread on the worker and sent with the head.
+const INLINE_BODY_BYTES_MAX: u64 = 64 * 1024;
+/// First read of a larger body, in bytes: small, so the first bytes leave soon.
+const FIRST_CHUNK_BYTES: u64 = 256 * 1024;
+/// Later reads of a larger body, in bytes: fewer trips through the blocking pool.
+const FILE_CHUNK_BYTES: u64 = 1024 * 1024;
+const _: () = assert!(
+    FIRST_CHUNK_BYTES <= FILE_CHUNK_BYTES,
+    "a pooled buffer holds any chunk"
+);
 
 /// Default of [`AppHandler::with_body_read_timeout`], as `body_read_timeout_ms` defaults.
 pub const BODY_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
@@ -116,7 +126,7 @@ async fn serve(
         chunked,
     };
     let route_label = crate::route::route_label(&method, &path);
-    let reply = match app.handle(&info) {
+    let reply = match handle_cached(&app, &info) {
         Decision::Reply(reply) => reply,
         // `App::handle` opens artifacts blocking (on this runtime's threads),
         // so it never answers `Cold`; should it, the client may retry.
@@ -177,6 +187,38 @@ async fn serve(
     into_response(&app, reply, parts.version)
 }
 
+/// Open artifact files kept per fallback worker thread, at most.
+pub const OPEN_FILES_PER_WORKER_MAX: usize = 256;
+/// Lookups between two sweeps of a worker's open-file cache, which drop the files of
+/// artifacts replaced or deleted since (so their disk space is freed).
+const OPEN_FILES_SWEEP_LOOKUPS: u32 = 1024;
+
+thread_local! {
+    /// This worker's open-file cache: without it every GET paid `openat` + `statx` + header
+    /// read + `close`, 16% of the fallback's CPU in the TLS profile (docs/benchmarks.md). The
+    /// ring keeps one per core the same way; reads are positioned, so the shared descriptor's
+    /// offset never matters.
+    static OPEN_FILES: RefCell<(OpenCache, u32)> =
+        RefCell::new((OpenCache::new(OPEN_FILES_PER_WORKER_MAX), 0));
+}
+
+/// [`App::handle`] through this worker's open-file cache.
+fn handle_cached(app: &App, info: &RequestInfo<'_>) -> Decision {
+    OPEN_FILES.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut guard) => {
+            let (files, lookups) = &mut *guard;
+            *lookups += 1;
+            if *lookups >= OPEN_FILES_SWEEP_LOOKUPS {
+                *lookups = 0;
+                app.store.sweep_cache(files);
+            }
+            app.handle_with(info, Some(files))
+        }
+        // Not reentrant, but should it ever be, serve without the cache.
+        Err(_) => app.handle(info),
+    })
+}
+
 /// Reads and drops what is left of a request body, within `limits`.
 async fn discard_body(mut body: Incoming, limits: crate::http1::LingerLimits) {
     use crate::http1::{Linger, LingerStep};
@@ -225,27 +267,24 @@ fn into_response(app: &Arc<App>, reply: Reply, version: Version) -> Response<Res
             offset,
             len,
         } => {
-            let file = artifact
-                .into_file()
-                .and_then(|mut file| file.seek(SeekFrom::Start(offset)).map(|_| file));
-            match file {
-                Ok(file) => FileBody {
-                    file: tokio::fs::File::from_std(file),
-                    remaining_bytes: len,
-                    app: Arc::clone(app),
+            if len <= INLINE_BODY_BYTES_MAX {
+                // One pread on this worker, as nginx reads a small file in its worker: the
+                // open already happened here (`App::handle`), the bytes are almost always in
+                // the page cache, and a trip through the blocking pool costs more than the
+                // read. The whole response then goes out in one write (one TLS record).
+                match read_at(&artifact.file, offset, len as usize) {
+                    Ok(bytes) => {
+                        app.metrics
+                            .add_response_bytes(BytePath::Fallback, bytes.len() as u64);
+                        Full::new(bytes).map_err(|never| match never {}).boxed()
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "artifact could not be read");
+                        return internal_error();
+                    }
                 }
-                .boxed(),
-                Err(err) => {
-                    tracing::error!(error = %err, "artifact could not be prepared for reading");
-                    return Response::builder()
-                        .status(500)
-                        .body(
-                            Full::new(Bytes::new())
-                                .map_err(|never| match never {})
-                                .boxed(),
-                        )
-                        .unwrap_or_default();
-                }
+            } else {
+                FileBody::new(artifact.file, offset, len, Arc::clone(app)).boxed()
             }
         }
     };
@@ -264,11 +303,123 @@ fn into_response(app: &Arc<App>, reply: Reply, version: Version) -> Response<Res
     }
 }
 
-/// Streams `remaining_bytes` of an artifact file from its current position.
+fn internal_error() -> Response<ResponseBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+    response
+}
+
+/// Reads `len` bytes at `offset` with one positioned read (no shared file offset: the open-file
+/// cache shares the descriptor between requests). A file shorter than its header promised is
+/// an error, never a short body under a longer `Content-Length`.
+fn read_at(file: &File, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset)?;
+    Ok(Bytes::from(buf))
+}
+
+/// Bytes of one blocking-pool read of a large body: the first chunk is small so the first
+/// bytes leave soon, later ones are large so a 64 MiB artifact costs 64 pool trips, not 256.
+fn chunk_bytes(sent_bytes: u64) -> u64 {
+    if sent_bytes == 0 {
+        FIRST_CHUNK_BYTES
+    } else {
+        FILE_CHUNK_BYTES
+    }
+}
+
+/// Chunk buffers kept for reuse, at most ([`FILE_CHUNK_BYTES`] each, so 32 MiB). A fresh
+/// 1 MiB buffer per chunk cost page faults and zeroing: 14% of the fallback's CPU serving a
+/// 17.9 MB artifact (docs/benchmarks.md, Off the ring).
+const CHUNK_BUFFERS_MAX: usize = 32;
+
+/// Free chunk buffers; a chunk's buffer comes back here when hyper drops its `Bytes`.
+static CHUNK_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// A chunk read into a reusable buffer; returns the buffer to [`CHUNK_BUFFERS`] on drop.
+struct PooledChunk {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl AsRef<[u8]> for PooledChunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for PooledChunk {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        if let Ok(mut free) = CHUNK_BUFFERS.lock() {
+            if free.len() < CHUNK_BUFFERS_MAX {
+                free.push(buf);
+            }
+        }
+    }
+}
+
+/// [`read_at`] of at most [`FILE_CHUNK_BYTES`] into a pooled buffer.
+fn read_chunk_at(file: &File, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    let len = len.min(FILE_CHUNK_BYTES as usize);
+    let reused = CHUNK_BUFFERS.lock().ok().and_then(|mut free| free.pop());
+    let mut buf = reused.unwrap_or_else(|| vec![0u8; FILE_CHUNK_BYTES as usize]);
+    file.read_exact_at(&mut buf[..len], offset)?;
+    Ok(Bytes::from_owner(PooledChunk { buf, len }))
+}
+
+type ChunkRead = tokio::task::JoinHandle<std::io::Result<Bytes>>;
+
+/// Streams `remaining_bytes` of an artifact file from `offset`, with positioned reads on the
+/// blocking pool and one read ahead: while hyper (and rustls) send one chunk, the next is
+/// already being read.
 struct FileBody {
-    file: tokio::fs::File,
+    file: Arc<File>,
+    offset: u64,
+    /// Bytes not yet handed to hyper.
     remaining_bytes: u64,
+    /// Bytes not yet asked of the blocking pool.
+    unread_bytes: u64,
+    sent_bytes: u64,
+    reading: Option<ChunkRead>,
     app: Arc<App>,
+}
+
+impl FileBody {
+    fn new(file: Arc<File>, offset: u64, len: u64, app: Arc<App>) -> FileBody {
+        FileBody {
+            file,
+            offset,
+            remaining_bytes: len,
+            unread_bytes: len,
+            sent_bytes: 0,
+            reading: None,
+            app,
+        }
+    }
+
+    /// Starts the next read, if any bytes are left to read.
+    fn read_next(&mut self) {
+        if self.unread_bytes == 0 || self.reading.is_some() {
+            return;
+        }
+        let want = self.unread_bytes.min(chunk_bytes(self.len_done_or_asked()));
+        let file = Arc::clone(&self.file);
+        let offset = self.offset;
+        self.offset += want;
+        self.unread_bytes -= want;
+        self.reading = Some(tokio::task::spawn_blocking(move || {
+            read_chunk_at(&file, offset, want as usize)
+        }));
+    }
+
+    fn len_done_or_asked(&self) -> u64 {
+        self.sent_bytes + (self.remaining_bytes - self.unread_bytes)
+    }
 }
 
 impl Body for FileBody {
@@ -282,33 +433,27 @@ impl Body for FileBody {
         if self.remaining_bytes == 0 {
             return Poll::Ready(None);
         }
-        let want = usize::try_from(self.remaining_bytes)
-            .unwrap_or(usize::MAX)
-            .min(FILE_CHUNK_BYTES);
-        let mut chunk = vec![0u8; want];
-        let mut buf = ReadBuf::new(&mut chunk);
-        match Pin::new(&mut self.file).poll_read(cx, &mut buf) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(err)) => Poll::Ready(Some(Err(err))),
-            Poll::Ready(Ok(())) => {
-                let n = buf.filled().len();
-                if n == 0 {
-                    // The file is shorter than its header said: end the
-                    // response with an error rather than send short data
-                    // under a Content-Length that promised more.
-                    return Poll::Ready(Some(Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "artifact file ended early",
-                    ))));
-                }
-                self.remaining_bytes -= n as u64;
-                self.app
-                    .metrics
-                    .add_response_bytes(BytePath::Fallback, n as u64);
-                chunk.truncate(n);
-                Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
-            }
-        }
+        self.read_next();
+        let Some(reading) = self.reading.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let result = match Pin::new(reading).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(result) => result,
+        };
+        self.reading = None;
+        let bytes = match result {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(err)) => return Poll::Ready(Some(Err(err))),
+            Err(join) => return Poll::Ready(Some(Err(std::io::Error::other(join)))),
+        };
+        let n = bytes.len() as u64;
+        self.remaining_bytes -= n;
+        self.sent_bytes += n;
+        self.app.metrics.add_response_bytes(BytePath::Fallback, n);
+        // Read ahead while this chunk is sent.
+        self.read_next();
+        Poll::Ready(Some(Ok(Frame::data(bytes))))
     }
 
     fn is_end_stream(&self) -> bool {

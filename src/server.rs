@@ -89,6 +89,8 @@ pub fn run(config: Config) -> Result<(), ServeError> {
                 idle_timeout_ms: config.idle_timeout_ms,
                 send_timeout_ms: config.send_timeout_ms,
                 uri_bytes_max: config.uri_bytes_max,
+                head_bytes_max: config.head_bytes_max,
+                worker_threads: config.fallback_threads_effective(),
             },
         )
         .map_err(|e| ServeError(format!("cannot start the fallback front end: {e}")))?,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::client::{Connection, ReceiveOptions};
+use crate::h2load::{self, Transport};
 use crate::loopback::{self, LoopbackConfig};
 use crate::plot::{plot_svg, Series};
 use crate::record::{HostFacts, RunDescription, RunRecord};
@@ -67,6 +68,12 @@ pub struct CompareConfig {
     pub put_bytes: usize,
     /// Connections of the PUT runs.
     pub put_concurrency: usize,
+    /// How the GET runs speak to both servers: plaintext HTTP/1.1 with sluice-bench's own
+    /// client, or TLS 1.3 / HTTP/2 through h2load (`--tls`, `--h2`), with one certificate for
+    /// both servers.
+    pub transport: Transport,
+    /// Run sluice with `SLUICE_ENGINE=fallback`: the portable path of hosts without io_uring.
+    pub no_uring: bool,
 }
 
 impl CompareConfig {
@@ -81,7 +88,10 @@ impl CompareConfig {
 struct Server {
     name: String,
     child: Child,
+    /// Plaintext HTTP/1.1 port (uploads, checks, readiness).
     port: u16,
+    /// Port the measured runs use: `port`, or nginx's TLS / h2c listener.
+    bench_port: u16,
 }
 
 impl Server {
@@ -330,6 +340,13 @@ fn start_sluice(cfg: &CompareConfig, name: &str, mode: Option<&str>) -> Result<S
         // The load generator is one address holding up to `idle_connections` sockets: the
         // per-address cap (a defence against one client holding every slot) must not apply.
         .env("SLUICE_CONNECTIONS_PER_IP_MAX", "0");
+    if cfg.no_uring {
+        cmd.env("SLUICE_ENGINE", "fallback");
+    }
+    if cfg.transport.tls() {
+        let (cert, key) = cert_paths(cfg);
+        cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+    }
     if let Some(m) = mode {
         cmd.arg("--file-serving-mode").arg(m);
     }
@@ -344,6 +361,7 @@ fn start_sluice(cfg: &CompareConfig, name: &str, mode: Option<&str>) -> Result<S
         name: name.into(),
         child,
         port,
+        bench_port: port,
     };
     wait_ready(&mut s, "/up", Duration::from_secs(30))?;
     Ok(s)
@@ -384,8 +402,16 @@ fn start_nginx(cfg: &CompareConfig, www: &Path) -> Result<Server, String> {
         })
         .unwrap_or(false);
     let conf = prefix.join("nginx.conf");
-    std::fs::write(&conf, nginx_conf(&prefix, www, port, as_root))
-        .map_err(|e| format!("writing {}: {e}", conf.display()))?;
+    let bench_port = if cfg.transport == Transport::Plain {
+        port
+    } else {
+        free_port()?
+    };
+    let mut text = nginx_conf(&prefix, www, port, as_root);
+    if let Some(extra) = nginx_listen(cfg, bench_port) {
+        text = text.replace("    root ", &format!("{extra}    root "));
+    }
+    std::fs::write(&conf, text).map_err(|e| format!("writing {}: {e}", conf.display()))?;
     let log =
         std::fs::File::create(prefix.join("stderr.log")).map_err(|e| format!("nginx log: {e}"))?;
     let child = Command::new(&cfg.nginx_bin)
@@ -407,9 +433,60 @@ fn start_nginx(cfg: &CompareConfig, www: &Path) -> Result<Server, String> {
         name: "nginx".into(),
         child,
         port,
+        bench_port,
     };
     wait_ready(&mut s, "/up", Duration::from_secs(15))?;
     Ok(s)
+}
+
+/// The certificate and key both servers present (generated once per comparison).
+fn cert_paths(cfg: &CompareConfig) -> (PathBuf, PathBuf) {
+    (cfg.out_dir.join("cert.pem"), cfg.out_dir.join("key.pem"))
+}
+
+/// Generates a self-signed P-256 certificate for 127.0.0.1 with openssl.
+fn make_cert(cfg: &CompareConfig) -> Result<(), String> {
+    let (cert, key) = cert_paths(cfg);
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "7", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| format!("running openssl to make a test certificate: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("openssl req failed ({status})"))
+    }
+}
+
+/// nginx's extra listener for a TLS or h2c comparison: TLS 1.3 only, with ALPN h2 and
+/// http/1.1 on one port (as sluice), or h2c with prior knowledge.
+fn nginx_listen(cfg: &CompareConfig, bench_port: u16) -> Option<String> {
+    let (cert, key) = cert_paths(cfg);
+    match cfg.transport {
+        Transport::Plain => None,
+        Transport::TlsHttp1 | Transport::TlsH2 => Some(format!(
+            "    listen 127.0.0.1:{bench_port} ssl http2;\n    ssl_protocols TLSv1.3;\n\
+             \x20   ssl_certificate {};\n    ssl_certificate_key {};\n",
+            cert.display(),
+            key.display()
+        )),
+        Transport::H2c => Some(format!("    listen 127.0.0.1:{bench_port} http2;\n")),
+    }
 }
 
 /// Path under which every server serves the artifacts.
@@ -492,6 +569,9 @@ fn bench_once(
     connections: usize,
     label: String,
 ) -> Result<Measurement, String> {
+    if cfg.transport != Transport::Plain {
+        return bench_once_h2load(cfg, server, size, connections, label);
+    }
     let url = format!(
         "http://127.0.0.1:{}{ARTIFACT_PREFIX}{}",
         server.port,
@@ -544,6 +624,54 @@ fn bench_once(
         .join(record.label.replace([' ', '/'], "_"));
     std::fs::write(stem.with_extension("hgrm"), hgrm_text(&result.histogram))
         .map_err(|e| format!("writing {}: {e}", stem.display()))?;
+    let json =
+        serde_json::to_string_pretty(&record).map_err(|e| format!("encoding the record: {e}"))?;
+    std::fs::write(stem.with_extension("json"), json)
+        .map_err(|e| format!("writing {}: {e}", stem.display()))?;
+    Ok(Measurement {
+        record,
+        server_cpu_secs: (cpu_after - cpu_before).max(0.0),
+        server_rss_max_bytes,
+    })
+}
+
+/// [`bench_once`] through h2load (TLS, HTTP/2): a warm-up run, then the measured run with the
+/// server's CPU counted around it.
+fn bench_once_h2load(
+    cfg: &CompareConfig,
+    server: &Server,
+    size: u64,
+    connections: usize,
+    label: String,
+) -> Result<Measurement, String> {
+    let scheme = if cfg.transport.tls() { "https" } else { "http" };
+    let url = format!(
+        "{scheme}://127.0.0.1:{}{ARTIFACT_PREFIX}{}",
+        server.bench_port,
+        artifact_name(size)
+    );
+    if !cfg.warmup.is_zero() {
+        h2load::run(cfg.transport, &url, connections, cfg.warmup, size)?;
+    }
+    let started = SystemTime::now();
+    let cpu_before = process_tree_cpu_secs(server.pid());
+    let rss = RssSampler::start(server.pid());
+    let result = h2load::run(cfg.transport, &url, connections, cfg.run_time, size)?;
+    let cpu_after = process_tree_cpu_secs(server.pid());
+    let server_rss_max_bytes = rss.max_bytes();
+    let desc = RunDescription {
+        command: std::env::args().collect(),
+        label,
+        started,
+        connections,
+        rate_per_sec: None,
+        warmup_secs: cfg.warmup.as_secs_f64(),
+    };
+    let record = RunRecord::new(&desc, &result);
+    let stem = cfg
+        .out_dir
+        .join("runs")
+        .join(record.label.replace([' ', '/'], "_"));
     let json =
         serde_json::to_string_pretty(&record).map_err(|e| format!("encoding the record: {e}"))?;
     std::fs::write(stem.with_extension("json"), json)
@@ -734,6 +862,9 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
         None
     };
 
+    if cfg.transport.tls() {
+        make_cert(cfg)?;
+    }
     let (a, b) = match cfg.pairing {
         Pairing::SluiceVsNginx => (start_sluice(cfg, "sluice", None)?, start_nginx(cfg, &www)?),
         Pairing::SpliceVsCopy => (
@@ -799,8 +930,11 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
                     rows: m.record.percentiles.clone(),
                 })
                 .collect();
-            let svg = cfg.out_dir.join(format!("latency-{size}B-c{c}.svg"));
-            plot_svg(&series, &format!("{size} B, c={c}"), &svg)?;
+            // h2load reports no latency distribution to plot.
+            if cfg.transport == Transport::Plain {
+                let svg = cfg.out_dir.join(format!("latency-{size}B-c{c}.svg"));
+                plot_svg(&series, &format!("{size} B, c={c}"), &svg)?;
+            }
         }
     }
 
@@ -896,6 +1030,21 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
             r.connections
         );
     }
+    let _ = writeln!(
+        report,
+        "GET runs: {}{}{}.",
+        cfg.transport.name(),
+        if cfg.transport == Transport::Plain {
+            " with sluice-bench's client"
+        } else {
+            " with h2load (no latency distribution: the latency columns read 0)"
+        },
+        if cfg.no_uring {
+            "; sluice with SLUICE_ENGINE=fallback (no io_uring)"
+        } else {
+            ""
+        }
+    );
     report.push('\n');
     report.push_str(&markdown_table((&a.name, &b.name), &cells));
     for (name, records) in &puts {

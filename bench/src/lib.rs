@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod compare;
+pub mod h2load;
 pub mod loopback;
 pub mod plot;
 pub mod record;

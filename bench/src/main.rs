@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use sluice_bench::client::ReceiveOptions;
 use sluice_bench::compare::{self, CompareConfig, Pairing};
+use sluice_bench::h2load::Transport;
 use sluice_bench::loopback::{self, LoopbackConfig};
 use sluice_bench::plot::{load_series, plot_svg, Series};
 use sluice_bench::record::{summary_text, RunDescription, RunRecord};
@@ -162,6 +163,15 @@ struct CompareArgs {
     /// Connections of the PUT runs.
     #[arg(long, default_value_t = 8)]
     put_concurrency: usize,
+    /// GET over TLS 1.3 (both servers with one self-signed certificate), driven by h2load.
+    #[arg(long)]
+    tls: bool,
+    /// GET over HTTP/2 (with --tls: ALPN h2; alone: h2c), 10 streams per connection, h2load.
+    #[arg(long)]
+    h2: bool,
+    /// Run sluice with SLUICE_ENGINE=fallback, its portable path when io_uring is refused.
+    #[arg(long)]
+    no_uring: bool,
 }
 
 /// Parses `10s`, `500ms`, `2m`, `1h` or a bare number of seconds.
@@ -285,6 +295,13 @@ fn cmd_compare(a: CompareArgs) -> Result<(), String> {
         put_bytes: usize::try_from(parse_bytes(&a.put_bytes)?)
             .map_err(|_| "--put-bytes does not fit in memory".to_string())?,
         put_concurrency: a.put_concurrency.max(1),
+        transport: match (a.tls, a.h2) {
+            (false, false) => Transport::Plain,
+            (true, false) => Transport::TlsHttp1,
+            (true, true) => Transport::TlsH2,
+            (false, true) => Transport::H2c,
+        },
+        no_uring: a.no_uring,
     };
     print!("{}", compare::compare(&cfg)?);
     Ok(())

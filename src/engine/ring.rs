@@ -2114,6 +2114,7 @@ mod tests {
                     idle_timeout_ms: 1000,
                     send_timeout_ms: 1000,
                     uri_bytes_max: 8192,
+                    ..FallbackLimits::default()
                 },
             )
             .expect("fallback"),

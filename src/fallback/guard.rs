@@ -18,9 +18,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
+use tracing::debug;
 
 use super::slots::Sheddable;
 use super::Counters;
+use crate::http1::{Event, Limits as Http1Limits, ReaderError, RequestReader};
 
 /// HTTP/2 RST_STREAM frames a client may send per [`H2_RESET_WINDOW`] before the connection
 /// gets GOAWAY ENHANCE_YOUR_CALM. Clients cancel streams legitimately (a build that fails
@@ -255,6 +257,108 @@ impl RequestLineScan {
     }
 }
 
+/// Where the framing check stopped an HTTP/1 stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FramingRefusal {
+    /// Offset in the bytes just fed where the refused request starts; the bytes before it
+    /// belong to earlier, valid requests and still go to hyper.
+    pub at: usize,
+    /// Status to answer with before closing (the ring's, from the sans-IO core).
+    pub status: u16,
+    /// Why, for logs and the one-line body.
+    pub reason: &'static str,
+    /// The fault is inside a body, where hyper is mid-request: nothing can be answered.
+    pub in_body: bool,
+}
+
+/// Runs an HTTP/1 connection's request stream through the sans-IO core
+/// ([`crate::http1::RequestReader`]), the parser the ring engine uses, before hyper sees it.
+/// hyper accepts some framing the core refuses (a `Content-Length` with `Transfer-Encoding`,
+/// two equal `Content-Length`s, a missing `Host`, ...); with this check every front gives the
+/// same bytes the same answer. Bodies are followed (skipped, not kept) so pipelined heads are
+/// found where the ring would find them. It keeps only the bytes of a head or chunk line that
+/// has not ended, which the core bounds by `head_bytes_max`.
+#[derive(Clone, Debug)]
+pub struct FramingCheck {
+    reader: RequestReader,
+    /// Unconsumed bytes carried from earlier reads (a partial head or chunk line).
+    carried: Vec<u8>,
+    /// A request closed the connection: hyper ignores what follows, and so does the check.
+    finished: bool,
+}
+
+impl FramingCheck {
+    pub fn new(limits: Http1Limits) -> FramingCheck {
+        FramingCheck {
+            reader: RequestReader::new(limits),
+            carried: Vec::new(),
+            finished: false,
+        }
+    }
+
+    /// Feeds the bytes that just arrived; `Err` once a request is refused (sticky: the
+    /// connection is answered and closed).
+    pub fn feed(&mut self, new: &[u8]) -> Result<(), FramingRefusal> {
+        if self.finished {
+            return Ok(());
+        }
+        let mut owned = std::mem::take(&mut self.carried);
+        let carried = owned.len();
+        let buf: &[u8] = if carried == 0 {
+            new
+        } else {
+            owned.extend_from_slice(new);
+            &owned
+        };
+        let mut off = 0;
+        loop {
+            match self.reader.next(&buf[off..]) {
+                Event::NeedMore => {
+                    let rest = &buf[off..];
+                    if !rest.is_empty() {
+                        let mut keep = Vec::with_capacity(rest.len());
+                        keep.extend_from_slice(rest);
+                        self.carried = keep;
+                    }
+                    return Ok(());
+                }
+                Event::Head(head) => {
+                    let len = head.head_len();
+                    // The route's own size limit is the handler's (413 there); the check only
+                    // follows the framing, so it drains whatever length the head declares.
+                    if let Err(err) = self.reader.skip_body(u64::MAX) {
+                        return Err(refusal(err, off.saturating_sub(carried), false));
+                    }
+                    off += len;
+                }
+                Event::Body { consumed, .. } | Event::MessageEnd { consumed } => off += consumed,
+                Event::Closed => {
+                    self.finished = true;
+                    return Ok(());
+                }
+                Event::Error(err) => {
+                    let in_body = matches!(err, ReaderError::Body(_));
+                    return Err(refusal(err, off.saturating_sub(carried), in_body));
+                }
+            }
+        }
+    }
+}
+
+fn refusal(err: ReaderError, at: usize, in_body: bool) -> FramingRefusal {
+    let reason = match err {
+        ReaderError::Head(e) => e.reason(),
+        ReaderError::Body(_) => "malformed request body framing",
+        ReaderError::OutOfOrder => "request framing check out of order",
+    };
+    FramingRefusal {
+        at,
+        status: err.status(),
+        reason,
+        in_body,
+    }
+}
+
 /// Follows HTTP/2 frame boundaries in one direction of a connection, calling back with each
 /// frame header `(type, flags, stream id)` as it completes.
 #[derive(Clone, Debug)]
@@ -392,21 +496,33 @@ pub struct Http1Watch {
     header_read_timeout: Duration,
     uri_bytes_max: usize,
     requests_seen: u64,
+    framing: FramingCheck,
+    /// A refused head that arrived while a request was in flight: answered once it is done.
+    deferred: Option<FramingRefusal>,
+    /// Wakes the read that waits for the in-flight request before answering `deferred`.
+    recheck: Option<Pin<Box<Sleep>>>,
 }
 
+/// How often a deferred refusal looks whether the request before it has finished.
+const DEFERRED_RECHECK: Duration = Duration::from_millis(5);
+
 impl Http1Watch {
-    /// `first_head_deadline` bounds the first head (counted from accept).
+    /// `first_head_deadline` bounds the first head (counted from accept); `limits` are the
+    /// ring's head limits (`head_bytes_max`, `uri_bytes_max`).
     pub fn new(
         first_head_deadline: Instant,
         header_read_timeout: Duration,
-        uri_bytes_max: usize,
+        limits: Http1Limits,
     ) -> Self {
         Http1Watch {
-            phase: Http1Phase::Head(RequestLineScan::new(uri_bytes_max)),
+            phase: Http1Phase::Head(RequestLineScan::new(limits.uri_bytes_max)),
             deadline: Box::pin(tokio::time::sleep_until(first_head_deadline)),
             header_read_timeout,
-            uri_bytes_max,
+            uri_bytes_max: limits.uri_bytes_max,
             requests_seen: 0,
+            framing: FramingCheck::new(limits),
+            deferred: None,
+            recheck: None,
         }
     }
 }
@@ -506,6 +622,22 @@ impl<I: AsyncRead + AsyncWrite + Unpin> GuardIo<I> {
         Poll::Ready(Err(io::Error::other(r.why)))
     }
 
+    /// Answers a head the sans-IO core refused, as the ring does: its status, then close.
+    fn refuse_framing(&mut self, refusal: FramingRefusal) {
+        debug!(
+            status = refusal.status,
+            reason = refusal.reason,
+            "fallback: request refused"
+        );
+        self.counters.head_refused.fetch_add(1, Ordering::Relaxed);
+        let phrase = crate::http1::reason_phrase(refusal.status);
+        self.refuse(
+            status_response(refusal.status, phrase, refusal.reason),
+            true,
+            "request head refused by the framing rules",
+        );
+    }
+
     fn refuse(&mut self, bytes: Vec<u8>, linger: bool, why: &'static str) {
         self.refusing = Some(Refusing {
             bytes,
@@ -537,6 +669,21 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardIo<I> {
             }
             if matches!(w.phase, Http1Phase::Request) && !this.activity.in_request() {
                 w.phase = Http1Phase::Idle;
+            }
+            if let Some(refusal) = w.deferred {
+                if this.activity.in_request() {
+                    // hyper is still answering the request before the refused one; our 400
+                    // may only follow its response.
+                    let recheck = w
+                        .recheck
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(DEFERRED_RECHECK)));
+                    while recheck.as_mut().poll(cx).is_ready() {
+                        recheck.as_mut().reset(Instant::now() + DEFERRED_RECHECK);
+                    }
+                    return Poll::Pending;
+                }
+                this.refuse_framing(refusal);
+                return this.poll_refusing(cx);
             }
             if matches!(w.phase, Http1Phase::Head(_)) && w.deadline.as_mut().poll(cx).is_ready() {
                 this.counters.head_timeout.fetch_add(1, Ordering::Relaxed);
@@ -572,6 +719,30 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardIo<I> {
                             "request target too long (414)",
                         );
                         return this.poll_refusing(cx);
+                    }
+                }
+                if let Err(refusal) = w.framing.feed(new) {
+                    if refusal.in_body {
+                        // Mid-body hyper owns the request and nothing of ours can be written;
+                        // hyper's own chunked decoder judges the rest (it refuses what the
+                        // core refuses there: bad sizes, missing CRLF, oversized lines).
+                        debug!(
+                            reason = refusal.reason,
+                            "fallback: body framing left to hyper"
+                        );
+                        return result;
+                    }
+                    buf.set_filled(before + refusal.at);
+                    if refusal.at == 0 && !this.activity.in_request() {
+                        this.refuse_framing(refusal);
+                        return this.poll_refusing(cx);
+                    }
+                    // Earlier pipelined requests go to hyper first; the refusal follows them.
+                    w.deferred = Some(refusal);
+                    if refusal.at == 0 {
+                        // Nothing to hand over now, and an empty read would mean EOF to hyper.
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
                     }
                 }
             }
@@ -689,6 +860,60 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardIo<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Feeds `bytes` in pieces of `piece` bytes; returns the refusal and the offset in the
+    /// whole stream where the refused request starts.
+    fn framing_of(bytes: &[u8], piece: usize) -> Option<(usize, FramingRefusal)> {
+        let mut check = FramingCheck::new(Http1Limits::default());
+        let mut fed = 0;
+        for chunk in bytes.chunks(piece) {
+            if let Err(refusal) = check.feed(chunk) {
+                return Some((fed + refusal.at, refusal));
+            }
+            fed += chunk.len();
+        }
+        None
+    }
+
+    #[test]
+    fn framing_check_table() {
+        let good = b"PUT /a HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc";
+        let chunked = b"PUT /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\n";
+        let cl_te = b"PUT /c HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let bad_chunk = b"PUT /d HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+        let mut pipelined = Vec::new();
+        pipelined.extend_from_slice(good);
+        pipelined.extend_from_slice(chunked);
+        let bad_at = pipelined.len();
+        pipelined.extend_from_slice(cl_te);
+        let mut closing = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_vec();
+        closing.extend_from_slice(cl_te);
+        // Whatever the split, the same verdict.
+        for piece in [1, 2, 7, 64, 4096] {
+            let mut valid = good.to_vec();
+            valid.extend_from_slice(chunked);
+            assert_eq!(framing_of(&valid, piece), None, "valid, piece {piece}");
+            // Every byte of the valid requests before it reaches hyper; bytes of the refused
+            // head that arrived in earlier reads already have (hyper holds them unparsed), so
+            // the refusal starts where the read that completed the verdict starts, at the
+            // earliest at the refused head.
+            let (at, r) = framing_of(&pipelined, piece).expect("refused");
+            assert_eq!((r.status, r.in_body), (400, false), "piece {piece}");
+            assert!(at >= bad_at, "piece {piece}: {at} < {bad_at}");
+            if piece >= pipelined.len() {
+                assert_eq!(at, bad_at);
+            }
+            let (_, r) = framing_of(cl_te, piece).expect("refused");
+            assert_eq!(r.status, 400, "piece {piece}");
+            let (_, r) = framing_of(bad_chunk, piece).expect("refused");
+            assert!(r.in_body, "a bad chunk size is a body fault, piece {piece}");
+            // After a request that closes, hyper reads nothing more and neither does the check.
+            assert_eq!(framing_of(&closing, piece), None, "piece {piece}");
+        }
+        let (_, r) =
+            framing_of(b"GET / HTTP/1.1\r\nHost: a\r\nExpect: x\r\n\r\n", 4096).expect("refused");
+        assert_eq!(r.status, 417);
+    }
 
     #[test]
     fn request_line_scan_table() {

@@ -7,12 +7,13 @@
 //!
 //! # Threads
 //!
-//! [`Fallback::start`] builds one multi-thread tokio runtime with [`WORKER_THREADS`] (2) worker
-//! threads named `sluice-fallback` and at most [`BLOCKING_THREADS_MAX`] blocking-pool threads
-//! (tokio's file I/O runs there). Two workers rather than one: a TLS handshake costs around a
-//! millisecond of CPU, and when io_uring is unavailable this runtime serves all traffic, so one
-//! slow handshake should not stall every other connection. More than two would compete with the
-//! per-core ring engine threads for no gain on a fallback path.
+//! [`Fallback::start`] builds one multi-thread tokio runtime with `worker_threads` worker
+//! threads (config `fallback_threads`, by default as many as the ring engine's threads; the
+//! constant [`WORKER_THREADS`] only in tests) named `sluice-fallback` and at most
+//! [`BLOCKING_THREADS_MAX`] blocking-pool threads (large artifact reads run there). It used to
+//! be a constant two, but when io_uring is unavailable this runtime serves all traffic, and
+//! TLS costs CPU per byte: the profile in docs/benchmarks.md ("Off the ring") shows the
+//! workers busy, not waiting, so they scale with the cores like the engine does.
 //!
 //! # Connections
 //!
@@ -56,7 +57,11 @@
 //! - An HTTP/1 request target over `uri_bytes_max` gets `414` from the guard as soon as the
 //!   request line shows it, however long (hyper would answer 431 past its head bound, or let a
 //!   9,000-byte target through); an h2 `:path` gets it from the handler.
-//! - Hyper answers a too-large HTTP/1 head itself (431), bounded by [`HTTP1_HEAD_BYTES_MAX`].
+//! - Every HTTP/1 head goes through the ring's sans-IO core in the guard first
+//!   ([`FallbackLimits::head_bytes_max`], the ring's framing rules: CL with TE, repeated or
+//!   signed CL, unknown TE, obs-fold, missing Host, ...), which answers the core's status (400,
+//!   414, 417, 431, 505) and closes, so every front gives the same bytes the same answer.
+//!   Hyper's own head bound ([`HTTP1_HEAD_BYTES_MAX`]) is only a backstop behind it.
 //! - HTTP/2: [`H2_STREAMS_MAX`] concurrent streams, [`H2_HEADER_LIST_BYTES_MAX`] of headers
 //!   (431 from h2), h2's burst limits on resets ([`H2_PENDING_ACCEPT_RESETS_MAX`],
 //!   [`H2_LOCAL_ERROR_RESETS_MAX`]), and the guard's count of RST_STREAM frames per window
@@ -107,7 +112,7 @@ pub use guard::{H2_RESETS_PER_WINDOW_MAX, H2_RESET_WINDOW};
 pub use slots::SHEDDING_MAX;
 use slots::{Admitted, Refusal, SlotTable};
 
-/// Worker threads of the fallback runtime (see the module docs for why two).
+/// Worker threads of [`FallbackLimits::default`] (the server sizes the runtime from the config).
 pub const WORKER_THREADS: usize = 2;
 /// Upper bound on tokio's blocking pool (file I/O from handlers runs there).
 pub const BLOCKING_THREADS_MAX: usize = 16;
@@ -118,6 +123,9 @@ pub const HTTP1_HEAD_BYTES_MAX: usize = 64 * 1024;
 /// HTTP/1 read and write buffer bound per connection, in bytes. Larger than the head limit so
 /// upload bodies arrive in big reads.
 pub const HTTP1_BUF_BYTES_MAX: usize = 256 * 1024;
+/// Write buffer between h2 and rustls on a TLS h2 connection, in bytes: frames written
+/// until h2 flushes are coalesced into as few TLS records and syscalls as fit.
+pub const H2_TLS_WRITE_BUF_BYTES: usize = 32 * 1024;
 /// HTTP/2 concurrent streams a client may open per connection.
 pub const H2_STREAMS_MAX: u32 = 128;
 /// HTTP/2 bound on the decoded header list of one request, in bytes.
@@ -220,6 +228,27 @@ pub struct FallbackLimits {
     pub send_timeout_ms: u64,
     /// Longest HTTP/1 request target in bytes (414 above).
     pub uri_bytes_max: usize,
+    /// Longest HTTP/1 request head in bytes (431 above), as the ring's `head_bytes_max`.
+    pub head_bytes_max: usize,
+    /// Worker threads of the runtime (`fallback_threads`; the server passes the engine's
+    /// thread count when it is 0).
+    pub worker_threads: usize,
+}
+
+impl Default for FallbackLimits {
+    /// The config's defaults, and [`WORKER_THREADS`] workers.
+    fn default() -> Self {
+        FallbackLimits {
+            connections_max: 1024,
+            connections_per_ip_max: 0,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            send_timeout_ms: 30_000,
+            uri_bytes_max: 8192,
+            head_bytes_max: 16 * 1024,
+            worker_threads: WORKER_THREADS,
+        }
+    }
 }
 
 /// Snapshot of the fallback's gauges and counters for `/metrics`.
@@ -255,6 +284,9 @@ pub struct FallbackStats {
     pub uri_too_long_total: u64,
     /// HTTP/2 connections sent GOAWAY ENHANCE_YOUR_CALM for resetting streams too often.
     pub h2_reset_flood_total: u64,
+    /// HTTP/1 requests the sans-IO core's framing rules refused before hyper saw their head
+    /// (answered 400, 417, 431, 414 or 505 and closed, as on the ring).
+    pub head_refused_total: u64,
 }
 
 /// Why a TLS certificate or key could not be loaded. Every variant names the file(s).
@@ -562,6 +594,7 @@ struct Counters {
     send_timeout: AtomicU64,
     head_timeout: AtomicU64,
     uri_too_long: AtomicU64,
+    head_refused: AtomicU64,
     h2_calm: AtomicU64,
 }
 
@@ -574,7 +607,8 @@ struct Shared<H> {
     header_read_timeout: Duration,
     idle_timeout: Duration,
     send_timeout: Duration,
-    uri_bytes_max: usize,
+    /// The ring's head limits: the guard checks every HTTP/1 head against them.
+    head_limits: crate::http1::Limits,
     counters: Arc<Counters>,
     shutdown: watch::Receiver<bool>,
 }
@@ -610,6 +644,8 @@ impl Fallback {
             ("idle_timeout_ms", limits.idle_timeout_ms),
             ("send_timeout_ms", limits.send_timeout_ms),
             ("uri_bytes_max", limits.uri_bytes_max as u64),
+            ("head_bytes_max", limits.head_bytes_max as u64),
+            ("fallback_threads", limits.worker_threads as u64),
         ] {
             if value == 0 {
                 return Err(io::Error::new(
@@ -619,7 +655,7 @@ impl Fallback {
             }
         }
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(WORKER_THREADS)
+            .worker_threads(limits.worker_threads)
             .max_blocking_threads(BLOCKING_THREADS_MAX)
             .thread_name("sluice-fallback")
             .enable_all()
@@ -660,7 +696,11 @@ impl Fallback {
             header_read_timeout,
             idle_timeout,
             send_timeout,
-            uri_bytes_max: limits.uri_bytes_max,
+            head_limits: crate::http1::Limits {
+                head_bytes_max: limits.head_bytes_max,
+                uri_bytes_max: limits.uri_bytes_max,
+                ..crate::http1::Limits::default()
+            },
             counters: counters.clone(),
             shutdown: shutdown_rx,
         });
@@ -794,6 +834,7 @@ impl Fallback {
             send_timeout_total: c.send_timeout.load(Ordering::Relaxed),
             head_timeout_total: c.head_timeout.load(Ordering::Relaxed),
             uri_too_long_total: c.uri_too_long.load(Ordering::Relaxed),
+            head_refused_total: c.head_refused.load(Ordering::Relaxed),
             h2_reset_flood_total: c.h2_calm.load(Ordering::Relaxed),
         }
     }
@@ -1079,7 +1120,18 @@ async fn classify_and_serve<H: Handler>(
                 tls: true,
                 alpn_h2,
             };
-            serve_http(shared, tls_stream, info, alpn_h2, conn).await;
+            if alpn_h2 {
+                // h2 writes each frame header and each DATA payload as its own write when the
+                // stream is not vectored, as a TLS stream is not: two TLS records and two
+                // syscalls per 4 KiB response. Coalescing them until h2 flushes (once per
+                // batch of frames) makes one record per batch. hyper's HTTP/1 flattens its own
+                // writes already.
+                let tls_stream =
+                    tokio::io::BufWriter::with_capacity(H2_TLS_WRITE_BUF_BYTES, tls_stream);
+                serve_http(shared, tls_stream, info, alpn_h2, conn).await;
+            } else {
+                serve_http(shared, tls_stream, info, alpn_h2, conn).await;
+            }
         }
     }
 }
@@ -1110,7 +1162,7 @@ where
         Watch::Http1(Box::new(Http1Watch::new(
             head_deadline,
             shared.header_read_timeout,
-            shared.uri_bytes_max,
+            shared.head_limits,
         )))
     };
     let io = TokioIo::new(GuardIo::new(
@@ -1369,6 +1421,8 @@ mod tests {
             idle_timeout_ms: 30_000,
             send_timeout_ms: 30_000,
             uri_bytes_max: 8192,
+            head_bytes_max: 16 * 1024,
+            worker_threads: WORKER_THREADS,
         }
     }
 
