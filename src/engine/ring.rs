@@ -156,8 +156,21 @@ pub struct RingEngine {
     next_core: std::sync::atomic::AtomicUsize,
     stop: Arc<AtomicBool>,
     drain_deadline_ms: Arc<AtomicU64>,
+    /// Set to end a drain at once (see [`DrainCutter`]).
+    cut: Arc<AtomicBool>,
     pub stats: Arc<Vec<CoreStats>>,
     pub fixed_buffers_note: Option<String>,
+}
+
+/// Ends a drain in progress: each engine thread closes what is left at its next turn (at
+/// most one tick later). A second SIGTERM uses it to skip to teardown.
+#[derive(Clone)]
+pub struct DrainCutter(Arc<AtomicBool>);
+
+impl DrainCutter {
+    pub fn cut(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 impl RingEngine {
@@ -171,6 +184,7 @@ impl RingEngine {
         fallback: &Arc<Fallback>,
     ) -> std::io::Result<RingEngine> {
         let stop = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(AtomicBool::new(false));
         let drain_deadline_ms = Arc::new(AtomicU64::new(0));
         let stats: Arc<Vec<CoreStats>> =
             Arc::new((0..listeners.len()).map(|_| CoreStats::default()).collect());
@@ -185,6 +199,7 @@ impl RingEngine {
             let fallback = Arc::clone(fallback);
             let thread_stop = Arc::clone(&stop);
             let drain = Arc::clone(&drain_deadline_ms);
+            let thread_cut = Arc::clone(&cut);
             let thread_stats = Arc::clone(&stats);
             let handle = std::thread::Builder::new()
                 .name(format!("sluice-ring-{core}"))
@@ -205,7 +220,7 @@ impl RingEngine {
                         }
                     };
                     let _ = ready_tx.send(Ok((engine.driver.waker(), engine.fixed_buffers_note())));
-                    engine.run(&thread_stop, &drain);
+                    engine.run(&thread_stop, &drain, &thread_cut);
                 })?;
             match ready_rx.recv() {
                 Ok(Ok((waker, note))) => {
@@ -225,6 +240,7 @@ impl RingEngine {
                         next_core: Default::default(),
                         stop,
                         drain_deadline_ms,
+                        cut,
                         stats,
                         fixed_buffers_note,
                     };
@@ -243,6 +259,7 @@ impl RingEngine {
             next_core: Default::default(),
             stop,
             drain_deadline_ms,
+            cut,
             stats,
             fixed_buffers_note,
         })
@@ -268,6 +285,11 @@ impl RingEngine {
                 | std::sync::mpsc::TrySendError::Disconnected(r),
             ) => Err(r),
         }
+    }
+
+    /// A handle that ends the drain early.
+    pub fn drain_cutter(&self) -> DrainCutter {
+        DrainCutter(Arc::clone(&self.cut))
     }
 
     /// Stop accepting, let in-flight requests finish within `drain`, then
@@ -636,7 +658,7 @@ impl CoreLoop {
         self.stats.get(self.core)
     }
 
-    fn run(&mut self, stop: &AtomicBool, drain_deadline_ms: &AtomicU64) {
+    fn run(&mut self, stop: &AtomicBool, drain_deadline_ms: &AtomicU64, cut: &AtomicBool) {
         let mut next_tick = Instant::now() + Duration::from_millis(TICK_MS);
         let mut drain_until: Option<Instant> = None;
         loop {
@@ -685,7 +707,7 @@ impl CoreLoop {
             }
             if let Some(until) = drain_until {
                 let live = self.slots.iter().filter(|s| s.is_some()).count();
-                if live == 0 || now >= until {
+                if live == 0 || now >= until || cut.load(Ordering::SeqCst) {
                     break;
                 }
             }
