@@ -314,6 +314,7 @@ fn shutdown(
         tracing::error!("cannot start the drain thread: {e}");
     }
     let teardown = Duration::from_millis(config.shutdown_teardown_ms);
+    let mut stop_seen = false;
     loop {
         match done_rx.recv_timeout(Duration::from_millis(DRAIN_POLL_MS)) {
             Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
@@ -323,6 +324,15 @@ fn shutdown(
             continue;
         }
         if signals.stop_within(Duration::ZERO) {
+            if exit == Exit::Upgraded && !stop_seen {
+                // After an upgrade no signal started this drain: the first SIGTERM (an
+                // orchestrator stopping the old pid) asks for what is happening already.
+                stop_seen = true;
+                tracing::info!(
+                    "stop signal: already draining after an upgrade; a second one cuts the drain"
+                );
+                continue;
+            }
             tracing::warn!("second stop signal: the drain is cut short, closing what is left");
             cut = true;
             if let Some(cutter) = &cutter {

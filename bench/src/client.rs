@@ -109,6 +109,8 @@ pub struct Connection {
     // Created on first use: small-body runs never need them.
     splice_sink: Option<(OwnedFd, OwnedFd, File)>,
     opts: ReceiveOptions,
+    /// The last exchange got at least one byte of response.
+    received_any: bool,
 }
 
 impl Connection {
@@ -127,12 +129,35 @@ impl Connection {
             buf: vec![0; RECV_BUFFER_BYTES],
             splice_sink: None,
             opts,
+            received_any: false,
         })
+    }
+
+    /// Whether the server has closed this idle connection (end of stream, or bytes nobody
+    /// asked for, waiting to be read). A pooled connection is checked before reuse, as curl
+    /// and browsers do, so a keep-alive the server let go of is replaced instead of failing
+    /// the next request.
+    pub fn peer_closed(&self) -> bool {
+        if self.stream.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        let closed =
+            !matches!(self.stream.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        closed || self.stream.set_nonblocking(false).is_err()
+    }
+
+    /// Whether the last exchange failed before any byte of the response arrived: on a
+    /// reused connection that is the keep-alive race (the server closed it as the request
+    /// went out), which HTTP clients answer by retrying once on a fresh connection.
+    pub fn received_nothing(&self) -> bool {
+        !self.received_any
     }
 
     /// Sends `req` and receives its response. On `Err`, the connection's framing is in doubt
     /// unless the kind is `Status` or `Digest` with `keep_alive`; callers reconnect on any error.
     pub fn exchange(&mut self, req: &Request) -> Result<Exchange, ErrorKind> {
+        self.received_any = false;
         self.stream.write_all(&req.head).map_err(io_kind)?;
         let mut sent_bytes = 0u64;
         if let Some(body) = &req.body {
@@ -152,6 +177,7 @@ impl Connection {
             if n == 0 {
                 return Err(ErrorKind::Read);
             }
+            self.received_any = true;
             filled += n;
             let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
             let mut resp = httparse::Response::new(&mut headers);
