@@ -76,10 +76,31 @@ pub struct Parent {
     socket: OwnedFd,
 }
 
-/// Listeners handed over by an old process (`SLUICE_UPGRADE_FD`), else `None`.
+/// Listeners handed over by an old process (`SLUICE_UPGRADE_FD`), else those systemd
+/// passed (`LISTEN_FDS` with `LISTEN_PID` naming this process), else `None` (bind `listen`).
 pub fn inherited(env: &[(String, String)]) -> Result<Option<Inherited>, String> {
-    let Some((_, fd)) = env.iter().find(|(k, _)| k == ENV_UPGRADE_FD) else {
-        return Ok(None);
+    let var = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let Some(fd) = var(ENV_UPGRADE_FD) else {
+        let Some(fds) =
+            sluice_uring::inherit::take_listen_fds(var("LISTEN_PID"), var("LISTEN_FDS"))?
+        else {
+            return Ok(None);
+        };
+        let listeners = fds
+            .into_iter()
+            .map(|fd| match rustix::net::sockopt::socket_acceptconn(&fd) {
+                Ok(true) => Ok(TcpListener::from(fd)),
+                _ => Err(
+                    "a LISTEN_FDS socket is not a listening stream socket (sluice.socket needs \
+                     ListenStream= and Accept=no)"
+                        .to_string(),
+                ),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(Some(Inherited {
+            listeners,
+            parent: None,
+        }));
     };
     // The old process always passes the socket as stdin: std's `Stdio` puts it there
     // without any unsafe descriptor juggling, and stdin is reachable safely here.
@@ -237,6 +258,10 @@ pub fn upgrade(
         command
             .args(&launch.args)
             .env(ENV_UPGRADE_FD, "0")
+            // Socket activation was for this process; the new one gets the sockets below.
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_FDNAMES")
             .stdin(Stdio::from(theirs));
         // The command (and with it our copy of the child's end) is dropped at the end of
         // this block, so the child's exit reads as end of stream below.

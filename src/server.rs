@@ -153,9 +153,25 @@ pub fn run_with(
         Some(inherited) => {
             tracing::info!(
                 listeners = inherited.listeners.len(),
-                "serving on listeners handed over, not binding `listen`"
+                from = if inherited.parent.is_some() {
+                    "an upgrade"
+                } else {
+                    "systemd"
+                },
+                "serving on inherited listeners, not binding `listen`"
             );
-            (inherited.listeners, inherited.parent)
+            let mut listeners = inherited.listeners;
+            // systemd passes one socket per ListenStream=; every engine thread still gets
+            // an acceptor, on a copy of one of them (same socket, same queue).
+            let threads = config.engine_threads_effective().max(1);
+            let given = listeners.len();
+            for i in 0..threads.saturating_sub(given) {
+                let copy = listeners[i % given]
+                    .try_clone()
+                    .map_err(|e| ServeError(format!("cannot share an inherited listener: {e}")))?;
+                listeners.push(copy);
+            }
+            (listeners, inherited.parent)
         }
         None => (
             bind_listeners(config.listen, config.engine_threads_effective())?,

@@ -111,6 +111,8 @@ pub struct Connection {
     opts: ReceiveOptions,
     /// The last exchange got at least one byte of response.
     received_any: bool,
+    /// Status of the last response whose head was read (0: none yet).
+    pub last_status: u16,
 }
 
 impl Connection {
@@ -130,6 +132,7 @@ impl Connection {
             splice_sink: None,
             opts,
             received_any: false,
+            last_status: 0,
         })
     }
 
@@ -265,6 +268,7 @@ impl Connection {
         }
 
         if !ok_status {
+            self.last_status = status;
             return Err(ErrorKind::Status);
         }
         if let Some(h) = hasher {

@@ -276,6 +276,9 @@ impl Rng {
     }
 }
 
+/// Status errors reported on stderr per connection; the rest are only counted.
+const STATUS_REPORTS_MAX: u64 = 5;
+
 /// Opens a connection into `conn` and runs `req` on it.
 fn connect_and_exchange(
     authority: &str,
@@ -414,6 +417,15 @@ fn connection_loop(shared: &Shared, index: usize, start: Instant) -> ThreadResul
                 }
                 if measured {
                     out.errors.0[kind.index()] += 1;
+                    // Which status, for the first few: the counts alone do not say.
+                    if kind == ErrorKind::Status && out.errors.0[kind.index()] <= STATUS_REPORTS_MAX
+                    {
+                        let status = conn.as_ref().map_or(0, |c| c.last_status);
+                        eprintln!(
+                            "sluice-bench: {:?} {} answered {status}",
+                            req.method, req.path
+                        );
+                    }
                 }
                 if kind == ErrorKind::Connect {
                     // Do not spin on a dead server; a refused connect returns at once.

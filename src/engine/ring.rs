@@ -494,6 +494,23 @@ struct Slot {
     ip: Option<IpAddr>,
 }
 
+/// Why a connection's pending operation is cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    /// Its deadline passed (408, or a close).
+    Deadline,
+    /// Shutdown closes it between requests.
+    Drain,
+}
+
+/// Which connections a drain closes at once: keep-alive connections between requests. A
+/// connection that has not sent its first request yet is left to its header deadline and
+/// the drain budget: its client connected while this process still accepted, its request
+/// may be on the wire, and unlike a reused connection no client retries a fresh one.
+fn drain_idle(slot: &Slot) -> bool {
+    slot.conn.is_idle() && slot.conn.responses > 0
+}
+
 /// One engine thread's state.
 struct CoreLoop {
     core: usize,
@@ -733,7 +750,7 @@ impl CoreLoop {
         }
         // Idle keep-alive connections close now; busy ones finish.
         for index in 0..self.slots.len() {
-            self.expire_if(index, |slot| slot.conn.is_idle());
+            self.expire_if(index, Expiry::Drain, drain_idle);
         }
     }
 
@@ -744,9 +761,10 @@ impl CoreLoop {
             self.arm_accept();
         }
         for index in 0..self.slots.len() {
-            self.expire_if(index, |slot| {
-                now >= slot.conn.deadline() || (draining && slot.conn.is_idle())
-            });
+            self.expire_if(index, Expiry::Deadline, |slot| now >= slot.conn.deadline());
+            if draining {
+                self.expire_if(index, Expiry::Drain, drain_idle);
+            }
         }
         for slot in self.tasks.iter_mut().flatten() {
             if now >= slot.task.deadline && !slot.timed_out {
@@ -785,7 +803,7 @@ impl CoreLoop {
     /// If the connection waits for the client (input, or a response it does
     /// not take) and `pred` holds, cancel its operation; the completion
     /// (ECANCELED) then lets the connection answer 408 or close.
-    fn expire_if(&mut self, index: usize, pred: impl Fn(&Slot) -> bool) {
+    fn expire_if(&mut self, index: usize, why: Expiry, pred: impl Fn(&Slot) -> bool) {
         let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
@@ -794,7 +812,12 @@ impl CoreLoop {
             return;
         }
         if let Some(op) = slot.pending {
-            slot.conn.on_deadline();
+            // A drain only cancels the wait: a request whose bytes complete the recv before
+            // the cancel does is one the client already sent, and it is served (with
+            // `Connection: close`) rather than answered 408 as a passed deadline would be.
+            if why == Expiry::Deadline {
+                slot.conn.on_deadline();
+            }
             slot.cancelling = true;
             // A cancelled send, splice or POLLOUT wait completes with ECANCELED, and the
             // connection closes: a client that does not read gets no more time.
