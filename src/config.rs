@@ -39,8 +39,9 @@
 //! - **Reserved variables.** `SLUICE_LOG` is not a config key: it is a `tracing` filter
 //!   directive (like `RUST_LOG`) read by the binary when it sets up logging, and when set it
 //!   overrides `log_level`. `SLUICE_CONFIG` names the config file (the binary's `--config`).
-//!   Both are skipped by the unknown-variable check, as is every variable named by a token's
-//!   `secret_env`, so a secret may live in e.g. `SLUICE_CI_TOKEN`.
+//!   `SLUICE_UPGRADE_FD` is set by an old process for its successor during a binary upgrade
+//!   (`lifecycle`). All three are skipped by the unknown-variable check, as is every variable
+//!   named by a token's `secret_env`, so a secret may live in e.g. `SLUICE_CI_TOKEN`.
 //! - **Env values** have surrounding ASCII whitespace trimmed (a stray newline from a
 //!   `$(cat file)` is not worth a refusal); an empty value is an error, as for any bad value:
 //!   unset the variable to fall back to the file or default.

@@ -251,6 +251,13 @@ fn wait_gone(pid: u32, within: Duration) -> bool {
     false
 }
 
+/// `sluice upgrade`, which must succeed; the server log says why when it does not.
+fn must_upgrade(server: &Server, pid_file: &Path, what: &str) {
+    if !upgrade(pid_file, 40_000) {
+        panic!("{what} failed; server log:\n{}", server.stderr());
+    }
+}
+
 /// `sluice upgrade --pid-file`; returns whether it reported success.
 fn upgrade(pid_file: &Path, wait_ms: u64) -> bool {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -300,7 +307,7 @@ fn lifecycle_server(extra_toml: &str) -> (Server, tempfile::TempDir, PathBuf) {
     std::fs::write(
         &config,
         format!(
-            "pid_file = \"{}\"\nengine_threads = 2\nupgrade_ready_timeout_ms = 10000\n{extra_toml}",
+            "pid_file = \"{}\"\nengine_threads = 2\nupgrade_ready_timeout_ms = 30000\n{extra_toml}",
             pid_file.display()
         ),
     )
@@ -325,7 +332,7 @@ fn stop_owner(pid_file: &Path) {
 
 #[test]
 fn two_upgrades_in_a_row_under_load_lose_nothing() {
-    let (server, _dir, pid_file) = lifecycle_server("");
+    let (mut server, _dir, pid_file) = lifecycle_server("");
     let _guard = OwnerGuard(pid_file.clone());
     let _serial = serial();
     let work = prepare(&server);
@@ -333,11 +340,11 @@ fn two_upgrades_in_a_row_under_load_lose_nothing() {
     let secs = 8;
     let load = start_load(&work, secs);
     std::thread::sleep(Duration::from_millis(2000));
-    assert!(upgrade(&pid_file, 15_000), "first upgrade");
+    must_upgrade(&server, &pid_file, "first upgrade");
     let second = pid_of(&pid_file);
     assert_ne!(second, first);
     std::thread::sleep(Duration::from_millis(2000));
-    assert!(upgrade(&pid_file, 15_000), "second upgrade");
+    must_upgrade(&server, &pid_file, "second upgrade");
     let third = pid_of(&pid_file);
     assert_ne!(third, second);
     let (gets, puts, conns) = load.finish();
@@ -345,6 +352,11 @@ fn two_upgrades_in_a_row_under_load_lose_nothing() {
     assert!(
         wait_gone(first, Duration::from_secs(15)),
         "first process still running"
+    );
+    let status = server.child.wait().expect("wait");
+    assert!(
+        status.success(),
+        "the first process exits 0 after its drain: {status}"
     );
     assert!(
         wait_gone(second, Duration::from_secs(15)),
@@ -403,7 +415,7 @@ fn sigterm_to_the_old_process_while_its_successor_serves_loses_nothing() {
     let secs = 5;
     let load = start_load(&work, secs);
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(upgrade(&pid_file, 15_000), "upgrade");
+    must_upgrade(&server, &pid_file, "upgrade");
     let new = pid_of(&pid_file);
     // An orchestrator that stops the old pid while it drains: it keeps draining.
     signal(old, rustix::process::Signal::TERM);
@@ -456,7 +468,7 @@ fn a_64_mib_download_in_flight_across_an_upgrade_completes_byte_identical() {
     };
     loop {
         if !upgraded && started.elapsed() > Duration::from_millis(500) {
-            assert!(upgrade(&pid_file, 15_000), "upgrade");
+            must_upgrade(&server, &pid_file, "upgrade");
             upgraded = true;
         }
         let n = stream
