@@ -333,3 +333,30 @@ fn io_kind(e: io::Error) -> ErrorKind {
         _ => ErrorKind::Read,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pooled_connection_the_server_closed_is_seen_before_reuse() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let opts = ReceiveOptions {
+            verify_sha256: false,
+            splice: false,
+        };
+        let conn = Connection::connect(&addr, Duration::from_secs(5), opts).expect("connect");
+        let (server_side, _) = listener.accept().expect("accept");
+        assert!(!conn.peer_closed(), "an open, quiet connection is reusable");
+        drop(server_side);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !conn.peer_closed() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the close was never seen"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
