@@ -125,12 +125,15 @@ impl Parent {
     /// Tells the old process that this one serves, then waits (at most `wait`) for its
     /// decision. `true`: it committed (this process now owns the listeners); `false`: it gave
     /// up on this upgrade and is about to stop this process.
-    pub fn report_ready(&self, wait: Duration) -> bool {
+    pub fn report_ready(&self, wait: Duration) -> Result<(), String> {
         let line = format!("ready {}\n", std::process::id());
-        if send_line(&self.socket, &line).is_err() {
-            return false;
+        send_line(&self.socket, &line).map_err(|e| format!("cannot report ready: {e}"))?;
+        match recv_line(&self.socket, wait) {
+            Ok(Some(l)) if l.trim() == "go" => Ok(()),
+            Ok(Some(l)) => Err(format!("it answered {:?} instead of go", l.trim())),
+            Ok(None) => Err("it closed the hand-off socket without go".to_string()),
+            Err(e) => Err(format!("no go within {} ms: {e}", wait.as_millis())),
         }
-        matches!(recv_line(&self.socket, wait), Ok(Some(l)) if l.trim() == "go")
     }
 }
 
@@ -142,17 +145,25 @@ fn send_line(socket: impl AsFd, line: &str) -> io::Result<()> {
 /// One message, or `None` at end of stream (the peer is gone). Times out with `WouldBlock`.
 fn recv_line(socket: impl AsFd, wait: Duration) -> io::Result<Option<String>> {
     let socket = socket.as_fd();
-    rustix::net::sockopt::set_socket_timeout(
-        socket,
-        rustix::net::sockopt::Timeout::Recv,
-        Some(wait.max(Duration::from_millis(1))),
-    )?;
+    let deadline = Instant::now() + wait;
     let mut buf = [0u8; MESSAGE_BYTES_MAX];
-    let (n, _) = rustix::net::recv(socket, &mut buf, RecvFlags::empty())?;
-    if n == 0 {
-        return Ok(None);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        rustix::net::sockopt::set_socket_timeout(
+            socket,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(left.max(Duration::from_millis(1))),
+        )?;
+        // A recv with SO_RCVTIMEO is not restarted after a signal handler ran (signal(7)),
+        // and this process handles SIGTERM, SIGINT and SIGUSR2: an interrupted wait is
+        // resumed, not taken for the peer's answer.
+        match rustix::net::recv(socket, &mut buf, RecvFlags::empty()) {
+            Err(rustix::io::Errno::INTR) if Instant::now() < deadline => continue,
+            Err(e) => return Err(e.into()),
+            Ok((0, _)) => return Ok(None),
+            Ok((n, _)) => return Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned())),
+        }
     }
-    Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned()))
 }
 
 /// Sends the listeners in one message.
@@ -417,6 +428,39 @@ mod tests {
         assert!(recv_listeners(&b, Duration::from_secs(1)).is_err());
         drop(a);
         assert!(matches!(recv_line(&b, Duration::from_secs(1)), Ok(None)));
+    }
+
+    #[test]
+    fn the_new_process_owns_the_listeners_only_after_go() {
+        let pair = || {
+            rustix::net::socketpair(
+                AddressFamily::UNIX,
+                SocketType::SEQPACKET,
+                SocketFlags::CLOEXEC,
+                None,
+            )
+            .expect("socketpair")
+        };
+        let (old, new) = pair();
+        let old_side = std::thread::spawn(move || {
+            let line = recv_line(&old, Duration::from_secs(5)).expect("recv");
+            assert!(line.is_some_and(|l| l.starts_with("ready ")));
+            send_line(&old, "go\n").expect("send");
+        });
+        let parent = Parent { socket: new };
+        assert_eq!(parent.report_ready(Duration::from_secs(5)), Ok(()));
+        old_side.join().expect("old side");
+
+        // An old process that gave up closes the socket (and sends SIGTERM).
+        let (old, new) = pair();
+        let old_side = std::thread::spawn(move || {
+            let _ = recv_line(&old, Duration::from_secs(5));
+            drop(old);
+        });
+        let parent = Parent { socket: new };
+        let refused = parent.report_ready(Duration::from_secs(5));
+        assert!(refused.is_err_and(|e| e.contains("without go")));
+        old_side.join().expect("old side");
     }
 
     #[test]

@@ -212,7 +212,15 @@ pub fn run_with(
     let upgrade_timeout = Duration::from_millis(config.upgrade_ready_timeout_ms);
     let owner = match &parent {
         // The old process decides: it may have given up on this one meanwhile.
-        Some(parent) => parent.report_ready(upgrade_timeout),
+        Some(parent) => match parent.report_ready(upgrade_timeout) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(
+                    "the old process did not hand over ({why}); this one stops when told to"
+                );
+                false
+            }
+        },
         None => true,
     };
     if owner {
@@ -228,8 +236,6 @@ pub fn run_with(
             "READY=1".to_string()
         };
         lifecycle::sd_notify(env, &state);
-    } else {
-        tracing::warn!("the old process did not hand over; this one stops when told to");
     }
     drop(parent);
 
