@@ -164,6 +164,8 @@ pub struct App {
     pub metrics: Metrics,
     limits: AppLimits,
     draining: AtomicBool,
+    /// Shutdown phase 2 (or an upgrade handed over): keep-alive responses say close.
+    closing: AtomicBool,
     started: Instant,
     /// Extra series for `/metrics` (engine and fallback counters),
     /// registered once at start; read only when `/metrics` is scraped.
@@ -191,6 +193,7 @@ impl App {
                 },
             },
             draining: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             started: Instant::now(),
             metrics_sources: RwLock::new(Vec::new()),
             status_sources: RwLock::new(Vec::new()),
@@ -236,6 +239,17 @@ impl App {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Second shutdown phase: from now on every HTTP/1 response on the ring says
+    /// `Connection: close`, so a keep-alive client learns it must reconnect (to the
+    /// successor, or elsewhere) from the response itself instead of finding a closed socket.
+    pub fn set_closing(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
     }
 
     /// Decide what to do with a request whose head has been read.

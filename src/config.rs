@@ -39,8 +39,9 @@
 //! - **Reserved variables.** `SLUICE_LOG` is not a config key: it is a `tracing` filter
 //!   directive (like `RUST_LOG`) read by the binary when it sets up logging, and when set it
 //!   overrides `log_level`. `SLUICE_CONFIG` names the config file (the binary's `--config`).
-//!   Both are skipped by the unknown-variable check, as is every variable named by a token's
-//!   `secret_env`, so a secret may live in e.g. `SLUICE_CI_TOKEN`.
+//!   `SLUICE_UPGRADE_FD` is set by an old process for its successor during a binary upgrade
+//!   (`lifecycle`). All three are skipped by the unknown-variable check, as is every variable
+//!   named by a token's `secret_env`, so a secret may live in e.g. `SLUICE_CI_TOKEN`.
 //! - **Env values** have surrounding ASCII whitespace trimmed (a stray newline from a
 //!   `$(cat file)` is not worth a refusal); an empty value is an error, as for any bad value:
 //!   unset the variable to fall back to the file or default.
@@ -88,6 +89,9 @@ pub const ENV_PREFIX: &str = "SLUICE_";
 pub const ENV_LOG: &str = "SLUICE_LOG";
 /// Path of the config file, the environment form of `--config`. Not a key.
 pub const ENV_CONFIG: &str = "SLUICE_CONFIG";
+/// Set by an old process for the new one during a binary upgrade: the fd number of the
+/// hand-off socket (see `lifecycle`). Not a config key.
+pub const ENV_UPGRADE_FD: &str = "SLUICE_UPGRADE_FD";
 /// Shortest accepted token secret, in bytes: shorter ones are guessable.
 pub const SECRET_BYTES_MIN: usize = 16;
 /// Longest accepted token secret, in bytes: it must fit comfortably in a request head.
@@ -382,10 +386,22 @@ pub struct Config {
     pub shutdown_pre_drain_ms: u64,
     /// Shutdown phase 2, in ms: in-flight requests finish. Default 10000.
     pub shutdown_drain_ms: u64,
+    /// Shutdown phase 3, in ms: in-flight peer sends finish (the replication outbox keeps the
+    /// rest). Replication is not wired in yet, so the phase has nothing to drain and ends at once;
+    /// the budget still counts against `shutdown_grace_ms`. Default 0, range 0..=3600000.
+    pub shutdown_replication_ms: u64,
     /// Shutdown margin, in ms, for flushing and exit. Default 2000.
     pub shutdown_teardown_ms: u64,
-    /// Ceiling in ms on the whole shutdown; pre-drain + drain + teardown must fit. Default 30000.
+    /// Ceiling in ms on the whole shutdown; pre-drain + drain + replication + teardown must
+    /// fit. Past it the process exits with status 1 whatever is left. Default 30000.
     pub shutdown_grace_ms: u64,
+    /// How long a binary upgrade (SIGUSR2) waits for the new process to report ready, in ms;
+    /// past it the new process is stopped and the old one keeps serving. Default 30000, range
+    /// 1..=3600000.
+    pub upgrade_ready_timeout_ms: u64,
+    /// File holding the pid of the process that owns the listeners (rewritten by the new
+    /// process after an upgrade, removed at a clean exit). Default unset: no pid file.
+    pub pid_file: Option<PathBuf>,
     /// Least severe level logged. Default `info`.
     pub log_level: LogLevel,
     /// How log lines are written: `text` or `json` (one object a line). Default `text`.
@@ -436,8 +452,11 @@ impl Default for Config {
             fallback_threads: 0,
             shutdown_pre_drain_ms: 0,
             shutdown_drain_ms: 10_000,
+            shutdown_replication_ms: 0,
             shutdown_teardown_ms: 2_000,
             shutdown_grace_ms: 30_000,
+            upgrade_ready_timeout_ms: 30_000,
+            pid_file: None,
             log_level: LogLevel::Info,
             log_format: LogFormat::Text,
             namespaces: BTreeMap::new(),
@@ -630,6 +649,11 @@ fn rules(c: &Config) -> Vec<Rule> {
             MS_EXPECTED,
         ),
         Rule::new(
+            "shutdown_replication_ms",
+            within(c.shutdown_replication_ms, 0, TIMEOUT_MS_LIMIT),
+            MS_EXPECTED,
+        ),
+        Rule::new(
             "shutdown_teardown_ms",
             within(c.shutdown_teardown_ms, 0, TIMEOUT_MS_LIMIT),
             MS_EXPECTED,
@@ -639,6 +663,12 @@ fn rules(c: &Config) -> Vec<Rule> {
             within(c.shutdown_grace_ms, 0, TIMEOUT_MS_LIMIT),
             MS_EXPECTED,
         ),
+        Rule::new(
+            "upgrade_ready_timeout_ms",
+            within(c.upgrade_ready_timeout_ms, 1, TIMEOUT_MS_LIMIT),
+            MS_POSITIVE_EXPECTED,
+        ),
+        Rule::new("pid_file", path_ok(&c.pid_file), "a non-empty file path"),
         Rule::keyword::<LogLevel>("log_level"),
         Rule::keyword::<LogFormat>("log_format"),
     ]
@@ -863,6 +893,9 @@ pub struct Overrides {
     /// The secret peers present to each other (or SLUICE_PEER_SECRET; 16+ bytes).
     #[arg(long)]
     pub peer_secret: Option<String>,
+    /// File to hold the pid of the process that owns the listeners.
+    #[arg(long)]
+    pub pid_file: Option<String>,
 }
 
 /// Where a value came from, for error messages.
@@ -1099,7 +1132,7 @@ fn env_layer(env: &[(String, String)], tokens: &[TokenConfig]) -> Result<Vec<Ent
             continue;
         };
         let is_secret = tokens.iter().any(|t| t.secret_env.as_ref() == Some(name));
-        if name == ENV_LOG || name == ENV_CONFIG || is_secret {
+        if name == ENV_LOG || name == ENV_CONFIG || name == ENV_UPGRADE_FD || is_secret {
             continue;
         }
         // Exact capitals only: `SLUICE_listen` is more likely a typo than intent.
@@ -1401,17 +1434,21 @@ fn validate(c: &mut Config, set: &[Entry]) -> Result<(), ConfigError> {
     let phases_ms = c
         .shutdown_pre_drain_ms
         .saturating_add(c.shutdown_drain_ms)
+        .saturating_add(c.shutdown_replication_ms)
         .saturating_add(c.shutdown_teardown_ms);
     if phases_ms > c.shutdown_grace_ms {
         return conflict(format!(
             "shutdown phases exceed the grace ceiling: `shutdown_pre_drain_ms` = `{}` (from \
-             {}) + `shutdown_drain_ms` = `{}` (from {}) + `shutdown_teardown_ms` = `{}` (from \
-             {}) = {phases_ms} ms, but `shutdown_grace_ms` = `{}` (from {}); shorten a phase \
-             or raise shutdown_grace_ms to at least {phases_ms}",
+             {}) + `shutdown_drain_ms` = `{}` (from {}) + `shutdown_replication_ms` = `{}` \
+             (from {}) + `shutdown_teardown_ms` = `{}` (from {}) = {phases_ms} ms, but \
+             `shutdown_grace_ms` = `{}` (from {}); shorten a phase or raise shutdown_grace_ms \
+             to at least {phases_ms}",
             c.shutdown_pre_drain_ms,
             source_of("shutdown_pre_drain_ms"),
             c.shutdown_drain_ms,
             source_of("shutdown_drain_ms"),
+            c.shutdown_replication_ms,
+            source_of("shutdown_replication_ms"),
             c.shutdown_teardown_ms,
             source_of("shutdown_teardown_ms"),
             c.shutdown_grace_ms,
@@ -1609,6 +1646,9 @@ mod tests {
             ("shutdown_pre_drain_ms", "-5", "from 0 to 3600000"),
             ("shutdown_drain_ms", "3600001", "from 0 to 3600000"),
             ("shutdown_teardown_ms", "1e3", "from 0 to 3600000"),
+            ("shutdown_replication_ms", "3600001", "from 0 to 3600000"),
+            ("upgrade_ready_timeout_ms", "0", "from 1 to 3600000"),
+            ("pid_file", "", "a non-empty file path"),
             ("shutdown_grace_ms", "forever", "from 0 to 3600000"),
             (
                 "log_level",
@@ -2384,6 +2424,14 @@ mod tests {
                     "`shutdown_pre_drain_ms` = `5000`",
                     "`shutdown_drain_ms` = `20000`",
                     "`shutdown_teardown_ms` = `6000`",
+                    "= 31000 ms",
+                ],
+            ),
+            (
+                "shutdown_drain_ms = 20000\nshutdown_teardown_ms = 6000",
+                &[("SLUICE_SHUTDOWN_REPLICATION_MS", "5000")],
+                &[
+                    "`shutdown_replication_ms` = `5000` (from SLUICE_SHUTDOWN_REPLICATION_MS)",
                     "= 31000 ms",
                     "`shutdown_grace_ms` = `30000` (from default)",
                 ],

@@ -11,6 +11,7 @@ pub mod front;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http1;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod peer_limit;

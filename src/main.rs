@@ -1,4 +1,4 @@
-//! The `sluice` command: `serve`, `check-config`, `doctor`.
+//! The `sluice` command: `serve`, `check-config`, `doctor`, `upgrade`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +32,19 @@ enum Command {
     },
     /// Print what this host allows: kernel, io_uring, memlock, pipe sizes.
     Doctor,
+    /// Upgrade a running server to the binary now at its path (sends it SIGUSR2) and wait
+    /// until the pid file names the new process. Exit status 0 once it does, 1 if the
+    /// upgrade did not happen within the wait (the old process keeps serving; its log says
+    /// why).
+    Upgrade {
+        /// The server's pid file (config key `pid_file`).
+        #[arg(long)]
+        pid_file: PathBuf,
+        /// Longest wait for the new process, in ms; keep it above the server's
+        /// upgrade_ready_timeout_ms.
+        #[arg(long, default_value_t = 60_000)]
+        wait_ms: u64,
+    },
 }
 
 /// Flags override `SLUICE_*` variables, which override the config file.
@@ -46,6 +59,9 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: an upgrade re-runs this path, and the file behind it may be
+    // replaced later (see `Launch`).
+    let launch = sluice::lifecycle::Launch::current();
     let cli = Cli::parse();
     // Entries that are not UTF-8 cannot be sluice settings; skip them
     // rather than panic (std::env::vars would).
@@ -68,7 +84,7 @@ fn main() -> ExitCode {
                 }
             };
             sluice::logging::init(&config.log_level.to_string(), config.log_format, &env);
-            match sluice::server::run(config) {
+            match sluice::server::run_with(config, &launch, &env) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("sluice: {err}");
@@ -100,5 +116,43 @@ fn main() -> ExitCode {
             print!("{}", sluice::doctor::report());
             ExitCode::SUCCESS
         }
+        Command::Upgrade { pid_file, wait_ms } => upgrade(&pid_file, wait_ms),
     }
+}
+
+/// `sluice upgrade`: SIGUSR2 to the pid in `pid_file`, then wait for the file to name
+/// another live process (the new one writes it once the old one hands over).
+fn upgrade(pid_file: &std::path::Path, wait_ms: u64) -> ExitCode {
+    use rustix::process::{kill_process, test_kill_process, Pid, Signal};
+    let Some(old) = sluice::lifecycle::read_pid_file(pid_file) else {
+        eprintln!("sluice: no pid in {}", pid_file.display());
+        return ExitCode::from(2);
+    };
+    let Some(old_pid) = i32::try_from(old).ok().and_then(Pid::from_raw) else {
+        eprintln!("sluice: {} holds no valid pid", pid_file.display());
+        return ExitCode::from(2);
+    };
+    if let Err(e) = kill_process(old_pid, Signal::USR2) {
+        eprintln!("sluice: cannot signal pid {old}: {e}");
+        return ExitCode::FAILURE;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
+    while std::time::Instant::now() < deadline {
+        let new = sluice::lifecycle::read_pid_file(pid_file);
+        if let Some(new) = new.filter(|&p| p != old) {
+            let alive = i32::try_from(new)
+                .ok()
+                .and_then(Pid::from_raw)
+                .is_some_and(|p| test_kill_process(p).is_ok());
+            if alive {
+                println!("upgraded: pid {old} -> {new}");
+                return ExitCode::SUCCESS;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!(
+        "sluice: pid {old} was not replaced within {wait_ms} ms; it keeps serving (its log says why)"
+    );
+    ExitCode::FAILURE
 }

@@ -2,6 +2,7 @@
 
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use crate::app::App;
 use crate::config::Config;
 use crate::fallback::{Fallback, FallbackLimits, TlsSettings};
 use crate::front::AppHandler;
+use crate::lifecycle::{self, Launch};
 use crate::store::{Store, StoreConfig};
 
 /// Why the server could not start or stop cleanly. The message names what
@@ -47,11 +49,60 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(TcpListener::from(fd))
 }
 
-/// Run `sluice serve` until SIGTERM or SIGINT, then shut down in phases.
+/// Bind `threads` `SO_REUSEPORT` listeners on `addr`, one per engine thread. With port 0
+/// the first bind picks the port and the others join it.
+fn bind_listeners(addr: SocketAddr, threads: usize) -> Result<Vec<TcpListener>, ServeError> {
+    let refused = |e: std::io::Error| {
+        ServeError(format!(
+            "cannot listen on {addr} (config key `listen`): {e}"
+        ))
+    };
+    let first = bind_reuseport(addr).map_err(refused)?;
+    let bound = first
+        .local_addr()
+        .map_err(|e| ServeError(format!("cannot read the bound address: {e}")))?;
+    let mut listeners = vec![first];
+    for _ in 1..threads.max(1) {
+        listeners.push(bind_reuseport(bound).map_err(refused)?);
+    }
+    Ok(listeners)
+}
+
+/// Why the serving loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// SIGTERM or SIGINT: all four shutdown phases.
+    Stop,
+    /// A successor serves on the same listeners: no pre-drain (readiness of this process no
+    /// longer matters, the listeners stay open in the successor), straight to the drain.
+    Upgraded,
+}
+
+/// Run `sluice serve` until SIGTERM or SIGINT, then shut down in phases. Without a
+/// [`Launch`], SIGUSR2 upgrades are refused (logged).
 pub fn run(config: Config) -> Result<(), ServeError> {
+    run_with(
+        config,
+        &Launch {
+            exe: None,
+            args: Vec::new(),
+        },
+        &[],
+    )
+}
+
+/// [`run`], with how the process was started (for SIGUSR2 upgrades) and its environment
+/// (for `SLUICE_UPGRADE_FD`, `LISTEN_FDS` and `NOTIFY_SOCKET`).
+pub fn run_with(
+    config: Config,
+    launch: &Launch,
+    env: &[(String, String)],
+) -> Result<(), ServeError> {
     // First of all: a SIGTERM that arrives once the port is open must start
     // the shutdown phases, not kill the process with the default action.
-    let signals = ShutdownSignals::install()?;
+    let mut signals = Signals::install()?;
+    // Before anything else can fail: an old process waits on the other end.
+    let inherited = lifecycle::inherited(env).map_err(ServeError)?;
     let store = Store::open(StoreConfig {
         data_dir: config.data_dir.clone(),
         store_bytes_max: config.store_bytes_max,
@@ -100,19 +151,57 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         app.add_metrics_source(move |out| render_fallback_metrics(&fallback, out));
     }
 
-    let listener = bind_reuseport(config.listen).map_err(|e| {
-        ServeError(format!(
-            "cannot listen on {} (config key `listen`): {e}",
-            config.listen
-        ))
-    })?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| ServeError(format!("cannot read the bound address: {e}")))?;
+    let (listeners, parent) = match inherited {
+        Some(inherited) => {
+            tracing::info!(
+                listeners = inherited.listeners.len(),
+                from = if inherited.parent.is_some() {
+                    "an upgrade"
+                } else {
+                    "systemd"
+                },
+                "serving on inherited listeners, not binding `listen`"
+            );
+            let mut listeners = inherited.listeners;
+            // systemd passes one socket per ListenStream=; every engine thread still gets
+            // an acceptor, on a copy of one of them (same socket, same queue).
+            let threads = config.engine_threads_effective().max(1);
+            let given = listeners.len();
+            for i in 0..threads.saturating_sub(given) {
+                let copy = listeners[i % given]
+                    .try_clone()
+                    .map_err(|e| ServeError(format!("cannot share an inherited listener: {e}")))?;
+                listeners.push(copy);
+            }
+            (listeners, inherited.parent)
+        }
+        None => (
+            bind_listeners(config.listen, config.engine_threads_effective())?,
+            None,
+        ),
+    };
+    let local = listeners
+        .first()
+        .and_then(|l| l.local_addr().ok())
+        .ok_or_else(|| ServeError("cannot read the bound address".to_string()))?;
+    if config.listen.port() != 0 && local != config.listen {
+        tracing::warn!(
+            %local,
+            listen = %config.listen,
+            "the inherited listeners are not on `listen`; they are served as they are"
+        );
+    }
+    // Copies of the listening sockets for a successor: the same sockets (and so the same
+    // accept queues), not new binds.
+    let handoff: Vec<OwnedFd> = listeners
+        .iter()
+        .map(|l| l.try_clone().map(OwnedFd::from))
+        .collect::<Result<_, _>>()
+        .map_err(|e| ServeError(format!("cannot keep the listeners for upgrades: {e}")))?;
     // Before anything is served: no acknowledged write may miss the outbox.
     let replication = crate::replication::attach(&config, local, &app)
         .map_err(|e| ServeError(format!("cannot open the replication outbox: {e}")))?;
-    let engine = crate::engine::start(&config, &app, &fallback, listener)
+    let engine = crate::engine::start(&config, &app, &fallback, listeners)
         .map_err(|e| ServeError(format!("cannot start the engine: {e}")))?;
     let replication = match replication {
         Some(replication) => {
@@ -145,25 +234,201 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let _ = writeln!(stdout, "sluice listening on {local}");
     let _ = stdout.flush();
 
-    signals.wait();
-    tracing::info!("shutdown requested: readiness now answers 503");
-    app.set_draining();
-    std::thread::sleep(Duration::from_millis(config.shutdown_pre_drain_ms));
-    let drain = Duration::from_millis(config.shutdown_drain_ms);
-    tracing::info!(
-        drain_ms = config.shutdown_drain_ms,
-        "stopped accepting; draining in-flight requests"
-    );
-    engine.shutdown(drain);
-    fallback.shutdown(drain);
-    if let Some(replication) = replication {
-        // What is still queued stays in the outbox for the next start.
-        replication.shutdown();
+    let upgrade_timeout = Duration::from_millis(config.upgrade_ready_timeout_ms);
+    let owner = match &parent {
+        // The old process decides: it may have given up on this one meanwhile.
+        Some(parent) => match parent.report_ready(upgrade_timeout) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(
+                    "the old process did not hand over ({why}); this one stops when told to"
+                );
+                false
+            }
+        },
+        None => true,
+    };
+    if owner {
+        if let Some(path) = &config.pid_file {
+            if let Err(e) = lifecycle::write_pid_file(path) {
+                tracing::warn!(path = %path.display(), "cannot write the pid file: {e}");
+            }
+        }
+        let state = if parent.is_some() {
+            // systemd follows the new main process (NotifyAccess=all in dist/sluice.service).
+            format!("MAINPID={}\nREADY=1", std::process::id())
+        } else {
+            "READY=1".to_string()
+        };
+        lifecycle::sd_notify(env, &state);
     }
-    app.store.shutdown();
-    tracing::info!("shutdown complete");
+    drop(parent);
+
+    let exit = loop {
+        match signals.next() {
+            Signal::Stop => break Exit::Stop,
+            Signal::Upgrade => {
+                let fds: Vec<_> = handoff.iter().map(|fd| fd.as_fd()).collect();
+                tracing::info!(
+                    exe = ?launch.exe,
+                    listeners = fds.len(),
+                    timeout_ms = config.upgrade_ready_timeout_ms,
+                    "SIGUSR2: starting the new binary on this process's listeners"
+                );
+                match lifecycle::upgrade(launch, &fds, upgrade_timeout) {
+                    Ok(successor) => {
+                        tracing::info!(
+                            pid = successor.pid,
+                            "the new process serves; this one drains and exits"
+                        );
+                        break Exit::Upgraded;
+                    }
+                    Err(why) => {
+                        tracing::warn!("upgrade abandoned, this process keeps serving: {why}")
+                    }
+                }
+            }
+        }
+    };
+    shutdown(
+        &config,
+        env,
+        exit,
+        &mut signals,
+        &app,
+        engine,
+        &fallback,
+        replication,
+    );
+    drop(handoff);
     Ok(())
 }
+
+/// The shutdown phases (see docs/operations.md): (1) readiness 503 while serving, (2) stop
+/// accepting and drain, (3) replication, (4) teardown. A second SIGTERM or SIGINT skips to
+/// teardown; `shutdown_grace_ms` after the first the process exits whatever is left.
+// Each argument is one running part that a phase stops; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
+fn shutdown(
+    config: &Config,
+    env: &[(String, String)],
+    exit: Exit,
+    signals: &mut Signals,
+    app: &Arc<App>,
+    engine: crate::engine::Engine,
+    fallback: &Arc<Fallback>,
+    replication: Option<crate::replication::driver::Handle>,
+) {
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    // The ceiling holds even if a phase overruns its budget (a stuck store flush).
+    let _ = std::thread::Builder::new()
+        .name("sluice-grace".into())
+        .spawn(move || {
+            std::thread::sleep(grace);
+            tracing::error!(
+                grace_ms = grace.as_millis() as u64,
+                "shutdown_grace_ms passed; exiting with what is left"
+            );
+            std::process::exit(1);
+        });
+    if exit == Exit::Stop {
+        // After an upgrade the successor is the main process for systemd now.
+        lifecycle::sd_notify(env, "STOPPING=1");
+    }
+    app.set_draining();
+    let mut cut = false;
+    if exit == Exit::Stop && config.shutdown_pre_drain_ms > 0 {
+        tracing::info!(
+            pre_drain_ms = config.shutdown_pre_drain_ms,
+            "shutdown phase 1: readiness answers 503, serving goes on"
+        );
+        cut = signals.stop_within(Duration::from_millis(config.shutdown_pre_drain_ms));
+    }
+
+    let drain = if cut {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(config.shutdown_drain_ms)
+    };
+    tracing::info!(
+        drain_ms = drain.as_millis() as u64,
+        "shutdown phase 2: stopped accepting; draining in-flight requests"
+    );
+    app.set_closing();
+    let cutter = engine.drain_cutter();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let drainer = {
+        let fallback = Arc::clone(fallback);
+        std::thread::Builder::new()
+            .name("sluice-drain".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                engine.shutdown(drain);
+                // One budget for both fronts: the fallback gets what the ring left of it.
+                fallback.shutdown(drain.saturating_sub(started.elapsed()));
+                let _ = done_tx.send(());
+            })
+    };
+    if let Err(e) = drainer {
+        tracing::error!("cannot start the drain thread: {e}");
+    }
+    let teardown = Duration::from_millis(config.shutdown_teardown_ms);
+    let mut stop_seen = false;
+    loop {
+        match done_rx.recv_timeout(Duration::from_millis(DRAIN_POLL_MS)) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if cut {
+            continue;
+        }
+        if signals.stop_within(Duration::ZERO) {
+            if exit == Exit::Upgraded && !stop_seen {
+                // After an upgrade no signal started this drain: the first SIGTERM (an
+                // orchestrator stopping the old pid) asks for what is happening already.
+                stop_seen = true;
+                tracing::info!(
+                    "stop signal: already draining after an upgrade; a second one cuts the drain"
+                );
+                continue;
+            }
+            tracing::warn!("second stop signal: the drain is cut short, closing what is left");
+            cut = true;
+            if let Some(cutter) = &cutter {
+                cutter.cut();
+            }
+            // The fallback's drain cannot be cut from here; teardown does not wait for it
+            // longer than its own budget.
+            if done_rx.recv_timeout(teardown).is_err() {
+                tracing::warn!("the drain did not end within shutdown_teardown_ms");
+            }
+            break;
+        }
+    }
+
+    // The rings have stopped, so no replication send is in flight any more (a task the
+    // drain ended is refused, and its entry stays). Stopping the replication thread writes
+    // the peers' cursors; whatever is not sent stays in the outbox for the next start.
+    tracing::info!(
+        replication_ms = config.shutdown_replication_ms,
+        "shutdown phase 3: replication stops; the outbox keeps what is not sent"
+    );
+    if let Some(replication) = replication {
+        replication.shutdown();
+    }
+    tracing::info!(
+        teardown_ms = config.shutdown_teardown_ms,
+        "shutdown phase 4: teardown"
+    );
+    app.store.shutdown();
+    if let Some(path) = &config.pid_file {
+        lifecycle::remove_pid_file_if_ours(path);
+    }
+    tracing::info!(cut, "shutdown complete");
+}
+
+/// How often the shutdown loop looks for a second stop signal while the drain runs, in ms.
+const DRAIN_POLL_MS: u64 = 50;
 
 fn render_fallback_metrics(fallback: &Fallback, out: &mut String) {
     use crate::metrics::write_metric;
@@ -259,43 +524,78 @@ fn render_fallback_metrics(fallback: &Fallback, out: &mut String) {
     }
 }
 
-/// SIGTERM and SIGINT handlers, installed before anything listens. They
+/// What a signal asks for.
+enum Signal {
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// SIGUSR2.
+    Upgrade,
+}
+
+/// SIGTERM, SIGINT and SIGUSR2 handlers, installed before anything listens. They
 /// used to be installed only after "sluice listening" was printed, so a
 /// SIGTERM in between (an orchestrator stopping a fresh instance, or a test
 /// under load) killed the process outright: connections refused, no drain.
-/// A signal delivered before [`ShutdownSignals::wait`] is kept, not lost.
-struct ShutdownSignals {
+/// A signal delivered before it is waited for is kept, not lost.
+struct Signals {
     runtime: tokio::runtime::Runtime,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
-impl ShutdownSignals {
-    fn install() -> Result<ShutdownSignals, ServeError> {
+impl Signals {
+    fn install() -> Result<Signals, ServeError> {
         use tokio::signal::unix::{signal, SignalKind};
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| ServeError(format!("cannot start the signal runtime: {e}")))?;
-        let (term, int) = {
-            let _context = runtime.enter();
-            let term = signal(SignalKind::terminate())
-                .map_err(|e| ServeError(format!("cannot install the SIGTERM handler: {e}")))?;
-            let int = signal(SignalKind::interrupt())
-                .map_err(|e| ServeError(format!("cannot install the SIGINT handler: {e}")))?;
-            (term, int)
+        let _context = runtime.enter();
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| ServeError(format!("cannot install the {name} handler: {e}")))
         };
-        Ok(ShutdownSignals { runtime, term, int })
+        let term = install(SignalKind::terminate(), "SIGTERM")?;
+        let int = install(SignalKind::interrupt(), "SIGINT")?;
+        let usr2 = install(SignalKind::user_defined2(), "SIGUSR2")?;
+        drop(_context);
+        Ok(Signals {
+            runtime,
+            term,
+            int,
+            usr2,
+        })
     }
 
-    /// Blocks until SIGTERM or SIGINT (or one that came earlier).
-    fn wait(mut self) {
-        let (term, int) = (&mut self.term, &mut self.int);
+    /// Blocks until the next signal (or one that came earlier).
+    fn next(&mut self) -> Signal {
+        let (term, int, usr2) = (&mut self.term, &mut self.int, &mut self.usr2);
         self.runtime.block_on(async {
             tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+                _ = term.recv() => Signal::Stop,
+                _ = int.recv() => Signal::Stop,
+                _ = usr2.recv() => Signal::Upgrade,
             }
-        });
+        })
+    }
+
+    /// Whether SIGTERM or SIGINT arrives within `wait` (SIGUSR2 is ignored while stopping).
+    fn stop_within(&mut self, wait: Duration) -> bool {
+        let (term, int, usr2) = (&mut self.term, &mut self.int, &mut self.usr2);
+        self.runtime.block_on(async {
+            let stop = async {
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = term.recv() => return,
+                        _ = int.recv() => return,
+                        _ = usr2.recv() => {
+                            tracing::warn!("SIGUSR2 ignored: this process is shutting down");
+                        }
+                    }
+                }
+            };
+            tokio::time::timeout(wait, stop).await.is_ok()
+        })
     }
 }

@@ -109,6 +109,10 @@ pub struct Connection {
     // Created on first use: small-body runs never need them.
     splice_sink: Option<(OwnedFd, OwnedFd, File)>,
     opts: ReceiveOptions,
+    /// The last exchange got at least one byte of response.
+    received_any: bool,
+    /// Status of the last response whose head was read (0: none yet).
+    pub last_status: u16,
 }
 
 impl Connection {
@@ -127,12 +131,36 @@ impl Connection {
             buf: vec![0; RECV_BUFFER_BYTES],
             splice_sink: None,
             opts,
+            received_any: false,
+            last_status: 0,
         })
+    }
+
+    /// Whether the server has closed this idle connection (end of stream, or bytes nobody
+    /// asked for, waiting to be read). A pooled connection is checked before reuse, as curl
+    /// and browsers do, so a keep-alive the server let go of is replaced instead of failing
+    /// the next request.
+    pub fn peer_closed(&self) -> bool {
+        if self.stream.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        let closed =
+            !matches!(self.stream.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        closed || self.stream.set_nonblocking(false).is_err()
+    }
+
+    /// Whether the last exchange failed before any byte of the response arrived: on a
+    /// reused connection that is the keep-alive race (the server closed it as the request
+    /// went out), which HTTP clients answer by retrying once on a fresh connection.
+    pub fn received_nothing(&self) -> bool {
+        !self.received_any
     }
 
     /// Sends `req` and receives its response. On `Err`, the connection's framing is in doubt
     /// unless the kind is `Status` or `Digest` with `keep_alive`; callers reconnect on any error.
     pub fn exchange(&mut self, req: &Request) -> Result<Exchange, ErrorKind> {
+        self.received_any = false;
         self.stream.write_all(&req.head).map_err(io_kind)?;
         let mut sent_bytes = 0u64;
         if let Some(body) = &req.body {
@@ -152,6 +180,7 @@ impl Connection {
             if n == 0 {
                 return Err(ErrorKind::Read);
             }
+            self.received_any = true;
             filled += n;
             let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
             let mut resp = httparse::Response::new(&mut headers);
@@ -239,6 +268,7 @@ impl Connection {
         }
 
         if !ok_status {
+            self.last_status = status;
             return Err(ErrorKind::Status);
         }
         if let Some(h) = hasher {
@@ -301,5 +331,32 @@ fn io_kind(e: io::Error) -> ErrorKind {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ErrorKind::Timeout,
         _ => ErrorKind::Read,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pooled_connection_the_server_closed_is_seen_before_reuse() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let opts = ReceiveOptions {
+            verify_sha256: false,
+            splice: false,
+        };
+        let conn = Connection::connect(&addr, Duration::from_secs(5), opts).expect("connect");
+        let (server_side, _) = listener.accept().expect("accept");
+        assert!(!conn.peer_closed(), "an open, quiet connection is reusable");
+        drop(server_side);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !conn.peer_closed() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the close was never seen"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }

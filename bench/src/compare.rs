@@ -1126,6 +1126,7 @@ mod tests {
                 body_bytes: 1,
                 elapsed: Duration::from_secs(1),
                 connects: 1,
+                retries: 0,
             };
             let desc = RunDescription {
                 command: Vec::new(),

@@ -141,6 +141,8 @@ pub fn parse(text: &str, size: u64) -> Option<RunResult> {
         body_bytes: succeeded * size,
         elapsed,
         connects: 0,
+        // h2load does not report retries.
+        retries: 0,
     })
 }
 

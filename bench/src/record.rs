@@ -82,6 +82,10 @@ pub struct RunRecord {
     pub mb_per_sec: f64,
     /// Failed requests by kind (every kind present, zeros included).
     pub errors: std::collections::BTreeMap<String, u64>,
+    /// Requests retried once on a fresh connection after a reused one died before any byte
+    /// of the response (the keep-alive race); they are not errors.
+    #[serde(default)]
+    pub retries: u64,
     /// Summary percentiles.
     pub latency: LatencySummary,
     /// The full percentile distribution (the `.hgrm` rows), for plots.
@@ -138,6 +142,7 @@ impl RunRecord {
                 .iter()
                 .map(|k| (k.name().to_string(), result.errors.get(*k)))
                 .collect(),
+            retries: result.retries,
             latency: LatencySummary::of(&result.histogram),
             percentiles: percentile_rows(&result.histogram, 5),
         }

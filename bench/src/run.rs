@@ -98,6 +98,9 @@ pub struct RunResult {
     pub elapsed: Duration,
     /// Connections opened, warm-up included (1 per connection plus reconnects).
     pub connects: u64,
+    /// Requests sent a second time on a fresh connection because a reused one died before
+    /// any byte of the response (the keep-alive race); not errors.
+    pub retries: u64,
 }
 
 impl RunResult {
@@ -138,6 +141,7 @@ struct ThreadResult {
     body_bytes: u64,
     last_done: Option<Instant>,
     connects: u64,
+    retries: u64,
 }
 
 /// Runs the load described by `cfg` against `set` and returns what was measured.
@@ -181,6 +185,7 @@ pub fn run(set: RequestSet, cfg: RunConfig) -> Result<RunResult, String> {
         body_bytes: 0,
         last_done: None,
         connects: 0,
+        retries: 0,
     };
     for h in handles {
         let r = h
@@ -197,6 +202,7 @@ pub fn run(set: RequestSet, cfg: RunConfig) -> Result<RunResult, String> {
         total.body_bytes += r.body_bytes;
         total.last_done = total.last_done.max(r.last_done);
         total.connects += r.connects;
+        total.retries += r.retries;
     }
     let elapsed = total
         .last_done
@@ -209,6 +215,7 @@ pub fn run(set: RequestSet, cfg: RunConfig) -> Result<RunResult, String> {
         body_bytes: total.body_bytes,
         elapsed,
         connects: total.connects,
+        retries: total.retries,
     })
 }
 
@@ -269,6 +276,26 @@ impl Rng {
     }
 }
 
+/// Status errors reported on stderr per connection; the rest are only counted.
+const STATUS_REPORTS_MAX: u64 = 5;
+
+/// Opens a connection into `conn` and runs `req` on it.
+fn connect_and_exchange(
+    authority: &str,
+    cfg: &RunConfig,
+    conn: &mut Option<Connection>,
+    out: &mut ThreadResult,
+    req: &crate::request::Request,
+) -> Result<crate::client::Exchange, ErrorKind> {
+    match Connection::connect(authority, cfg.timeout, cfg.receive) {
+        Ok(c) => {
+            out.connects += 1;
+            conn.insert(c).exchange(req)
+        }
+        Err(_) => Err(ErrorKind::Connect),
+    }
+}
+
 fn connection_loop(shared: &Shared, index: usize, start: Instant) -> ThreadResult {
     let cfg = &shared.cfg;
     if !cfg.cpus.is_empty() {
@@ -286,6 +313,7 @@ fn connection_loop(shared: &Shared, index: usize, start: Instant) -> ThreadResul
         body_bytes: 0,
         last_done: None,
         connects: 0,
+        retries: 0,
     };
     let set = &shared.set;
     let weight_total: u64 = set.requests.iter().map(|r| u64::from(r.weight)).sum();
@@ -349,16 +377,25 @@ fn connection_loop(shared: &Shared, index: usize, start: Instant) -> ThreadResul
         };
         let req = &set.requests[pick];
 
-        let outcome = match conn.as_mut() {
+        if conn.as_ref().is_some_and(Connection::peer_closed) {
+            conn = None;
+        }
+        let reused = conn.is_some();
+        let mut outcome = match conn.as_mut() {
             Some(c) => c.exchange(req),
-            None => match Connection::connect(&set.authority, cfg.timeout, cfg.receive) {
-                Ok(c) => {
-                    out.connects += 1;
-                    conn.insert(c).exchange(req)
-                }
-                Err(_) => Err(ErrorKind::Connect),
-            },
+            None => connect_and_exchange(&set.authority, cfg, &mut conn, &mut out, req),
         };
+        // The keep-alive race: the server closed the connection while this request was on
+        // its way. curl ("Connection died, retrying a fresh connect") and browsers send it
+        // once more on a new connection; so does the bench, counting it in `retries`.
+        if reused
+            && matches!(outcome, Err(ErrorKind::Read))
+            && conn.as_ref().is_some_and(Connection::received_nothing)
+        {
+            conn = None;
+            out.retries += 1;
+            outcome = connect_and_exchange(&set.authority, cfg, &mut conn, &mut out, req);
+        }
         let done = Instant::now();
         match outcome {
             Ok(x) => {
@@ -380,6 +417,15 @@ fn connection_loop(shared: &Shared, index: usize, start: Instant) -> ThreadResul
                 }
                 if measured {
                     out.errors.0[kind.index()] += 1;
+                    // Which status, for the first few: the counts alone do not say.
+                    if kind == ErrorKind::Status && out.errors.0[kind.index()] <= STATUS_REPORTS_MAX
+                    {
+                        let status = conn.as_ref().map_or(0, |c| c.last_status);
+                        eprintln!(
+                            "sluice-bench: {:?} {} answered {status}",
+                            req.method, req.path
+                        );
+                    }
                 }
                 if kind == ErrorKind::Connect {
                     // Do not spin on a dead server; a refused connect returns at once.

@@ -624,7 +624,7 @@ impl Conn {
         let head_only = info.method == "HEAD";
         let expect_continue = head.expect_continue();
         let framing = head.framing();
-        self.close_after = !head.keep_alive();
+        self.close_after = !head.keep_alive() || self.app.is_closing();
         let decision = {
             let mut files = self.files.borrow_mut();
             files.nowait = self.cold_opens < COLD_OPENS_PER_REQUEST_MAX;

@@ -21,7 +21,6 @@ use std::time::Duration;
 use crate::app::App;
 use crate::config::{Config, EngineChoice, FileServingMode as ConfigMode};
 use crate::fallback::Fallback;
-use crate::server::bind_reuseport;
 use conn::ConnLimits;
 use ring::{EngineSettings, FileServingMode, RingEngine};
 
@@ -54,6 +53,11 @@ impl Engine {
     /// A handle for submitting tasks from another thread, when rings run.
     pub fn task_submitter(&self) -> Option<ring::TaskSubmitter> {
         self.ring.as_ref().map(RingEngine::submitter)
+    }
+
+    /// A handle that ends a drain in progress at once (a second SIGTERM).
+    pub fn drain_cutter(&self) -> Option<ring::DrainCutter> {
+        self.ring.as_ref().map(RingEngine::drain_cutter)
     }
 
     /// Stop accepting and drain in-flight requests within `drain`.
@@ -125,13 +129,15 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
-/// Start serving `listener` (and, for ring threads after the first, more
-/// `SO_REUSEPORT` listeners on the same address).
+/// Start serving `listeners`: one ring thread per listener (each an `SO_REUSEPORT` socket
+/// on the same address, bound here or handed over by an old process), or all of them
+/// through the fallback. Every listener gets an acceptor: a handed-over socket without one
+/// would strand the connections queued on it.
 pub fn start(
     config: &Config,
     app: &Arc<App>,
     fallback: &Arc<Fallback>,
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
 ) -> std::io::Result<Engine> {
     let probe = sluice_uring::probe();
     let why_not = match config.engine {
@@ -147,11 +153,11 @@ pub fn start(
             }
             Err(reason)
         }
-        None => start_ring(config, app, fallback, &listener),
+        None => start_ring(config, app, fallback, &listeners),
     };
     let (description, ring) = match ring {
         Ok(ring) => {
-            let threads = config.engine_threads_effective();
+            let threads = listeners.len();
             let mut d = format!(
                 "io_uring: {threads} ring thread(s), {:?} file serving",
                 config.file_serving_mode
@@ -161,9 +167,8 @@ pub fn start(
                 d.push_str("; ");
                 d.push_str(note);
             }
-            // The ring threads own their own listeners; this one (the
-            // first) was cloned into them.
-            drop(listener);
+            // The ring threads own clones of these.
+            drop(listeners);
             (d, Some(ring))
         }
         Err(reason) => {
@@ -171,7 +176,9 @@ pub fn start(
                 return Err(std::io::Error::other(reason));
             }
             tracing::warn!("serving every connection through the fallback: {reason}");
-            fallback.serve_listener(listener)?;
+            for listener in listeners {
+                fallback.serve_listener(listener)?;
+            }
             (
                 format!("fallback (hyper) serves every connection: {reason}"),
                 None,
@@ -211,24 +218,14 @@ fn start_ring(
     config: &Config,
     app: &Arc<App>,
     fallback: &Arc<Fallback>,
-    listener: &TcpListener,
+    listeners: &[TcpListener],
 ) -> Result<RingEngine, String> {
-    let threads = config.engine_threads_effective().max(1);
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the listener's address: {e}"))?;
-    let mut listeners = Vec::with_capacity(threads);
-    listeners.push(
-        listener
-            .try_clone()
-            .map_err(|e| format!("cannot share the listener: {e}"))?,
-    );
-    for _ in 1..threads {
-        listeners.push(
-            bind_reuseport(addr)
-                .map_err(|e| format!("cannot bind another listener on {addr}: {e}"))?,
-        );
-    }
+    let threads = listeners.len().max(1);
+    let listeners = listeners
+        .iter()
+        .map(TcpListener::try_clone)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("cannot share the listener: {e}"))?;
     let settings = EngineSettings {
         threads,
         connections_per_core_max: config.connections_per_core_max,

@@ -196,8 +196,21 @@ pub struct RingEngine {
     next_core: std::sync::atomic::AtomicUsize,
     stop: Arc<AtomicBool>,
     drain_deadline_ms: Arc<AtomicU64>,
+    /// Set to end a drain at once (see [`DrainCutter`]).
+    cut: Arc<AtomicBool>,
     pub stats: Arc<Vec<CoreStats>>,
     pub fixed_buffers_note: Option<String>,
+}
+
+/// Ends a drain in progress: each engine thread closes what is left at its next turn (at
+/// most one tick later). A second SIGTERM uses it to skip to teardown.
+#[derive(Clone)]
+pub struct DrainCutter(Arc<AtomicBool>);
+
+impl DrainCutter {
+    pub fn cut(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 impl RingEngine {
@@ -211,6 +224,7 @@ impl RingEngine {
         fallback: &Arc<Fallback>,
     ) -> std::io::Result<RingEngine> {
         let stop = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(AtomicBool::new(false));
         let drain_deadline_ms = Arc::new(AtomicU64::new(0));
         let stats: Arc<Vec<CoreStats>> =
             Arc::new((0..listeners.len()).map(|_| CoreStats::default()).collect());
@@ -225,6 +239,7 @@ impl RingEngine {
             let fallback = Arc::clone(fallback);
             let thread_stop = Arc::clone(&stop);
             let drain = Arc::clone(&drain_deadline_ms);
+            let thread_cut = Arc::clone(&cut);
             let thread_stats = Arc::clone(&stats);
             let handle = std::thread::Builder::new()
                 .name(format!("sluice-ring-{core}"))
@@ -245,7 +260,7 @@ impl RingEngine {
                         }
                     };
                     let _ = ready_tx.send(Ok((engine.driver.waker(), engine.fixed_buffers_note())));
-                    engine.run(&thread_stop, &drain);
+                    engine.run(&thread_stop, &drain, &thread_cut);
                 })?;
             match ready_rx.recv() {
                 Ok(Ok((waker, note))) => {
@@ -265,6 +280,7 @@ impl RingEngine {
                         next_core: Default::default(),
                         stop,
                         drain_deadline_ms,
+                        cut,
                         stats,
                         fixed_buffers_note,
                     };
@@ -283,6 +299,7 @@ impl RingEngine {
             next_core: Default::default(),
             stop,
             drain_deadline_ms,
+            cut,
             stats,
             fixed_buffers_note,
         })
@@ -319,6 +336,11 @@ impl RingEngine {
                 | std::sync::mpsc::TrySendError::Disconnected(r),
             ) => Err(r),
         }
+    }
+
+    /// A handle that ends the drain early.
+    pub fn drain_cutter(&self) -> DrainCutter {
+        DrainCutter(Arc::clone(&self.cut))
     }
 
     /// Stop accepting, let in-flight requests finish within `drain`, then
@@ -526,6 +548,23 @@ struct Slot {
     ip: Option<IpAddr>,
 }
 
+/// Why a connection's pending operation is cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    /// Its deadline passed (408, or a close).
+    Deadline,
+    /// Shutdown closes it between requests.
+    Drain,
+}
+
+/// Which connections a drain closes at once: keep-alive connections between requests. A
+/// connection that has not sent its first request yet is left to its header deadline and
+/// the drain budget: its client connected while this process still accepted, its request
+/// may be on the wire, and unlike a reused connection no client retries a fresh one.
+fn drain_idle(slot: &Slot) -> bool {
+    slot.conn.is_idle() && slot.conn.responses > 0
+}
+
 /// One engine thread's state.
 struct CoreLoop {
     core: usize,
@@ -707,7 +746,7 @@ impl CoreLoop {
         self.stats.get(self.core)
     }
 
-    fn run(&mut self, stop: &AtomicBool, drain_deadline_ms: &AtomicU64) {
+    fn run(&mut self, stop: &AtomicBool, drain_deadline_ms: &AtomicU64, cut: &AtomicBool) {
         let mut next_tick = Instant::now() + Duration::from_millis(TICK_MS);
         let mut drain_until: Option<Instant> = None;
         loop {
@@ -756,7 +795,7 @@ impl CoreLoop {
             }
             if let Some(until) = drain_until {
                 let live = self.slots.iter().filter(|s| s.is_some()).count();
-                if live == 0 || now >= until {
+                if live == 0 || now >= until || cut.load(Ordering::SeqCst) {
                     break;
                 }
             }
@@ -782,7 +821,7 @@ impl CoreLoop {
         }
         // Idle keep-alive connections close now; busy ones finish.
         for index in 0..self.slots.len() {
-            self.expire_if(index, |slot| slot.conn.is_idle());
+            self.expire_if(index, Expiry::Drain, drain_idle);
         }
     }
 
@@ -793,9 +832,10 @@ impl CoreLoop {
             self.arm_accept();
         }
         for index in 0..self.slots.len() {
-            self.expire_if(index, |slot| {
-                now >= slot.conn.deadline() || (draining && slot.conn.is_idle())
-            });
+            self.expire_if(index, Expiry::Deadline, |slot| now >= slot.conn.deadline());
+            if draining {
+                self.expire_if(index, Expiry::Drain, drain_idle);
+            }
         }
         let idle_max = Duration::from_millis(IDLE_TASK_CONN_MS);
         self.idle_task_conns
@@ -837,7 +877,7 @@ impl CoreLoop {
     /// If the connection waits for the client (input, or a response it does
     /// not take) and `pred` holds, cancel its operation; the completion
     /// (ECANCELED) then lets the connection answer 408 or close.
-    fn expire_if(&mut self, index: usize, pred: impl Fn(&Slot) -> bool) {
+    fn expire_if(&mut self, index: usize, why: Expiry, pred: impl Fn(&Slot) -> bool) {
         let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
@@ -851,7 +891,12 @@ impl CoreLoop {
             return;
         }
         if let Some(op) = slot.pending {
-            slot.conn.on_deadline();
+            // A drain only cancels the wait: a request whose bytes complete the recv before
+            // the cancel does is one the client already sent, and it is served (with
+            // `Connection: close`) rather than answered 408 as a passed deadline would be.
+            if why == Expiry::Deadline {
+                slot.conn.on_deadline();
+            }
             slot.cancelling = true;
             // A cancelled send, splice or POLLOUT wait completes with ECANCELED, and the
             // connection closes: a client that does not read gets no more time.

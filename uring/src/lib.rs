@@ -70,6 +70,7 @@
 pub mod buffers;
 pub mod driver;
 pub mod errno;
+pub mod inherit;
 pub mod pipe;
 pub mod probe;
 pub mod residency;
