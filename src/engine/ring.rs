@@ -193,7 +193,7 @@ pub struct RingEngine {
     threads: Vec<std::thread::JoinHandle<()>>,
     wakers: Vec<Waker>,
     task_queues: Vec<std::sync::mpsc::SyncSender<OutgoingRequest>>,
-    next_core: std::sync::atomic::AtomicUsize,
+    next_core: Arc<std::sync::atomic::AtomicUsize>,
     stop: Arc<AtomicBool>,
     drain_deadline_ms: Arc<AtomicU64>,
     /// Set to end a drain at once (see [`DrainCutter`]).
@@ -311,7 +311,7 @@ impl RingEngine {
         TaskSubmitter {
             task_queues: self.task_queues.clone(),
             wakers: self.wakers.clone(),
-            next_core: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            next_core: Arc::clone(&self.next_core),
             stop: Arc::clone(&self.stop),
         }
     }
@@ -320,22 +320,7 @@ impl RingEngine {
     /// queue gives the request back: the caller decides whether to retry
     /// later (replication keeps it in its outbox).
     pub fn submit_task(&self, request: OutgoingRequest) -> Result<(), OutgoingRequest> {
-        if self.task_queues.is_empty() || self.stop.load(Ordering::SeqCst) {
-            return Err(request);
-        }
-        let core = self.next_core.fetch_add(1, Ordering::Relaxed) % self.task_queues.len();
-        match self.task_queues[core].try_send(request) {
-            Ok(()) => {
-                if let Some(waker) = self.wakers.get(core) {
-                    waker.wake();
-                }
-                Ok(())
-            }
-            Err(
-                std::sync::mpsc::TrySendError::Full(r)
-                | std::sync::mpsc::TrySendError::Disconnected(r),
-            ) => Err(r),
-        }
+        self.submitter().submit(request)
     }
 
     /// A handle that ends the drain early.
@@ -1385,21 +1370,27 @@ impl CoreLoop {
         if let Some(s) = self.stats.get(self.core) {
             s.cold_reads_total.fetch_add(1, Ordering::Relaxed);
         }
-        let ahead_start = offset + chunk as u64;
         let ahead_len = remaining
             .saturating_sub(chunk as u64)
             .min(READAHEAD_CHUNKS * self.settings.pipe_bytes as u64);
-        if ahead_len > 0 && self.readaheads_in_flight < READAHEADS_PER_CORE_MAX {
-            let hint = Op::Fadvise {
-                file,
-                offset: ahead_start,
-                len: u32::try_from(ahead_len).unwrap_or(u32::MAX),
-                advice: libc::POSIX_FADV_WILLNEED,
-            };
-            // A hint the ring cannot take is only a missed hint.
-            if self.driver.submit(hint, TOKEN_READAHEAD).is_ok() {
-                self.readaheads_in_flight += 1;
-            }
+        self.read_ahead(file, offset + chunk as u64, ahead_len);
+    }
+
+    /// `fadvise(WILLNEED)` through the ring for `len` bytes of `file` from
+    /// `offset`, within the per-core bound on hints in flight.
+    fn read_ahead(&mut self, file: SharedFd, offset: u64, len: u64) {
+        if len == 0 || self.readaheads_in_flight >= READAHEADS_PER_CORE_MAX {
+            return;
+        }
+        let hint = Op::Fadvise {
+            file,
+            offset,
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+            advice: libc::POSIX_FADV_WILLNEED,
+        };
+        // A hint the ring cannot take is only a missed hint.
+        if self.driver.submit(hint, TOKEN_READAHEAD).is_ok() {
+            self.readaheads_in_flight += 1;
         }
     }
 
@@ -1436,17 +1427,7 @@ impl CoreLoop {
                 buf: lease,
             },
         );
-        if ahead_len > 0 && self.readaheads_in_flight < READAHEADS_PER_CORE_MAX {
-            let hint = Op::Fadvise {
-                file,
-                offset: offset + read_bytes,
-                len: u32::try_from(ahead_len).unwrap_or(u32::MAX),
-                advice: libc::POSIX_FADV_WILLNEED,
-            };
-            if self.driver.submit(hint, TOKEN_READAHEAD).is_ok() {
-                self.readaheads_in_flight += 1;
-            }
-        }
+        self.read_ahead(file, offset + read_bytes, ahead_len);
         true
     }
 
