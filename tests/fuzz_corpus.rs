@@ -290,6 +290,36 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     for (name, text) in CONFIGS {
         out.push(("config", format!("config-{name}"), text.as_bytes().to_vec()));
     }
+    // Anti-entropy messages: a whole bucket summary, listings well-formed and not.
+    let summary: Vec<u8> = (0..4096u32 * 32).map(|i| (i % 251) as u8).collect();
+    out.push(("peer_summaries", "summary-4096-buckets".to_owned(), summary));
+    out.push(("peer_summaries", "summary-short".to_owned(), vec![7u8; 64]));
+    let sha = "ab".repeat(32);
+    let listings: &[(&str, String)] = &[
+        ("listing-one", format!("ac {sha} 1700000000000 {sha} 12\n")),
+        (
+            "listing-three",
+            format!("ac {sha} 1 {sha} 0\ncas {sha} 2 {sha} 4096\nblobs a~b 3 {sha} 20000000\n"),
+        ),
+        ("listing-empty", String::new()),
+        ("listing-crlf", format!("ac k 1 {sha} 5\r\n")),
+        ("listing-extra-field", format!("ac k 1 {sha} 5 extra\n")),
+        ("listing-bad-hex", "ac k 1 zz 5\n".to_owned()),
+        ("listing-missing-len", format!("ac k 1 {sha}\n")),
+        ("listing-negative-time", format!("ac k -1 {sha} 5\n")),
+        ("listing-empty-line", format!("ac k 1 {sha} 5\n\n")),
+        (
+            "listing-huge-len",
+            format!("ac k 1 {sha} 99999999999999999999999\n"),
+        ),
+    ];
+    for (name, text) in listings {
+        out.push((
+            "peer_summaries",
+            (*name).to_owned(),
+            text.as_bytes().to_vec(),
+        ));
+    }
     out
 }
 
