@@ -68,6 +68,10 @@ pub const TARGETS: &[Target] = &[
         check: check_peer_summaries,
     },
     Target {
+        name: "outbox_record",
+        check: check_outbox_record,
+    },
+    Target {
         name: "artifact_header",
         check: check_artifact_header,
     },
@@ -514,6 +518,22 @@ pub fn check_chunked(data: &[u8]) {
             BodyEnd::Error(BodyError::TooLarge),
             "a body one byte over the limit"
         );
+    }
+}
+
+/// `outbox_record`: the replication outbox is read back after a crash, torn tail and all.
+/// `Record::parse` never panics on any line, and a line it accepts is exactly what
+/// `Record::line` writes for the record it returns, so a restart replays the same entries.
+pub fn check_outbox_record(data: &[u8]) {
+    use crate::replication::outbox::Record;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    for line in text.lines() {
+        if let Some(record) = Record::parse(line) {
+            let written = record.line();
+            assert_eq!(Record::parse(written.trim_end_matches('\n')), Some(record));
+        }
     }
 }
 

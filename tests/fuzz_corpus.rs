@@ -313,6 +313,32 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             format!("ac k 1 {sha} 99999999999999999999999\n"),
         ),
     ];
+    // Outbox lines: what `Record::line` writes, and what a crash or damage leaves.
+    let records: &[(&str, &str)] = &[
+        (
+            "outbox-put",
+            "P 1 1700000000000 ac 0123abcd 1700000000001\n",
+        ),
+        (
+            "outbox-delete",
+            "D 2 1700000000002 blobs a~b 1700000000003\n",
+        ),
+        ("outbox-two", "P 3 1 cas k 2\nD 4 5 blobs k 6\n"),
+        ("outbox-torn-tail", "P 5 1 ac k 2\nD 6 1 blo"),
+        ("outbox-bad-op", "X 1 1 ac k 2\n"),
+        ("outbox-extra-field", "P 1 1 ac k 2 3\n"),
+        ("outbox-negative", "P -1 1 ac k 2\n"),
+        ("outbox-huge-seq", "P 99999999999999999999999 1 ac k 2\n"),
+        ("outbox-empty", ""),
+        ("outbox-crlf", "P 1 1 ac k 2\r\n"),
+    ];
+    for (name, text) in records {
+        out.push((
+            "outbox_record",
+            (*name).to_owned(),
+            text.as_bytes().to_vec(),
+        ));
+    }
     for (name, text) in listings {
         out.push((
             "peer_summaries",

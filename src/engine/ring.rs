@@ -1346,7 +1346,6 @@ impl CoreLoop {
             return;
         };
         let remaining = slot.want.1;
-        let token = token(index, slot.generation);
         slot.cold_since = Some(Instant::now());
         let op = Op::SpliceToPipe {
             fd_in: Rc::clone(&file),
@@ -1354,18 +1353,11 @@ impl CoreLoop {
             pipe,
             len: u32::try_from(chunk).unwrap_or(u32::MAX),
         };
-        match self.driver.submit(op, token) {
-            Ok(id) => slot.pending = Some(id),
-            Err(err) => {
-                tracing::warn!(kind = ?err.kind, "ring refused a cold read; closing the connection");
-                if let Some(s) = self.stats.get(self.core) {
-                    s.submit_refused_total.fetch_add(1, Ordering::Relaxed);
-                }
-                drop(err);
-                self.free_slot(index);
-                self.release_pipe_waiter();
-                return;
-            }
+        self.submit(index, op);
+        if self.slots.get(index as usize).is_none_or(Option::is_none) {
+            // Refused: `submit` closed the connection; its pipe went back.
+            self.release_pipe_waiter();
+            return;
         }
         if let Some(s) = self.stats.get(self.core) {
             s.cold_reads_total.fetch_add(1, Ordering::Relaxed);

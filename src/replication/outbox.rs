@@ -57,7 +57,8 @@ pub struct Record {
 }
 
 impl Record {
-    fn line(&self) -> String {
+    /// The record as one line of the outbox file, newline included.
+    pub fn line(&self) -> String {
         let op = match self.op {
             Op::Put => 'P',
             Op::Delete => 'D',
@@ -68,7 +69,9 @@ impl Record {
         )
     }
 
-    fn parse(line: &str) -> Option<Record> {
+    /// A line of the outbox file (without its newline), or `None` when it is
+    /// not one `line` wrote: a torn tail after a crash, or damage.
+    pub fn parse(line: &str) -> Option<Record> {
         let mut it = line.split(' ');
         let op = match it.next()? {
             "P" => Op::Put,
