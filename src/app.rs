@@ -20,7 +20,9 @@ use crate::http1::{
 use crate::metrics::{write_metric, Metrics};
 use crate::replication::Replication;
 use crate::route::{classify, Action, ArtifactKind, Route, RouteError};
-use crate::store::{Artifact, Committed, OpenCache, PutOptions, PutWriter, Store, StoreError};
+use crate::store::{
+    Artifact, Committed, DeleteAt, OpenCache, PutOptions, PutWriter, Store, StoreError,
+};
 
 /// The request facts every decision needs, borrowed from whichever parser
 /// read the head.
@@ -446,17 +448,25 @@ impl App {
         if let Err(reply) = self.check_write_preconditions(req, ns, key) {
             return reply;
         }
-        match self.store.delete(ns, key) {
-            Ok(true) => {
-                if let Some(replication) = self.replication() {
-                    let now_ms = crate::replication::now_ms();
-                    if let Err(reply) = replication.record_delete(ns, key, now_ms) {
-                        return reply;
-                    }
-                }
-                Reply::empty(204)
-            }
-            Ok(false) => Reply::error(404, "no such artifact"),
+        let Some(replication) = self.replication() else {
+            return match self.store.delete(ns, key) {
+                Ok(true) => Reply::empty(204),
+                Ok(false) => Reply::error(404, "no such artifact"),
+                Err(err) => store_error(&err),
+            };
+        };
+        // Replicated: the delete leaves a tombstone, so a peer that missed it
+        // cannot bring the artifact back through anti-entropy.
+        let now_ms = crate::replication::now_ms();
+        match self.store.delete_at(ns, key, now_ms, true) {
+            Ok(DeleteAt::Deleted {
+                existed: true,
+                time_ms,
+            }) => match replication.record_delete(ns, key, time_ms) {
+                Ok(()) => Reply::empty(204),
+                Err(reply) => reply,
+            },
+            Ok(_) => Reply::error(404, "no such artifact"),
             Err(err) => store_error(&err),
         }
     }
@@ -505,6 +515,7 @@ impl App {
             expected_sha256,
             body_bytes_max,
             write_time_ms: None,
+            last_writer_wins: false,
         };
         match self.store.begin_put(ns, key, options) {
             Ok(writer) => {

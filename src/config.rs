@@ -359,6 +359,10 @@ pub struct Config {
     /// Period of anti-entropy with each peer, in ms. Default 600000 (10 min),
     /// range 1000..=86400000.
     pub anti_entropy_interval_ms: u64,
+    /// How long a replicated delete's tombstone is kept, in ms: a peer that
+    /// missed the delete and returns within it cannot bring the artifact back.
+    /// Default 604800000 (7 days), range 60000..=31536000000 (365 days).
+    pub tombstone_retention_ms: u64,
     /// How often an up peer is probed, in ms. Default 1000, range 100..=3600000.
     pub peer_probe_interval_ms: u64,
     /// Deadline of one replication request, in ms. Default 30000, range 100..=3600000.
@@ -441,6 +445,7 @@ impl Default for Config {
             peer_secret: Secret::default(),
             replication_outbox_bytes_max: GIB,
             anti_entropy_interval_ms: 600_000,
+            tombstone_retention_ms: 604_800_000,
             peer_probe_interval_ms: 1_000,
             replication_request_timeout_ms: 30_000,
             engine: EngineChoice::Auto,
@@ -600,6 +605,11 @@ fn rules(c: &Config) -> Vec<Rule> {
             "anti_entropy_interval_ms",
             within(c.anti_entropy_interval_ms, 1_000, 86_400_000),
             "a whole number of milliseconds from 1000 to 86400000 (one day)",
+        ),
+        Rule::new(
+            "tombstone_retention_ms",
+            within(c.tombstone_retention_ms, 60_000, 31_536_000_000),
+            "a whole number of milliseconds from 60000 (one minute) to 31536000000 (365 days)",
         ),
         Rule::new(
             "peer_probe_interval_ms",
@@ -1613,6 +1623,7 @@ mod tests {
                 "from 4096 (4 KiB) to 1 TiB",
             ),
             ("anti_entropy_interval_ms", "999", "from 1000 to 86400000"),
+            ("tombstone_retention_ms", "59999", "from 60000 (one minute)"),
             ("peer_probe_interval_ms", "0", "from 100 to 3600000"),
             (
                 "replication_request_timeout_ms",

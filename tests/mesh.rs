@@ -405,6 +405,74 @@ fn a_backlog_past_the_bound_is_repaired_by_anti_entropy() {
     );
 }
 
+/// A delete that an overflowed peer missed must not come back: the
+/// deleting node keeps a tombstone, anti-entropy (run from both sides)
+/// carries the delete to the peer instead of copying the old artifact back.
+/// Also covers multi-segment keys (ccache's default layout) in anti-entropy.
+#[test]
+fn a_delete_missed_by_an_overflowed_peer_is_not_resurrected() {
+    let env = [
+        ("SLUICE_REPLICATION_OUTBOX_BYTES_MAX", "4096"),
+        ("SLUICE_ANTI_ENTROPY_INTERVAL_MS", "1000"),
+        ("SLUICE_FSYNC", "never"),
+    ];
+    let mut mesh = Mesh::start(2, &env);
+    let (a, b) = (mesh.addr(0), mesh.addr(1));
+    let doomed = [
+        Artifact {
+            path: "/v1/artifacts/ccache/fe/a5c6ltr4q0kut6qjm9545n50fgo5cbi".into(),
+            body: body(1, 3000),
+        },
+        Artifact {
+            path: "/v1/artifacts/mesh/doomed".into(),
+            body: body(2, 3000),
+        },
+    ];
+    let kept = Artifact {
+        path: "/v1/artifacts/ccache/ab/kept".into(),
+        body: body(3, 3000),
+    };
+    for art in doomed.iter().chain([&kept]) {
+        put_ok(a, art);
+    }
+    wait_for("the artifacts on B", Duration::from_secs(20), || {
+        doomed.iter().chain([&kept]).all(|art| holds(b, art))
+    });
+    mesh.kill(1);
+    // Overflow A's backlog for B, then delete: B's outbox entries are gone.
+    let filler: Vec<Artifact> = (0..60u64).map(|i| artifact(7000 + i, 512)).collect();
+    for art in &filler {
+        put_ok(a, art);
+    }
+    assert!(metric(a, "sluice_replication_outbox_overflows_total", &[]) >= 1.0);
+    for art in &doomed {
+        assert_eq!(http(a, "DELETE", &art.path, &[], b"").status, 204);
+    }
+    mesh.restart(1, &env);
+    wait_for("anti-entropy to repair B", Duration::from_secs(60), || {
+        filler
+            .iter()
+            .all(|art| status_of(b, "HEAD", &art.path) == 200)
+            && doomed
+                .iter()
+                .all(|art| status_of(b, "HEAD", &art.path) == 404)
+    });
+    // Several more runs in both directions: still deleted on both, and the
+    // untouched multi-segment key is still everywhere.
+    let runs = metric(b, "sluice_anti_entropy_runs_total", &["result=\"ok\""]);
+    wait_for(
+        "B's next anti-entropy runs",
+        Duration::from_secs(30),
+        || metric(b, "sluice_anti_entropy_runs_total", &["result=\"ok\""]) >= runs + 2.0,
+    );
+    for node in [a, b] {
+        for art in &doomed {
+            assert_eq!(status_of(node, "GET", &art.path), 404, "{}", art.path);
+        }
+        assert!(holds(node, &kept));
+    }
+}
+
 /// A listener that accepts and resets every connection, counting them.
 fn resetting_listener() -> (u16, Arc<AtomicU64>, Arc<AtomicBool>) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");

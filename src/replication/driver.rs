@@ -140,9 +140,10 @@ pub fn start(r: Arc<Replication>, store: Store, transport: Transport) -> std::io
         let r = Arc::clone(&r);
         let tx = tx.clone();
         let transport = transport.clone();
+        let store = store.clone();
         std::thread::Builder::new()
             .name("sluice-anti-entropy".into())
-            .spawn(move || anti_entropy_loop(&r, &transport, &ae_rx, &tx))?;
+            .spawn(move || anti_entropy_loop(&r, &store, &transport, &ae_rx, &tx))?;
     }
     let seed = super::now_ms() ^ u64::from(std::process::id()) << 32;
     let now = Instant::now();
@@ -448,20 +449,26 @@ impl Driver {
     /// (the artifact is gone since), `Err` to wait (memory bound).
     fn build(&self, addr: SocketAddr, record: &Record) -> Result<Option<Built>, ()> {
         match record.op {
-            Op::Delete => Ok(Some((
-                format!(
-                    "DELETE /_peer/v1/delete/{}/{}/{} HTTP/1.1\r\nHost: {addr}\r\n{}\r\n",
-                    record.ns,
-                    record.key,
-                    record.write_time_ms,
-                    self.auth_header()
-                )
-                .into_bytes(),
-                None,
-                0,
+            Op::Delete => Ok(Some(self.build_delete(
+                addr,
+                &record.ns,
+                &record.key,
+                record.write_time_ms,
             ))),
             Op::Put => self.build_put(addr, &record.ns, &record.key),
         }
+    }
+
+    fn build_delete(&self, addr: SocketAddr, ns: &str, key: &str, time_ms: u64) -> Built {
+        (
+            format!(
+                "DELETE /_peer/v1/delete/{ns}/{key}/{time_ms} HTTP/1.1\r\nHost: {addr}\r\n{}\r\n",
+                self.auth_header()
+            )
+            .into_bytes(),
+            None,
+            0,
+        )
     }
 
     fn build_put(&self, addr: SocketAddr, ns: &str, key: &str) -> Result<Option<Built>, ()> {
@@ -588,7 +595,17 @@ impl Driver {
                 return;
             };
             let addr = run.addr;
-            let built = match self.build_put(addr, &entry.ns, &entry.key) {
+            let built = if entry.deleted {
+                Ok(Some(self.build_delete(
+                    addr,
+                    &entry.ns,
+                    &entry.key,
+                    entry.write_time_ms,
+                )))
+            } else {
+                self.build_put(addr, &entry.ns, &entry.key)
+            };
+            let built = match built {
                 Ok(Some(built)) => built,
                 Ok(None) => continue,
                 Err(()) => {
@@ -972,6 +989,7 @@ fn query(
 
 fn anti_entropy_loop(
     r: &Replication,
+    store: &Store,
     transport: &Transport,
     rx: &Receiver<AeJob>,
     tx: &Sender<Event>,
@@ -980,6 +998,14 @@ fn anti_entropy_loop(
         match job {
             AeJob::Serve => r.summaries.serve_pending(),
             AeJob::Run { peer, addr } => {
+                // Before the walk, so the summary no longer counts them.
+                let cutoff = super::now_ms()
+                    .saturating_sub(r.settings.tombstone_retention.as_millis() as u64);
+                let expired = store.expire_tombstones(cutoff);
+                if expired > 0 {
+                    r.series
+                        .add("sluice_tombstones_expired_total", String::new(), expired);
+                }
                 let result = compare(r, transport, addr);
                 let _ = tx.send(Event::AntiEntropyDone { peer, result });
             }

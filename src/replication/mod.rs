@@ -66,6 +66,8 @@ pub struct Settings {
     pub fsync: bool,
     /// Largest body a peer PUT may carry, bytes.
     pub body_bytes_max: u64,
+    /// How long a delete's tombstone is kept (`tombstone_retention_ms`).
+    pub tombstone_retention: Duration,
 }
 
 impl Settings {
@@ -86,6 +88,7 @@ impl Settings {
             listen,
             fsync: config.fsync == crate::config::FsyncPolicy::Always,
             body_bytes_max: config.body_bytes_max.max(config.gradle_body_bytes_max),
+            tombstone_retention: Duration::from_millis(config.tombstone_retention_ms),
         })
     }
 }

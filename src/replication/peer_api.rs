@@ -20,7 +20,7 @@
 //! the next anti-entropy run (which compares both ways) repairs it.
 
 use crate::app::{App, Decision, PutSink, Reply, RequestInfo};
-use crate::store::{valid_key, valid_namespace, PutOptions};
+use crate::store::{valid_key, valid_namespace, DeleteAt, PutOptions};
 
 use super::summary::Query;
 use super::Replication;
@@ -52,10 +52,13 @@ pub fn handle(app: &App, req: &RequestInfo<'_>, rest: &str) -> Decision {
             r.headers[0].1 = "application/json".to_string();
             reply(r)
         }
-        ("PUT", ["v1", "put", ns, key, time, sha]) => {
-            put(app, replication, req, ns, key, time, sha, &count)
+        // A key may have several `/`-separated segments (ccache's layout).
+        ("PUT", ["v1", "put", ns, key @ .., time, sha]) if !key.is_empty() => {
+            put(app, replication, req, ns, &key.join("/"), time, sha, &count)
         }
-        ("DELETE", ["v1", "delete", ns, key, time]) => reply(delete(app, ns, key, time, &count)),
+        ("DELETE", ["v1", "delete", ns, key @ .., time]) if !key.is_empty() => {
+            reply(delete(app, ns, &key.join("/"), time, &count))
+        }
         ("GET", ["v1", "summary"]) => reply(query(replication, Query::Summary, &count)),
         ("GET", ["v1", "buckets", list]) => {
             let buckets: Option<Vec<u16>> = list
@@ -127,6 +130,16 @@ fn put(
         Ok(found) => found,
         Err(err) => return refuse(Reply::error(err.status(), &err.to_string())),
     };
+    // Deleted here at or after this write's time: the delete wins.
+    if app
+        .store
+        .tombstone_time(ns, key)
+        .is_some_and(|t| t >= write_time_ms)
+    {
+        count("kept");
+        let r = Reply::text(200, "kept: this node deleted the key after this write\n");
+        return Decision::ReceiveBody(PutSink::discarding(r, body_bytes_max));
+    }
     if let Some(local) = local {
         let local_time = local.write_time_ms().unwrap_or(0);
         let content_addressed = ns == "cas";
@@ -142,15 +155,23 @@ fn put(
         expected_sha256: Some(sha256),
         body_bytes_max,
         write_time_ms: Some(write_time_ms),
+        // The check above saves reading a body that loses; this one, under
+        // the key's lock at commit, makes last-writer-wins exact.
+        last_writer_wins: true,
     };
     match app.store.begin_put(ns, key, options) {
         Ok(writer) => {
             let mut sink = PutSink::new(writer, body_bytes_max);
             let series_ok = std::sync::Arc::clone(app.replication().expect("checked above"));
             sink.set_on_commit(crate::app::OnCommit(Box::new(move |committed| {
+                let result = if committed.superseded {
+                    "result=\"kept\""
+                } else {
+                    "result=\"stored\""
+                };
                 series_ok.series.add(
                     "sluice_replication_received_requests_total",
-                    "result=\"stored\"".to_string(),
+                    result.to_string(),
                     1,
                 );
                 series_ok.series.add(
@@ -174,16 +195,12 @@ fn delete(app: &App, ns: &str, key: &str, time: &str, count: &dyn Fn(&str)) -> R
             return r;
         }
     };
-    match app.store.get(ns, key) {
-        Ok(Some(local)) if local.write_time_ms().unwrap_or(0) > write_time_ms => {
+    match app.store.delete_at(ns, key, write_time_ms, false) {
+        Ok(DeleteAt::Kept) => {
             count("kept");
-            return Reply::text(200, "kept: this node holds a newer version\n");
+            Reply::text(200, "kept: this node holds a newer version\n")
         }
-        Ok(_) => {}
-        Err(err) => return Reply::error(err.status(), &err.to_string()),
-    }
-    match app.store.delete(ns, key) {
-        Ok(_) => {
+        Ok(DeleteAt::Deleted { .. }) => {
             count("deleted");
             Reply::empty(204)
         }

@@ -10,7 +10,8 @@
 //! is disk work, so it never runs on an engine thread. The peer API answers
 //! from [`Cache`], which the anti-entropy thread fills.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::fs::DirEntry;
 use std::io::{self, Read as _};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::store::format::{decode_header, HEADER_BYTES};
-use crate::store::{valid_key, valid_namespace};
+use crate::store::{key_of_file_name, valid_key, valid_namespace};
 
 /// Buckets in a summary.
 pub const BUCKETS: usize = 4096;
@@ -34,14 +35,27 @@ pub const CACHE_FRESH: Duration = Duration::from_secs(5);
 /// Answers and pending queries the cache keeps.
 const CACHE_SLOTS_MAX: usize = 8;
 
-/// One artifact as a summary sees it.
+/// One artifact (or one delete) as a summary sees it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Entry {
     pub ns: String,
     pub key: String,
+    /// The write time, or for a delete its time.
     pub write_time_ms: u64,
+    /// Zero for a delete.
     pub sha256: [u8; 32],
+    /// Zero for a delete.
     pub len: u64,
+    /// A tombstone: the key was deleted at `write_time_ms`.
+    pub deleted: bool,
+}
+
+impl Entry {
+    /// Last-writer-wins order: the later time wins; at the same time a
+    /// delete wins over a write, then the greater digest.
+    pub fn version(&self) -> (u64, bool, [u8; 32]) {
+        (self.write_time_ms, self.deleted, self.sha256)
+    }
 }
 
 pub fn bucket_of(ns: &str, key: &str) -> usize {
@@ -61,12 +75,71 @@ fn entry_digest(e: &Entry) -> [u8; 32] {
     h.update([0]);
     h.update(e.write_time_ms.to_le_bytes());
     h.update(e.sha256);
+    h.update([u8::from(e.deleted)]);
     h.finalize().into()
 }
 
-/// Visit every artifact under `data_dir` (valid names, valid headers).
+/// Visit every artifact under `data_dir` (valid names, valid headers) and
+/// every tombstone, merged by last-writer-wins: a key with both is visited
+/// once, as whichever is newer. Memory: one map entry per tombstone (they
+/// live `tombstone_retention_ms`), none per artifact.
 pub fn walk(data_dir: &Path, mut visit: impl FnMut(Entry)) -> io::Result<()> {
-    for ns_entry in std::fs::read_dir(data_dir)?.flatten() {
+    let mut tombstones: HashMap<(String, String), u64> = HashMap::new();
+    let tomb_root = data_dir.join(crate::store::TOMBSTONE_DIR);
+    if tomb_root.is_dir() {
+        walk_files(&tomb_root, |ns, key, file| {
+            if let Ok(meta) = file.metadata() {
+                let t = crate::store::background_millis(meta.mtime(), meta.mtime_nsec());
+                tombstones.insert((ns.to_string(), key), t);
+            }
+        })?;
+    }
+    walk_files(data_dir, |ns, key, file| {
+        let Ok(mut f) = std::fs::File::open(file.path()) else {
+            return;
+        };
+        let mut head = [0u8; HEADER_BYTES];
+        if f.read_exact(&mut head).is_err() {
+            return;
+        }
+        let Ok(header) = decode_header(&head) else {
+            return;
+        };
+        let Ok(meta) = f.metadata() else { return };
+        let write_time_ms = crate::store::background_millis(meta.mtime(), meta.mtime_nsec());
+        let id = (ns.to_string(), key);
+        if let Some(&deleted_at) = tombstones.get(&id) {
+            if deleted_at >= write_time_ms {
+                return; // deleted after this write: the tombstone stands
+            }
+            tombstones.remove(&id);
+        }
+        visit(Entry {
+            ns: id.0,
+            key: id.1,
+            write_time_ms,
+            sha256: header.sha256,
+            len: header.body_len,
+            deleted: false,
+        });
+    })?;
+    for ((ns, key), write_time_ms) in tombstones {
+        visit(Entry {
+            ns,
+            key,
+            write_time_ms,
+            sha256: [0; 32],
+            len: 0,
+            deleted: true,
+        });
+    }
+    Ok(())
+}
+
+/// Every `{root}/{ns}/{xx}/{file}` with a valid namespace and a file name
+/// that stands for a valid key.
+fn walk_files(root: &Path, mut visit: impl FnMut(&str, String, &DirEntry)) -> io::Result<()> {
+    for ns_entry in std::fs::read_dir(root)?.flatten() {
         let Ok(ns) = ns_entry.file_name().into_string() else {
             continue;
         };
@@ -81,30 +154,10 @@ pub fn walk(data_dir: &Path, mut visit: impl FnMut(Entry)) -> io::Result<()> {
                 continue;
             };
             for file in files.flatten() {
-                let Ok(key) = file.file_name().into_string() else {
+                let Some(key) = file.file_name().to_str().and_then(key_of_file_name) else {
                     continue;
                 };
-                if !valid_key(&key) {
-                    continue;
-                }
-                let Ok(mut f) = std::fs::File::open(file.path()) else {
-                    continue;
-                };
-                let mut head = [0u8; HEADER_BYTES];
-                if f.read_exact(&mut head).is_err() {
-                    continue;
-                }
-                let Ok(header) = decode_header(&head) else {
-                    continue;
-                };
-                let Ok(meta) = f.metadata() else { continue };
-                visit(Entry {
-                    ns: ns.clone(),
-                    key,
-                    write_time_ms: crate::store::background_millis(meta.mtime(), meta.mtime_nsec()),
-                    sha256: header.sha256,
-                    len: header.body_len,
-                });
+                visit(&ns, key, &file);
             }
         }
     }
@@ -159,13 +212,15 @@ pub fn decode_summary(bytes: &[u8]) -> Option<Vec<[u8; 32]>> {
 pub fn encode_listing(entries: &[Entry]) -> Vec<u8> {
     let mut out = String::new();
     for e in entries {
+        // A tombstone's digest is `-`.
+        let sha = if e.deleted {
+            "-".to_string()
+        } else {
+            hex::encode(e.sha256)
+        };
         out.push_str(&format!(
             "{} {} {} {} {}\n",
-            e.ns,
-            e.key,
-            e.write_time_ms,
-            hex::encode(e.sha256),
-            e.len
+            e.ns, e.key, e.write_time_ms, sha, e.len
         ));
     }
     out.into_bytes()
@@ -180,14 +235,22 @@ pub fn decode_listing(bytes: &[u8]) -> Option<Vec<Entry>> {
             let key = it.next()?.to_string();
             let write_time_ms = it.next()?.parse().ok()?;
             let mut sha256 = [0u8; 32];
-            hex::decode_to_slice(it.next()?, &mut sha256).ok()?;
+            let sha = it.next()?;
+            let deleted = sha == "-";
+            if !deleted {
+                hex::decode_to_slice(sha, &mut sha256).ok()?;
+            }
             let len = it.next()?.parse().ok()?;
+            if it.next().is_some() || !valid_namespace(&ns) || !valid_key(&key) {
+                return None;
+            }
             Some(Entry {
                 ns,
                 key,
                 write_time_ms,
                 sha256,
                 len,
+                deleted,
             })
         })
         .collect()
@@ -274,17 +337,19 @@ impl Cache {
 }
 
 /// Entries `ours` holds that `theirs` lacks or holds older (by
-/// `(write_time, sha256)`; CAS only when missing). Both sorted.
+/// [`Entry::version`]; CAS only when missing). A tombstone of ours is sent
+/// only where they hold an older version of the key (a delete of
+/// something they never had changes nothing).
 pub fn to_repair(ours: &[Entry], theirs: &[Entry]) -> Vec<Entry> {
-    let theirs: std::collections::HashMap<(&str, &str), &Entry> = theirs
+    let theirs: HashMap<(&str, &str), &Entry> = theirs
         .iter()
         .map(|e| ((e.ns.as_str(), e.key.as_str()), e))
         .collect();
     ours.iter()
         .filter(|e| match theirs.get(&(e.ns.as_str(), e.key.as_str())) {
-            None => true,
+            None => !e.deleted,
             Some(_) if e.ns == "cas" => false,
-            Some(t) => (e.write_time_ms, e.sha256) > (t.write_time_ms, t.sha256),
+            Some(t) => !(e.deleted && t.deleted) && e.version() > t.version(),
         })
         .cloned()
         .collect()
@@ -301,7 +366,100 @@ mod tests {
             write_time_ms: t,
             sha256: [s; 32],
             len: 1,
+            deleted: false,
         }
+    }
+
+    fn tomb(ns: &str, key: &str, t: u64) -> Entry {
+        Entry {
+            ns: ns.into(),
+            key: key.into(),
+            write_time_ms: t,
+            sha256: [0; 32],
+            len: 0,
+            deleted: true,
+        }
+    }
+
+    #[test]
+    fn tombstones_repair_by_last_writer_wins() {
+        let ours = vec![
+            tomb("g", "gone", 10),     // they hold it older: send the delete
+            tomb("g", "never", 10),    // they never had it: nothing to send
+            tomb("g", "rewritten", 5), // they wrote it again later: theirs wins
+            tomb("g", "same", 7),      // they hold the same tombstone
+            tomb("g", "tie", 8),       // a delete beats a write at the same ms
+        ];
+        let theirs = vec![
+            e("g", "gone", 9, 1),
+            e("g", "rewritten", 6, 1),
+            tomb("g", "same", 7),
+            e("g", "tie", 8, 0xff),
+        ];
+        let repairs = to_repair(&ours, &theirs);
+        let got: Vec<&str> = repairs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(got, vec!["gone", "tie"]);
+        // And the other way: a live artifact newer than their tombstone goes.
+        let back = to_repair(&[e("g", "rewritten", 6, 1)], &[tomb("g", "rewritten", 5)]);
+        assert_eq!(back.len(), 1);
+        assert!(!back[0].deleted);
+        let listing = vec![e("g", "a/b", 5, 1), tomb("g", "x", 7)];
+        assert_eq!(decode_listing(&encode_listing(&listing)).unwrap(), listing);
+        // A listing naming a bad key or carrying extra fields is malformed.
+        assert!(decode_listing(b"g ../x 1 - 0\n").is_none());
+        assert!(decode_listing(b"g x 1 - 0 extra\n").is_none());
+    }
+
+    /// The walk sees multi-segment keys (stored as `~`-joined file names)
+    /// and merges tombstones with artifacts by time.
+    #[test]
+    fn walk_merges_tombstones_and_reads_multi_segment_keys() {
+        use crate::store::{FsyncPolicy, PutOptions, Store, StoreConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            store_bytes_max: 0,
+            fsync: FsyncPolicy::Never,
+        })
+        .unwrap();
+        let put = |key: &str, t: u64| {
+            let mut w = store
+                .begin_put(
+                    "g",
+                    key,
+                    PutOptions {
+                        write_time_ms: Some(t),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            w.write(key.as_bytes()).unwrap();
+            w.commit().unwrap()
+        };
+        put("fe/a5c6ltr4", 1_000);
+        put("deleted", 1_000);
+        put("kept", 3_000);
+        store.delete_at("g", "deleted", 2_000, false).unwrap();
+        assert_eq!(
+            store.delete_at("g", "kept", 2_000, false).unwrap(),
+            crate::store::DeleteAt::Kept
+        );
+        let mut seen = Vec::new();
+        walk(dir.path(), |e| seen.push(e)).unwrap();
+        seen.sort();
+        let got: Vec<(&str, u64, bool)> = seen
+            .iter()
+            .map(|e| (e.key.as_str(), e.write_time_ms, e.deleted))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("deleted", 2_000, true),
+                ("fe/a5c6ltr4", 1_000, false),
+                ("kept", 3_000, false)
+            ]
+        );
+        store.shutdown();
     }
 
     #[test]

@@ -42,6 +42,7 @@ mod index;
 mod layout;
 #[cfg(test)]
 mod tests;
+mod tombstone;
 
 pub use background::millis as background_millis;
 pub use index::{INDEX_ENTRIES_MAX, SHARDS};
@@ -50,6 +51,7 @@ pub use layout::{
     valid_namespace, KEY_BYTES_MAX, KEY_SEGMENTS_MAX, NAMESPACE_BYTES_MAX,
     SEGMENT_SEPARATOR_ON_DISK,
 };
+pub use tombstone::{DeleteAt, TOMBSTONE_DIR};
 
 use format::HEADER_BYTES;
 use index::{Entry, Index};
@@ -233,6 +235,11 @@ pub struct PutOptions {
     /// origin's time, so every node holds the same (key, time, digest) and
     /// last-writer-wins compares like with like.
     pub write_time_ms: Option<u64>,
+    /// Publish only if `(write time, sha256)` is greater than the local
+    /// artifact's and the write time is after the key's tombstone, checked
+    /// under the key's lock at commit; otherwise the commit succeeds with
+    /// [`Committed::superseded`] and nothing changes. For replicated writes.
+    pub last_writer_wins: bool,
 }
 
 /// The outcome of a successful commit.
@@ -246,6 +253,9 @@ pub struct Committed {
     pub replaced: bool,
     /// The write time recorded as the file's mtime, ms since the Unix epoch.
     pub write_time_ms: u64,
+    /// Under [`PutOptions::last_writer_wins`]: the local artifact or its
+    /// tombstone was as new or newer, so nothing was published.
+    pub superseded: bool,
 }
 
 /// Point-in-time counters.
@@ -314,6 +324,9 @@ struct Shared {
     /// Set on the first ENOSPC, cleared by the next successful commit: a full
     /// disk is logged once per episode, not once per request.
     nospace_logged: AtomicBool,
+    /// Whether `.tombstones/` may hold anything (see `tombstone`): while
+    /// false, writes skip looking for a tombstone to clear.
+    has_tombstones: AtomicBool,
     signal: Signal,
 }
 
@@ -645,6 +658,7 @@ impl Store {
             rustix::fs::fsync(&data_dir_fd)
                 .map_err(|e| plain("fsync directory", &data_dir, e.into()))?;
         }
+        let data_dir_has_tombstones = data_dir.join(TOMBSTONE_DIR).exists();
         let shared = Arc::new(Shared {
             data_dir,
             data_dir_fd,
@@ -658,6 +672,7 @@ impl Store {
             corrupt_total: AtomicU64::new(0),
             accounting_complete: AtomicBool::new(false),
             nospace_logged: AtomicBool::new(false),
+            has_tombstones: AtomicBool::new(data_dir_has_tombstones),
             signal: Signal {
                 state: Mutex::new(SignalState::default()),
                 cond: Condvar::new(),
@@ -944,6 +959,7 @@ impl Store {
             expected_sha256: options.expected_sha256,
             limit_bytes,
             write_time_ms: options.write_time_ms,
+            last_writer_wins: options.last_writer_wins,
             failed: false,
         };
         if let Some(len) = options.expected_len.filter(|len| *len > 0) {
@@ -1086,6 +1102,7 @@ pub struct PutWriter {
     /// 0 = unlimited.
     limit_bytes: u64,
     write_time_ms: Option<u64>,
+    last_writer_wins: bool,
     failed: bool,
 }
 
@@ -1248,6 +1265,26 @@ impl PutWriter {
         };
 
         let mut locked = sh.index.lock(&self.rel);
+        if self.last_writer_wins {
+            let ours = (write_time_ms, sha256);
+            let superseded = sh.version_at(&self.rel).is_some_and(|local| local >= ours)
+                || sh
+                    .tombstone_time(&self.rel)
+                    .is_some_and(|t| t >= write_time_ms);
+            if superseded {
+                drop(locked);
+                if self.named_temp.is_none() {
+                    let _ = rustix::fs::unlinkat(from_dir, from_name, AtFlags::empty());
+                } // a named temp is unlinked by Drop
+                return Ok(Committed {
+                    len: self.body_len,
+                    sha256,
+                    replaced: false,
+                    write_time_ms,
+                    superseded: true,
+                });
+            }
+        }
         let replaced = rustix::fs::statat(&self.dir_fd, key, AtFlags::SYMLINK_NOFOLLOW).is_ok();
         if let Err(e) = rustix::fs::renameat(from_dir, from_name, &self.dir_fd, key) {
             drop(locked);
@@ -1257,6 +1294,7 @@ impl PutWriter {
             return Err(sh.errno("rename into place", &path.display(), e));
         }
         self.named_temp = None; // published: nothing left for Drop to remove
+        sh.clear_tombstone(&self.rel);
         locked.upsert(
             &self.rel,
             Entry {
@@ -1276,6 +1314,7 @@ impl PutWriter {
             sha256,
             replaced,
             write_time_ms,
+            superseded: false,
         })
     }
 

@@ -90,6 +90,7 @@ fn round_trip_in_both_temp_modes() {
                 sha256: sha(&data),
                 replaced: false,
                 write_time_ms: c.write_time_ms,
+                superseded: false,
             }
         );
         // The write time is the file's mtime, read back as such.
@@ -233,6 +234,7 @@ fn digest_and_length_mismatch_store_nothing() {
             expected_sha256: Some(sha(data)),
             body_bytes_max: 100,
             write_time_ms: Some(1_234_567),
+            last_writer_wins: false,
         };
         let mut w = store.begin_put("cas", "bb", opts).unwrap();
         w.write(data).unwrap();
@@ -803,4 +805,88 @@ fn open_cache_hit_shares_the_descriptor() {
     let mut held = second;
     assert_eq!(read_body(&mut held), b"shared");
     drop(first);
+}
+
+fn put_at(store: &Store, key: &str, data: &[u8], t: u64, lww: bool) -> Committed {
+    let mut w = store
+        .begin_put(
+            "g",
+            key,
+            PutOptions {
+                write_time_ms: Some(t),
+                last_writer_wins: lww,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    w.write(data).unwrap();
+    w.commit().unwrap()
+}
+
+/// Last-writer-wins is decided under the key's lock at commit: an older
+/// replicated write, or one older than the key's tombstone, changes nothing.
+#[test]
+fn last_writer_wins_and_tombstones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    put_at(&store, "k", b"new", 2_000, false);
+    // Older: superseded, the local version stays.
+    let c = put_at(&store, "k", b"old", 1_000, true);
+    assert!(c.superseded);
+    let a = store.get("g", "k").unwrap().unwrap();
+    assert_eq!((a.write_time_ms().unwrap(), a.len), (2_000, 3));
+    // Newer: published.
+    assert!(!put_at(&store, "k", b"newest", 3_000, true).superseded);
+    assert_eq!(store.get("g", "k").unwrap().unwrap().len, 6);
+
+    // A replicated delete older than the artifact is kept out.
+    assert_eq!(
+        store.delete_at("g", "k", 2_500, false).unwrap(),
+        DeleteAt::Kept
+    );
+    assert!(store.get("g", "k").unwrap().is_some());
+    // A newer one deletes and leaves a tombstone.
+    assert_eq!(
+        store.delete_at("g", "k", 4_000, false).unwrap(),
+        DeleteAt::Deleted {
+            existed: true,
+            time_ms: 4_000
+        }
+    );
+    assert!(store.get("g", "k").unwrap().is_none());
+    assert_eq!(store.tombstone_time("g", "k"), Some(4_000));
+    // A replicated write from before the delete cannot resurrect it.
+    assert!(put_at(&store, "k", b"stale", 3_500, true).superseded);
+    assert!(store.get("g", "k").unwrap().is_none());
+    // A client's write does, and clears the tombstone.
+    assert!(!put_at(&store, "k", b"again", 5_000, false).superseded);
+    assert_eq!(store.tombstone_time("g", "k"), None);
+
+    // A client's delete always wins, even over a write time from the future.
+    // Year 2100: a peer whose clock runs far ahead.
+    put_at(&store, "f", b"future", 4_102_444_800_000, true);
+    match store.delete_at("g", "f", 1, true).unwrap() {
+        DeleteAt::Deleted {
+            existed: true,
+            time_ms,
+        } => assert!(time_ms > 4_102_444_800_000),
+        other => panic!("{other:?}"),
+    }
+    // ... and a client's delete of nothing leaves no tombstone.
+    assert_eq!(
+        store.delete_at("g", "none", 7, true).unwrap(),
+        DeleteAt::Deleted {
+            existed: false,
+            time_ms: 7
+        }
+    );
+    assert_eq!(store.tombstone_time("g", "none"), None);
+
+    // Expiry drops tombstones older than the cutoff only.
+    store.delete_at("g", "old", 10_000, false).unwrap();
+    store.delete_at("g", "young", 20_000, false).unwrap();
+    assert_eq!(store.expire_tombstones(15_000), 1);
+    assert_eq!(store.tombstone_time("g", "old"), None);
+    assert_eq!(store.tombstone_time("g", "young"), Some(20_000));
+    store.shutdown();
 }
