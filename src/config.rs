@@ -391,8 +391,7 @@ pub struct Config {
     /// Shutdown phase 2, in ms: in-flight requests finish. Default 10000.
     pub shutdown_drain_ms: u64,
     /// Shutdown phase 3, in ms: in-flight peer sends finish (the replication outbox keeps the
-    /// rest). Replication is not wired in yet, so the phase has nothing to drain and ends at once;
-    /// the budget still counts against `shutdown_grace_ms`. Default 0, range 0..=3600000.
+    /// rest). Default 0; above one day it is clamped to one day with a warning.
     pub shutdown_replication_ms: u64,
     /// Shutdown margin, in ms, for flushing and exit. Default 2000.
     pub shutdown_teardown_ms: u64,
@@ -403,6 +402,11 @@ pub struct Config {
     /// past it the new process is stopped and the old one keeps serving. Default 30000, range
     /// 1..=3600000.
     pub upgrade_ready_timeout_ms: u64,
+    /// What loading the configuration changed and the operator should hear (a shutdown
+    /// budget clamped to a day): logged once logging is up, printed by `check-config`.
+    /// Not a key.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
     /// File holding the pid of the process that owns the listeners (rewritten by the new
     /// process after an upgrade, removed at a clean exit). Default unset: no pid file.
     pub pid_file: Option<PathBuf>,
@@ -462,6 +466,7 @@ impl Default for Config {
             shutdown_grace_ms: 30_000,
             upgrade_ready_timeout_ms: 30_000,
             pid_file: None,
+            warnings: Vec::new(),
             log_level: LogLevel::Info,
             log_format: LogFormat::Text,
             namespaces: BTreeMap::new(),
@@ -471,6 +476,11 @@ impl Default for Config {
 }
 
 const MS_EXPECTED: &str = "a whole number of milliseconds from 0 to 3600000";
+const BUDGET_EXPECTED: &str =
+    "a whole number of milliseconds (above 86400000, one day, it is clamped to one day)";
+/// Longest shutdown phase or ceiling: a larger budget is clamped to it with a warning, since a
+/// shutdown that waits for days is a typo, not a plan.
+pub const SHUTDOWN_BUDGET_MAX_MS: u64 = 86_400_000;
 const MS_POSITIVE_EXPECTED: &str = "a whole number of milliseconds from 1 to 3600000";
 const BODY_EXPECTED: &str = "a byte count from 1 byte to 1 TiB: a whole number, or a string \
                              with a suffix B, KiB, MiB, GiB, TiB (1024-based) or kB, MB, GB, TB \
@@ -650,28 +660,28 @@ fn rules(c: &Config) -> Vec<Rule> {
         ),
         Rule::new(
             "shutdown_pre_drain_ms",
-            within(c.shutdown_pre_drain_ms, 0, TIMEOUT_MS_LIMIT),
-            MS_EXPECTED,
+            true, // any whole number; above a day it is clamped (see `validate`)
+            BUDGET_EXPECTED,
         ),
         Rule::new(
             "shutdown_drain_ms",
-            within(c.shutdown_drain_ms, 0, TIMEOUT_MS_LIMIT),
-            MS_EXPECTED,
+            true, // any whole number; above a day it is clamped (see `validate`)
+            BUDGET_EXPECTED,
         ),
         Rule::new(
             "shutdown_replication_ms",
-            within(c.shutdown_replication_ms, 0, TIMEOUT_MS_LIMIT),
-            MS_EXPECTED,
+            true, // any whole number; above a day it is clamped (see `validate`)
+            BUDGET_EXPECTED,
         ),
         Rule::new(
             "shutdown_teardown_ms",
-            within(c.shutdown_teardown_ms, 0, TIMEOUT_MS_LIMIT),
-            MS_EXPECTED,
+            true, // any whole number; above a day it is clamped (see `validate`)
+            BUDGET_EXPECTED,
         ),
         Rule::new(
             "shutdown_grace_ms",
-            within(c.shutdown_grace_ms, 0, TIMEOUT_MS_LIMIT),
-            MS_EXPECTED,
+            true, // any whole number; above a day it is clamped (see `validate`)
+            BUDGET_EXPECTED,
         ),
         Rule::new(
             "upgrade_ready_timeout_ms",
@@ -1441,6 +1451,24 @@ fn validate(c: &mut Config, set: &[Entry]) -> Result<(), ConfigError> {
         ));
     }
 
+    let budgets = [
+        ("shutdown_pre_drain_ms", &mut c.shutdown_pre_drain_ms),
+        ("shutdown_drain_ms", &mut c.shutdown_drain_ms),
+        ("shutdown_replication_ms", &mut c.shutdown_replication_ms),
+        ("shutdown_teardown_ms", &mut c.shutdown_teardown_ms),
+        ("shutdown_grace_ms", &mut c.shutdown_grace_ms),
+    ];
+    let mut warnings = Vec::new();
+    for (key, value) in budgets {
+        if *value > SHUTDOWN_BUDGET_MAX_MS {
+            warnings.push(format!(
+                "config key `{key}` = `{value}` (from {}) is longer than one day: clamped to {SHUTDOWN_BUDGET_MAX_MS} ms",
+                source_of(key)
+            ));
+            *value = SHUTDOWN_BUDGET_MAX_MS;
+        }
+    }
+    c.warnings.extend(warnings);
     let phases_ms = c
         .shutdown_pre_drain_ms
         .saturating_add(c.shutdown_drain_ms)
@@ -1654,13 +1682,20 @@ mod tests {
             ("connections_per_core_max", "0", "from 1 to 1000000"),
             ("connections_per_core_max", "1000001", "from 1 to 1000000"),
             ("fallback_connections_max", "0", "from 1 to 1000000"),
-            ("shutdown_pre_drain_ms", "-5", "from 0 to 3600000"),
-            ("shutdown_drain_ms", "3600001", "from 0 to 3600000"),
-            ("shutdown_teardown_ms", "1e3", "from 0 to 3600000"),
-            ("shutdown_replication_ms", "3600001", "from 0 to 3600000"),
+            ("shutdown_pre_drain_ms", "-5", "clamped to one day"),
+            (
+                "shutdown_teardown_ms",
+                "1e3",
+                "a whole number of milliseconds",
+            ),
+            (
+                "shutdown_replication_ms",
+                "1.5",
+                "a whole number of milliseconds",
+            ),
             ("upgrade_ready_timeout_ms", "0", "from 1 to 3600000"),
             ("pid_file", "", "a non-empty file path"),
-            ("shutdown_grace_ms", "forever", "from 0 to 3600000"),
+            ("shutdown_grace_ms", "forever", "clamped to one day"),
             (
                 "log_level",
                 "verbose",
@@ -2485,6 +2520,46 @@ mod tests {
              head_bytes_max = 8192\nuri_bytes_max = 8192",
         )
         .unwrap();
+    }
+
+    /// A shutdown budget over a day is clamped to a day, with a warning naming the key, the
+    /// value and where it came from; the grace check then sees the clamped values.
+    #[test]
+    fn shutdown_budgets_over_a_day_are_clamped_with_a_warning() {
+        let config = from_file(
+            "shutdown_drain_ms = 90000000
+shutdown_teardown_ms = 0
+             shutdown_grace_ms = 100000000000",
+        )
+        .unwrap();
+        assert_eq!(config.shutdown_drain_ms, SHUTDOWN_BUDGET_MAX_MS);
+        assert_eq!(config.shutdown_grace_ms, SHUTDOWN_BUDGET_MAX_MS);
+        assert_eq!(config.warnings.len(), 2, "{:?}", config.warnings);
+        assert!(config.warnings[0].contains("`shutdown_drain_ms` = `90000000`"));
+        assert!(
+            config.warnings[0].contains("clamped to 86400000 ms"),
+            "{}",
+            config.warnings[0]
+        );
+        assert!(config.warnings[1].contains("`shutdown_grace_ms` = `100000000000`"));
+        // Within a day: no warning.
+        assert!(from_file(
+            "shutdown_drain_ms = 86400000
+shutdown_teardown_ms = 0
+shutdown_grace_ms = 86400000"
+        )
+        .unwrap()
+        .warnings
+        .is_empty());
+        // Clamped, the phases can still exceed the (clamped) ceiling: refused with the sums.
+        let message = err(from_file(
+            "shutdown_drain_ms = 90000000
+shutdown_grace_ms = 100000000",
+        ));
+        assert!(
+            message.contains("shutdown phases exceed the grace ceiling"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -84,6 +84,9 @@ fn main() -> ExitCode {
                 }
             };
             sluice::logging::init(&config.log_level.to_string(), config.log_format, &env);
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
             match sluice::server::run_with(config, &launch, &env) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
@@ -102,6 +105,9 @@ fn main() -> ExitCode {
                             eprintln!("sluice: {err}");
                             return ExitCode::from(2);
                         }
+                    }
+                    for warning in &config.warnings {
+                        eprintln!("sluice: warning: {warning}");
                     }
                     print!("{}", config.to_toml());
                     ExitCode::SUCCESS

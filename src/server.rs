@@ -345,10 +345,13 @@ fn shutdown(
         cut = signals.stop_within(Duration::from_millis(config.shutdown_pre_drain_ms));
     }
 
-    let drain = if cut {
-        Duration::ZERO
+    let (drain, replication_budget) = if cut {
+        (Duration::ZERO, Duration::ZERO)
     } else {
-        Duration::from_millis(config.shutdown_drain_ms)
+        (
+            Duration::from_millis(config.shutdown_drain_ms),
+            Duration::from_millis(config.shutdown_replication_ms),
+        )
     };
     tracing::info!(
         drain_ms = drain.as_millis() as u64,
@@ -362,10 +365,16 @@ fn shutdown(
         std::thread::Builder::new()
             .name("sluice-drain".into())
             .spawn(move || {
-                let started = std::time::Instant::now();
-                engine.shutdown(drain);
-                // One budget for both fronts: the fallback gets what the ring left of it.
-                fallback.shutdown(drain.saturating_sub(started.elapsed()));
+                // Both fronts stop accepting and drain at once, within one budget. The rings
+                // then run shutdown phase 3 (replication sends in flight finish, new ones
+                // are refused and stay in the outbox) before they stop.
+                let fallback_drain = std::thread::Builder::new()
+                    .name("sluice-drain-fallback".into())
+                    .spawn(move || fallback.shutdown(drain));
+                engine.shutdown(drain, replication_budget);
+                if let Ok(thread) = fallback_drain {
+                    let _ = thread.join();
+                }
                 let _ = done_tx.send(());
             })
     };
@@ -397,8 +406,7 @@ fn shutdown(
             if let Some(cutter) = &cutter {
                 cutter.cut();
             }
-            // The fallback's drain cannot be cut from here; teardown does not wait for it
-            // longer than its own budget.
+            fallback.cut_drain();
             if done_rx.recv_timeout(teardown).is_err() {
                 tracing::warn!("the drain did not end within shutdown_teardown_ms");
             }
@@ -406,15 +414,21 @@ fn shutdown(
         }
     }
 
-    // The rings have stopped, so no replication send is in flight any more (a task the
-    // drain ended is refused, and its entry stays). Stopping the replication thread writes
-    // the peers' cursors; whatever is not sent stays in the outbox for the next start.
+    // Phase 3 on the rings ran inside the drain thread: their sends in flight finished
+    // (or the budget ended) and they refused new ones. Now the replication thread takes the
+    // answers, starts nothing new, waits for sends still in flight on the blocking senders
+    // (no rings) within the budget, writes the peers' cursors and stops; whatever is not sent
+    // stays in the outbox for the next start.
     tracing::info!(
-        replication_ms = config.shutdown_replication_ms,
-        "shutdown phase 3: replication stops; the outbox keeps what is not sent"
+        replication_ms = replication_budget.as_millis() as u64,
+        "shutdown phase 3: replication finishes what is in flight; the outbox keeps the rest"
     );
     if let Some(replication) = replication {
-        replication.shutdown();
+        replication.shutdown(if cut {
+            Duration::ZERO
+        } else {
+            replication_budget
+        });
     }
     tracing::info!(
         teardown_ms = config.shutdown_teardown_ms,

@@ -473,6 +473,74 @@ fn a_delete_missed_by_an_overflowed_peer_is_not_resurrected() {
     }
 }
 
+fn signal(server: &Server, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(server.child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, sig).expect("kill");
+}
+
+/// Shutdown phase 3: a send in flight when SIGTERM comes gets
+/// `shutdown_replication_ms` to finish. B is stopped (SIGSTOP) while A
+/// sends to it, so the send is in flight for as long as B stays stopped;
+/// B continues a second after A's SIGTERM. With a budget the artifact
+/// reaches B before A exits; with none A cuts the send and B has nothing
+/// (the outbox keeps the entry for A's next start).
+#[test]
+fn shutdown_gives_sends_in_flight_the_replication_budget() {
+    let cases = [
+        ("auto", "10000", true),
+        ("auto", "0", false),
+        // Without rings the sends run on blocking sender threads.
+        ("fallback", "10000", true),
+    ];
+    for (engine, budget, delivered) in cases {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ports = free_ports(2);
+        let env = [("SLUICE_FSYNC", "never")];
+        let b_node = node(ports[1], &tmp.path().join("b"), &[ports[0]], &env);
+        let b = b_node.addr;
+        let mut a_node = node(
+            ports[0],
+            &tmp.path().join("a"),
+            &[ports[1]],
+            &[
+                ("SLUICE_FSYNC", "never"),
+                ("SLUICE_SHUTDOWN_REPLICATION_MS", budget),
+                ("SLUICE_ENGINE", engine),
+            ],
+        );
+        let a = a_node.addr;
+        wait_for("A to see B up", Duration::from_secs(10), || {
+            metric(a, "sluice_peer_up", &[]) >= 1.0
+        });
+        signal(&b_node, rustix::process::Signal::STOP);
+        // Larger than the loopback socket buffers, so the body cannot be all written while B is stopped.
+        let art = artifact(9001, 32 << 20);
+        put_ok(a, &art);
+        std::thread::sleep(Duration::from_millis(300));
+        signal(&a_node, rustix::process::Signal::TERM);
+        std::thread::sleep(Duration::from_millis(1000));
+        signal(&b_node, rustix::process::Signal::CONT);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = a_node.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "A did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{engine}, budget {budget}: {status}");
+        if delivered {
+            assert!(
+                holds(b, &art),
+                "{engine}: the send in flight did not finish"
+            );
+        } else {
+            std::thread::sleep(Duration::from_millis(500));
+            assert_eq!(status_of(b, "HEAD", &art.path), 404);
+        }
+    }
+}
+
 /// A listener that accepts and resets every connection, counting them.
 fn resetting_listener() -> (u16, Arc<AtomicU64>, Arc<AtomicBool>) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -60,10 +60,11 @@ impl Engine {
         self.ring.as_ref().map(RingEngine::drain_cutter)
     }
 
-    /// Stop accepting and drain in-flight requests within `drain`.
-    pub fn shutdown(self, drain: Duration) {
+    /// Stop accepting and drain in-flight requests within `drain`; then give
+    /// outgoing tasks in flight `tasks` to finish (shutdown phase 3).
+    pub fn shutdown(self, drain: Duration, tasks: Duration) {
         if let Some(ring) = self.ring {
-            ring.shutdown(drain);
+            ring.shutdown(drain, tasks);
         }
     }
 }

@@ -195,7 +195,8 @@ pub struct RingEngine {
     task_queues: Vec<std::sync::mpsc::SyncSender<OutgoingRequest>>,
     next_core: Arc<std::sync::atomic::AtomicUsize>,
     stop: Arc<AtomicBool>,
-    drain_deadline_ms: Arc<AtomicU64>,
+    /// The budgets of a shutdown, ms: `[public drain, outgoing tasks after it]`.
+    drain_deadline_ms: Arc<[AtomicU64; 2]>,
     /// Set to end a drain at once (see [`DrainCutter`]).
     cut: Arc<AtomicBool>,
     pub stats: Arc<Vec<CoreStats>>,
@@ -225,7 +226,7 @@ impl RingEngine {
     ) -> std::io::Result<RingEngine> {
         let stop = Arc::new(AtomicBool::new(false));
         let cut = Arc::new(AtomicBool::new(false));
-        let drain_deadline_ms = Arc::new(AtomicU64::new(0));
+        let drain_deadline_ms = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
         let stats: Arc<Vec<CoreStats>> =
             Arc::new((0..listeners.len()).map(|_| CoreStats::default()).collect());
         let mut threads = Vec::new();
@@ -284,7 +285,7 @@ impl RingEngine {
                         stats,
                         fixed_buffers_note,
                     };
-                    engine.shutdown(Duration::ZERO);
+                    engine.shutdown(Duration::ZERO, Duration::ZERO);
                     return Err(err);
                 }
                 Err(_) => {
@@ -329,11 +330,13 @@ impl RingEngine {
     }
 
     /// Stop accepting, let in-flight requests finish within `drain`, then
-    /// close what is left and join the threads.
-    pub fn shutdown(mut self, drain: Duration) {
-        let drain_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX);
-        self.drain_deadline_ms
-            .store(drain_ms.max(1), Ordering::SeqCst);
+    /// let outgoing tasks in flight (replication sends) finish within
+    /// `tasks` while new ones are refused (shutdown phase 3), then close
+    /// what is left and join the threads.
+    pub fn shutdown(mut self, drain: Duration, tasks: Duration) {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.drain_deadline_ms[1].store(ms(tasks), Ordering::SeqCst);
+        self.drain_deadline_ms[0].store(ms(drain).max(1), Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
         for waker in &self.wakers {
             waker.wake();
@@ -562,6 +565,8 @@ struct CoreLoop {
     /// and re-arming in the completion handler would spin on it. Meanwhile
     /// new connections wait in the kernel backlog (as nginx does).
     accept_rearm: bool,
+    /// Shutdown phase 3: queued outgoing tasks are refused, not started.
+    refuse_new_tasks: bool,
     /// The last turn handled at least one completion.
     busy: bool,
     app: Arc<App>,
@@ -699,6 +704,7 @@ impl CoreLoop {
             listener,
             accept_op: Some(accept_op),
             accept_rearm: false,
+            refuse_new_tasks: false,
             busy: false,
             app,
             fallback,
@@ -731,9 +737,11 @@ impl CoreLoop {
         self.stats.get(self.core)
     }
 
-    fn run(&mut self, stop: &AtomicBool, drain_deadline_ms: &AtomicU64, cut: &AtomicBool) {
+    fn run(&mut self, stop: &AtomicBool, drain_deadline_ms: &[AtomicU64; 2], cut: &AtomicBool) {
         let mut next_tick = Instant::now() + Duration::from_millis(TICK_MS);
         let mut drain_until: Option<Instant> = None;
+        // Shutdown phase 3: the public side is done; outgoing tasks in flight finish.
+        let mut tasks_until: Option<Instant> = None;
         loop {
             let now = Instant::now();
             let timeout = next_tick.saturating_duration_since(now);
@@ -769,7 +777,7 @@ impl CoreLoop {
             self.start_queued_tasks();
 
             if stop.load(Ordering::SeqCst) && drain_until.is_none() {
-                let drain = Duration::from_millis(drain_deadline_ms.load(Ordering::SeqCst));
+                let drain = Duration::from_millis(drain_deadline_ms[0].load(Ordering::SeqCst));
                 drain_until = Some(Instant::now() + drain);
                 self.stop_accepting();
             }
@@ -780,8 +788,24 @@ impl CoreLoop {
             }
             if let Some(until) = drain_until {
                 let live = self.slots.iter().filter(|s| s.is_some()).count();
-                if live == 0 || now >= until || cut.load(Ordering::SeqCst) {
-                    break;
+                let cut_now = cut.load(Ordering::SeqCst);
+                if live == 0 || now >= until || cut_now {
+                    if cut_now {
+                        break;
+                    }
+                    let tasks_end = *tasks_until.get_or_insert_with(|| {
+                        // New tasks are refused from here (their entries stay in the
+                        // outbox); what is left of the public side is closed.
+                        self.refuse_new_tasks = true;
+                        for index in 0..self.slots.len() {
+                            self.expire_if(index, Expiry::Deadline, |_| true);
+                        }
+                        let tasks = drain_deadline_ms[1].load(Ordering::SeqCst);
+                        now + Duration::from_millis(tasks)
+                    });
+                    if now >= tasks_end || self.tasks.iter().all(Option::is_none) {
+                        break;
+                    }
                 }
             }
         }
@@ -1765,6 +1789,12 @@ impl CoreLoop {
     /// Start tasks from the queue while the task table has room; the rest
     /// wait in the (bounded) queue.
     fn start_queued_tasks(&mut self) {
+        if self.refuse_new_tasks {
+            while let Ok(request) = self.task_rx.try_recv() {
+                (request.done)(Err(TaskError::Refused));
+            }
+            return;
+        }
         while let Some(index) = self.tasks.iter().position(Option::is_none) {
             let Ok(request) = self.task_rx.try_recv() else {
                 return;
@@ -2217,7 +2247,7 @@ mod tests {
         });
         assert_eq!(got, Err(TaskError::TimedOut));
         drop(silent);
-        engine.shutdown(Duration::from_millis(100));
+        engine.shutdown(Duration::from_millis(100), Duration::ZERO);
     }
 
     /// A task's body can come from a file range: spliced file -> pipe ->
@@ -2263,7 +2293,7 @@ mod tests {
             )
         });
         assert!(got.is_ok_and(|r| r.status == 200 && r.body == body));
-        engine.shutdown(Duration::from_millis(100));
+        engine.shutdown(Duration::from_millis(100), Duration::ZERO);
     }
 
     /// Keep-alive tasks to one address share a pooled connection: the
@@ -2315,6 +2345,6 @@ mod tests {
         let second = run(&engine, to_once).expect("second, on a fresh connection");
         assert_eq!((second.status, second.reused_connection), (200, false));
         server.join().expect("server");
-        engine.shutdown(Duration::from_millis(100));
+        engine.shutdown(Duration::from_millis(100), Duration::ZERO);
     }
 }

@@ -627,6 +627,8 @@ pub struct Fallback {
     refusals: Arc<Semaphore>,
     shutdown: watch::Sender<bool>,
     shutting_down: AtomicBool,
+    /// Set to end a drain in progress at once (a second SIGTERM).
+    drain_cut: Arc<AtomicBool>,
 }
 
 impl Fallback {
@@ -727,6 +729,7 @@ impl Fallback {
             refusals: Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT_MAX)),
             shutdown: shutdown_tx,
             shutting_down: AtomicBool::new(false),
+            drain_cut: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -839,6 +842,12 @@ impl Fallback {
         }
     }
 
+    /// Ends a drain in progress (or the next one) at once: what is left is cancelled within
+    /// one poll (a second SIGTERM).
+    pub fn cut_drain(&self) {
+        self.drain_cut.store(true, Ordering::Release);
+    }
+
     /// Graceful shutdown: stop accepting and refuse hand-offs, close connections that are
     /// idle or not yet serving, let in-flight requests finish (HTTP/1 closes after the current
     /// response, HTTP/2 sends GOAWAY), and after `drain` cancel whatever is left. Blocks the
@@ -857,11 +866,12 @@ impl Fallback {
         };
         let Some(runtime) = runtime else { return };
         let gauge = self.gauge.clone();
+        let cut = Arc::clone(&self.drain_cut);
         // Waiting happens on a thread of its own: `block_on` and a blocking runtime teardown
         // panic when called from inside any tokio runtime, and a caller's main may be one.
         let waiter = std::thread::Builder::new()
             .name("sluice-fallback-drain".into())
-            .spawn(move || drain_and_stop(runtime, &gauge, drain));
+            .spawn(move || drain_and_stop(runtime, &gauge, &cut, drain));
         match waiter {
             Ok(waiter) => {
                 if waiter.join().is_err() {
@@ -873,11 +883,17 @@ impl Fallback {
     }
 }
 
-/// Waits up to `drain` for the connection gauge to reach zero, then cancels what is left.
-fn drain_and_stop(runtime: tokio::runtime::Runtime, gauge: &AtomicUsize, drain: Duration) {
+/// Waits up to `drain` for the connection gauge to reach zero (or for `cut`), then cancels
+/// what is left.
+fn drain_and_stop(
+    runtime: tokio::runtime::Runtime,
+    gauge: &AtomicUsize,
+    cut: &AtomicBool,
+    drain: Duration,
+) {
     runtime.block_on(async move {
         let drained = async {
-            while gauge.load(Ordering::Relaxed) > 0 {
+            while gauge.load(Ordering::Relaxed) > 0 && !cut.load(Ordering::Acquire) {
                 tokio::time::sleep(DRAIN_POLL).await;
             }
         };

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
@@ -86,13 +86,19 @@ enum AeJob {
 /// The running replication thread.
 pub struct Handle {
     stop: Arc<AtomicBool>,
+    /// Shutdown phase 3's budget, ms, set before `stop`.
+    finish_ms: Arc<AtomicU64>,
     tx: Sender<Event>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Handle {
-    /// Stop the thread and write the cursors; the outbox keeps the rest.
-    pub fn shutdown(mut self) {
+    /// Shutdown phase 3: nothing new is sent; sends in flight get up to
+    /// `finish` to be answered (an answered entry leaves the outbox). Then
+    /// the thread writes the cursors and stops; the outbox keeps the rest.
+    pub fn shutdown(mut self, finish: Duration) {
+        let ms = u64::try_from(finish.as_millis()).unwrap_or(u64::MAX);
+        self.finish_ms.store(ms, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.tx.send(Event::Kick);
         if let Some(t) = self.thread.take() {
@@ -128,6 +134,8 @@ struct Driver {
     last_persist: Instant,
     in_flight_bytes: u64,
     ae_tx: SyncSender<AeJob>,
+    /// Shutdown phase 3: no new request is started.
+    closing: bool,
 }
 
 /// Start the replication thread (and the anti-entropy thread).
@@ -158,6 +166,7 @@ pub fn start(r: Arc<Replication>, store: Store, transport: Transport) -> std::io
         last_persist: now,
         in_flight_bytes: 0,
         ae_tx,
+        closing: false,
     };
     tracing::info!(
         node_id = %r.node_id,
@@ -173,11 +182,14 @@ pub fn start(r: Arc<Replication>, store: Store, transport: Transport) -> std::io
             .spawn(move || resolver_loop(&settings, &tx, &stop))?;
     }
     let thread_stop = Arc::clone(&stop);
+    let finish_ms = Arc::new(AtomicU64::new(0));
+    let thread_finish = Arc::clone(&finish_ms);
     let thread = std::thread::Builder::new()
         .name("sluice-replication".into())
-        .spawn(move || driver.run(&rx, &thread_stop))?;
+        .spawn(move || driver.run(&rx, &thread_stop, &thread_finish))?;
     Ok(Handle {
         stop,
+        finish_ms,
         tx,
         thread: Some(thread),
     })
@@ -201,7 +213,7 @@ fn is_before_any_byte(err: &TaskError) -> bool {
 }
 
 impl Driver {
-    fn run(&mut self, rx: &Receiver<Event>, stop: &AtomicBool) {
+    fn run(&mut self, rx: &Receiver<Event>, stop: &AtomicBool, finish_ms: &AtomicU64) {
         while !stop.load(Ordering::SeqCst) {
             let now = Instant::now();
             let mut wake_at = now + TICK;
@@ -234,7 +246,45 @@ impl Driver {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
+        self.finish(rx, Duration::from_millis(finish_ms.load(Ordering::SeqCst)));
         let _ = self.r.outbox.persist();
+    }
+
+    /// Requests in flight (outbox sends and repairs) over all peers.
+    fn sends_in_flight(&self) -> usize {
+        self.peers
+            .values()
+            .map(|run| run.policy.cursor.in_flight() + run.repairs_in_flight)
+            .sum()
+    }
+
+    /// Shutdown phase 3: start nothing new, take the answers of what is in
+    /// flight until none is left or `budget` has passed.
+    fn finish(&mut self, rx: &Receiver<Event>, budget: Duration) {
+        self.closing = true;
+        let deadline = Instant::now() + budget;
+        let in_flight = self.sends_in_flight();
+        if in_flight > 0 {
+            tracing::info!(
+                in_flight,
+                budget_ms = budget.as_millis() as u64,
+                "replication: waiting for the sends in flight"
+            );
+        }
+        while self.sends_in_flight() > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::info!(
+                    in_flight = self.sends_in_flight(),
+                    "replication: shutdown_replication_ms spent; the outbox keeps the rest"
+                );
+                break;
+            }
+            match rx.recv_timeout(left) {
+                Ok(event) => self.on_event(event),
+                Err(_) => break,
+            }
+        }
     }
 
     /// The resolver thread's latest peer set. Only a real change of the set
@@ -416,6 +466,9 @@ impl Driver {
     }
 
     fn probe(&mut self, name: &str, retried: bool) {
+        if self.closing {
+            return;
+        }
         let Some(run) = self.peers.get(name) else {
             return;
         };
@@ -536,6 +589,9 @@ impl Driver {
         record: &Record,
         retried: bool,
     ) -> bool {
+        if self.closing {
+            return false;
+        }
         let Some(addr) = self.peers.get(name).map(|r| r.addr) else {
             return false;
         };
@@ -581,6 +637,9 @@ impl Driver {
     }
 
     fn send_repairs(&mut self, name: &str) {
+        if self.closing {
+            return;
+        }
         loop {
             let Some(run) = self.peers.get_mut(name) else {
                 return;

@@ -8,8 +8,8 @@
 //!
 //! A PUT's body goes from the artifact file: on the rings by splice (file →
 //! pipe → socket, both through the ring, no user-space copy), over
-//! keep-alive connections pooled per ring; on the blocking senders by a
-//! bounded read/write loop, one connection per request.
+//! keep-alive connections pooled per ring; on the blocking senders by
+//! sendfile(2) (no user-space copy either), one connection per request.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -24,8 +24,9 @@ use crate::engine::task::{
     RESPONSE_READ_BYTES,
 };
 
-/// Chunk of a file body the blocking sender reads and writes at a time.
-const COPY_BYTES: usize = 256 * 1024;
+/// Most of a file body one sendfile(2) call of the blocking sender moves
+/// (each call gets the remaining deadline as its send timeout).
+const SENDFILE_BYTES: usize = 4 << 20;
 
 /// Blocking sender threads when there are no rings.
 pub const BLOCKING_THREADS: usize = 4;
@@ -139,18 +140,22 @@ pub fn send_blocking(
     stream.set_write_timeout(Some(remaining())).map_err(io)?;
     stream.write_all(request).map_err(io)?;
     if let Some(body) = body {
-        let mut chunk = vec![0u8; COPY_BYTES.min(usize::try_from(body.len).unwrap_or(COPY_BYTES))];
-        let mut done = 0u64;
-        while done < body.len {
-            let n = chunk
-                .len()
-                .min(usize::try_from(body.len - done).unwrap_or(usize::MAX));
-            body.file
-                .read_exact_at(&mut chunk[..n], body.offset + done)
-                .map_err(|e| TaskError::Io(errno_of(&e)))?;
+        // sendfile(2): file -> socket in the kernel, no copy through this
+        // thread. The socket is blocking with SO_SNDTIMEO, which bounds
+        // each call as it bounds write(2).
+        let mut offset = body.offset;
+        let end = body.offset + body.len;
+        while offset < end {
             stream.set_write_timeout(Some(remaining())).map_err(io)?;
-            stream.write_all(&chunk[..n]).map_err(io)?;
-            done += n as u64;
+            let want = usize::try_from(end - offset)
+                .unwrap_or(usize::MAX)
+                .min(SENDFILE_BYTES);
+            match rustix::fs::sendfile(&stream, &*body.file, Some(&mut offset), want) {
+                Ok(0) => return Err(TaskError::Io(libc::EIO)), // the file is shorter than its header says
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(io(e.into())),
+            }
         }
     }
     let mut received = Vec::new();
