@@ -129,10 +129,13 @@ pub enum FsyncPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineChoice {
-    /// io_uring when the kernel allows it, otherwise the portable fallback.
+    /// io_uring when the kernel allows it, otherwise the epoll engine.
     Auto,
     /// io_uring or refuse to start.
     Uring,
+    /// The same HTTP/1 core on epoll threads (what `auto` uses without io_uring); TLS and
+    /// HTTP/2 on the fallback.
+    Epoll,
     /// The portable hyper front end only.
     Fallback,
 }
@@ -1671,7 +1674,7 @@ mod tests {
             ),
             ("engine_spin_us", "10001", "from 0 to 10000"),
             ("engine_spin_us", "-1", "from 0 to 10000"),
-            ("engine", "turbo", "one of auto, uring, fallback"),
+            ("engine", "turbo", "one of auto, uring, epoll, fallback"),
             ("engine_threads", "257", "from 0 to 256"),
             ("engine_threads", "-1", "from 0 to 256"),
             ("engine_threads", "+4", "from 0 to 256"),

@@ -15,8 +15,13 @@ pub fn report() -> String {
     {
         let _ = writeln!(
             out,
-            "  engine: fallback (hyper) for every connection, because {reason}"
+            "  engine: epoll threads (one per core by default) for plaintext HTTP/1, because {reason}"
         );
+        let _ = writeln!(
+            out,
+            "  file bodies: sendfile(2) on the engine thread; chunks not in the page cache are read by a reader thread per core"
+        );
+        let _ = writeln!(out, "  TLS and HTTP/2: the hyper fallback");
     } else {
         let _ = writeln!(
             out,

@@ -535,7 +535,7 @@ fn conditional_requests_on_every_front() {
 /// nothing.
 #[test]
 fn multi_segment_generic_keys_on_every_front() {
-    for engine in ["auto", "fallback"] {
+    for engine in ["auto", "epoll", "fallback"] {
         let server = server().env("SLUICE_ENGINE", engine).start();
         for (i, front) in FRONTS.iter().copied().enumerate() {
             let path = format!("/v1/artifacts/ccache/fe/a5c6ltr4q0kut6qjm9545n50fgo5c{i}");

@@ -19,6 +19,7 @@ const SMUGGLED: &[u8] = b"GET /up HTTP/1.1\r\nHost: a\r\n\r\n";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
     RingPlaintext,
+    EpollPlaintext,
     FallbackPlaintext,
     TlsHttp1,
 }
@@ -140,7 +141,7 @@ fn tls_exchange(server: &Server, raw: &[u8]) -> Vec<u8> {
 
 fn exchange(server: &Server, path: Path, raw: &[u8]) -> Vec<u8> {
     match path {
-        Path::RingPlaintext | Path::FallbackPlaintext => server.http1(raw),
+        Path::RingPlaintext | Path::EpollPlaintext | Path::FallbackPlaintext => server.http1(raw),
         Path::TlsHttp1 => tls_exchange(server, raw),
     }
 }
@@ -213,6 +214,8 @@ fn malformed_input_gets_the_same_answer_on_every_front() {
         "SLUICE_ENGINE=fallback must keep the ring off: {mode}"
     );
     failures.extend(check(&fallback, Path::FallbackPlaintext));
+    let epoll = server().env("SLUICE_ENGINE", "epoll").start();
+    failures.extend(check(&epoll, Path::EpollPlaintext));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

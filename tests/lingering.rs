@@ -126,6 +126,17 @@ fn write_everything_first_clients_read_the_early_error_on_the_ring() {
     );
 }
 
+/// The same on the epoll engine (hosts without io_uring): its lingering
+/// close is the ring's, from the same core.
+#[test]
+fn write_everything_first_clients_read_the_early_error_on_epoll() {
+    let server = gradle_server("epoll");
+    for (what, raw, want) in requests() {
+        let line = plaintext_write_then_read(&server, &raw, what);
+        expect_status(&line, want, &format!("plaintext epoll: {what}"));
+    }
+}
+
 #[test]
 fn write_everything_first_clients_read_the_early_error_on_the_fallback() {
     let server = gradle_server("fallback");
@@ -148,7 +159,7 @@ fn write_everything_first_clients_read_the_early_error_on_the_fallback() {
 /// `lingering_timeout_ms`, each having had its status first.
 #[test]
 fn lingering_is_bounded_by_bytes_and_idle_time() {
-    for engine in ["auto", "fallback"] {
+    for engine in ["auto", "epoll", "fallback"] {
         let server = server()
             .env("SLUICE_ENGINE", engine)
             .env("SLUICE_GRADLE_BODY_BYTES_MAX", "1KiB")

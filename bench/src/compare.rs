@@ -72,7 +72,8 @@ pub struct CompareConfig {
     /// client, or TLS 1.3 / HTTP/2 through h2load (`--tls`, `--h2`), with one certificate for
     /// both servers.
     pub transport: Transport,
-    /// Run sluice with `SLUICE_ENGINE=fallback`: the portable path of hosts without io_uring.
+    /// Run sluice with `SLUICE_ENGINE=epoll`: what `engine = "auto"` runs on hosts without
+    /// io_uring (the epoll engine for plaintext HTTP/1).
     pub no_uring: bool,
 }
 
@@ -341,7 +342,7 @@ fn start_sluice(cfg: &CompareConfig, name: &str, mode: Option<&str>) -> Result<S
         // per-address cap (a defence against one client holding every slot) must not apply.
         .env("SLUICE_CONNECTIONS_PER_IP_MAX", "0");
     if cfg.no_uring {
-        cmd.env("SLUICE_ENGINE", "fallback");
+        cmd.env("SLUICE_ENGINE", "epoll");
     }
     if cfg.transport.tls() {
         let (cert, key) = cert_paths(cfg);
@@ -1040,7 +1041,7 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
             " with h2load (no latency distribution: the latency columns read 0)"
         },
         if cfg.no_uring {
-            "; sluice with SLUICE_ENGINE=fallback (no io_uring)"
+            "; sluice with SLUICE_ENGINE=epoll (no io_uring)"
         } else {
             ""
         }

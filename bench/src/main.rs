@@ -169,7 +169,7 @@ struct CompareArgs {
     /// GET over HTTP/2 (with --tls: ALPN h2; alone: h2c), 10 streams per connection, h2load.
     #[arg(long)]
     h2: bool,
-    /// Run sluice with SLUICE_ENGINE=fallback, its portable path when io_uring is refused.
+    /// Run sluice with SLUICE_ENGINE=epoll, what it runs when io_uring is refused.
     #[arg(long)]
     no_uring: bool,
 }

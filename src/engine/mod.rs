@@ -3,12 +3,16 @@
 //!
 //! `engine = "auto"` (the default) probes io_uring and starts one ring per
 //! engine thread; if the kernel refuses (`kernel.io_uring_disabled`,
-//! seccomp, an old kernel) every connection goes to the hyper fallback, and
-//! the reason is logged once and shown in `/status`. `engine = "uring"`
-//! refuses to start instead; `engine = "fallback"` never tries.
+//! seccomp, an old kernel) the same HTTP/1 core runs on epoll threads
+//! instead ([`epoll`]: non-blocking sockets, sendfile bodies), and the
+//! reason is logged once and shown in `/status`. TLS and HTTP/2 go to the
+//! hyper fallback either way. `engine = "uring"` refuses to start without
+//! io_uring; `engine = "epoll"` never tries it; `engine = "fallback"` serves
+//! every connection through hyper.
 
 pub mod cold;
 pub mod conn;
+pub mod epoll;
 pub mod offload;
 pub mod publish;
 pub mod ring;
@@ -22,6 +26,7 @@ use crate::app::App;
 use crate::config::{Config, EngineChoice, FileServingMode as ConfigMode};
 use crate::fallback::Fallback;
 use conn::ConnLimits;
+use epoll::{EpollEngine, EpollSettings};
 use ring::{EngineSettings, FileServingMode, RingEngine};
 
 /// Pipes per engine thread: the bound on splices in flight per core.
@@ -33,6 +38,7 @@ pub const PIPE_BYTES: usize = 1024 * 1024;
 pub struct Engine {
     description: String,
     ring: Option<RingEngine>,
+    epoll: Option<EpollEngine>,
 }
 
 impl Engine {
@@ -57,7 +63,11 @@ impl Engine {
 
     /// A handle that ends a drain in progress at once (a second SIGTERM).
     pub fn drain_cutter(&self) -> Option<ring::DrainCutter> {
-        self.ring.as_ref().map(RingEngine::drain_cutter)
+        match (&self.ring, &self.epoll) {
+            (Some(ring), _) => Some(ring.drain_cutter()),
+            (None, Some(epoll)) => Some(epoll.drain_cutter()),
+            (None, None) => None,
+        }
     }
 
     /// Stop accepting and drain in-flight requests within `drain`; then give
@@ -65,6 +75,9 @@ impl Engine {
     pub fn shutdown(self, drain: Duration, tasks: Duration) {
         if let Some(ring) = self.ring {
             ring.shutdown(drain, tasks);
+        }
+        if let Some(epoll) = self.epoll {
+            epoll.shutdown(drain);
         }
     }
 }
@@ -143,6 +156,7 @@ pub fn start(
     let probe = sluice_uring::probe();
     let why_not = match config.engine {
         EngineChoice::Fallback => Some("engine = \"fallback\" in the config".to_string()),
+        EngineChoice::Epoll => Some("engine = \"epoll\" in the config".to_string()),
         _ => ring_refusal(&probe, config.file_serving_mode),
     };
     let ring = match why_not {
@@ -156,6 +170,7 @@ pub fn start(
         }
         None => start_ring(config, app, fallback, &listeners),
     };
+    let mut epoll = None;
     let (description, ring) = match ring {
         Ok(ring) => {
             let threads = listeners.len();
@@ -176,20 +191,40 @@ pub fn start(
             if config.engine == EngineChoice::Uring {
                 return Err(std::io::Error::other(reason));
             }
-            tracing::warn!("serving every connection through the fallback: {reason}");
-            for listener in listeners {
-                fallback.serve_listener(listener)?;
+            if config.engine == EngineChoice::Fallback {
+                tracing::info!("serving every connection through the fallback: {reason}");
+                for listener in listeners {
+                    fallback.serve_listener(listener)?;
+                }
+                (
+                    format!("fallback (hyper) serves every connection: {reason}"),
+                    None,
+                )
+            } else {
+                let threads = listeners.len();
+                let started = EpollEngine::start(epoll_settings(config), listeners, app, fallback)?;
+                if config.engine == EngineChoice::Auto {
+                    tracing::warn!(
+                        "io_uring unavailable, serving plaintext HTTP/1 on epoll threads: {reason}"
+                    );
+                }
+                let stats = Arc::clone(&started.stats);
+                app.add_metrics_source(move |out| EpollEngine::render_metrics(&stats, out));
+                epoll = Some(started);
+                (
+                    format!(
+                        "epoll: {threads} thread(s), sendfile file serving (TLS and HTTP/2 on the fallback): {reason}"
+                    ),
+                    None,
+                )
             }
-            (
-                format!("fallback (hyper) serves every connection: {reason}"),
-                None,
-            )
         }
     };
     {
         let status = description.clone();
         let uring = ring.is_some();
         let stats = ring.as_ref().map(|r| Arc::clone(&r.stats));
+        let epoll_stats = epoll.as_ref().map(|e| Arc::clone(&e.stats));
         let residency_known = sluice_uring::residency::supported();
         app.add_status_source(move || {
             let mut engine = serde_json::json!({ "io_uring": uring, "mode": status });
@@ -205,6 +240,16 @@ pub fn start(
                     "iowq_workers_max_per_ring": stats.first().map_or(0, |s| s.iowq_workers_max.load(Relaxed)),
                 });
             }
+            if let Some(stats) = &epoll_stats {
+                use std::sync::atomic::Ordering::Relaxed;
+                let sum = |get: fn(&epoll::EpollStats) -> u64| stats.iter().map(get).sum::<u64>();
+                engine["cold"] = serde_json::json!({
+                    "page_cache_residency_known": residency_known,
+                    "opens_total": sum(|s| s.cold_opens_total.load(Relaxed)),
+                    "reads_total": sum(|s| s.cold_reads_total.load(Relaxed)),
+                    "read_bytes_total": sum(|s| s.cold_read_bytes_total.load(Relaxed)),
+                });
+            }
             ("engine".to_string(), engine)
         });
     }
@@ -212,7 +257,38 @@ pub fn start(
         let stats = Arc::clone(&ring.stats);
         app.add_metrics_source(move |out| RingEngine::render_metrics(&stats, out));
     }
-    Ok(Engine { description, ring })
+    Ok(Engine {
+        description,
+        ring,
+        epoll,
+    })
+}
+
+fn conn_limits(config: &Config) -> ConnLimits {
+    ConnLimits {
+        head: crate::http1::Limits {
+            head_bytes_max: config.head_bytes_max,
+            uri_bytes_max: config.uri_bytes_max,
+            ..crate::http1::Limits::default()
+        },
+        header_read_timeout_ms: config.header_read_timeout_ms,
+        idle_timeout_ms: config.idle_timeout_ms,
+        linger: crate::http1::LingerLimits {
+            time_ms: config.lingering_time_ms,
+            timeout_ms: config.lingering_timeout_ms,
+            bytes_max: config.lingering_bytes_max,
+        },
+        body_read_timeout_ms: config.body_read_timeout_ms,
+        send_timeout_ms: config.send_timeout_ms,
+    }
+}
+
+fn epoll_settings(config: &Config) -> EpollSettings {
+    EpollSettings {
+        connections_per_core_max: config.connections_per_core_max,
+        connections_per_ip_max: config.connections_per_ip_max,
+        conn_limits: conn_limits(config),
+    }
 }
 
 fn start_ring(
@@ -230,22 +306,7 @@ fn start_ring(
     let settings = EngineSettings {
         threads,
         connections_per_core_max: config.connections_per_core_max,
-        conn_limits: ConnLimits {
-            head: crate::http1::Limits {
-                head_bytes_max: config.head_bytes_max,
-                uri_bytes_max: config.uri_bytes_max,
-                ..crate::http1::Limits::default()
-            },
-            header_read_timeout_ms: config.header_read_timeout_ms,
-            idle_timeout_ms: config.idle_timeout_ms,
-            linger: crate::http1::LingerLimits {
-                time_ms: config.lingering_time_ms,
-                timeout_ms: config.lingering_timeout_ms,
-                bytes_max: config.lingering_bytes_max,
-            },
-            body_read_timeout_ms: config.body_read_timeout_ms,
-            send_timeout_ms: config.send_timeout_ms,
-        },
+        conn_limits: conn_limits(config),
         connections_per_ip_max: config.connections_per_ip_max,
         mode: match config.file_serving_mode {
             ConfigMode::Splice => FileServingMode::Splice,

@@ -206,7 +206,7 @@ pub struct RingEngine {
 /// Ends a drain in progress: each engine thread closes what is left at its next turn (at
 /// most one tick later). A second SIGTERM uses it to skip to teardown.
 #[derive(Clone)]
-pub struct DrainCutter(Arc<AtomicBool>);
+pub struct DrainCutter(pub(super) Arc<AtomicBool>);
 
 impl DrainCutter {
     pub fn cut(&self) {

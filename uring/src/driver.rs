@@ -530,6 +530,12 @@ pub struct Waker {
 }
 
 impl Waker {
+    /// A waker for any loop that watches `eventfd` itself (the portable
+    /// epoll engine): [`Waker::wake`] adds one to its counter.
+    pub fn from_eventfd(eventfd: Arc<OwnedFd>) -> Waker {
+        Waker { eventfd }
+    }
+
     /// Wakes the driver. Never blocks; wake-ups coalesce.
     pub fn wake(&self) {
         let one: u64 = 1;
