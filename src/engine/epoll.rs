@@ -51,8 +51,8 @@ const TOKEN_WAKER: u64 = u64::MAX - 1;
 const EVENTS_PER_WAIT: usize = 256;
 /// Connections accepted per listener wake-up before the others get a turn.
 const ACCEPTS_PER_TURN: usize = 64;
-/// Most of a file body one `sendfile` call moves.
-const SENDFILE_BYTES: usize = 1 << 20;
+/// Most of a file body one `sendfile` call moves (nginx's `sendfile_max_chunk` default).
+const SENDFILE_BYTES: usize = 2 << 20;
 /// A cold chunk the reader thread reads at once.
 const COLD_READ_BYTES: u64 = 1 << 20;
 /// Cold reads queued per core; past it a body waits for the next tick.
@@ -246,7 +246,7 @@ enum Wait {
     /// Readable, then peek.
     Peek,
     /// The `PeekAgain` pause.
-    PeekAt(Instant),
+    PeekAt,
     /// Readable, then recv into this buffer.
     Recv(Vec<u8>),
     /// Writable, then send this buffer from `Conn::out_sent`.
@@ -270,6 +270,9 @@ struct Slot {
     file: Option<Arc<File>>,
     ip: Option<IpAddr>,
     corked: bool,
+    /// The body's bytes below this offset were found in the page cache: a
+    /// socket that fills and drains again does not ask twice.
+    resident_until: u64,
 }
 
 struct CoreLoop {
@@ -289,6 +292,8 @@ struct CoreLoop {
     per_ip: PerIpCounts,
     /// Connections whose turn ended with work left.
     ready: VecDeque<(u32, u32)>,
+    /// Connections in the `PeekAgain` pause: (until, index, generation).
+    peek_timers: Vec<(Instant, u32, u32)>,
     publisher: publish::Publisher,
     opener: cold::Opener,
     reader: Offload<ReadJob, ReadDone>,
@@ -363,6 +368,7 @@ impl CoreLoop {
             generation: 0,
             per_ip: PerIpCounts::new(settings.connections_per_ip_max),
             ready: VecDeque::new(),
+            peek_timers: Vec::new(),
             stats: shared.stats,
             stop: shared.stop,
             drain_ms: shared.drain_ms,
@@ -385,10 +391,8 @@ impl CoreLoop {
             if !self.ready.is_empty() {
                 wake_at = now;
             }
-            for slot in self.slots.iter().flatten() {
-                if let Wait::PeekAt(at) = slot.wait {
-                    wake_at = wake_at.min(at);
-                }
+            if let Some(&(at, _, _)) = self.peek_timers.iter().min_by_key(|t| t.0) {
+                wake_at = wake_at.min(at);
             }
             let timeout = rustix::event::Timespec::try_from(wake_at.saturating_duration_since(now))
                 .unwrap_or(rustix::event::Timespec {
@@ -494,7 +498,7 @@ impl CoreLoop {
             let waiting = matches!(
                 slot.wait,
                 Wait::Peek
-                    | Wait::PeekAt(_)
+                    | Wait::PeekAt
                     | Wait::Recv(_)
                     | Wait::Send { .. }
                     | Wait::File { .. }
@@ -513,7 +517,7 @@ impl CoreLoop {
             }
             let cancelled = Err(libc::ECANCELED);
             let next = match std::mem::replace(&mut slot.wait, Wait::Idle) {
-                Wait::Peek | Wait::PeekAt(_) => slot.conn.on_peek(&[], now),
+                Wait::Peek | Wait::PeekAt => slot.conn.on_peek(&[], now),
                 Wait::Recv(buf) => slot.conn.on_recv(buf, cancelled, now),
                 Wait::Send { buf, .. } => slot.conn.on_sent(buf, cancelled, now),
                 Wait::File { .. } | Wait::Cold { .. } => {
@@ -529,15 +533,26 @@ impl CoreLoop {
     }
 
     fn wake_peekers(&mut self, now: Instant) {
-        for index in 0..self.slots.len() {
-            let due = self.slots[index]
-                .as_ref()
-                .is_some_and(|s| matches!(s.wait, Wait::PeekAt(at) if now >= at));
-            if due {
-                if let Some(slot) = self.slots[index].as_mut() {
-                    slot.wait = Wait::Idle;
-                }
-                self.drive(index as u32, Next::Peek);
+        if self.peek_timers.is_empty() {
+            return;
+        }
+        let timers = std::mem::take(&mut self.peek_timers);
+        for (at, index, generation) in timers {
+            if now < at {
+                self.peek_timers.push((at, index, generation));
+                continue;
+            }
+            let Some(slot) = self
+                .slots
+                .get_mut(index as usize)
+                .and_then(Option::as_mut)
+                .filter(|s| s.generation == generation)
+            else {
+                continue;
+            };
+            if matches!(slot.wait, Wait::PeekAt) {
+                slot.wait = Wait::Idle;
+                self.drive(index, Next::Peek);
             }
         }
     }
@@ -620,6 +635,7 @@ impl CoreLoop {
             file: None,
             ip: Some(ip),
             corked: false,
+            resident_until: 0,
         });
         self.drive(index, Next::Peek);
     }
@@ -787,7 +803,9 @@ impl CoreLoop {
                     }
                 }
                 Next::PeekAgain => {
-                    slot.wait = Wait::PeekAt(now + Duration::from_millis(PEEK_AGAIN_MS));
+                    let at = now + Duration::from_millis(PEEK_AGAIN_MS);
+                    slot.wait = Wait::PeekAt;
+                    self.peek_timers.push((at, index, slot.generation));
                     return;
                 }
                 Next::Recv | Next::Linger => {
@@ -833,6 +851,7 @@ impl CoreLoop {
                         return;
                     }
                     if slot.file.is_none() {
+                        slot.resident_until = 0;
                         slot.file = slot
                             .conn
                             .take_file()
@@ -848,7 +867,9 @@ impl CoreLoop {
                         return;
                     };
                     let chunk = len.min(SENDFILE_BYTES as u64);
-                    if residency(&*file, offset, chunk) == Residency::NotResident {
+                    let known_resident = offset + chunk <= slot.resident_until;
+                    if !known_resident && residency(&*file, offset, chunk) == Residency::NotResident
+                    {
                         // The disk would block this thread in sendfile: the
                         // reader thread reads the chunk, then it is sent.
                         let job = ReadJob {
@@ -874,6 +895,7 @@ impl CoreLoop {
                         }
                         return;
                     }
+                    slot.resident_until = slot.resident_until.max(offset + chunk);
                     let mut at = offset;
                     match rustix::fs::sendfile(&slot.stream, &*file, Some(&mut at), chunk as usize)
                     {
