@@ -115,8 +115,8 @@ async fn serve(
     let method = parts.method.as_str().to_string();
     let path = parts.uri.path().to_string();
     // Public pressure from here until the response body is dropped.
-    let public =
-        (!path.starts_with(crate::replication::PEER_PREFIX)).then(|| app.metrics.pressure.begin());
+    let public = crate::pressure::is_public_route(crate::route::route_label(&method, &path))
+        .then(|| app.metrics.pressure.begin());
     let info = RequestInfo {
         method: &method,
         path: &path,

@@ -12,12 +12,19 @@
 //!   "first byte" comes after the whole request body.
 //!
 //! The replication limiter (`replication::limiter`) reads a window of TTFB
-//! samples (and resets it) at each control step. Peer API requests
-//! (`/_peer/`) are never public pressure.
+//! samples (and resets it) at each control step. Only the artifact routes
+//! are public pressure ([`is_public_route`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Whether requests on the route with metrics label `route` are public
+/// pressure: the artifact routes. The peer API is replication itself, and
+/// `/metrics`, `/status`, `/up`, `/ready` are the operator's, not the builds'.
+pub fn is_public_route(route: &str) -> bool {
+    matches!(route, "ac" | "cas" | "gradle" | "generic")
+}
 
 /// Sub-buckets per power of two of the TTFB window histogram: bucket
 /// bounds grow by 2^(1/4) ≈ 1.19, so a window's p99 is known within 19%.

@@ -645,7 +645,7 @@ impl Conn {
         };
         let route = route_label(info.method, info.path);
         let method = method_label(info.method);
-        if route != "peer" && self.public.is_none() {
+        if crate::pressure::is_public_route(route) && self.public.is_none() {
             self.public = Some(self.app.metrics.pressure.begin());
         }
         let head_only = info.method == "HEAD";
