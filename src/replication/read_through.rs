@@ -252,7 +252,8 @@ struct Worker {
     store: Store,
     transport: Transport,
     running: HashMap<u64, Fetch>,
-    queued: std::collections::VecDeque<Key>,
+    /// Keys waiting for a fetch slot, with their deadlines (in order).
+    queued: std::collections::VecDeque<(Key, Instant)>,
     next_id: u64,
 }
 
@@ -273,24 +274,35 @@ impl Worker {
                     self.rt.finish(&f.key, "timeout", false);
                 }
             }
+            // Keys that waited in the queue for their whole deadline never
+            // start: their waiters get the 404 on time.
+            while self.queued.front().is_some_and(|(_, d)| now >= *d) {
+                if let Some((key, _)) = self.queued.pop_front() {
+                    self.rt.finish(&key, "timeout", false);
+                }
+            }
             while self.running.len() < FETCHES_MAX {
-                let Some(key) = self.queued.pop_front() else {
+                let Some((key, deadline)) = self.queued.pop_front() else {
                     break;
                 };
-                self.begin(key);
+                self.begin(key, deadline);
             }
             let wait = self
                 .running
                 .values()
-                .map(|f| f.deadline.saturating_duration_since(now))
+                .map(|f| f.deadline)
+                .chain(self.queued.front().map(|(_, d)| *d))
+                .map(|d| d.saturating_duration_since(now))
                 .min()
                 .unwrap_or(Duration::from_secs(1));
             match rx.recv_timeout(wait.max(Duration::from_millis(1))) {
                 Ok(Event::Start(key)) => {
+                    // The deadline runs from the first miss, queued or not.
+                    let deadline = Instant::now() + self.rt.r.settings.read_through_timeout;
                     if self.running.len() < FETCHES_MAX {
-                        self.begin(key);
+                        self.begin(key, deadline);
                     } else {
-                        self.queued.push_back(key);
+                        self.queued.push_back((key, deadline));
                     }
                 }
                 Ok(Event::Answer { id, outcome }) => self.on_answer(id, outcome),
@@ -300,7 +312,7 @@ impl Worker {
         }
     }
 
-    fn begin(&mut self, key: Key) {
+    fn begin(&mut self, key: Key, deadline: Instant) {
         let r = &self.rt.r;
         let mut peers: Vec<(String, SocketAddr, PeerState)> = r
             .peer_addrs
@@ -323,7 +335,7 @@ impl Worker {
         let fetch = Fetch {
             key,
             candidates,
-            deadline: Instant::now() + r.settings.read_through_timeout,
+            deadline,
             worst: "not_found",
         };
         self.running.insert(id, fetch);
