@@ -428,9 +428,18 @@ impl Replication {
                 })
             })
             .collect();
+        let (effective, ttfb_p99, in_flight) = self.limiter.observe(std::time::Instant::now());
         serde_json::json!({
             "node_id": self.node_id,
             "outbox_bytes_max": self.outbox.bytes_max(),
+            "limiter": {
+                "limit_bytes_per_second": self.limiter.limit,
+                "burst_bytes": self.limiter.burst,
+                "effective_bytes_per_second": effective,
+                "public_ttfb_p99_seconds": ttfb_p99,
+                "public_in_flight": in_flight,
+            },
+            "read_through": self.settings.read_through,
             "peers": peers,
         })
     }
