@@ -46,6 +46,10 @@ pub struct RequestInfo<'a> {
     pub content_length: Option<u64>,
     /// True when the body is `chunked` (length unknown up front).
     pub chunked: bool,
+    /// A local miss may be answered by a read-through from the peers
+    /// ([`Decision::Fetch`]). False once the request has waited for one:
+    /// its second miss is the answer.
+    pub read_through: bool,
 }
 
 /// Body of a [`Reply`].
@@ -141,6 +145,10 @@ pub enum Decision {
     /// answers this: the ring engine opens it on another thread, so its own
     /// thread never waits for a disk, and then asks again.
     Cold { namespace: String, key: String },
+    /// The artifact is not here, and the peers may hold it: the front end
+    /// asks the read-through ([`App::read_through`]) with a waiter, and
+    /// decides the request again (with `read_through` false) when woken.
+    Fetch { namespace: String, key: String },
 }
 
 /// Limits the application applies per route.
@@ -177,6 +185,8 @@ pub struct App {
     /// The replication mesh, when peers are configured: acknowledged writes
     /// go to its outbox, `/_peer/` requests to its peer API.
     replication: OnceLock<Arc<Replication>>,
+    /// Read-through from peers, when peers are configured and it is on.
+    read_through: OnceLock<Arc<crate::replication::read_through::ReadThrough>>,
 }
 
 impl App {
@@ -200,6 +210,7 @@ impl App {
             metrics_sources: RwLock::new(Vec::new()),
             status_sources: RwLock::new(Vec::new()),
             replication: OnceLock::new(),
+            read_through: OnceLock::new(),
         })
     }
 
@@ -215,6 +226,15 @@ impl App {
 
     pub fn replication(&self) -> Option<&Arc<Replication>> {
         self.replication.get()
+    }
+
+    /// Attach the read-through (once, when its thread has started).
+    pub fn set_read_through(&self, rt: Arc<crate::replication::read_through::ReadThrough>) {
+        let _ = self.read_through.set(rt);
+    }
+
+    pub fn read_through(&self) -> Option<&Arc<crate::replication::read_through::ReadThrough>> {
+        self.read_through.get()
     }
 
     /// Add series to `/metrics`.
@@ -304,8 +324,14 @@ impl App {
             } => match action {
                 Action::Get | Action::Head => match self.get(req, namespace, key, files) {
                     Ok(reply) => reply,
-                    Err(Cold) => {
+                    Err(Defer::Cold) => {
                         return Decision::Cold {
+                            namespace: namespace.to_string(),
+                            key: key.to_string(),
+                        }
+                    }
+                    Err(Defer::Fetch) => {
+                        return Decision::Fetch {
                             namespace: namespace.to_string(),
                             key: key.to_string(),
                         }
@@ -370,7 +396,7 @@ impl App {
         ns: &str,
         key: &str,
         files: Option<&mut OpenCache>,
-    ) -> Result<Reply, Cold> {
+    ) -> Result<Reply, Defer> {
         if let Err(reply) = self.authorize(req, ns, Access::Read) {
             return Ok(reply);
         }
@@ -380,8 +406,19 @@ impl App {
         };
         let artifact = match opened {
             Ok(Some(artifact)) => artifact,
-            Ok(None) => return Ok(Reply::error(404, "no such artifact")),
-            Err(StoreError::WouldBlock) => return Err(Cold),
+            Ok(None) => {
+                // A miss here may be a hit on a peer: read through, unless
+                // this request already did or the key was just found absent.
+                if req.read_through {
+                    if let Some(rt) = self.read_through() {
+                        if !rt.known_absent(ns, key) {
+                            return Err(Defer::Fetch);
+                        }
+                    }
+                }
+                return Ok(Reply::error(404, "no such artifact"));
+            }
+            Err(StoreError::WouldBlock) => return Err(Defer::Cold),
             Err(err) => return Ok(store_error(&err)),
         };
         let etag = artifact.etag();
@@ -638,8 +675,13 @@ impl RequestInfo<'_> {
     }
 }
 
-/// [`App::get`] found the artifact's file cold under a no-wait open.
-struct Cold;
+/// Why [`App::get`] cannot answer yet.
+enum Defer {
+    /// The artifact's file is cold under a no-wait open.
+    Cold,
+    /// A miss the read-through may fill.
+    Fetch,
+}
 
 fn precondition_failed() -> Reply {
     Reply::error(

@@ -224,7 +224,7 @@ impl Secret {
         self.0.as_deref().unwrap_or_default().as_bytes()
     }
 
-    fn is_given(&self) -> bool {
+    pub fn is_given(&self) -> bool {
         self.0.is_some()
     }
 }
@@ -370,6 +370,27 @@ pub struct Config {
     pub peer_probe_interval_ms: u64,
     /// Deadline of one replication request, in ms. Default 30000, range 100..=3600000.
     pub replication_request_timeout_ms: u64,
+    /// The replication limiter's rate: peer body bytes per second this node sends (outbox,
+    /// anti-entropy repairs, reads served to peers), before public pressure lowers it.
+    /// Default 512 MiB; 0 = no limit; else 64 KiB..=1 TiB, size suffixes accepted.
+    #[serde(deserialize_with = "bytes")]
+    pub replication_bytes_per_second: u64,
+    /// The limiter's burst, in bytes; 0 = a quarter second of `replication_bytes_per_second`.
+    /// Default 0; else 4 KiB..=1 TiB, size suffixes accepted.
+    #[serde(deserialize_with = "bytes")]
+    pub replication_burst_bytes: u64,
+    /// Public time to first byte (p99 over 100 ms windows) above which replication slows
+    /// down, in ms. Default 50, range 1..=60000.
+    pub replication_public_latency_target_ms: u64,
+    /// A GET or HEAD that misses locally asks the peers for the artifact (only with peers).
+    /// Default true.
+    pub read_through: bool,
+    /// Longest a read-through waits for the peers before answering 404, in ms. Default 3000,
+    /// range 1..=3600000.
+    pub read_through_timeout_ms: u64,
+    /// How long a key no peer holds is remembered as absent, in ms; 0 = not remembered.
+    /// Default 1000, range 0..=3600000.
+    pub read_through_negative_ms: u64,
     /// Which front end serves plaintext HTTP/1. Default `auto`.
     pub engine: EngineChoice,
     /// Engine threads; 0 = one per core. Default 0, at most 256.
@@ -455,6 +476,12 @@ impl Default for Config {
             tombstone_retention_ms: 604_800_000,
             peer_probe_interval_ms: 1_000,
             replication_request_timeout_ms: 30_000,
+            replication_bytes_per_second: 512 * MIB,
+            replication_burst_bytes: 0,
+            replication_public_latency_target_ms: 50,
+            read_through: true,
+            read_through_timeout_ms: 3_000,
+            read_through_negative_ms: 1_000,
             engine: EngineChoice::Auto,
             engine_threads: 0,
             file_serving_mode: FileServingMode::Splice,
@@ -633,6 +660,39 @@ fn rules(c: &Config) -> Vec<Rule> {
             "replication_request_timeout_ms",
             within(c.replication_request_timeout_ms, 100, TIMEOUT_MS_LIMIT),
             "a whole number of milliseconds from 100 to 3600000",
+        ),
+        Rule::new(
+            "replication_bytes_per_second",
+            c.replication_bytes_per_second == 0
+                || within(c.replication_bytes_per_second, 64 * KIB, BODY_BYTES_LIMIT),
+            "0 (no limit) or a byte rate from 65536 (64 KiB) to 1 TiB per second: a whole \
+             number, or a string with a suffix, e.g. \"512MiB\"",
+        ),
+        Rule::new(
+            "replication_burst_bytes",
+            c.replication_burst_bytes == 0
+                || within(c.replication_burst_bytes, 4 * KIB, BODY_BYTES_LIMIT),
+            "0 (a quarter second of replication_bytes_per_second) or a byte count from 4096 \
+             (4 KiB) to 1 TiB, e.g. \"128MiB\"",
+        ),
+        Rule::new(
+            "replication_public_latency_target_ms",
+            within(c.replication_public_latency_target_ms, 1, 60_000),
+            "a whole number of milliseconds from 1 to 60000",
+        ),
+        Rule::any(
+            "read_through",
+            "true or false (env and flags also take 1/0, yes/no, on/off)",
+        ),
+        Rule::new(
+            "read_through_timeout_ms",
+            within(c.read_through_timeout_ms, 1, TIMEOUT_MS_LIMIT),
+            "a whole number of milliseconds from 1 to 3600000",
+        ),
+        Rule::new(
+            "read_through_negative_ms",
+            within(c.read_through_negative_ms, 0, TIMEOUT_MS_LIMIT),
+            "a whole number of milliseconds from 0 to 3600000 (0 = misses are not remembered)",
         ),
         Rule::keyword::<EngineChoice>("engine"),
         Rule::new(
@@ -1661,6 +1721,25 @@ mod tests {
                 "50",
                 "from 100 to 3600000",
             ),
+            (
+                "replication_bytes_per_second",
+                "1000",
+                "0 (no limit) or a byte rate from 65536",
+            ),
+            ("replication_bytes_per_second", "-1", "0 (no limit)"),
+            (
+                "replication_burst_bytes",
+                "100",
+                "from 4096 (4 KiB) to 1 TiB",
+            ),
+            (
+                "replication_public_latency_target_ms",
+                "0",
+                "from 1 to 60000",
+            ),
+            ("read_through", "maybe", "true or false"),
+            ("read_through_timeout_ms", "0", "from 1 to 3600000"),
+            ("read_through_negative_ms", "-5", "from 0 to 3600000"),
             ("send_timeout_ms", "3600001", "from 1 to 3600000"),
             (
                 "connections_per_ip_max",

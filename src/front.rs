@@ -114,6 +114,9 @@ async fn serve(
     let mut body_invited = !expect_continue;
     let method = parts.method.as_str().to_string();
     let path = parts.uri.path().to_string();
+    // Public pressure from here until the response body is dropped.
+    let public = crate::pressure::is_public_route(crate::route::route_label(&method, &path))
+        .then(|| app.metrics.pressure.begin());
     let info = RequestInfo {
         method: &method,
         path: &path,
@@ -124,10 +127,35 @@ async fn serve(
         if_range: header("if-range"),
         content_length,
         chunked,
+        read_through: true,
     };
     let route_label = crate::route::route_label(&method, &path);
-    let reply = match handle_cached(&app, &info) {
+    let mut decision = handle_cached(&app, &info);
+    if let Decision::Fetch { namespace, key } = &decision {
+        // A miss the peers may fill: wait (bounded) for the one fetch of
+        // this key, then decide again from the store.
+        if let Some(rt) = app.read_through() {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            rt.request(
+                namespace,
+                key,
+                Box::new(move || {
+                    let _ = tx.send(());
+                }),
+            );
+            // The read-through ends every fetch by its timeout; the margin
+            // only guards against a waiter that is never called.
+            let _ = tokio::time::timeout(rt.timeout() + Duration::from_secs(1), rx).await;
+        }
+        let again = RequestInfo {
+            read_through: false,
+            ..info
+        };
+        decision = handle_cached(&app, &again);
+    }
+    let reply = match decision {
         Decision::Reply(reply) => reply,
+        Decision::Fetch { .. } => Reply::error(404, "no such artifact"),
         // `App::handle` opens artifacts blocking (on this runtime's threads),
         // so it never answers `Cold`; should it, the client may retry.
         Decision::Cold { .. } => Reply::error(503, "artifact not ready; try again"),
@@ -175,7 +203,11 @@ async fn serve(
         }
     };
     app.record(route_label, &method, reply.status);
-    app.metrics.record_ttfb(started.elapsed());
+    let ttfb = started.elapsed();
+    app.metrics.record_ttfb(ttfb);
+    if public.is_some() && matches!(method.as_str(), "GET" | "HEAD") {
+        app.metrics.pressure.head_ready(ttfb);
+    }
     if reply.close && parts.version <= Version::HTTP_11 && body_invited && !body.is_end_stream() {
         // hyper drains at most one read of an unread body and then closes,
         // which resets a client still writing it before it reads our answer
@@ -184,7 +216,44 @@ async fn serve(
         // body ends or the task drops it at a bound.
         tokio::spawn(discard_body(body, app.linger_limits()));
     }
-    into_response(&app, reply, parts.version)
+    let response = into_response(&app, reply, parts.version);
+    match public {
+        Some(guard) => response.map(|inner| {
+            Tracked {
+                inner,
+                _public: guard,
+            }
+            .boxed()
+        }),
+        None => response,
+    }
+}
+
+/// A response body that keeps its request counted as public pressure until
+/// hyper drops it (after the last byte, or when the client goes).
+struct Tracked {
+    inner: ResponseBody,
+    _public: crate::pressure::InFlight,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Open artifact files kept per fallback worker thread, at most.

@@ -72,6 +72,10 @@ pub const TARGETS: &[Target] = &[
         check: check_outbox_record,
     },
     Target {
+        name: "peer_get_response",
+        check: check_peer_get_response,
+    },
+    Target {
         name: "artifact_header",
         check: check_artifact_header,
     },
@@ -533,6 +537,35 @@ pub fn check_outbox_record(data: &[u8]) {
         if let Some(record) = Record::parse(line) {
             let written = record.line();
             assert_eq!(Record::parse(written.trim_end_matches('\n')), Some(record));
+        }
+    }
+}
+
+/// `peer_get_response`: a peer's answer to a read-through (`GET /_peer/v1/get/...`), as the
+/// fetch reads it: `parse_response` and `read_through::verify` never panic on any bytes; an
+/// answer `verify` accepts has a body that hashes to what it returns (so nothing unchecked is
+/// ever stored), and under `cas` the key it was asked for is that hash.
+pub fn check_peer_get_response(data: &[u8]) {
+    use crate::engine::task::parse_response;
+    use crate::replication::read_through::verify;
+    use sha2::{Digest, Sha256};
+    for eof in [false, true] {
+        let Some(Ok(resp)) = parse_response(data, eof) else {
+            continue;
+        };
+        let digest: [u8; 32] = Sha256::digest(&resp.body).into();
+        if let Ok(v) = verify("gradle", "k", &resp) {
+            assert_eq!(v.sha256, digest);
+        }
+        let key = resp
+            .sluice_header("x-sluice-sha256")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if let Ok(v) = verify("cas", &key, &resp) {
+            assert_eq!(v.sha256, digest);
+            assert_eq!(key, hex::encode(digest));
         }
     }
 }

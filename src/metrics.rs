@@ -63,6 +63,9 @@ pub struct Metrics {
     ttfb_sum_ns: AtomicU64,
     /// Requests whose PUT body was refused (413, 400 digest mismatch, abort).
     put_aborted_total: AtomicU64,
+    /// Public requests in flight and public read TTFB: what replication
+    /// yields to.
+    pub pressure: std::sync::Arc<crate::pressure::PublicPressure>,
 }
 
 impl Default for Metrics {
@@ -84,6 +87,7 @@ impl Metrics {
             ttfb_buckets: Default::default(),
             ttfb_sum_ns: AtomicU64::new(0),
             put_aborted_total: AtomicU64::new(0),
+            pressure: std::sync::Arc::default(),
         }
     }
 

@@ -216,6 +216,15 @@ pub fn run_with(
                     ServeError(format!("cannot start the replication senders: {e}"))
                 })?,
             };
+            if replication.settings.read_through {
+                let rt = crate::replication::read_through::ReadThrough::start(
+                    Arc::clone(&replication),
+                    app.store.clone(),
+                    transport.clone(),
+                )
+                .map_err(|e| ServeError(format!("cannot start the read-through: {e}")))?;
+                app.set_read_through(rt);
+            }
             Some(
                 crate::replication::driver::start(replication, app.store.clone(), transport)
                     .map_err(|e| ServeError(format!("cannot start replication: {e}")))?,

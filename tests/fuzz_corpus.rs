@@ -346,7 +346,81 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             text.as_bytes().to_vec(),
         ));
     }
+    // A peer's answers to a read-through: good, corrupt, and damaged in every header the
+    // fetch reads.
+    let body = b"artifact bytes";
+    let sha = sluice_sha256_hex(body);
+    let answer = |status: &str, headers: &str, payload: &[u8]| {
+        let mut bytes = format!("HTTP/1.1 {status}\r\n{headers}\r\n").into_bytes();
+        bytes.extend_from_slice(payload);
+        bytes
+    };
+    let good = format!(
+        "Content-Length: 14\r\nx-sluice-sha256: {sha}\r\nx-sluice-write-time-ms: 1700000000000\r\n"
+    );
+    let answers: Vec<(&str, Vec<u8>)> = vec![
+        ("get-ok", answer("200 OK", &good, body)),
+        ("get-corrupt", answer("200 OK", &good, b"Artifact bytes")),
+        ("get-404", answer("404 Not Found", "Content-Length: 0\r\n", b"")),
+        (
+            "get-no-time",
+            answer(
+                "200 OK",
+                &format!("Content-Length: 14\r\nX-Sluice-SHA256: {sha}\r\n"),
+                body,
+            ),
+        ),
+        (
+            "get-two-sha",
+            answer(
+                "200 OK",
+                &format!("{good}x-sluice-sha256: {sha}\r\n"),
+                body,
+            ),
+        ),
+        (
+            "get-to-close",
+            answer(
+                "200 OK",
+                &format!("x-sluice-sha256: {sha}\r\nx-sluice-write-time-ms: 5\r\n"),
+                body,
+            ),
+        ),
+        (
+            "get-truncated",
+            answer(
+                "200 OK",
+                &format!("Content-Length: 100\r\nx-sluice-sha256: {sha}\r\n"),
+                body,
+            ),
+        ),
+        (
+            "get-bad-hex",
+            answer(
+                "200 OK",
+                "Content-Length: 14\r\nx-sluice-sha256: zz\r\nx-sluice-write-time-ms: 1\r\n",
+                body,
+            ),
+        ),
+        (
+            "get-negative-time",
+            answer(
+                "200 OK",
+                &format!("Content-Length: 14\r\nx-sluice-sha256: {sha}\r\nx-sluice-write-time-ms: -1\r\n"),
+                body,
+            ),
+        ),
+        ("get-503", answer("503 Service Unavailable", &good, body)),
+    ];
+    for (name, bytes) in answers {
+        out.push(("peer_get_response", name.to_owned(), bytes));
+    }
     out
+}
+
+fn sluice_sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(data))
 }
 
 #[test]

@@ -46,7 +46,10 @@ fn node(port: u16, data_dir: &Path, peers: &[u16], extra: &[(&str, &str)]) -> Se
         .data_dir(data_dir)
         .arg("--peers")
         .arg(&peers.join(","))
-        .env("SLUICE_PEER_SECRET", SECRET);
+        .env("SLUICE_PEER_SECRET", SECRET)
+        // These tests watch replication deliver: a read-through would
+        // answer their polls before it does (tests/readthrough.rs covers it).
+        .env("SLUICE_READ_THROUGH", "false");
     for (k, v) in extra {
         b = b.env(k, v);
     }
@@ -797,6 +800,7 @@ fn replication_works_without_io_uring_and_with_a_dns_peer_list() {
         .arg(&format!("localhost:{}", ports[1]))
         .env("SLUICE_PEER_SECRET", SECRET)
         .env("SLUICE_PEER_REFRESH_MS", "200")
+        .env("SLUICE_READ_THROUGH", "false")
         .start();
     let b_node = node(ports[1], &tmp.path().join("b"), &[ports[0]], &[]);
     let (a, b) = (a_node.addr, b_node.addr);

@@ -97,6 +97,10 @@ pub enum Next {
     /// come from the disk): open it off the engine thread, then call
     /// [`Conn::on_opened`], which decides the request again.
     Open { namespace: String, key: String },
+    /// Wait for the read-through of a miss (the engine asks
+    /// [`App::read_through`] with a waiter); report with
+    /// [`Conn::on_fetched`].
+    Fetch { namespace: String, key: String },
     /// Close the socket.
     Close,
 }
@@ -179,6 +183,11 @@ pub struct Conn {
     pub responses: u64,
     /// Cold opens the current request has waited for.
     cold_opens: u8,
+    /// The current request already waited for a read-through fetch: a
+    /// second miss is the answer (404), not another fetch.
+    fetched: bool,
+    /// The current request is public pressure until its response is out.
+    public: Option<crate::pressure::InFlight>,
 }
 
 impl Conn {
@@ -205,6 +214,8 @@ impl Conn {
             head_at: now,
             responses: 0,
             cold_opens: 0,
+            fetched: false,
+            public: None,
         }
     }
 
@@ -299,6 +310,16 @@ impl Conn {
             return self.close();
         }
         self.cold_opens = self.cold_opens.saturating_add(1);
+        self.read_head(now)
+    }
+
+    /// The read-through asked for by [`Next::Fetch`] has ended (found, or
+    /// not): decide the request again; a second miss answers 404.
+    pub fn on_fetched(&mut self, now: Instant) -> Next {
+        if !matches!(self.state, State::ReadingHead) {
+            return self.close();
+        }
+        self.fetched = true;
         self.read_head(now)
     }
 
@@ -471,6 +492,7 @@ impl Conn {
 
     /// Count the current response (once).
     fn finish_current(&mut self) {
+        self.public = None;
         if let Some(done) = self.current.take() {
             if done.status != 0 {
                 self.app.record(done.route, done.method, done.status);
@@ -599,7 +621,8 @@ impl Conn {
         };
         // A request decided again after a cold open keeps the time its head
         // first arrived: the wait for the disk is part of its TTFB.
-        if self.cold_opens == 0 {
+        // So is the wait for a read-through.
+        if self.cold_opens == 0 && !self.fetched {
             self.head_at = now;
         }
         let head_len = head.head_len();
@@ -618,9 +641,13 @@ impl Conn {
             if_range: head.header("if-range"),
             content_length,
             chunked,
+            read_through: !self.fetched,
         };
         let route = route_label(info.method, info.path);
         let method = method_label(info.method);
+        if crate::pressure::is_public_route(route) && self.public.is_none() {
+            self.public = Some(self.app.metrics.pressure.begin());
+        }
         let head_only = info.method == "HEAD";
         let expect_continue = head.expect_continue();
         let framing = head.framing();
@@ -652,9 +679,14 @@ impl Conn {
             // artifact is open.
             return (Some(Next::Open { namespace, key }), 0);
         }
+        if let Decision::Fetch { namespace, key } = decision {
+            // Likewise once the read-through of the miss has ended.
+            return (Some(Next::Fetch { namespace, key }), 0);
+        }
         self.cold_opens = 0;
+        self.fetched = false;
         let next = match decision {
-            Decision::Cold { .. } => Some(self.close()),
+            Decision::Cold { .. } | Decision::Fetch { .. } => Some(self.close()),
             Decision::Reply(reply) => Some(self.respond_head_only(reply, route, method, head_only)),
             Decision::ReceiveBody(sink) => match BodyDecoder::new(framing, sink.body_bytes_max()) {
                 Err(err) => {
@@ -765,7 +797,11 @@ impl Conn {
             self.close_after = true;
         }
         let close = self.close_after;
-        self.app.metrics.record_ttfb(self.head_at.elapsed());
+        let ttfb = self.head_at.elapsed();
+        self.app.metrics.record_ttfb(ttfb);
+        if self.public.is_some() && matches!(method, "GET" | "HEAD") {
+            self.app.metrics.pressure.head_ready(ttfb);
+        }
         self.deadline = Instant::now() + Duration::from_millis(self.limits.send_timeout_ms);
         self.current = Some(Finished {
             route,

@@ -292,6 +292,9 @@ struct CoreLoop {
     per_ip: PerIpCounts,
     /// Connections whose turn ended with work left.
     ready: VecDeque<(u32, u32)>,
+    /// Read-throughs from peers that ended: (index, generation).
+    fetched_tx: std::sync::mpsc::Sender<(u32, u32)>,
+    fetched_rx: std::sync::mpsc::Receiver<(u32, u32)>,
     /// Connections in the `PeekAgain` pause: (until, index, generation).
     peek_timers: Vec<(Instant, u32, u32)>,
     publisher: publish::Publisher,
@@ -349,7 +352,10 @@ impl CoreLoop {
                 }
             },
         )?;
+        let (fetched_tx, fetched_rx) = std::sync::mpsc::channel();
         Ok(CoreLoop {
+            fetched_tx,
+            fetched_rx,
             core,
             settings,
             epoll,
@@ -738,6 +744,17 @@ impl CoreLoop {
             let next = slot.conn.on_opened(Instant::now());
             self.drive(done.index, next);
         }
+        while let Ok((index, generation)) = self.fetched_rx.try_recv() {
+            if !self.live(index, generation) {
+                continue;
+            }
+            let Some(slot) = self.slots[index as usize].as_mut() else {
+                continue;
+            };
+            slot.wait = Wait::Idle;
+            let next = slot.conn.on_fetched(Instant::now());
+            self.drive(index, next);
+        }
         while let Some(done) = self.reader.try_done() {
             if !self.live(done.index, done.generation) {
                 continue;
@@ -970,6 +987,27 @@ impl CoreLoop {
                         }
                         Err(_) => slot.conn.open_here(now),
                     }
+                }
+                Next::Fetch { namespace, key } => {
+                    let Some(rt) = self.app.read_through().cloned() else {
+                        next = slot.conn.on_fetched(now);
+                        continue;
+                    };
+                    // Waiting on the peers, not the client: no deadline
+                    // applies (the read-through ends every fetch within
+                    // read_through_timeout_ms).
+                    slot.wait = Wait::Offloaded;
+                    let (tx, waker, generation) =
+                        (self.fetched_tx.clone(), self.waker.clone(), slot.generation);
+                    rt.request(
+                        &namespace,
+                        &key,
+                        Box::new(move || {
+                            let _ = tx.send((index, generation));
+                            waker.wake();
+                        }),
+                    );
+                    return;
                 }
                 Next::Close => {
                     self.close(index);

@@ -589,6 +589,11 @@ struct CoreLoop {
     publisher: Publisher,
     /// Opens cold artifacts off this thread.
     opener: Opener,
+    /// Connections whose read-through fetch ended (slot, generation): the
+    /// read-through's waiters send here and wake the ring. Unbounded, but
+    /// holds at most one entry per connection (one fetch wait each).
+    fetched_tx: std::sync::mpsc::Sender<(u32, u32)>,
+    fetched_rx: std::sync::mpsc::Receiver<(u32, u32)>,
     /// Read-ahead hints in flight.
     readaheads_in_flight: usize,
     ticks: u64,
@@ -694,9 +699,12 @@ impl CoreLoop {
             s.iowq_workers_max
                 .store(u64::from(iowq_limit), Ordering::Relaxed);
         }
+        let (fetched_tx, fetched_rx) = std::sync::mpsc::channel();
         Ok(CoreLoop {
             publisher,
             opener,
+            fetched_tx,
+            fetched_rx,
             readaheads_in_flight: 0,
             core,
             settings,
@@ -767,6 +775,9 @@ impl CoreLoop {
             }
             while let Some(done) = self.opener.try_done() {
                 self.on_opened(done);
+            }
+            while let Ok((index, generation)) = self.fetched_rx.try_recv() {
+                self.on_fetched(index, generation);
             }
             let mut batch = std::mem::take(&mut self.batch);
             self.busy = self.driver.complete(&mut batch, COMPLETIONS_PER_TURN_MAX) > 0;
@@ -1333,8 +1344,48 @@ impl CoreLoop {
                     self.issue(index, next);
                 }
             }
+            Next::Fetch { namespace, key } => {
+                let Some(rt) = self.app.read_through().cloned() else {
+                    let next = slot.conn.on_fetched(Instant::now());
+                    self.issue(index, next);
+                    return;
+                };
+                // Waiting on the peers, not on the client: no deadline
+                // applies meanwhile (as for a cold open); the read-through
+                // ends every fetch within read_through_timeout_ms.
+                slot.cold_since = Some(Instant::now());
+                let (tx, waker, generation) = (
+                    self.fetched_tx.clone(),
+                    self.driver.waker(),
+                    slot.generation,
+                );
+                rt.request(
+                    &namespace,
+                    &key,
+                    Box::new(move || {
+                        let _ = tx.send((index, generation));
+                        waker.wake();
+                    }),
+                );
+            }
             Next::Close => self.close(index),
         }
+    }
+
+    /// A read-through fetch this connection waited for has ended: decide
+    /// its request again, unless the connection is gone.
+    fn on_fetched(&mut self, index: u32, generation: u32) {
+        let Some(slot) = self
+            .slots
+            .get_mut(index as usize)
+            .and_then(Option::as_mut)
+            .filter(|s| s.generation == generation)
+        else {
+            return;
+        };
+        slot.cold_since = None;
+        let next = slot.conn.on_fetched(Instant::now());
+        self.issue(index, next);
     }
 
     /// A cold open came back from the opener: decide the request again,
@@ -2223,6 +2274,7 @@ mod tests {
                 status: 200,
                 body: b"up\n".to_vec(),
                 reused_connection: false,
+                sluice_headers: Vec::new(),
             })
         );
         let got = run(&engine, |done| {

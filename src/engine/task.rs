@@ -19,6 +19,21 @@ pub struct OutgoingResponse {
     pub body: Vec<u8>,
     /// It went over a pooled keep-alive connection (no connect).
     pub reused_connection: bool,
+    /// The response's `x-sluice-*` headers (name lower-cased, value as
+    /// sent): what the peer API says about a body (its sha256, its write
+    /// time). Other headers are not kept.
+    pub sluice_headers: Vec<(String, Vec<u8>)>,
+}
+
+impl OutgoingResponse {
+    /// The value of `x-sluice-` header `name` (lower case), if sent once.
+    pub fn sluice_header(&self, name: &str) -> Option<&[u8]> {
+        let mut found = self.sluice_headers.iter().filter(|(n, _)| n == name);
+        match (found.next(), found.next()) {
+            (Some((_, v)), None) => Some(v),
+            _ => None,
+        }
+    }
 }
 
 /// Why an outgoing request failed. `Connect` is the class the replication
@@ -216,11 +231,22 @@ pub fn parse_response(received: &[u8], eof: bool) -> Option<Result<OutgoingRespo
             Framing::ToClose => None,
         };
         let body = &received[head_len..];
+        let sluice_headers = || {
+            parsed
+                .headers
+                .iter()
+                .filter(|h| {
+                    h.name.len() > 9 && h.name.as_bytes()[..9].eq_ignore_ascii_case(b"x-sluice-")
+                })
+                .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+                .collect::<Vec<_>>()
+        };
         match length {
             Some(len) if body.len() >= len => Some(Ok(OutgoingResponse {
                 status,
                 body: body[..len].to_vec(),
                 reused_connection: false,
+                sluice_headers: sluice_headers(),
             })),
             Some(_) if eof => Some(Err(TaskError::Io(0))),
             Some(_) => None,
@@ -228,6 +254,7 @@ pub fn parse_response(received: &[u8], eof: bool) -> Option<Result<OutgoingRespo
                 status,
                 body: body.to_vec(),
                 reused_connection: false,
+                sluice_headers: sluice_headers(),
             })),
             None => None,
         }
@@ -259,6 +286,7 @@ mod tests {
                 status,
                 body: body.to_vec(),
                 reused_connection: false,
+                sluice_headers: Vec::new(),
             }))
         };
         type Want = Option<Result<OutgoingResponse, TaskError>>;

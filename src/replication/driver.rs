@@ -136,6 +136,12 @@ struct Driver {
     ae_tx: SyncSender<AeJob>,
     /// Shutdown phase 3: no new request is started.
     closing: bool,
+    /// The limiter has no tokens for peer bodies until then.
+    throttled_until: Option<Instant>,
+    /// Entries (peer, outbox offset or `u64::MAX - n` for repairs) already
+    /// counted as throttled, so a request that waits twice counts once.
+    throttled: BTreeSet<(String, u64)>,
+    turn: usize,
 }
 
 /// Start the replication thread (and the anti-entropy thread).
@@ -167,6 +173,9 @@ pub fn start(r: Arc<Replication>, store: Store, transport: Transport) -> std::io
         in_flight_bytes: 0,
         ae_tx,
         closing: false,
+        throttled_until: None,
+        throttled: BTreeSet::new(),
+        turn: 0,
     };
     tracing::info!(
         node_id = %r.node_id,
@@ -217,7 +226,14 @@ impl Driver {
         while !stop.load(Ordering::SeqCst) {
             let now = Instant::now();
             let mut wake_at = now + TICK;
-            let names: Vec<String> = self.peers.keys().cloned().collect();
+            let mut names: Vec<String> = self.peers.keys().cloned().collect();
+            // Each turn starts with the next peer, so when the limiter has
+            // few tokens no peer always comes first and takes them all.
+            if !names.is_empty() {
+                self.turn = self.turn.wrapping_add(1);
+                let first = self.turn % names.len();
+                names.rotate_left(first);
+            }
             for name in names {
                 if let Some(t) = self.step_peer(&name, now) {
                     wake_at = wake_at.min(t);
@@ -438,7 +454,40 @@ impl Driver {
         }
         self.send_repairs(name);
         self.sync_acked(name);
-        None
+        self.throttled_until.filter(|&t| t > now)
+    }
+
+    /// Whether `bytes` of peer body may go now (the limiter); if not, the
+    /// caller stops sending until [`Driver::throttled_until`].
+    fn tokens_for(&mut self, peer: &str, id: u64, bytes: u64) -> bool {
+        let now = Instant::now();
+        if self.throttled_until.is_some_and(|t| now < t) {
+            self.count_throttled(peer, id, bytes);
+            return false;
+        }
+        match self.r.limiter.acquire(now, bytes) {
+            Ok(()) => {
+                self.throttled_until = None;
+                self.throttled.remove(&(peer.to_string(), id));
+                true
+            }
+            Err(until) => {
+                self.throttled_until = Some(until);
+                self.count_throttled(peer, id, bytes);
+                false
+            }
+        }
+    }
+
+    fn count_throttled(&mut self, peer: &str, id: u64, bytes: u64) {
+        // Bounded: one entry per request a peer would send next (its window).
+        if self.throttled.len() < 4096 && self.throttled.insert((peer.to_string(), id)) {
+            self.r.series.add(
+                "sluice_replication_throttled_bytes_total",
+                String::new(),
+                bytes,
+            );
+        }
     }
 
     fn sync_acked(&self, name: &str) {
@@ -595,6 +644,9 @@ impl Driver {
         let Some(addr) = self.peers.get(name).map(|r| r.addr) else {
             return false;
         };
+        if record.op == Op::Put && self.throttled_until.is_some_and(|t| Instant::now() < t) {
+            return false; // no tokens: do not even open the artifact yet
+        }
         let (bytes, file_body, body) = match self.build(addr, record) {
             Ok(Some(built)) => built,
             Ok(None) => {
@@ -606,6 +658,11 @@ impl Driver {
             }
             Err(()) => return false,
         };
+        // A retry at once after a failure before any byte went already had
+        // its tokens.
+        if !retried && !self.tokens_for(name, start, body) {
+            return false;
+        }
         if let Some(run) = self.peers.get_mut(name) {
             if !retried {
                 run.policy.cursor.on_sent(start, end);
@@ -650,10 +707,14 @@ impl Driver {
             {
                 return;
             }
+            if self.throttled_until.is_some_and(|t| Instant::now() < t) {
+                return;
+            }
             let Some(entry) = run.repairs.pop_front() else {
                 return;
             };
             let addr = run.addr;
+            let id = u64::MAX - run.repairs.len() as u64;
             let built = if entry.deleted {
                 Ok(Some(self.build_delete(
                     addr,
@@ -674,6 +735,12 @@ impl Driver {
                     return;
                 }
             };
+            if !self.tokens_for(name, id, built.2) {
+                if let Some(run) = self.peers.get_mut(name) {
+                    run.repairs.push_front(entry);
+                }
+                return;
+            }
             if let Some(run) = self.peers.get_mut(name) {
                 run.repairs_in_flight += 1;
             }
@@ -938,6 +1005,16 @@ impl Driver {
             })
             .collect();
         *self.r.views.lock().unwrap_or_else(PoisonError::into_inner) = views;
+        let addrs = self
+            .peers
+            .iter()
+            .map(|(name, run)| (name.clone(), run.addr, run.policy.state))
+            .collect();
+        *self
+            .r
+            .peer_addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = addrs;
     }
 }
 

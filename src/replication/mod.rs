@@ -15,9 +15,11 @@
 //! See `docs/replication.md` for the model and its guarantees.
 
 pub mod driver;
+pub mod limiter;
 pub mod outbox;
 pub mod peer_api;
 pub mod policy;
+pub mod read_through;
 pub mod summary;
 pub mod transport;
 
@@ -68,14 +70,33 @@ pub struct Settings {
     pub body_bytes_max: u64,
     /// How long a delete's tombstone is kept (`tombstone_retention_ms`).
     pub tombstone_retention: Duration,
+    /// Peers are configured (`peers` or `peers_dns`). Without them a node
+    /// with a `peer_secret` still answers the peer API (an origin that
+    /// replicates to nobody) but records no outbox entries.
+    pub replicates: bool,
+    /// The limiter: bytes per second (0 = off), burst bytes, public TTFB target.
+    pub limit_bytes_per_second: u64,
+    pub burst_bytes: u64,
+    pub public_latency_target: Duration,
+    /// Read-through from peers on a local miss (only when `replicates`).
+    pub read_through: bool,
+    pub read_through_timeout: Duration,
+    pub read_through_negative: Duration,
 }
 
 impl Settings {
-    /// `None` when no peers are configured: this node does not replicate.
+    /// `None` when neither peers nor a peer secret are configured: this
+    /// node has no part in a mesh.
     pub fn from_config(config: &Config, listen: SocketAddr) -> Option<Settings> {
-        if config.peers.is_empty() && config.peers_dns.is_none() {
+        let replicates = !config.peers.is_empty() || config.peers_dns.is_some();
+        if !replicates && !config.peer_secret.is_given() {
             return None;
         }
+        let limit = config.replication_bytes_per_second;
+        let burst = match config.replication_burst_bytes {
+            0 => (limit / 4).max(64 * 1024),
+            n => n,
+        };
         Some(Settings {
             peers: config.peers.clone(),
             peers_dns: config.peers_dns.clone(),
@@ -89,6 +110,15 @@ impl Settings {
             fsync: config.fsync == crate::config::FsyncPolicy::Always,
             body_bytes_max: config.body_bytes_max.max(config.gradle_body_bytes_max),
             tombstone_retention: Duration::from_millis(config.tombstone_retention_ms),
+            replicates,
+            limit_bytes_per_second: limit,
+            burst_bytes: burst,
+            public_latency_target: Duration::from_millis(
+                config.replication_public_latency_target_ms,
+            ),
+            read_through: replicates && config.read_through,
+            read_through_timeout: Duration::from_millis(config.read_through_timeout_ms),
+            read_through_negative: Duration::from_millis(config.read_through_negative_ms),
         })
     }
 }
@@ -144,6 +174,14 @@ pub const SERIES: &[(&str, &str, &str)] = &[
     ("sluice_anti_entropy_buckets_compared_total", "counter", "Summary buckets compared."),
     ("sluice_anti_entropy_buckets_differing_total", "counter", "Summary buckets that differed and were walked."),
     ("sluice_anti_entropy_repaired_total", "counter", "Artifacts sent to a peer by anti-entropy."),
+    ("sluice_replication_limit_bytes_per_second", "gauge", "The configured replication rate (replication_bytes_per_second; 0 = no limit)."),
+    ("sluice_replication_effective_bytes_per_second", "gauge", "The replication rate in force now, after public pressure (0 = no limit)."),
+    ("sluice_replication_public_ttfb_p99_seconds", "gauge", "p99 of public read TTFB over the limiter's last 100 ms window (0 without samples): the latency signal."),
+    ("sluice_replication_public_in_flight", "gauge", "Public requests in flight at the limiter's last step: the concurrency signal."),
+    ("sluice_replication_throttled_bytes_total", "counter", "Peer body bytes (outbox sends, repairs) that waited for limiter tokens before going."),
+    ("sluice_read_through_fetches_total", "counter", "Read-through fetches from peers after a local miss, by result (ok, not_found, failed, corrupt, too_large, timeout)."),
+    ("sluice_read_through_coalesced_total", "counter", "Requests that waited for another request's read-through fetch of the same key."),
+    ("sluice_read_through_negative_hits_total", "counter", "Misses answered 404 at once because no peer held the key moments ago."),
 ];
 
 /// What `/status` shows of one peer (published by the replication thread).
@@ -170,11 +208,20 @@ pub struct Replication {
     wake: Mutex<Option<std::sync::mpsc::Sender<driver::Event>>>,
     /// Anti-entropy summaries, computed off the engine threads.
     pub summaries: summary::Cache,
+    /// The bandwidth limiter every peer body draws from.
+    pub limiter: limiter::Limiter,
+    /// The peers' addresses and states, published by the replication thread
+    /// for read-through.
+    pub peer_addrs: Mutex<Vec<(String, SocketAddr, policy::PeerState)>>,
 }
 
 impl Replication {
     /// Open the outbox (in `data_dir/.outbox`) and the node id.
-    pub fn open(settings: Settings, data_dir: &Path) -> std::io::Result<Replication> {
+    pub fn open(
+        settings: Settings,
+        data_dir: &Path,
+        pressure: Arc<crate::pressure::PublicPressure>,
+    ) -> std::io::Result<Replication> {
         let outbox = Outbox::open(
             &data_dir.join(".outbox"),
             settings.fsync,
@@ -200,11 +247,22 @@ impl Replication {
             "sluice_anti_entropy_buckets_compared_total",
             "sluice_anti_entropy_buckets_differing_total",
             "sluice_anti_entropy_repaired_total",
+            "sluice_replication_throttled_bytes_total",
+            "sluice_read_through_coalesced_total",
+            "sluice_read_through_negative_hits_total",
         ] {
             series.add(name, String::new(), 0);
         }
+        let limiter = limiter::Limiter::new(
+            settings.limit_bytes_per_second,
+            settings.burst_bytes,
+            settings.public_latency_target,
+            pressure,
+        );
         Ok(Replication {
             settings,
+            limiter,
+            peer_addrs: Mutex::new(Vec::new()),
             node_id,
             outbox,
             series,
@@ -248,6 +306,9 @@ impl Replication {
 
     #[allow(clippy::result_large_err)]
     fn record(&self, op: Op, ns: &str, key: &str, write_time_ms: u64) -> Result<(), Reply> {
+        if !self.settings.replicates {
+            return Ok(()); // an origin only: nobody to send to
+        }
         match self.outbox.append(op, ns, key, write_time_ms) {
             Ok(()) => {
                 self.kick();
@@ -281,9 +342,22 @@ impl Replication {
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
         let snapshot = self.series.snapshot();
+        let (effective, ttfb_p99, in_flight) = self.limiter.observe(std::time::Instant::now());
         for (name, kind, help) in SERIES {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             match *name {
+                "sluice_replication_limit_bytes_per_second" => {
+                    let _ = writeln!(out, "{name} {}", self.limiter.limit);
+                }
+                "sluice_replication_effective_bytes_per_second" => {
+                    let _ = writeln!(out, "{name} {effective}");
+                }
+                "sluice_replication_public_ttfb_p99_seconds" => {
+                    let _ = writeln!(out, "{name} {ttfb_p99}");
+                }
+                "sluice_replication_public_in_flight" => {
+                    let _ = writeln!(out, "{name} {in_flight}");
+                }
                 "sluice_replication_outbox_entries"
                 | "sluice_replication_outbox_bytes"
                 | "sluice_replication_outbox_oldest_age_seconds"
@@ -357,9 +431,18 @@ impl Replication {
                 })
             })
             .collect();
+        let (effective, ttfb_p99, in_flight) = self.limiter.observe(std::time::Instant::now());
         serde_json::json!({
             "node_id": self.node_id,
             "outbox_bytes_max": self.outbox.bytes_max(),
+            "limiter": {
+                "limit_bytes_per_second": self.limiter.limit,
+                "burst_bytes": self.limiter.burst,
+                "effective_bytes_per_second": effective,
+                "public_ttfb_p99_seconds": ttfb_p99,
+                "public_in_flight": in_flight,
+            },
+            "read_through": self.settings.read_through,
             "peers": peers,
         })
     }
@@ -401,7 +484,11 @@ pub fn attach(
     let Some(settings) = Settings::from_config(config, listen) else {
         return Ok(None);
     };
-    let replication = Arc::new(Replication::open(settings, &config.data_dir)?);
+    let replication = Arc::new(Replication::open(
+        settings,
+        &config.data_dir,
+        Arc::clone(&app.metrics.pressure),
+    )?);
     app.set_replication(Arc::clone(&replication));
     {
         let r = Arc::clone(&replication);

@@ -59,6 +59,14 @@ pub fn handle(app: &App, req: &RequestInfo<'_>, rest: &str) -> Decision {
         ("DELETE", ["v1", "delete", ns, key @ .., time]) if !key.is_empty() => {
             reply(delete(app, ns, &key.join("/"), time, &count))
         }
+        ("GET" | "HEAD", ["v1", "get", ns, key @ ..]) if !key.is_empty() => reply(get(
+            app,
+            replication,
+            req.method == "HEAD",
+            ns,
+            &key.join("/"),
+            &count,
+        )),
         ("GET", ["v1", "summary"]) => reply(query(replication, Query::Summary, &count)),
         ("GET", ["v1", "buckets", list]) => {
             let buckets: Option<Vec<u16>> = list
@@ -184,6 +192,64 @@ fn put(
             Decision::ReceiveBody(sink)
         }
         Err(err) => refuse(Reply::error(err.status(), &err.to_string())),
+    }
+}
+
+/// A peer's read-through: the artifact with its sha256 and write time, so
+/// the asker can check the body before storing it. The body bytes are
+/// charged to the limiter (a client waits on the other side, so they are
+/// not delayed; the outbox and repairs wait for them instead).
+fn get(
+    app: &App,
+    replication: &Replication,
+    head: bool,
+    ns: &str,
+    key: &str,
+    count: &dyn Fn(&str),
+) -> Reply {
+    if !valid_namespace(ns) || !valid_key(key) {
+        count("bad");
+        return Reply::error(400, "invalid namespace or key");
+    }
+    let artifact = match app.store.get(ns, key) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            count("get_missing");
+            return Reply::error(404, "no such artifact");
+        }
+        Err(err) => return Reply::error(err.status(), &err.to_string()),
+    };
+    count("get");
+    if !head {
+        replication
+            .limiter
+            .charge(std::time::Instant::now(), artifact.len);
+    }
+    let len = artifact.len;
+    let headers = vec![
+        ("etag", artifact.etag()),
+        ("content-type", "application/octet-stream".to_string()),
+        ("x-sluice-sha256", hex::encode(artifact.sha256)),
+        (
+            "x-sluice-write-time-ms",
+            artifact.write_time_ms().unwrap_or(0).to_string(),
+        ),
+    ];
+    let offset = artifact.body_offset;
+    Reply {
+        status: 200,
+        headers,
+        content_length: Some(len),
+        body: if head {
+            crate::app::ReplyBody::Empty
+        } else {
+            crate::app::ReplyBody::File {
+                artifact,
+                offset,
+                len,
+            }
+        },
+        close: false,
     }
 }
 

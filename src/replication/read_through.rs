@@ -1,0 +1,537 @@
+//! Read-through from peers: a GET or HEAD that misses locally asks the
+//! peers for the artifact, stores it (its sha256 checked first) and is
+//! decided again from the store.
+//!
+//! - One fetch per key however many ask ([`crate::single_flight`]): the
+//!   first miss starts it, later misses of the same key wait for it; all of
+//!   them are woken when it ends and read the stored copy.
+//! - A fetch that finds nothing is remembered for
+//!   `read_through_negative_ms`: misses within it answer 404 at once.
+//! - The fetch is a request through the replication transport (a task on
+//!   an engine ring; the blocking senders without rings). Its answer is
+//!   checked and stored on this module's own thread (`sluice-read-through`),
+//!   never on an engine thread (storing may fsync).
+//! - Peers are asked one at a time, up peers first, within one deadline
+//!   (`read_through_timeout_ms`) for the whole fetch; whatever is left
+//!   unanswered at the deadline is a miss: the honest 404.
+//! - A body whose sha256 is not the one the peer announced (or, for `cas`,
+//!   not its key) is refused and not stored; the next peer is asked.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::engine::task::{OutgoingResponse, TaskError};
+use crate::single_flight::{Bounds, Join, SingleFlight};
+use crate::store::{PutOptions, Store};
+
+use super::policy::PeerState;
+use super::transport::{self, Transport};
+use super::{Replication, AUTH_SCHEME};
+
+/// Largest artifact a read-through fetches, bytes: the answer is read into
+/// memory before it is checked and stored. Larger artifacts stay a miss
+/// until replication brings them.
+pub const FETCH_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Fetches under way at once (so at most this × [`FETCH_BYTES_MAX`] of
+/// answers in memory); more keys wait in the queue.
+pub const FETCHES_MAX: usize = 4;
+/// Keys waiting for a fetch slot (beyond: an immediate miss).
+pub const QUEUE_MAX: usize = 1024;
+/// The single-flight table's bounds.
+pub const BOUNDS: Bounds = Bounds {
+    flights_max: QUEUE_MAX + FETCHES_MAX,
+    waiters_per_flight_max: 4096,
+    negative_max: 65_536,
+};
+
+/// Called once when the request may be decided again.
+pub type Waiter = Box<dyn FnOnce() + Send>;
+type Key = (String, String);
+
+/// Why a peer's answer was not taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// 404: the peer does not hold it.
+    NotFound,
+    /// The body does not hash to what the peer announced, or a CAS body to
+    /// its key.
+    Corrupt(&'static str),
+    /// Anything else (a status, a missing or malformed header).
+    Bad(String),
+}
+
+/// A peer's answer that may be stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub sha256: [u8; 32],
+    pub write_time_ms: u64,
+}
+
+/// Check a peer's answer to `GET /_peer/v1/get/{ns}/{key}` (bytes from
+/// another host: the `peer_get_response` fuzz target runs it).
+pub fn verify(ns: &str, key: &str, resp: &OutgoingResponse) -> Result<Verified, Refusal> {
+    match resp.status {
+        200 => {}
+        404 => return Err(Refusal::NotFound),
+        s => return Err(Refusal::Bad(format!("answered {s}"))),
+    }
+    let mut declared = [0u8; 32];
+    let sha = resp
+        .sluice_header("x-sluice-sha256")
+        .ok_or_else(|| Refusal::Bad("no single x-sluice-sha256".into()))?;
+    if hex::decode_to_slice(sha.trim_ascii(), &mut declared).is_err() {
+        return Err(Refusal::Bad("x-sluice-sha256 is not 64 hex digits".into()));
+    }
+    let write_time_ms = resp
+        .sluice_header("x-sluice-write-time-ms")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| Refusal::Bad("no valid x-sluice-write-time-ms".into()))?;
+    let actual: [u8; 32] = Sha256::digest(&resp.body).into();
+    if actual != declared {
+        return Err(Refusal::Corrupt(
+            "the body does not hash to x-sluice-sha256",
+        ));
+    }
+    if ns == "cas" {
+        let mut digest = [0u8; 32];
+        if hex::decode_to_slice(key, &mut digest).is_err() || digest != actual {
+            return Err(Refusal::Corrupt("the CAS body does not hash to its key"));
+        }
+    }
+    Ok(Verified {
+        sha256: actual,
+        write_time_ms,
+    })
+}
+
+enum Event {
+    Start(Key),
+    Answer {
+        id: u64,
+        outcome: Result<OutgoingResponse, TaskError>,
+    },
+}
+
+/// The read-through of one node.
+pub struct ReadThrough {
+    r: Arc<Replication>,
+    flights: Mutex<SingleFlight<Key, Waiter>>,
+    events: SyncSender<Event>,
+}
+
+impl ReadThrough {
+    /// Start the read-through thread.
+    pub fn start(
+        r: Arc<Replication>,
+        store: Store,
+        transport: Transport,
+    ) -> std::io::Result<Arc<ReadThrough>> {
+        // Answers come back on this channel too: room for every fetch's
+        // answer beside a full queue of starts, so an answer is never lost.
+        let (tx, rx) = sync_channel(QUEUE_MAX + 2 * FETCHES_MAX);
+        let rt = Arc::new(ReadThrough {
+            flights: Mutex::new(SingleFlight::new(BOUNDS, r.settings.read_through_negative)),
+            r,
+            events: tx,
+        });
+        let worker = Worker {
+            rt: Arc::clone(&rt),
+            store,
+            transport,
+            running: HashMap::new(),
+            queued: std::collections::VecDeque::new(),
+            next_id: 0,
+        };
+        std::thread::Builder::new()
+            .name("sluice-read-through".into())
+            .spawn(move || worker.run(&rx))?;
+        for result in [
+            "ok",
+            "not_found",
+            "failed",
+            "corrupt",
+            "too_large",
+            "timeout",
+        ] {
+            rt.r.series.add(
+                "sluice_read_through_fetches_total",
+                format!("result=\"{result}\""),
+                0,
+            );
+        }
+        Ok(rt)
+    }
+
+    /// How long a fetch may take (`read_through_timeout_ms`).
+    pub fn timeout(&self) -> Duration {
+        self.r.settings.read_through_timeout
+    }
+
+    /// Whether a miss of `ns/key` is known absent now (counted as a
+    /// negative-cache hit): answer 404 without waiting.
+    pub fn known_absent(&self, ns: &str, key: &str) -> bool {
+        let key = (ns.to_string(), key.to_string());
+        let absent = self
+            .flights
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_negative(&key, Instant::now());
+        if absent {
+            self.count("sluice_read_through_negative_hits_total", String::new());
+        }
+        absent
+    }
+
+    /// A miss of `ns/key`: `done` is called once the fetch (this request's
+    /// or the one it joins) has ended, or at once if there is none to wait
+    /// for. Never blocks.
+    pub fn request(&self, ns: &str, key: &str, done: Waiter) {
+        let key = (ns.to_string(), key.to_string());
+        let joined = self
+            .flights
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .join(key.clone(), Instant::now(), done);
+        match joined {
+            Join::Leader => {
+                if self.events.try_send(Event::Start(key.clone())).is_err() {
+                    // The thread is gone or its queue is full: a miss.
+                    self.finish(&key, "failed", false);
+                }
+            }
+            Join::Follower => {
+                self.count("sluice_read_through_coalesced_total", String::new());
+            }
+            Join::Negative(done) => {
+                self.count("sluice_read_through_negative_hits_total", String::new());
+                done();
+            }
+            Join::Full(done) => done(),
+        }
+    }
+
+    fn count(&self, name: &'static str, labels: String) {
+        self.r.series.add(name, labels, 1);
+    }
+
+    /// End the fetch of `key`: count it, wake its waiters.
+    fn finish(&self, key: &Key, result: &str, found: bool) {
+        self.count(
+            "sluice_read_through_fetches_total",
+            format!("result=\"{result}\""),
+        );
+        let waiters = self
+            .flights
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .complete(key, Instant::now(), !found);
+        for waiter in waiters {
+            waiter();
+        }
+    }
+}
+
+/// One fetch under way.
+struct Fetch {
+    key: Key,
+    /// Peers still to ask, in order.
+    candidates: Vec<(String, SocketAddr)>,
+    deadline: Instant,
+    /// The worst answer so far, for the result label when nobody has it.
+    worst: &'static str,
+}
+
+struct Worker {
+    rt: Arc<ReadThrough>,
+    store: Store,
+    transport: Transport,
+    running: HashMap<u64, Fetch>,
+    /// Keys waiting for a fetch slot, with their deadlines (in order).
+    queued: std::collections::VecDeque<(Key, Instant)>,
+    next_id: u64,
+}
+
+impl Worker {
+    fn run(mut self, rx: &Receiver<Event>) {
+        loop {
+            let now = Instant::now();
+            // Fetches past their deadline: the honest 404 for their waiters.
+            // A late answer finds no fetch under its id and is dropped.
+            let overdue: Vec<u64> = self
+                .running
+                .iter()
+                .filter(|(_, f)| now >= f.deadline)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in overdue {
+                if let Some(f) = self.running.remove(&id) {
+                    self.rt.finish(&f.key, "timeout", false);
+                }
+            }
+            // Keys that waited in the queue for their whole deadline never
+            // start: their waiters get the 404 on time.
+            while self.queued.front().is_some_and(|(_, d)| now >= *d) {
+                if let Some((key, _)) = self.queued.pop_front() {
+                    self.rt.finish(&key, "timeout", false);
+                }
+            }
+            while self.running.len() < FETCHES_MAX {
+                let Some((key, deadline)) = self.queued.pop_front() else {
+                    break;
+                };
+                self.begin(key, deadline);
+            }
+            let wait = self
+                .running
+                .values()
+                .map(|f| f.deadline)
+                .chain(self.queued.front().map(|(_, d)| *d))
+                .map(|d| d.saturating_duration_since(now))
+                .min()
+                .unwrap_or(Duration::from_secs(1));
+            match rx.recv_timeout(wait.max(Duration::from_millis(1))) {
+                Ok(Event::Start(key)) => {
+                    // The deadline runs from the first miss, queued or not.
+                    let deadline = Instant::now() + self.rt.r.settings.read_through_timeout;
+                    if self.running.len() < FETCHES_MAX {
+                        self.begin(key, deadline);
+                    } else {
+                        self.queued.push_back((key, deadline));
+                    }
+                }
+                Ok(Event::Answer { id, outcome }) => self.on_answer(id, outcome),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn begin(&mut self, key: Key, deadline: Instant) {
+        let r = &self.rt.r;
+        let mut peers: Vec<(String, SocketAddr, PeerState)> = r
+            .peer_addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, _, s)| *s != PeerState::Myself)
+            .cloned()
+            .collect();
+        // Up peers first, then those not heard from, then those down.
+        peers.sort_by_key(|(_, _, s)| match s {
+            PeerState::Up => 0,
+            PeerState::Unknown => 1,
+            _ => 2,
+        });
+        let candidates: Vec<(String, SocketAddr)> =
+            peers.into_iter().rev().map(|(n, a, _)| (n, a)).collect();
+        let id = self.next_id;
+        self.next_id += 1;
+        let fetch = Fetch {
+            key,
+            candidates,
+            deadline,
+            worst: "not_found",
+        };
+        self.running.insert(id, fetch);
+        self.ask_next(id);
+    }
+
+    /// Ask the next candidate of fetch `id`, or end it as a miss.
+    fn ask_next(&mut self, id: u64) {
+        let Some(fetch) = self.running.get_mut(&id) else {
+            return;
+        };
+        let Some((_peer, addr)) = fetch.candidates.pop() else {
+            if let Some(f) = self.running.remove(&id) {
+                self.rt.finish(&f.key, f.worst, false);
+            }
+            return;
+        };
+        let (ns, key) = &fetch.key;
+        let remaining = fetch.deadline.saturating_duration_since(Instant::now());
+        let request = format!(
+            "GET /_peer/v1/get/{ns}/{key} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {AUTH_SCHEME} {}\r\n\r\n",
+            self.rt.r.settings.peer_secret
+        );
+        let events = self.rt.events.clone();
+        let mut req = transport::request(
+            addr,
+            request.into_bytes(),
+            None,
+            remaining.max(Duration::from_millis(1)),
+            Box::new(move |outcome| {
+                // The channel has room for every running fetch's answer.
+                let _ = events.try_send(Event::Answer { id, outcome });
+            }),
+        );
+        req.response_bytes_max = FETCH_BYTES_MAX + 64 * 1024;
+        self.transport.submit(req);
+    }
+
+    fn on_answer(&mut self, id: u64, outcome: Result<OutgoingResponse, TaskError>) {
+        let Some(fetch) = self.running.get_mut(&id) else {
+            return; // it timed out meanwhile
+        };
+        let (ns, key) = fetch.key.clone();
+        let refusal = match outcome {
+            Ok(resp) => match verify(&ns, &key, &resp) {
+                Ok(verified) => match store(&self.store, &ns, &key, &resp.body, &verified) {
+                    Ok(()) => {
+                        self.rt.r.series.add(
+                            "sluice_replication_received_bytes_total",
+                            String::new(),
+                            resp.body.len() as u64,
+                        );
+                        if let Some(f) = self.running.remove(&id) {
+                            self.rt.finish(&f.key, "ok", true);
+                        }
+                        return;
+                    }
+                    Err(why) => {
+                        tracing::warn!(ns, key, error = %why, "read-through: cannot store a fetched artifact");
+                        "failed"
+                    }
+                },
+                Err(Refusal::NotFound) => "not_found",
+                Err(Refusal::Corrupt(why)) => {
+                    tracing::warn!(
+                        ns,
+                        key,
+                        why,
+                        "read-through: a peer sent a corrupt body; refused, not stored"
+                    );
+                    "corrupt"
+                }
+                Err(Refusal::Bad(why)) => {
+                    tracing::debug!(ns, key, why, "read-through: unusable answer");
+                    "failed"
+                }
+            },
+            Err(TaskError::BadResponse(why)) if why.contains("size bound") => "too_large",
+            Err(TaskError::TimedOut) => "timeout",
+            Err(_) => "failed",
+        };
+        // The result label says the worst thing that happened when nobody
+        // had it: a corrupt body outranks a failure, which outranks a 404.
+        let rank = |r: &str| match r {
+            "corrupt" => 4,
+            "too_large" => 3,
+            "timeout" => 2,
+            "failed" => 1,
+            _ => 0,
+        };
+        if rank(refusal) > rank(fetch.worst) {
+            fetch.worst = refusal;
+        }
+        self.ask_next(id);
+    }
+}
+
+/// Store a verified fetch, unless this node holds the key meanwhile (a
+/// local PUT, or replication, got there first: that copy is as new or newer).
+fn store(store: &Store, ns: &str, key: &str, body: &[u8], v: &Verified) -> Result<(), String> {
+    if let Ok(Some(_)) = store.get(ns, key) {
+        return Ok(());
+    }
+    let options = PutOptions {
+        expected_len: Some(body.len() as u64),
+        expected_sha256: Some(v.sha256),
+        body_bytes_max: body.len() as u64,
+        write_time_ms: Some(v.write_time_ms),
+        // A local PUT or a tombstone newer than the peer's copy wins, checked
+        // under the key's lock at commit (a delete here is not undone).
+        last_writer_wins: true,
+    };
+    let mut writer = store
+        .begin_put(ns, key, options)
+        .map_err(|e| e.to_string())?;
+    writer.write(body).map_err(|e| e.to_string())?;
+    writer.commit().map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, headers: &[(&str, &str)], body: &[u8]) -> OutgoingResponse {
+        OutgoingResponse {
+            status,
+            body: body.to_vec(),
+            reused_connection: false,
+            sluice_headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn answers_are_checked_before_anything_is_stored() {
+        let body = b"artifact bytes";
+        let sha = hex::encode(Sha256::digest(body));
+        let good = [
+            ("x-sluice-sha256", sha.as_str()),
+            ("x-sluice-write-time-ms", "1700000000000"),
+        ];
+        let ok = verify("gradle", "k", &answer(200, &good, body)).expect("good");
+        assert_eq!(ok.write_time_ms, 1_700_000_000_000);
+        assert_eq!(
+            verify("cas", &sha, &answer(200, &good, body)),
+            Ok(ok.clone())
+        );
+        let rows: &[(&str, &str, OutgoingResponse, Refusal)] = &[
+            ("gradle", "k", answer(404, &[], b""), Refusal::NotFound),
+            (
+                "gradle",
+                "k",
+                answer(200, &good, b"other bytes"),
+                Refusal::Corrupt("the body does not hash to x-sluice-sha256"),
+            ),
+            (
+                "cas",
+                "00",
+                answer(200, &good, body),
+                Refusal::Corrupt("the CAS body does not hash to its key"),
+            ),
+            (
+                "gradle",
+                "k",
+                answer(200, &good[1..], body),
+                Refusal::Bad("no single x-sluice-sha256".into()),
+            ),
+            (
+                "gradle",
+                "k",
+                answer(200, &[good[0], good[0], good[1]], body),
+                Refusal::Bad("no single x-sluice-sha256".into()),
+            ),
+            (
+                "gradle",
+                "k",
+                answer(200, &[("x-sluice-sha256", "zz"), good[1]], body),
+                Refusal::Bad("x-sluice-sha256 is not 64 hex digits".into()),
+            ),
+            (
+                "gradle",
+                "k",
+                answer(200, &[good[0], ("x-sluice-write-time-ms", "-1")], body),
+                Refusal::Bad("no valid x-sluice-write-time-ms".into()),
+            ),
+            (
+                "gradle",
+                "k",
+                answer(503, &good, body),
+                Refusal::Bad("answered 503".into()),
+            ),
+        ];
+        for (ns, key, resp, want) in rows {
+            assert_eq!(verify(ns, key, resp).as_ref(), Err(want), "{ns}/{key}");
+        }
+    }
+}
