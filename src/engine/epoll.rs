@@ -175,25 +175,12 @@ impl EpollEngine {
     pub fn shutdown(mut self, drain: Duration) {
         let ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX);
         self.drain_ms.store(ms.max(1), Ordering::SeqCst);
-        self.stop.store(true, Ordering::SeqCst);
-        for waker in &self.wakers {
-            waker.wake();
-        }
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
+        super::stop_and_join(&self.stop, &self.wakers, &mut self.threads);
     }
 
     /// Append the engine's series in the Prometheus text format.
     pub fn render_metrics(stats: &[EpollStats], out: &mut String) {
-        use std::fmt::Write as _;
-        type Series = (
-            &'static str,
-            &'static str,
-            &'static str,
-            fn(&EpollStats) -> u64,
-        );
-        let series: [Series; 10] = [
+        let series: [super::CoreSeries<EpollStats>; 10] = [
             ("sluice_epoll_accepted_total", "counter", "Connections accepted by the epoll engine.", |s| s.accepted_total.load(Ordering::Relaxed)),
             ("sluice_epoll_connections", "gauge", "Connections the epoll engine holds.", |s| s.connections.load(Ordering::Relaxed)),
             ("sluice_epoll_handed_off_total", "counter", "Connections handed to the fallback (TLS, HTTP/2, or the engine full).", |s| s.handed_off_total.load(Ordering::Relaxed)),
@@ -205,12 +192,7 @@ impl EpollEngine {
             ("sluice_epoll_cold_reads_total", "counter", "Body chunks read off the engine thread because the page cache did not hold them.", |s| s.cold_reads_total.load(Ordering::Relaxed)),
             ("sluice_epoll_cold_read_bytes_total", "counter", "Bytes of those reads.", |s| s.cold_read_bytes_total.load(Ordering::Relaxed)),
         ];
-        for (name, kind, help, get) in series {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (core, s) in stats.iter().enumerate() {
-                let _ = writeln!(out, "{name}{{core=\"{core}\"}} {}", get(s));
-            }
-        }
+        super::render_per_core(&series, stats, out);
     }
 }
 

@@ -34,6 +34,36 @@ pub const PIPES_PER_CORE_MAX: usize = 64;
 /// Size of each splice pipe, in bytes (clamped to `pipe-max-size`).
 pub const PIPE_BYTES: usize = 1024 * 1024;
 
+/// One per-core series of an engine: name, Prometheus type, help, and how to read it from
+/// one core's counters.
+pub type CoreSeries<S> = (&'static str, &'static str, &'static str, fn(&S) -> u64);
+
+/// Append per-core series in the Prometheus text format, one sample per core.
+pub fn render_per_core<S>(series: &[CoreSeries<S>], stats: &[S], out: &mut String) {
+    use std::fmt::Write as _;
+    for (name, kind, help, get) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (core, s) in stats.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{core=\"{core}\"}} {}", get(s));
+        }
+    }
+}
+
+/// Tell the engine threads to stop, wake them, and wait for them.
+fn stop_and_join(
+    stop: &std::sync::atomic::AtomicBool,
+    wakers: &[sluice_uring::Waker],
+    threads: &mut Vec<std::thread::JoinHandle<()>>,
+) {
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for waker in wakers {
+        waker.wake();
+    }
+    for thread in threads.drain(..) {
+        let _ = thread.join();
+    }
+}
+
 /// Handle on whatever accepts public connections.
 pub struct Engine {
     description: String,

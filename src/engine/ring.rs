@@ -337,25 +337,13 @@ impl RingEngine {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         self.drain_deadline_ms[1].store(ms(tasks), Ordering::SeqCst);
         self.drain_deadline_ms[0].store(ms(drain).max(1), Ordering::SeqCst);
-        self.stop.store(true, Ordering::SeqCst);
-        for waker in &self.wakers {
-            waker.wake();
-        }
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
+        super::stop_and_join(&self.stop, &self.wakers, &mut self.threads);
     }
 
     /// Append the engine's series in the Prometheus text format.
     pub fn render_metrics(stats: &[CoreStats], out: &mut String) {
         use std::fmt::Write as _;
-        type Series = (
-            &'static str,
-            &'static str,
-            &'static str,
-            fn(&CoreStats) -> u64,
-        );
-        let series: [Series; 19] = [
+        let series: [super::CoreSeries<CoreStats>; 19] = [
             (
                 "sluice_ring_accept_errors_total",
                 "counter",
@@ -471,12 +459,7 @@ impl RingEngine {
                 |s| s.iowq_workers_max.load(Ordering::Relaxed),
             ),
         ];
-        for (name, kind, help, get) in series {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (core, s) in stats.iter().enumerate() {
-                let _ = writeln!(out, "{name}{{core=\"{core}\"}} {}", get(s));
-            }
-        }
+        super::render_per_core(&series, stats, out);
         let name = "sluice_ring_cold_wait_seconds_total";
         let _ = writeln!(
             out,

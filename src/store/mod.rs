@@ -424,6 +424,37 @@ impl Shared {
         }
     }
 
+    /// Unlinks the artifact at `rel` (whose index lock the caller holds, given here and
+    /// released before any fsync) and forgets it; returns whether it existed. Under
+    /// `fsync = always` the directory is synced, so an acknowledged DELETE does not come back
+    /// after a crash.
+    fn unlink_artifact(
+        &self,
+        rel: &str,
+        mut locked: index::Locked<'_>,
+    ) -> Result<bool, StoreError> {
+        let existed = match rustix::fs::unlinkat(&self.data_dir_fd, rel, AtFlags::empty()) {
+            Ok(()) => true,
+            Err(Errno::NOENT | Errno::NOTDIR) => false,
+            Err(e) => return Err(self.errno("unlink", &self.path(rel).display(), e)),
+        };
+        locked.remove(rel);
+        drop(locked);
+        if existed && self.fsync == FsyncPolicy::Always {
+            let dir_rel = rel.rsplit_once('/').map_or("", |(dir, _)| dir);
+            let dir_path = self.path(dir_rel);
+            let dir = rustix::fs::openat(
+                &self.data_dir_fd,
+                dir_rel,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| self.errno("open directory", &dir_path.display(), e))?;
+            self.fsync_dir(&dir, &dir_path.display())?;
+        }
+        Ok(existed)
+    }
+
     /// Opens `data_dir/{ns}/{xx}`, creating it on first use.
     fn open_artifact_dir(&self, dir_rel: &str) -> Result<OwnedFd, StoreError> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
@@ -973,28 +1004,8 @@ impl Store {
         check_names(ns, key)?;
         let sh = self.shared();
         let rel = relative_path(ns, key);
-        let mut locked = sh.index.lock(&rel);
-        let existed = match rustix::fs::unlinkat(&sh.data_dir_fd, rel.as_str(), AtFlags::empty()) {
-            Ok(()) => true,
-            Err(Errno::NOENT | Errno::NOTDIR) => false,
-            Err(e) => return Err(sh.errno("unlink", &sh.path(&rel).display(), e)),
-        };
-        locked.remove(&rel);
-        drop(locked);
-        if existed && sh.fsync == FsyncPolicy::Always {
-            // A DELETE acknowledged under Always must not come back after a crash.
-            let dir_rel = &rel[..rel.len() - key.len() - 1];
-            let dir_path = sh.path(dir_rel);
-            let dir = rustix::fs::openat(
-                &sh.data_dir_fd,
-                dir_rel,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| sh.errno("open directory", &dir_path.display(), e))?;
-            sh.fsync_dir(&dir, &dir_path.display())?;
-        }
-        Ok(existed)
+        let locked = sh.index.lock(&rel);
+        sh.unlink_artifact(&rel, locked)
     }
 
     /// Current counters. Lock-free.

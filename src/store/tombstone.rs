@@ -140,7 +140,7 @@ impl Store {
         check_names(ns, key)?;
         let sh = self.shared();
         let rel = relative_path(ns, key);
-        let mut locked = sh.index.lock(&rel);
+        let locked = sh.index.lock(&rel);
         let mut time_ms = time_ms;
         match sh.version_at(&rel) {
             Some((t, _)) if t > time_ms && !local => return Ok(DeleteAt::Kept),
@@ -156,25 +156,7 @@ impl Store {
         if sh.tombstone_time(&rel).is_none_or(|t| t < time_ms) {
             sh.write_tombstone(&rel, time_ms)?;
         }
-        let existed = match rustix::fs::unlinkat(&sh.data_dir_fd, rel.as_str(), AtFlags::empty()) {
-            Ok(()) => true,
-            Err(Errno::NOENT | Errno::NOTDIR) => false,
-            Err(e) => return Err(sh.errno("unlink", &sh.path(&rel).display(), e)),
-        };
-        locked.remove(&rel);
-        drop(locked);
-        if existed && sh.fsync == FsyncPolicy::Always {
-            let dir_rel = &rel[..rel.len() - layout::file_name(key).len() - 1];
-            let dir_path = sh.path(dir_rel);
-            let dir = rustix::fs::openat(
-                &sh.data_dir_fd,
-                dir_rel,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| sh.errno("open directory", &dir_path.display(), e))?;
-            sh.fsync_dir(&dir, &dir_path.display())?;
-        }
+        let existed = sh.unlink_artifact(&rel, locked)?;
         Ok(DeleteAt::Deleted { existed, time_ms })
     }
 
