@@ -175,6 +175,9 @@ pub struct App {
     /// The replication mesh, when peers are configured: acknowledged writes
     /// go to its outbox, `/_peer/` requests to its peer API.
     replication: OnceLock<Arc<Replication>>,
+    /// The object-store tier, when `tier_url` is set: acknowledged writes
+    /// are queued for it, local misses read through from it.
+    tier: OnceLock<Arc<crate::tier::Tier>>,
 }
 
 impl App {
@@ -198,6 +201,7 @@ impl App {
             metrics_sources: RwLock::new(Vec::new()),
             status_sources: RwLock::new(Vec::new()),
             replication: OnceLock::new(),
+            tier: OnceLock::new(),
         })
     }
 
@@ -213,6 +217,15 @@ impl App {
 
     pub fn replication(&self) -> Option<&Arc<Replication>> {
         self.replication.get()
+    }
+
+    /// Attach the object-store tier (once, at start, before serving).
+    pub fn set_tier(&self, tier: Arc<crate::tier::Tier>) {
+        let _ = self.tier.set(tier);
+    }
+
+    pub fn tier(&self) -> Option<&Arc<crate::tier::Tier>> {
+        self.tier.get()
     }
 
     /// Add series to `/metrics`.
@@ -300,7 +313,7 @@ impl App {
                 key,
                 action,
             } => match action {
-                Action::Get | Action::Head => match self.get(req, namespace, key, files) {
+                Action::Get | Action::Head => match self.get(req, kind, namespace, key, files) {
                     Ok(reply) => reply,
                     Err(Cold) => {
                         return Decision::Cold {
@@ -365,6 +378,7 @@ impl App {
     fn get(
         &self,
         req: &RequestInfo<'_>,
+        kind: ArtifactKind,
         ns: &str,
         key: &str,
         files: Option<&mut OpenCache>,
@@ -378,7 +392,13 @@ impl App {
         };
         let artifact = match opened {
             Ok(Some(artifact)) => artifact,
-            Ok(None) => return Ok(Reply::error(404, "no such artifact")),
+            Ok(None) => match self.tier() {
+                // A local miss reads through from the tier: off this thread
+                // (`Cold` sends the ring's request to its opener thread), unless
+                // a recent fetch already decided it.
+                Some(tier) => return tier.answer_miss(kind, ns, key).ok_or(Cold),
+                None => return Ok(Reply::error(404, "no such artifact")),
+            },
             Err(StoreError::WouldBlock) => return Err(Cold),
             Err(err) => return Ok(store_error(&err)),
         };
@@ -448,9 +468,14 @@ impl App {
         }
         match self.store.delete(ns, key) {
             Ok(true) => {
+                let now_ms = crate::replication::now_ms();
                 if let Some(replication) = self.replication() {
-                    let now_ms = crate::replication::now_ms();
                     if let Err(reply) = replication.record_delete(ns, key, now_ms) {
+                        return reply;
+                    }
+                }
+                if let Some(tier) = self.tier() {
+                    if let Err(reply) = tier.queue_delete(ns, key, now_ms) {
                         return reply;
                     }
                 }
@@ -500,6 +525,9 @@ impl App {
             }
             _ => None,
         };
+        if let Some(reply) = self.tier().and_then(|tier| tier.refuse_put()) {
+            return refuse(reply);
+        }
         let options = PutOptions {
             expected_len: req.content_length,
             expected_sha256,
@@ -509,13 +537,24 @@ impl App {
         match self.store.begin_put(ns, key, options) {
             Ok(writer) => {
                 let mut sink = PutSink::new(writer, body_bytes_max);
-                if let Some(replication) = self.replication() {
-                    let (replication, ns, key) =
-                        (Arc::clone(replication), ns.to_string(), key.to_string());
+                let replication = self.replication().map(Arc::clone);
+                // Held from before the commit, so eviction never sees the new
+                // artifact unprotected; released if the PUT never commits.
+                let tier = self
+                    .tier()
+                    .map(|tier| (Arc::clone(tier), tier.hold(ns, key)));
+                if replication.is_some() || tier.is_some() {
+                    let (ns, key) = (ns.to_string(), key.to_string());
                     sink.set_on_commit(OnCommit(Box::new(move |committed| {
-                        replication
-                            .record_put(&ns, &key, committed.write_time_ms)
-                            .err()
+                        if let Some(replication) = replication {
+                            if let Err(reply) =
+                                replication.record_put(&ns, &key, committed.write_time_ms)
+                            {
+                                return Some(reply);
+                            }
+                        }
+                        let (tier, hold) = tier?;
+                        tier.queue_put(hold, committed.write_time_ms).err()
                     })));
                 }
                 Decision::ReceiveBody(sink)

@@ -147,6 +147,17 @@ pub enum FileServingMode {
     Copy,
 }
 
+/// When a write reaches the object-store tier (key `tier_write`, default `behind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TierWrite {
+    /// The 2xx follows the local durable write; the upload is queued in the tier's durable
+    /// outbox and retried with backoff.
+    Behind,
+    /// The 2xx waits for the tier to hold the artifact.
+    Through,
+}
+
 /// Least severe level logged (key `log_level`, default `info`); `SLUICE_LOG` overrides it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -363,6 +374,21 @@ pub struct Config {
     pub peer_probe_interval_ms: u64,
     /// Deadline of one replication request, in ms. Default 30000, range 100..=3600000.
     pub replication_request_timeout_ms: u64,
+    /// The object-store tier under this node, `s3://bucket[/prefix]` (flag `--tier-url`).
+    /// Credentials and region come from the standard AWS environment variables and files.
+    /// Default unset: no tier.
+    pub tier_url: Option<String>,
+    /// Endpoint of an S3-compatible store (SeaweedFS, MinIO, Ceph RGW), `http[s]://host[:port]`
+    /// (flag `--tier-endpoint`); when set, requests use path-style addressing. Default unset:
+    /// AWS S3 itself.
+    pub tier_endpoint: Option<String>,
+    /// When a write reaches the tier: `behind` (queued durably, default) or `through` (the
+    /// 2xx waits for the tier).
+    pub tier_write: TierWrite,
+    /// Longest a request waits for the tier, in ms (a read-through on a local miss, a
+    /// write-through); past it the request is answered without the tier. Default 5000, range
+    /// 100..=3600000.
+    pub tier_timeout_ms: u64,
     /// Which front end serves plaintext HTTP/1. Default `auto`.
     pub engine: EngineChoice,
     /// Engine threads; 0 = one per core. Default 0, at most 256.
@@ -443,6 +469,10 @@ impl Default for Config {
             anti_entropy_interval_ms: 600_000,
             peer_probe_interval_ms: 1_000,
             replication_request_timeout_ms: 30_000,
+            tier_url: None,
+            tier_endpoint: None,
+            tier_write: TierWrite::Behind,
+            tier_timeout_ms: 5_000,
             engine: EngineChoice::Auto,
             engine_threads: 0,
             file_serving_mode: FileServingMode::Splice,
@@ -609,6 +639,22 @@ fn rules(c: &Config) -> Vec<Rule> {
         Rule::new(
             "replication_request_timeout_ms",
             within(c.replication_request_timeout_ms, 100, TIMEOUT_MS_LIMIT),
+            "a whole number of milliseconds from 100 to 3600000",
+        ),
+        Rule::new(
+            "tier_url",
+            c.tier_url.as_deref().is_none_or(is_tier_url),
+            "an object-store URL s3://bucket or s3://bucket/prefix (bucket 3 to 63 of a-z 0-9 . -)",
+        ),
+        Rule::new(
+            "tier_endpoint",
+            c.tier_endpoint.as_deref().is_none_or(is_endpoint),
+            "an endpoint URL, http://host:port or https://host[:port], e.g. http://127.0.0.1:8333",
+        ),
+        Rule::keyword::<TierWrite>("tier_write"),
+        Rule::new(
+            "tier_timeout_ms",
+            within(c.tier_timeout_ms, 100, TIMEOUT_MS_LIMIT),
             "a whole number of milliseconds from 100 to 3600000",
         ),
         Rule::keyword::<EngineChoice>("engine"),
@@ -893,6 +939,12 @@ pub struct Overrides {
     /// The secret peers present to each other (or SLUICE_PEER_SECRET; 16+ bytes).
     #[arg(long)]
     pub peer_secret: Option<String>,
+    /// The object-store tier, s3://bucket/prefix (or SLUICE_TIER_URL).
+    #[arg(long)]
+    pub tier_url: Option<String>,
+    /// Endpoint of an S3-compatible store, http://host:port (path-style addressing).
+    #[arg(long)]
+    pub tier_endpoint: Option<String>,
     /// File to hold the pid of the process that owns the listeners.
     #[arg(long)]
     pub pid_file: Option<String>,
@@ -1215,6 +1267,40 @@ fn is_host_port(text: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
             || (host.starts_with('[') && host.ends_with(']')));
     host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+/// `tier_url`: `s3://bucket[/prefix]` with an S3 bucket name and a prefix of key characters.
+fn is_tier_url(text: &str) -> bool {
+    let Some(rest) = text.strip_prefix("s3://") else {
+        return false;
+    };
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    let prefix_ok = prefix.len() <= 512
+        && !prefix.starts_with('/')
+        && !prefix.contains("//")
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b));
+    bucket_ok && prefix_ok
+}
+
+/// `tier_endpoint`: `http://` or `https://`, then `host[:port]` and nothing else but a `/`.
+fn is_endpoint(text: &str) -> bool {
+    let Some(rest) = text
+        .strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains('/') {
+        return false;
+    }
+    is_host_port(rest) || (!rest.contains(':') && is_host_port(&format!("{rest}:443")))
 }
 
 /// `peers`: a TOML array of strings, or one comma-separated string (the form an environment
@@ -1619,6 +1705,21 @@ mod tests {
                 "50",
                 "from 100 to 3600000",
             ),
+            (
+                "tier_url",
+                "http://bucket",
+                "s3://bucket or s3://bucket/prefix",
+            ),
+            ("tier_url", "s3://B", "s3://bucket or s3://bucket/prefix"),
+            (
+                "tier_url",
+                "s3://bucket//x",
+                "s3://bucket or s3://bucket/prefix",
+            ),
+            ("tier_endpoint", "127.0.0.1:8333", "http://host:port"),
+            ("tier_endpoint", "http://h:1/path", "http://host:port"),
+            ("tier_write", "sometimes", "one of behind, through"),
+            ("tier_timeout_ms", "99", "from 100 to 3600000"),
             ("send_timeout_ms", "3600001", "from 1 to 3600000"),
             (
                 "connections_per_ip_max",

@@ -126,7 +126,15 @@ async fn serve(
         chunked,
     };
     let route_label = crate::route::route_label(&method, &path);
-    let reply = match handle_cached(&app, &info) {
+    let mut decision = handle_cached(&app, &info);
+    if let (Decision::Cold { namespace, key }, Some(tier)) = (&decision, app.tier()) {
+        // A local miss to read through from the object-store tier: wait for
+        // the fetch on a blocking thread, then decide again.
+        let (tier, ns, key) = (Arc::clone(tier), namespace.clone(), key.clone());
+        let _ = tokio::task::spawn_blocking(move || tier.read_through(&ns, &key)).await;
+        decision = handle_cached(&app, &info);
+    }
+    let reply = match decision {
         Decision::Reply(reply) => reply,
         // `App::handle` opens artifacts blocking (on this runtime's threads),
         // so it never answers `Cold`; should it, the client may retry.

@@ -19,3 +19,4 @@ pub mod replication;
 pub mod route;
 pub mod server;
 pub mod store;
+pub mod tier;

@@ -64,8 +64,18 @@ pub fn start(core: usize, waker: Waker, app: Arc<App>) -> std::io::Result<Opener
 /// small enough to go inline with the head. Errors are the ring's to meet
 /// when it decides again; nothing is answered from here.
 fn warm(app: &App, namespace: &str, key: &str) {
-    let Ok(Some(artifact)) = app.store.get(namespace, key) else {
-        return;
+    let artifact = match app.store.get(namespace, key) {
+        Ok(Some(artifact)) => artifact,
+        // A local miss with an object-store tier: read it through here, on
+        // the opener thread (the fetch itself runs on the tier's runtime).
+        Ok(None) => match app.tier() {
+            Some(tier) => {
+                tier.read_through(namespace, key);
+                return;
+            }
+            None => return,
+        },
+        Err(_) => return,
     };
     if artifact.len <= INLINE_BODY_BYTES_MAX {
         let mut body = vec![0u8; artifact.len as usize];

@@ -315,7 +315,13 @@ struct Shared {
     /// disk is logged once per episode, not once per request.
     nospace_logged: AtomicBool,
     signal: Signal,
+    /// Asked before evicting an artifact (its store-relative path): false
+    /// keeps it (the object-store tier does not hold it yet).
+    evict_guard: std::sync::OnceLock<EvictGuard>,
 }
+
+/// See [`Store::set_evict_guard`].
+pub type EvictGuard = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl Shared {
     fn path(&self, rel: &str) -> PathBuf {
@@ -658,6 +664,7 @@ impl Store {
             corrupt_total: AtomicU64::new(0),
             accounting_complete: AtomicBool::new(false),
             nospace_logged: AtomicBool::new(false),
+            evict_guard: std::sync::OnceLock::new(),
             signal: Signal {
                 state: Mutex::new(SignalState::default()),
                 cond: Condvar::new(),
@@ -982,6 +989,13 @@ impl Store {
     }
 
     /// Current counters. Lock-free.
+    /// Ask `guard` (with the store-relative path) before evicting anything;
+    /// false keeps that artifact. Set once, before serving (the object-store
+    /// tier: only what it already holds may go).
+    pub fn set_evict_guard(&self, guard: EvictGuard) {
+        let _ = self.shared().evict_guard.set(guard);
+    }
+
     pub fn stats(&self) -> StoreStats {
         let sh = self.shared();
         StoreStats {
