@@ -396,10 +396,31 @@ impl App {
                 // A local miss reads through from the tier: off this thread
                 // (`Cold` sends the ring's request to its opener thread), unless
                 // a recent fetch already decided it.
-                Some(tier) => return tier.answer_miss(kind, ns, key).ok_or(Cold),
+                Some(tier) => {
+                    let range = req.range.filter(|_| req.method == "GET");
+                    // A conditional request takes the whole-object path,
+                    // where its preconditions are evaluated.
+                    let conditional = req.if_range.is_some()
+                        || req.if_match.is_some()
+                        || req.if_none_match.is_some();
+                    return tier
+                        .answer_miss(kind, ns, key, range, conditional)
+                        .ok_or(Cold);
+                }
                 None => return Ok(Reply::error(404, "no such artifact")),
             },
-            Err(StoreError::WouldBlock) => return Err(Cold),
+            Err(StoreError::WouldBlock) => {
+                if let Some(tier) = self.tier() {
+                    let range = req.range.filter(|_| req.method == "GET");
+                    let conditional = req.if_range.is_some()
+                        || req.if_match.is_some()
+                        || req.if_none_match.is_some();
+                    if let Some(reply) = tier.on_cold(ns, key, range, conditional) {
+                        return Ok(reply);
+                    }
+                }
+                return Err(Cold);
+            }
             Err(err) => return Ok(store_error(&err)),
         };
         let etag = artifact.etag();

@@ -489,6 +489,19 @@ fn a_fresh_node_serves_what_another_wrote() {
     );
     assert_eq!(part.status, 206, "{}", b.stderr());
     assert_eq!(part.body, &large[1000..2000]);
+    assert_eq!(
+        part.header("content-range"),
+        Some(format!("bytes 1000-1999/{}", large.len()).as_str())
+    );
+    assert_eq!(
+        metric(
+            b.addr,
+            "sluice_tier_read_through_total",
+            &["result=\"range\""]
+        ),
+        1.0,
+        "a small range on a miss is served by a ranged read"
+    );
     let whole = http(b.addr, "GET", "/v1/artifacts/team/large.bin", &[], b"");
     assert_eq!(whole.status, 200);
     assert!(whole.body == large, "the large object arrives whole");

@@ -34,6 +34,18 @@ const BODY_REQUEST_MS_MIN: u64 = 30_000;
 pub const META_SHA256: &str = "sha256";
 pub const META_WRITE_TIME_MS: &str = "write-time-ms";
 
+/// What a ranged GET brought.
+#[derive(Debug)]
+pub struct RangeRead {
+    /// The whole object's length.
+    pub total: u64,
+    /// Offset of `bytes[0]`.
+    pub start: u64,
+    /// The sha256 metadata, hex, if the object carries it.
+    pub sha256: Option<String>,
+    pub bytes: Bytes,
+}
+
 /// Why a tier request failed.
 #[derive(Debug)]
 pub enum TierError {
@@ -297,6 +309,43 @@ impl Client {
                 "no answer within tier_timeout_ms ({} ms)",
                 self.timeout.as_millis()
             ))),
+        }
+    }
+
+    /// `start..=end_inclusive` of `ns/key` (fewer bytes at the object's
+    /// end), head and body within `tier_timeout_ms`.
+    pub async fn get_range(
+        &self,
+        ns: &str,
+        key: &str,
+        start: u64,
+        end_inclusive: u64,
+    ) -> Result<RangeRead, TierError> {
+        let path = self.path(ns, key)?;
+        let options = GetOptions {
+            range: Some(object_store::GetRange::Bounded(start..end_inclusive + 1)),
+            ..GetOptions::default()
+        };
+        let fetch = async {
+            let result = self.store.get_opts(&path, options).await?;
+            let total = result.meta.size;
+            let range = result.range.clone();
+            let sha256 = result
+                .attributes
+                .get(&Attribute::Metadata(META_SHA256.into()))
+                .map(|v| v.as_ref().to_string());
+            let bytes = result.bytes().await?;
+            Ok::<_, object_store::Error>(RangeRead {
+                total,
+                start: range.start,
+                sha256,
+                bytes,
+            })
+        };
+        match tokio::time::timeout(self.timeout, fetch).await {
+            Ok(Ok(found)) => Ok(found),
+            Ok(Err(err)) => Err(from_store(err)),
+            Err(_) => Err(failed("a ranged read took longer than tier_timeout_ms")),
         }
     }
 

@@ -120,6 +120,7 @@ pub struct Tier {
     pending: Mutex<HashMap<String, u32>>,
     pub(crate) reads: Mutex<policy::Reads>,
     pub(crate) reads_done: Condvar,
+    pub(crate) ranges: Mutex<policy::Ranges>,
     pub(crate) kick: tokio::sync::Notify,
     pub(crate) series: Series,
     latency: Mutex<Latency>,
@@ -178,6 +179,7 @@ impl Tier {
             pending: Mutex::new(pending),
             reads: Mutex::new(policy::Reads::default()),
             reads_done: Condvar::new(),
+            ranges: Mutex::new(policy::Ranges::default()),
             kick: tokio::sync::Notify::new(),
             series,
             latency: Mutex::new(Latency::default()),
@@ -380,9 +382,9 @@ impl Tier {
             out,
             "sluice_tier_requests_total",
             "counter",
-            "Requests to the object-store tier, by op (upload, delete, get) and result (ok, not_found, failed).",
+            "Requests to the object-store tier, by op (upload, delete, get, get_range) and result (ok, not_found, failed).",
         );
-        for op in ["upload", "delete", "get"] {
+        for op in ["upload", "delete", "get", "get_range"] {
             for result in ["ok", "not_found", "failed"] {
                 let labels = format!("op=\"{op}\",result=\"{result}\"");
                 let v = self.series.get("sluice_tier_requests_total", &labels);
@@ -459,9 +461,16 @@ impl Tier {
             out,
             "sluice_tier_read_through_total",
             "counter",
-            "Local misses read through from the tier, by result (stored, not_found, refused, unavailable, joined).",
+            "Local misses read through from the tier, by result: stored, not_found, refused (failed verification), unavailable, joined (waited for another request's fetch), range (a small range served from a ranged read before the whole object arrived).",
         );
-        for result in ["stored", "not_found", "refused", "unavailable", "joined"] {
+        for result in [
+            "stored",
+            "not_found",
+            "refused",
+            "unavailable",
+            "joined",
+            "range",
+        ] {
             let labels = format!("result=\"{result}\"");
             let v = self.series.get("sluice_tier_read_through_total", &labels);
             let _ = writeln!(out, "sluice_tier_read_through_total{{{labels}}} {v}");

@@ -253,3 +253,161 @@ mod tests {
         assert!(r.order.len() <= OUTCOMES_MAX);
     }
 }
+
+/// A small range a request on a local miss asked for is served from a
+/// ranged GET to the tier, without waiting for the whole object (which is
+/// fetched meanwhile). Ranges up to this size qualify.
+pub const SMALL_RANGE_BYTES_MAX: u64 = 1 << 20;
+/// Bytes of fetched ranges kept at once for the requests that asked.
+pub const RANGES_BYTES_MAX: usize = 16 << 20;
+/// How long a fetched range waits for its request to decide again.
+pub const RANGE_TTL_MS: u64 = 5_000;
+
+/// One fetched range of an object.
+#[derive(Clone, Debug)]
+pub struct Piece {
+    pub id: String,
+    pub start: u64,
+    pub end_inclusive: u64,
+    /// The whole object's length.
+    pub total: u64,
+    /// The object's sha256 (hex), when the tier carries it.
+    pub sha256: Option<String>,
+    pub bytes: bytes::Bytes,
+    pub at: Instant,
+}
+
+/// Ranges wanted by waiting requests, and the pieces fetched for them,
+/// bounded in bytes and time.
+#[derive(Debug, Default)]
+pub struct Ranges {
+    wanted: HashMap<String, (u64, u64, Instant)>,
+    pieces: VecDeque<Piece>,
+    bytes: usize,
+}
+
+impl Ranges {
+    /// A request waits for `start..=end_inclusive` of `id`.
+    /// (A request whose artifact turns out to be local after all leaves its
+    /// wish behind: wishes expire after [`RANGE_TTL_MS`].)
+    pub fn want(&mut self, id: &str, start: u64, end_inclusive: u64, now: Instant) {
+        if self.wanted.len() >= FETCHES_MAX {
+            self.wanted
+                .retain(|_, (_, _, at)| now.saturating_duration_since(*at) < ms(RANGE_TTL_MS));
+        }
+        if self.wanted.len() < FETCHES_MAX {
+            self.wanted
+                .insert(id.to_string(), (start, end_inclusive, now));
+        }
+    }
+
+    /// The range wanted for `id`, if any (taken: one ranged GET serves it).
+    pub fn take_wanted(&mut self, id: &str, now: Instant) -> Option<(u64, u64)> {
+        let (start, end, at) = self.wanted.remove(id)?;
+        (now.saturating_duration_since(at) < ms(RANGE_TTL_MS)).then_some((start, end))
+    }
+
+    pub fn insert(&mut self, piece: Piece, now: Instant) {
+        self.expire(now);
+        if piece.bytes.len() > RANGES_BYTES_MAX {
+            return;
+        }
+        self.bytes += piece.bytes.len();
+        self.pieces.push_back(piece);
+        while self.bytes > RANGES_BYTES_MAX {
+            match self.pieces.pop_front() {
+                Some(old) => self.bytes -= old.bytes.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// A fetched piece of `id` that covers `start..=end_inclusive`.
+    pub fn find(
+        &mut self,
+        id: &str,
+        start: u64,
+        end_inclusive: u64,
+        now: Instant,
+    ) -> Option<Piece> {
+        self.expire(now);
+        self.pieces
+            .iter()
+            .find(|p| p.id == id && p.start <= start && end_inclusive <= p.end_inclusive)
+            .cloned()
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(p) = self.pieces.front() {
+            if now.saturating_duration_since(p.at) < ms(RANGE_TTL_MS) {
+                break;
+            }
+            if let Some(old) = self.pieces.pop_front() {
+                self.bytes -= old.bytes.len();
+            }
+        }
+    }
+}
+
+/// `start..=end_inclusive` when `range` is one explicit byte range of at
+/// most [`SMALL_RANGE_BYTES_MAX`] (open-ended and suffix ranges need the
+/// object's length, so they wait for the whole object).
+pub fn small_range(range: &[u8]) -> Option<(u64, u64)> {
+    match crate::http1::parse_range(range, u64::MAX) {
+        crate::http1::RangeOutcome::Partial {
+            start,
+            end_inclusive,
+        } if end_inclusive < u64::MAX - 1 && end_inclusive - start < SMALL_RANGE_BYTES_MAX => {
+            Some((start, end_inclusive))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    #[test]
+    fn only_small_explicit_ranges_qualify() {
+        assert_eq!(small_range(b"bytes=0-99"), Some((0, 99)));
+        assert_eq!(small_range(b"bytes=5-5"), Some((5, 5)));
+        assert_eq!(small_range(b"bytes=0-1048575"), None);
+        assert_eq!(small_range(b"bytes=100-"), None);
+        assert_eq!(small_range(b"bytes=-100"), None);
+        assert_eq!(small_range(b"bytes=0-1,5-6"), None);
+        assert_eq!(small_range(b"items=0-1"), None);
+    }
+
+    #[test]
+    fn pieces_are_bounded_and_expire() {
+        let t0 = Instant::now();
+        let mut r = Ranges::default();
+        let piece = |id: &str, at| Piece {
+            id: id.to_string(),
+            start: 0,
+            end_inclusive: (1 << 20) - 1,
+            total: 1 << 30,
+            sha256: None,
+            bytes: bytes::Bytes::from(vec![0u8; 1 << 20]),
+            at,
+        };
+        for i in 0..40 {
+            r.insert(piece(&format!("k{i}"), t0), t0);
+        }
+        assert!(r.bytes <= RANGES_BYTES_MAX);
+        assert!(r.find("k39", 10, 20, t0).is_some());
+        assert!(r.find("k0", 10, 20, t0).is_none(), "the oldest went first");
+        assert!(r.find("k39", 10, 1 << 20, t0).is_none(), "not covered");
+        assert!(r.find("k39", 10, 20, t0 + ms(RANGE_TTL_MS)).is_none());
+        r.want("a", 1, 2, t0);
+        assert_eq!(r.take_wanted("a", t0), Some((1, 2)));
+        assert_eq!(r.take_wanted("a", t0), None);
+        r.want("b", 1, 2, t0);
+        assert_eq!(r.take_wanted("b", t0 + ms(RANGE_TTL_MS)), None, "stale");
+        for i in 0..FETCHES_MAX + 5 {
+            r.want(&format!("w{i}"), 0, 1, t0 + ms(i as u64 * 100));
+        }
+        assert!(r.wanted.len() <= FETCHES_MAX);
+    }
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use object_store::Attribute;
 
 use super::client::{TierError, META_SHA256, META_WRITE_TIME_MS};
-use super::policy::{Miss, Outcome};
+use super::policy::{self, Miss, Outcome};
 use super::{lock, Tier};
 use crate::app::Reply;
 use crate::route::ArtifactKind;
@@ -32,9 +32,59 @@ impl Tier {
     /// fetch already decided it (or the tier is known down), `None` when
     /// the request must wait for a fetch ([`Tier::read_through`], off the
     /// engine thread).
-    pub fn answer_miss(&self, kind: ArtifactKind, ns: &str, key: &str) -> Option<Reply> {
-        let outcome = lock(&self.reads).peek(&id(ns, key), Instant::now())?;
-        Some(reply_for(kind, outcome))
+    ///
+    /// A small explicit `Range` (no `If-Range`) is answered from a ranged GET
+    /// made for it while the whole object is still on its way: it is
+    /// registered here, fetched by [`Tier::read_through`], and found here
+    /// when the request decides again.
+    pub fn answer_miss(
+        &self,
+        kind: ArtifactKind,
+        ns: &str,
+        key: &str,
+        range: Option<&[u8]>,
+        conditional: bool,
+    ) -> Option<Reply> {
+        let id = id(ns, key);
+        let now = Instant::now();
+        let small = range.filter(|_| !conditional).and_then(policy::small_range);
+        if let Some((start, end_inclusive)) = small {
+            let mut ranges = lock(&self.ranges);
+            if let Some(piece) = ranges.find(&id, start, end_inclusive, now) {
+                return Some(range_reply(ns, key, &piece, start, end_inclusive));
+            }
+        }
+        if let Some(outcome) = lock(&self.reads).peek(&id, now) {
+            return Some(reply_for(kind, outcome));
+        }
+        if let Some((start, end_inclusive)) = small {
+            lock(&self.ranges).want(&id, start, end_inclusive, now);
+        }
+        None
+    }
+
+    /// The ring could not even look the artifact up without the disk: the
+    /// opener thread will, and on a miss reads it through. A small range is
+    /// registered now, since the request reaches [`Tier::answer_miss`] only
+    /// after that read.
+    /// A piece fetched for it already answers it.
+    pub fn on_cold(
+        &self,
+        ns: &str,
+        key: &str,
+        range: Option<&[u8]>,
+        conditional: bool,
+    ) -> Option<Reply> {
+        let (start, end_inclusive) = range
+            .filter(|_| !conditional)
+            .and_then(policy::small_range)?;
+        let (id, now) = (id(ns, key), Instant::now());
+        let mut ranges = lock(&self.ranges);
+        if let Some(piece) = ranges.find(&id, start, end_inclusive, now) {
+            return Some(range_reply(ns, key, &piece, start, end_inclusive));
+        }
+        ranges.want(&id, start, end_inclusive, now);
+        None
     }
 
     /// Fetch `ns/key` into the store (or join the fetch already running)
@@ -60,6 +110,14 @@ impl Tier {
                 });
             }
         }
+        let wanted = lock(&self.ranges).take_wanted(&id, Instant::now());
+        if let Some((start, end_inclusive)) = wanted {
+            // The whole object keeps coming; this request needs only its
+            // range. If the ranged read fails, it waits for the whole.
+            if self.fetch_range(ns, key, &id, start, end_inclusive) {
+                return Outcome::Stored;
+            }
+        }
         let deadline = Instant::now() + Duration::from_millis(WAIT_MS_MAX);
         let mut reads = lock(&self.reads);
         while reads.fetching(&id) {
@@ -74,6 +132,51 @@ impl Tier {
                 .0;
         }
         reads.outcome(&id).unwrap_or(Outcome::Unavailable)
+    }
+
+    /// A ranged GET for a waiting request, kept for it in `ranges`. Blocks
+    /// (at most about `tier_timeout_ms`). True when the piece is there.
+    fn fetch_range(
+        self: &Arc<Self>,
+        ns: &str,
+        key: &str,
+        id: &str,
+        start: u64,
+        end_inclusive: u64,
+    ) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (tier, ns, key) = (Arc::clone(self), ns.to_string(), key.to_string());
+        self.rt.spawn(async move {
+            let started = Instant::now();
+            let read = tier.client.get_range(&ns, &key, start, end_inclusive).await;
+            let result = match &read {
+                Ok(_) => "ok",
+                Err(TierError::NotFound) => "not_found",
+                Err(TierError::Failed(_)) => "failed",
+            };
+            tier.observe("get_range", result, started.elapsed());
+            let _ = tx.send(read);
+        });
+        let wait = self.settings.timeout + Duration::from_millis(100);
+        let Ok(Ok(read)) = rx.recv_timeout(wait) else {
+            return false;
+        };
+        if read.start != start || read.bytes.is_empty() {
+            return false;
+        }
+        let end = start + read.bytes.len() as u64 - 1;
+        let piece = policy::Piece {
+            id: id.to_string(),
+            start,
+            end_inclusive: end,
+            total: read.total,
+            sha256: read.sha256,
+            bytes: read.bytes,
+            at: Instant::now(),
+        };
+        lock(&self.ranges).insert(piece, Instant::now());
+        self.count("range");
+        true
     }
 
     fn count(&self, result: &str) {
@@ -185,6 +288,41 @@ impl Tier {
                 Outcome::Refused
             }
         }
+    }
+}
+
+/// 206 from a piece fetched by a ranged read: the bytes are the tier's,
+/// served before the whole object is verified (the whole is verified
+/// before it is stored); the ETag is the object's recorded digest (for
+/// `/cas/` the key).
+fn range_reply(ns: &str, key: &str, piece: &policy::Piece, start: u64, end: u64) -> Reply {
+    let end = end
+        .min(piece.total.saturating_sub(1))
+        .min(piece.end_inclusive);
+    let from = (start - piece.start) as usize;
+    let to = (end - piece.start) as usize + 1;
+    let body = piece.bytes.slice(from..to.max(from)).to_vec();
+    let mut headers = Vec::new();
+    let digest = if ns == "cas" {
+        Some(key.to_ascii_lowercase())
+    } else {
+        piece.sha256.clone()
+    };
+    if let Some(digest) = digest {
+        headers.push(("etag", format!("\"{digest}\"")));
+    }
+    headers.push(("accept-ranges", "bytes".to_string()));
+    headers.push(("content-type", "application/octet-stream".to_string()));
+    headers.push((
+        "content-range",
+        crate::http1::content_range(start, end, piece.total),
+    ));
+    Reply {
+        status: 206,
+        headers,
+        content_length: Some(body.len() as u64),
+        body: crate::app::ReplyBody::Bytes(body),
+        close: false,
     }
 }
 
