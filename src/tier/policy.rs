@@ -372,7 +372,8 @@ mod range_tests {
     fn only_small_explicit_ranges_qualify() {
         assert_eq!(small_range(b"bytes=0-99"), Some((0, 99)));
         assert_eq!(small_range(b"bytes=5-5"), Some((5, 5)));
-        assert_eq!(small_range(b"bytes=0-1048575"), None);
+        assert_eq!(small_range(b"bytes=0-1048575"), Some((0, 1048575)), "1 MiB");
+        assert_eq!(small_range(b"bytes=0-1048576"), None);
         assert_eq!(small_range(b"bytes=100-"), None);
         assert_eq!(small_range(b"bytes=-100"), None);
         assert_eq!(small_range(b"bytes=0-1,5-6"), None);
