@@ -737,3 +737,92 @@ fn a_corrupted_cas_object_is_refused() {
         1.0
     );
 }
+
+/// `tier_write = "through"`: the 2xx comes once the bucket holds the
+/// artifact; with the tier down the PUT answers 503 with `Retry-After`, and
+/// the write is kept here and queued.
+#[test]
+fn write_through_answers_after_the_tier_has_it() {
+    let Some(mut weed) = Weed::start() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let a = node(
+        &weed,
+        &tmp.path().join("a"),
+        &[("SLUICE_TIER_WRITE", "through")],
+    );
+    let body = bytes(11, 70_000);
+    assert_eq!(put(a.addr, "/v1/artifacts/wt/k1", &body), 200);
+    assert_eq!(
+        weed.object("wt", "k1"),
+        Some(body),
+        "in the bucket at the 2xx"
+    );
+    assert_eq!(metric(a.addr, "sluice_tier_queue_entries", &[]), 0.0);
+    weed.stop();
+    let started = Instant::now();
+    let refused = http(a.addr, "PUT", "/v1/artifacts/wt/k2", &[], b"second");
+    assert_eq!(refused.status, 503, "{}", a.stderr());
+    assert!(refused.header("retry-after").is_some());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        http(a.addr, "GET", "/v1/artifacts/wt/k2", &[], b"").body,
+        b"second"
+    );
+    weed.spawn();
+    wait_drained(&a, Duration::from_secs(90));
+    assert_eq!(weed.object("wt", "k2").as_deref(), Some(&b"second"[..]));
+}
+
+/// Writes queue durably while the tier is down until the queue reaches
+/// `replication_outbox_bytes_max`; then PUTs answer 507 instead of
+/// dropping anything, and every acknowledged write reaches the bucket.
+#[test]
+fn a_full_upload_queue_answers_507_and_loses_nothing() {
+    let Some(mut weed) = Weed::start() else {
+        return;
+    };
+    weed.stop();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = node(
+        &weed,
+        &tmp.path().join("a"),
+        &[("SLUICE_REPLICATION_OUTBOX_BYTES_MAX", "8KiB")],
+    );
+    let mut acked = Vec::new();
+    let mut full = None;
+    for i in 0..1000u64 {
+        let resp = http(
+            a.addr,
+            "PUT",
+            &format!("/v1/artifacts/q/k{i}"),
+            &[],
+            &bytes(i, 100),
+        );
+        if resp.status == 507 {
+            full = Some(resp);
+            break;
+        }
+        assert_eq!(resp.status / 100, 2, "{}", a.stderr());
+        acked.push(i);
+    }
+    let full = full.expect("no 507 within 1000 writes");
+    assert!(full.header("retry-after").is_some());
+    assert!(acked.len() > 20, "only {} writes queued", acked.len());
+    // Local hits are unaffected.
+    assert_eq!(
+        http(a.addr, "GET", "/v1/artifacts/q/k0", &[], b"").status,
+        200
+    );
+    weed.spawn();
+    wait_drained(&a, Duration::from_secs(90));
+    for i in &acked {
+        assert_eq!(
+            weed.object("q", &format!("k{i}")),
+            Some(bytes(*i, 100)),
+            "k{i}"
+        );
+    }
+    assert_eq!(put(a.addr, "/v1/artifacts/q/after", b"room again"), 200);
+}
