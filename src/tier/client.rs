@@ -284,6 +284,22 @@ impl Client {
         }
     }
 
+    /// Is the tier answering? A HEAD of an object sluice never writes
+    /// (`{prefix}/.sluice-probe`): "not found" is a healthy answer.
+    pub async fn probe(&self) -> Result<(), TierError> {
+        let text = if self.prefix.is_empty() {
+            ".sluice-probe".to_string()
+        } else {
+            format!("{}/.sluice-probe", self.prefix)
+        };
+        let path = ObjectPath::parse(text).map_err(failed)?;
+        match tokio::time::timeout(self.timeout, self.store.head(&path)).await {
+            Ok(Ok(_)) | Ok(Err(object_store::Error::NotFound { .. })) => Ok(()),
+            Ok(Err(err)) => Err(from_store(err)),
+            Err(_) => Err(failed("no answer within tier_timeout_ms")),
+        }
+    }
+
     /// Delete `ns/key` (a missing object is fine).
     pub async fn delete(&self, ns: &str, key: &str) -> Result<(), TierError> {
         let path = self.path(ns, key)?;

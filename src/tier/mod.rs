@@ -382,9 +382,9 @@ impl Tier {
             out,
             "sluice_tier_requests_total",
             "counter",
-            "Requests to the object-store tier, by op (upload, delete, get, get_range) and result (ok, not_found, failed).",
+            "Requests to the object-store tier, by op (upload, delete, get, get_range, probe) and result (ok, not_found, failed).",
         );
-        for op in ["upload", "delete", "get", "get_range"] {
+        for op in ["upload", "delete", "get", "get_range", "probe"] {
             for result in ["ok", "not_found", "failed"] {
                 let labels = format!("op=\"{op}\",result=\"{result}\"");
                 let v = self.series.get("sluice_tier_requests_total", &labels);
@@ -560,6 +560,7 @@ pub fn attach(config: &Config, app: &Arc<crate::app::App>) -> Result<Option<Arc<
         app.add_status_source(move || ("tier".to_string(), t.render_status()));
     }
     tier.rt.spawn(upload::run(Arc::clone(&tier)));
+    tier.rt.spawn(upload::probe(Arc::clone(&tier)));
     tracing::info!(
         url = %tier.settings.url,
         endpoint = tier.settings.endpoint.as_deref().unwrap_or("aws"),

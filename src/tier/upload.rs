@@ -86,6 +86,33 @@ async fn send(tier: Arc<Tier>, record: Record) -> Sent {
     }
 }
 
+/// While nothing is queued, the tier is asked how it is this often, so
+/// `/status` and `sluice_tier_up` tell the truth on an idle node too.
+const PROBE_INTERVAL_MS: u64 = 10_000;
+
+/// The idle probe: runs for the life of the process.
+pub async fn probe(tier: Arc<Tier>) {
+    loop {
+        if tier.queue_bytes() == 0 {
+            let started = Instant::now();
+            let result = tier.client.probe().await;
+            let took = started.elapsed();
+            match result {
+                Ok(()) => {
+                    tier.observe("probe", "ok", took);
+                    tier.note_health(Ok(()), None);
+                    lock(&tier.reads).on_tier_ok();
+                }
+                Err(err) => {
+                    tier.observe("probe", "failed", took);
+                    tier.note_health(Err(&err.to_string()), None);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(PROBE_INTERVAL_MS)).await;
+    }
+}
+
 /// The upload loop: runs for the life of the process.
 pub async fn run(tier: Arc<Tier>) {
     let mut cursor = OutboxCursor::at(tier.outbox.mark(TARGET).map_or(0, |m| m.acked));
