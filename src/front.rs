@@ -129,9 +129,12 @@ async fn serve(
     let mut decision = handle_cached(&app, &info);
     if let (Decision::Cold { namespace, key }, Some(tier)) = (&decision, app.tier()) {
         // A local miss to read through from the object-store tier: wait for
-        // the fetch on a blocking thread, then decide again.
-        let (tier, ns, key) = (Arc::clone(tier), namespace.clone(), key.clone());
-        let _ = tokio::task::spawn_blocking(move || tier.read_through(&ns, &key)).await;
+        // the fetch (it runs on the tier's runtime), then decide again.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tier.read_through_then(namespace.clone(), key.clone(), move |outcome| {
+            let _ = tx.send(outcome);
+        });
+        let _ = rx.await;
         decision = handle_cached(&app, &info);
     }
     let reply = match decision {

@@ -339,8 +339,16 @@ fn node(weed: &Weed, data_dir: &Path, extra: &[(&str, &str)]) -> Server {
 }
 
 fn node_at(endpoint: &str, data_dir: &Path, extra: &[(&str, &str)]) -> Server {
-    let mut b = server()
-        .no_tls()
+    node_with(server().no_tls(), endpoint, data_dir, extra)
+}
+
+fn node_with(
+    builder: common::ServerBuilder,
+    endpoint: &str,
+    data_dir: &Path,
+    extra: &[(&str, &str)],
+) -> Server {
+    let mut b = builder
         .data_dir(data_dir)
         .arg("--tier-url")
         .arg(&format!("s3://{BUCKET}/{PREFIX}"))
@@ -461,6 +469,8 @@ fn a_fresh_node_serves_what_another_wrote() {
     assert_eq!(put(a.addr, &format!("/cas/{cas_key}"), &small), 200);
     assert_eq!(put(a.addr, "/v1/artifacts/team/large.bin", &large), 200);
     assert_eq!(put(a.addr, &format!("/ac/{AC_KEY}"), b"action result"), 200);
+    let shared = bytes(3, 3 << 20);
+    assert_eq!(put(a.addr, "/v1/artifacts/team/shared.bin", &shared), 200);
     wait_drained(&a, Duration::from_secs(60));
     assert_eq!(
         weed.object("cas", &cas_key).as_deref(),
@@ -525,6 +535,38 @@ fn a_fresh_node_serves_what_another_wrote() {
         metric(b.addr, "sluice_tier_requests_total", &["op=\"get\""]),
         3.0
     );
+    // Many clients miss the same key at once: one fetch.
+    let b_addr = b.addr;
+    let waiters: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                http(b_addr, "GET", "/v1/artifacts/team/shared.bin", &[], b"")
+            })
+        })
+        .collect();
+    for waiter in waiters {
+        let got = waiter.join().expect("waiter");
+        assert_eq!(got.status, 200);
+        assert!(got.body == shared);
+    }
+    assert_eq!(
+        metric(b.addr, "sluice_tier_requests_total", &["op=\"get\""]),
+        4.0,
+        "one fetch for eight waiting clients"
+    );
+    // Through the hyper fallback (TLS, HTTP/2) the same: a third node.
+    let c = node_with(server(), &weed.endpoint(), &tmp.path().join("c"), &[]);
+    for front in [common::Front::TlsH2, common::Front::TlsHttp1] {
+        let got = c.send(front, common::req("GET", &format!("/cas/{cas_key}")));
+        assert_eq!(got.status, 200, "{front:?}: {}", c.stderr());
+        assert_eq!(got.body, small);
+    }
+    let part = c.send(
+        common::Front::TlsH2,
+        common::req("GET", "/v1/artifacts/team/large.bin").header("range", "bytes=5-9"),
+    );
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body, &large[5..10]);
     // A key nobody wrote: 404, on the cache routes and the generic one.
     assert_eq!(
         http(

@@ -19,7 +19,7 @@ pub mod upload;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use crate::app::Reply;
@@ -119,7 +119,8 @@ pub struct Tier {
     /// outbox's byte bound (one entry per queued record at most).
     pending: Mutex<HashMap<String, u32>>,
     pub(crate) reads: Mutex<policy::Reads>,
-    pub(crate) reads_done: Condvar,
+    /// Woken whenever a fetch ends (its waiters check their key).
+    pub(crate) fetched: tokio::sync::Notify,
     pub(crate) ranges: Mutex<policy::Ranges>,
     pub(crate) kick: tokio::sync::Notify,
     pub(crate) series: Series,
@@ -178,7 +179,7 @@ impl Tier {
             outbox,
             pending: Mutex::new(pending),
             reads: Mutex::new(policy::Reads::default()),
-            reads_done: Condvar::new(),
+            fetched: tokio::sync::Notify::new(),
             ranges: Mutex::new(policy::Ranges::default()),
             kick: tokio::sync::Notify::new(),
             series,

@@ -2,9 +2,9 @@
 //! requests wait ([`super::policy::Reads`]); the object is checked (a `/cas/`
 //! key is its own digest; any other object against the sha256 it was
 //! uploaded with) while it is written to the store, and only a verified one
-//! is published. The fetch runs on the tier runtime; a waiting request's
-//! thread (a core's opener thread, or a blocking thread of the fallback)
-//! waits on a condition variable, never an engine thread.
+//! is published. The fetch and every wait for it run on the tier runtime:
+//! a waiting request costs a parked connection and a task, no thread (the
+//! ring's opener hands the wait over and goes on; the fallback awaits it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -87,9 +87,26 @@ impl Tier {
         None
     }
 
+    /// Read `ns/key` through (start the fetch or join the one running) on
+    /// the tier runtime, then call `then` with the outcome, from that
+    /// runtime. Never blocks the caller: the ring's opener thread and the
+    /// fallback both use it.
+    pub fn read_through_then(
+        self: &Arc<Self>,
+        ns: String,
+        key: String,
+        then: impl FnOnce(Outcome) + Send + 'static,
+    ) {
+        let tier = Arc::clone(self);
+        self.rt.spawn(async move {
+            let outcome = tier.read_through(&ns, &key).await;
+            then(outcome);
+        });
+    }
+
     /// Fetch `ns/key` into the store (or join the fetch already running)
-    /// and wait for it. Blocks; never call it on an engine thread.
-    pub fn read_through(self: &Arc<Self>, ns: &str, key: &str) -> Outcome {
+    /// and wait for it; with a small range wanted, wait only for that.
+    pub async fn read_through(self: &Arc<Self>, ns: &str, key: &str) -> Outcome {
         let id = id(ns, key);
         let miss = lock(&self.reads).on_miss(&id, Instant::now());
         match miss {
@@ -106,7 +123,7 @@ impl Tier {
                     let outcome = tier.fetch(&ns, &key).await;
                     tier.count(outcome.as_str());
                     lock(&tier.reads).on_done(&id, outcome, Instant::now());
-                    tier.reads_done.notify_all();
+                    tier.fetched.notify_waiters();
                 });
             }
         }
@@ -114,51 +131,46 @@ impl Tier {
         if let Some((start, end_inclusive)) = wanted {
             // The whole object keeps coming; this request needs only its
             // range. If the ranged read fails, it waits for the whole.
-            if self.fetch_range(ns, key, &id, start, end_inclusive) {
+            if self.fetch_range(ns, key, &id, start, end_inclusive).await {
                 return Outcome::Stored;
             }
         }
-        let deadline = Instant::now() + Duration::from_millis(WAIT_MS_MAX);
-        let mut reads = lock(&self.reads);
-        while reads.fetching(&id) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(WAIT_MS_MAX);
+        loop {
+            // Registered before the check, so a fetch ending in between
+            // still wakes this waiter.
+            let fetched = self.fetched.notified();
+            {
+                let reads = lock(&self.reads);
+                if !reads.fetching(&id) {
+                    return reads.outcome(&id).unwrap_or(Outcome::Unavailable);
+                }
+            }
+            if tokio::time::timeout_at(deadline, fetched).await.is_err() {
                 return Outcome::Unavailable;
             }
-            reads = self
-                .reads_done
-                .wait_timeout(reads, left)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
         }
-        reads.outcome(&id).unwrap_or(Outcome::Unavailable)
     }
 
-    /// A ranged GET for a waiting request, kept for it in `ranges`. Blocks
-    /// (at most about `tier_timeout_ms`). True when the piece is there.
-    fn fetch_range(
-        self: &Arc<Self>,
+    /// A ranged GET for a waiting request, kept for it in `ranges` (at most
+    /// about `tier_timeout_ms`). True when the piece is there.
+    async fn fetch_range(
+        &self,
         ns: &str,
         key: &str,
         id: &str,
         start: u64,
         end_inclusive: u64,
     ) -> bool {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (tier, ns, key) = (Arc::clone(self), ns.to_string(), key.to_string());
-        self.rt.spawn(async move {
-            let started = Instant::now();
-            let read = tier.client.get_range(&ns, &key, start, end_inclusive).await;
-            let result = match &read {
-                Ok(_) => "ok",
-                Err(TierError::NotFound) => "not_found",
-                Err(TierError::Failed(_)) => "failed",
-            };
-            tier.observe("get_range", result, started.elapsed());
-            let _ = tx.send(read);
-        });
-        let wait = self.settings.timeout + Duration::from_millis(100);
-        let Ok(Ok(read)) = rx.recv_timeout(wait) else {
+        let started = Instant::now();
+        let read = self.client.get_range(ns, key, start, end_inclusive).await;
+        let result = match &read {
+            Ok(_) => "ok",
+            Err(TierError::NotFound) => "not_found",
+            Err(TierError::Failed(_)) => "failed",
+        };
+        self.observe("get_range", result, started.elapsed());
+        let Ok(read) = read else {
             return false;
         };
         if read.start != start || read.bytes.is_empty() {
