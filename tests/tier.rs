@@ -869,3 +869,52 @@ fn a_full_upload_queue_answers_507_and_loses_nothing() {
     }
     assert_eq!(put(a.addr, "/v1/artifacts/q/after", b"room again"), 200);
 }
+
+/// A tier that accepts connections and never answers: writes and local hits
+/// do not wait for it, and a miss that needs it is answered within about
+/// `tier_timeout_ms` (1 s here): 404 on a cache route, 503 with
+/// `Retry-After` on the generic one. Needs no SeaweedFS.
+#[test]
+fn a_hanging_tier_gets_timely_answers() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    // Accept and hold every connection, reading nothing, answering nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let a = node_at(&endpoint, &tmp.path().join("a"), &[]);
+    let started = Instant::now();
+    assert_eq!(put(a.addr, "/v1/artifacts/h/k", b"kept"), 200);
+    assert_eq!(
+        http(a.addr, "GET", "/v1/artifacts/h/k", &[], b"").body,
+        b"kept"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a write waited for the tier"
+    );
+    for (path, status) in [
+        (format!("/cas/{}", "ef".repeat(32)), 404),
+        ("/v1/artifacts/h/missing".to_string(), 503),
+        (format!("/cas/{}", "01".repeat(32)), 404),
+    ] {
+        let started = Instant::now();
+        let got = http(a.addr, "GET", &path, &[], b"");
+        assert_eq!(got.status, status, "{path}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{path} took {:?}",
+            started.elapsed()
+        );
+        if status == 503 {
+            assert_eq!(got.header("retry-after"), Some("1"));
+        }
+    }
+    let status = String::from_utf8(http(a.addr, "GET", "/status", &[], b"").body).unwrap();
+    assert!(status.contains("\"state\":\"down\""), "{status}");
+    assert!(metric(a.addr, "sluice_tier_queue_entries", &[]) >= 1.0);
+}
