@@ -123,6 +123,8 @@ pub struct Tier {
     pub(crate) fetched: tokio::sync::Notify,
     pub(crate) ranges: Mutex<policy::Ranges>,
     pub(crate) kick: tokio::sync::Notify,
+    /// Set by the probe when the tier answers again after failing.
+    pub(crate) recovered: std::sync::atomic::AtomicBool,
     pub(crate) series: Series,
     latency: Mutex<Latency>,
     pub(crate) view: Mutex<View>,
@@ -182,6 +184,7 @@ impl Tier {
             fetched: tokio::sync::Notify::new(),
             ranges: Mutex::new(policy::Ranges::default()),
             kick: tokio::sync::Notify::new(),
+            recovered: std::sync::atomic::AtomicBool::new(false),
             series,
             latency: Mutex::new(Latency::default()),
             view: Mutex::new(View {

@@ -89,11 +89,16 @@ async fn send(tier: Arc<Tier>, record: Record) -> Sent {
 /// While nothing is queued, the tier is asked how it is this often, so
 /// `/status` and `sluice_tier_up` tell the truth on an idle node too.
 const PROBE_INTERVAL_MS: u64 = 10_000;
+/// While the tier is down it is asked this often (a HEAD, cheap), so
+/// uploads resume within this of its return instead of after the rest of
+/// a backoff window of up to 60 s.
+const PROBE_DOWN_INTERVAL_MS: u64 = 2_000;
 
-/// The idle probe: runs for the life of the process.
+/// The probe: runs for the life of the process.
 pub async fn probe(tier: Arc<Tier>) {
     loop {
-        if tier.queue_bytes() == 0 {
+        let down = lock(&tier.view).state == "down";
+        if down || tier.queue_bytes() == 0 {
             let started = Instant::now();
             let result = tier.client.probe().await;
             let took = started.elapsed();
@@ -102,6 +107,12 @@ pub async fn probe(tier: Arc<Tier>) {
                     tier.observe("probe", "ok", took);
                     tier.note_health(Ok(()), None);
                     lock(&tier.reads).on_tier_ok();
+                    if down {
+                        // The upload loop retries at once.
+                        tier.recovered
+                            .store(true, std::sync::atomic::Ordering::Release);
+                        tier.kick.notify_one();
+                    }
                 }
                 Err(err) => {
                     tier.observe("probe", "failed", took);
@@ -109,7 +120,12 @@ pub async fn probe(tier: Arc<Tier>) {
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(PROBE_INTERVAL_MS)).await;
+        let every = if lock(&tier.view).state == "down" {
+            PROBE_DOWN_INTERVAL_MS
+        } else {
+            PROBE_INTERVAL_MS
+        };
+        tokio::time::sleep(Duration::from_millis(every)).await;
     }
 }
 
@@ -126,6 +142,15 @@ pub async fn run(tier: Arc<Tier>) {
     let mut read_error_logged = false;
     loop {
         let now = Instant::now();
+        if tier
+            .recovered
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+            && backoff.failures() > 0
+        {
+            // The probe found the tier answering: no need to sit out the
+            // rest of the window.
+            backoff.on_success();
+        }
         let window = if backoff.failures() == 0 {
             UPLOADS_IN_FLIGHT_MAX
         } else {
