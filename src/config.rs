@@ -1485,6 +1485,15 @@ fn validate(c: &mut Config, set: &[Entry]) -> Result<(), ConfigError> {
         ));
     }
 
+    if let (None, Some(endpoint)) = (&c.tier_url, &c.tier_endpoint) {
+        return conflict(format!(
+            "config key `tier_endpoint` = `{endpoint}` (from {}) is set but `tier_url` is not: \
+             the endpoint says where the object store is, tier_url which bucket to use; set \
+             tier_url (s3://bucket/prefix) with --tier-url or SLUICE_TIER_URL",
+            source_of("tier_endpoint")
+        ));
+    }
+
     match (&c.tls_cert, &c.tls_key) {
         (Some(path), None) => {
             return conflict(format!(
@@ -2087,6 +2096,25 @@ mod tests {
             let needle = format!("config key `{key}` = `{value}` (from {flag}): expected");
             assert!(message.contains(&needle), "{needle:?} not in {message}");
         }
+    }
+
+    /// An endpoint alone names no bucket: refused, naming both keys.
+    #[test]
+    fn tier_endpoint_needs_tier_url() {
+        let message = err(from_env(&[(
+            "SLUICE_TIER_ENDPOINT",
+            "http://127.0.0.1:8333",
+        )]));
+        assert!(message.contains("`tier_endpoint`"), "{message}");
+        assert!(message.contains("`tier_url` is not"), "{message}");
+        let config = from_env(&[
+            ("SLUICE_TIER_ENDPOINT", "http://127.0.0.1:8333"),
+            ("SLUICE_TIER_URL", "s3://bucket/prefix"),
+            ("SLUICE_TIER_WRITE", "through"),
+        ])
+        .unwrap();
+        assert_eq!(config.tier_write, TierWrite::Through);
+        assert_eq!(config.tier_url.as_deref(), Some("s3://bucket/prefix"));
     }
 
     /// The peer secret: 16 bytes at least, visible ASCII, never quoted back,
