@@ -393,16 +393,11 @@ impl App {
         let artifact = match opened {
             Ok(Some(artifact)) => artifact,
             Ok(None) => match self.tier() {
-                // A local miss reads through from the tier: off this thread
-                // (`Cold` sends the ring's request to its opener thread), unless
-                // a recent fetch already decided it.
+                // A local miss reads through from the tier, off this thread
+                // (`Cold`: the ring's opener hands it to the tier runtime),
+                // unless a recent fetch already decided it.
                 Some(tier) => {
-                    let range = req.range.filter(|_| req.method == "GET");
-                    // A conditional request takes the whole-object path,
-                    // where its preconditions are evaluated.
-                    let conditional = req.if_range.is_some()
-                        || req.if_match.is_some()
-                        || req.if_none_match.is_some();
+                    let (range, conditional) = tier_range(req);
                     return tier
                         .answer_miss(kind, ns, key, range, conditional)
                         .ok_or(Cold);
@@ -411,10 +406,7 @@ impl App {
             },
             Err(StoreError::WouldBlock) => {
                 if let Some(tier) = self.tier() {
-                    let range = req.range.filter(|_| req.method == "GET");
-                    let conditional = req.if_range.is_some()
-                        || req.if_match.is_some()
-                        || req.if_none_match.is_some();
+                    let (range, conditional) = tier_range(req);
                     if let Some(reply) = tier.on_cold(ns, key, range, conditional) {
                         return Ok(reply);
                     }
@@ -689,6 +681,16 @@ impl RequestInfo<'_> {
 
 /// [`App::get`] found the artifact's file cold under a no-wait open.
 struct Cold;
+
+/// What a read-through needs of a GET's range: the `Range` value (GET only),
+/// and whether a precondition is attached (such a request takes the
+/// whole-object path, where its preconditions are evaluated).
+fn tier_range<'a>(req: &RequestInfo<'a>) -> (Option<&'a [u8]>, bool) {
+    let range = req.range.filter(|_| req.method == "GET");
+    let conditional =
+        req.if_range.is_some() || req.if_match.is_some() || req.if_none_match.is_some();
+    (range, conditional)
+}
 
 fn precondition_failed() -> Reply {
     Reply::error(
