@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
 use crate::auth::{Access, Auth, Denied};
-use crate::config::Config;
+use crate::config::{Config, TierWrite};
 use crate::http1::{
     content_range, content_range_unsatisfied, evaluate, if_range, parse_range, Conditions,
     Precondition, RangeOutcome,
@@ -556,6 +556,20 @@ impl App {
                 let tier = self
                     .tier()
                     .map(|tier| (Arc::clone(tier), tier.hold(ns, key)));
+                // Write-through waits for the tier after the commit, on the
+                // tier's runtime (`AfterCommit`); write-behind queues in the
+                // commit hook.
+                let (tier, through) = match tier {
+                    Some((tier, hold)) if tier.settings.write == TierWrite::Through => {
+                        (None, Some((tier, hold)))
+                    }
+                    behind => (behind, None),
+                };
+                if let Some((tier, hold)) = through {
+                    sink.set_after_commit(Box::new(move |committed, reply, send| {
+                        tier.upload_through(hold, committed.write_time_ms, reply, send);
+                    }));
+                }
                 if replication.is_some() || tier.is_some() {
                     let (ns, key) = (ns.to_string(), key.to_string());
                     sink.set_on_commit(OnCommit(Box::new(move |committed| {
@@ -723,6 +737,28 @@ pub struct OnCommit(pub CommitHook);
 /// The function inside an [`OnCommit`].
 pub type CommitHook = Box<dyn FnOnce(&Committed) -> Option<Reply> + Send>;
 
+/// A step after a successful commit whose reply comes later, off the thread
+/// that committed (a write-through to the object-store tier): it gets the
+/// commit, the reply the PUT would send now, and where to send the final one.
+pub type AfterCommit = Box<dyn FnOnce(&Committed, Reply, ReplyLater) + Send>;
+
+/// Sends a reply decided later ([`AfterCommit`]).
+pub type ReplyLater = Box<dyn FnOnce(Reply) + Send>;
+
+/// What [`PutSink::finish_parts`] leaves to do.
+pub struct Later {
+    committed: Committed,
+    reply: Reply,
+    after: AfterCommit,
+}
+
+impl Later {
+    /// Run the step; `send` gets the final reply, possibly from another thread.
+    pub fn run(self, send: ReplyLater) {
+        (self.after)(&self.committed, self.reply, send);
+    }
+}
+
 impl std::fmt::Debug for OnCommit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("OnCommit")
@@ -741,13 +777,25 @@ pub struct PutSink {
     hooks: Option<Box<SinkHooks>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct SinkHooks {
     /// Called after a successful commit.
     on_commit: Option<OnCommit>,
     /// Read the body and throw it away, then answer this (a replicated
     /// write older than what this node holds).
     discard: Option<Reply>,
+    /// Run after a successful commit; it sends the reply (see [`AfterCommit`]).
+    after_commit: Option<AfterCommit>,
+}
+
+impl std::fmt::Debug for SinkHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkHooks")
+            .field("on_commit", &self.on_commit)
+            .field("discard", &self.discard)
+            .field("after_commit", &self.after_commit.is_some())
+            .finish()
+    }
 }
 
 impl PutSink {
@@ -765,6 +813,12 @@ impl PutSink {
         self.hooks.get_or_insert_with(Box::default).on_commit = Some(hook);
     }
 
+    /// Run `after` after a successful commit (and `on_commit`): the reply
+    /// waits for it.
+    pub fn set_after_commit(&mut self, after: AfterCommit) {
+        self.hooks.get_or_insert_with(Box::default).after_commit = Some(after);
+    }
+
     fn discarding_reply(&self) -> bool {
         self.hooks.as_ref().is_some_and(|h| h.discard.is_some())
     }
@@ -779,6 +833,7 @@ impl PutSink {
             hooks: Some(Box::new(SinkHooks {
                 on_commit: None,
                 discard: Some(reply),
+                after_commit: None,
             })),
         }
     }
@@ -824,18 +879,51 @@ impl PutSink {
 
     /// The body is complete: verify, publish and answer. 201 for a new
     /// artifact, 204 when it replaced one (as nginx's WebDAV PUT does).
-    pub fn finish(mut self) -> Reply {
+    /// With an [`AfterCommit`] step this waits for it; front ends that can
+    /// answer later use [`PutSink::finish_parts`] instead.
+    pub fn finish(self) -> Reply {
+        match self.finish_parts() {
+            Ok(reply) => reply,
+            Err(later) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                later.run(Box::new(move |reply| {
+                    let _ = tx.send(reply);
+                }));
+                rx.recv()
+                    .unwrap_or_else(|_| Reply::error(500, "the upload's last step failed"))
+            }
+        }
+    }
+
+    /// [`PutSink::finish`], except that a step after the commit is handed
+    /// back (`Err`) for the caller to run, so its thread need not wait.
+    #[allow(clippy::result_large_err)] // `Ok` is the reply itself, as in `App`
+    pub fn finish_parts(mut self) -> Result<Reply, Box<Later>> {
+        let after = self.hooks.as_mut().and_then(|h| h.after_commit.take());
+        let (reply, committed) = self.commit_and_reply();
+        match (after, committed) {
+            (Some(after), Some(committed)) => Err(Box::new(Later {
+                committed,
+                reply,
+                after,
+            })),
+            _ => Ok(reply),
+        }
+    }
+
+    /// The reply, and the commit when it succeeded with nothing to add.
+    fn commit_and_reply(&mut self) -> (Reply, Option<Committed>) {
         if let Some(reply) = self.hooks.as_mut().and_then(|h| h.discard.take()) {
-            return reply;
+            return (reply, None);
         }
         let Some(writer) = self.writer.take() else {
-            return Reply::error(500, "upload already ended").closing();
+            return (Reply::error(500, "upload already ended").closing(), None);
         };
         match writer.commit() {
             Ok(committed) => {
                 if let Some(hook) = self.hooks.as_mut().and_then(|h| h.on_commit.take()) {
                     if let Some(reply) = (hook.0)(&committed) {
-                        return reply;
+                        return (reply, None);
                     }
                 }
                 let etag = format!("\"{}\"", hex::encode(committed.sha256));
@@ -845,9 +933,9 @@ impl PutSink {
                     Reply::empty(201)
                 };
                 reply.headers.push(("etag", etag));
-                reply
+                (reply, Some(committed))
             }
-            Err(err) => store_error(&err),
+            Err(err) => (store_error(&err), None),
         }
     }
 }

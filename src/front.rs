@@ -178,8 +178,18 @@ async fn serve(
                     reply
                 }
                 // Commit may fsync: keep it off the async worker.
-                None => match tokio::task::spawn_blocking(move || sink.finish()).await {
-                    Ok(reply) => reply,
+                None => match tokio::task::spawn_blocking(move || sink.finish_parts()).await {
+                    Ok(Ok(reply)) => reply,
+                    // A write-through: its reply comes when the tier has it.
+                    Ok(Err(later)) => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        later.run(Box::new(move |reply| {
+                            let _ = tx.send(reply);
+                        }));
+                        rx.await.unwrap_or_else(|_| {
+                            Reply::error(500, "the upload's last step failed").closing()
+                        })
+                    }
                     Err(_) => Reply::error(500, "upload commit failed").closing(),
                 },
             }

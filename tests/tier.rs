@@ -790,8 +790,10 @@ fn write_through_answers_after_the_tier_has_it() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let a = node(
-        &weed,
+    // With TLS, so the hyper front's PUT path is tried as well as the ring's.
+    let a = node_with(
+        server(),
+        &weed.endpoint(),
         &tmp.path().join("a"),
         &[("SLUICE_TIER_WRITE", "through")],
     );
@@ -801,6 +803,16 @@ fn write_through_answers_after_the_tier_has_it() {
         weed.object("wt", "k1"),
         Some(body),
         "in the bucket at the 2xx"
+    );
+    let big = bytes(12, 9 << 20);
+    let got = a.send(
+        common::Front::TlsH2,
+        common::req("PUT", "/v1/artifacts/wt/big").body(big.clone()),
+    );
+    assert_eq!(got.status / 100, 2, "{}", a.stderr());
+    assert!(
+        weed.object("wt", "big") == Some(big),
+        "a multipart write-through is in the bucket at the 2xx"
     );
     assert_eq!(metric(a.addr, "sluice_tier_queue_entries", &[]), 0.0);
     weed.stop();

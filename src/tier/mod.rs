@@ -251,31 +251,15 @@ impl Tier {
         lock(&self.pending).len()
     }
 
-    /// Queue the upload of a committed PUT (durably, before the 2xx). The
-    /// hold passes to the queued record. With `tier_write = "through"` the
-    /// upload is made now and the reply waits for it.
+    /// Queue the upload of a committed PUT (durably, before the 2xx); the
+    /// hold passes to the queued record.
     #[allow(clippy::result_large_err)] // the error is the reply, as in `App`
-    pub fn queue_put(self: &Arc<Self>, hold: Hold, write_time_ms: u64) -> Result<(), Reply> {
+    pub fn queue_put(&self, hold: Hold, write_time_ms: u64) -> Result<(), Reply> {
         let (ns, key) = (hold.ns.clone(), hold.key.clone());
-        if self.settings.write == TierWrite::Through && self.upload_now(&ns, &key) {
-            // `hold` drops here: the tier holds it.
-            return Ok(());
-        }
         match self.outbox.append(Op::Put, &ns, &key, write_time_ms) {
             Ok(()) => {
                 hold.keep();
                 self.kick.notify_one();
-                if self.settings.write == TierWrite::Through {
-                    let mut reply = Reply::error(
-                        503,
-                        "stored here and queued for the object-store tier, which did not take \
-                         it in time (tier_write = through)",
-                    );
-                    reply
-                        .headers
-                        .push(("retry-after", RETRY_AFTER_SECS.to_string()));
-                    return Err(reply);
-                }
                 Ok(())
             }
             Err(err) => {
@@ -286,6 +270,43 @@ impl Tier {
                 ))
             }
         }
+    }
+
+    /// `tier_write = "through"`, after the commit: upload now, on the tier
+    /// runtime, and `send` the PUT's `reply` once the tier holds it. If it
+    /// does not take it, the write is queued like a write-behind and the
+    /// answer is 503 with `Retry-After`.
+    pub fn upload_through(
+        self: &Arc<Self>,
+        hold: Hold,
+        write_time_ms: u64,
+        reply: Reply,
+        send: crate::app::ReplyLater,
+    ) {
+        let tier = Arc::clone(self);
+        self.rt.spawn(async move {
+            let sent = upload::upload_put(&tier, &hold.ns, &hold.key).await;
+            if matches!(sent, upload::Sent::Ok | upload::Sent::Gone) {
+                // `hold` drops: the tier has it.
+                send(reply);
+                return;
+            }
+            let refused = tokio::task::block_in_place(|| tier.queue_put(hold, write_time_ms).err());
+            send(match refused {
+                None => {
+                    let mut reply = Reply::error(
+                        503,
+                        "stored here and queued for the object-store tier, which did not take \
+                         it in time (tier_write = through)",
+                    );
+                    reply
+                        .headers
+                        .push(("retry-after", RETRY_AFTER_SECS.to_string()));
+                    reply
+                }
+                Some(reply) => reply,
+            });
+        });
     }
 
     /// Queue the deletion of `ns/key` in the tier.
@@ -304,19 +325,6 @@ impl Tier {
                 ))
             }
         }
-    }
-
-    /// Upload `ns/key` now and wait (write-through). True when the tier has it.
-    fn upload_now(self: &Arc<Self>, ns: &str, key: &str) -> bool {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (ns, key) = (ns.to_string(), key.to_string());
-        let tier = Arc::clone(self);
-        self.rt.spawn(async move {
-            let result = upload::upload_put(&tier, &ns, &key).await;
-            let _ = tx.send(matches!(result, upload::Sent::Ok | upload::Sent::Gone));
-        });
-        // The upload's own request deadlines bound this; the cap is a guard.
-        rx.recv_timeout(self.settings.timeout * 4).unwrap_or(false)
     }
 
     /// Count a tier request: `op`, `result`, how long it took.
