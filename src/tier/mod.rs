@@ -33,9 +33,11 @@ pub const TARGET: &str = "tier";
 /// Uploads in flight at once while the tier is healthy; one while it fails.
 pub const UPLOADS_IN_FLIGHT_MAX: usize = 4;
 /// Slack between the bound the PUT path checks (`replication_outbox_bytes_max`:
-/// past it, 507) and the outbox's own overflow bound, so the few PUTs that
-/// pass the check together can never make the outbox drop the tier's backlog.
-const OUTBOX_SLACK_BYTES: u64 = 4096 * RECORD_BYTES_MAX as u64;
+/// past it, 507) and the outbox's own overflow bound, so the PUTs that pass
+/// the check together (at most one per connection: 32,768 at the largest
+/// `connections_per_core_max` of two cores' worth of bursts, far more than
+/// happen at once) can never make the outbox stop queueing for the tier.
+const OUTBOX_SLACK_BYTES: u64 = 32_768 * RECORD_BYTES_MAX as u64;
 /// `Retry-After` on a 503 for a read the tier could not answer, seconds.
 pub const RETRY_AFTER_SECS: u64 = 1;
 
@@ -154,6 +156,15 @@ impl Tier {
         )
         .map_err(|e| format!("cannot open the tier outbox: {e}"))?;
         outbox.add_peers(&[TARGET.to_string()]);
+        if outbox.mark(TARGET).is_some_and(|m| m.overflow) {
+            // The slack above makes this unreachable in practice; should it
+            // happen, queueing must resume (the peers' remedy, anti-entropy,
+            // does not exist for the tier).
+            tracing::error!("tier outbox was marked overflowed; writes before this start may not reach the tier");
+            outbox
+                .clear_overflow(TARGET)
+                .map_err(|e| format!("cannot clear the tier outbox's overflow mark: {e}"))?;
+        }
         let mut pending = HashMap::new();
         let mut pos = outbox.mark(TARGET).map_or(0, |m| m.acked);
         loop {
