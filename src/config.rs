@@ -385,9 +385,9 @@ pub struct Config {
     /// When a write reaches the tier: `behind` (queued durably, default) or `through` (the
     /// 2xx waits for the tier).
     pub tier_write: TierWrite,
-    /// Longest a request waits for the tier, in ms (a read-through on a local miss, a
-    /// write-through); past it the request is answered without the tier. Default 5000, range
-    /// 100..=3600000.
+    /// Longest a read waits for the tier, in ms: a read-through's answer, then each piece of
+    /// its body; also the connect timeout. Uploads give each request at least 30 s (a part is
+    /// 8 MiB). Past it a read is answered without the tier. Default 5000, range 100..=3600000.
     pub tier_timeout_ms: u64,
     /// Which front end serves plaintext HTTP/1. Default `auto`.
     pub engine: EngineChoice,
