@@ -284,6 +284,14 @@ impl Weed {
         let _ = child.wait();
     }
 
+    /// An outage: SIGKILL, at once (also the harsher test).
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// The object sluice keeps for `ns/key`.
     fn object(&self, ns: &str, key: &str) -> Option<Vec<u8>> {
         match s3(
@@ -592,7 +600,7 @@ fn acknowledged_writes_survive_kill_9_and_reach_the_bucket() {
     let Some(mut weed) = Weed::start() else {
         return;
     };
-    weed.stop();
+    weed.kill();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("a");
     let mut a = node(&weed, &dir, &[]);
@@ -621,7 +629,7 @@ fn acknowledged_writes_survive_kill_9_and_reach_the_bucket() {
     }
 }
 
-/// SeaweedFS stops in the middle of a write burst: every PUT and every
+/// SeaweedFS is killed in the middle of a write burst: every PUT and every
 /// local hit still succeeds; when it is back the queue drains, nothing lost.
 #[test]
 fn a_tier_outage_during_writes_loses_nothing() {
@@ -633,7 +641,7 @@ fn a_tier_outage_during_writes_loses_nothing() {
     let n = 120u64;
     for i in 0..n {
         if i == 40 {
-            weed.stop();
+            weed.kill();
         }
         let body = bytes(100 + i, 5000);
         let started = Instant::now();
@@ -696,7 +704,7 @@ fn eviction_drops_only_what_the_tier_holds() {
     let Some(mut weed) = Weed::start() else {
         return;
     };
-    weed.stop();
+    weed.kill();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("a");
     let a = node(&weed, &dir, &[("SLUICE_STORE_BYTES_MAX", "1MiB")]);
@@ -815,7 +823,7 @@ fn write_through_answers_after_the_tier_has_it() {
         "a multipart write-through is in the bucket at the 2xx"
     );
     assert_eq!(metric(a.addr, "sluice_tier_queue_entries", &[]), 0.0);
-    weed.stop();
+    weed.kill();
     let started = Instant::now();
     let refused = http(a.addr, "PUT", "/v1/artifacts/wt/k2", &[], b"second");
     assert_eq!(refused.status, 503, "{}", a.stderr());
@@ -838,7 +846,7 @@ fn a_full_upload_queue_answers_507_and_loses_nothing() {
     let Some(mut weed) = Weed::start() else {
         return;
     };
-    weed.stop();
+    weed.kill();
     let tmp = tempfile::tempdir().unwrap();
     let a = node(
         &weed,
