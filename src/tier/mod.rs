@@ -592,3 +592,77 @@ pub fn attach(config: &Config, app: &Arc<crate::app::App>) -> Result<Option<Arc<
     );
     Ok(Some(tier))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{PutOptions, StoreConfig};
+
+    fn settings(bytes_max: u64) -> Settings {
+        Settings {
+            url: "s3://bucket/prefix".to_string(),
+            // Nothing listens there; these tests make no request.
+            endpoint: Some("http://127.0.0.1:1".to_string()),
+            write: TierWrite::Behind,
+            timeout: Duration::from_millis(100),
+            outbox_bytes_max: bytes_max,
+            fsync: false,
+            body_bytes_max: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn held_artifacts_are_spared_until_uploaded_and_the_set_survives_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig {
+            data_dir: tmp.path().join("data"),
+            ..StoreConfig::default()
+        })
+        .unwrap();
+        let mut w = store.begin_put("ns", "k", PutOptions::default()).unwrap();
+        w.write(b"body").unwrap();
+        w.commit().unwrap();
+        let rel = crate::store::relative_path("ns", "k");
+        let tier = Tier::open(settings(1 << 20), tmp.path(), store.clone()).unwrap();
+        assert!(tier.may_evict(&rel));
+        // Held from before the commit; a PUT that never commits releases it.
+        drop(tier.hold("ns", "k"));
+        assert!(tier.may_evict(&rel));
+        let hold = tier.hold("ns", "k");
+        assert!(!tier.may_evict(&rel));
+        tier.queue_put(hold, 5).unwrap();
+        assert!(!tier.may_evict(&rel), "queued, not uploaded");
+        assert_eq!(tier.pending_keys(), 1);
+        drop(tier);
+        // kill -9: the queue is on disk, and so is what eviction must spare.
+        let tier = Tier::open(settings(1 << 20), tmp.path(), store.clone()).unwrap();
+        assert!(!tier.may_evict(&rel));
+        assert_eq!(tier.outbox.backlog(TARGET).entries, 1);
+        // The upload loop acknowledges it: released.
+        tier.release(&rel);
+        assert!(tier.may_evict(&rel));
+    }
+
+    #[test]
+    fn a_full_queue_refuses_puts_with_507() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig {
+            data_dir: tmp.path().join("data"),
+            ..StoreConfig::default()
+        })
+        .unwrap();
+        let tier = Tier::open(settings(4096), tmp.path(), store).unwrap();
+        let mut queued = 0;
+        while tier.refuse_put().is_none() {
+            tier.queue_put(tier.hold("ns", &format!("k{queued}")), 1)
+                .unwrap();
+            queued += 1;
+            assert!(queued < 1000, "never full");
+        }
+        let reply = tier.refuse_put().unwrap();
+        assert_eq!(reply.status, 507);
+        assert!(reply.headers.iter().any(|(k, _)| *k == "retry-after"));
+        assert!(tier.queue_bytes() <= 4096);
+        assert!(!tier.outbox.mark(TARGET).unwrap().overflow);
+    }
+}
