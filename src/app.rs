@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
 use crate::auth::{Access, Auth, Denied};
-use crate::config::Config;
+use crate::config::{Config, TierWrite};
 use crate::http1::{
     content_range, content_range_unsatisfied, evaluate, if_range, parse_range, Conditions,
     Precondition, RangeOutcome,
@@ -187,6 +187,9 @@ pub struct App {
     replication: OnceLock<Arc<Replication>>,
     /// Read-through from peers, when peers are configured and it is on.
     read_through: OnceLock<Arc<crate::replication::read_through::ReadThrough>>,
+    /// The object-store tier, when `tier_url` is set: acknowledged writes
+    /// are queued for it, local misses read through from it.
+    tier: OnceLock<Arc<crate::tier::Tier>>,
 }
 
 impl App {
@@ -211,6 +214,7 @@ impl App {
             status_sources: RwLock::new(Vec::new()),
             replication: OnceLock::new(),
             read_through: OnceLock::new(),
+            tier: OnceLock::new(),
         })
     }
 
@@ -235,6 +239,15 @@ impl App {
 
     pub fn read_through(&self) -> Option<&Arc<crate::replication::read_through::ReadThrough>> {
         self.read_through.get()
+    }
+
+    /// Attach the object-store tier (once, at start, before serving).
+    pub fn set_tier(&self, tier: Arc<crate::tier::Tier>) {
+        let _ = self.tier.set(tier);
+    }
+
+    pub fn tier(&self) -> Option<&Arc<crate::tier::Tier>> {
+        self.tier.get()
     }
 
     /// Add series to `/metrics`.
@@ -322,7 +335,7 @@ impl App {
                 key,
                 action,
             } => match action {
-                Action::Get | Action::Head => match self.get(req, namespace, key, files) {
+                Action::Get | Action::Head => match self.get(req, kind, namespace, key, files) {
                     Ok(reply) => reply,
                     Err(Defer::Cold) => {
                         return Decision::Cold {
@@ -393,6 +406,7 @@ impl App {
     fn get(
         &self,
         req: &RequestInfo<'_>,
+        kind: ArtifactKind,
         ns: &str,
         key: &str,
         files: Option<&mut OpenCache>,
@@ -416,9 +430,28 @@ impl App {
                         }
                     }
                 }
-                return Ok(Reply::error(404, "no such artifact"));
+                // Then the object-store tier, off this thread (`Cold`: the
+                // ring's opener hands it to the tier runtime), unless a recent
+                // fetch already decided it.
+                match self.tier() {
+                    Some(tier) => {
+                        let (range, conditional) = tier_range(req);
+                        return tier
+                            .answer_miss(kind, ns, key, range, conditional)
+                            .ok_or(Defer::Cold);
+                    }
+                    None => return Ok(Reply::error(404, "no such artifact")),
+                }
             }
-            Err(StoreError::WouldBlock) => return Err(Defer::Cold),
+            Err(StoreError::WouldBlock) => {
+                if let Some(tier) = self.tier() {
+                    let (range, conditional) = tier_range(req);
+                    if let Some(reply) = tier.on_cold(ns, key, range, conditional) {
+                        return Ok(reply);
+                    }
+                }
+                return Err(Defer::Cold);
+            }
             Err(err) => return Ok(store_error(&err)),
         };
         let etag = artifact.etag();
@@ -485,25 +518,42 @@ impl App {
         if let Err(reply) = self.check_write_preconditions(req, ns, key) {
             return reply;
         }
-        let Some(replication) = self.replication() else {
-            return match self.store.delete(ns, key) {
-                Ok(true) => Reply::empty(204),
-                Ok(false) => Reply::error(404, "no such artifact"),
-                Err(err) => store_error(&err),
-            };
-        };
-        // Replicated: the delete leaves a tombstone, so a peer that missed it
-        // cannot bring the artifact back through anti-entropy.
         let now_ms = crate::replication::now_ms();
-        match self.store.delete_at(ns, key, now_ms, true) {
-            Ok(DeleteAt::Deleted {
-                existed: true,
-                time_ms,
-            }) => match replication.record_delete(ns, key, time_ms) {
-                Ok(()) => Reply::empty(204),
-                Err(reply) => reply,
+        let shared = self.replication().is_some() || self.tier().is_some();
+        let deleted = match shared {
+            // Replicated or tiered: the delete leaves a tombstone, so a peer
+            // that missed it (anti-entropy) or the tier's old copy (a read
+            // through before the queued tier delete ran) cannot bring the
+            // artifact back.
+            true => match self.store.delete_at(ns, key, now_ms, true) {
+                Ok(DeleteAt::Deleted {
+                    existed: true,
+                    time_ms,
+                }) => Ok(Some(time_ms)),
+                Ok(_) => Ok(None),
+                Err(err) => Err(err),
             },
-            Ok(_) => Reply::error(404, "no such artifact"),
+            false => match self.store.delete(ns, key) {
+                Ok(true) => Ok(Some(now_ms)),
+                Ok(false) => Ok(None),
+                Err(err) => Err(err),
+            },
+        };
+        match deleted {
+            Ok(Some(time_ms)) => {
+                if let Some(replication) = self.replication() {
+                    if let Err(reply) = replication.record_delete(ns, key, time_ms) {
+                        return reply;
+                    }
+                }
+                if let Some(tier) = self.tier() {
+                    if let Err(reply) = tier.queue_delete(ns, key, time_ms) {
+                        return reply;
+                    }
+                }
+                Reply::empty(204)
+            }
+            Ok(None) => Reply::error(404, "no such artifact"),
             Err(err) => store_error(&err),
         }
     }
@@ -547,6 +597,9 @@ impl App {
             }
             _ => None,
         };
+        if let Some(reply) = self.tier().and_then(|tier| tier.refuse_put()) {
+            return refuse(reply);
+        }
         let options = PutOptions {
             expected_len: req.content_length,
             expected_sha256,
@@ -557,13 +610,38 @@ impl App {
         match self.store.begin_put(ns, key, options) {
             Ok(writer) => {
                 let mut sink = PutSink::new(writer, body_bytes_max);
-                if let Some(replication) = self.replication() {
-                    let (replication, ns, key) =
-                        (Arc::clone(replication), ns.to_string(), key.to_string());
+                let replication = self.replication().map(Arc::clone);
+                // Held from before the commit, so eviction never sees the new
+                // artifact unprotected; released if the PUT never commits.
+                let tier = self
+                    .tier()
+                    .map(|tier| (Arc::clone(tier), tier.hold(ns, key)));
+                // Write-through waits for the tier after the commit, on the
+                // tier's runtime (`AfterCommit`); write-behind queues in the
+                // commit hook.
+                let (tier, through) = match tier {
+                    Some((tier, hold)) if tier.settings.write == TierWrite::Through => {
+                        (None, Some((tier, hold)))
+                    }
+                    behind => (behind, None),
+                };
+                if let Some((tier, hold)) = through {
+                    sink.set_after_commit(Box::new(move |committed, reply, send| {
+                        tier.upload_through(hold, committed.write_time_ms, reply, send);
+                    }));
+                }
+                if replication.is_some() || tier.is_some() {
+                    let (ns, key) = (ns.to_string(), key.to_string());
                     sink.set_on_commit(OnCommit(Box::new(move |committed| {
-                        replication
-                            .record_put(&ns, &key, committed.write_time_ms)
-                            .err()
+                        if let Some(replication) = replication {
+                            if let Err(reply) =
+                                replication.record_put(&ns, &key, committed.write_time_ms)
+                            {
+                                return Some(reply);
+                            }
+                        }
+                        let (tier, hold) = tier?;
+                        tier.queue_put(hold, committed.write_time_ms).err()
                     })));
                 }
                 Decision::ReceiveBody(sink)
@@ -683,6 +761,16 @@ enum Defer {
     Fetch,
 }
 
+/// What a read-through needs of a GET's range: the `Range` value (GET only),
+/// and whether a precondition is attached (such a request takes the
+/// whole-object path, where its preconditions are evaluated).
+fn tier_range<'a>(req: &RequestInfo<'a>) -> (Option<&'a [u8]>, bool) {
+    let range = req.range.filter(|_| req.method == "GET");
+    let conditional =
+        req.if_range.is_some() || req.if_match.is_some() || req.if_none_match.is_some();
+    (range, conditional)
+}
+
 fn precondition_failed() -> Reply {
     Reply::error(
         412,
@@ -714,6 +802,28 @@ pub struct OnCommit(pub CommitHook);
 /// The function inside an [`OnCommit`].
 pub type CommitHook = Box<dyn FnOnce(&Committed) -> Option<Reply> + Send>;
 
+/// A step after a successful commit whose reply comes later, off the thread
+/// that committed (a write-through to the object-store tier): it gets the
+/// commit, the reply the PUT would send now, and where to send the final one.
+pub type AfterCommit = Box<dyn FnOnce(&Committed, Reply, ReplyLater) + Send>;
+
+/// Sends a reply decided later ([`AfterCommit`]).
+pub type ReplyLater = Box<dyn FnOnce(Reply) + Send>;
+
+/// What [`PutSink::finish_parts`] leaves to do.
+pub struct Later {
+    committed: Committed,
+    reply: Reply,
+    after: AfterCommit,
+}
+
+impl Later {
+    /// Run the step; `send` gets the final reply, possibly from another thread.
+    pub fn run(self, send: ReplyLater) {
+        (self.after)(&self.committed, self.reply, send);
+    }
+}
+
 impl std::fmt::Debug for OnCommit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("OnCommit")
@@ -732,13 +842,25 @@ pub struct PutSink {
     hooks: Option<Box<SinkHooks>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct SinkHooks {
     /// Called after a successful commit.
     on_commit: Option<OnCommit>,
     /// Read the body and throw it away, then answer this (a replicated
     /// write older than what this node holds).
     discard: Option<Reply>,
+    /// Run after a successful commit; it sends the reply (see [`AfterCommit`]).
+    after_commit: Option<AfterCommit>,
+}
+
+impl std::fmt::Debug for SinkHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkHooks")
+            .field("on_commit", &self.on_commit)
+            .field("discard", &self.discard)
+            .field("after_commit", &self.after_commit.is_some())
+            .finish()
+    }
 }
 
 impl PutSink {
@@ -756,6 +878,12 @@ impl PutSink {
         self.hooks.get_or_insert_with(Box::default).on_commit = Some(hook);
     }
 
+    /// Run `after` after a successful commit (and `on_commit`): the reply
+    /// waits for it.
+    pub fn set_after_commit(&mut self, after: AfterCommit) {
+        self.hooks.get_or_insert_with(Box::default).after_commit = Some(after);
+    }
+
     fn discarding_reply(&self) -> bool {
         self.hooks.as_ref().is_some_and(|h| h.discard.is_some())
     }
@@ -770,6 +898,7 @@ impl PutSink {
             hooks: Some(Box::new(SinkHooks {
                 on_commit: None,
                 discard: Some(reply),
+                after_commit: None,
             })),
         }
     }
@@ -815,18 +944,51 @@ impl PutSink {
 
     /// The body is complete: verify, publish and answer. 201 for a new
     /// artifact, 204 when it replaced one (as nginx's WebDAV PUT does).
-    pub fn finish(mut self) -> Reply {
+    /// With an [`AfterCommit`] step this waits for it; front ends that can
+    /// answer later use [`PutSink::finish_parts`] instead.
+    pub fn finish(self) -> Reply {
+        match self.finish_parts() {
+            Ok(reply) => reply,
+            Err(later) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                later.run(Box::new(move |reply| {
+                    let _ = tx.send(reply);
+                }));
+                rx.recv()
+                    .unwrap_or_else(|_| Reply::error(500, "the upload's last step failed"))
+            }
+        }
+    }
+
+    /// [`PutSink::finish`], except that a step after the commit is handed
+    /// back (`Err`) for the caller to run, so its thread need not wait.
+    #[allow(clippy::result_large_err)] // `Ok` is the reply itself, as in `App`
+    pub fn finish_parts(mut self) -> Result<Reply, Box<Later>> {
+        let after = self.hooks.as_mut().and_then(|h| h.after_commit.take());
+        let (reply, committed) = self.commit_and_reply();
+        match (after, committed) {
+            (Some(after), Some(committed)) => Err(Box::new(Later {
+                committed,
+                reply,
+                after,
+            })),
+            _ => Ok(reply),
+        }
+    }
+
+    /// The reply, and the commit when it succeeded with nothing to add.
+    fn commit_and_reply(&mut self) -> (Reply, Option<Committed>) {
         if let Some(reply) = self.hooks.as_mut().and_then(|h| h.discard.take()) {
-            return reply;
+            return (reply, None);
         }
         let Some(writer) = self.writer.take() else {
-            return Reply::error(500, "upload already ended").closing();
+            return (Reply::error(500, "upload already ended").closing(), None);
         };
         match writer.commit() {
             Ok(committed) => {
                 if let Some(hook) = self.hooks.as_mut().and_then(|h| h.on_commit.take()) {
                     if let Some(reply) = (hook.0)(&committed) {
-                        return reply;
+                        return (reply, None);
                     }
                 }
                 let etag = format!("\"{}\"", hex::encode(committed.sha256));
@@ -836,9 +998,9 @@ impl PutSink {
                     Reply::empty(201)
                 };
                 reply.headers.push(("etag", etag));
-                reply
+                (reply, Some(committed))
             }
-            Err(err) => store_error(&err),
+            Err(err) => (store_error(&err), None),
         }
     }
 }

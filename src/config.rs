@@ -150,6 +150,17 @@ pub enum FileServingMode {
     Copy,
 }
 
+/// When a write reaches the object-store tier (key `tier_write`, default `behind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TierWrite {
+    /// The 2xx follows the local durable write; the upload is queued in the tier's durable
+    /// outbox and retried with backoff.
+    Behind,
+    /// The 2xx waits for the tier to hold the artifact.
+    Through,
+}
+
 /// Least severe level logged (key `log_level`, default `info`); `SLUICE_LOG` overrides it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -391,6 +402,21 @@ pub struct Config {
     /// How long a key no peer holds is remembered as absent, in ms; 0 = not remembered.
     /// Default 1000, range 0..=3600000.
     pub read_through_negative_ms: u64,
+    /// The object-store tier under this node, `s3://bucket[/prefix]` (flag `--tier-url`).
+    /// Credentials and region come from the standard AWS environment variables and files.
+    /// Default unset: no tier.
+    pub tier_url: Option<String>,
+    /// Endpoint of an S3-compatible store (SeaweedFS, MinIO, Ceph RGW), `http[s]://host[:port]`
+    /// (flag `--tier-endpoint`); when set, requests use path-style addressing. Default unset:
+    /// AWS S3 itself.
+    pub tier_endpoint: Option<String>,
+    /// When a write reaches the tier: `behind` (queued durably, default) or `through` (the
+    /// 2xx waits for the tier).
+    pub tier_write: TierWrite,
+    /// Longest a read waits for the tier, in ms: a read-through's answer, then each piece of
+    /// its body; also the connect timeout. Uploads give each request at least 30 s (a part is
+    /// 8 MiB). Past it a read is answered without the tier. Default 5000, range 100..=3600000.
+    pub tier_timeout_ms: u64,
     /// Which front end serves plaintext HTTP/1. Default `auto`.
     pub engine: EngineChoice,
     /// Engine threads; 0 = one per core. Default 0, at most 256.
@@ -482,6 +508,10 @@ impl Default for Config {
             read_through: true,
             read_through_timeout_ms: 3_000,
             read_through_negative_ms: 1_000,
+            tier_url: None,
+            tier_endpoint: None,
+            tier_write: TierWrite::Behind,
+            tier_timeout_ms: 5_000,
             engine: EngineChoice::Auto,
             engine_threads: 0,
             file_serving_mode: FileServingMode::Splice,
@@ -693,6 +723,22 @@ fn rules(c: &Config) -> Vec<Rule> {
             "read_through_negative_ms",
             within(c.read_through_negative_ms, 0, TIMEOUT_MS_LIMIT),
             "a whole number of milliseconds from 0 to 3600000 (0 = misses are not remembered)",
+        ),
+        Rule::new(
+            "tier_url",
+            c.tier_url.as_deref().is_none_or(is_tier_url),
+            "an object-store URL s3://bucket or s3://bucket/prefix (bucket 3 to 63 of a-z 0-9 . -)",
+        ),
+        Rule::new(
+            "tier_endpoint",
+            c.tier_endpoint.as_deref().is_none_or(is_endpoint),
+            "an endpoint URL, http://host:port or https://host[:port], e.g. http://127.0.0.1:8333",
+        ),
+        Rule::keyword::<TierWrite>("tier_write"),
+        Rule::new(
+            "tier_timeout_ms",
+            within(c.tier_timeout_ms, 100, TIMEOUT_MS_LIMIT),
+            "a whole number of milliseconds from 100 to 3600000",
         ),
         Rule::keyword::<EngineChoice>("engine"),
         Rule::new(
@@ -976,6 +1022,12 @@ pub struct Overrides {
     /// The secret peers present to each other (or SLUICE_PEER_SECRET; 16+ bytes).
     #[arg(long)]
     pub peer_secret: Option<String>,
+    /// The object-store tier, s3://bucket/prefix (or SLUICE_TIER_URL).
+    #[arg(long)]
+    pub tier_url: Option<String>,
+    /// Endpoint of an S3-compatible store, http://host:port (path-style addressing).
+    #[arg(long)]
+    pub tier_endpoint: Option<String>,
     /// File to hold the pid of the process that owns the listeners.
     #[arg(long)]
     pub pid_file: Option<String>,
@@ -1300,6 +1352,40 @@ fn is_host_port(text: &str) -> bool {
     host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
 }
 
+/// `tier_url`: `s3://bucket[/prefix]` with an S3 bucket name and a prefix of key characters.
+fn is_tier_url(text: &str) -> bool {
+    let Some(rest) = text.strip_prefix("s3://") else {
+        return false;
+    };
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    let prefix_ok = prefix.len() <= 512
+        && !prefix.starts_with('/')
+        && !prefix.contains("//")
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b));
+    bucket_ok && prefix_ok
+}
+
+/// `tier_endpoint`: `http://` or `https://`, then `host[:port]` and nothing else but a `/`.
+fn is_endpoint(text: &str) -> bool {
+    let Some(rest) = text
+        .strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains('/') {
+        return false;
+    }
+    is_host_port(rest) || (!rest.contains(':') && is_host_port(&format!("{rest}:443")))
+}
+
 /// `peers`: a TOML array of strings, or one comma-separated string (the form an environment
 /// variable or a flag can carry); empty items are dropped.
 fn peer_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
@@ -1479,6 +1565,15 @@ fn validate(c: &mut Config, set: &[Entry]) -> Result<(), ConfigError> {
              bytes, the same on every node) with --peer-secret or SLUICE_PEER_SECRET",
             source_of("peers"),
             source_of("peers_dns")
+        ));
+    }
+
+    if let (None, Some(endpoint)) = (&c.tier_url, &c.tier_endpoint) {
+        return conflict(format!(
+            "config key `tier_endpoint` = `{endpoint}` (from {}) is set but `tier_url` is not: \
+             the endpoint says where the object store is, tier_url which bucket to use; set \
+             tier_url (s3://bucket/prefix) with --tier-url or SLUICE_TIER_URL",
+            source_of("tier_endpoint")
         ));
     }
 
@@ -1740,6 +1835,21 @@ mod tests {
             ("read_through", "maybe", "true or false"),
             ("read_through_timeout_ms", "0", "from 1 to 3600000"),
             ("read_through_negative_ms", "-5", "from 0 to 3600000"),
+            (
+                "tier_url",
+                "http://bucket",
+                "s3://bucket or s3://bucket/prefix",
+            ),
+            ("tier_url", "s3://B", "s3://bucket or s3://bucket/prefix"),
+            (
+                "tier_url",
+                "s3://bucket//x",
+                "s3://bucket or s3://bucket/prefix",
+            ),
+            ("tier_endpoint", "127.0.0.1:8333", "http://host:port"),
+            ("tier_endpoint", "http://h:1/path", "http://host:port"),
+            ("tier_write", "sometimes", "one of behind, through"),
+            ("tier_timeout_ms", "99", "from 100 to 3600000"),
             ("send_timeout_ms", "3600001", "from 1 to 3600000"),
             (
                 "connections_per_ip_max",
@@ -2114,6 +2224,25 @@ mod tests {
             let needle = format!("config key `{key}` = `{value}` (from {flag}): expected");
             assert!(message.contains(&needle), "{needle:?} not in {message}");
         }
+    }
+
+    /// An endpoint alone names no bucket: refused, naming both keys.
+    #[test]
+    fn tier_endpoint_needs_tier_url() {
+        let message = err(from_env(&[(
+            "SLUICE_TIER_ENDPOINT",
+            "http://127.0.0.1:8333",
+        )]));
+        assert!(message.contains("`tier_endpoint`"), "{message}");
+        assert!(message.contains("`tier_url` is not"), "{message}");
+        let config = from_env(&[
+            ("SLUICE_TIER_ENDPOINT", "http://127.0.0.1:8333"),
+            ("SLUICE_TIER_URL", "s3://bucket/prefix"),
+            ("SLUICE_TIER_WRITE", "through"),
+        ])
+        .unwrap();
+        assert_eq!(config.tier_write, TierWrite::Through);
+        assert_eq!(config.tier_url.as_deref(), Some("s3://bucket/prefix"));
     }
 
     /// The peer secret: 16 bytes at least, visible ASCII, never quoted back,

@@ -117,7 +117,7 @@ async fn serve(
     // Public pressure from here until the response body is dropped.
     let public = crate::pressure::is_public_route(crate::route::route_label(&method, &path))
         .then(|| app.metrics.pressure.begin());
-    let info = RequestInfo {
+    let mut info = RequestInfo {
         method: &method,
         path: &path,
         authorization: header("authorization"),
@@ -147,11 +147,21 @@ async fn serve(
             // only guards against a waiter that is never called.
             let _ = tokio::time::timeout(rt.timeout() + Duration::from_secs(1), rx).await;
         }
-        let again = RequestInfo {
+        info = RequestInfo {
             read_through: false,
             ..info
         };
-        decision = handle_cached(&app, &again);
+        decision = handle_cached(&app, &info);
+    }
+    if let (Decision::Cold { namespace, key }, Some(tier)) = (&decision, app.tier()) {
+        // A local miss to read through from the object-store tier: wait for
+        // the fetch (it runs on the tier's runtime), then decide again.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tier.read_through_then(namespace.clone(), key.clone(), move |outcome| {
+            let _ = tx.send(outcome);
+        });
+        let _ = rx.await;
+        decision = handle_cached(&app, &info);
     }
     let reply = match decision {
         Decision::Reply(reply) => reply,
@@ -195,8 +205,18 @@ async fn serve(
                     reply
                 }
                 // Commit may fsync: keep it off the async worker.
-                None => match tokio::task::spawn_blocking(move || sink.finish()).await {
-                    Ok(reply) => reply,
+                None => match tokio::task::spawn_blocking(move || sink.finish_parts()).await {
+                    Ok(Ok(reply)) => reply,
+                    // A write-through: its reply comes when the tier has it.
+                    Ok(Err(later)) => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        later.run(Box::new(move |reply| {
+                            let _ = tx.send(reply);
+                        }));
+                        rx.await.unwrap_or_else(|_| {
+                            Reply::error(500, "the upload's last step failed").closing()
+                        })
+                    }
                     Err(_) => Reply::error(500, "upload commit failed").closing(),
                 },
             }

@@ -21,3 +21,4 @@ pub mod route;
 pub mod server;
 pub mod single_flight;
 pub mod store;
+pub mod tier;

@@ -201,6 +201,7 @@ pub fn run_with(
     // Before anything is served: no acknowledged write may miss the outbox.
     let replication = crate::replication::attach(&config, local, &app)
         .map_err(|e| ServeError(format!("cannot open the replication outbox: {e}")))?;
+    crate::tier::attach(&config, &app).map_err(ServeError)?;
     let engine = crate::engine::start(&config, &app, &fallback, listeners)
         .map_err(|e| ServeError(format!("cannot start the engine: {e}")))?;
     let replication = match replication {

@@ -519,7 +519,16 @@ fn shutdown_gives_sends_in_flight_the_replication_budget() {
         // Larger than the loopback socket buffers, so the body cannot be all written while B is stopped.
         let art = artifact(9001, 32 << 20);
         put_ok(a, &art);
-        std::thread::sleep(Duration::from_millis(300));
+        // SIGTERM only once the send is in flight (B, stopped, cannot answer
+        // it): a send not yet started when phase 3 begins is refused and
+        // stays in the outbox, which is the other case.
+        wait_for("A's send to B in flight", Duration::from_secs(20), || {
+            let status: serde_json::Value =
+                serde_json::from_slice(&http(a, "GET", "/status", &[], b"").body).expect("json");
+            status["replication"]["peers"]
+                .as_array()
+                .is_some_and(|peers| peers.iter().any(|p| p["in_flight"].as_u64() >= Some(1)))
+        });
         signal(&a_node, rustix::process::Signal::TERM);
         std::thread::sleep(Duration::from_millis(1000));
         signal(&b_node, rustix::process::Signal::CONT);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use sluice_uring::Waker;
 
 use super::conn::INLINE_BODY_BYTES_MAX;
-use super::offload::Offload;
+use super::offload::{Completer, Offload};
 use crate::app::App;
 
 /// Cold opens queued for one core's opener. A full queue makes the engine
@@ -43,32 +43,58 @@ pub type Opener = Offload<Job, Done>;
 
 /// Start the opener of `core`.
 pub fn start(core: usize, waker: Waker, app: Arc<App>) -> std::io::Result<Opener> {
-    Offload::start(
+    Offload::start_deferred(
         format!("sluice-open-{core}"),
         OPEN_QUEUE_MAX,
         waker,
-        move |job: Job| {
+        move |job: Job, completer: &Completer<Done>| {
             let started = Instant::now();
-            warm(&app, &job.namespace, &job.key);
-            Done {
+            let done = move |started: Instant| Done {
                 index: job.index,
                 generation: job.generation,
                 waited: started.elapsed(),
+            };
+            match warm(&app, &job.namespace, &job.key) {
+                Warmed::Ready => Some(done(started)),
+                // A local miss with an object-store tier: the read-through
+                // runs on the tier's runtime and answers the ring from there,
+                // so this thread goes on with other cold opens meanwhile.
+                Warmed::Missing => match app.tier() {
+                    Some(tier) => {
+                        let completer = completer.clone();
+                        tier.read_through_then(job.namespace, job.key, move |_| {
+                            completer.complete(done(started));
+                        });
+                        None
+                    }
+                    None => Some(done(started)),
+                },
             }
         },
     )
+}
+
+/// What the opener found.
+enum Warmed {
+    /// Open (or failed in a way the ring meets when it decides again).
+    Ready,
+    /// Not in the store.
+    Missing,
 }
 
 /// Bring what the ring reads next for `namespace/key` into memory: the
 /// path's dentries and inode and the header (by opening it), and a body
 /// small enough to go inline with the head. Errors are the ring's to meet
 /// when it decides again; nothing is answered from here.
-fn warm(app: &App, namespace: &str, key: &str) {
-    let Ok(Some(artifact)) = app.store.get(namespace, key) else {
-        return;
+fn warm(app: &App, namespace: &str, key: &str) -> Warmed {
+    let artifact = match app.store.get(namespace, key) {
+        Ok(Some(artifact)) => artifact,
+        Ok(None) => return Warmed::Missing,
+        Err(_) => return Warmed::Ready,
     };
     if artifact.len <= INLINE_BODY_BYTES_MAX {
         let mut body = vec![0u8; artifact.len as usize];
         let _ = artifact.file.read_exact_at(&mut body, artifact.body_offset);
     }
+    Warmed::Ready
 }

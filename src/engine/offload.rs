@@ -20,6 +20,33 @@ pub struct Offload<J, D> {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Completes a job later, from any thread: for work the thread only starts
+/// (a read-through from the object-store tier, which runs on the tier's
+/// runtime), so the thread goes on with the next job meanwhile. Each job is
+/// still answered once, so the reply channel keeps its bound.
+pub struct Completer<D> {
+    done: Sender<D>,
+    waker: Waker,
+}
+
+// Not derived: a derive would ask `D: Clone`, and replies need not be.
+impl<D> Clone for Completer<D> {
+    fn clone(&self) -> Self {
+        Completer {
+            done: self.done.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+}
+
+impl<D> Completer<D> {
+    pub fn complete(&self, done: D) {
+        if self.done.send(done).is_ok() {
+            self.waker.wake();
+        }
+    }
+}
+
 impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
     /// Start thread `name`, taking at most `queue_max` queued jobs; it runs
     /// `work` on each and wakes the ring through `waker` after each reply.
@@ -29,13 +56,32 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
         waker: Waker,
         mut work: impl FnMut(J) -> D + Send + 'static,
     ) -> std::io::Result<Offload<J, D>> {
+        Self::start_deferred(name, queue_max, waker, move |job, _| Some(work(job)))
+    }
+
+    /// [`Offload::start`] where `work` may answer a job later through the
+    /// [`Completer`] instead (it returns `None` then, and must complete it
+    /// exactly once).
+    pub fn start_deferred(
+        name: String,
+        queue_max: usize,
+        waker: Waker,
+        mut work: impl FnMut(J, &Completer<D>) -> Option<D> + Send + 'static,
+    ) -> std::io::Result<Offload<J, D>> {
         let (jobs_tx, jobs_rx) = sync_channel::<J>(queue_max);
         let (done_tx, done_rx): (Sender<D>, Receiver<D>) = channel();
+        let completer = Completer {
+            done: done_tx.clone(),
+            waker: waker.clone(),
+        };
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             // Ends when the engine drops its sender (after the queue is
             // worked off) or stops reading replies.
             for job in jobs_rx {
-                if done_tx.send(work(job)).is_err() {
+                let Some(done) = work(job, &completer) else {
+                    continue;
+                };
+                if done_tx.send(done).is_err() {
                     break;
                 }
                 waker.wake();

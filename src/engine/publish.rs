@@ -9,7 +9,7 @@
 
 use sluice_uring::Waker;
 
-use super::offload::Offload;
+use super::offload::{Completer, Offload};
 use crate::app::{PutSink, Reply};
 
 /// Uploads queued for one core's publisher. A full queue makes the engine
@@ -38,14 +38,33 @@ pub type Publisher = Offload<Job, Done>;
 /// Start the publisher of `core`; it wakes the ring through `waker` after
 /// each reply.
 pub fn start(core: usize, waker: Waker) -> std::io::Result<Publisher> {
-    Offload::start(
+    Offload::start_deferred(
         format!("sluice-publish-{core}"),
         PUBLISH_QUEUE_MAX,
         waker,
-        |job: Job| Done {
-            index: job.index,
-            generation: job.generation,
-            reply: job.sink.finish(),
+        |job: Job, completer: &Completer<Done>| {
+            let (index, generation) = (job.index, job.generation);
+            match job.sink.finish_parts() {
+                Ok(reply) => Some(Done {
+                    index,
+                    generation,
+                    reply,
+                }),
+                // A step after the commit (a write-through to the object-store
+                // tier) answers the ring itself when it is done; this thread
+                // goes on publishing.
+                Err(later) => {
+                    let completer = completer.clone();
+                    later.run(Box::new(move |reply| {
+                        completer.complete(Done {
+                            index,
+                            generation,
+                            reply,
+                        })
+                    }));
+                    None
+                }
+            }
         },
     )
 }

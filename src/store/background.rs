@@ -184,12 +184,21 @@ pub(super) fn evict_if_needed(sh: &Shared) {
     }
     while over_targets(sh) && !sh.stopping() {
         let mut freed_any = false;
+        let mut guarded = 0u64;
         for (last_access_ms, rel) in sh.index.oldest(EVICT_BATCH_MAX) {
             if !over_targets(sh) || sh.stopping() {
                 return;
             }
             let mut locked = sh.index.lock(&rel);
             if locked.get(&rel).map(|e| e.last_access_ms) != Some(last_access_ms) {
+                continue;
+            }
+            if sh
+                .evict_guard
+                .get()
+                .is_some_and(|may_evict| !may_evict(&rel))
+            {
+                guarded += 1;
                 continue;
             }
             match rustix::fs::unlinkat(&sh.data_dir_fd, &*rel, AtFlags::empty()) {
@@ -208,10 +217,14 @@ pub(super) fn evict_if_needed(sh: &Shared) {
             }
         }
         if !freed_any {
-            tracing::warn!(
-                bytes = sh.index.bytes(),
-                "eviction made no progress; retrying later"
-            );
+            // Every candidate not yet in the object-store tier is expected
+            // while the tier is behind: not worth a line per pass.
+            if guarded == 0 {
+                tracing::warn!(
+                    bytes = sh.index.bytes(),
+                    "eviction made no progress; retrying later"
+                );
+            }
             return;
         }
     }

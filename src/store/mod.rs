@@ -328,7 +328,13 @@ struct Shared {
     /// false, writes skip looking for a tombstone to clear.
     has_tombstones: AtomicBool,
     signal: Signal,
+    /// Asked before evicting an artifact (its store-relative path): false
+    /// keeps it (the object-store tier does not hold it yet).
+    evict_guard: std::sync::OnceLock<EvictGuard>,
 }
+
+/// See [`Store::set_evict_guard`].
+pub type EvictGuard = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl Shared {
     fn path(&self, rel: &str) -> PathBuf {
@@ -704,6 +710,7 @@ impl Store {
             accounting_complete: AtomicBool::new(false),
             nospace_logged: AtomicBool::new(false),
             has_tombstones: AtomicBool::new(data_dir_has_tombstones),
+            evict_guard: std::sync::OnceLock::new(),
             signal: Signal {
                 state: Mutex::new(SignalState::default()),
                 cond: Condvar::new(),
@@ -1009,6 +1016,13 @@ impl Store {
     }
 
     /// Current counters. Lock-free.
+    /// Ask `guard` (with the store-relative path) before evicting anything;
+    /// false keeps that artifact. Set once, before serving (the object-store
+    /// tier: only what it already holds may go).
+    pub fn set_evict_guard(&self, guard: EvictGuard) {
+        let _ = self.shared().evict_guard.set(guard);
+    }
+
     pub fn stats(&self) -> StoreStats {
         let sh = self.shared();
         StoreStats {

