@@ -334,6 +334,19 @@ impl Worker {
             .filter(|(_, _, s)| *s != PeerState::Myself)
             .cloned()
             .collect();
+        if peers.is_empty() {
+            // Right after start the replication thread has not published
+            // the peer set yet: the static peers written as addresses are
+            // known without it (names wait for the resolver).
+            peers = r
+                .settings
+                .peers
+                .iter()
+                .filter_map(|p| Some((p.clone(), p.parse::<SocketAddr>().ok()?)))
+                .filter(|(_, a)| *a != r.settings.listen)
+                .map(|(p, a)| (p, a, PeerState::Unknown))
+                .collect();
+        }
         // Up peers first, then those not heard from, then those down.
         peers.sort_by_key(|(_, _, s)| match s {
             PeerState::Up => 0,
