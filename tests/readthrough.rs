@@ -452,3 +452,36 @@ fn public_ttfb_over_the_target_slows_replication() {
     );
     assert!(metric(a_addr, "sluice_replication_throttled_bytes_total", &[]) > 0.0);
 }
+
+#[test]
+fn the_fallback_front_reads_through_too() {
+    // C without io_uring: the hyper front awaits the fetch, and the fetch
+    // goes through the blocking senders.
+    let a = node(&[], &[]);
+    let c = node(&[a.addr], &[("SLUICE_ENGINE", "fallback")]);
+    let (a_addr, c_addr) = (a.addr, c.addr);
+    wait_peer_up(c_addr, a_addr);
+    let payload = body(11, 70_000);
+    let path = "/cache/fallback-read";
+    put_ok(a_addr, path, &payload);
+    let barrier = Arc::new(Barrier::new(20));
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                barrier.wait();
+                http(c_addr, "GET", path, &[], b"")
+            })
+        })
+        .collect();
+    for h in handles {
+        let r = h.join().expect("client");
+        assert_eq!(r.status, 200);
+        assert!(r.body == payload);
+    }
+    assert_eq!(peer_gets(a_addr, "get"), 1.0, "one fetch from A");
+    let r = http(c_addr, "GET", path, &[("Range", "bytes=-10")], b"");
+    assert_eq!(r.status, 206);
+    assert!(r.body == payload[payload.len() - 10..]);
+    assert_eq!(http(c_addr, "GET", "/cache/nowhere", &[], b"").status, 404);
+}

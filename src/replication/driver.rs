@@ -469,6 +469,12 @@ impl Driver {
             Ok(()) => {
                 self.throttled_until = None;
                 self.throttled.remove(&(peer.to_string(), id));
+                // Entries of peers gone since, or retried another way, are
+                // never granted under their id: forget them now and then
+                // (the worst is one request counted twice).
+                if self.throttled.len() > 1024 {
+                    self.throttled.clear();
+                }
                 true
             }
             Err(until) => {

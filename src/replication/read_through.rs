@@ -226,6 +226,11 @@ impl ReadThrough {
             "sluice_read_through_fetches_total",
             format!("result=\"{result}\""),
         );
+        self.wake(key, found);
+    }
+
+    /// Wake the waiters of `key`'s flight; `found` false remembers a miss.
+    fn wake(&self, key: &Key, found: bool) {
         let waiters = self
             .flights
             .lock()
@@ -313,6 +318,13 @@ impl Worker {
     }
 
     fn begin(&mut self, key: Key, deadline: Instant) {
+        // A miss that lost the race with the previous fetch of this key (it
+        // looked before that fetch stored, joined after it ended) finds the
+        // artifact here: no second fetch.
+        if let Ok(Some(_)) = self.store.get(&key.0, &key.1) {
+            self.rt.wake(&key, true);
+            return;
+        }
         let r = &self.rt.r;
         let mut peers: Vec<(String, SocketAddr, PeerState)> = r
             .peer_addrs
@@ -322,6 +334,19 @@ impl Worker {
             .filter(|(_, _, s)| *s != PeerState::Myself)
             .cloned()
             .collect();
+        if peers.is_empty() {
+            // Right after start the replication thread has not published
+            // the peer set yet: the static peers written as addresses are
+            // known without it (names wait for the resolver).
+            peers = r
+                .settings
+                .peers
+                .iter()
+                .filter_map(|p| Some((p.clone(), p.parse::<SocketAddr>().ok()?)))
+                .filter(|(_, a)| *a != r.settings.listen)
+                .map(|(p, a)| (p, a, PeerState::Unknown))
+                .collect();
+        }
         // Up peers first, then those not heard from, then those down.
         peers.sort_by_key(|(_, _, s)| match s {
             PeerState::Up => 0,
