@@ -938,3 +938,30 @@ fn a_hanging_tier_gets_timely_answers() {
     assert!(status.contains("\"state\":\"down\""), "{status}");
     assert!(metric(a.addr, "sluice_tier_queue_entries", &[]) >= 1.0);
 }
+
+/// Write-behind uploads draw from the replication limiter (one budget for
+/// peers and tier): at 64 KiB/s, six 60 kB uploads cannot all go at once, so
+/// some wait for tokens, and all still reach the bucket.
+#[test]
+fn write_behind_uploads_draw_from_the_replication_limiter() {
+    let Some(weed) = Weed::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let a = node(
+        &weed,
+        &tmp.path().join("a"),
+        &[("SLUICE_REPLICATION_BYTES_PER_SECOND", "65536")],
+    );
+    for i in 0..6u64 {
+        let path = format!("/v1/artifacts/ns/limited{i}");
+        assert_eq!(put(a.addr, &path, &bytes(100 + i, 60_000)), 200);
+    }
+    wait_drained(&a, Duration::from_secs(60));
+    assert!(metric(a.addr, "sluice_tier_throttled_bytes_total", &[]) >= 60_000.0);
+    for i in 0..6u64 {
+        assert_eq!(
+            weed.object("ns", &format!("limited{i}")),
+            Some(bytes(100 + i, 60_000)),
+            "limited{i}"
+        );
+    }
+}

@@ -50,6 +50,14 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// The limiter's burst: `replication_burst_bytes`, or a quarter second of the rate.
+pub fn burst_bytes(config: &Config) -> u64 {
+    match config.replication_burst_bytes {
+        0 => (config.replication_bytes_per_second / 4).max(64 * 1024),
+        n => n,
+    }
+}
+
 /// What the replication thread needs from the configuration.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -93,10 +101,7 @@ impl Settings {
             return None;
         }
         let limit = config.replication_bytes_per_second;
-        let burst = match config.replication_burst_bytes {
-            0 => (limit / 4).max(64 * 1024),
-            n => n,
-        };
+        let burst = burst_bytes(config);
         Some(Settings {
             peers: config.peers.clone(),
             peers_dns: config.peers_dns.clone(),
@@ -208,8 +213,9 @@ pub struct Replication {
     wake: Mutex<Option<std::sync::mpsc::Sender<driver::Event>>>,
     /// Anti-entropy summaries, computed off the engine threads.
     pub summaries: summary::Cache,
-    /// The bandwidth limiter every peer body draws from.
-    pub limiter: limiter::Limiter,
+    /// The bandwidth limiter every peer body draws from (and the object-store
+    /// tier's uploads: one budget for all replication).
+    pub limiter: Arc<limiter::Limiter>,
     /// The peers' addresses and states, published by the replication thread
     /// for read-through.
     pub peer_addrs: Mutex<Vec<(String, SocketAddr, policy::PeerState)>>,
@@ -253,12 +259,12 @@ impl Replication {
         ] {
             series.add(name, String::new(), 0);
         }
-        let limiter = limiter::Limiter::new(
+        let limiter = Arc::new(limiter::Limiter::new(
             settings.limit_bytes_per_second,
             settings.burst_bytes,
             settings.public_latency_target,
             pressure,
-        );
+        ));
         Ok(Replication {
             settings,
             limiter,

@@ -128,6 +128,11 @@ pub struct Tier {
     /// Set by the probe when the tier answers again after failing.
     pub(crate) recovered: std::sync::atomic::AtomicBool,
     pub(crate) series: Series,
+    /// The replication limiter (shared with the peers when there are any):
+    /// write-behind uploads draw from it; write-through ones do not (a
+    /// client waits for them).
+    pub(crate) limiter: std::sync::OnceLock<Arc<crate::replication::limiter::Limiter>>,
+    pub(crate) throttled_bytes: std::sync::atomic::AtomicU64,
     latency: Mutex<Latency>,
     pub(crate) view: Mutex<View>,
 }
@@ -197,6 +202,8 @@ impl Tier {
             kick: tokio::sync::Notify::new(),
             recovered: std::sync::atomic::AtomicBool::new(false),
             series,
+            limiter: std::sync::OnceLock::new(),
+            throttled_bytes: std::sync::atomic::AtomicU64::new(0),
             latency: Mutex::new(Latency::default()),
             view: Mutex::new(View {
                 state: "unknown",
@@ -296,7 +303,7 @@ impl Tier {
     ) {
         let tier = Arc::clone(self);
         self.rt.spawn(async move {
-            let sent = upload::upload_put(&tier, &hold.ns, &hold.key).await;
+            let sent = upload::upload_put(&tier, &hold.ns, &hold.key, false).await;
             if matches!(sent, upload::Sent::Ok | upload::Sent::Gone) {
                 // `hold` drops: the tier has it.
                 send(reply);
@@ -447,6 +454,18 @@ impl Tier {
                 );
             }
         }
+        head(
+            out,
+            "sluice_tier_throttled_bytes_total",
+            "counter",
+            "Bytes of write-behind uploads that waited for the replication limiter's tokens.",
+        );
+        let _ = writeln!(
+            out,
+            "sluice_tier_throttled_bytes_total {}",
+            self.throttled_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
         let backlog = self.outbox.backlog(TARGET);
         head(
             out,
@@ -568,6 +587,18 @@ pub fn attach(config: &Config, app: &Arc<crate::app::App>) -> Result<Option<Arc<
         return Ok(None);
     };
     let tier = Tier::open(settings, &config.data_dir, app.store.clone())?;
+    // One budget for all replication: the peers' limiter when there are
+    // peers, else one of the tier's own with the same keys.
+    let limiter = match app.replication() {
+        Some(r) => Arc::clone(&r.limiter),
+        None => Arc::new(crate::replication::limiter::Limiter::new(
+            config.replication_bytes_per_second,
+            crate::replication::burst_bytes(config),
+            Duration::from_millis(config.replication_public_latency_target_ms),
+            Arc::clone(&app.metrics.pressure),
+        )),
+    };
+    let _ = tier.limiter.set(limiter);
     app.set_tier(Arc::clone(&tier));
     {
         let t = Arc::clone(&tier);

@@ -37,8 +37,9 @@ pub enum Sent {
     Failed(String),
 }
 
-/// Upload the current local version of `ns/key`.
-pub async fn upload_put(tier: &Tier, ns: &str, key: &str) -> Sent {
+/// Upload the current local version of `ns/key`; `limited`: first wait for
+/// the replication limiter's tokens for its body (write-behind).
+pub async fn upload_put(tier: &Tier, ns: &str, key: &str, limited: bool) -> Sent {
     let opened = tokio::task::block_in_place(|| tier.store.get(ns, key));
     let artifact = match opened {
         Ok(Some(artifact)) => artifact,
@@ -46,6 +47,17 @@ pub async fn upload_put(tier: &Tier, ns: &str, key: &str) -> Sent {
         Err(err) => return Sent::Failed(format!("cannot open the artifact: {err}")),
     };
     let write_time_ms = artifact.write_time_ms().unwrap_or(0);
+    if let Some(limiter) = tier.limiter.get().filter(|_| limited) {
+        let mut waited = false;
+        while let Err(until) = limiter.acquire(Instant::now(), artifact.len) {
+            waited = true;
+            tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+        }
+        if waited {
+            tier.throttled_bytes
+                .fetch_add(artifact.len, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let started = Instant::now();
     let result = tier.client.upload(ns, key, &artifact, write_time_ms).await;
     let took = started.elapsed();
@@ -69,7 +81,7 @@ pub async fn upload_put(tier: &Tier, ns: &str, key: &str) -> Sent {
 
 async fn send(tier: Arc<Tier>, record: Record) -> Sent {
     match record.op {
-        Op::Put => upload_put(&tier, &record.ns, &record.key).await,
+        Op::Put => upload_put(&tier, &record.ns, &record.key, true).await,
         Op::Delete => {
             let started = Instant::now();
             match tier.client.delete(&record.ns, &record.key).await {
