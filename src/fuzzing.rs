@@ -568,6 +568,15 @@ pub fn check_peer_get_response(data: &[u8]) {
             assert_eq!(key, hex::encode(digest));
         }
     }
+    // The same bytes as the head of a streamed fetch (artifacts over the
+    // in-memory bound): never panics, and a head it accepts ends inside the
+    // input with the length it says.
+    use crate::replication::read_through::parse_stream_head;
+    if let Ok(Some((head, head_len))) = parse_stream_head(data) {
+        assert!(head_len <= data.len());
+        assert!(data[..head_len].ends_with(b"\r\n\r\n") || data[..head_len].ends_with(b"\n\n"));
+        let _ = head.len;
+    }
 }
 
 /// `peer_summaries`: what a peer sends during anti-entropy (a bucket summary, a listing of

@@ -485,3 +485,30 @@ fn the_fallback_front_reads_through_too() {
     assert!(r.body == payload[payload.len() - 10..]);
     assert_eq!(http(c_addr, "GET", "/cache/nowhere", &[], b"").status, 404);
 }
+
+/// An artifact too large to hold in memory (over 64 MiB) is read through
+/// too: streamed from the peer into the store, digest checked, then served.
+#[test]
+fn an_artifact_over_the_memory_bound_is_streamed_through() {
+    let a = node(&[], &[]);
+    let c = node(&[a.addr], &[("SLUICE_READ_THROUGH_TIMEOUT_MS", "30000")]);
+    wait_peer_up(c.addr, a.addr);
+    let payload = body(7, 70 << 20);
+    let path = "/v1/artifacts/team/large-on-a";
+    put_ok(a.addr, path, &payload);
+    let r = http(c.addr, "GET", path, &[], b"");
+    assert_eq!(r.status, 200);
+    assert!(r.body == payload, "the streamed body is A's");
+    assert_eq!(
+        metric(
+            c.addr,
+            "sluice_read_through_fetches_total",
+            &["result=\"ok\""]
+        ),
+        1.0
+    );
+    // Stored on C: a local hit now, even with A gone.
+    drop(a);
+    let again = http(c.addr, "HEAD", path, &[], b"");
+    assert_eq!(again.status, 200);
+}

@@ -33,10 +33,15 @@ use super::policy::PeerState;
 use super::transport::{self, Transport};
 use super::{Replication, AUTH_SCHEME};
 
-/// Largest artifact a read-through fetches, bytes: the answer is read into
-/// memory before it is checked and stored. Larger artifacts stay a miss
-/// until replication brings them.
+/// Largest answer a read-through reads into memory, bytes (checked, then
+/// stored). A larger artifact is fetched again from the same peer by
+/// [`stream_fetch`], which streams the body into the store with a bounded
+/// buffer instead.
 pub const FETCH_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Buffer of a streamed fetch, bytes.
+const STREAM_CHUNK_BYTES: usize = 256 * 1024;
+/// Largest head of a streamed fetch's answer, bytes.
+const STREAM_HEAD_BYTES_MAX: usize = 64 * 1024;
 /// Fetches under way at once (so at most this × [`FETCH_BYTES_MAX`] of
 /// answers in memory); more keys wait in the queue.
 pub const FETCHES_MAX: usize = 4;
@@ -115,6 +120,12 @@ enum Event {
     Answer {
         id: u64,
         outcome: Result<OutgoingResponse, TaskError>,
+    },
+    /// A streamed fetch (an artifact over [`FETCH_BYTES_MAX`]) ended: the
+    /// body bytes stored, or the result label of the failure.
+    Streamed {
+        id: u64,
+        result: Result<u64, &'static str>,
     },
 }
 
@@ -247,6 +258,8 @@ struct Fetch {
     key: Key,
     /// Peers still to ask, in order.
     candidates: Vec<(String, SocketAddr)>,
+    /// The peer asked last.
+    asked: Option<SocketAddr>,
     deadline: Instant,
     /// The worst answer so far, for the result label when nobody has it.
     worst: &'static str,
@@ -311,6 +324,7 @@ impl Worker {
                     }
                 }
                 Ok(Event::Answer { id, outcome }) => self.on_answer(id, outcome),
+                Ok(Event::Streamed { id, result }) => self.on_streamed(id, result),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -360,6 +374,7 @@ impl Worker {
         let fetch = Fetch {
             key,
             candidates,
+            asked: None,
             deadline,
             worst: "not_found",
         };
@@ -378,6 +393,7 @@ impl Worker {
             }
             return;
         };
+        fetch.asked = Some(addr);
         let (ns, key) = &fetch.key;
         let remaining = fetch.deadline.saturating_duration_since(Instant::now());
         let request = format!(
@@ -438,7 +454,27 @@ impl Worker {
                     "failed"
                 }
             },
-            Err(TaskError::BadResponse(why)) if why.contains("size bound") => "too_large",
+            Err(TaskError::BadResponse(why)) if why.contains("size bound") => {
+                // Too large to hold in memory: the same peer again, the body
+                // streamed into the store on a thread of its own.
+                if let Some(addr) = fetch.asked {
+                    let (store, events) = (self.store.clone(), self.rt.events.clone());
+                    let secret = self.rt.r.settings.peer_secret.clone();
+                    let idle = self.rt.r.settings.request_timeout;
+                    let deadline = fetch.deadline;
+                    let spawned = std::thread::Builder::new()
+                        .name("sluice-read-through-stream".into())
+                        .spawn(move || {
+                            let result =
+                                stream_fetch(&store, addr, &secret, &ns, &key, deadline, idle);
+                            let _ = events.try_send(Event::Streamed { id, result });
+                        });
+                    if spawned.is_ok() {
+                        return;
+                    }
+                }
+                "too_large"
+            }
             Err(TaskError::TimedOut) => "timeout",
             Err(_) => "failed",
         };
@@ -455,6 +491,177 @@ impl Worker {
             fetch.worst = refusal;
         }
         self.ask_next(id);
+    }
+}
+
+impl Worker {
+    fn on_streamed(&mut self, id: u64, result: Result<u64, &'static str>) {
+        // A fetch that timed out meanwhile is gone (its waiters had their
+        // 404); what the stream stored serves the next request.
+        let Some(fetch) = self.running.get_mut(&id) else {
+            return;
+        };
+        match result {
+            Ok(bytes) => {
+                self.rt.r.series.add(
+                    "sluice_replication_received_bytes_total",
+                    String::new(),
+                    bytes,
+                );
+                if let Some(f) = self.running.remove(&id) {
+                    self.rt.finish(&f.key, "ok", true);
+                }
+            }
+            Err(refusal) => {
+                if refusal == "corrupt" {
+                    let (ns, key) = &fetch.key;
+                    tracing::warn!(
+                        ns,
+                        key,
+                        "read-through: a peer sent a corrupt body; refused, not stored"
+                    );
+                }
+                fetch.worst = refusal;
+                self.ask_next(id);
+            }
+        }
+    }
+}
+
+/// What a streamed fetch needs from the head of a peer's 200.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamHead {
+    pub len: u64,
+    pub sha256: [u8; 32],
+    pub write_time_ms: u64,
+}
+
+/// The head of a peer's answer to a streamed `GET /_peer/v1/get/...` (bytes
+/// from another host: the `peer_get_response` fuzz target runs it).
+/// `Ok(None)`: the head is not complete yet; `Ok(Some((head, its length)))`
+/// for a 200 with `Content-Length`, `x-sluice-sha256` and
+/// `x-sluice-write-time-ms`; else the result label.
+pub fn parse_stream_head(bytes: &[u8]) -> Result<Option<(StreamHead, usize)>, &'static str> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err("failed"),
+    };
+    let find = |name: &str| {
+        let mut found = resp
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name));
+        match (found.next(), found.next()) {
+            (Some(h), None) => std::str::from_utf8(h.value).ok().map(str::trim),
+            _ => None, // absent, or said twice
+        }
+    };
+    match resp.code {
+        Some(200) => {}
+        Some(404) => return Err("not_found"),
+        _ => return Err("failed"),
+    }
+    let len = find("content-length").and_then(|v| v.parse::<u64>().ok());
+    let mut sha256 = [0u8; 32];
+    let sha_ok =
+        find("x-sluice-sha256").is_some_and(|v| hex::decode_to_slice(v, &mut sha256).is_ok());
+    let time = find("x-sluice-write-time-ms").and_then(|v| v.parse::<u64>().ok());
+    match (len, sha_ok, time) {
+        (Some(len), true, Some(write_time_ms)) => Ok(Some((
+            StreamHead {
+                len,
+                sha256,
+                write_time_ms,
+            },
+            head_len,
+        ))),
+        _ => Err("failed"),
+    }
+}
+
+/// Fetch `ns/key` from the peer at `addr` on a blocking connection and
+/// stream its body into the store through a bounded buffer: for artifacts
+/// too large to hold in memory. The answer's head must come by `deadline`;
+/// then each read may wait `idle`. The store's writer checks length and
+/// digest (the peer's `x-sluice-sha256`, and for `cas` the key) before
+/// anything is published. `Ok(body bytes)` or the result label.
+fn stream_fetch(
+    store: &Store,
+    addr: SocketAddr,
+    secret: &str,
+    ns: &str,
+    key: &str,
+    deadline: Instant,
+    idle: Duration,
+) -> Result<u64, &'static str> {
+    use std::io::{Read as _, Write as _};
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, left()).map_err(|_| "failed")?;
+    conn.set_write_timeout(Some(left())).map_err(|_| "failed")?;
+    conn.write_all(
+        format!(
+            "GET /_peer/v1/get/{ns}/{key} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {AUTH_SCHEME} {secret}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .map_err(|_| "failed")?;
+    let mut buf = vec![0u8; STREAM_CHUNK_BYTES];
+    let mut filled = 0;
+    let (head, head_len) = loop {
+        conn.set_read_timeout(Some(left())).map_err(|_| "timeout")?;
+        let n = conn.read(&mut buf[filled..]).map_err(|_| "timeout")?;
+        if n == 0 {
+            return Err("failed");
+        }
+        filled += n;
+        match parse_stream_head(&buf[..filled])? {
+            Some(found) => break found,
+            None if filled < STREAM_HEAD_BYTES_MAX => {}
+            None => return Err("failed"),
+        }
+    };
+    let StreamHead {
+        len,
+        sha256: declared,
+        write_time_ms,
+    } = head;
+    if ns == "cas" {
+        let mut digest = [0u8; 32];
+        if hex::decode_to_slice(key, &mut digest).is_err() || digest != declared {
+            return Err("corrupt");
+        }
+    }
+    let options = PutOptions {
+        expected_len: Some(len),
+        expected_sha256: Some(declared),
+        body_bytes_max: len,
+        write_time_ms: Some(write_time_ms),
+        last_writer_wins: true,
+    };
+    let mut writer = store.begin_put(ns, key, options).map_err(|_| "failed")?;
+    let mut received = (filled - head_len) as u64;
+    writer.write(&buf[head_len..filled]).map_err(|_| "failed")?;
+    conn.set_read_timeout(Some(idle.max(Duration::from_millis(1))))
+        .map_err(|_| "failed")?;
+    while received < len {
+        let n = conn.read(&mut buf).map_err(|_| "timeout")?;
+        if n == 0 {
+            return Err("failed"); // cut short: nothing is published
+        }
+        received += n as u64;
+        writer.write(&buf[..n]).map_err(|_| "failed")?;
+    }
+    match writer.commit() {
+        Ok(_) => Ok(len),
+        Err(crate::store::StoreError::DigestMismatch { .. }) => Err("corrupt"),
+        Err(_) => Err("failed"),
     }
 }
 
@@ -483,6 +690,32 @@ fn store(store: &Store, ns: &str, key: &str, body: &[u8], v: &Verified) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_streamed_head_needs_the_whole_head_and_every_field_once() {
+        let sha = "ab".repeat(32);
+        let ok = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: 70\r\nx-sluice-sha256: {sha}\r\nx-sluice-write-time-ms: 5\r\n\r\nbody"
+        );
+        let (head, n) = parse_stream_head(ok.as_bytes()).unwrap().unwrap();
+        assert_eq!(
+            (head.len, head.write_time_ms, head.sha256),
+            (70, 5, [0xab; 32])
+        );
+        assert_eq!(&ok.as_bytes()[n..], b"body");
+        assert_eq!(parse_stream_head(&ok.as_bytes()[..20]), Ok(None));
+        assert_eq!(
+            parse_stream_head(b"HTTP/1.1 404 Not Found\r\n\r\n"),
+            Err("not_found")
+        );
+        let twice = ok.replace(
+            "Content-Length: 70\r\n",
+            "Content-Length: 70\r\nContent-Length: 71\r\n",
+        );
+        assert_eq!(parse_stream_head(twice.as_bytes()), Err("failed"));
+        let no_time = ok.replace("x-sluice-write-time-ms: 5\r\n", "");
+        assert_eq!(parse_stream_head(no_time.as_bytes()), Err("failed"));
+    }
 
     fn answer(status: u16, headers: &[(&str, &str)], body: &[u8]) -> OutgoingResponse {
         OutgoingResponse {
