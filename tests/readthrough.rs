@@ -3,6 +3,7 @@
 //! origin is a fake: a small TCP server in this file that answers the peer
 //! API with wrong bytes, or never answers.
 mod common;
+use common::{http, metric_at as metric, wait_for};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{parse_response, server, sha256_hex, Server};
+use common::{server, sha256_hex, Server};
 
 const SECRET: &str = "readthrough-test-secret-0123456789";
 
@@ -29,56 +30,6 @@ fn node(peers: &[SocketAddr], extra: &[(&str, &str)]) -> Server {
         b = b.env(k, v);
     }
     b.start()
-}
-
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> common::Resp {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if method == "PUT" || !body.is_empty() {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).expect("write head");
-    s.write_all(body).expect("write body");
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    parse_response(&out, method == "HEAD")
-        .unwrap_or_else(|| {
-            panic!(
-                "no response to {method} {path}: {:?}",
-                String::from_utf8_lossy(&out)
-            )
-        })
-        .0
-}
-
-fn metric(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
-    let text = String::from_utf8(http(addr, "GET", "/metrics", &[], b"").body).expect("utf8");
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|p| l.contains(p)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn body(seed: u64, len: usize) -> Vec<u8> {

@@ -8,6 +8,7 @@
 //! user's site). Where it cannot be installed the tests say SKIPPED on
 //! stderr and pass.
 mod common;
+use common::{http, metric_at as metric};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -372,52 +373,10 @@ fn node_with(
     b.start()
 }
 
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> common::Resp {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if method == "PUT" || !body.is_empty() {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).expect("write head");
-    s.write_all(body).expect("write body");
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    parse_response(&out, method == "HEAD")
-        .unwrap_or_else(|| {
-            panic!(
-                "no response to {method} {path}: {:?}",
-                String::from_utf8_lossy(&out)
-            )
-        })
-        .0
-}
-
 /// A PUT's status class: 200 for any 2xx (a new key answers 201, a
 /// replaced one 200 or 204).
 fn put(addr: SocketAddr, path: &str, body: &[u8]) -> u16 {
     http(addr, "PUT", path, &[], body).status / 100 * 100
-}
-
-fn metric(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
-    let text = String::from_utf8(http(addr, "GET", "/metrics", &[], b"").body).expect("utf8");
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|p| l.contains(p)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Wait until the node's upload queue is empty.

@@ -600,3 +600,62 @@ pub fn read_one_response(s: &mut TcpStream, what: &str) -> Resp {
         out.extend_from_slice(&buf[..n]);
     }
 }
+
+/// One request on a fresh connection (`Connection: close`), the response
+/// parsed; panics when there is none. `Content-Length` is sent for PUTs and
+/// for any body.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if method == "PUT" || !body.is_empty() {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).expect("write head");
+    s.write_all(body).expect("write body");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    parse_response(&out, method == "HEAD")
+        .unwrap_or_else(|| {
+            panic!(
+                "no response to {method} {path}: {:?}",
+                String::from_utf8_lossy(&out)
+            )
+        })
+        .0
+}
+
+/// A metric's value from `/metrics`, summed over the series whose labels
+/// contain every part of `labels`.
+pub fn metric_at(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
+    let text = String::from_utf8(http(addr, "GET", "/metrics", &[], b"").body).expect("utf8");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Poll `ok` every 20 ms; panic naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
