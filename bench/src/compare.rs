@@ -1315,6 +1315,13 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
 
     let host = HostFacts::collect();
     let mut report = String::new();
+    let mut alternating = Vec::new();
+    if cfg.get {
+        alternating.push(names.join(", "));
+    }
+    if !put_names.is_empty() {
+        alternating.push(format!("PUT: {}", put_names.join(", ")));
+    }
     let _ = writeln!(
         report,
         "Machine: {} ({} cores), kernel {}, host {}. Runs: {} s measured after {} s warm-up, {} repeats, alternating {}. Load average at the end: {}.",
@@ -1325,7 +1332,7 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
         cfg.run_time.as_secs_f64(),
         cfg.warmup.as_secs_f64(),
         cfg.repeats,
-        names.join(", "),
+        alternating.join("; "),
         load_average()
     );
     if let Some((one, many)) = bound {
