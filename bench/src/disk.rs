@@ -19,7 +19,7 @@ use crate::run::{ErrorCounts, RunResult};
 
 /// Writes `body` with `writers` threads into `dir` for `duration` (each file: create, write,
 /// `fdatasync`, rename over the writer's previous file) and reports it as a run: one "request"
-/// per durable file, its latency the create-to-sync time, its bytes the body's. The files are
+/// per durable file, its latency from create to rename, its bytes the body's. The files are
 /// removed at the end.
 pub fn write_bound(
     dir: &Path,

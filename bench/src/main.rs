@@ -1,4 +1,4 @@
-//! `sluice-bench` command line: `run`, `plot`, `loopback-bound`, `compare`.
+//! `sluice-bench` command line: `run`, `plot`, `loopback-bound`, `disk-bound`, `compare`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +61,22 @@ enum Cmd {
         /// Print a JSON object instead of a line.
         #[arg(long)]
         json: bool,
+    },
+    /// Measure the disk's bound for durable uploads: writers each writing a body to a new file,
+    /// fdatasync, rename over the last (`dd conv=fdatasync` per file, with a store's publish).
+    DiskBound {
+        /// Directory to write in (on the filesystem whose bound is wanted); created if missing.
+        #[arg(long, default_value = "bench/out/disk-bound")]
+        dir: PathBuf,
+        /// Body size per file (suffixes k, m, g).
+        #[arg(long, default_value = "64m")]
+        bytes: String,
+        /// Parallel writers.
+        #[arg(long, default_value_t = 1)]
+        writers: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
     },
     /// Side-by-side: sluice vs nginx, h2o, caddy (or sluice splice vs copy) over sizes and
     /// concurrencies, GET and PUT.
@@ -368,6 +384,31 @@ fn main() -> ExitCode {
                     r.gb_per_sec, streams, r.bytes, r.elapsed_secs
                 );
             }
+            Ok(())
+        })(),
+        Cmd::DiskBound {
+            dir,
+            bytes,
+            writers,
+            secs,
+        } => (|| {
+            let len = usize::try_from(parse_bytes(&bytes)?).map_err(|_| "body too large")?;
+            let body = std::sync::Arc::new(sluice_bench::request::Body::generate(len));
+            let r = sluice_bench::disk::write_bound(
+                &dir,
+                &body,
+                writers,
+                parse_duration(&secs.to_string())?,
+            )?;
+            let ms = |q: f64| r.histogram.value_at_quantile(q) as f64 / 1000.0;
+            println!(
+                "disk bound: {:.1} MB/s, {:.1} files/s ({writers} writers, {len} B each, {:.2} s; write + fdatasync + rename p50 {:.3} ms, p99 {:.3} ms)",
+                r.mb_per_sec(),
+                r.requests_per_sec(),
+                r.elapsed.as_secs_f64(),
+                ms(0.5),
+                ms(0.99)
+            );
             Ok(())
         })(),
         Cmd::Compare(a) => cmd_compare(a),
