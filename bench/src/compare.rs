@@ -1,6 +1,8 @@
-//! Side-by-side runs: sluice against nginx (or sluice's splice mode against its copy mode) on
-//! the same artifacts, the same machine and the same moment, alternating servers A B A B so
-//! drift in the machine's state hits both equally.
+//! Side-by-side runs: sluice against nginx, h2o and Caddy (or sluice's splice mode against its
+//! copy mode) on the same artifacts, the same machine and the same moment, alternating servers
+//! A B C A B C so drift in the machine's state hits all equally. Uploads compare sluice's PUT
+//! (digest checked, `fsync = always`, and once more with `fsync = never`) with nginx's WebDAV
+//! PUT and with the disk's own bound for durable writes, measured in the same alternation.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -11,13 +13,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::client::{Connection, ReceiveOptions};
+use crate::disk;
 use crate::h2load::{self, Transport};
 use crate::loopback::{self, LoopbackConfig};
+use crate::peers::{self, Peer, TlsListener};
 use crate::plot::{plot_svg, Series};
 use crate::record::{HostFacts, RunDescription, RunRecord};
 use crate::report::hgrm_text;
 use crate::request::{Body, Method, Request, RequestSet, Url};
-use crate::run::{run, RunConfig, Stop};
+use crate::run::{run, RunConfig, RunResult, Stop};
 use crate::sys;
 
 /// Artifact sizes of the standard comparison, bytes: a small object, an odd-sized large one (no
@@ -27,11 +31,11 @@ pub const DEFAULT_SIZES: [u64; 3] = [4096, 17_941_067, 64 << 20];
 /// Concurrencies of the standard comparison.
 pub const DEFAULT_CONCURRENCIES: [usize; 3] = [1, 8, 20];
 
-/// Which two servers are compared.
+/// Which servers are compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pairing {
-    /// A = sluice (default mode), B = nginx.
-    SluiceVsNginx,
+    /// sluice (default mode) against each of [`CompareConfig::peers`].
+    SluiceVsPeers,
     /// A = sluice `--file-serving-mode splice`, B = sluice `--file-serving-mode copy`.
     SpliceVsCopy,
 }
@@ -43,6 +47,14 @@ pub struct CompareConfig {
     pub sluice_bin: PathBuf,
     /// nginx binary. Default `nginx`.
     pub nginx_bin: PathBuf,
+    /// h2o binary. Default `h2o`.
+    pub h2o_bin: PathBuf,
+    /// Caddy binary. Default `caddy`.
+    pub caddy_bin: PathBuf,
+    /// The servers sluice is compared with, in alternation order (default: nginx alone).
+    pub peers: Vec<Peer>,
+    /// Run the GET matrix (off: uploads only).
+    pub get: bool,
     /// Which servers.
     pub pairing: Pairing,
     /// Artifact sizes, bytes.
@@ -63,11 +75,12 @@ pub struct CompareConfig {
     /// Keep-alive connections opened (one GET each, then idle) to report each server's RSS
     /// under them; 0 skips it.
     pub idle_connections: usize,
-    /// Body size of the sluice-only PUT runs (to the Bazel CAS route, so the server checks the
-    /// digest of every body against its key); 0 skips them.
-    pub put_bytes: usize,
-    /// Connections of the PUT runs.
-    pub put_concurrency: usize,
+    /// Body sizes of the PUT cells, bytes; empty skips them. sluice's PUTs go to the Bazel CAS
+    /// route, so the server checks every body's digest against its key; nginx's (when it is a
+    /// peer) to a WebDAV location; the disk bound writes the same bodies.
+    pub put_sizes: Vec<usize>,
+    /// Connections of the PUT cells.
+    pub put_concurrencies: Vec<usize>,
     /// How the GET runs speak to both servers: plaintext HTTP/1.1 with sluice-bench's own
     /// client, or TLS 1.3 / HTTP/2 through h2load (`--tls`, `--h2`), with one certificate for
     /// both servers.
@@ -80,14 +93,32 @@ pub struct CompareConfig {
 impl CompareConfig {
     /// Total measured-plus-warm-up time of the matrix, for the operator's estimate.
     pub fn planned_time(&self) -> Duration {
-        let runs = self.sizes.len() * self.concurrencies.len() * self.repeats * 2;
-        (self.run_time + self.warmup).mul_f64(runs as f64)
+        let servers = match self.pairing {
+            Pairing::SluiceVsPeers => 1 + self.peers.len(),
+            Pairing::SpliceVsCopy => 2,
+        };
+        let gets = if self.get {
+            self.sizes.len() * self.concurrencies.len() * self.repeats * servers
+        } else {
+            0
+        };
+        // sluice, sluice with fsync = never, nginx, the disk.
+        let puts = self.put_sizes.len() * self.put_concurrencies.len() * self.repeats * 4;
+        (self.run_time + self.warmup).mul_f64((gets + puts) as f64)
     }
+}
+
+/// What a started server is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Sluice,
+    Peer(Peer),
 }
 
 /// A server process started for the comparison; stopped (SIGTERM, then SIGKILL after 5 s) on drop.
 struct Server {
     name: String,
+    kind: Kind,
     child: Child,
     /// Plaintext HTTP/1.1 port (uploads, checks, readiness).
     port: u16,
@@ -326,11 +357,18 @@ fn wait_ready(server: &mut Server, path: &str, timeout: Duration) -> Result<(), 
     }
 }
 
-fn start_sluice(cfg: &CompareConfig, name: &str, mode: Option<&str>) -> Result<Server, String> {
+/// Starts sluice; `fsync_never` runs it with `fsync = never` (the PUT comparison's like-for-like
+/// row against nginx, which does not sync uploads).
+fn start_sluice(
+    cfg: &CompareConfig,
+    name: &str,
+    mode: Option<&str>,
+    fsync_never: bool,
+) -> Result<Server, String> {
     let port = free_port()?;
-    let data = cfg.out_dir.join(format!("{name}-data"));
+    let data = cfg.out_dir.join(format!("{}-data", file_stem(name)));
     std::fs::create_dir_all(&data).map_err(|e| format!("creating {}: {e}", data.display()))?;
-    let log = std::fs::File::create(cfg.out_dir.join(format!("{name}.log")))
+    let log = std::fs::File::create(cfg.out_dir.join(format!("{}.log", file_stem(name))))
         .map_err(|e| format!("creating the {name} log: {e}"))?;
     let mut cmd = Command::new(&cfg.sluice_bin);
     cmd.arg("serve")
@@ -343,6 +381,9 @@ fn start_sluice(cfg: &CompareConfig, name: &str, mode: Option<&str>) -> Result<S
         .env("SLUICE_CONNECTIONS_PER_IP_MAX", "0");
     if cfg.no_uring {
         cmd.env("SLUICE_ENGINE", "epoll");
+    }
+    if fsync_never {
+        cmd.env("SLUICE_FSYNC", "never");
     }
     if cfg.transport.tls() {
         let (cert, key) = cert_paths(cfg);
@@ -360,6 +401,7 @@ fn start_sluice(cfg: &CompareConfig, name: &str, mode: Option<&str>) -> Result<S
         .map_err(|e| format!("starting {}: {e}", cfg.sluice_bin.display()))?;
     let mut s = Server {
         name: name.into(),
+        kind: Kind::Sluice,
         child,
         port,
         bench_port: port,
@@ -369,7 +411,11 @@ fn start_sluice(cfg: &CompareConfig, name: &str, mode: Option<&str>) -> Result<S
 }
 
 /// The nginx configuration the comparison uses: what an operator would run for static
-/// artifacts (sendfile, tcp_nopush, no access log, 2 workers), rooted at `www`.
+/// artifacts (sendfile, tcp_nopush, no access log, 2 workers), rooted at `www`, with a WebDAV
+/// PUT location under `/put/` for the upload cells: no body size limit, full paths created,
+/// bodies received into `client_body_temp_path` under `prefix` (the comparison keeps `prefix`
+/// and `www` in one output directory, so one filesystem) and renamed into place. nginx does
+/// not fsync an upload.
 pub fn nginx_conf(prefix: &Path, www: &Path, port: u16, as_root: bool) -> String {
     let p = prefix.display();
     format!(
@@ -382,7 +428,9 @@ pub fn nginx_conf(prefix: &Path, www: &Path, port: u16, as_root: bool) -> String
          \x20 client_body_temp_path {p}/client_body;\n  proxy_temp_path {p}/proxy;\n\
          \x20 fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
          \x20 server {{\n    listen 127.0.0.1:{port};\n    root {www};\n\
-         \x20   location = /up {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+         \x20   location = /up {{ return 200 \"ok\\n\"; }}\n\
+         \x20   location /put/ {{ dav_methods PUT; create_full_put_path on; client_max_body_size 0; }}\n\
+         \x20 }}\n}}\n",
         user = if as_root { "user root;\n" } else { "" },
         www = www.display(),
     )
@@ -394,14 +442,7 @@ fn start_nginx(cfg: &CompareConfig, www: &Path) -> Result<Server, String> {
     std::fs::create_dir_all(&prefix).map_err(|e| format!("creating {}: {e}", prefix.display()))?;
     // When started as root, nginx's workers would drop to `nobody`, which may not be able to
     // traverse the output tree; `user root` keeps them able to read what the bench wrote.
-    let as_root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false);
+    let as_root = running_as_root();
     let conf = prefix.join("nginx.conf");
     let bench_port = if cfg.transport == Transport::Plain {
         port
@@ -432,12 +473,104 @@ fn start_nginx(cfg: &CompareConfig, www: &Path) -> Result<Server, String> {
         })?;
     let mut s = Server {
         name: "nginx".into(),
+        kind: Kind::Peer(Peer::Nginx),
         child,
         port,
         bench_port,
     };
     wait_ready(&mut s, "/up", Duration::from_secs(15))?;
     Ok(s)
+}
+
+/// Whether this process runs as root (effective uid 0).
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The ports of a peer that is not nginx (h2o, Caddy): a plaintext port (which also takes h2c
+/// with prior knowledge) and, for a TLS comparison, a TLS port; the measured runs use the
+/// latter for TLS and the former otherwise.
+fn peer_ports(cfg: &CompareConfig) -> Result<(u16, Option<u16>), String> {
+    let port = free_port()?;
+    let tls_port = if cfg.transport.tls() {
+        Some(free_port()?)
+    } else {
+        None
+    };
+    Ok((port, tls_port))
+}
+
+/// Starts h2o or Caddy on `www` with a configuration written under `out_dir/{name}/`.
+fn start_peer(cfg: &CompareConfig, peer: Peer, www: &Path) -> Result<Server, String> {
+    if peer == Peer::Nginx {
+        return start_nginx(cfg, www);
+    }
+    let prefix = cfg.out_dir.join(peer.name());
+    std::fs::create_dir_all(&prefix).map_err(|e| format!("creating {}: {e}", prefix.display()))?;
+    let (port, tls_port) = peer_ports(cfg)?;
+    let (cert, key) = cert_paths(cfg);
+    let tls = tls_port.map(|port| TlsListener {
+        port,
+        cert: &cert,
+        key: &key,
+    });
+    let log =
+        std::fs::File::create(prefix.join("stderr.log")).map_err(|e| format!("{peer} log: {e}"))?;
+    let mut cmd = match peer {
+        Peer::H2o => {
+            let conf = prefix.join("h2o.conf");
+            let text = peers::h2o_conf(&prefix, www, port, tls, running_as_root());
+            std::fs::write(&conf, text).map_err(|e| format!("writing {}: {e}", conf.display()))?;
+            let mut cmd = Command::new(&cfg.h2o_bin);
+            cmd.arg("-c").arg(conf);
+            cmd
+        }
+        Peer::Caddy => {
+            let conf = prefix.join("Caddyfile");
+            std::fs::write(&conf, peers::caddyfile(www, port, tls))
+                .map_err(|e| format!("writing {}: {e}", conf.display()))?;
+            let mut cmd = Command::new(&cfg.caddy_bin);
+            cmd.arg("run")
+                .arg("--config")
+                .arg(conf)
+                .arg("--adapter")
+                .arg("caddyfile")
+                // Caddy keeps state (autosaved config, certificates it would manage) under
+                // these; keep it inside the comparison's directory.
+                .env("XDG_DATA_HOME", &prefix)
+                .env("XDG_CONFIG_HOME", &prefix);
+            cmd
+        }
+        Peer::Nginx => return start_nginx(cfg, www),
+    };
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("starting {peer}: {e} (install it: apt-get install -y {peer})"))?;
+    let mut s = Server {
+        name: peer.name().into(),
+        kind: Kind::Peer(peer),
+        child,
+        port,
+        bench_port: tls_port.unwrap_or(port),
+    };
+    // `up` is a file in `www` (h2o and Caddy only serve files here).
+    wait_ready(&mut s, "/up", Duration::from_secs(30))?;
+    Ok(s)
+}
+
+/// A name safe as a file name (labels hold spaces and `=`).
+fn file_stem(name: &str) -> String {
+    name.replace([' ', '/', '='], "_")
 }
 
 /// The certificate and key both servers present (generated once per comparison).
@@ -563,53 +696,26 @@ impl Measurement {
     }
 }
 
-fn bench_once(
+/// Runs `go` once for the warm-up and once measured, counting the server's CPU and sampling its
+/// RSS around the measured run (`server` None: the disk bound, no server), and writes the
+/// record (`.json`, and `.hgrm` when there is a latency distribution) under `runs/`.
+fn measure(
     cfg: &CompareConfig,
-    server: &Server,
-    size: u64,
-    connections: usize,
+    server: Option<&Server>,
     label: String,
+    connections: usize,
+    mut go: impl FnMut(Duration) -> Result<RunResult, String>,
 ) -> Result<Measurement, String> {
-    if cfg.transport != Transport::Plain {
-        return bench_once_h2load(cfg, server, size, connections, label);
-    }
-    let url = format!(
-        "http://127.0.0.1:{}{ARTIFACT_PREFIX}{}",
-        server.port,
-        artifact_name(size)
-    );
-    let make_set = || -> Result<RequestSet, String> {
-        let mut set = RequestSet::single(&url, Method::Get, 0)?;
-        set.requests[0].expected_len = Some(size);
-        Ok(set)
-    };
-    let base = RunConfig {
-        connections,
-        warmup: Duration::ZERO,
-        progress: false,
-        ..RunConfig::default()
-    };
     if !cfg.warmup.is_zero() {
-        run(
-            make_set()?,
-            RunConfig {
-                stop: Stop::Duration(cfg.warmup),
-                ..base.clone()
-            },
-        )?;
+        go(cfg.warmup)?;
     }
     let started = SystemTime::now();
-    let cpu_before = process_tree_cpu_secs(server.pid());
-    let rss = RssSampler::start(server.pid());
-    let result = run(
-        make_set()?,
-        RunConfig {
-            stop: Stop::Duration(cfg.run_time),
-            ..base
-        },
-    )?;
-    let cpu_after = process_tree_cpu_secs(server.pid());
-    let server_rss_max_bytes = rss.max_bytes();
+    let pid = server.map(Server::pid);
+    let cpu_before = pid.map_or(0.0, process_tree_cpu_secs);
+    let rss = pid.map(RssSampler::start);
+    let result = go(cfg.run_time)?;
+    let cpu_after = pid.map_or(0.0, process_tree_cpu_secs);
+    let server_rss_max_bytes = rss.map_or(0, RssSampler::max_bytes);
     let desc = RunDescription {
         command: std::env::args().collect(),
         label,
@@ -619,12 +725,12 @@ fn bench_once(
         warmup_secs: cfg.warmup.as_secs_f64(),
     };
     let record = RunRecord::new(&desc, &result);
-    let stem = cfg
-        .out_dir
-        .join("runs")
-        .join(record.label.replace([' ', '/'], "_"));
-    std::fs::write(stem.with_extension("hgrm"), hgrm_text(&result.histogram))
-        .map_err(|e| format!("writing {}: {e}", stem.display()))?;
+    let stem = cfg.out_dir.join("runs").join(file_stem(&record.label));
+    // h2load reports no latency distribution.
+    if !result.histogram.is_empty() {
+        std::fs::write(stem.with_extension("hgrm"), hgrm_text(&result.histogram))
+            .map_err(|e| format!("writing {}: {e}", stem.display()))?;
+    }
     let json =
         serde_json::to_string_pretty(&record).map_err(|e| format!("encoding the record: {e}"))?;
     std::fs::write(stem.with_extension("json"), json)
@@ -636,51 +742,121 @@ fn bench_once(
     })
 }
 
-/// [`bench_once`] through h2load (TLS, HTTP/2): a warm-up run, then the measured run with the
-/// server's CPU counted around it.
-fn bench_once_h2load(
+/// One measured GET run of `size` against one server: sluice-bench's client on plaintext,
+/// h2load for TLS and HTTP/2.
+fn bench_once(
     cfg: &CompareConfig,
     server: &Server,
     size: u64,
     connections: usize,
     label: String,
 ) -> Result<Measurement, String> {
-    let scheme = if cfg.transport.tls() { "https" } else { "http" };
-    let url = format!(
-        "{scheme}://127.0.0.1:{}{ARTIFACT_PREFIX}{}",
-        server.bench_port,
-        artifact_name(size)
-    );
-    if !cfg.warmup.is_zero() {
-        h2load::run(cfg.transport, &url, connections, cfg.warmup, size)?;
+    let path = format!("{ARTIFACT_PREFIX}{}", artifact_name(size));
+    if cfg.transport != Transport::Plain {
+        let scheme = if cfg.transport.tls() { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{}{path}", server.bench_port);
+        return measure(cfg, Some(server), label, connections, |d| {
+            h2load::run(cfg.transport, &url, connections, d, size)
+        });
     }
-    let started = SystemTime::now();
-    let cpu_before = process_tree_cpu_secs(server.pid());
-    let rss = RssSampler::start(server.pid());
-    let result = h2load::run(cfg.transport, &url, connections, cfg.run_time, size)?;
-    let cpu_after = process_tree_cpu_secs(server.pid());
-    let server_rss_max_bytes = rss.max_bytes();
-    let desc = RunDescription {
-        command: std::env::args().collect(),
-        label,
-        started,
+    let url = format!("http://127.0.0.1:{}{path}", server.port);
+    let base = RunConfig {
         connections,
-        rate_per_sec: None,
-        warmup_secs: cfg.warmup.as_secs_f64(),
+        warmup: Duration::ZERO,
+        progress: false,
+        ..RunConfig::default()
     };
-    let record = RunRecord::new(&desc, &result);
-    let stem = cfg
-        .out_dir
-        .join("runs")
-        .join(record.label.replace([' ', '/'], "_"));
-    let json =
-        serde_json::to_string_pretty(&record).map_err(|e| format!("encoding the record: {e}"))?;
-    std::fs::write(stem.with_extension("json"), json)
-        .map_err(|e| format!("writing {}: {e}", stem.display()))?;
-    Ok(Measurement {
-        record,
-        server_cpu_secs: (cpu_after - cpu_before).max(0.0),
-        server_rss_max_bytes,
+    measure(cfg, Some(server), label, connections, |d| {
+        let mut set = RequestSet::single(&url, Method::Get, 0)?;
+        set.requests[0].expected_len = Some(size);
+        run(
+            set,
+            RunConfig {
+                stop: Stop::Duration(d),
+                ..base.clone()
+            },
+        )
+    })
+}
+
+/// Where a server takes a PUT of `body`: sluice's Bazel CAS route (so it checks the body's
+/// digest against the key), nginx's WebDAV location.
+fn put_path(server: &Server, body: &Body) -> String {
+    match server.kind {
+        Kind::Sluice => format!("/cas/{}", hex::encode(body.sha256)),
+        Kind::Peer(_) => format!("/put/a-{}", body.bytes.len()),
+    }
+}
+
+/// One measured PUT run of `body` (also in the file `body_file`, for h2load) against one
+/// server, or against the disk (`server` None) with [`disk::write_bound`] into `disk_dir`.
+fn put_once(
+    cfg: &CompareConfig,
+    server: Option<&Server>,
+    body: &Arc<Body>,
+    body_file: &Path,
+    disk_dir: &Path,
+    connections: usize,
+    label: String,
+) -> Result<Measurement, String> {
+    let Some(s) = server else {
+        return measure(cfg, None, label, connections, |d| {
+            disk::write_bound(disk_dir, body, connections, d)
+        });
+    };
+    let path = put_path(s, body);
+    let size = body.bytes.len() as u64;
+    if cfg.transport != Transport::Plain {
+        let scheme = if cfg.transport.tls() { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{}{path}", s.bench_port);
+        // h2load's uploads run a fixed count (see `h2load::put_args`): the warm-up doubles it
+        // from one per connection until a run lasts a quarter of the warm-up time, which gives
+        // the rate; the measured run asks for about `run_time` worth at that rate.
+        let mut rate: Option<f64> = None;
+        let c = connections as u64;
+        return measure(cfg, server, label, connections, |d| {
+            let run = |n| h2load::run_put(cfg.transport, &url, connections, n, size, body_file);
+            match rate {
+                None => {
+                    let (mut n, mut spent) = (c, Duration::ZERO);
+                    loop {
+                        let r = run(n)?;
+                        spent += r.elapsed;
+                        rate = Some(r.requests_per_sec());
+                        if r.elapsed * 4 >= d || spent >= d {
+                            return Ok(r);
+                        }
+                        n = n.saturating_mul(2);
+                    }
+                }
+                Some(per_sec) => {
+                    let want = (per_sec * d.as_secs_f64() / c as f64).ceil().max(1.0);
+                    run(c.saturating_mul(want as u64))
+                }
+            }
+        });
+    }
+    let url = Url::parse(&format!("http://127.0.0.1:{}{path}", s.port))?;
+    measure(cfg, server, label, connections, |d| {
+        let set = RequestSet {
+            authority: url.authority.clone(),
+            requests: vec![Request::new(
+                Method::Put,
+                &url,
+                Some(Arc::clone(body)),
+                None,
+            )],
+            weighted: false,
+        };
+        run(
+            set,
+            RunConfig {
+                connections,
+                progress: false,
+                stop: Stop::Duration(d),
+                ..RunConfig::default()
+            },
+        )
     })
 }
 
@@ -822,11 +998,153 @@ pub fn bound_table(
     out
 }
 
+/// Measurements of one (size, concurrency) cell per server, in the servers' order; each
+/// server's in repeat order.
+pub type Runs = BTreeMap<(u64, usize), Vec<Vec<Measurement>>>;
+
+fn median_of(ms: &[Measurement], f: fn(&Measurement) -> f64) -> Option<f64> {
+    let v: Vec<f64> = ms.iter().map(f).collect();
+    median_min_max(&v).map(|m| m.0)
+}
+
+/// The metrics of a several-server table: req/s for small bodies and MB/s for bodies of 1 MiB
+/// or more (each is the other times the size), and p99 where the client measured latency;
+/// the flag says whether higher is better.
+fn several_metrics(size: u64, with_latency: bool) -> Vec<(Metric, bool)> {
+    let mut v: Vec<(Metric, bool)> = if size < 1 << 20 {
+        vec![(("req/s", |m| m.record.requests_per_sec), true)]
+    } else {
+        vec![(("MB/s", |m| m.record.mb_per_sec), true)]
+    };
+    if with_latency {
+        v.push((("p99 ms", |m| m.record.latency.p99_ms), false));
+    }
+    v
+}
+
+/// The table of sluice (`names[0]`) against several peers (`names[1..]`): each server's median
+/// per cell, the best peer (highest throughput, lowest p99), and sluice's median over the best
+/// peer's and over nginx's (a ratio of medians).
+pub fn peers_table(names: &[String], runs: &Runs, with_latency: bool) -> String {
+    let mut out = String::new();
+    let nginx = names.iter().position(|n| n == "nginx");
+    let _ = writeln!(
+        out,
+        "| size (B) | c | metric | {} | best peer | {} / best | {} / nginx |",
+        names.join(" | "),
+        names[0],
+        names[0]
+    );
+    let _ = writeln!(
+        out,
+        "|---:|---:|---|{}---|---:|---:|",
+        "---:|".repeat(names.len())
+    );
+    for ((size, c), per_server) in runs {
+        for ((metric, f), higher_better) in several_metrics(*size, with_latency) {
+            let medians: Vec<Option<f64>> = per_server.iter().map(|ms| median_of(ms, f)).collect();
+            let best = (1..medians.len())
+                .filter_map(|i| medians[i].map(|m| (i, m)))
+                .reduce(|x, y| {
+                    let y_better = if higher_better { y.1 > x.1 } else { y.1 < x.1 };
+                    if y_better {
+                        y
+                    } else {
+                        x
+                    }
+                });
+            let ratio = |other: Option<f64>| match (medians[0], other) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "–".to_string(),
+            };
+            let cols: Vec<String> = medians
+                .iter()
+                .map(|m| m.map_or("–".to_string(), fmt_num))
+                .collect();
+            let _ = writeln!(
+                out,
+                "| {size} | {c} | {metric} | {} | {} | {} | {} |",
+                cols.join(" | "),
+                best.map_or("–", |(i, _)| names[i].as_str()),
+                ratio(best.map(|b| b.1)),
+                ratio(nginx.and_then(|i| medians[i])),
+            );
+        }
+    }
+    out
+}
+
+/// The upload table: each participant's median per cell (servers and the disk bound, whose
+/// column is `names[bound]`), each sluice row's throughput over nginx's, and sluice's
+/// (`names[0]`) MB/s as a share of the disk bound.
+pub fn put_table(names: &[String], runs: &Runs, bound: usize, with_latency: bool) -> String {
+    let mut out = String::new();
+    let nginx = names.iter().position(|n| n == "nginx");
+    let sluices: Vec<usize> = (0..names.len())
+        .filter(|&i| names[i].starts_with("sluice"))
+        .collect();
+    let mut head = format!("| size (B) | c | metric | {} |", names.join(" | "));
+    let mut rule = format!("|---:|---:|---|{}", "---:|".repeat(names.len()));
+    if nginx.is_some() {
+        for &i in &sluices {
+            head.push_str(&format!(" {} / nginx |", names[i]));
+            rule.push_str("---:|");
+        }
+    }
+    head.push_str(&format!(" {} / {} |", names[0], names[bound]));
+    rule.push_str("---:|");
+    let _ = writeln!(out, "{head}\n{rule}");
+    for ((size, c), per_server) in runs {
+        let mut metrics: Vec<Metric> = vec![
+            ("req/s", |m| m.record.requests_per_sec),
+            ("MB/s", |m| m.record.mb_per_sec),
+        ];
+        if with_latency {
+            metrics.push(("p99 ms", |m| m.record.latency.p99_ms));
+        }
+        for (metric, f) in metrics {
+            let medians: Vec<Option<f64>> = per_server.iter().map(|ms| median_of(ms, f)).collect();
+            let cols: Vec<String> = medians
+                .iter()
+                .map(|m| m.map_or("–".to_string(), fmt_num))
+                .collect();
+            let mut row = format!("| {size} | {c} | {metric} | {} |", cols.join(" | "));
+            let ratio = |a: Option<f64>, b: Option<f64>, percent: bool| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 && percent => format!("{:.0} %", 100.0 * a / b),
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "–".to_string(),
+            };
+            let throughput = metric != "p99 ms";
+            if let Some(n) = nginx {
+                for &i in &sluices {
+                    let r = if throughput {
+                        ratio(medians[i], medians[n], false)
+                    } else {
+                        "–".to_string()
+                    };
+                    row.push_str(&format!(" {r} |"));
+                }
+            }
+            let share = if throughput {
+                ratio(medians[0], medians[bound], true)
+            } else {
+                "–".to_string()
+            };
+            row.push_str(&format!(" {share} |"));
+            let _ = writeln!(out, "{row}");
+        }
+    }
+    out
+}
+
 /// Runs the whole comparison and returns the Markdown report (also written to
 /// `out_dir/table.md`).
 pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
     if cfg.repeats == 0 || cfg.sizes.is_empty() || cfg.concurrencies.is_empty() {
         return Err("repeats, sizes and concurrencies must not be empty".into());
+    }
+    if cfg.put_concurrencies.is_empty() && !cfg.put_sizes.is_empty() {
+        return Err("PUT concurrencies must not be empty".into());
     }
     let mkdir =
         |p: &Path| std::fs::create_dir_all(p).map_err(|e| format!("creating {}: {e}", p.display()));
@@ -834,6 +1152,8 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
     let www = cfg.out_dir.join("www");
     let dir = www.join(ARTIFACT_PREFIX.trim_matches('/'));
     mkdir(&dir)?;
+    // h2o and Caddy serve only files here: their readiness check GETs this one.
+    std::fs::write(www.join("up"), "ok\n").map_err(|e| format!("writing www/up: {e}"))?;
     eprintln!(
         "sluice-bench compare: generating artifacts in {}",
         dir.display()
@@ -851,7 +1171,7 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
     // One stream bounds c=1; one stream per core bounds the concurrent cells, where one
     // connection's sender no longer has the machine to itself.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let bound = if cfg.loopback_bound {
+    let bound = if cfg.loopback_bound && cfg.get {
         eprintln!("sluice-bench compare: measuring the loopback bound (1 and {cores} streams)");
         let one = loopback::measure(&LoopbackConfig::default())?;
         let many = loopback::measure(&LoopbackConfig {
@@ -866,145 +1186,146 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
     if cfg.transport.tls() {
         make_cert(cfg)?;
     }
-    let (a, b) = match cfg.pairing {
-        Pairing::SluiceVsNginx => (start_sluice(cfg, "sluice", None)?, start_nginx(cfg, &www)?),
-        Pairing::SpliceVsCopy => (
-            start_sluice(cfg, "sluice-splice", Some("splice"))?,
-            start_sluice(cfg, "sluice-copy", Some("copy"))?,
-        ),
-    };
-    for s in [&a, &b] {
-        if s.name.starts_with("sluice") {
-            upload(s, &bodies)?;
+    let servers: Vec<Server> = match cfg.pairing {
+        Pairing::SluiceVsPeers => {
+            let mut v = vec![start_sluice(cfg, "sluice", None, false)?];
+            for &p in &cfg.peers {
+                v.push(start_peer(cfg, p, &www)?);
+            }
+            v
         }
-    }
-    verify_identical(&a, &bodies)?;
-    verify_identical(&b, &bodies)?;
-    eprintln!(
-        "sluice-bench compare: {} and {} return identical bytes; about {:.0} s of runs follow",
-        a.name,
-        b.name,
-        cfg.planned_time().as_secs_f64()
-    );
+        Pairing::SpliceVsCopy => vec![
+            start_sluice(cfg, "sluice-splice", Some("splice"), false)?,
+            start_sluice(cfg, "sluice-copy", Some("copy"), false)?,
+        ],
+    };
+    let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
 
     let mut idle = Vec::new();
-    if cfg.idle_connections > 0 {
-        let smallest = cfg.sizes.iter().copied().min().unwrap_or(0);
-        for s in [&a, &b] {
-            let r = idle_connections_rss(s, smallest, cfg.idle_connections)?;
-            eprintln!(
-                "  {:<32} RSS {:.1} MiB -> {:.1} MiB with {} idle keep-alive connections",
-                s.name,
-                r.before_bytes as f64 / (1u64 << 20) as f64,
-                r.idle_bytes as f64 / (1u64 << 20) as f64,
-                r.connections
-            );
-            idle.push((s.name.clone(), r));
+    let mut cells: Runs = BTreeMap::new();
+    if cfg.get {
+        for s in servers.iter().filter(|s| s.kind == Kind::Sluice) {
+            upload(s, &bodies)?;
         }
-    }
-
-    let mut cells: BTreeMap<(u64, usize), Cell> = BTreeMap::new();
-    for &size in &cfg.sizes {
-        for &c in &cfg.concurrencies {
-            let cell = cells.entry((size, c)).or_default();
-            for r in 0..cfg.repeats {
-                for (server, into) in [(&a, &mut cell.a), (&b, &mut cell.b)] {
-                    let label = format!("{} {size}B c{c} r{r}", server.name);
-                    let m = bench_once(cfg, server, size, c, label)?;
-                    eprintln!(
-                        "  {:<32} {:>10.1} req/s {:>9.1} MB/s  p99 {:.3} ms  cpu {:.3} s/GB",
-                        m.record.label,
-                        m.record.requests_per_sec,
-                        m.record.mb_per_sec,
-                        m.record.latency.p99_ms,
-                        m.cpu_secs_per_gb()
-                    );
-                    into.push(m);
+        for s in &servers {
+            verify_identical(s, &bodies)?;
+        }
+        eprintln!(
+            "sluice-bench compare: {} return identical bytes; about {:.0} s of runs follow",
+            names.join(", "),
+            cfg.planned_time().as_secs_f64()
+        );
+        if cfg.idle_connections > 0 {
+            let smallest = cfg.sizes.iter().copied().min().unwrap_or(0);
+            for s in &servers {
+                let r = idle_connections_rss(s, smallest, cfg.idle_connections)?;
+                eprintln!(
+                    "  {:<32} RSS {:.1} MiB -> {:.1} MiB with {} idle keep-alive connections",
+                    s.name,
+                    r.before_bytes as f64 / (1u64 << 20) as f64,
+                    r.idle_bytes as f64 / (1u64 << 20) as f64,
+                    r.connections
+                );
+                idle.push((s.name.clone(), r));
+            }
+        }
+        for &size in &cfg.sizes {
+            for &c in &cfg.concurrencies {
+                let cell = cells
+                    .entry((size, c))
+                    .or_insert_with(|| servers.iter().map(|_| Vec::new()).collect());
+                for r in 0..cfg.repeats {
+                    for (server, into) in servers.iter().zip(cell.iter_mut()) {
+                        let label = format!("{} {size}B c{c} r{r}", server.name);
+                        let m = bench_once(cfg, server, size, c, label)?;
+                        eprintln!(
+                            "  {:<32} {:>10.1} req/s {:>9.1} MB/s  p99 {:.3} ms  cpu {:.3} s/GB  load {}",
+                            m.record.label,
+                            m.record.requests_per_sec,
+                            m.record.mb_per_sec,
+                            m.record.latency.p99_ms,
+                            m.cpu_secs_per_gb(),
+                            load_average()
+                        );
+                        into.push(m);
+                    }
+                }
+                // h2load reports no latency distribution to plot.
+                if cfg.transport == Transport::Plain {
+                    let series: Vec<Series> = cell
+                        .iter()
+                        .flatten()
+                        .map(|m| Series {
+                            label: m.record.label.clone(),
+                            rows: m.record.percentiles.clone(),
+                        })
+                        .collect();
+                    let svg = cfg.out_dir.join(format!("latency-{size}B-c{c}.svg"));
+                    plot_svg(&series, &format!("{size} B, c={c}"), &svg)?;
                 }
             }
-            let series: Vec<Series> = cell
-                .a
-                .iter()
-                .chain(&cell.b)
-                .map(|m| Series {
-                    label: m.record.label.clone(),
-                    rows: m.record.percentiles.clone(),
-                })
-                .collect();
-            // h2load reports no latency distribution to plot.
-            if cfg.transport == Transport::Plain {
-                let svg = cfg.out_dir.join(format!("latency-{size}B-c{c}.svg"));
-                plot_svg(&series, &format!("{size} B, c={c}"), &svg)?;
-            }
         }
     }
 
-    // PUT: sluice only (nginx has no store that checks a digest), to the CAS route.
-    let mut puts: Vec<(String, Vec<RunRecord>)> = Vec::new();
-    if cfg.put_bytes > 0 {
-        let body = Arc::new(Body::generate(cfg.put_bytes));
-        for s in [&a, &b]
-            .into_iter()
-            .filter(|s| s.name.starts_with("sluice"))
-        {
-            let url = format!(
-                "http://127.0.0.1:{}/cas/{}",
-                s.port,
-                hex::encode(body.sha256)
-            );
-            let mut records = Vec::new();
-            for r in 0..cfg.repeats {
-                let set = RequestSet {
-                    authority: Url::parse(&url)?.authority,
-                    requests: vec![Request::new(
-                        Method::Put,
-                        &Url::parse(&url)?,
-                        Some(Arc::clone(&body)),
-                        None,
-                    )],
-                    weighted: false,
-                };
-                let result = run(
-                    set,
-                    RunConfig {
-                        connections: cfg.put_concurrency,
-                        warmup: cfg.warmup,
-                        progress: false,
-                        stop: Stop::Duration(cfg.run_time),
-                        ..RunConfig::default()
-                    },
-                )?;
-                let desc = RunDescription {
-                    command: std::env::args().collect(),
-                    label: format!(
-                        "{} PUT {}B c{} r{r}",
-                        s.name, cfg.put_bytes, cfg.put_concurrency
-                    ),
-                    started: SystemTime::now(),
-                    connections: cfg.put_concurrency,
-                    rate_per_sec: None,
-                    warmup_secs: cfg.warmup.as_secs_f64(),
-                };
-                let record = RunRecord::new(&desc, &result);
-                eprintln!(
-                    "  {:<32} {:>10.1} req/s {:>9.1} MB/s  p99 {:.3} ms  errors {}",
-                    record.label,
-                    record.requests_per_sec,
-                    record.mb_per_sec,
-                    record.latency.p99_ms,
-                    record.errors.values().sum::<u64>()
-                );
-                records.push(record);
+    // PUT: sluice to /cas/{sha256} (digest checked) with its default fsync = always and again
+    // with fsync = never, nginx's WebDAV PUT when nginx is a peer, and the disk's own bound,
+    // alternating per repeat like the GET cells.
+    let mut put_cells: Runs = BTreeMap::new();
+    let mut put_names: Vec<String> = Vec::new();
+    if !cfg.put_sizes.is_empty() {
+        let no_fsync = match cfg.pairing {
+            Pairing::SluiceVsPeers => Some(start_sluice(cfg, "sluice fsync=never", None, true)?),
+            Pairing::SpliceVsCopy => None,
+        };
+        let mut takers: Vec<&Server> = servers.iter().filter(|s| s.kind == Kind::Sluice).collect();
+        takers.extend(no_fsync.as_ref());
+        takers.extend(servers.iter().filter(|s| s.kind == Kind::Peer(Peer::Nginx)));
+        put_names = takers.iter().map(|s| s.name.clone()).collect();
+        put_names.push("disk bound".into());
+        let disk_dir = cfg.out_dir.join("disk-bound");
+        for &size in &cfg.put_sizes {
+            let body = Arc::new(Body::generate(size));
+            let body_file = cfg.out_dir.join(format!("put-body-{size}"));
+            std::fs::write(&body_file, &body.bytes)
+                .map_err(|e| format!("writing {}: {e}", body_file.display()))?;
+            for &c in &cfg.put_concurrencies {
+                let cell = put_cells
+                    .entry((size as u64, c))
+                    .or_insert_with(|| put_names.iter().map(|_| Vec::new()).collect());
+                for r in 0..cfg.repeats {
+                    let participants = takers.iter().map(|s| Some(*s)).chain([None]);
+                    for (server, into) in participants.zip(cell.iter_mut()) {
+                        let name = server.map_or("disk bound", |s| s.name.as_str());
+                        let label = format!("{name} PUT {size}B c{c} r{r}");
+                        let m = put_once(cfg, server, &body, &body_file, &disk_dir, c, label)?;
+                        eprintln!(
+                            "  {:<40} {:>10.1} req/s {:>9.1} MB/s  p99 {:.3} ms  errors {}  load {}",
+                            m.record.label,
+                            m.record.requests_per_sec,
+                            m.record.mb_per_sec,
+                            m.record.latency.p99_ms,
+                            m.record.errors.values().sum::<u64>(),
+                            load_average()
+                        );
+                        into.push(m);
+                    }
+                }
             }
-            puts.push((s.name.clone(), records));
         }
     }
 
     let host = HostFacts::collect();
     let mut report = String::new();
+    let mut alternating = Vec::new();
+    if cfg.get {
+        alternating.push(names.join(", "));
+    }
+    if !put_names.is_empty() {
+        alternating.push(format!("PUT: {}", put_names.join(", ")));
+    }
     let _ = writeln!(
         report,
-        "Machine: {} ({} cores), kernel {}, host {}. Runs: {} s measured after {} s warm-up, {} repeats, alternating {} and {}.",
+        "Machine: {} ({} cores), kernel {}, host {}. Runs: {} s measured after {} s warm-up, {} repeats, alternating {}. Load average at the end: {}.",
         host.cpu_model,
         host.cores,
         host.kernel,
@@ -1012,8 +1333,8 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
         cfg.run_time.as_secs_f64(),
         cfg.warmup.as_secs_f64(),
         cfg.repeats,
-        a.name,
-        b.name
+        alternating.join("; "),
+        load_average()
     );
     if let Some((one, many)) = bound {
         let _ = writeln!(
@@ -1031,9 +1352,8 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
             r.connections
         );
     }
-    let _ = writeln!(
-        report,
-        "GET runs: {}{}{}.",
+    let transport_note = format!(
+        "{}{}{}",
         cfg.transport.name(),
         if cfg.transport == Transport::Plain {
             " with sluice-bench's client"
@@ -1046,35 +1366,75 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
             ""
         }
     );
-    report.push('\n');
-    report.push_str(&markdown_table((&a.name, &b.name), &cells));
-    for (name, records) in &puts {
-        let v: Vec<f64> = records.iter().map(|r| r.mb_per_sec).collect();
-        let errors: u64 = records.iter().flat_map(|r| r.errors.values()).sum();
-        if let Some((m, lo, hi)) = median_min_max(&v) {
-            let _ = writeln!(
-                report,
-                "\n{name} PUT of {} B to /cas/{{sha256}} (digest checked by the server) at c={}: {} MB/s median (min {}, max {}), {errors} failed requests.",
-                cfg.put_bytes,
-                cfg.put_concurrency,
-                fmt_num(m),
-                fmt_num(lo),
-                fmt_num(hi)
-            );
+    if cfg.get {
+        let _ = writeln!(report, "GET runs: {transport_note}.");
+        // The full two-server table: sluice against nginx (or the first peer).
+        let other = names.iter().position(|n| n == "nginx").unwrap_or(1);
+        let pair = |per_server: &Vec<Vec<Measurement>>| Cell {
+            a: per_server[0].clone(),
+            b: per_server.get(other).cloned().unwrap_or_default(),
+        };
+        let pairs: BTreeMap<(u64, usize), Cell> =
+            cells.iter().map(|(k, v)| (*k, pair(v))).collect();
+        if names.len() > 2 {
+            report.push_str("\nAll servers (medians; the ratios are of medians):\n\n");
+            report.push_str(&peers_table(
+                &names,
+                &cells,
+                cfg.transport == Transport::Plain,
+            ));
+            let _ = writeln!(report, "\n{} against {} in full:", names[0], names[other]);
+        }
+        report.push('\n');
+        report.push_str(&markdown_table((&names[0], &names[other]), &pairs));
+        if let Some((one, many)) = bound {
+            report.push('\n');
+            report.push_str(&bound_table(
+                (&names[0], &names[other]),
+                &pairs,
+                one.gb_per_sec,
+                many.gb_per_sec,
+            ));
         }
     }
-    if let Some((one, many)) = bound {
-        report.push('\n');
-        report.push_str(&bound_table(
-            (&a.name, &b.name),
-            &cells,
-            one.gb_per_sec,
-            many.gb_per_sec,
+    if !put_cells.is_empty() {
+        let _ = writeln!(
+            report,
+            "\nPUT runs: {transport_note}. sluice PUTs to /cas/{{sha256}} (the server checks the body's digest) with its default fsync = always (fdatasync of the file, fsync of the directory, before the 2xx) and, as `sluice fsync=never`, without; nginx PUTs with WebDAV (`dav_methods PUT`, temp file in `client_body_temp_path` on the same filesystem, then rename), which never fsyncs. The disk bound: as many writers as connections, each writing the body to a new file, fdatasync, rename over the last (no server, no network). Every PUT of a cell goes to one key.\n"
+        );
+        report.push_str(&put_table(
+            &put_names,
+            &put_cells,
+            put_names.len() - 1,
+            cfg.transport == Transport::Plain,
         ));
+        let errors: Vec<String> = put_cells
+            .values()
+            .flatten()
+            .flatten()
+            .filter(|m| m.record.errors.values().sum::<u64>() > 0)
+            .map(|m| format!("{}: {:?}", m.record.label, m.record.errors))
+            .collect();
+        if errors.is_empty() {
+            let _ = writeln!(report, "\nNo PUT failed in any run.");
+        } else {
+            let _ = writeln!(report, "\nPUT runs with failed requests:\n");
+            for e in errors {
+                let _ = writeln!(report, "- {e}");
+            }
+        }
     }
     std::fs::write(cfg.out_dir.join("table.md"), &report)
         .map_err(|e| format!("writing table.md: {e}"))?;
     Ok(report)
+}
+
+/// The 1-, 5- and 15-minute load averages, as `/proc/loadavg` gives them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 #[cfg(test)]
@@ -1173,6 +1533,130 @@ mod tests {
         assert!(t.contains("| 67108864 | 8 | 4.00 | 75 % | 100 % |"), "{t}");
     }
 
+    fn measurement(requests_per_sec: f64, mb_per_sec: f64, p99_ms: f64) -> Measurement {
+        let result = crate::run::RunResult {
+            histogram: crate::report::new_latency_histogram(),
+            requests_ok: 1,
+            errors: crate::run::ErrorCounts::default(),
+            body_bytes: 1,
+            elapsed: Duration::from_secs(1),
+            connects: 1,
+            retries: 0,
+        };
+        let desc = RunDescription {
+            command: Vec::new(),
+            label: "t".into(),
+            started: SystemTime::now(),
+            connections: 1,
+            rate_per_sec: None,
+            warmup_secs: 0.0,
+        };
+        let mut record = RunRecord::new(&desc, &result);
+        record.requests_per_sec = requests_per_sec;
+        record.mb_per_sec = mb_per_sec;
+        record.latency.p99_ms = p99_ms;
+        Measurement {
+            record,
+            server_cpu_secs: 1.0,
+            server_rss_max_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn peers_table_names_the_best_peer_and_both_ratios() {
+        let names: Vec<String> = ["sluice", "nginx", "h2o", "caddy"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let runs_of = |req_s: [f64; 3], p99: f64| {
+            req_s
+                .iter()
+                .map(|&r| measurement(r, r * 0.004, p99))
+                .collect::<Vec<_>>()
+        };
+        let mut runs: Runs = BTreeMap::new();
+        runs.insert(
+            (4096, 8),
+            vec![
+                runs_of([60.0, 50.0, 70.0], 1.0),
+                runs_of([40.0, 40.0, 40.0], 2.0),
+                runs_of([80.0, 90.0, 100.0], 0.5),
+                runs_of([10.0, 10.0, 10.0], 4.0),
+            ],
+        );
+        runs.insert(
+            (64 << 20, 1),
+            vec![
+                vec![measurement(1.0, 3000.0, 9.0)],
+                vec![measurement(1.0, 2000.0, 9.0)],
+                vec![measurement(1.0, 1000.0, 9.0)],
+                vec![measurement(1.0, 2500.0, 9.0)],
+            ],
+        );
+        let t = peers_table(&names, &runs, true);
+        // Medians 60 / 40 / 90 / 10: h2o is best, sluice is 0.67 of it and 1.50 of nginx.
+        assert!(
+            t.contains("| 4096 | 8 | req/s | 60.00 | 40.00 | 90.00 | 10.00 | h2o | 0.67 | 1.50 |"),
+            "{t}"
+        );
+        // Lowest p99 is best.
+        assert!(
+            t.contains("| 4096 | 8 | p99 ms | 1.00 | 2.00 | 0.500 | 4.00 | h2o | 2.00 | 0.50 |"),
+            "{t}"
+        );
+        // Large bodies are compared in MB/s, not req/s.
+        assert!(
+            t.contains("| 67108864 | 1 | MB/s | 3000 | 2000 | 1000 | 2500 | caddy | 1.20 | 1.50 |"),
+            "{t}"
+        );
+        assert!(!t.contains("| 67108864 | 1 | req/s"), "{t}");
+        assert!(!peers_table(&names, &runs, false).contains("p99"));
+    }
+
+    #[test]
+    fn put_table_gives_ratios_to_nginx_and_the_disk_bound() {
+        let names: Vec<String> = ["sluice", "sluice fsync=never", "nginx", "disk bound"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut runs: Runs = BTreeMap::new();
+        runs.insert(
+            (64 << 20, 8),
+            vec![
+                vec![measurement(10.0, 700.0, 1.0)],
+                vec![measurement(12.0, 840.0, 1.0)],
+                vec![measurement(14.0, 1000.0, 1.0)],
+                vec![measurement(16.0, 1000.0, 1.0)],
+            ],
+        );
+        let t = put_table(&names, &runs, 3, false);
+        assert!(t.starts_with("| size (B) | c | metric | sluice | sluice fsync=never | nginx | disk bound | sluice / nginx | sluice fsync=never / nginx | sluice / disk bound |"), "{t}");
+        assert!(
+            t.contains("| 67108864 | 8 | MB/s | 700 | 840 | 1000 | 1000 | 0.70 | 0.84 | 70 % |"),
+            "{t}"
+        );
+        assert!(!t.contains("p99"), "{t}");
+        // Without nginx (a comparison of sluice's modes) only the disk ratio is given.
+        let no_nginx: Vec<String> = ["sluice-splice", "disk bound"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut runs: Runs = BTreeMap::new();
+        runs.insert(
+            (4096, 1),
+            vec![
+                vec![measurement(1.0, 5.0, 1.0)],
+                vec![measurement(1.0, 10.0, 1.0)],
+            ],
+        );
+        let t = put_table(&no_nginx, &runs, 1, true);
+        assert!(
+            t.contains("| 4096 | 1 | MB/s | 5.00 | 10.00 | 50 % |"),
+            "{t}"
+        );
+        assert!(t.contains("| 4096 | 1 | p99 ms | 1.00 | 1.00 | – |"), "{t}");
+    }
+
     #[test]
     fn median_min_max_cases() {
         type Case<'a> = (&'a [f64], Option<(f64, f64, f64)>);
@@ -1197,6 +1681,8 @@ mod tests {
             "worker_processes 2;",
             "listen 127.0.0.1:8080;",
             "root /w;",
+            "location /put/ { dav_methods PUT; create_full_put_path on; client_max_body_size 0; }",
+            "client_body_temp_path /p/client_body;",
         ] {
             assert!(conf.contains(want), "missing {want:?} in\n{conf}");
         }

@@ -3,6 +3,7 @@
 //! usually measured with, so a TLS or h2 cell compares the two servers under one well-known
 //! client. It reports no latency distribution, so those cells have throughput and CPU only.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -72,6 +73,42 @@ pub fn args(
     args
 }
 
+/// The h2load arguments of an upload run: `requests` PUTs (a fixed count, not a duration, so
+/// a large body in flight at the end is not dropped from the count: the run ends with its
+/// last completion, as sluice-bench's own runs do) whose body is the file `data` (`-d` makes
+/// requests POSTs with the file as body; `-H ':method: PUT'` overrides the method, for
+/// HTTP/1.1 as for h2). Over h2, one stream per connection: `connections` uploads in flight,
+/// as over HTTP/1.1.
+pub fn put_args(
+    transport: Transport,
+    url: &str,
+    connections: usize,
+    requests: u64,
+    threads: usize,
+    data: &Path,
+) -> Vec<String> {
+    let mut args = vec![
+        "-t".to_string(),
+        threads.clamp(1, connections.max(1)).to_string(),
+        "-c".to_string(),
+        connections.to_string(),
+        "-n".to_string(),
+        requests.max(connections as u64).to_string(),
+    ];
+    match transport {
+        Transport::Plain | Transport::TlsHttp1 => args.push("--h1".into()),
+        Transport::TlsH2 | Transport::H2c => args.extend(["-m".to_string(), "1".to_string()]),
+    }
+    args.extend([
+        "-d".to_string(),
+        data.display().to_string(),
+        "-H".to_string(),
+        ":method: PUT".to_string(),
+        url.to_string(),
+    ]);
+    args
+}
+
 /// Runs h2load for `time` against `url` and returns what it measured. Every successful
 /// response is counted with `size` body bytes (h2load does not check lengths; the comparison
 /// checks both servers' bytes before it starts).
@@ -83,12 +120,27 @@ pub fn run(
     size: u64,
 ) -> Result<RunResult, String> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let out = Command::new("h2load")
-        .args(args(transport, url, connections, time, threads))
-        .output()
-        .map_err(|e| {
-            format!("starting h2load: {e} (install it: apt-get install -y nghttp2-client)")
-        })?;
+    run_args(&args(transport, url, connections, time, threads), url, size)
+}
+
+/// Runs h2load for `requests` PUTs of the file `data` (`size` bytes) to `url`.
+pub fn run_put(
+    transport: Transport,
+    url: &str,
+    connections: usize,
+    requests: u64,
+    size: u64,
+    data: &Path,
+) -> Result<RunResult, String> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let args = put_args(transport, url, connections, requests, threads, data);
+    run_args(&args, url, size)
+}
+
+fn run_args(args: &[String], url: &str, size: u64) -> Result<RunResult, String> {
+    let out = Command::new("h2load").args(args).output().map_err(|e| {
+        format!("starting h2load: {e} (install it: apt-get install -y nghttp2-client)")
+    })?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         return Err(format!(
@@ -122,11 +174,22 @@ pub fn parse(text: &str, size: u64) -> Option<RunResult> {
             .parse()
             .ok()
     };
-    let succeeded = count("succeeded")?;
+    let answered = count("succeeded")?;
     let failed = count("failed")? + count("errored")? + count("timeout")?;
-    // h2load's rate is over the measured duration; the duration follows from it.
+    // h2load's "succeeded" includes non-2xx answers (a 404, a 400 for a wrong digest): only 2xx
+    // count here, the rest are status errors.
+    let status_2xx: Option<u64> = text
+        .lines()
+        .find(|l| l.starts_with("status codes:"))
+        .and_then(|l| l.trim_start_matches("status codes:").split(',').next())
+        .and_then(|p| p.trim().strip_suffix(" 2xx"))
+        .and_then(|n| n.trim().parse().ok());
+    let not_2xx = status_2xx.map_or(0, |ok| answered.saturating_sub(ok));
+    let succeeded = answered - not_2xx;
+    // h2load's rate (of all answered requests) is over the measured duration; the duration
+    // follows from it.
     let elapsed = if rate > 0.0 {
-        Duration::from_secs_f64(succeeded as f64 / rate)
+        Duration::from_secs_f64(answered as f64 / rate)
     } else {
         Duration::ZERO
     };
@@ -134,6 +197,7 @@ pub fn parse(text: &str, size: u64) -> Option<RunResult> {
     // Failed, errored and timed-out requests all count as read errors (h2load does not say
     // more).
     errors.0[crate::client::ErrorKind::Read.index()] = failed;
+    errors.0[crate::client::ErrorKind::Status.index()] = not_2xx;
     Some(RunResult {
         histogram: new_latency_histogram(),
         requests_ok: succeeded,
@@ -162,6 +226,13 @@ status codes: 19629 2xx, 0 3xx, 0 4xx, 0 5xx\n";
         assert_eq!(r.errors.total(), 2);
         assert!((r.requests_per_sec() - 39258.0).abs() < 1.0);
         assert!(parse("nothing", 1).is_none());
+        let not_found = "finished in 1.00s, 100.00 req/s, 0.01MB/s\n\
+requests: 100 total, 100 started, 100 done, 100 succeeded, 0 failed, 0 errored, 0 timeout\n\
+status codes: 60 2xx, 0 3xx, 40 4xx, 0 5xx\n";
+        let r = parse(not_found, 10).expect("parsed");
+        assert_eq!(r.requests_ok, 60);
+        assert_eq!(r.errors.get(crate::client::ErrorKind::Status), 40);
+        assert!((r.requests_per_sec() - 60.0).abs() < 0.1);
     }
 
     #[test]
@@ -185,5 +256,32 @@ status codes: 19629 2xx, 0 3xx, 0 4xx, 0 5xx\n";
                 "http://h/x"
             ]
         );
+        assert_eq!(
+            put_args(
+                Transport::TlsHttp1,
+                "https://h/x",
+                8,
+                40,
+                2,
+                Path::new("/b")
+            ),
+            [
+                "-t",
+                "2",
+                "-c",
+                "8",
+                "-n",
+                "40",
+                "--h1",
+                "-d",
+                "/b",
+                "-H",
+                ":method: PUT",
+                "https://h/x"
+            ]
+        );
+        // h2: one upload in flight per connection; never fewer requests than connections.
+        let a = put_args(Transport::TlsH2, "https://h/x", 8, 3, 2, Path::new("/b"));
+        assert_eq!(a[4..8], ["-n", "8", "-m", "1"]);
     }
 }

@@ -3,8 +3,10 @@
 
 pub mod client;
 pub mod compare;
+pub mod disk;
 pub mod h2load;
 pub mod loopback;
+pub mod peers;
 pub mod plot;
 pub mod record;
 pub mod report;

@@ -1,4 +1,4 @@
-//! `sluice-bench` command line: `run`, `plot`, `loopback-bound`, `compare`.
+//! `sluice-bench` command line: `run`, `plot`, `loopback-bound`, `disk-bound`, `compare`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +10,7 @@ use sluice_bench::client::ReceiveOptions;
 use sluice_bench::compare::{self, CompareConfig, Pairing};
 use sluice_bench::h2load::Transport;
 use sluice_bench::loopback::{self, LoopbackConfig};
+use sluice_bench::peers::parse_peers;
 use sluice_bench::plot::{load_series, plot_svg, Series};
 use sluice_bench::record::{summary_text, RunDescription, RunRecord};
 use sluice_bench::report::hgrm_text;
@@ -61,7 +62,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Side-by-side: sluice vs nginx (or sluice splice vs copy) over sizes and concurrencies.
+    /// Measure the disk's bound for durable uploads: writers each writing a body to a new file,
+    /// fdatasync, rename over the last (`dd conv=fdatasync` per file, with a store's publish).
+    DiskBound {
+        /// Directory to write in (on the filesystem whose bound is wanted); created if missing.
+        #[arg(long, default_value = "bench/out/disk-bound")]
+        dir: PathBuf,
+        /// Body size per file (suffixes k, m, g).
+        #[arg(long, default_value = "64m")]
+        bytes: String,
+        /// Parallel writers.
+        #[arg(long, default_value_t = 1)]
+        writers: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+    },
+    /// Side-by-side: sluice vs nginx, h2o, caddy (or sluice splice vs copy) over sizes and
+    /// concurrencies, GET and PUT.
     Compare(CompareArgs),
 }
 
@@ -127,6 +145,17 @@ struct CompareArgs {
     /// The nginx binary.
     #[arg(long, default_value = "nginx")]
     nginx_bin: PathBuf,
+    /// The h2o binary.
+    #[arg(long, default_value = "h2o")]
+    h2o_bin: PathBuf,
+    /// The Caddy binary.
+    #[arg(long, default_value = "caddy")]
+    caddy_bin: PathBuf,
+    /// Servers to compare sluice with, alternating per repeat: any of nginx, h2o, caddy. With
+    /// more than one, a table names the best peer per cell and gives sluice's ratio against
+    /// it and against nginx.
+    #[arg(long, value_delimiter = ',', default_values = ["nginx"])]
+    peers: Vec<String>,
     /// Compare sluice's splice mode with its copy mode instead of sluice with nginx.
     #[arg(long)]
     modes: bool,
@@ -157,12 +186,17 @@ struct CompareArgs {
     /// Idle keep-alive connections for the RSS report (0 skips it).
     #[arg(long, default_value_t = 1000)]
     idle_connections: usize,
-    /// Body size of the sluice-only PUT runs to /cas/{sha256} (suffixes k, m, g; 0 skips them).
-    #[arg(long, default_value = "64m")]
-    put_bytes: String,
-    /// Connections of the PUT runs.
-    #[arg(long, default_value_t = 8)]
-    put_concurrency: usize,
+    /// Body sizes of the PUT cells (suffixes k, m, g; 0 skips them): sluice to /cas/{sha256}
+    /// with fsync = always and = never, nginx's WebDAV PUT (when nginx is a peer) and the
+    /// disk's fdatasync bound, alternating.
+    #[arg(long, alias = "put-bytes", value_delimiter = ',', default_values = ["4096", "64m"])]
+    put_sizes: Vec<String>,
+    /// Connections of the PUT cells.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8])]
+    put_concurrency: Vec<usize>,
+    /// Only the PUT cells: no GET matrix, no loopback bound, no idle-connection RSS.
+    #[arg(long)]
+    put_only: bool,
     /// GET over TLS 1.3 (both servers with one self-signed certificate), driven by h2load.
     #[arg(long)]
     tls: bool,
@@ -268,6 +302,14 @@ fn cmd_compare(a: CompareArgs) -> Result<(), String> {
         .iter()
         .map(|s| parse_bytes(s))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut put_sizes = Vec::new();
+    for s in &a.put_sizes {
+        match usize::try_from(parse_bytes(s)?) {
+            Ok(0) => {}
+            Ok(n) => put_sizes.push(n),
+            Err(_) => return Err(format!("--put-sizes {s} does not fit in memory")),
+        }
+    }
     let (run_default, warm_default) = if a.quick { (1.5, 0.5) } else { (8.0, 2.0) };
     let secs = |x: f64| {
         if x.is_finite() && x >= 0.0 {
@@ -279,10 +321,14 @@ fn cmd_compare(a: CompareArgs) -> Result<(), String> {
     let cfg = CompareConfig {
         sluice_bin: a.sluice_bin,
         nginx_bin: a.nginx_bin,
+        h2o_bin: a.h2o_bin,
+        caddy_bin: a.caddy_bin,
+        peers: parse_peers(&a.peers)?,
+        get: !a.put_only,
         pairing: if a.modes {
             Pairing::SpliceVsCopy
         } else {
-            Pairing::SluiceVsNginx
+            Pairing::SluiceVsPeers
         },
         sizes,
         concurrencies: a.concurrency,
@@ -292,9 +338,8 @@ fn cmd_compare(a: CompareArgs) -> Result<(), String> {
         out_dir: a.out_dir,
         loopback_bound: !a.no_loopback_bound,
         idle_connections: a.idle_connections,
-        put_bytes: usize::try_from(parse_bytes(&a.put_bytes)?)
-            .map_err(|_| "--put-bytes does not fit in memory".to_string())?,
-        put_concurrency: a.put_concurrency.max(1),
+        put_sizes,
+        put_concurrencies: a.put_concurrency.iter().map(|&c| c.max(1)).collect(),
         transport: match (a.tls, a.h2) {
             (false, false) => Transport::Plain,
             (true, false) => Transport::TlsHttp1,
@@ -339,6 +384,31 @@ fn main() -> ExitCode {
                     r.gb_per_sec, streams, r.bytes, r.elapsed_secs
                 );
             }
+            Ok(())
+        })(),
+        Cmd::DiskBound {
+            dir,
+            bytes,
+            writers,
+            secs,
+        } => (|| {
+            let len = usize::try_from(parse_bytes(&bytes)?).map_err(|_| "body too large")?;
+            let body = std::sync::Arc::new(sluice_bench::request::Body::generate(len));
+            let r = sluice_bench::disk::write_bound(
+                &dir,
+                &body,
+                writers,
+                parse_duration(&secs.to_string())?,
+            )?;
+            let ms = |q: f64| r.histogram.value_at_quantile(q) as f64 / 1000.0;
+            println!(
+                "disk bound: {:.1} MB/s, {:.1} files/s ({writers} writers, {len} B each, {:.2} s; write + fdatasync + rename p50 {:.3} ms, p99 {:.3} ms)",
+                r.mb_per_sec(),
+                r.requests_per_sec(),
+                r.elapsed.as_secs_f64(),
+                ms(0.5),
+                ms(0.99)
+            );
             Ok(())
         })(),
         Cmd::Compare(a) => cmd_compare(a),
