@@ -111,20 +111,7 @@ fn slow_reader_gets_every_byte() {
         .expect("write");
     // Read in small pieces with pauses, so the socket buffer fills and the
     // server's sends and splices come back short and must be resumed.
-    let mut out = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    let mut reads = 0u32;
-    loop {
-        match read_some(&mut s, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) => panic!("read: {e}"),
-        }
-        reads += 1;
-        if reads % 64 == 0 {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    let out = read_slowly(&mut s);
     let (resp, _) = parse_response(&out, false).expect("response");
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body.len(), body.len());

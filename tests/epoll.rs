@@ -69,20 +69,7 @@ fn slow_reader_gets_every_byte() {
         .expect("write");
     // Small reads with pauses: the socket fills, sendfile comes back with
     // EAGAIN, and the body must go on when the socket drains.
-    let mut out = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    let mut reads = 0u32;
-    loop {
-        match read_some(&mut s, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) => panic!("read: {e}"),
-        }
-        reads += 1;
-        if reads % 64 == 0 {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    let out = read_slowly(&mut s);
     let (resp, _) = parse_response(&out, false).expect("response");
     assert_eq!(resp.status, 200);
     assert!(resp.body == body, "body differs");

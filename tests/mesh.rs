@@ -3,6 +3,11 @@
 mod common;
 use common::{http, metric_at as metric, wait_for};
 
+/// This binary's loopback port range: 20000..32000.
+fn free_ports(n: usize) -> Vec<u16> {
+    common::free_ports_in(20_000, 120, n)
+}
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,27 +17,6 @@ use std::time::{Duration, Instant};
 use common::{server, sha256_hex, Server};
 
 const SECRET: &str = "mesh-test-secret-0123456789";
-
-/// Loopback ports nothing listens on now, for nodes that must know each
-/// other's ports before they start. Taken below the kernel's ephemeral
-/// range (32768+), from a per-process block and a counter: a port bound to
-/// 0 and closed could be handed to a parallel test (or to an outgoing
-/// connection) before the node binds it, and two nodes sharing a port
-/// through SO_REUSEPORT would split each other's connections.
-fn free_ports(n: usize) -> Vec<u16> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let base = 20_000 + (u64::from(std::process::id()) % 120) * 100;
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
-        assert!(offset < 100, "this test binary ran out of its port block");
-        let port = (base + offset) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            out.push(port);
-        }
-    }
-    out
-}
 
 fn addr(port: u16) -> String {
     format!("127.0.0.1:{port}")

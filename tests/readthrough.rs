@@ -8,7 +8,7 @@ use common::{http, metric_at as metric, wait_for};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{server, sha256_hex, Server};
@@ -81,18 +81,7 @@ fn a_hundred_concurrent_misses_cost_one_fetch_and_are_served_like_hits() {
         "an unknown key is a miss on C too"
     );
 
-    let barrier = Arc::new(Barrier::new(100));
-    let handles: Vec<_> = (0..100)
-        .map(|_| {
-            let barrier = Arc::clone(&barrier);
-            std::thread::spawn(move || {
-                barrier.wait();
-                http(c_addr, "GET", path, &[], b"")
-            })
-        })
-        .collect();
-    for h in handles {
-        let r = h.join().expect("client thread");
+    for r in common::concurrent_gets(c_addr, path, 100) {
         assert_eq!(r.status, 200);
         assert!(r.body == payload, "the body read through is A's");
     }
@@ -415,18 +404,7 @@ fn the_fallback_front_reads_through_too() {
     let payload = body(11, 70_000);
     let path = "/cache/fallback-read";
     put_ok(a_addr, path, &payload);
-    let barrier = Arc::new(Barrier::new(20));
-    let handles: Vec<_> = (0..20)
-        .map(|_| {
-            let barrier = Arc::clone(&barrier);
-            std::thread::spawn(move || {
-                barrier.wait();
-                http(c_addr, "GET", path, &[], b"")
-            })
-        })
-        .collect();
-    for h in handles {
-        let r = h.join().expect("client");
+    for r in common::concurrent_gets(c_addr, path, 20) {
         assert_eq!(r.status, 200);
         assert!(r.body == payload);
     }

@@ -10,11 +10,15 @@
 mod common;
 use common::{http, metric_at as metric};
 
+/// This binary's loopback port range: 8000..19000 (mesh uses 20000 up).
+fn free_ports(n: usize) -> Vec<u16> {
+    common::free_ports_in(8_000, 110, n)
+}
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -135,23 +139,6 @@ fn find_or_install_weed() -> Result<PathBuf, String> {
             .rev()
             .collect::<String>()
     ))
-}
-
-/// Loopback ports nothing listens on now, below the ephemeral range, from a
-/// per-process block (as tests/mesh.rs does, in another range).
-fn free_ports(n: usize) -> Vec<u16> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let base = 8_000 + (u64::from(std::process::id()) % 110) * 100;
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
-        assert!(offset < 100, "this test binary ran out of its port block");
-        let port = (base + offset) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            out.push(port);
-        }
-    }
-    out
 }
 
 /// One `weed server` (master, volume, filer, S3) on loopback.

@@ -659,3 +659,65 @@ pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Loopback ports nothing listens on now, for nodes that must know each
+/// other's ports before they start: from a per-process block of 100 in
+/// `[first, first + 100 * blocks)`, below the kernel's ephemeral range
+/// (32768+). A port bound to 0 and closed could be handed to a parallel
+/// test (or an outgoing connection) before the node binds it, and two nodes
+/// sharing a port through SO_REUSEPORT would split each other's
+/// connections. Each test binary passes its own range.
+pub fn free_ports_in(first: u64, blocks: u64, n: usize) -> Vec<u16> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = first + (u64::from(std::process::id()) % blocks) * 100;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(offset < 100, "this test binary ran out of its port block");
+        let port = u16::try_from(base + offset).expect("port below 65536");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            out.push(port);
+        }
+    }
+    out
+}
+
+/// Read `s` to its end in 16 KiB reads, pausing 20 ms every 64 reads, so the
+/// server's socket fills and its sends come back short and must resume.
+pub fn read_slowly(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let mut reads = 0u32;
+    loop {
+        match read_some(s, &mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("read: {e}"),
+        }
+        reads += 1;
+        if reads % 64 == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `n` GETs of `path` on `addr` released at once (a barrier), each on its
+/// own connection; their responses.
+pub fn concurrent_gets(addr: SocketAddr, path: &str, n: usize) -> Vec<Resp> {
+    let barrier = Arc::new(std::sync::Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let barrier = Arc::clone(&barrier);
+            let path = path.to_string();
+            std::thread::spawn(move || {
+                barrier.wait();
+                http(addr, "GET", &path, &[], b"")
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("client thread"))
+        .collect()
+}
