@@ -390,7 +390,18 @@ pub(crate) fn finish_head<'b>(
         } else if name.eq_ignore_ascii_case("host") {
             host_count += 1;
         } else if name.eq_ignore_ascii_case("connection") {
-            for token in value.split(|&b| b == b',').map(trim_ows) {
+            // A value with bytes outside visible ASCII (obs-text) says nothing, as for hyper
+            // (its `to_str` fails and the header is skipped): otherwise an HTTP/1.0 request
+            // with `keep-alive` among such bytes stays open here and closes on the fallback
+            // (found by http1_vs_hyper, fuzz/regressions/http1_vs_hyper/connection-obs-text).
+            let visible = value
+                .iter()
+                .all(|&b| b == b'\t' || (0x20..=0x7e).contains(&b));
+            for token in value
+                .split(|&b| b == b',')
+                .map(trim_ows)
+                .filter(|_| visible)
+            {
                 connection_close |= token.eq_ignore_ascii_case(b"close");
                 connection_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
