@@ -12,7 +12,8 @@ use serde::de::{
 };
 use serde::forward_to_deserialize_any;
 
-use super::{expected, ConfigError, Source, ERROR_VALUE_BYTES_MAX, GIB, KIB, MIB, TIB};
+use super::rules::expected;
+use super::{ConfigError, Source, ERROR_VALUE_BYTES_MAX, GIB, KIB, MIB, TIB};
 
 /// The field names of a struct, or the variant names of an enum, as serde's derive spells
 /// them: the derive hands them to the deserializer, and this one only writes them down.
