@@ -3,6 +3,9 @@
 //! only whether the text is well-formed; the key's rule in `rules.rs` says what is allowed.
 use std::fmt;
 
+/// Most entries in `peers`.
+pub const PEERS_MAX: usize = 256;
+
 /// `host:port` with a non-empty host of name or IP characters (or a bracketed IPv6 literal)
 /// and a port from 1 to 65535.
 pub(super) fn is_host_port(text: &str) -> bool {

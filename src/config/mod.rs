@@ -96,9 +96,10 @@ use addresses::peer_list;
 use de::bytes;
 use layer::scalar_keys;
 
+pub use addresses::PEERS_MAX;
 pub use error::{ConfigError, Source};
 pub use layer::{load, load_text};
-pub use rules::is_valid_namespace;
+pub use rules::{is_valid_namespace, SHUTDOWN_BUDGET_MAX_MS};
 
 /// Prefix of every environment variable sluice reads.
 pub const ENV_PREFIX: &str = "SLUICE_";
@@ -119,11 +120,6 @@ pub const TOKENS_MAX: usize = 1024;
 pub const NAMESPACES_MAX: usize = 1024;
 /// Most names in one token's `namespaces` list.
 pub const TOKEN_NAMESPACES_MAX: usize = 1024;
-/// Most entries in `peers`.
-pub const PEERS_MAX: usize = 256;
-/// Longest shutdown phase or ceiling: a larger budget is clamped to it with a warning, since a
-/// shutdown that waits for days is a typo, not a plan.
-pub const SHUTDOWN_BUDGET_MAX_MS: u64 = 86_400_000;
 /// Longest value quoted back in an error message, in bytes.
 const ERROR_VALUE_BYTES_MAX: usize = 200;
 

@@ -13,8 +13,8 @@ use super::layer::{env_name, scalar_keys};
 use super::{
     Config, ConfigError, EngineChoice, FileServingMode, FsyncPolicy, LogFormat, LogLevel,
     NamespaceRead, Secret, Source, TierWrite, TokenAccess, ENV_CONFIG, ENV_LOG, KIB, MIB,
-    NAMESPACES_MAX, PEERS_MAX, SECRET_BYTES_MAX, SECRET_BYTES_MIN, SHUTDOWN_BUDGET_MAX_MS, TIB,
-    TOKENS_MAX, TOKEN_NAMESPACES_MAX,
+    NAMESPACES_MAX, PEERS_MAX, SECRET_BYTES_MAX, SECRET_BYTES_MIN, TIB, TOKENS_MAX,
+    TOKEN_NAMESPACES_MAX,
 };
 
 /// Upper bound of the body limits: far above any artifact, small enough to catch a typo.
@@ -25,6 +25,9 @@ const TIMEOUT_MS_LIMIT: u64 = 3_600_000;
 const MS_EXPECTED: &str = "a whole number of milliseconds from 0 to 3600000";
 const BUDGET_EXPECTED: &str =
     "a whole number of milliseconds (above 86400000, one day, it is clamped to one day)";
+/// Longest shutdown phase or ceiling: a larger budget is clamped to it with a warning, since a
+/// shutdown that waits for days is a typo, not a plan.
+pub const SHUTDOWN_BUDGET_MAX_MS: u64 = 86_400_000;
 const MS_POSITIVE_EXPECTED: &str = "a whole number of milliseconds from 1 to 3600000";
 const BODY_EXPECTED: &str = "a byte count from 1 byte to 1 TiB: a whole number, or a string \
                              with a suffix B, KiB, MiB, GiB, TiB (1024-based) or kB, MB, GB, TB \

@@ -1,4 +1,5 @@
 //! The config tests: loading, each key's rule, the table checks and the combinations.
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::de::parse_bytes;
@@ -32,6 +33,40 @@ fn err(result: Result<Config, ConfigError>) -> String {
     }
 }
 
+/// Asserts that `message` holds each of `needles`; `case` says which input it came from.
+fn assert_mentions<S: AsRef<str>>(
+    message: &str,
+    needles: impl IntoIterator<Item = S>,
+    case: &dyn fmt::Debug,
+) {
+    for needle in needles {
+        let needle = needle.as_ref();
+        assert!(
+            message.contains(needle),
+            "{case:?}: {needle:?} not in {message}"
+        );
+    }
+}
+
+/// Asserts that `check` gives each row's answer for the row's input.
+fn assert_each<T: PartialEq + fmt::Debug>(rows: &[(&str, T)], check: impl Fn(&str) -> T) {
+    for (input, want) in rows {
+        assert_eq!(check(input), *want, "{input:?}");
+    }
+}
+
+/// Asserts that the message refusing a value names the key, the value as quoted, where it
+/// came from and (a part of) what is allowed.
+fn assert_bad_value(message: &str, key: &str, value: &str, source: &str, allowed: &str) {
+    let needles = [
+        format!("config key `{key}`"),
+        format!("= `{value}`"),
+        format!("(from {source})"),
+        allowed.to_owned(),
+    ];
+    assert_mentions(message, needles, &(key, value));
+}
+
 #[test]
 fn no_input_gives_the_defaults() {
     let config = load_text(None, &[], &Overrides::default()).unwrap();
@@ -55,6 +90,7 @@ fn engine_threads_message_matches_the_documented_form() {
 /// One row per value rule, through the environment: (key, bad value, allowed text).
 #[test]
 fn bad_env_values_name_key_value_source_and_allowed() {
+    #[rustfmt::skip] // one row a line, so the table reads as a table
     let rows: &[(&str, &str, &str)] = &[
         ("listen", "localhost:8080", "an IP address and port"),
         ("listen", "127.0.0.1", "an IP address and port"),
@@ -86,64 +122,28 @@ fn bad_env_values_name_key_value_source_and_allowed() {
         ("peers", "a b:1", "each host:port"),
         ("peers_dns", "sluice-headless", "name:port"),
         ("peer_refresh_ms", "99", "from 100 to 3600000"),
-        (
-            "replication_outbox_bytes_max",
-            "4095",
-            "from 4096 (4 KiB) to 1 TiB",
-        ),
+        ("replication_outbox_bytes_max", "4095", "from 4096 (4 KiB) to 1 TiB"),
         ("anti_entropy_interval_ms", "999", "from 1000 to 86400000"),
         ("tombstone_retention_ms", "59999", "from 60000 (one minute)"),
         ("peer_probe_interval_ms", "0", "from 100 to 3600000"),
-        (
-            "replication_request_timeout_ms",
-            "50",
-            "from 100 to 3600000",
-        ),
-        (
-            "replication_bytes_per_second",
-            "1000",
-            "0 (no limit) or a byte rate from 65536",
-        ),
+        ("replication_request_timeout_ms", "50", "from 100 to 3600000"),
+        ("replication_bytes_per_second", "1000", "0 (no limit) or a byte rate from 65536"),
         ("replication_bytes_per_second", "-1", "0 (no limit)"),
-        (
-            "replication_burst_bytes",
-            "100",
-            "from 4096 (4 KiB) to 1 TiB",
-        ),
-        (
-            "replication_public_latency_target_ms",
-            "0",
-            "from 1 to 60000",
-        ),
+        ("replication_burst_bytes", "100", "from 4096 (4 KiB) to 1 TiB"),
+        ("replication_public_latency_target_ms", "0", "from 1 to 60000"),
         ("read_through", "maybe", "true or false"),
         ("read_through_timeout_ms", "0", "from 1 to 3600000"),
         ("read_through_negative_ms", "-5", "from 0 to 3600000"),
-        (
-            "tier_url",
-            "http://bucket",
-            "s3://bucket or s3://bucket/prefix",
-        ),
+        ("tier_url", "http://bucket", "s3://bucket or s3://bucket/prefix"),
         ("tier_url", "s3://B", "s3://bucket or s3://bucket/prefix"),
-        (
-            "tier_url",
-            "s3://bucket//x",
-            "s3://bucket or s3://bucket/prefix",
-        ),
+        ("tier_url", "s3://bucket//x", "s3://bucket or s3://bucket/prefix"),
         ("tier_endpoint", "127.0.0.1:8333", "http://host:port"),
         ("tier_endpoint", "http://h:1/path", "http://host:port"),
         ("tier_write", "sometimes", "one of behind, through"),
         ("tier_timeout_ms", "99", "from 100 to 3600000"),
         ("send_timeout_ms", "3600001", "from 1 to 3600000"),
-        (
-            "connections_per_ip_max",
-            "1000001",
-            "from 0 to 1000000 (0 = no cap)",
-        ),
-        (
-            "connections_per_ip_max",
-            "-1",
-            "from 0 to 1000000 (0 = no cap)",
-        ),
+        ("connections_per_ip_max", "1000001", "from 0 to 1000000 (0 = no cap)"),
+        ("connections_per_ip_max", "-1", "from 0 to 1000000 (0 = no cap)"),
         ("engine_spin_us", "10001", "from 0 to 10000"),
         ("engine_spin_us", "-1", "from 0 to 10000"),
         ("engine", "turbo", "one of auto, uring, epoll, fallback"),
@@ -158,40 +158,18 @@ fn bad_env_values_name_key_value_source_and_allowed() {
         ("connections_per_core_max", "1000001", "from 1 to 1000000"),
         ("fallback_connections_max", "0", "from 1 to 1000000"),
         ("shutdown_pre_drain_ms", "-5", "clamped to one day"),
-        (
-            "shutdown_teardown_ms",
-            "1e3",
-            "a whole number of milliseconds",
-        ),
-        (
-            "shutdown_replication_ms",
-            "1.5",
-            "a whole number of milliseconds",
-        ),
+        ("shutdown_teardown_ms", "1e3", "a whole number of milliseconds"),
+        ("shutdown_replication_ms", "1.5", "a whole number of milliseconds"),
         ("upgrade_ready_timeout_ms", "0", "from 1 to 3600000"),
         ("pid_file", "", "a non-empty file path"),
         ("shutdown_grace_ms", "forever", "clamped to one day"),
-        (
-            "log_level",
-            "verbose",
-            "one of error, warn, info, debug, trace",
-        ),
+        ("log_level", "verbose", "one of error, warn, info, debug, trace"),
         ("log_format", "logfmt", "one of text, json"),
     ];
     for (key, value, allowed) in rows {
         let var = env_name(key);
         let message = err(from_env(&[(&var, value)]));
-        for needle in [
-            format!("config key `{key}`"),
-            format!("= `{value}`"),
-            format!("(from {var})"),
-            (*allowed).to_owned(),
-        ] {
-            assert!(
-                message.contains(&needle),
-                "{key}={value:?}: {needle:?} not in {message}"
-            );
-        }
+        assert_bad_value(&message, key, value, &var, allowed);
     }
 }
 
@@ -217,290 +195,111 @@ fn every_key_has_an_expected_text_and_env_name() {
 /// One row per value rule in the file: (TOML, key, value as quoted, allowed text).
 #[test]
 fn bad_file_values_name_key_value_source_and_allowed() {
+    #[rustfmt::skip] // one row a line, so the table reads as a table
     let rows: &[(&str, &str, &str, &str)] = &[
         ("listen = 8080", "listen", "8080", "an IP address and port"),
-        (
-            "data_dir = \"\"",
-            "data_dir",
-            "\"\"",
-            "non-empty directory path",
-        ),
+        ("data_dir = \"\"", "data_dir", "\"\"", "non-empty directory path"),
         ("tls_cert = 1", "tls_cert", "1", "non-empty path"),
-        (
-            "allow_anonymous_writes = \"yes\"",
-            "allow_anonymous_writes",
-            "\"yes\"",
-            "true or false",
-        ),
-        (
-            "store_bytes_max = \"10 parsecs\"",
-            "store_bytes_max",
-            "\"10 parsecs\"",
-            "0 for unlimited",
-        ),
-        (
-            "store_bytes_max = -1",
-            "store_bytes_max",
-            "-1",
-            "0 for unlimited",
-        ),
+        ("allow_anonymous_writes = \"yes\"", "allow_anonymous_writes", "\"yes\"", "true or false"),
+        ("store_bytes_max = \"10 parsecs\"", "store_bytes_max", "\"10 parsecs\"", "0 for unlimited"),
+        ("store_bytes_max = -1", "store_bytes_max", "-1", "0 for unlimited"),
         ("fsync = true", "fsync", "true", "one of always, never"),
-        (
-            "head_bytes_max = 1.5",
-            "head_bytes_max",
-            "1.5",
-            "from 1024 to 1048576",
-        ),
-        (
-            "engine_threads = \"4\"",
-            "engine_threads",
-            "\"4\"",
-            "from 0 to 256",
-        ),
-        (
-            "engine = [\"uring\"]",
-            "engine",
-            "an array of 1 items",
-            "one of auto, uring",
-        ),
-        (
-            "log_level = 1979-05-27",
-            "log_level",
-            "1979-05-27",
-            "one of error",
-        ),
-        (
-            "data_dir = 1979-05-27",
-            "data_dir",
-            "1979-05-27",
-            "non-empty directory path",
-        ),
-        (
-            "[namespaces]\nac = [\"token\"]",
-            "namespaces.ac",
-            "an array of 1 items",
-            "a table with key `read`",
-        ),
+        ("head_bytes_max = 1.5", "head_bytes_max", "1.5", "from 1024 to 1048576"),
+        ("engine_threads = \"4\"", "engine_threads", "\"4\"", "from 0 to 256"),
+        ("engine = [\"uring\"]", "engine", "an array of 1 items", "one of auto, uring"),
+        ("log_level = 1979-05-27", "log_level", "1979-05-27", "one of error"),
+        ("data_dir = 1979-05-27", "data_dir", "1979-05-27", "non-empty directory path"),
+        ("[namespaces]\nac = [\"token\"]", "namespaces.ac", "an array of 1 items", "a table with key `read`"),
         ("tokens = [3]", "tokens[0]", "3", "a table with keys name"),
-        (
-            "[namespaces.Bad]\nread = \"public\"",
-            "namespaces",
-            "Bad",
-            "[a-z0-9][a-z0-9_-]{0,63}",
-        ),
-        (
-            "[namespaces.ac]\nread = \"private\"",
-            "namespaces.ac.read",
-            "\"private\"",
-            "one of public, token",
-        ),
+        ("[namespaces.Bad]\nread = \"public\"", "namespaces", "Bad", "[a-z0-9][a-z0-9_-]{0,63}"),
+        ("[namespaces.ac]\nread = \"private\"", "namespaces.ac.read", "\"private\"", "one of public, token"),
         ("namespaces = 3", "namespaces", "3", "[namespaces.NAME]"),
         ("tokens = 3", "tokens", "3", "[[tokens]]"),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"admin\"",
-            "tokens[0].access",
-            "\"admin\"",
-            "one of ro, rw",
-        ),
-        (
-            "[[tokens]]\nname = \"bad name\"\nsecret = \"0123456789abcdef\"\naccess = \"ro\"",
-            "tokens[0].name",
-            "\"bad name\"",
-            "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}",
-        ),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret = \"short\"\naccess = \"ro\"",
-            "tokens[0].secret",
-            "<redacted, 5 bytes>",
-            "16 to 1024 bytes",
-        ),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret = \"\"\naccess = \"ro\"",
-            "tokens[0].secret",
-            "<redacted, 0 bytes>",
-            "16 to 1024 bytes",
-        ),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret = \"has a space in it!\"\naccess = \"ro\"",
-            "tokens[0].secret",
-            "<redacted, 18 bytes>",
-            "visible ASCII",
-        ),
-        (
-            "[[tokens]]\nname = \"a\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
-             [[tokens]]\nname = \"a\"\nsecret = \"fedcba9876543210\"\naccess = \"rw\"",
-            "tokens[1].name",
-            "\"a\"",
-            "a name no other token uses",
-        ),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret_env = \"SLUICE_LISTEN\"\naccess = \"ro\"",
-            "tokens[0].secret_env",
-            "\"SLUICE_LISTEN\"",
-            "not itself a sluice setting",
-        ),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret_env = \"NOT_SET\"\naccess = \"ro\"",
-            "tokens[0].secret_env",
-            "\"NOT_SET\"",
-            "it is not set",
-        ),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
-             namespaces = []",
-            "tokens[0].namespaces",
-            "[]",
-            "at least one namespace name; leave the key out for every namespace",
-        ),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
-             namespaces = \"team-a\"",
-            "tokens[0].namespaces",
-            "\"team-a\"",
-            "an array of namespace names",
-        ),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
-             [tokens.namespaces]\nteam-a = true",
-            "tokens[0].namespaces",
-            "a table",
-            "an array of namespace names",
-        ),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
-             namespaces = [\"team-a\", \"Team-B\"]",
-            "tokens[0].namespaces[1]",
-            "\"Team-B\"",
-            "[a-z0-9][a-z0-9_-]{0,63}",
-        ),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
-             namespaces = [\"a/b\"]",
-            "tokens[0].namespaces[0]",
-            "\"a/b\"",
-            "`ac` and `cas`",
-        ),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
-             namespaces = [\"\"]",
-            "tokens[0].namespaces[0]",
-            "\"\"",
-            "a namespace name matching",
-        ),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
-             namespaces = [\"ac\", 7]",
-            "tokens[0].namespaces[1]",
-            "7",
-            "a namespace name matching",
-        ),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
-             namespaces = [\"ac\", [\"cas\"]]",
-            "tokens[0].namespaces[1]",
-            "an array of 1 items",
-            "a namespace name matching",
-        ),
-        (
-            "[[tokens]]\nname = \"a\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
-             [[tokens]]\nname = \"b\"\nsecret = \"fedcba9876543210\"\naccess = \"ro\"\n\
-             namespaces = [\"ac\", \"cas\", \"ac\"]",
-            "tokens[1].namespaces[2]",
-            "\"ac\"",
-            "a namespace not already listed for this token",
-        ),
     ];
-    for (text, key, value, allowed) in rows {
-        let message = err(from_file(text));
-        for needle in [
-            format!("config key `{key}`"),
-            format!("= `{value}`"),
-            "(from sluice.toml)".to_owned(),
-            (*allowed).to_owned(),
-        ] {
-            assert!(
-                message.contains(&needle),
-                "{text:?}: {needle:?} not in {message}"
-            );
-        }
+    #[rustfmt::skip] // the TOML on the row's first line, what the error names on its second
+    let token_rows: &[(&str, &str, &str, &str)] = &[
+        ("[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"admin\"",
+            "tokens[0].access", "\"admin\"", "one of ro, rw"),
+        ("[[tokens]]\nname = \"bad name\"\nsecret = \"0123456789abcdef\"\naccess = \"ro\"",
+            "tokens[0].name", "\"bad name\"", "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"),
+        ("[[tokens]]\nname = \"ci\"\nsecret = \"short\"\naccess = \"ro\"",
+            "tokens[0].secret", "<redacted, 5 bytes>", "16 to 1024 bytes"),
+        ("[[tokens]]\nname = \"ci\"\nsecret = \"\"\naccess = \"ro\"",
+            "tokens[0].secret", "<redacted, 0 bytes>", "16 to 1024 bytes"),
+        ("[[tokens]]\nname = \"ci\"\nsecret = \"has a space in it!\"\naccess = \"ro\"",
+            "tokens[0].secret", "<redacted, 18 bytes>", "visible ASCII"),
+        ("[[tokens]]\nname = \"a\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+          [[tokens]]\nname = \"a\"\nsecret = \"fedcba9876543210\"\naccess = \"rw\"",
+            "tokens[1].name", "\"a\"", "a name no other token uses"),
+        ("[[tokens]]\nname = \"ci\"\nsecret_env = \"SLUICE_LISTEN\"\naccess = \"ro\"",
+            "tokens[0].secret_env", "\"SLUICE_LISTEN\"", "not itself a sluice setting"),
+        ("[[tokens]]\nname = \"ci\"\nsecret_env = \"NOT_SET\"\naccess = \"ro\"",
+            "tokens[0].secret_env", "\"NOT_SET\"", "it is not set"),
+        ("[[tokens]]\nname = \"a\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n\
+          [[tokens]]\nname = \"b\"\nsecret = \"fedcba9876543210\"\naccess = \"ro\"\n\
+          namespaces = [\"ac\", \"cas\", \"ac\"]",
+            "tokens[1].namespaces[2]", "\"ac\"", "a namespace not already listed for this token"),
+    ];
+    // The read-write token `ci` with one more line: its `namespaces` key.
+    let ci_rw = "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"rw\"\n";
+    #[rustfmt::skip] // the line on the row's first line, what the error names on its second
+    let scope_rows: &[(&str, &str, &str, &str)] = &[
+        ("namespaces = []",
+            "tokens[0].namespaces", "[]",
+            "at least one namespace name; leave the key out for every namespace"),
+        ("namespaces = \"team-a\"",
+            "tokens[0].namespaces", "\"team-a\"", "an array of namespace names"),
+        ("[tokens.namespaces]\nteam-a = true",
+            "tokens[0].namespaces", "a table", "an array of namespace names"),
+        ("namespaces = [\"team-a\", \"Team-B\"]",
+            "tokens[0].namespaces[1]", "\"Team-B\"", "[a-z0-9][a-z0-9_-]{0,63}"),
+        ("namespaces = [\"a/b\"]",
+            "tokens[0].namespaces[0]", "\"a/b\"", "`ac` and `cas`"),
+        ("namespaces = [\"\"]",
+            "tokens[0].namespaces[0]", "\"\"", "a namespace name matching"),
+        ("namespaces = [\"ac\", 7]",
+            "tokens[0].namespaces[1]", "7", "a namespace name matching"),
+        ("namespaces = [\"ac\", [\"cas\"]]",
+            "tokens[0].namespaces[1]", "an array of 1 items", "a namespace name matching"),
+    ];
+    let scoped = scope_rows
+        .iter()
+        .map(|&(line, key, value, allowed)| (format!("{ci_rw}{line}"), key, value, allowed));
+    let texts = rows.iter().chain(token_rows);
+    let texts = texts.map(|&(text, key, value, allowed)| (text.to_owned(), key, value, allowed));
+    for (text, key, value, allowed) in texts.chain(scoped) {
+        let message = err(from_file(&text));
+        assert_bad_value(&message, key, value, "sluice.toml", allowed);
     }
+}
+
+/// A bad flag value: the [`Overrides`] with only `$field` set to `$value`, the key, the value
+/// and the flag the error must name.
+macro_rules! flag_row {
+    ($field:ident, $value:expr, $flag:expr) => {
+        (
+            Overrides {
+                $field: Some($value.into()),
+                ..Overrides::default()
+            },
+            stringify!($field),
+            $value,
+            $flag,
+        )
+    };
 }
 
 #[test]
 fn bad_flag_values_name_the_flag() {
     let rows: &[(Overrides, &str, &str, &str)] = &[
-        (
-            Overrides {
-                listen: Some("nowhere".into()),
-                ..Overrides::default()
-            },
-            "listen",
-            "nowhere",
-            "--listen",
-        ),
-        (
-            Overrides {
-                data_dir: Some(String::new()),
-                ..Overrides::default()
-            },
-            "data_dir",
-            "",
-            "--data-dir",
-        ),
-        (
-            Overrides {
-                engine: Some("warp".into()),
-                ..Overrides::default()
-            },
-            "engine",
-            "warp",
-            "--engine",
-        ),
-        (
-            Overrides {
-                engine_threads: Some("abc".into()),
-                ..Overrides::default()
-            },
-            "engine_threads",
-            "abc",
-            "--engine-threads",
-        ),
-        (
-            Overrides {
-                file_serving_mode: Some("mmap".into()),
-                ..Overrides::default()
-            },
-            "file_serving_mode",
-            "mmap",
-            "--file-serving-mode",
-        ),
-        (
-            Overrides {
-                body_read_timeout_ms: Some("0".into()),
-                ..Overrides::default()
-            },
-            "body_read_timeout_ms",
-            "0",
-            "--body-read-timeout-ms",
-        ),
-        (
-            Overrides {
-                send_timeout_ms: Some("1s".into()),
-                ..Overrides::default()
-            },
-            "send_timeout_ms",
-            "1s",
-            "--send-timeout-ms",
-        ),
-        (
-            Overrides {
-                connections_per_ip_max: Some("-1".into()),
-                ..Overrides::default()
-            },
-            "connections_per_ip_max",
-            "-1",
-            "--connections-per-ip-max",
-        ),
+        flag_row!(listen, "nowhere", "--listen"),
+        flag_row!(data_dir, "", "--data-dir"),
+        flag_row!(engine, "warp", "--engine"),
+        flag_row!(engine_threads, "abc", "--engine-threads"),
+        flag_row!(file_serving_mode, "mmap", "--file-serving-mode"),
+        flag_row!(body_read_timeout_ms, "0", "--body-read-timeout-ms"),
+        flag_row!(send_timeout_ms, "1s", "--send-timeout-ms"),
+        flag_row!(connections_per_ip_max, "-1", "--connections-per-ip-max"),
     ];
     for (overrides, key, value, flag) in rows {
         let message = err(load_text(None, &[], overrides));
@@ -533,11 +332,7 @@ fn tier_endpoint_needs_tier_url() {
 #[test]
 fn peer_secret_rules() {
     for bad in ["short", "sixteen bytes!!!", "ab\u{e9}cdefghijklmnopq"] {
-        let message = err(load_text(
-            None,
-            &env(&[("SLUICE_PEER_SECRET", bad)]),
-            &Overrides::default(),
-        ));
+        let message = err(from_env(&[("SLUICE_PEER_SECRET", bad)]));
         assert!(message.contains("config key `peer_secret`"), "{message}");
         assert!(message.contains("16 to 1024 bytes"), "{message}");
         assert!(
@@ -545,20 +340,12 @@ fn peer_secret_rules() {
             "the secret is quoted back: {message}"
         );
     }
-    let message = err(load_text(
-        None,
-        &env(&[("SLUICE_PEERS", "127.0.0.1:9001")]),
-        &Overrides::default(),
-    ));
+    let message = err(from_env(&[("SLUICE_PEERS", "127.0.0.1:9001")]));
     assert!(message.contains("`peer_secret`"), "{message}");
-    let config = load_text(
-        None,
-        &env(&[
-            ("SLUICE_PEERS", "127.0.0.1:9001, 127.0.0.1:9002"),
-            ("SLUICE_PEER_SECRET", "0123456789abcdef"),
-        ]),
-        &Overrides::default(),
-    )
+    let config = from_env(&[
+        ("SLUICE_PEERS", "127.0.0.1:9001, 127.0.0.1:9002"),
+        ("SLUICE_PEER_SECRET", "0123456789abcdef"),
+    ])
     .unwrap();
     assert_eq!(config.peers, ["127.0.0.1:9001", "127.0.0.1:9002"]);
     assert_eq!(config.peer_secret.expose(), b"0123456789abcdef");
@@ -730,24 +517,19 @@ fn env_and_flags_cover_every_overridable_key() {
 
 #[test]
 fn unknown_file_keys_are_named_with_their_table_and_the_allowed_keys() {
+    #[rustfmt::skip] // the TOML on the row's first line, what the error names on its second
     let rows: &[(&str, &str, &str, &str)] = &[
-        ("lisen = \"127.0.0.1:1\"", "`lisen`", "the top level", "listen, data_dir"),
-        ("[namespaces.ac]\nread = \"token\"\nwrite = \"token\"", "`write`", "`[namespaces.ac]`", "read"),
-        (
-            "[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"ro\"\nscope = \"x\"",
-            "`scope`",
-            "`[[tokens]]` entry 0",
-            "name, secret, secret_env, access",
-        ),
+        ("lisen = \"127.0.0.1:1\"",
+            "`lisen`", "the top level", "listen, data_dir"),
+        ("[namespaces.ac]\nread = \"token\"\nwrite = \"token\"",
+            "`write`", "`[namespaces.ac]`", "read"),
+        ("[[tokens]]\nname = \"ci\"\nsecret = \"0123456789abcdef\"\naccess = \"ro\"\nscope = \"x\"",
+            "`scope`", "`[[tokens]]` entry 0", "name, secret, secret_env, access"),
     ];
     for (text, key, table, allowed) in rows {
         let message = err(from_file(text));
-        for needle in [*key, *table, *allowed, "sluice.toml", "unknown config key"] {
-            assert!(
-                message.contains(needle),
-                "{text:?}: {needle:?} not in {message}"
-            );
-        }
+        let needles = [*key, *table, *allowed, "sluice.toml", "unknown config key"];
+        assert_mentions(&message, needles, text);
     }
 }
 
@@ -816,9 +598,7 @@ fn byte_sizes_take_suffixes() {
         ("0x10", None),
         (" 1", None),
     ];
-    for (text, want) in rows {
-        assert_eq!(parse_bytes(text), *want, "{text:?}");
-    }
+    assert_each(rows, parse_bytes);
     let config = from_file(
         "store_bytes_max = \"10GiB\"\nbody_bytes_max = 1048576\n\
          gradle_body_bytes_max = \"50MB\"\nhead_bytes_max = \"32KiB\"",
@@ -881,15 +661,13 @@ fn public_listen_with_anonymous_writes_needs_consent() {
             Ok(_) => assert!(ok, "{listen} {tokens:?} {allow} loaded"),
             Err(error) => {
                 assert!(!ok, "{listen} {tokens:?} {allow}: {error}");
-                let message = error.to_string();
-                for needle in [
+                let needles = [
                     listen,
                     "access = \"rw\"",
                     "--allow-anonymous-writes",
                     "allow_anonymous_writes = true",
-                ] {
-                    assert!(message.contains(needle), "{needle:?} not in {message}");
-                }
+                ];
+                assert_mentions(&error.to_string(), needles, &text);
             }
         }
     }
@@ -1000,12 +778,7 @@ fn impossible_combinations_are_errors() {
             &env(vars),
             &Overrides::default(),
         ));
-        for needle in *needles {
-            assert!(
-                message.contains(needle),
-                "{text:?}: {needle:?} not in {message}"
-            );
-        }
+        assert_mentions(&message, *needles, text);
     }
     // Both TLS paths, and budgets that exactly fit, are fine.
     from_file(
@@ -1195,13 +968,12 @@ fn token_namespaces_default_to_all_and_keep_their_order() {
         Some(TOKEN_NAMESPACES_MAX)
     );
     let message = err(from_file(&token(names(TOKEN_NAMESPACES_MAX + 1))));
-    for needle in [
+    let needles = [
         "config key `tokens[0].namespaces`",
         "= `1025 names`",
         "at most 1024 namespace names",
-    ] {
-        assert!(message.contains(needle), "{needle:?} not in {message}");
-    }
+    ];
+    assert_mentions(&message, needles, &"1025 names");
 }
 
 #[test]
@@ -1222,7 +994,5 @@ fn namespace_names_follow_the_pattern() {
         ("a.b", false),
         ("a/b", false),
     ];
-    for (name, ok) in rows {
-        assert_eq!(is_valid_namespace(name), *ok, "{name:?}");
-    }
+    assert_each(rows, is_valid_namespace);
 }
