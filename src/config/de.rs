@@ -1,7 +1,8 @@
 //! The serde side of the config loader, written once for every key: a deserializer that
 //! reads one layer's entries (TOML values from the file, text from the environment or a flag)
 //! into the derived [`Config`](super::Config), and ties each refusal to the key, the value as
-//! given and its source. Nothing here names a key; what a key accepts is `super::rules`.
+//! given and its source. Nothing here names a key; what a key accepts is `super::rules`, which
+//! the caller passes to [`DeError::into_config_error`].
 use std::fmt;
 use std::path::Path;
 
@@ -12,7 +13,6 @@ use serde::de::{
 };
 use serde::forward_to_deserialize_any;
 
-use super::rules::expected;
 use super::{ConfigError, Source, ERROR_VALUE_BYTES_MAX, GIB, KIB, MIB, TIB};
 
 /// The field names of a struct, or the variant names of an enum, as serde's derive spells
@@ -111,31 +111,46 @@ pub(super) enum DeError {
 }
 
 impl DeError {
-    /// Ties the error to the value at `key`.
+    /// Ties the error to the value at `key`. What the key accepts is written in by
+    /// [`DeError::into_config_error`]: this adapter knows no key's rule.
     fn at(self, key: &str, raw: RawRef<'_>, source: &Source, file: &Path) -> Self {
         let error = match self {
             Self::Located(error) => return Self::Located(error),
-            Self::Missing(field) => {
-                let key = format!("{key}.{field}");
-                ConfigError::MissingKey {
-                    expected: expected(&key),
-                    key,
-                    path: file.to_path_buf(),
-                }
-            }
+            Self::Missing(field) => ConfigError::MissingKey {
+                key: format!("{key}.{field}"),
+                path: file.to_path_buf(),
+                expected: String::new(),
+            },
             Self::Value(_) | Self::UnknownKey(..) => ConfigError::BadValue {
                 key: key.to_owned(),
                 value: raw.display(),
                 source: source.clone(),
-                expected: expected(key),
+                expected: String::new(),
             },
         };
         Self::Located(Box::new(error))
     }
 
-    pub(super) fn into_config_error(self) -> ConfigError {
+    /// The error for the operator, with `expected(key)` (the key's rule, from `rules.rs`) as
+    /// what the key at fault accepts.
+    pub(super) fn into_config_error(self, expected: fn(&str) -> String) -> ConfigError {
         match self {
-            Self::Located(error) => *error,
+            Self::Located(error) => match *error {
+                ConfigError::MissingKey { key, path, .. } => ConfigError::MissingKey {
+                    expected: expected(&key),
+                    key,
+                    path,
+                },
+                ConfigError::BadValue {
+                    key, value, source, ..
+                } => ConfigError::BadValue {
+                    expected: expected(&key),
+                    key,
+                    value,
+                    source,
+                },
+                other => other,
+            },
             // Every value is read through `MapDe`, which locates its errors; keep the text if
             // serde ever fails elsewhere.
             other => ConfigError::Conflict {

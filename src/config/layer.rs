@@ -5,28 +5,12 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::de::{names, truncate, DeError, Entry, MapDe, Raw};
-use super::rules::{check_tables, rules, validate};
+use super::de::{truncate, Entry, MapDe, Raw};
+use super::rules::{check_tables, expected, rules, validate};
 use super::{
-    Config, ConfigError, Overrides, Source, TokenConfig, ENV_CONFIG, ENV_LOG, ENV_PREFIX,
-    ENV_UPGRADE_FD,
+    env_name, scalar_keys, Config, ConfigError, Overrides, Source, TokenConfig, ENV_CONFIG,
+    ENV_LOG, ENV_PREFIX, ENV_UPGRADE_FD, TABLE_KEYS,
 };
-
-/// Keys that are tables in the file; nothing else may set them.
-const TABLE_KEYS: [&str; 2] = ["namespaces", "tokens"];
-
-/// The keys the environment (and the flags) may set, in declaration order.
-pub(super) fn scalar_keys() -> Vec<&'static str> {
-    names::<Config>()
-        .iter()
-        .copied()
-        .filter(|key| !TABLE_KEYS.contains(key))
-        .collect()
-}
-
-pub(super) fn env_name(key: &str) -> String {
-    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
-}
 
 /// Loads the configuration: defaults, then `file` (if any), then the `SLUICE_*` variables in
 /// `env` (the binary passes the process environment), then `overrides`; then checks the
@@ -153,7 +137,7 @@ fn flag_layer(overrides: &Overrides) -> Vec<Entry> {
 fn check_layer(layer: &[Entry], file: &Path) -> Result<Config, ConfigError> {
     let items = layer.iter().map(|e| (e.key.as_str(), e.raw(), &e.source));
     let config = Config::deserialize(MapDe::new(String::new(), items.collect(), file))
-        .map_err(DeError::into_config_error)?;
+        .map_err(|error| error.into_config_error(expected))?;
     for rule in rules(&config).into_iter().filter(|rule| !rule.ok) {
         if let Some(entry) = layer.iter().find(|e| e.key == rule.key) {
             return Err(ConfigError::BadValue {

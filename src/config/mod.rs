@@ -93,8 +93,7 @@ mod layer;
 mod rules;
 
 use addresses::peer_list;
-use de::bytes;
-use layer::scalar_keys;
+use de::{bytes, names};
 
 pub use addresses::PEERS_MAX;
 pub use error::{ConfigError, Source};
@@ -547,6 +546,22 @@ impl Default for Config {
             tokens: Vec::new(),
         }
     }
+}
+
+/// Keys that are tables in the file; nothing else may set them.
+const TABLE_KEYS: [&str; 2] = ["namespaces", "tokens"];
+
+/// The keys the environment (and the flags) may set, in declaration order.
+fn scalar_keys() -> Vec<&'static str> {
+    names::<Config>()
+        .iter()
+        .copied()
+        .filter(|key| !TABLE_KEYS.contains(key))
+        .collect()
+}
+
+fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
 }
 
 impl Config {

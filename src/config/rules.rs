@@ -9,12 +9,11 @@ use serde::de::DeserializeOwned;
 
 use super::addresses::{is_endpoint, is_host_port, is_tier_url};
 use super::de::{names, truncate, Entry};
-use super::layer::{env_name, scalar_keys};
 use super::{
-    Config, ConfigError, EngineChoice, FileServingMode, FsyncPolicy, LogFormat, LogLevel,
-    NamespaceRead, Secret, Source, TierWrite, TokenAccess, ENV_CONFIG, ENV_LOG, KIB, MIB,
-    NAMESPACES_MAX, PEERS_MAX, SECRET_BYTES_MAX, SECRET_BYTES_MIN, TIB, TOKENS_MAX,
-    TOKEN_NAMESPACES_MAX,
+    env_name, scalar_keys, Config, ConfigError, EngineChoice, FileServingMode, FsyncPolicy,
+    LogFormat, LogLevel, NamespaceRead, Secret, Source, TierWrite, TokenAccess, ENV_CONFIG,
+    ENV_LOG, KIB, MIB, NAMESPACES_MAX, PEERS_MAX, SECRET_BYTES_MAX, SECRET_BYTES_MIN, TIB,
+    TOKENS_MAX, TOKEN_NAMESPACES_MAX,
 };
 
 /// Upper bound of the body limits: far above any artifact, small enough to catch a typo.

@@ -3,7 +3,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::de::parse_bytes;
-use super::layer::{env_name, scalar_keys};
 use super::rules::rules;
 use super::*;
 
