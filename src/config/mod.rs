@@ -560,6 +560,7 @@ fn scalar_keys() -> Vec<&'static str> {
         .collect()
 }
 
+/// The environment variable that sets `key`: `SLUICE_` and the key in capitals.
 fn env_name(key: &str) -> String {
     format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
 }
