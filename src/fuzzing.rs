@@ -529,7 +529,7 @@ pub fn check_chunked(data: &[u8]) {
 /// `Record::parse` never panics on any line, and a line it accepts is exactly what
 /// `Record::line` writes for the record it returns, so a restart replays the same entries.
 pub fn check_outbox_record(data: &[u8]) {
-    use crate::replication::outbox::Record;
+    use crate::delivery::outbox::Record;
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };

@@ -3,8 +3,10 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod delivery;
 pub mod doctor;
 pub mod engine;
+pub mod exchange;
 pub mod fallback;
 pub mod front;
 #[cfg(feature = "fuzzing")]

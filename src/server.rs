@@ -199,9 +199,7 @@ pub fn run_with(
         .collect::<Result<_, _>>()
         .map_err(|e| ServeError(format!("cannot keep the listeners for upgrades: {e}")))?;
     // Before anything is served: no acknowledged write may miss the outbox.
-    let replication = crate::replication::attach(&config, local, &app)
-        .map_err(|e| ServeError(format!("cannot open the replication outbox: {e}")))?;
-    crate::tier::attach(&config, &app).map_err(ServeError)?;
+    let replication = attach_fleet(&config, local, &app)?;
     let engine = crate::engine::start(&config, &app, &fallback, listeners)
         .map_err(|e| ServeError(format!("cannot start the engine: {e}")))?;
     let replication = match replication {
@@ -224,7 +222,7 @@ pub fn run_with(
                     transport.clone(),
                 )
                 .map_err(|e| ServeError(format!("cannot start the read-through: {e}")))?;
-                app.set_read_through(rt);
+                app.set_miss_fetcher(rt);
             }
             Some(
                 crate::replication::driver::start(replication, app.store.clone(), transport)
@@ -312,6 +310,63 @@ pub fn run_with(
     );
     drop(handoff);
     Ok(())
+}
+
+/// Plug the fleet into `app` (before anything is served, so no
+/// acknowledged write misses an outbox): the replication mesh when peers or
+/// a peer secret are configured, the object-store tier when `tier_url` is
+/// set, and the one limiter their background bytes share. The replication
+/// thread starts later, once the engine's transport exists.
+fn attach_fleet(
+    config: &Config,
+    listen: std::net::SocketAddr,
+    app: &Arc<App>,
+) -> Result<Option<Arc<crate::replication::Replication>>, ServeError> {
+    let replication = crate::replication::Settings::from_config(config, listen);
+    let tier = crate::tier::Settings::from_config(config);
+    if replication.is_none() && tier.is_none() {
+        return Ok(None);
+    }
+    let limiter = Arc::new(crate::delivery::Limiter::from_config(
+        config,
+        Arc::clone(&app.metrics.pressure),
+    ));
+    let replication = match replication {
+        Some(settings) => {
+            let r = Arc::new(
+                crate::replication::Replication::open(
+                    settings,
+                    &config.data_dir,
+                    Arc::clone(&limiter),
+                )
+                .map_err(|e| ServeError(format!("cannot open the replication outbox: {e}")))?,
+            );
+            app.set_peer_service(Arc::clone(&r) as _);
+            app.add_write_listener(Arc::clone(&r) as _);
+            let m = Arc::clone(&r);
+            app.add_metrics_source(move |out| m.render_metrics(out));
+            let s = Arc::clone(&r);
+            app.add_status_source(move || ("replication".to_string(), s.render_status()));
+            Some(r)
+        }
+        None => None,
+    };
+    if let Some(settings) = tier {
+        let tier =
+            crate::tier::Tier::open(settings, &config.data_dir, app.store.clone(), Some(limiter))
+                .map_err(ServeError)?;
+        app.add_write_listener(Arc::clone(&tier) as _);
+        app.set_miss_reader(Arc::clone(&tier) as _);
+        let t = Arc::clone(&tier);
+        app.store
+            .set_evict_guard(Box::new(move |rel: &str| t.may_evict(rel)));
+        let t = Arc::clone(&tier);
+        app.add_metrics_source(move |out| t.render_metrics(out));
+        let t = Arc::clone(&tier);
+        app.add_status_source(move || ("tier".to_string(), t.render_status()));
+        tier.start();
+    }
+    Ok(replication)
 }
 
 /// The shutdown phases (see docs/operations.md): (1) readiness 503 while serving, (2) stop

@@ -18,11 +18,12 @@ use crate::engine::task::{FileBody, OutgoingResponse, TaskError};
 type Built = (Vec<u8>, Option<FileBody>, u64);
 use crate::store::Store;
 
-use super::outbox::{Op, Record};
-use super::policy::{Action, Membership, Next, PeerPolicy, PeerState, Rng, Transition};
+use super::policy::{Action, Membership, PeerPolicy, PeerState, Transition};
 use super::summary::{self, Entry};
 use super::transport::{self, Transport};
 use super::{PeerView, Replication, AUTH_SCHEME};
+use crate::delivery::outbox::{Op, Record};
+use crate::delivery::{Next, Rng};
 
 /// Repairs queued from one anti-entropy run per peer; more wait for the
 /// next run.
@@ -505,7 +506,7 @@ impl Driver {
     fn auth_header(&self) -> String {
         format!(
             "Authorization: {AUTH_SCHEME} {}\r\n",
-            self.r.settings.peer_secret
+            self.r.peer_secret_text()
         )
     }
 
@@ -1117,7 +1118,7 @@ fn query(
 ) -> Result<Vec<u8>, String> {
     let deadline = Instant::now() + QUERY_WAIT;
     loop {
-        let resp = fetch(transport, addr, path, &r.settings.peer_secret)?;
+        let resp = fetch(transport, addr, path, &r.peer_secret_text())?;
         match resp.status {
             200 => return Ok(resp.body),
             503 if Instant::now() < deadline => {

@@ -1,8 +1,9 @@
 //! The replication mesh: a set of sluice nodes is one cache.
 //!
-//! - [`policy`]: the sans-IO state machines (backoff, membership, outbox
-//!   cursor, per-peer decisions), driven with a clock passed in.
-//! - [`outbox`]: the durable outbox every acknowledged write goes through.
+//! - [`policy`]: the sans-IO state machines (membership, per-peer
+//!   decisions), driven with a clock passed in; backoff, the outbox cursor,
+//!   the durable outbox and the limiter are `crate::delivery`'s, shared with
+//!   the object-store tier.
 //! - [`peer_api`]: the receiving side, `/_peer/v1/...` on the public port,
 //!   opened only by `peer_secret`.
 //! - [`summary`]: anti-entropy summaries (bucketed digests of what a node
@@ -15,48 +16,32 @@
 //! See `docs/replication.md` for the model and its guarantees.
 
 pub mod driver;
-pub mod limiter;
-pub mod outbox;
 pub mod peer_api;
 pub mod policy;
 pub mod read_through;
 pub mod summary;
 pub mod transport;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::app::Reply;
-use crate::config::Config;
-use outbox::{Op, Outbox};
+use crate::app::{PutFollowUp, WriteListener};
+use crate::config::{Config, Secret};
+use crate::delivery::outbox::{Op, Outbox};
+use crate::delivery::{Limiter, Series};
+use crate::exchange::Reply;
 
-/// Every peer API path starts with this. Public routes never do (a
-/// namespace or key cannot start with `_`... and none of the fixed routes
-/// does), so the prefix is reserved.
-pub const PEER_PREFIX: &str = "/_peer/";
+/// Every peer API path starts with this (reserved by the application).
+pub use crate::app::PEER_PREFIX;
 /// The `Authorization` scheme of peer requests: `SluicePeer <peer_secret>`.
 /// Not `Bearer`, so a peer secret is never mistaken for a public token and
 /// a public token never opens the peer API.
 pub const AUTH_SCHEME: &str = "SluicePeer";
 
-/// Milliseconds since the Unix epoch (write times).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// The limiter's burst: `replication_burst_bytes`, or a quarter second of the rate.
-pub fn burst_bytes(config: &Config) -> u64 {
-    match config.replication_burst_bytes {
-        0 => (config.replication_bytes_per_second / 4).max(64 * 1024),
-        n => n,
-    }
-}
+pub use crate::store::now_ms;
 
 /// What the replication thread needs from the configuration.
 #[derive(Clone, Debug)]
@@ -66,7 +51,8 @@ pub struct Settings {
     /// `name:port`, re-resolved every `peer_refresh`.
     pub peers_dns: Option<String>,
     pub peer_refresh: Duration,
-    pub peer_secret: String,
+    /// Opens the peer API, and is sent to the peers (redacted in `Debug`).
+    pub peer_secret: Secret,
     pub outbox_bytes_max: u64,
     pub anti_entropy_interval: Duration,
     pub probe_interval: Duration,
@@ -82,10 +68,6 @@ pub struct Settings {
     /// with a `peer_secret` still answers the peer API (an origin that
     /// replicates to nobody) but records no outbox entries.
     pub replicates: bool,
-    /// The limiter: bytes per second (0 = off), burst bytes, public TTFB target.
-    pub limit_bytes_per_second: u64,
-    pub burst_bytes: u64,
-    pub public_latency_target: Duration,
     /// Read-through from peers on a local miss (only when `replicates`).
     pub read_through: bool,
     pub read_through_timeout: Duration,
@@ -100,13 +82,11 @@ impl Settings {
         if !replicates && !config.peer_secret.is_given() {
             return None;
         }
-        let limit = config.replication_bytes_per_second;
-        let burst = burst_bytes(config);
         Some(Settings {
             peers: config.peers.clone(),
             peers_dns: config.peers_dns.clone(),
             peer_refresh: Duration::from_millis(config.peer_refresh_ms),
-            peer_secret: String::from_utf8_lossy(config.peer_secret.expose()).into_owned(),
+            peer_secret: config.peer_secret.clone(),
             outbox_bytes_max: config.replication_outbox_bytes_max,
             anti_entropy_interval: Duration::from_millis(config.anti_entropy_interval_ms),
             probe_interval: Duration::from_millis(config.peer_probe_interval_ms),
@@ -116,44 +96,10 @@ impl Settings {
             body_bytes_max: config.body_bytes_max.max(config.gradle_body_bytes_max),
             tombstone_retention: Duration::from_millis(config.tombstone_retention_ms),
             replicates,
-            limit_bytes_per_second: limit,
-            burst_bytes: burst,
-            public_latency_target: Duration::from_millis(
-                config.replication_public_latency_target_ms,
-            ),
             read_through: replicates && config.read_through,
             read_through_timeout: Duration::from_millis(config.read_through_timeout_ms),
             read_through_negative: Duration::from_millis(config.read_through_negative_ms),
         })
-    }
-}
-
-/// Labelled counters and gauges for `/metrics`, written by the replication
-/// thread and the peer API (never by the public fast path).
-#[derive(Default)]
-pub struct Series {
-    values: Mutex<BTreeMap<(&'static str, String), u64>>,
-}
-
-impl Series {
-    pub fn add(&self, name: &'static str, labels: String, n: u64) {
-        let mut v = self.values.lock().unwrap_or_else(PoisonError::into_inner);
-        *v.entry((name, labels)).or_default() += n;
-    }
-
-    pub fn set(&self, name: &'static str, labels: String, n: u64) {
-        let mut v = self.values.lock().unwrap_or_else(PoisonError::into_inner);
-        v.insert((name, labels), n);
-    }
-
-    pub fn get(&self, name: &'static str, labels: &str) -> u64 {
-        let v = self.values.lock().unwrap_or_else(PoisonError::into_inner);
-        v.get(&(name, labels.to_string())).copied().unwrap_or(0)
-    }
-
-    fn snapshot(&self) -> Vec<((&'static str, String), u64)> {
-        let v = self.values.lock().unwrap_or_else(PoisonError::into_inner);
-        v.iter().map(|(k, n)| (k.clone(), *n)).collect()
     }
 }
 
@@ -215,18 +161,19 @@ pub struct Replication {
     pub summaries: summary::Cache,
     /// The bandwidth limiter every peer body draws from (and the object-store
     /// tier's uploads: one budget for all replication).
-    pub limiter: Arc<limiter::Limiter>,
+    pub limiter: Arc<Limiter>,
     /// The peers' addresses and states, published by the replication thread
     /// for read-through.
     pub peer_addrs: Mutex<Vec<(String, SocketAddr, policy::PeerState)>>,
 }
 
 impl Replication {
-    /// Open the outbox (in `data_dir/.outbox`) and the node id.
+    /// Open the outbox (in `data_dir/.outbox`) and the node id. Peer bodies
+    /// draw from `limiter` (the node's one budget, shared with the tier).
     pub fn open(
         settings: Settings,
         data_dir: &Path,
-        pressure: Arc<crate::pressure::PublicPressure>,
+        limiter: Arc<Limiter>,
     ) -> std::io::Result<Replication> {
         let outbox = Outbox::open(
             &data_dir.join(".outbox"),
@@ -259,12 +206,6 @@ impl Replication {
         ] {
             series.add(name, String::new(), 0);
         }
-        let limiter = Arc::new(limiter::Limiter::new(
-            settings.limit_bytes_per_second,
-            settings.burst_bytes,
-            settings.public_latency_target,
-            pressure,
-        ));
         Ok(Replication {
             settings,
             limiter,
@@ -293,8 +234,14 @@ impl Replication {
         else {
             return false;
         };
-        let secret = self.settings.peer_secret.as_bytes();
+        let secret = self.settings.peer_secret.expose();
         !secret.is_empty() && bool::from(rest.trim_ascii().ct_eq(secret))
+    }
+
+    /// The peer secret as a request to a peer carries it. Read out of its
+    /// redacting [`Secret`] only here, where a request is written.
+    pub fn peer_secret_text(&self) -> String {
+        String::from_utf8_lossy(self.settings.peer_secret.expose()).into_owned()
     }
 
     /// Record an acknowledged PUT for the peers. `Err` is the reply the
@@ -479,30 +426,17 @@ fn node_id(data_dir: &Path) -> std::io::Result<String> {
     Ok(id)
 }
 
-/// Attach replication to `app` when peers are configured (before anything
-/// is served, so no acknowledged write misses the outbox). The thread
-/// starts later, with [`driver::start`], once the transport exists.
-pub fn attach(
-    config: &Config,
-    listen: SocketAddr,
-    app: &Arc<crate::app::App>,
-) -> std::io::Result<Option<Arc<Replication>>> {
-    let Some(settings) = Settings::from_config(config, listen) else {
-        return Ok(None);
-    };
-    let replication = Arc::new(Replication::open(
-        settings,
-        &config.data_dir,
-        Arc::clone(&app.metrics.pressure),
-    )?);
-    app.set_replication(Arc::clone(&replication));
-    {
-        let r = Arc::clone(&replication);
-        app.add_metrics_source(move |out| r.render_metrics(out));
+/// Every acknowledged client write and delete is recorded in the outbox
+/// before its 2xx.
+impl WriteListener for Replication {
+    fn begin_put(self: Arc<Self>, ns: &str, key: &str) -> PutFollowUp {
+        let (ns, key) = (ns.to_string(), key.to_string());
+        PutFollowUp::OnCommit(Box::new(move |committed| {
+            self.record_put(&ns, &key, committed.write_time_ms).err()
+        }))
     }
-    {
-        let r = Arc::clone(&replication);
-        app.add_status_source(move || ("replication".to_string(), r.render_status()));
+
+    fn deleted(&self, ns: &str, key: &str, time_ms: u64) -> Result<(), Reply> {
+        self.record_delete(ns, key, time_ms)
     }
-    Ok(Some(replication))
 }

@@ -19,19 +19,30 @@
 //! same key between them may be overwritten by an older replicated one;
 //! the next anti-entropy run (which compares both ways) repairs it.
 
-use crate::app::{App, Decision, PutSink, Reply, RequestInfo};
+use std::sync::Arc;
+
+use crate::app::{App, PeerService};
+use crate::exchange::{Decision, OnCommit, PutSink, Reply, RequestInfo};
 use crate::store::{valid_key, valid_namespace, DeleteAt, PutOptions};
 
 use super::summary::Query;
 use super::Replication;
 
+impl PeerService for Replication {
+    fn handle(self: Arc<Self>, app: &App, req: &RequestInfo<'_>, rest: &str) -> Decision {
+        handle(app, &self, req, rest)
+    }
+}
+
 /// Handle a request whose path starts with `/_peer/`; `rest` follows it.
-pub fn handle(app: &App, req: &RequestInfo<'_>, rest: &str) -> Decision {
+pub fn handle(
+    app: &App,
+    replication: &Arc<Replication>,
+    req: &RequestInfo<'_>,
+    rest: &str,
+) -> Decision {
     let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
     let reply = |r: Reply| Decision::Reply(if has_body { r.closing() } else { r });
-    let Some(replication) = app.replication() else {
-        return reply(Reply::error(404, "this node has no peers configured"));
-    };
     let count = |result: &str| {
         replication.series.add(
             "sluice_replication_received_requests_total",
@@ -109,7 +120,7 @@ fn parse_write(ns: &str, key: &str, time: &str) -> Result<u64, Reply> {
 #[allow(clippy::too_many_arguments)]
 fn put(
     app: &App,
-    replication: &Replication,
+    replication: &Arc<Replication>,
     req: &RequestInfo<'_>,
     ns: &str,
     key: &str,
@@ -170,8 +181,8 @@ fn put(
     match app.store.begin_put(ns, key, options) {
         Ok(writer) => {
             let mut sink = PutSink::new(writer, body_bytes_max);
-            let series_ok = std::sync::Arc::clone(app.replication().expect("checked above"));
-            sink.set_on_commit(crate::app::OnCommit(Box::new(move |committed| {
+            let series_ok = Arc::clone(replication);
+            sink.set_on_commit(OnCommit(Box::new(move |committed| {
                 let result = if committed.superseded {
                     "result=\"kept\""
                 } else {
@@ -241,9 +252,9 @@ fn get(
         headers,
         content_length: Some(len),
         body: if head {
-            crate::app::ReplyBody::Empty
+            crate::exchange::ReplyBody::Empty
         } else {
-            crate::app::ReplyBody::File {
+            crate::exchange::ReplyBody::File {
                 artifact,
                 offset,
                 len,
@@ -282,7 +293,7 @@ fn query(replication: &Replication, q: Query, count: &dyn Fn(&str)) -> Reply {
         Some(body) => {
             count("summary");
             let mut r = Reply::text(200, String::new());
-            r.body = crate::app::ReplyBody::Bytes(body.to_vec());
+            r.body = crate::exchange::ReplyBody::Bytes(body.to_vec());
             r.content_length = Some(body.len() as u64);
             r
         }

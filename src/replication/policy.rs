@@ -1,5 +1,5 @@
-//! The replication policies, sans-IO: per-peer backoff, membership and the
-//! outbox cursor. Each is a plain struct driven by events and a clock passed
+//! The replication policies, sans-IO: membership and each peer's decisions
+//! (over `crate::delivery`'s backoff and outbox cursor). Each is a plain struct driven by events and a clock passed
 //! in (`now: Instant`); none opens a socket, reads a file or sleeps. The
 //! replication thread drives them with the real clock, the unit tests below
 //! with a fake one (a week of flapping peers in milliseconds, from a seed).
@@ -7,90 +7,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-/// First backoff after a failure.
-pub const BACKOFF_FIRST_MS: u64 = 2_000;
-/// Backoff never grows past this (jitter included).
-pub const BACKOFF_MAX_MS: u64 = 60_000;
-/// Jitter: each delay is scaled by a factor drawn in `1 ± JITTER_PERMILLE/1000`,
-/// so peers that failed together do not retry together.
-pub const JITTER_PERMILLE: u64 = 100;
+use crate::delivery::{Backoff, Next, OutboxCursor, Rng};
+
 /// Requests in flight to one healthy peer. While a peer is failing, one.
 pub const SEND_WINDOW_MAX: usize = 8;
-
-/// A small deterministic generator (xorshift64*): jitter needs no quality,
-/// and the tests need runs that repeat from a seed.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.max(1))
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform-ish in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-}
-
-/// Per-peer backoff: 2 s after the first failure, doubling to at most 60 s,
-/// with jitter; the first success clears it.
-#[derive(Clone, Debug, Default)]
-pub struct Backoff {
-    failures: u32,
-    until: Option<Instant>,
-}
-
-impl Backoff {
-    /// The next attempt may start now.
-    pub fn ready(&self, now: Instant) -> bool {
-        self.until.is_none_or(|t| now >= t)
-    }
-
-    /// When the next attempt may start, if it has to wait.
-    pub fn until(&self) -> Option<Instant> {
-        self.until
-    }
-
-    /// Failures since the last success.
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
-
-    /// The current window (0 when healthy), for `sluice_peer_backoff_seconds`.
-    pub fn remaining(&self, now: Instant) -> Duration {
-        self.until
-            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
-    }
-
-    /// A failure at `now`: returns when the next attempt may start.
-    pub fn on_failure(&mut self, now: Instant, rng: &mut Rng) -> Instant {
-        self.failures = self.failures.saturating_add(1);
-        let doublings = self.failures.saturating_sub(1).min(16);
-        let base_ms = BACKOFF_FIRST_MS
-            .saturating_mul(1u64 << doublings)
-            .min(BACKOFF_MAX_MS);
-        let factor = 1000 - JITTER_PERMILLE + rng.below(2 * JITTER_PERMILLE + 1);
-        let delay_ms = (base_ms * factor / 1000).min(BACKOFF_MAX_MS);
-        let until = now + Duration::from_millis(delay_ms);
-        self.until = Some(until);
-        until
-    }
-
-    pub fn on_success(&mut self) {
-        self.failures = 0;
-        self.until = None;
-    }
-}
 
 /// What membership knows of a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,107 +101,6 @@ impl Membership {
             from,
             to,
         })
-    }
-}
-
-/// One peer's position in the outbox log (byte offsets). Entries are sent
-/// in order, several at once; they may complete out of order, and a failed
-/// one is sent again before anything new. The durable cursor is the lowest
-/// offset not yet acknowledged: everything before it has been taken by the
-/// peer. A crash re-sends from there, which is harmless (re-applying a
-/// replicated write changes nothing).
-#[derive(Clone, Debug, Default)]
-pub struct OutboxCursor {
-    /// Next unsent offset.
-    read_pos: u64,
-    /// Sent, no answer yet: start → end.
-    in_flight: BTreeMap<u64, u64>,
-    /// Failed, to send again first: start → end.
-    retry: BTreeMap<u64, u64>,
-}
-
-/// What the cursor wants sent next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Next {
-    /// The entry at `start` again (its end is known).
-    Again { start: u64, end: u64 },
-    /// The entry at `start` (the driver reads it to learn its end).
-    New { start: u64 },
-}
-
-impl OutboxCursor {
-    pub fn at(pos: u64) -> OutboxCursor {
-        OutboxCursor {
-            read_pos: pos,
-            ..OutboxCursor::default()
-        }
-    }
-
-    /// Everything before this offset has been acknowledged.
-    pub fn acked(&self) -> u64 {
-        let mut low = self.read_pos;
-        if let Some((&s, _)) = self.in_flight.first_key_value() {
-            low = low.min(s);
-        }
-        if let Some((&s, _)) = self.retry.first_key_value() {
-            low = low.min(s);
-        }
-        low
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
-
-    /// What to send next, if `window` allows and there is anything before `end`.
-    pub fn next(&self, end: u64, window: usize) -> Option<Next> {
-        if self.in_flight.len() >= window {
-            return None;
-        }
-        if let Some((&start, &stop)) = self.retry.first_key_value() {
-            return Some(Next::Again { start, end: stop });
-        }
-        (self.read_pos < end).then_some(Next::New {
-            start: self.read_pos,
-        })
-    }
-
-    /// The entry `start..end` is on its way.
-    pub fn on_sent(&mut self, start: u64, end: u64) {
-        self.retry.remove(&start);
-        self.in_flight.insert(start, end);
-        if start == self.read_pos {
-            self.read_pos = end;
-        }
-    }
-
-    /// The entry `start..end` needs no sending (its artifact is gone, or it
-    /// was already handled): as good as acknowledged.
-    pub fn skip(&mut self, start: u64, end: u64) {
-        self.retry.remove(&start);
-        self.in_flight.remove(&start);
-        if start == self.read_pos {
-            self.read_pos = end;
-        }
-    }
-
-    pub fn on_ack(&mut self, start: u64) {
-        self.in_flight.remove(&start);
-    }
-
-    pub fn on_fail(&mut self, start: u64) {
-        if let Some(end) = self.in_flight.remove(&start) {
-            self.retry.insert(start, end);
-        }
-    }
-
-    /// Nothing before `pos` needs sending any more (the peer overflowed and
-    /// anti-entropy covers it). Answers to entries before `pos` still in
-    /// flight are ignored when they come.
-    pub fn jump(&mut self, pos: u64) {
-        self.read_pos = self.read_pos.max(pos);
-        self.retry.retain(|&s, _| s >= pos);
-        self.in_flight.retain(|&s, _| s >= pos);
     }
 }
 
@@ -448,32 +267,10 @@ impl PeerPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::backoff::{BACKOFF_FIRST_MS, JITTER_PERMILLE};
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
-    }
-
-    #[test]
-    fn backoff_doubles_to_the_cap_with_jitter_and_clears() {
-        let t0 = Instant::now();
-        let mut rng = Rng::new(7);
-        let mut b = Backoff::default();
-        assert!(b.ready(t0));
-        let mut expected_ms = BACKOFF_FIRST_MS;
-        for _ in 0..12 {
-            let until = b.on_failure(t0, &mut rng);
-            let got = until.duration_since(t0).as_millis() as u64;
-            let low = expected_ms * (1000 - JITTER_PERMILLE) / 1000;
-            let high = (expected_ms * (1000 + JITTER_PERMILLE) / 1000).min(BACKOFF_MAX_MS);
-            assert!((low..=high).contains(&got), "{got} not in {low}..={high}");
-            assert!(!b.ready(t0));
-            assert!(b.ready(until));
-            expected_ms = (expected_ms * 2).min(BACKOFF_MAX_MS);
-        }
-        b.on_success();
-        assert!(b.ready(t0));
-        let again = b.on_failure(t0, &mut rng).duration_since(t0).as_millis() as u64;
-        assert!(again <= BACKOFF_FIRST_MS * 11 / 10);
     }
 
     #[test]
@@ -496,34 +293,6 @@ mod tests {
         );
         assert!(m.observe("b:1", PeerState::Myself).is_some());
         assert!(m.observe("b:1", PeerState::Up).is_none(), "self stays self");
-    }
-
-    #[test]
-    fn cursor_acks_out_of_order_and_retries_first() {
-        let mut c = OutboxCursor::at(0);
-        // Entries of 10 bytes each.
-        for i in 0..4 {
-            assert_eq!(c.next(100, 8), Some(Next::New { start: i * 10 }));
-            c.on_sent(i * 10, i * 10 + 10);
-        }
-        assert_eq!(c.next(100, 4), None, "window full");
-        c.on_ack(10);
-        c.on_ack(30);
-        assert_eq!(c.acked(), 0);
-        c.on_fail(0);
-        assert_eq!(c.next(100, 8), Some(Next::Again { start: 0, end: 10 }));
-        c.on_sent(0, 10);
-        c.on_ack(0);
-        assert_eq!(c.acked(), 20);
-        c.on_ack(20);
-        assert_eq!(c.acked(), 40);
-        c.skip(40, 55);
-        assert_eq!(c.acked(), 55);
-        c.on_sent(55, 60);
-        c.jump(80);
-        assert_eq!(c.acked(), 80);
-        c.on_ack(55); // late answer before the jump: ignored
-        assert_eq!(c.acked(), 80);
     }
 
     /// A simulated peer over a week, flapping from a seed; the node must

@@ -55,7 +55,7 @@ pub const BOUNDS: Bounds = Bounds {
 };
 
 /// Called once when the request may be decided again.
-pub type Waiter = Box<dyn FnOnce() + Send>;
+pub use crate::app::Waiter;
 type Key = (String, String);
 
 /// Why a peer's answer was not taken.
@@ -127,6 +127,21 @@ enum Event {
         id: u64,
         result: Result<u64, &'static str>,
     },
+}
+
+/// The peers fill a miss the request waits for.
+impl crate::app::MissFetcher for ReadThrough {
+    fn known_absent(&self, ns: &str, key: &str) -> bool {
+        ReadThrough::known_absent(self, ns, key)
+    }
+
+    fn request(&self, ns: &str, key: &str, done: Waiter) {
+        ReadThrough::request(self, ns, key, done)
+    }
+
+    fn timeout(&self) -> Duration {
+        ReadThrough::timeout(self)
+    }
 }
 
 /// The read-through of one node.
@@ -398,7 +413,7 @@ impl Worker {
         let remaining = fetch.deadline.saturating_duration_since(Instant::now());
         let request = format!(
             "GET /_peer/v1/get/{ns}/{key} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {AUTH_SCHEME} {}\r\n\r\n",
-            self.rt.r.settings.peer_secret
+            self.rt.r.peer_secret_text()
         );
         let events = self.rt.events.clone();
         let mut req = transport::request(
@@ -459,7 +474,7 @@ impl Worker {
                 // streamed into the store on a thread of its own.
                 if let Some(addr) = fetch.asked {
                     let (store, events) = (self.store.clone(), self.rt.events.clone());
-                    let secret = self.rt.r.settings.peer_secret.clone();
+                    let secret = self.rt.r.peer_secret_text();
                     let idle = self.rt.r.settings.request_timeout;
                     let deadline = fetch.deadline;
                     let spawned = std::thread::Builder::new()

@@ -498,7 +498,9 @@ fn temp_name() -> String {
 /// previous process that had the same pid).
 const TEMP_NAME_ATTEMPTS_MAX: usize = 16;
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch: write times, last-access times,
+/// tombstone times (0 before the epoch, saturating far after it).
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -22,10 +22,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use crate::app::Reply;
+use crate::app::{PutFollowUp, WriteListener};
 use crate::config::{Config, TierWrite};
-use crate::replication::outbox::{Op, Outbox, RECORD_BYTES_MAX};
-use crate::replication::Series;
+use crate::delivery::outbox::{Op, Outbox, RECORD_BYTES_MAX};
+use crate::delivery::{Limiter, Series};
+use crate::exchange::Reply;
 use crate::store::Store;
 
 /// The tier's name as the one target of its outbox.
@@ -131,7 +132,7 @@ pub struct Tier {
     /// The replication limiter (shared with the peers when there are any):
     /// write-behind uploads draw from it; write-through ones do not (a
     /// client waits for them).
-    pub(crate) limiter: std::sync::OnceLock<Arc<crate::replication::limiter::Limiter>>,
+    pub(crate) limiter: Option<Arc<Limiter>>,
     pub(crate) throttled_bytes: std::sync::atomic::AtomicU64,
     latency: Mutex<Latency>,
     pub(crate) view: Mutex<View>,
@@ -144,7 +145,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Tier {
     /// Build the client, open the tier's outbox (`data_dir/.tier-outbox`)
     /// and rebuild the set of artifacts still to upload from it.
-    pub fn open(settings: Settings, data_dir: &Path, store: Store) -> Result<Arc<Tier>, String> {
+    /// Write-behind uploads draw from `limiter` (the node's one budget for
+    /// background bytes, shared with the peers; `None` only in tests that
+    /// upload nothing).
+    pub fn open(
+        settings: Settings,
+        data_dir: &Path,
+        store: Store,
+        limiter: Option<Arc<Limiter>>,
+    ) -> Result<Arc<Tier>, String> {
         let client = client::Client::build(
             &settings.url,
             settings.endpoint.as_deref(),
@@ -202,7 +211,7 @@ impl Tier {
             kick: tokio::sync::Notify::new(),
             recovered: std::sync::atomic::AtomicBool::new(false),
             series,
-            limiter: std::sync::OnceLock::new(),
+            limiter,
             throttled_bytes: std::sync::atomic::AtomicU64::new(0),
             latency: Mutex::new(Latency::default()),
             view: Mutex::new(View {
@@ -299,7 +308,7 @@ impl Tier {
         hold: Hold,
         write_time_ms: u64,
         reply: Reply,
-        send: crate::app::ReplyLater,
+        send: crate::exchange::ReplyLater,
     ) {
         let tier = Arc::clone(self);
         self.rt.spawn(async move {
@@ -579,49 +588,45 @@ impl Drop for Hold {
     }
 }
 
-/// Open the tier when `tier_url` is set, attach it to `app` (queueing,
-/// read-through, metrics, `/status`) and to the store's eviction, and start
-/// its upload loop. Called before anything is served.
-pub fn attach(config: &Config, app: &Arc<crate::app::App>) -> Result<Option<Arc<Tier>>, String> {
-    let Some(settings) = Settings::from_config(config) else {
-        return Ok(None);
-    };
-    let tier = Tier::open(settings, &config.data_dir, app.store.clone())?;
-    // One budget for all replication: the peers' limiter when there are
-    // peers, else one of the tier's own with the same keys.
-    let limiter = match app.replication() {
-        Some(r) => Arc::clone(&r.limiter),
-        None => Arc::new(crate::replication::limiter::Limiter::new(
-            config.replication_bytes_per_second,
-            crate::replication::burst_bytes(config),
-            Duration::from_millis(config.replication_public_latency_target_ms),
-            Arc::clone(&app.metrics.pressure),
-        )),
-    };
-    let _ = tier.limiter.set(limiter);
-    app.set_tier(Arc::clone(&tier));
-    {
-        let t = Arc::clone(&tier);
-        app.store
-            .set_evict_guard(Box::new(move |rel: &str| t.may_evict(rel)));
+impl Tier {
+    /// Start the upload loop and the health probe on the tier runtime.
+    pub fn start(self: &Arc<Self>) {
+        self.rt.spawn(upload::run(Arc::clone(self)));
+        self.rt.spawn(upload::probe(Arc::clone(self)));
+        tracing::info!(
+            url = %self.settings.url,
+            endpoint = self.settings.endpoint.as_deref().unwrap_or("aws"),
+            queued = self.outbox.backlog(TARGET).entries,
+            "object-store tier attached"
+        );
     }
-    {
-        let t = Arc::clone(&tier);
-        app.add_metrics_source(move |out| t.render_metrics(out));
+}
+
+/// The tier hears about every acknowledged client write: it holds the new
+/// artifact from before its commit (eviction spares it) and queues it
+/// (write-behind) or uploads it before the reply (write-through).
+impl WriteListener for Tier {
+    fn refuse_put(&self) -> Option<Reply> {
+        Tier::refuse_put(self)
     }
-    {
-        let t = Arc::clone(&tier);
-        app.add_status_source(move || ("tier".to_string(), t.render_status()));
+
+    fn begin_put(self: Arc<Self>, ns: &str, key: &str) -> PutFollowUp {
+        let hold = self.hold(ns, key);
+        match self.settings.write {
+            TierWrite::Through => {
+                PutFollowUp::AfterCommit(Box::new(move |committed, reply, send| {
+                    self.upload_through(hold, committed.write_time_ms, reply, send);
+                }))
+            }
+            TierWrite::Behind => PutFollowUp::OnCommit(Box::new(move |committed| {
+                self.queue_put(hold, committed.write_time_ms).err()
+            })),
+        }
     }
-    tier.rt.spawn(upload::run(Arc::clone(&tier)));
-    tier.rt.spawn(upload::probe(Arc::clone(&tier)));
-    tracing::info!(
-        url = %tier.settings.url,
-        endpoint = tier.settings.endpoint.as_deref().unwrap_or("aws"),
-        queued = tier.outbox.backlog(TARGET).entries,
-        "object-store tier attached"
-    );
-    Ok(Some(tier))
+
+    fn deleted(&self, ns: &str, key: &str, time_ms: u64) -> Result<(), Reply> {
+        self.queue_delete(ns, key, time_ms)
+    }
 }
 
 #[cfg(test)]
@@ -654,7 +659,7 @@ mod tests {
         w.write(b"body").unwrap();
         w.commit().unwrap();
         let rel = crate::store::relative_path("ns", "k");
-        let tier = Tier::open(settings(1 << 20), tmp.path(), store.clone()).unwrap();
+        let tier = Tier::open(settings(1 << 20), tmp.path(), store.clone(), None).unwrap();
         assert!(tier.may_evict(&rel));
         // Held from before the commit; a PUT that never commits releases it.
         drop(tier.hold("ns", "k"));
@@ -666,7 +671,7 @@ mod tests {
         assert_eq!(tier.pending_keys(), 1);
         drop(tier);
         // kill -9: the queue is on disk, and so is what eviction must spare.
-        let tier = Tier::open(settings(1 << 20), tmp.path(), store.clone()).unwrap();
+        let tier = Tier::open(settings(1 << 20), tmp.path(), store.clone(), None).unwrap();
         assert!(!tier.may_evict(&rel));
         assert_eq!(tier.outbox.backlog(TARGET).entries, 1);
         // The upload loop acknowledges it: released.
@@ -682,7 +687,7 @@ mod tests {
             ..StoreConfig::default()
         })
         .unwrap();
-        let tier = Tier::open(settings(4096), tmp.path(), store).unwrap();
+        let tier = Tier::open(settings(4096), tmp.path(), store, None).unwrap();
         let mut queued = 0;
         while tier.refuse_put().is_none() {
             tier.queue_put(tier.hold("ns", &format!("k{queued}")), 1)

@@ -14,7 +14,8 @@ use object_store::Attribute;
 use super::client::{TierError, META_SHA256, META_WRITE_TIME_MS};
 use super::policy::{self, Miss, Outcome};
 use super::{lock, Tier};
-use crate::app::Reply;
+use crate::app::{MissReader, Waiter};
+use crate::exchange::Reply;
 use crate::route::ArtifactKind;
 use crate::store::{PutOptions, StoreError};
 
@@ -22,6 +23,34 @@ use crate::store::{PutOptions, StoreError};
 /// progress (each piece of the body must come within `tier_timeout_ms`, so
 /// a stalled fetch ends much sooner): a guard against waiting for ever.
 const WAIT_MS_MAX: u64 = 600_000;
+
+/// The tier answers a local miss on the cold-open path.
+impl MissReader for Tier {
+    fn answer_miss(
+        &self,
+        kind: ArtifactKind,
+        ns: &str,
+        key: &str,
+        range: Option<&[u8]>,
+        conditional: bool,
+    ) -> Option<Reply> {
+        Tier::answer_miss(self, kind, ns, key, range, conditional)
+    }
+
+    fn on_cold(
+        &self,
+        ns: &str,
+        key: &str,
+        range: Option<&[u8]>,
+        conditional: bool,
+    ) -> Option<Reply> {
+        Tier::on_cold(self, ns, key, range, conditional)
+    }
+
+    fn fill(self: Arc<Self>, ns: String, key: String, done: Waiter) {
+        self.read_through_then(ns, key, move |_| done());
+    }
+}
 
 fn id(ns: &str, key: &str) -> String {
     format!("{ns}/{key}")
@@ -337,7 +366,7 @@ fn range_reply(ns: &str, key: &str, piece: &policy::Piece, start: u64, end: u64)
         status: 206,
         headers,
         content_length: Some(body.len() as u64),
-        body: crate::app::ReplyBody::Bytes(body),
+        body: crate::exchange::ReplyBody::Bytes(body),
         close: false,
     }
 }

@@ -16,8 +16,8 @@ use tokio::task::JoinSet;
 
 use super::client::TierError;
 use super::{lock, Tier, TARGET, UPLOADS_IN_FLIGHT_MAX};
-use crate::replication::outbox::{Op, Record};
-use crate::replication::policy::{Backoff, Next, OutboxCursor, Rng};
+use crate::delivery::outbox::{Op, Record};
+use crate::delivery::{Backoff, Next, OutboxCursor, Rng};
 
 /// `Retry-After` on a 507 for a full upload queue, seconds.
 pub const RETRY_AFTER_FULL_SECS: u64 = 5;
@@ -47,7 +47,7 @@ pub async fn upload_put(tier: &Tier, ns: &str, key: &str, limited: bool) -> Sent
         Err(err) => return Sent::Failed(format!("cannot open the artifact: {err}")),
     };
     let write_time_ms = artifact.write_time_ms().unwrap_or(0);
-    if let Some(limiter) = tier.limiter.get().filter(|_| limited) {
+    if let Some(limiter) = tier.limiter.as_ref().filter(|_| limited) {
         let mut waited = false;
         while let Err(until) = limiter.acquire(Instant::now(), artifact.len) {
             waited = true;
@@ -145,7 +145,7 @@ pub async fn probe(tier: Arc<Tier>) {
 pub async fn run(tier: Arc<Tier>) {
     let mut cursor = OutboxCursor::at(tier.outbox.mark(TARGET).map_or(0, |m| m.acked));
     let mut backoff = Backoff::default();
-    let mut rng = Rng::new(crate::replication::now_ms());
+    let mut rng = Rng::new(crate::store::now_ms());
     let mut tasks: JoinSet<(u64, Record, Sent)> = JoinSet::new();
     // Keys with an entry in flight: two entries of one key never overlap, so
     // a delete cannot overtake the upload before it.

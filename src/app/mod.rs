@@ -7,149 +7,30 @@
 //! [`PutSink`] and send the reply it finishes with. Statuses, headers and
 //! bodies are decided here once, so the two front ends cannot drift apart.
 
+mod fleet;
+
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Instant;
 
 use crate::auth::{Access, Auth, Denied};
-use crate::config::{Config, TierWrite};
+use crate::config::Config;
+// The request and reply types live below the application (every layer uses
+// them); they are re-exported here for the front ends that speak of both.
+pub use crate::exchange::{
+    close_if_unread, reason, store_error, AfterCommit, CommitHook, Decision, Later, OnCommit,
+    PutSink, Reply, ReplyBody, ReplyLater, RequestInfo,
+};
 use crate::http1::{
-    content_range, content_range_unsatisfied, evaluate, if_range, parse_range, Conditions,
-    Precondition, RangeOutcome,
+    content_range, content_range_unsatisfied, evaluate, if_range, parse_range, Precondition,
+    RangeOutcome,
 };
 use crate::metrics::{write_metric, Metrics};
-use crate::replication::Replication;
 use crate::route::{classify, Action, ArtifactKind, Route, RouteError};
-use crate::store::{
-    Artifact, Committed, DeleteAt, OpenCache, PutOptions, PutWriter, Store, StoreError,
+use crate::store::{DeleteAt, OpenCache, PutOptions, Store, StoreError};
+pub use fleet::{
+    MissFetcher, MissReader, PeerService, PutFollowUp, Waiter, WriteListener, PEER_PREFIX,
 };
-
-/// The request facts every decision needs, borrowed from whichever parser
-/// read the head.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RequestInfo<'a> {
-    /// Method token as sent (`GET`, `PUT`, …).
-    pub method: &'a str,
-    /// Request-target path, without the query.
-    pub path: &'a str,
-    /// Raw `Authorization` value.
-    pub authorization: Option<&'a [u8]>,
-    /// Raw `Range` value.
-    pub range: Option<&'a [u8]>,
-    /// Raw `If-None-Match` value.
-    pub if_none_match: Option<&'a [u8]>,
-    /// Raw `If-Match` value.
-    pub if_match: Option<&'a [u8]>,
-    /// Raw `If-Range` value.
-    pub if_range: Option<&'a [u8]>,
-    /// Declared body length, when framed by `Content-Length`.
-    pub content_length: Option<u64>,
-    /// True when the body is `chunked` (length unknown up front).
-    pub chunked: bool,
-    /// A local miss may be answered by a read-through from the peers
-    /// ([`Decision::Fetch`]). False once the request has waited for one:
-    /// its second miss is the answer.
-    pub read_through: bool,
-}
-
-/// Body of a [`Reply`].
-#[derive(Debug)]
-pub enum ReplyBody {
-    /// No body bytes (HEAD, 204, 304, 1xx).
-    Empty,
-    /// A small generated body (errors, `/metrics`, `/status`).
-    Bytes(Vec<u8>),
-    /// `len` bytes of an artifact file starting at `offset` (absolute file
-    /// offset: the store's header is already skipped).
-    File {
-        artifact: Artifact,
-        offset: u64,
-        len: u64,
-    },
-}
-
-/// A complete response, decided before its body is sent.
-#[derive(Debug)]
-pub struct Reply {
-    pub status: u16,
-    /// Headers other than `Content-Length` and `Connection`, which the front
-    /// end writes from `content_length` and `close`.
-    pub headers: Vec<(&'static str, String)>,
-    /// Value of `Content-Length` (for HEAD: what GET would send).
-    pub content_length: Option<u64>,
-    pub body: ReplyBody,
-    /// Close the connection after this reply: framing is in doubt or a
-    /// request body was left unread.
-    pub close: bool,
-}
-
-impl Reply {
-    /// A reply with a short plain-text body.
-    pub fn text(status: u16, text: impl Into<String>) -> Reply {
-        let body = text.into().into_bytes();
-        Reply {
-            status,
-            headers: vec![("content-type", "text/plain; charset=utf-8".to_string())],
-            content_length: Some(body.len() as u64),
-            body: ReplyBody::Bytes(body),
-            close: false,
-        }
-    }
-
-    /// An error reply whose body names the status and the reason.
-    pub fn error(status: u16, detail: &str) -> Reply {
-        Reply::text(status, format!("{} {}: {detail}\n", status, reason(status)))
-    }
-
-    pub fn empty(status: u16) -> Reply {
-        Reply {
-            status,
-            headers: Vec::new(),
-            // RFC 9110 §8.6: no Content-Length on 204.
-            content_length: (status != 204).then_some(0),
-            body: ReplyBody::Empty,
-            close: false,
-        }
-    }
-
-    /// Mark the reply as the last on its connection.
-    pub fn closing(mut self) -> Reply {
-        self.close = true;
-        self
-    }
-
-    /// Drop the body but keep the headers (HEAD).
-    fn without_body(mut self) -> Reply {
-        self.body = ReplyBody::Empty;
-        self
-    }
-}
-
-/// The reason phrase sluice uses for `status`.
-pub fn reason(status: u16) -> &'static str {
-    crate::http1::reason_phrase(status)
-}
-
-/// What the front end must do next.
-#[derive(Debug)]
-pub enum Decision {
-    /// Send this reply. If the request carried a body that was not read,
-    /// `Reply::close` is set.
-    Reply(Reply),
-    /// Accept the request body (answering `100 Continue` first if the client
-    /// asked for it), feed it to the sink, then send what
-    /// [`PutSink::finish`] returns.
-    ReceiveBody(PutSink),
-    /// The artifact is not in memory (its path or header would be read from
-    /// the disk). Only [`App::handle_with`] under a no-wait [`OpenCache`]
-    /// answers this: the ring engine opens it on another thread, so its own
-    /// thread never waits for a disk, and then asks again.
-    Cold { namespace: String, key: String },
-    /// The artifact is not here, and the peers may hold it: the front end
-    /// asks the read-through ([`App::read_through`]) with a waiter, and
-    /// decides the request again (with `read_through` false) when woken.
-    Fetch { namespace: String, key: String },
-}
 
 /// Limits the application applies per route.
 #[derive(Clone, Copy, Debug)]
@@ -182,14 +63,9 @@ pub struct App {
     metrics_sources: RwLock<Vec<MetricsSource>>,
     /// Extra sections of `/status`, registered once at start.
     status_sources: RwLock<Vec<StatusSource>>,
-    /// The replication mesh, when peers are configured: acknowledged writes
-    /// go to its outbox, `/_peer/` requests to its peer API.
-    replication: OnceLock<Arc<Replication>>,
-    /// Read-through from peers, when peers are configured and it is on.
-    read_through: OnceLock<Arc<crate::replication::read_through::ReadThrough>>,
-    /// The object-store tier, when `tier_url` is set: acknowledged writes
-    /// are queued for it, local misses read through from it.
-    tier: OnceLock<Arc<crate::tier::Tier>>,
+    /// What a fleet plugs in (peers, the object-store tier): the peer API,
+    /// who answers a miss, who hears about acknowledged writes.
+    fleet: fleet::Fleet,
 }
 
 impl App {
@@ -212,9 +88,7 @@ impl App {
             started: Instant::now(),
             metrics_sources: RwLock::new(Vec::new()),
             status_sources: RwLock::new(Vec::new()),
-            replication: OnceLock::new(),
-            read_through: OnceLock::new(),
-            tier: OnceLock::new(),
+            fleet: fleet::Fleet::default(),
         })
     }
 
@@ -223,31 +97,62 @@ impl App {
         self.limits.linger
     }
 
-    /// Attach the replication mesh (once, at start, before serving).
-    pub fn set_replication(&self, replication: Arc<Replication>) {
-        let _ = self.replication.set(replication);
+    /// Serve [`PEER_PREFIX`] with `service` (once, at start, before serving).
+    pub fn set_peer_service(&self, service: Arc<dyn PeerService>) {
+        let _ = self.fleet.peer_service.set(service);
     }
 
-    pub fn replication(&self) -> Option<&Arc<Replication>> {
-        self.replication.get()
+    /// Add a listener for acknowledged writes (at start, before serving, so
+    /// no acknowledged write misses it). Their commit steps run in the order
+    /// they were added.
+    pub fn add_write_listener(&self, listener: Arc<dyn WriteListener>) {
+        self.fleet
+            .writes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(listener);
     }
 
-    /// Attach the read-through (once, when its thread has started).
-    pub fn set_read_through(&self, rt: Arc<crate::replication::read_through::ReadThrough>) {
-        let _ = self.read_through.set(rt);
+    fn write_listeners(&self) -> Vec<Arc<dyn WriteListener>> {
+        self.fleet
+            .writes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
-    pub fn read_through(&self) -> Option<&Arc<crate::replication::read_through::ReadThrough>> {
-        self.read_through.get()
+    /// Ask `fetcher` on a local miss before answering 404 (once, when it
+    /// has started).
+    pub fn set_miss_fetcher(&self, fetcher: Arc<dyn MissFetcher>) {
+        let _ = self.fleet.miss_fetcher.set(fetcher);
     }
 
-    /// Attach the object-store tier (once, at start, before serving).
-    pub fn set_tier(&self, tier: Arc<crate::tier::Tier>) {
-        let _ = self.tier.set(tier);
+    /// Who fills a miss the request waits for ([`Decision::Fetch`]): the
+    /// peers' read-through, when there is one.
+    pub fn miss_fetcher(&self) -> Option<&Arc<dyn MissFetcher>> {
+        self.fleet.miss_fetcher.get()
     }
 
-    pub fn tier(&self) -> Option<&Arc<crate::tier::Tier>> {
-        self.tier.get()
+    /// Read a local miss through `reader` on the cold-open path (once, at
+    /// start, before serving).
+    pub fn set_miss_reader(&self, reader: Arc<dyn MissReader>) {
+        let _ = self.fleet.miss_reader.set(reader);
+    }
+
+    /// Who reads a miss through on the cold-open path ([`Decision::Cold`]):
+    /// the object-store tier, when there is one.
+    pub fn miss_reader(&self) -> Option<&Arc<dyn MissReader>> {
+        self.fleet.miss_reader.get()
+    }
+
+    /// [`App::miss_fetcher`], under the name the engines use.
+    pub fn read_through(&self) -> Option<&Arc<dyn MissFetcher>> {
+        self.miss_fetcher()
+    }
+
+    /// [`App::miss_reader`], under the name the engines use.
+    pub fn tier(&self) -> Option<&Arc<dyn MissReader>> {
+        self.miss_reader()
     }
 
     /// Add series to `/metrics`.
@@ -296,8 +201,14 @@ impl App {
     /// cache (the ring engine keeps one per core).
     pub fn handle_with(&self, req: &RequestInfo<'_>, files: Option<&mut OpenCache>) -> Decision {
         let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
-        if let Some(rest) = req.path.strip_prefix(crate::replication::PEER_PREFIX) {
-            return crate::replication::peer_api::handle(self, req, rest);
+        if let Some(rest) = req.path.strip_prefix(PEER_PREFIX) {
+            return match self.fleet.peer_service.get() {
+                Some(service) => Arc::clone(service).handle(self, req, rest),
+                None => Decision::Reply(close_if_unread(
+                    Reply::error(404, "this node has no peers configured"),
+                    has_body,
+                )),
+            };
         }
         let route = match classify(req.method, req.path) {
             Ok(route) => route,
@@ -424,7 +335,7 @@ impl App {
                 // A miss here may be a hit on a peer: read through, unless
                 // this request already did or the key was just found absent.
                 if req.read_through {
-                    if let Some(rt) = self.read_through() {
+                    if let Some(rt) = self.miss_fetcher() {
                         if !rt.known_absent(ns, key) {
                             return Err(Defer::Fetch);
                         }
@@ -433,7 +344,7 @@ impl App {
                 // Then the object-store tier, off this thread (`Cold`: the
                 // ring's opener hands it to the tier runtime), unless a recent
                 // fetch already decided it.
-                match self.tier() {
+                match self.miss_reader() {
                     Some(tier) => {
                         let (range, conditional) = tier_range(req);
                         return tier
@@ -444,7 +355,7 @@ impl App {
                 }
             }
             Err(StoreError::WouldBlock) => {
-                if let Some(tier) = self.tier() {
+                if let Some(tier) = self.miss_reader() {
                     let (range, conditional) = tier_range(req);
                     if let Some(reply) = tier.on_cold(ns, key, range, conditional) {
                         return Ok(reply);
@@ -518,9 +429,9 @@ impl App {
         if let Err(reply) = self.check_write_preconditions(req, ns, key) {
             return reply;
         }
-        let now_ms = crate::replication::now_ms();
-        let shared = self.replication().is_some() || self.tier().is_some();
-        let deleted = match shared {
+        let now_ms = crate::store::now_ms();
+        let listeners = self.write_listeners();
+        let deleted = match !listeners.is_empty() {
             // Replicated or tiered: the delete leaves a tombstone, so a peer
             // that missed it (anti-entropy) or the tier's old copy (a read
             // through before the queued tier delete ran) cannot bring the
@@ -541,13 +452,8 @@ impl App {
         };
         match deleted {
             Ok(Some(time_ms)) => {
-                if let Some(replication) = self.replication() {
-                    if let Err(reply) = replication.record_delete(ns, key, time_ms) {
-                        return reply;
-                    }
-                }
-                if let Some(tier) = self.tier() {
-                    if let Err(reply) = tier.queue_delete(ns, key, time_ms) {
+                for listener in &listeners {
+                    if let Err(reply) = listener.deleted(ns, key, time_ms) {
                         return reply;
                     }
                 }
@@ -597,7 +503,8 @@ impl App {
             }
             _ => None,
         };
-        if let Some(reply) = self.tier().and_then(|tier| tier.refuse_put()) {
+        let listeners = self.write_listeners();
+        if let Some(reply) = listeners.iter().find_map(|l| l.refuse_put()) {
             return refuse(reply);
         }
         let options = PutOptions {
@@ -610,38 +517,20 @@ impl App {
         match self.store.begin_put(ns, key, options) {
             Ok(writer) => {
                 let mut sink = PutSink::new(writer, body_bytes_max);
-                let replication = self.replication().map(Arc::clone);
-                // Held from before the commit, so eviction never sees the new
-                // artifact unprotected; released if the PUT never commits.
-                let tier = self
-                    .tier()
-                    .map(|tier| (Arc::clone(tier), tier.hold(ns, key)));
-                // Write-through waits for the tier after the commit, on the
-                // tier's runtime (`AfterCommit`); write-behind queues in the
-                // commit hook.
-                let (tier, through) = match tier {
-                    Some((tier, hold)) if tier.settings.write == TierWrite::Through => {
-                        (None, Some((tier, hold)))
+                // Asked after the store has begun the PUT and before its
+                // commit, so a listener (the tier's eviction guard) never
+                // sees the new artifact unprotected.
+                let mut on_commit = Vec::new();
+                for listener in &listeners {
+                    match Arc::clone(listener).begin_put(ns, key) {
+                        PutFollowUp::None => {}
+                        PutFollowUp::OnCommit(step) => on_commit.push(step),
+                        PutFollowUp::AfterCommit(after) => sink.set_after_commit(after),
                     }
-                    behind => (behind, None),
-                };
-                if let Some((tier, hold)) = through {
-                    sink.set_after_commit(Box::new(move |committed, reply, send| {
-                        tier.upload_through(hold, committed.write_time_ms, reply, send);
-                    }));
                 }
-                if replication.is_some() || tier.is_some() {
-                    let (ns, key) = (ns.to_string(), key.to_string());
+                if !on_commit.is_empty() {
                     sink.set_on_commit(OnCommit(Box::new(move |committed| {
-                        if let Some(replication) = replication {
-                            if let Err(reply) =
-                                replication.record_put(&ns, &key, committed.write_time_ms)
-                            {
-                                return Some(reply);
-                            }
-                        }
-                        let (tier, hold) = tier?;
-                        tier.queue_put(hold, committed.write_time_ms).err()
+                        on_commit.into_iter().find_map(|step| step(committed))
                     })));
                 }
                 Decision::ReceiveBody(sink)
@@ -744,15 +633,6 @@ impl App {
     }
 }
 
-impl RequestInfo<'_> {
-    fn conditions(&self) -> Conditions<'_> {
-        Conditions {
-            if_match: self.if_match,
-            if_none_match: self.if_none_match,
-        }
-    }
-}
-
 /// Why [`App::get`] cannot answer yet.
 enum Defer {
     /// The artifact's file is cold under a no-wait open.
@@ -776,231 +656,4 @@ fn precondition_failed() -> Reply {
         412,
         "a precondition (If-Match or If-None-Match) does not hold",
     )
-}
-
-fn close_if_unread(reply: Reply, has_body: bool) -> Reply {
-    if has_body {
-        reply.closing()
-    } else {
-        reply
-    }
-}
-
-fn store_error(err: &StoreError) -> Reply {
-    let status = err.status();
-    if status >= 500 {
-        tracing::error!(error = %err, "store error");
-    }
-    Reply::error(status, &err.to_string())
-}
-
-/// Runs once a PUT is published, before the client's reply: replication
-/// records the write in its outbox here. `Some(reply)` replaces the 2xx
-/// (the write is visible but was not acknowledged).
-pub struct OnCommit(pub CommitHook);
-
-/// The function inside an [`OnCommit`].
-pub type CommitHook = Box<dyn FnOnce(&Committed) -> Option<Reply> + Send>;
-
-/// A step after a successful commit whose reply comes later, off the thread
-/// that committed (a write-through to the object-store tier): it gets the
-/// commit, the reply the PUT would send now, and where to send the final one.
-pub type AfterCommit = Box<dyn FnOnce(&Committed, Reply, ReplyLater) + Send>;
-
-/// Sends a reply decided later ([`AfterCommit`]).
-pub type ReplyLater = Box<dyn FnOnce(Reply) + Send>;
-
-/// What [`PutSink::finish_parts`] leaves to do.
-pub struct Later {
-    committed: Committed,
-    reply: Reply,
-    after: AfterCommit,
-}
-
-impl Later {
-    /// Run the step; `send` gets the final reply, possibly from another thread.
-    pub fn run(self, send: ReplyLater) {
-        (self.after)(&self.committed, self.reply, send);
-    }
-}
-
-impl std::fmt::Debug for OnCommit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("OnCommit")
-    }
-}
-
-/// Receives one PUT body and publishes it, atomically, when it is complete.
-/// Dropping the sink before [`PutSink::finish`] stores nothing.
-#[derive(Debug)]
-pub struct PutSink {
-    writer: Option<PutWriter>,
-    received_bytes: u64,
-    body_bytes_max: u64,
-    /// Replication's additions, boxed: most sinks have none, and every
-    /// sink travels inside a `Decision`.
-    hooks: Option<Box<SinkHooks>>,
-}
-
-#[derive(Default)]
-struct SinkHooks {
-    /// Called after a successful commit.
-    on_commit: Option<OnCommit>,
-    /// Read the body and throw it away, then answer this (a replicated
-    /// write older than what this node holds).
-    discard: Option<Reply>,
-    /// Run after a successful commit; it sends the reply (see [`AfterCommit`]).
-    after_commit: Option<AfterCommit>,
-}
-
-impl std::fmt::Debug for SinkHooks {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SinkHooks")
-            .field("on_commit", &self.on_commit)
-            .field("discard", &self.discard)
-            .field("after_commit", &self.after_commit.is_some())
-            .finish()
-    }
-}
-
-impl PutSink {
-    pub fn new(writer: PutWriter, body_bytes_max: u64) -> PutSink {
-        PutSink {
-            writer: Some(writer),
-            received_bytes: 0,
-            body_bytes_max,
-            hooks: None,
-        }
-    }
-
-    /// Run `hook` after a successful commit, before the reply.
-    pub fn set_on_commit(&mut self, hook: OnCommit) {
-        self.hooks.get_or_insert_with(Box::default).on_commit = Some(hook);
-    }
-
-    /// Run `after` after a successful commit (and `on_commit`): the reply
-    /// waits for it.
-    pub fn set_after_commit(&mut self, after: AfterCommit) {
-        self.hooks.get_or_insert_with(Box::default).after_commit = Some(after);
-    }
-
-    fn discarding_reply(&self) -> bool {
-        self.hooks.as_ref().is_some_and(|h| h.discard.is_some())
-    }
-
-    /// A sink that reads up to `body_bytes_max` bytes, stores nothing and
-    /// answers `reply`.
-    pub fn discarding(reply: Reply, body_bytes_max: u64) -> PutSink {
-        PutSink {
-            writer: None,
-            received_bytes: 0,
-            body_bytes_max,
-            hooks: Some(Box::new(SinkHooks {
-                on_commit: None,
-                discard: Some(reply),
-                after_commit: None,
-            })),
-        }
-    }
-
-    /// The body limit that applies to this PUT, in bytes.
-    pub fn body_bytes_max(&self) -> u64 {
-        self.body_bytes_max
-    }
-
-    /// Body bytes received so far.
-    pub fn received_bytes(&self) -> u64 {
-        self.received_bytes
-    }
-
-    /// Take the next piece of the body. An error is the final reply: the
-    /// front end sends it and closes the connection; nothing is stored.
-    #[allow(clippy::result_large_err)] // see `App::authorize`
-    pub fn write(&mut self, data: &[u8]) -> Result<(), Reply> {
-        if self.discarding_reply() {
-            self.received_bytes += data.len() as u64;
-            return Ok(());
-        }
-        let Some(writer) = self.writer.as_mut() else {
-            return Err(Reply::error(500, "body received after the upload ended").closing());
-        };
-        self.received_bytes += data.len() as u64;
-        if self.received_bytes > self.body_bytes_max {
-            self.writer = None;
-            return Err(Reply::error(
-                413,
-                &format!(
-                    "body is over this route's limit of {} bytes",
-                    self.body_bytes_max
-                ),
-            )
-            .closing());
-        }
-        writer.write(data).map_err(|err| {
-            self.writer = None;
-            store_error(&err).closing()
-        })
-    }
-
-    /// The body is complete: verify, publish and answer. 201 for a new
-    /// artifact, 204 when it replaced one (as nginx's WebDAV PUT does).
-    /// With an [`AfterCommit`] step this waits for it; front ends that can
-    /// answer later use [`PutSink::finish_parts`] instead.
-    pub fn finish(self) -> Reply {
-        match self.finish_parts() {
-            Ok(reply) => reply,
-            Err(later) => {
-                let (tx, rx) = std::sync::mpsc::channel();
-                later.run(Box::new(move |reply| {
-                    let _ = tx.send(reply);
-                }));
-                rx.recv()
-                    .unwrap_or_else(|_| Reply::error(500, "the upload's last step failed"))
-            }
-        }
-    }
-
-    /// [`PutSink::finish`], except that a step after the commit is handed
-    /// back (`Err`) for the caller to run, so its thread need not wait.
-    #[allow(clippy::result_large_err)] // `Ok` is the reply itself, as in `App`
-    pub fn finish_parts(mut self) -> Result<Reply, Box<Later>> {
-        let after = self.hooks.as_mut().and_then(|h| h.after_commit.take());
-        let (reply, committed) = self.commit_and_reply();
-        match (after, committed) {
-            (Some(after), Some(committed)) => Err(Box::new(Later {
-                committed,
-                reply,
-                after,
-            })),
-            _ => Ok(reply),
-        }
-    }
-
-    /// The reply, and the commit when it succeeded with nothing to add.
-    fn commit_and_reply(&mut self) -> (Reply, Option<Committed>) {
-        if let Some(reply) = self.hooks.as_mut().and_then(|h| h.discard.take()) {
-            return (reply, None);
-        }
-        let Some(writer) = self.writer.take() else {
-            return (Reply::error(500, "upload already ended").closing(), None);
-        };
-        match writer.commit() {
-            Ok(committed) => {
-                if let Some(hook) = self.hooks.as_mut().and_then(|h| h.on_commit.take()) {
-                    if let Some(reply) = (hook.0)(&committed) {
-                        return (reply, None);
-                    }
-                }
-                let etag = format!("\"{}\"", hex::encode(committed.sha256));
-                let mut reply = if committed.replaced {
-                    Reply::empty(204)
-                } else {
-                    Reply::empty(201)
-                };
-                reply.headers.push(("etag", etag));
-                (reply, Some(committed))
-            }
-            Err(err) => (store_error(&err), None),
-        }
-    }
 }

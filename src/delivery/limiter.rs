@@ -1,5 +1,6 @@
-//! The replication limiter: a token bucket on peer body bytes whose rate
-//! yields to public pressure. Sans-IO: [`TokenBucket`] and [`Pressure`]
+//! The replication limiter: a token bucket on background body bytes (peer
+//! sends and repairs, the tier's write-behind uploads) whose rate yields to
+//! public pressure. Sans-IO: [`TokenBucket`] and [`Pressure`]
 //! take the clock and the signals as arguments and decide; [`Limiter`] is
 //! the node's one shared instance (a lock around both, taken by the
 //! replication thread and the peer API, never by the public request path,
@@ -28,6 +29,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::config::Config;
 use crate::pressure::{PublicPressure, TtfbWindow};
 
 /// How often the rate is recomputed.
@@ -171,7 +173,26 @@ pub struct Limiter {
     state: Mutex<(TokenBucket, Pressure)>,
 }
 
+/// The limiter's burst: `replication_burst_bytes`, or a quarter second of the rate.
+pub fn burst_bytes(config: &Config) -> u64 {
+    match config.replication_burst_bytes {
+        0 => (config.replication_bytes_per_second / 4).max(64 * 1024),
+        n => n,
+    }
+}
+
 impl Limiter {
+    /// The node's limiter from `replication_bytes_per_second`,
+    /// `replication_burst_bytes` and `replication_public_latency_target_ms`.
+    pub fn from_config(config: &Config, pressure: Arc<PublicPressure>) -> Limiter {
+        Limiter::new(
+            config.replication_bytes_per_second,
+            burst_bytes(config),
+            Duration::from_millis(config.replication_public_latency_target_ms),
+            pressure,
+        )
+    }
+
     pub fn new(limit: u64, burst: u64, target: Duration, pressure: Arc<PublicPressure>) -> Limiter {
         let now = Instant::now();
         Limiter {

@@ -1,0 +1,139 @@
+//! One target's position in a durable outbox, sans-IO: what to send next,
+//! what is in flight, what failed and goes first, and the durable
+//! acknowledged offset. The peers and the object-store tier both use it.
+
+use std::collections::BTreeMap;
+
+/// One peer's position in the outbox log (byte offsets). Entries are sent
+/// in order, several at once; they may complete out of order, and a failed
+/// one is sent again before anything new. The durable cursor is the lowest
+/// offset not yet acknowledged: everything before it has been taken by the
+/// peer. A crash re-sends from there, which is harmless (re-applying a
+/// replicated write changes nothing).
+#[derive(Clone, Debug, Default)]
+pub struct OutboxCursor {
+    /// Next unsent offset.
+    read_pos: u64,
+    /// Sent, no answer yet: start → end.
+    in_flight: BTreeMap<u64, u64>,
+    /// Failed, to send again first: start → end.
+    retry: BTreeMap<u64, u64>,
+}
+
+/// What the cursor wants sent next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// The entry at `start` again (its end is known).
+    Again { start: u64, end: u64 },
+    /// The entry at `start` (the driver reads it to learn its end).
+    New { start: u64 },
+}
+
+impl OutboxCursor {
+    pub fn at(pos: u64) -> OutboxCursor {
+        OutboxCursor {
+            read_pos: pos,
+            ..OutboxCursor::default()
+        }
+    }
+
+    /// Everything before this offset has been acknowledged.
+    pub fn acked(&self) -> u64 {
+        let mut low = self.read_pos;
+        if let Some((&s, _)) = self.in_flight.first_key_value() {
+            low = low.min(s);
+        }
+        if let Some((&s, _)) = self.retry.first_key_value() {
+            low = low.min(s);
+        }
+        low
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// What to send next, if `window` allows and there is anything before `end`.
+    pub fn next(&self, end: u64, window: usize) -> Option<Next> {
+        if self.in_flight.len() >= window {
+            return None;
+        }
+        if let Some((&start, &stop)) = self.retry.first_key_value() {
+            return Some(Next::Again { start, end: stop });
+        }
+        (self.read_pos < end).then_some(Next::New {
+            start: self.read_pos,
+        })
+    }
+
+    /// The entry `start..end` is on its way.
+    pub fn on_sent(&mut self, start: u64, end: u64) {
+        self.retry.remove(&start);
+        self.in_flight.insert(start, end);
+        if start == self.read_pos {
+            self.read_pos = end;
+        }
+    }
+
+    /// The entry `start..end` needs no sending (its artifact is gone, or it
+    /// was already handled): as good as acknowledged.
+    pub fn skip(&mut self, start: u64, end: u64) {
+        self.retry.remove(&start);
+        self.in_flight.remove(&start);
+        if start == self.read_pos {
+            self.read_pos = end;
+        }
+    }
+
+    pub fn on_ack(&mut self, start: u64) {
+        self.in_flight.remove(&start);
+    }
+
+    pub fn on_fail(&mut self, start: u64) {
+        if let Some(end) = self.in_flight.remove(&start) {
+            self.retry.insert(start, end);
+        }
+    }
+
+    /// Nothing before `pos` needs sending any more (the peer overflowed and
+    /// anti-entropy covers it). Answers to entries before `pos` still in
+    /// flight are ignored when they come.
+    pub fn jump(&mut self, pos: u64) {
+        self.read_pos = self.read_pos.max(pos);
+        self.retry.retain(|&s, _| s >= pos);
+        self.in_flight.retain(|&s, _| s >= pos);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_acks_out_of_order_and_retries_first() {
+        let mut c = OutboxCursor::at(0);
+        // Entries of 10 bytes each.
+        for i in 0..4 {
+            assert_eq!(c.next(100, 8), Some(Next::New { start: i * 10 }));
+            c.on_sent(i * 10, i * 10 + 10);
+        }
+        assert_eq!(c.next(100, 4), None, "window full");
+        c.on_ack(10);
+        c.on_ack(30);
+        assert_eq!(c.acked(), 0);
+        c.on_fail(0);
+        assert_eq!(c.next(100, 8), Some(Next::Again { start: 0, end: 10 }));
+        c.on_sent(0, 10);
+        c.on_ack(0);
+        assert_eq!(c.acked(), 20);
+        c.on_ack(20);
+        assert_eq!(c.acked(), 40);
+        c.skip(40, 55);
+        assert_eq!(c.acked(), 55);
+        c.on_sent(55, 60);
+        c.jump(80);
+        assert_eq!(c.acked(), 80);
+        c.on_ack(55); // late answer before the jump: ignored
+        assert_eq!(c.acked(), 80);
+    }
+}
