@@ -1,5 +1,6 @@
 //! sluice: an io_uring-native artifact cache server.
 #![forbid(unsafe_code)]
+pub mod address_cap;
 pub mod app;
 pub mod auth;
 pub mod config;
@@ -14,7 +15,6 @@ pub mod http1;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
-pub mod peer_limit;
 pub mod pressure;
 pub mod replication;
 pub mod route;
