@@ -7,7 +7,6 @@ pub mod config;
 pub mod doctor;
 pub mod engine;
 pub mod fallback;
-pub mod front;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;

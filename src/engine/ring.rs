@@ -2166,8 +2166,8 @@ pub fn errno_name(errno: i32) -> String {
 mod tests {
     use super::*;
     use crate::engine::task::OutgoingResponse;
+    use crate::fallback::app_handler::AppHandler;
     use crate::fallback::FallbackLimits;
-    use crate::front::AppHandler;
     use crate::store::{Store, StoreConfig};
     use std::sync::mpsc;
 

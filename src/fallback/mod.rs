@@ -49,7 +49,7 @@
 //!   flow-control window never makes a write wait). It also bounds a graceful close the client
 //!   does not finish (h2's GOAWAY is followed by a PING whose answer hyper would otherwise
 //!   await for ever).
-//! - `body_read_timeout_ms` is the handler's (`front.rs`): idle time between request-body
+//! - `body_read_timeout_ms` is the handler's (`app_handler.rs`): idle time between request-body
 //!   pieces, then `408`; on h2 that ends the stream, not the connection.
 //!
 //! # Limits on what a client sends
@@ -78,6 +78,7 @@
 //!   interleaved (HTTP/1: no request in flight; h2: between frames, else it just closes), then
 //!   half-closes and drains the client's input briefly, so a reset does not destroy the answer.
 
+pub mod app_handler;
 mod guard;
 mod slots;
 
