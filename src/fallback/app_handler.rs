@@ -20,8 +20,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, Version};
 
+use super::handler::{ConnInfo, Handler, ResponseBody};
 use crate::app::{App, Decision, Reply, ReplyBody, RequestInfo};
-use crate::fallback::{ConnInfo, Handler, ResponseBody};
 use crate::metrics::BytePath;
 use crate::store::OpenCache;
 

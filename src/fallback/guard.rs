@@ -21,7 +21,7 @@ use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
 use super::slots::Sheddable;
-use super::Counters;
+use super::stats::Counters;
 use crate::http1::{Event, Limits as Http1Limits, ReaderError, RequestReader};
 
 /// HTTP/2 RST_STREAM frames a client may send per [`H2_RESET_WINDOW`] before the connection
