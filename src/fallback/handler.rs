@@ -4,11 +4,13 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
 
 /// The response body type handlers return: boxed so a handler can stream a file as well as
@@ -47,4 +49,41 @@ pub trait Handler: Send + Sync + 'static {
         req: Request<Incoming>,
         conn: ConnInfo,
     ) -> impl Future<Output = Response<ResponseBody>> + Send;
+}
+
+/// A [`ResponseBody`] that holds `guard` until hyper drops it (after the last byte, or when the
+/// client goes), so what the guard marks (a response being sent, public pressure) lasts as
+/// long as the sending does.
+pub(super) struct GuardedBody<G> {
+    inner: ResponseBody,
+    _guard: G,
+}
+
+impl<G> GuardedBody<G> {
+    pub(super) fn new(inner: ResponseBody, guard: G) -> GuardedBody<G> {
+        GuardedBody {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<G: Unpin> Body for GuardedBody<G> {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -7,12 +7,10 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,7 +24,7 @@ use tracing::debug;
 use super::accept::{wait_shutdown, ConnSlot};
 use super::classify::{sniff, Sniffed};
 use super::guard::{Activity, GuardIo, H2Watch, Http1Watch, Watch};
-use super::handler::{ConnInfo, Handler, ResponseBody};
+use super::handler::{ConnInfo, GuardedBody, Handler};
 use super::limits::{
     FallbackLimits, H2_CONNECTION_WINDOW_BYTES, H2_HEADER_LIST_BYTES_MAX,
     H2_LOCAL_ERROR_RESETS_MAX, H2_PENDING_ACCEPT_RESETS_MAX, H2_STREAMS_MAX,
@@ -120,6 +118,8 @@ pub(super) async fn serve_connection<H: Handler>(
     drop(slot);
 }
 
+/// Classifies a connection by its first bytes, within the header read timeout, and serves it
+/// as what it is.
 async fn classify_and_serve<H: Handler>(
     shared: &Arc<Shared<H>>,
     stream: TcpStream,
@@ -128,29 +128,21 @@ async fn classify_and_serve<H: Handler>(
 ) {
     let mut shutdown = shared.shutdown.clone();
     let deadline = Instant::now() + shared.header_read_timeout;
-    let rejected = || shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
     // Nagle would delay small response heads behind the previous segment's ACK.
     let _ = stream.set_nodelay(true);
-    let sniffed = tokio::select! {
-        sniffed = tokio::time::timeout_at(deadline, sniff(&stream)) => sniffed,
-        _ = wait_shutdown(&mut shutdown) => return,
+    let peek = StartStep {
+        deadline,
+        peer,
+        failed: "fallback peek failed",
+        timed_out: "fallback: no first bytes within the header read timeout",
     };
-    let sniffed = match sniffed {
-        Ok(Ok(Some(kind))) => kind,
-        Ok(Ok(None)) => {
-            rejected();
-            return;
-        }
-        Ok(Err(err)) => {
-            debug!(%err, %peer, "fallback peek failed");
-            rejected();
-            return;
-        }
-        Err(_elapsed) => {
-            debug!(%peer, "fallback: no first bytes within the header read timeout");
-            rejected();
-            return;
-        }
+    let Some(sniffed) = peek.run(shared, &mut shutdown, sniff(&stream)).await else {
+        return;
+    };
+    let Some(sniffed) = sniffed else {
+        // The client closed before sending anything.
+        shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        return;
     };
     let counters = &shared.counters;
     let conn = ConnStart {
@@ -170,56 +162,95 @@ async fn classify_and_serve<H: Handler>(
             };
             serve_http(shared, stream, info, h2, conn).await;
         }
-        Sniffed::Tls => {
-            let Some(acceptor) = shared.tls.clone() else {
-                debug!(%peer, "fallback: TLS ClientHello but TLS is not configured; closing");
-                rejected();
-                return;
-            };
-            let mut shutdown = conn.shutdown.clone();
-            let handshake = tokio::select! {
-                done = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => done,
-                _ = wait_shutdown(&mut shutdown) => return,
-            };
-            let tls_stream = match handshake {
-                Ok(Ok(tls_stream)) => tls_stream,
-                Ok(Err(err)) => {
-                    debug!(%err, %peer, "fallback TLS handshake failed");
-                    rejected();
-                    return;
-                }
-                Err(_elapsed) => {
-                    debug!(%peer, "fallback TLS handshake timed out");
-                    rejected();
-                    return;
-                }
-            };
-            conn.activity.touch();
-            let alpn_h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-            let counter = if alpn_h2 {
-                &counters.tls_h2
-            } else {
-                &counters.tls_http1
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            let info = ConnInfo {
-                peer,
-                tls: true,
-                alpn_h2,
-            };
-            if alpn_h2 {
-                // h2 writes each frame header and each DATA payload as its own write when the
-                // stream is not vectored, as a TLS stream is not: two TLS records and two
-                // syscalls per 4 KiB response. Coalescing them until h2 flushes (once per
-                // batch of frames) makes one record per batch. hyper's HTTP/1 flattens its own
-                // writes already.
-                let tls_stream =
-                    tokio::io::BufWriter::with_capacity(H2_TLS_WRITE_BUF_BYTES, tls_stream);
-                serve_http(shared, tls_stream, info, alpn_h2, conn).await;
-            } else {
-                serve_http(shared, tls_stream, info, alpn_h2, conn).await;
-            }
+        Sniffed::Tls => serve_tls(shared, stream, peer, conn).await,
+    }
+}
+
+/// Completes the TLS handshake, within what is left of the header read timeout, and serves
+/// the protocol ALPN chose.
+async fn serve_tls<H: Handler>(
+    shared: &Arc<Shared<H>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    conn: ConnStart,
+) {
+    let counters = &shared.counters;
+    let Some(acceptor) = shared.tls.clone() else {
+        debug!(%peer, "fallback: TLS ClientHello but TLS is not configured; closing");
+        counters.rejected.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let mut shutdown = conn.shutdown.clone();
+    let handshake = StartStep {
+        deadline: conn.head_deadline,
+        peer,
+        failed: "fallback TLS handshake failed",
+        timed_out: "fallback TLS handshake timed out",
+    };
+    let Some(tls_stream) = handshake
+        .run(shared, &mut shutdown, acceptor.accept(stream))
+        .await
+    else {
+        return;
+    };
+    conn.activity.touch();
+    let alpn_h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+    let counter = if alpn_h2 {
+        &counters.tls_h2
+    } else {
+        &counters.tls_http1
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let info = ConnInfo {
+        peer,
+        tls: true,
+        alpn_h2,
+    };
+    if alpn_h2 {
+        // h2 writes each frame header and each DATA payload as its own write when the
+        // stream is not vectored, as a TLS stream is not: two TLS records and two
+        // syscalls per 4 KiB response. Coalescing them until h2 flushes (once per
+        // batch of frames) makes one record per batch. hyper's HTTP/1 flattens its own
+        // writes already.
+        let tls_stream = tokio::io::BufWriter::with_capacity(H2_TLS_WRITE_BUF_BYTES, tls_stream);
+        serve_http(shared, tls_stream, info, alpn_h2, conn).await;
+    } else {
+        serve_http(shared, tls_stream, info, alpn_h2, conn).await;
+    }
+}
+
+/// A step between accept and a classified connection with a finished TLS handshake (the
+/// peek, the handshake), bounded by the header read deadline.
+struct StartStep {
+    deadline: Instant,
+    peer: SocketAddr,
+    /// Logged when the step fails.
+    failed: &'static str,
+    /// Logged when the deadline passes first.
+    timed_out: &'static str,
+}
+
+impl StartStep {
+    /// Runs `step`; `None` ends the connection: shutdown came first, or the step failed or ran
+    /// out of time (then the connection counts as rejected).
+    async fn run<H, T>(
+        self,
+        shared: &Shared<H>,
+        shutdown: &mut watch::Receiver<bool>,
+        step: impl Future<Output = io::Result<T>>,
+    ) -> Option<T> {
+        let done = tokio::select! {
+            done = tokio::time::timeout_at(self.deadline, step) => done,
+            _ = wait_shutdown(shutdown) => return None,
+        };
+        let peer = self.peer;
+        match done {
+            Ok(Ok(value)) => return Some(value),
+            Ok(Err(err)) => debug!(%err, %peer, "{}", self.failed),
+            Err(_elapsed) => debug!(%peer, "{}", self.timed_out),
         }
+        shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        None
     }
 }
 
@@ -263,20 +294,14 @@ where
     let service = service_fn(move |req| {
         let handler = handler.clone();
         let activity = service_activity.clone();
-        let busy = BusyGuard::new(activity.clone());
+        let busy = InFlightMark::handler_running(activity.clone());
         async move {
             let response = handler.call(req, info).await;
             // The request stays in flight until hyper drops the body, i.e. until it is sent:
             // an idle timeout or shedding must not cut a response short.
-            let sending = SendingGuard::new(activity);
+            let sending = InFlightMark::body_sending(activity);
             drop(busy);
-            Ok::<_, Infallible>(response.map(|body| {
-                TrackedBody {
-                    inner: body,
-                    _sending: sending,
-                }
-                .boxed()
-            }))
+            Ok::<_, Infallible>(response.map(|body| GuardedBody::new(body, sending).boxed()))
         }
     });
     let drive = Drive {
@@ -355,64 +380,37 @@ impl Drive<'_> {
     }
 }
 
-/// Marks a handler as running, for the idle timeout and shedding; touches the connection when
-/// it ends.
-struct BusyGuard(Arc<Activity>);
+/// Counts one thing in flight on a connection while it lives (a handler running, a response
+/// body being sent), for the idle timeout and shedding; touches the connection when it ends.
+struct InFlightMark {
+    activity: Arc<Activity>,
+    count: fn(&Activity) -> &AtomicUsize,
+}
 
-impl BusyGuard {
-    fn new(activity: Arc<Activity>) -> BusyGuard {
-        activity.handlers_running.fetch_add(1, Ordering::Relaxed);
-        activity.requests_started.fetch_add(1, Ordering::Relaxed);
-        BusyGuard(activity)
+impl InFlightMark {
+    /// A handler runs (reading the request, deciding); counts the request as started.
+    fn handler_running(activity: Arc<Activity>) -> InFlightMark {
+        let mark = InFlightMark::new(activity, |a| &a.handlers_running);
+        mark.activity
+            .requests_started
+            .fetch_add(1, Ordering::Relaxed);
+        mark
+    }
+
+    /// hyper holds a response body, until it has sent it (or the client went).
+    fn body_sending(activity: Arc<Activity>) -> InFlightMark {
+        InFlightMark::new(activity, |a| &a.bodies_sending)
+    }
+
+    fn new(activity: Arc<Activity>, count: fn(&Activity) -> &AtomicUsize) -> InFlightMark {
+        count(&activity).fetch_add(1, Ordering::Relaxed);
+        InFlightMark { activity, count }
     }
 }
 
-impl Drop for BusyGuard {
+impl Drop for InFlightMark {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.handlers_running.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Marks a response body as being sent until hyper drops it.
-struct SendingGuard(Arc<Activity>);
-
-impl SendingGuard {
-    fn new(activity: Arc<Activity>) -> SendingGuard {
-        activity.bodies_sending.fetch_add(1, Ordering::Relaxed);
-        SendingGuard(activity)
-    }
-}
-
-impl Drop for SendingGuard {
-    fn drop(&mut self) {
-        self.0.touch();
-        self.0.bodies_sending.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A response body that holds a [`SendingGuard`] while hyper sends it.
-struct TrackedBody {
-    inner: ResponseBody,
-    _sending: SendingGuard,
-}
-
-impl hyper::body::Body for TrackedBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, io::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        self.activity.touch();
+        (self.count)(&self.activity).fetch_sub(1, Ordering::Relaxed);
     }
 }
