@@ -235,12 +235,17 @@ pub(super) async fn dispatch(
             return;
         };
         // Adoption fails only if the fd is not a usable socket; the slot returns on drop.
-        match stream
-            .set_nonblocking(true)
-            .and_then(|()| TcpStream::from_std(stream))
-        {
+        match adopt(stream) {
             Ok(stream) => spawner(stream, peer, slot),
             Err(err) => debug!(%err, %peer, "cannot adopt handed-off connection"),
         }
     }
+}
+
+/// Registers a connection accepted elsewhere (by an engine thread) with the runtime's reactor,
+/// non-blocking; needs the runtime's context.
+pub(super) fn adopt(stream: std::net::TcpStream) -> io::Result<TcpStream> {
+    stream
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(stream))
 }

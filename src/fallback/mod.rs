@@ -112,12 +112,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::ServerConfig;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::warn;
 
 use accept::{
-    accept_loop, answer_refused, dispatch, lock, AcceptShared, ConnSlot, Queued, Spawner, Table,
+    accept_loop, adopt, answer_refused, dispatch, lock, AcceptShared, ConnSlot, Queued, Spawner,
+    Table,
 };
 pub use accept::{HandoffError, HandoffRefusal};
 pub use guard::{H2_RESETS_PER_WINDOW_MAX, H2_RESET_WINDOW};
@@ -258,10 +258,7 @@ impl Fallback {
             return;
         };
         let _enter = self.handle.enter();
-        let Ok(stream) = stream
-            .set_nonblocking(true)
-            .and_then(|()| TcpStream::from_std(stream))
-        else {
+        let Ok(stream) = adopt(stream) else {
             return;
         };
         self.handle.spawn(async move {
@@ -325,12 +322,9 @@ impl Fallback {
         lock(&self.table).close();
         // send_replace stores the value even when no receiver is left.
         self.shutdown.send_replace(true);
-        // Nothing can panic while the lock is held, so a poisoned lock still holds valid state.
-        let runtime = match self.runtime.lock() {
-            Ok(mut guard) => guard.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
+        let Some(runtime) = self.take_runtime() else {
+            return;
         };
-        let Some(runtime) = runtime else { return };
         let gauge = self.gauge.clone();
         let cut = Arc::clone(&self.drain_cut);
         // Waiting happens on a thread of its own: `block_on` and a blocking runtime teardown
@@ -345,6 +339,15 @@ impl Fallback {
                 }
             }
             Err(err) => warn!(%err, "cannot spawn the fallback drain thread"),
+        }
+    }
+
+    /// The runtime, the first time it is asked for (shutdown or drop); `None` after.
+    fn take_runtime(&self) -> Option<tokio::runtime::Runtime> {
+        // Nothing can panic while the lock is held, so a poisoned lock still holds valid state.
+        match self.runtime.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
         }
     }
 }
@@ -378,11 +381,7 @@ impl Drop for Fallback {
     fn drop(&mut self) {
         lock(&self.table).close();
         self.shutdown.send_replace(true);
-        let runtime = match self.runtime.lock() {
-            Ok(mut guard) => guard.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
-        };
-        if let Some(runtime) = runtime {
+        if let Some(runtime) = self.take_runtime() {
             // Never blocks, so dropping a Fallback inside an async context is safe.
             runtime.shutdown_background();
         }
