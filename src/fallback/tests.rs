@@ -142,6 +142,12 @@ enum Client {
 }
 
 impl Client {
+    /// A plaintext connection to `addr`: HTTP/1.1, or h2c with prior knowledge.
+    async fn dial(addr: SocketAddr, h2: bool) -> Client {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        Client::connect(tcp, h2).await
+    }
+
     async fn connect<I>(io: I, h2: bool) -> Client
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -242,8 +248,7 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 fn http1_keep_alive_serves_two_requests_on_one_connection() {
     let (fallback, _handler, addr) = start_listening(None, limits());
     client_runtime().block_on(async {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut client = Client::connect(tcp, false).await;
+        let mut client = Client::dial(addr, false).await;
         let first = client.send("GET", "/up", small_body("")).await.unwrap();
         assert_eq!(
             first,
@@ -267,8 +272,7 @@ fn http1_keep_alive_serves_two_requests_on_one_connection() {
 fn h2c_prior_knowledge_is_served_as_http2() {
     let (fallback, _handler, addr) = start_listening(None, limits());
     client_runtime().block_on(async {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut client = Client::connect(tcp, true).await;
+        let mut client = Client::dial(addr, true).await;
         for _ in 0..2 {
             let (status, text) = client.send("GET", "/status", small_body("")).await.unwrap();
             assert_eq!(status, StatusCode::OK);
@@ -318,15 +322,13 @@ fn streamed_8_mib_bodies_arrive_whole() {
     let (_fallback, _handler, addr) = start_listening(Some(tls), limits());
     client_runtime().block_on(async {
         let expected_h1 = format!("PUT /cas/big {BODY_BYTES} HTTP/1.1 tls=false h2=false");
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut client = Client::connect(tcp, false).await;
+        let mut client = Client::dial(addr, false).await;
         let sent = client
             .send("PUT", "/cas/big", chunked_body(BODY_BYTES))
             .await;
         assert_eq!(sent.unwrap(), (StatusCode::OK, expected_h1));
 
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut client = Client::connect(tcp, true).await;
+        let mut client = Client::dial(addr, true).await;
         let sent = client
             .send("PUT", "/cas/big", chunked_body(BODY_BYTES))
             .await;
@@ -496,8 +498,7 @@ fn full_fallback_sheds_the_idle_and_refuses_with_503_when_all_are_busy() {
     let engine_addr = engine.local_addr().unwrap();
     client_runtime().block_on(async {
         // The only slot serves a slow request: nothing can be shed.
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut first = Client::connect(tcp, false).await;
+        let mut first = Client::dial(addr, false).await;
         let slow = tokio::spawn(async move {
             let sent = first.send("GET", "/slow/1500", small_body("")).await;
             (first, sent)
@@ -531,8 +532,7 @@ fn full_fallback_sheds_the_idle_and_refuses_with_503_when_all_are_busy() {
         // Once the first connection is idle, a new one takes its slot.
         let (mut first, sent) = slow.await.unwrap();
         assert_eq!(sent.unwrap().0, StatusCode::OK);
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut third = Client::connect(tcp, false).await;
+        let mut third = Client::dial(addr, false).await;
         let (_, text) = third.send("GET", "/c", small_body("")).await.unwrap();
         assert_eq!(text, "GET /c 0 HTTP/1.1 tls=false h2=false");
         assert!(
@@ -553,11 +553,9 @@ fn connections_per_ip_max_refuses_the_next_from_one_address() {
     };
     let (fallback, _handler, addr) = start_listening(None, limits);
     client_runtime().block_on(async {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut first = Client::connect(tcp, false).await;
+        let mut first = Client::dial(addr, false).await;
         first.send("GET", "/a", small_body("")).await.unwrap();
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut second = Client::connect(tcp, false).await;
+        let mut second = Client::dial(addr, false).await;
         let refused = second.send("GET", "/b", small_body("")).await;
         match refused {
             Ok((status, _)) => assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE),
@@ -576,8 +574,7 @@ fn idle_h2_connection_is_closed() {
     };
     let (fallback, _handler, addr) = start_listening(None, limits);
     client_runtime().block_on(async {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut client = Client::connect(tcp, true).await;
+        let mut client = Client::dial(addr, true).await;
         client.send("GET", "/a", small_body("")).await.unwrap();
         assert_eq!(fallback.connections(), 1);
         tokio::time::sleep(Duration::from_millis(800)).await;
@@ -586,19 +583,27 @@ fn idle_h2_connection_is_closed() {
     });
 }
 
-#[test]
-fn shutdown_drains_an_in_flight_request() {
+/// A fallback with one HTTP/1 request to `path` (a `/slow/{ms}`) in its handler, and the
+/// thread whose client waits for the answer.
+fn slow_request_in_flight(path: &'static str) -> (Fallback, SocketAddr, ClientThread) {
     let (fallback, handler, addr) = start_listening(None, limits());
     let client = std::thread::spawn(move || {
         client_runtime().block_on(async {
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            let mut client = Client::connect(tcp, false).await;
-            client.send("GET", "/slow/300", small_body("")).await
+            let mut client = Client::dial(addr, false).await;
+            client.send("GET", path, small_body("")).await
         })
     });
     wait_until("the slow request to start", || {
         handler.started.load(Ordering::SeqCst) == 1
     });
+    (fallback, addr, client)
+}
+
+type ClientThread = std::thread::JoinHandle<hyper::Result<(StatusCode, String)>>;
+
+#[test]
+fn shutdown_drains_an_in_flight_request() {
+    let (fallback, addr, client) = slow_request_in_flight("/slow/300");
     let began = std::time::Instant::now();
     fallback.shutdown(Duration::from_secs(5));
     let took = began.elapsed();
@@ -626,17 +631,7 @@ fn shutdown_drains_an_in_flight_request() {
 
 #[test]
 fn shutdown_closes_what_outlives_the_drain_budget() {
-    let (fallback, handler, addr) = start_listening(None, limits());
-    let client = std::thread::spawn(move || {
-        client_runtime().block_on(async {
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            let mut client = Client::connect(tcp, false).await;
-            client.send("GET", "/slow/10000", small_body("")).await
-        })
-    });
-    wait_until("the slow request to start", || {
-        handler.started.load(Ordering::SeqCst) == 1
-    });
+    let (fallback, _addr, client) = slow_request_in_flight("/slow/10000");
     let began = std::time::Instant::now();
     fallback.shutdown(Duration::from_millis(100));
     let took = began.elapsed();
