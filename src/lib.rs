@@ -1,5 +1,6 @@
 //! sluice: an io_uring-native artifact cache server.
 #![forbid(unsafe_code)]
+pub mod address_cap;
 pub mod app;
 pub mod auth;
 pub mod config;
@@ -8,7 +9,6 @@ pub mod doctor;
 pub mod engine;
 pub mod exchange;
 pub mod fallback;
-pub mod front;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -16,7 +16,6 @@ pub mod http1;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
-pub mod peer_limit;
 pub mod pressure;
 pub mod replication;
 pub mod route;

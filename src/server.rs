@@ -10,8 +10,8 @@ use rustix::net::{sockopt, AddressFamily, SocketType};
 
 use crate::app::App;
 use crate::config::Config;
+use crate::fallback::app_handler::AppHandler;
 use crate::fallback::{Fallback, FallbackLimits, TlsSettings};
-use crate::front::AppHandler;
 use crate::lifecycle::{self, Launch};
 use crate::store::{Store, StoreConfig};
 

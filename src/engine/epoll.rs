@@ -40,9 +40,9 @@ use super::conn::{Conn, ConnLimits, Next, PEEK_AGAIN_MS};
 use super::offload::Offload;
 use super::ring::{DrainCutter, PUMP_BYTES_PER_TURN, TICK_MS};
 use super::{cold, publish};
+use crate::address_cap::AddressCap;
 use crate::app::App;
 use crate::fallback::Fallback;
-use crate::peer_limit::PerIpCounts;
 use crate::store::OpenCache;
 
 const TOKEN_LISTENER: u64 = u64::MAX;
@@ -271,7 +271,7 @@ struct CoreLoop {
     slots: Vec<Option<Slot>>,
     free: Vec<u32>,
     generation: u32,
-    per_ip: PerIpCounts,
+    per_ip: AddressCap,
     /// Connections whose turn ended with work left.
     ready: VecDeque<(u32, u32)>,
     /// Read-throughs from peers that ended: (index, generation).
@@ -354,7 +354,7 @@ impl CoreLoop {
             slots: (0..max).map(|_| None).collect(),
             free: (0..max as u32).rev().collect(),
             generation: 0,
-            per_ip: PerIpCounts::new(settings.connections_per_ip_max),
+            per_ip: AddressCap::new(settings.connections_per_ip_max),
             ready: VecDeque::new(),
             peek_timers: Vec::new(),
             stats: shared.stats,

@@ -33,10 +33,10 @@ use super::cold::{self, Opener};
 use super::conn::{Conn, ConnLimits, Next};
 use super::publish::{self, Done, Job, Publisher};
 use super::task::{OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYTES};
+use crate::address_cap::AddressCap;
 use crate::app::App;
 use crate::fallback::Fallback;
 use crate::metrics::BytePath;
-use crate::peer_limit::PerIpCounts;
 use crate::store::OpenCache;
 
 /// How file bodies leave a ring.
@@ -581,7 +581,7 @@ struct CoreLoop {
     readaheads_in_flight: usize,
     ticks: u64,
     /// Connections per client address on this thread (`connections_per_ip_max`).
-    per_ip: PerIpCounts,
+    per_ip: AddressCap,
 }
 
 /// A keep-alive connection of a finished task, ready for the next task to
@@ -714,7 +714,7 @@ impl CoreLoop {
             idle_task_conns: VecDeque::new(),
             files: Rc::new(RefCell::new(OpenCache::new(OPEN_FILES_PER_CORE_MAX))),
             ticks: 0,
-            per_ip: PerIpCounts::new(settings.connections_per_ip_max),
+            per_ip: AddressCap::new(settings.connections_per_ip_max),
         })
     }
 
@@ -2166,8 +2166,8 @@ pub fn errno_name(errno: i32) -> String {
 mod tests {
     use super::*;
     use crate::engine::task::OutgoingResponse;
+    use crate::fallback::app_handler::AppHandler;
     use crate::fallback::FallbackLimits;
-    use crate::front::AppHandler;
     use crate::store::{Store, StoreConfig};
     use std::sync::mpsc;
 

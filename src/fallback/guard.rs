@@ -21,7 +21,7 @@ use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
 use super::slots::Sheddable;
-use super::Counters;
+use super::stats::Counters;
 use crate::http1::{Event, Limits as Http1Limits, ReaderError, RequestReader};
 
 /// HTTP/2 RST_STREAM frames a client may send per [`H2_RESET_WINDOW`] before the connection
@@ -661,39 +661,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardIo<I> {
         if this.refusing.is_some() {
             return this.poll_refusing(cx);
         }
-        if let Watch::Http1(w) = &mut this.watch {
-            let started = this.activity.requests_started.load(Ordering::Relaxed);
-            if started != w.requests_seen {
-                w.requests_seen = started;
-                w.phase = Http1Phase::Request;
-            }
-            if matches!(w.phase, Http1Phase::Request) && !this.activity.in_request() {
-                w.phase = Http1Phase::Idle;
-            }
-            if let Some(refusal) = w.deferred {
-                if this.activity.in_request() {
-                    // hyper is still answering the request before the refused one; our 400
-                    // may only follow its response.
-                    let recheck = w
-                        .recheck
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(DEFERRED_RECHECK)));
-                    while recheck.as_mut().poll(cx).is_ready() {
-                        recheck.as_mut().reset(Instant::now() + DEFERRED_RECHECK);
-                    }
-                    return Poll::Pending;
-                }
-                this.refuse_framing(refusal);
-                return this.poll_refusing(cx);
-            }
-            if matches!(w.phase, Http1Phase::Head(_)) && w.deadline.as_mut().poll(cx).is_ready() {
-                this.counters.head_timeout.fetch_add(1, Ordering::Relaxed);
-                this.refuse(
-                    status_response(408, "Request Timeout", "request head took too long"),
-                    true,
-                    "request head timed out (408)",
-                );
-                return this.poll_refusing(cx);
-            }
+        if let Some(answer) = this.before_http1_read(cx) {
+            return answer;
         }
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -701,8 +670,68 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardIo<I> {
             return result;
         }
         this.activity.touch();
+        this.after_read(cx, buf, before).unwrap_or(result)
+    }
+}
+
+/// The watch's part of a read: `Some` is what the read answers instead of passing on what
+/// arrived (a refusal being written, or a wait).
+type ReadAnswer = Option<Poll<io::Result<()>>>;
+
+impl<I: AsyncRead + AsyncWrite + Unpin> GuardIo<I> {
+    /// Before an HTTP/1 read: follows the request cycle, answers a deferred refusal once the
+    /// request before it is done, and a head past its deadline with 408.
+    fn before_http1_read(&mut self, cx: &mut Context<'_>) -> ReadAnswer {
+        let Watch::Http1(w) = &mut self.watch else {
+            return None;
+        };
+        let started = self.activity.requests_started.load(Ordering::Relaxed);
+        if started != w.requests_seen {
+            w.requests_seen = started;
+            w.phase = Http1Phase::Request;
+        }
+        if matches!(w.phase, Http1Phase::Request) && !self.activity.in_request() {
+            w.phase = Http1Phase::Idle;
+        }
+        if let Some(refusal) = w.deferred {
+            if self.activity.in_request() {
+                // hyper is still answering the request before the refused one; our 400
+                // may only follow its response.
+                let recheck = w
+                    .recheck
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(DEFERRED_RECHECK)));
+                while recheck.as_mut().poll(cx).is_ready() {
+                    recheck.as_mut().reset(Instant::now() + DEFERRED_RECHECK);
+                }
+                return Some(Poll::Pending);
+            }
+            self.refuse_framing(refusal);
+            return Some(self.poll_refusing(cx));
+        }
+        if matches!(w.phase, Http1Phase::Head(_)) && w.deadline.as_mut().poll(cx).is_ready() {
+            self.counters.head_timeout.fetch_add(1, Ordering::Relaxed);
+            self.refuse(
+                status_response(408, "Request Timeout", "request head took too long"),
+                true,
+                "request head timed out (408)",
+            );
+            return Some(self.poll_refusing(cx));
+        }
+        None
+    }
+
+    /// After a read that added `buf[before..]`. HTTP/1: a request target over the limit gets
+    /// 414, a head the sans-IO core refuses gets its status (after the valid requests before
+    /// it). HTTP/2: stream resets are counted, and past the limit the connection gets GOAWAY
+    /// ENHANCE_YOUR_CALM and closes.
+    fn after_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+        before: usize,
+    ) -> ReadAnswer {
         let new = &buf.filled()[before..];
-        match &mut this.watch {
+        match &mut self.watch {
             Watch::Http1(w) => {
                 if matches!(w.phase, Http1Phase::Idle) {
                     w.phase = Http1Phase::Head(RequestLineScan::new(w.uri_bytes_max));
@@ -711,14 +740,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardIo<I> {
                 }
                 if let Http1Phase::Head(scan) = &mut w.phase {
                     if scan.feed(new) == LineVerdict::TargetTooLong {
-                        this.counters.uri_too_long.fetch_add(1, Ordering::Relaxed);
+                        self.counters.uri_too_long.fetch_add(1, Ordering::Relaxed);
                         buf.set_filled(before);
-                        this.refuse(
+                        self.refuse(
                             status_response(414, "URI Too Long", "request target is too long"),
                             true,
                             "request target too long (414)",
                         );
-                        return this.poll_refusing(cx);
+                        return Some(self.poll_refusing(cx));
                     }
                 }
                 if let Err(refusal) = w.framing.feed(new) {
@@ -730,19 +759,19 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardIo<I> {
                             reason = refusal.reason,
                             "fallback: body framing left to hyper"
                         );
-                        return result;
+                        return None;
                     }
                     buf.set_filled(before + refusal.at);
-                    if refusal.at == 0 && !this.activity.in_request() {
-                        this.refuse_framing(refusal);
-                        return this.poll_refusing(cx);
+                    if refusal.at == 0 && !self.activity.in_request() {
+                        self.refuse_framing(refusal);
+                        return Some(self.poll_refusing(cx));
                     }
                     // Earlier pipelined requests go to hyper first; the refusal follows them.
                     w.deferred = Some(refusal);
                     if refusal.at == 0 {
                         // Nothing to hand over now, and an empty read would mean EOF to hyper.
                         cx.waker().wake_by_ref();
-                        return Poll::Pending;
+                        return Some(Poll::Pending);
                     }
                 }
             }
@@ -759,7 +788,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardIo<I> {
                     }
                 });
                 if calm {
-                    this.counters.h2_calm.fetch_add(1, Ordering::Relaxed);
+                    self.counters.h2_calm.fetch_add(1, Ordering::Relaxed);
                     buf.set_filled(before);
                     // A frame of our own may only start where hyper's last one ended; if hyper
                     // is mid-frame the connection closes without the GOAWAY.
@@ -770,17 +799,37 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardIo<I> {
                     };
                     // Linger as for a 414: closing on unread input would reset the connection,
                     // and a reset can destroy the GOAWAY before the client reads it.
-                    this.refuse(goaway, true, "HTTP/2 stream resets over the limit");
-                    return this.poll_refusing(cx);
+                    self.refuse(goaway, true, "HTTP/2 stream resets over the limit");
+                    return Some(self.poll_refusing(cx));
                 }
             }
         }
-        result
+        None
     }
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> GuardIo<I> {
-    fn wrote(&mut self, bufs: &[&[u8]], mut written: usize) {
+    /// One write through the guard: refused once the guard answers, else passed on and
+    /// recorded (progress and the h2 frames written in `bufs`, or a client that does not read).
+    fn guarded_write<'b>(
+        &mut self,
+        bufs: impl IntoIterator<Item = &'b [u8]>,
+        write: impl FnOnce(Pin<&mut I>) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        if self.refusing.is_some() {
+            // hyper gets nothing more onto the wire once the guard answers.
+            return Poll::Ready(Err(io::Error::other("connection refused by the guard")));
+        }
+        let result = write(Pin::new(&mut self.inner));
+        match result {
+            Poll::Ready(Ok(n)) => self.wrote(bufs, n),
+            Poll::Pending => self.activity.write_blocked(),
+            Poll::Ready(Err(_)) => {}
+        }
+        result
+    }
+
+    fn wrote<'b>(&mut self, bufs: impl IntoIterator<Item = &'b [u8]>, mut written: usize) {
         if written == 0 {
             return;
         }
@@ -800,43 +849,23 @@ impl<I: AsyncRead + AsyncWrite + Unpin> GuardIo<I> {
 
 impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardIo<I> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        if this.refusing.is_some() {
-            // hyper gets nothing more onto the wire once the guard answers.
-            return Poll::Ready(Err(io::Error::other("connection refused by the guard")));
-        }
-        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
-        match result {
-            Poll::Ready(Ok(n)) => this.wrote(&[buf], n),
-            Poll::Pending => this.activity.write_blocked(),
-            Poll::Ready(Err(_)) => {}
-        }
-        result
+        self.get_mut()
+            .guarded_write([buf], |inner| inner.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        if this.refusing.is_some() {
-            return Poll::Ready(Err(io::Error::other("connection refused by the guard")));
-        }
-        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        match result {
-            Poll::Ready(Ok(n)) => {
-                let slices: Vec<&[u8]> = bufs.iter().map(|b| &**b).collect();
-                this.wrote(&slices, n);
-            }
-            Poll::Pending => this.activity.write_blocked(),
-            Poll::Ready(Err(_)) => {}
-        }
-        result
+        self.get_mut()
+            .guarded_write(bufs.iter().map(|b| &**b), |inner| {
+                inner.poll_write_vectored(cx, bufs)
+            })
     }
 
     fn is_write_vectored(&self) -> bool {

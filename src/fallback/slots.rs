@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::peer_limit::PerIpCounts;
+use crate::address_cap::AddressCap;
 
 /// Connections asked to close for room that have not closed yet, at most. Shedding is
 /// asynchronous (the victim's task must run to close), so admissions by shedding may briefly
@@ -61,7 +61,7 @@ struct Open<C> {
 /// Open connections by id, bounded by `connections_max` (+ [`SHEDDING_MAX`] while victims close).
 pub struct SlotTable<C> {
     connections_max: usize,
-    per_ip: PerIpCounts,
+    per_ip: AddressCap,
     open: HashMap<u64, Open<C>>,
     shedding: usize,
     next_id: u64,
@@ -73,7 +73,7 @@ impl<C: Sheddable> SlotTable<C> {
     pub fn new(connections_max: usize, per_ip_max: usize) -> SlotTable<C> {
         SlotTable {
             connections_max,
-            per_ip: PerIpCounts::new(per_ip_max),
+            per_ip: AddressCap::new(per_ip_max),
             open: HashMap::with_capacity(connections_max.min(4096)),
             shedding: 0,
             next_id: 1,

@@ -16,12 +16,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, Version};
 
-use crate::app::{App, Decision, Reply, ReplyBody, RequestInfo};
-use crate::fallback::{ConnInfo, Handler, ResponseBody};
+use super::handler::{body_from_bytes, ConnInfo, GuardedBody, Handler, ResponseBody};
+use crate::app::{App, Decision, PutSink, Reply, ReplyBody, RequestInfo};
 use crate::metrics::BytePath;
 use crate::store::OpenCache;
 
@@ -117,7 +117,7 @@ async fn serve(
     // Public pressure from here until the response body is dropped.
     let public = crate::pressure::is_public_route(crate::route::route_label(&method, &path))
         .then(|| app.metrics.pressure.begin());
-    let mut info = RequestInfo {
+    let info = RequestInfo {
         method: &method,
         path: &path,
         authorization: header("authorization"),
@@ -130,7 +130,45 @@ async fn serve(
         read_through: true,
     };
     let route_label = crate::route::route_label(&method, &path);
-    let mut decision = handle_cached(&app, &info);
+    let reply = match decide(&app, info).await {
+        Decision::Reply(reply) => reply,
+        Decision::Fetch { .. } => Reply::error(404, "no such artifact"),
+        // `App::handle` opens artifacts blocking (on this runtime's threads),
+        // so it never answers `Cold`; should it, the client may retry.
+        Decision::Cold { .. } => Reply::error(503, "artifact not ready; try again"),
+        Decision::ReceiveBody(sink) => {
+            // Polling the body is what makes hyper send `100 Continue`, so a
+            // refusal decided above never invites the body.
+            body_invited = true;
+            receive_body(&app, &mut body, sink, body_read_timeout).await
+        }
+    };
+    app.record(route_label, &method, reply.status);
+    let ttfb = started.elapsed();
+    app.metrics.record_ttfb(ttfb);
+    if public.is_some() && matches!(method.as_str(), "GET" | "HEAD") {
+        app.metrics.pressure.head_ready(ttfb);
+    }
+    if reply.close && parts.version <= Version::HTTP_11 && body_invited && !body.is_end_stream() {
+        // hyper drains at most one read of an unread body and then closes,
+        // which resets a client still writing it before it reads our answer
+        // (see `http1::Linger`). While a task holds the body, hyper keeps
+        // reading it alongside sending the response, and closes once the
+        // body ends or the task drops it at a bound.
+        tokio::spawn(discard_body(body, app.linger_limits()));
+    }
+    let response = into_response(&app, reply, parts.version);
+    match public {
+        // Counted as public pressure until hyper drops the body.
+        Some(guard) => response.map(|inner| GuardedBody::new(inner, guard).boxed()),
+        None => response,
+    }
+}
+
+/// [`App`]'s decision on a request, after waiting (bounded) for the peers, then the
+/// object-store tier, to fill a local miss.
+async fn decide(app: &Arc<App>, mut info: RequestInfo<'_>) -> Decision {
+    let mut decision = handle_cached(app, &info);
     if let Decision::Fetch { namespace, key } = &decision {
         // A miss the peers may fill: wait (bounded) for the one fetch of
         // this key, then decide again from the store.
@@ -151,7 +189,7 @@ async fn serve(
             read_through: false,
             ..info
         };
-        decision = handle_cached(&app, &info);
+        decision = handle_cached(app, &info);
     }
     if let (Decision::Cold { namespace, key }, Some(tier)) = (&decision, app.tier()) {
         // A local miss to read through from the object-store tier: wait for
@@ -161,118 +199,69 @@ async fn serve(
             let _ = tx.send(outcome);
         });
         let _ = rx.await;
-        decision = handle_cached(&app, &info);
+        decision = handle_cached(app, &info);
     }
-    let reply = match decision {
-        Decision::Reply(reply) => reply,
-        Decision::Fetch { .. } => Reply::error(404, "no such artifact"),
-        // `App::handle` opens artifacts blocking (on this runtime's threads),
-        // so it never answers `Cold`; should it, the client may retry.
-        Decision::Cold { .. } => Reply::error(503, "artifact not ready; try again"),
-        Decision::ReceiveBody(mut sink) => {
-            // Polling the body is what makes hyper send `100 Continue`, so a
-            // refusal decided above never invites the body.
-            body_invited = true;
-            let mut failed = None;
-            loop {
-                // Idle time between body pieces is bounded, as on the ring: a client that
-                // declares a length and stalls must not hold the request open forever.
-                let Ok(frame) = tokio::time::timeout(body_read_timeout, body.frame()).await else {
-                    tracing::debug!("PUT body stalled past body_read_timeout_ms");
-                    failed = Some(Reply::error(408, "request body timed out").closing());
-                    break;
-                };
-                let Some(frame) = frame else { break };
-                match frame {
-                    Ok(frame) => {
-                        if let Some(data) = frame.data_ref() {
-                            if let Err(reply) = sink.write(data) {
-                                failed = Some(reply);
-                                break;
-                            }
-                        }
-                    }
-                    Err(err) => {
-                        tracing::debug!(error = %err, "PUT body aborted by the client");
-                        failed = Some(Reply::error(400, "request body was cut short").closing());
+    decision
+}
+
+/// Receives a PUT body into `sink`, waiting at most `body_read_timeout` for each piece, and
+/// commits it; the reply says how that went.
+async fn receive_body(
+    app: &App,
+    body: &mut Incoming,
+    mut sink: PutSink,
+    body_read_timeout: Duration,
+) -> Reply {
+    let mut failed = None;
+    loop {
+        // Idle time between body pieces is bounded, as on the ring: a client that
+        // declares a length and stalls must not hold the request open forever.
+        let Ok(frame) = tokio::time::timeout(body_read_timeout, body.frame()).await else {
+            tracing::debug!("PUT body stalled past body_read_timeout_ms");
+            failed = Some(Reply::error(408, "request body timed out").closing());
+            break;
+        };
+        let Some(frame) = frame else { break };
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Err(reply) = sink.write(data) {
+                        failed = Some(reply);
                         break;
                     }
                 }
             }
-            match failed {
-                Some(reply) => {
-                    app.metrics.count_put_aborted();
-                    reply
-                }
-                // Commit may fsync: keep it off the async worker.
-                None => match tokio::task::spawn_blocking(move || sink.finish_parts()).await {
-                    Ok(Ok(reply)) => reply,
-                    // A write-through: its reply comes when the tier has it.
-                    Ok(Err(later)) => {
-                        let (tx, rx) = tokio::sync::oneshot::channel();
-                        later.run(Box::new(move |reply| {
-                            let _ = tx.send(reply);
-                        }));
-                        rx.await.unwrap_or_else(|_| {
-                            Reply::error(500, "the upload's last step failed").closing()
-                        })
-                    }
-                    Err(_) => Reply::error(500, "upload commit failed").closing(),
-                },
+            Err(err) => {
+                tracing::debug!(error = %err, "PUT body aborted by the client");
+                failed = Some(Reply::error(400, "request body was cut short").closing());
+                break;
             }
         }
-    };
-    app.record(route_label, &method, reply.status);
-    let ttfb = started.elapsed();
-    app.metrics.record_ttfb(ttfb);
-    if public.is_some() && matches!(method.as_str(), "GET" | "HEAD") {
-        app.metrics.pressure.head_ready(ttfb);
     }
-    if reply.close && parts.version <= Version::HTTP_11 && body_invited && !body.is_end_stream() {
-        // hyper drains at most one read of an unread body and then closes,
-        // which resets a client still writing it before it reads our answer
-        // (see `http1::Linger`). While a task holds the body, hyper keeps
-        // reading it alongside sending the response, and closes once the
-        // body ends or the task drops it at a bound.
-        tokio::spawn(discard_body(body, app.linger_limits()));
-    }
-    let response = into_response(&app, reply, parts.version);
-    match public {
-        Some(guard) => response.map(|inner| {
-            Tracked {
-                inner,
-                _public: guard,
-            }
-            .boxed()
-        }),
-        None => response,
+    match failed {
+        Some(reply) => {
+            app.metrics.count_put_aborted();
+            reply
+        }
+        None => commit(sink).await,
     }
 }
 
-/// A response body that keeps its request counted as public pressure until
-/// hyper drops it (after the last byte, or when the client goes).
-struct Tracked {
-    inner: ResponseBody,
-    _public: crate::pressure::InFlight,
-}
-
-impl Body for Tracked {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+/// Publishes a received upload, and for a write-through waits for the tier's reply.
+async fn commit(sink: PutSink) -> Reply {
+    // Commit may fsync: keep it off the async worker.
+    match tokio::task::spawn_blocking(move || sink.finish_parts()).await {
+        Ok(Ok(reply)) => reply,
+        // A write-through: its reply comes when the tier has it.
+        Ok(Err(later)) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            later.run(Box::new(move |reply| {
+                let _ = tx.send(reply);
+            }));
+            rx.await
+                .unwrap_or_else(|_| Reply::error(500, "the upload's last step failed").closing())
+        }
+        Err(_) => Reply::error(500, "upload commit failed").closing(),
     }
 }
 
@@ -341,15 +330,11 @@ fn into_response(app: &Arc<App>, reply: Reply, version: Version) -> Response<Res
         builder = builder.header("connection", "close");
     }
     let body: ResponseBody = match reply.body {
-        ReplyBody::Empty => Full::new(Bytes::new())
-            .map_err(|never| match never {})
-            .boxed(),
+        ReplyBody::Empty => body_from_bytes(Bytes::new()),
         ReplyBody::Bytes(bytes) => {
             app.metrics
                 .add_response_bytes(BytePath::Fallback, bytes.len() as u64);
-            Full::new(Bytes::from(bytes))
-                .map_err(|never| match never {})
-                .boxed()
+            body_from_bytes(bytes)
         }
         ReplyBody::File {
             artifact,
@@ -365,7 +350,7 @@ fn into_response(app: &Arc<App>, reply: Reply, version: Version) -> Response<Res
                     Ok(bytes) => {
                         app.metrics
                             .add_response_bytes(BytePath::Fallback, bytes.len() as u64);
-                        Full::new(bytes).map_err(|never| match never {}).boxed()
+                        body_from_bytes(bytes)
                     }
                     Err(err) => {
                         tracing::error!(error = %err, "artifact could not be read");
@@ -381,23 +366,14 @@ fn into_response(app: &Arc<App>, reply: Reply, version: Version) -> Response<Res
         Ok(response) => response,
         Err(err) => {
             tracing::error!(error = %err, "building a response failed");
-            let mut response = Response::new(
-                Full::new(Bytes::new())
-                    .map_err(|never| match never {})
-                    .boxed(),
-            );
-            *response.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
-            response
+            internal_error()
         }
     }
 }
 
+/// An empty `500`, for when the reply cannot be built or its file cannot be read.
 fn internal_error() -> Response<ResponseBody> {
-    let mut response = Response::new(
-        Full::new(Bytes::new())
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut response = Response::new(body_from_bytes(Bytes::new()));
     *response.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
     response
 }

@@ -10,16 +10,16 @@ use std::net::IpAddr;
 
 /// Open connections per client address, refusing past a cap.
 #[derive(Debug)]
-pub struct PerIpCounts {
+pub struct AddressCap {
     /// Cap per address; 0 = no cap (only counted).
     per_ip_max: usize,
     counts: HashMap<IpAddr, usize>,
 }
 
-impl PerIpCounts {
+impl AddressCap {
     /// A table with `per_ip_max` connections per address (0 = no cap).
-    pub fn new(per_ip_max: usize) -> PerIpCounts {
-        PerIpCounts {
+    pub fn new(per_ip_max: usize) -> AddressCap {
+        AddressCap {
             per_ip_max,
             counts: HashMap::new(),
         }
@@ -80,7 +80,7 @@ mod tests {
     fn caps_each_address_and_frees_on_remove() {
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let mut t = PerIpCounts::new(2);
+        let mut t = AddressCap::new(2);
         assert!(t.try_add(a));
         assert!(t.try_add(a));
         assert!(!t.try_add(a), "third from one address");
@@ -98,12 +98,12 @@ mod tests {
 
     #[test]
     fn zero_means_no_cap_and_mapped_v4_is_v4() {
-        let mut t = PerIpCounts::new(0);
+        let mut t = AddressCap::new(0);
         let v4: IpAddr = "198.51.100.7".parse().unwrap();
         for _ in 0..10_000 {
             assert!(t.try_add(v4));
         }
-        let mut t = PerIpCounts::new(1);
+        let mut t = AddressCap::new(1);
         let mapped: IpAddr = "::ffff:198.51.100.7".parse().unwrap();
         assert!(t.try_add(v4));
         assert!(!t.try_add(mapped));
