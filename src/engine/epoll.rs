@@ -11,7 +11,7 @@
 //!
 //! - a chunk of a body the page cache does not hold (`residency`) is read
 //!   by this core's reader thread into memory and sent from there;
-//! - cold opens go to the opener thread ([`super::cold`]), uploads are
+//! - cold opens go to the opener thread ([`super::opener`]), uploads are
 //!   published on the publisher thread ([`super::publish`]), as on the ring.
 //!
 //! TLS and HTTP/2 are handed, untouched, to the fallback, as on the ring.
@@ -39,7 +39,7 @@ use sluice_uring::Waker;
 use super::conn::{Conn, ConnLimits, Next, PEEK_AGAIN_MS};
 use super::offload::Offload;
 use super::ring::{DrainCutter, PUMP_BYTES_PER_TURN, TICK_MS};
-use super::{cold, publish};
+use super::{opener, publish};
 use crate::app::App;
 use crate::fallback::Fallback;
 use crate::peer_limit::PerIpCounts;
@@ -280,7 +280,7 @@ struct CoreLoop {
     /// Connections in the `PeekAgain` pause: (until, index, generation).
     peek_timers: Vec<(Instant, u32, u32)>,
     publisher: publish::Publisher,
-    opener: cold::Opener,
+    opener: opener::Opener,
     reader: Offload<ReadJob, ReadDone>,
     stats: Arc<Vec<EpollStats>>,
     stop: Arc<AtomicBool>,
@@ -345,7 +345,7 @@ impl CoreLoop {
             accepting: true,
             eventfd,
             publisher: publish::start(core, waker.clone())?,
-            opener: cold::start(core, waker.clone(), Arc::clone(&shared.app))?,
+            opener: opener::start(core, waker.clone(), Arc::clone(&shared.app))?,
             reader,
             waker,
             app: shared.app,
@@ -953,7 +953,7 @@ impl CoreLoop {
                     }
                 }
                 Next::Open { namespace, key } => {
-                    let job = cold::Job {
+                    let job = opener::Job {
                         index,
                         generation: slot.generation,
                         namespace,

@@ -10,7 +10,7 @@
 //! io_uring; `engine = "epoll"` never tries it; `engine = "fallback"` serves
 //! every connection through hyper.
 
-pub mod cold;
+pub mod opener;
 pub mod conn;
 pub mod epoll;
 pub mod offload;

@@ -29,7 +29,7 @@ use sluice_uring::{
     PipePool, Residency, Returned, RingConfig, SharedFd, Waker,
 };
 
-use super::cold::{self, Opener};
+use super::opener::{self, Opener};
 use super::conn::{Conn, ConnLimits, Next};
 use super::publish::{self, Done, Job, Publisher};
 use super::task::{OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYTES};
@@ -667,7 +667,7 @@ impl CoreLoop {
                 format!("cannot start the publisher thread of engine thread {core}: {e}"),
             )
         })?;
-        let opener = cold::start(core, driver.waker(), Arc::clone(&app)).map_err(|e| {
+        let opener = opener::start(core, driver.waker(), Arc::clone(&app)).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!("cannot start the opener thread of engine thread {core}: {e}"),
@@ -1309,7 +1309,7 @@ impl CoreLoop {
                 }
             }
             Next::Open { namespace, key } => {
-                let job = cold::Job {
+                let job = opener::Job {
                     index,
                     generation: slot.generation,
                     namespace,
@@ -1373,7 +1373,7 @@ impl CoreLoop {
 
     /// A cold open came back from the opener: decide the request again,
     /// unless its connection is gone.
-    fn on_opened(&mut self, done: cold::Done) {
+    fn on_opened(&mut self, done: opener::Done) {
         let Some(slot) = self
             .slots
             .get_mut(done.index as usize)
