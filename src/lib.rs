@@ -14,6 +14,7 @@ pub mod http1;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod outgoing;
 pub mod peer_limit;
 pub mod pressure;
 pub mod replication;

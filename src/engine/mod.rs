@@ -10,13 +10,12 @@
 //! io_uring; `engine = "epoll"` never tries it; `engine = "fallback"` serves
 //! every connection through hyper.
 
-pub mod opener;
 pub mod conn;
 pub mod epoll;
 pub mod offload;
+pub mod opener;
 pub mod publish;
 pub mod ring;
-pub mod task;
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -25,6 +24,7 @@ use std::time::Duration;
 use crate::app::App;
 use crate::config::{Config, EngineChoice, FileServingMode as ConfigMode};
 use crate::fallback::Fallback;
+use crate::outgoing::{OutgoingRequest, Submit};
 use conn::ConnLimits;
 use epoll::{EpollEngine, EpollSettings};
 use ring::{EngineSettings, FileServingMode, RingEngine};
@@ -79,7 +79,7 @@ impl Engine {
 
     /// Run an outgoing request on a ring (replication's building block).
     /// Without rings (fallback engine) the request comes back.
-    pub fn submit_task(&self, request: task::OutgoingRequest) -> Result<(), task::OutgoingRequest> {
+    pub fn submit_task(&self, request: OutgoingRequest) -> Result<(), OutgoingRequest> {
         match &self.ring {
             Some(ring) => ring.submit_task(request),
             None => Err(request),
@@ -87,8 +87,10 @@ impl Engine {
     }
 
     /// A handle for submitting tasks from another thread, when rings run.
-    pub fn task_submitter(&self) -> Option<ring::TaskSubmitter> {
-        self.ring.as_ref().map(RingEngine::submitter)
+    pub fn task_submitter(&self) -> Option<Arc<dyn Submit>> {
+        self.ring
+            .as_ref()
+            .map(|ring| Arc::new(ring.submitter()) as Arc<dyn Submit>)
     }
 
     /// A handle that ends a drain in progress at once (a second SIGTERM).

@@ -29,13 +29,13 @@ use sluice_uring::{
     PipePool, Residency, Returned, RingConfig, SharedFd, Waker,
 };
 
-use super::opener::{self, Opener};
 use super::conn::{Conn, ConnLimits, Next};
+use super::opener::{self, Opener};
 use super::publish::{self, Done, Job, Publisher};
-use super::task::{OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYTES};
 use crate::app::App;
 use crate::fallback::Fallback;
 use crate::metrics::BytePath;
+use crate::outgoing::{self, OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYTES};
 use crate::peer_limit::PerIpCounts;
 use crate::store::OpenCache;
 
@@ -165,10 +165,10 @@ pub struct TaskSubmitter {
     stop: Arc<AtomicBool>,
 }
 
-impl TaskSubmitter {
+impl outgoing::Submit for TaskSubmitter {
     /// Queue `request` on one of the rings (round robin); a full queue or a
     /// stopped engine gives it back.
-    pub fn submit(&self, request: OutgoingRequest) -> Result<(), OutgoingRequest> {
+    fn submit(&self, request: OutgoingRequest) -> Result<(), OutgoingRequest> {
         if self.task_queues.is_empty() || self.stop.load(Ordering::SeqCst) {
             return Err(request);
         }
@@ -321,7 +321,7 @@ impl RingEngine {
     /// queue gives the request back: the caller decides whether to retry
     /// later (replication keeps it in its outbox).
     pub fn submit_task(&self, request: OutgoingRequest) -> Result<(), OutgoingRequest> {
-        self.submitter().submit(request)
+        outgoing::Submit::submit(&self.submitter(), request)
     }
 
     /// A handle that ends the drain early.
@@ -1998,11 +1998,7 @@ impl CoreLoop {
         }
     }
 
-    fn finish_task(
-        &mut self,
-        index: u32,
-        outcome: Result<super::task::OutgoingResponse, TaskError>,
-    ) {
+    fn finish_task(&mut self, index: u32, outcome: Result<outgoing::OutgoingResponse, TaskError>) {
         let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::take) else {
             return;
         };
@@ -2165,9 +2161,9 @@ pub fn errno_name(errno: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::task::OutgoingResponse;
     use crate::fallback::FallbackLimits;
     use crate::front::AppHandler;
+    use crate::outgoing::{self as task, OutgoingResponse};
     use crate::store::{Store, StoreConfig};
     use std::sync::mpsc;
 
@@ -2237,8 +2233,6 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(10))
             .expect("task outcome")
     }
-
-    use super::super::task;
 
     /// The ring is a scheduler, not only a server: an outgoing request
     /// task connects, sends and reads on the same ring that serves, here
