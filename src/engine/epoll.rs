@@ -34,7 +34,7 @@ use rustix::event::epoll;
 use rustix::io::Errno;
 use rustix::net::{RecvFlags, SendFlags};
 use sluice_uring::residency::{residency, Residency};
-use sluice_uring::Waker;
+use sluice_uring::{Token, Waker};
 
 use super::conn::{Conn, ConnLimits, Next, PEEK_AGAIN_MS};
 use super::offload::Offload;
@@ -45,8 +45,6 @@ use crate::fallback::Fallback;
 use crate::peer_limit::PerIpCounts;
 use crate::store::OpenCache;
 
-const TOKEN_LISTENER: u64 = u64::MAX;
-const TOKEN_WAKER: u64 = u64::MAX - 1;
 /// Events taken from the kernel per `epoll_wait`.
 const EVENTS_PER_WAIT: usize = 256;
 /// Connections accepted per listener wake-up before the others get a turn.
@@ -310,13 +308,13 @@ impl CoreLoop {
         epoll::add(
             &epoll,
             &listener,
-            epoll::EventData::new_u64(TOKEN_LISTENER),
+            epoll::EventData::new_u64(Token::Listener.pack()),
             epoll::EventFlags::IN,
         )?;
         epoll::add(
             &epoll,
             &*eventfd,
-            epoll::EventData::new_u64(TOKEN_WAKER),
+            epoll::EventData::new_u64(Token::Waker.pack()),
             epoll::EventFlags::IN,
         )?;
         let max = settings.connections_per_core_max.max(1);
@@ -400,13 +398,17 @@ impl CoreLoop {
                 }
             }
             for event in &events {
-                match event.data.u64() {
-                    TOKEN_LISTENER => self.accept(),
-                    TOKEN_WAKER => {
+                match Token::unpack(event.data.u64()) {
+                    Token::Listener => self.accept(),
+                    Token::Waker => {
                         let mut counter = [0u8; 8];
                         let _ = rustix::io::read(&*self.eventfd, &mut counter[..]);
                     }
-                    token => self.on_ready(token, event.flags),
+                    Token::Conn { slot, generation } => {
+                        self.on_ready(slot, generation, event.flags)
+                    }
+                    // Never registered in an epoll set.
+                    Token::ReadAhead | Token::Task { .. } => {}
                 }
             }
             self.take_offloaded();
@@ -450,7 +452,7 @@ impl CoreLoop {
             if epoll::add(
                 &self.epoll,
                 &self.listener,
-                epoll::EventData::new_u64(TOKEN_LISTENER),
+                epoll::EventData::new_u64(Token::Listener.pack()),
                 epoll::EventFlags::IN,
             )
             .is_ok()
@@ -591,8 +593,12 @@ impl CoreLoop {
             self.free.push(index);
             return;
         }
-        self.generation = self.generation.wrapping_add(1).max(1);
-        let token = u64::from(index) << 32 | u64::from(self.generation);
+        self.generation = Token::next_generation(self.generation);
+        let token = Token::Conn {
+            slot: index,
+            generation: self.generation,
+        }
+        .pack();
         let flags = epoll::EventFlags::IN
             | epoll::EventFlags::OUT
             | epoll::EventFlags::RDHUP
@@ -660,9 +666,7 @@ impl CoreLoop {
     }
 
     /// A readiness event for a connection: retry what it waits for.
-    fn on_ready(&mut self, token: u64, flags: epoll::EventFlags) {
-        let index = (token >> 32) as u32;
-        let generation = token as u32;
+    fn on_ready(&mut self, index: u32, generation: u32, flags: epoll::EventFlags) {
         if !self.live(index, generation) {
             return;
         }

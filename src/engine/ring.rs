@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use sluice_uring::{
     residency, Completion, Driver, DriverConfig, Errno, FixedLease, IoBuf, Op, OpId, OpKind, Pipe,
-    PipePool, Residency, Returned, RingConfig, SharedFd, Waker,
+    PipePool, Residency, Returned, RingConfig, SharedFd, Token, Waker,
 };
 
 use super::conn::{Conn, ConnLimits, Next};
@@ -113,15 +113,6 @@ pub const IDLE_TASK_CONNS_MAX: usize = 16;
 /// a sluice peer's default `idle_timeout_ms`, so the pool seldom holds a
 /// connection the peer has already closed.
 pub const IDLE_TASK_CONN_MS: u64 = 20_000;
-
-/// Reserved tokens. Connection tokens are `generation << 32 | slot` with a
-/// 31-bit generation; task tokens set `TASK_BIT`; the accept token is all
-/// ones and the read-ahead token all ones but the last bit (both checked
-/// before `TASK_BIT`).
-const TOKEN_ACCEPT: u64 = u64::MAX;
-const TOKEN_READAHEAD: u64 = u64::MAX - 1;
-const TASK_BIT: u64 = 1 << 63;
-const GENERATION_MASK: u32 = 0x7fff_ffff;
 
 /// Counters one engine thread publishes every tick.
 #[derive(Default)]
@@ -606,18 +597,6 @@ struct TaskSlot {
     timed_out: bool,
 }
 
-fn task_token(slot: u32, generation: u32) -> u64 {
-    TASK_BIT | token(slot, generation)
-}
-
-fn token(slot: u32, generation: u32) -> u64 {
-    (u64::from(generation) << 32) | u64::from(slot)
-}
-
-fn untoken(token: u64) -> (u32, u32) {
-    ((token & 0xffff_ffff) as u32, (token >> 32) as u32)
-}
-
 impl CoreLoop {
     fn new(
         core: usize,
@@ -654,7 +633,7 @@ impl CoreLoop {
                 Op::AcceptMulti {
                     listener: Rc::clone(&listener),
                 },
-                TOKEN_ACCEPT,
+                Token::Listener.pack(),
             )
             .map_err(|e| std::io::Error::other(format!("cannot arm accept: {:?}", e.kind)))?;
         if let Some(s) = stats.get(core) {
@@ -913,19 +892,16 @@ impl CoreLoop {
     }
 
     fn dispatch(&mut self, completion: Completion) {
-        if completion.token == TOKEN_ACCEPT {
-            self.on_accept(completion);
-            return;
-        }
-        if completion.token == TOKEN_READAHEAD {
-            self.readaheads_in_flight = self.readaheads_in_flight.saturating_sub(1);
-            return;
-        }
-        if completion.token & TASK_BIT != 0 {
-            self.on_task(completion);
-            return;
-        }
-        let (index, generation) = untoken(completion.token);
+        let (index, generation) = match Token::unpack(completion.token) {
+            Token::Listener => return self.on_accept(completion),
+            Token::ReadAhead => {
+                self.readaheads_in_flight = self.readaheads_in_flight.saturating_sub(1);
+                return;
+            }
+            Token::Task { slot, generation } => return self.on_task(slot, generation, completion),
+            Token::Waker => return,
+            Token::Conn { slot, generation } => (slot, generation),
+        };
         let live = self
             .slots
             .get(index as usize)
@@ -1052,7 +1028,7 @@ impl CoreLoop {
             self.hand_off(fd);
             return;
         };
-        self.generation = (self.generation.wrapping_add(1) & GENERATION_MASK).max(1);
+        self.generation = Token::next_generation(self.generation);
         let conn = Conn::new(
             Arc::clone(&self.app),
             Rc::clone(&self.files),
@@ -1118,7 +1094,11 @@ impl CoreLoop {
         let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
         };
-        match self.driver.submit(op, token(index, slot.generation)) {
+        let token = Token::Conn {
+            slot: index,
+            generation: slot.generation,
+        };
+        match self.driver.submit(op, token.pack()) {
             Ok(id) => slot.pending = Some(id),
             Err(err) => {
                 tracing::warn!(kind = ?err.kind, "ring refused an operation; closing the connection");
@@ -1439,7 +1419,7 @@ impl CoreLoop {
             advice: libc::POSIX_FADV_WILLNEED,
         };
         // A hint the ring cannot take is only a missed hint.
-        if self.driver.submit(hint, TOKEN_READAHEAD).is_ok() {
+        if self.driver.submit(hint, Token::ReadAhead.pack()).is_ok() {
             self.readaheads_in_flight += 1;
         }
     }
@@ -1681,7 +1661,7 @@ impl CoreLoop {
             Op::AcceptMulti {
                 listener: Rc::clone(&self.listener),
             },
-            TOKEN_ACCEPT,
+            Token::Listener.pack(),
         ) {
             Ok(op) => self.accept_op = Some(op),
             Err(err) => {
@@ -1886,7 +1866,7 @@ impl CoreLoop {
             }
         };
         let addr = request.addr;
-        self.task_generation = (self.task_generation.wrapping_add(1) & GENERATION_MASK).max(1);
+        self.task_generation = Token::next_generation(self.task_generation);
         let generation = self.task_generation;
         let mut task = Task::new(request, Instant::now());
         let op = if reused {
@@ -1992,7 +1972,11 @@ impl CoreLoop {
         let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
         };
-        match self.driver.submit(op, task_token(index, slot.generation)) {
+        let token = Token::Task {
+            slot: index,
+            generation: slot.generation,
+        };
+        match self.driver.submit(op, token.pack()) {
             Ok(id) => slot.pending = Some(id),
             Err(_) => self.finish_task(index, Err(TaskError::Refused)),
         }
@@ -2030,8 +2014,7 @@ impl CoreLoop {
         (task.request.done)(outcome);
     }
 
-    fn on_task(&mut self, completion: Completion) {
-        let (index, generation) = untoken(completion.token & !TASK_BIT);
+    fn on_task(&mut self, index: u32, generation: u32, completion: Completion) {
         let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
         };
