@@ -25,9 +25,8 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rustix::event::epoll;
@@ -38,8 +37,9 @@ use sluice_uring::{Token, Waker};
 
 use super::conn::{Conn, ConnLimits, Next, PEEK_AGAIN_MS};
 use super::offload::Offload;
-use super::ring::{DrainCutter, PUMP_BYTES_PER_TURN, TICK_MS};
+use super::threads::{CoreShared, CoreThreads, DrainCutter, StopSignal};
 use super::{opener, publish};
+use super::{OPEN_FILES_PER_CORE_MAX, OPEN_FILES_SWEEP_TICKS, PUMP_BYTES_PER_TURN, TICK_MS};
 use crate::app::App;
 use crate::fallback::Fallback;
 use crate::peer_limit::PerIpCounts;
@@ -55,10 +55,6 @@ const SENDFILE_BYTES: usize = 2 << 20;
 const COLD_READ_BYTES: u64 = 1 << 20;
 /// Cold reads queued per core; past it a body waits for the next tick.
 const COLD_QUEUE_MAX: usize = 64;
-/// Open-file cache entries per core (as on the ring).
-const OPEN_FILES_PER_CORE: usize = 1024;
-/// The open-file cache is swept every this many ticks.
-const OPEN_FILES_SWEEP_TICKS: u64 = 10;
 
 /// What the engine threads need from the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -85,11 +81,7 @@ pub struct EpollStats {
 
 /// The running epoll engine threads.
 pub struct EpollEngine {
-    threads: Vec<JoinHandle<()>>,
-    wakers: Vec<Waker>,
-    stop: Arc<AtomicBool>,
-    drain_ms: Arc<AtomicU64>,
-    cut: Arc<AtomicBool>,
+    threads: CoreThreads,
     pub stats: Arc<Vec<EpollStats>>,
 }
 
@@ -102,78 +94,34 @@ impl EpollEngine {
         app: &Arc<App>,
         fallback: &Arc<Fallback>,
     ) -> std::io::Result<EpollEngine> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let drain_ms = Arc::new(AtomicU64::new(0));
-        let cut = Arc::new(AtomicBool::new(false));
-        let stats: Arc<Vec<EpollStats>> = Arc::new(
-            (0..listeners.len())
-                .map(|_| EpollStats::default())
-                .collect(),
-        );
-        let mut engine = EpollEngine {
-            threads: Vec::new(),
-            wakers: Vec::new(),
-            stop,
-            drain_ms,
-            cut,
-            stats,
-        };
-        for (core, listener) in listeners.into_iter().enumerate() {
-            // The loop holds `Rc`s: it is built on its own thread, which
-            // reports its waker (or why it could not start) back here.
-            let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-            let shared = Shared {
-                app: Arc::clone(app),
-                fallback: Arc::clone(fallback),
-                stats: Arc::clone(&engine.stats),
-                stop: Arc::clone(&engine.stop),
-                drain_ms: Arc::clone(&engine.drain_ms),
-                cut: Arc::clone(&engine.cut),
-            };
-            let spawned = std::thread::Builder::new()
-                .name(format!("sluice-epoll-{core}"))
-                .spawn(
-                    move || match CoreLoop::new(core, settings, listener, shared) {
-                        Ok(mut core_loop) => {
-                            let _ = ready_tx.send(Ok(core_loop.waker.clone()));
-                            core_loop.run();
-                        }
-                        Err(err) => {
-                            let _ = ready_tx.send(Err(err));
-                        }
-                    },
-                );
-            let started = match spawned {
-                Ok(thread) => {
-                    engine.threads.push(thread);
-                    ready_rx.recv().unwrap_or_else(|_| {
-                        Err(std::io::Error::other("epoll thread exited during set-up"))
-                    })
-                }
-                Err(err) => Err(err),
-            };
-            match started {
-                Ok(waker) => engine.wakers.push(waker),
-                Err(err) => {
-                    engine.shutdown(Duration::ZERO);
-                    return Err(err);
-                }
-            }
-        }
-        Ok(engine)
+        let seeds = vec![(); listeners.len()];
+        let (threads, stats, _) = CoreThreads::start(
+            ("sluice-epoll", "epoll"),
+            listeners,
+            seeds,
+            app,
+            fallback,
+            move |core, listener, (), shared, ready| {
+                let mut core_loop = match CoreLoop::new(core, settings, listener, shared) {
+                    Ok(core_loop) => core_loop,
+                    Err(err) => return ready.failed(err),
+                };
+                ready.ready(core_loop.waker.clone(), ());
+                core_loop.run();
+            },
+        )?;
+        Ok(EpollEngine { threads, stats })
     }
 
     /// A handle that ends a drain in progress at once (a second SIGTERM).
     pub fn drain_cutter(&self) -> DrainCutter {
-        DrainCutter(Arc::clone(&self.cut))
+        self.threads.drain_cutter()
     }
 
     /// Stop accepting, let in-flight requests finish within `drain`, then
     /// close what is left and join the threads.
     pub fn shutdown(mut self, drain: Duration) {
-        let ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX);
-        self.drain_ms.store(ms.max(1), Ordering::SeqCst);
-        super::stop_and_join(&self.stop, &self.wakers, &mut self.threads);
+        self.threads.stop(drain, Duration::ZERO);
     }
 
     /// Append the engine's series in the Prometheus text format.
@@ -192,16 +140,6 @@ impl EpollEngine {
         ];
         super::render_per_core(&series, stats, out);
     }
-}
-
-/// What every engine thread shares.
-struct Shared {
-    app: Arc<App>,
-    fallback: Arc<Fallback>,
-    stats: Arc<Vec<EpollStats>>,
-    stop: Arc<AtomicBool>,
-    drain_ms: Arc<AtomicU64>,
-    cut: Arc<AtomicBool>,
 }
 
 /// A chunk of a cold body, read by the reader thread.
@@ -281,9 +219,7 @@ struct CoreLoop {
     opener: opener::Opener,
     reader: Offload<ReadJob, ReadDone>,
     stats: Arc<Vec<EpollStats>>,
-    stop: Arc<AtomicBool>,
-    drain_ms: Arc<AtomicU64>,
-    cut: Arc<AtomicBool>,
+    signal: Arc<StopSignal>,
     ticks: u64,
 }
 
@@ -296,7 +232,7 @@ impl CoreLoop {
         core: usize,
         settings: EpollSettings,
         listener: TcpListener,
-        shared: Shared,
+        shared: CoreShared<EpollStats>,
     ) -> std::io::Result<CoreLoop> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let eventfd = Arc::new(rustix::event::eventfd(
@@ -348,7 +284,7 @@ impl CoreLoop {
             waker,
             app: shared.app,
             fallback: shared.fallback,
-            files: Rc::new(RefCell::new(OpenCache::new(OPEN_FILES_PER_CORE))),
+            files: Rc::new(RefCell::new(OpenCache::new(OPEN_FILES_PER_CORE_MAX))),
             slots: (0..max).map(|_| None).collect(),
             free: (0..max as u32).rev().collect(),
             generation: 0,
@@ -356,9 +292,7 @@ impl CoreLoop {
             ready: VecDeque::new(),
             peek_timers: Vec::new(),
             stats: shared.stats,
-            stop: shared.stop,
-            drain_ms: shared.drain_ms,
-            cut: shared.cut,
+            signal: shared.signal,
             ticks: 0,
         })
     }
@@ -416,9 +350,8 @@ impl CoreLoop {
             let now = Instant::now();
             self.wake_peekers(now);
 
-            if self.stop.load(Ordering::SeqCst) && drain_until.is_none() {
-                drain_until =
-                    Some(now + Duration::from_millis(self.drain_ms.load(Ordering::SeqCst)));
+            if self.signal.stopping() && drain_until.is_none() {
+                drain_until = Some(now + self.signal.drain_budget());
                 self.stop_accepting();
                 self.expire(now, true);
             }
@@ -428,7 +361,7 @@ impl CoreLoop {
             }
             if let Some(until) = drain_until {
                 let live = self.slots.iter().filter(|s| s.is_some()).count();
-                if live == 0 || now >= until || self.cut.load(Ordering::SeqCst) {
+                if live == 0 || now >= until || self.signal.is_cut() {
                     break;
                 }
             }

@@ -32,6 +32,8 @@ use sluice_uring::{
 use super::conn::{Conn, ConnLimits, Next};
 use super::opener::{self, Opener};
 use super::publish::{self, Done, Job, Publisher};
+use super::threads::{CoreShared, CoreThreads, DrainCutter, StopSignal};
+use super::{OPEN_FILES_PER_CORE_MAX, OPEN_FILES_SWEEP_TICKS, PUMP_BYTES_PER_TURN, TICK_MS};
 use crate::app::App;
 use crate::fallback::Fallback;
 use crate::metrics::BytePath;
@@ -78,18 +80,9 @@ pub const CQ_ENTRIES: u32 = 4096;
 const _: () = assert!(CQ_ENTRIES >= 2 * SQ_ENTRIES);
 /// Completions handled per loop turn before deadlines are looked at again.
 pub const COMPLETIONS_PER_TURN_MAX: usize = 256;
-/// How often deadlines are checked and stats published, in milliseconds.
-pub const TICK_MS: u64 = 100;
-/// File bytes one connection moves before yielding to the others.
-pub const PUMP_BYTES_PER_TURN: u64 = 4 * 1024 * 1024;
 /// Registered buffers per ring (copy mode reads into them), and their size.
 pub const FIXED_BUFFERS_COUNT: u16 = 64;
 pub const FIXED_BUFFER_BYTES: usize = 256 * 1024;
-
-/// Open artifact files one engine thread keeps (each holds an fd).
-pub const OPEN_FILES_PER_CORE_MAX: usize = 1024;
-/// Every this many ticks, cached fds of changed artifacts are closed.
-pub const OPEN_FILES_SWEEP_TICKS: u64 = 10;
 
 /// io-wq workers the kernel may start per ring, for each of its two classes
 /// (bounded: regular-file work; unbounded: the rest, which includes a
@@ -153,14 +146,14 @@ pub struct TaskSubmitter {
     task_queues: Vec<std::sync::mpsc::SyncSender<OutgoingRequest>>,
     wakers: Vec<Waker>,
     next_core: Arc<std::sync::atomic::AtomicUsize>,
-    stop: Arc<AtomicBool>,
+    signal: Arc<StopSignal>,
 }
 
 impl outgoing::Submit for TaskSubmitter {
     /// Queue `request` on one of the rings (round robin); a full queue or a
     /// stopped engine gives it back.
     fn submit(&self, request: OutgoingRequest) -> Result<(), OutgoingRequest> {
-        if self.task_queues.is_empty() || self.stop.load(Ordering::SeqCst) {
+        if self.task_queues.is_empty() || self.signal.stopping() {
             return Err(request);
         }
         let core = self.next_core.fetch_add(1, Ordering::Relaxed) % self.task_queues.len();
@@ -181,28 +174,11 @@ impl outgoing::Submit for TaskSubmitter {
 
 /// The running engine threads.
 pub struct RingEngine {
-    threads: Vec<std::thread::JoinHandle<()>>,
-    wakers: Vec<Waker>,
+    threads: CoreThreads,
     task_queues: Vec<std::sync::mpsc::SyncSender<OutgoingRequest>>,
     next_core: Arc<std::sync::atomic::AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    /// The budgets of a shutdown, ms: `[public drain, outgoing tasks after it]`.
-    drain_deadline_ms: Arc<[AtomicU64; 2]>,
-    /// Set to end a drain at once (see [`DrainCutter`]).
-    cut: Arc<AtomicBool>,
     pub stats: Arc<Vec<CoreStats>>,
     pub fixed_buffers_note: Option<String>,
-}
-
-/// Ends a drain in progress: each engine thread closes what is left at its next turn (at
-/// most one tick later). A second SIGTERM uses it to skip to teardown.
-#[derive(Clone)]
-pub struct DrainCutter(pub(super) Arc<AtomicBool>);
-
-impl DrainCutter {
-    pub fn cut(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
 }
 
 impl RingEngine {
@@ -215,85 +191,31 @@ impl RingEngine {
         app: &Arc<App>,
         fallback: &Arc<Fallback>,
     ) -> std::io::Result<RingEngine> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let cut = Arc::new(AtomicBool::new(false));
-        let drain_deadline_ms = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
-        let stats: Arc<Vec<CoreStats>> =
-            Arc::new((0..listeners.len()).map(|_| CoreStats::default()).collect());
-        let mut threads = Vec::new();
-        let mut wakers = Vec::new();
-        let mut task_queues = Vec::new();
-        let mut fixed_buffers_note = None;
-        for (core, listener) in listeners.into_iter().enumerate() {
-            let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-            let (task_tx, task_rx) = std::sync::mpsc::sync_channel(TASKS_QUEUED_MAX);
-            let app = Arc::clone(app);
-            let fallback = Arc::clone(fallback);
-            let thread_stop = Arc::clone(&stop);
-            let drain = Arc::clone(&drain_deadline_ms);
-            let thread_cut = Arc::clone(&cut);
-            let thread_stats = Arc::clone(&stats);
-            let handle = std::thread::Builder::new()
-                .name(format!("sluice-ring-{core}"))
-                .spawn(move || {
-                    let mut engine = match CoreLoop::new(
-                        core,
-                        settings,
-                        listener,
-                        app,
-                        fallback,
-                        thread_stats,
-                        task_rx,
-                    ) {
-                        Ok(engine) => engine,
-                        Err(err) => {
-                            let _ = ready_tx.send(Err(err));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok((engine.driver.waker(), engine.fixed_buffers_note())));
-                    engine.run(&thread_stop, &drain, &thread_cut);
-                })?;
-            match ready_rx.recv() {
-                Ok(Ok((waker, note))) => {
-                    wakers.push(waker);
-                    task_queues.push(task_tx);
-                    if fixed_buffers_note.is_none() {
-                        fixed_buffers_note = note;
-                    }
-                    threads.push(handle);
-                }
-                Ok(Err(err)) => {
-                    let _ = handle.join();
-                    let engine = RingEngine {
-                        threads,
-                        wakers,
-                        task_queues,
-                        next_core: Default::default(),
-                        stop,
-                        drain_deadline_ms,
-                        cut,
-                        stats,
-                        fixed_buffers_note,
-                    };
-                    engine.shutdown(Duration::ZERO, Duration::ZERO);
-                    return Err(err);
-                }
-                Err(_) => {
-                    return Err(std::io::Error::other("engine thread exited during set-up"));
-                }
-            }
-        }
+        let (task_queues, task_rxs): (Vec<_>, Vec<_>) = (0..listeners.len())
+            .map(|_| std::sync::mpsc::sync_channel(TASKS_QUEUED_MAX))
+            .unzip();
+        let (threads, stats, notes) = CoreThreads::start(
+            ("sluice-ring", "engine"),
+            listeners,
+            task_rxs,
+            app,
+            fallback,
+            move |core, listener, task_rx, shared, ready| {
+                let signal = Arc::clone(&shared.signal);
+                let mut engine = match CoreLoop::new(core, settings, listener, shared, task_rx) {
+                    Ok(engine) => engine,
+                    Err(err) => return ready.failed(err),
+                };
+                ready.ready(engine.driver.waker(), engine.fixed_buffers_note());
+                engine.run(&signal);
+            },
+        )?;
         Ok(RingEngine {
             threads,
-            wakers,
             task_queues,
             next_core: Default::default(),
-            stop,
-            drain_deadline_ms,
-            cut,
             stats,
-            fixed_buffers_note,
+            fixed_buffers_note: notes.into_iter().flatten().next(),
         })
     }
 
@@ -302,9 +224,9 @@ impl RingEngine {
     pub fn submitter(&self) -> TaskSubmitter {
         TaskSubmitter {
             task_queues: self.task_queues.clone(),
-            wakers: self.wakers.clone(),
+            wakers: self.threads.wakers().to_vec(),
             next_core: Arc::clone(&self.next_core),
-            stop: Arc::clone(&self.stop),
+            signal: Arc::clone(self.threads.signal()),
         }
     }
 
@@ -317,7 +239,7 @@ impl RingEngine {
 
     /// A handle that ends the drain early.
     pub fn drain_cutter(&self) -> DrainCutter {
-        DrainCutter(Arc::clone(&self.cut))
+        self.threads.drain_cutter()
     }
 
     /// Stop accepting, let in-flight requests finish within `drain`, then
@@ -325,10 +247,7 @@ impl RingEngine {
     /// `tasks` while new ones are refused (shutdown phase 3), then close
     /// what is left and join the threads.
     pub fn shutdown(mut self, drain: Duration, tasks: Duration) {
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        self.drain_deadline_ms[1].store(ms(tasks), Ordering::SeqCst);
-        self.drain_deadline_ms[0].store(ms(drain).max(1), Ordering::SeqCst);
-        super::stop_and_join(&self.stop, &self.wakers, &mut self.threads);
+        self.threads.stop(drain, tasks);
     }
 
     /// Append the engine's series in the Prometheus text format.
@@ -463,15 +382,6 @@ impl RingEngine {
     }
 }
 
-impl Drop for RingEngine {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for waker in &self.wakers {
-            waker.wake();
-        }
-    }
-}
-
 /// A file body in progress on a connection.
 enum Xfer {
     None,
@@ -602,11 +512,15 @@ impl CoreLoop {
         core: usize,
         settings: EngineSettings,
         listener: TcpListener,
-        app: Arc<App>,
-        fallback: Arc<Fallback>,
-        stats: Arc<Vec<CoreStats>>,
+        shared: CoreShared<CoreStats>,
         task_rx: std::sync::mpsc::Receiver<OutgoingRequest>,
     ) -> std::io::Result<CoreLoop> {
+        let CoreShared {
+            app,
+            fallback,
+            stats,
+            signal: _,
+        } = shared;
         let connections_max = settings.connections_per_core_max;
         let ops_max =
             u32::try_from(connections_max + 1 + TASKS_PER_CORE_MAX + READAHEADS_PER_CORE_MAX)
@@ -707,7 +621,7 @@ impl CoreLoop {
         self.stats.get(self.core)
     }
 
-    fn run(&mut self, stop: &AtomicBool, drain_deadline_ms: &[AtomicU64; 2], cut: &AtomicBool) {
+    fn run(&mut self, signal: &StopSignal) {
         let mut next_tick = Instant::now() + Duration::from_millis(TICK_MS);
         let mut drain_until: Option<Instant> = None;
         // Shutdown phase 3: the public side is done; outgoing tasks in flight finish.
@@ -749,9 +663,8 @@ impl CoreLoop {
             self.batch = batch;
             self.start_queued_tasks();
 
-            if stop.load(Ordering::SeqCst) && drain_until.is_none() {
-                let drain = Duration::from_millis(drain_deadline_ms[0].load(Ordering::SeqCst));
-                drain_until = Some(Instant::now() + drain);
+            if signal.stopping() && drain_until.is_none() {
+                drain_until = Some(Instant::now() + signal.drain_budget());
                 self.stop_accepting();
             }
             let now = Instant::now();
@@ -761,7 +674,7 @@ impl CoreLoop {
             }
             if let Some(until) = drain_until {
                 let live = self.slots.iter().filter(|s| s.is_some()).count();
-                let cut_now = cut.load(Ordering::SeqCst);
+                let cut_now = signal.is_cut();
                 if live == 0 || now >= until || cut_now {
                     if cut_now {
                         break;
@@ -773,8 +686,7 @@ impl CoreLoop {
                         for index in 0..self.slots.len() {
                             self.expire_if(index, Expiry::Deadline, |_| true);
                         }
-                        let tasks = drain_deadline_ms[1].load(Ordering::SeqCst);
-                        now + Duration::from_millis(tasks)
+                        now + signal.tasks_budget()
                     });
                     if now >= tasks_end || self.tasks.iter().all(Option::is_none) {
                         break;
