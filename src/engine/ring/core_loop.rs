@@ -19,9 +19,9 @@ use sluice_uring::{
 use super::serve::Xfer;
 use super::tasks::{IdleConn, TaskSlot};
 use super::{
-    errno_name, CoreStats, EngineSettings, FileServingMode, COMPLETIONS_PER_TURN_MAX, CQ_ENTRIES,
-    FIXED_BUFFERS_COUNT, FIXED_BUFFER_BYTES, IDLE_TASK_CONN_MS, IOWQ_WORKERS_MAX,
-    READAHEADS_PER_CORE_MAX, SQ_ENTRIES, TASKS_PER_CORE_MAX,
+    errno_name, CoreStats, EngineSettings, COMPLETIONS_PER_TURN_MAX, CQ_ENTRIES,
+    FIXED_BUFFERS_COUNT, FIXED_BUFFER_BYTES, IOWQ_WORKERS_MAX, READAHEADS_PER_CORE_MAX, SQ_ENTRIES,
+    TASKS_PER_CORE_MAX,
 };
 use crate::app::App;
 use crate::engine::conn::{Conn, Next};
@@ -30,7 +30,7 @@ use crate::engine::publish::{self, Done, Job, Publisher};
 use crate::engine::threads::{CoreShared, StopSignal};
 use crate::engine::{OPEN_FILES_PER_CORE_MAX, OPEN_FILES_SWEEP_TICKS, TICK_MS};
 use crate::fallback::Fallback;
-use crate::outgoing::{OutgoingRequest, TaskError};
+use crate::outgoing::OutgoingRequest;
 use crate::peer_limit::PerIpCounts;
 use crate::store::OpenCache;
 
@@ -313,14 +313,7 @@ impl CoreLoop {
         // Whatever is left is closed; the driver parks buffers the kernel
         // still holds until their completions arrive (or leaks them).
         self.slots.iter_mut().for_each(|s| *s = None);
-        for slot in self.tasks.iter_mut() {
-            if let Some(t) = slot.take() {
-                (t.task.request.done)(Err(TaskError::Refused));
-            }
-        }
-        while let Ok(request) = self.task_rx.try_recv() {
-            (request.done)(Err(TaskError::Refused));
-        }
+        self.refuse_tasks();
         let _ = self.driver.shutdown(Duration::from_secs(2));
     }
 
@@ -347,17 +340,7 @@ impl CoreLoop {
                 self.expire_if(index, Expiry::Drain, drain_idle);
             }
         }
-        let idle_max = Duration::from_millis(IDLE_TASK_CONN_MS);
-        self.idle_task_conns
-            .retain(|c| now.duration_since(c.since) < idle_max);
-        for slot in self.tasks.iter_mut().flatten() {
-            if now >= slot.task.deadline && !slot.timed_out {
-                slot.timed_out = true;
-                if let Some(op) = slot.pending {
-                    let _ = self.driver.cancel(op);
-                }
-            }
-        }
+        self.expire_tasks(now);
         self.ticks += 1;
         if self.ticks % OPEN_FILES_SWEEP_TICKS == 0 {
             if let Ok(mut files) = self.files.try_borrow_mut() {
@@ -419,17 +402,25 @@ impl CoreLoop {
         }
     }
 
+    /// Route a completion by its token to what it completes.
     fn dispatch(&mut self, completion: Completion) {
-        let (index, generation) = match Token::unpack(completion.token) {
-            Token::Listener => return self.on_accept(completion),
+        match Token::unpack(completion.token) {
+            Token::Listener => self.on_accept(completion),
             Token::ReadAhead => {
                 self.readaheads_in_flight = self.readaheads_in_flight.saturating_sub(1);
-                return;
             }
-            Token::Task { slot, generation } => return self.on_task(slot, generation, completion),
-            Token::Waker => return,
-            Token::Conn { slot, generation } => (slot, generation),
-        };
+            Token::Task { slot, generation } => self.on_task(slot, generation, completion),
+            Token::Conn { slot, generation } => self.on_conn_op(slot, generation, completion),
+            // A ring's waker is the driver's own (its WAKE tag), never a token.
+            Token::Waker => {}
+        }
+    }
+
+    /// An operation of connection `index` completed: give its result to the
+    /// handler of that operation, or to the connection, and carry out what
+    /// it asks next. A connection that is gone (closed, or its slot reused
+    /// under a new generation) only gets its resources dropped.
+    fn on_conn_op(&mut self, index: u32, generation: u32, completion: Completion) {
         let live = self
             .slots
             .get(index as usize)
@@ -639,228 +630,180 @@ impl CoreLoop {
         }
     }
 
-    /// Carry out what the connection asked for.
+    /// Carry out what the connection asked for: the one place that turns a
+    /// connection's [`Next`] into ring operations (or a hand-over to another
+    /// thread).
     pub(super) fn issue(&mut self, index: u32, next: Next) {
-        if let Next::SendFile { offset, len } = next {
-            // A body found cold goes on by the ring's reads (see `pump`),
-            // never by an inline splice.
-            let cold = self
-                .slots
-                .get(index as usize)
-                .and_then(Option::as_ref)
-                .is_some_and(|s| s.cold_body && s.file.is_some());
-            if cold && self.copy_cold(index, offset, len) {
-                return;
-            }
-        }
-        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
-            return;
-        };
-        let fd = Rc::clone(&slot.fd);
         match next {
-            Next::Peek => {
-                let buf = Vec::with_capacity(Conn::peek_buf_bytes());
-                self.submit(
-                    index,
-                    Op::Recv {
-                        fd,
-                        buf: IoBuf::Vec(buf),
-                        flags: libc::MSG_PEEK,
-                    },
-                );
-            }
+            Next::Peek => self.peek(index),
             Next::PeekAgain => self.submit(
                 index,
                 Op::Timeout {
                     duration: Duration::from_millis(crate::engine::conn::PEEK_AGAIN_MS),
                 },
             ),
-            Next::Recv | Next::Linger => {
-                if next == Next::Linger {
-                    let _ = rustix::net::shutdown(&*fd, rustix::net::Shutdown::Write);
-                }
-                let buf = slot.conn.take_read_buf();
-                self.submit(
-                    index,
-                    Op::Recv {
-                        fd,
-                        buf: IoBuf::Vec(buf),
-                        flags: 0,
-                    },
-                );
-            }
-            Next::Send { more } => {
-                let buf = slot.conn.take_out_buf();
-                let offset = slot.conn.out_sent();
-                let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
-                self.submit(
-                    index,
-                    Op::Send {
-                        fd,
-                        buf: IoBuf::Vec(buf),
-                        offset,
-                        flags,
-                    },
-                );
-            }
-            Next::SendFile { offset, len } => {
-                if slot.file.is_none() {
-                    slot.cold_body = false;
-                    // Ring operations hold their fd as an `Rc<OwnedFd>`: a
-                    // large body takes its own (small ones never get here).
-                    slot.file = slot
-                        .conn
-                        .take_file()
-                        .and_then(|a| a.into_file().ok())
-                        .map(|f| {
-                            // No kernel read-ahead on files the engine reads:
-                            // it would run inside the engine's own splice of a
-                            // cached chunk (an async read-ahead mark on a page)
-                            // and wait there for block-map metadata from the
-                            // disk (bench/cold: hot p99 1 s). The engine reads
-                            // ahead itself, through the ring (`read_cold`). The
-                            // flag is on the open file description, which the
-                            // fallback never shares.
-                            let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::Random);
-                            Rc::new(OwnedFd::from(f))
-                        });
-                }
-                let Some(file) = slot.file.clone() else {
-                    self.close(index);
-                    return;
-                };
-                if self.settings.mode == FileServingMode::Copy {
-                    slot.want = (offset, len);
-                    if let Some(lease) = self.driver.fixed_buffers().lease() {
-                        // `chunk` holds the most this read may use: a range
-                        // ends before the file does.
-                        slot.xfer = Xfer::Copy {
-                            chunk: usize::try_from(len).unwrap_or(usize::MAX),
-                            sent: 0,
-                        };
-                        self.submit(
-                            index,
-                            Op::ReadFixed {
-                                file,
-                                offset,
-                                buf: lease,
-                            },
-                        );
-                        return;
-                    }
-                }
-                slot.want = (offset, len);
-                if !slot.nonblocking {
-                    // The engine's own pipe -> socket splices must not block;
-                    // ring recv and send still wait (io_uring polls itself).
-                    if rustix::io::ioctl_fionbio(&*fd, true).is_err() {
-                        self.close(index);
-                        return;
-                    }
-                    slot.nonblocking = true;
-                }
-                if slot.pipe.is_none() {
-                    match self.pipes.take() {
-                        Ok(pipe) => {
-                            // Corked while the body holds its pipe, as nginx's
-                            // `tcp_nopush` does around sendfile: the connection
-                            // is TCP_NODELAY, so without it every splice ends in
-                            // a push of a part-filled segment and the loopback
-                            // receiver wakes per chunk (64 MiB GET at c=1:
-                            // 35 -> 25 ms, docs/benchmarks.md). `pump` uncorks
-                            // when the pipe goes back. A failure only costs
-                            // that gain, so it is not an error.
-                            let _ = rustix::net::sockopt::set_tcp_cork(&*fd, true);
-                            slot.pipe = Some(pipe);
-                        }
-                        Err(_) => {
-                            // Every pipe is busy: wait for one (bounded by the
-                            // number of connections).
-                            let generation = slot.generation;
-                            self.pipe_waiters
-                                .push_back((index, generation, offset, len));
-                            return;
-                        }
-                    }
-                }
-                drop(file);
-                self.pump(index);
-            }
-            Next::Handoff => {
-                // The only other reference to the socket must go first, so
-                // the fallback gets sole ownership.
-                drop(fd);
-                if let Some(slot) = self.free_slot(index) {
-                    match Rc::try_unwrap(slot.fd) {
-                        Ok(fd) => self.hand_off(fd),
-                        Err(_) => {
-                            tracing::error!("connection fd still shared at hand-off; closing it")
-                        }
-                    }
-                }
-            }
-            Next::Publish => {
-                let Some(sink) = slot.conn.take_publish() else {
-                    self.close(index);
-                    return;
-                };
-                let job = Job {
-                    index,
-                    generation: slot.generation,
-                    sink: Box::new(sink),
-                };
-                if let Err(job) = self.publisher.submit(job) {
-                    // The publisher is PUBLISH_QUEUE_MAX uploads behind:
-                    // publish here rather than queue without bound.
-                    let next = slot.conn.on_published(job.sink.finish());
-                    self.issue(index, next);
-                }
-            }
-            Next::Open { namespace, key } => {
-                let job = opener::Job {
-                    index,
-                    generation: slot.generation,
-                    namespace,
-                    key,
-                };
-                slot.cold_since = Some(Instant::now());
-                if let Some(s) = self.stats.get(self.core) {
-                    s.cold_opens_total.fetch_add(1, Ordering::Relaxed);
-                }
-                if self.opener.submit(job).is_err() {
-                    // The opener is OPEN_QUEUE_MAX opens behind: open here
-                    // rather than queue without bound.
-                    slot.cold_since = None;
-                    let next = slot.conn.open_here(Instant::now());
-                    self.issue(index, next);
-                }
-            }
-            Next::Fetch { namespace, key } => {
-                let Some(rt) = self.app.read_through().cloned() else {
-                    let next = slot.conn.on_fetched(Instant::now());
-                    self.issue(index, next);
-                    return;
-                };
-                // Waiting on the peers, not on the client: no deadline
-                // applies meanwhile (as for a cold open); the read-through
-                // ends every fetch within read_through_timeout_ms.
-                slot.cold_since = Some(Instant::now());
-                let (tx, waker, generation) = (
-                    self.fetched_tx.clone(),
-                    self.driver.waker(),
-                    slot.generation,
-                );
-                rt.request(
-                    &namespace,
-                    &key,
-                    Box::new(move || {
-                        let _ = tx.send((index, generation));
-                        waker.wake();
-                    }),
-                );
-            }
+            Next::Recv => self.recv(index, false),
+            Next::Linger => self.recv(index, true),
+            Next::Send { more } => self.send(index, more),
+            Next::SendFile { offset, len } => self.send_file(index, offset, len),
+            Next::Handoff => self.hand_off_slot(index),
+            Next::Publish => self.publish(index),
+            Next::Open { namespace, key } => self.open(index, namespace, key),
+            Next::Fetch { namespace, key } => self.fetch(index, namespace, key),
             Next::Close => self.close(index),
         }
+    }
+
+    /// Peek at the first bytes (`MSG_PEEK`, nothing consumed): TLS and h2c
+    /// go to the fallback untouched.
+    fn peek(&mut self, index: u32) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let fd = Rc::clone(&slot.fd);
+        let buf = Vec::with_capacity(Conn::peek_buf_bytes());
+        self.submit(
+            index,
+            Op::Recv {
+                fd,
+                buf: IoBuf::Vec(buf),
+                flags: libc::MSG_PEEK,
+            },
+        );
+    }
+
+    /// Receive more of the request. `linger`: the connection closes after
+    /// its response, so shut the write side and read (discarding) until
+    /// the client closes or the linger budget ends.
+    fn recv(&mut self, index: u32, linger: bool) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let fd = Rc::clone(&slot.fd);
+        if linger {
+            let _ = rustix::net::shutdown(&*fd, rustix::net::Shutdown::Write);
+        }
+        let buf = slot.conn.take_read_buf();
+        self.submit(
+            index,
+            Op::Recv {
+                fd,
+                buf: IoBuf::Vec(buf),
+                flags: 0,
+            },
+        );
+    }
+
+    /// Send the connection's output buffer (`more`: `MSG_MORE`, a body follows).
+    fn send(&mut self, index: u32, more: bool) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let fd = Rc::clone(&slot.fd);
+        let buf = slot.conn.take_out_buf();
+        let offset = slot.conn.out_sent();
+        let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+        self.submit(
+            index,
+            Op::Send {
+                fd,
+                buf: IoBuf::Vec(buf),
+                offset,
+                flags,
+            },
+        );
+    }
+
+    /// Give the socket to the fallback (TLS, h2c, over capacity). The slot
+    /// goes first: its fd must be the only reference left, so the fallback
+    /// gets sole ownership.
+    fn hand_off_slot(&mut self, index: u32) {
+        if let Some(slot) = self.free_slot(index) {
+            match Rc::try_unwrap(slot.fd) {
+                Ok(fd) => self.hand_off(fd),
+                Err(_) => {
+                    tracing::error!("connection fd still shared at hand-off; closing it")
+                }
+            }
+        }
+    }
+
+    /// Hand a finished upload to this core's publisher thread (the fsync
+    /// happens there), or publish it here when the publisher is behind.
+    fn publish(&mut self, index: u32) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(sink) = slot.conn.take_publish() else {
+            self.close(index);
+            return;
+        };
+        let job = Job {
+            index,
+            generation: slot.generation,
+            sink: Box::new(sink),
+        };
+        if let Err(job) = self.publisher.submit(job) {
+            // The publisher is PUBLISH_QUEUE_MAX uploads behind:
+            // publish here rather than queue without bound.
+            let next = slot.conn.on_published(job.sink.finish());
+            self.issue(index, next);
+        }
+    }
+
+    /// Hand a cold open to this core's opener thread, or open here when the
+    /// opener is behind.
+    fn open(&mut self, index: u32, namespace: String, key: String) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let job = opener::Job {
+            index,
+            generation: slot.generation,
+            namespace,
+            key,
+        };
+        slot.cold_since = Some(Instant::now());
+        if let Some(s) = self.stats.get(self.core) {
+            s.cold_opens_total.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.opener.submit(job).is_err() {
+            // The opener is OPEN_QUEUE_MAX opens behind: open here
+            // rather than queue without bound.
+            slot.cold_since = None;
+            let next = slot.conn.open_here(Instant::now());
+            self.issue(index, next);
+        }
+    }
+
+    /// Ask the read-through (peers, then the tier) for a local miss; the
+    /// connection waits with no operation in flight until `on_fetched`.
+    fn fetch(&mut self, index: u32, namespace: String, key: String) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(rt) = self.app.read_through().cloned() else {
+            let next = slot.conn.on_fetched(Instant::now());
+            self.issue(index, next);
+            return;
+        };
+        // Waiting on the peers, not on the client: no deadline
+        // applies meanwhile (as for a cold open); the read-through
+        // ends every fetch within read_through_timeout_ms.
+        slot.cold_since = Some(Instant::now());
+        let (tx, waker, generation) = (
+            self.fetched_tx.clone(),
+            self.driver.waker(),
+            slot.generation,
+        );
+        rt.request(
+            &namespace,
+            &key,
+            Box::new(move || {
+                let _ = tx.send((index, generation));
+                waker.wake();
+            }),
+        );
     }
 
     /// A read-through fetch this connection waited for has ended: decide

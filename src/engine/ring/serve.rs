@@ -5,6 +5,7 @@
 //! the disk. Copy mode (`file_serving_mode = "copy"`) reads into registered
 //! buffers and sends.
 
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -12,7 +13,7 @@ use std::time::Instant;
 use sluice_uring::{residency, FixedLease, IoBuf, Op, Pipe, Residency, SharedFd, Token};
 
 use super::core_loop::CoreLoop;
-use super::{READAHEADS_PER_CORE_MAX, READAHEAD_CHUNKS};
+use super::{FileServingMode, READAHEADS_PER_CORE_MAX, READAHEAD_CHUNKS};
 use crate::engine::conn::Next;
 use crate::engine::PUMP_BYTES_PER_TURN;
 use crate::metrics::BytePath;
@@ -32,6 +33,108 @@ pub(super) enum Xfer {
 }
 
 impl CoreLoop {
+    /// Send `len` bytes of the connection's artifact from `offset`: by
+    /// splice through a pooled pipe (waiting for one when all are busy), by
+    /// a read into a registered buffer in copy mode, or, for a body found
+    /// cold, by reads through the ring.
+    pub(super) fn send_file(&mut self, index: u32, offset: u64, len: u64) {
+        // A body found cold goes on by the ring's reads (see `pump`),
+        // never by an inline splice.
+        let cold = self
+            .slots
+            .get(index as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|s| s.cold_body && s.file.is_some());
+        if cold && self.copy_cold(index, offset, len) {
+            return;
+        }
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let fd = Rc::clone(&slot.fd);
+        if slot.file.is_none() {
+            slot.cold_body = false;
+            // Ring operations hold their fd as an `Rc<OwnedFd>`: a
+            // large body takes its own (small ones never get here).
+            slot.file = slot
+                .conn
+                .take_file()
+                .and_then(|a| a.into_file().ok())
+                .map(|f| {
+                    // No kernel read-ahead on files the engine reads:
+                    // it would run inside the engine's own splice of a
+                    // cached chunk (an async read-ahead mark on a page)
+                    // and wait there for block-map metadata from the
+                    // disk (bench/cold: hot p99 1 s). The engine reads
+                    // ahead itself, through the ring (`read_cold`). The
+                    // flag is on the open file description, which the
+                    // fallback never shares.
+                    let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::Random);
+                    Rc::new(OwnedFd::from(f))
+                });
+        }
+        let Some(file) = slot.file.clone() else {
+            self.close(index);
+            return;
+        };
+        if self.settings.mode == FileServingMode::Copy {
+            slot.want = (offset, len);
+            if let Some(lease) = self.driver.fixed_buffers().lease() {
+                // `chunk` holds the most this read may use: a range
+                // ends before the file does.
+                slot.xfer = Xfer::Copy {
+                    chunk: usize::try_from(len).unwrap_or(usize::MAX),
+                    sent: 0,
+                };
+                self.submit(
+                    index,
+                    Op::ReadFixed {
+                        file,
+                        offset,
+                        buf: lease,
+                    },
+                );
+                return;
+            }
+        }
+        slot.want = (offset, len);
+        if !slot.nonblocking {
+            // The engine's own pipe -> socket splices must not block;
+            // ring recv and send still wait (io_uring polls itself).
+            if rustix::io::ioctl_fionbio(&*fd, true).is_err() {
+                self.close(index);
+                return;
+            }
+            slot.nonblocking = true;
+        }
+        if slot.pipe.is_none() {
+            match self.pipes.take() {
+                Ok(pipe) => {
+                    // Corked while the body holds its pipe, as nginx's
+                    // `tcp_nopush` does around sendfile: the connection
+                    // is TCP_NODELAY, so without it every splice ends in
+                    // a push of a part-filled segment and the loopback
+                    // receiver wakes per chunk (64 MiB GET at c=1:
+                    // 35 -> 25 ms, docs/benchmarks.md). `pump` uncorks
+                    // when the pipe goes back. A failure only costs
+                    // that gain, so it is not an error.
+                    let _ = rustix::net::sockopt::set_tcp_cork(&*fd, true);
+                    slot.pipe = Some(pipe);
+                }
+                Err(_) => {
+                    // Every pipe is busy: wait for one (bounded by the
+                    // number of connections).
+                    let generation = slot.generation;
+                    self.pipe_waiters
+                        .push_back((index, generation, offset, len));
+                    return;
+                }
+            }
+        }
+        drop(file);
+        self.pump(index);
+    }
+
     /// Read the next chunk of a body that is not in the page cache through
     /// the ring: the kernel runs the splice file -> pipe on an io-wq worker
     /// and this thread goes on serving. Read-ahead for the chunks after it

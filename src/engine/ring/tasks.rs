@@ -9,17 +9,17 @@ use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sluice_uring::{Completion, IoBuf, Op, OpId, Pipe, Returned, SharedFd, Token, Waker};
 
 use super::core_loop::CoreLoop;
-use super::IDLE_TASK_CONNS_MAX;
+use super::{IDLE_TASK_CONNS_MAX, IDLE_TASK_CONN_MS};
 use crate::engine::threads::StopSignal;
 use crate::outgoing::{self, OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYTES};
 
 /// Submits outgoing tasks to the rings from any thread; see
-/// [`RingEngine::submit_task`]. Once the engine stops, every submit is
+/// [`super::RingEngine::submit_task`]. Once the engine stops, every submit is
 /// given back.
 #[derive(Clone)]
 pub struct TaskSubmitter {
@@ -75,6 +75,36 @@ pub(super) struct TaskSlot {
 }
 
 impl CoreLoop {
+    /// Every tick: close idle pooled connections past their time, and
+    /// cancel the operation of each task past its deadline (its completion
+    /// then ends the task with `TimedOut`).
+    pub(super) fn expire_tasks(&mut self, now: Instant) {
+        let idle_max = Duration::from_millis(IDLE_TASK_CONN_MS);
+        self.idle_task_conns
+            .retain(|c| now.duration_since(c.since) < idle_max);
+        for slot in self.tasks.iter_mut().flatten() {
+            if now >= slot.task.deadline && !slot.timed_out {
+                slot.timed_out = true;
+                if let Some(op) = slot.pending {
+                    let _ = self.driver.cancel(op);
+                }
+            }
+        }
+    }
+
+    /// The thread stops: every task still running or queued is answered
+    /// `Refused` (replication keeps its entries in the outbox).
+    pub(super) fn refuse_tasks(&mut self) {
+        for slot in self.tasks.iter_mut() {
+            if let Some(t) = slot.take() {
+                (t.task.request.done)(Err(TaskError::Refused));
+            }
+        }
+        while let Ok(request) = self.task_rx.try_recv() {
+            (request.done)(Err(TaskError::Refused));
+        }
+    }
+
     /// Start tasks from the queue while the task table has room; the rest
     /// wait in the (bounded) queue.
     pub(super) fn start_queued_tasks(&mut self) {
@@ -289,6 +319,9 @@ impl CoreLoop {
         (task.request.done)(outcome);
     }
 
+    /// An operation of task `index` completed: the handler of the task's
+    /// state takes it, unless the task is gone (the generation differs) or
+    /// past its deadline.
     pub(super) fn on_task(&mut self, index: u32, generation: u32, completion: Completion) {
         let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
@@ -301,110 +334,152 @@ impl CoreLoop {
             self.finish_task(index, Err(TaskError::TimedOut));
             return;
         }
-        let fd = Rc::clone(&slot.fd);
         let result = completion.result.map(|n| n as usize).map_err(|e| e.0);
         match (slot.task.state, completion.resources) {
-            (TaskState::Connecting, _) => match result {
-                Ok(_) => {
-                    slot.task.state = TaskState::Sending;
-                    let buf = std::mem::take(&mut slot.task.request.request);
-                    self.submit_task_op(
-                        index,
-                        Op::Send {
-                            fd,
-                            buf: IoBuf::Vec(buf),
-                            offset: 0,
-                            flags: libc::MSG_NOSIGNAL,
-                        },
-                    );
-                }
-                Err(errno) => self.finish_task(index, Err(TaskError::Connect(errno))),
-            },
-            (TaskState::Sending, Returned::Buf(IoBuf::Vec(buf))) => match result {
-                Ok(n) => {
-                    slot.task.sent += n;
-                    let op = if slot.task.sent < buf.len() {
-                        Op::Send {
-                            fd,
-                            buf: IoBuf::Vec(buf),
-                            offset: slot.task.sent,
-                            flags: libc::MSG_NOSIGNAL,
-                        }
-                    } else if let Some(op) = Self::next_body_op(slot) {
-                        slot.task.request.request = buf;
-                        op
-                    } else {
-                        slot.task.state = TaskState::Receiving;
-                        slot.task.request.request = buf;
-                        Op::Recv {
-                            fd,
-                            buf: IoBuf::Vec(Vec::with_capacity(RESPONSE_READ_BYTES)),
-                            flags: 0,
-                        }
-                    };
-                    self.submit_task_op(index, op);
-                }
-                Err(errno) => self.finish_task(index, Err(TaskError::Io(errno))),
-            },
-            (TaskState::SplicingIn | TaskState::SplicingOut, Returned::Pipe(pipe)) => {
-                let spliced_out = slot.task.state == TaskState::SplicingOut;
-                match result {
-                    Ok(n) if n > 0 => {
-                        if spliced_out {
-                            slot.task.body_sent += n as u64;
-                        }
-                        slot.pipe = Some(pipe);
-                        match Self::next_body_op(slot) {
-                            Some(op) => self.submit_task_op(index, op),
-                            None => {
-                                slot.task.state = TaskState::Receiving;
-                                self.submit_task_op(
-                                    index,
-                                    Op::Recv {
-                                        fd,
-                                        buf: IoBuf::Vec(Vec::with_capacity(RESPONSE_READ_BYTES)),
-                                        flags: 0,
-                                    },
-                                );
-                            }
-                        }
-                    }
-                    // The file ended early (cut behind the store's back) or
-                    // the peer went away: the request cannot complete. A
-                    // pipe holding bytes is closed on drop, never reused.
-                    Ok(_) => self.finish_task(index, Err(TaskError::Io(libc::EIO))),
-                    Err(errno) => self.finish_task(index, Err(TaskError::Io(errno))),
-                }
+            (TaskState::Connecting, _) => self.on_task_connect(index, result),
+            (TaskState::Sending, Returned::Buf(IoBuf::Vec(buf))) => {
+                self.on_task_send(index, buf, result)
             }
-            (TaskState::Receiving, Returned::Buf(IoBuf::Vec(mut buf))) => match result {
-                Ok(n) => {
-                    slot.task.received.extend_from_slice(&buf);
-                    let eof = n == 0;
-                    if let Some(outcome) = slot.task.response(eof) {
-                        // The slot's own reference must be the last for the
-                        // connection to go back to the pool.
-                        drop(fd);
-                        self.finish_task(index, outcome);
-                    } else if slot.task.received.len() > slot.task.request.response_bytes_max {
-                        self.finish_task(
-                            index,
-                            Err(TaskError::BadResponse("response over the size bound")),
-                        );
-                    } else {
-                        buf.clear();
+            (TaskState::SplicingIn | TaskState::SplicingOut, Returned::Pipe(pipe)) => {
+                self.on_task_splice(index, pipe, result)
+            }
+            (TaskState::Receiving, Returned::Buf(IoBuf::Vec(buf))) => {
+                self.on_task_recv(index, buf, result)
+            }
+            _ => self.finish_task(index, Err(TaskError::Io(0))),
+        }
+    }
+
+    /// The connection is made: send the request's head.
+    fn on_task_connect(&mut self, index: u32, result: Result<usize, i32>) {
+        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let fd = Rc::clone(&slot.fd);
+        match result {
+            Ok(_) => {
+                slot.task.state = TaskState::Sending;
+                let buf = std::mem::take(&mut slot.task.request.request);
+                self.submit_task_op(
+                    index,
+                    Op::Send {
+                        fd,
+                        buf: IoBuf::Vec(buf),
+                        offset: 0,
+                        flags: libc::MSG_NOSIGNAL,
+                    },
+                );
+            }
+            Err(errno) => self.finish_task(index, Err(TaskError::Connect(errno))),
+        }
+    }
+
+    /// Part of the request's head (or in-memory body) went out: send the
+    /// rest, then the file body, then wait for the response.
+    fn on_task_send(&mut self, index: u32, buf: Vec<u8>, result: Result<usize, i32>) {
+        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let fd = Rc::clone(&slot.fd);
+        match result {
+            Ok(n) => {
+                slot.task.sent += n;
+                let op = if slot.task.sent < buf.len() {
+                    Op::Send {
+                        fd,
+                        buf: IoBuf::Vec(buf),
+                        offset: slot.task.sent,
+                        flags: libc::MSG_NOSIGNAL,
+                    }
+                } else if let Some(op) = Self::next_body_op(slot) {
+                    slot.task.request.request = buf;
+                    op
+                } else {
+                    slot.task.state = TaskState::Receiving;
+                    slot.task.request.request = buf;
+                    Op::Recv {
+                        fd,
+                        buf: IoBuf::Vec(Vec::with_capacity(RESPONSE_READ_BYTES)),
+                        flags: 0,
+                    }
+                };
+                self.submit_task_op(index, op);
+            }
+            Err(errno) => self.finish_task(index, Err(TaskError::Io(errno))),
+        }
+    }
+
+    /// A splice of the file body finished (file -> pipe or pipe -> socket):
+    /// the next one, or the response once the body is out.
+    fn on_task_splice(&mut self, index: u32, pipe: Pipe, result: Result<usize, i32>) {
+        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let fd = Rc::clone(&slot.fd);
+        let spliced_out = slot.task.state == TaskState::SplicingOut;
+        match result {
+            Ok(n) if n > 0 => {
+                if spliced_out {
+                    slot.task.body_sent += n as u64;
+                }
+                slot.pipe = Some(pipe);
+                match Self::next_body_op(slot) {
+                    Some(op) => self.submit_task_op(index, op),
+                    None => {
+                        slot.task.state = TaskState::Receiving;
                         self.submit_task_op(
                             index,
                             Op::Recv {
                                 fd,
-                                buf: IoBuf::Vec(buf),
+                                buf: IoBuf::Vec(Vec::with_capacity(RESPONSE_READ_BYTES)),
                                 flags: 0,
                             },
                         );
                     }
                 }
-                Err(errno) => self.finish_task(index, Err(TaskError::Io(errno))),
-            },
-            _ => self.finish_task(index, Err(TaskError::Io(0))),
+            }
+            // The file ended early (cut behind the store's back) or
+            // the peer went away: the request cannot complete. A
+            // pipe holding bytes is closed on drop, never reused.
+            Ok(_) => self.finish_task(index, Err(TaskError::Io(libc::EIO))),
+            Err(errno) => self.finish_task(index, Err(TaskError::Io(errno))),
+        }
+    }
+
+    /// Response bytes came in: finish the task once the response is whole,
+    /// or receive more.
+    fn on_task_recv(&mut self, index: u32, mut buf: Vec<u8>, result: Result<usize, i32>) {
+        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        match result {
+            Ok(n) => {
+                slot.task.received.extend_from_slice(&buf);
+                let eof = n == 0;
+                // The slot's own reference to the connection must be the
+                // last for it to go back to the pool: no clone is held while
+                // the task finishes.
+                if let Some(outcome) = slot.task.response(eof) {
+                    self.finish_task(index, outcome);
+                } else if slot.task.received.len() > slot.task.request.response_bytes_max {
+                    self.finish_task(
+                        index,
+                        Err(TaskError::BadResponse("response over the size bound")),
+                    );
+                } else {
+                    buf.clear();
+                    let fd = Rc::clone(&slot.fd);
+                    self.submit_task_op(
+                        index,
+                        Op::Recv {
+                            fd,
+                            buf: IoBuf::Vec(buf),
+                            flags: 0,
+                        },
+                    );
+                }
+            }
+            Err(errno) => self.finish_task(index, Err(TaskError::Io(errno))),
         }
     }
 }
