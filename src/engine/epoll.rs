@@ -568,10 +568,7 @@ impl CoreLoop {
     }
 
     fn hand_off(&mut self, stream: TcpStream) {
-        let peer = stream
-            .peer_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        match self.fallback.handoff(stream, peer) {
+        match super::hand_to_fallback(&self.fallback, stream) {
             Ok(()) => {
                 if let Some(s) = self.stats() {
                     s.handed_off_total.fetch_add(1, Ordering::Relaxed);
@@ -642,37 +639,17 @@ impl CoreLoop {
     /// cold reads.
     fn take_offloaded(&mut self) {
         while let Some(done) = self.publisher.try_done() {
-            if !self.live(done.index, done.generation) {
-                continue;
-            }
-            let Some(slot) = self.slots[done.index as usize].as_mut() else {
-                continue;
-            };
-            slot.wait = Wait::Idle;
-            let next = slot.conn.on_published(done.reply);
-            self.drive(done.index, next);
+            self.resume(done.index, done.generation, |conn| {
+                conn.on_published(done.reply)
+            });
         }
         while let Some(done) = self.opener.try_done() {
-            if !self.live(done.index, done.generation) {
-                continue;
-            }
-            let Some(slot) = self.slots[done.index as usize].as_mut() else {
-                continue;
-            };
-            slot.wait = Wait::Idle;
-            let next = slot.conn.on_opened(Instant::now());
-            self.drive(done.index, next);
+            self.resume(done.index, done.generation, |conn| {
+                conn.on_opened(Instant::now())
+            });
         }
         while let Ok((index, generation)) = self.fetched_rx.try_recv() {
-            if !self.live(index, generation) {
-                continue;
-            }
-            let Some(slot) = self.slots[index as usize].as_mut() else {
-                continue;
-            };
-            slot.wait = Wait::Idle;
-            let next = slot.conn.on_fetched(Instant::now());
-            self.drive(index, next);
+            self.resume(index, generation, |conn| conn.on_fetched(Instant::now()));
         }
         while let Some(done) = self.reader.try_done() {
             if !self.live(done.index, done.generation) {
@@ -698,6 +675,20 @@ impl CoreLoop {
         }
     }
 
+    /// A thread of this core finished what connection `index` waited for:
+    /// its wait ends, it decides (`decide`) and goes on, unless it is gone.
+    fn resume(&mut self, index: u32, generation: u32, decide: impl FnOnce(&mut Conn) -> Next) {
+        if !self.live(index, generation) {
+            return;
+        }
+        let Some(slot) = self.slots[index as usize].as_mut() else {
+            return;
+        };
+        slot.wait = Wait::Idle;
+        let next = decide(&mut slot.conn);
+        self.drive(index, next);
+    }
+
     fn run_ready(&mut self) {
         for _ in 0..self.ready.len() {
             let Some((index, generation)) = self.ready.pop_front() else {
@@ -715,225 +706,293 @@ impl CoreLoop {
         }
     }
 
-    /// Carry out what the connection asks for, until it must wait.
+    /// Carry out what the connection asks for, until it must wait: the one
+    /// place that turns a connection's [`Next`] into syscalls. Each step
+    /// returns the next, or `None` once the connection waits (for
+    /// readiness, a timer, a thread of this core) or is gone.
     fn drive(&mut self, index: u32, first: Next) {
         let mut next = first;
+        // File bytes moved this turn, bounded by PUMP_BYTES_PER_TURN.
         let mut moved = 0u64;
         loop {
-            let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
-                return;
-            };
             let now = Instant::now();
-            next = match next {
-                Next::Peek => {
-                    let mut buf = [0u8; 16];
-                    let want = Conn::peek_buf_bytes().min(buf.len());
-                    match rustix::net::recv(&slot.stream, &mut buf[..want], RecvFlags::PEEK) {
-                        Ok((n, _)) => slot.conn.on_peek(&buf[..n], now),
-                        Err(Errno::AGAIN) => {
-                            slot.wait = Wait::Peek;
-                            return;
-                        }
-                        Err(Errno::INTR) => Next::Peek,
-                        Err(_) => slot.conn.on_peek(&[], now),
-                    }
-                }
-                Next::PeekAgain => {
-                    let at = now + Duration::from_millis(PEEK_AGAIN_MS);
-                    slot.wait = Wait::PeekAt;
-                    self.peek_timers.push((at, index, slot.generation));
-                    return;
-                }
-                Next::Recv | Next::Linger => {
-                    if next == Next::Linger {
-                        let _ = rustix::net::shutdown(&slot.stream, rustix::net::Shutdown::Write);
-                    }
-                    let mut buf = slot.conn.take_read_buf();
-                    let result = rustix::net::recv(
-                        &slot.stream,
-                        rustix::buffer::spare_capacity(&mut buf),
-                        RecvFlags::empty(),
-                    );
-                    match result {
-                        Ok((n, _)) => slot.conn.on_recv(buf, Ok(n), now),
-                        Err(Errno::AGAIN) => {
-                            slot.wait = Wait::Recv(buf);
-                            return;
-                        }
-                        Err(e) => slot.conn.on_recv(buf, Err(errno_of(e)), now),
-                    }
-                }
-                Next::Send { more } => {
-                    let buf = slot.conn.take_out_buf();
-                    let from = slot.conn.out_sent().min(buf.len());
-                    let mut flags = SendFlags::NOSIGNAL;
-                    if more {
-                        flags |= SendFlags::MORE;
-                    }
-                    match rustix::net::send(&slot.stream, &buf[from..], flags) {
-                        Ok(n) => slot.conn.on_sent(buf, Ok(n), now),
-                        Err(Errno::AGAIN) => {
-                            slot.wait = Wait::Send { buf };
-                            return;
-                        }
-                        Err(e) => slot.conn.on_sent(buf, Err(errno_of(e)), now),
-                    }
-                }
+            let step = match next {
+                Next::Peek => self.peek(index, now),
+                Next::PeekAgain => self.peek_again(index, now),
+                Next::Recv => self.recv(index, false, now),
+                Next::Linger => self.recv(index, true, now),
+                Next::Send { more } => self.send(index, more, now),
                 Next::SendFile { offset, len } => {
-                    if moved >= PUMP_BYTES_PER_TURN {
-                        // Enough for one turn: the others go first.
-                        slot.wait = Wait::Ready(Next::SendFile { offset, len });
-                        self.ready.push_back((index, slot.generation));
-                        return;
-                    }
-                    if slot.file.is_none() {
-                        slot.resident_until = 0;
-                        slot.file = slot
-                            .conn
-                            .take_file()
-                            .and_then(|a| a.into_file().ok())
-                            .map(Arc::new);
-                        // Corked while the body goes, as nginx's tcp_nopush
-                        // around sendfile: whole segments, one push at the end.
-                        slot.corked =
-                            rustix::net::sockopt::set_tcp_cork(&slot.stream, true).is_ok();
-                    }
-                    let Some(file) = slot.file.clone() else {
-                        self.close(index);
-                        return;
-                    };
-                    let chunk = len.min(SENDFILE_BYTES as u64);
-                    let known_resident = offset + chunk <= slot.resident_until;
-                    if !known_resident && residency(&*file, offset, chunk) == Residency::NotResident
-                    {
-                        // The disk would block this thread in sendfile: the
-                        // reader thread reads the chunk, then it is sent.
-                        let job = ReadJob {
-                            index,
-                            generation: slot.generation,
-                            file,
-                            offset,
-                            len: len.min(COLD_READ_BYTES),
-                        };
-                        match self.reader.submit(job) {
-                            Ok(()) => {
-                                slot.wait = Wait::Offloaded;
-                                if let Some(s) = self.stats.get(self.core) {
-                                    s.cold_reads_total.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            Err(_) => {
-                                // The reader is COLD_QUEUE_MAX chunks behind:
-                                // try again at the next turn.
-                                slot.wait = Wait::Ready(Next::SendFile { offset, len });
-                                self.ready.push_back((index, slot.generation));
-                            }
-                        }
-                        return;
-                    }
-                    slot.resident_until = slot.resident_until.max(offset + chunk);
-                    let mut at = offset;
-                    match rustix::fs::sendfile(&slot.stream, &*file, Some(&mut at), chunk as usize)
-                    {
-                        Ok(n) => {
-                            moved += n as u64;
-                            if let Some(s) = self.stats.get(self.core) {
-                                s.sendfile_bytes_total
-                                    .fetch_add(n as u64, Ordering::Relaxed);
-                            }
-                            let next = slot.conn.on_file_sent(Ok(n as u64), now);
-                            if !matches!(next, Next::SendFile { .. }) {
-                                uncork(slot);
-                            }
-                            next
-                        }
-                        Err(Errno::AGAIN) => {
-                            slot.wait = Wait::File { offset, len };
-                            return;
-                        }
-                        Err(Errno::INTR) => Next::SendFile { offset, len },
-                        Err(e) => {
-                            uncork(slot);
-                            slot.conn.on_file_sent(Err(errno_of(e)), now)
-                        }
-                    }
+                    self.send_file(index, offset, len, &mut moved, now)
                 }
-                Next::Handoff => {
-                    if let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::take) {
-                        self.free.push(index);
-                        if let Some(ip) = slot.ip {
-                            self.per_ip.remove(ip);
-                        }
-                        let _ = epoll::delete(&self.epoll, &slot.stream);
-                        self.hand_off(slot.stream);
-                    }
-                    return;
-                }
-                Next::Publish => {
-                    let Some(sink) = slot.conn.take_publish() else {
-                        self.close(index);
-                        return;
-                    };
-                    let job = publish::Job {
-                        index,
-                        generation: slot.generation,
-                        sink: Box::new(sink),
-                    };
-                    match self.publisher.submit(job) {
-                        Ok(()) => {
-                            slot.wait = Wait::Offloaded;
-                            return;
-                        }
-                        // The publisher is PUBLISH_QUEUE_MAX uploads behind:
-                        // publish here rather than queue without bound.
-                        Err(job) => slot.conn.on_published(job.sink.finish()),
-                    }
-                }
-                Next::Open { namespace, key } => {
-                    let job = opener::Job {
-                        index,
-                        generation: slot.generation,
-                        namespace,
-                        key,
-                    };
-                    if let Some(s) = self.stats.get(self.core) {
-                        s.cold_opens_total.fetch_add(1, Ordering::Relaxed);
-                    }
-                    match self.opener.submit(job) {
-                        Ok(()) => {
-                            slot.wait = Wait::Offloaded;
-                            return;
-                        }
-                        Err(_) => slot.conn.open_here(now),
-                    }
-                }
-                Next::Fetch { namespace, key } => {
-                    let Some(rt) = self.app.read_through().cloned() else {
-                        next = slot.conn.on_fetched(now);
-                        continue;
-                    };
-                    // Waiting on the peers, not the client: no deadline
-                    // applies (the read-through ends every fetch within
-                    // read_through_timeout_ms).
-                    slot.wait = Wait::Offloaded;
-                    let (tx, waker, generation) =
-                        (self.fetched_tx.clone(), self.waker.clone(), slot.generation);
-                    rt.request(
-                        &namespace,
-                        &key,
-                        Box::new(move || {
-                            let _ = tx.send((index, generation));
-                            waker.wake();
-                        }),
-                    );
-                    return;
-                }
+                Next::Handoff => self.hand_off_slot(index),
+                Next::Publish => self.publish(index),
+                Next::Open { namespace, key } => self.open(index, namespace, key, now),
+                Next::Fetch { namespace, key } => self.fetch(index, namespace, key, now),
                 Next::Close => {
                     self.close(index);
-                    return;
+                    None
                 }
             };
+            match step {
+                Some(step) => next = step,
+                None => return,
+            }
         }
+    }
+
+    /// Peek at the first bytes (`MSG_PEEK`, nothing consumed): TLS and h2c
+    /// go to the fallback untouched.
+    fn peek(&mut self, index: u32, now: Instant) -> Option<Next> {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return None;
+        };
+        let mut buf = [0u8; 16];
+        let want = Conn::peek_buf_bytes().min(buf.len());
+        match rustix::net::recv(&slot.stream, &mut buf[..want], RecvFlags::PEEK) {
+            Ok((n, _)) => Some(slot.conn.on_peek(&buf[..n], now)),
+            Err(Errno::AGAIN) => {
+                slot.wait = Wait::Peek;
+                None
+            }
+            Err(Errno::INTR) => Some(Next::Peek),
+            Err(_) => Some(slot.conn.on_peek(&[], now)),
+        }
+    }
+
+    /// Pause before peeking again (`wake_peekers` ends the pause).
+    fn peek_again(&mut self, index: u32, now: Instant) -> Option<Next> {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return None;
+        };
+        let at = now + Duration::from_millis(PEEK_AGAIN_MS);
+        slot.wait = Wait::PeekAt;
+        self.peek_timers.push((at, index, slot.generation));
+        None
+    }
+
+    /// Receive more of the request. `linger`: the connection closes after
+    /// its response, so shut the write side and read (discarding) until
+    /// the client closes or the linger budget ends.
+    fn recv(&mut self, index: u32, linger: bool, now: Instant) -> Option<Next> {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return None;
+        };
+        if linger {
+            let _ = rustix::net::shutdown(&slot.stream, rustix::net::Shutdown::Write);
+        }
+        let mut buf = slot.conn.take_read_buf();
+        let result = rustix::net::recv(
+            &slot.stream,
+            rustix::buffer::spare_capacity(&mut buf),
+            RecvFlags::empty(),
+        );
+        match result {
+            Ok((n, _)) => Some(slot.conn.on_recv(buf, Ok(n), now)),
+            Err(Errno::AGAIN) => {
+                slot.wait = Wait::Recv(buf);
+                None
+            }
+            Err(e) => Some(slot.conn.on_recv(buf, Err(errno_of(e)), now)),
+        }
+    }
+
+    /// Send the connection's output buffer (`more`: `MSG_MORE`, a body follows).
+    fn send(&mut self, index: u32, more: bool, now: Instant) -> Option<Next> {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return None;
+        };
+        let buf = slot.conn.take_out_buf();
+        let from = slot.conn.out_sent().min(buf.len());
+        let mut flags = SendFlags::NOSIGNAL;
+        if more {
+            flags |= SendFlags::MORE;
+        }
+        match rustix::net::send(&slot.stream, &buf[from..], flags) {
+            Ok(n) => Some(slot.conn.on_sent(buf, Ok(n), now)),
+            Err(Errno::AGAIN) => {
+                slot.wait = Wait::Send { buf };
+                None
+            }
+            Err(e) => Some(slot.conn.on_sent(buf, Err(errno_of(e)), now)),
+        }
+    }
+
+    /// Send `len` bytes of the connection's artifact from `offset` by
+    /// `sendfile`, or hand a chunk the page cache lacks to the reader
+    /// thread. `moved` counts this turn's bytes: past PUMP_BYTES_PER_TURN
+    /// the connection waits for the next turn.
+    fn send_file(
+        &mut self,
+        index: u32,
+        offset: u64,
+        len: u64,
+        moved: &mut u64,
+        now: Instant,
+    ) -> Option<Next> {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return None;
+        };
+        if *moved >= PUMP_BYTES_PER_TURN {
+            // Enough for one turn: the others go first.
+            slot.wait = Wait::Ready(Next::SendFile { offset, len });
+            self.ready.push_back((index, slot.generation));
+            return None;
+        }
+        if slot.file.is_none() {
+            slot.resident_until = 0;
+            slot.file = slot
+                .conn
+                .take_file()
+                .and_then(|a| a.into_file().ok())
+                .map(Arc::new);
+            // Corked while the body goes, as nginx's tcp_nopush
+            // around sendfile: whole segments, one push at the end.
+            slot.corked = rustix::net::sockopt::set_tcp_cork(&slot.stream, true).is_ok();
+        }
+        let Some(file) = slot.file.clone() else {
+            self.close(index);
+            return None;
+        };
+        let chunk = len.min(SENDFILE_BYTES as u64);
+        let known_resident = offset + chunk <= slot.resident_until;
+        if !known_resident && residency(&*file, offset, chunk) == Residency::NotResident {
+            // The disk would block this thread in sendfile: the
+            // reader thread reads the chunk, then it is sent.
+            let job = ReadJob {
+                index,
+                generation: slot.generation,
+                file,
+                offset,
+                len: len.min(COLD_READ_BYTES),
+            };
+            match self.reader.submit(job) {
+                Ok(()) => {
+                    slot.wait = Wait::Offloaded;
+                    if let Some(s) = self.stats.get(self.core) {
+                        s.cold_reads_total.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(_) => {
+                    // The reader is COLD_QUEUE_MAX chunks behind:
+                    // try again at the next turn.
+                    slot.wait = Wait::Ready(Next::SendFile { offset, len });
+                    self.ready.push_back((index, slot.generation));
+                }
+            }
+            return None;
+        }
+        slot.resident_until = slot.resident_until.max(offset + chunk);
+        let mut at = offset;
+        match rustix::fs::sendfile(&slot.stream, &*file, Some(&mut at), chunk as usize) {
+            Ok(n) => {
+                *moved += n as u64;
+                if let Some(s) = self.stats.get(self.core) {
+                    s.sendfile_bytes_total
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                let next = slot.conn.on_file_sent(Ok(n as u64), now);
+                if !matches!(next, Next::SendFile { .. }) {
+                    uncork(slot);
+                }
+                Some(next)
+            }
+            Err(Errno::AGAIN) => {
+                slot.wait = Wait::File { offset, len };
+                None
+            }
+            Err(Errno::INTR) => Some(Next::SendFile { offset, len }),
+            Err(e) => {
+                uncork(slot);
+                Some(slot.conn.on_file_sent(Err(errno_of(e)), now))
+            }
+        }
+    }
+
+    /// Give the socket to the fallback (TLS, h2c, over capacity).
+    fn hand_off_slot(&mut self, index: u32) -> Option<Next> {
+        if let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::take) {
+            self.free.push(index);
+            if let Some(ip) = slot.ip {
+                self.per_ip.remove(ip);
+            }
+            let _ = epoll::delete(&self.epoll, &slot.stream);
+            self.hand_off(slot.stream);
+        }
+        None
+    }
+
+    /// Hand a finished upload to this core's publisher thread (the fsync
+    /// happens there), or publish it here when the publisher is behind.
+    fn publish(&mut self, index: u32) -> Option<Next> {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return None;
+        };
+        let Some(sink) = slot.conn.take_publish() else {
+            self.close(index);
+            return None;
+        };
+        let job = publish::Job {
+            index,
+            generation: slot.generation,
+            sink: Box::new(sink),
+        };
+        match self.publisher.submit(job) {
+            Ok(()) => {
+                slot.wait = Wait::Offloaded;
+                None
+            }
+            // The publisher is PUBLISH_QUEUE_MAX uploads behind:
+            // publish here rather than queue without bound.
+            Err(job) => Some(slot.conn.on_published(job.sink.finish())),
+        }
+    }
+
+    /// Hand a cold open to this core's opener thread, or open here when the
+    /// opener is behind.
+    fn open(&mut self, index: u32, namespace: String, key: String, now: Instant) -> Option<Next> {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return None;
+        };
+        let job = opener::Job {
+            index,
+            generation: slot.generation,
+            namespace,
+            key,
+        };
+        if let Some(s) = self.stats.get(self.core) {
+            s.cold_opens_total.fetch_add(1, Ordering::Relaxed);
+        }
+        match self.opener.submit(job) {
+            Ok(()) => {
+                slot.wait = Wait::Offloaded;
+                None
+            }
+            Err(_) => Some(slot.conn.open_here(now)),
+        }
+    }
+
+    /// Ask the read-through (peers, then the tier) for a local miss; the
+    /// connection waits until `take_offloaded` hears it ended.
+    fn fetch(&mut self, index: u32, namespace: String, key: String, now: Instant) -> Option<Next> {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return None;
+        };
+        let Some(rt) = self.app.read_through().cloned() else {
+            return Some(slot.conn.on_fetched(now));
+        };
+        // Waiting on the peers, not the client: no deadline
+        // applies (the read-through ends every fetch within
+        // read_through_timeout_ms).
+        slot.wait = Wait::Offloaded;
+        let waiter = super::fetch_waiter(
+            self.fetched_tx.clone(),
+            self.waker.clone(),
+            index,
+            slot.generation,
+        );
+        rt.request(&namespace, &key, waiter);
+        None
     }
 
     /// Send what the reader read of a cold body; report it to the

@@ -60,6 +60,35 @@ pub fn render_per_core<S>(series: &[CoreSeries<S>], stats: &[S], out: &mut Strin
     }
 }
 
+/// Give an accepted connection to the fallback (TLS, h2c, or this engine thread is full).
+/// A refusal (the fallback at its own bound) gives the stream back, for the engine to
+/// count and then have the fallback answer it without blocking this thread
+/// (`Fallback::answer_refused`: 503 for HTTP/1, a close for TLS and h2c).
+fn hand_to_fallback(
+    fallback: &Fallback,
+    stream: std::net::TcpStream,
+) -> Result<(), crate::fallback::HandoffError> {
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    fallback.handoff(stream, peer)
+}
+
+/// What a read-through calls when the fetch that connection (`index`, `generation`) waits
+/// for has ended, on whichever thread ends it: the connection goes on `fetched` and its
+/// engine thread wakes to decide its request again.
+fn fetch_waiter(
+    fetched: std::sync::mpsc::Sender<(u32, u32)>,
+    waker: sluice_uring::Waker,
+    index: u32,
+    generation: u32,
+) -> Box<dyn FnOnce() + Send> {
+    Box::new(move || {
+        let _ = fetched.send((index, generation));
+        waker.wake();
+    })
+}
+
 /// Handle on whatever accepts public connections.
 pub struct Engine {
     description: String,

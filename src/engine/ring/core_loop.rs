@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -73,6 +73,20 @@ pub(super) enum Expiry {
 /// may be on the wire, and unlike a reused connection no client retries a fresh one.
 fn drain_idle(slot: &Slot) -> bool {
     slot.conn.is_idle() && slot.conn.responses > 0
+}
+
+/// The slot at `index` if it still holds the connection of `generation`: a
+/// completion or a reply for a connection that closed, or whose slot was
+/// reused since, finds none.
+pub(super) fn live_slot(
+    slots: &mut [Option<Slot>],
+    index: u32,
+    generation: u32,
+) -> Option<&mut Slot> {
+    slots
+        .get_mut(index as usize)
+        .and_then(Option::as_mut)
+        .filter(|s| s.generation == generation)
 }
 
 /// One engine thread's state.
@@ -421,12 +435,7 @@ impl CoreLoop {
     /// it asks next. A connection that is gone (closed, or its slot reused
     /// under a new generation) only gets its resources dropped.
     fn on_conn_op(&mut self, index: u32, generation: u32, completion: Completion) {
-        let live = self
-            .slots
-            .get(index as usize)
-            .and_then(Option::as_ref)
-            .is_some_and(|s| s.generation == generation);
-        if !live {
+        if live_slot(&mut self.slots, index, generation).is_none() {
             // A connection that is gone: its resources drop here.
             return;
         }
@@ -575,11 +584,7 @@ impl CoreLoop {
     }
 
     fn hand_off(&mut self, fd: OwnedFd) {
-        let stream = TcpStream::from(fd);
-        let peer = stream
-            .peer_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        match self.fallback.handoff(stream, peer) {
+        match crate::engine::hand_to_fallback(&self.fallback, TcpStream::from(fd)) {
             Ok(()) => {
                 if let Some(s) = self.core_stats() {
                     s.handed_off_total.fetch_add(1, Ordering::Relaxed);
@@ -791,30 +796,19 @@ impl CoreLoop {
         // applies meanwhile (as for a cold open); the read-through
         // ends every fetch within read_through_timeout_ms.
         slot.cold_since = Some(Instant::now());
-        let (tx, waker, generation) = (
+        let waiter = crate::engine::fetch_waiter(
             self.fetched_tx.clone(),
             self.driver.waker(),
+            index,
             slot.generation,
         );
-        rt.request(
-            &namespace,
-            &key,
-            Box::new(move || {
-                let _ = tx.send((index, generation));
-                waker.wake();
-            }),
-        );
+        rt.request(&namespace, &key, waiter);
     }
 
     /// A read-through fetch this connection waited for has ended: decide
     /// its request again, unless the connection is gone.
     fn on_fetched(&mut self, index: u32, generation: u32) {
-        let Some(slot) = self
-            .slots
-            .get_mut(index as usize)
-            .and_then(Option::as_mut)
-            .filter(|s| s.generation == generation)
-        else {
+        let Some(slot) = live_slot(&mut self.slots, index, generation) else {
             return;
         };
         slot.cold_since = None;
@@ -825,12 +819,7 @@ impl CoreLoop {
     /// A cold open came back from the opener: decide the request again,
     /// unless its connection is gone.
     fn on_opened(&mut self, done: opener::Done) {
-        let Some(slot) = self
-            .slots
-            .get_mut(done.index as usize)
-            .and_then(Option::as_mut)
-            .filter(|s| s.generation == done.generation)
-        else {
+        let Some(slot) = live_slot(&mut self.slots, done.index, done.generation) else {
             return;
         };
         if let (Some(since), Some(s)) = (slot.cold_since.take(), self.stats.get(self.core)) {
@@ -844,12 +833,7 @@ impl CoreLoop {
     /// An upload came back from the publisher: answer it, unless its
     /// connection is gone (closed, or the slot reused: generation differs).
     fn on_published(&mut self, done: Done) {
-        let Some(slot) = self
-            .slots
-            .get_mut(done.index as usize)
-            .and_then(Option::as_mut)
-            .filter(|s| s.generation == done.generation)
-        else {
+        let Some(slot) = live_slot(&mut self.slots, done.index, done.generation) else {
             return;
         };
         let next = slot.conn.on_published(done.reply);

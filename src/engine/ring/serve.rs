@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use sluice_uring::{residency, FixedLease, IoBuf, Op, Pipe, Residency, SharedFd, Token};
 
-use super::core_loop::CoreLoop;
+use super::core_loop::{live_slot, CoreLoop};
 use super::{FileServingMode, READAHEADS_PER_CORE_MAX, READAHEAD_CHUNKS};
 use crate::engine::conn::Next;
 use crate::engine::PUMP_BYTES_PER_TURN;
@@ -402,12 +402,7 @@ impl CoreLoop {
     /// A pipe went back to the pool: let the longest-waiting connection use it.
     fn release_pipe_waiter(&mut self) {
         while let Some((index, generation, offset, len)) = self.pipe_waiters.pop_front() {
-            let live = self
-                .slots
-                .get(index as usize)
-                .and_then(Option::as_ref)
-                .is_some_and(|s| s.generation == generation);
-            if live {
+            if live_slot(&mut self.slots, index, generation).is_some() {
                 self.issue(index, Next::SendFile { offset, len });
                 return;
             }
