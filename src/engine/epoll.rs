@@ -37,9 +37,11 @@ use sluice_uring::{Token, Waker};
 
 use super::conn::{Conn, ConnLimits, Next, PEEK_AGAIN_MS};
 use super::offload::Offload;
-use super::threads::{CoreShared, CoreThreads, DrainCutter, StopSignal};
+use super::threads::{
+    CoreShared, CoreThreads, DrainCutter, StopSignal, OPEN_FILES_PER_CORE_MAX,
+    OPEN_FILES_SWEEP_TICKS, PUMP_BYTES_PER_TURN, TICK_MS,
+};
 use super::{opener, publish};
-use super::{OPEN_FILES_PER_CORE_MAX, OPEN_FILES_SWEEP_TICKS, PUMP_BYTES_PER_TURN, TICK_MS};
 use crate::app::App;
 use crate::fallback::Fallback;
 use crate::peer_limit::PerIpCounts;
@@ -126,7 +128,7 @@ impl EpollEngine {
 
     /// Append the engine's series in the Prometheus text format.
     pub fn render_metrics(stats: &[EpollStats], out: &mut String) {
-        let series: [super::CoreSeries<EpollStats>; 10] = [
+        let series: [super::threads::CoreSeries<EpollStats>; 10] = [
             ("sluice_epoll_accepted_total", "counter", "Connections accepted by the epoll engine.", |s| s.accepted_total.load(Ordering::Relaxed)),
             ("sluice_epoll_connections", "gauge", "Connections the epoll engine holds.", |s| s.connections.load(Ordering::Relaxed)),
             ("sluice_epoll_handed_off_total", "counter", "Connections handed to the fallback (TLS, HTTP/2, or the engine full).", |s| s.handed_off_total.load(Ordering::Relaxed)),
@@ -138,7 +140,7 @@ impl EpollEngine {
             ("sluice_epoll_cold_reads_total", "counter", "Body chunks read off the engine thread because the page cache did not hold them.", |s| s.cold_reads_total.load(Ordering::Relaxed)),
             ("sluice_epoll_cold_read_bytes_total", "counter", "Bytes of those reads.", |s| s.cold_read_bytes_total.load(Ordering::Relaxed)),
         ];
-        super::render_per_core(&series, stats, out);
+        super::threads::render_per_core(&series, stats, out);
     }
 }
 
@@ -568,7 +570,7 @@ impl CoreLoop {
     }
 
     fn hand_off(&mut self, stream: TcpStream) {
-        match super::hand_to_fallback(&self.fallback, stream) {
+        match super::threads::hand_to_fallback(&self.fallback, stream) {
             Ok(()) => {
                 if let Some(s) = self.stats() {
                     s.handed_off_total.fetch_add(1, Ordering::Relaxed);
@@ -744,9 +746,7 @@ impl CoreLoop {
     /// Peek at the first bytes (`MSG_PEEK`, nothing consumed): TLS and h2c
     /// go to the fallback untouched.
     fn peek(&mut self, index: u32, now: Instant) -> Option<Next> {
-        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
-            return None;
-        };
+        let slot = slot_mut(&mut self.slots, index)?;
         let mut buf = [0u8; 16];
         let want = Conn::peek_buf_bytes().min(buf.len());
         match rustix::net::recv(&slot.stream, &mut buf[..want], RecvFlags::PEEK) {
@@ -762,9 +762,7 @@ impl CoreLoop {
 
     /// Pause before peeking again (`wake_peekers` ends the pause).
     fn peek_again(&mut self, index: u32, now: Instant) -> Option<Next> {
-        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
-            return None;
-        };
+        let slot = slot_mut(&mut self.slots, index)?;
         let at = now + Duration::from_millis(PEEK_AGAIN_MS);
         slot.wait = Wait::PeekAt;
         self.peek_timers.push((at, index, slot.generation));
@@ -775,9 +773,7 @@ impl CoreLoop {
     /// its response, so shut the write side and read (discarding) until
     /// the client closes or the linger budget ends.
     fn recv(&mut self, index: u32, linger: bool, now: Instant) -> Option<Next> {
-        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
-            return None;
-        };
+        let slot = slot_mut(&mut self.slots, index)?;
         if linger {
             let _ = rustix::net::shutdown(&slot.stream, rustix::net::Shutdown::Write);
         }
@@ -799,9 +795,7 @@ impl CoreLoop {
 
     /// Send the connection's output buffer (`more`: `MSG_MORE`, a body follows).
     fn send(&mut self, index: u32, more: bool, now: Instant) -> Option<Next> {
-        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
-            return None;
-        };
+        let slot = slot_mut(&mut self.slots, index)?;
         let buf = slot.conn.take_out_buf();
         let from = slot.conn.out_sent().min(buf.len());
         let mut flags = SendFlags::NOSIGNAL;
@@ -830,9 +824,7 @@ impl CoreLoop {
         moved: &mut u64,
         now: Instant,
     ) -> Option<Next> {
-        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
-            return None;
-        };
+        let slot = slot_mut(&mut self.slots, index)?;
         if *moved >= PUMP_BYTES_PER_TURN {
             // Enough for one turn: the others go first.
             slot.wait = Wait::Ready(Next::SendFile { offset, len });
@@ -925,9 +917,7 @@ impl CoreLoop {
     /// Hand a finished upload to this core's publisher thread (the fsync
     /// happens there), or publish it here when the publisher is behind.
     fn publish(&mut self, index: u32) -> Option<Next> {
-        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
-            return None;
-        };
+        let slot = slot_mut(&mut self.slots, index)?;
         let Some(sink) = slot.conn.take_publish() else {
             self.close(index);
             return None;
@@ -951,9 +941,7 @@ impl CoreLoop {
     /// Hand a cold open to this core's opener thread, or open here when the
     /// opener is behind.
     fn open(&mut self, index: u32, namespace: String, key: String, now: Instant) -> Option<Next> {
-        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
-            return None;
-        };
+        let slot = slot_mut(&mut self.slots, index)?;
         let job = opener::Job {
             index,
             generation: slot.generation,
@@ -975,9 +963,7 @@ impl CoreLoop {
     /// Ask the read-through (peers, then the tier) for a local miss; the
     /// connection waits until `take_offloaded` hears it ended.
     fn fetch(&mut self, index: u32, namespace: String, key: String, now: Instant) -> Option<Next> {
-        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
-            return None;
-        };
+        let slot = slot_mut(&mut self.slots, index)?;
         let Some(rt) = self.app.read_through().cloned() else {
             return Some(slot.conn.on_fetched(now));
         };
@@ -985,7 +971,7 @@ impl CoreLoop {
         // applies (the read-through ends every fetch within
         // read_through_timeout_ms).
         slot.wait = Wait::Offloaded;
-        let waiter = super::fetch_waiter(
+        let waiter = super::threads::fetch_waiter(
             self.fetched_tx.clone(),
             self.waker.clone(),
             index,
@@ -1027,6 +1013,12 @@ impl CoreLoop {
         }
         self.drive(index, next);
     }
+}
+
+/// The connection in slot `index`, if any. A free function, not a method, so the
+/// caller can still use the loop's other fields while it holds the slot.
+fn slot_mut(slots: &mut [Option<Slot>], index: u32) -> Option<&mut Slot> {
+    slots.get_mut(index as usize).and_then(Option::as_mut)
 }
 
 fn uncork(slot: &mut Slot) {

@@ -1,8 +1,11 @@
-//! Engine threads, as both engines start and stop them: one thread per
+//! What the threads of both engines share. Their lifecycle: one thread per
 //! listener, each building its own loop and saying it is ready before the
 //! next one starts, one stop signal that every loop reads at each turn, and
-//! stop-and-join. The loops themselves (`ring::CoreLoop`, `epoll::CoreLoop`)
-//! stay apart; only their lifecycle is shared.
+//! stop-and-join. And what every loop turn does alike: the tick, the bound on
+//! file bytes per turn, the open-file cache's bounds, handing a connection
+//! to the fallback, waking for a read-through, and rendering per-core
+//! series. The loops themselves (`ring::CoreLoop`, `epoll::CoreLoop`) stay
+//! apart.
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +18,16 @@ use sluice_uring::Waker;
 
 use crate::app::App;
 use crate::fallback::Fallback;
+
+/// How often every engine thread checks deadlines and publishes stats, in
+/// milliseconds.
+pub const TICK_MS: u64 = 100;
+/// File bytes one connection moves before yielding to the others.
+pub const PUMP_BYTES_PER_TURN: u64 = 4 * 1024 * 1024;
+/// Open artifact files one engine thread keeps (each holds an fd).
+pub const OPEN_FILES_PER_CORE_MAX: usize = 1024;
+/// Every this many ticks, cached fds of changed artifacts are closed.
+pub const OPEN_FILES_SWEEP_TICKS: u64 = 10;
 
 /// How the threads of one engine are told to stop: set once by
 /// [`CoreThreads::stop`] (or a drop), read by every loop at each turn.
@@ -205,4 +218,48 @@ impl Drop for CoreThreads {
             waker.wake();
         }
     }
+}
+
+/// One per-core series of an engine: name, Prometheus type, help, and how to read it from
+/// one core's counters.
+pub type CoreSeries<S> = (&'static str, &'static str, &'static str, fn(&S) -> u64);
+
+/// Append per-core series in the Prometheus text format, one sample per core.
+pub fn render_per_core<S>(series: &[CoreSeries<S>], stats: &[S], out: &mut String) {
+    use std::fmt::Write as _;
+    for (name, kind, help, get) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (core, s) in stats.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{core=\"{core}\"}} {}", get(s));
+        }
+    }
+}
+
+/// Give an accepted connection to the fallback (TLS, h2c, or this engine thread is full).
+/// A refusal (the fallback at its own bound) gives the stream back, for the engine to
+/// count and then have the fallback answer it without blocking this thread
+/// (`Fallback::answer_refused`: 503 for HTTP/1, a close for TLS and h2c).
+pub fn hand_to_fallback(
+    fallback: &Fallback,
+    stream: std::net::TcpStream,
+) -> Result<(), crate::fallback::HandoffError> {
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    fallback.handoff(stream, peer)
+}
+
+/// What a read-through calls when the fetch that connection (`index`, `generation`) waits
+/// for has ended, on whichever thread ends it: the connection goes on `fetched` and its
+/// engine thread wakes to decide its request again.
+pub fn fetch_waiter(
+    fetched: std::sync::mpsc::Sender<(u32, u32)>,
+    waker: sluice_uring::Waker,
+    index: u32,
+    generation: u32,
+) -> Box<dyn FnOnce() + Send> {
+    Box::new(move || {
+        let _ = fetched.send((index, generation));
+        waker.wake();
+    })
 }

@@ -16,8 +16,7 @@ use sluice_uring::{
     RingConfig, SharedFd, Token,
 };
 
-use super::serve::Xfer;
-use super::tasks::{IdleConn, TaskSlot};
+use super::tasks::TaskClient;
 use super::{
     errno_name, CoreStats, EngineSettings, COMPLETIONS_PER_TURN_MAX, CQ_ENTRIES,
     FIXED_BUFFERS_COUNT, FIXED_BUFFER_BYTES, IOWQ_WORKERS_MAX, READAHEADS_PER_CORE_MAX, SQ_ENTRIES,
@@ -28,12 +27,28 @@ use crate::engine::conn::{Conn, Next};
 use crate::engine::opener::{self, Opener};
 use crate::engine::publish::{self, Done, Job, Publisher};
 use crate::engine::threads::{CoreShared, StopSignal};
-use crate::engine::{OPEN_FILES_PER_CORE_MAX, OPEN_FILES_SWEEP_TICKS, TICK_MS};
+use crate::engine::threads::{OPEN_FILES_PER_CORE_MAX, OPEN_FILES_SWEEP_TICKS, TICK_MS};
 use crate::fallback::Fallback;
 use crate::outgoing::OutgoingRequest;
 use crate::peer_limit::PerIpCounts;
 use crate::store::OpenCache;
 
+/// A file body in progress on a connection.
+pub(super) enum Xfer {
+    None,
+    /// `chunk` bytes went into the pipe; they are being drained to the socket.
+    Splice {
+        chunk: u64,
+    },
+    /// `chunk` bytes were read into the lease; `sent` of them are out.
+    Copy {
+        chunk: usize,
+        sent: usize,
+    },
+}
+
+/// One connection on this thread: its sans-IO state, its socket, the
+/// operation in flight and what its file body holds.
 pub(super) struct Slot {
     pub(super) generation: u32,
     pub(super) fd: SharedFd,
@@ -101,8 +116,6 @@ pub(super) struct CoreLoop {
     /// and re-arming in the completion handler would spin on it. Meanwhile
     /// new connections wait in the kernel backlog (as nginx does).
     pub(super) accept_rearm: bool,
-    /// Shutdown phase 3: queued outgoing tasks are refused, not started.
-    pub(super) refuse_new_tasks: bool,
     /// The last turn handled at least one completion.
     pub(super) busy: bool,
     pub(super) app: Arc<App>,
@@ -115,11 +128,8 @@ pub(super) struct CoreLoop {
     /// Connections waiting for a pipe (bounded by the connection count).
     pub(super) pipe_waiters: VecDeque<(u32, u32, u64, u64)>,
     pub(super) batch: Vec<Completion>,
-    pub(super) task_rx: std::sync::mpsc::Receiver<OutgoingRequest>,
-    pub(super) tasks: Vec<Option<TaskSlot>>,
-    pub(super) task_generation: u32,
-    /// Idle keep-alive task connections, oldest first (bounded).
-    pub(super) idle_task_conns: VecDeque<IdleConn>,
+    /// Outgoing tasks (replication sends, read-through fetches).
+    pub(super) tasks: TaskClient,
     pub(super) files: Rc<RefCell<OpenCache>>,
     /// Publishes finished uploads off this thread.
     pub(super) publisher: Publisher,
@@ -218,7 +228,6 @@ impl CoreLoop {
             listener,
             accept_op: Some(accept_op),
             accept_rearm: false,
-            refuse_new_tasks: false,
             busy: false,
             app,
             fallback,
@@ -231,10 +240,7 @@ impl CoreLoop {
             pipes,
             pipe_waiters: VecDeque::new(),
             batch: Vec::with_capacity(COMPLETIONS_PER_TURN_MAX),
-            task_rx,
-            tasks: (0..TASKS_PER_CORE_MAX).map(|_| None).collect(),
-            task_generation: 1,
-            idle_task_conns: VecDeque::new(),
+            tasks: TaskClient::new(task_rx),
             files: Rc::new(RefCell::new(OpenCache::new(OPEN_FILES_PER_CORE_MAX))),
             ticks: 0,
             per_ip: PerIpCounts::new(settings.connections_per_ip_max),
@@ -291,7 +297,7 @@ impl CoreLoop {
                 self.dispatch(completion);
             }
             self.batch = batch;
-            self.start_queued_tasks();
+            self.tasks.start_queued(&mut self.driver, &mut self.pipes);
 
             if signal.stopping() && drain_until.is_none() {
                 drain_until = Some(Instant::now() + signal.drain_budget());
@@ -312,13 +318,13 @@ impl CoreLoop {
                     let tasks_end = *tasks_until.get_or_insert_with(|| {
                         // New tasks are refused from here (their entries stay in the
                         // outbox); what is left of the public side is closed.
-                        self.refuse_new_tasks = true;
+                        self.tasks.refuse_new();
                         for index in 0..self.slots.len() {
                             self.expire_if(index, Expiry::Deadline, |_| true);
                         }
                         now + signal.tasks_budget()
                     });
-                    if now >= tasks_end || self.tasks.iter().all(Option::is_none) {
+                    if now >= tasks_end || self.tasks.is_idle() {
                         break;
                     }
                 }
@@ -327,7 +333,7 @@ impl CoreLoop {
         // Whatever is left is closed; the driver parks buffers the kernel
         // still holds until their completions arrive (or leaks them).
         self.slots.iter_mut().for_each(|s| *s = None);
-        self.refuse_tasks();
+        self.tasks.refuse_all();
         let _ = self.driver.shutdown(Duration::from_secs(2));
     }
 
@@ -354,7 +360,7 @@ impl CoreLoop {
                 self.expire_if(index, Expiry::Drain, drain_idle);
             }
         }
-        self.expire_tasks(now);
+        self.tasks.expire(&mut self.driver, now);
         self.ticks += 1;
         if self.ticks % OPEN_FILES_SWEEP_TICKS == 0 {
             if let Ok(mut files) = self.files.try_borrow_mut() {
@@ -423,7 +429,10 @@ impl CoreLoop {
             Token::ReadAhead => {
                 self.readaheads_in_flight = self.readaheads_in_flight.saturating_sub(1);
             }
-            Token::Task { slot, generation } => self.on_task(slot, generation, completion),
+            Token::Task { slot, generation } => {
+                self.tasks
+                    .on_completion(&mut self.driver, slot, generation, completion)
+            }
             Token::Conn { slot, generation } => self.on_conn_op(slot, generation, completion),
             // A ring's waker is the driver's own (its WAKE tag), never a token.
             Token::Waker => {}
@@ -584,7 +593,7 @@ impl CoreLoop {
     }
 
     fn hand_off(&mut self, fd: OwnedFd) {
-        match crate::engine::hand_to_fallback(&self.fallback, TcpStream::from(fd)) {
+        match crate::engine::threads::hand_to_fallback(&self.fallback, TcpStream::from(fd)) {
             Ok(()) => {
                 if let Some(s) = self.core_stats() {
                     s.handed_off_total.fetch_add(1, Ordering::Relaxed);
@@ -796,7 +805,7 @@ impl CoreLoop {
         // applies meanwhile (as for a cold open); the read-through
         // ends every fetch within read_through_timeout_ms.
         slot.cold_since = Some(Instant::now());
-        let waiter = crate::engine::fetch_waiter(
+        let waiter = crate::engine::threads::fetch_waiter(
             self.fetched_tx.clone(),
             self.driver.waker(),
             index,

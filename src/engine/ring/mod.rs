@@ -220,7 +220,7 @@ impl RingEngine {
     /// Append the engine's series in the Prometheus text format.
     pub fn render_metrics(stats: &[CoreStats], out: &mut String) {
         use std::fmt::Write as _;
-        let series: [super::CoreSeries<CoreStats>; 19] = [
+        let series: [super::threads::CoreSeries<CoreStats>; 19] = [
             (
                 "sluice_ring_accept_errors_total",
                 "counter",
@@ -336,7 +336,7 @@ impl RingEngine {
                 |s| s.iowq_workers_max.load(Ordering::Relaxed),
             ),
         ];
-        super::render_per_core(&series, stats, out);
+        super::threads::render_per_core(&series, stats, out);
         let name = "sluice_ring_cold_wait_seconds_total";
         let _ = writeln!(
             out,

@@ -12,25 +12,11 @@ use std::time::Instant;
 
 use sluice_uring::{residency, FixedLease, IoBuf, Op, Pipe, Residency, SharedFd, Token};
 
-use super::core_loop::{live_slot, CoreLoop};
+use super::core_loop::{live_slot, CoreLoop, Xfer};
 use super::{FileServingMode, READAHEADS_PER_CORE_MAX, READAHEAD_CHUNKS};
 use crate::engine::conn::Next;
-use crate::engine::PUMP_BYTES_PER_TURN;
+use crate::engine::threads::PUMP_BYTES_PER_TURN;
 use crate::metrics::BytePath;
-
-/// A file body in progress on a connection.
-pub(super) enum Xfer {
-    None,
-    /// `chunk` bytes went into the pipe; they are being drained to the socket.
-    Splice {
-        chunk: u64,
-    },
-    /// `chunk` bytes were read into the lease; `sent` of them are out.
-    Copy {
-        chunk: usize,
-        sent: usize,
-    },
-}
 
 impl CoreLoop {
     /// Send `len` bytes of the connection's artifact from `offset`: by

@@ -4,6 +4,7 @@
 //! pool of idle keep-alive connections per thread. What a request is and
 //! how its response parses is [`crate::outgoing`], which knows no ring.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
@@ -11,10 +12,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_uring::{Completion, IoBuf, Op, OpId, Pipe, Returned, SharedFd, Token, Waker};
+use sluice_uring::{
+    Completion, Driver, IoBuf, Op, OpId, Pipe, PipePool, Returned, SharedFd, Token, Waker,
+};
 
-use super::core_loop::CoreLoop;
-use super::{IDLE_TASK_CONNS_MAX, IDLE_TASK_CONN_MS};
+use super::{IDLE_TASK_CONNS_MAX, IDLE_TASK_CONN_MS, TASKS_PER_CORE_MAX};
 use crate::engine::threads::StopSignal;
 use crate::outgoing::{self, OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYTES};
 
@@ -54,39 +56,76 @@ impl outgoing::Submit for TaskSubmitter {
 
 /// A keep-alive connection of a finished task, ready for the next task to
 /// the same address.
-pub(super) struct IdleConn {
-    pub(super) addr: SocketAddr,
-    pub(super) fd: SharedFd,
-    pub(super) since: Instant,
+struct IdleConn {
+    addr: SocketAddr,
+    fd: SharedFd,
+    since: Instant,
 }
 
-pub(super) struct TaskSlot {
-    pub(super) generation: u32,
-    pub(super) task: Task,
-    pub(super) fd: SharedFd,
+/// A running task: its sans-IO state and what the ring holds for it.
+struct TaskSlot {
+    generation: u32,
+    task: Task,
+    fd: SharedFd,
     /// The connection came from the idle pool (no connect).
-    pub(super) reused: bool,
+    reused: bool,
     /// The body file, when the body is spliced from a file.
-    pub(super) body_fd: Option<SharedFd>,
+    body_fd: Option<SharedFd>,
     /// Its pipe; `None` while an op holds it.
-    pub(super) pipe: Option<Pipe>,
-    pub(super) pending: Option<OpId>,
-    pub(super) timed_out: bool,
+    pipe: Option<Pipe>,
+    pending: Option<OpId>,
+    timed_out: bool,
 }
 
-impl CoreLoop {
+/// One engine thread's outgoing task client: the queue other threads
+/// submit to, the table of running tasks, and idle keep-alive connections.
+/// It owns no ring: the loop lends it the driver (and the pipe pool, for a
+/// file body) for each call, so this file depends on nothing of the loop.
+pub(super) struct TaskClient {
+    rx: std::sync::mpsc::Receiver<OutgoingRequest>,
+    slots: Vec<Option<TaskSlot>>,
+    generation: u32,
+    /// Idle keep-alive task connections, oldest first (bounded).
+    idle_conns: VecDeque<IdleConn>,
+    /// Shutdown phase 3: queued outgoing tasks are refused, not started.
+    refuse_new: bool,
+}
+
+impl TaskClient {
+    /// A client with room for TASKS_PER_CORE_MAX tasks, taking requests from `rx`.
+    pub(super) fn new(rx: std::sync::mpsc::Receiver<OutgoingRequest>) -> TaskClient {
+        TaskClient {
+            rx,
+            slots: (0..TASKS_PER_CORE_MAX).map(|_| None).collect(),
+            generation: 1,
+            idle_conns: VecDeque::new(),
+            refuse_new: false,
+        }
+    }
+
+    /// Shutdown phase 3: from now on queued tasks are refused, not started
+    /// (their entries stay in the outbox).
+    pub(super) fn refuse_new(&mut self) {
+        self.refuse_new = true;
+    }
+
+    /// No task is running.
+    pub(super) fn is_idle(&self) -> bool {
+        self.slots.iter().all(Option::is_none)
+    }
+
     /// Every tick: close idle pooled connections past their time, and
     /// cancel the operation of each task past its deadline (its completion
     /// then ends the task with `TimedOut`).
-    pub(super) fn expire_tasks(&mut self, now: Instant) {
+    pub(super) fn expire(&mut self, driver: &mut Driver, now: Instant) {
         let idle_max = Duration::from_millis(IDLE_TASK_CONN_MS);
-        self.idle_task_conns
+        self.idle_conns
             .retain(|c| now.duration_since(c.since) < idle_max);
-        for slot in self.tasks.iter_mut().flatten() {
+        for slot in self.slots.iter_mut().flatten() {
             if now >= slot.task.deadline && !slot.timed_out {
                 slot.timed_out = true;
                 if let Some(op) = slot.pending {
-                    let _ = self.driver.cancel(op);
+                    let _ = driver.cancel(op);
                 }
             }
         }
@@ -94,35 +133,41 @@ impl CoreLoop {
 
     /// The thread stops: every task still running or queued is answered
     /// `Refused` (replication keeps its entries in the outbox).
-    pub(super) fn refuse_tasks(&mut self) {
-        for slot in self.tasks.iter_mut() {
+    pub(super) fn refuse_all(&mut self) {
+        for slot in self.slots.iter_mut() {
             if let Some(t) = slot.take() {
                 (t.task.request.done)(Err(TaskError::Refused));
             }
         }
-        while let Ok(request) = self.task_rx.try_recv() {
+        while let Ok(request) = self.rx.try_recv() {
             (request.done)(Err(TaskError::Refused));
         }
     }
 
     /// Start tasks from the queue while the task table has room; the rest
     /// wait in the (bounded) queue.
-    pub(super) fn start_queued_tasks(&mut self) {
-        if self.refuse_new_tasks {
-            while let Ok(request) = self.task_rx.try_recv() {
+    pub(super) fn start_queued(&mut self, driver: &mut Driver, pipes: &mut PipePool) {
+        if self.refuse_new {
+            while let Ok(request) = self.rx.try_recv() {
                 (request.done)(Err(TaskError::Refused));
             }
             return;
         }
-        while let Some(index) = self.tasks.iter().position(Option::is_none) {
-            let Ok(request) = self.task_rx.try_recv() else {
+        while let Some(index) = self.slots.iter().position(Option::is_none) {
+            let Ok(request) = self.rx.try_recv() else {
                 return;
             };
-            self.start_task(index as u32, request);
+            self.start(driver, pipes, index as u32, request);
         }
     }
 
-    fn start_task(&mut self, index: u32, request: OutgoingRequest) {
+    fn start(
+        &mut self,
+        driver: &mut Driver,
+        pipes: &mut PipePool,
+        index: u32,
+        request: OutgoingRequest,
+    ) {
         // A file body needs its own fd (the op holds it) and a pipe for the
         // splices; without a free pipe the task is refused before anything
         // reaches the peer, and the caller tries again later.
@@ -133,7 +178,7 @@ impl CoreLoop {
                 let fd = Arc::try_unwrap(file)
                     .or_else(|shared| shared.try_clone())
                     .map(OwnedFd::from);
-                match (fd, self.pipes.take()) {
+                match (fd, pipes.take()) {
                     (Ok(fd), Ok(pipe)) => Some((Rc::new(fd), pipe)),
                     _ => {
                         (request.done)(Err(TaskError::Refused));
@@ -171,8 +216,8 @@ impl CoreLoop {
             }
         };
         let addr = request.addr;
-        self.task_generation = Token::next_generation(self.task_generation);
-        let generation = self.task_generation;
+        self.generation = Token::next_generation(self.generation);
+        let generation = self.generation;
         let mut task = Task::new(request, Instant::now());
         let op = if reused {
             task.state = TaskState::Sending;
@@ -188,7 +233,7 @@ impl CoreLoop {
                 addr,
             }
         };
-        if let Some(entry) = self.tasks.get_mut(index as usize) {
+        if let Some(entry) = self.slots.get_mut(index as usize) {
             *entry = Some(TaskSlot {
                 generation,
                 task,
@@ -200,7 +245,7 @@ impl CoreLoop {
                 timed_out: false,
             });
         }
-        self.submit_task_op(index, op);
+        self.submit_op(driver, index, op);
     }
 
     /// An idle pooled connection to `addr` that is still open. The check is
@@ -209,8 +254,8 @@ impl CoreLoop {
     /// bytes) is closed here, before anything is written to it, and the
     /// next one is tried.
     fn take_idle_conn(&mut self, addr: SocketAddr) -> Option<SharedFd> {
-        while let Some(at) = self.idle_task_conns.iter().rposition(|c| c.addr == addr) {
-            let conn = self.idle_task_conns.remove(at)?;
+        while let Some(at) = self.idle_conns.iter().rposition(|c| c.addr == addr) {
+            let conn = self.idle_conns.remove(at)?;
             let mut probe = [0u8; 1];
             match rustix::net::recv(
                 &*conn.fd,
@@ -230,10 +275,10 @@ impl CoreLoop {
         if Rc::strong_count(&fd) != 1 {
             return;
         }
-        if self.idle_task_conns.len() >= IDLE_TASK_CONNS_MAX {
-            self.idle_task_conns.pop_front();
+        if self.idle_conns.len() >= IDLE_TASK_CONNS_MAX {
+            self.idle_conns.pop_front();
         }
-        self.idle_task_conns.push_back(IdleConn {
+        self.idle_conns.push_back(IdleConn {
             addr,
             fd,
             since: Instant::now(),
@@ -273,22 +318,22 @@ impl CoreLoop {
         })
     }
 
-    fn submit_task_op(&mut self, index: u32, op: Op) {
-        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
+    fn submit_op(&mut self, driver: &mut Driver, index: u32, op: Op) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
         };
         let token = Token::Task {
             slot: index,
             generation: slot.generation,
         };
-        match self.driver.submit(op, token.pack()) {
+        match driver.submit(op, token.pack()) {
             Ok(id) => slot.pending = Some(id),
-            Err(_) => self.finish_task(index, Err(TaskError::Refused)),
+            Err(_) => self.finish(index, Err(TaskError::Refused)),
         }
     }
 
-    fn finish_task(&mut self, index: u32, outcome: Result<outgoing::OutgoingResponse, TaskError>) {
-        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::take) else {
+    fn finish(&mut self, index: u32, outcome: Result<outgoing::OutgoingResponse, TaskError>) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::take) else {
             return;
         };
         let TaskSlot {
@@ -322,8 +367,14 @@ impl CoreLoop {
     /// An operation of task `index` completed: the handler of the task's
     /// state takes it, unless the task is gone (the generation differs) or
     /// past its deadline.
-    pub(super) fn on_task(&mut self, index: u32, generation: u32, completion: Completion) {
-        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
+    pub(super) fn on_completion(
+        &mut self,
+        driver: &mut Driver,
+        index: u32,
+        generation: u32,
+        completion: Completion,
+    ) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
         };
         if slot.generation != generation {
@@ -331,28 +382,28 @@ impl CoreLoop {
         }
         slot.pending = None;
         if slot.timed_out {
-            self.finish_task(index, Err(TaskError::TimedOut));
+            self.finish(index, Err(TaskError::TimedOut));
             return;
         }
         let result = completion.result.map(|n| n as usize).map_err(|e| e.0);
         match (slot.task.state, completion.resources) {
-            (TaskState::Connecting, _) => self.on_task_connect(index, result),
+            (TaskState::Connecting, _) => self.on_connect(driver, index, result),
             (TaskState::Sending, Returned::Buf(IoBuf::Vec(buf))) => {
-                self.on_task_send(index, buf, result)
+                self.on_send(driver, index, buf, result)
             }
             (TaskState::SplicingIn | TaskState::SplicingOut, Returned::Pipe(pipe)) => {
-                self.on_task_splice(index, pipe, result)
+                self.on_splice(driver, index, pipe, result)
             }
             (TaskState::Receiving, Returned::Buf(IoBuf::Vec(buf))) => {
-                self.on_task_recv(index, buf, result)
+                self.on_recv(driver, index, buf, result)
             }
-            _ => self.finish_task(index, Err(TaskError::Io(0))),
+            _ => self.finish(index, Err(TaskError::Io(0))),
         }
     }
 
     /// The connection is made: send the request's head.
-    fn on_task_connect(&mut self, index: u32, result: Result<usize, i32>) {
-        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
+    fn on_connect(&mut self, driver: &mut Driver, index: u32, result: Result<usize, i32>) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
         };
         let fd = Rc::clone(&slot.fd);
@@ -360,7 +411,8 @@ impl CoreLoop {
             Ok(_) => {
                 slot.task.state = TaskState::Sending;
                 let buf = std::mem::take(&mut slot.task.request.request);
-                self.submit_task_op(
+                self.submit_op(
+                    driver,
                     index,
                     Op::Send {
                         fd,
@@ -370,14 +422,20 @@ impl CoreLoop {
                     },
                 );
             }
-            Err(errno) => self.finish_task(index, Err(TaskError::Connect(errno))),
+            Err(errno) => self.finish(index, Err(TaskError::Connect(errno))),
         }
     }
 
     /// Part of the request's head (or in-memory body) went out: send the
     /// rest, then the file body, then wait for the response.
-    fn on_task_send(&mut self, index: u32, buf: Vec<u8>, result: Result<usize, i32>) {
-        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
+    fn on_send(
+        &mut self,
+        driver: &mut Driver,
+        index: u32,
+        buf: Vec<u8>,
+        result: Result<usize, i32>,
+    ) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
         };
         let fd = Rc::clone(&slot.fd);
@@ -403,16 +461,22 @@ impl CoreLoop {
                         flags: 0,
                     }
                 };
-                self.submit_task_op(index, op);
+                self.submit_op(driver, index, op);
             }
-            Err(errno) => self.finish_task(index, Err(TaskError::Io(errno))),
+            Err(errno) => self.finish(index, Err(TaskError::Io(errno))),
         }
     }
 
     /// A splice of the file body finished (file -> pipe or pipe -> socket):
     /// the next one, or the response once the body is out.
-    fn on_task_splice(&mut self, index: u32, pipe: Pipe, result: Result<usize, i32>) {
-        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
+    fn on_splice(
+        &mut self,
+        driver: &mut Driver,
+        index: u32,
+        pipe: Pipe,
+        result: Result<usize, i32>,
+    ) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
         };
         let fd = Rc::clone(&slot.fd);
@@ -424,10 +488,11 @@ impl CoreLoop {
                 }
                 slot.pipe = Some(pipe);
                 match Self::next_body_op(slot) {
-                    Some(op) => self.submit_task_op(index, op),
+                    Some(op) => self.submit_op(driver, index, op),
                     None => {
                         slot.task.state = TaskState::Receiving;
-                        self.submit_task_op(
+                        self.submit_op(
+                            driver,
                             index,
                             Op::Recv {
                                 fd,
@@ -441,15 +506,21 @@ impl CoreLoop {
             // The file ended early (cut behind the store's back) or
             // the peer went away: the request cannot complete. A
             // pipe holding bytes is closed on drop, never reused.
-            Ok(_) => self.finish_task(index, Err(TaskError::Io(libc::EIO))),
-            Err(errno) => self.finish_task(index, Err(TaskError::Io(errno))),
+            Ok(_) => self.finish(index, Err(TaskError::Io(libc::EIO))),
+            Err(errno) => self.finish(index, Err(TaskError::Io(errno))),
         }
     }
 
     /// Response bytes came in: finish the task once the response is whole,
     /// or receive more.
-    fn on_task_recv(&mut self, index: u32, mut buf: Vec<u8>, result: Result<usize, i32>) {
-        let Some(slot) = self.tasks.get_mut(index as usize).and_then(Option::as_mut) else {
+    fn on_recv(
+        &mut self,
+        driver: &mut Driver,
+        index: u32,
+        mut buf: Vec<u8>,
+        result: Result<usize, i32>,
+    ) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
         };
         match result {
@@ -460,16 +531,17 @@ impl CoreLoop {
                 // last for it to go back to the pool: no clone is held while
                 // the task finishes.
                 if let Some(outcome) = slot.task.response(eof) {
-                    self.finish_task(index, outcome);
+                    self.finish(index, outcome);
                 } else if slot.task.received.len() > slot.task.request.response_bytes_max {
-                    self.finish_task(
+                    self.finish(
                         index,
                         Err(TaskError::BadResponse("response over the size bound")),
                     );
                 } else {
                     buf.clear();
                     let fd = Rc::clone(&slot.fd);
-                    self.submit_task_op(
+                    self.submit_op(
+                        driver,
                         index,
                         Op::Recv {
                             fd,
@@ -479,7 +551,7 @@ impl CoreLoop {
                     );
                 }
             }
-            Err(errno) => self.finish_task(index, Err(TaskError::Io(errno))),
+            Err(errno) => self.finish(index, Err(TaskError::Io(errno))),
         }
     }
 }
