@@ -546,7 +546,7 @@ pub fn check_outbox_record(data: &[u8]) {
 /// answer `verify` accepts has a body that hashes to what it returns (so nothing unchecked is
 /// ever stored), and under `cas` the key it was asked for is that hash.
 pub fn check_peer_get_response(data: &[u8]) {
-    use crate::engine::task::parse_response;
+    use crate::outgoing::parse_response;
     use crate::replication::read_through::verify;
     use sha2::{Digest, Sha256};
     for eof in [false, true] {

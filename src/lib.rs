@@ -16,6 +16,7 @@ pub mod http1;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod outgoing;
 pub mod pressure;
 pub mod replication;
 pub mod route;

@@ -11,7 +11,7 @@
 //!
 //! - a chunk of a body the page cache does not hold (`residency`) is read
 //!   by this core's reader thread into memory and sent from there;
-//! - cold opens go to the opener thread ([`super::cold`]), uploads are
+//! - cold opens go to the opener thread ([`super::opener`]), uploads are
 //!   published on the publisher thread ([`super::publish`]), as on the ring.
 //!
 //! TLS and HTTP/2 are handed, untouched, to the fallback, as on the ring.
@@ -25,28 +25,28 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rustix::event::epoll;
 use rustix::io::Errno;
 use rustix::net::{RecvFlags, SendFlags};
 use sluice_uring::residency::{residency, Residency};
-use sluice_uring::Waker;
+use sluice_uring::{Token, Waker};
 
 use super::conn::{Conn, ConnLimits, Next, PEEK_AGAIN_MS};
 use super::offload::Offload;
-use super::ring::{DrainCutter, PUMP_BYTES_PER_TURN, TICK_MS};
-use super::{cold, publish};
+use super::threads::{
+    CoreShared, CoreThreads, DrainCutter, StopSignal, OPEN_FILES_PER_CORE_MAX,
+    OPEN_FILES_SWEEP_TICKS, PUMP_BYTES_PER_TURN, TICK_MS,
+};
+use super::{opener, publish};
 use crate::address_cap::AddressCap;
 use crate::app::App;
 use crate::fallback::Fallback;
 use crate::store::OpenCache;
 
-const TOKEN_LISTENER: u64 = u64::MAX;
-const TOKEN_WAKER: u64 = u64::MAX - 1;
 /// Events taken from the kernel per `epoll_wait`.
 const EVENTS_PER_WAIT: usize = 256;
 /// Connections accepted per listener wake-up before the others get a turn.
@@ -57,10 +57,6 @@ const SENDFILE_BYTES: usize = 2 << 20;
 const COLD_READ_BYTES: u64 = 1 << 20;
 /// Cold reads queued per core; past it a body waits for the next tick.
 const COLD_QUEUE_MAX: usize = 64;
-/// Open-file cache entries per core (as on the ring).
-const OPEN_FILES_PER_CORE: usize = 1024;
-/// The open-file cache is swept every this many ticks.
-const OPEN_FILES_SWEEP_TICKS: u64 = 10;
 
 /// What the engine threads need from the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -87,11 +83,7 @@ pub struct EpollStats {
 
 /// The running epoll engine threads.
 pub struct EpollEngine {
-    threads: Vec<JoinHandle<()>>,
-    wakers: Vec<Waker>,
-    stop: Arc<AtomicBool>,
-    drain_ms: Arc<AtomicU64>,
-    cut: Arc<AtomicBool>,
+    threads: CoreThreads,
     pub stats: Arc<Vec<EpollStats>>,
 }
 
@@ -104,83 +96,39 @@ impl EpollEngine {
         app: &Arc<App>,
         fallback: &Arc<Fallback>,
     ) -> std::io::Result<EpollEngine> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let drain_ms = Arc::new(AtomicU64::new(0));
-        let cut = Arc::new(AtomicBool::new(false));
-        let stats: Arc<Vec<EpollStats>> = Arc::new(
-            (0..listeners.len())
-                .map(|_| EpollStats::default())
-                .collect(),
-        );
-        let mut engine = EpollEngine {
-            threads: Vec::new(),
-            wakers: Vec::new(),
-            stop,
-            drain_ms,
-            cut,
-            stats,
-        };
-        for (core, listener) in listeners.into_iter().enumerate() {
-            // The loop holds `Rc`s: it is built on its own thread, which
-            // reports its waker (or why it could not start) back here.
-            let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-            let shared = Shared {
-                app: Arc::clone(app),
-                fallback: Arc::clone(fallback),
-                stats: Arc::clone(&engine.stats),
-                stop: Arc::clone(&engine.stop),
-                drain_ms: Arc::clone(&engine.drain_ms),
-                cut: Arc::clone(&engine.cut),
-            };
-            let spawned = std::thread::Builder::new()
-                .name(format!("sluice-epoll-{core}"))
-                .spawn(
-                    move || match CoreLoop::new(core, settings, listener, shared) {
-                        Ok(mut core_loop) => {
-                            let _ = ready_tx.send(Ok(core_loop.waker.clone()));
-                            core_loop.run();
-                        }
-                        Err(err) => {
-                            let _ = ready_tx.send(Err(err));
-                        }
-                    },
-                );
-            let started = match spawned {
-                Ok(thread) => {
-                    engine.threads.push(thread);
-                    ready_rx.recv().unwrap_or_else(|_| {
-                        Err(std::io::Error::other("epoll thread exited during set-up"))
-                    })
-                }
-                Err(err) => Err(err),
-            };
-            match started {
-                Ok(waker) => engine.wakers.push(waker),
-                Err(err) => {
-                    engine.shutdown(Duration::ZERO);
-                    return Err(err);
-                }
-            }
-        }
-        Ok(engine)
+        let seeds = vec![(); listeners.len()];
+        let (threads, stats, _) = CoreThreads::start(
+            ("sluice-epoll", "epoll"),
+            listeners,
+            seeds,
+            app,
+            fallback,
+            move |core, listener, (), shared, ready| {
+                let mut core_loop = match CoreLoop::new(core, settings, listener, shared) {
+                    Ok(core_loop) => core_loop,
+                    Err(err) => return ready.failed(err),
+                };
+                ready.ready(core_loop.waker.clone(), ());
+                core_loop.run();
+            },
+        )?;
+        Ok(EpollEngine { threads, stats })
     }
 
     /// A handle that ends a drain in progress at once (a second SIGTERM).
     pub fn drain_cutter(&self) -> DrainCutter {
-        DrainCutter(Arc::clone(&self.cut))
+        self.threads.drain_cutter()
     }
 
     /// Stop accepting, let in-flight requests finish within `drain`, then
     /// close what is left and join the threads.
     pub fn shutdown(mut self, drain: Duration) {
-        let ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX);
-        self.drain_ms.store(ms.max(1), Ordering::SeqCst);
-        super::stop_and_join(&self.stop, &self.wakers, &mut self.threads);
+        self.threads.stop(drain, Duration::ZERO);
     }
 
     /// Append the engine's series in the Prometheus text format.
     pub fn render_metrics(stats: &[EpollStats], out: &mut String) {
-        let series: [super::CoreSeries<EpollStats>; 10] = [
+        let series: [super::threads::CoreSeries<EpollStats>; 10] = [
             ("sluice_epoll_accepted_total", "counter", "Connections accepted by the epoll engine.", |s| s.accepted_total.load(Ordering::Relaxed)),
             ("sluice_epoll_connections", "gauge", "Connections the epoll engine holds.", |s| s.connections.load(Ordering::Relaxed)),
             ("sluice_epoll_handed_off_total", "counter", "Connections handed to the fallback (TLS, HTTP/2, or the engine full).", |s| s.handed_off_total.load(Ordering::Relaxed)),
@@ -192,18 +140,8 @@ impl EpollEngine {
             ("sluice_epoll_cold_reads_total", "counter", "Body chunks read off the engine thread because the page cache did not hold them.", |s| s.cold_reads_total.load(Ordering::Relaxed)),
             ("sluice_epoll_cold_read_bytes_total", "counter", "Bytes of those reads.", |s| s.cold_read_bytes_total.load(Ordering::Relaxed)),
         ];
-        super::render_per_core(&series, stats, out);
+        super::threads::render_per_core(&series, stats, out);
     }
-}
-
-/// What every engine thread shares.
-struct Shared {
-    app: Arc<App>,
-    fallback: Arc<Fallback>,
-    stats: Arc<Vec<EpollStats>>,
-    stop: Arc<AtomicBool>,
-    drain_ms: Arc<AtomicU64>,
-    cut: Arc<AtomicBool>,
 }
 
 /// A chunk of a cold body, read by the reader thread.
@@ -280,12 +218,10 @@ struct CoreLoop {
     /// Connections in the `PeekAgain` pause: (until, index, generation).
     peek_timers: Vec<(Instant, u32, u32)>,
     publisher: publish::Publisher,
-    opener: cold::Opener,
+    opener: opener::Opener,
     reader: Offload<ReadJob, ReadDone>,
     stats: Arc<Vec<EpollStats>>,
-    stop: Arc<AtomicBool>,
-    drain_ms: Arc<AtomicU64>,
-    cut: Arc<AtomicBool>,
+    signal: Arc<StopSignal>,
     ticks: u64,
 }
 
@@ -298,7 +234,7 @@ impl CoreLoop {
         core: usize,
         settings: EpollSettings,
         listener: TcpListener,
-        shared: Shared,
+        shared: CoreShared<EpollStats>,
     ) -> std::io::Result<CoreLoop> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let eventfd = Arc::new(rustix::event::eventfd(
@@ -310,13 +246,13 @@ impl CoreLoop {
         epoll::add(
             &epoll,
             &listener,
-            epoll::EventData::new_u64(TOKEN_LISTENER),
+            epoll::EventData::new_u64(Token::Listener.pack()),
             epoll::EventFlags::IN,
         )?;
         epoll::add(
             &epoll,
             &*eventfd,
-            epoll::EventData::new_u64(TOKEN_WAKER),
+            epoll::EventData::new_u64(Token::Waker.pack()),
             epoll::EventFlags::IN,
         )?;
         let max = settings.connections_per_core_max.max(1);
@@ -345,12 +281,12 @@ impl CoreLoop {
             accepting: true,
             eventfd,
             publisher: publish::start(core, waker.clone())?,
-            opener: cold::start(core, waker.clone(), Arc::clone(&shared.app))?,
+            opener: opener::start(core, waker.clone(), Arc::clone(&shared.app))?,
             reader,
             waker,
             app: shared.app,
             fallback: shared.fallback,
-            files: Rc::new(RefCell::new(OpenCache::new(OPEN_FILES_PER_CORE))),
+            files: Rc::new(RefCell::new(OpenCache::new(OPEN_FILES_PER_CORE_MAX))),
             slots: (0..max).map(|_| None).collect(),
             free: (0..max as u32).rev().collect(),
             generation: 0,
@@ -358,9 +294,7 @@ impl CoreLoop {
             ready: VecDeque::new(),
             peek_timers: Vec::new(),
             stats: shared.stats,
-            stop: shared.stop,
-            drain_ms: shared.drain_ms,
-            cut: shared.cut,
+            signal: shared.signal,
             ticks: 0,
         })
     }
@@ -400,13 +334,17 @@ impl CoreLoop {
                 }
             }
             for event in &events {
-                match event.data.u64() {
-                    TOKEN_LISTENER => self.accept(),
-                    TOKEN_WAKER => {
+                match Token::unpack(event.data.u64()) {
+                    Token::Listener => self.accept(),
+                    Token::Waker => {
                         let mut counter = [0u8; 8];
                         let _ = rustix::io::read(&*self.eventfd, &mut counter[..]);
                     }
-                    token => self.on_ready(token, event.flags),
+                    Token::Conn { slot, generation } => {
+                        self.on_ready(slot, generation, event.flags)
+                    }
+                    // Never registered in an epoll set.
+                    Token::ReadAhead | Token::Task { .. } => {}
                 }
             }
             self.take_offloaded();
@@ -414,9 +352,8 @@ impl CoreLoop {
             let now = Instant::now();
             self.wake_peekers(now);
 
-            if self.stop.load(Ordering::SeqCst) && drain_until.is_none() {
-                drain_until =
-                    Some(now + Duration::from_millis(self.drain_ms.load(Ordering::SeqCst)));
+            if self.signal.stopping() && drain_until.is_none() {
+                drain_until = Some(now + self.signal.drain_budget());
                 self.stop_accepting();
                 self.expire(now, true);
             }
@@ -426,7 +363,7 @@ impl CoreLoop {
             }
             if let Some(until) = drain_until {
                 let live = self.slots.iter().filter(|s| s.is_some()).count();
-                if live == 0 || now >= until || self.cut.load(Ordering::SeqCst) {
+                if live == 0 || now >= until || self.signal.is_cut() {
                     break;
                 }
             }
@@ -450,7 +387,7 @@ impl CoreLoop {
             if epoll::add(
                 &self.epoll,
                 &self.listener,
-                epoll::EventData::new_u64(TOKEN_LISTENER),
+                epoll::EventData::new_u64(Token::Listener.pack()),
                 epoll::EventFlags::IN,
             )
             .is_ok()
@@ -591,8 +528,12 @@ impl CoreLoop {
             self.free.push(index);
             return;
         }
-        self.generation = self.generation.wrapping_add(1).max(1);
-        let token = u64::from(index) << 32 | u64::from(self.generation);
+        self.generation = Token::next_generation(self.generation);
+        let token = Token::Conn {
+            slot: index,
+            generation: self.generation,
+        }
+        .pack();
         let flags = epoll::EventFlags::IN
             | epoll::EventFlags::OUT
             | epoll::EventFlags::RDHUP
@@ -629,10 +570,7 @@ impl CoreLoop {
     }
 
     fn hand_off(&mut self, stream: TcpStream) {
-        let peer = stream
-            .peer_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        match self.fallback.handoff(stream, peer) {
+        match super::threads::hand_to_fallback(&self.fallback, stream) {
             Ok(()) => {
                 if let Some(s) = self.stats() {
                     s.handed_off_total.fetch_add(1, Ordering::Relaxed);
@@ -660,9 +598,7 @@ impl CoreLoop {
     }
 
     /// A readiness event for a connection: retry what it waits for.
-    fn on_ready(&mut self, token: u64, flags: epoll::EventFlags) {
-        let index = (token >> 32) as u32;
-        let generation = token as u32;
+    fn on_ready(&mut self, index: u32, generation: u32, flags: epoll::EventFlags) {
         if !self.live(index, generation) {
             return;
         }
@@ -705,37 +641,17 @@ impl CoreLoop {
     /// cold reads.
     fn take_offloaded(&mut self) {
         while let Some(done) = self.publisher.try_done() {
-            if !self.live(done.index, done.generation) {
-                continue;
-            }
-            let Some(slot) = self.slots[done.index as usize].as_mut() else {
-                continue;
-            };
-            slot.wait = Wait::Idle;
-            let next = slot.conn.on_published(done.reply);
-            self.drive(done.index, next);
+            self.resume(done.index, done.generation, |conn| {
+                conn.on_published(done.reply)
+            });
         }
         while let Some(done) = self.opener.try_done() {
-            if !self.live(done.index, done.generation) {
-                continue;
-            }
-            let Some(slot) = self.slots[done.index as usize].as_mut() else {
-                continue;
-            };
-            slot.wait = Wait::Idle;
-            let next = slot.conn.on_opened(Instant::now());
-            self.drive(done.index, next);
+            self.resume(done.index, done.generation, |conn| {
+                conn.on_opened(Instant::now())
+            });
         }
         while let Ok((index, generation)) = self.fetched_rx.try_recv() {
-            if !self.live(index, generation) {
-                continue;
-            }
-            let Some(slot) = self.slots[index as usize].as_mut() else {
-                continue;
-            };
-            slot.wait = Wait::Idle;
-            let next = slot.conn.on_fetched(Instant::now());
-            self.drive(index, next);
+            self.resume(index, generation, |conn| conn.on_fetched(Instant::now()));
         }
         while let Some(done) = self.reader.try_done() {
             if !self.live(done.index, done.generation) {
@@ -761,6 +677,20 @@ impl CoreLoop {
         }
     }
 
+    /// A thread of this core finished what connection `index` waited for:
+    /// its wait ends, it decides (`decide`) and goes on, unless it is gone.
+    fn resume(&mut self, index: u32, generation: u32, decide: impl FnOnce(&mut Conn) -> Next) {
+        if !self.live(index, generation) {
+            return;
+        }
+        let Some(slot) = self.slots[index as usize].as_mut() else {
+            return;
+        };
+        slot.wait = Wait::Idle;
+        let next = decide(&mut slot.conn);
+        self.drive(index, next);
+    }
+
     fn run_ready(&mut self) {
         for _ in 0..self.ready.len() {
             let Some((index, generation)) = self.ready.pop_front() else {
@@ -778,225 +708,277 @@ impl CoreLoop {
         }
     }
 
-    /// Carry out what the connection asks for, until it must wait.
+    /// Carry out what the connection asks for, until it must wait: the one
+    /// place that turns a connection's [`Next`] into syscalls. Each step
+    /// returns the next, or `None` once the connection waits (for
+    /// readiness, a timer, a thread of this core) or is gone.
     fn drive(&mut self, index: u32, first: Next) {
         let mut next = first;
+        // File bytes moved this turn, bounded by PUMP_BYTES_PER_TURN.
         let mut moved = 0u64;
         loop {
-            let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
-                return;
-            };
             let now = Instant::now();
-            next = match next {
-                Next::Peek => {
-                    let mut buf = [0u8; 16];
-                    let want = Conn::peek_buf_bytes().min(buf.len());
-                    match rustix::net::recv(&slot.stream, &mut buf[..want], RecvFlags::PEEK) {
-                        Ok((n, _)) => slot.conn.on_peek(&buf[..n], now),
-                        Err(Errno::AGAIN) => {
-                            slot.wait = Wait::Peek;
-                            return;
-                        }
-                        Err(Errno::INTR) => Next::Peek,
-                        Err(_) => slot.conn.on_peek(&[], now),
-                    }
-                }
-                Next::PeekAgain => {
-                    let at = now + Duration::from_millis(PEEK_AGAIN_MS);
-                    slot.wait = Wait::PeekAt;
-                    self.peek_timers.push((at, index, slot.generation));
-                    return;
-                }
-                Next::Recv | Next::Linger => {
-                    if next == Next::Linger {
-                        let _ = rustix::net::shutdown(&slot.stream, rustix::net::Shutdown::Write);
-                    }
-                    let mut buf = slot.conn.take_read_buf();
-                    let result = rustix::net::recv(
-                        &slot.stream,
-                        rustix::buffer::spare_capacity(&mut buf),
-                        RecvFlags::empty(),
-                    );
-                    match result {
-                        Ok((n, _)) => slot.conn.on_recv(buf, Ok(n), now),
-                        Err(Errno::AGAIN) => {
-                            slot.wait = Wait::Recv(buf);
-                            return;
-                        }
-                        Err(e) => slot.conn.on_recv(buf, Err(errno_of(e)), now),
-                    }
-                }
-                Next::Send { more } => {
-                    let buf = slot.conn.take_out_buf();
-                    let from = slot.conn.out_sent().min(buf.len());
-                    let mut flags = SendFlags::NOSIGNAL;
-                    if more {
-                        flags |= SendFlags::MORE;
-                    }
-                    match rustix::net::send(&slot.stream, &buf[from..], flags) {
-                        Ok(n) => slot.conn.on_sent(buf, Ok(n), now),
-                        Err(Errno::AGAIN) => {
-                            slot.wait = Wait::Send { buf };
-                            return;
-                        }
-                        Err(e) => slot.conn.on_sent(buf, Err(errno_of(e)), now),
-                    }
-                }
+            let step = match next {
+                Next::Peek => self.peek(index, now),
+                Next::PeekAgain => self.peek_again(index, now),
+                Next::Recv => self.recv(index, false, now),
+                Next::Linger => self.recv(index, true, now),
+                Next::Send { more } => self.send(index, more, now),
                 Next::SendFile { offset, len } => {
-                    if moved >= PUMP_BYTES_PER_TURN {
-                        // Enough for one turn: the others go first.
-                        slot.wait = Wait::Ready(Next::SendFile { offset, len });
-                        self.ready.push_back((index, slot.generation));
-                        return;
-                    }
-                    if slot.file.is_none() {
-                        slot.resident_until = 0;
-                        slot.file = slot
-                            .conn
-                            .take_file()
-                            .and_then(|a| a.into_file().ok())
-                            .map(Arc::new);
-                        // Corked while the body goes, as nginx's tcp_nopush
-                        // around sendfile: whole segments, one push at the end.
-                        slot.corked =
-                            rustix::net::sockopt::set_tcp_cork(&slot.stream, true).is_ok();
-                    }
-                    let Some(file) = slot.file.clone() else {
-                        self.close(index);
-                        return;
-                    };
-                    let chunk = len.min(SENDFILE_BYTES as u64);
-                    let known_resident = offset + chunk <= slot.resident_until;
-                    if !known_resident && residency(&*file, offset, chunk) == Residency::NotResident
-                    {
-                        // The disk would block this thread in sendfile: the
-                        // reader thread reads the chunk, then it is sent.
-                        let job = ReadJob {
-                            index,
-                            generation: slot.generation,
-                            file,
-                            offset,
-                            len: len.min(COLD_READ_BYTES),
-                        };
-                        match self.reader.submit(job) {
-                            Ok(()) => {
-                                slot.wait = Wait::Offloaded;
-                                if let Some(s) = self.stats.get(self.core) {
-                                    s.cold_reads_total.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            Err(_) => {
-                                // The reader is COLD_QUEUE_MAX chunks behind:
-                                // try again at the next turn.
-                                slot.wait = Wait::Ready(Next::SendFile { offset, len });
-                                self.ready.push_back((index, slot.generation));
-                            }
-                        }
-                        return;
-                    }
-                    slot.resident_until = slot.resident_until.max(offset + chunk);
-                    let mut at = offset;
-                    match rustix::fs::sendfile(&slot.stream, &*file, Some(&mut at), chunk as usize)
-                    {
-                        Ok(n) => {
-                            moved += n as u64;
-                            if let Some(s) = self.stats.get(self.core) {
-                                s.sendfile_bytes_total
-                                    .fetch_add(n as u64, Ordering::Relaxed);
-                            }
-                            let next = slot.conn.on_file_sent(Ok(n as u64), now);
-                            if !matches!(next, Next::SendFile { .. }) {
-                                uncork(slot);
-                            }
-                            next
-                        }
-                        Err(Errno::AGAIN) => {
-                            slot.wait = Wait::File { offset, len };
-                            return;
-                        }
-                        Err(Errno::INTR) => Next::SendFile { offset, len },
-                        Err(e) => {
-                            uncork(slot);
-                            slot.conn.on_file_sent(Err(errno_of(e)), now)
-                        }
-                    }
+                    self.send_file(index, offset, len, &mut moved, now)
                 }
-                Next::Handoff => {
-                    if let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::take) {
-                        self.free.push(index);
-                        if let Some(ip) = slot.ip {
-                            self.per_ip.remove(ip);
-                        }
-                        let _ = epoll::delete(&self.epoll, &slot.stream);
-                        self.hand_off(slot.stream);
-                    }
-                    return;
-                }
-                Next::Publish => {
-                    let Some(sink) = slot.conn.take_publish() else {
-                        self.close(index);
-                        return;
-                    };
-                    let job = publish::Job {
-                        index,
-                        generation: slot.generation,
-                        sink: Box::new(sink),
-                    };
-                    match self.publisher.submit(job) {
-                        Ok(()) => {
-                            slot.wait = Wait::Offloaded;
-                            return;
-                        }
-                        // The publisher is PUBLISH_QUEUE_MAX uploads behind:
-                        // publish here rather than queue without bound.
-                        Err(job) => slot.conn.on_published(job.sink.finish()),
-                    }
-                }
-                Next::Open { namespace, key } => {
-                    let job = cold::Job {
-                        index,
-                        generation: slot.generation,
-                        namespace,
-                        key,
-                    };
-                    if let Some(s) = self.stats.get(self.core) {
-                        s.cold_opens_total.fetch_add(1, Ordering::Relaxed);
-                    }
-                    match self.opener.submit(job) {
-                        Ok(()) => {
-                            slot.wait = Wait::Offloaded;
-                            return;
-                        }
-                        Err(_) => slot.conn.open_here(now),
-                    }
-                }
-                Next::Fetch { namespace, key } => {
-                    let Some(rt) = self.app.read_through().cloned() else {
-                        next = slot.conn.on_fetched(now);
-                        continue;
-                    };
-                    // Waiting on the peers, not the client: no deadline
-                    // applies (the read-through ends every fetch within
-                    // read_through_timeout_ms).
-                    slot.wait = Wait::Offloaded;
-                    let (tx, waker, generation) =
-                        (self.fetched_tx.clone(), self.waker.clone(), slot.generation);
-                    rt.request(
-                        &namespace,
-                        &key,
-                        Box::new(move || {
-                            let _ = tx.send((index, generation));
-                            waker.wake();
-                        }),
-                    );
-                    return;
-                }
+                Next::Handoff => self.hand_off_slot(index),
+                Next::Publish => self.publish(index),
+                Next::Open { namespace, key } => self.open(index, namespace, key, now),
+                Next::Fetch { namespace, key } => self.fetch(index, namespace, key, now),
                 Next::Close => {
                     self.close(index);
-                    return;
+                    None
                 }
             };
+            match step {
+                Some(step) => next = step,
+                None => return,
+            }
         }
+    }
+
+    /// Peek at the first bytes (`MSG_PEEK`, nothing consumed): TLS and h2c
+    /// go to the fallback untouched.
+    fn peek(&mut self, index: u32, now: Instant) -> Option<Next> {
+        let slot = slot_mut(&mut self.slots, index)?;
+        let mut buf = [0u8; 16];
+        let want = Conn::peek_buf_bytes().min(buf.len());
+        match rustix::net::recv(&slot.stream, &mut buf[..want], RecvFlags::PEEK) {
+            Ok((n, _)) => Some(slot.conn.on_peek(&buf[..n], now)),
+            Err(Errno::AGAIN) => {
+                slot.wait = Wait::Peek;
+                None
+            }
+            Err(Errno::INTR) => Some(Next::Peek),
+            Err(_) => Some(slot.conn.on_peek(&[], now)),
+        }
+    }
+
+    /// Pause before peeking again (`wake_peekers` ends the pause).
+    fn peek_again(&mut self, index: u32, now: Instant) -> Option<Next> {
+        let slot = slot_mut(&mut self.slots, index)?;
+        let at = now + Duration::from_millis(PEEK_AGAIN_MS);
+        slot.wait = Wait::PeekAt;
+        self.peek_timers.push((at, index, slot.generation));
+        None
+    }
+
+    /// Receive more of the request. `linger`: the connection closes after
+    /// its response, so shut the write side and read (discarding) until
+    /// the client closes or the linger budget ends.
+    fn recv(&mut self, index: u32, linger: bool, now: Instant) -> Option<Next> {
+        let slot = slot_mut(&mut self.slots, index)?;
+        if linger {
+            let _ = rustix::net::shutdown(&slot.stream, rustix::net::Shutdown::Write);
+        }
+        let mut buf = slot.conn.take_read_buf();
+        let result = rustix::net::recv(
+            &slot.stream,
+            rustix::buffer::spare_capacity(&mut buf),
+            RecvFlags::empty(),
+        );
+        match result {
+            Ok((n, _)) => Some(slot.conn.on_recv(buf, Ok(n), now)),
+            Err(Errno::AGAIN) => {
+                slot.wait = Wait::Recv(buf);
+                None
+            }
+            Err(e) => Some(slot.conn.on_recv(buf, Err(errno_of(e)), now)),
+        }
+    }
+
+    /// Send the connection's output buffer (`more`: `MSG_MORE`, a body follows).
+    fn send(&mut self, index: u32, more: bool, now: Instant) -> Option<Next> {
+        let slot = slot_mut(&mut self.slots, index)?;
+        let buf = slot.conn.take_out_buf();
+        let from = slot.conn.out_sent().min(buf.len());
+        let mut flags = SendFlags::NOSIGNAL;
+        if more {
+            flags |= SendFlags::MORE;
+        }
+        match rustix::net::send(&slot.stream, &buf[from..], flags) {
+            Ok(n) => Some(slot.conn.on_sent(buf, Ok(n), now)),
+            Err(Errno::AGAIN) => {
+                slot.wait = Wait::Send { buf };
+                None
+            }
+            Err(e) => Some(slot.conn.on_sent(buf, Err(errno_of(e)), now)),
+        }
+    }
+
+    /// Send `len` bytes of the connection's artifact from `offset` by
+    /// `sendfile`, or hand a chunk the page cache lacks to the reader
+    /// thread. `moved` counts this turn's bytes: past PUMP_BYTES_PER_TURN
+    /// the connection waits for the next turn.
+    fn send_file(
+        &mut self,
+        index: u32,
+        offset: u64,
+        len: u64,
+        moved: &mut u64,
+        now: Instant,
+    ) -> Option<Next> {
+        let slot = slot_mut(&mut self.slots, index)?;
+        if *moved >= PUMP_BYTES_PER_TURN {
+            // Enough for one turn: the others go first.
+            slot.wait = Wait::Ready(Next::SendFile { offset, len });
+            self.ready.push_back((index, slot.generation));
+            return None;
+        }
+        if slot.file.is_none() {
+            slot.resident_until = 0;
+            slot.file = slot
+                .conn
+                .take_file()
+                .and_then(|a| a.into_file().ok())
+                .map(Arc::new);
+            // Corked while the body goes, as nginx's tcp_nopush
+            // around sendfile: whole segments, one push at the end.
+            slot.corked = rustix::net::sockopt::set_tcp_cork(&slot.stream, true).is_ok();
+        }
+        let Some(file) = slot.file.clone() else {
+            self.close(index);
+            return None;
+        };
+        let chunk = len.min(SENDFILE_BYTES as u64);
+        let known_resident = offset + chunk <= slot.resident_until;
+        if !known_resident && residency(&*file, offset, chunk) == Residency::NotResident {
+            // The disk would block this thread in sendfile: the
+            // reader thread reads the chunk, then it is sent.
+            let job = ReadJob {
+                index,
+                generation: slot.generation,
+                file,
+                offset,
+                len: len.min(COLD_READ_BYTES),
+            };
+            match self.reader.submit(job) {
+                Ok(()) => {
+                    slot.wait = Wait::Offloaded;
+                    if let Some(s) = self.stats.get(self.core) {
+                        s.cold_reads_total.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(_) => {
+                    // The reader is COLD_QUEUE_MAX chunks behind:
+                    // try again at the next turn.
+                    slot.wait = Wait::Ready(Next::SendFile { offset, len });
+                    self.ready.push_back((index, slot.generation));
+                }
+            }
+            return None;
+        }
+        slot.resident_until = slot.resident_until.max(offset + chunk);
+        let mut at = offset;
+        match rustix::fs::sendfile(&slot.stream, &*file, Some(&mut at), chunk as usize) {
+            Ok(n) => {
+                *moved += n as u64;
+                if let Some(s) = self.stats.get(self.core) {
+                    s.sendfile_bytes_total
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                let next = slot.conn.on_file_sent(Ok(n as u64), now);
+                if !matches!(next, Next::SendFile { .. }) {
+                    uncork(slot);
+                }
+                Some(next)
+            }
+            Err(Errno::AGAIN) => {
+                slot.wait = Wait::File { offset, len };
+                None
+            }
+            Err(Errno::INTR) => Some(Next::SendFile { offset, len }),
+            Err(e) => {
+                uncork(slot);
+                Some(slot.conn.on_file_sent(Err(errno_of(e)), now))
+            }
+        }
+    }
+
+    /// Give the socket to the fallback (TLS, h2c, over capacity).
+    fn hand_off_slot(&mut self, index: u32) -> Option<Next> {
+        if let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::take) {
+            self.free.push(index);
+            if let Some(ip) = slot.ip {
+                self.per_ip.remove(ip);
+            }
+            let _ = epoll::delete(&self.epoll, &slot.stream);
+            self.hand_off(slot.stream);
+        }
+        None
+    }
+
+    /// Hand a finished upload to this core's publisher thread (the fsync
+    /// happens there), or publish it here when the publisher is behind.
+    fn publish(&mut self, index: u32) -> Option<Next> {
+        let slot = slot_mut(&mut self.slots, index)?;
+        let Some(sink) = slot.conn.take_publish() else {
+            self.close(index);
+            return None;
+        };
+        let job = publish::Job {
+            index,
+            generation: slot.generation,
+            sink: Box::new(sink),
+        };
+        match self.publisher.submit(job) {
+            Ok(()) => {
+                slot.wait = Wait::Offloaded;
+                None
+            }
+            // The publisher is PUBLISH_QUEUE_MAX uploads behind:
+            // publish here rather than queue without bound.
+            Err(job) => Some(slot.conn.on_published(job.sink.finish())),
+        }
+    }
+
+    /// Hand a cold open to this core's opener thread, or open here when the
+    /// opener is behind.
+    fn open(&mut self, index: u32, namespace: String, key: String, now: Instant) -> Option<Next> {
+        let slot = slot_mut(&mut self.slots, index)?;
+        let job = opener::Job {
+            index,
+            generation: slot.generation,
+            namespace,
+            key,
+        };
+        if let Some(s) = self.stats.get(self.core) {
+            s.cold_opens_total.fetch_add(1, Ordering::Relaxed);
+        }
+        match self.opener.submit(job) {
+            Ok(()) => {
+                slot.wait = Wait::Offloaded;
+                None
+            }
+            Err(_) => Some(slot.conn.open_here(now)),
+        }
+    }
+
+    /// Ask the read-through (peers, then the tier) for a local miss; the
+    /// connection waits until `take_offloaded` hears it ended.
+    fn fetch(&mut self, index: u32, namespace: String, key: String, now: Instant) -> Option<Next> {
+        let slot = slot_mut(&mut self.slots, index)?;
+        let Some(rt) = self.app.read_through().cloned() else {
+            return Some(slot.conn.on_fetched(now));
+        };
+        // Waiting on the peers, not the client: no deadline
+        // applies (the read-through ends every fetch within
+        // read_through_timeout_ms).
+        slot.wait = Wait::Offloaded;
+        let waiter = super::threads::fetch_waiter(
+            self.fetched_tx.clone(),
+            self.waker.clone(),
+            index,
+            slot.generation,
+        );
+        rt.request(&namespace, &key, waiter);
+        None
     }
 
     /// Send what the reader read of a cold body; report it to the
@@ -1031,6 +1013,12 @@ impl CoreLoop {
         }
         self.drive(index, next);
     }
+}
+
+/// The connection in slot `index`, if any. A free function, not a method, so the
+/// caller can still use the loop's other fields while it holds the slot.
+fn slot_mut(slots: &mut [Option<Slot>], index: u32) -> Option<&mut Slot> {
+    slots.get_mut(index as usize).and_then(Option::as_mut)
 }
 
 fn uncork(slot: &mut Slot) {

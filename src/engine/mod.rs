@@ -10,21 +10,23 @@
 //! io_uring; `engine = "epoll"` never tries it; `engine = "fallback"` serves
 //! every connection through hyper.
 
-pub mod cold;
 pub mod conn;
 pub mod epoll;
 pub mod offload;
+pub mod opener;
 pub mod publish;
 pub mod ring;
-pub mod task;
+pub mod threads;
 
 use std::net::TcpListener;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::App;
 use crate::config::{Config, EngineChoice, FileServingMode as ConfigMode};
 use crate::fallback::Fallback;
+use crate::outgoing::{OutgoingRequest, Submit};
 use conn::ConnLimits;
 use epoll::{EpollEngine, EpollSettings};
 use ring::{EngineSettings, FileServingMode, RingEngine};
@@ -33,36 +35,6 @@ use ring::{EngineSettings, FileServingMode, RingEngine};
 pub const PIPES_PER_CORE_MAX: usize = 64;
 /// Size of each splice pipe, in bytes (clamped to `pipe-max-size`).
 pub const PIPE_BYTES: usize = 1024 * 1024;
-
-/// One per-core series of an engine: name, Prometheus type, help, and how to read it from
-/// one core's counters.
-pub type CoreSeries<S> = (&'static str, &'static str, &'static str, fn(&S) -> u64);
-
-/// Append per-core series in the Prometheus text format, one sample per core.
-pub fn render_per_core<S>(series: &[CoreSeries<S>], stats: &[S], out: &mut String) {
-    use std::fmt::Write as _;
-    for (name, kind, help, get) in series {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (core, s) in stats.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{core=\"{core}\"}} {}", get(s));
-        }
-    }
-}
-
-/// Tell the engine threads to stop, wake them, and wait for them.
-fn stop_and_join(
-    stop: &std::sync::atomic::AtomicBool,
-    wakers: &[sluice_uring::Waker],
-    threads: &mut Vec<std::thread::JoinHandle<()>>,
-) {
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    for waker in wakers {
-        waker.wake();
-    }
-    for thread in threads.drain(..) {
-        let _ = thread.join();
-    }
-}
 
 /// Handle on whatever accepts public connections.
 pub struct Engine {
@@ -79,7 +51,7 @@ impl Engine {
 
     /// Run an outgoing request on a ring (replication's building block).
     /// Without rings (fallback engine) the request comes back.
-    pub fn submit_task(&self, request: task::OutgoingRequest) -> Result<(), task::OutgoingRequest> {
+    pub fn submit_task(&self, request: OutgoingRequest) -> Result<(), OutgoingRequest> {
         match &self.ring {
             Some(ring) => ring.submit_task(request),
             None => Err(request),
@@ -87,12 +59,14 @@ impl Engine {
     }
 
     /// A handle for submitting tasks from another thread, when rings run.
-    pub fn task_submitter(&self) -> Option<ring::TaskSubmitter> {
-        self.ring.as_ref().map(RingEngine::submitter)
+    pub fn task_submitter(&self) -> Option<Arc<dyn Submit>> {
+        self.ring
+            .as_ref()
+            .map(|ring| Arc::new(ring.submitter()) as Arc<dyn Submit>)
     }
 
     /// A handle that ends a drain in progress at once (a second SIGTERM).
-    pub fn drain_cutter(&self) -> Option<ring::DrainCutter> {
+    pub fn drain_cutter(&self) -> Option<threads::DrainCutter> {
         match (&self.ring, &self.epoll) {
             (Some(ring), _) => Some(ring.drain_cutter()),
             (None, Some(epoll)) => Some(epoll.drain_cutter()),
@@ -200,8 +174,7 @@ pub fn start(
         }
         None => start_ring(config, app, fallback, &listeners),
     };
-    let mut epoll = None;
-    let (description, ring) = match ring {
+    let (description, ring, epoll) = match ring {
         Ok(ring) => {
             let threads = listeners.len();
             let mut d = format!(
@@ -215,82 +188,125 @@ pub fn start(
             }
             // The ring threads own clones of these.
             drop(listeners);
-            (d, Some(ring))
+            let stats = Arc::clone(&ring.stats);
+            app.add_metrics_source(move |out| RingEngine::render_metrics(&stats, out));
+            (d, Some(ring), None)
         }
         Err(reason) => {
-            if config.engine == EngineChoice::Uring {
-                return Err(std::io::Error::other(reason));
-            }
-            if config.engine == EngineChoice::Fallback {
-                tracing::info!("serving every connection through the fallback: {reason}");
-                for listener in listeners {
-                    fallback.serve_listener(listener)?;
-                }
-                (
-                    format!("fallback (hyper) serves every connection: {reason}"),
-                    None,
-                )
-            } else {
-                let threads = listeners.len();
-                let started = EpollEngine::start(epoll_settings(config), listeners, app, fallback)?;
-                if config.engine == EngineChoice::Auto {
-                    tracing::warn!(
-                        "io_uring unavailable, serving plaintext HTTP/1 on epoll threads: {reason}"
-                    );
-                }
-                let stats = Arc::clone(&started.stats);
-                app.add_metrics_source(move |out| EpollEngine::render_metrics(&stats, out));
-                epoll = Some(started);
-                (
-                    format!(
-                        "epoll: {threads} thread(s), sendfile file serving (TLS and HTTP/2 on the fallback): {reason}"
-                    ),
-                    None,
-                )
-            }
+            let (d, epoll) = start_without_ring(config, app, fallback, listeners, reason)?;
+            (d, None, epoll)
         }
     };
-    {
-        let status = description.clone();
-        let uring = ring.is_some();
-        let stats = ring.as_ref().map(|r| Arc::clone(&r.stats));
-        let epoll_stats = epoll.as_ref().map(|e| Arc::clone(&e.stats));
-        let residency_known = sluice_uring::residency::supported();
-        app.add_status_source(move || {
-            let mut engine = serde_json::json!({ "io_uring": uring, "mode": status });
-            if let Some(stats) = &stats {
-                let sum = |get: fn(&ring::CoreStats) -> u64| stats.iter().map(get).sum::<u64>();
-                use std::sync::atomic::Ordering::Relaxed;
-                engine["cold"] = serde_json::json!({
-                    "page_cache_residency_known": residency_known,
-                    "opens_total": sum(|s| s.cold_opens_total.load(Relaxed)),
-                    "reads_total": sum(|s| s.cold_reads_total.load(Relaxed)),
-                    "read_bytes_total": sum(|s| s.cold_read_bytes_total.load(Relaxed)),
-                    "wait_seconds_total": sum(|s| s.cold_wait_us_total.load(Relaxed)) as f64 / 1e6,
-                    "iowq_workers_max_per_ring": stats.first().map_or(0, |s| s.iowq_workers_max.load(Relaxed)),
-                });
-            }
-            if let Some(stats) = &epoll_stats {
-                use std::sync::atomic::Ordering::Relaxed;
-                let sum = |get: fn(&epoll::EpollStats) -> u64| stats.iter().map(get).sum::<u64>();
-                engine["cold"] = serde_json::json!({
-                    "page_cache_residency_known": residency_known,
-                    "opens_total": sum(|s| s.cold_opens_total.load(Relaxed)),
-                    "reads_total": sum(|s| s.cold_reads_total.load(Relaxed)),
-                    "read_bytes_total": sum(|s| s.cold_read_bytes_total.load(Relaxed)),
-                });
-            }
-            ("engine".to_string(), engine)
-        });
-    }
-    if let Some(ring) = &ring {
-        let stats = Arc::clone(&ring.stats);
-        app.add_metrics_source(move |out| RingEngine::render_metrics(&stats, out));
-    }
+    add_status_source(app, &description, ring.as_ref(), epoll.as_ref());
     Ok(Engine {
         description,
         ring,
         epoll,
+    })
+}
+
+/// Serve plaintext HTTP/1 on epoll threads, or (`engine = "fallback"`) every connection
+/// through the fallback, because rings do not run (`reason`). Returns what `/status` says.
+fn start_without_ring(
+    config: &Config,
+    app: &Arc<App>,
+    fallback: &Arc<Fallback>,
+    listeners: Vec<TcpListener>,
+    reason: String,
+) -> std::io::Result<(String, Option<EpollEngine>)> {
+    if config.engine == EngineChoice::Uring {
+        return Err(std::io::Error::other(reason));
+    }
+    if config.engine == EngineChoice::Fallback {
+        tracing::info!("serving every connection through the fallback: {reason}");
+        for listener in listeners {
+            fallback.serve_listener(listener)?;
+        }
+        return Ok((
+            format!("fallback (hyper) serves every connection: {reason}"),
+            None,
+        ));
+    }
+    let threads = listeners.len();
+    let started = EpollEngine::start(epoll_settings(config), listeners, app, fallback)?;
+    if config.engine == EngineChoice::Auto {
+        tracing::warn!("io_uring unavailable, serving plaintext HTTP/1 on epoll threads: {reason}");
+    }
+    let stats = Arc::clone(&started.stats);
+    app.add_metrics_source(move |out| EpollEngine::render_metrics(&stats, out));
+    Ok((
+        format!(
+            "epoll: {threads} thread(s), sendfile file serving (TLS and HTTP/2 on the fallback): {reason}"
+        ),
+        Some(started),
+    ))
+}
+
+/// `/status`'s `engine` entry: which path serves plaintext, and the cold path's counters
+/// of the engine that runs.
+fn add_status_source(
+    app: &App,
+    description: &str,
+    ring: Option<&RingEngine>,
+    epoll: Option<&EpollEngine>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let status = description.to_string();
+    let uring = ring.is_some();
+    let stats = ring.map(|r| Arc::clone(&r.stats));
+    let epoll_stats = epoll.map(|e| Arc::clone(&e.stats));
+    let residency_known = sluice_uring::residency::supported();
+    app.add_status_source(move || {
+        let mut engine = serde_json::json!({ "io_uring": uring, "mode": status });
+        if let Some(stats) = &stats {
+            let mut cold = cold_status(stats, residency_known, |s| {
+                [
+                    &s.cold_opens_total,
+                    &s.cold_reads_total,
+                    &s.cold_read_bytes_total,
+                ]
+            });
+            let wait_us: u64 = stats
+                .iter()
+                .map(|s| s.cold_wait_us_total.load(Relaxed))
+                .sum();
+            cold["wait_seconds_total"] = serde_json::json!(wait_us as f64 / 1e6);
+            cold["iowq_workers_max_per_ring"] = serde_json::json!(stats
+                .first()
+                .map_or(0, |s| s.iowq_workers_max.load(Relaxed)));
+            engine["cold"] = cold;
+        }
+        if let Some(stats) = &epoll_stats {
+            engine["cold"] = cold_status(stats, residency_known, |s| {
+                [
+                    &s.cold_opens_total,
+                    &s.cold_reads_total,
+                    &s.cold_read_bytes_total,
+                ]
+            });
+        }
+        ("engine".to_string(), engine)
+    });
+}
+
+/// The cold-path counters both engines keep (`counters`: opens, reads, read bytes), summed
+/// over the cores, as `/status` shows them.
+fn cold_status<S>(
+    stats: &[S],
+    residency_known: bool,
+    counters: fn(&S) -> [&AtomicU64; 3],
+) -> serde_json::Value {
+    let mut totals = [0u64; 3];
+    for s in stats {
+        for (total, counter) in totals.iter_mut().zip(counters(s)) {
+            *total += counter.load(std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    serde_json::json!({
+        "page_cache_residency_known": residency_known,
+        "opens_total": totals[0],
+        "reads_total": totals[1],
+        "read_bytes_total": totals[2],
     })
 }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::engine::task::{FileBody, OutgoingResponse, TaskError};
+use crate::outgoing::{FileBody, OutgoingResponse, TaskError};
 
 /// A request ready to go: head (or whole request), file body, body bytes.
 type Built = (Vec<u8>, Option<FileBody>, u64);

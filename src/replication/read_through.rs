@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::engine::task::{OutgoingResponse, TaskError};
+use crate::outgoing::{OutgoingResponse, TaskError};
 use crate::single_flight::{Bounds, Join, SingleFlight};
 use crate::store::{PutOptions, Store};
 

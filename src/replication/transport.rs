@@ -1,7 +1,7 @@
 //! How replication requests reach peers.
 //!
 //! With io_uring, every request is an outgoing task on an engine ring
-//! (`engine::task`): connect, send, read the answer, on the same loop and
+//! (`outgoing`): connect, send, read the answer, on the same loop and
 //! under the same bounded tables as public connections. Without rings
 //! (engine = fallback) a few blocking sender threads of their own do the
 //! same, so replication works on any host.
@@ -18,9 +18,8 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::engine::ring::TaskSubmitter;
-use crate::engine::task::{
-    parse_response, Done, FileBody, OutgoingRequest, TaskError, RESPONSE_BYTES_MAX_DEFAULT,
+use crate::outgoing::{
+    parse_response, Done, FileBody, OutgoingRequest, Submit, TaskError, RESPONSE_BYTES_MAX_DEFAULT,
     RESPONSE_READ_BYTES,
 };
 
@@ -39,7 +38,7 @@ pub enum Transport {
     /// Tasks on the rings; `splice`: the ring can splice (IORING_OP_SPLICE,
     /// Linux 5.7), else file bodies are read into the request first.
     Ring {
-        submitter: TaskSubmitter,
+        submitter: Arc<dyn Submit>,
         splice: bool,
     },
     Blocking(SyncSender<OutgoingRequest>),
@@ -119,7 +118,7 @@ pub fn send_blocking(
     request: &[u8],
     body: Option<&FileBody>,
     timeout: Duration,
-) -> Result<crate::engine::task::OutgoingResponse, TaskError> {
+) -> Result<crate::outgoing::OutgoingResponse, TaskError> {
     let deadline = Instant::now() + timeout;
     let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| {
         if e.kind() == std::io::ErrorKind::TimedOut {

@@ -59,6 +59,86 @@ mod tag {
 
 const GENERATION_MASK: u32 = (1 << 24) - 1;
 
+// ---------------------------------------------------------------------------
+// Tokens: the caller's u64, declared here beside the driver's own tags so
+// that every reserved value lives in one place.
+//
+// `Driver::submit` takes a `token` that comes back in every completion of
+// the operation; an epoll loop carries the same u64 in each event. The
+// engines give it one layout:
+//
+//   u64::MAX        Listener   the multishot accept, or an epoll set's listener
+//   u64::MAX - 1    ReadAhead  a hint no connection waits for
+//   u64::MAX - 2    Waker      an epoll set's eventfd (a ring's is the WAKE tag)
+//   bit 63 clear    Conn       generation:31 << 32 | slot
+//   bit 63 set      Task       generation:31 << 32 | slot, under the bit
+//
+// The reserved values are checked before bit 63, so a slot index must stay
+// below `u32::MAX - 2`; engines bound their tables far below that.
+// ---------------------------------------------------------------------------
+
+/// What a completion (or an epoll event) is for: a typed caller token,
+/// packed into the u64 that [`Driver::submit`] carries (see the layout
+/// above). A completion for a reused slot is told apart by its generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Token {
+    /// The listening socket: the multishot accept on a ring, the listener's
+    /// readiness in an epoll set.
+    Listener,
+    /// A read-ahead hint (`fadvise(WILLNEED)`) no connection waits for.
+    ReadAhead,
+    /// The waker's eventfd in an epoll set.
+    Waker,
+    /// An operation of a connection: its slot and the slot's generation.
+    Conn { slot: u32, generation: u32 },
+    /// An operation of an outgoing task: its slot and the slot's generation.
+    Task { slot: u32, generation: u32 },
+}
+
+impl Token {
+    /// Generations are 31 bits: bit 63 tells tasks from connections.
+    pub const GENERATION_MASK: u32 = 0x7fff_ffff;
+    const LISTENER: u64 = u64::MAX;
+    const READ_AHEAD: u64 = u64::MAX - 1;
+    const WAKER: u64 = u64::MAX - 2;
+    const TASK_BIT: u64 = 1 << 63;
+
+    /// The generation after `generation` for a slot being reused: wraps
+    /// within [`Token::GENERATION_MASK`] and skips 0, so a fresh table's
+    /// zeroed state never matches.
+    pub fn next_generation(generation: u32) -> u32 {
+        (generation.wrapping_add(1) & Self::GENERATION_MASK).max(1)
+    }
+
+    /// Packs into the u64 a submission or an epoll event carries.
+    pub fn pack(self) -> u64 {
+        let slot_bits =
+            |slot: u32, generation: u32| (u64::from(generation) << 32) | u64::from(slot);
+        match self {
+            Token::Listener => Self::LISTENER,
+            Token::ReadAhead => Self::READ_AHEAD,
+            Token::Waker => Self::WAKER,
+            Token::Conn { slot, generation } => slot_bits(slot, generation & Self::GENERATION_MASK),
+            Token::Task { slot, generation } => {
+                Self::TASK_BIT | slot_bits(slot, generation & Self::GENERATION_MASK)
+            }
+        }
+    }
+
+    /// Unpacks a u64 from a completion or an epoll event.
+    pub fn unpack(raw: u64) -> Token {
+        let slot = (raw & 0xffff_ffff) as u32;
+        let generation = ((raw >> 32) as u32) & Self::GENERATION_MASK;
+        match raw {
+            Self::LISTENER => Token::Listener,
+            Self::READ_AHEAD => Token::ReadAhead,
+            Self::WAKER => Token::Waker,
+            _ if raw & Self::TASK_BIT != 0 => Token::Task { slot, generation },
+            _ => Token::Conn { slot, generation },
+        }
+    }
+}
+
 /// A typed `user_data` value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct UserData {
@@ -1593,6 +1673,44 @@ mod tests {
         for t in [0u8, 17, tag::WAKE, tag::CANCEL, tag::LINK_TIMEOUT] {
             assert_eq!(OpKind::from_tag(t), None);
         }
+    }
+
+    #[test]
+    fn tokens_round_trip_and_reserved_values_stay_apart() {
+        let table = [
+            Token::Listener,
+            Token::ReadAhead,
+            Token::Waker,
+            Token::Conn {
+                slot: 0,
+                generation: 1,
+            },
+            Token::Conn {
+                slot: 70_000,
+                generation: Token::GENERATION_MASK,
+            },
+            Token::Task {
+                slot: 63,
+                generation: Token::GENERATION_MASK,
+            },
+            Token::Task {
+                slot: 0,
+                generation: 1,
+            },
+        ];
+        for token in table {
+            assert_eq!(Token::unpack(token.pack()), token);
+        }
+        let raw: Vec<u64> = table.iter().map(|t| t.pack()).collect();
+        for (i, a) in raw.iter().enumerate() {
+            assert!(
+                !raw[i + 1..].contains(a),
+                "{:?} packs like another",
+                table[i]
+            );
+        }
+        assert_eq!(Token::next_generation(1), 2);
+        assert_eq!(Token::next_generation(Token::GENERATION_MASK), 1);
     }
 
     #[test]

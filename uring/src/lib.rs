@@ -38,6 +38,11 @@
 //! slot with an old generation is counted in
 //! [`DriverStats::stale_completions`] and ignored.
 //!
+//! The caller's own `token` (given to [`Driver::submit`], returned in each
+//! [`Completion`]) is a [`Token`]: listener, read-ahead, waker, or a
+//! connection's or task's slot and generation. Its reserved values are
+//! declared in `driver.rs` too, beside the driver's tags.
+//!
 //! # Cancel
 //!
 //! [`Driver::cancel`] pushes an `ASYNC_CANCEL` (tagged `CANCEL`, its own
@@ -79,7 +84,7 @@ pub mod ring;
 pub use buffers::{BufLease, BufRing, FixedBufferPool, FixedLease, RegistrationRefused};
 pub use driver::{
     CancelError, Completion, Driver, DriverConfig, DriverStats, IoBuf, Op, OpId, OpKind, Returned,
-    SharedFd, Statx, SubmitError, SubmitErrorKind, UserData, Waker, DROP_DRAIN_TIMEOUT,
+    SharedFd, Statx, SubmitError, SubmitErrorKind, Token, UserData, Waker, DROP_DRAIN_TIMEOUT,
 };
 pub use errno::{Errno, ErrnoClass};
 pub use pipe::{Pipe, PipePool, PipePoolStats};

@@ -1,4 +1,4 @@
-//! Opening cold artifacts off the engine threads.
+//! Each core's opener thread: opening cold artifacts off the engine threads.
 //!
 //! The ring opens artifacts without waiting for the disk (`Store::get_nowait`). When the
 //! path, the header or a small body is not in memory, the request goes to this core's opener

@@ -1,8 +1,13 @@
-//! Outgoing tasks on a ring: the engine loop is a general scheduler, not
-//! only a server. Replication and read-through will run here; today's task
-//! is one outgoing HTTP/1.1 request (connect, send the head and body, read
-//! the response), which the ring runs with the same driver, the same
-//! bounded tables and the same deadlines as public connections.
+//! Outgoing HTTP/1.1 requests (replication sends, read-through fetches):
+//! what a request is, what it produced, how it failed, and the sans-IO
+//! state of one in progress. The engine loop is a general scheduler, not
+//! only a server: the ring engine runs these as tasks with the same driver,
+//! the same bounded tables and the same deadlines as public connections.
+//!
+//! This module knows no engine. Whoever runs requests implements
+//! [`Submit`]; replication holds a `dyn Submit` and never learns which
+//! engine thread (or which engine) carries its requests, so the imports
+//! point down: engine -> outgoing <- replication.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -118,6 +123,18 @@ impl OutgoingRequest {
             done,
         }
     }
+}
+
+/// Runs outgoing requests on some engine thread. The ring engine's
+/// `TaskSubmitter` implements it; replication and the read-through hold it
+/// as an `Arc<dyn Submit>`.
+pub trait Submit: Send + Sync {
+    /// Queue `request` on one of the engine threads. A full queue or a
+    /// stopped engine gives the request back, its `done` not called: the
+    /// caller decides whether to retry later (replication keeps it in its
+    /// outbox). Once queued, `done` is called exactly once, on the engine
+    /// thread.
+    fn submit(&self, request: OutgoingRequest) -> Result<(), OutgoingRequest>;
 }
 
 /// Where a task is.
