@@ -136,9 +136,7 @@ pub fn run_with(
             FallbackLimits {
                 connections_max: config.fallback_connections_max,
                 connections_per_ip_max: config.connections_per_ip_max,
-                header_read_timeout_ms: config.header_read_timeout_ms,
-                idle_timeout_ms: config.idle_timeout_ms,
-                send_timeout_ms: config.send_timeout_ms,
+                timeouts: config.conn_timeouts(),
                 uri_bytes_max: config.uri_bytes_max,
                 head_bytes_max: config.head_bytes_max,
                 worker_threads: config.fallback_threads_effective(),

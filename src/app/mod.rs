@@ -77,11 +77,7 @@ impl App {
             limits: AppLimits {
                 body_bytes_max: config.body_bytes_max,
                 gradle_body_bytes_max: config.gradle_body_bytes_max,
-                linger: crate::http1::LingerLimits {
-                    time_ms: config.lingering_time_ms,
-                    timeout_ms: config.lingering_timeout_ms,
-                    bytes_max: config.lingering_bytes_max,
-                },
+                linger: config.linger_limits(),
             },
             draining: AtomicBool::new(false),
             closing: AtomicBool::new(false),

@@ -565,7 +565,50 @@ fn env_name(key: &str) -> String {
     format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
 }
 
+/// The per-connection timeouts every front applies alike (the ring, the
+/// epoll engine and the fallback), taken from the config in one place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnTimeouts {
+    /// From accept (or a request's first byte) to a complete head: 408 after.
+    pub header_read_timeout_ms: u64,
+    /// A keep-alive connection with no request in flight closes after this.
+    pub idle_timeout_ms: u64,
+    /// A response that makes no progress because the client does not read
+    /// closes the connection after this.
+    pub send_timeout_ms: u64,
+    /// Idle time allowed between the bytes of a request body (408 after).
+    pub body_read_timeout_ms: u64,
+}
+
+impl Default for ConnTimeouts {
+    /// The config's defaults.
+    fn default() -> Self {
+        Config::default().conn_timeouts()
+    }
+}
+
 impl Config {
+    /// The per-connection timeouts (`header_read_timeout_ms`,
+    /// `idle_timeout_ms`, `send_timeout_ms`, `body_read_timeout_ms`).
+    pub fn conn_timeouts(&self) -> ConnTimeouts {
+        ConnTimeouts {
+            header_read_timeout_ms: self.header_read_timeout_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
+            send_timeout_ms: self.send_timeout_ms,
+            body_read_timeout_ms: self.body_read_timeout_ms,
+        }
+    }
+
+    /// The lingering close after an early error (`lingering_time_ms`,
+    /// `lingering_timeout_ms`, `lingering_bytes_max`), as every front applies it.
+    pub fn linger_limits(&self) -> crate::http1::LingerLimits {
+        crate::http1::LingerLimits {
+            time_ms: self.lingering_time_ms,
+            timeout_ms: self.lingering_timeout_ms,
+            bytes_max: self.lingering_bytes_max,
+        }
+    }
+
     /// Whether writes need no credentials.
     ///
     /// The rule: writes are anonymous exactly when no token with `access = "rw"` is configured.

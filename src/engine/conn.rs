@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::app::{App, Decision, PutSink, Reply, ReplyBody, RequestInfo};
+use crate::config::ConnTimeouts;
 use crate::http1::{self, BodyDecoder, Framing, Limits, Linger, LingerLimits, LingerStep, Status};
 use crate::route::route_label;
 use crate::store::{Artifact, OpenCache};
@@ -51,15 +52,11 @@ pub const COLD_OPENS_PER_REQUEST_MAX: u8 = 2;
 #[derive(Clone, Copy, Debug)]
 pub struct ConnLimits {
     pub head: Limits,
-    pub header_read_timeout_ms: u64,
-    pub idle_timeout_ms: u64,
+    /// Header, idle, send and body timeouts, as every front applies them.
+    pub timeouts: ConnTimeouts,
     /// The lingering close after a response that closes the connection
     /// (see [`http1::Linger`] for why).
     pub linger: LingerLimits,
-    /// Idle time allowed between the bytes of a request body (408 after).
-    pub body_read_timeout_ms: u64,
-    /// Time a response may make no progress because the client does not read (close after).
-    pub send_timeout_ms: u64,
 }
 
 /// The operation the engine must submit next for this connection.
@@ -209,7 +206,7 @@ impl Conn {
             publish: None,
             close_after: false,
             current: None,
-            deadline: now + Duration::from_millis(limits.header_read_timeout_ms),
+            deadline: now + Duration::from_millis(limits.timeouts.header_read_timeout_ms),
             timed_out: false,
             head_at: now,
             responses: 0,
@@ -355,7 +352,7 @@ impl Conn {
             return Next::PeekAgain;
         }
         self.state = State::ReadingHead;
-        self.deadline = now + Duration::from_millis(self.limits.header_read_timeout_ms);
+        self.deadline = now + Duration::from_millis(self.limits.timeouts.header_read_timeout_ms);
         Next::Recv
     }
 
@@ -392,7 +389,8 @@ impl Conn {
         }
         if matches!(self.state, State::ReadingHead) && self.read_len() == received {
             // First bytes of a new head: the header-read clock starts now.
-            self.deadline = now + Duration::from_millis(self.limits.header_read_timeout_ms);
+            self.deadline =
+                now + Duration::from_millis(self.limits.timeouts.header_read_timeout_ms);
         }
         self.advance(now)
     }
@@ -409,7 +407,7 @@ impl Conn {
         };
         self.out_sent += sent;
         if sent > 0 {
-            self.deadline = now + Duration::from_millis(self.limits.send_timeout_ms);
+            self.deadline = now + Duration::from_millis(self.limits.timeouts.send_timeout_ms);
         }
         if self.out_sent < self.out_len() {
             // Short send: resume from where the kernel stopped.
@@ -451,7 +449,7 @@ impl Conn {
             Ok(n) if n > 0 && n <= *remaining => {
                 *offset += n;
                 *remaining -= n;
-                self.deadline = now + Duration::from_millis(self.limits.send_timeout_ms);
+                self.deadline = now + Duration::from_millis(self.limits.timeouts.send_timeout_ms);
                 if *remaining == 0 {
                     self.file = None;
                     self.response_done(now)
@@ -561,7 +559,7 @@ impl Conn {
             return self.linger_step(step);
         }
         self.state = State::ReadingHead;
-        self.deadline = now + Duration::from_millis(self.limits.idle_timeout_ms);
+        self.deadline = now + Duration::from_millis(self.limits.timeouts.idle_timeout_ms);
         // A PUT grew the buffer to BODY_READ_BYTES; back between requests it
         // returns to head_bytes_max (or what pipelined bytes need), so the
         // memory of idle keep-alive connections is bounded by configuration,
@@ -573,7 +571,8 @@ impl Conn {
             }
         }
         if self.read_len() > 0 {
-            self.deadline = now + Duration::from_millis(self.limits.header_read_timeout_ms);
+            self.deadline =
+                now + Duration::from_millis(self.limits.timeouts.header_read_timeout_ms);
             return self.advance(now);
         }
         Next::Recv
@@ -710,7 +709,7 @@ impl Conn {
                     } else {
                         self.state = State::ReadingBody(Box::new(BodyRx { sink, decoder }));
                         self.deadline =
-                            now + Duration::from_millis(self.limits.body_read_timeout_ms);
+                            now + Duration::from_millis(self.limits.timeouts.body_read_timeout_ms);
                         None
                     }
                 }
@@ -761,7 +760,8 @@ impl Conn {
         match outcome {
             None => {
                 self.state = State::ReadingBody(rx);
-                self.deadline = now + Duration::from_millis(self.limits.body_read_timeout_ms);
+                self.deadline =
+                    now + Duration::from_millis(self.limits.timeouts.body_read_timeout_ms);
                 Next::Recv
             }
             Some(Ok(())) => {
@@ -802,7 +802,8 @@ impl Conn {
         if self.public.is_some() && matches!(method, "GET" | "HEAD") {
             self.app.metrics.pressure.head_ready(ttfb);
         }
-        self.deadline = Instant::now() + Duration::from_millis(self.limits.send_timeout_ms);
+        self.deadline =
+            Instant::now() + Duration::from_millis(self.limits.timeouts.send_timeout_ms);
         self.current = Some(Finished {
             route,
             method,
@@ -992,11 +993,13 @@ mod tests {
         let files = Rc::new(RefCell::new(OpenCache::new(4)));
         let limits = ConnLimits {
             head: Limits::default(),
-            header_read_timeout_ms: 1000,
-            idle_timeout_ms: 1000,
+            timeouts: crate::config::ConnTimeouts {
+                header_read_timeout_ms: 1000,
+                idle_timeout_ms: 1000,
+                send_timeout_ms: 1000,
+                body_read_timeout_ms: 1000,
+            },
             linger: LingerLimits::default(),
-            body_read_timeout_ms: 1000,
-            send_timeout_ms: 1000,
         };
         let mut conn = Conn::new(Arc::clone(&app), files, limits, now);
         assert_eq!(conn.on_peek(first, now), Next::Recv);

@@ -317,15 +317,8 @@ fn conn_limits(config: &Config) -> ConnLimits {
             uri_bytes_max: config.uri_bytes_max,
             ..crate::http1::Limits::default()
         },
-        header_read_timeout_ms: config.header_read_timeout_ms,
-        idle_timeout_ms: config.idle_timeout_ms,
-        linger: crate::http1::LingerLimits {
-            time_ms: config.lingering_time_ms,
-            timeout_ms: config.lingering_timeout_ms,
-            bytes_max: config.lingering_bytes_max,
-        },
-        body_read_timeout_ms: config.body_read_timeout_ms,
-        send_timeout_ms: config.send_timeout_ms,
+        timeouts: config.conn_timeouts(),
+        linger: config.linger_limits(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The fallback's bounds: [`FallbackLimits`], which the server sets from the config, and the
 //! fixed bounds of the runtime and of each protocol.
 
+use crate::config::ConnTimeouts;
 use std::io;
 
 /// Worker threads of [`FallbackLimits::default`] (the server sizes the runtime from the config).
@@ -50,15 +51,12 @@ pub struct FallbackLimits {
     pub connections_max: usize,
     /// Open connections one client address may hold (0 = no cap).
     pub connections_per_ip_max: usize,
-    /// Milliseconds from accept to a classified connection with a finished TLS handshake and
-    /// the first HTTP/1 request head; then for each later head from its first byte (408).
-    pub header_read_timeout_ms: u64,
-    /// Milliseconds without socket progress, while no request is in flight, before a
-    /// connection is closed gracefully.
-    pub idle_timeout_ms: u64,
-    /// Milliseconds a response may wait for a client that does not read before the connection
-    /// closes; also the bound on a graceful close (GOAWAY and its PING) the client ignores.
-    pub send_timeout_ms: u64,
+    /// The timeouts every front applies alike. Here `header_read_timeout_ms` runs from accept
+    /// to a classified connection with a finished TLS handshake and the first HTTP/1 request
+    /// head, then for each later head from its first byte (408); `idle_timeout_ms` is time
+    /// without socket progress while no request is in flight (then a graceful close);
+    /// `send_timeout_ms` also bounds a graceful close (GOAWAY and its PING) the client ignores.
+    pub timeouts: ConnTimeouts,
     /// Longest HTTP/1 request target in bytes (414 above).
     pub uri_bytes_max: usize,
     /// Longest HTTP/1 request head in bytes (431 above), as the ring's `head_bytes_max`.
@@ -74,9 +72,7 @@ impl Default for FallbackLimits {
         FallbackLimits {
             connections_max: 1024,
             connections_per_ip_max: 0,
-            header_read_timeout_ms: 10_000,
-            idle_timeout_ms: 60_000,
-            send_timeout_ms: 30_000,
+            timeouts: ConnTimeouts::default(),
             uri_bytes_max: 8192,
             head_bytes_max: 16 * 1024,
             worker_threads: WORKER_THREADS,
@@ -89,9 +85,12 @@ impl FallbackLimits {
     pub(super) fn check(&self) -> Result<(), io::Error> {
         for (key, value) in [
             ("connections_max", self.connections_max as u64),
-            ("header_read_timeout_ms", self.header_read_timeout_ms),
-            ("idle_timeout_ms", self.idle_timeout_ms),
-            ("send_timeout_ms", self.send_timeout_ms),
+            (
+                "header_read_timeout_ms",
+                self.timeouts.header_read_timeout_ms,
+            ),
+            ("idle_timeout_ms", self.timeouts.idle_timeout_ms),
+            ("send_timeout_ms", self.timeouts.send_timeout_ms),
             ("uri_bytes_max", self.uri_bytes_max as u64),
             ("head_bytes_max", self.head_bytes_max as u64),
             ("fallback_threads", self.worker_threads as u64),

@@ -55,7 +55,7 @@ impl<H: Handler> Shared<H> {
         counters: Arc<Counters>,
         shutdown: watch::Receiver<bool>,
     ) -> Shared<H> {
-        let header_read_timeout = Duration::from_millis(limits.header_read_timeout_ms);
+        let header_read_timeout = Duration::from_millis(limits.timeouts.header_read_timeout_ms);
         // hyper's own builders, not hyper-util's auto builder: the protocol is already known
         // from the peek, and only hyper's builder exposes `max_header_size` (the read buffer
         // bound alone lets a head overshoot it by a whole read).
@@ -68,8 +68,8 @@ impl<H: Handler> Shared<H> {
             .header_read_timeout(None)
             .max_header_size(HTTP1_HEAD_BYTES_MAX)
             .max_buf_size(HTTP1_BUF_BYTES_MAX);
-        let send_timeout = Duration::from_millis(limits.send_timeout_ms);
-        let idle_timeout = Duration::from_millis(limits.idle_timeout_ms);
+        let send_timeout = Duration::from_millis(limits.timeouts.send_timeout_ms);
+        let idle_timeout = Duration::from_millis(limits.timeouts.idle_timeout_ms);
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         // No keep-alive PINGs: each PING and its answer would count as progress and keep an
         // idle connection from ever reaching idle_timeout_ms. A peer that stops reading is

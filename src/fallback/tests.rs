@@ -1,6 +1,7 @@
 //! The fallback end to end: a [`Fallback`] on a loopback listener with an echoing handler,
 //! driven by hyper and rustls clients.
 
+use crate::config::ConnTimeouts;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -107,9 +108,12 @@ fn limits() -> FallbackLimits {
     FallbackLimits {
         connections_max: 64,
         connections_per_ip_max: 0,
-        header_read_timeout_ms: 5_000,
-        idle_timeout_ms: 30_000,
-        send_timeout_ms: 30_000,
+        timeouts: ConnTimeouts {
+            header_read_timeout_ms: 5_000,
+            idle_timeout_ms: 30_000,
+            send_timeout_ms: 30_000,
+            ..ConnTimeouts::default()
+        },
         uri_bytes_max: 8192,
         head_bytes_max: 16 * 1024,
         worker_threads: WORKER_THREADS,
@@ -463,15 +467,24 @@ fn zero_limits_are_refused() {
             ..limits()
         },
         FallbackLimits {
-            header_read_timeout_ms: 0,
+            timeouts: ConnTimeouts {
+                header_read_timeout_ms: 0,
+                ..limits().timeouts
+            },
             ..limits()
         },
         FallbackLimits {
-            idle_timeout_ms: 0,
+            timeouts: ConnTimeouts {
+                idle_timeout_ms: 0,
+                ..limits().timeouts
+            },
             ..limits()
         },
         FallbackLimits {
-            send_timeout_ms: 0,
+            timeouts: ConnTimeouts {
+                send_timeout_ms: 0,
+                ..limits().timeouts
+            },
             ..limits()
         },
         FallbackLimits {
@@ -569,7 +582,10 @@ fn connections_per_ip_max_refuses_the_next_from_one_address() {
 #[test]
 fn idle_h2_connection_is_closed() {
     let limits = FallbackLimits {
-        idle_timeout_ms: 200,
+        timeouts: ConnTimeouts {
+            idle_timeout_ms: 200,
+            ..limits().timeouts
+        },
         ..limits()
     };
     let (fallback, _handler, addr) = start_listening(None, limits);
@@ -643,7 +659,10 @@ fn shutdown_closes_what_outlives_the_drain_budget() {
 fn slow_first_bytes_and_slow_heads_are_closed() {
     use std::io::{Read, Write};
     let limits = FallbackLimits {
-        header_read_timeout_ms: 200,
+        timeouts: ConnTimeouts {
+            header_read_timeout_ms: 200,
+            ..limits().timeouts
+        },
         ..limits()
     };
     let (fallback, handler, addr) = start_listening(None, limits);

@@ -30,9 +30,12 @@ fn engine() -> Option<(RingEngine, SocketAddr, tempfile::TempDir)> {
             FallbackLimits {
                 connections_max: 16,
                 connections_per_ip_max: 0,
-                header_read_timeout_ms: 1000,
-                idle_timeout_ms: 1000,
-                send_timeout_ms: 1000,
+                timeouts: crate::config::ConnTimeouts {
+                    header_read_timeout_ms: 1000,
+                    idle_timeout_ms: 1000,
+                    send_timeout_ms: 1000,
+                    body_read_timeout_ms: 1000,
+                },
                 uri_bytes_max: 8192,
                 ..FallbackLimits::default()
             },
@@ -47,11 +50,13 @@ fn engine() -> Option<(RingEngine, SocketAddr, tempfile::TempDir)> {
         connections_per_core_max: 64,
         conn_limits: ConnLimits {
             head: crate::http1::Limits::default(),
-            header_read_timeout_ms: 1000,
-            idle_timeout_ms: 1000,
+            timeouts: crate::config::ConnTimeouts {
+                header_read_timeout_ms: 1000,
+                idle_timeout_ms: 1000,
+                send_timeout_ms: 1000,
+                body_read_timeout_ms: 1000,
+            },
             linger: crate::http1::LingerLimits::default(),
-            body_read_timeout_ms: 1000,
-            send_timeout_ms: 1000,
         },
         connections_per_ip_max: 0,
         mode: FileServingMode::Splice,
