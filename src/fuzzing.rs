@@ -991,14 +991,14 @@ mod tests {
         assert_eq!(encode_chunked(b"abc", &[], 1), b"3\r\nabc\r\n0\r\n\r\n");
     }
 
+    /// The targets of [`PIPELINE`]'s requests, in order.
+    const PIPELINE_PATHS: [&str; 5] = ["/up", "/cache/one", "/cache/two", "/cas/1", "/last"];
+
     #[test]
     fn pipeline_messages_from_sluice() {
         let (messages, end) = run_sluice(PIPELINE);
         let paths: Vec<&str> = messages.iter().map(|m| m.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            ["/up", "/cache/one", "/cache/two", "/cas/1", "/last"]
-        );
+        assert_eq!(paths, PIPELINE_PATHS);
         assert_eq!(messages[2].body, b"abcdefg");
         assert_eq!(end, SluiceEnd::Clean);
     }
@@ -1007,10 +1007,7 @@ mod tests {
     fn hyper_sees_the_pipeline() {
         let (messages, conn) = run_hyper(PIPELINE);
         let paths: Vec<&str> = messages.iter().map(|m| m.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            ["/up", "/cache/one", "/cache/two", "/cas/1", "/last"]
-        );
+        assert_eq!(paths, PIPELINE_PATHS);
         assert_eq!(messages[2].body, Ok(b"abcdefg".to_vec()));
         assert!(conn.is_ok(), "{conn:?}");
     }

@@ -245,6 +245,17 @@ pub struct Successor {
     pub pid: u32,
 }
 
+/// The two ends of a hand-off socket: Unix, SEQPACKET (each message arrives whole, with its
+/// descriptors), close-on-exec.
+fn hand_off_pair() -> rustix::io::Result<(OwnedFd, OwnedFd)> {
+    rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+}
+
 /// Starts `launch` again with `listeners` and waits up to `ready_timeout` for it to serve.
 /// `Err` says why the upgrade did not happen; the caller keeps serving.
 pub fn upgrade(
@@ -256,13 +267,8 @@ pub fn upgrade(
         .exe
         .as_ref()
         .ok_or("the executable path could not be resolved at start")?;
-    let (ours, theirs) = rustix::net::socketpair(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )
-    .map_err(|e| format!("cannot create the hand-off socket: {e}"))?;
+    let (ours, theirs) =
+        hand_off_pair().map_err(|e| format!("cannot create the hand-off socket: {e}"))?;
     let started = Instant::now();
     let mut child = {
         let mut command = Command::new(exe);
@@ -393,13 +399,7 @@ mod tests {
 
     #[test]
     fn listeners_cross_the_hand_off_socket_with_their_queues() {
-        let (a, b) = rustix::net::socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .expect("socketpair");
+        let (a, b) = hand_off_pair().expect("socketpair");
         let l1 = TcpListener::bind("127.0.0.1:0").expect("bind");
         let l2 = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l1.local_addr().expect("addr");
@@ -417,13 +417,7 @@ mod tests {
 
     #[test]
     fn a_message_without_descriptors_is_refused() {
-        let (a, b) = rustix::net::socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .expect("socketpair");
+        let (a, b) = hand_off_pair().expect("socketpair");
         send_line(&a, "sluice-listeners 2\n").expect("send");
         assert!(recv_listeners(&b, Duration::from_secs(1)).is_err());
         drop(a);
@@ -432,15 +426,7 @@ mod tests {
 
     #[test]
     fn the_new_process_owns_the_listeners_only_after_go() {
-        let pair = || {
-            rustix::net::socketpair(
-                AddressFamily::UNIX,
-                SocketType::SEQPACKET,
-                SocketFlags::CLOEXEC,
-                None,
-            )
-            .expect("socketpair")
-        };
+        let pair = || hand_off_pair().expect("socketpair");
         let (old, new) = pair();
         let old_side = std::thread::spawn(move || {
             let line = recv_line(&old, Duration::from_secs(5)).expect("recv");

@@ -11,10 +11,8 @@ const SHA_EMPTY: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991
 fn admin_routes_on_every_front() {
     let server = server().start();
     for front in FRONTS {
-        let r = server.send(front, req("GET", "/up"));
-        assert_eq!(r.status, 200, "{front:?}");
-        let r = server.send(front, req("GET", "/ready"));
-        assert_eq!(r.status, 200, "{front:?}");
+        assert_eq!(server.status(front, "GET", "/up"), 200, "{front:?}");
+        assert_eq!(server.status(front, "GET", "/ready"), 200, "{front:?}");
         let r = server.send(front, req("GET", "/metrics"));
         assert_eq!(r.status, 200, "{front:?}");
         let text = String::from_utf8_lossy(&r.body);
@@ -44,16 +42,11 @@ fn admin_routes_on_every_front() {
 #[test]
 fn generic_round_trip_with_conditional_and_range_on_every_front() {
     let server = server().start();
+    let body = repeating_bytes(100_000, 251);
+    let etag = format!("\"{}\"", sha256_hex(&body));
     for (i, front) in FRONTS.iter().copied().enumerate() {
         let path = format!("/v1/artifacts/blobs/item-{i}");
-        let body: Vec<u8> = (0..100_000u32).map(|n| (n % 251) as u8).collect();
-        let etag = format!("\"{}\"", sha256_hex(&body));
-
-        assert_eq!(
-            server.send(front, req("GET", &path)).status,
-            404,
-            "{front:?}"
-        );
+        assert_eq!(server.status(front, "GET", &path), 404, "{front:?}");
         let r = server.send(front, req("PUT", &path).body(body.clone()));
         assert_eq!(r.status, 201, "{front:?}");
         assert_eq!(r.header("etag"), Some(etag.as_str()), "{front:?}");
@@ -104,16 +97,8 @@ fn generic_round_trip_with_conditional_and_range_on_every_front() {
 
         let r = server.send(front, req("DELETE", &path));
         assert_eq!(r.status, 204, "{front:?}");
-        assert_eq!(
-            server.send(front, req("GET", &path)).status,
-            404,
-            "{front:?}"
-        );
-        assert_eq!(
-            server.send(front, req("DELETE", &path)).status,
-            404,
-            "{front:?}"
-        );
+        assert_eq!(server.status(front, "GET", &path), 404, "{front:?}");
+        assert_eq!(server.status(front, "DELETE", &path), 404, "{front:?}");
     }
 }
 
@@ -135,7 +120,7 @@ fn bazel_and_gradle_routes_on_every_front() {
         let r = server.send(front, req("PUT", &wrong).body(body.clone()));
         assert_eq!(r.status, 400, "{front:?}");
         assert_eq!(
-            server.send(front, req("GET", &wrong)).status,
+            server.status(front, "GET", &wrong),
             404,
             "{front:?}: nothing stored"
         );
@@ -164,9 +149,7 @@ fn bazel_and_gradle_routes_on_every_front() {
         );
         assert_eq!(r.status, 413, "{front:?}");
         assert_eq!(
-            server
-                .send(front, req("GET", &format!("/cache/{key}")))
-                .status,
+            server.status(front, "GET", &format!("/cache/{key}")),
             404,
             "{front:?}"
         );
@@ -203,6 +186,11 @@ fn auth_on_every_front() {
         base64_encode(b"gradle:writer-secret-0123456789")
     );
     for front in FRONTS {
+        // A PUT of `body` with this Authorization.
+        let put = |path: &str, authorization: &str, body: &[u8]| {
+            let r = req("PUT", path).header("Authorization", authorization);
+            server.send(front, r.body(body.to_vec()))
+        };
         let path = format!("/v1/artifacts/private/k{}", front as u8);
         let r = server.send(front, req("PUT", &path).body(b"x".to_vec()));
         assert_eq!(r.status, 401, "{front:?}");
@@ -211,32 +199,13 @@ fn auth_on_every_front() {
                 .is_some_and(|v| v.contains("Bearer")),
             "{front:?}"
         );
-        let r = server.send(
-            front,
-            req("PUT", &path)
-                .header("Authorization", "Bearer reader-secret-0123456789")
-                .body(b"x".to_vec()),
-        );
+        let r = put(&path, "Bearer reader-secret-0123456789", b"x");
         assert_eq!(r.status, 403, "{front:?}");
-        let r = server.send(
-            front,
-            req("PUT", &path)
-                .header("Authorization", "Bearer wrong-secret-0123456789")
-                .body(b"x".to_vec()),
-        );
+        let r = put(&path, "Bearer wrong-secret-0123456789", b"x");
         assert_eq!(r.status, 401, "{front:?}");
-        let r = server.send(
-            front,
-            req("PUT", &path)
-                .header("Authorization", &basic_rw)
-                .body(b"x".to_vec()),
-        );
+        let r = put(&path, &basic_rw, b"x");
         assert_eq!(r.status, 201, "{front:?}");
-        assert_eq!(
-            server.send(front, req("GET", &path)).status,
-            401,
-            "{front:?}"
-        );
+        assert_eq!(server.status(front, "GET", &path), 401, "{front:?}");
         let r = server.send(
             front,
             req("GET", &path).header("Authorization", "Bearer reader-secret-0123456789"),
@@ -248,18 +217,9 @@ fn auth_on_every_front() {
         );
         // A public namespace reads without a token but still needs one to write.
         let public = format!("/v1/artifacts/public/k{}", front as u8);
-        let r = server.send(
-            front,
-            req("PUT", &public)
-                .header("Authorization", "Bearer writer-secret-0123456789")
-                .body(b"y".to_vec()),
-        );
+        let r = put(&public, "Bearer writer-secret-0123456789", b"y");
         assert_eq!(r.status, 201, "{front:?}");
-        assert_eq!(
-            server.send(front, req("GET", &public)).status,
-            200,
-            "{front:?}"
-        );
+        assert_eq!(server.status(front, "GET", &public), 200, "{front:?}");
     }
     assert!(
         !server.stderr().contains("secret-0123456789"),
@@ -300,7 +260,7 @@ fn large_upload_and_download_compare_by_digest() {
 #[test]
 fn ring_and_fallback_give_identical_answers() {
     let server = server().start();
-    let body: Vec<u8> = (0..300_000u32).map(|n| (n % 241) as u8).collect();
+    let body = repeating_bytes(300_000, 241);
     let digest = sha256_hex(&body);
     let r = server.send(
         Front::Http1,
@@ -358,7 +318,7 @@ fn ring_and_fallback_give_identical_answers() {
 #[test]
 fn streamed_puts_and_expect_continue_on_every_front() {
     let server = server().config("gradle_body_bytes_max = 200000\n").start();
-    let body: Vec<u8> = (0..300_000u32).map(|n| (n % 241) as u8).collect();
+    let body = repeating_bytes(300_000, 241);
     for (i, front) in FRONTS.iter().copied().enumerate() {
         for expect in [false, true] {
             let path = format!("/v1/artifacts/stream/f{i}-{expect}");
@@ -375,11 +335,7 @@ fn streamed_puts_and_expect_continue_on_every_front() {
         let path = format!("/cache/too-big-{i}");
         let r = server.send(front, req("PUT", &path).body(body.clone()).streamed(7_000));
         assert_eq!(r.status, 413, "{front:?}");
-        assert_eq!(
-            server.send(front, req("GET", &path)).status,
-            404,
-            "{front:?}"
-        );
+        assert_eq!(server.status(front, "GET", &path), 404, "{front:?}");
     }
 }
 
@@ -389,26 +345,14 @@ fn streamed_puts_and_expect_continue_on_every_front() {
 fn readiness_turns_503_on_every_front_while_draining() {
     let mut server = server().env("SLUICE_SHUTDOWN_PRE_DRAIN_MS", "4000").start();
     for front in FRONTS {
-        assert_eq!(
-            server.send(front, req("GET", "/ready")).status,
-            200,
-            "{front:?}"
-        );
+        assert_eq!(server.status(front, "GET", "/ready"), 200, "{front:?}");
     }
     let pid = rustix::process::Pid::from_raw(server.child.id() as i32).expect("pid");
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill");
     std::thread::sleep(std::time::Duration::from_millis(300));
     for front in FRONTS {
-        assert_eq!(
-            server.send(front, req("GET", "/ready")).status,
-            503,
-            "{front:?}"
-        );
-        assert_eq!(
-            server.send(front, req("GET", "/up")).status,
-            200,
-            "{front:?}"
-        );
+        assert_eq!(server.status(front, "GET", "/ready"), 503, "{front:?}");
+        assert_eq!(server.status(front, "GET", "/up"), 200, "{front:?}");
     }
     assert!(server.stop().success());
 }
@@ -421,25 +365,26 @@ fn conditional_requests_on_every_front() {
     let server = server().start();
     for (i, front) in FRONTS.iter().copied().enumerate() {
         let path = format!("/v1/artifacts/cond/item-{i}");
-        let old: Vec<u8> = (0..50_000u32).map(|n| (n % 251) as u8).collect();
-        let new: Vec<u8> = (0..60_000u32).map(|n| (n % 241) as u8).collect();
+        let old = repeating_bytes(50_000, 251);
+        let new = repeating_bytes(60_000, 241);
         let old_etag = format!("\"{}\"", sha256_hex(&old));
         let new_etag = format!("\"{}\"", sha256_hex(&new));
 
+        // A PUT of `body` under one precondition header.
+        let put_if = |header: &str, value: &str, body: &[u8]| {
+            let r = req("PUT", &path).header(header, value);
+            server.send(front, r.body(body.to_vec()))
+        };
+        // A GET of a range under an If-Range.
+        let get_range_if = |range: &str, if_range: &str| {
+            let r = req("GET", &path).header("Range", range);
+            server.send(front, r.header("If-Range", if_range))
+        };
+
         // Create-only: If-None-Match: * creates once, then refuses.
-        let r = server.send(
-            front,
-            req("PUT", &path)
-                .header("If-None-Match", "*")
-                .body(old.clone()),
-        );
+        let r = put_if("If-None-Match", "*", &old);
         assert_eq!(r.status, 201, "{front:?}");
-        let r = server.send(
-            front,
-            req("PUT", &path)
-                .header("If-None-Match", "*")
-                .body(new.clone()),
-        );
+        let r = put_if("If-None-Match", "*", &new);
         assert_eq!(
             r.status, 412,
             "{front:?}: create-only PUT over an existing key"
@@ -448,61 +393,31 @@ fn conditional_requests_on_every_front() {
         assert_eq!(r.body, old, "{front:?}: a refused PUT changes nothing");
 
         // If-Match that does not hold: 412, nothing changes.
-        let r = server.send(
-            front,
-            req("PUT", &path)
-                .header("If-Match", "\"not-the-current-one\"")
-                .body(new.clone()),
-        );
+        let r = put_if("If-Match", "\"not-the-current-one\"", &new);
         assert_eq!(r.status, 412, "{front:?}: If-Match mismatch");
         // A weak tag never matches If-Match (strong comparison).
-        let r = server.send(
-            front,
-            req("PUT", &path)
-                .header("If-Match", &format!("W/{old_etag}"))
-                .body(new.clone()),
-        );
+        let r = put_if("If-Match", &format!("W/{old_etag}"), &new);
         assert_eq!(r.status, 412, "{front:?}: weak If-Match");
         assert_eq!(server.send(front, req("GET", &path)).body, old, "{front:?}");
 
         // A Range under an If-Range of the current ETag is honoured.
-        let r = server.send(
-            front,
-            req("GET", &path)
-                .header("Range", "bytes=100-199")
-                .header("If-Range", &old_etag),
-        );
+        let r = get_range_if("bytes=100-199", &old_etag);
         assert_eq!(r.status, 206, "{front:?}");
         assert_eq!(r.body, &old[100..200], "{front:?}");
 
         // If-Match that holds: the write goes through.
-        let r = server.send(
-            front,
-            req("PUT", &path)
-                .header("If-Match", &old_etag)
-                .body(new.clone()),
-        );
+        let r = put_if("If-Match", &old_etag, &new);
         assert_eq!(r.status, 204, "{front:?}: If-Match of the current ETag");
 
         // The artifact changed: resuming with the old ETag gets all of the new one.
         for if_range in [old_etag.clone(), format!("W/{new_etag}")] {
-            let r = server.send(
-                front,
-                req("GET", &path)
-                    .header("Range", "bytes=100-199")
-                    .header("If-Range", &if_range),
-            );
+            let r = get_range_if("bytes=100-199", &if_range);
             assert_eq!(r.status, 200, "{front:?}: If-Range {if_range}");
             assert_eq!(r.body, new, "{front:?}: If-Range {if_range}");
             assert_eq!(r.header("content-range"), None, "{front:?}");
         }
         // A date cannot match: sluice sends no Last-Modified.
-        let r = server.send(
-            front,
-            req("GET", &path)
-                .header("Range", "bytes=0-0")
-                .header("If-Range", "Wed, 21 Oct 2015 07:28:00 GMT"),
-        );
+        let r = get_range_if("bytes=0-0", "Wed, 21 Oct 2015 07:28:00 GMT");
         assert_eq!((r.status, r.body.len()), (200, new.len()), "{front:?}");
 
         // Reads: If-Match that fails is 412 too.
@@ -512,20 +427,13 @@ fn conditional_requests_on_every_front() {
         // DELETE under a failing If-Match keeps the artifact.
         let r = server.send(front, req("DELETE", &path).header("If-Match", &old_etag));
         assert_eq!(r.status, 412, "{front:?}");
-        assert_eq!(server.send(front, req("GET", &path)).status, 200);
+        assert_eq!(server.status(front, "GET", &path), 200);
         let r = server.send(front, req("DELETE", &path).header("If-Match", &new_etag));
         assert_eq!(r.status, 204, "{front:?}");
         // If-Match: * on a missing artifact fails.
-        let r = server.send(
-            front,
-            req("PUT", &path).header("If-Match", "*").body(new.clone()),
-        );
+        let r = put_if("If-Match", "*", &new);
         assert_eq!(r.status, 412, "{front:?}");
-        assert_eq!(
-            server.send(front, req("GET", &path)).status,
-            404,
-            "{front:?}"
-        );
+        assert_eq!(server.status(front, "GET", &path), 404, "{front:?}");
     }
 }
 
@@ -541,7 +449,7 @@ fn multi_segment_generic_keys_on_every_front() {
             let path = format!("/v1/artifacts/ccache/fe/a5c6ltr4q0kut6qjm9545n50fgo5c{i}");
             let body = vec![i as u8; 70_000];
             let what = format!("{engine} {front:?}");
-            assert_eq!(server.send(front, req("GET", &path)).status, 404, "{what}");
+            assert_eq!(server.status(front, "GET", &path), 404, "{what}");
             let r = server.send(front, req("PUT", &path).body(body.clone()));
             assert_eq!(r.status, 201, "{what}");
             let r = server.send(front, req("GET", &path));
@@ -558,14 +466,10 @@ fn multi_segment_generic_keys_on_every_front() {
                 201
             );
             assert_eq!(server.send(front, req("GET", &deep)).body, b"x", "{what}");
-            assert_eq!(
-                server.send(front, req("DELETE", &deep)).status,
-                204,
-                "{what}"
-            );
+            assert_eq!(server.status(front, "DELETE", &deep), 204, "{what}");
             let r = server.send(front, req("DELETE", &path));
             assert_eq!(r.status, 204, "{what}");
-            assert_eq!(server.send(front, req("GET", &path)).status, 404, "{what}");
+            assert_eq!(server.status(front, "GET", &path), 404, "{what}");
         }
         // One stays, to show its file: one flat name in the key's shard.
         let r = server.send(
@@ -612,10 +516,12 @@ fn multi_segment_generic_keys_on_every_front() {
 fn metrics_label_real_method_names_on_every_front() {
     let server = server().start();
     for front in FRONTS {
-        let r = server.send(front, req("POST", "/v1/artifacts/blobs/k"));
-        assert_eq!(r.status, 405, "{front:?}");
-        let r = server.send(front, req("PATCH", "/cache/k"));
-        assert_eq!(r.status, 405, "{front:?}");
+        assert_eq!(
+            server.status(front, "POST", "/v1/artifacts/blobs/k"),
+            405,
+            "{front:?}"
+        );
+        assert_eq!(server.status(front, "PATCH", "/cache/k"), 405, "{front:?}");
     }
     let r = server.send(Front::Http1, req("BREW", "/cache/k"));
     assert_eq!(r.status, 405);

@@ -2,26 +2,8 @@
 //! what is allowed; `check-config` prints the effective config; unsafe
 //! combinations refuse to start.
 
-use std::process::Command;
-
-fn sluice(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    cmd.args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SLUICE_") {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run sluice");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
+mod common;
+use common::run_sluice as sluice;
 
 #[test]
 fn check_config_prints_effective_config_and_redacts_secrets() {

@@ -26,7 +26,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{req, server, Front, Server};
+use common::{req, server, Front, Server, ServerBuilder};
+use tempfile::TempDir;
 
 /// The client projects, the stand-ins and the install script.
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients");
@@ -70,6 +71,14 @@ fn tool(names: &[&str]) -> Option<PathBuf> {
         status
     ));
     None
+}
+
+/// [`tool`] for `names` when `needs` (the compiler it drives) is found too; `None` otherwise,
+/// after [`tool`] has said which is missing.
+fn tool_with(names: &[&str], needs: &[&str]) -> Option<PathBuf> {
+    let found = tool(names)?;
+    tool(needs)?;
+    Some(found)
 }
 
 /// Says loudly that a case is skipped. Written to the process's stderr
@@ -123,6 +132,16 @@ fn run_status(cmd: &mut Command, what: &str, log_dir: &Path) -> (bool, String) {
     };
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     (status.success(), log)
+}
+
+/// What every case starts from: sluice in plaintext from `sluice`, and a temp dir holding a
+/// copy of the fixture directory `fixture` at `dest`; returns them and the copy's path.
+fn start_case(sluice: ServerBuilder, fixture: &str, dest: &str) -> (Server, TempDir, PathBuf) {
+    let srv = sluice.no_tls().start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let copy = tmp.path().join(dest);
+    copy_fixture(fixture, &copy);
+    (srv, tmp, copy)
 }
 
 /// Copies the fixture directory `name` to `dest`.
@@ -250,16 +269,10 @@ fn ccache_build(ccache: &Path, env: &[(&str, String)], work: &Path, log_dir: &Pa
 /// `remote_storage` value for a server at the given address; `route` is the
 /// sluice route that layout lands on (a label of `sluice_requests_total`).
 fn ccache_round_trip(remote: impl Fn(std::net::SocketAddr) -> String, route: &str) {
-    let Some(ccache) = tool(&["ccache"]) else {
+    let Some(ccache) = tool_with(&["ccache"], &["gcc"]) else {
         return;
     };
-    if tool(&["gcc"]).is_none() {
-        return;
-    }
-    let srv = server().no_tls().start();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let work = tmp.path().join("src");
-    copy_fixture("ccache", &work);
+    let (srv, tmp, work) = start_case(server(), "ccache", "src");
     let config = tmp.path().join("ccache.conf");
     std::fs::write(&config, "").expect("empty ccache.conf");
     let env = |cache_dir: &str| {
@@ -385,32 +398,29 @@ fn gradle_outcome<'a>(log: &'a str, task: &str) -> Option<&'a str> {
 /// and jar are byte-identical.
 #[test]
 fn gradle_http_build_cache() {
-    let Some(gradle) = tool(&["gradle"]) else {
+    let Some(gradle) = tool_with(&["gradle"], &["javac"]) else {
         return;
     };
-    if tool(&["javac"]).is_none() {
-        return;
-    }
-    let srv = server().no_tls().start();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let project = tmp.path().join("project");
-    copy_fixture("gradle", &project);
+    let (srv, tmp, project) = start_case(server(), "gradle", "project");
     let url = format!("http://{}/cache/", srv.addr);
     let tasks = ["blob", "jar"];
 
-    let log = run(
-        gradle_command(&gradle, &project, &tmp.path().join("home-first"), &url).args(tasks),
-        "gradle first build",
-        tmp.path(),
-    );
-    let m = metrics(&srv);
-    for task in [":compileJava", ":blob"] {
-        assert_eq!(
-            gradle_outcome(&log, task),
-            Some(""),
-            "first build: {task} should have run:\n{log}"
-        );
-    }
+    // A build with a fresh user home `home`: its log and sluice's counters after it.
+    let build = |home: &str, what: &str| {
+        let mut cmd = gradle_command(&gradle, &project, &tmp.path().join(home), &url);
+        let log = run(cmd.args(tasks), what, tmp.path());
+        (log, metrics(&srv))
+    };
+    // The two cacheable tasks had the outcome `want` in the build `which`.
+    let outcomes = |log: &str, want: &str, which: &str, should: &str| {
+        for task in [":compileJava", ":blob"] {
+            let got = gradle_outcome(log, task);
+            assert_eq!(got, Some(want), "{which}: {task} should {should}:\n{log}");
+        }
+    };
+
+    let (log, m) = build("home-first", "gradle first build");
+    outcomes(&log, "", "first build", "have run");
     assert!(
         !log.contains("Could not store") && !log.contains("Could not load"),
         "first build: cache errors:\n{log}"
@@ -423,19 +433,8 @@ fn gradle_http_build_cache() {
     std::fs::rename(project.join("build"), tmp.path().join("first-build")).expect("keep build");
     std::fs::remove_dir_all(project.join(".gradle")).expect("remove .gradle");
 
-    let log = run(
-        gradle_command(&gradle, &project, &tmp.path().join("home-second"), &url).args(tasks),
-        "gradle second build",
-        tmp.path(),
-    );
-    let m = metrics(&srv);
-    for task in [":compileJava", ":blob"] {
-        assert_eq!(
-            gradle_outcome(&log, task),
-            Some("FROM-CACHE"),
-            "second build: {task} should come from sluice:\n{log}"
-        );
-    }
+    let (log, m) = build("home-second", "gradle second build");
+    outcomes(&log, "FROM-CACHE", "second build", "come from sluice");
     assert!(
         log.contains("2 from cache"),
         "second build: expected exactly the two cacheable tasks from cache:\n{log}"
@@ -489,20 +488,12 @@ const GRADLE_CACHE_DISABLED: &str =
 /// must store again.
 #[test]
 fn gradle_oversized_entry() {
-    let Some(gradle) = tool(&["gradle"]) else {
+    let Some(gradle) = tool_with(&["gradle"], &["javac"]) else {
         return;
     };
-    if tool(&["javac"]).is_none() {
-        return;
-    }
-    let srv = server()
-        .no_tls()
-        .env("SLUICE_GRADLE_BODY_BYTES_MAX", "1048576")
-        .start();
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let sluice = server().env("SLUICE_GRADLE_BODY_BYTES_MAX", "1048576");
+    let (srv, tmp, project) = start_case(sluice, "gradle", "project");
     let version = gradle_version(&gradle, tmp.path());
-    let project = tmp.path().join("project");
-    copy_fixture("gradle", &project);
     let url = format!("http://{}/cache/", srv.addr);
 
     let log = run(
@@ -639,16 +630,10 @@ fn bazel_processes(log: &str) -> BTreeMap<String, u64> {
 /// are byte-identical (and the binary still runs).
 #[test]
 fn bazel_remote_cache() {
-    let Some(bazel) = tool(&["bazel-4", "bazel"]) else {
+    let Some(bazel) = tool_with(&["bazel-4", "bazel"], &["gcc"]) else {
         return;
     };
-    if tool(&["gcc"]).is_none() {
-        return;
-    }
-    let srv = server().no_tls().start();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let workspace = tmp.path().join("workspace");
-    copy_fixture("bazel/workspace", &workspace);
+    let (srv, tmp, workspace) = start_case(server(), "bazel/workspace", "workspace");
     let mut startup = vec![
         "--nosystem_rc".to_string(),
         "--nohome_rc".to_string(),

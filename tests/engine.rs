@@ -37,13 +37,6 @@ fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-fn put_blob(server: &Server, path: &str, len: usize) -> Vec<u8> {
-    let body: Vec<u8> = (0..len).map(|n| (n % 253) as u8).collect();
-    let r = server.send(Front::Http1, req("PUT", path).body(body.clone()));
-    assert!(r.status == 201 || r.status == 204, "{}", r.status);
-    body
-}
-
 #[test]
 fn plaintext_gets_are_spliced_and_copy_mode_copies() {
     let server = server().no_tls().start();
@@ -102,20 +95,7 @@ fn server_copy() -> Server {
 
 #[test]
 fn slow_reader_gets_every_byte() {
-    let server = server().no_tls().start();
-    let body = put_blob(&server, "/v1/artifacts/e/slow", 8 << 20);
-    let mut s = TcpStream::connect(server.addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.write_all(b"GET /v1/artifacts/e/slow HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .expect("write");
-    // Read in small pieces with pauses, so the socket buffer fills and the
-    // server's sends and splices come back short and must be resumed.
-    let out = read_slowly(&mut s);
-    let (resp, _) = parse_response(&out, false).expect("response");
-    assert_eq!(resp.status, 200);
-    assert_eq!(resp.body.len(), body.len());
-    assert!(resp.body == body, "body differs");
+    common::slow_reader_gets_every_byte(server().no_tls());
 }
 
 #[test]
@@ -145,7 +125,7 @@ fn aborted_downloads_leak_no_fds_or_pipes() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(server.send(Front::Http1, req("GET", "/up")).status, 200);
+    assert_eq!(server.status(Front::Http1, "GET", "/up"), 200);
 }
 
 #[test]
@@ -175,27 +155,7 @@ fn a_thousand_keep_alive_connections() {
 
 #[test]
 fn slow_head_gets_408_while_others_are_served() {
-    let server = server()
-        .no_tls()
-        .env("SLUICE_HEADER_READ_TIMEOUT_MS", "1000")
-        .start();
-    let mut slow = TcpStream::connect(server.addr).expect("connect");
-    slow.write_all(b"GET /up HTTP/1.1\r\nHost: a\r\n")
-        .expect("partial head");
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_millis(600) {
-        assert_eq!(server.send(Front::Http1, req("GET", "/up")).status, 200);
-    }
-    slow.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let mut out = Vec::new();
-    let _ = slow.read_to_end(&mut out);
-    assert!(
-        out.starts_with(b"HTTP/1.1 408 "),
-        "{:?}",
-        String::from_utf8_lossy(&out)
-    );
-    assert!(started.elapsed() < Duration::from_secs(8));
+    common::slow_head_gets_408_while_others_are_served(server().no_tls());
 }
 
 #[test]
@@ -235,18 +195,9 @@ fn open_file_cache_hits_and_serves_replacements_fresh() {
             );
         }
     }
-    assert_eq!(
-        server
-            .send(Front::Http1, req("DELETE", "/v1/artifacts/e/cached"))
-            .status,
-        204
-    );
-    assert_eq!(
-        server
-            .send(Front::Http1, req("GET", "/v1/artifacts/e/cached"))
-            .status,
-        404
-    );
+    let cached = "/v1/artifacts/e/cached";
+    assert_eq!(server.status(Front::Http1, "DELETE", cached), 204);
+    assert_eq!(server.status(Front::Http1, "GET", cached), 404);
     // Published every tick (100 ms).
     std::thread::sleep(Duration::from_millis(300));
     let hits = metric(&server, "sluice_ring_open_file_hits_total").unwrap_or(0);
@@ -282,7 +233,7 @@ fn accept_pauses_on_emfile_and_recovers() {
     let accepted_while_full = fd_count(server.child.id());
     drop(conns);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(server.send(Front::Http1, req("GET", "/up")).status, 200);
+    assert_eq!(server.status(Front::Http1, "GET", "/up"), 200);
     // Bounded by the limit, not by the 64 connections waiting.
     assert!(accepted_while_full < 60, "{accepted_while_full} fds");
     let errors = metric(&server, "sluice_ring_accept_errors_total").unwrap_or(0);

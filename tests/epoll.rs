@@ -18,13 +18,6 @@ fn metric(server: &Server, name: &str) -> u64 {
         .sum()
 }
 
-fn put_blob(server: &Server, path: &str, len: usize) -> Vec<u8> {
-    let body: Vec<u8> = (0..len).map(|n| (n % 251) as u8).collect();
-    let r = server.send(Front::Http1, req("PUT", path).body(body.clone()));
-    assert!(r.status == 201 || r.status == 204, "{}", r.status);
-    body
-}
-
 fn epoll_server() -> ServerBuilder {
     server().env("SLUICE_ENGINE", "epoll")
 }
@@ -60,43 +53,12 @@ fn serves_every_front_and_says_so() {
 
 #[test]
 fn slow_reader_gets_every_byte() {
-    let server = epoll_server().start();
-    let body = put_blob(&server, "/v1/artifacts/e/slow", 8 << 20);
-    let mut s = TcpStream::connect(server.addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.write_all(b"GET /v1/artifacts/e/slow HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .expect("write");
-    // Small reads with pauses: the socket fills, sendfile comes back with
-    // EAGAIN, and the body must go on when the socket drains.
-    let out = read_slowly(&mut s);
-    let (resp, _) = parse_response(&out, false).expect("response");
-    assert_eq!(resp.status, 200);
-    assert!(resp.body == body, "body differs");
+    common::slow_reader_gets_every_byte(epoll_server());
 }
 
 #[test]
 fn slow_head_gets_408_while_others_are_served() {
-    let server = epoll_server()
-        .env("SLUICE_HEADER_READ_TIMEOUT_MS", "1000")
-        .start();
-    let mut slow = TcpStream::connect(server.addr).expect("connect");
-    slow.write_all(b"GET /up HTTP/1.1\r\nHost: a\r\n")
-        .expect("partial head");
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_millis(600) {
-        assert_eq!(server.send(Front::Http1, req("GET", "/up")).status, 200);
-    }
-    slow.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let mut out = Vec::new();
-    let _ = slow.read_to_end(&mut out);
-    assert!(
-        out.starts_with(b"HTTP/1.1 408 "),
-        "{:?}",
-        String::from_utf8_lossy(&out)
-    );
-    assert!(started.elapsed() < Duration::from_secs(8));
+    common::slow_head_gets_408_while_others_are_served(epoll_server());
 }
 
 #[test]
@@ -183,11 +145,7 @@ fn sluice_residency_known(server: &Server) -> bool {
 fn a_download_in_flight_finishes_across_sigterm() {
     let mut server = epoll_server().start();
     let body = put_blob(&server, "/v1/artifacts/e/drain", 16 << 20);
-    let mut s = TcpStream::connect(server.addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.write_all(b"GET /v1/artifacts/e/drain HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .expect("write");
+    let mut s = start_get(server.addr, "/v1/artifacts/e/drain");
     let mut first = vec![0u8; 64 * 1024];
     let n = read_some(&mut s, &mut first).expect("first bytes");
     let pid = rustix::process::Pid::from_raw(server.child.id() as i32).expect("pid");

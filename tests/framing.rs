@@ -27,63 +27,21 @@ enum Path {
 /// Upload cases on a real route: (name, bytes, status). Each PUTs to
 /// `/v1/artifacts/ns/{name}`, which must stay absent.
 fn upload_cases() -> Vec<(&'static str, Vec<u8>, u16)> {
-    let put = |name: &str, headers: &str, body: &str| -> Vec<u8> {
-        format!("PUT /v1/artifacts/ns/{name} HTTP/1.1\r\nHost: a\r\n{headers}\r\n{body}")
-            .into_bytes()
+    let put = |name: &'static str, headers: &str, body: &str, status: u16| {
+        let raw = format!("PUT /v1/artifacts/ns/{name} HTTP/1.1\r\nHost: a\r\n{headers}\r\n{body}");
+        (name, raw.into_bytes(), status)
     };
+    let chunked_abc = "3\r\nabc\r\n0\r\n\r\n";
+    let te_chunked = "Transfer-Encoding: chunked\r\n";
     vec![
-        (
-            "cl-te",
-            put(
-                "cl-te",
-                "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
-                "0\r\n\r\n",
-            ),
-            400,
-        ),
-        (
-            "te-cl",
-            put(
-                "te-cl",
-                "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n",
-                "3\r\nabc\r\n0\r\n\r\n",
-            ),
-            400,
-        ),
-        (
-            "cl-twice",
-            put("cl-twice", "Content-Length: 3\r\nContent-Length: 3\r\n", "abc"),
-            400,
-        ),
-        (
-            "cl-signed",
-            put("cl-signed", "Content-Length: +3\r\n", "abc"),
-            400,
-        ),
-        (
-            "cl-list",
-            put("cl-list", "Content-Length: 3, 3\r\n", "abc"),
-            400,
-        ),
-        (
-            "te-gzip",
-            put("te-gzip", "Transfer-Encoding: gzip, chunked\r\n", "3\r\nabc\r\n0\r\n\r\n"),
-            400,
-        ),
-        (
-            "te-twice",
-            put(
-                "te-twice",
-                "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
-                "3\r\nabc\r\n0\r\n\r\n",
-            ),
-            400,
-        ),
-        (
-            "obs-fold-cl",
-            put("obs-fold-cl", "X-A: b\r\n c\r\nContent-Length: 3\r\n", "abc"),
-            400,
-        ),
+        put("cl-te", &format!("Content-Length: 5\r\n{te_chunked}"), "0\r\n\r\n", 400),
+        put("te-cl", &format!("{te_chunked}Content-Length: 3\r\n"), chunked_abc, 400),
+        put("cl-twice", "Content-Length: 3\r\nContent-Length: 3\r\n", "abc", 400),
+        put("cl-signed", "Content-Length: +3\r\n", "abc", 400),
+        put("cl-list", "Content-Length: 3, 3\r\n", "abc", 400),
+        put("te-gzip", "Transfer-Encoding: gzip, chunked\r\n", chunked_abc, 400),
+        put("te-twice", &format!("{te_chunked}{te_chunked}"), chunked_abc, 400),
+        put("obs-fold-cl", "X-A: b\r\n c\r\nContent-Length: 3\r\n", "abc", 400),
         (
             "no-host",
             b"PUT /v1/artifacts/ns/no-host HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc".to_vec(),
@@ -95,11 +53,7 @@ fn upload_cases() -> Vec<(&'static str, Vec<u8>, u16)> {
                 .to_vec(),
             400,
         ),
-        (
-            "expect-other",
-            put("expect-other", "Expect: 200-ok\r\nContent-Length: 3\r\n", "abc"),
-            417,
-        ),
+        put("expect-other", "Expect: 200-ok\r\nContent-Length: 3\r\n", "abc", 417),
     ]
 }
 
@@ -124,12 +78,7 @@ fn tls_exchange(server: &Server, raw: &[u8]) -> Vec<u8> {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(server.addr)
-            .await
-            .expect("connect");
-        let connector = tls_connector(&server.cert_der, b"http/1.1");
-        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-        let mut tls = connector.connect(name, tcp).await.expect("handshake");
+        let mut tls = tls_connect(server, b"http/1.1").await;
         tls.write_all(raw).await.expect("write");
         tls.flush().await.expect("flush");
         let mut out = Vec::new();

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{req, server, Front, Server, ServerBuilder};
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -40,17 +39,17 @@ fn quick() -> ServerBuilder {
 
 /// A connection speaking `front`'s transport (TLS with its ALPN, or plain TCP).
 async fn connect(server: &Server, front: Front) -> Box<dyn Io> {
-    let tcp = tokio::net::TcpStream::connect(server.addr)
-        .await
-        .expect("connect");
     let alpn: &[u8] = match front {
-        Front::Http1 | Front::H2c => return Box::new(tcp),
+        Front::Http1 | Front::H2c => {
+            let tcp = tokio::net::TcpStream::connect(server.addr)
+                .await
+                .expect("connect");
+            return Box::new(tcp);
+        }
         Front::TlsHttp1 => b"http/1.1",
         Front::TlsH2 => b"h2",
     };
-    let connector = common::tls_connector(&server.cert_der, alpn);
-    let name = ServerName::try_from("localhost").expect("name");
-    Box::new(connector.connect(name, tcp).await.expect("TLS handshake"))
+    Box::new(common::tls_connect(server, alpn).await)
 }
 
 /// Reads until EOF or an error, for at most `limit`; `None` if the connection stayed open.
@@ -65,6 +64,21 @@ async fn read_until_closed(io: &mut (impl AsyncRead + Unpin), limit: Duration) -
             Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
         }
     }
+}
+
+/// Sends `stalled` (a request that stops short) on a new connection through `front` and reads
+/// until the server closes it (5 s at most): it must have answered 408, within 3 s. `what` says
+/// what stalled.
+async fn expect_408_within_3_s(server: &Server, front: Front, stalled: &[u8], what: &str) {
+    let mut io = connect(server, front).await;
+    io.write_all(stalled).await.expect("write");
+    let began = Instant::now();
+    let out = read_until_closed(&mut io, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("{front:?}: {what} still open after 5 s"));
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{front:?}: {text:?}");
+    assert!(began.elapsed() < Duration::from_secs(3), "{front:?}");
 }
 
 /// An h2 client on `front` (h2c or TLS h2), its connection driven on a task whose result says
@@ -108,20 +122,10 @@ fn stalled_request_bodies_end_after_body_read_timeout_1_2() {
     let server = quick().start();
     runtime().block_on(async {
         for front in H1_FRONTS {
-            let mut io = connect(&server, front).await;
-            io.write_all(
+            let stalled =
                 b"PUT /v1/artifacts/t/stall HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n\
-                  0123456789",
-            )
-            .await
-            .expect("write");
-            let began = Instant::now();
-            let out = read_until_closed(&mut io, Duration::from_secs(5))
-                .await
-                .unwrap_or_else(|| panic!("{front:?}: stalled body still open after 5 s"));
-            let text = String::from_utf8_lossy(&out);
-            assert!(text.starts_with("HTTP/1.1 408"), "{front:?}: {text:?}");
-            assert!(began.elapsed() < Duration::from_secs(3), "{front:?}");
+                  0123456789";
+            expect_408_within_3_s(&server, front, stalled, "stalled body").await;
         }
         for front in H2_FRONTS {
             let (mut send, _conn) = h2_client(&server, front).await;
@@ -151,7 +155,7 @@ fn stalled_request_bodies_end_after_body_read_timeout_1_2() {
 #[test]
 fn clients_that_never_read_are_closed_3() {
     let server = quick().start();
-    let body: Vec<u8> = (0..32 * 1024 * 1024).map(|n| (n % 251) as u8).collect();
+    let body = common::repeating_bytes(32 * 1024 * 1024, 251);
     let put = server.send(
         Front::Http1,
         req("PUT", "/v1/artifacts/t/big").body(body.clone()),
@@ -275,13 +279,8 @@ fn one_address_cannot_hold_every_slot_4() {
             held.push(io);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let tcp = tokio::net::TcpStream::connect(server.addr)
-            .await
-            .expect("connect");
-        let connector = common::tls_connector(&server.cert_der, b"http/1.1");
-        let name = ServerName::try_from("localhost").expect("name");
         assert!(
-            connector.connect(name, tcp).await.is_err(),
+            common::try_tls_connect(&server, b"http/1.1").await.is_err(),
             "TLS handshake completed over the per-address cap"
         );
         drop(held);
@@ -370,17 +369,8 @@ fn limits_answer_the_same_status_on_every_front_8() {
                     "{front:?} {target_bytes}: {text:?}"
                 );
             }
-            let mut io = connect(&server, front).await;
-            io.write_all(b"GET /up HTTP/1.1\r\nhost: x\r\n")
-                .await
-                .expect("write");
-            let began = Instant::now();
-            let out = read_until_closed(&mut io, Duration::from_secs(5))
-                .await
-                .expect("slow head still open");
-            let text = String::from_utf8_lossy(&out);
-            assert!(text.starts_with("HTTP/1.1 408"), "{front:?}: {text:?}");
-            assert!(began.elapsed() < Duration::from_secs(3), "{front:?}");
+            let stalled = b"GET /up HTTP/1.1\r\nhost: x\r\n";
+            expect_408_within_3_s(&server, front, stalled, "slow head").await;
         }
         for front in H2_FRONTS {
             let (mut send, _conn) = h2_client(&server, front).await;

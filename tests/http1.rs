@@ -7,6 +7,26 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
+/// PUTs `bodies[i]` to `{prefix}{i}` over plaintext; each must be created (201).
+fn put_all(server: &Server, prefix: &str, bodies: &[Vec<u8>]) {
+    for (i, body) in bodies.iter().enumerate() {
+        let r = server.send(
+            Front::Http1,
+            req("PUT", &format!("{prefix}{i}")).body(body.clone()),
+        );
+        assert_eq!(r.status, 201, "{prefix}{i}");
+    }
+}
+
+/// GETs `{prefix}{i}` over plaintext; each must answer 200 with `bodies[i]`.
+fn get_all(server: &Server, prefix: &str, bodies: &[Vec<u8>]) {
+    for (i, body) in bodies.iter().enumerate() {
+        let r = server.send(Front::Http1, req("GET", &format!("{prefix}{i}")));
+        assert_eq!((r.status, r.body.len()), (200, body.len()), "{prefix}{i}");
+        assert!(r.body == *body, "{prefix}{i}: body differs");
+    }
+}
+
 fn status_of(raw: &[u8]) -> u16 {
     parse_response(raw, false)
         .map(|(r, _)| r.status)
@@ -155,27 +175,19 @@ fn client_disconnect_mid_upload_leaves_nothing() {
     // exactly what it held before the upload began.
     assert_eq!(files_under(&server.data_dir), before);
     // The server still works.
-    assert_eq!(server.send(Front::Http1, req("GET", "/up")).status, 200);
+    assert_eq!(server.status(Front::Http1, "GET", "/up"), 200);
 }
 
 #[test]
 fn restart_keeps_acknowledged_artifacts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let mut bodies = Vec::new();
+    let bodies: Vec<Vec<u8>> = (0..20)
+        .map(|i| format!("artifact number {i}").repeat(i + 1).into_bytes())
+        .collect();
     {
         let mut server = server().no_tls().data_dir(&data).start();
-        for i in 0..20u32 {
-            let body = format!("artifact number {i}")
-                .repeat(i as usize + 1)
-                .into_bytes();
-            let r = server.send(
-                Front::Http1,
-                req("PUT", &format!("/v1/artifacts/keep/a{i}")).body(body.clone()),
-            );
-            assert_eq!(r.status, 201);
-            bodies.push(body);
-        }
+        put_all(&server, "/v1/artifacts/keep/a", &bodies);
         assert!(
             server.stop().success(),
             "clean exit on SIGTERM: {}",
@@ -183,13 +195,7 @@ fn restart_keeps_acknowledged_artifacts() {
         );
     }
     let server = server().no_tls().data_dir(&data).start();
-    for (i, body) in bodies.iter().enumerate() {
-        let r = server.send(
-            Front::Http1,
-            req("GET", &format!("/v1/artifacts/keep/a{i}")),
-        );
-        assert_eq!((r.status, &r.body), (200, body));
-    }
+    get_all(&server, "/v1/artifacts/keep/a", &bodies);
 }
 
 #[test]
@@ -198,12 +204,12 @@ fn readiness_turns_503_while_draining() {
         .no_tls()
         .env("SLUICE_SHUTDOWN_PRE_DRAIN_MS", "4000")
         .start();
-    assert_eq!(server.send(Front::Http1, req("GET", "/ready")).status, 200);
+    assert_eq!(server.status(Front::Http1, "GET", "/ready"), 200);
     let pid = rustix::process::Pid::from_raw(server.child.id() as i32).expect("pid");
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill");
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(server.send(Front::Http1, req("GET", "/ready")).status, 503);
-    assert_eq!(server.send(Front::Http1, req("GET", "/up")).status, 200);
+    assert_eq!(server.status(Front::Http1, "GET", "/ready"), 503);
+    assert_eq!(server.status(Front::Http1, "GET", "/up"), 200);
     assert!(server.stop().success());
 }
 
@@ -214,18 +220,10 @@ fn readiness_turns_503_while_draining() {
 fn kill_9_keeps_acknowledged_artifacts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let mut bodies = Vec::new();
+    let bodies: Vec<Vec<u8>> = (0..10).map(|i| vec![i as u8; 100_000 + i]).collect();
     {
         let mut server = server().no_tls().data_dir(&data).start();
-        for i in 0..10u32 {
-            let body = vec![i as u8; 100_000 + i as usize];
-            let r = server.send(
-                Front::Http1,
-                req("PUT", &format!("/v1/artifacts/crash/a{i}")).body(body.clone()),
-            );
-            assert_eq!(r.status, 201);
-            bodies.push(body);
-        }
+        put_all(&server, "/v1/artifacts/crash/a", &bodies);
         // One more upload, half sent when the process dies.
         let mut s = TcpStream::connect(server.addr).expect("connect");
         s.write_all(
@@ -238,14 +236,7 @@ fn kill_9_keeps_acknowledged_artifacts() {
         server.child.wait().expect("wait");
     }
     let server = server().no_tls().data_dir(&data).start();
-    for (i, body) in bodies.iter().enumerate() {
-        let r = server.send(
-            Front::Http1,
-            req("GET", &format!("/v1/artifacts/crash/a{i}")),
-        );
-        assert_eq!((r.status, r.body.len()), (200, body.len()), "a{i}");
-        assert_eq!(&r.body, body, "a{i}");
-    }
+    get_all(&server, "/v1/artifacts/crash/a", &bodies);
     let r = server.send(Front::Http1, req("GET", "/v1/artifacts/crash/half"));
     assert_eq!(r.status, 404);
     let visible: Vec<_> = files_under(&data)
@@ -314,31 +305,23 @@ fn store_bytes_max_evicts_least_recently_used() {
         .no_tls()
         .config("store_bytes_max = 1000000\n")
         .start();
-    let body = |i: u8| vec![i; 300_000];
-    for i in 0..3u8 {
+    // Written 20 ms apart, so their times of use differ.
+    let put = |i: u8| {
         let r = server.send(
             Front::Http1,
-            req("PUT", &format!("/v1/artifacts/lru/k{i}")).body(body(i)),
+            req("PUT", &format!("/v1/artifacts/lru/k{i}")).body(vec![i; 300_000]),
         );
         assert_eq!(r.status, 201);
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    (0..3).for_each(put);
     // k0 is the oldest write, but read now: k1 becomes the least recent.
     assert_eq!(
-        server
-            .send(Front::Http1, req("GET", "/v1/artifacts/lru/k0"))
-            .status,
+        server.status(Front::Http1, "GET", "/v1/artifacts/lru/k0"),
         200
     );
     std::thread::sleep(Duration::from_millis(20));
-    for i in 3..5u8 {
-        let r = server.send(
-            Front::Http1,
-            req("PUT", &format!("/v1/artifacts/lru/k{i}")).body(body(i)),
-        );
-        assert_eq!(r.status, 201);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    (3..5).for_each(put);
     // Eviction runs in the background: wait (bounded) for the budget to hold.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let store_bytes = |server: &Server| -> u64 {
@@ -355,11 +338,7 @@ fn store_bytes_max_evicts_least_recently_used() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let status = |k: &str| {
-        server
-            .send(Front::Http1, req("GET", &format!("/v1/artifacts/lru/{k}")))
-            .status
-    };
+    let status = |k: &str| server.status(Front::Http1, "GET", &format!("/v1/artifacts/lru/{k}"));
     assert_eq!(status("k1"), 404, "least recently used goes first");
     assert_eq!(status("k4"), 200, "the newest stays");
     assert_eq!(status("k0"), 200, "a recent read keeps an old write");

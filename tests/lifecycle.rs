@@ -102,6 +102,7 @@ fn prepare(server: &Server) -> Workload {
 struct Load {
     children: Vec<(Child, PathBuf)>,
     put_connections: usize,
+    secs: u32,
 }
 
 const GET_RATE: u32 = 100;
@@ -135,7 +136,15 @@ fn start_load(work: &Workload, secs: u32) -> Load {
     Load {
         children,
         put_connections: PUT_CONNECTIONS,
+        secs,
     }
+}
+
+/// [`start_load`], then lets it run for `settle` before the test goes on.
+fn start_load_then_wait(work: &Workload, secs: u32, settle: Duration) -> Load {
+    let load = start_load(work, secs);
+    std::thread::sleep(settle);
+    load
 }
 
 /// What one bench process measured.
@@ -175,6 +184,17 @@ impl Load {
         let puts = out.pop().expect("puts");
         let gets = out.pop().expect("gets");
         (gets, puts, self.put_connections)
+    }
+
+    /// [`Load::finish`], then [`check_load`] against `server`, whose log is printed first when
+    /// any request failed.
+    fn finish_and_check(self, server: &Server) {
+        let secs = self.secs;
+        let (gets, puts, conns) = self.finish();
+        if gets.errors + puts.errors > 0 {
+            eprintln!("server log:\n{}", server.stderr());
+        }
+        check_load(&gets, &puts, conns, server.addr, secs);
     }
 }
 
@@ -320,6 +340,23 @@ fn lifecycle_server(extra_toml: &str) -> (Server, tempfile::TempDir, PathBuf) {
     (s, dir, pid_file)
 }
 
+/// What a load test holds to its end: the load lock (one load test at a time) and an
+/// [`OwnerGuard`] for the pid file. Dropped in that order.
+struct Held {
+    _serial: std::sync::MutexGuard<'static, ()>,
+    _owner: OwnerGuard,
+}
+
+/// A [`lifecycle_server`] with the workload prepared, and what the test must hold meanwhile
+/// (the load lock is taken once the server is up).
+fn load_test() -> (Server, tempfile::TempDir, PathBuf, Workload, Held) {
+    let (server, dir, pid_file) = lifecycle_server("");
+    let _owner = OwnerGuard(pid_file.clone());
+    let _serial = serial();
+    let work = prepare(&server);
+    (server, dir, pid_file, work, Held { _serial, _owner })
+}
+
 /// Stops whichever process owns the listeners now, and waits for it.
 fn stop_owner(pid_file: &Path) {
     let pid = pid_of(pid_file);
@@ -332,14 +369,9 @@ fn stop_owner(pid_file: &Path) {
 
 #[test]
 fn two_upgrades_in_a_row_under_load_lose_nothing() {
-    let (mut server, _dir, pid_file) = lifecycle_server("");
-    let _guard = OwnerGuard(pid_file.clone());
-    let _serial = serial();
-    let work = prepare(&server);
+    let (mut server, _dir, pid_file, work, _held) = load_test();
     let first = pid_of(&pid_file);
-    let secs = 8;
-    let load = start_load(&work, secs);
-    std::thread::sleep(Duration::from_millis(2000));
+    let load = start_load_then_wait(&work, 8, Duration::from_millis(2000));
     must_upgrade(&server, &pid_file, "first upgrade");
     let second = pid_of(&pid_file);
     assert_ne!(second, first);
@@ -347,8 +379,7 @@ fn two_upgrades_in_a_row_under_load_lose_nothing() {
     must_upgrade(&server, &pid_file, "second upgrade");
     let third = pid_of(&pid_file);
     assert_ne!(third, second);
-    let (gets, puts, conns) = load.finish();
-    check_load(&gets, &puts, conns, server.addr, secs);
+    load.finish_and_check(&server);
     assert!(
         wait_gone(first, Duration::from_secs(15)),
         "first process still running"
@@ -371,14 +402,9 @@ fn two_upgrades_in_a_row_under_load_lose_nothing() {
 
 #[test]
 fn an_upgrade_that_never_gets_ready_leaves_the_old_process_serving() {
-    let (server, dir, pid_file) = lifecycle_server("");
-    let _guard = OwnerGuard(pid_file.clone());
-    let _serial = serial();
-    let work = prepare(&server);
+    let (server, dir, pid_file, work, _held) = load_test();
     let old = pid_of(&pid_file);
-    let secs = 5;
-    let load = start_load(&work, secs);
-    std::thread::sleep(Duration::from_millis(1500));
+    let load = start_load_then_wait(&work, 5, Duration::from_millis(1500));
     // The new process reads the config file as it is at upgrade time (like nginx's
     // binary upgrade re-reading nginx.conf): a certificate that does not exist makes it
     // exit before it is ready.
@@ -395,8 +421,7 @@ fn an_upgrade_that_never_gets_ready_leaves_the_old_process_serving() {
         old,
         "the pid file still names the old process"
     );
-    let (gets, puts, conns) = load.finish();
-    check_load(&gets, &puts, conns, server.addr, secs);
+    load.finish_and_check(&server);
     assert!(alive(old));
     assert!(ready_status(server.addr).contains("200"));
     let log = server.stderr();
@@ -407,14 +432,9 @@ fn an_upgrade_that_never_gets_ready_leaves_the_old_process_serving() {
 
 #[test]
 fn sigterm_to_the_old_process_while_its_successor_serves_loses_nothing() {
-    let (server, _dir, pid_file) = lifecycle_server("");
-    let _guard = OwnerGuard(pid_file.clone());
-    let _serial = serial();
-    let work = prepare(&server);
+    let (server, _dir, pid_file, work, _held) = load_test();
     let old = pid_of(&pid_file);
-    let secs = 5;
-    let load = start_load(&work, secs);
-    std::thread::sleep(Duration::from_millis(1500));
+    let load = start_load_then_wait(&work, 5, Duration::from_millis(1500));
     must_upgrade(&server, &pid_file, "upgrade");
     let new = pid_of(&pid_file);
     // An orchestrator that stops the old pid while it drains: it keeps draining.
@@ -423,11 +443,7 @@ fn sigterm_to_the_old_process_while_its_successor_serves_loses_nothing() {
         wait_gone(old, Duration::from_secs(15)),
         "old process still running"
     );
-    let (gets, puts, conns) = load.finish();
-    if gets.errors + puts.errors > 0 {
-        eprintln!("server log:\n{}", server.stderr());
-    }
-    check_load(&gets, &puts, conns, server.addr, secs);
+    load.finish_and_check(&server);
     assert!(alive(new));
     let log = server.stderr();
     assert!(!log.contains("drain is cut short"), "{log}");
@@ -436,16 +452,12 @@ fn sigterm_to_the_old_process_while_its_successor_serves_loses_nothing() {
 
 #[test]
 fn a_64_mib_download_in_flight_across_an_upgrade_completes_byte_identical() {
-    let (server, _dir, pid_file) = lifecycle_server("");
-    let _guard = OwnerGuard(pid_file.clone());
-    let _serial = serial();
-    let work = prepare(&server);
+    let (server, _dir, pid_file, work, _held) = load_test();
     let big = body(64 << 20, 3);
     let digest = sha256_hex(&big);
     let r = server.send(Front::Http1, req("PUT", "/v1/artifacts/life/big").body(big));
     assert_eq!(r.status, 201);
-    let secs = 5;
-    let load = start_load(&work, secs);
+    let load = start_load(&work, 5);
     let mut stream = TcpStream::connect(server.addr).expect("connect");
     stream
         .write_all(b"GET /v1/artifacts/life/big HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -486,8 +498,7 @@ fn a_64_mib_download_in_flight_across_an_upgrade_completes_byte_identical() {
     assert!(upgraded, "the download ended before the upgrade");
     assert_eq!(got.len() - head_len, 64 << 20);
     assert_eq!(sha256_hex(&got[head_len..]), digest);
-    let (gets, puts, conns) = load.finish();
-    check_load(&gets, &puts, conns, server.addr, secs);
+    load.finish_and_check(&server);
     stop_owner(&pid_file);
 }
 

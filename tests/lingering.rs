@@ -82,12 +82,7 @@ fn status_line(out: &[u8]) -> String {
 }
 
 async fn tls_write_then_read(server: &Server, raw: &[u8], what: &str) -> String {
-    let tcp = tokio::net::TcpStream::connect(server.addr)
-        .await
-        .expect("connect");
-    let connector = tls_connector(&server.cert_der, b"http/1.1");
-    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    let mut tls = connector.connect(name, tcp).await.expect("tls");
+    let mut tls = tls_connect(server, b"http/1.1").await;
     tls.write_all(raw)
         .await
         .unwrap_or_else(|e| panic!("{what}: writing the whole request failed: {e}"));
@@ -106,6 +101,15 @@ fn expect_status(line: &str, want: u16, what: &str) {
     );
 }
 
+/// Sends every request of [`requests`] over plaintext, each written whole before its status is
+/// read; `front` names the front end in failures.
+fn plaintext_clients_read_the_early_error(server: &Server, front: &str) {
+    for (what, raw, want) in requests() {
+        let line = plaintext_write_then_read(server, &raw, what);
+        expect_status(&line, want, &format!("{front}: {what}"));
+    }
+}
+
 #[test]
 fn write_everything_first_clients_read_the_early_error_on_the_ring() {
     let server = gradle_server("auto");
@@ -113,17 +117,9 @@ fn write_everything_first_clients_read_the_early_error_on_the_ring() {
     if !on {
         eprintln!("SKIP ring part: plaintext is served by the fallback here: {mode}");
     }
-    for (what, raw, want) in requests() {
-        let line = plaintext_write_then_read(&server, &raw, what);
-        expect_status(&line, want, what);
-    }
+    plaintext_clients_read_the_early_error(&server, "plaintext");
     // Nothing was stored.
-    assert_eq!(
-        server
-            .send(Front::Http1, req("GET", "/cache/0123abcd"))
-            .status,
-        404
-    );
+    assert_eq!(server.status(Front::Http1, "GET", "/cache/0123abcd"), 404);
 }
 
 /// The same on the epoll engine (hosts without io_uring): its lingering
@@ -131,19 +127,13 @@ fn write_everything_first_clients_read_the_early_error_on_the_ring() {
 #[test]
 fn write_everything_first_clients_read_the_early_error_on_epoll() {
     let server = gradle_server("epoll");
-    for (what, raw, want) in requests() {
-        let line = plaintext_write_then_read(&server, &raw, what);
-        expect_status(&line, want, &format!("plaintext epoll: {what}"));
-    }
+    plaintext_clients_read_the_early_error(&server, "plaintext epoll");
 }
 
 #[test]
 fn write_everything_first_clients_read_the_early_error_on_the_fallback() {
     let server = gradle_server("fallback");
-    for (what, raw, want) in requests() {
-        let line = plaintext_write_then_read(&server, &raw, what);
-        expect_status(&line, want, &format!("plaintext fallback: {what}"));
-    }
+    plaintext_clients_read_the_early_error(&server, "plaintext fallback");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

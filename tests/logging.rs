@@ -12,7 +12,7 @@ fn run_and_collect_log(env: &[(&str, &str)]) -> String {
     }
     let mut server = builder.start();
     for front in FRONTS {
-        assert_eq!(server.send(front, req("GET", "/up")).status, 200);
+        assert_eq!(server.status(front, "GET", "/up"), 200);
     }
     let r = server.send(
         Front::Http1,

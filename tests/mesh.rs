@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{server, sha256_hex, Server};
+use common::{server, sha256_hex, xorshift_bytes as body, Server};
 
 const SECRET: &str = "mesh-test-secret-0123456789";
 
@@ -42,19 +42,6 @@ fn node(port: u16, data_dir: &Path, peers: &[u16], extra: &[(&str, &str)]) -> Se
 
 fn status_of(addr: SocketAddr, method: &str, path: &str) -> u16 {
     http(addr, method, path, &[], b"").status
-}
-
-/// A deterministic body of `len` bytes.
-fn body(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// An artifact: its path on every node and its body.
@@ -520,14 +507,8 @@ fn a_cold_start_with_dead_peers_backs_off_and_is_ready_at_once() {
     let mut first = node(ports[0], &dir, &peers, &env);
     let arts = 2000u64;
     for i in 0..arts {
-        let r = http(
-            first.addr,
-            "PUT",
-            &format!("/v1/artifacts/cold/k{i}"),
-            &[],
-            b"x",
-        );
-        assert_eq!(r.status, 201);
+        let path = format!("/v1/artifacts/cold/k{i}");
+        assert_eq!(http(first.addr, "PUT", &path, &[], b"x").status, 201);
     }
     first.child.kill().expect("SIGKILL");
     let _ = first.child.wait();

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{server, sha256_hex, Server};
+use common::{server, sha256_hex, xorshift_bytes as body, Server};
 
 const SECRET: &str = "readthrough-test-secret-0123456789";
 
@@ -30,18 +30,6 @@ fn node(peers: &[SocketAddr], extra: &[(&str, &str)]) -> Server {
         b = b.env(k, v);
     }
     b.start()
-}
-
-fn body(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn put_ok(addr: SocketAddr, path: &str, body: &[u8]) {
@@ -65,13 +53,19 @@ fn wait_peer_up(c: SocketAddr, peer: SocketAddr) {
     });
 }
 
+/// An origin A and a node C that reads through from it (`extra` set on C), once C sees A up.
+fn origin_and_reader(extra: &[(&str, &str)]) -> (Server, Server) {
+    let a = node(&[], &[]);
+    let c = node(&[a.addr], extra);
+    wait_peer_up(c.addr, a.addr);
+    (a, c)
+}
+
 #[test]
 fn a_hundred_concurrent_misses_cost_one_fetch_and_are_served_like_hits() {
     // A holds the artifact and replicates to nobody; C reads through from A.
-    let a = node(&[], &[]);
-    let c = node(&[a.addr], &[]);
+    let (a, c) = origin_and_reader(&[]);
     let (a_addr, c_addr) = (a.addr, c.addr);
-    wait_peer_up(c_addr, a_addr);
     let payload = body(1, 300 * 1024);
     let path = "/v1/artifacts/team/only-on-a";
     put_ok(a_addr, path, &payload);
@@ -133,10 +127,8 @@ fn a_hundred_concurrent_misses_cost_one_fetch_and_are_served_like_hits() {
 
 #[test]
 fn an_absent_key_costs_one_round_within_the_negative_window() {
-    let a = node(&[], &[]);
-    let c = node(&[a.addr], &[("SLUICE_READ_THROUGH_NEGATIVE_MS", "20000")]);
+    let (a, c) = origin_and_reader(&[("SLUICE_READ_THROUGH_NEGATIVE_MS", "20000")]);
     let (a_addr, c_addr) = (a.addr, c.addr);
-    wait_peer_up(c_addr, a_addr);
     let path = "/cache/absent-everywhere";
     let handles: Vec<_> = (0..50)
         .map(|_| std::thread::spawn(move || http(c_addr, "GET", path, &[], b"").status))
@@ -397,10 +389,8 @@ fn public_ttfb_over_the_target_slows_replication() {
 fn the_fallback_front_reads_through_too() {
     // C without io_uring: the hyper front awaits the fetch, and the fetch
     // goes through the blocking senders.
-    let a = node(&[], &[]);
-    let c = node(&[a.addr], &[("SLUICE_ENGINE", "fallback")]);
+    let (a, c) = origin_and_reader(&[("SLUICE_ENGINE", "fallback")]);
     let (a_addr, c_addr) = (a.addr, c.addr);
-    wait_peer_up(c_addr, a_addr);
     let payload = body(11, 70_000);
     let path = "/cache/fallback-read";
     put_ok(a_addr, path, &payload);
@@ -419,9 +409,7 @@ fn the_fallback_front_reads_through_too() {
 /// too: streamed from the peer into the store, digest checked, then served.
 #[test]
 fn an_artifact_over_the_memory_bound_is_streamed_through() {
-    let a = node(&[], &[]);
-    let c = node(&[a.addr], &[("SLUICE_READ_THROUGH_TIMEOUT_MS", "30000")]);
-    wait_peer_up(c.addr, a.addr);
+    let (a, c) = origin_and_reader(&[("SLUICE_READ_THROUGH_TIMEOUT_MS", "30000")]);
     let payload = body(7, 70 << 20);
     let path = "/v1/artifacts/team/large-on-a";
     put_ok(a.addr, path, &payload);

@@ -295,19 +295,7 @@ fn check_config(toml: &str) -> (i32, String, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("sluice.toml");
     std::fs::write(&path, toml).expect("write config");
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
-    cmd.arg("check-config").arg(&path);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SLUICE_") {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd.output().expect("run sluice");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run_sluice(&["check-config", path.to_str().expect("utf8")], &[])
 }
 
 /// `check-config` accepts scopes and prints them back; it refuses an empty list, a value

@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{parse_response, server, sha256_hex, Server};
+use common::{parse_response, server, sha256_hex, xorshift_bytes as bytes, Server};
 
 const BUCKET: &str = "sluice-test";
 const PREFIX: &str = "fleet";
@@ -168,6 +168,14 @@ impl Weed {
         Some(weed)
     }
 
+    /// [`Weed::start`], then killed: a tier with its bucket that is unreachable until
+    /// [`Weed::spawn`] brings it back.
+    fn start_down() -> Option<Weed> {
+        let mut weed = Weed::start()?;
+        weed.kill();
+        Some(weed)
+    }
+
     fn s3_port(&self) -> u16 {
         self.ports[6]
     }
@@ -208,38 +216,30 @@ impl Weed {
             .spawn()
             .expect("spawn weed");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            // A bucket listing answers once master, volume, filer and S3 are up.
-            if let Some((status, _)) = s3(self.s3_port(), "GET", "/", b"") {
-                if status == 200 {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "SeaweedFS did not come up in 60 s; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        // A bucket listing answers once master, volume, filer and S3 are up.
+        let pause = Duration::from_millis(200);
+        self.poll_for_a_minute("SeaweedFS did not come up in 60 s", pause, || {
+            s3(self.s3_port(), "GET", "/", b"").is_some_and(|(status, _)| status == 200)
+        });
     }
 
     fn create_bucket(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            // The volume server may need a moment before the first write.
+        // The volume server may need a moment before the first write.
+        let pause = Duration::from_millis(300);
+        self.poll_for_a_minute("cannot create the bucket", pause, || {
             let made = s3(self.s3_port(), "PUT", &format!("/{BUCKET}"), b"");
             let probe = s3(self.s3_port(), "PUT", &format!("/{BUCKET}/probe"), b"probe");
-            if made.is_some() && probe.is_some_and(|(s, _)| s == 200) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cannot create the bucket; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(300));
+            made.is_some() && probe.is_some_and(|(s, _)| s == 200)
+        });
+    }
+
+    /// Calls `ok` every `pause` until it holds; after 60 s, panics with `failure` and the tail
+    /// of the log.
+    fn poll_for_a_minute(&self, failure: &str, pause: Duration, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ok() {
+            assert!(Instant::now() < deadline, "{failure}; log:\n{}", self.log());
+            std::thread::sleep(pause);
         }
     }
 
@@ -378,19 +378,6 @@ fn wait_drained(node: &Server, within: Duration) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Deterministic bytes (a tiny xorshift), different per seed.
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Artifact files in a data dir (not the outboxes, temp files or node id,
@@ -543,22 +530,15 @@ fn a_fresh_node_serves_what_another_wrote() {
 /// queue is on disk, and after a restart all 100 reach the bucket.
 #[test]
 fn acknowledged_writes_survive_kill_9_and_reach_the_bucket() {
-    let Some(mut weed) = Weed::start() else {
+    let Some(mut weed) = Weed::start_down() else {
         return;
     };
-    weed.kill();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("a");
     let mut a = node(&weed, &dir, &[]);
     for i in 0..100u64 {
-        assert_eq!(
-            put(
-                a.addr,
-                &format!("/v1/artifacts/ns/k{i}"),
-                &bytes(i, 1000 + i as usize)
-            ),
-            200
-        );
+        let path = format!("/v1/artifacts/ns/k{i}");
+        assert_eq!(put(a.addr, &path, &bytes(i, 1000 + i as usize)), 200);
     }
     assert_eq!(metric(a.addr, "sluice_tier_queue_entries", &[]), 100.0);
     a.child.kill().expect("kill -9");
@@ -647,20 +627,17 @@ fn a_tier_outage_during_writes_loses_nothing() {
 /// room, and what it dropped is served again from the tier.
 #[test]
 fn eviction_drops_only_what_the_tier_holds() {
-    let Some(mut weed) = Weed::start() else {
+    let Some(mut weed) = Weed::start_down() else {
         return;
     };
-    weed.kill();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("a");
     let a = node(&weed, &dir, &[("SLUICE_STORE_BYTES_MAX", "1MiB")]);
     let n = 30u64;
     let body = |i: u64| bytes(500 + i, 100_000);
     for i in 0..n {
-        assert_eq!(
-            put(a.addr, &format!("/v1/artifacts/ev/k{i}"), &body(i)),
-            200
-        );
+        let path = format!("/v1/artifacts/ev/k{i}");
+        assert_eq!(put(a.addr, &path, &body(i)), 200);
     }
     // Over the bound, but nothing may go: the tier has none of it.
     std::thread::sleep(Duration::from_millis(1500));
@@ -789,10 +766,9 @@ fn write_through_answers_after_the_tier_has_it() {
 /// dropping anything, and every acknowledged write reaches the bucket.
 #[test]
 fn a_full_upload_queue_answers_507_and_loses_nothing() {
-    let Some(mut weed) = Weed::start() else {
+    let Some(mut weed) = Weed::start_down() else {
         return;
     };
-    weed.kill();
     let tmp = tempfile::tempdir().unwrap();
     let a = node(
         &weed,
@@ -802,13 +778,8 @@ fn a_full_upload_queue_answers_507_and_loses_nothing() {
     let mut acked = Vec::new();
     let mut full = None;
     for i in 0..1000u64 {
-        let resp = http(
-            a.addr,
-            "PUT",
-            &format!("/v1/artifacts/q/k{i}"),
-            &[],
-            &bytes(i, 100),
-        );
+        let path = format!("/v1/artifacts/q/k{i}");
+        let resp = http(a.addr, "PUT", &path, &[], &bytes(i, 100));
         if resp.status == 507 {
             full = Some(resp);
             break;

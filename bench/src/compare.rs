@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::client::{Connection, ReceiveOptions};
+use crate::client::{Connection, ErrorKind, ReceiveOptions};
 use crate::disk;
 use crate::h2load::{self, Transport};
 use crate::loopback::{self, LoopbackConfig};
@@ -630,11 +630,19 @@ fn artifact_name(size: u64) -> String {
     format!("a-{size}")
 }
 
-/// PUTs every artifact to a sluice server and checks the answer is 2xx.
-fn upload(server: &Server, bodies: &[(u64, Arc<Body>)]) -> Result<(), String> {
+/// Sends one request per artifact to `server`, on one connection (checking each body's SHA-256
+/// when `verify_sha256`): `request` makes it from the artifact's URL, size and body; `failure`
+/// says what a failed exchange means.
+fn exchange_each(
+    server: &Server,
+    bodies: &[(u64, Arc<Body>)],
+    verify_sha256: bool,
+    request: impl Fn(&Url, u64, &Arc<Body>) -> Request,
+    failure: impl Fn(u64, ErrorKind) -> String,
+) -> Result<(), String> {
     let authority = format!("127.0.0.1:{}", server.port);
     let opts = ReceiveOptions {
-        verify_sha256: false,
+        verify_sha256,
         splice: false,
     };
     let mut conn = Connection::connect(&authority, Duration::from_secs(60), opts)
@@ -644,34 +652,38 @@ fn upload(server: &Server, bodies: &[(u64, Arc<Body>)]) -> Result<(), String> {
             "http://{authority}{ARTIFACT_PREFIX}{}",
             artifact_name(*size)
         ))?;
-        let req = Request::new(Method::Put, &url, Some(Arc::clone(body)), None);
-        conn.exchange(&req)
-            .map_err(|k| format!("PUT of {size} B to {} failed: {}", server.name, k.name()))?;
+        conn.exchange(&request(&url, *size, body))
+            .map_err(|k| failure(*size, k))?;
     }
     Ok(())
 }
 
+/// PUTs every artifact to a sluice server and checks the answer is 2xx.
+fn upload(server: &Server, bodies: &[(u64, Arc<Body>)]) -> Result<(), String> {
+    exchange_each(
+        server,
+        bodies,
+        false,
+        |url, _, body| Request::new(Method::Put, url, Some(Arc::clone(body)), None),
+        |size, k| format!("PUT of {size} B to {} failed: {}", server.name, k.name()),
+    )
+}
+
 /// GETs every artifact and checks length and SHA-256 against the generated content.
 fn verify_identical(server: &Server, bodies: &[(u64, Arc<Body>)]) -> Result<(), String> {
-    let authority = format!("127.0.0.1:{}", server.port);
-    let opts = ReceiveOptions {
-        verify_sha256: true,
-        splice: false,
-    };
-    let mut conn = Connection::connect(&authority, Duration::from_secs(60), opts)
-        .map_err(|e| format!("connecting to {}: {e}", server.name))?;
-    for (size, body) in bodies {
-        let url = Url::parse(&format!(
-            "http://{authority}{ARTIFACT_PREFIX}{}",
-            artifact_name(*size)
-        ))?;
-        let req = Request::new(Method::Get, &url, None, Some(*size));
-        let _ = req.expected_sha256.set(body.sha256);
-        conn.exchange(&req).map_err(|k| {
+    exchange_each(
+        server,
+        bodies,
+        true,
+        |url, size, body| {
+            let req = Request::new(Method::Get, url, None, Some(size));
+            let _ = req.expected_sha256.set(body.sha256);
+            req
+        },
+        |size, k| {
             format!("{} served {size} B artifact wrongly ({} error): the servers do not return identical bytes", server.name, k.name())
-        })?;
-    }
-    Ok(())
+        },
+    )
 }
 
 /// One measured run of one server.
@@ -940,21 +952,36 @@ pub fn markdown_table(names: (&str, &str), cells: &BTreeMap<(u64, usize), Cell>)
             );
         }
     }
-    let errors: Vec<String> = cells
-        .values()
-        .flat_map(|c| c.a.iter().chain(&c.b))
+    let runs = cells.values().flat_map(|c| c.a.iter().chain(&c.b));
+    list_failures(
+        &mut out,
+        runs,
+        "No request failed in any run.",
+        "Runs with failed requests:",
+    );
+    out
+}
+
+/// Appends the runs among `runs` in which requests failed, with their errors by kind, under
+/// `heading`; or `none` when there are none.
+fn list_failures<'a>(
+    out: &mut String,
+    runs: impl Iterator<Item = &'a Measurement>,
+    none: &str,
+    heading: &str,
+) {
+    let errors: Vec<String> = runs
         .filter(|m| m.record.errors.values().sum::<u64>() > 0)
         .map(|m| format!("{}: {:?}", m.record.label, m.record.errors))
         .collect();
     if errors.is_empty() {
-        let _ = writeln!(out, "\nNo request failed in any run.");
+        let _ = writeln!(out, "\n{none}");
     } else {
-        let _ = writeln!(out, "\nRuns with failed requests:\n");
+        let _ = writeln!(out, "\n{heading}\n");
         for e in errors {
             let _ = writeln!(out, "- {e}");
         }
     }
-    out
 }
 
 /// Each server's median MB/s as a share of the loopback bound: the 1-stream bound for c=1,
@@ -1408,21 +1435,12 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
             put_names.len() - 1,
             cfg.transport == Transport::Plain,
         ));
-        let errors: Vec<String> = put_cells
-            .values()
-            .flatten()
-            .flatten()
-            .filter(|m| m.record.errors.values().sum::<u64>() > 0)
-            .map(|m| format!("{}: {:?}", m.record.label, m.record.errors))
-            .collect();
-        if errors.is_empty() {
-            let _ = writeln!(report, "\nNo PUT failed in any run.");
-        } else {
-            let _ = writeln!(report, "\nPUT runs with failed requests:\n");
-            for e in errors {
-                let _ = writeln!(report, "- {e}");
-            }
-        }
+        list_failures(
+            &mut report,
+            put_cells.values().flatten().flatten(),
+            "No PUT failed in any run.",
+            "PUT runs with failed requests:",
+        );
     }
     std::fs::write(cfg.out_dir.join("table.md"), &report)
         .map_err(|e| format!("writing table.md: {e}"))?;
@@ -1480,30 +1498,9 @@ mod tests {
     #[test]
     fn bound_table_uses_the_bound_of_its_concurrency() {
         let cell = |mb_per_sec: f64| {
-            let result = crate::run::RunResult {
-                histogram: crate::report::new_latency_histogram(),
-                requests_ok: 1,
-                errors: crate::run::ErrorCounts::default(),
-                body_bytes: 1,
-                elapsed: Duration::from_secs(1),
-                connects: 1,
-                retries: 0,
-            };
-            let desc = RunDescription {
-                command: Vec::new(),
-                label: "t".into(),
-                started: SystemTime::now(),
-                connections: 1,
-                rate_per_sec: None,
-                warmup_secs: 0.0,
-            };
-            let mut record = RunRecord::new(&desc, &result);
-            record.mb_per_sec = mb_per_sec;
-            Measurement {
-                record,
-                server_cpu_secs: 1.0,
-                server_rss_max_bytes: 0,
-            }
+            let mut m = one_request_a_second();
+            m.record.mb_per_sec = mb_per_sec;
+            m
         };
         let mut cells = BTreeMap::new();
         cells.insert(
@@ -1533,15 +1530,15 @@ mod tests {
         assert!(t.contains("| 67108864 | 8 | 4.00 | 75 % | 100 % |"), "{t}");
     }
 
-    fn measurement(requests_per_sec: f64, mb_per_sec: f64, p99_ms: f64) -> Measurement {
+    /// The measurement of a run with one request of one byte in one second; each test sets
+    /// the figures it reads.
+    fn one_request_a_second() -> Measurement {
         let result = crate::run::RunResult {
-            histogram: crate::report::new_latency_histogram(),
             requests_ok: 1,
-            errors: crate::run::ErrorCounts::default(),
             body_bytes: 1,
             elapsed: Duration::from_secs(1),
             connects: 1,
-            retries: 0,
+            ..crate::run::RunResult::default()
         };
         let desc = RunDescription {
             command: Vec::new(),
@@ -1551,23 +1548,28 @@ mod tests {
             rate_per_sec: None,
             warmup_secs: 0.0,
         };
-        let mut record = RunRecord::new(&desc, &result);
-        record.requests_per_sec = requests_per_sec;
-        record.mb_per_sec = mb_per_sec;
-        record.latency.p99_ms = p99_ms;
         Measurement {
-            record,
+            record: RunRecord::new(&desc, &result),
             server_cpu_secs: 1.0,
             server_rss_max_bytes: 0,
         }
     }
 
+    fn measurement(requests_per_sec: f64, mb_per_sec: f64, p99_ms: f64) -> Measurement {
+        let mut m = one_request_a_second();
+        m.record.requests_per_sec = requests_per_sec;
+        m.record.mb_per_sec = mb_per_sec;
+        m.record.latency.p99_ms = p99_ms;
+        m
+    }
+
+    fn owned(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
     #[test]
     fn peers_table_names_the_best_peer_and_both_ratios() {
-        let names: Vec<String> = ["sluice", "nginx", "h2o", "caddy"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let names = owned(&["sluice", "nginx", "h2o", "caddy"]);
         let runs_of = |req_s: [f64; 3], p99: f64| {
             req_s
                 .iter()
@@ -1615,10 +1617,7 @@ mod tests {
 
     #[test]
     fn put_table_gives_ratios_to_nginx_and_the_disk_bound() {
-        let names: Vec<String> = ["sluice", "sluice fsync=never", "nginx", "disk bound"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let names = owned(&["sluice", "sluice fsync=never", "nginx", "disk bound"]);
         let mut runs: Runs = BTreeMap::new();
         runs.insert(
             (64 << 20, 8),
@@ -1637,10 +1636,7 @@ mod tests {
         );
         assert!(!t.contains("p99"), "{t}");
         // Without nginx (a comparison of sluice's modes) only the disk ratio is given.
-        let no_nginx: Vec<String> = ["sluice-splice", "disk bound"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let no_nginx = owned(&["sluice-splice", "disk bound"]);
         let mut runs: Runs = BTreeMap::new();
         runs.insert(
             (4096, 1),

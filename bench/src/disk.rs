@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::report::{new_latency_histogram, record_latency_us};
+use crate::report::record_latency_us;
 use crate::request::Body;
-use crate::run::{ErrorCounts, RunResult};
+use crate::run::RunResult;
 
 /// Writes `body` with `writers` threads into `dir` for `duration` (each file: create, write,
 /// `fdatasync`, rename over the writer's previous file) and reports it as a run: one "request"
@@ -45,22 +45,13 @@ pub fn write_bound(
     // completion.
     std::thread::sleep(duration);
     stop.store(true, Ordering::Relaxed);
-    let mut result = RunResult {
-        histogram: new_latency_histogram(),
-        requests_ok: 0,
-        errors: ErrorCounts::default(),
-        body_bytes: 0,
-        elapsed: Duration::ZERO,
-        connects: 0,
-        retries: 0,
-    };
+    let mut result = RunResult::default();
     let mut failure = None;
     for t in threads {
         match t.join() {
             Ok(Ok(w)) => {
-                let _ = result.histogram.add(&w.histogram);
-                result.requests_ok += w.requests_ok;
-                result.body_bytes += w.body_bytes;
+                // Every histogram has the same bounds: adding cannot fail.
+                let _ = result.add(&w);
             }
             Ok(Err(e)) => failure = Some(e),
             Err(_) => failure = Some("a disk writer thread panicked".to_string()),
@@ -83,15 +74,7 @@ fn writer(
     target: &PathBuf,
     stop: &AtomicBool,
 ) -> Result<RunResult, String> {
-    let mut r = RunResult {
-        histogram: new_latency_histogram(),
-        requests_ok: 0,
-        errors: ErrorCounts::default(),
-        body_bytes: 0,
-        elapsed: Duration::ZERO,
-        connects: 0,
-        retries: 0,
-    };
+    let mut r = RunResult::default();
     // At least one file per writer, even if the run is over before the thread starts.
     loop {
         let t = Instant::now();

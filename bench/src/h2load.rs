@@ -54,22 +54,36 @@ pub fn args(
     time: Duration,
     threads: usize,
 ) -> Vec<String> {
+    let duration = ["-D".to_string(), format!("{}ms", time.as_millis().max(1))];
+    let streams = H2_STREAMS_PER_CONNECTION;
+    let mut args = leading_args(transport, connections, threads, duration, streams);
+    args.push(url.to_string());
+    args
+}
+
+/// The arguments every run starts with: `threads` client threads (at most one per connection),
+/// `connections` connections, how the run ends (`-D` and a time, or `-n` and a count), and the
+/// protocol: `--h1`, or h2 with `h2_streams` concurrent streams per connection.
+fn leading_args(
+    transport: Transport,
+    connections: usize,
+    threads: usize,
+    end: [String; 2],
+    h2_streams: usize,
+) -> Vec<String> {
     let mut args = vec![
         "-t".to_string(),
         threads.clamp(1, connections.max(1)).to_string(),
         "-c".to_string(),
         connections.to_string(),
-        "-D".to_string(),
-        format!("{}ms", time.as_millis().max(1)),
     ];
+    args.extend(end);
     match transport {
         Transport::Plain | Transport::TlsHttp1 => args.push("--h1".into()),
         Transport::TlsH2 | Transport::H2c => {
-            args.push("-m".into());
-            args.push(H2_STREAMS_PER_CONNECTION.to_string());
+            args.extend(["-m".to_string(), h2_streams.to_string()]);
         }
     }
-    args.push(url.to_string());
     args
 }
 
@@ -87,18 +101,11 @@ pub fn put_args(
     threads: usize,
     data: &Path,
 ) -> Vec<String> {
-    let mut args = vec![
-        "-t".to_string(),
-        threads.clamp(1, connections.max(1)).to_string(),
-        "-c".to_string(),
-        connections.to_string(),
+    let count = [
         "-n".to_string(),
         requests.max(connections as u64).to_string(),
     ];
-    match transport {
-        Transport::Plain | Transport::TlsHttp1 => args.push("--h1".into()),
-        Transport::TlsH2 | Transport::H2c => args.extend(["-m".to_string(), "1".to_string()]),
-    }
+    let mut args = leading_args(transport, connections, threads, count, 1);
     args.extend([
         "-d".to_string(),
         data.display().to_string(),

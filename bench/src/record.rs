@@ -153,26 +153,31 @@ impl RunRecord {
 pub fn summary_text(r: &RunRecord) -> String {
     let errors: u64 = r.errors.values().sum();
     let by_kind: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    let l = &r.latency;
+    let kinds = by_kind.join(", ");
+    let RunRecord {
+        label,
+        mode,
+        connections,
+        elapsed_secs,
+        warmup_secs,
+        requests,
+        requests_per_sec,
+        mb_per_sec,
+        ..
+    } = r;
+    let LatencySummary {
+        p50_ms,
+        p90_ms,
+        p99_ms,
+        p99_9_ms,
+        p99_99_ms,
+        max_ms,
+        ..
+    } = &r.latency;
     format!(
-        "{label}\n  {mode} loop, {c} connections, {secs:.2} s measured ({warm:.1} s warm-up excluded)\n  \
-         requests {req}  {rps:.1} req/s  {mbps:.1} MB/s\n  errors {errors} ({kinds})\n  \
-         latency ms  p50 {p50:.3}  p90 {p90:.3}  p99 {p99:.3}  p99.9 {p999:.3}  p99.99 {p9999:.3}  max {max:.3}\n",
-        label = r.label,
-        mode = r.mode,
-        c = r.connections,
-        secs = r.elapsed_secs,
-        warm = r.warmup_secs,
-        req = r.requests,
-        rps = r.requests_per_sec,
-        mbps = r.mb_per_sec,
-        kinds = by_kind.join(", "),
-        p50 = l.p50_ms,
-        p90 = l.p90_ms,
-        p99 = l.p99_ms,
-        p999 = l.p99_9_ms,
-        p9999 = l.p99_99_ms,
-        max = l.max_ms,
+        "{label}\n  {mode} loop, {connections} connections, {elapsed_secs:.2} s measured ({warmup_secs:.1} s warm-up excluded)\n  \
+         requests {requests}  {requests_per_sec:.1} req/s  {mb_per_sec:.1} MB/s\n  errors {errors} ({kinds})\n  \
+         latency ms  p50 {p50_ms:.3}  p90 {p90_ms:.3}  p99 {p99_ms:.3}  p99.9 {p99_9_ms:.3}  p99.99 {p99_99_ms:.3}  max {max_ms:.3}\n"
     )
 }
 

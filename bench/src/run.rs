@@ -103,7 +103,37 @@ pub struct RunResult {
     pub retries: u64,
 }
 
+impl Default for RunResult {
+    /// Nothing measured yet: what a run's counts start from.
+    fn default() -> RunResult {
+        RunResult {
+            histogram: new_latency_histogram(),
+            requests_ok: 0,
+            errors: ErrorCounts::default(),
+            body_bytes: 0,
+            elapsed: Duration::ZERO,
+            connects: 0,
+            retries: 0,
+        }
+    }
+}
+
 impl RunResult {
+    /// Adds `other`'s counts and latencies to this result; `elapsed` is left as it is. Fails
+    /// only if the histograms' bounds differ (every one comes from [`new_latency_histogram`]).
+    pub fn add(&mut self, other: &RunResult) -> Result<(), String> {
+        self.requests_ok += other.requests_ok;
+        for (total, n) in self.errors.0.iter_mut().zip(other.errors.0) {
+            *total += n;
+        }
+        self.body_bytes += other.body_bytes;
+        self.connects += other.connects;
+        self.retries += other.retries;
+        self.histogram
+            .add(&other.histogram)
+            .map_err(|e| format!("merging histograms: {e:?}"))
+    }
+
     /// Successful requests per second.
     pub fn requests_per_sec(&self) -> f64 {
         per_sec(self.requests_ok as f64, self.elapsed)
@@ -134,14 +164,11 @@ struct Shared {
     progress_done: AtomicU64,
 }
 
+/// What one connection thread measured (its `elapsed` unused) and when its last measured
+/// request completed: the run's elapsed time runs to the latest of them.
 struct ThreadResult {
-    histogram: LatencyHistogram,
-    requests_ok: u64,
-    errors: ErrorCounts,
-    body_bytes: u64,
+    measured: RunResult,
     last_done: Option<Instant>,
-    connects: u64,
-    retries: u64,
 }
 
 /// Runs the load described by `cfg` against `set` and returns what was measured.
@@ -178,45 +205,19 @@ pub fn run(set: RequestSet, cfg: RunConfig) -> Result<RunResult, String> {
         handles.push(handle);
     }
     supervise(&shared, start);
-    let mut total = ThreadResult {
-        histogram: new_latency_histogram(),
-        requests_ok: 0,
-        errors: ErrorCounts::default(),
-        body_bytes: 0,
-        last_done: None,
-        connects: 0,
-        retries: 0,
-    };
+    let mut total = RunResult::default();
+    let mut last_done = None;
     for h in handles {
         let r = h
             .join()
             .map_err(|_| "a connection thread panicked".to_string())?;
-        total
-            .histogram
-            .add(&r.histogram)
-            .map_err(|e| format!("merging histograms: {e:?}"))?;
-        total.requests_ok += r.requests_ok;
-        for k in 0..6 {
-            total.errors.0[k] += r.errors.0[k];
-        }
-        total.body_bytes += r.body_bytes;
-        total.last_done = total.last_done.max(r.last_done);
-        total.connects += r.connects;
-        total.retries += r.retries;
+        total.add(&r.measured)?;
+        last_done = last_done.max(r.last_done);
     }
-    let elapsed = total
-        .last_done
+    total.elapsed = last_done
         .map(|t| t.saturating_duration_since(shared.measure_start))
         .unwrap_or_default();
-    Ok(RunResult {
-        histogram: total.histogram,
-        requests_ok: total.requests_ok,
-        errors: total.errors,
-        body_bytes: total.body_bytes,
-        elapsed,
-        connects: total.connects,
-        retries: total.retries,
-    })
+    Ok(total)
 }
 
 /// Sleeps until the end of a timed run (raising the stop flag) or until the threads finish a
@@ -284,7 +285,7 @@ fn connect_and_exchange(
     authority: &str,
     cfg: &RunConfig,
     conn: &mut Option<Connection>,
-    out: &mut ThreadResult,
+    out: &mut RunResult,
     req: &crate::request::Request,
 ) -> Result<crate::client::Exchange, ErrorKind> {
     match Connection::connect(authority, cfg.timeout, cfg.receive) {
@@ -306,15 +307,8 @@ fn connection_loop(shared: &Shared, index: usize, start: Instant) -> ThreadResul
             );
         }
     }
-    let mut out = ThreadResult {
-        histogram: new_latency_histogram(),
-        requests_ok: 0,
-        errors: ErrorCounts::default(),
-        body_bytes: 0,
-        last_done: None,
-        connects: 0,
-        retries: 0,
-    };
+    let mut out = RunResult::default();
+    let mut last_done = None;
     let set = &shared.set;
     let weight_total: u64 = set.requests.iter().map(|r| u64::from(r.weight)).sum();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((index as u64 + 1) << 32));
@@ -434,9 +428,12 @@ fn connection_loop(shared: &Shared, index: usize, start: Instant) -> ThreadResul
             }
         }
         if measured {
-            out.last_done = Some(done);
+            last_done = Some(done);
         }
         shared.progress_done.fetch_add(1, Ordering::Relaxed);
     }
-    out
+    ThreadResult {
+        measured: out,
+        last_done,
+    }
 }

@@ -26,6 +26,14 @@ struct TinyServer {
     answered: Arc<AtomicU64>,
 }
 
+impl TinyServer {
+    /// GETs of `/bench/{size}`: bodies of `size` bytes.
+    fn gets_of(&self, size: &str) -> RequestSet {
+        let url = format!("http://127.0.0.1:{}/bench/{size}", self.port);
+        RequestSet::single(&url, Method::Get, 0).unwrap()
+    }
+}
+
 fn start(behaviour: Behaviour) -> TinyServer {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -116,8 +124,7 @@ fn closed_loop_counts_match_the_server() {
 #[test]
 fn open_loop_with_digests_counts_match_the_server() {
     let server = start(Behaviour::Correct);
-    let url = format!("http://127.0.0.1:{}/bench/70000", server.port);
-    let set = RequestSet::single(&url, Method::Get, 0).unwrap();
+    let set = server.gets_of("70000");
     let cfg = RunConfig {
         rate_per_sec: Some(200.0),
         receive: ReceiveOptions {
@@ -138,8 +145,7 @@ fn open_loop_with_digests_counts_match_the_server() {
 #[test]
 fn open_loop_sends_nothing_after_the_stop() {
     let server = start(Behaviour::Correct);
-    let url = format!("http://127.0.0.1:{}/bench/10", server.port);
-    let set = RequestSet::single(&url, Method::Get, 0).unwrap();
+    let set = server.gets_of("10");
     let cfg = RunConfig {
         rate_per_sec: Some(0.2),
         ..config(1, Stop::Duration(Duration::from_millis(300)))
@@ -153,8 +159,7 @@ fn open_loop_sends_nothing_after_the_stop() {
 #[test]
 fn request_count_stops_exactly() {
     let server = start(Behaviour::Correct);
-    let url = format!("http://127.0.0.1:{}/bench/10", server.port);
-    let set = RequestSet::single(&url, Method::Get, 0).unwrap();
+    let set = server.gets_of("10");
     let result = run(set, config(3, Stop::Requests(50))).unwrap();
     assert_eq!(result.requests_ok, 50);
     assert_eq!(server.answered.load(Ordering::SeqCst), 50);
@@ -164,8 +169,7 @@ fn request_count_stops_exactly() {
 fn short_body_is_a_length_error() {
     let server = start(Behaviour::ShortBody);
     for size in ["1000", "600000"] {
-        let url = format!("http://127.0.0.1:{}/bench/{size}", server.port);
-        let set = RequestSet::single(&url, Method::Get, 0).unwrap();
+        let set = server.gets_of(size);
         let result = run(set, config(1, Stop::Requests(5))).unwrap();
         assert_eq!(result.requests_ok, 0, "size {size}");
         assert_eq!(
@@ -181,8 +185,7 @@ fn short_body_is_a_length_error() {
 #[test]
 fn corrupt_body_is_a_digest_error() {
     let server = start(Behaviour::CorruptEverySecond);
-    let url = format!("http://127.0.0.1:{}/bench/5000", server.port);
-    let set = RequestSet::single(&url, Method::Get, 0).unwrap();
+    let set = server.gets_of("5000");
     let cfg = RunConfig {
         receive: ReceiveOptions {
             verify_sha256: true,

@@ -420,6 +420,20 @@ mod tests {
         }
     }
 
+    /// [`run`] on a new chunked decoder whose body limit is 100 bytes.
+    fn run_chunked(input: &[u8], piece_bytes: usize) -> Result<(Vec<u8>, bool, usize), BodyError> {
+        let mut d = BodyDecoder::new(Framing::Chunked, 100).unwrap();
+        run(&mut d, input, piece_bytes)
+    }
+
+    fn step(consumed: usize, data: std::ops::Range<usize>, done: bool) -> BodyStep {
+        BodyStep {
+            consumed,
+            data,
+            done,
+        }
+    }
+
     fn body_outcome(body: &[u8], piece_bytes: usize) -> (BodyWant, usize) {
         let mut decoder = match BodyDecoder::new(Framing::Chunked, CHUNKED_BODY_BYTES_MAX) {
             Ok(d) => d,
@@ -481,14 +495,9 @@ mod tests {
         for framing in [Framing::None, Framing::Length(0)] {
             let mut d = BodyDecoder::new(framing, 0).unwrap();
             assert!(d.is_done());
-            let step = d.decode(b"GET / HTTP/1.1\r\n").unwrap();
             assert_eq!(
-                step,
-                BodyStep {
-                    consumed: 0,
-                    data: 0..0,
-                    done: true
-                }
+                d.decode(b"GET / HTTP/1.1\r\n").unwrap(),
+                step(0, 0..0, true)
             );
         }
     }
@@ -496,25 +505,12 @@ mod tests {
     #[test]
     fn huge_length_and_limits() {
         let mut d = BodyDecoder::new(Framing::Length(u64::MAX), u64::MAX).unwrap();
-        let step = d.decode(b"abc").unwrap();
-        assert_eq!(
-            step,
-            BodyStep {
-                consumed: 3,
-                data: 0..3,
-                done: false
-            }
-        );
+        assert_eq!(d.decode(b"abc").unwrap(), step(3, 0..3, false));
         // u64::MAX chunk with an unlimited body is accepted, then decoded incrementally.
         let mut d = BodyDecoder::new(Framing::Chunked, u64::MAX).unwrap();
-        let step = d.decode(b"ffffffffffffffff\r\nab").unwrap();
         assert_eq!(
-            step,
-            BodyStep {
-                consumed: 20,
-                data: 18..20,
-                done: false
-            }
+            d.decode(b"ffffffffffffffff\r\nab").unwrap(),
+            step(20, 18..20, false)
         );
     }
 
@@ -523,14 +519,12 @@ mod tests {
         let mut line = b"5;".to_vec();
         line.resize(CHUNK_LINE_BYTES_MAX - 2, b'x');
         line.extend_from_slice(b"\r\nhello\r\n0\r\n\r\n");
-        let mut d = BodyDecoder::new(Framing::Chunked, 100).unwrap();
-        assert_eq!(run(&mut d, &line, 1000).unwrap().0, b"hello");
+        assert_eq!(run_chunked(&line, 1000).unwrap().0, b"hello");
 
         let mut long = b"5;".to_vec();
         long.resize(CHUNK_LINE_BYTES_MAX + 10, b'x');
-        let mut d = BodyDecoder::new(Framing::Chunked, 100).unwrap();
         assert_eq!(
-            run(&mut d, &long, 1000).err(),
+            run_chunked(&long, 1000).err(),
             Some(BodyError::Malformed("chunk size line too long"))
         );
     }
@@ -547,11 +541,9 @@ mod tests {
             body.extend_from_slice(b"\r\n");
             body
         };
-        let mut d = BodyDecoder::new(Framing::Chunked, 100).unwrap();
-        assert!(run(&mut d, &body_with(100), 4096).is_ok());
-        let mut d = BodyDecoder::new(Framing::Chunked, 100).unwrap();
+        assert!(run_chunked(&body_with(100), 4096).is_ok());
         assert_eq!(
-            run(&mut d, &body_with(101), 4096).err(),
+            run_chunked(&body_with(101), 4096).err(),
             Some(BodyError::Malformed("too many trailer fields"))
         );
     }
@@ -565,9 +557,8 @@ mod tests {
             body.extend_from_slice(field.as_bytes());
         }
         body.extend_from_slice(b"\r\n");
-        let mut d = BodyDecoder::new(Framing::Chunked, 100).unwrap();
         assert_eq!(
-            run(&mut d, &body, 4096).err(),
+            run_chunked(&body, 4096).err(),
             Some(BodyError::Malformed("trailer section too large"))
         );
     }
@@ -583,23 +574,7 @@ mod tests {
     #[test]
     fn done_decoder_consumes_nothing_more() {
         let mut d = BodyDecoder::new(Framing::Chunked, 100).unwrap();
-        let step = d.decode(b"0\r\n\r\nGET").unwrap();
-        assert_eq!(
-            step,
-            BodyStep {
-                consumed: 5,
-                data: 5..5,
-                done: true
-            }
-        );
-        let step = d.decode(b"GET").unwrap();
-        assert_eq!(
-            step,
-            BodyStep {
-                consumed: 0,
-                data: 0..0,
-                done: true
-            }
-        );
+        assert_eq!(d.decode(b"0\r\n\r\nGET").unwrap(), step(5, 5..5, true));
+        assert_eq!(d.decode(b"GET").unwrap(), step(0, 0..0, true));
     }
 }

@@ -797,40 +797,32 @@ Expect: 100-continue\r\nContent-Length: 3\r\n\r\nabc";
 
     #[test]
     fn header_count_limit() {
-        let limits = Limits::default();
-        assert!(matches!(
-            parse_head(&head_with_headers(100), &limits),
-            Ok(Status::Complete(_))
-        ));
-        assert_eq!(
-            parse_head(&head_with_headers(101), &limits).err(),
-            Some(HeadError::TooManyHeaders)
-        );
-        let small = Limits {
-            headers_max: 2,
+        let with_max = |headers_max: usize| Limits {
+            headers_max,
             ..Limits::default()
         };
-        assert!(matches!(
-            parse_head(&head_with_headers(2), &small),
-            Ok(Status::Complete(_))
-        ));
-        assert_eq!(
-            parse_head(&head_with_headers(3), &small).err(),
-            Some(HeadError::TooManyHeaders)
-        );
-        // Above the array's capacity the capacity is the limit.
-        let huge = Limits {
-            headers_max: 10_000,
-            ..Limits::default()
-        };
-        assert!(matches!(
-            parse_head(&head_with_headers(HEADERS_CAPACITY), &huge),
-            Ok(Status::Complete(_))
-        ));
-        assert_eq!(
-            parse_head(&head_with_headers(HEADERS_CAPACITY + 1), &huge).err(),
-            Some(HeadError::TooManyHeaders)
-        );
+        // (limits, the most headers they take). Above the array's capacity the capacity is
+        // the limit.
+        let cases = [
+            (Limits::default(), 100),
+            (with_max(2), 2),
+            (with_max(10_000), HEADERS_CAPACITY),
+        ];
+        for (limits, most) in cases {
+            assert!(
+                matches!(
+                    parse_head(&head_with_headers(most), &limits),
+                    Ok(Status::Complete(_))
+                ),
+                "{most} headers"
+            );
+            assert_eq!(
+                parse_head(&head_with_headers(most + 1), &limits).err(),
+                Some(HeadError::TooManyHeaders),
+                "{} headers",
+                most + 1
+            );
+        }
         assert_eq!(HeadError::TooManyHeaders.status(), 431);
     }
 

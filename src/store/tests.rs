@@ -808,17 +808,12 @@ fn open_cache_hit_shares_the_descriptor() {
 }
 
 fn put_at(store: &Store, key: &str, data: &[u8], t: u64, lww: bool) -> Committed {
-    let mut w = store
-        .begin_put(
-            "g",
-            key,
-            PutOptions {
-                write_time_ms: Some(t),
-                last_writer_wins: lww,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let options = PutOptions {
+        write_time_ms: Some(t),
+        last_writer_wins: lww,
+        ..Default::default()
+    };
+    let mut w = store.begin_put("g", key, options).unwrap();
     w.write(data).unwrap();
     w.commit().unwrap()
 }

@@ -158,12 +158,7 @@ impl ServerBuilder {
             cmd.arg("--config").arg(&path);
         }
         cmd.args(&self.args);
-        // A clean environment: the developer's SLUICE_* must not leak in.
-        for (k, _) in std::env::vars() {
-            if k.starts_with("SLUICE_") {
-                cmd.env_remove(k);
-            }
-        }
+        without_sluice_env(&mut cmd);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -202,6 +197,32 @@ impl ServerBuilder {
     }
 }
 
+/// A clean environment: the developer's SLUICE_* must not leak into `cmd`.
+fn without_sluice_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SLUICE_") {
+            cmd.env_remove(k);
+        }
+    }
+}
+
+/// Runs the binary once with `args` and `env` (and no SLUICE_* of the developer's):
+/// (exit code, -1 for a signal; stdout; stderr).
+pub fn run_sluice(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(args);
+    without_sluice_env(&mut cmd);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run sluice");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 impl Server {
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
@@ -227,6 +248,11 @@ impl Server {
 
     pub fn http1(&self, raw: &[u8]) -> Vec<u8> {
         raw_exchange(self.addr, raw)
+    }
+
+    /// The status of a request without headers or body through `front`.
+    pub fn status(&self, front: Front, method: &str, path: &str) -> u16 {
+        self.send(front, req(method, path)).status
     }
 }
 
@@ -448,10 +474,54 @@ pub fn tls_connector(cert_der: &[u8], alpn: &[u8]) -> tokio_rustls::TlsConnector
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
-async fn send_hyper(server: &Server, front: Front, req: Req) -> Resp {
+/// A TLS connection to `server` offering `alpn`, or the handshake's error.
+pub async fn try_tls_connect(
+    server: &Server,
+    alpn: &[u8],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let tcp = tokio::net::TcpStream::connect(server.addr)
         .await
         .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tls_connector(&server.cert_der, alpn)
+        .connect(name, tcp)
+        .await
+}
+
+/// A TLS connection to `server` offering `alpn`; panics when the handshake fails.
+pub async fn tls_connect(
+    server: &Server,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    try_tls_connect(server, alpn).await.expect("tls handshake")
+}
+
+type RequestBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// Sends `request` on a new HTTP/2 connection over `io` (h2c or TLS h2); `what` names the
+/// transport when it fails.
+async fn send_h2<T>(
+    io: T,
+    request: hyper::Request<RequestBody>,
+    what: &str,
+) -> hyper::Response<hyper::body::Incoming>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(io),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what} handshake: {e:?}"));
+    tokio::spawn(conn);
+    sender
+        .send_request(request)
+        .await
+        .unwrap_or_else(|e| panic!("{what} request: {e:?}"))
+}
+
+async fn send_hyper(server: &Server, front: Front, req: Req) -> Resp {
     let mut builder = hyper::Request::builder()
         .method(req.method.as_str())
         .uri(format!("https://localhost{}", req.path));
@@ -475,45 +545,20 @@ async fn send_hyper(server: &Server, front: Front, req: Req) -> Resp {
     };
     let request = builder.body(body).expect("request");
     let response = match front {
-        Front::TlsHttp1 | Front::TlsH2 => {
-            let alpn: &[u8] = if front == Front::TlsH2 {
-                b"h2"
-            } else {
-                b"http/1.1"
-            };
-            let tls = tls_connector(&server.cert_der, alpn)
-                .connect(
-                    rustls::pki_types::ServerName::try_from("localhost").expect("name"),
-                    tcp,
-                )
+        Front::TlsH2 => send_h2(tls_connect(server, b"h2").await, request, "h2").await,
+        Front::TlsHttp1 => {
+            let tls = tls_connect(server, b"http/1.1").await;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
                 .await
-                .expect("tls handshake");
-            if front == Front::TlsH2 {
-                let (mut sender, conn) = hyper::client::conn::http2::handshake(
-                    hyper_util::rt::TokioExecutor::new(),
-                    TokioIo::new(tls),
-                )
-                .await
-                .expect("h2 handshake");
-                tokio::spawn(conn);
-                sender.send_request(request).await.expect("h2 request")
-            } else {
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                    .await
-                    .expect("h1 handshake");
-                tokio::spawn(conn);
-                sender.send_request(request).await.expect("h1 request")
-            }
+                .expect("h1 handshake");
+            tokio::spawn(conn);
+            sender.send_request(request).await.expect("h1 request")
         }
         Front::H2c => {
-            let (mut sender, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                TokioIo::new(tcp),
-            )
-            .await
-            .expect("h2c handshake");
-            tokio::spawn(conn);
-            sender.send_request(request).await.expect("h2c request")
+            let tcp = tokio::net::TcpStream::connect(server.addr)
+                .await
+                .expect("connect");
+            send_h2(tcp, request, "h2c").await
         }
         Front::Http1 => unreachable!("plaintext HTTP/1 uses raw bytes"),
     };
@@ -720,4 +765,84 @@ pub fn concurrent_gets(addr: SocketAddr, path: &str, n: usize) -> Vec<Resp> {
         .into_iter()
         .map(|h| h.join().expect("client thread"))
         .collect()
+}
+
+/// Deterministic bytes (a tiny xorshift), different per seed: no piece of one body stands in
+/// another, or elsewhere in the same body.
+pub fn xorshift_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// `len` bytes counting 0, 1, ... up to `period - 1` and over again: with a period that is not
+/// a power of two (251, 241), a piece served from the wrong offset shows.
+pub fn repeating_bytes(len: usize, period: u8) -> Vec<u8> {
+    (0..len).map(|n| (n % usize::from(period)) as u8).collect()
+}
+
+/// PUTs `len` bytes to `path` over plaintext HTTP/1 and returns them ([`repeating_bytes`] of
+/// period 251).
+pub fn put_blob(server: &Server, path: &str, len: usize) -> Vec<u8> {
+    let body = repeating_bytes(len, 251);
+    let r = server.send(Front::Http1, req("PUT", path).body(body.clone()));
+    assert!(r.status == 201 || r.status == 204, "{}", r.status);
+    body
+}
+
+/// A plaintext connection with a 20 s read timeout that has sent `GET path` with
+/// `Connection: close`.
+pub fn start_get(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes())
+        .expect("write");
+    s
+}
+
+// Scenarios every plaintext engine must pass (the ring in tests/engine.rs, epoll in
+// tests/epoll.rs): each starts its own server from `builder`.
+
+/// A client that reads an 8 MiB body in small pieces with pauses gets every byte: the socket
+/// fills, the engine's sends (splices on the ring, sendfile on epoll) come back short or with
+/// EAGAIN, and the body must go on when the socket drains.
+pub fn slow_reader_gets_every_byte(builder: ServerBuilder) {
+    let server = builder.start();
+    let body = put_blob(&server, "/v1/artifacts/e/slow", 8 << 20);
+    let mut s = start_get(server.addr, "/v1/artifacts/e/slow");
+    let out = read_slowly(&mut s);
+    let (resp, _) = parse_response(&out, false).expect("response");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body.len(), body.len());
+    assert!(resp.body == body, "body differs");
+}
+
+/// A connection that sends part of a head and stops gets 408 after
+/// `header_read_timeout_ms` (1 s here), while other clients are served meanwhile.
+pub fn slow_head_gets_408_while_others_are_served(builder: ServerBuilder) {
+    let server = builder.env("SLUICE_HEADER_READ_TIMEOUT_MS", "1000").start();
+    let mut slow = TcpStream::connect(server.addr).expect("connect");
+    slow.write_all(b"GET /up HTTP/1.1\r\nHost: a\r\n")
+        .expect("partial head");
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(600) {
+        assert_eq!(server.status(Front::Http1, "GET", "/up"), 200);
+    }
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut out = Vec::new();
+    let _ = slow.read_to_end(&mut out);
+    assert!(
+        out.starts_with(b"HTTP/1.1 408 "),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
 }

@@ -176,11 +176,11 @@ impl Pipe {
             return Ok(0);
         }
         let mut off = libc::loff_t::try_from(offset).map_err(|_| Errno(libc::EINVAL))?;
-        loop {
+        let moved = retry_on_eintr(|| {
             // SAFETY: both fds are open (the pipe's write end lives as long as
             // `self`, `file` is borrowed for the call); `off` is a valid,
             // writable loff_t that outlives the call; no buffer is involved.
-            let moved = unsafe {
+            unsafe {
                 libc::splice(
                     file.as_raw_fd(),
                     &mut off,
@@ -189,17 +189,10 @@ impl Pipe {
                     len,
                     libc::SPLICE_F_MOVE,
                 )
-            };
-            if moved >= 0 {
-                let moved = moved as usize;
-                self.note_filled(moved);
-                return Ok(moved);
             }
-            let err = Errno::from_io(&std::io::Error::last_os_error());
-            if err.0 != libc::EINTR {
-                return Err(err);
-            }
-        }
+        })?;
+        self.note_filled(moved);
+        Ok(moved)
     }
 
     /// Splice up to `len` bytes out of the pipe into `fd` (a socket) on
@@ -212,11 +205,11 @@ impl Pipe {
         if len == 0 {
             return Ok(0);
         }
-        loop {
+        let moved = retry_on_eintr(|| {
             // SAFETY: both fds are open (the pipe's read end lives as long as
             // `self`, `fd` is borrowed for the call); null offsets are what
             // splice requires for a pipe and a socket; no buffer is involved.
-            let moved = unsafe {
+            unsafe {
                 libc::splice(
                     self.read_fd(),
                     std::ptr::null_mut(),
@@ -225,17 +218,10 @@ impl Pipe {
                     len,
                     libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
                 )
-            };
-            if moved >= 0 {
-                let moved = moved as usize;
-                self.note_drained(moved);
-                return Ok(moved);
             }
-            let err = Errno::from_io(&std::io::Error::last_os_error());
-            if err.0 != libc::EINTR {
-                return Err(err);
-            }
-        }
+        })?;
+        self.note_drained(moved);
+        Ok(moved)
     }
 
     pub(crate) fn read_fd(&self) -> RawFd {
@@ -281,6 +267,21 @@ impl std::fmt::Debug for Pipe {
             .field("read_fd", &self.read_fd())
             .field("held_bytes", &self.held_bytes)
             .finish()
+    }
+}
+
+/// Calls `splice` (a system call that returns a byte count, or -1 with errno set) again for as
+/// long as a signal interrupts it (EINTR); returns the count or the errno.
+fn retry_on_eintr(mut splice: impl FnMut() -> isize) -> Result<usize, Errno> {
+    loop {
+        let moved = splice();
+        if moved >= 0 {
+            return Ok(moved as usize);
+        }
+        let err = Errno::from_io(&std::io::Error::last_os_error());
+        if err.0 != libc::EINTR {
+            return Err(err);
+        }
     }
 }
 

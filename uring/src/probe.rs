@@ -142,27 +142,16 @@ pub fn probe() -> ProbeReport {
             supported: probed && kernel_probe.is_supported(code),
         })
         .collect();
-    report.setup_single_issuer =
-        IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
-            .setup_single_issuer()
-            .build(4)
-            .is_ok();
-    report.setup_coop_taskrun =
-        IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
-            .setup_coop_taskrun()
-            .build(4)
-            .is_ok();
-    report.setup_defer_taskrun =
-        IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(4)
-            .is_ok();
-    report.setup_submit_all =
-        IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
-            .setup_submit_all()
-            .build(4)
-            .is_ok();
+    // Whether the kernel sets up a small ring with what `setup` asks for.
+    type Builder = io_uring::Builder<io_uring::squeue::Entry, io_uring::cqueue::Entry>;
+    let accepts = |setup: fn(&mut Builder) -> &mut Builder| {
+        let mut builder = IoUring::builder();
+        setup(&mut builder).build(4).is_ok()
+    };
+    report.setup_single_issuer = accepts(|b| b.setup_single_issuer());
+    report.setup_coop_taskrun = accepts(|b| b.setup_coop_taskrun());
+    report.setup_defer_taskrun = accepts(|b| b.setup_single_issuer().setup_defer_taskrun());
+    report.setup_submit_all = accepts(|b| b.setup_submit_all());
     report.buf_ring = probe_buf_ring(&ring);
     report
 }

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_uring::{
-    probe, Completion, Driver, DriverConfig, Errno, IoBuf, Op, PipePool, ProbeReport, Returned,
-    SharedFd,
+    probe, Completion, Driver, DriverConfig, Errno, IoBuf, Op, Pipe, PipePool, ProbeReport,
+    Returned, SharedFd,
 };
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -69,6 +69,53 @@ fn tcp_pair() -> (SharedFd, TcpStream) {
     (Rc::new(OwnedFd::from(server)), client)
 }
 
+/// A recv into a new `Vec` of `capacity` bytes.
+fn recv_vec(fd: SharedFd, capacity: usize, flags: i32) -> Op {
+    Op::Recv {
+        fd,
+        buf: IoBuf::Vec(Vec::with_capacity(capacity)),
+        flags,
+    }
+}
+
+/// A connected pair whose client end is read to its end on a thread: the server end, and the
+/// thread that returns what the client read.
+fn tcp_pair_read_on_a_thread() -> (SharedFd, std::thread::JoinHandle<Vec<u8>>) {
+    let (server, mut client) = tcp_pair();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        got
+    });
+    (server, reader)
+}
+
+/// Splices `len` bytes of `pipe` to `fd_out` on the ring (token 2); returns the pipe.
+fn splice_from_pipe(d: &mut Driver, pipe: Pipe, fd_out: &SharedFd, len: u32) -> Pipe {
+    let op = Op::SpliceFromPipe {
+        pipe,
+        fd_out: fd_out.clone(),
+        len,
+    };
+    d.submit(op, 2).unwrap();
+    let c = next(d);
+    assert!(c.result.unwrap() > 0);
+    let Returned::Pipe(p) = c.resources else {
+        panic!("{c:?}")
+    };
+    p
+}
+
+/// A driver for one op at a time, with one small fixed buffer.
+fn one_op_config() -> DriverConfig {
+    DriverConfig {
+        ops_max: 1,
+        fixed_buffers_count: 1,
+        fixed_buffer_bytes: 4096,
+        ..DriverConfig::default()
+    }
+}
+
 fn temp_path(name: &str) -> std::path::PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
     std::env::temp_dir().join(format!(
@@ -76,6 +123,13 @@ fn temp_path(name: &str) -> std::path::PathBuf {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ))
+}
+
+/// A new temp file (see [`temp_path`]) holding `data`.
+fn temp_file(name: &str, data: &[u8]) -> std::path::PathBuf {
+    let path = temp_path(name);
+    std::fs::write(&path, data).unwrap();
+    path
 }
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -121,26 +175,14 @@ fn recv_peek_then_recv_sees_same_bytes() {
     };
     let (server, mut client) = tcp_pair();
     client.write_all(b"GET / HTTP/1.1\r\n").unwrap();
-    let peek = Op::Recv {
-        fd: server.clone(),
-        buf: IoBuf::Vec(Vec::with_capacity(64)),
-        flags: libc::MSG_PEEK,
-    };
-    d.submit(peek, 1).unwrap();
+    d.submit(recv_vec(server.clone(), 64, libc::MSG_PEEK), 1)
+        .unwrap();
     let c = next(&mut d);
     let Returned::Buf(peeked) = c.resources else {
         panic!("{c:?}")
     };
     assert_eq!(peeked.as_slice(), b"GET / HTTP/1.1\r\n");
-    d.submit(
-        Op::Recv {
-            fd: server,
-            buf: IoBuf::Vec(Vec::with_capacity(64)),
-            flags: 0,
-        },
-        2,
-    )
-    .unwrap();
+    d.submit(recv_vec(server, 64, 0), 2).unwrap();
     let c = next(&mut d);
     let Returned::Buf(read) = c.resources else {
         panic!("{c:?}")
@@ -253,16 +295,10 @@ fn splice_file_pipe_socket_with_short_splice_resumed() {
     let Some((report, mut d)) = setup("splice", &["splice"]) else {
         return;
     };
-    let path = temp_path("splice");
     let data = pattern(300 * 1024 + 17);
-    std::fs::write(&path, &data).unwrap();
+    let path = temp_file("splice", &data);
     let file: SharedFd = Rc::new(OwnedFd::from(std::fs::File::open(&path).unwrap()));
-    let (server, mut client) = tcp_pair();
-    let reader = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        client.read_to_end(&mut got).unwrap();
-        got
-    });
+    let (server, reader) = tcp_pair_read_on_a_thread();
     let pool = PipePool::new(2, 64 * 1024, report.pipe_max_size_bytes);
     let mut pipe = pool.take().unwrap();
     let chunk = pipe.capacity_bytes().min(64 * 1024);
@@ -301,21 +337,7 @@ fn splice_file_pipe_socket_with_short_splice_resumed() {
                 short_splices += 1;
             }
             first = false;
-            d.submit(
-                Op::SpliceFromPipe {
-                    pipe,
-                    fd_out: server.clone(),
-                    len,
-                },
-                2,
-            )
-            .unwrap();
-            let c = next(&mut d);
-            assert!(c.result.unwrap() > 0);
-            let Returned::Pipe(p) = c.resources else {
-                panic!("{c:?}")
-            };
-            pipe = p;
+            pipe = splice_from_pipe(&mut d, pipe, &server, len);
         }
     }
     assert!(short_splices > 0);
@@ -391,8 +413,7 @@ fn fadvise_willneed_reads_a_range_in_and_iowq_workers_can_be_limited() {
     };
     let limits = d.limit_iowq_workers(3, 5).expect("limit io-wq workers");
     assert_eq!(limits, [3, 5]);
-    let path = temp_path("fadvise");
-    std::fs::write(&path, pattern(256 * 1024)).unwrap();
+    let path = temp_file("fadvise", &pattern(256 * 1024));
     let file = std::fs::File::open(&path).unwrap();
     file.sync_all().unwrap();
     rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
@@ -431,8 +452,7 @@ fn openat_and_statx_size() {
     let Some((_, mut d)) = setup("openat_statx", &["openat", "statx"]) else {
         return;
     };
-    let path = temp_path("open");
-    std::fs::write(&path, pattern(12345)).unwrap();
+    let path = temp_file("open", &pattern(12345));
     let cpath = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     d.submit(
         Op::OpenAt {
@@ -535,21 +555,12 @@ fn timeout_fires() {
 
 #[test]
 fn linked_timeout_cancels_a_recv_that_never_completes() {
-    let config = DriverConfig {
-        ops_max: 1,
-        fixed_buffers_count: 1,
-        fixed_buffer_bytes: 4096,
-        ..DriverConfig::default()
-    };
+    let config = one_op_config();
     let Some((_, mut d)) = setup_with("link_timeout", &["recv", "link_timeout"], config) else {
         return;
     };
     let (server, _client) = tcp_pair();
-    let op = Op::Recv {
-        fd: server,
-        buf: IoBuf::Vec(Vec::with_capacity(16)),
-        flags: 0,
-    };
+    let op = recv_vec(server, 16, 0);
     d.submit_with_timeout(op, 5, Duration::from_millis(50))
         .unwrap();
     let c = next(&mut d);
@@ -603,12 +614,7 @@ fn async_cancel_returns_ecanceled_and_the_buffer() {
 
 #[test]
 fn stale_generation_completion_is_ignored() {
-    let config = DriverConfig {
-        ops_max: 1,
-        fixed_buffers_count: 1,
-        fixed_buffer_bytes: 4096,
-        ..DriverConfig::default()
-    };
+    let config = one_op_config();
     let Some((_, mut d)) = setup_with("stale_generation", &["nop"], config) else {
         return;
     };
@@ -828,16 +834,10 @@ fn fill_pipe_from_file_on_the_thread_then_splice_to_socket() {
     let Some((report, mut d)) = setup("fill_from_file", &["splice"]) else {
         return;
     };
-    let path = temp_path("fill");
     let data = pattern(200 * 1024 + 5);
-    std::fs::write(&path, &data).unwrap();
+    let path = temp_file("fill", &data);
     let file = std::fs::File::open(&path).unwrap();
-    let (server, mut client) = tcp_pair();
-    let reader = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        client.read_to_end(&mut got).unwrap();
-        got
-    });
+    let (server, reader) = tcp_pair_read_on_a_thread();
     let pool = PipePool::new(1, 64 * 1024, report.pipe_max_size_bytes);
     let mut pipe = pool.take().unwrap();
     let mut offset = 0u64;
@@ -850,21 +850,7 @@ fn fill_pipe_from_file_on_the_thread_then_splice_to_socket() {
         offset += n as u64;
         while pipe.held_bytes() > 0 {
             let len = pipe.held_bytes() as u32;
-            d.submit(
-                Op::SpliceFromPipe {
-                    pipe,
-                    fd_out: server.clone(),
-                    len,
-                },
-                2,
-            )
-            .unwrap();
-            let c = next(&mut d);
-            assert!(c.result.unwrap() > 0);
-            let Returned::Pipe(p) = c.resources else {
-                panic!("{c:?}")
-            };
-            pipe = p;
+            pipe = splice_from_pipe(&mut d, pipe, &server, len);
         }
     }
     assert_eq!(offset as usize, data.len());
@@ -891,15 +877,7 @@ fn ring_recv_waits_on_a_nonblocking_socket_and_poll_add_reports_pollout() {
     // SAFETY: F_SETFL with the flags just read plus O_NONBLOCK, on an open fd.
     let rc = unsafe { libc::fcntl(server.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
     assert_eq!(rc, 0);
-    d.submit(
-        Op::Recv {
-            fd: server.clone(),
-            buf: IoBuf::Vec(Vec::with_capacity(64)),
-            flags: 0,
-        },
-        1,
-    )
-    .unwrap();
+    d.submit(recv_vec(server.clone(), 64, 0), 1).unwrap();
     let mut out = Vec::new();
     d.wait(0, Some(Duration::from_millis(50))).unwrap();
     assert_eq!(
@@ -931,15 +909,7 @@ fn wait_spinning_sees_a_completion_during_the_spin_and_times_out_without_one() {
         return;
     };
     let (server, mut client) = tcp_pair();
-    d.submit(
-        Op::Recv {
-            fd: server,
-            buf: IoBuf::Vec(Vec::with_capacity(64)),
-            flags: 0,
-        },
-        1,
-    )
-    .unwrap();
+    d.submit(recv_vec(server, 64, 0), 1).unwrap();
     let sender = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(2));
         client.write_all(b"ping").unwrap();

@@ -1,25 +1,10 @@
 """The native C++ rules under rules_cc's names (Bazel 4 still has them built in)."""
 
-def cc_binary(**attrs):
-    native.cc_binary(**attrs)
-
-def cc_library(**attrs):
-    native.cc_library(**attrs)
-
-def cc_test(**attrs):
-    native.cc_test(**attrs)
-
-def cc_import(**attrs):
-    native.cc_import(**attrs)
-
-def cc_proto_library(**attrs):
-    native.cc_proto_library(**attrs)
-
-def cc_toolchain(**attrs):
-    native.cc_toolchain(**attrs)
-
-def cc_toolchain_suite(**attrs):
-    native.cc_toolchain_suite(**attrs)
-
-def objc_library(**attrs):
-    native.objc_library(**attrs)
+cc_binary = native.cc_binary
+cc_library = native.cc_library
+cc_test = native.cc_test
+cc_import = native.cc_import
+cc_proto_library = native.cc_proto_library
+cc_toolchain = native.cc_toolchain
+cc_toolchain_suite = native.cc_toolchain_suite
+objc_library = native.objc_library
