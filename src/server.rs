@@ -103,6 +103,76 @@ pub fn run_with(
     let mut signals = Signals::install()?;
     // Before anything else can fail: an old process waits on the other end.
     let inherited = lifecycle::inherited(env).map_err(ServeError)?;
+    let app = open_app(&config)?;
+
+    let (tls, fallback) = start_fallback(&config, &app)?;
+
+    let (listeners, local, parent) = take_listeners(&config, inherited)?;
+    // Copies of the listening sockets for a successor: the same sockets (and so the same
+    // accept queues), not new binds.
+    let handoff: Vec<OwnedFd> = listeners
+        .iter()
+        .map(|l| l.try_clone().map(OwnedFd::from))
+        .collect::<Result<_, _>>()
+        .map_err(|e| ServeError(format!("cannot keep the listeners for upgrades: {e}")))?;
+    // Before anything is served: no acknowledged write may miss the outbox.
+    let replication = attach_fleet(&config, local, &app)?;
+    let engine = crate::engine::start(&config, &app, &fallback, listeners)
+        .map_err(|e| ServeError(format!("cannot start the engine: {e}")))?;
+    let replication = start_replication(replication, &engine, &app)?;
+    let scheme = if tls { "http and https" } else { "http" };
+    tracing::info!(%local, engine = %engine.describe(), "sluice listening ({scheme})");
+    // Tests and scripts wait for this line to learn the bound port.
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "sluice listening on {local}");
+    let _ = stdout.flush();
+
+    announce_ready(&config, env, parent);
+    let upgrade_timeout = Duration::from_millis(config.upgrade_ready_timeout_ms);
+
+    let exit = loop {
+        match signals.next() {
+            Signal::Stop => break Exit::Stop,
+            Signal::Upgrade => {
+                let fds: Vec<_> = handoff.iter().map(|fd| fd.as_fd()).collect();
+                tracing::info!(
+                    exe = ?launch.exe,
+                    listeners = fds.len(),
+                    timeout_ms = config.upgrade_ready_timeout_ms,
+                    "SIGUSR2: starting the new binary on this process's listeners"
+                );
+                match lifecycle::upgrade(launch, &fds, upgrade_timeout) {
+                    Ok(successor) => {
+                        tracing::info!(
+                            pid = successor.pid,
+                            "the new process serves; this one drains and exits"
+                        );
+                        break Exit::Upgraded;
+                    }
+                    Err(why) => {
+                        tracing::warn!("upgrade abandoned, this process keeps serving: {why}")
+                    }
+                }
+            }
+        }
+    };
+    shutdown(
+        &config,
+        env,
+        exit,
+        &mut signals,
+        &app,
+        engine,
+        &fallback,
+        replication,
+    );
+    drop(handoff);
+    Ok(())
+}
+
+/// Open the store (a bad data directory is a start-up error naming it) and
+/// the application over it.
+fn open_app(config: &Config) -> Result<Arc<App>, ServeError> {
     let store = Store::open(StoreConfig {
         data_dir: config.data_dir.clone(),
         store_bytes_max: config.store_bytes_max,
@@ -117,8 +187,12 @@ pub fn run_with(
             config.data_dir.display()
         ))
     })?;
-    let app = App::new(&config, store);
+    Ok(App::new(config, store))
+}
 
+/// Load the TLS certificate and key (when given) and start the fallback
+/// front end over `app`.
+fn start_fallback(config: &Config, app: &Arc<App>) -> Result<(bool, Arc<Fallback>), ServeError> {
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
             Some(TlsSettings::load(cert, key).map_err(|e| ServeError(e.to_string()))?)
@@ -128,7 +202,7 @@ pub fn run_with(
     let fallback = Arc::new(
         Fallback::start(
             Arc::new(
-                AppHandler::new(Arc::clone(&app))
+                AppHandler::new(Arc::clone(app))
                     .with_body_read_timeout(Duration::from_millis(config.body_read_timeout_ms))
                     .with_uri_bytes_max(config.uri_bytes_max),
             ),
@@ -148,7 +222,23 @@ pub fn run_with(
         let fallback = Arc::clone(&fallback);
         app.add_metrics_source(move |out| render_fallback_metrics(&fallback, out));
     }
+    Ok((tls.is_some(), fallback))
+}
 
+/// The listening sockets: inherited (an upgrade, systemd) or bound to
+/// `listen`, one per engine thread; the address they serve; and the parent
+/// process, when this one is an upgrade's successor.
+fn take_listeners(
+    config: &Config,
+    inherited: Option<lifecycle::Inherited>,
+) -> Result<
+    (
+        Vec<std::net::TcpListener>,
+        std::net::SocketAddr,
+        Option<lifecycle::Parent>,
+    ),
+    ServeError,
+> {
     let (listeners, parent) = match inherited {
         Some(inherited) => {
             tracing::info!(
@@ -189,18 +279,18 @@ pub fn run_with(
             "the inherited listeners are not on `listen`; they are served as they are"
         );
     }
-    // Copies of the listening sockets for a successor: the same sockets (and so the same
-    // accept queues), not new binds.
-    let handoff: Vec<OwnedFd> = listeners
-        .iter()
-        .map(|l| l.try_clone().map(OwnedFd::from))
-        .collect::<Result<_, _>>()
-        .map_err(|e| ServeError(format!("cannot keep the listeners for upgrades: {e}")))?;
-    // Before anything is served: no acknowledged write may miss the outbox.
-    let replication = attach_fleet(&config, local, &app)?;
-    let engine = crate::engine::start(&config, &app, &fallback, listeners)
-        .map_err(|e| ServeError(format!("cannot start the engine: {e}")))?;
-    let replication = match replication {
+    Ok((listeners, local, parent))
+}
+
+/// Start what replication runs once the engine is up: its transport (the
+/// engine's rings, or blocking sender threads without them), the
+/// read-through, and the replication thread.
+fn start_replication(
+    replication: Option<Arc<crate::replication::Replication>>,
+    engine: &crate::engine::Engine,
+    app: &Arc<App>,
+) -> Result<Option<crate::replication::driver::Handle>, ServeError> {
+    Ok(match replication {
         Some(replication) => {
             // Rings when they run; otherwise replication brings its own
             // blocking sender threads (engine = fallback).
@@ -228,18 +318,13 @@ pub fn run_with(
             )
         }
         None => None,
-    };
-    let scheme = if tls.is_some() {
-        "http and https"
-    } else {
-        "http"
-    };
-    tracing::info!(%local, engine = %engine.describe(), "sluice listening ({scheme})");
-    // Tests and scripts wait for this line to learn the bound port.
-    let mut stdout = std::io::stdout();
-    let _ = writeln!(stdout, "sluice listening on {local}");
-    let _ = stdout.flush();
+    })
+}
 
+/// Tell whoever started this process that it serves: the old process of
+/// an upgrade (which decides whether this one takes over), the pid file,
+/// systemd.
+fn announce_ready(config: &Config, env: &[(String, String)], parent: Option<lifecycle::Parent>) {
     let upgrade_timeout = Duration::from_millis(config.upgrade_ready_timeout_ms);
     let owner = match &parent {
         // The old process decides: it may have given up on this one meanwhile.
@@ -269,45 +354,6 @@ pub fn run_with(
         lifecycle::sd_notify(env, &state);
     }
     drop(parent);
-
-    let exit = loop {
-        match signals.next() {
-            Signal::Stop => break Exit::Stop,
-            Signal::Upgrade => {
-                let fds: Vec<_> = handoff.iter().map(|fd| fd.as_fd()).collect();
-                tracing::info!(
-                    exe = ?launch.exe,
-                    listeners = fds.len(),
-                    timeout_ms = config.upgrade_ready_timeout_ms,
-                    "SIGUSR2: starting the new binary on this process's listeners"
-                );
-                match lifecycle::upgrade(launch, &fds, upgrade_timeout) {
-                    Ok(successor) => {
-                        tracing::info!(
-                            pid = successor.pid,
-                            "the new process serves; this one drains and exits"
-                        );
-                        break Exit::Upgraded;
-                    }
-                    Err(why) => {
-                        tracing::warn!("upgrade abandoned, this process keeps serving: {why}")
-                    }
-                }
-            }
-        }
-    };
-    shutdown(
-        &config,
-        env,
-        exit,
-        &mut signals,
-        &app,
-        engine,
-        &fallback,
-        replication,
-    );
-    drop(handoff);
-    Ok(())
 }
 
 /// Plug the fleet into `app` (before anything is served, so no

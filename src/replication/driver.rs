@@ -781,155 +781,188 @@ impl Driver {
                 peer,
                 outcome,
                 retried,
-            } => {
-                if let Err(err) = &outcome {
-                    if !retried && is_before_any_byte(err) {
-                        self.probe(&peer, true);
-                        return;
-                    }
-                }
-                let node_id = self.r.node_id.clone();
-                let Some(run) = self.peers.get_mut(&peer) else {
-                    return;
-                };
-                let result = match &outcome {
-                    Ok(resp) if resp.status == 200 => {
-                        let myself = serde_json::from_slice::<serde_json::Value>(&resp.body)
-                            .ok()
-                            .and_then(|v| {
-                                v.get("node_id")
-                                    .and_then(|n| n.as_str())
-                                    .map(str::to_string)
-                            })
-                            .is_some_and(|id| id == node_id);
-                        Some(!myself)
-                    }
-                    Ok(resp) => {
-                        run.last_error = Some(format!("probe answered {}", resp.status));
-                        None
-                    }
-                    Err(err) => {
-                        run.last_error = Some(format!("probe: {err}"));
-                        None
-                    }
-                };
-                let state = run.policy.on_probe(now, result, &mut self.rng);
-                if result == Some(false) {
-                    tracing::info!(%peer, "this peer entry is this node; ignored");
-                }
-                self.observe(&peer, state);
-            }
+            } => self.on_probe(now, peer, outcome, retried),
             Event::Sent {
                 peer,
                 start,
                 bytes,
                 outcome,
                 retried,
-            } => {
-                self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
-                if let Err(err) = &outcome {
-                    if !retried && is_before_any_byte(err) {
-                        // Nothing reached the peer: once more, at once, on a
-                        // fresh connection. Nothing else is retried here.
-                        if let Ok(Some((record, end))) = self.r.outbox.read_at(start) {
-                            if self.send_record(&peer, start, end, &record, true) {
-                                return;
-                            }
-                        }
-                    }
-                }
-                let verdict = self.classify(&peer, &outcome, bytes);
-                let Some(run) = self.peers.get_mut(&peer) else {
-                    return;
-                };
-                run.keys_in_flight.remove(&start);
-                let state = match verdict {
-                    Verdict::Refused => {
-                        run.policy.cursor.on_fail(start);
-                        run.paused_until = Some(now + REFUSED_PAUSE);
-                        return;
-                    }
-                    Verdict::Done => run.policy.on_send(now, start, Ok(()), &mut self.rng),
-                    Verdict::Failed { down, why } => {
-                        run.last_error = Some(why);
-                        run.policy.on_send(now, start, Err(down), &mut self.rng)
-                    }
-                };
-                self.observe(&peer, state);
-                self.sync_acked(&peer);
-            }
+            } => self.on_sent(now, peer, start, bytes, outcome, retried),
             Event::Repaired {
                 peer,
                 bytes,
                 outcome,
-            } => {
-                self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
-                let verdict = self.classify(&peer, &outcome, bytes);
-                let Some(run) = self.peers.get_mut(&peer) else {
-                    return;
-                };
-                run.repairs_in_flight = run.repairs_in_flight.saturating_sub(1);
-                match verdict {
-                    Verdict::Done => {
-                        self.r
-                            .series
-                            .add("sluice_anti_entropy_repaired_total", String::new(), 1);
-                    }
-                    Verdict::Refused | Verdict::Failed { .. } => {
-                        // The next comparison finds whatever was not repaired.
-                        run.repairs.clear();
-                        run.policy.anti_entropy_due = true;
-                        if let Verdict::Failed { down, why } = verdict {
-                            run.last_error = Some(why);
-                            run.policy.on_send(now, u64::MAX, Err(down), &mut self.rng);
-                        }
+            } => self.on_repaired(now, peer, bytes, outcome),
+            Event::AntiEntropyDone { peer, result } => self.on_anti_entropy_done(now, peer, result),
+        }
+    }
+
+    fn on_probe(
+        &mut self,
+        now: Instant,
+        peer: String,
+        outcome: Result<OutgoingResponse, TaskError>,
+        retried: bool,
+    ) {
+        if let Err(err) = &outcome {
+            if !retried && is_before_any_byte(err) {
+                self.probe(&peer, true);
+                return;
+            }
+        }
+        let node_id = self.r.node_id.clone();
+        let Some(run) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let result = match &outcome {
+            Ok(resp) if resp.status == 200 => {
+                let myself = serde_json::from_slice::<serde_json::Value>(&resp.body)
+                    .ok()
+                    .and_then(|v| {
+                        v.get("node_id")
+                            .and_then(|n| n.as_str())
+                            .map(str::to_string)
+                    })
+                    .is_some_and(|id| id == node_id);
+                Some(!myself)
+            }
+            Ok(resp) => {
+                run.last_error = Some(format!("probe answered {}", resp.status));
+                None
+            }
+            Err(err) => {
+                run.last_error = Some(format!("probe: {err}"));
+                None
+            }
+        };
+        let state = run.policy.on_probe(now, result, &mut self.rng);
+        if result == Some(false) {
+            tracing::info!(%peer, "this peer entry is this node; ignored");
+        }
+        self.observe(&peer, state);
+    }
+
+    fn on_sent(
+        &mut self,
+        now: Instant,
+        peer: String,
+        start: u64,
+        bytes: u64,
+        outcome: Result<OutgoingResponse, TaskError>,
+        retried: bool,
+    ) {
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
+        if let Err(err) = &outcome {
+            if !retried && is_before_any_byte(err) {
+                // Nothing reached the peer: once more, at once, on a
+                // fresh connection. Nothing else is retried here.
+                if let Ok(Some((record, end))) = self.r.outbox.read_at(start) {
+                    if self.send_record(&peer, start, end, &record, true) {
+                        return;
                     }
                 }
             }
-            Event::AntiEntropyDone { peer, result } => {
-                let Some(run) = self.peers.get_mut(&peer) else {
-                    return;
-                };
-                match result {
-                    Ok(report) => {
-                        tracing::info!(
-                            %peer,
-                            differing = report.buckets_differing,
-                            repairs = report.repairs.len(),
-                            "anti-entropy compared summaries"
-                        );
-                        run.policy.on_anti_entropy(now, true, &mut self.rng);
-                        if report.incomplete {
-                            run.policy.anti_entropy_due = true;
-                        }
-                        run.repairs.extend(report.repairs);
-                        self.r.series.add(
-                            "sluice_anti_entropy_runs_total",
-                            format!("peer=\"{peer}\",result=\"ok\""),
-                            1,
-                        );
-                        self.r.series.add(
-                            "sluice_anti_entropy_buckets_compared_total",
-                            String::new(),
-                            report.buckets_compared,
-                        );
-                        self.r.series.add(
-                            "sluice_anti_entropy_buckets_differing_total",
-                            String::new(),
-                            report.buckets_differing,
-                        );
-                    }
-                    Err(why) => {
-                        tracing::warn!(%peer, error = %why, "anti-entropy failed; will retry");
-                        run.last_error = Some(format!("anti-entropy: {why}"));
-                        run.policy.on_anti_entropy(now, false, &mut self.rng);
-                        self.r.series.add(
-                            "sluice_anti_entropy_runs_total",
-                            format!("peer=\"{peer}\",result=\"failed\""),
-                            1,
-                        );
-                    }
+        }
+        let verdict = self.classify(&peer, &outcome, bytes);
+        let Some(run) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        run.keys_in_flight.remove(&start);
+        let state = match verdict {
+            Verdict::Refused => {
+                run.policy.cursor.on_fail(start);
+                run.paused_until = Some(now + REFUSED_PAUSE);
+                return;
+            }
+            Verdict::Done => run.policy.on_send(now, start, Ok(()), &mut self.rng),
+            Verdict::Failed { down, why } => {
+                run.last_error = Some(why);
+                run.policy.on_send(now, start, Err(down), &mut self.rng)
+            }
+        };
+        self.observe(&peer, state);
+        self.sync_acked(&peer);
+    }
+
+    fn on_repaired(
+        &mut self,
+        now: Instant,
+        peer: String,
+        bytes: u64,
+        outcome: Result<OutgoingResponse, TaskError>,
+    ) {
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
+        let verdict = self.classify(&peer, &outcome, bytes);
+        let Some(run) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        run.repairs_in_flight = run.repairs_in_flight.saturating_sub(1);
+        match verdict {
+            Verdict::Done => {
+                self.r
+                    .series
+                    .add("sluice_anti_entropy_repaired_total", String::new(), 1);
+            }
+            Verdict::Refused | Verdict::Failed { .. } => {
+                // The next comparison finds whatever was not repaired.
+                run.repairs.clear();
+                run.policy.anti_entropy_due = true;
+                if let Verdict::Failed { down, why } = verdict {
+                    run.last_error = Some(why);
+                    run.policy.on_send(now, u64::MAX, Err(down), &mut self.rng);
                 }
+            }
+        }
+    }
+
+    fn on_anti_entropy_done(
+        &mut self,
+        now: Instant,
+        peer: String,
+        result: Result<AntiEntropyReport, String>,
+    ) {
+        let Some(run) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        match result {
+            Ok(report) => {
+                tracing::info!(
+                    %peer,
+                    differing = report.buckets_differing,
+                    repairs = report.repairs.len(),
+                    "anti-entropy compared summaries"
+                );
+                run.policy.on_anti_entropy(now, true, &mut self.rng);
+                if report.incomplete {
+                    run.policy.anti_entropy_due = true;
+                }
+                run.repairs.extend(report.repairs);
+                self.r.series.add(
+                    "sluice_anti_entropy_runs_total",
+                    format!("peer=\"{peer}\",result=\"ok\""),
+                    1,
+                );
+                self.r.series.add(
+                    "sluice_anti_entropy_buckets_compared_total",
+                    String::new(),
+                    report.buckets_compared,
+                );
+                self.r.series.add(
+                    "sluice_anti_entropy_buckets_differing_total",
+                    String::new(),
+                    report.buckets_differing,
+                );
+            }
+            Err(why) => {
+                tracing::warn!(%peer, error = %why, "anti-entropy failed; will retry");
+                run.last_error = Some(format!("anti-entropy: {why}"));
+                run.policy.on_anti_entropy(now, false, &mut self.rng);
+                self.r.series.add(
+                    "sluice_anti_entropy_runs_total",
+                    format!("peer=\"{peer}\",result=\"failed\""),
+                    1,
+                );
             }
         }
     }

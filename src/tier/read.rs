@@ -26,37 +26,6 @@ const WAIT_MS_MAX: u64 = 600_000;
 
 /// The tier answers a local miss on the cold-open path.
 impl MissReader for Tier {
-    fn answer_miss(
-        &self,
-        kind: ArtifactKind,
-        ns: &str,
-        key: &str,
-        range: Option<&[u8]>,
-        conditional: bool,
-    ) -> Option<Reply> {
-        Tier::answer_miss(self, kind, ns, key, range, conditional)
-    }
-
-    fn on_cold(
-        &self,
-        ns: &str,
-        key: &str,
-        range: Option<&[u8]>,
-        conditional: bool,
-    ) -> Option<Reply> {
-        Tier::on_cold(self, ns, key, range, conditional)
-    }
-
-    fn fill(self: Arc<Self>, ns: String, key: String, done: Waiter) {
-        self.read_through_then(ns, key, move |_| done());
-    }
-}
-
-fn id(ns: &str, key: &str) -> String {
-    format!("{ns}/{key}")
-}
-
-impl Tier {
     /// On a local miss, from the front end's thread: the reply when a recent
     /// fetch already decided it (or the tier is known down), `None` when
     /// the request must wait for a fetch ([`Tier::read_through`], off the
@@ -66,7 +35,7 @@ impl Tier {
     /// made for it while the whole object is still on its way: it is
     /// registered here, fetched by [`Tier::read_through`], and found here
     /// when the request decides again.
-    pub fn answer_miss(
+    fn answer_miss(
         &self,
         kind: ArtifactKind,
         ns: &str,
@@ -97,7 +66,7 @@ impl Tier {
     /// registered now, since the request reaches [`Tier::answer_miss`] only
     /// after that read.
     /// A piece fetched for it already answers it.
-    pub fn on_cold(
+    fn on_cold(
         &self,
         ns: &str,
         key: &str,
@@ -116,6 +85,16 @@ impl Tier {
         None
     }
 
+    fn fill(self: Arc<Self>, ns: String, key: String, done: Waiter) {
+        self.read_through_then(ns, key, move |_| done());
+    }
+}
+
+fn id(ns: &str, key: &str) -> String {
+    format!("{ns}/{key}")
+}
+
+impl Tier {
     /// Read `ns/key` through (start the fetch or join the one running) on
     /// the tier runtime, then call `then` with the outcome, from that
     /// runtime. Never blocks the caller: the ring's opener thread and the
