@@ -141,16 +141,6 @@ impl App {
         self.fleet.miss_reader.get()
     }
 
-    /// [`App::miss_fetcher`], under the name the engines use.
-    pub fn read_through(&self) -> Option<&Arc<dyn MissFetcher>> {
-        self.miss_fetcher()
-    }
-
-    /// [`App::miss_reader`], under the name the engines use.
-    pub fn tier(&self) -> Option<&Arc<dyn MissReader>> {
-        self.miss_reader()
-    }
-
     /// Add series to `/metrics`.
     pub fn add_metrics_source(&self, source: impl Fn(&mut String) + Send + Sync + 'static) {
         if let Ok(mut sources) = self.metrics_sources.write() {

@@ -964,7 +964,7 @@ impl CoreLoop {
     /// connection waits until `take_offloaded` hears it ended.
     fn fetch(&mut self, index: u32, namespace: String, key: String, now: Instant) -> Option<Next> {
         let slot = slot_mut(&mut self.slots, index)?;
-        let Some(rt) = self.app.read_through().cloned() else {
+        let Some(rt) = self.app.miss_fetcher().cloned() else {
             return Some(slot.conn.on_fetched(now));
         };
         // Waiting on the peers, not the client: no deadline

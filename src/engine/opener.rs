@@ -59,7 +59,7 @@ pub fn start(core: usize, waker: Waker, app: Arc<App>) -> std::io::Result<Opener
                 // A local miss with an object-store tier: the read-through
                 // runs on the tier's runtime and answers the ring from there,
                 // so this thread goes on with other cold opens meanwhile.
-                Warmed::Missing => match app.tier() {
+                Warmed::Missing => match app.miss_reader() {
                     Some(tier) => {
                         let completer = completer.clone();
                         tier.read_through_then(job.namespace, job.key, move |_| {

@@ -172,7 +172,7 @@ async fn decide(app: &Arc<App>, mut info: RequestInfo<'_>) -> Decision {
     if let Decision::Fetch { namespace, key } = &decision {
         // A miss the peers may fill: wait (bounded) for the one fetch of
         // this key, then decide again from the store.
-        if let Some(rt) = app.read_through() {
+        if let Some(rt) = app.miss_fetcher() {
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             rt.request(
                 namespace,
@@ -191,7 +191,7 @@ async fn decide(app: &Arc<App>, mut info: RequestInfo<'_>) -> Decision {
         };
         decision = handle_cached(app, &info);
     }
-    if let (Decision::Cold { namespace, key }, Some(tier)) = (&decision, app.tier()) {
+    if let (Decision::Cold { namespace, key }, Some(tier)) = (&decision, app.miss_reader()) {
         // A local miss to read through from the object-store tier: wait for
         // the fetch (it runs on the tier's runtime), then decide again.
         let (tx, rx) = tokio::sync::oneshot::channel();

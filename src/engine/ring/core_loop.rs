@@ -796,7 +796,7 @@ impl CoreLoop {
         let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
         };
-        let Some(rt) = self.app.read_through().cloned() else {
+        let Some(rt) = self.app.miss_fetcher().cloned() else {
             let next = slot.conn.on_fetched(Instant::now());
             self.issue(index, next);
             return;
