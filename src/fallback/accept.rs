@@ -133,9 +133,50 @@ pub(super) struct Queued {
     pub(super) slot: ConnSlot,
 }
 
-/// Spawns the task serving one connection; erases the handler type so [`Fallback`](super::Fallback) is not
-/// generic.
+/// Spawns the task serving one connection on the current worker; erases the handler type so
+/// [`Fallback`](super::Fallback) is not generic.
 pub(super) type Spawner = Arc<dyn Fn(TcpStream, SocketAddr, ConnSlot) + Send + Sync>;
+
+/// The fallback's workers: one thread each, with a current-thread runtime of its own that
+/// serves every task of the connections it was given, as nginx's and h2o's workers do. A
+/// connection lives on one thread, so its stream tasks, timers and socket wake-ups never cross
+/// to another core or wake an idle one to steal work (what tokio's multi-thread scheduler did,
+/// per response: docs/benchmarks.md, issue 20). Connections are dealt round-robin through a
+/// bounded queue per worker.
+pub(super) struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    queues: Vec<mpsc::Sender<Queued>>,
+    next: AtomicUsize,
+}
+
+impl Workers {
+    /// `handles[i]` runs the task that empties `queues[i]`; at least one of each.
+    pub(super) fn new(
+        handles: Vec<tokio::runtime::Handle>,
+        queues: Vec<mpsc::Sender<Queued>>,
+    ) -> Workers {
+        debug_assert!(!handles.is_empty() && handles.len() == queues.len());
+        Workers {
+            handles,
+            queues,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn next_index(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len()
+    }
+
+    /// The runtime of the next worker in turn, for a task not tied to a connection.
+    pub(super) fn next_handle(&self) -> &tokio::runtime::Handle {
+        &self.handles[self.next_index() % self.handles.len()]
+    }
+
+    /// Gives a connection to the next worker in turn, without blocking.
+    pub(super) fn queue(&self, queued: Queued) -> Result<(), mpsc::error::TrySendError<Queued>> {
+        self.queues[self.next_index()].try_send(queued)
+    }
+}
 
 /// Resolves once shutdown is signalled (or the signal's sender is gone, which only happens
 /// while the runtime is being torn down).
@@ -149,7 +190,7 @@ pub(super) struct AcceptShared {
     pub(super) gauge: Arc<AtomicUsize>,
     pub(super) counters: Arc<Counters>,
     pub(super) refusals: Arc<Semaphore>,
-    pub(super) spawner: Spawner,
+    pub(super) workers: Arc<Workers>,
 }
 
 pub(super) async fn accept_loop(
@@ -165,15 +206,28 @@ pub(super) async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 match ConnSlot::admit(&shared.table, &shared.gauge, &shared.counters, peer) {
-                    Ok(slot) => (shared.spawner)(stream, peer, slot),
+                    Ok(slot) => {
+                        // The worker registers it with its own reactor.
+                        let queued = stream.into_std().map(|stream| Queued { stream, peer, slot });
+                        match queued.map(|queued| shared.workers.queue(queued)) {
+                            Ok(Ok(())) => {}
+                            Ok(Err(refused)) => {
+                                let q = refused.into_inner();
+                                shared
+                                    .counters
+                                    .handoff_refused
+                                    .fetch_add(1, Ordering::Relaxed);
+                                debug!(peer = %q.peer, "fallback worker queue full");
+                                if let Ok(stream) = adopt(q.stream) {
+                                    refuse(&shared, stream);
+                                }
+                            }
+                            Err(err) => debug!(%err, %peer, "cannot detach an accepted connection"),
+                        }
+                    }
                     Err(reason) => {
                         debug!(%peer, ?reason, "fallback refused a connection");
-                        if let Ok(permit) = shared.refusals.clone().try_acquire_owned() {
-                            tokio::spawn(async move {
-                                answer_refused(stream).await;
-                                drop(permit);
-                            });
-                        }
+                        refuse(&shared, stream);
                     }
                 }
             }
@@ -183,6 +237,16 @@ pub(super) async fn accept_loop(
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
             }
         }
+    }
+}
+
+/// Answers a refused connection on this worker while fewer than the bound are being answered.
+fn refuse(shared: &AcceptShared, stream: TcpStream) {
+    if let Ok(permit) = shared.refusals.clone().try_acquire_owned() {
+        tokio::spawn(async move {
+            answer_refused(stream).await;
+            drop(permit);
+        });
     }
 }
 

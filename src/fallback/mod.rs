@@ -95,6 +95,7 @@
 mod accept;
 pub mod app_handler;
 mod classify;
+mod exec;
 mod guard;
 mod handler;
 mod limits;
@@ -117,7 +118,7 @@ use tracing::warn;
 
 use accept::{
     accept_loop, adopt, answer_refused, dispatch, lock, AcceptShared, ConnSlot, Queued, Spawner,
-    Table,
+    Table, Workers,
 };
 pub use accept::{HandoffError, HandoffRefusal};
 pub use guard::{H2_RESETS_PER_WINDOW_MAX, H2_RESET_WINDOW};
@@ -143,16 +144,17 @@ const _: fn() = || {
 
 /// How often `shutdown` looks at the connection gauge while draining.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
-/// How long `shutdown` lets the runtime cancel its remaining tasks after the drain budget.
+/// How long each worker lets its runtime cancel its remaining tasks after the drain budget.
 const RUNTIME_TEARDOWN: Duration = Duration::from_millis(200);
 
 /// A running fallback front end. Dropping it without [`Fallback::shutdown`] cancels every
 /// connection at once.
 pub struct Fallback {
-    runtime: Mutex<Option<tokio::runtime::Runtime>>,
-    handle: tokio::runtime::Handle,
-    queue: mpsc::Sender<Queued>,
-    spawner: Spawner,
+    /// The worker threads, until shutdown or drop takes them.
+    threads: Mutex<Option<Vec<std::thread::JoinHandle<()>>>>,
+    /// Ends the workers' runtimes (after the drain).
+    stop: Arc<watch::Sender<bool>>,
+    workers: Arc<Workers>,
     table: Table,
     gauge: Arc<AtomicUsize>,
     counters: Arc<Counters>,
@@ -174,12 +176,6 @@ impl Fallback {
         limits: FallbackLimits,
     ) -> Result<Fallback, io::Error> {
         limits.check()?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(limits.worker_threads)
-            .max_blocking_threads(BLOCKING_THREADS_MAX)
-            .thread_name("sluice-fallback")
-            .enable_all()
-            .build()?;
         let counters = Arc::new(Counters::default());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared::new(
@@ -187,22 +183,47 @@ impl Fallback {
             tls,
             &limits,
             counters.clone(),
-            shutdown_rx,
+            shutdown_rx.clone(),
         ));
-        let (queue_tx, queue_rx) = mpsc::channel(limits.connections_max.min(HANDOFF_QUEUE_MAX));
-        let handle = runtime.handle().clone();
         let spawner: Spawner = {
             let shared = shared.clone();
             Arc::new(move |stream, peer, slot| {
                 tokio::spawn(serve_connection(shared.clone(), stream, peer, slot));
             })
         };
-        handle.spawn(dispatch(spawner.clone(), shared.shutdown.clone(), queue_rx));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let queue_max = limits.connections_max.min(HANDOFF_QUEUE_MAX);
+        let blocking_max = (BLOCKING_THREADS_MAX / limits.worker_threads).max(1);
+        let mut handles = Vec::with_capacity(limits.worker_threads);
+        let mut queues = Vec::with_capacity(limits.worker_threads);
+        let mut threads = Vec::with_capacity(limits.worker_threads);
+        for _ in 0..limits.worker_threads {
+            // A start that fails part-way drops `stop_tx`, which ends the workers begun.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .max_blocking_threads(blocking_max)
+                .thread_name("sluice-fallback-io")
+                .enable_all()
+                .build()?;
+            let (queue_tx, queue_rx) = mpsc::channel(queue_max);
+            runtime.spawn(dispatch(spawner.clone(), shutdown_rx.clone(), queue_rx));
+            handles.push(runtime.handle().clone());
+            queues.push(queue_tx);
+            let mut stop = stop_rx.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("sluice-fallback".into())
+                    .spawn(move || {
+                        runtime.block_on(async move {
+                            let _ = stop.wait_for(|stopping| *stopping).await;
+                        });
+                        runtime.shutdown_timeout(RUNTIME_TEARDOWN);
+                    })?,
+            );
+        }
         Ok(Fallback {
-            runtime: Mutex::new(Some(runtime)),
-            handle,
-            queue: queue_tx,
-            spawner,
+            threads: Mutex::new(Some(threads)),
+            stop: Arc::new(stop_tx),
+            workers: Arc::new(Workers::new(handles, queues)),
             table: Arc::new(Mutex::new(SlotTable::new(
                 limits.connections_max,
                 limits.connections_per_ip_max,
@@ -241,7 +262,7 @@ impl Fallback {
             Ok(slot) => slot,
             Err(reason) => return refuse(stream, reason),
         };
-        match self.queue.try_send(Queued { stream, peer, slot }) {
+        match self.workers.queue(Queued { stream, peer, slot }) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(q)) => refuse(q.stream, HandoffRefusal::QueueFull),
             Err(mpsc::error::TrySendError::Closed(q)) => refuse(q.stream, HandoffRefusal::ShutDown),
@@ -257,11 +278,12 @@ impl Fallback {
         let Ok(permit) = self.refusals.clone().try_acquire_owned() else {
             return;
         };
-        let _enter = self.handle.enter();
+        let handle = self.workers.next_handle();
+        let _enter = handle.enter();
         let Ok(stream) = adopt(stream) else {
             return;
         };
-        self.handle.spawn(async move {
+        handle.spawn(async move {
             answer_refused(stream).await;
             drop(permit);
         });
@@ -276,19 +298,20 @@ impl Fallback {
             return Err(io::Error::other("fallback is shut down"));
         }
         listener.set_nonblocking(true)?;
+        let handle = self.workers.next_handle();
         let listener = {
             // Registering with the reactor needs the runtime's context.
-            let _enter = self.handle.enter();
+            let _enter = handle.enter();
             tokio::net::TcpListener::from_std(listener)?
         };
-        self.handle.spawn(accept_loop(
+        handle.spawn(accept_loop(
             listener,
             AcceptShared {
                 table: self.table.clone(),
                 gauge: self.gauge.clone(),
                 counters: self.counters.clone(),
                 refusals: self.refusals.clone(),
-                spawner: self.spawner.clone(),
+                workers: self.workers.clone(),
             },
             self.shutdown.subscribe(),
         ));
@@ -322,68 +345,48 @@ impl Fallback {
         lock(&self.table).close();
         // send_replace stores the value even when no receiver is left.
         self.shutdown.send_replace(true);
-        let Some(runtime) = self.take_runtime() else {
+        let Some(threads) = self.take_threads() else {
             return;
         };
-        let gauge = self.gauge.clone();
-        let cut = Arc::clone(&self.drain_cut);
-        // Waiting happens on a thread of its own: `block_on` and a blocking runtime teardown
-        // panic when called from inside any tokio runtime, and a caller's main may be one.
-        let waiter = std::thread::Builder::new()
-            .name("sluice-fallback-drain".into())
-            .spawn(move || drain_and_stop(runtime, &gauge, &cut, drain));
-        match waiter {
-            Ok(waiter) => {
-                if waiter.join().is_err() {
-                    warn!("fallback drain thread panicked; connections were cancelled");
-                }
+        let started = std::time::Instant::now();
+        while self.gauge.load(Ordering::Relaxed) > 0 && !self.drain_cut.load(Ordering::Acquire) {
+            if started.elapsed() >= drain {
+                warn!(
+                    open = self.gauge.load(Ordering::Relaxed),
+                    drain_ms = drain.as_millis() as u64,
+                    "fallback drain budget spent; closing the remaining connections"
+                );
+                break;
             }
-            Err(err) => warn!(%err, "cannot spawn the fallback drain thread"),
+            std::thread::sleep(DRAIN_POLL);
+        }
+        self.stop.send_replace(true);
+        let me = std::thread::current().id();
+        for thread in threads {
+            // Called from a fallback worker itself, that worker ends once this call returns.
+            if thread.thread().id() != me && thread.join().is_err() {
+                warn!("a fallback worker panicked; its connections were cancelled");
+            }
         }
     }
 
-    /// The runtime, the first time it is asked for (shutdown or drop); `None` after.
-    fn take_runtime(&self) -> Option<tokio::runtime::Runtime> {
+    /// The worker threads, the first time they are asked for (shutdown or drop); `None` after.
+    fn take_threads(&self) -> Option<Vec<std::thread::JoinHandle<()>>> {
         // Nothing can panic while the lock is held, so a poisoned lock still holds valid state.
-        match self.runtime.lock() {
+        match self.threads.lock() {
             Ok(mut guard) => guard.take(),
             Err(poisoned) => poisoned.into_inner().take(),
         }
     }
 }
 
-/// Waits up to `drain` for the connection gauge to reach zero (or for `cut`), then cancels
-/// what is left.
-fn drain_and_stop(
-    runtime: tokio::runtime::Runtime,
-    gauge: &AtomicUsize,
-    cut: &AtomicBool,
-    drain: Duration,
-) {
-    runtime.block_on(async move {
-        let drained = async {
-            while gauge.load(Ordering::Relaxed) > 0 && !cut.load(Ordering::Acquire) {
-                tokio::time::sleep(DRAIN_POLL).await;
-            }
-        };
-        if tokio::time::timeout(drain, drained).await.is_err() {
-            warn!(
-                open = gauge.load(Ordering::Relaxed),
-                drain_ms = drain.as_millis() as u64,
-                "fallback drain budget spent; closing the remaining connections"
-            );
-        }
-    });
-    runtime.shutdown_timeout(RUNTIME_TEARDOWN);
-}
-
 impl Drop for Fallback {
     fn drop(&mut self) {
         lock(&self.table).close();
         self.shutdown.send_replace(true);
-        if let Some(runtime) = self.take_runtime() {
-            // Never blocks, so dropping a Fallback inside an async context is safe.
-            runtime.shutdown_background();
-        }
+        // Never blocks, so dropping a Fallback inside an async context is safe: the workers
+        // cancel their connections and end on their own threads.
+        self.stop.send_replace(true);
+        drop(self.take_threads());
     }
 }

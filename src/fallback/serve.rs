@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -23,6 +23,7 @@ use tracing::debug;
 
 use super::accept::{wait_shutdown, ConnSlot};
 use super::classify::{sniff, Sniffed};
+use super::exec::InlineFirstPoll;
 use super::guard::{Activity, GuardIo, H2Watch, Http1Watch, Watch};
 use super::handler::{ConnInfo, GuardedBody, Handler};
 use super::limits::{
@@ -37,7 +38,7 @@ pub(super) struct Shared<H> {
     handler: Arc<H>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     h1: hyper::server::conn::http1::Builder,
-    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    h2: hyper::server::conn::http2::Builder<InlineFirstPoll>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
     send_timeout: Duration,
@@ -70,7 +71,7 @@ impl<H: Handler> Shared<H> {
             .max_buf_size(HTTP1_BUF_BYTES_MAX);
         let send_timeout = Duration::from_millis(limits.timeouts.send_timeout_ms);
         let idle_timeout = Duration::from_millis(limits.timeouts.idle_timeout_ms);
-        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        let mut h2 = hyper::server::conn::http2::Builder::new(InlineFirstPoll);
         // No keep-alive PINGs: each PING and its answer would count as progress and keep an
         // idle connection from ever reaching idle_timeout_ms. A peer that stops reading is
         // found by the send timeout instead, and the PING of a graceful close by `quiet_for`.
