@@ -16,9 +16,6 @@ pub const HTTP1_HEAD_BYTES_MAX: usize = 64 * 1024;
 /// HTTP/1 read and write buffer bound per connection, in bytes. Larger than the head limit so
 /// upload bodies arrive in big reads.
 pub const HTTP1_BUF_BYTES_MAX: usize = 256 * 1024;
-/// Write buffer between h2 and rustls on a TLS h2 connection, in bytes: frames written
-/// until h2 flushes are coalesced into as few TLS records and syscalls as fit.
-pub const H2_TLS_WRITE_BUF_BYTES: usize = 32 * 1024;
 /// HTTP/2 concurrent streams a client may open per connection.
 pub const H2_STREAMS_MAX: u32 = 128;
 /// HTTP/2 bound on the decoded header list of one request, in bytes.

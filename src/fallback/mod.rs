@@ -95,6 +95,7 @@
 mod accept;
 pub mod app_handler;
 mod classify;
+mod coalesce;
 mod exec;
 mod guard;
 mod handler;
@@ -121,12 +122,13 @@ use accept::{
     Table, Workers,
 };
 pub use accept::{HandoffError, HandoffRefusal};
+pub use coalesce::H2_COALESCE_BYTES_MAX;
 pub use guard::{H2_RESETS_PER_WINDOW_MAX, H2_RESET_WINDOW};
 pub use handler::{body_from_bytes, empty_body, ConnInfo, Handler, ResponseBody};
 pub use limits::{
     FallbackLimits, BLOCKING_THREADS_MAX, H2_CONNECTION_WINDOW_BYTES, H2_HEADER_LIST_BYTES_MAX,
     H2_LOCAL_ERROR_RESETS_MAX, H2_PENDING_ACCEPT_RESETS_MAX, H2_STREAMS_MAX,
-    H2_STREAM_WINDOW_BYTES, H2_TLS_WRITE_BUF_BYTES, HANDOFF_QUEUE_MAX, HTTP1_BUF_BYTES_MAX,
+    H2_STREAM_WINDOW_BYTES, HANDOFF_QUEUE_MAX, HTTP1_BUF_BYTES_MAX,
     HTTP1_HEAD_BYTES_MAX, REFUSALS_IN_FLIGHT_MAX, WORKER_THREADS,
 };
 use serve::{serve_connection, Shared};

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
@@ -23,13 +24,14 @@ use tracing::debug;
 
 use super::accept::{wait_shutdown, ConnSlot};
 use super::classify::{sniff, Sniffed};
+use super::coalesce::{CoalesceIo, TurnCounter};
 use super::exec::InlineFirstPoll;
 use super::guard::{Activity, GuardIo, H2Watch, Http1Watch, Watch};
 use super::handler::{ConnInfo, GuardedBody, Handler};
 use super::limits::{
     FallbackLimits, H2_CONNECTION_WINDOW_BYTES, H2_HEADER_LIST_BYTES_MAX,
     H2_LOCAL_ERROR_RESETS_MAX, H2_PENDING_ACCEPT_RESETS_MAX, H2_STREAMS_MAX,
-    H2_STREAM_WINDOW_BYTES, H2_TLS_WRITE_BUF_BYTES, HTTP1_BUF_BYTES_MAX, HTTP1_HEAD_BYTES_MAX,
+    H2_STREAM_WINDOW_BYTES, HTTP1_BUF_BYTES_MAX, HTTP1_HEAD_BYTES_MAX,
 };
 use super::stats::Counters;
 
@@ -207,17 +209,7 @@ async fn serve_tls<H: Handler>(
         tls: true,
         alpn_h2,
     };
-    if alpn_h2 {
-        // h2 writes each frame header and each DATA payload as its own write when the
-        // stream is not vectored, as a TLS stream is not: two TLS records and two
-        // syscalls per 4 KiB response. Coalescing them until h2 flushes (once per
-        // batch of frames) makes one record per batch. hyper's HTTP/1 flattens its own
-        // writes already.
-        let tls_stream = tokio::io::BufWriter::with_capacity(H2_TLS_WRITE_BUF_BYTES, tls_stream);
-        serve_http(shared, tls_stream, info, alpn_h2, conn).await;
-    } else {
-        serve_http(shared, tls_stream, info, alpn_h2, conn).await;
-    }
+    serve_http(shared, tls_stream, info, alpn_h2, conn).await;
 }
 
 /// A step between accept and a classified connection with a finished TLS handshake (the
@@ -284,12 +276,7 @@ where
             shared.head_limits,
         )))
     };
-    let io = TokioIo::new(GuardIo::new(
-        io,
-        activity.clone(),
-        shared.counters.clone(),
-        watch,
-    ));
+    let io = GuardIo::new(io, activity.clone(), shared.counters.clone(), watch);
     let handler = shared.handler.clone();
     let service_activity = activity.clone();
     let service = service_fn(move |req| {
@@ -305,8 +292,10 @@ where
             Ok::<_, Infallible>(response.map(|body| GuardedBody::new(body, sending).boxed()))
         }
     });
+    let turns = TurnCounter::default();
     let drive = Drive {
         info,
+        turns: turns.clone(),
         idle_timeout: shared.idle_timeout,
         send_timeout: shared.send_timeout,
         counters: &shared.counters,
@@ -314,10 +303,13 @@ where
         shutdown: &mut shutdown,
     };
     if h2 {
+        // Above the guard, so the guard sees (and times) only what reaches the socket.
+        let io = TokioIo::new(CoalesceIo::new(io, turns));
         let conn = shared.h2.serve_connection(io, service);
         drive.run(conn, |conn| conn.graceful_shutdown()).await;
     } else {
-        let conn = shared.h1.serve_connection(io, service);
+        // hyper's HTTP/1 flattens a response into one write already.
+        let conn = shared.h1.serve_connection(TokioIo::new(io), service);
         drive.run(conn, |conn| conn.graceful_shutdown()).await;
     }
 }
@@ -325,6 +317,8 @@ where
 /// Drives one hyper connection (HTTP/1 or HTTP/2, whose types differ) to its end.
 struct Drive<'a> {
     info: ConnInfo,
+    /// Bumped on every poll of hyper's connection (for [`CoalesceIo`]).
+    turns: TurnCounter,
     idle_timeout: Duration,
     send_timeout: Duration,
     counters: &'a Counters,
@@ -339,6 +333,7 @@ impl Drive<'_> {
     {
         let Drive {
             info,
+            turns,
             idle_timeout,
             send_timeout,
             counters,
@@ -349,7 +344,7 @@ impl Drive<'_> {
         let mut draining = false;
         loop {
             tokio::select! {
-                result = conn.as_mut() => {
+                result = Turn { conn: conn.as_mut(), turns: &turns } => {
                     if let Err(err) = result {
                         debug!(%err, peer = %info.peer, "fallback connection ended with an error");
                     }
@@ -378,6 +373,21 @@ impl Drive<'_> {
                 }
             }
         }
+    }
+}
+
+/// One poll of hyper's connection future, counted as a turn of the connection's task.
+struct Turn<'a, C> {
+    conn: Pin<&'a mut C>,
+    turns: &'a TurnCounter,
+}
+
+impl<C: Future> Future for Turn<'_, C> {
+    type Output = C::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<C::Output> {
+        self.turns.bump();
+        self.conn.as_mut().poll(cx)
     }
 }
 
