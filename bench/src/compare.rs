@@ -767,6 +767,14 @@ fn bench_once(
     if cfg.transport != Transport::Plain {
         let scheme = if cfg.transport.tls() { "https" } else { "http" };
         let url = format!("{scheme}://127.0.0.1:{}{path}", server.bench_port);
+        if h2load::counted_get(cfg.transport, size) {
+            let mut rate: Option<f64> = None;
+            return measure(cfg, Some(server), label, connections, |d| {
+                counted_run(&mut rate, connections, d, |n| {
+                    h2load::run_count(cfg.transport, &url, connections, n, size)
+                })
+            });
+        }
         return measure(cfg, Some(server), label, connections, |d| {
             h2load::run(cfg.transport, &url, connections, d, size)
         });
@@ -821,31 +829,12 @@ fn put_once(
     if cfg.transport != Transport::Plain {
         let scheme = if cfg.transport.tls() { "https" } else { "http" };
         let url = format!("{scheme}://127.0.0.1:{}{path}", s.bench_port);
-        // h2load's uploads run a fixed count (see `h2load::put_args`): the warm-up doubles it
-        // from one per connection until a run lasts a quarter of the warm-up time, which gives
-        // the rate; the measured run asks for about `run_time` worth at that rate.
+        // h2load's uploads run a fixed count (see `h2load::put_args`).
         let mut rate: Option<f64> = None;
-        let c = connections as u64;
         return measure(cfg, server, label, connections, |d| {
-            let run = |n| h2load::run_put(cfg.transport, &url, connections, n, size, body_file);
-            match rate {
-                None => {
-                    let (mut n, mut spent) = (c, Duration::ZERO);
-                    loop {
-                        let r = run(n)?;
-                        spent += r.elapsed;
-                        rate = Some(r.requests_per_sec());
-                        if r.elapsed * 4 >= d || spent >= d {
-                            return Ok(r);
-                        }
-                        n = n.saturating_mul(2);
-                    }
-                }
-                Some(per_sec) => {
-                    let want = (per_sec * d.as_secs_f64() / c as f64).ceil().max(1.0);
-                    run(c.saturating_mul(want as u64))
-                }
-            }
+            counted_run(&mut rate, connections, d, |n| {
+                h2load::run_put(cfg.transport, &url, connections, n, size, body_file)
+            })
         });
     }
     let url = Url::parse(&format!("http://127.0.0.1:{}{path}", s.port))?;
@@ -870,6 +859,38 @@ fn put_once(
             },
         )
     })
+}
+
+/// One h2load run of a fixed count, sized to last about `d`: a run given a duration counts only
+/// the responses that complete inside it, which for a large body reads the run's length more
+/// than the server. The warm-up (`rate` still `None`) doubles the count from one per
+/// connection until a run lasts a quarter of the warm-up time, which gives the rate; a
+/// measured run asks for about `d` worth at that rate, whole rounds of `connections`.
+fn counted_run(
+    rate: &mut Option<f64>,
+    connections: usize,
+    d: Duration,
+    run: impl Fn(u64) -> Result<RunResult, String>,
+) -> Result<RunResult, String> {
+    let c = connections as u64;
+    match *rate {
+        None => {
+            let (mut n, mut spent) = (c, Duration::ZERO);
+            loop {
+                let r = run(n)?;
+                spent += r.elapsed;
+                *rate = Some(r.requests_per_sec());
+                if r.elapsed * 4 >= d || spent >= d {
+                    return Ok(r);
+                }
+                n = n.saturating_mul(2);
+            }
+        }
+        Some(per_sec) => {
+            let want = (per_sec * d.as_secs_f64() / c as f64).ceil().max(1.0);
+            run(c.saturating_mul(want as u64))
+        }
+    }
 }
 
 /// Median, min and max of a non-empty sample (median of an even count is the mean of the two

@@ -61,6 +61,36 @@ pub fn args(
     args
 }
 
+/// Bodies from this size on are fetched over HTTP/2 with one stream per connection and a fixed
+/// count ([`count_args`]): ten 64 MiB streams per connection put 640 MiB per connection in
+/// flight, and a duration run (`-D`) counts only the responses that finish inside it, so such
+/// a cell read the run's length rather than the server (docs/benchmarks.md). One stream per
+/// connection also shows that flow control lets a single stream run at what the link carries.
+pub const H2_LARGE_BODY_BYTES: u64 = 1 << 20;
+
+/// Whether a GET of `size` bytes over `transport` runs as [`count_args`] rather than [`args`].
+pub fn counted_get(transport: Transport, size: u64) -> bool {
+    matches!(transport, Transport::TlsH2 | Transport::H2c) && size >= H2_LARGE_BODY_BYTES
+}
+
+/// The h2load arguments of a GET run of `requests` requests, one stream per connection on
+/// HTTP/2 (see [`H2_LARGE_BODY_BYTES`]).
+pub fn count_args(
+    transport: Transport,
+    url: &str,
+    connections: usize,
+    requests: u64,
+    threads: usize,
+) -> Vec<String> {
+    let count = [
+        "-n".to_string(),
+        requests.max(connections as u64).to_string(),
+    ];
+    let mut args = leading_args(transport, connections, threads, count, 1);
+    args.push(url.to_string());
+    args
+}
+
 /// The arguments every run starts with: `threads` client threads (at most one per connection),
 /// `connections` connections, how the run ends (`-D` and a time, or `-n` and a count), and the
 /// protocol: `--h1`, or h2 with `h2_streams` concurrent streams per connection.
@@ -128,6 +158,22 @@ pub fn run(
 ) -> Result<RunResult, String> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     run_args(&args(transport, url, connections, time, threads), url, size)
+}
+
+/// Runs h2load for `requests` GETs of `url` (`size` bytes each), see [`count_args`].
+pub fn run_count(
+    transport: Transport,
+    url: &str,
+    connections: usize,
+    requests: u64,
+    size: u64,
+) -> Result<RunResult, String> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    run_args(
+        &count_args(transport, url, connections, requests, threads),
+        url,
+        size,
+    )
 }
 
 /// Runs h2load for `requests` PUTs of the file `data` (`size` bytes) to `url`.
@@ -287,6 +333,13 @@ status codes: 60 2xx, 0 3xx, 40 4xx, 0 5xx\n";
                 "https://h/x"
             ]
         );
+        assert_eq!(
+            count_args(Transport::H2c, "http://h/x", 8, 40, 2),
+            ["-t", "2", "-c", "8", "-n", "40", "-m", "1", "http://h/x"]
+        );
+        assert!(counted_get(Transport::TlsH2, 64 << 20));
+        assert!(!counted_get(Transport::TlsH2, 4096));
+        assert!(!counted_get(Transport::TlsHttp1, 64 << 20));
         // h2: one upload in flight per connection; never fewer requests than connections.
         let a = put_args(Transport::TlsH2, "https://h/x", 8, 3, 2, Path::new("/b"));
         assert_eq!(a[4..8], ["-n", "8", "-m", "1"]);

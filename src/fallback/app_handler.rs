@@ -382,8 +382,19 @@ fn internal_error() -> Response<ResponseBody> {
 /// cache shares the descriptor between requests). A file shorter than its header promised is
 /// an error, never a short body under a longer `Content-Length`.
 fn read_at(file: &File, offset: u64, len: usize) -> std::io::Result<Bytes> {
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, offset)?;
+    // Read into uninitialised capacity: zeroing what the read overwrites at once cost as
+    // much as the read itself for a 4 KiB body (calloc, in the callgrind profile of issue 20).
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        let spare = rustix::buffer::spare_capacity(&mut buf);
+        match rustix::io::pread(file, spare, at) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
     Ok(Bytes::from(buf))
 }
 

@@ -33,6 +33,35 @@ const PASS_THROUGH_BYTES: usize = 8 * 1024;
 /// Slices of one vectored write passed on at most (h2 writes a frame head and a payload).
 const SLICES_MAX: usize = 8;
 
+/// Empty buffers kept per worker thread for the next connection with bytes to hold, at most.
+/// A connection holds one only between a write and the flush of the next turn, so a worker
+/// needs about as many as it has connections writing at once.
+const POOLED_BUFFERS_MAX: usize = 32;
+
+thread_local! {
+    /// This worker's free buffers ([`H2_COALESCE_BYTES_MAX`] of capacity each). A connection
+    /// stays on its worker (one current-thread runtime each), so the pool needs no lock.
+    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Vec<u8> {
+    POOL.with(|pool| pool.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(H2_COALESCE_BYTES_MAX))
+}
+
+fn give_back(mut buf: Vec<u8>) {
+    if buf.capacity() != H2_COALESCE_BYTES_MAX {
+        return;
+    }
+    buf.clear();
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.len() < POOLED_BUFFERS_MAX {
+            pool.push(buf);
+        }
+    });
+}
+
 /// Counts the polls of a connection's task, so [`CoalesceIo`] knows when a new turn began.
 #[derive(Clone, Default)]
 pub struct TurnCounter(Arc<AtomicU64>);
@@ -55,6 +84,12 @@ pub struct CoalesceIo<I> {
     turns: TurnCounter,
     /// The turn whose first flush was put off, if a flush is put off.
     deferred_in: Option<u64>,
+}
+
+impl<I> Drop for CoalesceIo<I> {
+    fn drop(&mut self) {
+        give_back(std::mem::take(&mut self.held));
+    }
 }
 
 impl<I> CoalesceIo<I> {
@@ -81,8 +116,9 @@ impl<I: AsyncWrite + Unpin> CoalesceIo<I> {
             }
             self.held.drain(..n);
         }
-        // Give the memory back while the connection idles: most of them do most of the time.
-        self.held = Vec::new();
+        // The buffer goes back to this worker's pool while the connection idles: most of
+        // them do most of the time, and a fresh 64 KiB per turn cost page faults.
+        give_back(std::mem::take(&mut self.held));
         Poll::Ready(Ok(()))
     }
 
@@ -148,7 +184,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for CoalesceIo<I> {
             let large = total >= PASS_THROUGH_BYTES && this.inner.is_write_vectored();
             if !large && this.held.len() + total <= H2_COALESCE_BYTES_MAX {
                 if this.held.capacity() == 0 {
-                    this.held.reserve_exact(H2_COALESCE_BYTES_MAX);
+                    this.held = take_buffer();
                 }
                 for b in bufs {
                     this.held.extend_from_slice(b);
