@@ -199,7 +199,12 @@ pub struct Artifact {
 impl Artifact {
     /// Strong ETag: `"<64 lowercase hex of the body's sha256>"`, quotes included.
     pub fn etag(&self) -> String {
-        format!("\"{}\"", hex::encode(self.sha256))
+        // Into a fixed buffer: hex::encode's char-by-char collect was 3 % of the fallback's
+        // instructions per 4 KiB GET (callgrind, issue 20).
+        let mut out = [b'"'; 66];
+        // Fails only on a length mismatch, which the array sizes rule out.
+        let _ = hex::encode_to_slice(self.sha256, &mut out[1..65]);
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     /// When this version was written (its file's mtime), ms since the Unix
