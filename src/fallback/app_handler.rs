@@ -112,14 +112,14 @@ async fn serve(
     // Whether the client may be sending the body now: it did not wait for
     // `100 Continue`, or polling the body below sent it.
     let mut body_invited = !expect_continue;
-    let method = parts.method.as_str().to_string();
-    let path = parts.uri.path().to_string();
+    let method = parts.method.as_str();
+    let path = parts.uri.path();
     // Public pressure from here until the response body is dropped.
-    let public = crate::pressure::is_public_route(crate::route::route_label(&method, &path))
-        .then(|| app.metrics.pressure.begin());
+    let route_label = crate::route::route_label(method, path);
+    let public = crate::pressure::is_public_route(route_label).then(|| app.metrics.pressure.begin());
     let info = RequestInfo {
-        method: &method,
-        path: &path,
+        method,
+        path,
         authorization: header("authorization"),
         range: header("range"),
         if_none_match: header("if-none-match"),
@@ -129,7 +129,6 @@ async fn serve(
         chunked,
         read_through: true,
     };
-    let route_label = crate::route::route_label(&method, &path);
     let reply = match decide(&app, info).await {
         Decision::Reply(reply) => reply,
         Decision::Fetch { .. } => Reply::error(404, "no such artifact"),
@@ -143,10 +142,10 @@ async fn serve(
             receive_body(&app, &mut body, sink, body_read_timeout).await
         }
     };
-    app.record(route_label, &method, reply.status);
+    app.record(route_label, method, reply.status);
     let ttfb = started.elapsed();
     app.metrics.record_ttfb(ttfb);
-    if public.is_some() && matches!(method.as_str(), "GET" | "HEAD") {
+    if public.is_some() && matches!(method, "GET" | "HEAD") {
         app.metrics.pressure.head_ready(ttfb);
     }
     if reply.close && parts.version <= Version::HTTP_11 && body_invited && !body.is_end_stream() {
@@ -317,10 +316,11 @@ async fn discard_body(mut body: Incoming, limits: crate::http1::LingerLimits) {
     }
 }
 
-fn into_response(app: &Arc<App>, reply: Reply, version: Version) -> Response<ResponseBody> {
+fn into_response(app: &Arc<App>, mut reply: Reply, version: Version) -> Response<ResponseBody> {
     let mut builder = Response::builder().status(reply.status);
-    for (name, value) in &reply.headers {
-        builder = builder.header(*name, value.as_str());
+    // Each value's String becomes the header value's buffer as it is, without a copy.
+    for (name, value) in std::mem::take(&mut reply.headers) {
+        builder = builder.header(name, value);
     }
     if let Some(len) = reply.content_length {
         builder = builder.header("content-length", len);
@@ -346,7 +346,7 @@ fn into_response(app: &Arc<App>, reply: Reply, version: Version) -> Response<Res
                 // open already happened here (`App::handle`), the bytes are almost always in
                 // the page cache, and a trip through the blocking pool costs more than the
                 // read. The whole response then goes out in one write (one TLS record).
-                match read_at(&artifact.file, offset, len as usize) {
+                match small_body(&artifact, offset, len) {
                     Ok(bytes) => {
                         app.metrics
                             .add_response_bytes(BytePath::Fallback, bytes.len() as u64);
@@ -376,6 +376,89 @@ fn internal_error() -> Response<ResponseBody> {
     let mut response = Response::new(body_from_bytes(Bytes::new()));
     *response.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
     response
+}
+
+/// Bytes of small artifact bodies one fallback worker keeps in memory, at most.
+pub const SMALL_BODIES_PER_WORKER_BYTES_MAX: usize = 2 * 1024 * 1024;
+
+/// Small bodies read on this worker, by the sha256 of the body: the digest names the bytes,
+/// so an artifact replaced with other content is another entry and nothing goes stale.
+#[derive(Default)]
+struct SmallBodies {
+    by_digest: std::collections::HashMap<[u8; 32], Bytes, DigestHash>,
+    bytes: usize,
+}
+
+/// Hashes a sha256 digest by its first eight bytes: they are already uniform, and SipHash
+/// over all 32 cost more than the lookup it served.
+#[derive(Clone, Copy, Default)]
+struct DigestHash;
+
+impl std::hash::BuildHasher for DigestHash {
+    type Hasher = DigestHasher;
+    fn build_hasher(&self) -> DigestHasher {
+        DigestHasher(0)
+    }
+}
+
+/// See [`DigestHash`]. Every `write` is folded in by its first eight bytes (a key hashes as its
+/// length, then its bytes; the length is the same for every key).
+struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut first = [0u8; 8];
+        let n = bytes.len().min(8);
+        first[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_ne_bytes(first);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+thread_local! {
+    /// This worker's small bodies: a hot 4 KiB GET paid a `pread` (syscall and copy) every
+    /// time, 8 % of the fallback's CPU for TLS h2 in the profile of issue 20. Bounded by
+    /// [`SMALL_BODIES_PER_WORKER_BYTES_MAX`]; when full it starts again empty, which keeps
+    /// the bound without bookkeeping per entry (a scan of cold artifacts costs one refill).
+    static SMALL_BODIES: RefCell<SmallBodies> = RefCell::new(SmallBodies::default());
+}
+
+/// `len` bytes at the absolute file offset `offset` of a small artifact (whole body at most
+/// [`INLINE_BODY_BYTES_MAX`]), from this worker's memory when it read the same body before.
+fn small_body(artifact: &crate::store::Artifact, offset: u64, len: u64) -> std::io::Result<Bytes> {
+    let start = offset.saturating_sub(artifact.body_offset) as usize;
+    let end = start + len as usize;
+    if artifact.len > INLINE_BODY_BYTES_MAX || end as u64 > artifact.len {
+        return read_at(&artifact.file, offset, len as usize);
+    }
+    let cached = SMALL_BODIES.with(|cell| {
+        cell.try_borrow()
+            .ok()
+            .and_then(|bodies| bodies.by_digest.get(&artifact.sha256).cloned())
+    });
+    let body = match cached {
+        Some(body) if body.len() as u64 == artifact.len => body,
+        _ => {
+            let body = read_at(&artifact.file, artifact.body_offset, artifact.len as usize)?;
+            SMALL_BODIES.with(|cell| {
+                if let Ok(mut bodies) = cell.try_borrow_mut() {
+                    if bodies.bytes + body.len() > SMALL_BODIES_PER_WORKER_BYTES_MAX {
+                        bodies.by_digest.clear();
+                        bodies.bytes = 0;
+                    }
+                    bodies.bytes += body.len();
+                    if let Some(old) = bodies.by_digest.insert(artifact.sha256, body.clone()) {
+                        bodies.bytes -= old.len();
+                    }
+                }
+            });
+            body
+        }
+    };
+    Ok(body.slice(start..end))
 }
 
 /// Reads `len` bytes at `offset` with one positioned read (no shared file offset: the open-file
@@ -538,5 +621,42 @@ impl Body for FileBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(self.remaining_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// An artifact whose file holds `header` filler bytes, then `body`; `digest` stands in for
+    /// the body's sha256.
+    fn artifact(body: &[u8], header: usize, digest: u8) -> crate::store::Artifact {
+        let mut file = tempfile::tempfile().expect("temp file");
+        file.write_all(&vec![0xaa; header]).expect("header");
+        file.write_all(body).expect("body");
+        crate::store::Artifact {
+            file: Arc::new(file),
+            body_offset: header as u64,
+            len: body.len() as u64,
+            sha256: [digest; 32],
+        }
+    }
+
+    #[test]
+    fn small_bodies_come_from_memory_after_the_first_read_and_ranges_slice_them() {
+        let a = artifact(b"hello world", 16, 201);
+        assert_eq!(&small_body(&a, 16, 11).expect("read")[..], b"hello world");
+        assert_eq!(&small_body(&a, 22, 5).expect("range")[..], b"world");
+        // The same digest comes from memory: emptying the file changes nothing.
+        a.file.set_len(0).expect("truncate");
+        assert_eq!(&small_body(&a, 16, 5).expect("cached")[..], b"hello");
+        // Another digest is read from its own file.
+        let b = artifact(b"other bytes", 3, 202);
+        assert_eq!(&small_body(&b, 3, 5).expect("read")[..], b"other");
+        // A file shorter than its header promised is an error, never a short body.
+        let c = artifact(b"abc", 0, 203);
+        c.file.set_len(1).expect("truncate");
+        assert!(small_body(&c, 0, 3).is_err());
     }
 }

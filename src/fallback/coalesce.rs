@@ -80,7 +80,11 @@ impl TurnCounter {
 /// Holds small writes until the flush of the task's next turn; see the module docs.
 pub struct CoalesceIo<I> {
     inner: I,
+    /// Bytes written into the buffer; `held[sent..]` are not on the socket yet.
     held: Vec<u8>,
+    /// Bytes at the front of `held` already written: a partial write advances this rather than
+    /// moving the rest to the front.
+    sent: usize,
     turns: TurnCounter,
     /// The turn whose first flush was put off, if a flush is put off.
     deferred_in: Option<u64>,
@@ -97,6 +101,7 @@ impl<I> CoalesceIo<I> {
         CoalesceIo {
             inner,
             held: Vec::new(),
+            sent: 0,
             turns,
             deferred_in: None,
         }
@@ -107,18 +112,19 @@ impl<I: AsyncWrite + Unpin> CoalesceIo<I> {
     /// Writes out everything held; `Ready(Ok)` once nothing is.
     fn poll_write_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.held.is_empty() {
-            let n = ready(Pin::new(&mut self.inner).poll_write(cx, &self.held))?;
+            let n = ready(Pin::new(&mut self.inner).poll_write(cx, &self.held[self.sent..]))?;
             let Some(n) = n else {
                 return Poll::Pending;
             };
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.held.drain(..n);
+            self.consumed(n);
         }
         // The buffer goes back to this worker's pool while the connection idles: most of
         // them do most of the time, and a fresh 64 KiB per turn cost page faults.
         give_back(std::mem::take(&mut self.held));
+        self.sent = 0;
         Poll::Ready(Ok(()))
     }
 
@@ -132,7 +138,7 @@ impl<I: AsyncWrite + Unpin> CoalesceIo<I> {
         let mut slices = [IoSlice::new(&[]); SLICES_MAX + 1];
         let mut count = 0;
         if !self.held.is_empty() {
-            slices[0] = IoSlice::new(&self.held);
+            slices[0] = IoSlice::new(&self.held[self.sent..]);
             count = 1;
         }
         for b in bufs.iter().filter(|b| !b.is_empty()).take(SLICES_MAX) {
@@ -146,9 +152,18 @@ impl<I: AsyncWrite + Unpin> CoalesceIo<I> {
         if n == 0 {
             return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
         }
-        let from_held = n.min(self.held.len());
-        self.held.drain(..from_held);
+        let from_held = n.min(self.held.len() - self.sent);
+        self.consumed(from_held);
         Poll::Ready(Ok(n - from_held))
+    }
+
+    /// `n` more held bytes reached the socket; an emptied buffer starts again at its front.
+    fn consumed(&mut self, n: usize) {
+        self.sent += n;
+        if self.sent >= self.held.len() {
+            self.held.clear();
+            self.sent = 0;
+        }
     }
 }
 

@@ -7,13 +7,25 @@
 //!
 //! # Threads
 //!
-//! [`Fallback::start`] builds one multi-thread tokio runtime with `worker_threads` worker
-//! threads (config `fallback_threads`, by default as many as the ring engine's threads; the
-//! constant [`WORKER_THREADS`] only in tests) named `sluice-fallback` and at most
-//! [`BLOCKING_THREADS_MAX`] blocking-pool threads (large artifact reads run there). It used to
-//! be a constant two, but when io_uring is unavailable this runtime serves all traffic, and
-//! TLS costs CPU per byte: the profile in docs/benchmarks.md ("Off the ring") shows the
-//! workers busy, not waiting, so they scale with the cores like the engine does.
+//! [`Fallback::start`] starts `worker_threads` worker threads (config `fallback_threads`, by
+//! default as many as the ring engine's threads; the constant [`WORKER_THREADS`] only in
+//! tests) named `sluice-fallback`, each running a current-thread tokio runtime of its own with
+//! a share of [`BLOCKING_THREADS_MAX`] blocking-pool threads (`sluice-fallback-io`: large
+//! artifact reads and upload commits run there). Connections are dealt to the workers
+//! round-robin and stay on theirs, so a connection's tasks, timers and socket wake-ups never
+//! cross to another thread: with one multi-thread runtime every HTTP/2 stream was a task that
+//! woke idle workers to steal it, which was most of the fallback's cost per small response
+//! (docs/benchmarks.md, "HTTP/2 and TLS at h2o's pace"). When io_uring is unavailable these
+//! workers serve all traffic, and TLS costs CPU per byte, so they scale with the cores like
+//! the engine does.
+//!
+//! # HTTP/2 streams and writes
+//!
+//! hyper gives every HTTP/2 stream to an executor; ours (`exec.rs`) polls it once on the
+//! connection's task and spawns it only if it has to wait, so a GET answered from the page
+//! cache costs no task. Below h2, `coalesce.rs` holds what one turn of the connection writes
+//! and sends it with the next turn's flush: the answers to a batch of requests read in one
+//! `recv` leave in one write (one batch of TLS records).
 //!
 //! # Connections
 //!
@@ -87,6 +99,7 @@
 //! - `accept.rs`: how a connection arrives (accept loop, hand-off queue, its slot, the answer
 //!   to a refused one); `classify.rs`: what its first bytes say it is;
 //! - `serve.rs`: one admitted connection, from classification and handshake to hyper's end;
+//!   `exec.rs`: the executor of h2 streams; `coalesce.rs`: one write per connection turn;
 //! - `slots.rs` and `guard.rs`: the policies (admission and shedding; the watch under hyper);
 //! - `handler.rs`: the [`Handler`] interface every request goes to; `app_handler.rs`: the
 //!   implementation that serves [`crate::app::App`];

@@ -204,7 +204,7 @@ impl Artifact {
         let mut out = [b'"'; 66];
         // Fails only on a length mismatch, which the array sizes rule out.
         let _ = hex::encode_to_slice(self.sha256, &mut out[1..65]);
-        String::from_utf8_lossy(&out).into_owned()
+        std::str::from_utf8(&out).map_or_else(|_| String::new(), str::to_owned)
     }
 
     /// When this version was written (its file's mtime), ms since the Unix
