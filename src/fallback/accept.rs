@@ -208,7 +208,9 @@ pub(super) async fn accept_loop(
                 match ConnSlot::admit(&shared.table, &shared.gauge, &shared.counters, peer) {
                     Ok(slot) => {
                         // The worker registers it with its own reactor.
-                        let queued = stream.into_std().map(|stream| Queued { stream, peer, slot });
+                        let queued = stream
+                            .into_std()
+                            .map(|stream| Queued { stream, peer, slot });
                         match queued.map(|queued| shared.workers.queue(queued)) {
                             Ok(Ok(())) => {}
                             Ok(Err(refused)) => {

@@ -116,7 +116,8 @@ async fn serve(
     let path = parts.uri.path();
     // Public pressure from here until the response body is dropped.
     let route_label = crate::route::route_label(method, path);
-    let public = crate::pressure::is_public_route(route_label).then(|| app.metrics.pressure.begin());
+    let public =
+        crate::pressure::is_public_route(route_label).then(|| app.metrics.pressure.begin());
     let info = RequestInfo {
         method,
         path,
