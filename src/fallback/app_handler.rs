@@ -492,10 +492,12 @@ fn chunk_bytes(sent_bytes: u64) -> u64 {
     }
 }
 
-/// Chunk buffers kept for reuse, at most ([`FILE_CHUNK_BYTES`] each, so 32 MiB). A fresh
+/// Chunk buffers kept for reuse, at most ([`FILE_CHUNK_BYTES`] each, so 16 MiB). A fresh
 /// 1 MiB buffer per chunk cost page faults and zeroing: 14% of the fallback's CPU serving a
-/// 17.9 MB artifact (docs/benchmarks.md, Off the ring).
-const CHUNK_BUFFERS_MAX: usize = 32;
+/// 17.9 MB artifact (docs/benchmarks.md, Off the ring). Sixteen cover eight large bodies in
+/// flight (one chunk being sent and one read ahead each); 32 made the pool the largest part of
+/// the fallback's RSS under large bodies (issue 20: 40 MiB against nginx's 25).
+const CHUNK_BUFFERS_MAX: usize = 16;
 
 /// Free chunk buffers; a chunk's buffer comes back here when hyper drops its `Bytes`.
 static CHUNK_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
