@@ -633,6 +633,8 @@ impl Conn {
         let info = RequestInfo {
             method: head.method_str(),
             path: head.path(),
+            query: head.query(),
+            headers: Some(&head),
             authorization: head.header("authorization"),
             range: head.header("range"),
             if_none_match: head.header("if-none-match"),

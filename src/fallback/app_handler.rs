@@ -95,6 +95,18 @@ impl Handler for AppHandler {
     }
 }
 
+impl crate::exchange::HeaderLookup for hyper::HeaderMap {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+
+    fn each_header(&self, visit: &mut dyn FnMut(&str, &[u8])) {
+        for (name, value) in self.iter() {
+            visit(name.as_str(), value.as_bytes());
+        }
+    }
+}
+
 async fn serve(
     app: Arc<App>,
     req: Request<Incoming>,
@@ -120,6 +132,8 @@ async fn serve(
     let info = RequestInfo {
         method: &method,
         path: &path,
+        query: parts.uri.query(),
+        headers: Some(&parts.headers),
         authorization: header("authorization"),
         range: header("range"),
         if_none_match: header("if-none-match"),
