@@ -62,7 +62,8 @@ fn valid_tail(b: &[u8]) -> bool {
 /// [`KEY_BYTES_MAX`] bytes in all. No empty, `.` or `..` segment, no leading
 /// or trailing `/`, so a key never names a directory or leaves its namespace.
 pub fn valid_key(key: &str) -> bool {
-    key.len() <= KEY_BYTES_MAX
+    // A key starting with `.` gets one byte more in its file name.
+    key.len() + usize::from(key.starts_with('.')) <= KEY_BYTES_MAX
         && key.split('/').count() <= KEY_SEGMENTS_MAX
         && key.split('/').all(valid_key_part)
 }
@@ -174,6 +175,8 @@ mod tests {
 
     #[test]
     fn keys() {
+        let dotted_max = format!(".{}", "k".repeat(253));
+        let dotted_long = format!(".{}", "k".repeat(254));
         let long = "k".repeat(255);
         let too_long = "k".repeat(256);
         let cases: &[(&str, bool)] = &[
@@ -203,6 +206,8 @@ mod tests {
             ("a/..", false),
             ("a/.hidden", true),
             (".sccache_check", true),
+            (&dotted_max, true),
+            (&dotted_long, false),
             ("a/.", false),
             ("./a", false),
             ("a/../b", false),

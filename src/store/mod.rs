@@ -1013,7 +1013,9 @@ impl Store {
             }
         }
         let rel = relative_path(ns, key);
-        let key_at = rel.len() - key.len();
+        // The file name, not the key: they differ in length for a key
+        // starting with `.` (see `file_name`).
+        let key_at = rel.rfind('/').map_or(0, |slash| slash + 1);
         let dir_fd = sh.open_artifact_dir(&rel[..key_at - 1])?;
         let (file, temp_name) = open_temp(&sh, &dir_fd, &rel)?;
         let mut writer = PutWriter {
@@ -1186,7 +1188,7 @@ pub struct PutWriter {
     shared: Arc<Shared>,
     /// `ns/xx/key`.
     rel: String,
-    /// Where the key starts in `rel`.
+    /// Where the file name starts in `rel`.
     key_at: usize,
     /// The target directory `ns/xx`.
     dir_fd: OwnedFd,
