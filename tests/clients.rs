@@ -773,7 +773,10 @@ fn server_with_tokens() -> ServerBuilder {
 /// true on success.
 fn install_step(cmd: &mut Command, log: &Path) -> bool {
     let _ = std::fs::create_dir_all(log.parent().expect("log dir"));
-    let (ok, text) = run_status(cmd, &format!("install {}", log.display()), &clients_dir());
+    let what = log
+        .file_stem()
+        .map_or("install".into(), |s| s.to_string_lossy());
+    let (ok, text) = run_status(cmd, &what, &clients_dir());
     let _ = std::fs::write(log, &text);
     if !ok {
         let _ = writeln!(std::io::stderr(), "client suite: install failed:\n{text}");
@@ -1081,4 +1084,145 @@ fn turbo_remote_cache_over_tls() {
     let cert = server_cert_pem(&srv, tmp.path());
     let api = format!("https://localhost:{}", srv.addr.port());
     turbo_round_trip(&srv, api, Some(cert));
+}
+
+// -------------------------------------------------------------------- Nx
+
+/// An Nx workspace copied from the prepared template, and how to run it.
+struct Nx {
+    project: PathBuf,
+    home: PathBuf,
+    log_dir: PathBuf,
+    server: String,
+}
+
+impl Nx {
+    /// `nx run app:build` with `token`, the local cache removed first;
+    /// returns (success, log).
+    fn build(&self, token: &str, what: &str) -> (bool, String) {
+        for local in [".nx", "packages/app/dist"] {
+            let _ = std::fs::remove_dir_all(self.project.join(local));
+        }
+        let mut cmd = client_command(&self.project.join("node_modules/.bin/nx"), &self.home);
+        cmd.current_dir(&self.project)
+            .env("NX_SELF_HOSTED_REMOTE_CACHE_SERVER", &self.server)
+            .env("NX_SELF_HOSTED_REMOTE_CACHE_ACCESS_TOKEN", token)
+            .env("NX_DAEMON", "false")
+            .env("NX_NO_CLOUD", "true")
+            .env("NX_TUI", "false")
+            // Inside the project, so removing `.nx` empties the local cache
+            // (in a git checkout Nx 24 would otherwise keep it in ~/.nx).
+            .env("NX_CACHE_DIRECTORY", self.project.join(".nx/cache"))
+            .env(
+                "NX_WORKSPACE_DATA_DIRECTORY",
+                self.project.join(".nx/workspace-data"),
+            )
+            .args(["run", "app:build", "--outputStyle=static"]);
+        run_status(&mut cmd, what, &self.log_dir)
+    }
+}
+
+/// What Nx prints when the remote cache disappointed it.
+fn nx_complaints(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            l.contains("Misconfigured")
+                || l.contains("Unauthorized")
+                || l.contains("Failed to")
+                || l.contains("WARN")
+                || l.contains("rror")
+        })
+        .collect()
+}
+
+/// Nx's self-hosted remote cache: the first run stores, a run with no
+/// local cache is served from sluice (`[remote cache]`) with identical
+/// outputs. Then a read-only token: its runs still hit, and a new task's
+/// upload gets 403, which Nx takes silently (exit 0, no message).
+#[test]
+fn nx_remote_cache_and_read_only_token() {
+    let Some(template) = npm_project("nx") else {
+        return;
+    };
+    let srv = server_with_tokens().no_tls().start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let project = tmp.path().join("nx");
+    copy_project(&template, &project);
+    let nx = Nx {
+        project: project.clone(),
+        home: tmp.path().join("home"),
+        log_dir: tmp.path().to_path_buf(),
+        server: format!("http://{}", srv.addr),
+    };
+
+    let (ok, log) = nx.build(RW_TOKEN, "nx first build");
+    assert!(ok, "nx first build failed:\n{log}");
+    assert!(!log.contains("[remote cache]"), "first build:\n{log}");
+    assert_eq!(
+        nx_complaints(&log),
+        Vec::<&str>::new(),
+        "first build:\n{log}"
+    );
+    let m = metrics(&srv);
+    assert_eq!(
+        requests(&m, "nx", "PUT", 200),
+        1,
+        "first build: one stored task:\n{}\n{log}",
+        requests_summary(&m)
+    );
+    let first = tmp.path().join("first-dist");
+    std::fs::rename(project.join("packages/app/dist"), &first).expect("keep outputs");
+
+    let (ok, log) = nx.build(RW_TOKEN, "nx second build");
+    assert!(ok, "nx second build failed:\n{log}");
+    assert!(log.contains("[remote cache]"), "second build:\n{log}");
+    assert!(
+        log.contains("for 1 out of 1 tasks"),
+        "second build: not every task from the cache:\n{log}"
+    );
+    assert_eq!(
+        nx_complaints(&log),
+        Vec::<&str>::new(),
+        "second build:\n{log}"
+    );
+    assert_same_tree(&first, &project.join("packages/app/dist"), "nx outputs");
+
+    // A read-only token: the stored task is still a remote hit.
+    let (ok, log) = nx.build(RO_TOKEN, "nx read-only hit");
+    assert!(
+        ok && log.contains("[remote cache]"),
+        "read-only hit:\n{log}"
+    );
+    // A changed input: the task runs, its upload is refused with 403, and
+    // Nx goes on without a word.
+    let build_js = project.join("packages/app/build.js");
+    let mut source = std::fs::read_to_string(&build_js).expect("build.js");
+    source.push_str("// changed\n");
+    std::fs::write(&build_js, source).expect("build.js");
+    let (ok, log) = nx.build(RO_TOKEN, "nx read-only miss");
+    assert!(ok, "a refused upload must not fail the task:\n{log}");
+    assert!(!log.contains("[remote cache]"), "read-only miss:\n{log}");
+    assert_eq!(
+        nx_complaints(&log),
+        Vec::<&str>::new(),
+        "read-only miss:\n{log}"
+    );
+    let m = metrics(&srv);
+    assert_eq!(
+        requests(&m, "nx", "PUT", 403),
+        1,
+        "the read-only upload:\n{}",
+        requests_summary(&m)
+    );
+    assert_eq!(
+        requests(&m, "nx", "PUT", 200),
+        1,
+        "{}",
+        requests_summary(&m)
+    );
+    assert!(
+        requests(&m, "nx", "GET", 200) >= 2,
+        "{}",
+        requests_summary(&m)
+    );
 }
