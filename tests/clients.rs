@@ -1309,18 +1309,13 @@ fn sccache_round_trip(tls: bool) {
     let Some(bin) = sccache_binary() else {
         return;
     };
-    let builder = server_with_tokens();
-    let (srv, tmp, work) = start_case(
-        if tls { builder } else { builder.no_tls() },
-        "ccache",
-        "src",
-    );
-    // start_case starts plaintext; a TLS case needs its own server.
-    let srv = if tls {
-        server_with_tokens().start()
-    } else {
-        srv
+    let srv = match tls {
+        true => server_with_tokens().start(),
+        false => server_with_tokens().no_tls().start(),
     };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let work = tmp.path().join("src");
+    copy_fixture("ccache", &work);
     let endpoint = if tls {
         format!("https://localhost:{}/v1/artifacts/sccache", srv.addr.port())
     } else {
