@@ -66,6 +66,11 @@ const _: () = assert!(
 
 const CHECKSUM_OFFSET: usize = 56;
 
+/// The header that carries an artifact's [`Meta`] between nodes (peer API
+/// PUTs, read-through answers) and to the object-store tier (as metadata
+/// `sluice-meta`): [`Meta::to_header_value`].
+pub const META_HEADER: &str = "x-sluice-meta";
+
 /// A decoded, validated header (its fixed part).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -357,6 +362,27 @@ impl Meta {
         Ok(meta)
     }
 
+    /// The entries as one header value (base64 of [`Meta::encode_entries`]),
+    /// for [`META_HEADER`] on replication and read-through answers.
+    pub fn to_header_value(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(self.encode_entries())
+    }
+
+    /// Decodes a [`META_HEADER`] value, applying every rule of
+    /// [`Meta::push`]. Never panics, whatever the input.
+    pub fn from_header_value(value: &[u8]) -> Result<Meta, FormatError> {
+        use base64::Engine as _;
+        // Base64 of at most META_BYTES_MAX bytes, checked before decoding.
+        if value.len() > META_BYTES_MAX.div_ceil(3) * 4 {
+            return Err(FormatError::BadMeta("more than 4096 bytes in all"));
+        }
+        let entries = base64::engine::general_purpose::STANDARD
+            .decode(value.trim_ascii())
+            .map_err(|_| FormatError::BadMeta("not base64"))?;
+        Meta::decode_entries(&entries)
+    }
+
     /// The section as written after the fixed header: entries, checksum.
     fn section(&self) -> Vec<u8> {
         let mut out = self.encode_entries();
@@ -501,6 +527,12 @@ mod tests {
             Some("Mx0BnNBEdW4rhFJd2mdwRfAd0llqFFMxsimK91qFj6g=")
         );
         assert_eq!(Meta::decode_entries(&meta.encode_entries()).unwrap(), meta);
+        assert_eq!(
+            Meta::from_header_value(meta.to_header_value().as_bytes()).unwrap(),
+            meta
+        );
+        assert!(Meta::from_header_value(b"!!").is_err());
+        assert!(Meta::from_header_value(&[b'A'; 6000]).is_err());
         // A flipped bit in the section is caught by its own checksum.
         let mut damaged = bytes.clone();
         let last = damaged.len() - 9;
