@@ -755,6 +755,19 @@ mod tests {
         assert_eq!(parse_stream_head(twice.as_bytes()), Err("failed"));
         let no_time = ok.replace("x-sluice-write-time-ms: 5\r\n", "");
         assert_eq!(parse_stream_head(no_time.as_bytes()), Err("failed"));
+        // The kept headers come along; a damaged or repeated one refuses the answer.
+        let mut meta = Meta::default();
+        meta.push("x-artifact-tag", b"sig").unwrap();
+        let with_meta = ok.replace(
+            "\r\n\r\n",
+            &format!("\r\nx-sluice-meta: {}\r\n\r\n", meta.to_header_value()),
+        );
+        let (head, _) = parse_stream_head(with_meta.as_bytes()).unwrap().unwrap();
+        assert_eq!(head.meta, meta);
+        let bad = ok.replace("\r\n\r\n", "\r\nx-sluice-meta: !!\r\n\r\n");
+        assert_eq!(parse_stream_head(bad.as_bytes()), Err("failed"));
+        let twice = with_meta.replace("x-sluice-meta", "X-Sluice-Meta: a\r\nx-sluice-meta");
+        assert_eq!(parse_stream_head(twice.as_bytes()), Err("failed"));
     }
 
     fn answer(status: u16, headers: &[(&str, &str)], body: &[u8]) -> OutgoingResponse {
@@ -779,6 +792,18 @@ mod tests {
         ];
         let ok = verify("gradle", "k", &answer(200, &good, body)).expect("good");
         assert_eq!(ok.write_time_ms, 1_700_000_000_000);
+        assert!(ok.meta.is_empty());
+        let mut meta = Meta::default();
+        meta.push("x-artifact-duration", b"12").unwrap();
+        let value = meta.to_header_value();
+        let with_meta = [good[0], good[1], ("x-sluice-meta", value.as_str())];
+        let kept = verify("t", "k", &answer(200, &with_meta, body)).expect("with meta");
+        assert_eq!(kept.meta, meta);
+        let bad_meta = [good[0], good[1], ("x-sluice-meta", "%%")];
+        assert!(matches!(
+            verify("t", "k", &answer(200, &bad_meta, body)),
+            Err(Refusal::Bad(_))
+        ));
         assert_eq!(
             verify("cas", &sha, &answer(200, &good, body)),
             Ok(ok.clone())
