@@ -10,7 +10,7 @@
 mod dav;
 mod fleet;
 mod nx;
-mod turbo;
+pub mod turbo;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};

@@ -168,6 +168,16 @@ fn encode_fixed(
     out
 }
 
+/// The fixed 64 bytes that `h` was decoded from (either version).
+pub fn encode_fixed_part(h: &Header) -> [u8; HEADER_BYTES] {
+    let version = match h.header_len {
+        len if len == HEADER_BYTES as u64 => FORMAT_VERSION,
+        _ => FORMAT_VERSION_META,
+    };
+    // decode_header bounds header_len by HEADER_BYTES_MAX, which fits a u16.
+    encode_fixed(version, h.header_len as u16, h.body_len, &h.sha256)
+}
+
 /// The whole header for a body with `meta`: version 1 when `meta` is empty,
 /// else version 2 with its section. Its length is [`header_len_for`].
 pub fn encode_header_with(body_len: u64, sha256: &[u8; 32], meta: &Meta) -> Vec<u8> {
