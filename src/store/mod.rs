@@ -1029,7 +1029,9 @@ impl Store {
             buf: Vec::with_capacity(WRITE_BUFFER_BYTES),
             body_len: 0,
             file_offset: format::header_len_for(&meta),
-            meta,
+            // Boxed: most writers keep nothing, and a writer travels inside
+            // every PUT's `Decision`.
+            meta: (!meta.is_empty()).then(|| Box::new(meta)),
             expected_len: options.expected_len,
             expected_sha256: options.expected_sha256,
             limit_bytes,
@@ -1201,8 +1203,8 @@ pub struct PutWriter {
     body_len: u64,
     /// Next file offset to write the buffer at.
     file_offset: u64,
-    /// Kept in the header (version 2 when not empty).
-    meta: format::Meta,
+    /// Kept in the header (version 2), if any.
+    meta: Option<Box<format::Meta>>,
     expected_len: Option<u64>,
     expected_sha256: Option<[u8; 32]>,
     /// 0 = unlimited.
@@ -1239,6 +1241,13 @@ impl PutWriter {
         self.shared.path(&self.rel)
     }
 
+    /// Where the body starts in the file.
+    fn header_len(&self) -> u64 {
+        self.meta
+            .as_deref()
+            .map_or(HEADER_BYTES as u64, format::header_len_for)
+    }
+
     fn spent() -> StoreError {
         StoreError::Io(io::Error::other(
             "upload already failed; the writer must be dropped",
@@ -1248,7 +1257,7 @@ impl PutWriter {
     /// Reserves the whole file up front so a full disk fails before the body
     /// is read. Filesystems without `fallocate` just skip the reservation.
     fn reserve(&mut self, body_len: u64) -> Result<(), StoreError> {
-        let total = body_len.saturating_add(format::header_len_for(&self.meta));
+        let total = body_len.saturating_add(self.header_len());
         match rustix::fs::fallocate(&self.file, FallocateFlags::KEEP_SIZE, 0, total) {
             Ok(()) => Ok(()),
             Err(e) if e == Errno::NOSPC || e == Errno::DQUOT => {
@@ -1342,7 +1351,10 @@ impl PutWriter {
         }
         let sh = Arc::clone(&self.shared);
         let path = self.path();
-        let header = format::encode_header_with(self.body_len, &sha256, &self.meta);
+        let header = match &self.meta {
+            Some(meta) => format::encode_header_with(self.body_len, &sha256, meta),
+            None => format::encode_header(self.body_len, &sha256).to_vec(),
+        };
         self.file
             .write_all_at(&header, 0)
             .map_err(|e| sh.io("write header of", &path.display(), e))?;
