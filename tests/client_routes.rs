@@ -498,3 +498,76 @@ fn a_propfind_body_keeps_the_connection() {
     let (second, _) = parse_response(&out[used..], false).expect("second response");
     assert_eq!(second.status, 201);
 }
+
+/// Drops every page of every file under `dir` from the page cache.
+fn evict_all(dir: &std::path::Path) {
+    for path in files_under(dir) {
+        let file = std::fs::File::open(&path).expect("open artifact file");
+        file.sync_all().expect("fsync artifact file");
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
+    }
+}
+
+/// Artifacts whose pages (header, kept headers and body) are not in the page
+/// cache: the ring opens them off its thread (a Turborepo hash in its team's
+/// namespace, an Nx hash, a key starting with `.`) and serves them whole,
+/// kept headers included.
+#[test]
+fn cold_client_artifacts_are_served_whole() {
+    let srv = server().config(CONFIG).no_tls().start();
+    let (uring, mode) = engine_status(&srv);
+    if !uring {
+        eprintln!("SKIP: plaintext is not on the ring here: {mode}");
+        return;
+    }
+    let tag = "c2lnbmVkIGJ5IHR1cmJv";
+    let small = xorshift_bytes(1, 4096);
+    let large = xorshift_bytes(2, 3 << 20);
+    let kept = [("x-artifact-duration", "99"), ("x-artifact-tag", tag)];
+    for (hash, body) in [("aa01", &small), ("aa02", &large)] {
+        let path = format!("/v8/artifacts/{hash}?slug=cold");
+        let r = with_body(&srv, Front::Http1, "PUT", &path, Some(RW), &kept, body);
+        assert_eq!(r.status, 202);
+    }
+    let r = with_body(
+        &srv,
+        Front::Http1,
+        "PUT",
+        "/v1/cache/42",
+        Some(RW),
+        &[],
+        &small,
+    );
+    assert_eq!(r.status, 200);
+    let check = "/v1/artifacts/sccache/.sccache_check";
+    let r = with_body(
+        &srv,
+        Front::Http1,
+        "PUT",
+        check,
+        Some(RW),
+        &[],
+        b"Hello, World!",
+    );
+    assert_eq!(r.status, 201);
+    let opens = |srv: &Server| metric_at(srv.addr, "sluice_ring_cold_opens_total", &[]);
+    let before = opens(&srv);
+    evict_all(&srv.data_dir);
+    for (hash, body) in [("aa01", &small), ("aa02", &large)] {
+        let r = send(
+            &srv,
+            Front::Http1,
+            "GET",
+            &format!("/v8/artifacts/{hash}?slug=cold"),
+            None,
+        );
+        assert_eq!(r.status, 200, "{hash}");
+        assert!(r.body == *body, "{hash}: body differs");
+        assert_eq!(r.header("x-artifact-tag"), Some(tag), "{hash}");
+    }
+    let r = send(&srv, Front::Http1, "GET", "/v1/cache/42", None);
+    assert!(r.status == 200 && r.body == small);
+    let r = send(&srv, Front::Http1, "GET", check, None);
+    assert_eq!((r.status, &r.body[..]), (200, &b"Hello, World!"[..]));
+    assert!(opens(&srv) > before, "nothing was opened cold");
+}

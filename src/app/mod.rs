@@ -650,6 +650,20 @@ impl App {
     }
 }
 
+/// The store namespace and key a request's artifact route names (a
+/// Turborepo hash in its team's namespace included), if it names one: what
+/// an engine opens off its thread for it.
+pub fn artifact_target(req: &RequestInfo<'_>) -> Option<(String, String)> {
+    match classify(req.method, req.path).ok()? {
+        Route::Artifact { namespace, key, .. } => Some((namespace.to_string(), key.to_string())),
+        Route::Turbo(crate::route::TurboRoute::Artifact { hash, .. }) => {
+            let ns = turbo::team_namespace(req.query).ok()?;
+            Some((ns.to_string(), hash.to_string()))
+        }
+        _ => None,
+    }
+}
+
 /// Why [`App::get`] cannot answer yet.
 enum Defer {
     /// The artifact's file is cold under a no-wait open.

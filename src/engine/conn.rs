@@ -667,7 +667,7 @@ impl Conn {
                 // core's 1 MiB cold chunks, and a hot small request must not
                 // queue behind a cold large one (bench/cold: an evicted 4 KiB
                 // artifact behind four cold streams made hot p90 440 ms).
-                if let Some(target) = read_small_body(reply, info.method, info.path) {
+                if let Some(target) = read_small_body(reply, &info) {
                     decision = Decision::Cold {
                         namespace: target.0,
                         key: target.1,
@@ -882,7 +882,7 @@ impl Conn {
 /// page cache (the reply then carries the bytes). When the page cache does
 /// not hold it, returns the artifact's namespace and key to open it
 /// elsewhere; the reply is left as it is otherwise.
-fn read_small_body(reply: &mut Reply, method: &str, path: &str) -> Option<(String, String)> {
+fn read_small_body(reply: &mut Reply, info: &RequestInfo<'_>) -> Option<(String, String)> {
     let ReplyBody::File {
         artifact,
         offset,
@@ -900,12 +900,7 @@ fn read_small_body(reply: &mut Reply, method: &str, path: &str) -> Option<(Strin
             reply.body = ReplyBody::Bytes(body);
             None
         }
-        InlineRead::Cold => match crate::route::classify(method, path) {
-            Ok(crate::route::Route::Artifact { namespace, key, .. }) => {
-                Some((namespace.to_string(), key.to_string()))
-            }
-            _ => None,
-        },
+        InlineRead::Cold => crate::app::artifact_target(info),
         // Answered (500) where the reply is sent, as before.
         InlineRead::Failed => None,
     }
