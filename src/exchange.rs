@@ -358,6 +358,18 @@ impl PutSink {
         self.received_bytes
     }
 
+    /// The reply to a body past [`PutSink::body_bytes_max`].
+    fn over_limit(&self) -> Reply {
+        Reply::error(
+            413,
+            &format!(
+                "body is over this route's limit of {} bytes",
+                self.body_bytes_max
+            ),
+        )
+        .closing()
+    }
+
     /// Take the next piece of the body. An error is the final reply: the
     /// front end sends it and closes the connection; nothing is stored.
     #[allow(clippy::result_large_err)] // see `App::authorize`
@@ -369,14 +381,7 @@ impl PutSink {
         if let Some((buf, _)) = self.hooks.as_mut().and_then(|h| h.collect.as_mut()) {
             self.received_bytes += data.len() as u64;
             if self.received_bytes > self.body_bytes_max {
-                return Err(Reply::error(
-                    413,
-                    &format!(
-                        "body is over this route's limit of {} bytes",
-                        self.body_bytes_max
-                    ),
-                )
-                .closing());
+                return Err(self.over_limit());
             }
             buf.extend_from_slice(data);
             return Ok(());
@@ -387,14 +392,7 @@ impl PutSink {
         self.received_bytes += data.len() as u64;
         if self.received_bytes > self.body_bytes_max {
             self.writer = None;
-            return Err(Reply::error(
-                413,
-                &format!(
-                    "body is over this route's limit of {} bytes",
-                    self.body_bytes_max
-                ),
-            )
-            .closing());
+            return Err(self.over_limit());
         }
         writer.write(data).map_err(|err| {
             self.writer = None;

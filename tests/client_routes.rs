@@ -66,6 +66,11 @@ fn with_body(
     srv.send(front, r)
 }
 
+/// A POST of `body` with the read-write token.
+fn post(srv: &Server, front: Front, path: &str, body: &[u8]) -> Resp {
+    with_body(srv, front, "POST", path, Some(RW), &[], body)
+}
+
 fn json(resp: &Resp) -> serde_json::Value {
     serde_json::from_slice(&resp.body).unwrap_or_else(|e| {
         panic!(
@@ -212,54 +217,22 @@ fn turbo_statuses_scopes_and_bad_input_on_every_front() {
         // Which hashes exist.
         let miss = hash(front, 2);
         let body = format!(r#"{{"hashes":["{h}","{miss}"]}}"#);
-        let r = with_body(
-            &srv,
-            front,
-            "POST",
-            "/v8/artifacts?slug=lab",
-            Some(RW),
-            &[],
-            body.as_bytes(),
-        );
+        let r = post(&srv, front, "/v8/artifacts?slug=lab", body.as_bytes());
         assert_eq!(r.status, 200, "{front:?}");
         let v = json(&r);
         assert_eq!(v[&h], serde_json::json!({"size": 6, "taskDurationMs": 7}));
         assert_eq!(v[&miss], serde_json::Value::Null);
         for bad in [&b"{}"[..], b"not json", b"{\"hashes\":[\"../x\"]}"] {
-            let r = with_body(
-                &srv,
-                front,
-                "POST",
-                "/v8/artifacts?slug=lab",
-                Some(RW),
-                &[],
-                bad,
-            );
+            let r = post(&srv, front, "/v8/artifacts?slug=lab", bad);
             assert_eq!(r.status, 400, "{front:?} {bad:?}");
         }
 
         // Events are accepted and counted; garbage is a 400.
         let events =
             br#"[{"sessionId":"s","source":"REMOTE","event":"HIT","hash":"ab","duration":1}]"#;
-        let r = with_body(
-            &srv,
-            front,
-            "POST",
-            "/v8/artifacts/events?slug=lab",
-            Some(RW),
-            &[],
-            events,
-        );
+        let r = post(&srv, front, "/v8/artifacts/events?slug=lab", events);
         assert_eq!(r.status, 200, "{front:?}");
-        let r = with_body(
-            &srv,
-            front,
-            "POST",
-            "/v8/artifacts/events?slug=lab",
-            Some(RW),
-            &[],
-            b"{",
-        );
+        let r = post(&srv, front, "/v8/artifacts/events?slug=lab", b"{");
         assert_eq!(r.status, 400);
 
         // The preflight lets turbo send its token.

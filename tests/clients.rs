@@ -804,11 +804,17 @@ fn npm_project(fixture: &'static str) -> Option<PathBuf> {
         let npm_version = version(&npm)?;
         let dir = clients_dir().join(format!("{fixture}-{TURBO_VERSION}-{NX_VERSION}"));
         let marker = dir.join(".installed");
-        if marker.exists() {
-            return Ok(dir);
+        if !marker.exists() {
+            let _ = std::fs::remove_dir_all(&dir);
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        // The project's files are laid anew every time (an installed
+        // template keeps its node_modules), so a changed fixture is used.
         copy_fixture(fixture, &dir);
+        std::fs::copy(
+            Path::new(FIXTURES).join("js/build.js"),
+            dir.join("packages/app/build.js"),
+        )
+        .expect("copy build.js");
         let manifest = dir.join("package.json");
         let text = std::fs::read_to_string(&manifest)
             .expect("package.json")
@@ -816,6 +822,9 @@ fn npm_project(fixture: &'static str) -> Option<PathBuf> {
             .replace("TURBO_VERSION", TURBO_VERSION)
             .replace("NX_VERSION", NX_VERSION);
         std::fs::write(&manifest, text).expect("write package.json");
+        if marker.exists() {
+            return Ok(dir);
+        }
         let mut cmd = Command::new(&npm);
         cmd.current_dir(&dir)
             .args(["install", "--no-audit", "--no-fund", "--loglevel=error"]);
@@ -986,9 +995,10 @@ impl Turbo {
     }
 }
 
-/// Lines turbo prints as warnings (` WARNING ...`).
-fn turbo_warnings(log: &str) -> Vec<&str> {
-    log.lines().filter(|l| l.contains("WARNING")).collect()
+/// turbo printed no warning (` WARNING ...`) in the run `what` logged as `log`.
+fn assert_turbo_quiet(log: &str, what: &str) {
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARNING")).collect();
+    assert_eq!(warnings, Vec::<&str>::new(), "{what} warned:\n{log}");
 }
 
 /// First build uploads through `api`, a second one with every local cache
@@ -1017,11 +1027,7 @@ fn turbo_round_trip(srv: &Server, api: String, cert: Option<PathBuf>) -> BTreeMa
         "first build:\n{log}"
     );
     assert!(log.contains("cache miss, executing"), "first build:\n{log}");
-    assert_eq!(
-        turbo_warnings(&log),
-        Vec::<&str>::new(),
-        "first build warned:\n{log}"
-    );
+    assert_turbo_quiet(&log, "first build");
     let m = metrics(srv);
     assert!(
         requests(&m, "turbo", "PUT", 202) >= 1,
@@ -1037,11 +1043,7 @@ fn turbo_round_trip(srv: &Server, api: String, cert: Option<PathBuf>) -> BTreeMa
         "second build:\n{log}"
     );
     assert!(log.contains("FULL TURBO"), "second build:\n{log}");
-    assert_eq!(
-        turbo_warnings(&log),
-        Vec::<&str>::new(),
-        "second build warned:\n{log}"
-    );
+    assert_turbo_quiet(&log, "second build");
     let summary = turbo.summary();
     let cache = &summary["tasks"][0]["cache"];
     assert_eq!(cache["status"], "HIT", "{summary:#}");
@@ -1122,6 +1124,11 @@ impl Nx {
     }
 }
 
+/// Nx said nothing about the remote cache in the run `what` logged as `log`.
+fn assert_nx_quiet(log: &str, what: &str) {
+    assert_eq!(nx_complaints(log), Vec::<&str>::new(), "{what}:\n{log}");
+}
+
 /// What Nx prints when the remote cache disappointed it.
 fn nx_complaints(log: &str) -> Vec<&str> {
     log.lines()
@@ -1158,11 +1165,7 @@ fn nx_remote_cache_and_read_only_token() {
     let (ok, log) = nx.build(RW_TOKEN, "nx first build");
     assert!(ok, "nx first build failed:\n{log}");
     assert!(!log.contains("[remote cache]"), "first build:\n{log}");
-    assert_eq!(
-        nx_complaints(&log),
-        Vec::<&str>::new(),
-        "first build:\n{log}"
-    );
+    assert_nx_quiet(&log, "first build");
     let m = metrics(&srv);
     assert_eq!(
         requests(&m, "nx", "PUT", 200),
@@ -1180,11 +1183,7 @@ fn nx_remote_cache_and_read_only_token() {
         log.contains("for 1 out of 1 tasks"),
         "second build: not every task from the cache:\n{log}"
     );
-    assert_eq!(
-        nx_complaints(&log),
-        Vec::<&str>::new(),
-        "second build:\n{log}"
-    );
+    assert_nx_quiet(&log, "second build");
     assert_same_tree(&first, &project.join("packages/app/dist"), "nx outputs");
 
     // A read-only token: the stored task is still a remote hit.
@@ -1202,11 +1201,7 @@ fn nx_remote_cache_and_read_only_token() {
     let (ok, log) = nx.build(RO_TOKEN, "nx read-only miss");
     assert!(ok, "a refused upload must not fail the task:\n{log}");
     assert!(!log.contains("[remote cache]"), "read-only miss:\n{log}");
-    assert_eq!(
-        nx_complaints(&log),
-        Vec::<&str>::new(),
-        "read-only miss:\n{log}"
-    );
+    assert_nx_quiet(&log, "read-only miss");
     let m = metrics(&srv);
     assert_eq!(
         requests(&m, "nx", "PUT", 403),

@@ -18,7 +18,7 @@
 //! Both need the token a GET (PROPFIND) or a PUT (MKCOL) of the namespace
 //! would need.
 
-use super::{close_if_unread, App, Decision, PutSink, Reply, RequestInfo};
+use super::{close_if_unread, App, Decision, Defer, PutSink, Reply, RequestInfo};
 use crate::auth::Access;
 use crate::http1::imf_fixdate;
 use crate::route::DavMethod;
@@ -72,12 +72,7 @@ impl App {
                             multistatus(req.path, resource, written)
                         }
                         Ok(None) => Reply::error(404, "no such artifact"),
-                        Err(StoreError::WouldBlock) => {
-                            return Decision::Cold {
-                                namespace: ns.to_string(),
-                                key: path.to_string(),
-                            }
-                        }
+                        Err(StoreError::WouldBlock) => return Defer::Cold.decision(ns, path),
                         Err(err) => crate::exchange::store_error(&err),
                     }
                 }

@@ -253,18 +253,7 @@ impl App {
             } => match action {
                 Action::Get | Action::Head => match self.get(req, kind, namespace, key, files) {
                     Ok(reply) => reply,
-                    Err(Defer::Cold) => {
-                        return Decision::Cold {
-                            namespace: namespace.to_string(),
-                            key: key.to_string(),
-                        }
-                    }
-                    Err(Defer::Fetch) => {
-                        return Decision::Fetch {
-                            namespace: namespace.to_string(),
-                            key: key.to_string(),
-                        }
-                    }
+                    Err(defer) => return defer.decision(namespace, key),
                 },
                 Action::Delete => self.delete(req, namespace, key),
                 Action::Put => return self.put(req, kind, namespace, key, Meta::default()),
@@ -670,6 +659,17 @@ enum Defer {
     Cold,
     /// A miss the read-through may fill.
     Fetch,
+}
+
+impl Defer {
+    /// What the front end must do for `ns/key`.
+    fn decision(self, ns: &str, key: &str) -> Decision {
+        let (namespace, key) = (ns.to_string(), key.to_string());
+        match self {
+            Defer::Cold => Decision::Cold { namespace, key },
+            Defer::Fetch => Decision::Fetch { namespace, key },
+        }
+    }
 }
 
 /// What a read-through needs of a GET's range: the `Range` value (GET only),

@@ -48,12 +48,7 @@ impl App {
                     }
                     Ok(None) => {}
                     // The ring opens the file off its thread and asks again.
-                    Err(StoreError::WouldBlock) => {
-                        return Decision::Cold {
-                            namespace: NX_NAMESPACE.to_string(),
-                            key: hash.to_string(),
-                        }
-                    }
+                    Err(StoreError::WouldBlock) => return Defer::Cold.decision(NX_NAMESPACE, hash),
                     Err(err) => return refuse(crate::exchange::store_error(&err)),
                 }
                 match self.put(req, ArtifactKind::Nx, NX_NAMESPACE, hash, Meta::default()) {
@@ -68,14 +63,7 @@ impl App {
             _ => match self.get(req, ArtifactKind::Nx, NX_NAMESPACE, hash, files) {
                 Ok(reply) if req.method == "HEAD" => done(reply.without_body()),
                 Ok(reply) => done(reply),
-                Err(Defer::Cold) => Decision::Cold {
-                    namespace: NX_NAMESPACE.to_string(),
-                    key: hash.to_string(),
-                },
-                Err(Defer::Fetch) => Decision::Fetch {
-                    namespace: NX_NAMESPACE.to_string(),
-                    key: hash.to_string(),
-                },
+                Err(defer) => defer.decision(NX_NAMESPACE, hash),
             },
         }
     }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Deserialize;
 
-use super::{close_if_unread, App, Decision, Defer, PutSink, Reply, ReplyBody, RequestInfo};
+use super::{close_if_unread, App, Decision, PutSink, Reply, ReplyBody, RequestInfo};
 use crate::auth::Access;
 use crate::route::RESERVED_NAMESPACES;
 use crate::route::{is_turbo_hash, valid_namespace, Action, ArtifactKind, TurboRoute};
@@ -105,14 +105,7 @@ impl App {
             TurboRoute::Artifact { hash, .. } => {
                 match self.get(req, ArtifactKind::Turbo, ns, hash, files) {
                     Ok(reply) => done(reply),
-                    Err(Defer::Cold) => Decision::Cold {
-                        namespace: ns.to_string(),
-                        key: hash.to_string(),
-                    },
-                    Err(Defer::Fetch) => Decision::Fetch {
-                        namespace: ns.to_string(),
-                        key: hash.to_string(),
-                    },
+                    Err(defer) => defer.decision(ns, hash),
                 }
             }
             TurboRoute::Query => {
