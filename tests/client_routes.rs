@@ -71,6 +71,15 @@ fn post(srv: &Server, front: Front, path: &str, body: &[u8]) -> Resp {
     with_body(srv, front, "POST", path, Some(RW), &[], body)
 }
 
+/// The body OpenDAL sends with every PROPFIND.
+const ALLPROP: &str = r#"<?xml version="1.0" encoding="utf-8" ?><D:propfind xmlns:D="DAV:"><D:allprop/></D:propfind>"#;
+
+/// OpenDAL's PROPFIND: `Depth: 0` and an `allprop` body.
+fn propfind(srv: &Server, front: Front, path: &str, auth: Option<&str>) -> Resp {
+    let body = ALLPROP.as_bytes();
+    with_body(srv, front, "PROPFIND", path, auth, &[("depth", "0")], body)
+}
+
 fn json(resp: &Resp) -> serde_json::Value {
     serde_json::from_slice(&resp.body).unwrap_or_else(|e| {
         panic!(
@@ -342,7 +351,6 @@ fn nx_statuses_on_every_front() {
 #[test]
 fn webdav_methods_on_the_generic_route_on_every_front() {
     let srv = start();
-    let allprop = br#"<?xml version="1.0" encoding="utf-8" ?><D:propfind xmlns:D="DAV:"><D:allprop/></D:propfind>"#;
     for front in FRONTS {
         let ns = format!("sccache-{}", front as u8);
         let root = format!("/v1/artifacts/{ns}/");
@@ -351,15 +359,7 @@ fn webdav_methods_on_the_generic_route_on_every_front() {
             format!("{root}1/7/8/"),
             format!("/v1/artifacts/{ns}"),
         ] {
-            let r = with_body(
-                &srv,
-                front,
-                "PROPFIND",
-                &dir,
-                Some(RO),
-                &[("depth", "0")],
-                allprop,
-            );
+            let r = propfind(&srv, front, &dir, Some(RO));
             assert_eq!(r.status, 207, "{front:?} {dir}");
             let text = String::from_utf8_lossy(&r.body);
             assert!(
@@ -381,27 +381,11 @@ fn webdav_methods_on_the_generic_route_on_every_front() {
         let r = send(&srv, front, "GET", &check, Some(RW));
         assert_eq!((r.status, &r.body[..]), (200, &b"Hello, World!"[..]));
         // PROPFIND on a key: the artifact, or 404.
-        let r = with_body(
-            &srv,
-            front,
-            "PROPFIND",
-            &check,
-            Some(RO),
-            &[("depth", "0")],
-            allprop,
-        );
+        let r = propfind(&srv, front, &check, Some(RO));
         assert_eq!(r.status, 207, "{front:?}");
         assert!(String::from_utf8_lossy(&r.body)
             .contains("<D:getcontentlength>13</D:getcontentlength>"));
-        let r = with_body(
-            &srv,
-            front,
-            "PROPFIND",
-            &format!("{root}nope"),
-            None,
-            &[],
-            allprop,
-        );
+        let r = propfind(&srv, front, &format!("{root}nope"), None);
         assert_eq!(r.status, 404);
         // MKCOL writes: it needs a token that may write there, and no body.
         assert_eq!(
@@ -458,7 +442,7 @@ fn webdav_methods_on_the_generic_route_on_every_front() {
 #[test]
 fn a_propfind_body_keeps_the_connection() {
     let srv = start();
-    let allprop = r#"<?xml version="1.0" encoding="utf-8" ?><D:propfind xmlns:D="DAV:"><D:allprop/></D:propfind>"#;
+    let allprop = ALLPROP;
     let raw = format!(
         "PROPFIND /v1/artifacts/s/1/7/8/ HTTP/1.1\r\nHost: x\r\nDepth: 0\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{allprop}\
          PUT /v1/artifacts/s/1/7/8/k HTTP/1.1\r\nHost: x\r\nAuthorization: {RW}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
