@@ -358,6 +358,16 @@ impl PutSink {
         self.received_bytes
     }
 
+    /// `reply`, a refusal the front end decided itself (malformed framing,
+    /// a stalled body), in the shape this route answers in (see
+    /// [`PutSink::set_reshape`]).
+    pub fn refuse(&self, reply: Reply) -> Reply {
+        match self.hooks.as_ref().and_then(|h| h.reshape) {
+            Some(reshape) => reshape(reply),
+            None => reply,
+        }
+    }
+
     /// The reply to a body past [`PutSink::body_bytes_max`].
     fn over_limit(&self) -> Reply {
         Reply::error(
@@ -374,6 +384,11 @@ impl PutSink {
     /// front end sends it and closes the connection; nothing is stored.
     #[allow(clippy::result_large_err)] // see `App::authorize`
     pub fn write(&mut self, data: &[u8]) -> Result<(), Reply> {
+        self.write_piece(data).map_err(|reply| self.refuse(reply))
+    }
+
+    #[allow(clippy::result_large_err)] // see `App::authorize`
+    fn write_piece(&mut self, data: &[u8]) -> Result<(), Reply> {
         if self.discarding_reply() {
             self.received_bytes += data.len() as u64;
             return Ok(());

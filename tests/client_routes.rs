@@ -528,3 +528,27 @@ fn cold_client_artifacts_are_served_whole() {
     assert_eq!((r.status, &r.body[..]), (200, &b"Hello, World!"[..]));
     assert!(opens(&srv) > before, "nothing was opened cold");
 }
+
+/// A body that grows past the limit while it arrives (chunked, so the
+/// limit cannot be checked up front) is refused in the route's own error
+/// shape, JSON for Turborepo, and nothing is stored.
+#[test]
+fn an_oversized_streamed_turbo_upload_gets_a_json_413() {
+    let srv = server()
+        .config(CONFIG)
+        .env("SLUICE_BODY_BYTES_MAX", "1024")
+        .start();
+    for front in FRONTS {
+        let path = format!("/v8/artifacts/{}?slug=big", hash(front, 9));
+        let r = srv.send(
+            front,
+            req("PUT", &path)
+                .header("authorization", RW)
+                .body(vec![7u8; 4096])
+                .streamed(512),
+        );
+        assert_eq!(r.status, 413, "{front:?}");
+        assert_eq!(json(&r)["error"]["code"], "payload_too_large", "{front:?}");
+        assert_eq!(send(&srv, front, "GET", &path, None).status, 404);
+    }
+}

@@ -692,7 +692,7 @@ impl Conn {
             Decision::ReceiveBody(sink) => match BodyDecoder::new(framing, sink.body_bytes_max()) {
                 Err(err) => {
                     let reply = Reply::error(err.status(), "request body refused").closing();
-                    Some(self.respond(reply, route, method))
+                    Some(self.respond(sink.refuse(reply), route, method))
                 }
                 Ok(decoder) => {
                     self.current = Some(Finished {
@@ -748,9 +748,8 @@ impl Conn {
                     }
                 }
                 Err(err) => {
-                    break Some(Err(
-                        Reply::error(err.status(), "malformed request body").closing()
-                    ));
+                    let reply = Reply::error(err.status(), "malformed request body").closing();
+                    break Some(Err(sink.refuse(reply)));
                 }
             }
         };

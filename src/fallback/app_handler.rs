@@ -232,7 +232,7 @@ async fn receive_body(
         // declares a length and stalls must not hold the request open forever.
         let Ok(frame) = tokio::time::timeout(body_read_timeout, body.frame()).await else {
             tracing::debug!("PUT body stalled past body_read_timeout_ms");
-            failed = Some(Reply::error(408, "request body timed out").closing());
+            failed = Some(sink.refuse(Reply::error(408, "request body timed out").closing()));
             break;
         };
         let Some(frame) = frame else { break };
@@ -247,7 +247,8 @@ async fn receive_body(
             }
             Err(err) => {
                 tracing::debug!(error = %err, "PUT body aborted by the client");
-                failed = Some(Reply::error(400, "request body was cut short").closing());
+                failed =
+                    Some(sink.refuse(Reply::error(400, "request body was cut short").closing()));
                 break;
             }
         }
