@@ -9,6 +9,28 @@
 use crate::http1::Conditions;
 use crate::store::{Artifact, Committed, PutWriter, StoreError};
 
+/// Any header of a request, for the routes that need more than the fields
+/// of [`RequestInfo`] (Turborepo's `x-artifact-*`). Each front implements it
+/// over its own parser's head, so nothing is copied.
+pub trait HeaderLookup: std::fmt::Debug + Sync {
+    /// The value of the first header called `name` (ASCII case-insensitive).
+    fn header(&self, name: &str) -> Option<&[u8]>;
+    /// Every header in the order received, as (name, value).
+    fn each_header(&self, visit: &mut dyn FnMut(&str, &[u8]));
+}
+
+impl HeaderLookup for crate::http1::RequestHead<'_> {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        crate::http1::RequestHead::header(self, name)
+    }
+
+    fn each_header(&self, visit: &mut dyn FnMut(&str, &[u8])) {
+        for (name, value) in self.headers() {
+            visit(name, value);
+        }
+    }
+}
+
 /// The request facts every decision needs, borrowed from whichever parser
 /// read the head.
 #[derive(Clone, Copy, Debug, Default)]
@@ -17,6 +39,10 @@ pub struct RequestInfo<'a> {
     pub method: &'a str,
     /// Request-target path, without the query.
     pub path: &'a str,
+    /// The query after `?`, without the `?`.
+    pub query: Option<&'a str>,
+    /// Every header, for the routes that need others than those below.
+    pub headers: Option<&'a dyn HeaderLookup>,
     /// Raw `Authorization` value.
     pub authorization: Option<&'a [u8]>,
     /// Raw `Range` value.
@@ -137,6 +163,16 @@ pub enum Decision {
 }
 
 impl RequestInfo<'_> {
+    /// The value of header `name`, if the front gave its headers.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.and_then(|h| h.header(name))
+    }
+
+    /// Whether the request carries a body.
+    pub fn has_body(&self) -> bool {
+        self.chunked || self.content_length.is_some_and(|n| n > 0)
+    }
+
     /// The write preconditions of this request.
     pub fn conditions(&self) -> Conditions<'_> {
         Conditions {
@@ -185,14 +221,27 @@ pub struct Later {
     committed: Committed,
     reply: Reply,
     after: AfterCommit,
+    reshape: Option<Reshape>,
 }
 
 impl Later {
     /// Run the step; `send` gets the final reply, possibly from another thread.
     pub fn run(self, send: ReplyLater) {
+        let send: ReplyLater = match self.reshape {
+            Some(reshape) => Box::new(move |reply| send(reshape(reply))),
+            None => send,
+        };
         (self.after)(&self.committed, self.reply, send);
     }
 }
+
+/// Turns a PUT's final reply into the one a client API expects (Nx wants
+/// exactly 200 for a stored entry, Turborepo's API 202 with a JSON body).
+pub type Reshape = fn(Reply) -> Reply;
+
+/// Called with a whole request body collected in memory (a JSON request);
+/// returns the reply.
+pub type Collected = Box<dyn FnOnce(&[u8]) -> Reply + Send>;
 
 impl std::fmt::Debug for OnCommit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -221,6 +270,11 @@ struct SinkHooks {
     discard: Option<Reply>,
     /// Run after a successful commit; it sends the reply (see [`AfterCommit`]).
     after_commit: Option<AfterCommit>,
+    /// Applied to the final reply, however it ends.
+    reshape: Option<Reshape>,
+    /// Collect the body in memory (bounded by `body_bytes_max`) and answer
+    /// what this returns for it; nothing is stored.
+    collect: Option<(Vec<u8>, Collected)>,
 }
 
 impl std::fmt::Debug for SinkHooks {
@@ -229,6 +283,8 @@ impl std::fmt::Debug for SinkHooks {
             .field("on_commit", &self.on_commit)
             .field("discard", &self.discard)
             .field("after_commit", &self.after_commit.is_some())
+            .field("reshape", &self.reshape.is_some())
+            .field("collect", &self.collect.as_ref().map(|c| c.0.len()))
             .finish()
     }
 }
@@ -258,6 +314,26 @@ impl PutSink {
         self.hooks.as_ref().is_some_and(|h| h.discard.is_some())
     }
 
+    /// Apply `reshape` to the final reply, whatever it is.
+    pub fn set_reshape(&mut self, reshape: Reshape) {
+        self.hooks.get_or_insert_with(Box::default).reshape = Some(reshape);
+    }
+
+    /// A sink that keeps up to `body_bytes_max` bytes in memory (413 past
+    /// them), stores nothing, and answers what `answer` returns for the
+    /// whole body.
+    pub fn collecting(body_bytes_max: u64, answer: Collected) -> PutSink {
+        PutSink {
+            writer: None,
+            received_bytes: 0,
+            body_bytes_max,
+            hooks: Some(Box::new(SinkHooks {
+                collect: Some((Vec::new(), answer)),
+                ..SinkHooks::default()
+            })),
+        }
+    }
+
     /// A sink that reads up to `body_bytes_max` bytes, stores nothing and
     /// answers `reply`.
     pub fn discarding(reply: Reply, body_bytes_max: u64) -> PutSink {
@@ -266,9 +342,8 @@ impl PutSink {
             received_bytes: 0,
             body_bytes_max,
             hooks: Some(Box::new(SinkHooks {
-                on_commit: None,
                 discard: Some(reply),
-                after_commit: None,
+                ..SinkHooks::default()
             })),
         }
     }
@@ -283,12 +358,47 @@ impl PutSink {
         self.received_bytes
     }
 
+    /// `reply`, a refusal the front end decided itself (malformed framing,
+    /// a stalled body), in the shape this route answers in (see
+    /// [`PutSink::set_reshape`]).
+    pub fn refuse(&self, reply: Reply) -> Reply {
+        match self.hooks.as_ref().and_then(|h| h.reshape) {
+            Some(reshape) => reshape(reply),
+            None => reply,
+        }
+    }
+
+    /// The reply to a body past [`PutSink::body_bytes_max`].
+    fn over_limit(&self) -> Reply {
+        Reply::error(
+            413,
+            &format!(
+                "body is over this route's limit of {} bytes",
+                self.body_bytes_max
+            ),
+        )
+        .closing()
+    }
+
     /// Take the next piece of the body. An error is the final reply: the
     /// front end sends it and closes the connection; nothing is stored.
     #[allow(clippy::result_large_err)] // see `App::authorize`
     pub fn write(&mut self, data: &[u8]) -> Result<(), Reply> {
+        self.write_piece(data).map_err(|reply| self.refuse(reply))
+    }
+
+    #[allow(clippy::result_large_err)] // see `App::authorize`
+    fn write_piece(&mut self, data: &[u8]) -> Result<(), Reply> {
         if self.discarding_reply() {
             self.received_bytes += data.len() as u64;
+            return Ok(());
+        }
+        if let Some((buf, _)) = self.hooks.as_mut().and_then(|h| h.collect.as_mut()) {
+            self.received_bytes += data.len() as u64;
+            if self.received_bytes > self.body_bytes_max {
+                return Err(self.over_limit());
+            }
+            buf.extend_from_slice(data);
             return Ok(());
         }
         let Some(writer) = self.writer.as_mut() else {
@@ -297,14 +407,7 @@ impl PutSink {
         self.received_bytes += data.len() as u64;
         if self.received_bytes > self.body_bytes_max {
             self.writer = None;
-            return Err(Reply::error(
-                413,
-                &format!(
-                    "body is over this route's limit of {} bytes",
-                    self.body_bytes_max
-                ),
-            )
-            .closing());
+            return Err(self.over_limit());
         }
         writer.write(data).map_err(|err| {
             self.writer = None;
@@ -335,14 +438,19 @@ impl PutSink {
     #[allow(clippy::result_large_err)] // `Ok` is the reply itself, as in `App`
     pub fn finish_parts(mut self) -> Result<Reply, Box<Later>> {
         let after = self.hooks.as_mut().and_then(|h| h.after_commit.take());
+        let reshape = self.hooks.as_ref().and_then(|h| h.reshape);
         let (reply, committed) = self.commit_and_reply();
         match (after, committed) {
             (Some(after), Some(committed)) => Err(Box::new(Later {
                 committed,
                 reply,
                 after,
+                reshape,
             })),
-            _ => Ok(reply),
+            _ => Ok(match reshape {
+                Some(reshape) => reshape(reply),
+                None => reply,
+            }),
         }
     }
 
@@ -350,6 +458,9 @@ impl PutSink {
     fn commit_and_reply(&mut self) -> (Reply, Option<Committed>) {
         if let Some(reply) = self.hooks.as_mut().and_then(|h| h.discard.take()) {
             return (reply, None);
+        }
+        if let Some((body, answer)) = self.hooks.as_mut().and_then(|h| h.collect.take()) {
+            return (answer(&body), None);
         }
         let Some(writer) = self.writer.take() else {
             return (Reply::error(500, "upload already ended").closing(), None);

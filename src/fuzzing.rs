@@ -23,6 +23,11 @@
 //!   lossily would be; the loader itself takes `&str`).
 //! - `artifact_header`: bytes read from the start of an artifact file (see
 //!   [`check_artifact_header`] for how the same bytes also drive the encoder).
+//! - `artifact_meta`: a version-2 metadata section (entries and checksum); the same bytes
+//!   are also read as bare entries, as an `x-sluice-meta` value, and as `name:value` lines
+//!   that build a [`crate::store::format::Meta`] for the encoder.
+//! - `turbo_bodies`: a request body of `POST /v8/artifacts` or `POST /v8/artifacts/events`
+//!   (both parsers get every input), also read as a query string naming a team.
 
 use core::cell::RefCell;
 use std::rc::Rc;
@@ -82,6 +87,14 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "config",
         check: check_config,
+    },
+    Target {
+        name: "artifact_meta",
+        check: check_artifact_meta,
+    },
+    Target {
+        name: "turbo_bodies",
+        check: check_turbo_bodies,
     },
 ];
 
@@ -644,10 +657,17 @@ pub fn check_artifact_header(data: &[u8]) {
     let canonical = |bytes: &[u8]| {
         if let Ok(h) = decode_header(bytes) {
             assert_eq!(
-                encode_header(h.body_len, &h.sha256)[..],
+                crate::store::format::encode_fixed_part(&h)[..],
                 bytes[..HEADER_BYTES],
                 "accepted a non-canonical header"
             );
+            if h.header_len == HEADER_BYTES as u64 {
+                assert_eq!(
+                    encode_header(h.body_len, &h.sha256)[..],
+                    bytes[..HEADER_BYTES],
+                    "accepted a non-canonical version-1 header"
+                );
+            }
         }
     };
     canonical(data);
@@ -689,6 +709,99 @@ pub fn check_artifact_header(data: &[u8]) {
     );
     // Any shorter prefix is truncated.
     assert!(decode_header(&encoded[..usize::from(flip_bits) % HEADER_BYTES]).is_err());
+}
+
+/// `artifact_meta`: the metadata decoders never panic and accept only canonical encodings
+/// (a section, bare entries and an `x-sluice-meta` value re-encode to what was read); a
+/// `Meta` built from the input's `name:value` lines through `push` (which refuses what
+/// breaks a rule) round-trips through a whole version-2 header, whose length is what
+/// `header_len_for` promised; and one flipped byte of the section is always refused.
+pub fn check_artifact_meta(data: &[u8]) {
+    use crate::store::format::{
+        decode_header, decode_meta_section, encode_header_with, header_len_for, Meta, HEADER_BYTES,
+    };
+
+    if let Ok(meta) = decode_meta_section(data) {
+        let encoded = encode_header_with(0, &[0; 32], &meta);
+        assert_eq!(
+            &encoded[HEADER_BYTES..],
+            data,
+            "accepted a non-canonical section"
+        );
+    }
+    if let Ok(meta) = Meta::decode_entries(data) {
+        assert_eq!(
+            meta.encode_entries(),
+            data,
+            "accepted non-canonical entries"
+        );
+    }
+    if let Ok(meta) = Meta::from_header_value(data) {
+        let again = Meta::from_header_value(meta.to_header_value().as_bytes());
+        assert_eq!(again.as_ref(), Ok(&meta), "header value round trip");
+    }
+
+    let mut meta = Meta::default();
+    for line in data.split(|&b| b == b'\n') {
+        let (name, value) = match line.iter().position(|&b| b == b':') {
+            Some(at) => (&line[..at], &line[at + 1..]),
+            None => (line, &[][..]),
+        };
+        let before = meta.clone();
+        if meta.push(&String::from_utf8_lossy(name), value).is_err() {
+            assert_eq!(meta, before, "a refused entry changed the metadata");
+        }
+    }
+    let body_len = data.len() as u64;
+    let header = encode_header_with(body_len, &[7; 32], &meta);
+    assert_eq!(header.len() as u64, header_len_for(&meta));
+    let h = decode_header(&header).expect("an encoded header decodes");
+    assert_eq!((h.body_len, h.header_len), (body_len, header.len() as u64));
+    if meta.is_empty() {
+        return;
+    }
+    let section = &header[HEADER_BYTES..];
+    assert_eq!(
+        decode_meta_section(section).as_ref(),
+        Ok(&meta),
+        "section round trip"
+    );
+    let mut damaged = section.to_vec();
+    let at = usize::from(data.first().copied().unwrap_or(0)) % damaged.len();
+    damaged[at] ^= data.get(1).copied().unwrap_or(1).max(1);
+    assert!(
+        decode_meta_section(&damaged).is_err(),
+        "damaged section at {at} accepted"
+    );
+}
+
+/// `turbo_bodies`: the JSON bodies of Turborepo's `POST /v8/artifacts` and `POST
+/// /v8/artifacts/events` never panic their parsers; an accepted query names at most
+/// `QUERY_HASHES_MAX` valid hashes, accepted events are all counted once; the input read as
+/// a query string names a valid, unreserved namespace or is refused.
+pub fn check_turbo_bodies(data: &[u8]) {
+    use crate::app::turbo::{parse_events, parse_query, team_namespace, QUERY_HASHES_MAX};
+
+    if let Ok(hashes) = parse_query(data) {
+        assert!(hashes.len() <= QUERY_HASHES_MAX);
+        assert!(hashes.iter().all(|h| crate::route::is_turbo_hash(h)));
+    }
+    if let Ok(tally) = parse_events(data) {
+        // Counted as the parser reads them: a number JSON allows but an f64
+        // cannot hold (`1E400`) in an ignored field is fine (found by fuzzing).
+        let events: Vec<serde::de::IgnoredAny> =
+            serde_json::from_slice(data).expect("accepted events are a JSON array");
+        assert_eq!(
+            tally.iter().sum::<u64>(),
+            events.len() as u64,
+            "every event counted once"
+        );
+    }
+    let query = String::from_utf8_lossy(data);
+    if let Ok(ns) = team_namespace(Some(&query)) {
+        assert!(crate::route::valid_namespace(ns), "{ns}");
+        assert!(!crate::route::RESERVED_NAMESPACES.contains(&ns), "{ns}");
+    }
 }
 
 /// `config`: the TOML loader and validation never panic on any file text; an error's message

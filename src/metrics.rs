@@ -13,15 +13,17 @@ use std::time::Duration;
 /// Route labels, in table order. `peer` is the replication peer API
 /// (`/_peer/`); `none` counts requests that matched no route or failed
 /// before classification.
-pub const ROUTES: [&str; 10] = [
-    "ac", "cas", "gradle", "generic", "up", "ready", "metrics", "status", "peer", "none",
+pub const ROUTES: [&str; 12] = [
+    "ac", "cas", "gradle", "generic", "turbo", "nx", "up", "ready", "metrics", "status", "peer",
+    "none",
 ];
 /// Method labels, in table order: the methods HTTP defines (RFC 9110 and
-/// PATCH), so a POST to an artifact path is counted as what it is; any
+/// PATCH) and the two WebDAV methods sluice answers, so a POST to an artifact path is counted as what it is; any
 /// other token, or a head that failed before its method was known, is
 /// `OTHER` (the set stays closed whatever clients send).
-pub const METHODS: [&str; 10] = [
-    "GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT", "OTHER",
+pub const METHODS: [&str; 12] = [
+    "GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT", "PROPFIND",
+    "MKCOL", "OTHER",
 ];
 
 /// The metrics label of a method token: itself for a method in
@@ -30,9 +32,9 @@ pub fn method_label(method: &str) -> &'static str {
     METHODS[index_of(&METHODS, &method, METHODS.len() - 1)]
 }
 /// Status codes sluice produces; anything else is `other`.
-pub const STATUSES: [u16; 26] = [
-    100, 200, 201, 204, 206, 304, 400, 401, 403, 404, 405, 408, 411, 412, 413, 414, 416, 417, 429,
-    431, 500, 501, 503, 505, 507, 0,
+pub const STATUSES: [u16; 30] = [
+    100, 200, 201, 202, 204, 206, 207, 304, 400, 401, 403, 404, 405, 408, 409, 411, 412, 413, 414,
+    415, 416, 417, 429, 431, 500, 501, 503, 505, 507, 0,
 ];
 
 /// How the bytes of a response body left the server.

@@ -23,7 +23,7 @@ use std::time::Duration;
 /// pressure: the artifact routes. The peer API is replication itself, and
 /// `/metrics`, `/status`, `/up`, `/ready` are the operator's, not the builds'.
 pub fn is_public_route(route: &str) -> bool {
-    matches!(route, "ac" | "cas" | "gradle" | "generic")
+    matches!(route, "ac" | "cas" | "gradle" | "generic" | "turbo" | "nx")
 }
 
 /// Sub-buckets per power of two of the TTFB window histogram: bucket

@@ -7,7 +7,16 @@
 //! directory; a percent-encoded key is therefore simply invalid (400), not
 //! decoded. Generic keys may have several `/`-separated segments, as object
 //! store keys do (ccache's default layout sends `fe/a5c6…`); the store keeps
-//! such a key in one flat file name (see `store::file_name`).
+//! such a key in one flat file name (see `store::file_name`). A generic
+//! segment may start with `.` (sccache's `.sccache_check`) unless it is `.`
+//! or `..`.
+//!
+//! Besides the artifact routes of Bazel, Gradle and the generic blobs, three
+//! client APIs are classified here: Turborepo's remote cache
+//! (`/v8/artifacts...`, [`TurboRoute`]; its team, the namespace, is in the
+//! query, which the app reads), Nx's self-hosted cache (`/v1/cache/{hash}`,
+//! namespace [`NX_NAMESPACE`]) and the WebDAV methods sccache's storage layer
+//! sends on the generic route (`PROPFIND`, `MKCOL`: [`Route::Dav`]).
 
 /// Which family of artifact routes a request addressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,8 +28,12 @@ pub enum ArtifactKind {
     Cas,
     /// Gradle HttpBuildCache: `/cache/{key}`.
     Gradle,
-    /// Generic blobs: `/v1/artifacts/{namespace}/{key}`.
+    /// Generic blobs: `/v1/artifacts/{namespace}/{key}` (also WebDAV's GET and PUT).
     Generic,
+    /// Turborepo's artifacts: `/v8/artifacts/{hash}`; the namespace is the team.
+    Turbo,
+    /// Nx's self-hosted cache: `/v1/cache/{hash}`.
+    Nx,
 }
 
 impl ArtifactKind {
@@ -31,16 +44,45 @@ impl ArtifactKind {
             ArtifactKind::Cas => "cas",
             ArtifactKind::Gradle => "gradle",
             ArtifactKind::Generic => "generic",
+            ArtifactKind::Turbo => "turbo",
+            ArtifactKind::Nx => "nx",
         }
     }
 
     /// The `Allow` header value for this route family.
     pub fn allow(self) -> &'static str {
         match self {
-            ArtifactKind::Generic => "GET, HEAD, PUT, DELETE",
+            ArtifactKind::Generic => "GET, HEAD, PUT, DELETE, PROPFIND, MKCOL",
+            ArtifactKind::Turbo => "GET, HEAD, PUT, OPTIONS",
             _ => "GET, HEAD, PUT",
         }
     }
+}
+
+/// The namespace Nx's `/v1/cache/{hash}` reads and writes (Nx has no notion
+/// of a team; a token's scope names this namespace).
+pub const NX_NAMESPACE: &str = "nx";
+
+/// Turborepo's remote cache API, under `/v8/artifacts`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TurboRoute<'a> {
+    /// `GET`, `HEAD`, `PUT /v8/artifacts/{hash}`.
+    Artifact { hash: &'a str, action: Action },
+    /// `POST /v8/artifacts`: which of these hashes exist.
+    Query,
+    /// `POST /v8/artifacts/events`: cache hit and miss events.
+    Events,
+    /// `GET /v8/artifacts/status`.
+    Status,
+    /// `OPTIONS` anywhere under `/v8/artifacts` (`TURBO_PREFLIGHT`).
+    Preflight,
+}
+
+/// The WebDAV methods answered on the generic route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DavMethod {
+    Propfind,
+    Mkcol,
 }
 
 /// Store namespaces the Bazel and Gradle routes use. A generic namespace may
@@ -75,6 +117,16 @@ pub enum Route<'a> {
     Metrics,
     /// `/status`: JSON summary.
     Status,
+    /// Turborepo's remote cache API; the team (namespace) is in the query.
+    Turbo(TurboRoute<'a>),
+    /// `PROPFIND` or `MKCOL` under `/v1/artifacts/{namespace}/`. `path` is
+    /// what follows the namespace's `/`: empty for its root, ending in `/`
+    /// for a collection, else a key.
+    Dav {
+        namespace: &'a str,
+        path: &'a str,
+        method: DavMethod,
+    },
 }
 
 impl Route<'_> {
@@ -82,6 +134,8 @@ impl Route<'_> {
     pub fn label(&self) -> &'static str {
         match self {
             Route::Artifact { kind, .. } => kind.label(),
+            Route::Turbo(_) => "turbo",
+            Route::Dav { .. } => "generic",
             Route::Up => "up",
             Route::Ready => "ready",
             Route::Metrics => "metrics",
@@ -92,7 +146,10 @@ impl Route<'_> {
     /// True for a route whose response depends only on the server (HEAD and
     /// GET both allowed, no body).
     pub fn is_admin(&self) -> bool {
-        !matches!(self, Route::Artifact { .. })
+        matches!(
+            self,
+            Route::Up | Route::Ready | Route::Metrics | Route::Status
+        )
     }
 }
 
@@ -131,7 +188,10 @@ pub const KEY_SEGMENTS_MAX: usize = crate::store::KEY_SEGMENTS_MAX;
 pub const NAMESPACE_BYTES_MAX: usize = 64;
 
 const KEY_RULE: &str = "key must match [A-Za-z0-9._-]{1,255} and not start with '.'";
-const GENERIC_KEY_RULE: &str = "key must be 1 to 16 '/'-separated segments, 255 bytes in all, each matching [A-Za-z0-9._-]+ and not starting with '.'";
+const GENERIC_KEY_RULE: &str = "key must be 1 to 16 '/'-separated segments, 255 bytes in all, each matching [A-Za-z0-9._-]+ and not '.' or '..'";
+const TURBO_HASH_RULE: &str = "Turborepo artifact hashes are 1 to 255 hex digits";
+const NX_HASH_RULE: &str = "Nx hashes must match [A-Za-z0-9._-]{1,255} and not start with '.'";
+const DAV_PATH_RULE: &str = "a collection path must be up to 16 '/'-separated segments ending in '/', each matching [A-Za-z0-9._-]+ and not '.' or '..'";
 
 /// The metrics route label of a request: its route's, also when the route
 /// exists but not for this method (a POST to an artifact path counts under
@@ -166,6 +226,12 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Result<Route<'a>, RouteError
             }),
         };
     }
+    if let Some(rest) = path.strip_prefix("/v8/artifacts") {
+        return classify_turbo(method, rest);
+    }
+    if let Some(route) = classify_dav(method, path)? {
+        return Ok(route);
+    }
     let (kind, namespace, key) = split_artifact_path(path)?;
     let action = match (method, kind) {
         ("GET", _) => Action::Get,
@@ -187,19 +253,106 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Result<Route<'a>, RouteError
     })
 }
 
+/// `rest` follows `/v8/artifacts` in the path.
+fn classify_turbo<'a>(method: &str, rest: &'a str) -> Result<Route<'a>, RouteError> {
+    let not_allowed = |allow| RouteError::MethodNotAllowed {
+        route: "turbo",
+        allow,
+    };
+    if method == "OPTIONS" {
+        return match rest {
+            "" | "/" => Ok(Route::Turbo(TurboRoute::Preflight)),
+            _ if rest.starts_with('/') => Ok(Route::Turbo(TurboRoute::Preflight)),
+            _ => Err(RouteError::NotFound),
+        };
+    }
+    let route = match (rest, method) {
+        ("", "POST") => TurboRoute::Query,
+        ("", _) => return Err(not_allowed("POST, OPTIONS")),
+        ("/status", "GET" | "HEAD") => TurboRoute::Status,
+        ("/status", _) => return Err(not_allowed("GET, HEAD")),
+        ("/events", "POST") => TurboRoute::Events,
+        ("/events", _) => return Err(not_allowed("POST, OPTIONS")),
+        _ => {
+            let Some(hash) = rest.strip_prefix('/') else {
+                return Err(RouteError::NotFound);
+            };
+            let action = match method {
+                "GET" => Action::Get,
+                "HEAD" => Action::Head,
+                "PUT" => Action::Put,
+                _ => return Err(not_allowed(ArtifactKind::Turbo.allow())),
+            };
+            if !is_turbo_hash(hash) {
+                return Err(RouteError::BadRequest(TURBO_HASH_RULE));
+            }
+            TurboRoute::Artifact { hash, action }
+        }
+    };
+    Ok(Route::Turbo(route))
+}
+
+/// A Turborepo artifact hash: 1 to [`KEY_BYTES_MAX`] hex digits (the API's
+/// `^[a-fA-F0-9]+$`, bounded by the store's file-name limit).
+pub fn is_turbo_hash(hash: &str) -> bool {
+    !hash.is_empty() && hash.len() <= KEY_BYTES_MAX && hash.bytes().all(|c| c.is_ascii_hexdigit())
+}
+
+/// `PROPFIND` and `MKCOL` under `/v1/artifacts/{namespace}/`: `Ok(None)` for
+/// any other method or path.
+fn classify_dav<'a>(method: &str, path: &'a str) -> Result<Option<Route<'a>>, RouteError> {
+    let method = match method {
+        "PROPFIND" => DavMethod::Propfind,
+        "MKCOL" => DavMethod::Mkcol,
+        _ => return Ok(None),
+    };
+    let Some(rest) = path.strip_prefix("/v1/artifacts/") else {
+        return Ok(None);
+    };
+    let (namespace, dav_path) = match rest.split_once('/') {
+        Some(split) => split,
+        // `/v1/artifacts/{ns}`: the namespace's root without its slash.
+        None => (rest, ""),
+    };
+    check_generic_namespace(namespace)?;
+    let valid = match dav_path.strip_suffix('/') {
+        Some(dir) => valid_generic_key(dir),
+        None => dav_path.is_empty() || valid_generic_key(dav_path),
+    };
+    if !valid {
+        return Err(RouteError::BadRequest(DAV_PATH_RULE));
+    }
+    Ok(Some(Route::Dav {
+        namespace,
+        path: dav_path,
+        method,
+    }))
+}
+
+fn check_generic_namespace(namespace: &str) -> Result<(), RouteError> {
+    if !valid_namespace(namespace) {
+        return Err(RouteError::BadRequest(
+            "namespace must match [a-z0-9][a-z0-9_-]{0,63}",
+        ));
+    }
+    if RESERVED_NAMESPACES.contains(&namespace) {
+        return Err(RouteError::BadRequest(
+            "namespaces ac, cas and gradle are reserved for the Bazel and Gradle routes",
+        ));
+    }
+    Ok(())
+}
+
 fn split_artifact_path(path: &str) -> Result<(ArtifactKind, &str, &str), RouteError> {
+    if let Some(hash) = path.strip_prefix("/v1/cache/") {
+        if !valid_key(hash) {
+            return Err(RouteError::BadRequest(NX_HASH_RULE));
+        }
+        return Ok((ArtifactKind::Nx, NX_NAMESPACE, hash));
+    }
     if let Some(rest) = path.strip_prefix("/v1/artifacts/") {
         let (namespace, key) = rest.split_once('/').ok_or(RouteError::NotFound)?;
-        if !valid_namespace(namespace) {
-            return Err(RouteError::BadRequest(
-                "namespace must match [a-z0-9][a-z0-9_-]{0,63}",
-            ));
-        }
-        if RESERVED_NAMESPACES.contains(&namespace) {
-            return Err(RouteError::BadRequest(
-                "namespaces ac, cas and gradle are reserved for the Bazel and Gradle routes",
-            ));
-        }
+        check_generic_namespace(namespace)?;
         if !valid_generic_key(key) {
             return Err(RouteError::BadRequest(GENERIC_KEY_RULE));
         }
@@ -435,6 +588,9 @@ mod tests {
             &deep_ok,
             &long_ok,
             "x..y/z",
+            ".sccache_check",
+            "a/.hidden",
+            "team1/ci/.sccache_check",
         ];
         for key in accepted {
             let path = format!("/v1/artifacts/ccache/{key}");
@@ -450,28 +606,8 @@ mod tests {
             );
         }
         let refused = [
-            "",
-            "/",
-            "a/",
-            "/a",
-            "a//b",
-            ".",
-            "..",
-            "./a",
-            "../a",
-            "a/.",
-            "a/..",
-            "a/../b",
-            "a/./b",
-            "a/.hidden",
-            ".hidden",
-            "a%2fb",
-            "a%2e%2e",
-            "a~b",
-            "a\\b",
-            "a b",
-            &deep_bad,
-            &long_bad,
+            "", "/", "a/", "/a", "a//b", ".", "..", "./a", "../a", "a/.", "a/..", "a/../b",
+            "a/./b", "a%2fb", "a%2e%2e", "a~b", "a\\b", "a b", &deep_bad, &long_bad,
         ];
         for key in refused {
             let path = format!("/v1/artifacts/ccache/{key}");
@@ -486,6 +622,189 @@ mod tests {
             classify("GET", "/cache/a/b"),
             Err(RouteError::BadRequest(KEY_RULE))
         );
+    }
+
+    /// Turborepo, Nx and WebDAV: one row per path shape.
+    #[test]
+    fn client_routes() {
+        let turbo = |r| Ok(Route::Turbo(r));
+        let dav = |namespace, path, method| {
+            Ok(Route::Dav {
+                namespace,
+                path,
+                method,
+            })
+        };
+        let rows: Vec<(&str, &str, Result<Route<'_>, RouteError>)> = vec![
+            ("GET", "/v8/artifacts/status", turbo(TurboRoute::Status)),
+            ("POST", "/v8/artifacts", turbo(TurboRoute::Query)),
+            ("POST", "/v8/artifacts/events", turbo(TurboRoute::Events)),
+            ("OPTIONS", "/v8/artifacts/abc", turbo(TurboRoute::Preflight)),
+            ("OPTIONS", "/v8/artifacts", turbo(TurboRoute::Preflight)),
+            (
+                "GET",
+                "/v8/artifacts/3c6dfcbfd60adb51",
+                turbo(TurboRoute::Artifact {
+                    hash: "3c6dfcbfd60adb51",
+                    action: Action::Get,
+                }),
+            ),
+            (
+                "PUT",
+                "/v8/artifacts/ABCdef",
+                turbo(TurboRoute::Artifact {
+                    hash: "ABCdef",
+                    action: Action::Put,
+                }),
+            ),
+            (
+                "GET",
+                "/v8/artifacts/xyz",
+                Err(RouteError::BadRequest(TURBO_HASH_RULE)),
+            ),
+            (
+                "GET",
+                "/v8/artifacts/ab/cd",
+                Err(RouteError::BadRequest(TURBO_HASH_RULE)),
+            ),
+            (
+                "DELETE",
+                "/v8/artifacts/abcd",
+                Err(RouteError::MethodNotAllowed {
+                    route: "turbo",
+                    allow: "GET, HEAD, PUT, OPTIONS",
+                }),
+            ),
+            (
+                "PUT",
+                "/v8/artifacts/status",
+                Err(RouteError::MethodNotAllowed {
+                    route: "turbo",
+                    allow: "GET, HEAD",
+                }),
+            ),
+            (
+                "GET",
+                "/v8/artifacts",
+                Err(RouteError::MethodNotAllowed {
+                    route: "turbo",
+                    allow: "POST, OPTIONS",
+                }),
+            ),
+            ("GET", "/v8/artifactsx", Err(RouteError::NotFound)),
+            (
+                "GET",
+                "/v1/cache/5939140485192582302",
+                Ok(art(
+                    ArtifactKind::Nx,
+                    "nx",
+                    "5939140485192582302",
+                    Action::Get,
+                )),
+            ),
+            (
+                "PUT",
+                "/v1/cache/15702055814572563823",
+                Ok(art(
+                    ArtifactKind::Nx,
+                    "nx",
+                    "15702055814572563823",
+                    Action::Put,
+                )),
+            ),
+            (
+                "GET",
+                "/v1/cache/a/b",
+                Err(RouteError::BadRequest(NX_HASH_RULE)),
+            ),
+            (
+                "GET",
+                "/v1/cache/.x",
+                Err(RouteError::BadRequest(NX_HASH_RULE)),
+            ),
+            (
+                "DELETE",
+                "/v1/cache/1",
+                Err(RouteError::MethodNotAllowed {
+                    route: "nx",
+                    allow: "GET, HEAD, PUT",
+                }),
+            ),
+            (
+                "PROPFIND",
+                "/v1/artifacts/sccache/",
+                dav("sccache", "", DavMethod::Propfind),
+            ),
+            (
+                "PROPFIND",
+                "/v1/artifacts/sccache",
+                dav("sccache", "", DavMethod::Propfind),
+            ),
+            (
+                "PROPFIND",
+                "/v1/artifacts/sccache/1/7/8/",
+                dav("sccache", "1/7/8/", DavMethod::Propfind),
+            ),
+            (
+                "MKCOL",
+                "/v1/artifacts/sccache/1/",
+                dav("sccache", "1/", DavMethod::Mkcol),
+            ),
+            (
+                "PROPFIND",
+                "/v1/artifacts/sccache/1/7/8/k",
+                dav("sccache", "1/7/8/k", DavMethod::Propfind),
+            ),
+            (
+                "PROPFIND",
+                "/v1/artifacts/sccache//",
+                Err(RouteError::BadRequest(DAV_PATH_RULE)),
+            ),
+            (
+                "MKCOL",
+                "/v1/artifacts/sccache/a/../",
+                Err(RouteError::BadRequest(DAV_PATH_RULE)),
+            ),
+            (
+                "MKCOL",
+                "/v1/artifacts/cas/",
+                Err(RouteError::BadRequest(
+                    "namespaces ac, cas and gradle are reserved for the Bazel and Gradle routes",
+                )),
+            ),
+            (
+                "GET",
+                "/v1/artifacts/sccache/.sccache_check",
+                Ok(art(
+                    ArtifactKind::Generic,
+                    "sccache",
+                    ".sccache_check",
+                    Action::Get,
+                )),
+            ),
+            (
+                "PROPFIND",
+                "/cache/x",
+                Err(RouteError::MethodNotAllowed {
+                    route: "gradle",
+                    allow: "GET, HEAD, PUT",
+                }),
+            ),
+            (
+                "PATCH",
+                "/v1/artifacts/ns/k",
+                Err(RouteError::MethodNotAllowed {
+                    route: "generic",
+                    allow: "GET, HEAD, PUT, DELETE, PROPFIND, MKCOL",
+                }),
+            ),
+        ];
+        for (method, path, want) in rows {
+            assert_eq!(classify(method, path), want, "{method} {path}");
+        }
+        assert_eq!(route_label("GET", "/v8/artifacts/status"), "turbo");
+        assert_eq!(route_label("PROPFIND", "/v1/artifacts/s/"), "generic");
+        assert_eq!(route_label("PUT", "/v1/cache/1"), "nx");
     }
 
     #[test]

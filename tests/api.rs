@@ -488,7 +488,7 @@ fn multi_segment_generic_keys_on_every_front() {
             "/v1/artifacts/ccache/a/./b",
             "/v1/artifacts/ccache/a//b",
             "/v1/artifacts/ccache/a/",
-            "/v1/artifacts/ccache/a/.hidden",
+            "/v1/artifacts/ccache/a/./.",
             "/v1/artifacts/ccache/a/%2e%2e/b",
             "/v1/artifacts/ccache/a%2fb",
             "/v1/artifacts/ccache/a~b",

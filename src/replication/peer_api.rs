@@ -3,7 +3,7 @@
 //! | request | does |
 //! |---|---|
 //! | `GET /_peer/v1/hello` | the probe: `{"node_id": ...}` |
-//! | `PUT /_peer/v1/put/{ns}/{key}/{write_time_ms}/{sha256}` | a replicated write (body: the artifact, `Content-Length` its length) |
+//! | `PUT /_peer/v1/put/{ns}/{key}/{write_time_ms}/{sha256}` | a replicated write (body: the artifact, `Content-Length` its length; `x-sluice-meta`: the response headers it keeps, if any) |
 //! | `DELETE /_peer/v1/delete/{ns}/{key}/{write_time_ms}` | a replicated delete |
 //! | `GET /_peer/v1/summary` | anti-entropy: 4096 bucket digests |
 //! | `GET /_peer/v1/buckets/{b,b,...}` | anti-entropy: the entries of those buckets |
@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use crate::app::{App, PeerService};
 use crate::exchange::{Decision, OnCommit, PutSink, Reply, RequestInfo};
+use crate::store::format::{Meta, META_HEADER};
 use crate::store::{valid_key, valid_namespace, DeleteAt, PutOptions};
 
 use super::summary::Query;
@@ -144,6 +145,12 @@ fn put(
     let Some(len) = req.content_length else {
         return refuse(Reply::error(411, "a replicated write needs Content-Length"));
     };
+    // The response headers the artifact keeps (Turborepo's x-artifact-*).
+    let meta = match req.header(META_HEADER).map(Meta::from_header_value) {
+        None => Meta::default(),
+        Some(Ok(meta)) => meta,
+        Some(Err(err)) => return refuse(Reply::error(400, &format!("{META_HEADER}: {err}"))),
+    };
     let body_bytes_max = replication.settings.body_bytes_max;
     let local = match app.store.get(ns, key) {
         Ok(found) => found,
@@ -178,7 +185,7 @@ fn put(
         // the key's lock at commit, makes last-writer-wins exact.
         last_writer_wins: true,
     };
-    match app.store.begin_put(ns, key, options) {
+    match app.store.begin_put_with(ns, key, options, meta) {
         Ok(writer) => {
             let mut sink = PutSink::new(writer, body_bytes_max);
             let series_ok = Arc::clone(replication);
@@ -237,7 +244,7 @@ fn get(
             .charge(std::time::Instant::now(), artifact.len);
     }
     let len = artifact.len;
-    let headers = vec![
+    let mut headers = vec![
         ("etag", artifact.etag()),
         ("content-type", "application/octet-stream".to_string()),
         ("x-sluice-sha256", hex::encode(artifact.sha256)),
@@ -246,6 +253,9 @@ fn get(
             artifact.write_time_ms().unwrap_or(0).to_string(),
         ),
     ];
+    if let Some(meta) = &artifact.meta {
+        headers.push((META_HEADER, meta.to_header_value()));
+    }
     let offset = artifact.body_offset;
     Reply {
         status: 200,

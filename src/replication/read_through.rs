@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use crate::outgoing::{OutgoingResponse, TaskError};
 use crate::single_flight::{Bounds, Join, SingleFlight};
+use crate::store::format::{Meta, META_HEADER};
 use crate::store::{PutOptions, Store};
 
 use super::policy::PeerState;
@@ -75,6 +76,8 @@ pub enum Refusal {
 pub struct Verified {
     pub sha256: [u8; 32],
     pub write_time_ms: u64,
+    /// The response headers the artifact keeps (`x-sluice-meta`).
+    pub meta: Meta,
 }
 
 /// Check a peer's answer to `GET /_peer/v1/get/{ns}/{key}` (bytes from
@@ -97,6 +100,11 @@ pub fn verify(ns: &str, key: &str, resp: &OutgoingResponse) -> Result<Verified, 
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .ok_or_else(|| Refusal::Bad("no valid x-sluice-write-time-ms".into()))?;
+    let meta = match resp.sluice_header(META_HEADER).map(Meta::from_header_value) {
+        None => Meta::default(),
+        Some(Ok(meta)) => meta,
+        Some(Err(err)) => return Err(Refusal::Bad(format!("x-sluice-meta: {err}"))),
+    };
     let actual: [u8; 32] = Sha256::digest(&resp.body).into();
     if actual != declared {
         return Err(Refusal::Corrupt(
@@ -112,6 +120,7 @@ pub fn verify(ns: &str, key: &str, resp: &OutgoingResponse) -> Result<Verified, 
     Ok(Verified {
         sha256: actual,
         write_time_ms,
+        meta,
     })
 }
 
@@ -544,11 +553,13 @@ impl Worker {
 }
 
 /// What a streamed fetch needs from the head of a peer's 200.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamHead {
     pub len: u64,
     pub sha256: [u8; 32],
     pub write_time_ms: u64,
+    /// The response headers the artifact keeps (`x-sluice-meta`).
+    pub meta: Meta,
 }
 
 /// The head of a peer's answer to a streamed `GET /_peer/v1/get/...` (bytes
@@ -584,12 +595,23 @@ pub fn parse_stream_head(bytes: &[u8]) -> Result<Option<(StreamHead, usize)>, &'
     let sha_ok =
         find("x-sluice-sha256").is_some_and(|v| hex::decode_to_slice(v, &mut sha256).is_ok());
     let time = find("x-sluice-write-time-ms").and_then(|v| v.parse::<u64>().ok());
+    let sent_meta = resp
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(META_HEADER))
+        .count();
+    let meta = match (sent_meta, find(META_HEADER)) {
+        (0, _) => Meta::default(),
+        (1, Some(value)) => Meta::from_header_value(value.as_bytes()).map_err(|_| "failed")?,
+        _ => return Err("failed"),
+    };
     match (len, sha_ok, time) {
         (Some(len), true, Some(write_time_ms)) => Ok(Some((
             StreamHead {
                 len,
                 sha256,
                 write_time_ms,
+                meta,
             },
             head_len,
         ))),
@@ -646,6 +668,7 @@ fn stream_fetch(
         len,
         sha256: declared,
         write_time_ms,
+        meta,
     } = head;
     if ns == "cas" {
         let mut digest = [0u8; 32];
@@ -660,7 +683,9 @@ fn stream_fetch(
         write_time_ms: Some(write_time_ms),
         last_writer_wins: true,
     };
-    let mut writer = store.begin_put(ns, key, options).map_err(|_| "failed")?;
+    let mut writer = store
+        .begin_put_with(ns, key, options, meta)
+        .map_err(|_| "failed")?;
     let mut received = (filled - head_len) as u64;
     writer.write(&buf[head_len..filled]).map_err(|_| "failed")?;
     conn.set_read_timeout(Some(idle.max(Duration::from_millis(1))))
@@ -696,7 +721,7 @@ fn store(store: &Store, ns: &str, key: &str, body: &[u8], v: &Verified) -> Resul
         last_writer_wins: true,
     };
     let mut writer = store
-        .begin_put(ns, key, options)
+        .begin_put_with(ns, key, options, v.meta.clone())
         .map_err(|e| e.to_string())?;
     writer.write(body).map_err(|e| e.to_string())?;
     writer.commit().map(|_| ()).map_err(|e| e.to_string())
@@ -730,6 +755,19 @@ mod tests {
         assert_eq!(parse_stream_head(twice.as_bytes()), Err("failed"));
         let no_time = ok.replace("x-sluice-write-time-ms: 5\r\n", "");
         assert_eq!(parse_stream_head(no_time.as_bytes()), Err("failed"));
+        // The kept headers come along; a damaged or repeated one refuses the answer.
+        let mut meta = Meta::default();
+        meta.push("x-artifact-tag", b"sig").unwrap();
+        let with_meta = ok.replace(
+            "\r\n\r\n",
+            &format!("\r\nx-sluice-meta: {}\r\n\r\n", meta.to_header_value()),
+        );
+        let (head, _) = parse_stream_head(with_meta.as_bytes()).unwrap().unwrap();
+        assert_eq!(head.meta, meta);
+        let bad = ok.replace("\r\n\r\n", "\r\nx-sluice-meta: !!\r\n\r\n");
+        assert_eq!(parse_stream_head(bad.as_bytes()), Err("failed"));
+        let twice = with_meta.replace("x-sluice-meta", "X-Sluice-Meta: a\r\nx-sluice-meta");
+        assert_eq!(parse_stream_head(twice.as_bytes()), Err("failed"));
     }
 
     fn answer(status: u16, headers: &[(&str, &str)], body: &[u8]) -> OutgoingResponse {
@@ -754,6 +792,18 @@ mod tests {
         ];
         let ok = verify("gradle", "k", &answer(200, &good, body)).expect("good");
         assert_eq!(ok.write_time_ms, 1_700_000_000_000);
+        assert!(ok.meta.is_empty());
+        let mut meta = Meta::default();
+        meta.push("x-artifact-duration", b"12").unwrap();
+        let value = meta.to_header_value();
+        let with_meta = [good[0], good[1], ("x-sluice-meta", value.as_str())];
+        let kept = verify("t", "k", &answer(200, &with_meta, body)).expect("with meta");
+        assert_eq!(kept.meta, meta);
+        let bad_meta = [good[0], good[1], ("x-sluice-meta", "%%")];
+        assert!(matches!(
+            verify("t", "k", &answer(200, &bad_meta, body)),
+            Err(Refusal::Bad(_))
+        ));
         assert_eq!(
             verify("cas", &sha, &answer(200, &good, body)),
             Ok(ok.clone())

@@ -40,13 +40,32 @@ pub fn valid_key_segment(segment: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'.' || *c == b'-')
 }
 
-/// A key: 1 to [`KEY_SEGMENTS_MAX`] `/`-separated [segments](valid_key_segment),
+/// One segment of a multi-segment key: [`valid_key_segment`], except that it
+/// may start with `.` when it is not `.` or `..` (sccache's start-up probe
+/// writes `.sccache_check`). A leading dot cannot collide with the store's
+/// temporary names because [`file_name`] never lets a file name start with
+/// `.` (see there).
+pub fn valid_key_part(segment: &str) -> bool {
+    match segment.strip_prefix('.') {
+        Some(rest) => !rest.is_empty() && rest != "." && valid_tail(rest.as_bytes()),
+        None => valid_key_segment(segment),
+    }
+}
+
+fn valid_tail(b: &[u8]) -> bool {
+    b.len() < KEY_BYTES_MAX
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'.' || *c == b'-')
+}
+
+/// A key: 1 to [`KEY_SEGMENTS_MAX`] `/`-separated [parts](valid_key_part),
 /// [`KEY_BYTES_MAX`] bytes in all. No empty, `.` or `..` segment, no leading
 /// or trailing `/`, so a key never names a directory or leaves its namespace.
 pub fn valid_key(key: &str) -> bool {
-    key.len() <= KEY_BYTES_MAX
+    // A key starting with `.` gets one byte more in its file name.
+    key.len() + usize::from(key.starts_with('.')) <= KEY_BYTES_MAX
         && key.split('/').count() <= KEY_SEGMENTS_MAX
-        && key.split('/').all(valid_key_segment)
+        && key.split('/').all(valid_key_part)
 }
 
 /// The file name of `key` inside its shard directory: the key itself with
@@ -54,9 +73,21 @@ pub fn valid_key(key: &str) -> bool {
 /// of nested directories: nothing to create or remove per segment, the scan
 /// and eviction keep walking a fixed depth, and a single-segment key's file
 /// keeps the name it always had. Callers validate `key` first.
+///
+/// A key starting with `.` (`.sccache_check`) gets a `~` in front, so no
+/// artifact's file name starts with `.`: those stay the store's temporary
+/// names (`.tmp-…`), and the scan can tell them apart by their first byte.
+/// The mapping stays one-to-one: no other key's file name starts with `~`,
+/// since a key never starts with `/`.
 pub fn file_name(key: &str) -> std::borrow::Cow<'_, str> {
-    if key.contains('/') {
-        std::borrow::Cow::Owned(key.replace('/', SEGMENT_SEPARATOR_ON_DISK))
+    let dotted = key.starts_with('.');
+    if key.contains('/') || dotted {
+        let mut name = String::with_capacity(key.len() + 1);
+        if dotted {
+            name.push_str(SEGMENT_SEPARATOR_ON_DISK);
+        }
+        name.push_str(&key.replace('/', SEGMENT_SEPARATOR_ON_DISK));
+        std::borrow::Cow::Owned(name)
     } else {
         std::borrow::Cow::Borrowed(key)
     }
@@ -65,9 +96,13 @@ pub fn file_name(key: &str) -> std::borrow::Cow<'_, str> {
 /// The key a file name in a shard directory stands for, if it is one
 /// [`file_name`] can produce (the background scan ignores anything else).
 pub fn key_of_file_name(name: &str) -> Option<String> {
-    if name.contains('/') {
+    if name.contains('/') || name.starts_with('.') {
         return None;
     }
+    let name = match name.strip_prefix(SEGMENT_SEPARATOR_ON_DISK) {
+        Some(rest) if rest.starts_with('.') => rest,
+        _ => name,
+    };
     let key = name.replace(SEGMENT_SEPARATOR_ON_DISK, "/");
     valid_key(&key).then_some(key)
 }
@@ -140,6 +175,8 @@ mod tests {
 
     #[test]
     fn keys() {
+        let dotted_max = format!(".{}", "k".repeat(253));
+        let dotted_long = format!(".{}", "k".repeat(254));
         let long = "k".repeat(255);
         let too_long = "k".repeat(256);
         let cases: &[(&str, bool)] = &[
@@ -155,7 +192,7 @@ mod tests {
             (&too_long, false),
             (".", false),
             ("..", false),
-            (".tmp-1-2", false),
+            (".tmp-1-2", true),
             ("a/b", true),
             ("fe/a5c6ltr4q0kut6qjm9545n50fgo5cbi", true),
             ("a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p", true),
@@ -167,7 +204,13 @@ mod tests {
             ("a/../b", false),
             ("../a", false),
             ("a/..", false),
-            ("a/.hidden", false),
+            ("a/.hidden", true),
+            (".sccache_check", true),
+            (&dotted_max, true),
+            (&dotted_long, false),
+            ("a/.", false),
+            ("./a", false),
+            ("a/../b", false),
             ("a~b", false),
             ("a\\b", false),
             ("a b", false),
@@ -215,10 +258,15 @@ mod tests {
         let long = format!("{}/{}", "a".repeat(127), "b".repeat(127));
         assert!(valid_key(&long));
         assert_eq!(file_name(&long).len(), KEY_BYTES_MAX);
-        for key in ["a/b", "x", "a/b/c.d-e_f"] {
+        for key in ["a/b", "x", "a/b/c.d-e_f", ".sccache_check", ".a/.b", "a/.b"] {
             assert_eq!(key_of_file_name(&file_name(key)).as_deref(), Some(key));
+            assert!(!file_name(key).starts_with('.'), "{key}");
         }
-        for name in ["~a", "a~", "a~~b", "a~.b", ".tmp-1-2", "a/b", "a~..~b"] {
+        assert_eq!(file_name(".sccache_check"), "~.sccache_check");
+        assert_eq!(file_name(".tmp-1-2"), "~.tmp-1-2");
+        for name in [
+            "~a", "a~", "a~~b", "a~..~b", ".tmp-1-2", ".x", "a/b", "~~.a", "~.",
+        ] {
             assert_eq!(key_of_file_name(name), None, "{name:?}");
         }
     }

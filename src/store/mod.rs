@@ -47,8 +47,8 @@ mod tombstone;
 pub use background::millis as background_millis;
 pub use index::{INDEX_ENTRIES_MAX, SHARDS};
 pub use layout::{
-    file_name, key_of_file_name, relative_path, shard_dir, valid_key, valid_key_segment,
-    valid_namespace, KEY_BYTES_MAX, KEY_SEGMENTS_MAX, NAMESPACE_BYTES_MAX,
+    file_name, key_of_file_name, relative_path, shard_dir, valid_key, valid_key_part,
+    valid_key_segment, valid_namespace, KEY_BYTES_MAX, KEY_SEGMENTS_MAX, NAMESPACE_BYTES_MAX,
     SEGMENT_SEPARATOR_ON_DISK,
 };
 pub use tombstone::{DeleteAt, TOMBSTONE_DIR};
@@ -194,6 +194,9 @@ pub struct Artifact {
     pub len: u64,
     /// sha256 of the body.
     pub sha256: [u8; 32],
+    /// Response headers kept with the artifact (a version-2 file), sent back
+    /// with it: Turborepo's `x-artifact-*`.
+    pub meta: Option<Arc<format::Meta>>,
 }
 
 impl Artifact {
@@ -614,6 +617,8 @@ pub struct OpenCache {
 #[derive(Debug)]
 struct CachedFile {
     file: Arc<File>,
+    body_offset: u64,
+    meta: Option<Arc<format::Meta>>,
     len: u64,
     sha256: [u8; 32],
     epoch: u64,
@@ -835,12 +840,23 @@ impl Store {
             }
         };
         // decode_header guarantees this sum does not overflow.
-        let size_bytes = header.body_len + HEADER_BYTES as u64;
+        let size_bytes = header.body_len + header.header_len;
         if meta.len() != size_bytes {
             let reason = format!("file is {} bytes, header says {size_bytes}", meta.len());
             self.discard_corrupt(&rel, &meta, &reason);
             return Ok(None);
         }
+        let kept = match read_meta(&file, &header, nowait) {
+            Ok(kept) => kept,
+            Err(MetaRead::WouldBlock) => return Err(StoreError::WouldBlock),
+            Err(MetaRead::Io(e)) => {
+                return Err(sh.io("read header of", &sh.path(&rel).display(), e))
+            }
+            Err(MetaRead::Bad(e)) => {
+                self.discard_corrupt(&rel, &meta, &e.to_string());
+                return Ok(None);
+            }
+        };
         let mut locked = sh.index.lock(&rel);
         if !locked.touch(&rel, now_ms()) {
             // Not yet seen by the startup scan. Add it, unless it was unlinked
@@ -860,9 +876,10 @@ impl Store {
         drop(locked);
         Ok(Some(Artifact {
             file: Arc::new(file),
-            body_offset: HEADER_BYTES as u64,
+            body_offset: header.header_len,
             len: header.body_len,
             sha256: header.sha256,
+            meta: kept,
         }))
     }
 
@@ -885,9 +902,10 @@ impl Store {
             if cached.epoch == epoch {
                 let artifact = Artifact {
                     file: Arc::clone(&cached.file),
-                    body_offset: HEADER_BYTES as u64,
+                    body_offset: cached.body_offset,
                     len: cached.len,
                     sha256: cached.sha256,
+                    meta: cached.meta.clone(),
                 };
                 sh.index.lock(&rel).touch(&rel, now_ms());
                 cache.hits_total += 1;
@@ -916,8 +934,10 @@ impl Store {
                         rel.into_boxed_str(),
                         CachedFile {
                             file: Arc::clone(&artifact.file),
+                            body_offset: artifact.body_offset,
                             len: artifact.len,
                             sha256: artifact.sha256,
+                            meta: artifact.meta.clone(),
                             epoch,
                         },
                     );
@@ -971,6 +991,18 @@ impl Store {
         key: &str,
         options: PutOptions,
     ) -> Result<PutWriter, StoreError> {
+        self.begin_put_with(ns, key, options, format::Meta::default())
+    }
+
+    /// [`Store::begin_put`] for an artifact that keeps `meta` (response
+    /// headers) in its header, a version-2 file when `meta` is not empty.
+    pub fn begin_put_with(
+        &self,
+        ns: &str,
+        key: &str,
+        options: PutOptions,
+        meta: format::Meta,
+    ) -> Result<PutWriter, StoreError> {
         check_names(ns, key)?;
         let sh = Arc::clone(self.shared());
         let store_body_max = sh.store_bytes_max.saturating_sub(HEADER_BYTES as u64);
@@ -986,7 +1018,9 @@ impl Store {
             }
         }
         let rel = relative_path(ns, key);
-        let key_at = rel.len() - key.len();
+        // The file name, not the key: they differ in length for a key
+        // starting with `.` (see `file_name`).
+        let key_at = rel.rfind('/').map_or(0, |slash| slash + 1);
         let dir_fd = sh.open_artifact_dir(&rel[..key_at - 1])?;
         let (file, temp_name) = open_temp(&sh, &dir_fd, &rel)?;
         let mut writer = PutWriter {
@@ -999,7 +1033,10 @@ impl Store {
             hasher: Sha256::new(),
             buf: Vec::with_capacity(WRITE_BUFFER_BYTES),
             body_len: 0,
-            file_offset: HEADER_BYTES as u64,
+            file_offset: format::header_len_for(&meta),
+            // Boxed: most writers keep nothing, and a writer travels inside
+            // every PUT's `Decision`.
+            meta: (!meta.is_empty()).then(|| Box::new(meta)),
             expected_len: options.expected_len,
             expected_sha256: options.expected_sha256,
             limit_bytes,
@@ -1049,6 +1086,48 @@ impl Store {
     pub fn shutdown(&self) {
         self.inner.shutdown();
     }
+}
+
+/// Why [`read_meta`] found no metadata.
+enum MetaRead {
+    /// Under `nowait`, the section is not in the page cache.
+    WouldBlock,
+    Io(io::Error),
+    /// The section is damaged: the artifact is corrupt.
+    Bad(format::FormatError),
+}
+
+/// The metadata section of a version-2 file (`None` for version 1): one more
+/// positioned read of at most [`format::META_BYTES_MAX`] bytes, from the page
+/// cache only under `nowait`.
+fn read_meta(
+    file: &File,
+    header: &format::Header,
+    nowait: bool,
+) -> Result<Option<Arc<format::Meta>>, MetaRead> {
+    let len = header.meta_len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut section = vec![0u8; len];
+    if nowait {
+        match rustix::io::preadv2(
+            file,
+            &mut [std::io::IoSliceMut::new(&mut section)],
+            HEADER_BYTES as u64,
+            rustix::io::ReadWriteFlags::NOWAIT,
+        ) {
+            Ok(n) if n == len => {}
+            Ok(_) | Err(Errno::AGAIN | Errno::OPNOTSUPP) => return Err(MetaRead::WouldBlock),
+            Err(e) => return Err(MetaRead::Io(e.into())),
+        }
+    } else {
+        file.read_exact_at(&mut section, HEADER_BYTES as u64)
+            .map_err(MetaRead::Io)?;
+    }
+    format::decode_meta_section(&section)
+        .map(|meta| Some(Arc::new(meta)))
+        .map_err(MetaRead::Bad)
 }
 
 /// Bytes a writer coalesces before a `pwrite`, so a stream of small chunks
@@ -1116,7 +1195,7 @@ pub struct PutWriter {
     shared: Arc<Shared>,
     /// `ns/xx/key`.
     rel: String,
-    /// Where the key starts in `rel`.
+    /// Where the file name starts in `rel`.
     key_at: usize,
     /// The target directory `ns/xx`.
     dir_fd: OwnedFd,
@@ -1129,6 +1208,8 @@ pub struct PutWriter {
     body_len: u64,
     /// Next file offset to write the buffer at.
     file_offset: u64,
+    /// Kept in the header (version 2), if any.
+    meta: Option<Box<format::Meta>>,
     expected_len: Option<u64>,
     expected_sha256: Option<[u8; 32]>,
     /// 0 = unlimited.
@@ -1165,6 +1246,13 @@ impl PutWriter {
         self.shared.path(&self.rel)
     }
 
+    /// Where the body starts in the file.
+    fn header_len(&self) -> u64 {
+        self.meta
+            .as_deref()
+            .map_or(HEADER_BYTES as u64, format::header_len_for)
+    }
+
     fn spent() -> StoreError {
         StoreError::Io(io::Error::other(
             "upload already failed; the writer must be dropped",
@@ -1174,7 +1262,7 @@ impl PutWriter {
     /// Reserves the whole file up front so a full disk fails before the body
     /// is read. Filesystems without `fallocate` just skip the reservation.
     fn reserve(&mut self, body_len: u64) -> Result<(), StoreError> {
-        let total = body_len.saturating_add(HEADER_BYTES as u64);
+        let total = body_len.saturating_add(self.header_len());
         match rustix::fs::fallocate(&self.file, FallocateFlags::KEEP_SIZE, 0, total) {
             Ok(()) => Ok(()),
             Err(e) if e == Errno::NOSPC || e == Errno::DQUOT => {
@@ -1268,7 +1356,10 @@ impl PutWriter {
         }
         let sh = Arc::clone(&self.shared);
         let path = self.path();
-        let header = format::encode_header(self.body_len, &sha256);
+        let header = match &self.meta {
+            Some(meta) => format::encode_header_with(self.body_len, &sha256, meta),
+            None => format::encode_header(self.body_len, &sha256).to_vec(),
+        };
         self.file
             .write_all_at(&header, 0)
             .map_err(|e| sh.io("write header of", &path.display(), e))?;
@@ -1284,7 +1375,7 @@ impl PutWriter {
                 .map_err(|e| sh.errno("fdatasync", &path.display(), e))?;
         }
         let key = &self.rel[self.key_at..];
-        let size_bytes = self.body_len + HEADER_BYTES as u64;
+        let size_bytes = self.body_len + header.len() as u64;
 
         // Where the finished file is now, as (directory, name).
         let anonymous_link;

@@ -33,6 +33,9 @@ const BODY_REQUEST_MS_MIN: u64 = 30_000;
 /// Object metadata names (`x-amz-meta-…` on S3).
 pub const META_SHA256: &str = "sha256";
 pub const META_WRITE_TIME_MS: &str = "write-time-ms";
+/// The response headers an artifact keeps (Turborepo's `x-artifact-*`),
+/// as `store::format::Meta::to_header_value` writes them; absent when none.
+pub const META_KEPT: &str = "sluice-meta";
 
 /// What a ranged GET brought.
 #[derive(Debug)]
@@ -222,6 +225,12 @@ impl Client {
             Attribute::Metadata(META_WRITE_TIME_MS.into()),
             AttributeValue::from(write_time_ms.to_string()),
         );
+        if let Some(meta) = &artifact.meta {
+            attributes.insert(
+                Attribute::Metadata(META_KEPT.into()),
+                AttributeValue::from(meta.to_header_value()),
+            );
+        }
         let deadline = self.body_timeout();
         if artifact.len <= PART_BYTES as u64 {
             let body = read_at(artifact, 0, artifact.len as usize)?;

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use object_store::Attribute;
 
+use crate::store::format::Meta;
+
 use super::client::{TierError, META_SHA256, META_WRITE_TIME_MS};
 use super::policy::{self, Miss, Outcome};
 use super::{lock, Tier};
@@ -274,7 +276,18 @@ impl Tier {
             // still queued is not undone by reading the old object back.
             last_writer_wins: true,
         };
-        let begun = tokio::task::block_in_place(|| self.store.begin_put(ns, key, options));
+        let kept = match meta(super::client::META_KEPT)
+            .map(|v| Meta::from_header_value(v.as_bytes()))
+        {
+            None => Meta::default(),
+            Some(Ok(kept)) => kept,
+            Some(Err(err)) => {
+                tracing::warn!(ns, key, error = %err, "tier object's sluice-meta is unreadable; not stored");
+                return Outcome::Refused;
+            }
+        };
+        let begun =
+            tokio::task::block_in_place(|| self.store.begin_put_with(ns, key, options, kept));
         let mut writer = match begun {
             Ok(writer) => writer,
             Err(err) => {
