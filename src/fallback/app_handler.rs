@@ -658,6 +658,7 @@ mod tests {
             body_offset: header as u64,
             len: body.len() as u64,
             sha256: [digest; 32],
+            meta: None,
         }
     }
 
