@@ -7,6 +7,7 @@
 //! [`PutSink`] and send the reply it finishes with. Statuses, headers and
 //! bodies are decided here once, so the two front ends cannot drift apart.
 
+mod action_cache;
 mod fleet;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,7 @@ use crate::http1::{
 use crate::metrics::{write_metric, Metrics};
 use crate::route::{classify, Action, ArtifactKind, Route, RouteError};
 use crate::store::{DeleteAt, OpenCache, PutOptions, Store, StoreError};
+pub use action_cache::{StoreCas, AC_CHECKED_BYTES_MAX};
 pub use fleet::{
     MissFetcher, MissReader, PeerService, PutFollowUp, Waiter, WriteListener, PEER_PREFIX,
 };
@@ -42,6 +44,8 @@ pub struct AppLimits {
     /// The lingering close after an early error, for front ends that do
     /// not take it from their own limits (the hyper front).
     pub linger: crate::http1::LingerLimits,
+    /// An action-cache hit needs every blob it names in the CAS (`ac_completeness_check`).
+    pub ac_completeness_check: bool,
 }
 
 type MetricsSource = Box<dyn Fn(&mut String) + Send + Sync>;
@@ -66,6 +70,8 @@ pub struct App {
     /// What a fleet plugs in (peers, the object-store tier): the peer API,
     /// who answers a miss, who hears about acknowledged writes.
     fleet: fleet::Fleet,
+    /// Counters of the action-cache completeness check.
+    ac_checks: action_cache::AcChecks,
 }
 
 impl App {
@@ -78,6 +84,7 @@ impl App {
                 body_bytes_max: config.body_bytes_max,
                 gradle_body_bytes_max: config.gradle_body_bytes_max,
                 linger: config.linger_limits(),
+                ac_completeness_check: config.ac_completeness_check,
             },
             draining: AtomicBool::new(false),
             closing: AtomicBool::new(false),
@@ -85,6 +92,7 @@ impl App {
             metrics_sources: RwLock::new(Vec::new()),
             status_sources: RwLock::new(Vec::new()),
             fleet: fleet::Fleet::default(),
+            ac_checks: action_cache::AcChecks::default(),
         })
     }
 
@@ -311,6 +319,7 @@ impl App {
         if let Err(reply) = self.authorize(req, ns, Access::Read) {
             return Ok(reply);
         }
+        let nowait = files.as_ref().is_some_and(|cache| cache.nowait);
         let opened = match files {
             Some(cache) => self.store.get_cached(ns, key, cache),
             None => self.store.get(ns, key),
@@ -351,6 +360,15 @@ impl App {
             }
             Err(err) => return Ok(store_error(&err)),
         };
+        // An action result is a hit only while every blob it names is in the CAS.
+        if kind == ArtifactKind::Ac && self.limits.ac_completeness_check {
+            match self.ac_incomplete(&artifact, nowait) {
+                Ok(None) => {}
+                Ok(Some(reply)) => return Ok(reply),
+                Err(StoreError::WouldBlock) => return Err(Defer::Cold),
+                Err(err) => return Ok(store_error(&err)),
+            }
+        }
         let etag = artifact.etag();
         let mut headers = vec![
             ("etag", etag.clone()),
@@ -584,6 +602,7 @@ impl App {
             "1 while the server is shutting down.",
             u8::from(self.is_draining()),
         );
+        self.render_ac_checks(&mut out);
         if let Ok(sources) = self.metrics_sources.read() {
             for source in sources.iter() {
                 source(&mut out);

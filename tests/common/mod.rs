@@ -741,7 +741,7 @@ pub fn read_slowly(s: &mut TcpStream) -> Vec<u8> {
             Err(e) => panic!("read: {e}"),
         }
         reads += 1;
-        if reads % 64 == 0 {
+        if reads.is_multiple_of(64) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
