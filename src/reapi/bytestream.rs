@@ -142,12 +142,30 @@ async fn next_message(
     timeout: Duration,
 ) -> Result<Option<WriteRequest>, Status> {
     match tokio::time::timeout(timeout, stream.message()).await {
+        Ok(Err(status)) if from_the_connection(&status) => Err(Status::cancelled(format!(
+            "the client ended the write: {}",
+            status.message()
+        ))),
         Ok(message) => message,
         Err(_) => Err(Status::deadline_exceeded(format!(
             "no write message for {} ms (body_read_timeout_ms)",
             timeout.as_millis()
         ))),
     }
+}
+
+/// Whether a failed read of the request stream failed in HTTP/2 (the client reset the
+/// stream or the connection went) rather than in decoding a message: tonic reports both as
+/// INTERNAL, gRPC calls the first CANCELLED.
+fn from_the_connection(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if err.is::<hyper::Error>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// The messages of a read, from a producer task through a bounded channel.
