@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bazel_remote_apis::google::bytestream as bs;
-use common::{http, metric_at, server, sha256_hex, wait_for, xorshift_bytes, Server};
+use common::{http, metric_at, server, sha256_hex, wait_for, xorshift_bytes};
 
 const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reapi/cases.py");
 const SETUP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reapi/setup.py");
@@ -128,21 +128,6 @@ fn run_cases(port: u16, extra: &[&str], env: &[(&str, &str)], cases: &[&str]) ->
     text
 }
 
-/// The server's certificate as PEM, for the Python client over TLS.
-fn cert_pem(server: &Server, dir: &Path) -> PathBuf {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(&server.cert_der);
-    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        pem.push_str(std::str::from_utf8(line).expect("base64"));
-        pem.push('\n');
-    }
-    pem.push_str("-----END CERTIFICATE-----\n");
-    let path = dir.join("cert.pem");
-    std::fs::write(&path, pem).expect("write cert");
-    path
-}
-
 const EVERY_RPC: [&str; 9] = [
     "caps",
     "bytestream",
@@ -162,7 +147,7 @@ fn grpcio_over_h2c_and_tls_covers_every_rpc() {
     let srv = server().start();
     let port = srv.addr.port();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let pem = cert_pem(&srv, tmp.path());
+    let pem = common::write_cert_pem(&srv, tmp.path());
     run_cases(port, &[], &[], &EVERY_RPC);
     if python().is_none() {
         return;
