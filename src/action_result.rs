@@ -274,7 +274,11 @@ pub enum Completeness {
 pub fn check<C: Cas>(result: &ActionResult, cas: &mut C) -> Result<Completeness, C::Error> {
     let (mut files, trees) = named_blobs(result);
     let mut missing = Vec::new();
+    let mut seen = std::collections::HashSet::with_capacity(files.len() + trees.len());
     for tree in &trees {
+        if !seen.insert(tree.clone()) {
+            continue;
+        }
         if !cas.contains(tree)? {
             missing.push(tree.clone());
             continue;
@@ -298,7 +302,6 @@ pub fn check<C: Cas>(result: &ActionResult, cas: &mut C) -> Result<Completeness,
     if files.len() > CHECKED_BLOBS_MAX {
         return Ok(Completeness::TooLarge);
     }
-    let mut seen = std::collections::HashSet::with_capacity(files.len());
     for blob in files {
         if !seen.insert(blob.clone()) {
             continue;
