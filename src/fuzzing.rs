@@ -683,7 +683,9 @@ pub fn check_action_result(data: &[u8]) {
         Ok(Completeness::Missing(missing)) => {
             let unique: std::collections::HashSet<_> = missing.iter().collect();
             assert_eq!(unique.len(), missing.len(), "a blob reported twice");
-            assert!(missing.iter().all(|b| files.contains(b) || trees.contains(b)));
+            assert!(missing
+                .iter()
+                .all(|b| files.contains(b) || trees.contains(b)));
         }
         Ok(Completeness::TooLarge) | Err(()) => {}
     }

@@ -432,14 +432,30 @@ fn reapi_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         ("read-md5", 0, format!("blobs/md5/{h}/4")),
         ("read-extra", 0, format!("blobs/{h}/4/x")),
         ("read-upper", 0, format!("blobs/{}/4", h.to_uppercase())),
-        ("read-huge-size", 0, format!("blobs/{h}/9223372036854775808")),
+        (
+            "read-huge-size",
+            0,
+            format!("blobs/{h}/9223372036854775808"),
+        ),
         ("read-keyword-instance", 0, format!("actions/blobs/{h}/4")),
         ("write-plain", 1, format!("uploads/5f0c/blobs/{h}/4")),
-        ("write-metadata", 1, format!("i/uploads/u/blobs/{h}/4/meta/data")),
-        ("write-zstd", 1, format!("uploads/u/compressed-blobs/zstd/{h}/4")),
+        (
+            "write-metadata",
+            1,
+            format!("i/uploads/u/blobs/{h}/4/meta/data"),
+        ),
+        (
+            "write-zstd",
+            1,
+            format!("uploads/u/compressed-blobs/zstd/{h}/4"),
+        ),
         ("write-no-upload", 1, format!("blobs/{h}/4")),
         ("write-empty-uuid", 1, format!("uploads//blobs/{h}/4")),
-        ("write-brotli", 1, format!("uploads/u/compressed-blobs/brotli/{h}/4")),
+        (
+            "write-brotli",
+            1,
+            format!("uploads/u/compressed-blobs/brotli/{h}/4"),
+        ),
     ];
     let mut out = Vec::new();
     for (name, access, text) in names {

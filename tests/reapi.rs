@@ -128,6 +128,26 @@ fn run_cases(port: u16, extra: &[&str], env: &[(&str, &str)], cases: &[&str]) ->
     text
 }
 
+/// A whole ByteStream read.
+async fn read_blob(
+    client: &mut bs::byte_stream_client::ByteStreamClient<tonic::transport::Channel>,
+    resource_name: String,
+) -> Vec<u8> {
+    let mut read = client
+        .read(bs::ReadRequest {
+            resource_name,
+            ..Default::default()
+        })
+        .await
+        .expect("read")
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(msg) = read.message().await.expect("message") {
+        got.extend_from_slice(&msg.data);
+    }
+    got
+}
+
 const EVERY_RPC: [&str; 9] = [
     "caps",
     "bytestream",
@@ -367,18 +387,7 @@ fn tonic_client_round_trip() {
             .expect("write")
             .into_inner();
         assert_eq!(written.committed_size, data.len() as i64);
-        let mut read = stream
-            .read(bs::ReadRequest {
-                resource_name: format!("blobs/{hash}/{}", data.len()),
-                ..Default::default()
-            })
-            .await
-            .expect("read")
-            .into_inner();
-        let mut got = Vec::new();
-        while let Some(msg) = read.message().await.expect("message") {
-            got.extend_from_slice(&msg.data);
-        }
+        let got = read_blob(&mut stream, format!("blobs/{hash}/{}", data.len())).await;
         assert!(got == data, "read back {} bytes", got.len());
     });
     let resp = http(srv.addr, "GET", &format!("/cas/{hash}"), &[], b"");
@@ -467,18 +476,8 @@ fn grpc_writes_replicate_and_grpc_reads_read_through() {
             bs::byte_stream_client::ByteStreamClient::connect(format!("http://{}", a.addr))
                 .await
                 .expect("connect");
-        let mut read = stream
-            .read(bs::ReadRequest {
-                resource_name: format!("blobs/{only_b_hash}/{}", only_b.len()),
-                ..Default::default()
-            })
-            .await
-            .expect("read through from the peer")
-            .into_inner();
-        let mut got = Vec::new();
-        while let Some(msg) = read.message().await.expect("message") {
-            got.extend_from_slice(&msg.data);
-        }
+        let name = format!("blobs/{only_b_hash}/{}", only_b.len());
+        let got = read_blob(&mut stream, name).await;
         assert!(got == only_b, "read through {} bytes", got.len());
     });
     let fetched = metric_at(

@@ -152,9 +152,8 @@ fn digest(data: &[u8]) -> re::Digest {
 
 /// Upload blobs with BatchUpdateBlobs (small) or ByteStream (large).
 async fn upload(ch: &Channel, blobs: &[Vec<u8>]) -> Result<(), String> {
-    let mut cas = re::content_addressable_storage_client::ContentAddressableStorageClient::new(
-        ch.clone(),
-    );
+    let mut cas =
+        re::content_addressable_storage_client::ContentAddressableStorageClient::new(ch.clone());
     let mut stream = bs::byte_stream_client::ByteStreamClient::new(ch.clone());
     for blob in blobs {
         if blob.len() < 1 << 20 {
@@ -170,7 +169,10 @@ async fn upload(ch: &Channel, blobs: &[Vec<u8>]) -> Result<(), String> {
                 .await
                 .map_err(|e| format!("BatchUpdateBlobs: {e}"))?
                 .into_inner();
-            if r.responses.iter().any(|x| x.status.as_ref().is_some_and(|s| s.code != 0)) {
+            if r.responses
+                .iter()
+                .any(|x| x.status.as_ref().is_some_and(|s| s.code != 0))
+            {
                 return Err(format!("BatchUpdateBlobs refused a blob: {r:?}"));
             }
         } else {
@@ -226,15 +228,14 @@ async fn h2c_get(port: u16, path: &str) -> Result<(u64, Duration), String> {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| e.to_string())?;
-    let (mut send, conn) = hyper::client::conn::http2::Builder::new(
-        hyper_util::rt::TokioExecutor::new(),
-    )
-    // As a gRPC client's defaults would be: large windows for one large stream.
-    .initial_stream_window_size(4 << 20)
-    .initial_connection_window_size(8 << 20)
-    .handshake(hyper_util::rt::TokioIo::new(tcp))
-    .await
-    .map_err(|e| e.to_string())?;
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            // As a gRPC client's defaults would be: large windows for one large stream.
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(8 << 20)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = hyper::Request::get(format!("http://127.0.0.1:{port}{path}"))
         .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -383,7 +384,11 @@ fn zstd_speed(data: &[u8], level: i32) -> (f64, f64, f64) {
     let started = Instant::now();
     let plain = zstd::bulk::decompress(&packed, data.len()).unwrap_or_default();
     let decompress = plain.len() as f64 / 1e6 / started.elapsed().as_secs_f64();
-    (compress, decompress, data.len() as f64 / packed.len().max(1) as f64)
+    (
+        compress,
+        decompress,
+        data.len() as f64 / packed.len().max(1) as f64,
+    )
 }
 
 /// Run everything; the report is Markdown.
@@ -420,9 +425,8 @@ pub fn grpc_bench(cfg: &GrpcConfig) -> Result<String, String> {
     let mut asked: Vec<re::Digest> = present.iter().map(|b| digest(b)).collect();
     asked.extend((0..5000u64).map(|i| digest(&random_bytes(90_000 + i, 64))));
     let mut fmb_ms = Vec::new();
-    let mut cas = re::content_addressable_storage_client::ContentAddressableStorageClient::new(
-        ch.clone(),
-    );
+    let mut cas =
+        re::content_addressable_storage_client::ContentAddressableStorageClient::new(ch.clone());
     for _ in 0..(cfg.repeats * 4).max(10) {
         let started = Instant::now();
         let r = rt
@@ -495,14 +499,13 @@ pub fn grpc_bench(cfg: &GrpcConfig) -> Result<String, String> {
 
     // zstd on the wire.
     let mut rows = String::new();
-    for (what, d) in [
-        ("build-log text", &text_d),
-        ("random bytes", &big_d),
-    ] {
+    for (what, d) in [("build-log text", &text_d), ("random bytes", &big_d)] {
         let (mut plain_mbs, mut z_mbs, mut z_bytes) = (Vec::new(), Vec::new(), 0u64);
         for _ in 0..cfg.repeats {
-            let (n, took) =
-                rt.block_on(bytestream_read(&ch, format!("blobs/{}/{}", d.hash, d.size_bytes)))?;
+            let (n, took) = rt.block_on(bytestream_read(
+                &ch,
+                format!("blobs/{}/{}", d.hash, d.size_bytes),
+            ))?;
             plain_mbs.push(n as f64 / 1e6 / took.as_secs_f64());
             let (n, took) = rt.block_on(bytestream_read(
                 &ch,

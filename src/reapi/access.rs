@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use tonic::{Code, Status};
 
 use super::bytestream::Upload;
@@ -240,10 +241,7 @@ impl Shared {
     }
 
     /// The blobs an action result names that are missing here after asking the fleet.
-    pub async fn missing_after_fill(
-        &self,
-        result: &bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult,
-    ) -> Result<Vec<Blob>, Status> {
+    pub async fn missing_after_fill(&self, result: &re::ActionResult) -> Result<Vec<Blob>, Status> {
         let mut missing = Vec::new();
         // A filled tree may name files that are missing in turn: a few rounds at most.
         for _ in 0..FILL_ROUNDS_MAX {
@@ -298,14 +296,49 @@ pub fn read_all(artifact: &Artifact) -> Result<Vec<u8>, Status> {
 }
 
 /// The blob a request's digest names, or INVALID_ARGUMENT saying why not.
-pub fn blob_of(
-    what: &str,
-    digest: &Option<bazel_remote_apis::build::bazel::remote::execution::v2::Digest>,
-) -> Result<Blob, Status> {
+pub fn blob_of(what: &str, digest: &Option<re::Digest>) -> Result<Blob, Status> {
     let digest = digest
         .as_ref()
         .ok_or_else(|| Status::invalid_argument(format!("{what}: no digest")))?;
     crate::action_result::checked_digest(what, digest).map_err(|e| Status::invalid_argument(e.0))
+}
+
+/// A request naming an instance and a digest function (every CAS and action-cache call).
+pub trait Scoped {
+    fn instance_name(&self) -> &str;
+    fn digest_function(&self) -> i32;
+}
+
+macro_rules! scoped {
+    ($($t:ty),*) => {$(
+        impl Scoped for $t {
+            fn instance_name(&self) -> &str {
+                &self.instance_name
+            }
+            fn digest_function(&self) -> i32 {
+                self.digest_function
+            }
+        }
+    )*};
+}
+
+scoped!(
+    re::GetActionResultRequest,
+    re::UpdateActionResultRequest,
+    re::FindMissingBlobsRequest,
+    re::BatchUpdateBlobsRequest,
+    re::BatchReadBlobsRequest,
+    re::GetTreeRequest
+);
+
+/// The caller and the message of a scoped request whose instance name and digest function
+/// sluice serves (INVALID_ARGUMENT otherwise).
+pub fn accept<T: Scoped>(request: tonic::Request<T>) -> Result<(Caller, T), Status> {
+    let caller = Caller::of(&request);
+    let message = request.into_inner();
+    check_instance(message.instance_name())?;
+    check_digest_function(message.digest_function())?;
+    Ok((caller, message))
 }
 
 /// INVALID_ARGUMENT unless `instance` is an instance name as the HTTP routes accept.
@@ -315,7 +348,7 @@ pub fn check_instance(instance: &str) -> Result<(), Status> {
 
 /// INVALID_ARGUMENT unless the request's digest function is SHA-256 (or unset).
 pub fn check_digest_function(value: i32) -> Result<(), Status> {
-    use bazel_remote_apis::build::bazel::remote::execution::v2::digest_function::Value;
+    use re::digest_function::Value;
     if value == Value::Unknown as i32 || value == Value::Sha256 as i32 {
         Ok(())
     } else {

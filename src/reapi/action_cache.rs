@@ -7,9 +7,7 @@ use bazel_remote_apis::build::bazel::semver::SemVer;
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
-use super::access::{
-    blob_of, check_digest_function, check_instance, commit, read_all, Caller, Shared,
-};
+use super::access::{accept, blob_of, check_instance, commit, read_all, Caller, Shared};
 use super::BATCH_TOTAL_BYTES_MAX;
 use crate::action_result::{self, Blob};
 use crate::auth::Access;
@@ -188,10 +186,7 @@ impl re::action_cache_server::ActionCache for ActionCache {
         &self,
         request: Request<re::GetActionResultRequest>,
     ) -> Result<Response<re::ActionResult>, Status> {
-        let caller = Caller::of(&request);
-        let request = request.into_inner();
-        check_instance(&request.instance_name)?;
-        check_digest_function(request.digest_function)?;
+        let (caller, request) = accept(request)?;
         let action = blob_of("action digest", &request.action_digest)?;
         let Some(mut result) = self.lookup(&caller, &action).await? else {
             return Err(Status::not_found(format!(
@@ -207,10 +202,7 @@ impl re::action_cache_server::ActionCache for ActionCache {
         &self,
         request: Request<re::UpdateActionResultRequest>,
     ) -> Result<Response<re::ActionResult>, Status> {
-        let caller = Caller::of(&request);
-        let request = request.into_inner();
-        check_instance(&request.instance_name)?;
-        check_digest_function(request.digest_function)?;
+        let (caller, request) = accept(request)?;
         let action = blob_of("action digest", &request.action_digest)?;
         let result = request
             .action_result

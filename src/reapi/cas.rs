@@ -12,9 +12,7 @@ use futures::{Stream, StreamExt as _};
 use prost::Message as _;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::access::{
-    blob_of, check_digest_function, check_instance, commit, read_all, Caller, Shared,
-};
+use super::access::{accept, blob_of, commit, read_all, Caller, Shared};
 use super::BATCH_TOTAL_BYTES_MAX;
 use crate::action_result::Blob;
 use crate::auth::Access;
@@ -127,10 +125,7 @@ impl re::content_addressable_storage_server::ContentAddressableStorage for Cas {
         &self,
         request: Request<re::FindMissingBlobsRequest>,
     ) -> Result<Response<re::FindMissingBlobsResponse>, Status> {
-        let caller = Caller::of(&request);
-        let request = request.into_inner();
-        check_instance(&request.instance_name)?;
-        check_digest_function(request.digest_function)?;
+        let (caller, request) = accept(request)?;
         self.0.authorize(&caller, "cas", Access::Read)?;
         if request.blob_digests.len() > FIND_MISSING_DIGESTS_MAX {
             return Err(Status::invalid_argument(format!(
@@ -155,10 +150,7 @@ impl re::content_addressable_storage_server::ContentAddressableStorage for Cas {
         &self,
         request: Request<re::BatchUpdateBlobsRequest>,
     ) -> Result<Response<re::BatchUpdateBlobsResponse>, Status> {
-        let caller = Caller::of(&request);
-        let request = request.into_inner();
-        check_instance(&request.instance_name)?;
-        check_digest_function(request.digest_function)?;
+        let (caller, request) = accept(request)?;
         self.0.authorize(&caller, "cas", Access::Write)?;
         let total: u64 = request.requests.iter().map(|r| r.data.len() as u64).sum();
         if total > BATCH_TOTAL_BYTES_MAX {
@@ -190,10 +182,7 @@ impl re::content_addressable_storage_server::ContentAddressableStorage for Cas {
         &self,
         request: Request<re::BatchReadBlobsRequest>,
     ) -> Result<Response<re::BatchReadBlobsResponse>, Status> {
-        let caller = Caller::of(&request);
-        let request = request.into_inner();
-        check_instance(&request.instance_name)?;
-        check_digest_function(request.digest_function)?;
+        let (caller, request) = accept(request)?;
         self.0.authorize(&caller, "cas", Access::Read)?;
         let total: u64 = request
             .digests
@@ -234,10 +223,7 @@ impl re::content_addressable_storage_server::ContentAddressableStorage for Cas {
         &self,
         request: Request<re::GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
-        let caller = Caller::of(&request);
-        let request = request.into_inner();
-        check_instance(&request.instance_name)?;
-        check_digest_function(request.digest_function)?;
+        let (caller, request) = accept(request)?;
         let root = blob_of("root digest", &request.root_digest)?;
         let skip: usize = match request.page_token.as_str() {
             "" => 0,
