@@ -487,3 +487,77 @@ fn grpc_writes_replicate_and_grpc_reads_read_through() {
     );
     assert!(fetched >= 1.0, "A fetched {fetched} from its peer");
 }
+
+/// A full disk: a ByteStream write and a batch entry answer RESOURCE_EXHAUSTED and nothing is
+/// stored. The data dir is a 2 MiB tmpfs (root only; skipped loudly elsewhere).
+#[test]
+fn a_full_disk_answers_resource_exhausted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        skip("cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let srv = server().no_tls().data_dir(&mnt.join("data")).start();
+    let big = xorshift_bytes(21, 3 << 20);
+    let hash = sha256_hex(&big);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let url = format!("http://{}", srv.addr);
+        let mut stream = bs::byte_stream_client::ByteStreamClient::connect(url.clone())
+            .await
+            .expect("connect");
+        let name = format!("uploads/full/blobs/{hash}/{}", big.len());
+        let chunks: Vec<_> = big
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, piece)| bs::WriteRequest {
+                resource_name: name.clone(),
+                write_offset: (i << 20) as i64,
+                finish_write: (i + 1) << 20 >= big.len(),
+                data: piece.to_vec(),
+            })
+            .collect();
+        let err = stream
+            .write(futures::stream::iter(chunks))
+            .await
+            .expect_err("a full disk");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+        let mut cas =
+            re::content_addressable_storage_client::ContentAddressableStorageClient::connect(url)
+                .await
+                .expect("connect");
+        let r = cas
+            .batch_update_blobs(re::BatchUpdateBlobsRequest {
+                requests: vec![re::batch_update_blobs_request::Request {
+                    digest: Some(re::Digest {
+                        hash: hash.clone(),
+                        size_bytes: big.len() as i64,
+                    }),
+                    data: big.clone(),
+                    compressor: 0,
+                }],
+                ..Default::default()
+            })
+            .await
+            .expect("batch update")
+            .into_inner();
+        let code = r.responses[0].status.as_ref().map(|s| s.code);
+        assert_eq!(code, Some(tonic::Code::ResourceExhausted as i32), "{r:?}");
+    });
+    let resp = http(srv.addr, "GET", &format!("/cas/{hash}"), &[], b"");
+    assert_eq!(resp.status, 404);
+}

@@ -357,3 +357,41 @@ pub fn check_digest_function(value: i32) -> Result<(), Status> {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_statuses_become_grpc_codes() {
+        let cases = [
+            (400, Code::InvalidArgument),
+            (413, Code::InvalidArgument),
+            (401, Code::Unauthenticated),
+            (403, Code::PermissionDenied),
+            (404, Code::NotFound),
+            (408, Code::DeadlineExceeded),
+            (412, Code::FailedPrecondition),
+            (429, Code::ResourceExhausted),
+            (507, Code::ResourceExhausted),
+            (503, Code::Unavailable),
+            (500, Code::Internal),
+        ];
+        for (http, code) in cases {
+            let status = status_of(&Reply::error(http, "why"));
+            assert_eq!(status.code(), code, "{http}");
+            assert!(status.message().ends_with(": why"), "{}", status.message());
+        }
+        let denied_codes = [
+            (Denied::Unauthorized, Code::Unauthenticated),
+            (Denied::Forbidden, Code::PermissionDenied),
+            (Denied::OutOfScope, Code::PermissionDenied),
+        ];
+        for (d, code) in denied_codes {
+            assert_eq!(denied(d, "ac").code(), code);
+        }
+        assert!(denied(Denied::OutOfScope, "ac")
+            .message()
+            .contains("namespace ac"));
+    }
+}
