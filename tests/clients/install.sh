@@ -22,8 +22,11 @@ command -v bazel-4 >/dev/null 2>&1 || command -v bazel >/dev/null 2>&1 ||
     missing="$missing bazel-bootstrap"
 command -v gcc >/dev/null 2>&1 || missing="$missing gcc libc6-dev"
 # Debian's Bazel needs netty-tcnative for grpcs:// (its JDK ALPN support is patched out).
-ls /usr/lib/*/jni/libnetty-tcnative.so /usr/lib/jni/libnetty-tcnative.so >/dev/null 2>&1 ||
-    missing="$missing libnetty-tcnative-jni"
+tcnative=""
+for lib in /usr/lib/*/jni/libnetty-tcnative.so /usr/lib/jni/libnetty-tcnative.so; do
+    [ -e "$lib" ] && tcnative="$lib"
+done
+[ -n "$tcnative" ] || missing="$missing libnetty-tcnative-jni"
 
 if [ -z "$missing" ]; then
     exit 0
