@@ -561,3 +561,55 @@ fn a_full_disk_answers_resource_exhausted() {
     let resp = http(srv.addr, "GET", &format!("/cas/{hash}"), &[], b"");
     assert_eq!(resp.status, 404);
 }
+
+/// The HTTP `/ac/` GET checks completeness on every front (the ring, TLS HTTP/1.1 and h2,
+/// h2c): an entry naming a missing blob is a 404 (HEAD too) until the blob arrives.
+#[test]
+fn http_ac_completeness_on_every_front() {
+    use prost::Message as _;
+    let srv = server().start();
+    let blob = xorshift_bytes(31, 10_000);
+    let digest = re::Digest {
+        hash: sha256_hex(&blob),
+        size_bytes: blob.len() as i64,
+    };
+    let result = re::ActionResult {
+        output_files: vec![re::OutputFile {
+            path: "bazel-out/out".into(),
+            digest: Some(digest.clone()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let key = sha256_hex(b"front action");
+    let put = srv.send(
+        common::Front::Http1,
+        common::req("PUT", &format!("/ac/{key}")).body(result.clone()),
+    );
+    assert_eq!(put.status, 201);
+    for front in common::FRONTS {
+        for method in ["GET", "HEAD"] {
+            let status = srv.status(front, method, &format!("/ac/{key}"));
+            assert_eq!(status, 404, "{method} on {front:?}");
+        }
+    }
+    let put = srv.send(
+        common::Front::Http1,
+        common::req("PUT", &format!("/cas/{}", digest.hash)).body(blob),
+    );
+    assert_eq!(put.status, 201);
+    for front in common::FRONTS {
+        let resp = srv.send(front, common::req("GET", &format!("/main/ac/{key}")));
+        assert_eq!(
+            (resp.status, resp.body.as_slice()),
+            (200, result.as_slice()),
+            "{front:?}"
+        );
+    }
+    assert_eq!(
+        metric_at(srv.addr, "sluice_ac_incomplete_total", &[]),
+        8.0,
+        "four fronts, GET and HEAD"
+    );
+}
