@@ -42,6 +42,14 @@ pub struct GrpcConfig {
     pub repeats: usize,
     /// Length of each throughput run.
     pub run_time: Duration,
+    /// Sections to run (`fmb`, `batch`, `stream`, `zstd`, `disk`); empty: all.
+    pub only: Vec<String>,
+}
+
+impl GrpcConfig {
+    fn runs(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
 }
 
 /// The 1-, 5- and 15-minute load averages, as `/proc/loadavg` has them.
@@ -396,8 +404,10 @@ pub fn grpc_bench(cfg: &GrpcConfig) -> Result<String, String> {
     std::fs::create_dir_all(&cfg.out_dir).map_err(|e| e.to_string())?;
     let server = start(cfg)?;
     let port = server.port;
+    // One client thread per connection of the 8-connection runs, as sluice-bench's HTTP/1.1
+    // client has: on a loaded machine the CPU a client gets follows its thread count.
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(8)
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
@@ -412,8 +422,9 @@ pub fn grpc_bench(cfg: &GrpcConfig) -> Result<String, String> {
         report.push('\n');
     };
     line(format!(
-        "sluice {} on 127.0.0.1:{port}; load average at start {}",
+        "sluice {} (pid {}) on 127.0.0.1:{port}; load average at start {}",
         cfg.sluice_bin.display(),
+        server.child.id(),
         load_average()
     ));
     let ch = rt.block_on(channel(port))?;
@@ -422,108 +433,134 @@ pub fn grpc_bench(cfg: &GrpcConfig) -> Result<String, String> {
     rt.block_on(upload(&ch, &[big.clone(), text.clone()]))?;
 
     // FindMissingBlobs: 5,000 present and 5,000 absent digests.
-    let mut asked: Vec<re::Digest> = present.iter().map(|b| digest(b)).collect();
-    asked.extend((0..5000u64).map(|i| digest(&random_bytes(90_000 + i, 64))));
-    let mut fmb_ms = Vec::new();
-    let mut cas =
-        re::content_addressable_storage_client::ContentAddressableStorageClient::new(ch.clone());
-    for _ in 0..(cfg.repeats * 4).max(10) {
-        let started = Instant::now();
-        let r = rt
-            .block_on(cas.find_missing_blobs(re::FindMissingBlobsRequest {
-                blob_digests: asked.clone(),
-                ..Default::default()
-            }))
-            .map_err(|e| format!("FindMissingBlobs: {e}"))?
-            .into_inner();
-        fmb_ms.push(started.elapsed().as_secs_f64() * 1e3);
-        if r.missing_blob_digests.len() != 5000 {
-            return Err(format!(
-                "FindMissingBlobs found {} missing, not 5000",
-                r.missing_blob_digests.len()
-            ));
+    if cfg.runs("fmb") {
+        let mut asked: Vec<re::Digest> = present.iter().map(|b| digest(b)).collect();
+        asked.extend((0..5000u64).map(|i| digest(&random_bytes(90_000 + i, 64))));
+        let mut fmb_ms = Vec::new();
+        let mut cas = re::content_addressable_storage_client::ContentAddressableStorageClient::new(
+            ch.clone(),
+        );
+        for _ in 0..(cfg.repeats * 4).max(10) {
+            let started = Instant::now();
+            let r = rt
+                .block_on(cas.find_missing_blobs(re::FindMissingBlobsRequest {
+                    blob_digests: asked.clone(),
+                    ..Default::default()
+                }))
+                .map_err(|e| format!("FindMissingBlobs: {e}"))?
+                .into_inner();
+            fmb_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            if r.missing_blob_digests.len() != 5000 {
+                return Err(format!(
+                    "FindMissingBlobs found {} missing, not 5000",
+                    r.missing_blob_digests.len()
+                ));
+            }
         }
-    }
-    line(format!(
+        line(format!(
         "\nFindMissingBlobs of 10,000 digests (5,000 present): {} ms, median (min-max) of {} calls; load {}",
         range(&fmb_ms),
         fmb_ms.len(),
         load_average()
     ));
+    }
 
     // BatchReadBlobs of 100 x 4 KiB vs 100 HTTP/1.1 GETs, 8 connections each, alternating.
     let digests: Vec<re::Digest> = small.iter().map(|b| digest(b)).collect();
     let hashes: Vec<String> = digests.iter().map(|d| d.hash.clone()).collect();
-    let (mut batch, mut gets) = (Vec::new(), Vec::new());
-    for _ in 0..cfg.repeats {
-        batch.push(rt.block_on(batch_read_rate(port, &digests, 8, cfg.run_time))?);
-        gets.push(http1_get_rate(port, &hashes, 8, cfg.run_time)?);
+    if cfg.runs("batch") {
+        let (mut batch, mut gets) = (Vec::new(), Vec::new());
+        let (mut batch_cpu, mut gets_cpu) = (Vec::new(), Vec::new());
+        let pid = server.child.id();
+        // Server CPU time per blob: what the load average changes least.
+        let cpu_us_per_blob = |before: f64, rate: f64, time: Duration| {
+            (crate::compare::process_tree_cpu_secs(pid) - before) * 1e6
+                / (rate * time.as_secs_f64()).max(1.0)
+        };
+        for _ in 0..cfg.repeats {
+            let before = crate::compare::process_tree_cpu_secs(pid);
+            let rate = rt.block_on(batch_read_rate(port, &digests, 8, cfg.run_time))?;
+            batch_cpu.push(cpu_us_per_blob(before, rate, cfg.run_time));
+            batch.push(rate);
+            let before = crate::compare::process_tree_cpu_secs(pid);
+            let rate = http1_get_rate(port, &hashes, 8, cfg.run_time)?;
+            // The HTTP run adds 0.3 s of warm-up to its measured time.
+            let counted = cfg.run_time + Duration::from_millis(300);
+            gets_cpu.push(cpu_us_per_blob(before, rate, counted));
+            gets.push(rate);
+        }
+        line(format!(
+            "\n4 KiB blobs per second, 8 connections, {} alternating runs of {:?}; load {}\n\n\
+             | | blobs/s, median (min-max) | server CPU µs per blob |\n|---|---|---|\n\
+             | BatchReadBlobs (100 per call), h2c | {} | {} |\n\
+             | HTTP/1.1 GET on the ring | {} | {} |\n\
+             | ratio | {:.2}x | {:.2}x |",
+            cfg.repeats,
+            cfg.run_time,
+            load_average(),
+            range(&batch),
+            range(&batch_cpu),
+            range(&gets),
+            range(&gets_cpu),
+            median(&batch) / median(&gets),
+            median(&batch_cpu) / median(&gets_cpu)
+        ));
     }
-    line(format!(
-        "\n4 KiB blobs per second, 8 connections, {} alternating runs of {:?}; load {}\n\n\
-         | | blobs/s, median (min-max) |\n|---|---|\n\
-         | BatchReadBlobs (100 per call), h2c | {} |\n\
-         | HTTP/1.1 GET on the ring | {} |\n\
-         | ratio | {:.2}x |",
-        cfg.repeats,
-        cfg.run_time,
-        load_average(),
-        range(&batch),
-        range(&gets),
-        median(&batch) / median(&gets)
-    ));
 
     // 64 MiB: ByteStream.Read vs an HTTP/2 GET on the same front (h2c), alternating.
     let big_d = digest(&big);
     let text_d = digest(&text);
     let (mut bsr, mut h2) = (Vec::new(), Vec::new());
-    for _ in 0..cfg.repeats {
-        let (n, took) = rt.block_on(bytestream_read(
-            &ch,
-            format!("blobs/{}/{}", big_d.hash, big_d.size_bytes),
-        ))?;
-        bsr.push(n as f64 / 1e6 / took.as_secs_f64());
-        let (n, took) = rt.block_on(h2c_get(port, &format!("/cas/{}", big_d.hash)))?;
-        h2.push(n as f64 / 1e6 / took.as_secs_f64());
-    }
-    line(format!(
-        "\n64 MiB blob, one stream, h2c, {} alternating runs; load {}\n\n\
-         | | MB/s, median (min-max) |\n|---|---|\n\
-         | ByteStream.Read | {} |\n| HTTP/2 GET | {} |\n| ratio | {:.2}x |",
-        cfg.repeats,
-        load_average(),
-        range(&bsr),
-        range(&h2),
-        median(&bsr) / median(&h2)
-    ));
-
-    // zstd on the wire.
-    let mut rows = String::new();
-    for (what, d) in [("build-log text", &text_d), ("random bytes", &big_d)] {
-        let (mut plain_mbs, mut z_mbs, mut z_bytes) = (Vec::new(), Vec::new(), 0u64);
+    if cfg.runs("stream") {
         for _ in 0..cfg.repeats {
             let (n, took) = rt.block_on(bytestream_read(
                 &ch,
-                format!("blobs/{}/{}", d.hash, d.size_bytes),
+                format!("blobs/{}/{}", big_d.hash, big_d.size_bytes),
             ))?;
-            plain_mbs.push(n as f64 / 1e6 / took.as_secs_f64());
-            let (n, took) = rt.block_on(bytestream_read(
-                &ch,
-                format!("compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes),
-            ))?;
-            z_bytes = n;
-            z_mbs.push(d.size_bytes as f64 / 1e6 / took.as_secs_f64());
+            bsr.push(n as f64 / 1e6 / took.as_secs_f64());
+            let (n, took) = rt.block_on(h2c_get(port, &format!("/cas/{}", big_d.hash)))?;
+            h2.push(n as f64 / 1e6 / took.as_secs_f64());
         }
-        rows.push_str(&format!(
-            "| {what} | {} | {} ({:.1}x smaller) | {} | {} |\n",
-            d.size_bytes,
-            z_bytes,
-            d.size_bytes as f64 / z_bytes.max(1) as f64,
-            range(&plain_mbs),
-            range(&z_mbs)
+        line(format!(
+            "\n64 MiB blob, one stream, h2c, {} alternating runs; load {}\n\n\
+         | | MB/s, median (min-max) |\n|---|---|\n\
+         | ByteStream.Read | {} |\n| HTTP/2 GET | {} |\n| ratio | {:.2}x |",
+            cfg.repeats,
+            load_average(),
+            range(&bsr),
+            range(&h2),
+            median(&bsr) / median(&h2)
         ));
     }
-    line(format!(
+
+    // zstd on the wire.
+    if cfg.runs("zstd") {
+        let mut rows = String::new();
+        for (what, d) in [("build-log text", &text_d), ("random bytes", &big_d)] {
+            let (mut plain_mbs, mut z_mbs, mut z_bytes) = (Vec::new(), Vec::new(), 0u64);
+            for _ in 0..cfg.repeats {
+                let (n, took) = rt.block_on(bytestream_read(
+                    &ch,
+                    format!("blobs/{}/{}", d.hash, d.size_bytes),
+                ))?;
+                plain_mbs.push(n as f64 / 1e6 / took.as_secs_f64());
+                let (n, took) = rt.block_on(bytestream_read(
+                    &ch,
+                    format!("compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes),
+                ))?;
+                z_bytes = n;
+                z_mbs.push(d.size_bytes as f64 / 1e6 / took.as_secs_f64());
+            }
+            rows.push_str(&format!(
+                "| {what} | {} | {} ({:.1}x smaller) | {} | {} |\n",
+                d.size_bytes,
+                z_bytes,
+                d.size_bytes as f64 / z_bytes.max(1) as f64,
+                range(&plain_mbs),
+                range(&z_mbs)
+            ));
+        }
+        line(format!(
         "\nByteStream.Read of 64 MiB, plain vs compressed-blobs/zstd (level {}), {} runs each; load {}\n\n\
          | blob | plain bytes on the wire | zstd bytes on the wire | plain MB/s | zstd MB/s (uncompressed) |\n\
          |---|---|---|---|---|\n{rows}",
@@ -531,27 +568,30 @@ pub fn grpc_bench(cfg: &GrpcConfig) -> Result<String, String> {
         cfg.repeats,
         load_average()
     ));
+    }
 
     // What storing compressed would cost instead.
-    let ring_mbs: Vec<f64> = (0..cfg.repeats)
-        .map(|_| http1_large_get(port, &text_d.hash))
-        .collect::<Result<_, _>>()?;
-    let mut rows = String::new();
-    for (what, data) in [("build-log text", &text), ("random bytes", &big)] {
-        for level in [1, 3] {
-            let (c, d, ratio) = zstd_speed(data, level);
-            rows.push_str(&format!(
-                "| {what} | {level} | {ratio:.2} | {c:.0} | {d:.0} |\n"
-            ));
+    if cfg.runs("disk") {
+        let ring_mbs: Vec<f64> = (0..cfg.repeats)
+            .map(|_| http1_large_get(port, &text_d.hash))
+            .collect::<Result<_, _>>()?;
+        let mut rows = String::new();
+        for (what, data) in [("build-log text", &text), ("random bytes", &big)] {
+            for level in [1, 3] {
+                let (c, d, ratio) = zstd_speed(data, level);
+                rows.push_str(&format!(
+                    "| {what} | {level} | {ratio:.2} | {c:.0} | {d:.0} |\n"
+                ));
+            }
         }
-    }
-    line(format!(
+        line(format!(
         "\nzstd in this process (one core), 64 MiB; load {}\n\n\
          | data | level | ratio | compress MB/s | decompress MB/s |\n|---|---|---|---|---|\n{rows}\n\
          The ring's HTTP/1.1 GET of the 64 MiB text blob (plain on disk, splice): {} MB/s",
         load_average(),
         range(&ring_mbs)
     ));
+    }
     drop(server);
     Ok(report)
 }

@@ -93,6 +93,9 @@ enum Cmd {
         /// Length of each throughput run (e.g. 3s).
         #[arg(long, default_value = "3s")]
         run_time: String,
+        /// Run only these sections (fmb, batch, stream, zstd, disk), e.g. to profile one.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Side-by-side: sluice vs nginx, h2o, caddy (or sluice splice vs copy) over sizes and
     /// concurrencies, GET and PUT.
@@ -433,12 +436,14 @@ fn main() -> ExitCode {
             out,
             repeats,
             run_time,
+            only,
         } => parse_duration(&run_time).and_then(|run_time| {
             let cfg = sluice_bench::grpc::GrpcConfig {
                 sluice_bin,
                 out_dir: out.clone(),
                 repeats: repeats.max(1),
                 run_time,
+                only,
             };
             let report = sluice_bench::grpc::grpc_bench(&cfg)?;
             std::fs::write(out.join("report.md"), &report).map_err(|e| e.to_string())?;

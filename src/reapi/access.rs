@@ -99,7 +99,7 @@ impl Shared {
     /// fill a local miss, as the fallback waits.
     async fn decide(&self, mut info: RequestInfo<'_>) -> Decision {
         let app = &self.app;
-        let mut decision = app.handle(&info);
+        let mut decision = handle_cached(app, &info);
         if let Decision::Fetch { namespace, key } = &decision {
             if let Some(peers) = app.miss_fetcher() {
                 let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -115,7 +115,7 @@ impl Shared {
                 let _ = tokio::time::timeout(peers.timeout() + Duration::from_secs(1), rx).await;
             }
             info.read_through = false;
-            decision = app.handle(&info);
+            decision = handle_cached(app, &info);
         }
         if let (Decision::Cold { namespace, key }, Some(tier)) = (&decision, app.miss_reader()) {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -268,6 +268,36 @@ impl Shared {
     pub fn now(&self) -> Instant {
         Instant::now()
     }
+}
+
+/// Open blobs kept per worker thread for gRPC reads, at most.
+const OPEN_BLOBS_PER_WORKER_MAX: usize = 256;
+/// Lookups between two sweeps of a worker's cache (which drop replaced or deleted blobs).
+const OPEN_BLOBS_SWEEP_LOOKUPS: u32 = 1024;
+
+thread_local! {
+    /// This worker's open blobs: a batch of small blobs otherwise pays an open, a stat, a
+    /// header read and a close per blob (the largest share of BatchReadBlobs' server time in
+    /// the profile, docs/benchmarks.md). The fallback keeps its own the same way.
+    static OPEN_BLOBS: std::cell::RefCell<(crate::store::OpenCache, u32)> =
+        std::cell::RefCell::new((crate::store::OpenCache::new(OPEN_BLOBS_PER_WORKER_MAX), 0));
+}
+
+/// [`App::handle_with`] through this worker's open-blob cache (never reentered; should it
+/// be, without the cache).
+fn handle_cached(app: &App, info: &RequestInfo<'_>) -> Decision {
+    OPEN_BLOBS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut guard) => {
+            let (files, lookups) = &mut *guard;
+            *lookups += 1;
+            if *lookups >= OPEN_BLOBS_SWEEP_LOOKUPS {
+                *lookups = 0;
+                app.store.sweep_cache(files);
+            }
+            app.handle_with(info, Some(files))
+        }
+        Err(_) => app.handle(info),
+    })
 }
 
 /// Blobs of one action result asked of the fleet at once, at most.
