@@ -96,6 +96,14 @@ pub const TARGETS: &[Target] = &[
         name: "turbo_bodies",
         check: check_turbo_bodies,
     },
+    Target {
+        name: "reapi_resource",
+        check: check_reapi_resource,
+    },
+    Target {
+        name: "action_result",
+        check: check_action_result,
+    },
 ];
 
 /// The check registered for `name`, if any.
@@ -605,6 +613,94 @@ pub fn check_peer_summaries(data: &[u8]) {
     }
     if let Some(entries) = decode_listing(data) {
         assert_eq!(decode_listing(&encode_listing(&entries)), Some(entries));
+    }
+}
+
+/// `reapi_resource`: a ByteStream resource name (the first byte picks read or write, the
+/// rest is the name, as UTF-8 since protobuf strings are). `resource::parse` and
+/// `check_instance` never panic; a name that parses has a SHA-256 hash, a size that fits
+/// REAPI's int64 and an instance the instance check accepts, and its canonical form parses
+/// back to the same parts; refusals say why in a bounded message.
+pub fn check_reapi_resource(data: &[u8]) {
+    use crate::reapi::resource::{check_instance, format, parse, Access};
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let Ok(name) = std::str::from_utf8(rest) else {
+        return;
+    };
+    let access = if first % 2 == 0 {
+        Access::Read
+    } else {
+        Access::Write
+    };
+    let _ = check_instance(name);
+    match parse(name, access) {
+        Ok(res) => {
+            assert!(crate::action_result::is_sha256_hex(res.hash), "{res:?}");
+            assert!(res.size_bytes <= i64::MAX as u64);
+            assert_eq!(check_instance(res.instance), Ok(()));
+            assert_eq!(res.upload.is_some(), access == Access::Write);
+            let canonical = format(&res);
+            assert_eq!(parse(&canonical, access), Ok(res), "{canonical}");
+        }
+        Err(why) => assert!(!why.is_empty() && why.len() < 1024, "{why}"),
+    }
+}
+
+/// `action_result`: an action result as a client sends it (`UpdateActionResult`) or as the
+/// action cache holds it (a protobuf `ActionResult`). Decoding and validation never panic;
+/// what validates names only well-formed blobs, re-encodes to bytes that validate again, and
+/// the completeness check against a CAS holding everything finds it complete, against an empty
+/// one finds each named blob missing once; the same bytes read as a `Tree` never panic.
+pub fn check_action_result(data: &[u8]) {
+    use crate::action_result::{check, decode, named_blobs, tree_files, Blob, Cas, Completeness};
+    use prost::Message as _;
+    struct Fake {
+        present: bool,
+        tree: Vec<u8>,
+    }
+    impl Cas for Fake {
+        type Error = ();
+        fn contains(&mut self, _: &Blob) -> Result<bool, ()> {
+            Ok(self.present)
+        }
+        fn read(&mut self, _: &Blob) -> Result<Option<Vec<u8>>, ()> {
+            Ok(self.present.then(|| self.tree.clone()))
+        }
+    }
+    let _ = tree_files(data);
+    let Some(result) = decode(data) else {
+        return;
+    };
+    let (files, trees) = named_blobs(&result);
+    for blob in files.iter().chain(&trees) {
+        assert!(crate::action_result::is_sha256_hex(&blob.hash) && !blob.is_empty());
+    }
+    assert_eq!(decode(&result.encode_to_vec()), Some(result.clone()));
+    // Every tree reads as an empty Tree: no more files to find.
+    let mut all = Fake {
+        present: true,
+        tree: Vec::new(),
+    };
+    assert!(matches!(
+        check(&result, &mut all),
+        Ok(Completeness::Complete | Completeness::TooLarge)
+    ));
+    let mut none = Fake {
+        present: false,
+        tree: Vec::new(),
+    };
+    match check(&result, &mut none) {
+        Ok(Completeness::Complete) => assert!(files.is_empty() && trees.is_empty()),
+        Ok(Completeness::Missing(missing)) => {
+            let unique: std::collections::HashSet<_> = missing.iter().collect();
+            assert_eq!(unique.len(), missing.len(), "a blob reported twice");
+            assert!(missing
+                .iter()
+                .all(|b| files.contains(b) || trees.contains(b)));
+        }
+        Ok(Completeness::TooLarge) | Err(()) => {}
     }
 }
 

@@ -1,5 +1,6 @@
 //! sluice: an io_uring-native artifact cache server.
 #![forbid(unsafe_code)]
+pub mod action_result;
 pub mod address_cap;
 pub mod app;
 pub mod auth;
@@ -18,6 +19,7 @@ pub mod logging;
 pub mod metrics;
 pub mod outgoing;
 pub mod pressure;
+pub mod reapi;
 pub mod replication;
 pub mod route;
 pub mod server;

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::fallback::app_handler::AppHandler;
 use crate::fallback::{Fallback, FallbackLimits, TlsSettings};
 use crate::lifecycle::{self, Launch};
+use crate::reapi::{Reapi, Settings as ReapiSettings};
 use crate::store::{Store, StoreConfig};
 
 /// Why the server could not start or stop cleanly. The message names what
@@ -204,7 +205,8 @@ fn start_fallback(config: &Config, app: &Arc<App>) -> Result<(bool, Arc<Fallback
             Arc::new(
                 AppHandler::new(Arc::clone(app))
                     .with_body_read_timeout(Duration::from_millis(config.body_read_timeout_ms))
-                    .with_uri_bytes_max(config.uri_bytes_max),
+                    .with_uri_bytes_max(config.uri_bytes_max)
+                    .with_grpc(reapi_front(config, app)),
             ),
             tls.clone(),
             FallbackLimits {
@@ -223,6 +225,18 @@ fn start_fallback(config: &Config, app: &Arc<App>) -> Result<(bool, Arc<Fallback
         app.add_metrics_source(move |out| render_fallback_metrics(&fallback, out));
     }
     Ok((tls.is_some(), fallback))
+}
+
+/// The REAPI gRPC services, served by the fallback on its HTTP/2 connections.
+fn reapi_front(config: &Config, app: &Arc<App>) -> crate::fallback::app_handler::Grpc {
+    let reapi = Reapi::new(Arc::clone(app), ReapiSettings::from_config(config));
+    crate::fallback::app_handler::Grpc {
+        accepts: Reapi::accepts,
+        serve: Box::new(move |req| {
+            let reapi = Arc::clone(&reapi);
+            Box::pin(async move { reapi.serve(req).await })
+        }),
+    }
 }
 
 /// The listening sockets: inherited (an upgrade, systemd) or bound to

@@ -415,9 +415,195 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     for (name, bytes) in answers {
         out.push(("peer_get_response", name.to_owned(), bytes));
     }
+    out.extend(reapi_seeds());
     out.extend(meta_seeds());
     for (name, body) in TURBO_BODIES {
         out.push(("turbo_bodies", name.to_string(), body.as_bytes().to_vec()));
+    }
+    out
+}
+
+/// ByteStream resource names (first byte: 0 read, 1 write) and action results.
+fn reapi_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+    use prost::Message as _;
+    let h = sluice_sha256_hex(b"blob");
+    let names: Vec<(&str, u8, String)> = vec![
+        ("read-plain", 0, format!("blobs/{h}/4")),
+        ("read-instance", 0, format!("main/ci/blobs/{h}/4")),
+        ("read-zstd", 0, format!("compressed-blobs/zstd/{h}/4")),
+        ("read-sha256-named", 0, format!("blobs/sha256/{h}/4")),
+        ("read-md5", 0, format!("blobs/md5/{h}/4")),
+        ("read-extra", 0, format!("blobs/{h}/4/x")),
+        ("read-upper", 0, format!("blobs/{}/4", h.to_uppercase())),
+        (
+            "read-huge-size",
+            0,
+            format!("blobs/{h}/9223372036854775808"),
+        ),
+        ("read-keyword-instance", 0, format!("actions/blobs/{h}/4")),
+        ("write-plain", 1, format!("uploads/5f0c/blobs/{h}/4")),
+        (
+            "write-metadata",
+            1,
+            format!("i/uploads/u/blobs/{h}/4/meta/data"),
+        ),
+        (
+            "write-zstd",
+            1,
+            format!("uploads/u/compressed-blobs/zstd/{h}/4"),
+        ),
+        ("write-no-upload", 1, format!("blobs/{h}/4")),
+        ("write-empty-uuid", 1, format!("uploads//blobs/{h}/4")),
+        (
+            "write-brotli",
+            1,
+            format!("uploads/u/compressed-blobs/brotli/{h}/4"),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (name, access, text) in names {
+        let mut bytes = vec![access];
+        bytes.extend_from_slice(text.as_bytes());
+        out.push(("reapi_resource", format!("name-{name}"), bytes));
+    }
+    let digest = |data: &[u8]| re::Digest {
+        hash: sluice_sha256_hex(data),
+        size_bytes: data.len() as i64,
+    };
+    let file = |path: &str, d: re::Digest| re::OutputFile {
+        path: path.to_owned(),
+        digest: Some(d),
+        ..Default::default()
+    };
+    let tree = re::Tree {
+        root: Some(re::Directory {
+            files: vec![re::FileNode {
+                name: "f".into(),
+                digest: Some(digest(b"in a tree")),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        children: vec![],
+    };
+    let results: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", re::ActionResult::default().encode_to_vec()),
+        (
+            "one-file",
+            re::ActionResult {
+                output_files: vec![file("bazel-out/k8-fastbuild/bin/hello", digest(b"elf"))],
+                stdout_digest: Some(digest(b"")),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "dir-and-streams",
+            re::ActionResult {
+                output_directories: vec![re::OutputDirectory {
+                    path: "out/dir".into(),
+                    tree_digest: Some(digest(&tree.encode_to_vec())),
+                    ..Default::default()
+                }],
+                stdout_digest: Some(digest(b"out")),
+                stderr_digest: Some(digest(b"err")),
+                exit_code: 1,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "duplicate-blobs",
+            re::ActionResult {
+                output_files: vec![file("a", digest(b"x")), file("b", digest(b"x"))],
+                output_directories: vec![
+                    re::OutputDirectory {
+                        path: "d1".into(),
+                        tree_digest: Some(digest(b"x")),
+                        ..Default::default()
+                    },
+                    re::OutputDirectory {
+                        path: "d2".into(),
+                        tree_digest: Some(digest(b"x")),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "symlinks",
+            re::ActionResult {
+                output_symlinks: vec![re::OutputSymlink {
+                    path: "l".into(),
+                    target: "../t".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "absolute-path",
+            re::ActionResult {
+                output_files: vec![file("/etc/passwd", digest(b"x"))],
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "bad-hash",
+            re::ActionResult {
+                output_files: vec![file(
+                    "a",
+                    re::Digest {
+                        hash: "nothex".into(),
+                        size_bytes: 1,
+                    },
+                )],
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "negative-size",
+            re::ActionResult {
+                stdout_digest: Some(re::Digest {
+                    hash: sluice_sha256_hex(b"x"),
+                    size_bytes: -5,
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "inline-contents",
+            re::ActionResult {
+                output_files: vec![re::OutputFile {
+                    contents: b"abc".to_vec(),
+                    ..file("a", digest(b"abc"))
+                }],
+                stdout_raw: b"raw".to_vec(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        ("a-tree", tree.encode_to_vec()),
+        ("not-protobuf", b"\xff\xff\xff not a protobuf".to_vec()),
+        ("truncated", {
+            let mut bytes = re::ActionResult {
+                output_files: vec![file("a", digest(b"x"))],
+                ..Default::default()
+            }
+            .encode_to_vec();
+            bytes.truncate(bytes.len() / 2);
+            bytes
+        }),
+    ];
+    for (name, bytes) in results {
+        out.push(("action_result", format!("result-{name}"), bytes));
     }
     out
 }

@@ -78,6 +78,25 @@ enum Cmd {
         #[arg(long, default_value_t = 3.0)]
         secs: f64,
     },
+    /// REAPI over gRPC against HTTP on the same sluice: FindMissingBlobs, BatchReadBlobs vs
+    /// HTTP/1.1 GETs, ByteStream.Read vs an HTTP/2 GET, zstd on the wire.
+    Grpc {
+        /// The sluice binary (release build).
+        #[arg(long, default_value = "target/release/sluice")]
+        sluice_bin: PathBuf,
+        /// Output directory (server data and log, report.md).
+        #[arg(long, default_value = "bench/out/grpc")]
+        out: PathBuf,
+        /// Alternating repeats of each comparison.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Length of each throughput run (e.g. 3s).
+        #[arg(long, default_value = "3s")]
+        run_time: String,
+        /// Run only these sections (fmb, batch, stream, zstd, disk), e.g. to profile one.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
     /// Side-by-side: sluice vs nginx, h2o, caddy (or sluice splice vs copy) over sizes and
     /// concurrencies, GET and PUT.
     Compare(CompareArgs),
@@ -412,6 +431,25 @@ fn main() -> ExitCode {
             Ok(())
         })(),
         Cmd::Compare(a) => cmd_compare(a),
+        Cmd::Grpc {
+            sluice_bin,
+            out,
+            repeats,
+            run_time,
+            only,
+        } => parse_duration(&run_time).and_then(|run_time| {
+            let cfg = sluice_bench::grpc::GrpcConfig {
+                sluice_bin,
+                out_dir: out.clone(),
+                repeats: repeats.max(1),
+                run_time,
+                only,
+            };
+            let report = sluice_bench::grpc::grpc_bench(&cfg)?;
+            std::fs::write(out.join("report.md"), &report).map_err(|e| e.to_string())?;
+            println!("{report}");
+            Ok(())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

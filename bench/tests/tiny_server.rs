@@ -86,7 +86,7 @@ fn serve(mut s: TcpStream, behaviour: Behaviour, answered: &AtomicU64) {
             }
             Behaviour::CorruptEverySecond => {
                 let mut body = body;
-                if n % 2 == 0 && !body.is_empty() {
+                if n.is_multiple_of(2) && !body.is_empty() {
                     body[0] ^= 0xff;
                 }
                 s.write_all(&body)

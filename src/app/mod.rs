@@ -8,6 +8,7 @@
 //! bodies are decided here once, so the two front ends cannot drift apart.
 
 mod dav;
+mod action_cache;
 mod fleet;
 mod nx;
 pub mod turbo;
@@ -32,6 +33,7 @@ use crate::metrics::{write_metric, Metrics};
 use crate::route::{classify, Action, ArtifactKind, Route, RouteError};
 use crate::store::format::Meta;
 use crate::store::{DeleteAt, OpenCache, PutOptions, Store, StoreError};
+pub use action_cache::{StoreCas, AC_CHECKED_BYTES_MAX};
 pub use fleet::{
     MissFetcher, MissReader, PeerService, PutFollowUp, Waiter, WriteListener, PEER_PREFIX,
 };
@@ -46,6 +48,8 @@ pub struct AppLimits {
     /// The lingering close after an early error, for front ends that do
     /// not take it from their own limits (the hyper front).
     pub linger: crate::http1::LingerLimits,
+    /// An action-cache hit needs every blob it names in the CAS (`ac_completeness_check`).
+    pub ac_completeness_check: bool,
 }
 
 type MetricsSource = Box<dyn Fn(&mut String) + Send + Sync>;
@@ -72,6 +76,8 @@ pub struct App {
     fleet: fleet::Fleet,
     /// Turborepo's cache events, counted.
     turbo_events: turbo::EventCounts,
+    /// Counters of the action-cache completeness check.
+    ac_checks: action_cache::AcChecks,
 }
 
 impl App {
@@ -84,6 +90,7 @@ impl App {
                 body_bytes_max: config.body_bytes_max,
                 gradle_body_bytes_max: config.gradle_body_bytes_max,
                 linger: config.linger_limits(),
+                ac_completeness_check: config.ac_completeness_check,
             },
             draining: AtomicBool::new(false),
             closing: AtomicBool::new(false),
@@ -92,6 +99,7 @@ impl App {
             status_sources: RwLock::new(Vec::new()),
             fleet: fleet::Fleet::default(),
             turbo_events: turbo::EventCounts::default(),
+            ac_checks: action_cache::AcChecks::default(),
         })
     }
 
@@ -319,6 +327,7 @@ impl App {
         if let Err(reply) = self.authorize(req, ns, Access::Read) {
             return Ok(reply);
         }
+        let nowait = files.as_ref().is_some_and(|cache| cache.nowait);
         let opened = match files {
             Some(cache) => self.store.get_cached(ns, key, cache),
             None => self.store.get(ns, key),
@@ -359,6 +368,15 @@ impl App {
             }
             Err(err) => return Ok(store_error(&err)),
         };
+        // An action result is a hit only while every blob it names is in the CAS.
+        if kind == ArtifactKind::Ac && self.limits.ac_completeness_check {
+            match self.ac_incomplete(&artifact, nowait) {
+                Ok(None) => {}
+                Ok(Some(reply)) => return Ok(reply),
+                Err(StoreError::WouldBlock) => return Err(Defer::Cold),
+                Err(err) => return Ok(store_error(&err)),
+            }
+        }
         let etag = artifact.etag();
         let mut headers = vec![
             ("etag", etag.clone()),
@@ -604,6 +622,7 @@ impl App {
             u8::from(self.is_draining()),
         );
         self.turbo_events.render(&mut out);
+        self.render_ac_checks(&mut out);
         if let Ok(sources) = self.metrics_sources.read() {
             for source in sources.iter() {
                 source(&mut out);

@@ -338,6 +338,11 @@ pub struct Config {
     /// range 1 byte..=1 TiB.
     #[serde(deserialize_with = "bytes")]
     pub gradle_body_bytes_max: u64,
+    /// An action-cache lookup (HTTP `/ac/` GET and HEAD, gRPC `GetActionResult`) is a hit
+    /// only when every blob the action result names (output files, stdout, stderr, output
+    /// directory trees and their files) is in the CAS; otherwise it answers 404 / NOT_FOUND.
+    /// Default true.
+    pub ac_completeness_check: bool,
     /// Time allowed to receive a whole request head, in ms (408 after). Default 10000.
     pub header_read_timeout_ms: u64,
     /// Time an idle keep-alive connection is kept, in ms. Default 60000.
@@ -520,6 +525,7 @@ impl Default for Config {
             replication_public_latency_target_ms: 50,
             read_through: true,
             read_through_timeout_ms: 3_000,
+            ac_completeness_check: true,
             read_through_negative_ms: 1_000,
             tier_url: None,
             tier_endpoint: None,

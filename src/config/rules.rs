@@ -117,6 +117,10 @@ fn request_rules(c: &Config) -> Vec<Rule> {
             within(c.gradle_body_bytes_max, 1, BODY_BYTES_LIMIT),
             BODY_EXPECTED,
         ),
+        Rule::any(
+            "ac_completeness_check",
+            "true or false (env and flags also take 1/0, yes/no, on/off)",
+        ),
         Rule::new(
             "header_read_timeout_ms",
             within(c.header_read_timeout_ms, 1, TIMEOUT_MS_LIMIT),

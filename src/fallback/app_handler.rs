@@ -41,11 +41,24 @@ pub const BODY_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 /// Default of [`AppHandler::with_uri_bytes_max`], as `uri_bytes_max` defaults.
 pub const URI_BYTES_MAX_DEFAULT: usize = 8192;
 
+/// Serves the gRPC requests of an HTTP/2 connection (REAPI, `crate::reapi`), plugged in by
+/// `server`; the fallback itself knows nothing of gRPC.
+pub struct Grpc {
+    /// Whether a request is gRPC (HTTP/2, `content-type: application/grpc`).
+    pub accepts: fn(&Request<Incoming>) -> bool,
+    /// Answers one gRPC request.
+    pub serve: Box<dyn Fn(Request<Incoming>) -> GrpcResponse + Send + Sync>,
+}
+
+/// What [`Grpc::serve`] returns.
+pub type GrpcResponse = Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>;
+
 /// [`Handler`] that serves the application.
 pub struct AppHandler {
     app: Arc<App>,
     body_read_timeout: Duration,
     uri_bytes_max: usize,
+    grpc: Option<Arc<Grpc>>,
 }
 
 impl AppHandler {
@@ -54,7 +67,14 @@ impl AppHandler {
             app,
             body_read_timeout: BODY_READ_TIMEOUT_DEFAULT,
             uri_bytes_max: URI_BYTES_MAX_DEFAULT,
+            grpc: None,
         }
+    }
+
+    /// Hand the requests `grpc` accepts to it (REAPI on the same port).
+    pub fn with_grpc(mut self, grpc: Grpc) -> AppHandler {
+        self.grpc = Some(Arc::new(grpc));
+        self
     }
 
     /// Longest request target in bytes (`uri_bytes_max`); a longer one answers 414, as on the
@@ -83,7 +103,11 @@ impl Handler for AppHandler {
         let app = Arc::clone(&self.app);
         let body_read_timeout = self.body_read_timeout;
         let uri_bytes_max = self.uri_bytes_max;
+        let grpc = self.grpc.clone();
         async move {
+            if let Some(grpc) = grpc.filter(|g| (g.accepts)(&req)) {
+                return (grpc.serve)(req).await;
+            }
             let target_bytes = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
             if target_bytes > uri_bytes_max {
                 let reply = Reply::error(414, "request target is too long").closing();

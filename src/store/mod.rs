@@ -950,6 +950,33 @@ impl Store {
         Ok(got)
     }
 
+    /// The body length of `ns/key` when it is stored, `None` when not. Answered from the
+    /// in-memory index (no system call) whenever it can be: always once the startup scan has
+    /// finished, since every publish and unlink updates the index under its shard lock.
+    /// Before that, a key the index does not know yet is opened ([`Store::get`], or
+    /// [`Store::get_nowait`] with `nowait`). Records the access for LRU, as a GET does, so the
+    /// blobs a client was just told about are the last to be evicted. REAPI's
+    /// `FindMissingBlobs` and the completeness check of action results ask this.
+    pub fn contains(&self, ns: &str, key: &str, nowait: bool) -> Result<Option<u64>, StoreError> {
+        check_names(ns, key)?;
+        let sh = self.shared();
+        let rel = relative_path(ns, key);
+        let complete = sh.accounting_complete.load(Ordering::Acquire);
+        {
+            let mut locked = sh.index.lock(&rel);
+            if let Some(entry) = locked.get(&rel) {
+                locked.touch(&rel, now_ms());
+                return Ok(Some(entry.size_bytes.saturating_sub(HEADER_BYTES as u64)));
+            }
+        }
+        if complete {
+            return Ok(None);
+        }
+        Ok(self
+            .open_artifact(ns, key, nowait)?
+            .map(|artifact| artifact.len))
+    }
+
     /// Close cached fds whose artifact may have changed, so a deleted or
     /// evicted file's disk space is not held by a cache nobody asks again.
     pub fn sweep_cache(&self, cache: &mut OpenCache) {

@@ -7,6 +7,7 @@
 #   default-jdk-headless  OpenJDK 17: javac for Gradle's compileJava
 #   bazel-bootstrap       4.2.3, runs offline with the stand-ins in bazel/standins
 #   gcc, libc6-dev        the C compiler ccache and Bazel's cc rules call
+#   libnetty-tcnative-jni OpenSSL for Bazel's grpcs:// (tests/clients.rs says why)
 #
 # Exit status: 0 when everything is present (installed now or before), 3 when
 # something is missing and cannot be installed here (not root, no apt-get, or
@@ -20,6 +21,12 @@ command -v javac >/dev/null 2>&1 || missing="$missing default-jdk-headless"
 command -v bazel-4 >/dev/null 2>&1 || command -v bazel >/dev/null 2>&1 ||
     missing="$missing bazel-bootstrap"
 command -v gcc >/dev/null 2>&1 || missing="$missing gcc libc6-dev"
+# Debian's Bazel needs netty-tcnative for grpcs:// (its JDK ALPN support is patched out).
+tcnative=""
+for lib in /usr/lib/*/jni/libnetty-tcnative.so /usr/lib/jni/libnetty-tcnative.so; do
+    [ -e "$lib" ] && tcnative="$lib"
+done
+[ -n "$tcnative" ] || missing="$missing libnetty-tcnative-jni"
 
 if [ -z "$missing" ]; then
     exit 0

@@ -587,6 +587,21 @@ async fn send_hyper(server: &Server, front: Front, req: Req) -> Resp {
 }
 
 /// Every file under `dir`, recursively (to check nothing half-written is visible).
+/// Writes `server`'s certificate as PEM to `dir/cert.pem` (for clients that read a file).
+pub fn write_cert_pem(server: &Server, dir: &Path) -> PathBuf {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&server.cert_der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    let path = dir.join("cert.pem");
+    std::fs::write(&path, pem).expect("write cert");
+    path
+}
+
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -741,7 +756,7 @@ pub fn read_slowly(s: &mut TcpStream) -> Vec<u8> {
             Err(e) => panic!("read: {e}"),
         }
         reads += 1;
-        if reads % 64 == 0 {
+        if reads.is_multiple_of(64) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }

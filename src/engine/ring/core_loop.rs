@@ -362,7 +362,7 @@ impl CoreLoop {
         }
         self.tasks.expire(&mut self.driver, now);
         self.ticks += 1;
-        if self.ticks % OPEN_FILES_SWEEP_TICKS == 0 {
+        if self.ticks.is_multiple_of(OPEN_FILES_SWEEP_TICKS) {
             if let Ok(mut files) = self.files.try_borrow_mut() {
                 self.app.store.sweep_cache(&mut files);
             }
