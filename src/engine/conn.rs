@@ -826,6 +826,18 @@ impl Conn {
                 }
                 AfterSend::Done
             }
+            // A hot-set entry (at most 64 KiB): copied behind the head, so head and body
+            // leave in one send, as a small body read from the page cache does, but
+            // without the read.
+            ReplyBody::Memory(bytes) => {
+                if !head_only {
+                    out.extend_from_slice(&bytes);
+                    self.app
+                        .metrics
+                        .add_response_bytes(crate::metrics::BytePath::RingCopy, bytes.len() as u64);
+                }
+                AfterSend::Done
+            }
             ReplyBody::File {
                 artifact,
                 offset,

@@ -1045,3 +1045,176 @@ mod tests {
         assert_eq!((stats.bytes, stats.entries), (bytes, entries));
     }
 }
+
+/// The hot set through a real store: every way an artifact changes drops its entry before
+/// the change returns, and readers racing a writer never see an old or torn body.
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+    use crate::store::{PutOptions, StoreConfig};
+    use std::sync::atomic::AtomicBool;
+
+    fn store(dir: &std::path::Path) -> Store {
+        let store = Store::open(StoreConfig {
+            data_dir: dir.to_path_buf(),
+            ..StoreConfig::default()
+        })
+        .expect("store");
+        store.set_hot_set_bytes(4 << 20);
+        store
+    }
+
+    fn put_with(store: &Store, key: &str, body: &[u8], options: PutOptions) {
+        let mut w = store.begin_put("n", key, options).expect("begin");
+        w.write(body).expect("write");
+        w.commit().expect("commit");
+    }
+
+    fn put(store: &Store, key: &str, body: &[u8]) {
+        put_with(store, key, body, PutOptions::default());
+    }
+
+    /// A GET as the app does it: the hot set, else open and offer. The body it would send.
+    fn get(store: &Store, key: &str) -> Option<Vec<u8>> {
+        let miss = match store.hot_get("n", key) {
+            HotGet::Hit(entry) => return Some(body_of(&entry)),
+            HotGet::Miss(miss) => miss,
+            HotGet::Off => panic!("the hot set is on"),
+        };
+        let artifact = store.get("n", key).expect("get")?;
+        if let Some(entry) = store.hot_admit(miss, &artifact) {
+            return Some(body_of(&entry));
+        }
+        let mut body = vec![0u8; artifact.len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&*artifact.file, &mut body, artifact.body_offset)
+            .expect("read");
+        Some(body)
+    }
+
+    fn body_of(entry: &HotEntry) -> Vec<u8> {
+        match &entry.body {
+            HotBody::Memory(bytes) => bytes.to_vec(),
+            HotBody::File(file) => {
+                let mut body = vec![0u8; entry.len as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&**file, &mut body, 64).expect("read");
+                body
+            }
+        }
+    }
+
+    fn hot_now(store: &Store, key: &str) -> bool {
+        let rel = relative_path("n", key);
+        matches!(
+            store.shared().index.hot.lookup(&rel, now_ms()),
+            Lookup::Hit { .. }
+        )
+    }
+
+    #[test]
+    fn every_change_drops_the_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        put(&store, "k", b"one");
+        assert_eq!(get(&store, "k").as_deref(), Some(&b"one"[..]));
+        assert!(hot_now(&store, "k"), "admitted on the first GET");
+
+        // A client's PUT.
+        put(&store, "k", b"two");
+        assert!(!hot_now(&store, "k"));
+        assert_eq!(get(&store, "k").as_deref(), Some(&b"two"[..]));
+
+        // A replicated write (last writer wins, the origin's later time).
+        let later = now_ms() + 60_000;
+        put_with(
+            &store,
+            "k",
+            b"three",
+            PutOptions {
+                write_time_ms: Some(later),
+                last_writer_wins: true,
+                ..PutOptions::default()
+            },
+        );
+        assert!(!hot_now(&store, "k"));
+        assert_eq!(get(&store, "k").as_deref(), Some(&b"three"[..]));
+
+        // A replicated delete (tombstone).
+        store
+            .delete_at("n", "k", later + 1, false)
+            .expect("delete_at");
+        assert!(!hot_now(&store, "k"));
+        assert_eq!(get(&store, "k"), None);
+
+        // A client's DELETE.
+        put(&store, "d", b"gone soon");
+        assert!(get(&store, "d").is_some());
+        assert!(hot_now(&store, "d"));
+        assert!(store.delete("n", "d").expect("delete"));
+        assert!(!hot_now(&store, "d"));
+        assert_eq!(get(&store, "d"), None);
+        assert!(store.hot_stats().invalidations_total >= 3);
+    }
+
+    /// A large artifact keeps its header and file, and a replacement drops them too.
+    #[test]
+    fn large_artifacts_keep_their_header_and_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let big = vec![5u8; 200_000];
+        put(&store, "big", &big);
+        assert_eq!(get(&store, "big").as_deref(), Some(&big[..]));
+        match store.hot_get("n", "big") {
+            HotGet::Hit(entry) => {
+                assert!(matches!(entry.body, HotBody::File(_)));
+                assert_eq!(entry.len, big.len() as u64);
+            }
+            other => panic!("expected a hit, got {other:?}"),
+        }
+        let big2 = vec![6u8; 150_000];
+        put(&store, "big", &big2);
+        assert_eq!(get(&store, "big").as_deref(), Some(&big2[..]));
+    }
+
+    /// Writers replace a key over and over while readers GET it through the hot set: each
+    /// body a reader gets is whole (its bytes are one version's) and never older than the
+    /// last version acknowledged before the GET began.
+    #[test]
+    fn readers_racing_writers_never_see_stale_or_torn_bodies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let body = |v: u64| -> Vec<u8> {
+            let mut b = v.to_le_bytes().repeat(512);
+            b.truncate(4096);
+            b
+        };
+        put(&store, "race", &body(0));
+        let acked = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (store, acked, done) = (store.clone(), Arc::clone(&acked), Arc::clone(&done));
+                std::thread::spawn(move || {
+                    let mut reads = 0u64;
+                    while !done.load(Ordering::Acquire) {
+                        let floor = acked.load(Ordering::Acquire);
+                        let got = get(&store, "race").expect("present");
+                        let v = u64::from_le_bytes(got[..8].try_into().expect("8 bytes"));
+                        assert_eq!(got, body(v), "a torn body");
+                        assert!(v >= floor, "version {v} after {floor} was acknowledged");
+                        reads += 1;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        for v in 1..=300 {
+            put(&store, "race", &body(v));
+            acked.store(v, Ordering::Release);
+        }
+        done.store(true, Ordering::Release);
+        let reads: u64 = readers.into_iter().map(|r| r.join().expect("reader")).sum();
+        assert!(reads > 300, "{reads} reads");
+        let stats = store.hot_stats();
+        assert!(stats.hits_total > 0, "{stats:?}");
+    }
+}
