@@ -11,8 +11,15 @@
 //! that halve every `10 × entries` counts, so the sketch remembers how often, recently, each key
 //! was asked. A new entry that needs room is admitted only if its key is asked more often than
 //! every victim it would push out; a sequential scan asks each key once and loses to anything
-//! asked twice. Admitted entries start in the probation segment; a second hit moves them to
-//! the protected one (80 % of the bytes), whose least recent entries fall back to probation.
+//! asked twice. Admitted entries start in the probation segment; an entry hit since it was
+//! last looked at moves to the protected one (80 % of the bytes), whose least recent entries
+//! fall back to probation.
+//!
+//! **A hit takes only a shared lock.** It sets the entry's reference bit and counts the key in
+//! the sketch with atomic counters; the lists are rearranged (referenced entries promoted,
+//! CLOCK-style second chance) only under the write lock an insert takes. Two engine threads
+//! asking for the same hot key never wait for each other, and a thread preempted while it
+//! holds the read side (a loaded machine) never stalls the other.
 //!
 //! **Bounded by bytes**: `hot_set_bytes` over all shards, each entry charged its body, its key
 //! and [`ENTRY_OVERHEAD_BYTES`]; the sketches are sized from the budget (about 0.5 % of it) and
@@ -31,8 +38,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
 
@@ -49,6 +56,9 @@ pub const ENTRY_OVERHEAD_BYTES: u64 = 256;
 const SHARDS_MAX: usize = 16;
 /// Share of a shard's bytes the protected segment may hold, percent.
 const PROTECTED_PERCENT: u64 = 80;
+/// Most list moves one insert makes to promote referenced entries (see
+/// `Shard::promote_referenced`).
+const PROMOTIONS_PER_PASS_MAX: usize = 64;
 /// Most entries one admission may push out; a candidate needing more is refused.
 const VICTIMS_PER_ADMISSION_MAX: usize = 64;
 /// What a large artifact's entry (header and open file, no body) is charged as if it held in
@@ -164,7 +174,9 @@ pub struct HotSet {
 }
 
 struct Core {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[RwLock<Shard>]>,
+    /// One sketch per shard, outside the lock: hits count keys with atomic counters.
+    sketches: Box<[Sketch]>,
     hasher: RandomState,
     budget_bytes: u64,
     sketch_bytes: u64,
@@ -206,11 +218,12 @@ impl HotSet {
             return Lookup::Off;
         };
         let hash = core.hasher.hash_one(rel);
-        let mut shard = core.lock(hash);
-        shard.sketch.increment(hash);
+        core.sketch(hash).increment(hash);
+        let shard = core.read(hash);
         if let Some(index) = shard.find(hash, rel) {
-            let touch = shard.on_hit(index, now_ms);
-            let entry = shard.nodes[index as usize].entry.clone();
+            let node = &shard.nodes[index as usize];
+            let touch = node.on_hit(now_ms);
+            let entry = node.entry.clone();
             drop(shard);
             if let Some(entry) = entry {
                 core.hits_total.fetch_add(1, Ordering::Relaxed);
@@ -235,8 +248,10 @@ impl HotSet {
             Some(n) => charge(rel, n),
             None => charge(rel, FILE_ENTRY_BODY_BYTES),
         };
-        let shard = core.lock(ticket.hash);
-        shard.generation == ticket.generation && shard.plan_room(ticket.hash, charge).is_some()
+        let sketch = core.sketch(ticket.hash);
+        let mut shard = core.write(ticket.hash);
+        shard.generation == ticket.generation
+            && shard.plan_room(sketch, ticket.hash, charge).is_some()
     }
 
     /// Insert `entry` under `rel` with the ticket its lookup gave.
@@ -252,7 +267,8 @@ impl HotSet {
         };
         let body_bytes = entry.body_bytes();
         let charge = entry_charge(rel, &entry);
-        let mut shard = core.lock(ticket.hash);
+        let sketch = core.sketch(ticket.hash);
+        let mut shard = core.write(ticket.hash);
         if shard.generation != ticket.generation {
             drop(shard);
             core.stale_total.fetch_add(1, Ordering::Relaxed);
@@ -269,7 +285,7 @@ impl HotSet {
             core.rejections_total.fetch_add(1, Ordering::Relaxed);
             return Admission::Rejected;
         }
-        let Some(victims) = shard.plan_room(ticket.hash, charge) else {
+        let Some(victims) = shard.plan_room(sketch, ticket.hash, charge) else {
             drop(shard);
             core.rejections_total.fetch_add(1, Ordering::Relaxed);
             return Admission::Rejected;
@@ -297,7 +313,7 @@ impl HotSet {
             return;
         };
         let hash = core.hasher.hash_one(rel);
-        let mut shard = core.lock(hash);
+        let mut shard = core.write(hash);
         shard.generation = shard.generation.wrapping_add(1);
         let Some(index) = shard.find(hash, rel) else {
             return;
@@ -355,15 +371,15 @@ impl Core {
             count /= 2;
         }
         let shard_budget = budget_bytes / count as u64;
-        let shards: Box<[Mutex<Shard>]> = (0..count)
-            .map(|_| Mutex::new(Shard::new(shard_budget)))
+        let shards: Box<[RwLock<Shard>]> = (0..count)
+            .map(|_| RwLock::new(Shard::new(shard_budget)))
             .collect();
-        let sketch_bytes = shards
-            .iter()
-            .map(|s| s.lock().map_or(0, |s| s.sketch.memory_bytes()))
-            .sum();
+        let expected = usize::try_from(shard_budget / SKETCH_BYTES_PER_ENTRY).unwrap_or(usize::MAX);
+        let sketches: Box<[Sketch]> = (0..count).map(|_| Sketch::new(expected)).collect();
+        let sketch_bytes = sketches.iter().map(Sketch::memory_bytes).sum();
         Core {
             shards,
+            sketches,
             // SipHash with a random key: keys come from request URLs, so a predictable hash
             // would let a client aim at one shard or crowd the sketch's counters.
             hasher: RandomState::new(),
@@ -382,11 +398,24 @@ impl Core {
         }
     }
 
-    fn lock(&self, hash: u64) -> MutexGuard<'_, Shard> {
+    fn shard_index(&self, hash: u64) -> usize {
         // The high bits pick the shard; the sketch and the map use the rest.
-        let index = (hash >> 48) as usize % self.shards.len();
-        self.shards[index]
-            .lock()
+        (hash >> 48) as usize % self.shards.len()
+    }
+
+    fn sketch(&self, hash: u64) -> &Sketch {
+        &self.sketches[self.shard_index(hash)]
+    }
+
+    fn read(&self, hash: u64) -> RwLockReadGuard<'_, Shard> {
+        self.shards[self.shard_index(hash)]
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self, hash: u64) -> RwLockWriteGuard<'_, Shard> {
+        self.shards[self.shard_index(hash)]
+            .write()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -431,8 +460,27 @@ struct Node {
     segment: Segment,
     prev: u32,
     next: u32,
+    /// Hit since the lists last looked at it (set under the read lock, cleared under the
+    /// write lock when the entry is promoted or given its second chance).
+    referenced: AtomicBool,
     /// When the access was last recorded in the store's index, ms.
-    touched_ms: u64,
+    touched_ms: AtomicU64,
+}
+
+impl Node {
+    /// A hit, under the shared lock. Returns whether the access should be recorded in the
+    /// store's index now (once per [`TOUCH_INTERVAL_MS`], by whichever hit gets there).
+    fn on_hit(&self, now_ms: u64) -> bool {
+        if !self.referenced.load(Ordering::Relaxed) {
+            self.referenced.store(true, Ordering::Relaxed);
+        }
+        let last = self.touched_ms.load(Ordering::Relaxed);
+        now_ms.saturating_sub(last) >= TOUCH_INTERVAL_MS
+            && self
+                .touched_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
 }
 
 /// A doubly linked list through `Shard::nodes`: `head` is the most recent.
@@ -464,12 +512,10 @@ struct Shard {
     budget_bytes: u64,
     /// Bumped by every invalidation in this shard (see the module docs).
     generation: u64,
-    sketch: Sketch,
 }
 
 impl Shard {
     fn new(budget_bytes: u64) -> Shard {
-        let expected = usize::try_from(budget_bytes / SKETCH_BYTES_PER_ENTRY).unwrap_or(usize::MAX);
         Shard {
             map: HashMap::default(),
             nodes: Vec::new(),
@@ -477,7 +523,6 @@ impl Shard {
             lists: [List::EMPTY; 2],
             budget_bytes,
             generation: 0,
-            sketch: Sketch::new(expected),
         }
     }
 
@@ -490,33 +535,51 @@ impl Shard {
         (*self.nodes[index as usize].key == *rel).then_some(index)
     }
 
-    /// A hit: probation moves to protected, protected to its front. Returns whether the
-    /// access should be recorded in the store's index now.
-    fn on_hit(&mut self, index: u32, now_ms: u64) -> bool {
-        self.unlink(index);
-        self.push_front(index, Segment::Protected);
+    /// Rearrange the lists by the reference bits the hits set (under the write lock): a
+    /// referenced entry at the least recent end of probation moves to the front of protected,
+    /// and protected's least recent entries go back to probation (a referenced one gets a
+    /// second chance at protected's front instead). At most [`PROMOTIONS_PER_PASS_MAX`]
+    /// moves, so an insert's time is bounded.
+    fn promote_referenced(&mut self) {
         let protected_max = self.budget_bytes / 100 * PROTECTED_PERCENT;
-        while self.lists[Segment::Protected as usize].bytes > protected_max {
-            let tail = self.lists[Segment::Protected as usize].tail;
-            if tail == NIL || tail == index {
+        let mut moves = 0;
+        while moves < PROMOTIONS_PER_PASS_MAX {
+            let tail = self.lists[Segment::Probation as usize].tail;
+            if tail == NIL
+                || !self.nodes[tail as usize]
+                    .referenced
+                    .swap(false, Ordering::Relaxed)
+            {
                 break;
             }
             self.unlink(tail);
-            self.push_front(tail, Segment::Probation);
+            self.push_front(tail, Segment::Protected);
+            moves += 1;
         }
-        let node = &mut self.nodes[index as usize];
-        if now_ms.saturating_sub(node.touched_ms) >= TOUCH_INTERVAL_MS {
-            node.touched_ms = now_ms;
-            true
-        } else {
-            false
+        while moves < PROMOTIONS_PER_PASS_MAX
+            && self.lists[Segment::Protected as usize].bytes > protected_max
+        {
+            let tail = self.lists[Segment::Protected as usize].tail;
+            if tail == NIL {
+                break;
+            }
+            self.unlink(tail);
+            if self.nodes[tail as usize]
+                .referenced
+                .swap(false, Ordering::Relaxed)
+            {
+                self.push_front(tail, Segment::Protected);
+            } else {
+                self.push_front(tail, Segment::Probation);
+            }
+            moves += 1;
         }
     }
 
     /// The entries to push out so that `charge` more bytes fit, least recent first
     /// (probation, then protected), each asked less often than the candidate; `None` when
     /// the candidate does not win that room.
-    fn plan_room(&self, hash: u64, charge: u64) -> Option<Vec<u32>> {
+    fn plan_room(&mut self, sketch: &Sketch, hash: u64, charge: u64) -> Option<Vec<u32>> {
         if charge > self.budget_bytes {
             return None;
         }
@@ -525,7 +588,8 @@ impl Shard {
         if needed == 0 {
             return Some(victims);
         }
-        let candidate = self.sketch.estimate(hash);
+        self.promote_referenced();
+        let candidate = sketch.estimate(hash);
         for segment in [Segment::Probation, Segment::Protected] {
             let mut at = self.lists[segment as usize].tail;
             while at != NIL {
@@ -533,7 +597,12 @@ impl Shard {
                     return None;
                 }
                 let node = &self.nodes[at as usize];
-                if self.sketch.estimate(node.hash) >= candidate {
+                // Hit since the lists last looked: not a victim this time (second chance).
+                if node.referenced.load(Ordering::Relaxed) {
+                    at = node.prev;
+                    continue;
+                }
+                if sketch.estimate(node.hash) >= candidate {
                     return None;
                 }
                 victims.push(at);
@@ -558,7 +627,8 @@ impl Shard {
             segment: Segment::Probation,
             prev: NIL,
             next: NIL,
-            touched_ms: now_ms,
+            referenced: AtomicBool::new(false),
+            touched_ms: AtomicU64::new(now_ms),
         };
         let index = match self.free.pop() {
             Some(index) => {
@@ -638,10 +708,10 @@ impl Shard {
 /// (only the smallest counters grow, which keeps the noise of many one-time keys low) and
 /// aging: after `10 × expected entries` counts every counter halves, so old popularity fades.
 struct Sketch {
-    counters: Box<[u8]>,
+    counters: Box<[AtomicU8]>,
     /// Counters per row minus one (rows are a power of two wide).
     mask: usize,
-    additions: u64,
+    additions: AtomicU64,
     reset_at: u64,
 }
 
@@ -660,9 +730,9 @@ impl Sketch {
             .clamp(SKETCH_WIDTH_MIN, SKETCH_WIDTH_MAX)
             .next_power_of_two();
         Sketch {
-            counters: vec![0u8; width * SKETCH_ROWS].into_boxed_slice(),
+            counters: (0..width * SKETCH_ROWS).map(|_| AtomicU8::new(0)).collect(),
             mask: width - 1,
-            additions: 0,
+            additions: AtomicU64::new(0),
             reset_at: 10 * (expected_entries.max(SKETCH_WIDTH_MIN / 4) as u64),
         }
     }
@@ -685,27 +755,39 @@ impl Sketch {
     fn estimate(&self, hash: u64) -> u8 {
         self.slots(hash)
             .iter()
-            .map(|&i| self.counters[i])
+            .map(|&i| self.counters[i].load(Ordering::Relaxed))
             .min()
             .unwrap_or(0)
     }
 
-    fn increment(&mut self, hash: u64) {
+    /// Count `hash` once. Lock-free: two threads counting at once may lose a count or halve
+    /// a counter late, which an estimate of popularity can afford.
+    fn increment(&self, hash: u64) {
         let slots = self.slots(hash);
-        let least = slots.iter().map(|&i| self.counters[i]).min().unwrap_or(0);
+        let least = slots
+            .iter()
+            .map(|&i| self.counters[i].load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
         if least < COUNTER_MAX {
             for &i in &slots {
-                if self.counters[i] == least {
-                    self.counters[i] += 1;
-                }
+                // Only the smallest counters grow (conservative update); a counter another
+                // thread moved meanwhile is left alone.
+                let _ = self.counters[i].compare_exchange(
+                    least,
+                    least + 1,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
             }
         }
-        self.additions += 1;
-        if self.additions >= self.reset_at {
-            for c in self.counters.iter_mut() {
-                *c /= 2;
+        // Exactly one counting thread sees the threshold and halves the sketch.
+        if self.additions.fetch_add(1, Ordering::Relaxed) + 1 == self.reset_at {
+            for c in self.counters.iter() {
+                c.store(c.load(Ordering::Relaxed) / 2, Ordering::Relaxed);
             }
-            self.additions /= 2;
+            self.additions
+                .fetch_sub(self.reset_at / 2, Ordering::Relaxed);
         }
     }
 }
@@ -996,7 +1078,7 @@ mod tests {
 
     #[test]
     fn sketch_counts_saturate_and_age() {
-        let mut sketch = Sketch::new(16);
+        let sketch = Sketch::new(16);
         for _ in 0..40 {
             sketch.increment(42);
         }
@@ -1037,7 +1119,7 @@ mod tests {
         let core = hot.core.get().expect("on");
         let (mut bytes, mut entries) = (0, 0);
         for shard in core.shards.iter() {
-            let shard = shard.lock().expect("lock");
+            let shard = shard.read().expect("lock");
             bytes += shard.bytes();
             entries += shard.map.len() as u64;
         }
