@@ -383,6 +383,13 @@ impl CoreLoop {
                 self.driver.fixed_buffers().registered_bytes(),
                 Ordering::Relaxed,
             );
+            // Buffers are registered on first use, so a memlock refusal can come long after
+            // start: say so once (later buffers are read unregistered, which still works).
+            if let Some(refused) = self.driver.fixed_buffers_refused() {
+                if s.fixed_buffers_registered.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(core = self.core, reason = %refused.reason, "fixed buffers: registration refused");
+                }
+            }
             s.open_file_misses_total.store(misses, Ordering::Relaxed);
             s.submissions_total
                 .store(ring.submissions, Ordering::Relaxed);
