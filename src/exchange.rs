@@ -70,6 +70,9 @@ pub enum ReplyBody {
     Empty,
     /// A small generated body (errors, `/metrics`, `/status`).
     Bytes(Vec<u8>),
+    /// Bytes the server holds in memory, shared (a hot-set entry, or the range of one
+    /// asked for): sent without touching the page cache or the disk.
+    Memory(bytes::Bytes),
     /// `len` bytes of an artifact file starting at `offset` (absolute file
     /// offset: the store's header is already skipped).
     File {

@@ -188,6 +188,7 @@ fn open_app(config: &Config) -> Result<Arc<App>, ServeError> {
             config.data_dir.display()
         ))
     })?;
+    store.set_hot_set_bytes(config.hot_set_bytes);
     Ok(App::new(config, store))
 }
 

@@ -176,7 +176,9 @@ fn fallback_engine_serves_everything_and_says_so() {
 
 #[test]
 fn open_file_cache_hits_and_serves_replacements_fresh() {
-    let server = server().no_tls().start();
+    // The hot set would answer these GETs from memory before the open-file cache is asked
+    // (tests/hot_set.rs covers it); this test is about the cache.
+    let server = server().no_tls().env("SLUICE_HOT_SET_BYTES", "0").start();
     if !uring_available(&server) {
         return;
     }
@@ -363,32 +365,41 @@ fn unprivileged_server(memlock_bytes: u64, extra: &[&str]) -> Option<(Server, te
     Some((b.start(), dir))
 }
 
-/// Without CAP_IPC_LOCK and with a 1 MiB memlock limit, the rings come up
-/// but the 16 MiB of fixed buffers cannot be registered: the engine says so
-/// once in the log and in /status, and serves (copy mode reads into the
-/// same buffers, unregistered).
+/// Without CAP_IPC_LOCK and with a 512 KiB memlock limit, the rings come up (their fixed
+/// buffers are registered on first use, so nothing is pinned at start), but 16 copy-mode
+/// reads at once need more 256 KiB buffers than the limit can pin: each ring says so once in
+/// the log, naming memlock, and serves on (those reads go into the same buffers,
+/// unregistered).
 #[test]
 fn refused_fixed_buffers_are_reported_once_and_serving_goes_on() {
-    let Some((server, _dir)) = unprivileged_server(1 << 20, &["--file-serving-mode", "copy"])
+    let Some((server, _dir)) = unprivileged_server(512 << 10, &["--file-serving-mode", "copy"])
     else {
         return;
     };
     let (on, mode) = engine_status(&server);
     if !on {
-        eprintln!("SKIP: no ring under a 1 MiB memlock limit here: {mode}");
+        eprintln!("SKIP: no ring under a 512 KiB memlock limit here: {mode}");
         return;
     }
-    assert!(mode.contains("fixed buffers not registered"), "{mode}");
-    assert!(mode.contains("memlock"), "says what to change: {mode}");
     let body = put_blob(&server, "/v1/artifacts/e/unreg", (1 << 20) + 3);
-    let r = server.send(Front::Http1, req("GET", "/v1/artifacts/e/unreg"));
-    assert_eq!((r.status, r.body == body), (200, true));
-    let warnings = server
-        .stderr()
-        .lines()
-        .filter(|l| l.contains("WARN") && l.contains("fixed buffers not registered"))
-        .count();
-    assert_eq!(warnings, 1, "{}", server.stderr());
+    for r in concurrent_gets(server.addr, "/v1/artifacts/e/unreg", 16) {
+        assert_eq!((r.status, r.body == body), (200, true));
+    }
+    let refusals = || {
+        server
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("fixed buffers: registration refused"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    wait_for("the refusal in the log", Duration::from_secs(10), || {
+        !refusals().is_empty()
+    });
+    let lines = refusals();
+    assert!(lines.iter().all(|l| l.contains("memlock")), "{lines:?}");
+    // Once per ring at most, however many reads were refused.
+    assert!(lines.len() <= 2, "{lines:?}");
 }
 
 /// With no memlock allowance at all, io_uring cannot set up a ring: the

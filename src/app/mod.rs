@@ -32,8 +32,11 @@ use crate::http1::{
 use crate::metrics::{write_metric, Metrics};
 use crate::route::{classify, Action, ArtifactKind, Route, RouteError};
 use crate::store::format::Meta;
-use crate::store::{DeleteAt, OpenCache, PutOptions, Store, StoreError};
+use crate::store::{
+    Artifact, DeleteAt, HotBody, HotEntry, HotGet, OpenCache, PutOptions, Store, StoreError,
+};
 pub use action_cache::{StoreCas, AC_CHECKED_BYTES_MAX};
+use bytes::Bytes;
 pub use fleet::{
     MissFetcher, MissReader, PeerService, PutFollowUp, Waiter, WriteListener, PEER_PREFIX,
 };
@@ -54,6 +57,7 @@ pub struct AppLimits {
 
 type MetricsSource = Box<dyn Fn(&mut String) + Send + Sync>;
 type StatusSource = Box<dyn Fn() -> (String, serde_json::Value) + Send + Sync>;
+type MemorySource = Box<dyn Fn() -> u64 + Send + Sync>;
 
 /// The application: router, store, auth and counters, shared by every front
 /// end through an `Arc`.
@@ -71,6 +75,9 @@ pub struct App {
     metrics_sources: RwLock<Vec<MetricsSource>>,
     /// Extra sections of `/status`, registered once at start.
     status_sources: RwLock<Vec<StatusSource>>,
+    /// Memory by part (`sluice_memory_bytes{part}`, `/status` `memory`), registered at start
+    /// by the parts that own memory (the engines' registered buffers).
+    memory_parts: RwLock<Vec<(&'static str, MemorySource)>>,
     /// What a fleet plugs in (peers, the object-store tier): the peer API,
     /// who answers a miss, who hears about acknowledged writes.
     fleet: fleet::Fleet,
@@ -97,6 +104,7 @@ impl App {
             started: Instant::now(),
             metrics_sources: RwLock::new(Vec::new()),
             status_sources: RwLock::new(Vec::new()),
+            memory_parts: RwLock::new(Vec::new()),
             fleet: fleet::Fleet::default(),
             turbo_events: turbo::EventCounts::default(),
             ac_checks: action_cache::AcChecks::default(),
@@ -171,6 +179,37 @@ impl App {
         if let Ok(mut sources) = self.status_sources.write() {
             sources.push(Box::new(source));
         }
+    }
+
+    /// Report `bytes()` as the memory of `part` in `/metrics` and `/status`.
+    pub fn add_memory_part(
+        &self,
+        part: &'static str,
+        bytes: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        if let Ok(mut parts) = self.memory_parts.write() {
+            parts.push((part, Box::new(bytes)));
+        }
+    }
+
+    /// Memory by part, bytes: the process's resident set, the hot set (its entries and its
+    /// sketches), the store's index (estimated, about 120 bytes an artifact), and what the
+    /// other parts registered.
+    pub fn memory(&self) -> Vec<(&'static str, u64)> {
+        let hot = self.store.hot_stats();
+        let mut parts = vec![
+            ("rss", resident_bytes()),
+            ("hot_set", hot.bytes),
+            ("hot_set_sketch", hot.sketch_bytes),
+            (
+                "store_index",
+                self.store.stats().entries * INDEX_BYTES_PER_ENTRY,
+            ),
+        ];
+        if let Ok(sources) = self.memory_parts.read() {
+            parts.extend(sources.iter().map(|(part, bytes)| (*part, bytes())));
+        }
+        parts
     }
 
     /// Start answering `/ready` with 503 (first shutdown phase).
@@ -328,6 +367,16 @@ impl App {
             return Ok(reply);
         }
         let nowait = files.as_ref().is_some_and(|cache| cache.nowait);
+        // An action result is checked for completeness on every read, so it never comes from
+        // the hot set while the check is on.
+        let checked = kind == ArtifactKind::Ac && self.limits.ac_completeness_check;
+        // The hot set first: a hit is answered from memory (or a large artifact's kept header
+        // and file), with no open, no header read and no page-cache lookup.
+        let miss = match (checked, self.store.hot_get(ns, key)) {
+            (true, _) | (_, HotGet::Off) => None,
+            (false, HotGet::Hit(entry)) => return Ok(answer_hot(req, &entry)),
+            (false, HotGet::Miss(miss)) => Some(miss),
+        };
         let opened = match files {
             Some(cache) => self.store.get_cached(ns, key, cache),
             None => self.store.get(ns, key),
@@ -369,7 +418,7 @@ impl App {
             Err(err) => return Ok(store_error(&err)),
         };
         // An action result is a hit only while every blob it names is in the CAS.
-        if kind == ArtifactKind::Ac && self.limits.ac_completeness_check {
+        if checked {
             match self.ac_incomplete(&artifact, nowait) {
                 Ok(None) => {}
                 Ok(Some(reply)) => return Ok(reply),
@@ -377,65 +426,19 @@ impl App {
                 Err(err) => return Ok(store_error(&err)),
             }
         }
-        let etag = artifact.etag();
-        let mut headers = vec![
-            ("etag", etag.clone()),
-            ("accept-ranges", "bytes".to_string()),
-            ("content-type", "application/octet-stream".to_string()),
-        ];
-        // The response headers a client asked to keep (Turborepo's
-        // `x-artifact-*`), on a 200 or 206 as on HEAD.
-        let kept_headers = artifact.meta.as_deref().map(kept_headers);
-        match evaluate(req.conditions(), Some(&etag), true) {
-            Precondition::Proceed => {}
-            Precondition::NotModified => {
-                headers.truncate(2);
-                return Ok(Reply {
-                    status: 304,
-                    headers,
-                    content_length: None,
-                    body: ReplyBody::Empty,
-                    close: false,
-                });
+        // Offer it to the hot set (a small body is read from the page cache only; a body not
+        // there, or one the admission refuses, is served from the file as before).
+        if let Some(miss) = miss {
+            if let Some(entry) = self.store.hot_admit(miss, &artifact) {
+                return Ok(answer_hot(req, &entry));
             }
-            Precondition::Failed => return Ok(precondition_failed()),
         }
-        // A Range under an If-Range that does not strongly match the current ETag is ignored
-        // (RFC 9110 13.1.5): the client holds part of another representation and must get
-        // the whole current one, never a piece of it to stitch onto the old.
-        let range = req
-            .range
-            .filter(|_| req.if_range.is_none_or(|value| if_range(value, &etag)));
+            }
+        }
+        let etag = artifact.etag();
         let len = artifact.len;
-        let (status, start, count) = match range.map(|r| parse_range(r, len)) {
-            None | Some(RangeOutcome::Full) => (200, 0, len),
-            Some(RangeOutcome::Partial {
-                start,
-                end_inclusive,
-            }) => {
-                headers.push(("content-range", content_range(start, end_inclusive, len)));
-                (206, start, end_inclusive - start + 1)
-            }
-            Some(RangeOutcome::Unsatisfiable) => {
-                let mut r = Reply::error(416, "range not satisfiable");
-                r.headers
-                    .push(("content-range", content_range_unsatisfied(len)));
-                return Ok(r);
-            }
-        };
-        let offset = artifact.body_offset + start;
-        headers.extend(kept_headers.into_iter().flatten());
-        Ok(Reply {
-            status,
-            headers,
-            content_length: Some(count),
-            body: ReplyBody::File {
-                artifact,
-                offset,
-                len: count,
-            },
-            close: false,
-        })
+        let meta = artifact.meta.clone();
+        Ok(answer(req, &etag, len, meta.as_deref(), Source::File(artifact)))
     }
 
     fn delete(&self, req: &RequestInfo<'_>, ns: &str, key: &str) -> Reply {
@@ -614,6 +617,33 @@ impl App {
             "1 once the background scan of the data directory has finished.",
             u8::from(stats.accounting_complete),
         );
+        let hot = self.store.hot_stats();
+        for (name, kind, help, value) in [
+            ("sluice_hot_set_hits_total", "counter", "GETs and HEADs answered from the hot set (memory), no open and no page-cache read.", hot.hits_total),
+            ("sluice_hot_set_misses_total", "counter", "GETs and HEADs the hot set did not hold.", hot.misses_total),
+            ("sluice_hot_set_admissions_total", "counter", "Artifacts admitted to the hot set.", hot.admissions_total),
+            ("sluice_hot_set_rejections_total", "counter", "Artifacts the hot set refused: asked no more often than what they would push out, or too large.", hot.rejections_total),
+            ("sluice_hot_set_stale_total", "counter", "Admissions refused because the artifact changed while it was read.", hot.stale_total),
+            ("sluice_hot_set_evictions_total", "counter", "Hot-set entries pushed out to admit others.", hot.evictions_total),
+            ("sluice_hot_set_invalidations_total", "counter", "Hot-set entries dropped because their artifact was replaced, deleted or evicted.", hot.invalidations_total),
+            ("sluice_hot_set_bytes", "gauge", "Bytes the hot set holds (bodies, keys and per-entry overhead).", hot.bytes),
+            ("sluice_hot_set_body_bytes", "gauge", "Artifact body bytes the hot set holds in memory.", hot.body_bytes),
+            ("sluice_hot_set_entries", "gauge", "Entries in the hot set.", hot.entries),
+            ("sluice_hot_set_budget_bytes", "gauge", "The hot set's budget (hot_set_bytes; 0 = off).", hot.budget_bytes),
+        ] {
+            write_metric(&mut out, name, kind, help, value);
+        }
+        {
+            use std::fmt::Write as _;
+            let name = "sluice_memory_bytes";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Memory by part, bytes (rss: the whole process's resident set).\n# TYPE {name} gauge"
+            );
+            for (part, bytes) in self.memory() {
+                let _ = writeln!(out, "{name}{{part=\"{part}\"}} {bytes}");
+            }
+        }
         write_metric(
             &mut out,
             "sluice_draining",
@@ -645,6 +675,8 @@ impl App {
                 "accounting_complete": stats.accounting_complete,
                 "tmpfile_mode": stats.tmpfile_mode,
             },
+            "hot_set": self.store.hot_stats(),
+            "memory": self.memory().into_iter().map(|(part, bytes)| (part.to_string(), serde_json::Value::from(bytes))).collect::<serde_json::Map<String, serde_json::Value>>(),
         });
         if let (Ok(sources), Some(map)) = (self.status_sources.read(), status.as_object_mut()) {
             for source in sources.iter() {
@@ -670,6 +702,122 @@ pub fn artifact_target(req: &RequestInfo<'_>) -> Option<(String, String)> {
         }
         _ => None,
     }
+}
+
+
+/// Where a GET's body comes from.
+enum Source {
+    File(Artifact),
+    Memory(Bytes),
+}
+
+/// A GET or HEAD answered from a hot-set entry.
+fn answer_hot(req: &RequestInfo<'_>, entry: &HotEntry) -> Reply {
+    let source = match &entry.body {
+        HotBody::Memory(bytes) => Source::Memory(bytes.clone()),
+        HotBody::File(file) => Source::File(Artifact {
+            file: Arc::clone(file),
+            body_offset: entry.body_offset,
+            len: entry.len,
+            sha256: entry.sha256,
+            meta: entry.meta.clone(),
+        }),
+    };
+    answer(req, &entry.etag, entry.len, entry.meta.as_deref(), source)
+}
+
+/// The reply to a GET or HEAD of an artifact of `len` bytes with ETag `etag`: its
+/// preconditions (304, 412), its range (206, 416), or the whole body (200), with the
+/// response headers it keeps (`meta`) on a 200 or 206.
+fn answer(
+    req: &RequestInfo<'_>,
+    etag: &str,
+    len: u64,
+    meta: Option<&Meta>,
+    source: Source,
+) -> Reply {
+    let mut headers = vec![
+        ("etag", etag.to_string()),
+        ("accept-ranges", "bytes".to_string()),
+        ("content-type", "application/octet-stream".to_string()),
+    ];
+    match evaluate(req.conditions(), Some(etag), true) {
+        Precondition::Proceed => {}
+        Precondition::NotModified => {
+            headers.truncate(2);
+            return Reply {
+                status: 304,
+                headers,
+                content_length: None,
+                body: ReplyBody::Empty,
+                close: false,
+            };
+        }
+        Precondition::Failed => return precondition_failed(),
+    }
+    // A Range under an If-Range that does not strongly match the current ETag is ignored
+    // (RFC 9110 13.1.5): the client holds part of another representation and must get
+    // the whole current one, never a piece of it to stitch onto the old.
+    let range = req
+        .range
+        .filter(|_| req.if_range.is_none_or(|value| if_range(value, etag)));
+    let (status, start, count) = match range.map(|r| parse_range(r, len)) {
+        None | Some(RangeOutcome::Full) => (200, 0, len),
+        Some(RangeOutcome::Partial {
+            start,
+            end_inclusive,
+        }) => {
+            headers.push(("content-range", content_range(start, end_inclusive, len)));
+            (206, start, end_inclusive - start + 1)
+        }
+        Some(RangeOutcome::Unsatisfiable) => {
+            let mut r = Reply::error(416, "range not satisfiable");
+            r.headers
+                .push(("content-range", content_range_unsatisfied(len)));
+            return r;
+        }
+    };
+    // The response headers a client asked to keep (Turborepo's `x-artifact-*`), on a 200
+    // or 206 as on HEAD.
+    headers.extend(meta.map(kept_headers).into_iter().flatten());
+    let body = match source {
+        Source::File(artifact) => {
+            let offset = artifact.body_offset + start;
+            ReplyBody::File {
+                artifact,
+                offset,
+                len: count,
+            }
+        }
+        // In memory, so `start + count <= len` fits the bytes (len is their length).
+        Source::Memory(bytes) => {
+            let from = usize::try_from(start)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
+            let to = usize::try_from(start + count)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
+            ReplyBody::Memory(bytes.slice(from..to))
+        }
+    };
+    Reply {
+        status,
+        headers,
+        content_length: Some(count),
+        body,
+        close: false,
+    }
+}
+
+/// The store index's memory per artifact, bytes (estimated: see `store::index`).
+const INDEX_BYTES_PER_ENTRY: u64 = 120;
+
+/// This process's resident set, bytes (`/proc/self/statm`); 0 where it cannot be read.
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * rustix::param::page_size() as u64)
 }
 
 /// Why [`App::get`] cannot answer yet.

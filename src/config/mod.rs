@@ -323,6 +323,11 @@ pub struct Config {
     pub store_bytes_max: u64,
     /// Sync policy for acknowledged writes. Default `always`.
     pub fsync: FsyncPolicy,
+    /// Memory for the hot set, bytes: artifacts asked for often (bodies up to 64 KiB, and the
+    /// headers and open files of larger ones) served from process memory, admitted by
+    /// frequency so a scan cannot push them out. 0 = off. Default 64 MiB; 0 or 1 MiB..=1 TiB.
+    #[serde(deserialize_with = "bytes")]
+    pub hot_set_bytes: u64,
     /// Largest request head in bytes (431 above). Default 16384, range 1024..=1 MiB.
     #[serde(deserialize_with = "bytes")]
     pub head_bytes_max: usize,
@@ -499,6 +504,7 @@ impl Default for Config {
             allow_anonymous_writes: false,
             store_bytes_max: 0,
             fsync: FsyncPolicy::Always,
+            hot_set_bytes: 64 * MIB,
             head_bytes_max: 16384,
             uri_bytes_max: 8192,
             body_bytes_max: 16 * GIB,

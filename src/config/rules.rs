@@ -90,6 +90,11 @@ fn listen_and_store_rules(c: &Config) -> Vec<Rule> {
              MiB, GiB, TiB (1024-based) or kB, MB, GB, TB (1000-based), e.g. \"10GiB\"",
         ),
         Rule::keyword::<FsyncPolicy>("fsync"),
+        Rule::new(
+            "hot_set_bytes",
+            c.hot_set_bytes == 0 || within(c.hot_set_bytes, MIB, TIB),
+            "a byte count, 0 to turn the hot set off or from 1 MiB to 1 TiB, e.g. \"64MiB\"",
+        ),
     ]
 }
 

@@ -818,15 +818,11 @@ impl Conn {
         self.out_sent = 0;
         let after = match reply.body {
             ReplyBody::Empty => AfterSend::Done,
-            ReplyBody::Bytes(bytes) => {
-                if !head_only {
-                    out.extend_from_slice(&bytes);
-                    self.app
-                        .metrics
-                        .add_response_bytes(crate::metrics::BytePath::RingCopy, bytes.len() as u64);
-                }
-                AfterSend::Done
-            }
+            ReplyBody::Bytes(bytes) => append_body(&self.app, out, &bytes, head_only),
+            // A hot-set entry (at most 64 KiB): copied behind the head, so head and body
+            // leave in one send, as a small body read from the page cache does, but
+            // without the read.
+            ReplyBody::Memory(bytes) => append_body(&self.app, out, &bytes, head_only),
             ReplyBody::File {
                 artifact,
                 offset,
@@ -875,6 +871,16 @@ impl Conn {
         self.state = State::SendingHead(after);
         Next::Send { more }
     }
+}
+
+/// Append a body held in memory behind the head in `out` (unless the request was a HEAD).
+fn append_body(app: &App, out: &mut Vec<u8>, body: &[u8], head_only: bool) -> AfterSend {
+    if !head_only {
+        out.extend_from_slice(body);
+        app.metrics
+            .add_response_bytes(crate::metrics::BytePath::RingCopy, body.len() as u64);
+    }
+    AfterSend::Done
 }
 
 /// If `reply` carries a small artifact body, read it into memory from the

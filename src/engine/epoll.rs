@@ -53,6 +53,21 @@ const EVENTS_PER_WAIT: usize = 256;
 const ACCEPTS_PER_TURN: usize = 64;
 /// Most of a file body one `sendfile` call moves (nginx's `sendfile_max_chunk` default).
 const SENDFILE_BYTES: usize = 2 << 20;
+/// The reader thread reads only cold bodies, in bulk: its reads queue below the rest of
+/// the process's where the device's scheduler honours priorities (`sluice_uring::ioprio`).
+fn lower_io_priority_once() {
+    thread_local!(static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    LOWERED.with(|lowered| {
+        if !lowered.replace(true) {
+            if let Err(err) =
+                sluice_uring::ioprio::set_current_thread(sluice_uring::ioprio::BULK_READ)
+            {
+                tracing::debug!(%err, "ioprio_set on the epoll reader thread refused");
+            }
+        }
+    });
+}
+
 /// A cold chunk the reader thread reads at once.
 const COLD_READ_BYTES: u64 = 1 << 20;
 /// Cold reads queued per core; past it a body waits for the next tick.
@@ -261,6 +276,7 @@ impl CoreLoop {
             COLD_QUEUE_MAX,
             waker.clone(),
             |job: ReadJob| {
+                lower_io_priority_once();
                 let mut data = vec![0u8; usize::try_from(job.len).unwrap_or(0)];
                 let data = job.file.read_exact_at(&mut data, job.offset).map(|()| data);
                 ReadDone {

@@ -376,6 +376,12 @@ fn into_response(app: &Arc<App>, mut reply: Reply, version: Version) -> Response
                 .add_response_bytes(BytePath::Fallback, bytes.len() as u64);
             body_from_bytes(bytes)
         }
+        // A hot-set entry: the shared bytes themselves, no read and no copy.
+        ReplyBody::Memory(bytes) => {
+            app.metrics
+                .add_response_bytes(BytePath::Fallback, bytes.len() as u64);
+            body_from_bytes(bytes)
+        }
         ReplyBody::File {
             artifact,
             offset,

@@ -56,6 +56,10 @@ pub struct Index {
     hasher: RandomState,
     bytes: AtomicU64,
     entries: AtomicU64,
+    /// The hot set, told under the shard lock about every name that changes (see
+    /// [`super::hot`]): every publish and unlink goes through [`Locked::upsert`] or
+    /// [`Locked::remove`], so no path can change an artifact and leave its old body hot.
+    pub hot: super::hot::HotSet,
 }
 
 impl Default for Index {
@@ -80,6 +84,7 @@ impl Index {
             hasher: RandomState::new(),
             bytes: AtomicU64::new(0),
             entries: AtomicU64::new(0),
+            hot: super::hot::HotSet::new(),
         }
     }
 
@@ -162,6 +167,7 @@ impl Locked<'_> {
     /// Records a publish: the new file replaces whatever the index had.
     pub fn upsert(&mut self, rel: &str, entry: Entry) {
         self.shard.changes.fetch_add(1, Ordering::Release);
+        self.index.hot.invalidate(rel);
         match self.map.get_mut(rel) {
             Some(old) => {
                 self.index
@@ -221,6 +227,7 @@ impl Locked<'_> {
     pub fn remove(&mut self, rel: &str) -> Option<Entry> {
         self.shard.unlinks.fetch_add(1, Ordering::Release);
         self.shard.changes.fetch_add(1, Ordering::Release);
+        self.index.hot.invalidate(rel);
         let old = self.map.remove(rel)?;
         self.index
             .bytes

@@ -38,6 +38,7 @@
 
 mod background;
 pub mod format;
+mod hot;
 mod index;
 mod layout;
 #[cfg(test)]
@@ -45,6 +46,9 @@ mod tests;
 mod tombstone;
 
 pub use background::millis as background_millis;
+pub use hot::{
+    HotBody, HotEntry, HotGet, HotMiss, HotStats, ENTRY_OVERHEAD_BYTES, HOT_BODY_BYTES_MAX,
+};
 pub use index::{INDEX_ENTRIES_MAX, SHARDS};
 pub use layout::{
     file_name, key_of_file_name, relative_path, shard_dir, valid_key, valid_key_part,

@@ -4,7 +4,12 @@
 //!
 //! # Ownership
 //!
-//! Both are allocated once, at start, and never grow. A buffer is handed out
+//! Both are reserved once, at start, and never grow past that: the memory is an anonymous
+//! mapping, so a page costs nothing until something writes it. The fixed pool registers a
+//! sparse table with the ring at start and each buffer only when it is first leased
+//! ([`FixedBufferPool::register_upto`]), so the pinned (resident) part of the pool is as
+//! large as the most buffers ever leased at once, not the whole pool (two rings pinned
+//! 32 MiB at start before, most of an idle server's RSS). A buffer is handed out
 //! as an RAII lease ([`FixedLease`], [`BufLease`]); a lease is the only way
 //! to reach the buffer's bytes, and the driver takes the lease *by value*
 //! into the [`crate::Op`] that uses it, so while the kernel may write into a
@@ -32,27 +37,43 @@ pub const FIXED_BUFFER_BYTES_MAX: usize = 1 << 30;
 /// Upper bound on entries in a provided-buffer ring (kernel limit 32768).
 pub const BUF_RING_ENTRIES_MAX: u16 = 32768;
 
-/// A zeroed, page-aligned heap allocation that is freed on drop.
+/// A zeroed, page-aligned anonymous mapping that is unmapped on drop. Its pages are
+/// faulted in (and count as resident) only when first written or pinned, so reserving a
+/// pool costs address space, not memory.
 ///
-/// Invariant: `ptr` points to `layout.size()` bytes allocated with `layout`
-/// by the global allocator, and nothing else frees them.
+/// Invariant: `ptr` is the start of a private anonymous mapping of `len` bytes made by
+/// `mmap`, and nothing else unmaps it.
 pub(crate) struct PageAlloc {
     ptr: NonNull<u8>,
-    layout: Layout,
+    len: usize,
 }
 
 impl PageAlloc {
-    /// Allocates `size_bytes` (rounded up to a page) zeroed bytes.
+    /// Maps `size_bytes` (rounded up to a page) zeroed bytes.
     pub(crate) fn new(size_bytes: usize) -> Result<PageAlloc, Errno> {
         let size = size_bytes
             .max(1)
             .checked_next_multiple_of(PAGE_BYTES)
             .ok_or(Errno::EINVAL)?;
-        let layout = Layout::from_size_align(size, PAGE_BYTES).map_err(|_| Errno::EINVAL)?;
-        // SAFETY: `layout` has a non-zero size (at least one page).
-        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).ok_or(Errno(libc::ENOMEM))?;
-        Ok(PageAlloc { ptr, layout })
+        // Checked here so the layout of a mapping is always a valid allocation size.
+        Layout::from_size_align(size, PAGE_BYTES).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: a fresh private anonymous mapping at an address the kernel picks aliases
+        // no other memory; the arguments are plain values.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(Errno::from_io(&std::io::Error::last_os_error()));
+        }
+        let ptr = NonNull::new(raw.cast::<u8>()).ok_or(Errno(libc::ENOMEM))?;
+        Ok(PageAlloc { ptr, len: size })
     }
 
     pub(crate) fn ptr(&self) -> *mut u8 {
@@ -66,11 +87,11 @@ impl PageAlloc {
 
 impl Drop for PageAlloc {
     fn drop(&mut self) {
-        // SAFETY: `ptr` was allocated with `layout` (type invariant) and this
-        // is the only place that frees it. Callers that hand the memory to
-        // the kernel keep the PageAlloc alive (through an Rc held by the
-        // Driver and every lease) until the kernel is done with it.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+        // SAFETY: `ptr` and `len` describe our own mapping (type invariant) and this is the
+        // only place that unmaps it. Callers that hand the memory to the kernel keep the
+        // PageAlloc alive (through an Rc held by the Driver and every lease) until the
+        // kernel is done with it.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 
@@ -108,6 +129,13 @@ struct PoolInner {
     free: RefCell<Vec<u16>>,
     /// The id of the driver whose ring has the pool registered.
     registered_to: Cell<Option<u64>>,
+    /// Buffers `0..registered_upto` are registered in the ring's sparse table; the rest are
+    /// registered on first lease (leases hand out the lowest free index, so the buffers
+    /// ever leased are always a prefix).
+    registered_upto: Cell<u16>,
+    /// Registering a buffer failed (memlock): the ones after it stay unregistered and are
+    /// read with plain `READ` on the same memory.
+    grow_refused: Cell<bool>,
     refused: RefCell<Option<RegistrationRefused>>,
 }
 
@@ -145,6 +173,8 @@ impl FixedBufferPool {
                 buf_bytes,
                 free: RefCell::new(free),
                 registered_to: Cell::new(None),
+                registered_upto: Cell::new(0),
+                grow_refused: Cell::new(false),
                 refused: RefCell::new(None),
             }),
         })
@@ -180,6 +210,52 @@ impl FixedBufferPool {
         self.inner.registered_to.set(driver_id);
     }
 
+    /// Buffers registered (and so pinned) so far: the most ever leased at once.
+    pub fn registered_count(&self) -> u16 {
+        self.inner.registered_upto.get()
+    }
+
+    /// Bytes of the pool that are registered (pinned, resident).
+    pub fn registered_bytes(&self) -> u64 {
+        u64::from(self.registered_count()) * self.inner.buf_bytes as u64
+    }
+
+    /// Whether the buffer `index` is registered with the ring (else it is read and written
+    /// with the plain opcodes).
+    pub(crate) fn index_registered(&self, index: u16) -> bool {
+        self.registered() && index < self.inner.registered_upto.get()
+    }
+
+    /// Registers buffers up to and including `index` in the ring's sparse table, if they
+    /// are not yet. A refusal is remembered and later buffers stay unregistered.
+    pub(crate) fn register_upto(&self, submitter: &io_uring::Submitter<'_>, index: u16) {
+        let inner = &self.inner;
+        let from = inner.registered_upto.get();
+        if !self.registered() || index < from || index >= inner.count || inner.grow_refused.get() {
+            return;
+        }
+        let iovecs: Vec<libc::iovec> = (from..=index)
+            .map(|i| libc::iovec {
+                // SAFETY: i < count, so the offset stays inside the allocation of
+                // count * buf_bytes bytes.
+                iov_base: unsafe { inner.mem.ptr().add(usize::from(i) * inner.buf_bytes) }.cast(),
+                iov_len: inner.buf_bytes,
+            })
+            .collect();
+        // SAFETY: as in `register`: every iovec covers memory owned by `inner.mem`, which
+        // the Driver keeps alive until after the ring is closed.
+        match unsafe { submitter.register_buffers_update(u32::from(from), &iovecs, None) } {
+            Ok(()) => inner.registered_upto.set(index + 1),
+            Err(err) => {
+                inner.grow_refused.set(true);
+                *inner.refused.borrow_mut() = Some(RegistrationRefused::from_errno(
+                    Errno::from_io(&err),
+                    usize::from(index + 1) * inner.buf_bytes,
+                ));
+            }
+        }
+    }
+
     /// Why registration was refused, if it was tried and refused.
     pub fn refused(&self) -> Option<RegistrationRefused> {
         self.inner.refused.borrow().clone()
@@ -196,26 +272,18 @@ impl FixedBufferPool {
         })
     }
 
-    /// Registers the pool's buffers with `submitter`'s ring. On failure the
-    /// pool stays usable unregistered and remembers why.
+    /// Registers a sparse table for the pool's buffers with `submitter`'s ring; each buffer
+    /// goes into it when first leased ([`Self::register_upto`]). On failure the pool stays
+    /// usable unregistered and remembers why.
     pub(crate) fn register(
         &self,
         submitter: &io_uring::Submitter<'_>,
     ) -> Result<(), RegistrationRefused> {
         let inner = &self.inner;
-        let iovecs: Vec<libc::iovec> = (0..usize::from(inner.count))
-            .map(|i| libc::iovec {
-                // SAFETY: i < count, so the offset stays inside the
-                // allocation of count * buf_bytes bytes.
-                iov_base: unsafe { inner.mem.ptr().add(i * inner.buf_bytes) }.cast(),
-                iov_len: inner.buf_bytes,
-            })
-            .collect();
-        // SAFETY: every iovec covers memory owned by `inner.mem`, which lives
-        // as long as any handle to the pool; the Driver keeps a handle until
-        // after the ring is closed, so the buffers stay valid for as long as
-        // they are registered.
-        let result = unsafe { submitter.register_buffers(&iovecs) };
+        inner.registered_upto.set(0);
+        inner.grow_refused.set(false);
+        // Nothing is pinned yet: the table's slots are empty until `register_upto`.
+        let result = submitter.register_buffers_sparse(u32::from(inner.count));
         match result {
             Ok(()) => {
                 *inner.refused.borrow_mut() = None;
@@ -270,9 +338,9 @@ impl FixedLease {
         self.len = len.min(self.capacity());
     }
 
-    /// Whether the pool is registered with the ring.
+    /// Whether this buffer is registered with the ring.
     pub fn registered(&self) -> bool {
-        self.pool.registered_to.get().is_some()
+        self.pool.registered_to.get().is_some() && self.index < self.pool.registered_upto.get()
     }
 
     /// The bytes that hold data.

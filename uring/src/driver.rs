@@ -534,6 +534,9 @@ pub struct DriverConfig {
     pub register_fixed_buffers: bool,
     /// Provided-buffer rings at most; default [`BUF_RINGS_MAX_DEFAULT`].
     pub buf_rings_max: u16,
+    /// I/O priority (`ioprio_set` encoding) of `ReadFixed` reads, the bulk file reads; 0
+    /// leaves the submitting thread's. Default 0.
+    pub read_ioprio: u16,
 }
 
 impl Default for DriverConfig {
@@ -545,6 +548,7 @@ impl Default for DriverConfig {
             fixed_buffer_bytes: FIXED_BUFFER_BYTES_DEFAULT,
             register_fixed_buffers: true,
             buf_rings_max: BUF_RINGS_MAX_DEFAULT,
+            read_ioprio: 0,
         }
     }
 }
@@ -687,6 +691,7 @@ pub struct Driver {
     shutting_down: bool,
     id: u64,
     stats: DriverStats,
+    read_ioprio: u16,
 }
 
 impl Driver {
@@ -726,6 +731,7 @@ impl Driver {
             shutting_down: false,
             id: NEXT_DRIVER_ID.fetch_add(1, Ordering::Relaxed),
             stats: DriverStats::default(),
+            read_ioprio: config.read_ioprio,
         };
         if config.register_fixed_buffers {
             // A refusal is remembered in the pool; the driver works either way.
@@ -761,7 +767,9 @@ impl Driver {
     /// `None` when fixed buffers are registered; else why not.
     pub fn fixed_buffers_refused(&self) -> Option<RegistrationRefused> {
         if self.pool.registered_to() == Some(self.id) {
-            None
+            // The table is registered; a buffer registered on its first lease may still
+            // have been refused (memlock), and the ones after it stay unregistered.
+            self.pool.refused()
         } else {
             self.pool.refused().or_else(|| {
                 Some(RegistrationRefused {
@@ -891,6 +899,15 @@ impl Driver {
                 kind: SubmitErrorKind::ShuttingDown,
                 op,
             });
+        }
+        // A fixed buffer leased for the first time goes into the ring's sparse table now
+        // (see `FixedBufferPool::register_upto`); if that is refused the op reads or
+        // writes the same memory with the plain opcode.
+        if let Op::ReadFixed { buf, .. } | Op::WriteFixed { buf, .. } = &op {
+            if self.pool.registered_to() == Some(self.id) {
+                self.pool
+                    .register_upto(&self.ring.inner_ref().submitter(), buf.index());
+            }
         }
         let need = if link.is_some() { 2 } else { 1 };
         if self.ring.sq_space_left() < need {
@@ -1068,20 +1085,22 @@ impl Driver {
             Op::ReadFixed { file, offset, buf } => {
                 let cap = u32::try_from(buf.capacity()).unwrap_or(u32::MAX);
                 let ptr = buf.ptr();
-                if registered {
+                if registered && self.pool.index_registered(buf.index()) {
                     opcode::ReadFixed::new(types::Fd(file.as_raw_fd()), ptr, cap, buf.index())
                         .offset(*offset)
+                        .ioprio(self.read_ioprio)
                         .build()
                 } else {
                     opcode::Read::new(types::Fd(file.as_raw_fd()), ptr, cap)
                         .offset(*offset)
+                        .ioprio(self.read_ioprio)
                         .build()
                 }
             }
             Op::WriteFixed { file, offset, buf } => {
                 let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
                 let ptr = buf.ptr().cast_const();
-                if registered {
+                if registered && self.pool.index_registered(buf.index()) {
                     opcode::WriteFixed::new(types::Fd(file.as_raw_fd()), ptr, len, buf.index())
                         .offset(*offset)
                         .build()

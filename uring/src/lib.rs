@@ -76,6 +76,7 @@ pub mod buffers;
 pub mod driver;
 pub mod errno;
 pub mod inherit;
+pub mod ioprio;
 pub mod pipe;
 pub mod probe;
 pub mod residency;

@@ -358,7 +358,12 @@ fn read_fixed_write_fixed_round_trip() {
         return;
     };
     eprintln!("fixed buffers registered: {:?}", d.fixed_buffers_refused());
+    // Nothing is pinned until a buffer is used; then only what was used at once (one).
+    assert_eq!(d.fixed_buffers().registered_count(), 0);
     round_trip_fixed(&mut d);
+    assert!(d.fixed_buffers_refused().is_none());
+    assert_eq!(d.fixed_buffers().registered_count(), 1);
+    assert_eq!(d.fixed_buffers().registered_bytes(), 8192);
 }
 
 fn round_trip_fixed(d: &mut Driver) {
@@ -753,20 +758,22 @@ fn registration_refused_falls_back_to_unregistered() {
         };
         // SAFETY: valid rlimit pointer.
         assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &low) }, 0);
+        // Buffers are registered when first leased (nothing is pinned at start), so the
+        // refusal comes with the first read: a 128 KiB buffer over a 64 KiB limit.
         let config = DriverConfig {
             ops_max: 8,
             fixed_buffers_count: 16,
-            fixed_buffer_bytes: 64 * 1024,
+            fixed_buffer_bytes: 128 * 1024,
             ..DriverConfig::default()
         };
         let driver = Driver::new(config);
+        let mut d = driver.expect("driver");
+        assert!(d.fixed_buffers_refused().is_none(), "nothing pinned yet");
+        round_trip_fixed(&mut d);
         // SAFETY: valid rlimit pointer.
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &old) };
-        let mut d = driver.expect("driver without fixed buffers");
-        let refused = d.fixed_buffers_refused();
-        assert!(!d.fixed_buffers().registered());
-        round_trip_fixed(&mut d);
-        refused
+        assert_eq!(d.fixed_buffers().registered_count(), 0);
+        d.fixed_buffers_refused()
     })
     .join()
     .unwrap();

@@ -175,6 +175,9 @@ impl CoreLoop {
             fixed_buffer_bytes: FIXED_BUFFER_BYTES,
             register_fixed_buffers: true,
             buf_rings_max: 1,
+            // Cold body reads queue below everything else this process reads, where the
+            // device's scheduler honours it (see `sluice_uring::ioprio`).
+            read_ioprio: sluice_uring::ioprio::BULK_READ,
         })
         .map_err(|e| std::io::Error::from_raw_os_error(e.0))?;
         let pipe_max = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
@@ -376,6 +379,17 @@ impl CoreLoop {
         if let Some(s) = self.core_stats() {
             s.connections.store(live, Ordering::Relaxed);
             s.open_file_hits_total.store(hits, Ordering::Relaxed);
+            s.fixed_buffers_pinned_bytes.store(
+                self.driver.fixed_buffers().registered_bytes(),
+                Ordering::Relaxed,
+            );
+            // Buffers are registered on first use, so a memlock refusal can come long after
+            // start: say so once (later buffers are read unregistered, which still works).
+            if let Some(refused) = self.driver.fixed_buffers_refused() {
+                if s.fixed_buffers_registered.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(core = self.core, reason = %refused.reason, "fixed buffers: registration refused");
+                }
+            }
             s.open_file_misses_total.store(misses, Ordering::Relaxed);
             s.submissions_total
                 .store(ring.submissions, Ordering::Relaxed);

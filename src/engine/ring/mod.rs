@@ -127,6 +127,9 @@ pub struct CoreStats {
     pub open_file_hits_total: AtomicU64,
     pub open_file_misses_total: AtomicU64,
     pub fixed_buffers_registered: AtomicBool,
+    /// Bytes of this ring's fixed buffers registered (pinned) so far: buffers are
+    /// registered when first leased, so this is the most ever in use at once.
+    pub fixed_buffers_pinned_bytes: AtomicU64,
     /// GETs whose artifact had to be opened off the engine thread.
     pub cold_opens_total: AtomicU64,
     /// File chunks read through the ring (io-wq) because they were not in
@@ -177,6 +180,13 @@ impl RingEngine {
                 engine.run(&signal);
             },
         )?;
+        let pinned = Arc::clone(&stats);
+        app.add_memory_part("fixed_buffers", move || {
+            pinned
+                .iter()
+                .map(|s| s.fixed_buffers_pinned_bytes.load(Ordering::Relaxed))
+                .sum()
+        });
         Ok(RingEngine {
             threads,
             task_queues,
