@@ -433,8 +433,6 @@ impl App {
                 return Ok(answer_hot(req, &entry));
             }
         }
-            }
-        }
         let etag = artifact.etag();
         let len = artifact.len;
         let meta = artifact.meta.clone();

@@ -17,6 +17,39 @@ use crate::app::{App, Decision, PutSink, Reply, ReplyBody, RequestInfo};
 use crate::auth::{Access, Denied};
 use crate::store::Artifact;
 
+/// A stored blob as a read found it: its open file, or its body in memory (a hot-set hit).
+#[derive(Clone)]
+pub enum Stored {
+    File(Arc<Artifact>),
+    Memory(bytes::Bytes),
+}
+
+impl Stored {
+    /// The body's length, bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Stored::File(artifact) => artifact.len,
+            Stored::Memory(bytes) => bytes.len() as u64,
+        }
+    }
+
+    /// Fill `buf` from the body at `at`; an error when the body is shorter.
+    pub fn read_exact_at(&self, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+        match self {
+            Stored::File(artifact) => artifact.file.read_exact_at(buf, artifact.body_offset + at),
+            Stored::Memory(bytes) => {
+                let from = usize::try_from(at).unwrap_or(usize::MAX);
+                let piece = from
+                    .checked_add(buf.len())
+                    .and_then(|to| bytes.get(from..to))
+                    .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+                buf.copy_from_slice(piece);
+                Ok(())
+            }
+        }
+    }
+}
+
 /// What every service holds.
 pub struct Shared {
     pub app: Arc<App>,
@@ -135,7 +168,7 @@ impl Shared {
         caller: &Caller,
         ns: &str,
         key: &str,
-    ) -> Result<Option<Artifact>, Status> {
+    ) -> Result<Option<Stored>, Status> {
         let path = format!("/{ns}/{key}");
         let info = RequestInfo {
             method: "GET",
@@ -149,7 +182,13 @@ impl Shared {
                 status: 200,
                 body: ReplyBody::File { artifact, .. },
                 ..
-            }) => Ok(Some(artifact)),
+            }) => Ok(Some(Stored::File(Arc::new(artifact)))),
+            // A hot-set hit: the whole body (the request named no range).
+            Decision::Reply(Reply {
+                status: 200,
+                body: ReplyBody::Memory(bytes),
+                ..
+            }) => Ok(Some(Stored::Memory(bytes))),
             Decision::Reply(reply) if reply.status == 404 => Ok(None),
             Decision::Reply(reply) => Err(status_of(&reply)),
             Decision::Fetch { .. } => Ok(None),
@@ -163,11 +202,11 @@ impl Shared {
         &self,
         caller: &Caller,
         blob: &Blob,
-    ) -> Result<Option<Artifact>, Status> {
+    ) -> Result<Option<Stored>, Status> {
         Ok(self
             .open(caller, "cas", &blob.hash)
             .await?
-            .filter(|artifact| artifact.len == blob.size_bytes))
+            .filter(|stored| stored.len() == blob.size_bytes))
     }
 
     /// Start a write of `len` bytes to `ns/key` for `caller` (auth, limits, the fleet's
@@ -316,11 +355,10 @@ pub async fn commit(sink: PutSink) -> Result<(), Status> {
 }
 
 /// The whole body of a (small) artifact.
-pub fn read_all(artifact: &Artifact) -> Result<Vec<u8>, Status> {
-    let mut body = vec![0u8; artifact.len as usize];
-    artifact
-        .file
-        .read_exact_at(&mut body, artifact.body_offset)
+pub fn read_all(stored: &Stored) -> Result<Vec<u8>, Status> {
+    let mut body = vec![0u8; stored.len() as usize];
+    stored
+        .read_exact_at(&mut body, 0)
         .map_err(|e| Status::internal(format!("cannot read a stored blob: {e}")))?;
     Ok(body)
 }

@@ -7,7 +7,7 @@ use bazel_remote_apis::build::bazel::semver::SemVer;
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
-use super::access::{accept, blob_of, check_instance, commit, read_all, Caller, Shared};
+use super::access::{accept, blob_of, check_instance, commit, read_all, Caller, Shared, Stored};
 use super::BATCH_TOTAL_BYTES_MAX;
 use crate::action_result::{self, Blob};
 use crate::auth::Access;
@@ -98,7 +98,7 @@ impl ActionCache {
             // Incomplete here, perhaps not in the fleet: bring the missing blobs, ask again.
             if let Ok(Some(stored)) = app.store.get("ac", &action.hash) {
                 if stored.len <= crate::app::AC_CHECKED_BYTES_MAX {
-                    if let Some(result) = action_result::decode(&read_all(&stored)?) {
+                    if let Some(result) = action_result::decode(&read_all(&Stored::File(Arc::new(stored)))?) {
                         shared.missing_after_fill(&result).await?;
                         artifact = shared.open(caller, "ac", &action.hash).await?;
                     }
@@ -108,10 +108,10 @@ impl ActionCache {
         let Some(artifact) = artifact else {
             return Ok(None);
         };
-        if artifact.len > crate::app::AC_CHECKED_BYTES_MAX {
+        if artifact.len() > crate::app::AC_CHECKED_BYTES_MAX {
             return Err(Status::resource_exhausted(format!(
                 "the stored action result is {} bytes; at most {} are served",
-                artifact.len,
+                artifact.len(),
                 crate::app::AC_CHECKED_BYTES_MAX
             )));
         }

@@ -3,7 +3,6 @@
 //! QueryWriteStatus.
 
 use std::io::Write as _;
-use std::os::unix::fs::FileExt as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -23,7 +22,7 @@ use super::resource::{self, Resource};
 use crate::action_result::Blob;
 use crate::app::PutSink;
 use crate::auth::Access;
-use crate::store::Artifact;
+use super::access::Stored;
 
 /// Bytes of a blob read per `ReadResponse` (each read is one positioned read on the
 /// blocking pool; messages stay well under clients' 4 MiB limit).
@@ -182,7 +181,7 @@ impl Stream for ReadStream {
 /// Send `start..end` of `artifact`'s body, plain or as one zstd frame, one message per
 /// [`READ_CHUNK_BYTES`] read; stops when the client goes.
 async fn produce(
-    artifact: Option<Artifact>,
+    artifact: Option<Stored>,
     start: u64,
     end: u64,
     zstd: bool,
@@ -206,15 +205,13 @@ async fn produce(
     loop {
         let want = (end - at).min(READ_CHUNK_BYTES);
         let last = at + want == end;
-        let file = artifact
-            .as_ref()
-            .map(|a| (Arc::clone(&a.file), a.body_offset));
+        let source = artifact.clone();
         // The read (and the compression) on the blocking pool: a cold blob waits for the
         // disk there, not on a fallback worker.
         let step = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
             let mut data = vec![0u8; want as usize];
-            if let Some((file, body_offset)) = file {
-                file.read_exact_at(&mut data, body_offset + at)?;
+            if let Some(source) = source {
+                source.read_exact_at(&mut data, at)?;
             }
             match encoder {
                 None => Ok((data, None)),
