@@ -188,6 +188,9 @@ pub enum OpKind {
     Connect = 14,
     PollAdd = 15,
     Fadvise = 16,
+    // 17 is taken by a receive with timestamps on another branch.
+    Fsync = 18,
+    SyncFileRange = 19,
 }
 
 impl OpKind {
@@ -210,6 +213,8 @@ impl OpKind {
             14 => Connect,
             15 => PollAdd,
             16 => Fadvise,
+            18 => Fsync,
+            19 => SyncFileRange,
             _ => return None,
         })
     }
@@ -377,6 +382,23 @@ pub enum Op {
     /// result is the ready mask. Lets the engine do a non-blocking syscall
     /// itself and wait on the ring only when it would block.
     PollAdd { fd: SharedFd, events: u32 },
+    /// `fsync(file)` (or `fdatasync` with `datasync`) through the ring: the
+    /// kernel runs it on an io-wq worker, so the submitting thread never
+    /// waits for the disk, and the completion says the data (and, without
+    /// `datasync`, all metadata) of `file` is on stable storage. Several can
+    /// be in flight at once; the device merges their cache flushes.
+    Fsync { file: SharedFd, datasync: bool },
+    /// `sync_file_range(file, offset, len, flags)` through the ring. With
+    /// `SYNC_FILE_RANGE_WRITE` it starts write-back of the range's dirty
+    /// pages and returns, so a later `fdatasync` has little left to wait
+    /// for; it promises nothing about durability (no metadata, no cache
+    /// flush). `len` 0 means to the end of the file.
+    SyncFileRange {
+        file: SharedFd,
+        offset: u64,
+        len: u32,
+        flags: u32,
+    },
     /// `posix_fadvise(file, offset, len, advice)` through the ring. With
     /// `POSIX_FADV_WILLNEED` the kernel starts reading the range into the
     /// page cache on an io-wq worker: read-ahead that never blocks the
@@ -409,6 +431,8 @@ impl Op {
             Op::Connect { .. } => OpKind::Connect,
             Op::PollAdd { .. } => OpKind::PollAdd,
             Op::Fadvise { .. } => OpKind::Fadvise,
+            Op::Fsync { .. } => OpKind::Fsync,
+            Op::SyncFileRange { .. } => OpKind::SyncFileRange,
         }
     }
 }
@@ -1141,6 +1165,28 @@ impl Driver {
             Op::PollAdd { fd, events } => {
                 opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), *events).build()
             }
+            Op::Fsync { file, datasync } => {
+                let flags = if *datasync {
+                    types::FsyncFlags::DATASYNC
+                } else {
+                    types::FsyncFlags::empty()
+                };
+                opcode::Fsync::new(types::Fd(file.as_raw_fd()))
+                    .flags(flags)
+                    .build()
+            }
+            Op::SyncFileRange {
+                file,
+                offset,
+                len,
+                flags,
+            } => {
+                i64::try_from(*offset).ok()?;
+                opcode::SyncFileRange::new(types::Fd(file.as_raw_fd()), *len)
+                    .offset(*offset)
+                    .flags(*flags)
+                    .build()
+            }
         })
     }
 
@@ -1460,7 +1506,9 @@ impl Driver {
             | Op::Nop
             | Op::Connect { .. }
             | Op::PollAdd { .. }
-            | Op::Fadvise { .. } => Returned::Nothing,
+            | Op::Fadvise { .. }
+            | Op::Fsync { .. }
+            | Op::SyncFileRange { .. } => Returned::Nothing,
         }
     }
 
@@ -1667,10 +1715,10 @@ mod tests {
             assert_eq!(UserData::unpack(ud.pack()), ud);
         }
         assert_eq!(UserData::unpack(0).tag, 0, "tag 0 is never a live op");
-        for t in 1..=16u8 {
+        for t in (1..=16u8).chain([18, 19]) {
             assert_eq!(OpKind::from_tag(t).map(|k| k as u8), Some(t));
         }
-        for t in [0u8, 17, tag::WAKE, tag::CANCEL, tag::LINK_TIMEOUT] {
+        for t in [0u8, 17, 20, tag::WAKE, tag::CANCEL, tag::LINK_TIMEOUT] {
             assert_eq!(OpKind::from_tag(t), None);
         }
     }
