@@ -273,6 +273,20 @@ impl PutSink {
         }
     }
 
+    /// The front end starts the write-back of the body's file itself, from
+    /// [`PutSink::take_writeback`] (the ring engine, as a ring operation).
+    pub fn defer_writeback(&mut self) {
+        if let Some(writer) = self.writer.as_mut() {
+            writer.defer_writeback();
+        }
+    }
+
+    /// After [`PutSink::defer_writeback`]: a range of the body's file whose
+    /// write-back should start now (`fd`, offset, length).
+    pub fn take_writeback(&mut self) -> Option<(std::os::fd::OwnedFd, u64, u64)> {
+        self.writer.as_mut()?.take_writeback()
+    }
+
     /// The body limit that applies to this PUT, in bytes.
     pub fn body_bytes_max(&self) -> u64 {
         self.body_bytes_max

@@ -412,3 +412,39 @@ fn records_round_trip_and_damage_is_refused() {
         assert!(!intact, "flipping byte {i} went unnoticed");
     }
 }
+
+#[test]
+fn write_back_starts_every_few_mib_here_or_by_the_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    // Deferred: the caller is told which ranges to start, each once.
+    let mut w = store
+        .begin_put("wb", "deferred", PutOptions::default())
+        .unwrap();
+    w.defer_writeback();
+    let mut started = Vec::new();
+    for _ in 0..10 {
+        w.write(&chunk).unwrap();
+        if let Some((fd, offset, len)) = w.take_writeback() {
+            drop(fd);
+            started.push((offset, len));
+        }
+    }
+    assert_eq!(started.len(), 2, "{started:?}");
+    assert_eq!(started[0].0, 0);
+    assert_eq!(started[1].0, started[0].1, "contiguous ranges");
+    assert!(started.iter().all(|(_, len)| *len >= WRITEBACK_BYTES));
+    assert!(w.take_writeback().is_none());
+    w.commit().unwrap();
+    // Inline (the default): the same body, started by the writer itself.
+    let mut w = store
+        .begin_put("wb", "inline", PutOptions::default())
+        .unwrap();
+    for _ in 0..10 {
+        w.write(&chunk).unwrap();
+        assert!(w.take_writeback().is_none());
+    }
+    w.commit().unwrap();
+    assert_eq!(body(&store, "wb", "inline").unwrap().len(), 10 << 20);
+}

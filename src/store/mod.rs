@@ -1089,6 +1089,9 @@ impl Store {
             write_time_ms: options.write_time_ms,
             last_writer_wins: options.last_writer_wins,
             failed: false,
+            writeback_from: 0,
+            writeback_deferred: false,
+            writeback_pending: None,
         };
         if let Some(len) = options.expected_len.filter(|len| *len > 0) {
             writer.reserve(len)?;
@@ -1179,6 +1182,10 @@ impl Store {
 /// (chunked encoding) does not become a stream of small syscalls.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
+/// Under `fsync = always`, write-back of an upload's file is started every
+/// this many bytes while the body arrives (see `PutWriter::start_writeback`).
+pub const WRITEBACK_BYTES: u64 = 4 * 1024 * 1024;
+
 /// Opens the temp file for an upload into `dir_fd` and locks it (see the
 /// module docs). Returns the file and, for a named temp, its name in `.tmp/`.
 fn open_temp(
@@ -1260,6 +1267,12 @@ pub struct PutWriter {
     write_time_ms: Option<u64>,
     last_writer_wins: bool,
     failed: bool,
+    /// Write-back of the file from here on has not been started.
+    writeback_from: u64,
+    /// The caller starts write-back itself ([`PutWriter::take_writeback`]).
+    writeback_deferred: bool,
+    /// A range whose write-back the caller should start.
+    writeback_pending: Option<(u64, u64)>,
 }
 
 impl fmt::Debug for PutWriter {
@@ -1351,7 +1364,51 @@ impl PutWriter {
             return Err(self.shared.io("write", &self.path().display(), e));
         }
         self.file_offset += data.len() as u64;
+        self.start_writeback();
         Ok(())
+    }
+
+    /// Under `fsync = always`, every [`WRITEBACK_BYTES`] written, starts
+    /// write-back of them (`sync_file_range`), so the commit's final sync of
+    /// a large body has little left to write. Here, or by the caller when it
+    /// asked to ([`PutWriter::defer_writeback`]: the ring engine, whose
+    /// thread must not wait for a congested device queue).
+    fn start_writeback(&mut self) {
+        let end = self.file_offset;
+        if self.shared.fsync != FsyncPolicy::Always || end - self.writeback_from < WRITEBACK_BYTES {
+            return;
+        }
+        let range = (self.writeback_from, end - self.writeback_from);
+        self.writeback_from = end;
+        if self.writeback_deferred {
+            self.writeback_pending = Some(match self.writeback_pending {
+                Some((from, _)) => (from, end - from),
+                None => range,
+            });
+        } else {
+            // Only a head start for the final sync: a failure costs time, not data.
+            let _ = sluice_uring::sync_file_range(
+                &self.file,
+                range.0,
+                range.1,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+
+    /// Hand write-back to the caller: [`PutWriter::take_writeback`] then says
+    /// what to start.
+    pub fn defer_writeback(&mut self) {
+        self.writeback_deferred = true;
+    }
+
+    /// A range (`offset`, `len`) of the temp file whose write-back should
+    /// start now, and a descriptor of the file to start it on (a `dup`: the
+    /// writer keeps its own).
+    pub fn take_writeback(&mut self) -> Option<(OwnedFd, u64, u64)> {
+        let (offset, len) = self.writeback_pending.take()?;
+        let fd = self.file.try_clone().ok()?;
+        Some((OwnedFd::from(fd), offset, len))
     }
 
     fn flush(&mut self) -> Result<(), StoreError> {

@@ -80,6 +80,7 @@ pub mod pipe;
 pub mod probe;
 pub mod residency;
 pub mod ring;
+pub mod writeback;
 
 pub use buffers::{BufLease, BufRing, FixedBufferPool, FixedLease, RegistrationRefused};
 pub use driver::{
@@ -91,3 +92,4 @@ pub use pipe::{Pipe, PipePool, PipePoolStats};
 pub use probe::{probe, unavailable_reason, OpSupport, ProbeReport, Unavailable, OPS_OF_INTEREST};
 pub use residency::{residency, Residency};
 pub use ring::{QueueFull, Ring, RingConfig, SetupFlags};
+pub use writeback::sync_file_range;

@@ -175,6 +175,27 @@ impl CoreLoop {
         }
     }
 
+    /// Start write-back of `len` bytes of an upload's file from `offset`
+    /// through the ring (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on an io-wq
+    /// worker), so the final sync of a large body finds little left to write
+    /// and this thread never waits for the device's queue. A hint like a
+    /// read-ahead, within the same bound: one the ring cannot take only
+    /// leaves more for the final sync.
+    pub(super) fn write_back(&mut self, file: SharedFd, offset: u64, len: u64) {
+        if len == 0 || self.readaheads_in_flight >= READAHEADS_PER_CORE_MAX {
+            return;
+        }
+        let hint = Op::SyncFileRange {
+            file,
+            offset,
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+            flags: libc::SYNC_FILE_RANGE_WRITE,
+        };
+        if self.driver.submit(hint, Token::ReadAhead.pack()).is_ok() {
+            self.readaheads_in_flight += 1;
+        }
+    }
+
     /// Read the next part of a body that is not in the page cache into a
     /// registered buffer through the ring, then send it (the copy path of
     /// `file_serving_mode = "copy"`, for this part only). False when no
