@@ -204,7 +204,9 @@ impl std::fmt::Debug for OnCommit {
 /// Dropping the sink before [`PutSink::finish`] stores nothing.
 #[derive(Debug)]
 pub struct PutSink {
-    writer: Option<PutWriter>,
+    /// Boxed: a writer is a few hundred bytes (hasher state, names, write-back
+    /// marks), and every sink travels inside a `Decision`.
+    writer: Option<Box<PutWriter>>,
     received_bytes: u64,
     body_bytes_max: u64,
     /// Replication's additions, boxed: most sinks have none, and every
@@ -236,7 +238,7 @@ impl std::fmt::Debug for SinkHooks {
 impl PutSink {
     pub fn new(writer: PutWriter, body_bytes_max: u64) -> PutSink {
         PutSink {
-            writer: Some(writer),
+            writer: Some(Box::new(writer)),
             received_bytes: 0,
             body_bytes_max,
             hooks: None,
@@ -368,7 +370,7 @@ impl PutSink {
         let Some(writer) = self.writer.take() else {
             return (Reply::error(500, "upload already ended").closing(), None);
         };
-        match writer.commit() {
+        match (*writer).commit() {
             Ok(committed) => {
                 if let Some(hook) = self.hooks.as_mut().and_then(|h| h.on_commit.take()) {
                     if let Some(reply) = (hook.0)(&committed) {
