@@ -84,8 +84,9 @@ pub mod writeback;
 
 pub use buffers::{BufLease, BufRing, FixedBufferPool, FixedLease, RegistrationRefused};
 pub use driver::{
-    CancelError, Completion, Driver, DriverConfig, DriverStats, IoBuf, Op, OpId, OpKind, Returned,
-    SharedFd, Statx, SubmitError, SubmitErrorKind, Token, UserData, Waker, DROP_DRAIN_TIMEOUT,
+    CancelError, Completion, Driver, DriverConfig, DriverStats, IoBuf, LinkedSubmitError, Op, OpId,
+    OpKind, Returned, SharedFd, Statx, SubmitError, SubmitErrorKind, Token, UserData, Waker,
+    DROP_DRAIN_TIMEOUT,
 };
 pub use errno::{Errno, ErrnoClass};
 pub use pipe::{Pipe, PipePool, PipePoolStats};

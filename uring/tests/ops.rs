@@ -532,6 +532,64 @@ fn fsyncs_in_flight_together_and_sync_file_range_starts_write_back() {
 }
 
 #[test]
+fn a_write_linked_to_its_fsync_and_a_failed_link_cancelling_the_rest() {
+    let Some((_, mut d)) = setup("linked", &["write", "fsync"]) else {
+        return;
+    };
+    let path = temp_file("linked", &[]);
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let fd: SharedFd = Rc::new(OwnedFd::from(file));
+    let mut lease = d.fixed_buffers().lease().unwrap();
+    let data = pattern(5000.min(lease.capacity()));
+    lease.as_mut_capacity()[..data.len()].copy_from_slice(&data);
+    lease.set_len(data.len());
+    d.submit_linked(
+        Op::WriteFixed {
+            file: Rc::clone(&fd),
+            offset: 0,
+            buf: lease,
+        },
+        Op::Fsync {
+            file: Rc::clone(&fd),
+            datasync: true,
+        },
+        1,
+    )
+    .unwrap();
+    let (first, second) = (next(&mut d), next(&mut d));
+    assert_eq!(first.result, Ok(data.len() as u32), "{first:?}");
+    assert!(matches!(first.resources, Returned::Fixed(_)));
+    assert_eq!(second.result, Ok(0), "{second:?}");
+    assert_eq!((first.token, second.token), (1, 1));
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    // A first op that fails cancels the one linked to it.
+    let read_only: SharedFd = Rc::new(OwnedFd::from(std::fs::File::open(&path).unwrap()));
+    let mut lease = d.fixed_buffers().lease().unwrap();
+    lease.set_len(16);
+    d.submit_linked(
+        Op::WriteFixed {
+            file: Rc::clone(&read_only),
+            offset: 0,
+            buf: lease,
+        },
+        Op::Fsync {
+            file: read_only,
+            datasync: true,
+        },
+        2,
+    )
+    .unwrap();
+    let mut results = vec![next(&mut d).result, next(&mut d).result];
+    results.sort_by_key(|r| format!("{r:?}"));
+    assert_eq!(
+        results,
+        vec![Err(Errno(libc::EBADF)), Err(Errno::ECANCELED)]
+    );
+    assert_eq!(d.in_flight(), 0);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
 fn openat_and_statx_size() {
     let Some((_, mut d)) = setup("openat_statx", &["openat", "statx"]) else {
         return;
