@@ -363,6 +363,44 @@ fn a_replay_keeps_last_writer_wins() {
     assert_eq!(body(&store, "l", "k").unwrap(), b"new");
 }
 
+/// A replicated write that lost to a local one leaves its record after the
+/// winner's; a crash that took the winner's bytes must restore the winner,
+/// not the loser that came later in the journal.
+#[test]
+fn a_replay_restores_the_winner_not_a_later_loser() {
+    let dir = tempfile::tempdir().unwrap();
+    let lww = |time: u64| PutOptions {
+        write_time_ms: Some(time),
+        last_writer_wins: true,
+        ..PutOptions::default()
+    };
+    {
+        let store = Store::open(config(dir.path())).unwrap();
+        let mut w = store.begin_put("l", "k", lww(2_000)).unwrap();
+        w.write(b"the winner").unwrap();
+        assert!(!w.commit().unwrap().superseded);
+        let mut w = store.begin_put("l", "k", lww(1_000)).unwrap();
+        w.write(b"the loser").unwrap();
+        assert!(w.commit().unwrap().superseded);
+        // And a replicated write older than a delete stays deleted.
+        let mut w = store.begin_put("l", "gone", lww(3_000)).unwrap();
+        w.write(b"before the delete").unwrap();
+        w.commit().unwrap();
+        assert!(matches!(
+            store.delete_at("l", "gone", 5_000, false).unwrap(),
+            DeleteAt::Deleted { existed: true, .. }
+        ));
+        let mut w = store.begin_put("l", "gone", lww(4_000)).unwrap();
+        w.write(b"older than the delete").unwrap();
+        assert!(w.commit().unwrap().superseded);
+        crash(store);
+    }
+    lose_data(dir.path(), "l", "k");
+    let store = Store::open(config(dir.path())).unwrap();
+    assert_eq!(body(&store, "l", "k").unwrap(), b"the winner");
+    assert!(store.get("l", "gone").unwrap().is_none());
+}
+
 #[test]
 fn a_full_journal_sends_uploads_down_the_per_file_path() {
     let dir = tempfile::tempdir().unwrap();

@@ -731,10 +731,8 @@ pub(super) fn recover(sh: &Shared) -> Result<Recovered, StoreError> {
         return Ok(recovered);
     }
     let mut segments = Vec::with_capacity(ids.len());
-    // Last record per key, in journal order; earlier put records per key
-    // (a marker may point back at one of them).
-    let mut last: HashMap<String, Found> = HashMap::new();
-    let mut earlier: HashMap<String, Vec<Found>> = HashMap::new();
+    // Every record of each key, in journal order.
+    let mut keys: HashMap<String, Vec<Found>> = HashMap::new();
     for id in &ids {
         let path = dir_path.join(segment_name(*id));
         let file = File::open(&path).map_err(|e| sh.io("open", &path.display(), e))?;
@@ -753,11 +751,7 @@ pub(super) fn recover(sh: &Shared) -> Result<Recovered, StoreError> {
                         segment: index,
                         file_at,
                     };
-                    if let Some(prev) = last.insert(rel.clone(), found) {
-                        if prev.head.kind == Kind::Put {
-                            earlier.entry(rel).or_default().push(prev);
-                        }
-                    }
+                    keys.entry(rel).or_default().push(found);
                     at = next;
                 }
                 None => {
@@ -773,7 +767,10 @@ pub(super) fn recover(sh: &Shared) -> Result<Recovered, StoreError> {
         }
         segments.push(file);
     }
-    for (rel, found) in &last {
+    for (rel, records) in &keys {
+        let Some(found) = winner(sh, rel, records) else {
+            continue;
+        };
         match found.head.kind {
             Kind::Delete => {
                 match rustix::fs::unlinkat(&sh.data_dir_fd, rel.as_str(), AtFlags::empty()) {
@@ -795,10 +792,8 @@ pub(super) fn recover(sh: &Shared) -> Result<Recovered, StoreError> {
                 // The marker's rename did not survive: check the version the
                 // file holds if an earlier record of this run wrote it.
                 let Some(on_disk) = on_disk else { continue };
-                let older = earlier.get(rel).and_then(|list| {
-                    list.iter()
-                        .rev()
-                        .find(|f| (f.head.body_len, f.head.sha256) == on_disk)
+                let older = records.iter().rev().find(|f| {
+                    f.head.kind == Kind::Put && (f.head.body_len, f.head.sha256) == on_disk
                 });
                 if let Some(older) = older {
                     if restore_if_needed(sh, rel, older, &segments)? {
@@ -879,9 +874,44 @@ fn header_at(sh: &Shared, rel: &str) -> Option<(u64, [u8; 32])> {
     Some((header.body_len, header.sha256))
 }
 
+/// The record of `rel` that was visible last: the last one, except that a
+/// replicated put (last-writer-wins) counts only if it was newer than what
+/// it found, as its commit decided: than the record before it (a delete by
+/// its time, a version by `(write time, sha256)`), or for the first record
+/// of the key, than the artifact on disk (checkpointed, so whole) and the
+/// key's tombstone. `None`: nothing in the journal changes the disk.
+fn winner<'a>(sh: &Shared, rel: &str, records: &'a [Found]) -> Option<&'a Found> {
+    let mut current: Option<&Found> = None;
+    for found in records {
+        let head = &found.head;
+        if head.kind != Kind::Put || !head.lww {
+            current = Some(found);
+            continue;
+        }
+        let ours = (head.write_time_ms, head.sha256);
+        let newer = match current {
+            Some(c) if c.head.kind == Kind::Delete => head.write_time_ms > c.head.write_time_ms,
+            Some(c) => ours > (c.head.write_time_ms, c.head.sha256),
+            None => {
+                let disk = sh.version_at(rel);
+                // The disk holding this very version means this record was
+                // published (and may be torn): it is the one to check.
+                disk == Some(ours)
+                    || (disk.is_none_or(|local| local < ours)
+                        && sh
+                            .tombstone_time(rel)
+                            .is_none_or(|t| t < head.write_time_ms))
+            }
+        };
+        if newer {
+            current = Some(found);
+        }
+    }
+    current
+}
+
 /// Makes the artifact at `rel` exactly the put record `found`'s bytes,
-/// unless it already is (or, for a replicated write, unless the disk holds
-/// something newer). Returns whether it rewrote the file.
+/// unless it already is. Returns whether it rewrote the file.
 fn restore_if_needed(
     sh: &Shared,
     rel: &str,
@@ -902,18 +932,6 @@ fn restore_if_needed(
             if file.read_exact_at(&mut on_disk, 0).is_ok() && on_disk == bytes {
                 return Ok(false);
             }
-        }
-    }
-    if found.head.lww {
-        let ours = (found.head.write_time_ms, found.head.sha256);
-        let newer_here = sh.version_at(rel).is_some_and(|local| local >= ours)
-            || sh
-                .tombstone_time(rel)
-                .is_some_and(|t| t >= found.head.write_time_ms);
-        // A version equal to ours that failed the byte check above is this
-        // very write, torn: rewrite it.
-        if newer_here && sh.version_at(rel) != Some(ours) {
-            return Ok(false);
         }
     }
     write_artifact(sh, rel, &bytes, found.head.write_time_ms)?;

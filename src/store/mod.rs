@@ -463,13 +463,16 @@ impl Shared {
     }
 
     /// Unlinks the artifact at `rel` (whose index lock the caller holds, given here and
-    /// released before any fsync) and forgets it; returns whether it existed. Under
+    /// released before any fsync) and forgets it, as of `time_ms` (the delete's time, which a
+    /// replay compares with replicated writes as the tombstone would); returns whether it
+    /// existed. Under
     /// `fsync = always` a delete record in the journal (or, without one, a sync of the
     /// directory) makes it durable, so an acknowledged DELETE does not come back after a
     /// crash.
     fn unlink_artifact(
         &self,
         rel: &str,
+        time_ms: u64,
         mut locked: index::Locked<'_>,
     ) -> Result<bool, StoreError> {
         // Appended under the key's lock, before the unlink: in the journal's
@@ -480,7 +483,7 @@ impl Shared {
                     seq: 0,
                     kind: journal::Kind::Delete,
                     lww: false,
-                    write_time_ms: now_ms(),
+                    write_time_ms: time_ms,
                     file_len: 0,
                     body_len: 0,
                     sha256: [0; 32],
@@ -1146,7 +1149,7 @@ impl Store {
         let sh = self.shared();
         let rel = relative_path(ns, key);
         let locked = sh.index.lock(&rel);
-        sh.unlink_artifact(&rel, locked)
+        sh.unlink_artifact(&rel, now_ms(), locked)
     }
 
     /// Current counters. Lock-free.
