@@ -12,6 +12,14 @@
 //! writes made during the previous one: the classic group commit of database
 //! logs, with no thread of its own and no timer.
 //!
+//! One sync at a time makes a closed-loop client pay one and a half syncs
+//! on average (the rest of the one running, then its own), and a group of
+//! clients alternate between two half groups. So a group may allow a few
+//! syncs in flight at once ([`GroupSync::with_syncs_in_flight`]): a waiter
+//! no running sync covers starts its own while fewer than that run, and
+//! waits otherwise. A sync covers every write registered before it began,
+//! whatever order the syncs end in.
+//!
 //! A failed sync covers nobody: its leader gets the error, and the followers
 //! it would have covered go on waiting, one of them leading a new attempt
 //! (which then answers for itself). So an error never acknowledges a write,
@@ -20,13 +28,24 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
+/// Most syncs one group runs at once.
+pub const SYNCS_IN_FLIGHT_MAX: usize = 16;
+
 /// The tickets and syncs of one file or directory.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GroupSync {
     state: Mutex<State>,
     cond: Condvar,
+    /// Syncs allowed at once (1..=[`SYNCS_IN_FLIGHT_MAX`]).
+    in_flight_max: usize,
     syncs_total: AtomicU64,
     writes_total: AtomicU64,
+}
+
+impl Default for GroupSync {
+    fn default() -> Self {
+        GroupSync::new()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -35,8 +54,9 @@ struct State {
     registered: u64,
     /// Every ticket up to this one is covered by a completed sync.
     synced: u64,
-    /// A leader is syncing now.
-    syncing: bool,
+    /// The targets of the syncs running now (each covers tickets up to its
+    /// target once it completes).
+    running: Vec<u64>,
     /// Threads inside [`GroupSync::wait`].
     waiters: u32,
 }
@@ -46,8 +66,24 @@ struct State {
 pub struct Ticket(u64);
 
 impl GroupSync {
+    /// One sync at a time.
     pub fn new() -> GroupSync {
-        GroupSync::default()
+        GroupSync::with_syncs_in_flight(1)
+    }
+
+    /// Up to `n` syncs at once (clamped to 1..=[`SYNCS_IN_FLIGHT_MAX`]).
+    pub fn with_syncs_in_flight(n: usize) -> GroupSync {
+        let n = n.clamp(1, SYNCS_IN_FLIGHT_MAX);
+        GroupSync {
+            state: Mutex::new(State {
+                running: Vec::with_capacity(n),
+                ..State::default()
+            }),
+            cond: Condvar::new(),
+            in_flight_max: n,
+            syncs_total: AtomicU64::new(0),
+            writes_total: AtomicU64::new(0),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -64,9 +100,9 @@ impl GroupSync {
     }
 
     /// Returns once a sync that began after `ticket` was handed out has
-    /// completed. When no sync is running, this thread runs `sync` for
-    /// everyone registered so far; its error is returned to this thread
-    /// only (see the module docs).
+    /// completed. When no running sync covers it and fewer than the group's
+    /// bound run, this thread runs `sync` for everyone registered so far;
+    /// its error is returned to this thread only (see the module docs).
     pub fn wait<E>(&self, ticket: Ticket, sync: impl FnOnce() -> Result<(), E>) -> Result<(), E> {
         let mut state = self.lock();
         state.waiters += 1;
@@ -75,29 +111,31 @@ impl GroupSync {
             if state.synced >= ticket.0 {
                 break Ok(());
             }
-            if state.syncing {
-                state = self
-                    .cond
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
-                continue;
-            }
-            let Some(run) = sync.take() else {
-                // Our own attempt failed already and returned; unreachable,
-                // but waiting again is the safe answer.
-                state = self
-                    .cond
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
-                continue;
+            let covered = state.running.iter().any(|&target| target >= ticket.0);
+            let room = state.running.len() < self.in_flight_max;
+            let run = match sync.take() {
+                Some(run) if !covered && room => run,
+                other => {
+                    // A running sync will cover us, or none may start now.
+                    // (`other` is `None` only after our own sync failed and
+                    // returned, which leaves this loop: unreachable.)
+                    sync = other;
+                    state = self
+                        .cond
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    continue;
+                }
             };
-            state.syncing = true;
             let target = state.registered;
+            state.running.push(target);
             drop(state);
             let outcome = run();
             self.syncs_total.fetch_add(1, Ordering::Relaxed);
             state = self.lock();
-            state.syncing = false;
+            if let Some(at) = state.running.iter().position(|&t| t == target) {
+                state.running.swap_remove(at);
+            }
             if outcome.is_ok() {
                 state.synced = state.synced.max(target);
             }
@@ -120,7 +158,7 @@ impl GroupSync {
     /// this group (a table of groups may forget it).
     pub fn is_idle(&self) -> bool {
         let state = self.lock();
-        state.waiters == 0 && !state.syncing && state.synced >= state.registered
+        state.waiters == 0 && state.running.is_empty() && state.synced >= state.registered
     }
 
     /// Syncs run so far.
@@ -194,6 +232,71 @@ mod tests {
             2,
             "one sync for A, one for the four after it"
         );
+        assert!(g.is_idle());
+    }
+
+    #[test]
+    fn with_two_in_flight_a_write_after_a_running_sync_starts_its_own() {
+        // A's sync blocks; B registers after it began, so A's cannot cover
+        // B: with room for two, B syncs at once instead of waiting for A.
+        let g = Arc::new(GroupSync::with_syncs_in_flight(2));
+        let a_started = Arc::new(Barrier::new(2));
+        let release_a = Arc::new(Barrier::new(2));
+        let a = {
+            let (g, a_started, release_a) = (
+                Arc::clone(&g),
+                Arc::clone(&a_started),
+                Arc::clone(&release_a),
+            );
+            std::thread::spawn(move || {
+                g.commit(|| -> Result<(), ()> {
+                    a_started.wait();
+                    release_a.wait();
+                    Ok(())
+                })
+            })
+        };
+        a_started.wait();
+        let mut b_ran = false;
+        g.commit(|| -> Result<(), ()> {
+            b_ran = true;
+            Ok(())
+        })
+        .unwrap();
+        assert!(b_ran, "B led its own sync while A's ran");
+        release_a.wait();
+        a.join().unwrap().unwrap();
+        assert_eq!(g.syncs_total(), 2);
+        assert!(g.is_idle());
+    }
+
+    #[test]
+    fn syncs_in_flight_stay_within_the_bound() {
+        let g = Arc::new(GroupSync::with_syncs_in_flight(3));
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (g, running, most) = (Arc::clone(&g), Arc::clone(&running), Arc::clone(&most));
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        g.commit(|| -> Result<(), ()> {
+                            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_micros(300));
+                            running.fetch_sub(1, Ordering::SeqCst);
+                            Ok(())
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(most.load(Ordering::SeqCst) <= 3, "{most:?} syncs at once");
+        assert_eq!(g.writes_total(), 800);
         assert!(g.is_idle());
     }
 

@@ -43,6 +43,9 @@ pub const RECORD_BYTES_MAX: usize = 512;
 pub const SEGMENT_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// Smallest `replication_outbox_bytes_max`.
 pub const OUTBOX_BYTES_MIN: u64 = 4096;
+/// Syncs of the log in flight at once: an append no running sync covers
+/// starts its own rather than wait for one to end (see `group_sync`).
+pub const SYNCS_IN_FLIGHT: usize = 4;
 
 /// What a record asks the peer to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -389,7 +392,7 @@ impl Outbox {
             }
             inner.current = Some(Arc::new(Current {
                 file,
-                group: GroupSync::new(),
+                group: GroupSync::with_syncs_in_flight(SYNCS_IN_FLIGHT),
             }));
         }
         let Some(current) = inner.current.clone() else {

@@ -31,6 +31,8 @@ use std::collections::HashMap;
 
 /// Most threads one batch uses to sync its per-file uploads at once.
 pub const BATCH_SYNC_THREADS_MAX: usize = 8;
+/// Syncs of one directory in flight at once (see `group_sync`).
+pub const DIR_SYNCS_IN_FLIGHT: usize = 4;
 
 /// A finished upload whose temp file is complete (header, body, write
 /// time): not yet durable, not yet visible.
@@ -115,7 +117,11 @@ impl DirSyncs {
     /// covers it.
     fn register(&self, dir_rel: &str) -> (Arc<GroupSync>, Ticket) {
         self.renames_total.fetch_add(1, Ordering::Relaxed);
-        let group = Arc::clone(self.lock().entry(dir_rel.into()).or_default());
+        let group = Arc::clone(
+            self.lock()
+                .entry(dir_rel.into())
+                .or_insert_with(|| Arc::new(GroupSync::with_syncs_in_flight(DIR_SYNCS_IN_FLIGHT))),
+        );
         let ticket = group.register();
         (group, ticket)
     }

@@ -89,6 +89,9 @@ pub const SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
 pub const JOURNAL_BYTES_MAX: u64 = 256 * 1024 * 1024;
 /// How often the checkpointer runs while records arrive, ms.
 pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
+/// Syncs of one segment in flight at once: a commit no running sync covers
+/// starts its own rather than wait for one to end (see `group_sync`).
+pub const SYNCS_IN_FLIGHT: usize = 4;
 
 const _: () = assert!(JOURNAL_FILE_BYTES_MAX < SEGMENT_BYTES);
 const _: () = assert!(2 * SEGMENT_BYTES <= JOURNAL_BYTES_MAX);
@@ -645,7 +648,7 @@ fn new_segment(sh: &Shared, dir_fd: &OwnedFd, id: u64) -> Result<Segment, StoreE
         id,
         file: File::from(fd),
         len: AtomicU64::new(0),
-        group: GroupSync::new(),
+        group: GroupSync::with_syncs_in_flight(SYNCS_IN_FLIGHT),
         pending: AtomicU64::new(0),
         poisoned: AtomicBool::new(false),
     })
