@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::compare::median_min_max;
+use crate::compare::{free_port, load_average, median_min_max};
 use crate::report::{new_latency_histogram, record_latency_us, LatencyHistogram, LatencySummary};
 use crate::sys;
 
@@ -180,6 +180,19 @@ pub struct CellResult {
 }
 
 impl CellResult {
+    /// A cell that took `elapsed`, with nothing counted yet.
+    fn started(elapsed: Duration, load_before: String) -> CellResult {
+        CellResult {
+            elapsed,
+            blobs: 0,
+            bytes: 0,
+            failed: 0,
+            histogram: new_latency_histogram(),
+            replicated: None,
+            load: (load_before, load_average()),
+        }
+    }
+
     fn blobs_per_sec(&self) -> f64 {
         self.blobs as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -239,15 +252,7 @@ pub fn disk_bound(dir: &Path, blobs: &Blobs, writers: usize) -> Result<CellResul
     });
     let elapsed = started.elapsed();
     let _ = fs::remove_dir_all(dir);
-    let mut cell = CellResult {
-        elapsed,
-        blobs: 0,
-        bytes: 0,
-        failed: 0,
-        histogram: new_latency_histogram(),
-        replicated: None,
-        load: (load_before, load_average()),
-    };
+    let mut cell = CellResult::started(elapsed, load_before);
     for r in results {
         let (hist, count, bytes) = r?;
         cell.histogram
@@ -305,15 +310,7 @@ pub fn burst(authority: &str, blobs: &Blobs, connections: usize) -> Result<CellR
             .collect()
     });
     let elapsed = started.elapsed();
-    let mut cell = CellResult {
-        elapsed,
-        blobs: 0,
-        bytes: 0,
-        failed: 0,
-        histogram: new_latency_histogram(),
-        replicated: None,
-        load: (load_before, load_average()),
-    };
+    let mut cell = CellResult::started(elapsed, load_before);
     for (hist, ok, bytes, failed) in results {
         cell.histogram
             .add(&hist)
@@ -453,25 +450,8 @@ struct Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if sys::terminate(self.child.id()).is_ok() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        sys::stop_child(&mut self.child, Duration::from_secs(10));
     }
-}
-
-fn free_port() -> Result<u16, String> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| format!("finding a free port: {e}"))
 }
 
 fn start_node(
@@ -729,13 +709,6 @@ fn table(
         );
     }
     out
-}
-
-fn load_average() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".into())
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! `IORING_OP_FSYNC`), so the thread does no file I/O at all. Reports files/s per variant.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -74,22 +74,20 @@ fn ring(dir: &Path, bytes: usize, n: usize, secs: f64, linked: bool) -> f64 {
         let f = create(dir, slot);
         let fd: SharedFd = Rc::new(OwnedFd::from(f));
         if linked {
-            let mut lease = d.fixed_buffers().lease().expect("buffer");
-            lease.as_mut_capacity()[..bytes].copy_from_slice(&body);
-            lease.set_len(bytes);
-            d.submit_linked(
-                Op::WriteFixed {
-                    file: Rc::clone(&fd),
-                    offset: 0,
-                    buf: lease,
-                },
-                Op::Fsync {
-                    file: fd,
-                    datasync: true,
-                },
-                slot as u64,
-            )
-            .expect("submit");
+            let mut buf = d.fixed_buffers().lease().expect("buffer");
+            buf.as_mut_capacity()[..bytes].copy_from_slice(&body);
+            buf.set_len(bytes);
+            let file = Rc::clone(&fd);
+            let write = Op::WriteFixed {
+                file,
+                offset: 0,
+                buf,
+            };
+            let sync = Op::Fsync {
+                file: fd,
+                datasync: true,
+            };
+            d.submit_linked(write, sync, slot as u64).expect("submit");
         } else {
             rustix::io::pwrite(&*fd, &body, 0).expect("write");
             d.submit(
@@ -152,5 +150,4 @@ fn main() {
     for slot in 0..n {
         let _ = std::fs::remove_file(path(&dir, slot));
     }
-    let _ = AsRawFd::as_raw_fd(&std::io::stdin());
 }

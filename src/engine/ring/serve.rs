@@ -160,17 +160,25 @@ impl CoreLoop {
     /// `fadvise(WILLNEED)` through the ring for `len` bytes of `file` from
     /// `offset`, within the per-core bound on hints in flight.
     fn read_ahead(&mut self, file: SharedFd, offset: u64, len: u64) {
+        self.hint(
+            len,
+            Op::Fadvise {
+                file,
+                offset,
+                len: u32::try_from(len).unwrap_or(u32::MAX),
+                advice: libc::POSIX_FADV_WILLNEED,
+            },
+        );
+    }
+
+    /// Submit `op`, a hint no connection waits for (a read-ahead, a
+    /// write-back) covering `len` bytes, within the per-core bound on hints
+    /// in flight. A hint the ring cannot take is only a missed hint.
+    fn hint(&mut self, len: u64, op: Op) {
         if len == 0 || self.readaheads_in_flight >= READAHEADS_PER_CORE_MAX {
             return;
         }
-        let hint = Op::Fadvise {
-            file,
-            offset,
-            len: u32::try_from(len).unwrap_or(u32::MAX),
-            advice: libc::POSIX_FADV_WILLNEED,
-        };
-        // A hint the ring cannot take is only a missed hint.
-        if self.driver.submit(hint, Token::ReadAhead.pack()).is_ok() {
+        if self.driver.submit(op, Token::ReadAhead.pack()).is_ok() {
             self.readaheads_in_flight += 1;
         }
     }
@@ -182,18 +190,15 @@ impl CoreLoop {
     /// read-ahead, within the same bound: one the ring cannot take only
     /// leaves more for the final sync.
     pub(super) fn write_back(&mut self, file: SharedFd, offset: u64, len: u64) {
-        if len == 0 || self.readaheads_in_flight >= READAHEADS_PER_CORE_MAX {
-            return;
-        }
-        let hint = Op::SyncFileRange {
-            file,
-            offset,
-            len: u32::try_from(len).unwrap_or(u32::MAX),
-            flags: libc::SYNC_FILE_RANGE_WRITE,
-        };
-        if self.driver.submit(hint, Token::ReadAhead.pack()).is_ok() {
-            self.readaheads_in_flight += 1;
-        }
+        self.hint(
+            len,
+            Op::SyncFileRange {
+                file,
+                offset,
+                len: u32::try_from(len).unwrap_or(u32::MAX),
+                flags: libc::SYNC_FILE_RANGE_WRITE,
+            },
+        );
     }
 
     /// Read the next part of a body that is not in the page cache into a
