@@ -23,10 +23,11 @@ fn path(dir: &Path, slot: usize) -> PathBuf {
 }
 
 fn create(dir: &Path, slot: usize) -> File {
+    let reuse = std::env::var_os("REUSE").is_some();
     OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(!reuse)
         .open(path(dir, slot))
         .expect("create")
 }
