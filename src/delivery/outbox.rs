@@ -45,7 +45,7 @@ pub const SEGMENT_BYTES_MAX: u64 = 4 * 1024 * 1024;
 pub const OUTBOX_BYTES_MIN: u64 = 4096;
 /// Syncs of the log in flight at once: an append no running sync covers
 /// starts its own rather than wait for one to end (see `group_sync`).
-pub const SYNCS_IN_FLIGHT: usize = 4;
+pub const SYNCS_IN_FLIGHT: usize = 2;
 
 /// What a record asks the peer to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

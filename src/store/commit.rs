@@ -32,7 +32,7 @@ use std::collections::HashMap;
 /// Most threads one batch uses to sync its per-file uploads at once.
 pub const BATCH_SYNC_THREADS_MAX: usize = 8;
 /// Syncs of one directory in flight at once (see `group_sync`).
-pub const DIR_SYNCS_IN_FLIGHT: usize = 4;
+pub const DIR_SYNCS_IN_FLIGHT: usize = 2;
 
 /// A finished upload whose temp file is complete (header, body, write
 /// time): not yet durable, not yet visible.

@@ -91,7 +91,7 @@ pub const JOURNAL_BYTES_MAX: u64 = 256 * 1024 * 1024;
 pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
 /// Syncs of one segment in flight at once: a commit no running sync covers
 /// starts its own rather than wait for one to end (see `group_sync`).
-pub const SYNCS_IN_FLIGHT: usize = 4;
+pub const SYNCS_IN_FLIGHT: usize = 2;
 
 const _: () = assert!(JOURNAL_FILE_BYTES_MAX < SEGMENT_BYTES);
 const _: () = assert!(2 * SEGMENT_BYTES <= JOURNAL_BYTES_MAX);
