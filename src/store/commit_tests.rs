@@ -486,3 +486,35 @@ fn write_back_starts_every_few_mib_here_or_by_the_caller() {
     w.commit().unwrap();
     assert_eq!(body(&store, "wb", "inline").unwrap().len(), 10 << 20);
 }
+
+/// Two processes on one data directory (a binary upgrade hands the
+/// listeners over while both serve): the new one's open leaves the old
+/// one's live segments alone, and they are replayed once nobody holds them.
+#[test]
+fn a_second_store_leaves_a_live_journal_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = Store::open(config(dir.path())).unwrap();
+    put(&old, "up", "before", b"written by the old process");
+    let new = Store::open(config(dir.path())).unwrap();
+    assert_eq!(segments(dir.path()).len(), 2, "each has its own segment");
+    put(&old, "up", "during", b"the old one still serves");
+    put(&new, "up", "new", b"and so does the new one");
+    crash(old);
+    // The old process's writes lose their bytes; its journal is still there.
+    lose_data(dir.path(), "up", "before");
+    lose_name(dir.path(), "up", "during");
+    drop(new);
+    let after = Store::open(config(dir.path())).unwrap();
+    assert_eq!(
+        body(&after, "up", "before").unwrap(),
+        b"written by the old process"
+    );
+    assert_eq!(
+        body(&after, "up", "during").unwrap(),
+        b"the old one still serves"
+    );
+    assert_eq!(
+        body(&after, "up", "new").unwrap(),
+        b"and so does the new one"
+    );
+}

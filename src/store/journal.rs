@@ -64,7 +64,7 @@
 use super::{format, temp_name, Shared, StoreError};
 use crate::group_sync::{GroupSync, Ticket};
 use rustix::fd::OwnedFd;
-use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -213,7 +213,11 @@ impl Head {
 
 /// One segment file and the syncs of what was appended to it.
 pub(super) struct Segment {
-    id: u64,
+    /// Its file name in `.journal/`.
+    name: String,
+    /// Open and `flock`ed for the segment's life: a live process's segments
+    /// are locked, so another process opening the store (a binary upgrade)
+    /// leaves them alone.
     file: File,
     /// Bytes appended (changed under `Inner`'s lock only).
     len: AtomicU64,
@@ -308,26 +312,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A segment's file name: its id, then the writing process's id, so two
+/// processes sharing the data directory (a binary upgrade hands the
+/// listeners over while both serve) never pick the same name.
 fn segment_name(id: u64) -> String {
-    format!("{id:020}.log")
+    format!("{id:020}.{}.log", std::process::id())
 }
 
-/// Segment ids in `dir`, ascending.
-fn segment_ids(dir: &OwnedFd) -> io::Result<Vec<u64>> {
-    let mut ids = Vec::new();
+/// The segments in `dir` as (id, file name), in id order.
+fn segments_in(dir: &OwnedFd) -> io::Result<Vec<(u64, String)>> {
+    let mut out = Vec::new();
     let dir = rustix::fs::Dir::read_from(dir).map_err(io::Error::from)?;
     for entry in dir {
         let entry = entry.map_err(io::Error::from)?;
-        let name = entry.file_name().to_string_lossy();
-        if let Some(id) = name
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let id = name
             .strip_suffix(".log")
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            ids.push(id);
+            .and_then(|n| n.split('.').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(id) = id {
+            out.push((id, name));
         }
     }
-    ids.sort_unstable();
-    Ok(ids)
+    out.sort_unstable();
+    Ok(out)
 }
 
 fn open_journal_dir(sh: &Shared) -> Result<OwnedFd, StoreError> {
@@ -350,10 +358,10 @@ impl Journal {
     /// A new journal with an empty first segment (after [`recover`]).
     pub fn create(sh: &Shared) -> Result<Journal, StoreError> {
         let dir_fd = open_journal_dir(sh)?;
-        let next_id = segment_ids(&dir_fd)
+        let next_id = segments_in(&dir_fd)
             .map_err(|e| sh.io("read directory", &sh.path(JOURNAL_DIR).display(), e))?
             .last()
-            .map_or(0, |id| id + 1);
+            .map_or(0, |(id, _)| id + 1);
         let active = new_segment(sh, &dir_fd, next_id)?;
         Ok(Journal {
             dir_fd,
@@ -461,7 +469,7 @@ impl Journal {
         let bytes = head.encode(rel);
         let segment = Arc::clone(&inner.active);
         let at = segment.len.load(Ordering::Relaxed);
-        let journal_path = || sh.path(JOURNAL_DIR).join(segment_name(segment.id));
+        let journal_path = || sh.path(JOURNAL_DIR).join(&segment.name);
         let written = segment
             .file
             .write_all_at(&bytes, at)
@@ -509,7 +517,7 @@ impl Journal {
         let segment = &appended.segment;
         segment.group.wait(appended.ticket, || {
             segment.sync().map_err(|e| {
-                let path = sh.path(JOURNAL_DIR).join(segment_name(segment.id));
+                let path = sh.path(JOURNAL_DIR).join(&segment.name);
                 sh.errno("fdatasync", &path.display(), e)
             })
         })
@@ -612,8 +620,8 @@ impl Journal {
         syncfs(sh)?;
         let mut freed = 0;
         for segment in &sealed {
-            let name = segment_name(segment.id);
-            if let Err(e) = rustix::fs::unlinkat(&self.dir_fd, name.as_str(), AtFlags::empty()) {
+            let name = segment.name.as_str();
+            if let Err(e) = rustix::fs::unlinkat(&self.dir_fd, name, AtFlags::empty()) {
                 tracing::warn!(error = %e, segment = name, "cannot remove a checkpointed journal segment");
             }
             freed += segment.len.load(Ordering::Relaxed);
@@ -623,7 +631,7 @@ impl Journal {
         let mut inner = lock(&self.inner);
         inner
             .sealed
-            .retain(|s| !sealed.iter().any(|d| d.id == s.id));
+            .retain(|s| !sealed.iter().any(|d| d.name == s.name));
         inner.bytes = inner.bytes.saturating_sub(freed);
         drop(inner);
         self.checkpoints_total.fetch_add(1, Ordering::Relaxed);
@@ -641,11 +649,13 @@ fn new_segment(sh: &Shared, dir_fd: &OwnedFd, id: u64) -> Result<Segment, StoreE
         Mode::from_raw_mode(0o600),
     )
     .map_err(|e| sh.errno("create journal segment", &path.display(), e))?;
+    rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive)
+        .map_err(|e| sh.errno("lock journal segment", &path.display(), e))?;
     // The segment's name must survive a crash for its records to.
     rustix::fs::fsync(dir_fd)
         .map_err(|e| sh.errno("fsync directory", &sh.path(JOURNAL_DIR).display(), e))?;
     Ok(Segment {
-        id,
+        name,
         file: File::from(fd),
         len: AtomicU64::new(0),
         group: GroupSync::with_syncs_in_flight(SYNCS_IN_FLIGHT),
@@ -729,16 +739,33 @@ pub(super) fn recover(sh: &Shared) -> Result<Recovered, StoreError> {
         Err(Errno::NOENT) => return Ok(recovered),
         Err(e) => return Err(sh.errno("open directory", &dir_path.display(), e)),
     };
-    let ids = segment_ids(&dir_fd).map_err(|e| sh.io("read directory", &dir_path.display(), e))?;
-    if ids.is_empty() {
+    let listed =
+        segments_in(&dir_fd).map_err(|e| sh.io("read directory", &dir_path.display(), e))?;
+    // Only segments nobody holds: a live process (the old one during a
+    // binary upgrade) keeps its own, and checkpoints or replays them itself.
+    let mut names = Vec::with_capacity(listed.len());
+    for (_, name) in listed {
+        let path = dir_path.join(&name);
+        let file = File::open(&path).map_err(|e| sh.io("open", &path.display(), e))?;
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => names.push((name, file)),
+            Err(Errno::WOULDBLOCK) => {
+                tracing::info!(segment = %path.display(), "journal segment of a live process left to it");
+            }
+            Err(e) => return Err(sh.errno("lock journal segment", &path.display(), e)),
+        }
+    }
+    if names.is_empty() {
         return Ok(recovered);
     }
-    let mut segments = Vec::with_capacity(ids.len());
+    let mut segments = Vec::with_capacity(names.len());
     // Every record of each key, in journal order.
     let mut keys: HashMap<String, Vec<Found>> = HashMap::new();
-    for id in &ids {
-        let path = dir_path.join(segment_name(*id));
-        let file = File::open(&path).map_err(|e| sh.io("open", &path.display(), e))?;
+    for (name, file) in &names {
+        let path = dir_path.join(name);
+        let file = file
+            .try_clone()
+            .map_err(|e| sh.io("open", &path.display(), e))?;
         let size = file
             .metadata()
             .map_err(|e| sh.io("stat", &path.display(), e))?
@@ -807,10 +834,9 @@ pub(super) fn recover(sh: &Shared) -> Result<Recovered, StoreError> {
         }
     }
     syncfs(sh)?;
-    for id in &ids {
-        let name = segment_name(*id);
+    for (name, _) in &names {
         rustix::fs::unlinkat(&dir_fd, name.as_str(), AtFlags::empty())
-            .map_err(|e| sh.errno("unlink", &dir_path.join(&name).display(), e))?;
+            .map_err(|e| sh.errno("unlink", &dir_path.join(name).display(), e))?;
     }
     if recovered.records > 0 {
         tracing::info!(
