@@ -256,7 +256,9 @@ impl std::fmt::Debug for OnCommit {
 /// Dropping the sink before [`PutSink::finish`] stores nothing.
 #[derive(Debug)]
 pub struct PutSink {
-    writer: Option<PutWriter>,
+    /// Boxed: a writer is a few hundred bytes (hasher state, names, write-back
+    /// marks), and every sink travels inside a `Decision`.
+    writer: Option<Box<PutWriter>>,
     received_bytes: u64,
     body_bytes_max: u64,
     /// Replication's additions, boxed: most sinks have none, and every
@@ -295,7 +297,7 @@ impl std::fmt::Debug for SinkHooks {
 impl PutSink {
     pub fn new(writer: PutWriter, body_bytes_max: u64) -> PutSink {
         PutSink {
-            writer: Some(writer),
+            writer: Some(Box::new(writer)),
             received_bytes: 0,
             body_bytes_max,
             hooks: None,
@@ -349,6 +351,20 @@ impl PutSink {
                 ..SinkHooks::default()
             })),
         }
+    }
+
+    /// The front end starts the write-back of the body's file itself, from
+    /// [`PutSink::take_writeback`] (the ring engine, as a ring operation).
+    pub fn defer_writeback(&mut self) {
+        if let Some(writer) = self.writer.as_mut() {
+            writer.defer_writeback();
+        }
+    }
+
+    /// After [`PutSink::defer_writeback`]: a range of the body's file whose
+    /// write-back should start now (`fd`, offset, length).
+    pub fn take_writeback(&mut self) -> Option<(std::os::fd::OwnedFd, u64, u64)> {
+        self.writer.as_mut()?.take_writeback()
     }
 
     /// The body limit that applies to this PUT, in bytes.
@@ -468,7 +484,7 @@ impl PutSink {
         let Some(writer) = self.writer.take() else {
             return (Reply::error(500, "upload already ended").closing(), None);
         };
-        match writer.commit() {
+        match (*writer).commit() {
             Ok(committed) => {
                 if let Some(hook) = self.hooks.as_mut().and_then(|h| h.on_commit.take()) {
                     if let Some(reply) = (hook.0)(&committed) {

@@ -13,6 +13,7 @@ pub mod fallback;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod group_sync;
 pub mod http1;
 pub mod lifecycle;
 pub mod logging;

@@ -135,23 +135,13 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         // SIGTERM first so nginx's master stops its workers; SIGKILL only if it lingers.
-        if sys::terminate(self.child.id()).is_ok() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        sys::stop_child(&mut self.child, Duration::from_secs(5));
     }
 }
 
 /// Picks a free loopback port by binding port 0 and closing it again. Another process could take
 /// it in between; the server would then fail to start and the comparison says so.
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
     l.local_addr()
         .map(|a| a.port())
@@ -1469,7 +1459,7 @@ pub fn compare(cfg: &CompareConfig) -> Result<String, String> {
 }
 
 /// The 1-, 5- and 15-minute load averages, as `/proc/loadavg` gives them.
-fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))

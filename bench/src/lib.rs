@@ -1,6 +1,7 @@
 //! `sluice-bench`: an HTTP/1.1 load generator with HdrHistogram reports, a loopback-bound probe
 //! and side-by-side server comparisons. It measures any HTTP/1.1 server, not only sluice.
 
+pub mod burst;
 pub mod client;
 pub mod compare;
 pub mod disk;

@@ -100,6 +100,72 @@ enum Cmd {
     /// Side-by-side: sluice vs nginx, h2o, caddy (or sluice splice vs copy) over sizes and
     /// concurrencies, GET and PUT.
     Compare(CompareArgs),
+    /// A cold CI fleet's upload burst: distinct CAS blobs PUT once each, against the disk's
+    /// bound and each sluice given, alone and with two peers, alternating.
+    Burst(BurstArgs),
+}
+
+#[derive(clap::Args)]
+struct BurstArgs {
+    /// A sluice binary to measure, as LABEL=PATH (repeat for a before/after in one run).
+    /// Default: after=target/release/sluice.
+    #[arg(long = "sluice")]
+    sluice: Vec<String>,
+    /// Distinct blobs per burst.
+    #[arg(long, default_value_t = 10_000)]
+    blobs: usize,
+    /// Smallest blob (suffixes k, m, g).
+    #[arg(long, default_value = "1k")]
+    min_bytes: String,
+    /// Largest blob (suffixes k, m, g).
+    #[arg(long, default_value = "1m")]
+    max_bytes: String,
+    /// Client connections (and disk-bound writers).
+    #[arg(short, long, default_value_t = 16)]
+    connections: usize,
+    /// Rounds of every cell, alternating.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Only the cells with two peers (and the disk bound).
+    #[arg(long, conflicts_with = "no_peers")]
+    peers_only: bool,
+    /// Only the cells without peers (and the disk bound).
+    #[arg(long)]
+    no_peers: bool,
+    /// Output directory, on the disk under test (data directories, logs, table.md).
+    #[arg(long, default_value = "bench/out/burst")]
+    out: PathBuf,
+    /// Seed of the blobs' sizes and contents.
+    #[arg(long, default_value_t = 23)]
+    seed: u64,
+}
+
+fn cmd_burst(a: BurstArgs) -> Result<(), String> {
+    let mut sluice = Vec::new();
+    for spec in &a.sluice {
+        let (label, path) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--sluice {spec}: expected LABEL=PATH"))?;
+        sluice.push((label.to_string(), PathBuf::from(path)));
+    }
+    if sluice.is_empty() {
+        sluice.push(("after".to_string(), PathBuf::from("target/release/sluice")));
+    }
+    let cfg = sluice_bench::burst::BurstConfig {
+        sluice,
+        blobs: a.blobs,
+        size_min: parse_bytes(&a.min_bytes)?,
+        size_max: parse_bytes(&a.max_bytes)?,
+        connections: a.connections,
+        repeats: a.repeats.max(1),
+        alone: !a.peers_only,
+        peers: !a.no_peers,
+        out_dir: a.out,
+        seed: a.seed,
+    };
+    let report = sluice_bench::burst::run_burst(&cfg)?;
+    print!("{report}");
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -450,6 +516,7 @@ fn main() -> ExitCode {
             println!("{report}");
             Ok(())
         }),
+        Cmd::Burst(a) => cmd_burst(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

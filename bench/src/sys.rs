@@ -144,3 +144,18 @@ pub fn terminate(pid: u32) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Stops `child`: SIGTERM, then SIGKILL if it has not exited within `grace`; reaps it.
+pub fn stop_child(child: &mut std::process::Child, grace: std::time::Duration) {
+    if terminate(child.id()).is_ok() {
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

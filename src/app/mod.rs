@@ -642,6 +642,21 @@ impl App {
                 let _ = writeln!(out, "{name}{{part=\"{part}\"}} {bytes}");
             }
         }
+        let syncs = self.store.sync_stats();
+        let journal = syncs.journal.unwrap_or_default();
+        for (name, kind, help, value) in [
+            ("sluice_store_file_syncs_total", "counter", "fdatasyncs of uploads' own files (too large for the commit journal, or it was full or off).", syncs.file_syncs_total),
+            ("sluice_store_dir_syncs_total", "counter", "Directory fsyncs after per-file uploads' renames.", syncs.dir_syncs_total),
+            ("sluice_store_dir_renames_total", "counter", "Renames of per-file uploads those directory syncs covered (more than syncs: shared).", syncs.dir_renames_total),
+            ("sluice_store_journal_puts_total", "counter", "Uploads made durable through the commit journal.", journal.puts_total),
+            ("sluice_store_journal_markers_total", "counter", "Marker and delete records appended to the commit journal.", journal.markers_total),
+            ("sluice_store_journal_full_total", "counter", "Uploads small enough for the journal that synced their own file because it was full.", journal.full_total),
+            ("sluice_store_journal_syncs_total", "counter", "fdatasyncs of the commit journal (each covers every record appended before it began).", journal.syncs_total),
+            ("sluice_store_journal_checkpoints_total", "counter", "Journal checkpoints (syncfs, then the sealed segments are dropped).", journal.checkpoints_total),
+            ("sluice_store_journal_bytes", "gauge", "Bytes of journal segments not yet checkpointed.", journal.bytes),
+        ] {
+            write_metric(&mut out, name, kind, help, value);
+        }
         write_metric(
             &mut out,
             "sluice_draining",

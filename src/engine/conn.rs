@@ -185,9 +185,29 @@ pub struct Conn {
     fetched: bool,
     /// The current request is public pressure until its response is out.
     public: Option<crate::pressure::InFlight>,
+    /// The engine starts write-back of upload bodies itself
+    /// ([`Conn::take_writeback`]).
+    engine_writeback: bool,
 }
 
 impl Conn {
+    /// The engine starts the write-back of upload bodies itself, as ring
+    /// operations, from [`Conn::take_writeback`]; without this the store
+    /// starts it with a syscall on the thread that writes the body.
+    pub fn with_engine_writeback(mut self) -> Conn {
+        self.engine_writeback = true;
+        self
+    }
+
+    /// While an upload's body arrives: a range of its file whose write-back
+    /// should start now (`fd`, offset, length). See `store::WRITEBACK_BYTES`.
+    pub fn take_writeback(&mut self) -> Option<(std::os::fd::OwnedFd, u64, u64)> {
+        match &mut self.state {
+            State::ReadingBody(rx) => rx.sink.take_writeback(),
+            _ => None,
+        }
+    }
+
     pub fn new(
         app: Arc<App>,
         files: Rc<RefCell<OpenCache>>,
@@ -213,6 +233,7 @@ impl Conn {
             cold_opens: 0,
             fetched: false,
             public: None,
+            engine_writeback: false,
         }
     }
 
@@ -689,33 +710,40 @@ impl Conn {
         let next = match decision {
             Decision::Cold { .. } | Decision::Fetch { .. } => Some(self.close()),
             Decision::Reply(reply) => Some(self.respond_head_only(reply, route, method, head_only)),
-            Decision::ReceiveBody(sink) => match BodyDecoder::new(framing, sink.body_bytes_max()) {
-                Err(err) => {
-                    let reply = Reply::error(err.status(), "request body refused").closing();
-                    Some(self.respond(sink.refuse(reply), route, method))
-                }
-                Ok(decoder) => {
-                    self.current = Some(Finished {
-                        route,
-                        method,
-                        status: 0,
-                    });
-                    if expect_continue {
-                        let out = self.out_buf.get_or_insert_with(Vec::new);
-                        out.clear();
-                        out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-                        self.out_sent = 0;
-                        self.state =
-                            State::SendingHead(AfterSend::Body(Box::new(BodyRx { sink, decoder })));
-                        Some(Next::Send { more: false })
-                    } else {
-                        self.state = State::ReadingBody(Box::new(BodyRx { sink, decoder }));
-                        self.deadline =
-                            now + Duration::from_millis(self.limits.timeouts.body_read_timeout_ms);
-                        None
+            Decision::ReceiveBody(mut sink) => {
+                match BodyDecoder::new(framing, sink.body_bytes_max()) {
+                    Err(err) => {
+                        let reply = Reply::error(err.status(), "request body refused").closing();
+                        Some(self.respond(sink.refuse(reply), route, method))
+                    }
+                    Ok(decoder) => {
+                        if self.engine_writeback {
+                            sink.defer_writeback();
+                        }
+                        self.current = Some(Finished {
+                            route,
+                            method,
+                            status: 0,
+                        });
+                        if expect_continue {
+                            let out = self.out_buf.get_or_insert_with(Vec::new);
+                            out.clear();
+                            out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                            self.out_sent = 0;
+                            self.state = State::SendingHead(AfterSend::Body(Box::new(BodyRx {
+                                sink,
+                                decoder,
+                            })));
+                            Some(Next::Send { more: false })
+                        } else {
+                            self.state = State::ReadingBody(Box::new(BodyRx { sink, decoder }));
+                            self.deadline = now
+                                + Duration::from_millis(self.limits.timeouts.body_read_timeout_ms);
+                            None
+                        }
                     }
                 }
-            },
+            }
         };
         (next, head_len)
     }

@@ -1,23 +1,26 @@
-//! A thread beside an engine thread for work that may block on the disk.
+//! Threads beside an engine thread for work that may block on the disk.
 //!
-//! The engine hands a job over a bounded queue and goes on serving; the thread does the
+//! The engine hands a job over a bounded queue and goes on serving; a thread does the
 //! blocking part, sends the result back and wakes the ring. Publishing uploads (fsync) and
 //! opening cold artifacts (a path lookup or header read from the disk) both work this way,
-//! each on a thread of its own so a long fsync never delays a cold open.
+//! each on threads of their own so a long fsync never delays a cold open. Publishing uses
+//! a small pool: a commit mostly waits for a sync another commit leads (group commit), and
+//! a commit can only share a sync if it is waiting at the same time.
 
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use sluice_uring::Waker;
 
-/// One blocking worker thread with a bounded job queue and its replies.
+/// Blocking worker threads with a bounded job queue and their replies.
 pub struct Offload<J, D> {
     jobs: Option<SyncSender<J>>,
     // Unbounded, but holds at most one reply per job the ring submitted since
     // it last drained it, and each connection has at most one job in flight:
     // bounded by `connections_per_core_max`.
     done: Receiver<D>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 /// Completes a job later, from any thread: for work the thread only starts
@@ -90,8 +93,61 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
         Ok(Offload {
             jobs: Some(jobs_tx),
             done: done_rx,
-            thread: Some(thread),
+            threads: vec![thread],
         })
+    }
+
+    /// [`Offload::start_deferred`] with `workers` threads (named `{name}.{i}`) taking jobs
+    /// from the one queue, so up to `workers` jobs block at once.
+    pub fn start_pool(
+        name: &str,
+        workers: usize,
+        queue_max: usize,
+        waker: Waker,
+        work: impl Fn(J, &Completer<D>) -> Option<D> + Send + Sync + 'static,
+    ) -> std::io::Result<Offload<J, D>> {
+        let (jobs_tx, jobs_rx) = sync_channel::<J>(queue_max);
+        let (done_tx, done_rx): (Sender<D>, Receiver<D>) = channel();
+        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+        let work = Arc::new(work);
+        let mut offload = Offload {
+            jobs: Some(jobs_tx),
+            done: done_rx,
+            threads: Vec::with_capacity(workers),
+        };
+        for i in 0..workers.max(1) {
+            let (jobs_rx, work, done_tx) =
+                (Arc::clone(&jobs_rx), Arc::clone(&work), done_tx.clone());
+            let completer = Completer {
+                done: done_tx.clone(),
+                waker: waker.clone(),
+            };
+            let waker = waker.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("{name}.{i}"))
+                .spawn(move || loop {
+                    // One worker waits on the queue at a time; the others wait
+                    // for the lock, and take the next job when it is their turn.
+                    let job = jobs_rx
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .recv();
+                    let Ok(job) = job else { break };
+                    let Some(done) = work(job, &completer) else {
+                        continue;
+                    };
+                    if done_tx.send(done).is_err() {
+                        break;
+                    }
+                    waker.wake();
+                });
+            match spawned {
+                Ok(thread) => offload.threads.push(thread),
+                // Dropping `offload` ends and joins the ones started.
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(offload)
     }
 
     /// Queue a job; a full queue (or a stopped thread) gives it back.
@@ -116,7 +172,7 @@ impl<J, D> Drop for Offload<J, D> {
     /// then the thread ends.
     fn drop(&mut self) {
         self.jobs = None;
-        if let Some(thread) = self.thread.take() {
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }

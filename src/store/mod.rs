@@ -37,9 +37,13 @@
 //!   complete and visible but the PUT reports an error; the client retries.
 
 mod background;
+mod commit;
+#[cfg(test)]
+mod commit_tests;
 pub mod format;
 mod hot;
 mod index;
+mod journal;
 mod layout;
 #[cfg(test)]
 mod tests;
@@ -50,6 +54,9 @@ pub use hot::{
     HotBody, HotEntry, HotGet, HotMiss, HotStats, ENTRY_OVERHEAD_BYTES, HOT_BODY_BYTES_MAX,
 };
 pub use index::{INDEX_ENTRIES_MAX, SHARDS};
+pub use journal::{
+    JournalStats, CHECKPOINT_INTERVAL_MS, JOURNAL_BYTES_MAX, JOURNAL_DIR, JOURNAL_FILE_BYTES_MAX,
+};
 pub use layout::{
     file_name, key_of_file_name, relative_path, shard_dir, valid_key, valid_key_part,
     valid_key_segment, valid_namespace, KEY_BYTES_MAX, KEY_SEGMENTS_MAX, NAMESPACE_BYTES_MAX,
@@ -270,6 +277,21 @@ pub struct Committed {
     pub superseded: bool,
 }
 
+/// How commits made themselves durable ([`Store::sync_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// `fdatasync`s of uploads' own files (larger than the journal takes,
+    /// or the journal was full or off).
+    pub file_syncs_total: u64,
+    /// Directory `fsync`s after per-file uploads' renames.
+    pub dir_syncs_total: u64,
+    /// Renames those directory syncs covered (more renames than syncs:
+    /// syncs were shared).
+    pub dir_renames_total: u64,
+    /// The commit journal's counters; `None` without a journal.
+    pub journal: Option<JournalStats>,
+}
+
 /// Point-in-time counters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreStats {
@@ -343,6 +365,13 @@ struct Shared {
     /// Asked before evicting an artifact (its store-relative path): false
     /// keeps it (the object-store tier does not hold it yet).
     evict_guard: std::sync::OnceLock<EvictGuard>,
+    /// The commit journal (`fsync = always`; see [`journal`]). Set once, at
+    /// open, after the previous run's segments were replayed.
+    journal: std::sync::OnceLock<journal::Journal>,
+    /// Directory syncs shared by the renames before them.
+    dir_syncs: commit::DirSyncs,
+    /// Per-file data syncs.
+    file_syncs: commit::FileSyncs,
 }
 
 /// See [`Store::set_evict_guard`].
@@ -370,6 +399,9 @@ impl Shared {
     fn stop(&self) {
         self.signal.stopping.store(true, Ordering::Release);
         self.wake();
+        if let Some(journal) = self.journal.get() {
+            journal.kick();
+        }
     }
 
     /// Waits for a wake-up, a stop, or `timeout`.
@@ -443,21 +475,52 @@ impl Shared {
     }
 
     /// Unlinks the artifact at `rel` (whose index lock the caller holds, given here and
-    /// released before any fsync) and forgets it; returns whether it existed. Under
-    /// `fsync = always` the directory is synced, so an acknowledged DELETE does not come back
-    /// after a crash.
+    /// released before any fsync) and forgets it, as of `time_ms` (the delete's time, which a
+    /// replay compares with replicated writes as the tombstone would); returns whether it
+    /// existed. Under
+    /// `fsync = always` a delete record in the journal (or, without one, a sync of the
+    /// directory) makes it durable, so an acknowledged DELETE does not come back after a
+    /// crash.
     fn unlink_artifact(
         &self,
         rel: &str,
+        time_ms: u64,
         mut locked: index::Locked<'_>,
     ) -> Result<bool, StoreError> {
+        // Appended under the key's lock, before the unlink: in the journal's
+        // order the delete comes after every version published before it.
+        let record = match self.journal.get() {
+            Some(journal) => {
+                let head = journal::Head {
+                    seq: 0,
+                    kind: journal::Kind::Delete,
+                    lww: false,
+                    write_time_ms: time_ms,
+                    file_len: 0,
+                    body_len: 0,
+                    sha256: [0; 32],
+                };
+                Some((journal, journal.append_mark(self, rel, head)?))
+            }
+            None => None,
+        };
         let existed = match rustix::fs::unlinkat(&self.data_dir_fd, rel, AtFlags::empty()) {
             Ok(()) => true,
             Err(Errno::NOENT | Errno::NOTDIR) => false,
-            Err(e) => return Err(self.errno("unlink", &self.path(rel).display(), e)),
+            Err(e) => {
+                if let Some((journal, appended)) = record {
+                    journal.finish(rel, appended, false);
+                }
+                return Err(self.errno("unlink", &self.path(rel).display(), e));
+            }
         };
         locked.remove(rel);
         drop(locked);
+        if let Some((journal, appended)) = record {
+            let waited = journal.wait(self, &appended);
+            journal.finish(rel, appended, false);
+            return waited.map(|()| existed);
+        }
         if existed && self.fsync == FsyncPolicy::Always {
             let dir_rel = rel.rsplit_once('/').map_or("", |(dir, _)| dir);
             let dir_path = self.path(dir_rel);
@@ -578,18 +641,16 @@ fn check_names(ns: &str, key: &str) -> Result<(), StoreError> {
 
 struct Inner {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// The background thread (scan, eviction) and the journal's checkpointer.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Inner {
     fn shutdown(&self) {
         self.shared.stop();
-        let handle = self
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
+        let handles =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        for handle in handles {
             if handle.join().is_err() {
                 tracing::error!("store background thread panicked");
             }
@@ -727,17 +788,47 @@ impl Store {
             nospace_logged: AtomicBool::new(false),
             has_tombstones: AtomicBool::new(data_dir_has_tombstones),
             evict_guard: std::sync::OnceLock::new(),
+            journal: std::sync::OnceLock::new(),
+            dir_syncs: commit::DirSyncs::default(),
+            file_syncs: commit::FileSyncs::default(),
             signal: Signal {
                 state: Mutex::new(SignalState::default()),
                 cond: Condvar::new(),
                 stopping: AtomicBool::new(false),
             },
         });
+        // What a crash left in the journal is put right before anything is
+        // served, whatever this run's fsync policy.
+        journal::recover(&shared)?;
+        let mut threads = Vec::new();
+        if shared.fsync == FsyncPolicy::Always {
+            match journal::Journal::create(&shared) {
+                Ok(journal) => {
+                    let _ = shared.journal.set(journal);
+                    let for_thread = Arc::clone(&shared);
+                    let thread = std::thread::Builder::new()
+                        .name("sluice-journal".into())
+                        .spawn(move || {
+                            if let Some(journal) = for_thread.journal.get() {
+                                journal.run_checkpoints(&for_thread);
+                            }
+                        })
+                        .map_err(|e| plain("spawn journal thread for", &shared.data_dir, e))?;
+                    threads.push(thread);
+                }
+                // Without a journal every upload syncs its own file and
+                // directory: slower for small ones, as durable.
+                Err(e) => {
+                    tracing::warn!(error = %e, "no commit journal; every upload syncs its own file")
+                }
+            }
+        }
         let for_thread = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("sluice-store".into())
             .spawn(move || background::run(&for_thread))
             .map_err(|e| plain("spawn background thread for", &shared.data_dir, e))?;
+        threads.push(thread);
         tracing::info!(
             data_dir = %shared.data_dir.display(),
             tmpfile_mode = tmpfile.as_str(),
@@ -748,7 +839,7 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 shared,
-                thread: Mutex::new(Some(thread)),
+                threads: Mutex::new(threads),
             }),
         })
     }
@@ -1074,11 +1165,55 @@ impl Store {
             write_time_ms: options.write_time_ms,
             last_writer_wins: options.last_writer_wins,
             failed: false,
+            writeback_from: 0,
+            writeback_deferred: false,
+            writeback_pending: None,
         };
         if let Some(len) = options.expected_len.filter(|len| *len > 0) {
             writer.reserve(len)?;
         }
         Ok(writer)
+    }
+
+    /// Commits several uploads (all begun on this store) together and
+    /// answers each, in order, once every one that succeeded is durable under
+    /// the fsync policy and visible. Under `fsync = always` the small ones
+    /// share one journal sync and the large ones sync their files in
+    /// parallel, each directory once; a failed upload does not fail the
+    /// others. Blocks for as long as the disk takes: call it off the engine
+    /// threads. What a batch of replicated writes from a peer should use.
+    pub fn commit_batch(&self, writers: Vec<PutWriter>) -> Vec<Result<Committed, StoreError>> {
+        let (ours, theirs): (Vec<_>, Vec<_>) = writers
+            .into_iter()
+            .enumerate()
+            .partition(|(_, w)| Arc::ptr_eq(&w.shared, self.shared()));
+        let mut results: Vec<Option<Result<Committed, StoreError>>> =
+            (0..ours.len() + theirs.len()).map(|_| None).collect();
+        let (at, ours): (Vec<usize>, Vec<PutWriter>) = ours.into_iter().unzip();
+        for (i, result) in at.into_iter().zip(commit::commit_all(ours)) {
+            results[i] = Some(result);
+        }
+        for (i, _) in theirs {
+            results[i] = Some(Err(StoreError::Io(io::Error::other(
+                "the upload was begun on another store",
+            ))));
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(PutWriter::spent())))
+            .collect()
+    }
+
+    /// How commits have synced so far.
+    pub fn sync_stats(&self) -> SyncStats {
+        let sh = self.shared();
+        let (dir_syncs_total, renames_total) = sh.dir_syncs.totals();
+        SyncStats {
+            file_syncs_total: sh.file_syncs.total.load(Ordering::Relaxed),
+            dir_syncs_total,
+            dir_renames_total: renames_total,
+            journal: sh.journal.get().map(journal::Journal::stats),
+        }
     }
 
     /// Deletes `ns/key`. Returns whether it existed.
@@ -1087,7 +1222,7 @@ impl Store {
         let sh = self.shared();
         let rel = relative_path(ns, key);
         let locked = sh.index.lock(&rel);
-        sh.unlink_artifact(&rel, locked)
+        sh.unlink_artifact(&rel, now_ms(), locked)
     }
 
     /// Current counters. Lock-free.
@@ -1164,6 +1299,10 @@ fn read_meta(
 /// Bytes a writer coalesces before a `pwrite`, so a stream of small chunks
 /// (chunked encoding) does not become a stream of small syscalls.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Under `fsync = always`, write-back of an upload's file is started every
+/// this many bytes while the body arrives (see `PutWriter::start_writeback`).
+pub const WRITEBACK_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Opens the temp file for an upload into `dir_fd` and locks it (see the
 /// module docs). Returns the file and, for a named temp, its name in `.tmp/`.
@@ -1248,6 +1387,12 @@ pub struct PutWriter {
     write_time_ms: Option<u64>,
     last_writer_wins: bool,
     failed: bool,
+    /// Write-back of the file from here on has not been started.
+    writeback_from: u64,
+    /// The caller starts write-back itself ([`PutWriter::take_writeback`]).
+    writeback_deferred: bool,
+    /// A range whose write-back the caller should start.
+    writeback_pending: Option<(u64, u64)>,
 }
 
 impl fmt::Debug for PutWriter {
@@ -1346,7 +1491,51 @@ impl PutWriter {
             return Err(self.shared.io("write", &self.path().display(), e));
         }
         self.file_offset += data.len() as u64;
+        self.start_writeback();
         Ok(())
+    }
+
+    /// Under `fsync = always`, every [`WRITEBACK_BYTES`] written, starts
+    /// write-back of them (`sync_file_range`), so the commit's final sync of
+    /// a large body has little left to write. Here, or by the caller when it
+    /// asked to ([`PutWriter::defer_writeback`]: the ring engine, whose
+    /// thread must not wait for a congested device queue).
+    fn start_writeback(&mut self) {
+        let end = self.file_offset;
+        if self.shared.fsync != FsyncPolicy::Always || end - self.writeback_from < WRITEBACK_BYTES {
+            return;
+        }
+        let range = (self.writeback_from, end - self.writeback_from);
+        self.writeback_from = end;
+        if self.writeback_deferred {
+            self.writeback_pending = Some(match self.writeback_pending {
+                Some((from, _)) => (from, end - from),
+                None => range,
+            });
+        } else {
+            // Only a head start for the final sync: a failure costs time, not data.
+            let _ = sluice_uring::sync_file_range(
+                &self.file,
+                range.0,
+                range.1,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+
+    /// Hand write-back to the caller: [`PutWriter::take_writeback`] then says
+    /// what to start.
+    pub fn defer_writeback(&mut self) {
+        self.writeback_deferred = true;
+    }
+
+    /// A range (`offset`, `len`) of the temp file whose write-back should
+    /// start now, and a descriptor of the file to start it on (a `dup`: the
+    /// writer keeps its own).
+    pub fn take_writeback(&mut self) -> Option<(OwnedFd, u64, u64)> {
+        let (offset, len) = self.writeback_pending.take()?;
+        let fd = self.file.try_clone().ok()?;
+        Some((OwnedFd::from(fd), offset, len))
     }
 
     fn flush(&mut self) -> Result<(), StoreError> {
@@ -1362,8 +1551,19 @@ impl PutWriter {
 
     /// Checks length and digest, writes the header, syncs per policy and
     /// publishes atomically (replacing an existing artifact). On any error
-    /// nothing new is visible under the key.
-    pub fn commit(mut self) -> Result<Committed, StoreError> {
+    /// nothing new is visible under the key. Under `fsync = always` the
+    /// syncs are shared with every commit running at the same time (see
+    /// [`commit`]); to commit several uploads under one group sync, use
+    /// [`Store::commit_batch`].
+    pub fn commit(self) -> Result<Committed, StoreError> {
+        let mut results = commit::commit_all(vec![self]);
+        results.pop().unwrap_or_else(|| Err(Self::spent()))
+    }
+
+    /// The first step of a commit: checks length and digest, writes the
+    /// header and the write time. The temp file is then complete, neither
+    /// durable nor visible.
+    fn prepare(mut self) -> Result<commit::Prepared, StoreError> {
         if self.failed {
             return Err(Self::spent());
         }
@@ -1401,75 +1601,13 @@ impl PutWriter {
         self.file
             .set_modified(UNIX_EPOCH + Duration::from_millis(write_time_ms))
             .map_err(|e| sh.io("set the write time of", &path.display(), e))?;
-        if sh.fsync == FsyncPolicy::Always {
-            rustix::fs::fdatasync(&self.file)
-                .map_err(|e| sh.errno("fdatasync", &path.display(), e))?;
-        }
-        let key = &self.rel[self.key_at..];
         let size_bytes = self.body_len + header.len() as u64;
-
-        // Where the finished file is now, as (directory, name).
-        let anonymous_link;
-        let (from_dir, from_name) = match &self.named_temp {
-            Some(name) => (&sh.tmp_dir_fd, name.as_str()),
-            None => {
-                anonymous_link = self.link_anonymous(&path)?;
-                (&self.dir_fd, anonymous_link.as_str())
-            }
-        };
-
-        let mut locked = sh.index.lock(&self.rel);
-        if self.last_writer_wins {
-            let ours = (write_time_ms, sha256);
-            let superseded = sh.version_at(&self.rel).is_some_and(|local| local >= ours)
-                || sh
-                    .tombstone_time(&self.rel)
-                    .is_some_and(|t| t >= write_time_ms);
-            if superseded {
-                drop(locked);
-                if self.named_temp.is_none() {
-                    let _ = rustix::fs::unlinkat(from_dir, from_name, AtFlags::empty());
-                } // a named temp is unlinked by Drop
-                return Ok(Committed {
-                    len: self.body_len,
-                    sha256,
-                    replaced: false,
-                    write_time_ms,
-                    superseded: true,
-                });
-            }
-        }
-        let replaced = rustix::fs::statat(&self.dir_fd, key, AtFlags::SYMLINK_NOFOLLOW).is_ok();
-        if let Err(e) = rustix::fs::renameat(from_dir, from_name, &self.dir_fd, key) {
-            drop(locked);
-            if self.named_temp.is_none() {
-                let _ = rustix::fs::unlinkat(from_dir, from_name, AtFlags::empty());
-            } // a named temp is unlinked by Drop
-            return Err(sh.errno("rename into place", &path.display(), e));
-        }
-        self.named_temp = None; // published: nothing left for Drop to remove
-        sh.clear_tombstone(&self.rel);
-        locked.upsert(
-            &self.rel,
-            Entry {
-                size_bytes,
-                last_access_ms: now_ms(),
-            },
-        );
-        drop(locked);
-
-        sh.fsync_dir(&self.dir_fd, &path.display())?;
-        sh.nospace_logged.store(false, Ordering::Relaxed);
-        if sh.over_limit() {
-            sh.wake();
-        }
-        Ok(Committed {
-            len: self.body_len,
+        Ok(commit::Prepared::new(
+            self,
             sha256,
-            replaced,
             write_time_ms,
-            superseded: false,
-        })
+            size_bytes,
+        ))
     }
 
     /// Gives the anonymous temp file a private name in the target directory.

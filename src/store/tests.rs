@@ -53,11 +53,12 @@ fn listing(dir: &Path) -> BTreeSet<String> {
     out
 }
 
-/// Only files, relative paths.
+/// Only files, relative paths; not the commit journal's segments (the
+/// store's own bookkeeping, emptied by every checkpoint).
 fn files(dir: &Path) -> BTreeSet<String> {
     listing(dir)
         .into_iter()
-        .filter(|p| dir.join(p).is_file())
+        .filter(|p| dir.join(p).is_file() && !p.starts_with(JOURNAL_DIR))
         .collect()
 }
 
@@ -487,6 +488,23 @@ fn multi_segment_keys_are_one_file_scanned_and_evicted() {
     assert_eq!(on_disk.len(), 3, "{on_disk:?}");
     // A file no key maps to is neither served nor counted.
     std::fs::write(dir.path().join("ccache/fe/fe~~x"), b"junk").unwrap();
+    // `key` is the one eviction keeps: the most recently used by the scan's
+    // measure (its file times) as well as by the GET below, whichever of the
+    // two the background thread sees first.
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(
+            dir.path()
+                .join("ccache/fe/fe~a5c6ltr4q0kut6qjm9545n50fgo5cbi"),
+        )
+        .unwrap()
+        .set_times(
+            std::fs::FileTimes::new()
+                .set_accessed(later)
+                .set_modified(later),
+        )
+        .unwrap();
 
     // Restart with a limit below what is there: the scan finds all three
     // and eviction brings the store back under 90% of the limit.

@@ -156,7 +156,7 @@ impl Store {
         if sh.tombstone_time(&rel).is_none_or(|t| t < time_ms) {
             sh.write_tombstone(&rel, time_ms)?;
         }
-        let existed = sh.unlink_artifact(&rel, locked)?;
+        let existed = sh.unlink_artifact(&rel, time_ms, locked)?;
         Ok(DeleteAt::Deleted { existed, time_ms })
     }
 

@@ -611,6 +611,13 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
         };
         for e in rd.flatten() {
             let p = e.path();
+            // The commit journal's segments are the store's bookkeeping, not
+            // artifacts; a checkpoint replaces them every second.
+            if p.file_name()
+                .is_some_and(|n| n == sluice::store::JOURNAL_DIR)
+            {
+                continue;
+            }
             if p.is_dir() {
                 stack.push(p);
             } else {

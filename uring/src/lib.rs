@@ -81,14 +81,17 @@ pub mod pipe;
 pub mod probe;
 pub mod residency;
 pub mod ring;
+pub mod writeback;
 
 pub use buffers::{BufLease, BufRing, FixedBufferPool, FixedLease, RegistrationRefused};
 pub use driver::{
-    CancelError, Completion, Driver, DriverConfig, DriverStats, IoBuf, Op, OpId, OpKind, Returned,
-    SharedFd, Statx, SubmitError, SubmitErrorKind, Token, UserData, Waker, DROP_DRAIN_TIMEOUT,
+    CancelError, Completion, Driver, DriverConfig, DriverStats, IoBuf, LinkedSubmitError, Op, OpId,
+    OpKind, Returned, SharedFd, Statx, SubmitError, SubmitErrorKind, Token, UserData, Waker,
+    DROP_DRAIN_TIMEOUT,
 };
 pub use errno::{Errno, ErrnoClass};
 pub use pipe::{Pipe, PipePool, PipePoolStats};
 pub use probe::{probe, unavailable_reason, OpSupport, ProbeReport, Unavailable, OPS_OF_INTEREST};
 pub use residency::{residency, Residency};
 pub use ring::{QueueFull, Ring, RingConfig, SetupFlags};
+pub use writeback::sync_file_range;

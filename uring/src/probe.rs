@@ -101,6 +101,8 @@ pub const OPS_OF_INTEREST: &[(&str, u8)] = &[
     ("provide_buffers", opcode::ProvideBuffers::CODE),
     ("nop", opcode::Nop::CODE),
     ("fadvise", opcode::Fadvise::CODE),
+    ("fsync", opcode::Fsync::CODE),
+    ("sync_file_range", opcode::SyncFileRange::CODE),
 ];
 
 /// Probes the running kernel. Never fails: what cannot be learned is

@@ -453,6 +453,148 @@ fn fadvise_willneed_reads_a_range_in_and_iowq_workers_can_be_limited() {
 }
 
 #[test]
+fn fsyncs_in_flight_together_and_sync_file_range_starts_write_back() {
+    let Some((_, mut d)) = setup("fsync", &["fsync", "sync_file_range"]) else {
+        return;
+    };
+    let data = pattern(1 << 20);
+    let paths: Vec<_> = (0..8)
+        .map(|i| temp_file(&format!("fsync{i}"), &[]))
+        .collect();
+    let files: Vec<SharedFd> = paths
+        .iter()
+        .map(|p| {
+            let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+            Rc::new(OwnedFd::from(f))
+        })
+        .collect();
+    for f in &files {
+        rustix::io::pwrite(&**f, &data, 0).unwrap();
+    }
+    // Write-back of the first half of each, started and not waited for.
+    for (i, f) in files.iter().enumerate() {
+        d.submit(
+            Op::SyncFileRange {
+                file: Rc::clone(f),
+                offset: 0,
+                len: 512 * 1024,
+                flags: libc::SYNC_FILE_RANGE_WRITE,
+            },
+            i as u64,
+        )
+        .unwrap();
+    }
+    for _ in 0..8 {
+        let c = next(&mut d);
+        assert_eq!(c.result, Ok(0), "{c:?}");
+    }
+    // Then every file's data synced, all eight in flight at once.
+    for (i, f) in files.iter().enumerate() {
+        d.submit(
+            Op::Fsync {
+                file: Rc::clone(f),
+                datasync: i % 2 == 0,
+            },
+            100 + i as u64,
+        )
+        .unwrap();
+    }
+    assert_eq!(d.in_flight(), 8);
+    let mut tokens = Vec::new();
+    for _ in 0..8 {
+        let c = next(&mut d);
+        assert_eq!(c.result, Ok(0), "{c:?}");
+        assert!(matches!(c.resources, Returned::Nothing));
+        tokens.push(c.token);
+    }
+    tokens.sort_unstable();
+    assert_eq!(tokens, (100..108).collect::<Vec<_>>());
+    // An fd that cannot be synced answers with its errno, not a panic.
+    let (sock, _peer) = tcp_pair();
+    d.submit(
+        Op::Fsync {
+            file: sock,
+            datasync: true,
+        },
+        9,
+    )
+    .unwrap();
+    assert_eq!(next(&mut d).result, Err(Errno::EINVAL));
+    // An offset past i64 is refused before it reaches the kernel.
+    let refused = d.submit(
+        Op::SyncFileRange {
+            file: Rc::clone(&files[0]),
+            offset: u64::MAX,
+            len: 1,
+            flags: libc::SYNC_FILE_RANGE_WRITE,
+        },
+        10,
+    );
+    assert!(refused.is_err());
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[test]
+fn a_write_linked_to_its_fsync_and_a_failed_link_cancelling_the_rest() {
+    let Some((_, mut d)) = setup("linked", &["write", "fsync"]) else {
+        return;
+    };
+    let path = temp_file("linked", &[]);
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let fd: SharedFd = Rc::new(OwnedFd::from(file));
+    let mut lease = d.fixed_buffers().lease().unwrap();
+    let data = pattern(5000.min(lease.capacity()));
+    lease.as_mut_capacity()[..data.len()].copy_from_slice(&data);
+    lease.set_len(data.len());
+    d.submit_linked(
+        Op::WriteFixed {
+            file: Rc::clone(&fd),
+            offset: 0,
+            buf: lease,
+        },
+        Op::Fsync {
+            file: Rc::clone(&fd),
+            datasync: true,
+        },
+        1,
+    )
+    .unwrap();
+    let (first, second) = (next(&mut d), next(&mut d));
+    assert_eq!(first.result, Ok(data.len() as u32), "{first:?}");
+    assert!(matches!(first.resources, Returned::Fixed(_)));
+    assert_eq!(second.result, Ok(0), "{second:?}");
+    assert_eq!((first.token, second.token), (1, 1));
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    // A first op that fails cancels the one linked to it.
+    let read_only: SharedFd = Rc::new(OwnedFd::from(std::fs::File::open(&path).unwrap()));
+    let mut lease = d.fixed_buffers().lease().unwrap();
+    lease.set_len(16);
+    d.submit_linked(
+        Op::WriteFixed {
+            file: Rc::clone(&read_only),
+            offset: 0,
+            buf: lease,
+        },
+        Op::Fsync {
+            file: read_only,
+            datasync: true,
+        },
+        2,
+    )
+    .unwrap();
+    let mut results = vec![next(&mut d).result, next(&mut d).result];
+    results.sort_by_key(|r| format!("{r:?}"));
+    assert_eq!(
+        results,
+        vec![Err(Errno(libc::EBADF)), Err(Errno::ECANCELED)]
+    );
+    assert_eq!(d.in_flight(), 0);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
 fn openat_and_statx_size() {
     let Some((_, mut d)) = setup("openat_statx", &["openat", "statx"]) else {
         return;

@@ -488,7 +488,11 @@ impl CoreLoop {
                     }
                 }
                 (OpKind::Recv, Returned::Buf(IoBuf::Vec(buf))) => {
-                    slot.conn.on_recv(buf, result, now)
+                    let next = slot.conn.on_recv(buf, result, now);
+                    if let Some((file, offset, len)) = slot.conn.take_writeback() {
+                        self.write_back(Rc::new(file), offset, len);
+                    }
+                    next
                 }
                 (OpKind::Send, Returned::Buf(IoBuf::Vec(buf))) => {
                     slot.conn.on_sent(buf, result, now)
@@ -585,7 +589,8 @@ impl CoreLoop {
             Rc::clone(&self.files),
             self.settings.conn_limits,
             Instant::now(),
-        );
+        )
+        .with_engine_writeback();
         if let Some(entry) = self.slots.get_mut(index as usize) {
             *entry = Some(Slot {
                 generation: self.generation,

@@ -160,19 +160,45 @@ impl CoreLoop {
     /// `fadvise(WILLNEED)` through the ring for `len` bytes of `file` from
     /// `offset`, within the per-core bound on hints in flight.
     fn read_ahead(&mut self, file: SharedFd, offset: u64, len: u64) {
+        self.hint(
+            len,
+            Op::Fadvise {
+                file,
+                offset,
+                len: u32::try_from(len).unwrap_or(u32::MAX),
+                advice: libc::POSIX_FADV_WILLNEED,
+            },
+        );
+    }
+
+    /// Submit `op`, a hint no connection waits for (a read-ahead, a
+    /// write-back) covering `len` bytes, within the per-core bound on hints
+    /// in flight. A hint the ring cannot take is only a missed hint.
+    fn hint(&mut self, len: u64, op: Op) {
         if len == 0 || self.readaheads_in_flight >= READAHEADS_PER_CORE_MAX {
             return;
         }
-        let hint = Op::Fadvise {
-            file,
-            offset,
-            len: u32::try_from(len).unwrap_or(u32::MAX),
-            advice: libc::POSIX_FADV_WILLNEED,
-        };
-        // A hint the ring cannot take is only a missed hint.
-        if self.driver.submit(hint, Token::ReadAhead.pack()).is_ok() {
+        if self.driver.submit(op, Token::ReadAhead.pack()).is_ok() {
             self.readaheads_in_flight += 1;
         }
+    }
+
+    /// Start write-back of `len` bytes of an upload's file from `offset`
+    /// through the ring (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on an io-wq
+    /// worker), so the final sync of a large body finds little left to write
+    /// and this thread never waits for the device's queue. A hint like a
+    /// read-ahead, within the same bound: one the ring cannot take only
+    /// leaves more for the final sync.
+    pub(super) fn write_back(&mut self, file: SharedFd, offset: u64, len: u64) {
+        self.hint(
+            len,
+            Op::SyncFileRange {
+                file,
+                offset,
+                len: u32::try_from(len).unwrap_or(u32::MAX),
+                flags: libc::SYNC_FILE_RANGE_WRITE,
+            },
+        );
     }
 
     /// Read the next part of a body that is not in the page cache into a
