@@ -859,6 +859,7 @@ fn put_once(
                 None,
             )],
             weighted: false,
+            once: false,
         };
         run(
             set,
