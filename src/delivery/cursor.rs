@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use super::Lag;
+
 /// One peer's position in the outbox log (byte offsets). Entries are sent
 /// in order, several at once; they may complete out of order, and a failed
 /// one is sent again before anything new. The durable cursor is the lowest
@@ -14,10 +16,10 @@ use std::collections::BTreeMap;
 pub struct OutboxCursor {
     /// Next unsent offset.
     read_pos: u64,
-    /// Sent, no answer yet: start → end.
-    in_flight: BTreeMap<u64, u64>,
-    /// Failed, to send again first: start → end.
-    retry: BTreeMap<u64, u64>,
+    /// Sent, no answer yet: start → (end, what the entry owes the target).
+    in_flight: BTreeMap<u64, (u64, Lag)>,
+    /// Failed, to send again first: start → (end, what it owes).
+    retry: BTreeMap<u64, (u64, Lag)>,
 }
 
 /// What the cursor wants sent next.
@@ -53,12 +55,35 @@ impl OutboxCursor {
         self.in_flight.len()
     }
 
+    /// Entries failed and waiting to be sent again.
+    pub fn retrying(&self) -> usize {
+        self.retry.len()
+    }
+
+    /// The next offset never sent: everything from here to the outbox's
+    /// end is still queued.
+    pub fn read_pos(&self) -> u64 {
+        self.read_pos
+    }
+
+    /// What the entries sent but not acknowledged (in flight, or failed
+    /// and waiting) owe the target. With the outbox's own count from
+    /// [`OutboxCursor::read_pos`] to its end, this is everything the
+    /// outbox holds for the target.
+    pub fn pending(&self) -> Lag {
+        let mut lag = Lag::default();
+        for (_, owed) in self.in_flight.values().chain(self.retry.values()) {
+            lag.add(*owed);
+        }
+        lag
+    }
+
     /// What to send next, if `window` allows and there is anything before `end`.
     pub fn next(&self, end: u64, window: usize) -> Option<Next> {
         if self.in_flight.len() >= window {
             return None;
         }
-        if let Some((&start, &stop)) = self.retry.first_key_value() {
+        if let Some((&start, &(stop, _))) = self.retry.first_key_value() {
             return Some(Next::Again { start, end: stop });
         }
         (self.read_pos < end).then_some(Next::New {
@@ -66,10 +91,11 @@ impl OutboxCursor {
         })
     }
 
-    /// The entry `start..end` is on its way.
-    pub fn on_sent(&mut self, start: u64, end: u64) {
+    /// The entry `start..end` is on its way; `owed` is what it stands for
+    /// (one write, its bytes, when it was acknowledged).
+    pub fn on_sent(&mut self, start: u64, end: u64, owed: Lag) {
         self.retry.remove(&start);
-        self.in_flight.insert(start, end);
+        self.in_flight.insert(start, (end, owed));
         if start == self.read_pos {
             self.read_pos = end;
         }
@@ -90,8 +116,8 @@ impl OutboxCursor {
     }
 
     pub fn on_fail(&mut self, start: u64) {
-        if let Some(end) = self.in_flight.remove(&start) {
-            self.retry.insert(start, end);
+        if let Some(entry) = self.in_flight.remove(&start) {
+            self.retry.insert(start, entry);
         }
     }
 
@@ -112,27 +138,46 @@ mod tests {
     #[test]
     fn cursor_acks_out_of_order_and_retries_first() {
         let mut c = OutboxCursor::at(0);
-        // Entries of 10 bytes each.
+        // Entries of 10 bytes each, for writes of 100 bytes acknowledged at 1000 + i.
+        let owed = |i: u64| Lag::one(100, 1000 + i);
         for i in 0..4 {
             assert_eq!(c.next(100, 8), Some(Next::New { start: i * 10 }));
-            c.on_sent(i * 10, i * 10 + 10);
+            c.on_sent(i * 10, i * 10 + 10, owed(i));
         }
         assert_eq!(c.next(100, 4), None, "window full");
+        assert_eq!(c.pending().writes, 4);
         c.on_ack(10);
         c.on_ack(30);
         assert_eq!(c.acked(), 0);
         c.on_fail(0);
+        assert_eq!(c.retrying(), 1);
+        // Failed and waiting still owes: two entries, the oldest is entry 0.
+        assert_eq!(
+            c.pending(),
+            Lag {
+                writes: 2,
+                bytes: 200,
+                oldest_ms: 1000
+            }
+        );
         assert_eq!(c.next(100, 8), Some(Next::Again { start: 0, end: 10 }));
-        c.on_sent(0, 10);
+        c.on_sent(0, 10, owed(0));
         c.on_ack(0);
         assert_eq!(c.acked(), 20);
+        assert_eq!(c.pending(), owed(2));
         c.on_ack(20);
         assert_eq!(c.acked(), 40);
+        assert!(c.pending().is_zero());
+        assert_eq!(c.read_pos(), 40);
         c.skip(40, 55);
         assert_eq!(c.acked(), 55);
-        c.on_sent(55, 60);
+        c.on_sent(55, 60, owed(5));
         c.jump(80);
         assert_eq!(c.acked(), 80);
+        assert!(
+            c.pending().is_zero(),
+            "jumped over: anti-entropy owes it now"
+        );
         c.on_ack(55); // late answer before the jump: ignored
         assert_eq!(c.acked(), 80);
     }

@@ -2,7 +2,10 @@
 //! before the client hears 2xx.
 //!
 //! One log for all peers, in segment files `outbox/{base offset:020}.log`,
-//! one text line per write (`P|D seq enqueued_ms ns key write_time_ms`).
+//! one text line per write (`P|D seq enqueued_ms ns key write_time_ms len
+//! bytes_total`: `len` the artifact's bytes, `bytes_total` the sum of `len`
+//! over the log so far, so the bytes between two offsets are one
+//! subtraction; lines written before these two fields read as 0).
 //! Each peer has a cursor, the byte offset below which it has taken
 //! everything; cursors live in `outbox/cursors` (rewritten, renamed into
 //! place). A segment every cursor has passed is deleted. Entries carry no
@@ -30,6 +33,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::Lag;
+
 /// Longest record line in bytes: namespace (64) + key (255) + numbers.
 pub const RECORD_BYTES_MAX: usize = 512;
 /// Largest segment file in bytes; smaller when the bound is small, so disk
@@ -54,9 +59,18 @@ pub struct Record {
     pub ns: String,
     pub key: String,
     pub write_time_ms: u64,
+    /// The artifact's bytes when it was written (0 for a delete).
+    pub len: u64,
+    /// `len` summed over the log up to and including this record.
+    pub bytes_total: u64,
 }
 
 impl Record {
+    /// What this entry owes a target that has not taken it.
+    pub fn owed(&self) -> Lag {
+        Lag::one(self.len, self.enqueued_ms)
+    }
+
     /// The record as one line of the outbox file, newline included.
     pub fn line(&self) -> String {
         let op = match self.op {
@@ -64,8 +78,14 @@ impl Record {
             Op::Delete => 'D',
         };
         format!(
-            "{op} {} {} {} {} {}\n",
-            self.seq, self.enqueued_ms, self.ns, self.key, self.write_time_ms
+            "{op} {} {} {} {} {} {} {}\n",
+            self.seq,
+            self.enqueued_ms,
+            self.ns,
+            self.key,
+            self.write_time_ms,
+            self.len,
+            self.bytes_total
         )
     }
 
@@ -78,14 +98,21 @@ impl Record {
             "D" => Op::Delete,
             _ => return None,
         };
-        let record = Record {
+        let mut record = Record {
             seq: it.next()?.parse().ok()?,
             enqueued_ms: it.next()?.parse().ok()?,
             op,
             ns: it.next()?.to_string(),
             key: it.next()?.to_string(),
             write_time_ms: it.next()?.parse().ok()?,
+            len: 0,
+            bytes_total: 0,
         };
+        // Lines from before the sizes were recorded end here.
+        if let Some(len) = it.next() {
+            record.len = len.parse().ok()?;
+            record.bytes_total = it.next()?.parse().ok()?;
+        }
         it.next().is_none().then_some(record)
     }
 }
@@ -98,6 +125,11 @@ pub struct PeerMark {
     /// Its backlog passed the bound: anti-entropy must run before the
     /// outbox queues for it again.
     pub overflow: bool,
+    /// What the peer is owed outside the log since it overflowed: its
+    /// backlog at the overflow and every write not queued for it since.
+    /// Kept (through anti-entropy's start) until the comparison that covers
+    /// it has listed what to repair ([`Outbox::settle_owed`]).
+    pub owed: Lag,
 }
 
 /// A peer's backlog, for metrics and `/status`.
@@ -122,6 +154,8 @@ struct Inner {
     current: Option<File>,
     end: u64,
     next_seq: u64,
+    /// `bytes_total` of the last record.
+    bytes_total: u64,
     peers: BTreeMap<String, PeerMark>,
     overflows_total: BTreeMap<String, u64>,
     dirty: bool,
@@ -167,6 +201,7 @@ impl Outbox {
         }
         // Cut a torn last line, and learn the next sequence number.
         let mut next_seq = 0;
+        let mut bytes_total = 0;
         if let Some(last) = segments.last_mut() {
             let file = OpenOptions::new()
                 .read(true)
@@ -189,6 +224,7 @@ impl Outbox {
             let text = String::from_utf8_lossy(&tail[..keep]);
             if let Some(record) = text.lines().filter_map(Record::parse).next_back() {
                 next_seq = record.seq + 1;
+                bytes_total = record.bytes_total;
             }
         }
         let end = segments.last().map_or(0, |s| s.base + s.len);
@@ -199,11 +235,30 @@ impl Outbox {
                 if let (Some(peer), Some(acked), Some(overflow)) = (it.next(), it.next(), it.next())
                 {
                     if let Ok(acked) = acked.parse::<u64>() {
+                        // Then what it is owed outside the log (absent in
+                        // files written before it was kept).
+                        let mut num = || it.next().and_then(|n| n.parse::<u64>().ok());
+                        let owed = match (num(), num(), num()) {
+                            (Some(writes), Some(bytes), Some(oldest_ms)) => Lag {
+                                writes,
+                                bytes,
+                                oldest_ms,
+                            },
+                            _ => Lag::default(),
+                        };
+                        let overflow = overflow == "1";
                         peers.insert(
                             peer.to_string(),
                             PeerMark {
                                 acked: acked.min(end),
-                                overflow: overflow == "1",
+                                overflow,
+                                // An overflow mark owes at least one write, even
+                                // if a crash lost the count.
+                                owed: if overflow {
+                                    owed.at_least(Lag::one(0, now_ms()))
+                                } else {
+                                    owed
+                                },
                             },
                         );
                     }
@@ -221,6 +276,7 @@ impl Outbox {
                 current: None,
                 end,
                 next_seq,
+                bytes_total,
                 peers,
                 overflows_total: BTreeMap::new(),
                 dirty: false,
@@ -251,7 +307,7 @@ impl Outbox {
         for p in peers {
             inner.peers.entry(p.clone()).or_insert(PeerMark {
                 acked: oldest,
-                overflow: false,
+                ..PeerMark::default()
             });
         }
         inner.dirty = true;
@@ -269,7 +325,7 @@ impl Outbox {
                     p.clone(),
                     PeerMark {
                         acked: oldest,
-                        overflow: false,
+                        ..PeerMark::default()
                     },
                 );
                 inner.dirty = true;
@@ -287,9 +343,17 @@ impl Outbox {
         self.lock().peers.get(peer).copied()
     }
 
-    /// Record a write for every peer. Returns once it is durable (under
-    /// fsync) or an error: the caller must then not acknowledge the write.
-    pub fn append(&self, op: Op, ns: &str, key: &str, write_time_ms: u64) -> io::Result<()> {
+    /// Record a write of `len` artifact bytes for every peer. Returns once
+    /// it is durable (under fsync) or an error: the caller must then not
+    /// acknowledge the write.
+    pub fn append(
+        &self,
+        op: Op,
+        ns: &str,
+        key: &str,
+        write_time_ms: u64,
+        len: u64,
+    ) -> io::Result<()> {
         let mut inner = self.lock();
         if inner.peers.is_empty() {
             return Ok(());
@@ -301,25 +365,37 @@ impl Outbox {
             ns: ns.to_string(),
             key: key.to_string(),
             write_time_ms,
+            len,
+            bytes_total: inner.bytes_total.saturating_add(len),
         };
         let line = record.line();
-        let len = line.len() as u64;
-        let new_end = inner.end + len;
-        let mut newly_overflowed = Vec::new();
-        for (peer, mark) in inner.peers.iter_mut() {
-            if !mark.overflow && new_end - mark.acked > self.bytes_max {
+        let line_len = line.len() as u64;
+        let new_end = inner.end + line_len;
+        let newly_overflowed: Vec<String> = inner
+            .peers
+            .iter()
+            .filter(|(_, m)| !m.overflow && new_end - m.acked > self.bytes_max)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for peer in &newly_overflowed {
+            // What it had queued is now owed outside the log.
+            let acked = inner.peers.get(peer).map_or(inner.end, |m| m.acked);
+            let backlog = self.lag_locked(&inner, acked);
+            if let Some(mark) = inner.peers.get_mut(peer) {
                 mark.overflow = true;
-                newly_overflowed.push(peer.clone());
+                mark.owed.add(backlog);
             }
         }
         let anyone = inner.peers.values().any(|m| !m.overflow);
         if anyone {
             self.write_line(&mut inner, line.as_bytes())?;
             inner.next_seq += 1;
+            inner.bytes_total = record.bytes_total;
         }
         let end = inner.end;
         for mark in inner.peers.values_mut().filter(|m| m.overflow) {
             mark.acked = end;
+            mark.owed.add(record.owed());
         }
         if !newly_overflowed.is_empty() {
             for peer in &newly_overflowed {
@@ -386,11 +462,67 @@ impl Outbox {
             if pos >= inner.end {
                 return Ok(None);
             }
-            let Some(seg) = inner.segments.iter().rev().find(|s| s.base <= pos) else {
-                return Err(io::Error::other(format!("outbox offset {pos} was deleted")));
-            };
-            (seg.base, seg.len)
+            Self::segment_of(&inner, pos)?
         };
+        self.read_in(base, len, pos).map(Some)
+    }
+
+    /// The segment (base, length) holding offset `pos`.
+    fn segment_of(inner: &Inner, pos: u64) -> io::Result<(u64, u64)> {
+        match inner.segments.iter().rev().find(|s| s.base <= pos) {
+            Some(seg) => Ok((seg.base, seg.len)),
+            None => Err(io::Error::other(format!("outbox offset {pos} was deleted"))),
+        }
+    }
+
+    /// What the log owes a target whose next unsent entry is at `pos`:
+    /// every record from there to the end (the count from the sequence
+    /// numbers, the bytes from the running totals, the age from the
+    /// record at `pos`). Zero at the end; an unreadable record counts
+    /// the entries anyway, as if acknowledged now.
+    pub fn lag_from(&self, pos: u64) -> Lag {
+        let (found, next_seq, bytes_total) = {
+            let inner = self.lock();
+            if pos >= inner.end {
+                return Lag::default();
+            }
+            (
+                Self::segment_of(&inner, pos),
+                inner.next_seq,
+                inner.bytes_total,
+            )
+        };
+        let first = found.and_then(|(base, len)| self.read_in(base, len, pos));
+        Self::lag_since(first.ok().map(|(r, _)| r), next_seq, bytes_total)
+    }
+
+    /// [`Outbox::lag_from`] with the lock held (the overflow path).
+    fn lag_locked(&self, inner: &Inner, pos: u64) -> Lag {
+        if pos >= inner.end {
+            return Lag::default();
+        }
+        let first =
+            Self::segment_of(inner, pos).and_then(|(base, len)| self.read_in(base, len, pos));
+        Self::lag_since(
+            first.ok().map(|(r, _)| r),
+            inner.next_seq,
+            inner.bytes_total,
+        )
+    }
+
+    fn lag_since(first: Option<Record>, next_seq: u64, bytes_total: u64) -> Lag {
+        match first {
+            Some(r) => Lag {
+                writes: next_seq.saturating_sub(r.seq).max(1),
+                bytes: bytes_total.saturating_sub(r.bytes_total.saturating_sub(r.len)),
+                oldest_ms: r.enqueued_ms.max(1),
+            },
+            None => Lag::one(0, now_ms()),
+        }
+    }
+
+    /// Read the record at `pos` of the segment at `base` (`len` bytes long).
+    fn read_in(&self, base: u64, len: u64, pos: u64) -> io::Result<(Record, u64)> {
         let file = File::open(segment_path(&self.dir, base))?;
         let want = (base + len - pos).min(RECORD_BYTES_MAX as u64) as usize;
         let mut buf = vec![0u8; want];
@@ -402,7 +534,7 @@ impl Outbox {
         };
         let line = std::str::from_utf8(&buf[..nl]).map_err(io::Error::other)?;
         match Record::parse(line) {
-            Some(record) => Ok(Some((record, pos + nl as u64 + 1))),
+            Some(record) => Ok((record, pos + nl as u64 + 1)),
             None => Err(io::Error::other(format!(
                 "outbox record at {pos} is damaged"
             ))),
@@ -421,21 +553,39 @@ impl Outbox {
         self.gc_locked(&mut inner);
     }
 
-    /// Anti-entropy with `peer` starts: queue for it again from the end.
-    /// Every write before this moment is in the store, where the summary
-    /// comparison that follows finds it. Returns the new cursor.
-    pub fn clear_overflow(&self, peer: &str) -> io::Result<u64> {
+    /// Anti-entropy with an overflowed `peer` starts: queue for it again
+    /// from the end. Every write before this moment is in the store, where
+    /// the summary comparison that follows finds it; what the peer is owed
+    /// stays counted until that comparison has listed its repairs
+    /// ([`Outbox::settle_owed`]). Returns the new cursor, `None` when the
+    /// peer was not overflowed (its cursor stays).
+    pub fn clear_overflow(&self, peer: &str) -> io::Result<Option<u64>> {
         let mut inner = self.lock();
         let end = inner.end;
+        let Some(mark) = inner.peers.get_mut(peer) else {
+            return Ok(None);
+        };
+        if !mark.overflow {
+            return Ok(None);
+        }
+        mark.overflow = false;
+        mark.acked = end;
+        inner.dirty = true;
+        self.persist_locked(&mut inner, true)?;
+        Ok(Some(end))
+    }
+
+    /// The comparison that followed an overflow has listed what `peer`
+    /// lacks (its repairs carry the count from now on): forget what the
+    /// overflow owed, unless it overflowed again meanwhile.
+    pub fn settle_owed(&self, peer: &str) {
+        let mut inner = self.lock();
         if let Some(mark) = inner.peers.get_mut(peer) {
-            if mark.overflow {
-                mark.overflow = false;
-                mark.acked = end;
+            if !mark.overflow && !mark.owed.is_zero() {
+                mark.owed = Lag::default();
                 inner.dirty = true;
-                self.persist_locked(&mut inner, true)?;
             }
         }
-        Ok(end)
     }
 
     /// Write the cursors file if anything changed.
@@ -451,9 +601,12 @@ impl Outbox {
         let mut text = String::new();
         for (peer, mark) in &inner.peers {
             text.push_str(&format!(
-                "{peer} {} {}\n",
+                "{peer} {} {} {} {} {}\n",
                 mark.acked,
-                u8::from(mark.overflow)
+                u8::from(mark.overflow),
+                mark.owed.writes,
+                mark.owed.bytes,
+                mark.owed.oldest_ms
             ));
         }
         let tmp = self.dir.join("cursors.tmp");
@@ -528,8 +681,8 @@ mod tests {
         let dir = tmp.path().join("outbox");
         let ob = Outbox::open(&dir, true, 1 << 20).unwrap();
         ob.set_peers(&peers(&["a:1"]));
-        ob.append(Op::Put, "ns", "k1", 5).unwrap();
-        ob.append(Op::Delete, "ns", "k2", 6).unwrap();
+        ob.append(Op::Put, "ns", "k1", 5, 300).unwrap();
+        ob.append(Op::Delete, "ns", "k2", 6, 0).unwrap();
         let (r1, next) = ob.read_at(0).unwrap().unwrap();
         assert_eq!(
             (r1.op, r1.key.as_str(), r1.write_time_ms),
@@ -549,10 +702,24 @@ mod tests {
         assert_eq!(ob.end(), end);
         assert_eq!(ob.mark("a:1").unwrap().acked, next);
         ob.set_peers(&peers(&["a:1"]));
-        ob.append(Op::Put, "ns", "k4", 7).unwrap();
+        ob.append(Op::Put, "ns", "k4", 7, 40).unwrap();
         let (r4, _) = ob.read_at(end).unwrap().unwrap();
         assert_eq!((r4.seq, r4.key.as_str()), (2, "k4"));
         assert_eq!(ob.backlog("a:1").entries, 2);
+        // The running byte total survived the reopen: what a:1 lacks from
+        // its cursor is the delete (0 bytes) and k4 (40 bytes).
+        assert_eq!(r4.bytes_total, 340);
+        let lag = ob.lag_from(next);
+        assert_eq!((lag.writes, lag.bytes), (2, 40));
+        assert!(lag.oldest_ms > 0);
+        assert!(ob.lag_from(ob.end()).is_zero());
+        // A line from before sizes were recorded still reads.
+        let old = Record::parse("P 9 100 ns k 5").unwrap();
+        assert_eq!((old.len, old.bytes_total, old.seq), (0, 0, 9));
+        assert!(
+            Record::parse("P 9 100 ns k 5 7").is_none(),
+            "a half-written size"
+        );
     }
 
     #[test]
@@ -563,7 +730,7 @@ mod tests {
         ob.set_peers(&peers(&["fast:1", "dead:1"]));
         let mut pos = 0;
         for i in 0..2000 {
-            ob.append(Op::Put, "ns", &format!("key{i}"), i).unwrap();
+            ob.append(Op::Put, "ns", &format!("key{i}"), i, 10).unwrap();
             // fast takes everything at once
             while let Some((_, next)) = ob.read_at(pos).unwrap() {
                 pos = next;
@@ -571,6 +738,16 @@ mod tests {
             ob.set_acked("fast:1", pos);
             let dead = ob.backlog("dead:1");
             assert!(dead.bytes <= OUTBOX_BYTES_MIN, "bounded: {}", dead.bytes);
+            // Whatever the overflow took out of the log is owed outside it:
+            // dead:1 lacks every write so far, fast:1 none.
+            let mark = ob.mark("dead:1").unwrap();
+            let lag = mark.owed.plus(if mark.overflow {
+                Lag::default()
+            } else {
+                ob.lag_from(mark.acked)
+            });
+            assert_eq!((lag.writes, lag.bytes), (i + 1, 10 * (i + 1)), "write {i}");
+            assert!(ob.lag_from(ob.mark("fast:1").unwrap().acked).is_zero());
         }
         let dead = ob.mark("dead:1").unwrap();
         assert!(dead.overflow);
@@ -580,17 +757,29 @@ mod tests {
             .map(|e| e.unwrap().metadata().unwrap().len())
             .sum();
         assert!(disk <= 3 * OUTBOX_BYTES_MIN, "disk {disk}");
-        // The overflow is durable.
+        ob.persist().unwrap();
+        // The overflow is durable, and so is what it owes.
         drop(ob);
         let ob = Outbox::open(&dir, false, OUTBOX_BYTES_MIN).unwrap();
-        assert!(ob.mark("dead:1").unwrap().overflow);
-        let end = ob.clear_overflow("dead:1").unwrap();
+        let mark = ob.mark("dead:1").unwrap();
+        assert!(mark.overflow);
+        assert_eq!(mark.owed, dead.owed);
+        assert_eq!(
+            ob.clear_overflow("fast:1").unwrap(),
+            None,
+            "never overflowed"
+        );
+        let end = ob.clear_overflow("dead:1").unwrap().unwrap();
         assert_eq!(
             ob.mark("dead:1").unwrap(),
             PeerMark {
                 acked: end,
-                overflow: false
-            }
+                overflow: false,
+                owed: dead.owed,
+            },
+            "owed until the comparison lists the repairs"
         );
+        ob.settle_owed("dead:1");
+        assert!(ob.mark("dead:1").unwrap().owed.is_zero());
     }
 }

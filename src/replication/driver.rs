@@ -429,7 +429,8 @@ impl Driver {
                 Action::AntiEntropy => {
                     let addr = run.addr;
                     match self.r.outbox.clear_overflow(name) {
-                        Ok(pos) => run.policy.cursor.jump(pos),
+                        Ok(Some(pos)) => run.policy.cursor.jump(pos),
+                        Ok(None) => {}
                         Err(err) => {
                             tracing::warn!(error = %err, "outbox: cannot clear an overflow")
                         }
@@ -672,7 +673,7 @@ impl Driver {
         }
         if let Some(run) = self.peers.get_mut(name) {
             if !retried {
-                run.policy.cursor.on_sent(start, end);
+                run.policy.cursor.on_sent(start, end, record.owed());
             }
             run.keys_in_flight
                 .insert(start, (record.ns.clone(), record.key.clone()));

@@ -247,22 +247,35 @@ impl Replication {
     /// Record an acknowledged PUT for the peers. `Err` is the reply the
     /// client gets instead of its 2xx.
     #[allow(clippy::result_large_err)] // the error is the reply, as in `App`
-    pub fn record_put(&self, ns: &str, key: &str, write_time_ms: u64) -> Result<(), Reply> {
-        self.record(Op::Put, ns, key, write_time_ms)
+    pub fn record_put(
+        &self,
+        ns: &str,
+        key: &str,
+        write_time_ms: u64,
+        len: u64,
+    ) -> Result<(), Reply> {
+        self.record(Op::Put, ns, key, write_time_ms, len)
     }
 
     /// Record an acknowledged DELETE for the peers.
     #[allow(clippy::result_large_err)]
     pub fn record_delete(&self, ns: &str, key: &str, write_time_ms: u64) -> Result<(), Reply> {
-        self.record(Op::Delete, ns, key, write_time_ms)
+        self.record(Op::Delete, ns, key, write_time_ms, 0)
     }
 
     #[allow(clippy::result_large_err)]
-    fn record(&self, op: Op, ns: &str, key: &str, write_time_ms: u64) -> Result<(), Reply> {
+    fn record(
+        &self,
+        op: Op,
+        ns: &str,
+        key: &str,
+        write_time_ms: u64,
+        len: u64,
+    ) -> Result<(), Reply> {
         if !self.settings.replicates {
             return Ok(()); // an origin only: nobody to send to
         }
-        match self.outbox.append(op, ns, key, write_time_ms) {
+        match self.outbox.append(op, ns, key, write_time_ms, len) {
             Ok(()) => {
                 self.kick();
                 Ok(())
@@ -432,7 +445,8 @@ impl WriteListener for Replication {
     fn begin_put(self: Arc<Self>, ns: &str, key: &str) -> PutFollowUp {
         let (ns, key) = (ns.to_string(), key.to_string());
         PutFollowUp::OnCommit(Box::new(move |committed| {
-            self.record_put(&ns, &key, committed.write_time_ms).err()
+            self.record_put(&ns, &key, committed.write_time_ms, committed.len)
+                .err()
         }))
     }
 

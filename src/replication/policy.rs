@@ -352,7 +352,8 @@ mod tests {
                             Next::New { start } => (start, start + 10),
                         };
                         assert!(p.backoff.ready(now), "no attempt inside a window");
-                        p.cursor.on_sent(start, stop);
+                        p.cursor
+                            .on_sent(start, stop, crate::delivery::Lag::one(1, 1));
                         if !peer_up {
                             attempts_while_down.push(now);
                         }
@@ -395,7 +396,8 @@ mod tests {
                         Next::Again { start, end } => (start, end),
                         Next::New { start } => (start, start + 10),
                     };
-                    p.cursor.on_sent(start, stop);
+                    p.cursor
+                        .on_sent(start, stop, crate::delivery::Lag::one(1, 1));
                     acked_by_peer.insert(start);
                     p.on_send(now, start, Ok(()), &mut rng);
                 }

@@ -281,9 +281,9 @@ impl Tier {
     /// Queue the upload of a committed PUT (durably, before the 2xx); the
     /// hold passes to the queued record.
     #[allow(clippy::result_large_err)] // the error is the reply, as in `App`
-    pub fn queue_put(&self, hold: Hold, write_time_ms: u64) -> Result<(), Reply> {
+    pub fn queue_put(&self, hold: Hold, write_time_ms: u64, len: u64) -> Result<(), Reply> {
         let (ns, key) = (hold.ns.clone(), hold.key.clone());
-        match self.outbox.append(Op::Put, &ns, &key, write_time_ms) {
+        match self.outbox.append(Op::Put, &ns, &key, write_time_ms, len) {
             Ok(()) => {
                 hold.keep();
                 self.kick.notify_one();
@@ -307,6 +307,7 @@ impl Tier {
         self: &Arc<Self>,
         hold: Hold,
         write_time_ms: u64,
+        len: u64,
         reply: Reply,
         send: crate::exchange::ReplyLater,
     ) {
@@ -318,7 +319,8 @@ impl Tier {
                 send(reply);
                 return;
             }
-            let refused = tokio::task::block_in_place(|| tier.queue_put(hold, write_time_ms).err());
+            let refused =
+                tokio::task::block_in_place(|| tier.queue_put(hold, write_time_ms, len).err());
             send(match refused {
                 None => {
                     let mut reply = Reply::error(
@@ -339,7 +341,7 @@ impl Tier {
     /// Queue the deletion of `ns/key` in the tier.
     #[allow(clippy::result_large_err)]
     pub fn queue_delete(&self, ns: &str, key: &str, write_time_ms: u64) -> Result<(), Reply> {
-        match self.outbox.append(Op::Delete, ns, key, write_time_ms) {
+        match self.outbox.append(Op::Delete, ns, key, write_time_ms, 0) {
             Ok(()) => {
                 self.kick.notify_one();
                 Ok(())
@@ -615,11 +617,12 @@ impl WriteListener for Tier {
         match self.settings.write {
             TierWrite::Through => {
                 PutFollowUp::AfterCommit(Box::new(move |committed, reply, send| {
-                    self.upload_through(hold, committed.write_time_ms, reply, send);
+                    self.upload_through(hold, committed.write_time_ms, committed.len, reply, send);
                 }))
             }
             TierWrite::Behind => PutFollowUp::OnCommit(Box::new(move |committed| {
-                self.queue_put(hold, committed.write_time_ms).err()
+                self.queue_put(hold, committed.write_time_ms, committed.len)
+                    .err()
             })),
         }
     }
@@ -666,7 +669,7 @@ mod tests {
         assert!(tier.may_evict(&rel));
         let hold = tier.hold("ns", "k");
         assert!(!tier.may_evict(&rel));
-        tier.queue_put(hold, 5).unwrap();
+        tier.queue_put(hold, 5, 4).unwrap();
         assert!(!tier.may_evict(&rel), "queued, not uploaded");
         assert_eq!(tier.pending_keys(), 1);
         drop(tier);
@@ -690,7 +693,7 @@ mod tests {
         let tier = Tier::open(settings(4096), tmp.path(), store, None).unwrap();
         let mut queued = 0;
         while tier.refuse_put().is_none() {
-            tier.queue_put(tier.hold("ns", &format!("k{queued}")), 1)
+            tier.queue_put(tier.hold("ns", &format!("k{queued}")), 1, 1)
                 .unwrap();
             queued += 1;
             assert!(queued < 1000, "never full");

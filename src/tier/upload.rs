@@ -190,7 +190,7 @@ pub async fn run(tier: Arc<Tier>) {
                     break;
                 }
                 busy.insert(id);
-                cursor.on_sent(start, end);
+                cursor.on_sent(start, end, record.owed());
                 let t = Arc::clone(&tier);
                 tasks.spawn(async move {
                     let sent = send(t, record.clone()).await;
