@@ -20,6 +20,8 @@ pub struct OutboxCursor {
     in_flight: BTreeMap<u64, (u64, Lag)>,
     /// Failed, to send again first: start → (end, what it owes).
     retry: BTreeMap<u64, (u64, Lag)>,
+    /// Artifact bytes of the entries in flight.
+    in_flight_bytes: u64,
 }
 
 /// What the cursor wants sent next.
@@ -53,6 +55,11 @@ impl OutboxCursor {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
+    }
+
+    /// Artifact bytes of the entries in flight.
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.in_flight_bytes
     }
 
     /// Entries failed and waiting to be sent again.
@@ -95,7 +102,10 @@ impl OutboxCursor {
     /// (one write, its bytes, when it was acknowledged).
     pub fn on_sent(&mut self, start: u64, end: u64, owed: Lag) {
         self.retry.remove(&start);
-        self.in_flight.insert(start, (end, owed));
+        if let Some((_, old)) = self.in_flight.insert(start, (end, owed)) {
+            self.in_flight_bytes = self.in_flight_bytes.saturating_sub(old.bytes);
+        }
+        self.in_flight_bytes = self.in_flight_bytes.saturating_add(owed.bytes);
         if start == self.read_pos {
             self.read_pos = end;
         }
@@ -105,20 +115,26 @@ impl OutboxCursor {
     /// was already handled): as good as acknowledged.
     pub fn skip(&mut self, start: u64, end: u64) {
         self.retry.remove(&start);
-        self.in_flight.remove(&start);
+        self.take_in_flight(start);
         if start == self.read_pos {
             self.read_pos = end;
         }
     }
 
     pub fn on_ack(&mut self, start: u64) {
-        self.in_flight.remove(&start);
+        self.take_in_flight(start);
     }
 
     pub fn on_fail(&mut self, start: u64) {
-        if let Some(entry) = self.in_flight.remove(&start) {
+        if let Some(entry) = self.take_in_flight(start) {
             self.retry.insert(start, entry);
         }
+    }
+
+    fn take_in_flight(&mut self, start: u64) -> Option<(u64, Lag)> {
+        let entry = self.in_flight.remove(&start)?;
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(entry.1.bytes);
+        Some(entry)
     }
 
     /// Nothing before `pos` needs sending any more (the peer overflowed and
@@ -128,6 +144,7 @@ impl OutboxCursor {
         self.read_pos = self.read_pos.max(pos);
         self.retry.retain(|&s, _| s >= pos);
         self.in_flight.retain(|&s, _| s >= pos);
+        self.in_flight_bytes = self.in_flight.values().map(|(_, l)| l.bytes).sum();
     }
 }
 
@@ -146,11 +163,13 @@ mod tests {
         }
         assert_eq!(c.next(100, 4), None, "window full");
         assert_eq!(c.pending().writes, 4);
+        assert_eq!(c.in_flight_bytes(), 400);
         c.on_ack(10);
         c.on_ack(30);
         assert_eq!(c.acked(), 0);
         c.on_fail(0);
         assert_eq!(c.retrying(), 1);
+        assert_eq!(c.in_flight_bytes(), 100, "entry 2 only");
         // Failed and waiting still owes: two entries, the oldest is entry 0.
         assert_eq!(
             c.pending(),

@@ -4,7 +4,7 @@
 //! walks and summary exchanges run on a second thread so this loop never
 //! waits for a disk walk.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender};
@@ -22,7 +22,7 @@ use super::policy::{Action, Membership, PeerPolicy, PeerState, Transition};
 use super::summary::{self, Entry};
 use super::transport::{self, Transport};
 use super::{PeerView, Replication, AUTH_SCHEME};
-use crate::delivery::outbox::{Op, Record};
+use crate::delivery::outbox::{Op, Reader, Record};
 use crate::delivery::{Next, Rng};
 
 /// Repairs queued from one anti-entropy run per peer; more wait for the
@@ -114,14 +114,57 @@ struct PeerRun {
     last_error: Option<String>,
     repairs: VecDeque<Entry>,
     repairs_in_flight: usize,
-    /// Keys of the entries in flight (by outbox offset). A key is never in
-    /// flight twice to one peer: a PUT and the DELETE after it could
-    /// otherwise arrive swapped, and without tombstones the peer would keep
-    /// the artifact.
-    keys_in_flight: BTreeMap<u64, (String, String)>,
+    /// Reads the peer's entries from the outbox, in order, without taking
+    /// its lock (which appends hold through their syncs).
+    reader: Reader,
+    /// An entry read but not sent yet (no tokens, its key busy, the
+    /// transport full): the next send takes it first.
+    peeked: Option<(u64, Record, u64)>,
+    /// Entries in flight or failed and waiting, by outbox offset: a retry
+    /// sends them again without reading the outbox.
+    records: BTreeMap<u64, (Record, u64)>,
+    /// Keys of the entries in flight. A key is never in flight twice to one
+    /// peer: a PUT and the DELETE after it could otherwise arrive swapped,
+    /// and without tombstones the peer would keep the artifact.
+    keys_in_flight: HashSet<(String, String)>,
     /// The transport refused a request (engine queue full): wait a little
     /// before the next, rather than spin on the refusal.
     paused_until: Option<Instant>,
+}
+
+impl PeerRun {
+    /// The next entry from `start`: the one peeked before, else the
+    /// reader's (moved to `start` first if it is elsewhere).
+    fn next_record(
+        &mut self,
+        outbox: &crate::delivery::outbox::Outbox,
+        start: u64,
+    ) -> std::io::Result<Option<(u64, Record, u64)>> {
+        if let Some(found) = self.peeked.take() {
+            if found.0 == start {
+                return Ok(Some(found));
+            }
+        }
+        if self.reader.pos() != start {
+            self.reader.seek(start);
+        }
+        self.reader.next(outbox)
+    }
+
+    /// Nothing before `pos` needs sending any more (an overflow: anti-entropy
+    /// covers it; or an unreadable outbox).
+    fn jump(&mut self, pos: u64) {
+        self.policy.cursor.jump(pos);
+        let at = self.policy.cursor.read_pos();
+        self.reader.seek(at);
+        self.peeked = None;
+        self.records.retain(|&s, _| s >= pos);
+        self.keys_in_flight = self
+            .records
+            .values()
+            .map(|(r, _)| (r.ns.clone(), r.key.clone()))
+            .collect();
+    }
 }
 
 struct Driver {
@@ -225,8 +268,18 @@ fn is_before_any_byte(err: &TaskError) -> bool {
 impl Driver {
     fn run(&mut self, rx: &Receiver<Event>, stop: &AtomicBool, finish_ms: &AtomicU64) {
         while !stop.load(Ordering::SeqCst) {
+            // Cleared before the outbox is read, so an append after this
+            // point kicks again: none waits for the tick.
+            self.r.take_kick();
             let now = Instant::now();
             let mut wake_at = now + TICK;
+            if now.duration_since(self.last_persist) >= PERSIST_EVERY {
+                self.last_persist = now;
+                self.sync_marks();
+                if let Err(err) = self.r.outbox.persist() {
+                    tracing::warn!(error = %err, "outbox: cannot write cursors");
+                }
+            }
             let mut names: Vec<String> = self.peers.keys().cloned().collect();
             // Each turn starts with the next peer, so when the limiter has
             // few tokens no peer always comes first and takes them all.
@@ -243,14 +296,7 @@ impl Driver {
             if self.r.summaries.has_pending() {
                 let _ = self.ae_tx.try_send(AeJob::Serve);
             }
-            if now.duration_since(self.last_persist) >= PERSIST_EVERY {
-                self.last_persist = now;
-                if let Err(err) = self.r.outbox.persist() {
-                    tracing::warn!(error = %err, "outbox: cannot write cursors");
-                }
-            }
             self.publish_views(now);
-            self.r.take_kick();
             let wait = wake_at.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait.max(Duration::from_millis(1))) {
                 Ok(event) => {
@@ -264,6 +310,7 @@ impl Driver {
             }
         }
         self.finish(rx, Duration::from_millis(finish_ms.load(Ordering::SeqCst)));
+        self.sync_marks();
         let _ = self.r.outbox.persist();
     }
 
@@ -360,7 +407,10 @@ impl Driver {
                             last_error: None,
                             repairs: VecDeque::new(),
                             repairs_in_flight: 0,
-                            keys_in_flight: BTreeMap::new(),
+                            reader: Reader::new(&self.r.outbox, acked),
+                            peeked: None,
+                            records: BTreeMap::new(),
+                            keys_in_flight: HashSet::new(),
                             paused_until: None,
                         },
                     );
@@ -403,15 +453,9 @@ impl Driver {
 
     /// Run `peer`'s policy until it waits; returns when to look again.
     fn step_peer(&mut self, name: &str, now: Instant) -> Option<Instant> {
-        let end = self.r.outbox.end();
-        if let Some(mark) = self.r.outbox.mark(name) {
-            if let Some(run) = self.peers.get_mut(name) {
-                if mark.overflow {
-                    run.policy.cursor.jump(mark.acked);
-                    run.policy.anti_entropy_due = true;
-                }
-            }
-        }
+        // The reader finds the end: until it says there is nothing more,
+        // the policy may ask for the next entry.
+        let end = u64::MAX;
         if let Some(until) = self.peers.get(name).and_then(|r| r.paused_until) {
             if now < until {
                 return Some(until);
@@ -429,7 +473,7 @@ impl Driver {
                 Action::AntiEntropy => {
                     let addr = run.addr;
                     match self.r.outbox.clear_overflow(name) {
-                        Ok(Some(pos)) => run.policy.cursor.jump(pos),
+                        Ok(Some(pos)) => run.jump(pos),
                         Ok(None) => {}
                         Err(err) => {
                             tracing::warn!(error = %err, "outbox: cannot clear an overflow")
@@ -448,14 +492,12 @@ impl Driver {
                 }
                 Action::WaitUntil(t) => {
                     self.send_repairs(name);
-                    self.sync_acked(name);
                     return Some(t);
                 }
                 Action::Idle => break,
             }
         }
         self.send_repairs(name);
-        self.sync_acked(name);
         self.throttled_until.filter(|&t| t > now)
     }
 
@@ -498,9 +540,19 @@ impl Driver {
         }
     }
 
-    fn sync_acked(&self, name: &str) {
-        if let Some(run) = self.peers.get(name) {
+    /// Tell the outbox how far each peer has taken (its gauges, its
+    /// segment collection and the cursors file follow), and pick up an
+    /// overflow it marked since. Every `PERSIST_EVERY`, not per entry: the
+    /// outbox's lock is held through append syncs.
+    fn sync_marks(&mut self) {
+        for (name, run) in self.peers.iter_mut() {
             self.r.outbox.set_acked(name, run.policy.cursor.acked());
+            if let Some(mark) = self.r.outbox.mark(name) {
+                if mark.overflow {
+                    run.jump(mark.acked);
+                    run.policy.anti_entropy_due = true;
+                }
+            }
         }
     }
 
@@ -611,31 +663,54 @@ impl Driver {
     /// Send the entry `next` to `name`; false when the loop should stop
     /// for now (memory bound, unreadable outbox).
     fn send_next(&mut self, name: &str, next: Next) -> bool {
-        let start = match next {
-            Next::Again { start, .. } | Next::New { start } => start,
+        let Some(run) = self.peers.get_mut(name) else {
+            return false;
         };
-        let (record, end) = match self.r.outbox.read_at(start) {
-            Ok(Some(found)) => found,
-            Ok(None) => return false,
-            Err(err) => {
-                tracing::error!(peer = name, error = %err, "outbox unreadable; anti-entropy will repair");
-                let end = self.r.outbox.end();
-                if let Some(run) = self.peers.get_mut(name) {
-                    run.policy.cursor.jump(end);
-                    run.policy.anti_entropy_due = true;
+        let (start, record, end) = match next {
+            Next::Again { start, end } => match run.records.get(&start) {
+                Some((record, _)) => (start, record.clone(), end),
+                None => {
+                    // Not kept (cannot happen: every entry sent is kept
+                    // until answered); read it again.
+                    match self.r.outbox.read_at(start) {
+                        Ok(Some((record, end))) => (start, record, end),
+                        _ => {
+                            run.policy.cursor.skip(start, end);
+                            run.policy.anti_entropy_due = true;
+                            return true;
+                        }
+                    }
                 }
-                return false;
-            }
+            },
+            Next::New { start } => match run.next_record(&self.r.outbox, start) {
+                Ok(Some(found)) => found,
+                Ok(None) => return false,
+                Err(err) => {
+                    tracing::error!(peer = name, error = %err, "outbox unreadable; anti-entropy will repair");
+                    let end = self.r.outbox.end();
+                    run.jump(end);
+                    run.policy.anti_entropy_due = true;
+                    return false;
+                }
+            },
         };
-        let busy = self.peers.get(name).is_some_and(|run| {
-            run.keys_in_flight
-                .iter()
-                .any(|(&at, (ns, key))| at != start && *ns == record.ns && *key == record.key)
-        });
-        if busy {
-            return false; // after the earlier entry for this key is answered
+        let key = (record.ns.clone(), record.key.clone());
+        if !run.records.contains_key(&start) && run.keys_in_flight.contains(&key) {
+            // After the earlier entry for this key is answered.
+            run.peeked = Some((start, record, end));
+            return false;
         }
-        self.send_record(name, start, end, &record, false)
+        if self.send_record(name, start, end, &record, false) {
+            return true;
+        }
+        // Not sent (no tokens, closing, nothing to build): a new entry
+        // waits in front of the reader; a retry stays in the cursor's list.
+        if let Some(run) = self.peers.get_mut(name) {
+            if matches!(next, Next::New { .. }) && run.policy.cursor.read_pos() == start {
+                run.peeked = Some((start, record, end));
+            }
+        }
+        false
     }
 
     fn send_record(
@@ -660,7 +735,10 @@ impl Driver {
             Ok(None) => {
                 if let Some(run) = self.peers.get_mut(name) {
                     run.policy.cursor.skip(start, end);
-                    run.keys_in_flight.remove(&start);
+                    if run.records.remove(&start).is_some() {
+                        run.keys_in_flight
+                            .remove(&(record.ns.clone(), record.key.clone()));
+                    }
                 }
                 return true;
             }
@@ -676,7 +754,8 @@ impl Driver {
                 run.policy.cursor.on_sent(start, end, record.owed());
             }
             run.keys_in_flight
-                .insert(start, (record.ns.clone(), record.key.clone()));
+                .insert((record.ns.clone(), record.key.clone()));
+            run.records.insert(start, (record.clone(), end));
         }
         self.in_flight_bytes += body;
         self.count_attempt(name, retried);
@@ -858,7 +937,11 @@ impl Driver {
             if !retried && is_before_any_byte(err) {
                 // Nothing reached the peer: once more, at once, on a
                 // fresh connection. Nothing else is retried here.
-                if let Ok(Some((record, end))) = self.r.outbox.read_at(start) {
+                let kept = self
+                    .peers
+                    .get(&peer)
+                    .and_then(|run| run.records.get(&start).cloned());
+                if let Some((record, end)) = kept {
                     if self.send_record(&peer, start, end, &record, true) {
                         return;
                     }
@@ -869,7 +952,13 @@ impl Driver {
         let Some(run) = self.peers.get_mut(&peer) else {
             return;
         };
-        run.keys_in_flight.remove(&start);
+        if let Some((record, _)) = run.records.get(&start) {
+            let key = (record.ns.clone(), record.key.clone());
+            run.keys_in_flight.remove(&key);
+        }
+        if matches!(verdict, Verdict::Done) {
+            run.records.remove(&start);
+        }
         let state = match verdict {
             Verdict::Refused => {
                 run.policy.cursor.on_fail(start);
@@ -883,7 +972,6 @@ impl Driver {
             }
         };
         self.observe(&peer, state);
-        self.sync_acked(&peer);
     }
 
     fn on_repaired(

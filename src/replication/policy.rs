@@ -10,7 +10,14 @@ use std::time::{Duration, Instant};
 use crate::delivery::{Backoff, Next, OutboxCursor, Rng};
 
 /// Requests in flight to one healthy peer. While a peer is failing, one.
-pub const SEND_WINDOW_MAX: usize = 8;
+/// Enough that a peer's round trip (a sync on its side, a few thread hops
+/// on a busy host) is not the write rate's ceiling: at 8, a 40 ms round
+/// trip capped a peer at 200 small writes a second.
+pub const SEND_WINDOW_MAX: usize = 32;
+/// Artifact bytes in flight to one peer: past this no new entry starts
+/// until an answer comes (a single larger one goes alone), so a window of
+/// large artifacts does not hold 32 of them open at once.
+pub const SEND_BYTES_IN_FLIGHT_MAX: u64 = 64 * 1024 * 1024;
 
 /// What membership knows of a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,6 +196,8 @@ impl PeerPolicy {
         }
         let window = if self.backoff.failures() > 0 {
             1
+        } else if self.cursor.in_flight_bytes() >= SEND_BYTES_IN_FLIGHT_MAX {
+            self.cursor.in_flight()
         } else {
             SEND_WINDOW_MAX
         };
@@ -293,6 +302,47 @@ mod tests {
         );
         assert!(m.observe("b:1", PeerState::Myself).is_some());
         assert!(m.observe("b:1", PeerState::Up).is_none(), "self stays self");
+    }
+
+    /// A healthy peer gets a window of sends at once, bounded by count and
+    /// by bytes; a failing one gets one at a time.
+    #[test]
+    fn the_send_window_is_bounded_by_count_and_bytes() {
+        let t0 = Instant::now();
+        let mut rng = Rng::new(3);
+        let rows: &[(u64, usize)] = &[
+            // (artifact bytes per entry, sends the policy starts at once)
+            (4096, SEND_WINDOW_MAX),
+            (SEND_BYTES_IN_FLIGHT_MAX / 4, 4),
+            (SEND_BYTES_IN_FLIGHT_MAX * 2, 1),
+        ];
+        for &(bytes, want) in rows {
+            let mut p = PeerPolicy::new(t0, 0, ms(1000), ms(600_000));
+            assert_eq!(p.next(t0, 1_000_000), Action::Probe);
+            p.on_probe(t0, Some(true), &mut rng);
+            let mut started = 0;
+            while let Action::Send(Next::New { start }) = p.next(t0, 1_000_000) {
+                p.cursor
+                    .on_sent(start, start + 10, crate::delivery::Lag::one(bytes, 1));
+                started += 1;
+                assert!(started <= SEND_WINDOW_MAX, "unbounded");
+            }
+            assert_eq!(started, want, "entries of {bytes} bytes");
+            // A failure: one at a time until a success.
+            p.on_send(t0, 0, Err(false), &mut rng);
+            let later = t0 + ms(61_000);
+            let mut again = 0;
+            while let Action::Send(next) = p.next(later, 1_000_000) {
+                let (start, end) = match next {
+                    Next::Again { start, end } => (start, end),
+                    Next::New { start } => (start, start + 10),
+                };
+                p.cursor.on_sent(start, end, crate::delivery::Lag::one(bytes, 1));
+                again += 1;
+                assert!(again <= 1);
+            }
+            assert!(p.cursor.in_flight() <= want.max(1));
+        }
     }
 
     /// A simulated peer over a week, flapping from a seed; the node must

@@ -32,7 +32,9 @@ use crate::store::Store;
 /// The tier's name as the one target of its outbox.
 pub const TARGET: &str = "tier";
 /// Uploads in flight at once while the tier is healthy; one while it fails.
-pub const UPLOADS_IN_FLIGHT_MAX: usize = 4;
+/// An upload of a small artifact is a round trip to the store: at 4 in
+/// flight a 20 ms round trip held write-behind to 200 small writes a second.
+pub const UPLOADS_IN_FLIGHT_MAX: usize = 16;
 /// Slack between the bound the PUT path checks (`replication_outbox_bytes_max`:
 /// past it, 507) and the outbox's own overflow bound, so the PUTs that pass
 /// the check together (at most one per connection: 32,768 at the largest
