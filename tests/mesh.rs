@@ -1,6 +1,7 @@
 //! The replication mesh through real processes: three `sluice serve`
 //! nodes on loopback, each listing the others, with separate data dirs.
 mod common;
+use common::fleet::{Gauge, Ledger};
 use common::{http, metric_at as metric, wait_for};
 
 /// This binary's loopback port range: 20000..32000.
@@ -284,6 +285,74 @@ fn a_node_killed_mid_replication_finishes_from_its_outbox() {
     }
 }
 
+/// `sluice_replication_lag_*` count exactly what a peer lacks (writes and
+/// deletes, their bytes, the oldest's age), in `/metrics` and `/status`
+/// alike, and read zero only once the peer's own store holds everything.
+#[test]
+fn the_lag_gauge_counts_what_a_down_peer_lacks_and_nothing_else() {
+    let mut mesh = Mesh::start(2, &[("SLUICE_FSYNC", "never")]);
+    let (a, b_port) = (mesh.addr(0), mesh.ports[1]);
+    let gauge = Gauge::Peer(b_port);
+    let mut ledger = Ledger::default();
+    let early = artifact(8003, 700); // the generic route: it takes DELETE
+    put_ok(a, &early);
+    ledger.put(&early.path, &early.body);
+    ledger.converge(
+        "the first write",
+        a,
+        &gauge,
+        mesh.addr(1),
+        Duration::from_secs(30),
+        Duration::from_secs(5),
+    );
+    assert_eq!(gauge.read(a), 0.0);
+    mesh.kill(1);
+    let arts: Vec<Artifact> = (0..40u64)
+        .map(|i| artifact(8100 + i, 1000 + 37 * i as usize))
+        .collect();
+    for art in &arts {
+        put_ok(a, art);
+        ledger.put(&art.path, &art.body);
+    }
+    assert_eq!(http(a, "DELETE", &early.path, &[], b"").status, 204);
+    ledger.deleted(&early.path);
+    let bytes: usize = arts.iter().map(|a| a.body.len()).sum();
+    // Whatever A has tried meanwhile (probes, a send that failed and waits
+    // for its retry), the count is exact: 40 writes and a delete.
+    wait_for("A to find B down", Duration::from_secs(20), || {
+        metric(a, "sluice_peer_up", &[]) == 0.0
+    });
+    assert_eq!(gauge.read(a), 41.0);
+    let (lag_bytes, age) = gauge.bytes_and_age(a);
+    assert_eq!(lag_bytes, bytes as f64);
+    assert!(age > 0.0, "the oldest's age: {age}");
+    let status: serde_json::Value =
+        serde_json::from_slice(&http(a, "GET", "/status", &[], b"").body).expect("json");
+    let peer = &status["replication"]["peers"][0];
+    assert_eq!(peer["lag"]["writes"], 41, "{peer}");
+    assert_eq!(peer["lag"]["bytes"], bytes as u64, "{peer}");
+    // The outbox gauges keep their meaning: entries from B's cursor on.
+    assert_eq!(
+        metric(
+            a,
+            "sluice_replication_outbox_entries",
+            &[&format!(":{b_port}\"")]
+        ),
+        41.0
+    );
+    mesh.restart(1, &[("SLUICE_FSYNC", "never")]);
+    let held = ledger.converge(
+        "B back",
+        a,
+        &gauge,
+        mesh.addr(1),
+        Duration::from_secs(60),
+        Duration::from_secs(5),
+    );
+    println!("B held everything {held:?} after its restart; the gauge then read 0");
+    assert_eq!(gauge.bytes_and_age(a), (0.0, 0.0));
+}
+
 #[test]
 fn a_backlog_past_the_bound_is_repaired_by_anti_entropy() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -294,13 +363,19 @@ fn a_backlog_past_the_bound_is_repaired_by_anti_entropy() {
     ];
     let a_node = node(ports[0], &tmp.path().join("a"), &[ports[1]], &env);
     let a = a_node.addr;
+    let gauge = Gauge::Peer(ports[1]);
+    let mut ledger = Ledger::default();
     // B is down: A's backlog for it passes 4 KiB after a few dozen entries.
     let arts: Vec<Artifact> = (0..300u64).map(|i| artifact(5000 + i, 1024)).collect();
     for art in &arts {
         put_ok(a, art);
+        ledger.put(&art.path, &art.body);
     }
     assert!(metric(a, "sluice_replication_outbox_overflows_total", &[]) >= 1.0);
     assert!(metric(a, "sluice_replication_outbox_bytes", &[]) <= 4096.0);
+    // Out of the outbox, not out of the count: the overflow owes B all 300.
+    assert_eq!(gauge.read(a), 300.0);
+    assert_eq!(gauge.bytes_and_age(a).0, 300.0 * 1024.0);
     let outbox_disk: u64 = std::fs::read_dir(tmp.path().join("a/.outbox"))
         .expect("outbox dir")
         .map(|e| e.expect("entry").metadata().expect("meta").len())
@@ -311,10 +386,16 @@ fn a_backlog_past_the_bound_is_repaired_by_anti_entropy() {
     );
     let b_node = node(ports[1], &tmp.path().join("b"), &[ports[0]], &env);
     let b = b_node.addr;
-    wait_for("anti-entropy to repair B", Duration::from_secs(60), || {
-        arts.iter()
-            .all(|art| status_of(b, "HEAD", &art.path) == 200)
-    });
+    // Through the comparison and the repairs the gauge never reads 0 while
+    // B lacks one of them.
+    ledger.converge(
+        "anti-entropy repairing B",
+        a,
+        &gauge,
+        b,
+        Duration::from_secs(90),
+        Duration::from_secs(5),
+    );
     for art in &arts {
         assert!(holds(b, art));
     }

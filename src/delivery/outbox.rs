@@ -641,11 +641,21 @@ impl Outbox {
 
     /// `peer`'s backlog now.
     pub fn backlog(&self, peer: &str) -> Backlog {
+        self.backlog_at(peer, 0)
+    }
+
+    /// `peer`'s backlog now, from `acked` if its sender knows it took more
+    /// than the outbox was told yet (the cursors are brought up to date
+    /// every 200 ms).
+    pub fn backlog_at(&self, peer: &str, acked: u64) -> Backlog {
         let (mark, end, next_seq, overflows_total) = {
             let inner = self.lock();
-            let Some(mark) = inner.peers.get(peer).copied() else {
+            let Some(mut mark) = inner.peers.get(peer).copied() else {
                 return Backlog::default();
             };
+            if !mark.overflow {
+                mark.acked = mark.acked.max(acked).min(inner.end);
+            }
             (
                 mark,
                 inner.end,

@@ -61,6 +61,8 @@ pub enum Event {
     },
     Repaired {
         peer: String,
+        /// Which repair (its key in the peer's repairs in flight).
+        id: u64,
         bytes: u64,
         outcome: Result<OutgoingResponse, TaskError>,
     },
@@ -113,7 +115,16 @@ struct PeerRun {
     policy: PeerPolicy,
     last_error: Option<String>,
     repairs: VecDeque<Entry>,
-    repairs_in_flight: usize,
+    /// Repairs sent and not answered, by id: a failed one goes back to the
+    /// front of `repairs`.
+    repairs_in_flight: BTreeMap<u64, Entry>,
+    next_repair_id: u64,
+    /// What the repairs (queued and in flight) owe the peer, recomputed
+    /// when they change.
+    repairs_lag: Option<crate::delivery::Lag>,
+    /// A comparison has listed what the peer lacks: once the repairs are
+    /// published, the outbox may forget what an overflow owed it.
+    settle_owed: bool,
     /// Reads the peer's entries from the outbox, in order, without taking
     /// its lock (which appends hold through their syncs).
     reader: Reader,
@@ -318,7 +329,7 @@ impl Driver {
     fn sends_in_flight(&self) -> usize {
         self.peers
             .values()
-            .map(|run| run.policy.cursor.in_flight() + run.repairs_in_flight)
+            .map(|run| run.policy.cursor.in_flight() + run.repairs_in_flight.len())
             .sum()
     }
 
@@ -406,7 +417,10 @@ impl Driver {
                             policy,
                             last_error: None,
                             repairs: VecDeque::new(),
-                            repairs_in_flight: 0,
+                            repairs_in_flight: BTreeMap::new(),
+                            next_repair_id: 0,
+                            repairs_lag: None,
+                            settle_owed: false,
                             reader: Reader::new(&self.r.outbox, acked),
                             peeked: None,
                             records: BTreeMap::new(),
@@ -790,7 +804,7 @@ impl Driver {
             };
             if run.policy.state != PeerState::Up
                 || run.policy.backoff.failures() > 0
-                || run.repairs_in_flight >= REPAIR_WINDOW_MAX
+                || run.repairs_in_flight.len() >= REPAIR_WINDOW_MAX
             {
                 return;
             }
@@ -800,8 +814,12 @@ impl Driver {
             let Some(entry) = run.repairs.pop_front() else {
                 return;
             };
+            run.repairs_lag = None;
             let addr = run.addr;
-            let id = u64::MAX - run.repairs.len() as u64;
+            run.next_repair_id += 1;
+            let repair = run.next_repair_id;
+            // The limiter's key for it: outbox offsets never come near.
+            let id = u64::MAX - repair;
             let built = if entry.deleted {
                 Ok(Some(self.build_delete(
                     addr,
@@ -829,7 +847,7 @@ impl Driver {
                 return;
             }
             if let Some(run) = self.peers.get_mut(name) {
-                run.repairs_in_flight += 1;
+                run.repairs_in_flight.insert(repair, entry);
             }
             self.in_flight_bytes += built.2;
             self.count_attempt(name, false);
@@ -844,6 +862,7 @@ impl Driver {
                 Box::new(move |outcome| {
                     let _ = tx.send(Event::Repaired {
                         peer,
+                        id: repair,
                         bytes: body,
                         outcome,
                     });
@@ -871,9 +890,10 @@ impl Driver {
             } => self.on_sent(now, peer, start, bytes, outcome, retried),
             Event::Repaired {
                 peer,
+                id,
                 bytes,
                 outcome,
-            } => self.on_repaired(now, peer, bytes, outcome),
+            } => self.on_repaired(now, peer, id, bytes, outcome),
             Event::AntiEntropyDone { peer, result } => self.on_anti_entropy_done(now, peer, result),
         }
     }
@@ -978,6 +998,7 @@ impl Driver {
         &mut self,
         now: Instant,
         peer: String,
+        id: u64,
         bytes: u64,
         outcome: Result<OutgoingResponse, TaskError>,
     ) {
@@ -986,7 +1007,8 @@ impl Driver {
         let Some(run) = self.peers.get_mut(&peer) else {
             return;
         };
-        run.repairs_in_flight = run.repairs_in_flight.saturating_sub(1);
+        let entry = run.repairs_in_flight.remove(&id);
+        run.repairs_lag = None;
         match verdict {
             Verdict::Done => {
                 self.r
@@ -994,12 +1016,19 @@ impl Driver {
                     .add("sluice_anti_entropy_repaired_total", String::new(), 1);
             }
             Verdict::Refused | Verdict::Failed { .. } => {
-                // The next comparison finds whatever was not repaired.
-                run.repairs.clear();
-                run.policy.anti_entropy_due = true;
-                if let Verdict::Failed { down, why } = verdict {
-                    run.last_error = Some(why);
-                    run.policy.on_send(now, u64::MAX, Err(down), &mut self.rng);
+                // Sent again first, after the peer's backoff: a repair is
+                // owed like an outbox entry, not left to the next
+                // comparison (which may be `anti_entropy_interval_ms` away).
+                if let Some(entry) = entry {
+                    run.repairs.push_front(entry);
+                }
+                match verdict {
+                    Verdict::Failed { down, why } => {
+                        run.last_error = Some(why);
+                        let state = run.policy.on_send(now, u64::MAX, Err(down), &mut self.rng);
+                        self.observe(&peer, state);
+                    }
+                    _ => run.paused_until = Some(now + REFUSED_PAUSE),
                 }
             }
         }
@@ -1025,8 +1054,13 @@ impl Driver {
                 run.policy.on_anti_entropy(now, true, &mut self.rng);
                 if report.incomplete {
                     run.policy.anti_entropy_due = true;
+                } else {
+                    // Every bucket compared: the repairs are what the peer
+                    // lacks, an overflow's count included.
+                    run.settle_owed = true;
                 }
                 run.repairs.extend(report.repairs);
+                run.repairs_lag = None;
                 self.r.series.add(
                     "sluice_anti_entropy_runs_total",
                     format!("peer=\"{peer}\",result=\"ok\""),
@@ -1119,21 +1153,47 @@ impl Driver {
         }
     }
 
-    fn publish_views(&self, now: Instant) {
+    /// Publish each peer's state for `/status`, `/metrics` and the
+    /// read-through. What a peer lacks is published in one piece (the
+    /// cursor's position and what it has in flight or waiting, the repairs),
+    /// so a reader never sees an entry in neither place; the outbox part
+    /// from the cursor's position on is read live by the gauges.
+    fn publish_views(&mut self, now: Instant) {
+        let mut settle = Vec::new();
         let views = self
             .peers
-            .iter()
-            .map(|(name, run)| PeerView {
-                peer: name.clone(),
-                state: run.policy.state.as_str(),
-                backoff_ms: u64::try_from(run.policy.backoff.remaining(now).as_millis())
-                    .unwrap_or(u64::MAX),
-                failures: run.policy.backoff.failures(),
-                last_error: run.last_error.clone(),
-                in_flight: run.policy.cursor.in_flight() + run.repairs_in_flight,
+            .iter_mut()
+            .map(|(name, run)| {
+                let repairs = *run.repairs_lag.get_or_insert_with(|| {
+                    let mut lag = crate::delivery::Lag::default();
+                    for e in run.repairs.iter().chain(run.repairs_in_flight.values()) {
+                        lag.add(crate::delivery::Lag::one(e.len, e.write_time_ms));
+                    }
+                    lag
+                });
+                if std::mem::take(&mut run.settle_owed) {
+                    settle.push(name.clone());
+                }
+                PeerView {
+                    peer: name.clone(),
+                    state: run.policy.state.as_str(),
+                    backoff_ms: u64::try_from(run.policy.backoff.remaining(now).as_millis())
+                        .unwrap_or(u64::MAX),
+                    failures: run.policy.backoff.failures(),
+                    last_error: run.last_error.clone(),
+                    in_flight: run.policy.cursor.in_flight() + run.repairs_in_flight.len(),
+                    acked: run.policy.cursor.acked(),
+                    read_pos: run.policy.cursor.read_pos(),
+                    pending: run.policy.cursor.pending(),
+                    repairs,
+                }
             })
             .collect();
         *self.r.views.lock().unwrap_or_else(PoisonError::into_inner) = views;
+        // Only now that the repairs are visible may the overflow's count go.
+        for name in settle {
+            self.r.outbox.settle_owed(&name);
+        }
         let addrs = self
             .peers
             .iter()

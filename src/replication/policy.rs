@@ -337,7 +337,8 @@ mod tests {
                     Next::Again { start, end } => (start, end),
                     Next::New { start } => (start, start + 10),
                 };
-                p.cursor.on_sent(start, end, crate::delivery::Lag::one(bytes, 1));
+                p.cursor
+                    .on_sent(start, end, crate::delivery::Lag::one(bytes, 1));
                 again += 1;
                 assert!(again <= 1);
             }

@@ -223,7 +223,15 @@ pub async fn run(tier: Arc<Tier>) {
                 });
             }
         }
-        lock(&tier.view).uploads_in_flight = tasks.len();
+        {
+            // What the tier lacks, in one piece with the loop's position
+            // (`Tier::lag` adds the queue from there on).
+            let mut view = lock(&tier.view);
+            view.uploads_in_flight = tasks.len();
+            view.read_pos = cursor.read_pos();
+            view.pending = cursor.pending();
+            view.acked = cursor.acked();
+        }
         let wait = backoff
             .until()
             .map_or(Duration::from_millis(PERSIST_EVERY_MS), |t| {

@@ -3,6 +3,8 @@
 //! HTTP/1.1 or HTTP/2 (rustls + hyper), and h2c (hyper).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod fleet;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
