@@ -18,7 +18,7 @@ use crate::outgoing::{FileBody, OutgoingResponse, TaskError};
 type Built = (Vec<u8>, Option<FileBody>, u64);
 use crate::store::Store;
 
-use super::policy::{Action, Membership, PeerPolicy, PeerState, Transition};
+use super::policy::{Action, Failure, Membership, PeerPolicy, PeerState, Transition};
 use super::summary::{self, Entry};
 use super::transport::{self, Transport};
 use super::{PeerView, Replication, AUTH_SCHEME};
@@ -450,16 +450,27 @@ impl Driver {
 
     fn observe(&mut self, peer: &str, state: PeerState) {
         if let Some(Transition::Changed { from, to, .. }) = self.membership.observe(peer, state) {
-            tracing::info!(%peer, from = from.as_str(), to = to.as_str(), "peer state changed");
+            if to == PeerState::Full {
+                tracing::warn!(
+                    %peer,
+                    from = from.as_str(),
+                    to = to.as_str(),
+                    "peer state changed: the peer has no room (507); its writes wait with its \
+                     backoff, one at a time, until it takes one"
+                );
+            } else {
+                tracing::info!(%peer, from = from.as_str(), to = to.as_str(), "peer state changed");
+            }
             self.r.series.add(
                 "sluice_peer_transitions_total",
                 format!("peer=\"{peer}\",to=\"{}\"", to.as_str()),
                 1,
             );
+            // A full peer answers: it is up, only without room.
             self.r.series.set(
                 "sluice_peer_up",
                 label(peer),
-                u64::from(to == PeerState::Up),
+                u64::from(matches!(to, PeerState::Up | PeerState::Full)),
             );
             self.count_reconciles();
         }
@@ -802,8 +813,8 @@ impl Driver {
             let Some(run) = self.peers.get_mut(name) else {
                 return;
             };
-            if run.policy.state != PeerState::Up
-                || run.policy.backoff.failures() > 0
+            let in_flight = run.policy.cursor.in_flight() + run.repairs_in_flight.len();
+            if !run.policy.may_send_more(Instant::now(), in_flight)
                 || run.repairs_in_flight.len() >= REPAIR_WINDOW_MAX
             {
                 return;
@@ -986,9 +997,9 @@ impl Driver {
                 return;
             }
             Verdict::Done => run.policy.on_send(now, start, Ok(()), &mut self.rng),
-            Verdict::Failed { down, why } => {
+            Verdict::Failed { how, why } => {
                 run.last_error = Some(why);
-                run.policy.on_send(now, start, Err(down), &mut self.rng)
+                run.policy.on_send(now, start, Err(how), &mut self.rng)
             }
         };
         self.observe(&peer, state);
@@ -1014,6 +1025,9 @@ impl Driver {
                 self.r
                     .series
                     .add("sluice_anti_entropy_repaired_total", String::new(), 1);
+                // A repair taken is a write taken: a full peer has room again.
+                let state = run.policy.on_send(now, u64::MAX, Ok(()), &mut self.rng);
+                self.observe(&peer, state);
             }
             Verdict::Refused | Verdict::Failed { .. } => {
                 // Sent again first, after the peer's backoff: a repair is
@@ -1023,9 +1037,9 @@ impl Driver {
                     run.repairs.push_front(entry);
                 }
                 match verdict {
-                    Verdict::Failed { down, why } => {
+                    Verdict::Failed { how, why } => {
                         run.last_error = Some(why);
-                        let state = run.policy.on_send(now, u64::MAX, Err(down), &mut self.rng);
+                        let state = run.policy.on_send(now, u64::MAX, Err(how), &mut self.rng);
                         self.observe(&peer, state);
                     }
                     _ => run.paused_until = Some(now + REFUSED_PAUSE),
@@ -1132,21 +1146,31 @@ impl Driver {
                 );
                 Verdict::Done
             }
+            Ok(resp) if resp.status == 507 => {
+                // No room on the peer: a state, not bad input. Kept, and
+                // sent again after the peer's backoff.
+                count("full");
+                Verdict::Failed {
+                    how: Failure::Full,
+                    why: format!("full: answered 507 ({bytes} bytes)"),
+                }
+            }
             Ok(resp) => {
                 count("failed");
                 Verdict::Failed {
-                    down: false,
+                    how: Failure::Unwell,
                     why: format!("answered {}", resp.status),
                 }
             }
             Err(TaskError::Refused) => Verdict::Refused,
             Err(err) => {
                 count("failed");
+                let down = matches!(
+                    err,
+                    TaskError::Connect(_) | TaskError::Io(_) | TaskError::TimedOut
+                );
                 Verdict::Failed {
-                    down: matches!(
-                        err,
-                        TaskError::Connect(_) | TaskError::Io(_) | TaskError::TimedOut
-                    ),
+                    how: if down { Failure::Down } else { Failure::Unwell },
                     why: err.to_string(),
                 }
             }
@@ -1210,7 +1234,7 @@ impl Driver {
 enum Verdict {
     Done,
     Refused,
-    Failed { down: bool, why: String },
+    Failed { how: Failure, why: String },
 }
 
 /// Resolve the peer set every `peer_refresh` on a thread of its own, so a

@@ -120,7 +120,7 @@ pub const SERIES: &[(&str, &str, &str)] = &[
     ("sluice_replication_outbox_bytes", "gauge", "Outbox bytes (on disk) the peer has not taken."),
     ("sluice_replication_outbox_oldest_age_seconds", "gauge", "Age of the oldest outbox entry the peer has not taken."),
     ("sluice_replication_outbox_overflows_total", "counter", "Times the peer's backlog passed replication_outbox_bytes_max (anti-entropy repairs it)."),
-    ("sluice_replication_sent_requests_total", "counter", "Replication requests sent, by peer and result (ok, rejected, failed)."),
+    ("sluice_replication_sent_requests_total", "counter", "Replication requests sent, by peer and result (ok, rejected, full, failed)."),
     ("sluice_replication_sent_bytes_total", "counter", "Artifact body bytes replicated to the peer."),
     ("sluice_replication_received_requests_total", "counter", "Peer API requests received, by result."),
     ("sluice_replication_received_bytes_total", "counter", "Artifact body bytes received from peers and stored."),
@@ -167,6 +167,9 @@ pub struct Replication {
     pub views: Mutex<Vec<PeerView>>,
     /// Set when the outbox has something new; the thread clears it.
     kicked: AtomicBool,
+    /// This node's store answered a replicated write "no space" and has
+    /// not stored one since (logged once per change).
+    store_full: AtomicBool,
     wake: Mutex<Option<std::sync::mpsc::Sender<driver::Event>>>,
     /// Anti-entropy summaries, computed off the engine threads.
     pub summaries: summary::Cache,
@@ -226,6 +229,7 @@ impl Replication {
             series,
             views: Mutex::new(Vec::new()),
             kicked: AtomicBool::new(false),
+            store_full: AtomicBool::new(false),
             wake: Mutex::new(None),
             summaries: summary::Cache::new(data_dir.to_path_buf()),
         })
@@ -298,6 +302,43 @@ impl Replication {
                     "the write is stored here but could not be queued for the peers",
                 ))
             }
+        }
+    }
+
+    /// A replicated write failed in this node's store: counted by cause
+    /// (`full` for no space, `bad` for a body that is not what was
+    /// announced, `failed` otherwise); running out of space is logged once,
+    /// when it starts.
+    pub fn write_failed(&self, err: &crate::store::StoreError) {
+        use crate::store::StoreError;
+        let result = match err {
+            StoreError::NoSpace => {
+                if !self.store_full.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        "this node's store is full: replicated writes are answered 507 and \
+                         the peers keep them until it has room"
+                    );
+                }
+                "full"
+            }
+            StoreError::DigestMismatch { .. }
+            | StoreError::LengthMismatch { .. }
+            | StoreError::TooLarge { .. }
+            | StoreError::InvalidKey => "bad",
+            _ => "failed",
+        };
+        self.series.add(
+            "sluice_replication_received_requests_total",
+            format!("result=\"{result}\""),
+            1,
+        );
+    }
+
+    /// A replicated write was stored: if the store was full, it has room
+    /// again (logged once).
+    pub fn note_room(&self) {
+        if self.store_full.swap(false, Ordering::AcqRel) {
+            tracing::info!("this node's store has room again: replicated writes are stored");
         }
     }
 
@@ -469,6 +510,7 @@ impl Replication {
         let (effective, ttfb_p99, in_flight) = self.limiter.observe(std::time::Instant::now());
         serde_json::json!({
             "node_id": self.node_id,
+            "store_full": self.store_full.load(Ordering::Acquire),
             "outbox_bytes_max": self.outbox.bytes_max(),
             "limiter": {
                 "limit_bytes_per_second": self.limiter.limit,

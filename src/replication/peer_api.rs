@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use crate::app::{App, PeerService};
 use crate::exchange::{Decision, OnCommit, PutSink, Reply, RequestInfo};
-use crate::store::{valid_key, valid_namespace, DeleteAt, PutOptions};
+use crate::store::{valid_key, valid_namespace, DeleteAt, PutOptions, StoreError};
 
 use super::summary::Query;
 use super::Replication;
@@ -182,7 +182,13 @@ fn put(
         Ok(writer) => {
             let mut sink = PutSink::new(writer, body_bytes_max);
             let series_ok = Arc::clone(replication);
+            let on_failure = Arc::clone(replication);
+            // A failure while the body arrives reads the rest and answers
+            // after it: the sender hears 507 (full) on a usable connection
+            // instead of a reset it would take for the peer being down.
+            sink.set_on_failure(Box::new(move |err| on_failure.write_failed(err)), true);
             sink.set_on_commit(OnCommit(Box::new(move |committed| {
+                series_ok.note_room();
                 let result = if committed.superseded {
                     "result=\"kept\""
                 } else {
@@ -201,6 +207,15 @@ fn put(
                 None
             })));
             Decision::ReceiveBody(sink)
+        }
+        Err(err @ StoreError::NoSpace) => {
+            // Full is a state of this node, not bad input: the body is read
+            // and dropped, and the sender keeps the write for later.
+            replication.write_failed(&err);
+            Decision::ReceiveBody(PutSink::discarding(
+                Reply::error(507, &err.to_string()),
+                body_bytes_max,
+            ))
         }
         Err(err) => refuse(Reply::error(err.status(), &err.to_string())),
     }

@@ -18,6 +18,11 @@ pub const SEND_WINDOW_MAX: usize = 32;
 /// until an answer comes (a single larger one goes alone), so a window of
 /// large artifacts does not hold 32 of them open at once.
 pub const SEND_BYTES_IN_FLIGHT_MAX: u64 = 64 * 1024 * 1024;
+/// Longest wait between probes of a down peer, and between retries of a
+/// full one (each jittered), however long its backoff has grown: a heal is
+/// noticed within this, not a minute later. A probe is a `hello` with no
+/// body; a full peer's retry is one write at a time.
+pub const DOWN_RETRY_MAX_MS: u64 = 5_000;
 
 /// What membership knows of a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +31,10 @@ pub enum PeerState {
     Unknown,
     Up,
     Down,
+    /// It answers, but its store has no room (it answered a write 507):
+    /// writes wait for it with its backoff, one at a time, until one is
+    /// taken. Not bad input, and not down: probes do not clear it.
+    Full,
     /// It answered with this node's own id: never a peer.
     Myself,
 }
@@ -36,6 +45,7 @@ impl PeerState {
             PeerState::Unknown => "unknown",
             PeerState::Up => "up",
             PeerState::Down => "down",
+            PeerState::Full => "full",
             PeerState::Myself => "self",
         }
     }
@@ -111,6 +121,18 @@ impl Membership {
     }
 }
 
+/// How a send failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The peer answered but did not take it (a 5xx, a 408, a 429): try
+    /// again after the backoff.
+    Unwell,
+    /// The connection itself failed: the peer is down.
+    Down,
+    /// The peer has no room for it (507): full until a write is taken.
+    Full,
+}
+
 /// What the driver should do for one peer now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -175,7 +197,7 @@ impl PeerPolicy {
             return self.backoff.until().map_or(Action::Idle, Action::WaitUntil);
         }
         let attempt_in_flight = self.probe_in_flight || self.cursor.in_flight() > 0;
-        if self.state != PeerState::Up {
+        if self.state != PeerState::Up && self.state != PeerState::Full {
             // One attempt at a time while the peer is not known up: a dead
             // peer costs one connection per backoff window, whatever the
             // backlog.
@@ -189,7 +211,11 @@ impl PeerPolicy {
             self.probe_in_flight = true;
             return Action::Probe;
         }
-        if self.anti_entropy_due && !self.anti_entropy_running && self.backoff.failures() == 0 {
+        if self.anti_entropy_due
+            && !self.anti_entropy_running
+            && self.backoff.failures() == 0
+            && self.state == PeerState::Up
+        {
             self.anti_entropy_running = true;
             self.anti_entropy_due = false;
             return Action::AntiEntropy;
@@ -214,6 +240,9 @@ impl PeerPolicy {
         self.next_probe_at = now + self.probe_interval;
         match outcome {
             Some(false) => self.state = PeerState::Myself,
+            // A full peer answers probes: only a write it takes clears it
+            // (and its backoff).
+            Some(true) if self.state == PeerState::Full => {}
             Some(true) => {
                 self.backoff.on_success();
                 if self.state == PeerState::Down {
@@ -226,6 +255,7 @@ impl PeerPolicy {
             }
             None => {
                 self.backoff.on_failure(now, rng);
+                self.backoff.cap(now, DOWN_RETRY_MAX_MS, rng);
                 self.state = PeerState::Down;
             }
         }
@@ -233,33 +263,50 @@ impl PeerPolicy {
     }
 
     /// A send of `start` finished. `Ok(())`: the peer took it (or refused
-    /// it for good); `Err(down)`: it failed, `down` when the connection
-    /// itself failed (the peer is down, not just unwell).
+    /// it for good); `Err(how)`: it failed, and how. (A repair is a send
+    /// with no outbox offset: pass `u64::MAX`.)
     pub fn on_send(
         &mut self,
         now: Instant,
         start: u64,
-        outcome: Result<(), bool>,
+        outcome: Result<(), Failure>,
         rng: &mut Rng,
     ) -> PeerState {
         match outcome {
             Ok(()) => {
                 self.cursor.on_ack(start);
                 self.backoff.on_success();
+                if self.state == PeerState::Full {
+                    self.state = PeerState::Up;
+                }
             }
-            Err(down) => {
+            Err(how) => {
                 self.cursor.on_fail(start);
                 // Several sends in flight may fail together: one failure
                 // per window, not one doubling per request.
                 if self.backoff.ready(now) {
                     self.backoff.on_failure(now, rng);
                 }
-                if down {
-                    self.state = PeerState::Down;
+                match how {
+                    Failure::Down => self.state = PeerState::Down,
+                    Failure::Full if self.state != PeerState::Down => self.state = PeerState::Full,
+                    Failure::Full | Failure::Unwell => {}
+                }
+                if how != Failure::Unwell {
+                    self.backoff.cap(now, DOWN_RETRY_MAX_MS, rng);
                 }
             }
         }
         self.state
+    }
+
+    /// Whether a request may start now besides what the cursor asks for (a
+    /// repair): the peer answers, its backoff is over, and while it fails
+    /// nothing else is in flight (one attempt at a time, as for the outbox).
+    pub fn may_send_more(&self, now: Instant, in_flight: usize) -> bool {
+        matches!(self.state, PeerState::Up | PeerState::Full)
+            && self.backoff.ready(now)
+            && (self.backoff.failures() == 0 || in_flight == 0)
     }
 
     pub fn on_anti_entropy(&mut self, now: Instant, ok: bool, rng: &mut Rng) {
@@ -329,7 +376,7 @@ mod tests {
             }
             assert_eq!(started, want, "entries of {bytes} bytes");
             // A failure: one at a time until a success.
-            p.on_send(t0, 0, Err(false), &mut rng);
+            p.on_send(t0, 0, Err(Failure::Unwell), &mut rng);
             let later = t0 + ms(61_000);
             let mut again = 0;
             while let Action::Send(next) = p.next(later, 1_000_000) {
@@ -344,6 +391,69 @@ mod tests {
             }
             assert!(p.cursor.in_flight() <= want.max(1));
         }
+    }
+
+    /// A 507 makes the peer full: its writes go one at a time after its
+    /// backoff, probes that find it answering do not clear it, anti-entropy
+    /// waits, and the first write it takes makes it up again.
+    #[test]
+    fn a_full_peer_is_a_state_retried_with_backoff() {
+        let t0 = Instant::now();
+        let mut rng = Rng::new(9);
+        let owed = crate::delivery::Lag::one(10, 1);
+        let mut p = PeerPolicy::new(t0, 0, ms(1000), ms(600_000));
+        assert_eq!(p.next(t0, 100), Action::Probe);
+        p.on_probe(t0, Some(true), &mut rng);
+        assert_eq!(p.next(t0, 100), Action::Send(Next::New { start: 0 }));
+        p.cursor.on_sent(0, 10, owed);
+        assert_eq!(
+            p.on_send(t0, 0, Err(Failure::Full), &mut rng),
+            PeerState::Full
+        );
+        assert_eq!(p.cursor.retrying(), 1, "kept for the retry");
+        assert!(!p.may_send_more(t0, 0), "backoff first");
+        let Action::WaitUntil(until) = p.next(t0, 100) else {
+            panic!("waits for the backoff");
+        };
+        assert!(until >= t0 + ms(BACKOFF_FIRST_MS * 9 / 10));
+        // A probe answers: still full, still backing off.
+        p.anti_entropy_due = true;
+        let t1 = until;
+        assert_eq!(p.next(t1, 100), Action::Probe);
+        assert_eq!(p.on_probe(t1, Some(true), &mut rng), PeerState::Full);
+        assert!(p.backoff.failures() > 0);
+        // The retry goes alone; anti-entropy waits for room.
+        assert_eq!(
+            p.next(t1, 100),
+            Action::Send(Next::Again { start: 0, end: 10 })
+        );
+        p.cursor.on_sent(0, 10, owed);
+        assert!(
+            matches!(p.next(t1, 100), Action::WaitUntil(_)),
+            "one at a time"
+        );
+        assert!(!p.may_send_more(t1, 1));
+        assert_eq!(
+            p.on_send(t1, 0, Err(Failure::Full), &mut rng),
+            PeerState::Full
+        );
+        let t2 = p.backoff.until().expect("backing off");
+        assert!(t2 > t1 + ms(BACKOFF_FIRST_MS), "doubled");
+        assert!(
+            t2 <= t1 + ms(DOWN_RETRY_MAX_MS * 11 / 10),
+            "a full peer is retried within the cap"
+        );
+        assert!(p.may_send_more(t2, 0));
+        let mut next = p.next(t2, 100);
+        if next == Action::Probe {
+            assert_eq!(p.on_probe(t2, Some(true), &mut rng), PeerState::Full);
+            next = p.next(t2, 100);
+        }
+        assert_eq!(next, Action::Send(Next::Again { start: 0, end: 10 }));
+        p.cursor.on_sent(0, 10, owed);
+        assert_eq!(p.on_send(t2, 0, Ok(()), &mut rng), PeerState::Up);
+        assert_eq!(p.backoff.failures(), 0);
+        assert_eq!(p.next(t2, 100), Action::AntiEntropy);
     }
 
     /// A simulated peer over a week, flapping from a seed; the node must
@@ -409,7 +519,7 @@ mod tests {
                             attempts_while_down.push(now);
                         }
                         // Answers come back at once in this model.
-                        let outcome = if peer_up { Ok(()) } else { Err(true) };
+                        let outcome = if peer_up { Ok(()) } else { Err(Failure::Down) };
                         if outcome.is_ok() {
                             acked_by_peer.insert(start);
                         }

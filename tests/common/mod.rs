@@ -115,6 +115,22 @@ impl ServerBuilder {
         self
     }
 
+    /// Run the server as `uid`:`gid` (util-linux `setpriv`), so the
+    /// fleet tests can match its packets by owner. The data dir must be
+    /// writable by that user.
+    pub fn run_as(mut self, uid: u32, gid: u32) -> Self {
+        for a in [
+            "setpriv".to_string(),
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--clear-groups".into(),
+            "--".into(),
+        ] {
+            self.wrapper.push(a);
+        }
+        self
+    }
+
     pub fn no_tls(mut self) -> Self {
         self.tls = false;
         self
