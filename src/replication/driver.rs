@@ -19,17 +19,24 @@ type Built = (Vec<u8>, Option<FileBody>, u64);
 use crate::store::Store;
 
 use super::policy::{Action, Failure, Membership, PeerPolicy, PeerState, Transition};
-use super::summary::{self, Entry};
+use super::summary::{self, Entry, Query};
 use super::transport::{self, Transport};
 use super::{PeerView, Replication, AUTH_SCHEME};
 use crate::delivery::outbox::{Op, Reader, Record};
 use crate::delivery::{Next, Rng};
 
-/// Repairs queued from one anti-entropy run per peer; more wait for the
-/// next run.
-pub const REPAIRS_MAX: usize = 10_000;
+/// Repairs queued for one peer past which a comparison pauses until they
+/// drain: a run over any number of entries holds at most about this many
+/// (plus one batch) in memory.
+pub const REPAIRS_QUEUED_MAX: usize = 4096;
+/// Repairs a comparison hands over at once.
+const REPAIR_BATCH: usize = 256;
+/// A comparison waiting for repairs to drain gives up after this long
+/// without progress (the peer stopped taking them); the repairs stay
+/// queued, and the comparison runs again after the peer's backoff.
+const REPAIR_DRAIN_WAIT: Duration = Duration::from_secs(60);
 /// Repairs in flight to one peer.
-pub const REPAIR_WINDOW_MAX: usize = 4;
+pub const REPAIR_WINDOW_MAX: usize = 16;
 /// Longest wait of the loop without an event.
 const TICK: Duration = Duration::from_millis(200);
 /// Cursors are written at most this often (a stale one only re-sends).
@@ -66,24 +73,58 @@ pub enum Event {
         bytes: u64,
         outcome: Result<OutgoingResponse, TaskError>,
     },
+    /// A comparison found these to send the peer (more may follow).
+    Repairs { peer: String, entries: Vec<Entry> },
     AntiEntropyDone {
         peer: String,
         result: Result<AntiEntropyReport, String>,
     },
 }
 
-/// One anti-entropy comparison's findings.
+/// One anti-entropy comparison's findings (its repairs went ahead in
+/// [`Event::Repairs`]).
 pub struct AntiEntropyReport {
     pub buckets_compared: u64,
     pub buckets_differing: u64,
-    pub repairs: Vec<Entry>,
-    /// More differed than one run repairs: run again.
-    pub incomplete: bool,
+    pub repairs: u64,
+    /// Entries the peer lacked that were written at or after the
+    /// comparison's cutoff: in the outbox, or for the next comparison.
+    pub deferred: u64,
 }
 
 enum AeJob {
     Serve,
-    Run { peer: String, addr: SocketAddr },
+    Run {
+        peer: String,
+        addr: SocketAddr,
+        /// Repairs of entries written at or after this (ms) are left out:
+        /// the outbox still holds every such write of this node for the peer.
+        cutoff_ms: u64,
+        /// How far the peer's repairs have drained: the comparison waits
+        /// while too many are queued.
+        flow: Arc<RepairFlow>,
+    },
+}
+
+/// Back-pressure between a comparison and the replication thread.
+#[derive(Default)]
+pub struct RepairFlow {
+    /// Repairs handed over, by the comparison (cumulative).
+    sent: AtomicU64,
+    /// Repairs the replication thread has taken from its events
+    /// (cumulative): the difference is still in the channel.
+    received: AtomicU64,
+    /// Repairs queued and in flight at the replication thread.
+    queued: AtomicU64,
+}
+
+impl RepairFlow {
+    /// Repairs handed over and not yet sent and answered.
+    fn backlog(&self) -> u64 {
+        let sent = self.sent.load(Ordering::Acquire);
+        let received = self.received.load(Ordering::Acquire);
+        sent.saturating_sub(received) + self.queued.load(Ordering::Acquire)
+    }
 }
 
 /// The running replication thread.
@@ -125,6 +166,8 @@ struct PeerRun {
     /// A comparison has listed what the peer lacks: once the repairs are
     /// published, the outbox may forget what an overflow owed it.
     settle_owed: bool,
+    /// Repairs queued and in flight, for the comparison's back-pressure.
+    repairs_flow: Arc<RepairFlow>,
     /// Reads the peer's entries from the outbox, in order, without taking
     /// its lock (which appends hold through their syncs).
     reader: Reader,
@@ -160,6 +203,33 @@ impl PeerRun {
             self.reader.seek(start);
         }
         self.reader.next(outbox)
+    }
+
+    /// Tell a comparison in progress how many repairs wait here.
+    fn note_repairs_queued(&self) {
+        self.repairs_flow.queued.store(
+            (self.repairs.len() + self.repairs_in_flight.len()) as u64,
+            Ordering::Release,
+        );
+    }
+
+    /// The write time of the oldest write the outbox still holds for this
+    /// peer (in flight, waiting, or next to read), or now: a comparison need
+    /// not repair anything written since, the outbox delivers it.
+    fn oldest_pending_write_ms(&self, outbox: &crate::delivery::outbox::Outbox) -> u64 {
+        let mut oldest = super::now_ms();
+        for (r, _) in self.records.values() {
+            oldest = oldest.min(r.write_time_ms);
+        }
+        let next = match &self.peeked {
+            Some((_, r, _)) => Some(r.write_time_ms),
+            None => outbox
+                .read_at(self.policy.cursor.read_pos())
+                .ok()
+                .flatten()
+                .map(|(r, _)| r.write_time_ms),
+        };
+        next.map_or(oldest, |t| oldest.min(t))
     }
 
     /// Nothing before `pos` needs sending any more (an overflow: anti-entropy
@@ -421,6 +491,7 @@ impl Driver {
                             next_repair_id: 0,
                             repairs_lag: None,
                             settle_owed: false,
+                            repairs_flow: Arc::new(RepairFlow::default()),
                             reader: Reader::new(&self.r.outbox, acked),
                             peeked: None,
                             records: BTreeMap::new(),
@@ -504,11 +575,15 @@ impl Driver {
                             tracing::warn!(error = %err, "outbox: cannot clear an overflow")
                         }
                     }
+                    let cutoff_ms = run.oldest_pending_write_ms(&self.r.outbox);
+                    let flow = Arc::clone(&run.repairs_flow);
                     if self
                         .ae_tx
                         .try_send(AeJob::Run {
                             peer: name.to_string(),
                             addr,
+                            cutoff_ms,
+                            flow,
                         })
                         .is_err()
                     {
@@ -905,6 +980,15 @@ impl Driver {
                 bytes,
                 outcome,
             } => self.on_repaired(now, peer, id, bytes, outcome),
+            Event::Repairs { peer, entries } => {
+                if let Some(run) = self.peers.get_mut(&peer) {
+                    let n = entries.len() as u64;
+                    run.repairs.extend(entries);
+                    run.repairs_lag = None;
+                    run.note_repairs_queued();
+                    run.repairs_flow.received.fetch_add(n, Ordering::AcqRel);
+                }
+            }
             Event::AntiEntropyDone { peer, result } => self.on_anti_entropy_done(now, peer, result),
         }
     }
@@ -1062,19 +1146,14 @@ impl Driver {
                 tracing::info!(
                     %peer,
                     differing = report.buckets_differing,
-                    repairs = report.repairs.len(),
+                    repairs = report.repairs,
+                    deferred = report.deferred,
                     "anti-entropy compared summaries"
                 );
                 run.policy.on_anti_entropy(now, true, &mut self.rng);
-                if report.incomplete {
-                    run.policy.anti_entropy_due = true;
-                } else {
-                    // Every bucket compared: the repairs are what the peer
-                    // lacks, an overflow's count included.
-                    run.settle_owed = true;
-                }
-                run.repairs.extend(report.repairs);
-                run.repairs_lag = None;
+                // Every bucket compared: the repairs are what the peer
+                // lacks, an overflow's count included.
+                run.settle_owed = true;
                 self.r.series.add(
                     "sluice_anti_entropy_runs_total",
                     format!("peer=\"{peer}\",result=\"ok\""),
@@ -1198,6 +1277,7 @@ impl Driver {
                 if std::mem::take(&mut run.settle_owed) {
                     settle.push(name.clone());
                 }
+                run.note_repairs_queued();
                 PeerView {
                     peer: name.clone(),
                     state: run.policy.state.as_str(),
@@ -1210,6 +1290,7 @@ impl Driver {
                     read_pos: run.policy.cursor.read_pos(),
                     pending: run.policy.cursor.pending(),
                     repairs,
+                    repairs_queued: run.repairs.len(),
                 }
             })
             .collect();
@@ -1346,62 +1427,157 @@ fn anti_entropy_loop(
     while let Ok(job) = rx.recv() {
         match job {
             AeJob::Serve => r.summaries.serve_pending(),
-            AeJob::Run { peer, addr } => {
+            AeJob::Run {
+                peer,
+                addr,
+                cutoff_ms,
+                flow,
+            } => {
                 // Before the walk, so the summary no longer counts them.
-                let cutoff = super::now_ms()
+                let expire_before = super::now_ms()
                     .saturating_sub(r.settings.tombstone_retention.as_millis() as u64);
-                let expired = store.expire_tombstones(cutoff);
+                let expired = store.expire_tombstones(expire_before);
                 if expired > 0 {
                     r.series
                         .add("sluice_tombstones_expired_total", String::new(), expired);
                 }
-                let result = compare(r, transport, addr);
+                let run = Comparison {
+                    r,
+                    transport,
+                    addr,
+                    peer: &peer,
+                    cutoff_ms,
+                    flow: &flow,
+                    tx,
+                };
+                let result = run.compare();
                 let _ = tx.send(Event::AntiEntropyDone { peer, result });
             }
         }
     }
 }
 
-/// Compare summaries with the peer at `addr` and list what it lacks.
-fn compare(
-    r: &Replication,
-    transport: &Transport,
+/// One anti-entropy comparison with a peer, on the anti-entropy thread.
+struct Comparison<'a> {
+    r: &'a Replication,
+    transport: &'a Transport,
     addr: SocketAddr,
-) -> Result<AntiEntropyReport, String> {
-    let data_dir = r.summaries.data_dir();
-    let ours = summary::compute(data_dir).map_err(|e| e.to_string())?;
-    let theirs = query(r, transport, addr, "/_peer/v1/summary")?;
-    let theirs = summary::decode_summary(&theirs).ok_or("malformed summary")?;
-    let differing: Vec<usize> = (0..summary::BUCKETS)
-        .filter(|&b| ours[b] != theirs[b])
-        .collect();
-    let mut report = AntiEntropyReport {
-        buckets_compared: summary::BUCKETS as u64,
-        buckets_differing: differing.len() as u64,
-        repairs: Vec::new(),
-        incomplete: false,
-    };
-    for chunk in differing.chunks(summary::QUERY_BUCKETS_MAX) {
-        let set: BTreeSet<usize> = chunk.iter().copied().collect();
-        let our_list = summary::list(data_dir, &set).map_err(|e| e.to_string())?;
-        let path = format!(
-            "/_peer/v1/buckets/{}",
-            chunk
-                .iter()
-                .map(|b| b.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        let their_list = query(r, transport, addr, &path)?;
-        let their_list = summary::decode_listing(&their_list).ok_or("malformed listing")?;
-        report
-            .repairs
-            .extend(summary::to_repair(&our_list, &their_list));
-        if report.repairs.len() >= REPAIRS_MAX {
-            report.repairs.truncate(REPAIRS_MAX);
-            report.incomplete = true;
-            break;
+    peer: &'a str,
+    cutoff_ms: u64,
+    flow: &'a RepairFlow,
+    tx: &'a Sender<Event>,
+}
+
+impl Comparison<'_> {
+    /// Compare summaries with the peer and hand the replication thread what
+    /// it lacks, a batch at a time. Memory stays bounded however many
+    /// entries either side holds: the buckets that differ are walked in
+    /// pieces of about a listing page of this node's entries, each as two
+    /// sorted pages side by side (`summary::repairs_between`), and the run
+    /// pauses while the peer's queued repairs are over `REPAIRS_QUEUED_MAX`.
+    fn compare(&self) -> Result<AntiEntropyReport, String> {
+        let data_dir = self.r.summaries.data_dir();
+        let (ours, counts) = summary::compute_counted(data_dir).map_err(|e| e.to_string())?;
+        let theirs = query(self.r, self.transport, self.addr, &Query::Summary.path())?;
+        let theirs = summary::decode_summary(&theirs).ok_or("malformed summary")?;
+        let differing: Vec<usize> = (0..summary::BUCKETS)
+            .filter(|&b| ours[b] != theirs[b])
+            .collect();
+        let mut report = AntiEntropyReport {
+            buckets_compared: summary::BUCKETS as u64,
+            buckets_differing: differing.len() as u64,
+            repairs: 0,
+            deferred: 0,
+        };
+        let mut batch: Vec<Entry> = Vec::new();
+        for piece in pieces(&differing, &counts) {
+            let set: BTreeSet<usize> = piece.iter().copied().collect();
+            let buckets: Vec<u16> = piece.iter().map(|&b| b as u16).collect();
+            // Buckets empty on their side need no listing from them.
+            let they_hold_none = piece.iter().all(|&b| theirs[b] == [0u8; 32]);
+            let mut our_pages = summary::Pages::new(|after: &summary::After| {
+                summary::list_page(data_dir, &set, after, summary::LISTING_ENTRIES_MAX)
+                    .map_err(|e| e.to_string())
+            });
+            let mut their_pages = summary::Pages::new(|after: &summary::After| {
+                if they_hold_none {
+                    return Ok((Vec::new(), false));
+                }
+                let path = Query::Buckets(buckets.clone(), after.clone()).path();
+                let body = query(self.r, self.transport, self.addr, &path)?;
+                summary::decode_listing(&body).ok_or_else(|| "malformed listing".to_string())
+            });
+            summary::repairs_between(&mut our_pages, &mut their_pages, |entry| {
+                if entry.write_time_ms >= self.cutoff_ms {
+                    report.deferred += 1;
+                    return Ok(());
+                }
+                report.repairs += 1;
+                batch.push(entry);
+                if batch.len() >= REPAIR_BATCH {
+                    self.hand_over(&mut batch)?;
+                }
+                Ok(())
+            })?;
         }
+        self.hand_over(&mut batch)?;
+        Ok(report)
     }
-    Ok(report)
+
+    /// Wait until the peer's repairs leave room for `batch` (serving this
+    /// node's own pending summary queries meanwhile, so two nodes comparing
+    /// never wait on each other), then send it to the replication thread.
+    fn hand_over(&self, batch: &mut Vec<Entry>) -> Result<(), String> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let n = batch.len() as u64;
+        let room = (REPAIRS_QUEUED_MAX as u64).saturating_sub(n);
+        let mut last = self.flow.backlog();
+        let mut progress = Instant::now();
+        while last > room {
+            self.r.summaries.serve_pending();
+            std::thread::sleep(Duration::from_millis(50));
+            let now = self.flow.backlog();
+            if now < last {
+                progress = Instant::now();
+            }
+            last = now;
+            if progress.elapsed() > REPAIR_DRAIN_WAIT {
+                return Err("the peer's repairs stopped draining".to_string());
+            }
+        }
+        self.flow.sent.fetch_add(n, Ordering::AcqRel);
+        self.tx
+            .send(Event::Repairs {
+                peer: self.peer.to_string(),
+                entries: std::mem::take(batch),
+            })
+            .map_err(|_| "replication stopped".to_string())
+    }
+}
+
+/// The differing buckets in pieces a listing page or so of this node's
+/// entries each (at most `QUERY_BUCKETS_MAX` buckets; a bucket over a page
+/// goes alone, and its listing pages).
+fn pieces(differing: &[usize], counts: &[u32]) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut entries = 0usize;
+    for &b in differing {
+        let n = counts.get(b).copied().unwrap_or(0) as usize;
+        if !current.is_empty()
+            && (current.len() >= summary::QUERY_BUCKETS_MAX
+                || entries + n > summary::LISTING_ENTRIES_MAX)
+        {
+            out.push(std::mem::take(&mut current));
+            entries = 0;
+        }
+        current.push(b);
+        entries += n;
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
 }

@@ -155,6 +155,8 @@ pub struct PeerView {
     pub pending: Lag,
     /// Anti-entropy repairs queued and in flight.
     pub repairs: Lag,
+    /// How many repairs are queued (not yet sent).
+    pub repairs_queued: usize,
 }
 
 /// The mesh, shared by the front ends (outbox, peer API) and the
@@ -498,6 +500,7 @@ impl Replication {
                     "in_flight": v.in_flight,
                     "last_error": v.last_error,
                     "lag": lag.to_json(now_ms()),
+                    "repairs_queued": v.repairs_queued,
                     "backlog": {
                         "entries": b.entries,
                         "bytes": b.bytes,

@@ -6,7 +6,7 @@
 //! | `PUT /_peer/v1/put/{ns}/{key}/{write_time_ms}/{sha256}` | a replicated write (body: the artifact, `Content-Length` its length) |
 //! | `DELETE /_peer/v1/delete/{ns}/{key}/{write_time_ms}` | a replicated delete |
 //! | `GET /_peer/v1/summary` | anti-entropy: 4096 bucket digests |
-//! | `GET /_peer/v1/buckets/{b,b,...}` | anti-entropy: the entries of those buckets |
+//! | `GET /_peer/v1/buckets/{b,b,...}[/after/{hex of ns/key}]` | anti-entropy: a page of the entries of those buckets (at most 4,096, then `more`) |
 //!
 //! Every request carries `Authorization: SluicePeer <peer_secret>`; without
 //! it (or with a public token) the answer is 401 and nothing changes.
@@ -79,7 +79,20 @@ pub fn handle(
             &count,
         )),
         ("GET", ["v1", "summary"]) => reply(query(replication, Query::Summary, &count)),
-        ("GET", ["v1", "buckets", list]) => {
+        ("GET", ["v1", "buckets", list, tail @ ..]) => {
+            // A later page: `.../after/{hex of ns/key}`.
+            let after = match tail {
+                [] => Some(None),
+                ["after", hex] => Query::parse_after(hex).map(Some),
+                _ => None,
+            };
+            let Some(after) = after else {
+                count("bad");
+                return reply(Reply::error(
+                    400,
+                    "bucket list: after/{hex of namespace/key} or nothing may follow",
+                ));
+            };
             let buckets: Option<Vec<u16>> = list
                 .split(',')
                 .map(|b| {
@@ -90,7 +103,7 @@ pub fn handle(
                 .collect();
             match buckets {
                 Some(b) if !b.is_empty() && b.len() <= super::summary::QUERY_BUCKETS_MAX => {
-                    reply(query(replication, Query::Buckets(b), &count))
+                    reply(query(replication, Query::Buckets(b, after), &count))
                 }
                 _ => {
                     count("bad");
