@@ -121,8 +121,24 @@ impl OutboxCursor {
         }
     }
 
+    /// The target took the entry at `start` (from this send, or from an
+    /// earlier one whose answer came late: it may be waiting for a retry).
     pub fn on_ack(&mut self, start: u64) {
         self.take_in_flight(start);
+        self.retry.remove(&start);
+    }
+
+    /// Whether the entry at `start` is in flight.
+    pub fn is_in_flight(&self, start: u64) -> bool {
+        self.in_flight.contains_key(&start)
+    }
+
+    /// Every entry in flight is given up for lost (the target stopped
+    /// answering: their connections may be stuck for their whole timeout)
+    /// and waits to be sent again, first.
+    pub fn requeue_in_flight(&mut self) {
+        self.retry.append(&mut self.in_flight);
+        self.in_flight_bytes = 0;
     }
 
     pub fn on_fail(&mut self, start: u64) {
@@ -199,5 +215,19 @@ mod tests {
         );
         c.on_ack(55); // late answer before the jump: ignored
         assert_eq!(c.acked(), 80);
+        // Lost in flight: sent again first; a late answer of the lost send
+        // still counts.
+        c.on_sent(80, 90, owed(8));
+        c.on_sent(90, 95, owed(9));
+        c.requeue_in_flight();
+        assert_eq!(
+            (c.in_flight(), c.retrying(), c.in_flight_bytes()),
+            (0, 2, 0)
+        );
+        assert_eq!(c.pending().writes, 2);
+        assert_eq!(c.next(100, 8), Some(Next::Again { start: 80, end: 90 }));
+        c.on_ack(90);
+        assert_eq!(c.retrying(), 1);
+        assert!(!c.is_in_flight(80));
     }
 }

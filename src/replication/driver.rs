@@ -61,6 +61,8 @@ pub enum Event {
     },
     Sent {
         peer: String,
+        /// The peer's generation when the send started.
+        generation: u64,
         start: u64,
         bytes: u64,
         outcome: Result<OutgoingResponse, TaskError>,
@@ -68,6 +70,8 @@ pub enum Event {
     },
     Repaired {
         peer: String,
+        /// The peer's generation when the repair started.
+        generation: u64,
         /// Which repair (its key in the peer's repairs in flight).
         id: u64,
         bytes: u64,
@@ -168,6 +172,8 @@ struct PeerRun {
     settle_owed: bool,
     /// Repairs queued and in flight, for the comparison's back-pressure.
     repairs_flow: Arc<RepairFlow>,
+    /// The policy's generation this run last acted on (see `lost`).
+    seen_generation: u64,
     /// Reads the peer's entries from the outbox, in order, without taking
     /// its lock (which appends hold through their syncs).
     reader: Reader,
@@ -203,6 +209,24 @@ impl PeerRun {
             self.reader.seek(start);
         }
         self.reader.next(outbox)
+    }
+
+    /// The policy found the peer down and gave up what was in flight for
+    /// lost: no key is in flight any more, and the repairs in flight go back
+    /// to the front of the queue (their late answers are ignored).
+    fn lost(&mut self) {
+        if self.seen_generation == self.policy.generation {
+            return;
+        }
+        self.seen_generation = self.policy.generation;
+        self.keys_in_flight.clear();
+        for (_, entry) in std::mem::take(&mut self.repairs_in_flight)
+            .into_iter()
+            .rev()
+        {
+            self.repairs.push_front(entry);
+        }
+        self.repairs_lag = None;
     }
 
     /// Tell a comparison in progress how many repairs wait here.
@@ -492,6 +516,7 @@ impl Driver {
                             repairs_lag: None,
                             settle_owed: false,
                             repairs_flow: Arc::new(RepairFlow::default()),
+                            seen_generation: 0,
                             reader: Reader::new(&self.r.outbox, acked),
                             peeked: None,
                             records: BTreeMap::new(),
@@ -520,6 +545,9 @@ impl Driver {
     }
 
     fn observe(&mut self, peer: &str, state: PeerState) {
+        if let Some(run) = self.peers.get_mut(peer) {
+            run.lost();
+        }
         if let Some(Transition::Changed { from, to, .. }) = self.membership.observe(peer, state) {
             if to == PeerState::Full {
                 tracing::warn!(
@@ -862,6 +890,7 @@ impl Driver {
         let tx = self.tx.clone();
         let peer = name.to_string();
         let timeout = self.r.settings.request_timeout;
+        let generation = self.peers.get(name).map_or(0, |run| run.policy.generation);
         self.transport.submit(transport::request(
             addr,
             bytes,
@@ -870,6 +899,7 @@ impl Driver {
             Box::new(move |outcome| {
                 let _ = tx.send(Event::Sent {
                     peer,
+                    generation,
                     start,
                     bytes: body,
                     outcome,
@@ -932,9 +962,13 @@ impl Driver {
                 }
                 return;
             }
-            if let Some(run) = self.peers.get_mut(name) {
-                run.repairs_in_flight.insert(repair, entry);
-            }
+            let generation = match self.peers.get_mut(name) {
+                Some(run) => {
+                    run.repairs_in_flight.insert(repair, entry);
+                    run.policy.generation
+                }
+                None => 0,
+            };
             self.in_flight_bytes += built.2;
             self.count_attempt(name, false);
             let tx = self.tx.clone();
@@ -948,6 +982,7 @@ impl Driver {
                 Box::new(move |outcome| {
                     let _ = tx.send(Event::Repaired {
                         peer,
+                        generation,
                         id: repair,
                         bytes: body,
                         outcome,
@@ -969,17 +1004,41 @@ impl Driver {
             } => self.on_probe(now, peer, outcome, retried),
             Event::Sent {
                 peer,
+                generation,
                 start,
                 bytes,
                 outcome,
                 retried,
-            } => self.on_sent(now, peer, start, bytes, outcome, retried),
+            } => {
+                let stale = self
+                    .peers
+                    .get(&peer)
+                    .is_some_and(|run| !run.policy.is_current(generation));
+                if stale {
+                    self.on_stale_sent(peer, start, bytes, outcome);
+                } else {
+                    self.on_sent(now, peer, start, bytes, outcome, retried);
+                }
+            }
             Event::Repaired {
                 peer,
+                generation,
                 id,
                 bytes,
                 outcome,
-            } => self.on_repaired(now, peer, id, bytes, outcome),
+            } => {
+                let stale = self
+                    .peers
+                    .get(&peer)
+                    .is_some_and(|run| !run.policy.is_current(generation));
+                if stale {
+                    // Sent again already (or about to be): only counted.
+                    self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
+                    let _ = self.classify(&peer, &outcome, bytes);
+                } else {
+                    self.on_repaired(now, peer, id, bytes, outcome);
+                }
+            }
             Event::Repairs { peer, entries } => {
                 if let Some(run) = self.peers.get_mut(&peer) {
                     let n = entries.len() as u64;
@@ -1087,6 +1146,28 @@ impl Driver {
             }
         };
         self.observe(&peer, state);
+    }
+
+    /// The answer to a send given up for lost when its peer was found down.
+    /// A success still means the peer holds the entry (unless it is being
+    /// sent again right now: that send's answer decides); a failure changes
+    /// nothing (the entry waits for its retry).
+    fn on_stale_sent(
+        &mut self,
+        peer: String,
+        start: u64,
+        bytes: u64,
+        outcome: Result<OutgoingResponse, TaskError>,
+    ) {
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
+        let verdict = self.classify(&peer, &outcome, bytes);
+        let Some(run) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if matches!(verdict, Verdict::Done) && !run.policy.cursor.is_in_flight(start) {
+            run.policy.cursor.on_ack(start);
+            run.records.remove(&start);
+        }
     }
 
     fn on_repaired(

@@ -156,6 +156,10 @@ pub struct PeerPolicy {
     probe_interval: Duration,
     /// Anti-entropy is due (peer returned, overflow, period).
     pub anti_entropy_due: bool,
+    /// Bumped each time the peer is found down: sends started before are
+    /// given up for lost (sent again), and their late failures change
+    /// nothing ([`PeerPolicy::is_current`]).
+    pub generation: u64,
     anti_entropy_running: bool,
     next_anti_entropy_at: Instant,
     anti_entropy_interval: Duration,
@@ -176,6 +180,7 @@ impl PeerPolicy {
             next_probe_at: now,
             probe_interval,
             anti_entropy_due: false,
+            generation: 0,
             anti_entropy_running: false,
             next_anti_entropy_at: now + anti_entropy_interval,
             anti_entropy_interval,
@@ -256,7 +261,7 @@ impl PeerPolicy {
             None => {
                 self.backoff.on_failure(now, rng);
                 self.backoff.cap(now, DOWN_RETRY_MAX_MS, rng);
-                self.state = PeerState::Down;
+                self.went_down();
             }
         }
         self.state
@@ -288,7 +293,7 @@ impl PeerPolicy {
                     self.backoff.on_failure(now, rng);
                 }
                 match how {
-                    Failure::Down => self.state = PeerState::Down,
+                    Failure::Down => self.went_down(),
                     Failure::Full if self.state != PeerState::Down => self.state = PeerState::Full,
                     Failure::Full | Failure::Unwell => {}
                 }
@@ -298,6 +303,24 @@ impl PeerPolicy {
             }
         }
         self.state
+    }
+
+    /// The peer does not answer: what is in flight to it may sit in a stuck
+    /// connection for its whole timeout (a silent drop), so it is given up
+    /// for lost and sent again, first, once the peer answers; meanwhile
+    /// probes go on (one at a time, nothing else in flight).
+    fn went_down(&mut self) {
+        if self.cursor.in_flight() > 0 || self.state != PeerState::Down {
+            self.cursor.requeue_in_flight();
+            self.generation += 1;
+        }
+        self.state = PeerState::Down;
+    }
+
+    /// Whether an answer to a send started in `generation` still counts as
+    /// the send's outcome (its peer has not been found down since).
+    pub fn is_current(&self, generation: u64) -> bool {
+        generation == self.generation
     }
 
     /// Whether a request may start now besides what the cursor asks for (a
@@ -454,6 +477,45 @@ mod tests {
         assert_eq!(p.on_send(t2, 0, Ok(()), &mut rng), PeerState::Up);
         assert_eq!(p.backoff.failures(), 0);
         assert_eq!(p.next(t2, 100), Action::AntiEntropy);
+    }
+
+    /// A peer found down (a silent drop: its connections hang until their
+    /// timeout) gets what was in flight again, first, as soon as a probe
+    /// finds it back; late failures of the lost sends count for nothing.
+    #[test]
+    fn sends_in_flight_to_a_peer_found_down_go_again_when_it_returns() {
+        let t0 = Instant::now();
+        let mut rng = Rng::new(5);
+        let owed = crate::delivery::Lag::one(10, 1);
+        let mut p = PeerPolicy::new(t0, 0, ms(1000), ms(600_000));
+        assert_eq!(p.next(t0, 100), Action::Probe);
+        p.on_probe(t0, Some(true), &mut rng);
+        for i in 0..3 {
+            assert_eq!(p.next(t0, 100), Action::Send(Next::New { start: i * 10 }));
+            p.cursor.on_sent(i * 10, i * 10 + 10, owed);
+        }
+        let before = p.generation;
+        let t1 = t0 + ms(1000);
+        assert_eq!(p.next(t1, 100), Action::Probe);
+        assert_eq!(p.on_probe(t1, None, &mut rng), PeerState::Down);
+        assert!(!p.is_current(before));
+        assert_eq!((p.cursor.in_flight(), p.cursor.retrying()), (0, 3));
+        assert_eq!(p.cursor.pending().writes, 3, "still owed");
+        // Probes go on while the lost sends hang, at most 5 s apart.
+        let t2 = p.backoff.until().unwrap();
+        assert!(t2 <= t1 + ms(DOWN_RETRY_MAX_MS * 11 / 10));
+        assert_eq!(p.next(t2, 100), Action::Probe);
+        p.on_probe(t2, None, &mut rng);
+        let t3 = p.backoff.until().unwrap();
+        assert!(t3 <= t2 + ms(DOWN_RETRY_MAX_MS * 11 / 10));
+        assert_eq!(p.next(t3, 100), Action::Probe);
+        assert_eq!(p.on_probe(t3, Some(true), &mut rng), PeerState::Up);
+        // Back after being down: a comparison is due too, and runs beside.
+        assert_eq!(p.next(t3, 100), Action::AntiEntropy);
+        assert_eq!(
+            p.next(t3, 100),
+            Action::Send(Next::Again { start: 0, end: 10 })
+        );
     }
 
     /// A simulated peer over a week, flapping from a seed; the node must

@@ -2,10 +2,12 @@
 //!
 //! [`Ledger`] keeps every write a test had acknowledged by a node (and
 //! when), and checks the node's lag gauge for a peer against the peer's own
-//! store: the gauge read first, then the peer asked (with read-through off,
-//! a GET answers from its store) for each write acknowledged before that
-//! read. A write the peer lacks then was lacking at the read too, so a
-//! gauge at zero with such a write missing is a lie, whatever the timing.
+//! store: the gauge read first, then the peer asked for each write
+//! acknowledged before that read, through its peer API
+//! (`HEAD /_peer/v1/get/{ns}/{key}`, which answers from its store only: no
+//! read-through from other peers or the object-store tier). A write the
+//! peer lacks then was lacking at the read too, so a gauge at zero with
+//! such a write missing is a lie, whatever the timing.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -16,8 +18,8 @@ use super::{metric_at, parse_response, sha256_hex, Resp};
 /// What the peer should hold for a key once it has everything.
 #[derive(Clone, Debug)]
 pub enum Want {
-    /// This body (its digest is the ETag every node sends).
-    Body { etag: String },
+    /// This body (its sha256, hex).
+    Body { sha256: String },
     /// Nothing: the key was deleted.
     Gone,
 }
@@ -32,8 +34,9 @@ pub struct Acked {
 
 /// Writes acknowledged by one node, and which of them a peer was last
 /// seen to hold.
-#[derive(Default)]
 pub struct Ledger {
+    /// The mesh's peer secret: the checks use the peer API.
+    secret: String,
     writes: Vec<Acked>,
     /// Index of the first write not yet seen on the peer; those before are
     /// held (a held write stays held: the tests delete before they check).
@@ -52,11 +55,21 @@ pub struct Sample {
 }
 
 impl Ledger {
+    /// An empty ledger checking peers with `secret`.
+    pub fn new(secret: &str) -> Ledger {
+        Ledger {
+            secret: secret.to_string(),
+            writes: Vec::new(),
+            held_upto: 0,
+            held: Vec::new(),
+        }
+    }
+
     pub fn put(&mut self, path: &str, body: &[u8]) {
         self.push(Acked {
             path: path.to_string(),
             want: Want::Body {
-                etag: format!("\"{}\"", sha256_hex(body)),
+                sha256: sha256_hex(body),
             },
             at: Instant::now(),
         });
@@ -103,7 +116,7 @@ impl Ledger {
             if self.held[slot] {
                 continue;
             }
-            if holds(peer, w) {
+            if holds(peer, &self.secret, w) {
                 self.held[slot] = true;
             } else {
                 missing += 1;
@@ -219,25 +232,49 @@ impl Gauge {
     }
 }
 
-/// Whether `peer`'s own store holds what `w` wants (HEAD: the ETag is the
-/// content's digest; a delete wants a 404). Any failure to ask counts as
-/// not held.
-pub fn holds(peer: SocketAddr, w: &Acked) -> bool {
-    let Some(resp) = try_head(peer, &w.path) else {
+/// Whether `peer`'s own store holds what `w` wants: its peer API's
+/// `HEAD /_peer/v1/get/{ns}/{key}` answers from the store alone, with the
+/// body's sha256; a delete wants a 404. Any failure to ask counts as not
+/// held.
+pub fn holds(peer: SocketAddr, secret: &str, w: &Acked) -> bool {
+    let (ns, key) = namespace_and_key(&w.path);
+    let auth = format!("SluicePeer {secret}");
+    let Some(resp) = try_head(peer, &format!("/_peer/v1/get/{ns}/{key}"), &auth) else {
         return false;
     };
     match &w.want {
-        Want::Body { etag } => resp.status == 200 && resp.header("etag") == Some(etag.as_str()),
+        Want::Body { sha256 } => {
+            resp.status == 200 && resp.header("x-sluice-sha256") == Some(sha256.as_str())
+        }
         Want::Gone => resp.status == 404,
     }
 }
 
-/// A HEAD on a fresh connection; `None` when the node does not answer
-/// (down, stopped, cut off) within 5 s.
-pub fn try_head(addr: SocketAddr, path: &str) -> Option<Resp> {
+/// The namespace and key a public path stores under.
+pub fn namespace_and_key(path: &str) -> (String, String) {
+    let path = path.trim_start_matches('/');
+    let (first, rest) = path.split_once('/').unwrap_or((path, ""));
+    match first {
+        "cas" | "ac" => (first.to_string(), rest.to_string()),
+        "cache" => ("gradle".to_string(), rest.to_string()),
+        "v1" => {
+            let rest = rest.strip_prefix("artifacts/").unwrap_or(rest);
+            let (ns, key) = rest.split_once('/').unwrap_or((rest, ""));
+            (ns.to_string(), key.to_string())
+        }
+        _ => panic!("no namespace for {path}"),
+    }
+}
+
+/// A HEAD on a fresh connection with `authorization`; `None` when the node
+/// does not answer (down, stopped, cut off) within 5 s.
+pub fn try_head(addr: SocketAddr, path: &str, authorization: &str) -> Option<Resp> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let head = format!("HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let head = format!(
+        "HEAD {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\n\
+         Connection: close\r\n\r\n"
+    );
     s.write_all(head.as_bytes()).ok()?;
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
