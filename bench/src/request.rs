@@ -171,6 +171,9 @@ pub struct RequestSet {
     pub requests: Vec<Request>,
     /// Pick by weight at random (size mix) instead of round-robin.
     pub weighted: bool,
+    /// Send each request once across all connections, in order, and end the run when every
+    /// one has been sent (a PUT list: N entries are N uploads, not N per connection).
+    pub once: bool,
 }
 
 impl RequestSet {
@@ -182,12 +185,17 @@ impl RequestSet {
             authority: url.authority.clone(),
             requests: vec![Request::new(method, &url, body, None)],
             weighted: false,
+            once: false,
         })
     }
 
     /// A set from a list file: one request per line, `URL [LENGTH [SHA256-HEX]]`; blank lines
     /// and lines starting with `#` are skipped. For PUT, LENGTH is the generated body's length
-    /// (default `body_bytes`).
+    /// (default `body_bytes`), and each entry is sent once across the connections ([`once`]):
+    /// a list of N keys is N uploads. GET and HEAD lists are walked round-robin for the whole
+    /// run.
+    ///
+    /// [`once`]: RequestSet::once
     pub fn from_list(text: &str, method: Method, body_bytes: usize) -> Result<RequestSet, String> {
         let mut requests = Vec::new();
         let mut authority: Option<String> = None;
@@ -226,6 +234,7 @@ impl RequestSet {
             authority,
             requests,
             weighted: false,
+            once: method == Method::Put,
         })
     }
 
@@ -265,6 +274,7 @@ impl RequestSet {
             authority,
             requests,
             weighted: true,
+            once: false,
         })
     }
 }
@@ -354,6 +364,8 @@ mod tests {
         assert_eq!(set.requests[0].expected_len, Some(10));
         assert_eq!(set.requests[0].expected_sha256.get(), Some(&[0xab; 32]));
         assert_eq!(set.requests[1].expected_len, None);
+        assert!(!set.once, "GET lists repeat");
+        assert!(RequestSet::from_list(&text, Method::Put, 4).unwrap().once);
         assert!(RequestSet::from_list("http://h:1/a\nhttp://h:2/b", Method::Get, 0).is_err());
     }
 

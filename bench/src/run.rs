@@ -9,7 +9,7 @@
 //! than the servers it measures.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -162,6 +162,8 @@ struct Shared {
     // Tickets for Stop::Requests: each measured attempt takes one.
     tickets_taken: AtomicU64,
     progress_done: AtomicU64,
+    /// Next entry of a set sent once ([`RequestSet::once`]), shared by every connection.
+    next_entry: AtomicUsize,
 }
 
 /// What one connection thread measured (its `elapsed` unused) and when its last measured
@@ -194,6 +196,7 @@ pub fn run(set: RequestSet, cfg: RunConfig) -> Result<RunResult, String> {
         stop_flag: AtomicBool::new(false),
         tickets_taken: AtomicU64::new(0),
         progress_done: AtomicU64::new(0),
+        next_entry: AtomicUsize::new(0),
     });
     let mut handles = Vec::with_capacity(shared.cfg.connections);
     for index in 0..shared.cfg.connections {
@@ -239,7 +242,8 @@ fn supervise(shared: &Shared, start: Instant) {
                 shared.stop_flag.store(true, Ordering::Relaxed);
                 break;
             }
-        } else if shared.stop_flag.load(Ordering::Relaxed) {
+        }
+        if shared.stop_flag.load(Ordering::Relaxed) {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -353,7 +357,16 @@ fn connection_loop(shared: &Shared, index: usize, start: Instant) -> ThreadResul
                 break;
             }
         }
-        let pick = if set.weighted {
+        let pick = if set.once {
+            // Dealt from one counter: each entry goes once over all connections, and the run
+            // ends when the last has been sent (the others finish what they are sending).
+            let i = shared.next_entry.fetch_add(1, Ordering::Relaxed);
+            if i >= set.requests.len() {
+                shared.stop_flag.store(true, Ordering::Relaxed);
+                break;
+            }
+            i
+        } else if set.weighted {
             let mut x = rng.next() % weight_total.max(1);
             let mut chosen = 0;
             for (i, r) in set.requests.iter().enumerate() {

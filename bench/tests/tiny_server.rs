@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice_bench::client::{ErrorKind, ReceiveOptions};
@@ -24,6 +24,8 @@ enum Behaviour {
 struct TinyServer {
     port: u16,
     answered: Arc<AtomicU64>,
+    /// The path of every PUT received, in arrival order.
+    puts: Arc<Mutex<Vec<String>>>,
 }
 
 impl TinyServer {
@@ -38,18 +40,25 @@ fn start(behaviour: Behaviour) -> TinyServer {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let answered = Arc::new(AtomicU64::new(0));
+    let puts = Arc::new(Mutex::new(Vec::new()));
     let counter = Arc::clone(&answered);
+    let seen = Arc::clone(&puts);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { return };
             let counter = Arc::clone(&counter);
-            std::thread::spawn(move || serve(stream, behaviour, &counter));
+            let seen = Arc::clone(&seen);
+            std::thread::spawn(move || serve(stream, behaviour, &counter, &seen));
         }
     });
-    TinyServer { port, answered }
+    TinyServer {
+        port,
+        answered,
+        puts,
+    }
 }
 
-fn serve(mut s: TcpStream, behaviour: Behaviour, answered: &AtomicU64) {
+fn serve(mut s: TcpStream, behaviour: Behaviour, answered: &AtomicU64, puts: &Mutex<Vec<String>>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -65,6 +74,31 @@ fn serve(mut s: TcpStream, behaviour: Behaviour, answered: &AtomicU64) {
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
         buf.drain(..head_end);
+        if head.starts_with("PUT ") {
+            // Read the body away (Content-Length framed, as the bench sends it), note the
+            // path, answer 201.
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < len {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..len);
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+            puts.lock().unwrap().push(path);
+            answered.fetch_add(1, Ordering::SeqCst);
+            if s.write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+                .is_err()
+            {
+                return;
+            }
+            continue;
+        }
         let size: usize = head
             .split_whitespace()
             .nth(1)
@@ -154,6 +188,45 @@ fn open_loop_sends_nothing_after_the_stop() {
     assert_eq!(result.errors.total(), 0, "errors {:?}", result.errors);
     assert_eq!(result.requests_ok, 1);
     assert_eq!(server.answered.load(Ordering::SeqCst), 1);
+}
+
+/// A PUT list over several connections sends each entry once and ends when the list is done,
+/// well before the run's duration: N keys are N uploads. Before, each connection walked the
+/// whole list from its own starting point, so every key was written about c times.
+#[test]
+fn a_put_list_sends_each_entry_once_across_connections() {
+    let server = start(Behaviour::Correct);
+    let list: String = (0..97)
+        .map(|i| format!("http://127.0.0.1:{}/up/k{i} 100\n", server.port))
+        .collect();
+    let set = RequestSet::from_list(&list, Method::Put, 0).unwrap();
+    let started = std::time::Instant::now();
+    for rate in [None, Some(400.0)] {
+        server.puts.lock().unwrap().clear();
+        let set = RequestSet::from_list(&list, Method::Put, 0).unwrap();
+        let cfg = RunConfig {
+            rate_per_sec: rate,
+            ..config(8, Stop::Duration(Duration::from_secs(30)))
+        };
+        let result = run(set, cfg).unwrap();
+        assert_eq!(result.errors.total(), 0, "errors {:?}", result.errors);
+        assert_eq!(result.requests_ok, 97, "rate {rate:?}");
+        let mut seen = server.puts.lock().unwrap().clone();
+        assert_eq!(seen.len(), 97, "rate {rate:?}");
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 97, "rate {rate:?}: a key was sent twice");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the run ended with the list"
+    );
+    // The old walk, asked for: every connection goes round the list for the whole run.
+    let mut repeat = set;
+    repeat.once = false;
+    server.puts.lock().unwrap().clear();
+    let result = run(repeat, config(2, Stop::Requests(300))).unwrap();
+    assert_eq!(result.requests_ok, 300);
 }
 
 #[test]

@@ -82,6 +82,19 @@ impl Backoff {
         until
     }
 
+    /// Bring the next attempt forward to at most `cap_ms` (jittered) from
+    /// `now`, keeping the failure count: for attempts that cost almost
+    /// nothing or that a heal must not wait a minute for (a probe of a down
+    /// peer, one write to a full one). Returns when the next attempt may
+    /// start.
+    pub fn cap(&mut self, now: Instant, cap_ms: u64, rng: &mut Rng) -> Instant {
+        let factor = 1000 - JITTER_PERMILLE + rng.below(2 * JITTER_PERMILLE + 1);
+        let capped = now + Duration::from_millis(cap_ms * factor / 1000);
+        let until = self.until.map_or(capped, |t| t.min(capped));
+        self.until = Some(until);
+        until
+    }
+
     pub fn on_success(&mut self) {
         self.failures = 0;
         self.until = None;
@@ -109,6 +122,10 @@ mod tests {
             assert!(b.ready(until));
             expected_ms = (expected_ms * 2).min(BACKOFF_MAX_MS);
         }
+        // Capped: the count stays (the next uncapped failure doubles on).
+        let capped = b.cap(t0, 5_000, &mut rng).duration_since(t0).as_millis() as u64;
+        assert!((4_500..=5_500).contains(&capped), "{capped}");
+        assert_eq!(b.failures(), 12);
         b.on_success();
         assert!(b.ready(t0));
         let again = b.on_failure(t0, &mut rng).duration_since(t0).as_millis() as u64;

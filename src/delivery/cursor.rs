@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use super::Lag;
+
 /// One peer's position in the outbox log (byte offsets). Entries are sent
 /// in order, several at once; they may complete out of order, and a failed
 /// one is sent again before anything new. The durable cursor is the lowest
@@ -14,10 +16,12 @@ use std::collections::BTreeMap;
 pub struct OutboxCursor {
     /// Next unsent offset.
     read_pos: u64,
-    /// Sent, no answer yet: start → end.
-    in_flight: BTreeMap<u64, u64>,
-    /// Failed, to send again first: start → end.
-    retry: BTreeMap<u64, u64>,
+    /// Sent, no answer yet: start → (end, what the entry owes the target).
+    in_flight: BTreeMap<u64, (u64, Lag)>,
+    /// Failed, to send again first: start → (end, what it owes).
+    retry: BTreeMap<u64, (u64, Lag)>,
+    /// Artifact bytes of the entries in flight.
+    in_flight_bytes: u64,
 }
 
 /// What the cursor wants sent next.
@@ -53,12 +57,40 @@ impl OutboxCursor {
         self.in_flight.len()
     }
 
+    /// Artifact bytes of the entries in flight.
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.in_flight_bytes
+    }
+
+    /// Entries failed and waiting to be sent again.
+    pub fn retrying(&self) -> usize {
+        self.retry.len()
+    }
+
+    /// The next offset never sent: everything from here to the outbox's
+    /// end is still queued.
+    pub fn read_pos(&self) -> u64 {
+        self.read_pos
+    }
+
+    /// What the entries sent but not acknowledged (in flight, or failed
+    /// and waiting) owe the target. With the outbox's own count from
+    /// [`OutboxCursor::read_pos`] to its end, this is everything the
+    /// outbox holds for the target.
+    pub fn pending(&self) -> Lag {
+        let mut lag = Lag::default();
+        for (_, owed) in self.in_flight.values().chain(self.retry.values()) {
+            lag.add(*owed);
+        }
+        lag
+    }
+
     /// What to send next, if `window` allows and there is anything before `end`.
     pub fn next(&self, end: u64, window: usize) -> Option<Next> {
         if self.in_flight.len() >= window {
             return None;
         }
-        if let Some((&start, &stop)) = self.retry.first_key_value() {
+        if let Some((&start, &(stop, _))) = self.retry.first_key_value() {
             return Some(Next::Again { start, end: stop });
         }
         (self.read_pos < end).then_some(Next::New {
@@ -66,10 +98,14 @@ impl OutboxCursor {
         })
     }
 
-    /// The entry `start..end` is on its way.
-    pub fn on_sent(&mut self, start: u64, end: u64) {
+    /// The entry `start..end` is on its way; `owed` is what it stands for
+    /// (one write, its bytes, when it was acknowledged).
+    pub fn on_sent(&mut self, start: u64, end: u64, owed: Lag) {
         self.retry.remove(&start);
-        self.in_flight.insert(start, end);
+        if let Some((_, old)) = self.in_flight.insert(start, (end, owed)) {
+            self.in_flight_bytes = self.in_flight_bytes.saturating_sub(old.bytes);
+        }
+        self.in_flight_bytes = self.in_flight_bytes.saturating_add(owed.bytes);
         if start == self.read_pos {
             self.read_pos = end;
         }
@@ -79,20 +115,42 @@ impl OutboxCursor {
     /// was already handled): as good as acknowledged.
     pub fn skip(&mut self, start: u64, end: u64) {
         self.retry.remove(&start);
-        self.in_flight.remove(&start);
+        self.take_in_flight(start);
         if start == self.read_pos {
             self.read_pos = end;
         }
     }
 
+    /// The target took the entry at `start` (from this send, or from an
+    /// earlier one whose answer came late: it may be waiting for a retry).
     pub fn on_ack(&mut self, start: u64) {
-        self.in_flight.remove(&start);
+        self.take_in_flight(start);
+        self.retry.remove(&start);
+    }
+
+    /// Whether the entry at `start` is in flight.
+    pub fn is_in_flight(&self, start: u64) -> bool {
+        self.in_flight.contains_key(&start)
+    }
+
+    /// Every entry in flight is given up for lost (the target stopped
+    /// answering: their connections may be stuck for their whole timeout)
+    /// and waits to be sent again, first.
+    pub fn requeue_in_flight(&mut self) {
+        self.retry.append(&mut self.in_flight);
+        self.in_flight_bytes = 0;
     }
 
     pub fn on_fail(&mut self, start: u64) {
-        if let Some(end) = self.in_flight.remove(&start) {
-            self.retry.insert(start, end);
+        if let Some(entry) = self.take_in_flight(start) {
+            self.retry.insert(start, entry);
         }
+    }
+
+    fn take_in_flight(&mut self, start: u64) -> Option<(u64, Lag)> {
+        let entry = self.in_flight.remove(&start)?;
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(entry.1.bytes);
+        Some(entry)
     }
 
     /// Nothing before `pos` needs sending any more (the peer overflowed and
@@ -102,6 +160,7 @@ impl OutboxCursor {
         self.read_pos = self.read_pos.max(pos);
         self.retry.retain(|&s, _| s >= pos);
         self.in_flight.retain(|&s, _| s >= pos);
+        self.in_flight_bytes = self.in_flight.values().map(|(_, l)| l.bytes).sum();
     }
 }
 
@@ -112,28 +171,63 @@ mod tests {
     #[test]
     fn cursor_acks_out_of_order_and_retries_first() {
         let mut c = OutboxCursor::at(0);
-        // Entries of 10 bytes each.
+        // Entries of 10 bytes each, for writes of 100 bytes acknowledged at 1000 + i.
+        let owed = |i: u64| Lag::one(100, 1000 + i);
         for i in 0..4 {
             assert_eq!(c.next(100, 8), Some(Next::New { start: i * 10 }));
-            c.on_sent(i * 10, i * 10 + 10);
+            c.on_sent(i * 10, i * 10 + 10, owed(i));
         }
         assert_eq!(c.next(100, 4), None, "window full");
+        assert_eq!(c.pending().writes, 4);
+        assert_eq!(c.in_flight_bytes(), 400);
         c.on_ack(10);
         c.on_ack(30);
         assert_eq!(c.acked(), 0);
         c.on_fail(0);
+        assert_eq!(c.retrying(), 1);
+        assert_eq!(c.in_flight_bytes(), 100, "entry 2 only");
+        // Failed and waiting still owes: two entries, the oldest is entry 0.
+        assert_eq!(
+            c.pending(),
+            Lag {
+                writes: 2,
+                bytes: 200,
+                oldest_ms: 1000
+            }
+        );
         assert_eq!(c.next(100, 8), Some(Next::Again { start: 0, end: 10 }));
-        c.on_sent(0, 10);
+        c.on_sent(0, 10, owed(0));
         c.on_ack(0);
         assert_eq!(c.acked(), 20);
+        assert_eq!(c.pending(), owed(2));
         c.on_ack(20);
         assert_eq!(c.acked(), 40);
+        assert!(c.pending().is_zero());
+        assert_eq!(c.read_pos(), 40);
         c.skip(40, 55);
         assert_eq!(c.acked(), 55);
-        c.on_sent(55, 60);
+        c.on_sent(55, 60, owed(5));
         c.jump(80);
         assert_eq!(c.acked(), 80);
+        assert!(
+            c.pending().is_zero(),
+            "jumped over: anti-entropy owes it now"
+        );
         c.on_ack(55); // late answer before the jump: ignored
         assert_eq!(c.acked(), 80);
+        // Lost in flight: sent again first; a late answer of the lost send
+        // still counts.
+        c.on_sent(80, 90, owed(8));
+        c.on_sent(90, 95, owed(9));
+        c.requeue_in_flight();
+        assert_eq!(
+            (c.in_flight(), c.retrying(), c.in_flight_bytes()),
+            (0, 2, 0)
+        );
+        assert_eq!(c.pending().writes, 2);
+        assert_eq!(c.next(100, 8), Some(Next::Again { start: 80, end: 90 }));
+        c.on_ack(90);
+        assert_eq!(c.retrying(), 1);
+        assert!(!c.is_in_flight(80));
     }
 }

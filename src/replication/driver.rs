@@ -4,7 +4,7 @@
 //! walks and summary exchanges run on a second thread so this loop never
 //! waits for a disk walk.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender};
@@ -18,18 +18,25 @@ use crate::outgoing::{FileBody, OutgoingResponse, TaskError};
 type Built = (Vec<u8>, Option<FileBody>, u64);
 use crate::store::Store;
 
-use super::policy::{Action, Membership, PeerPolicy, PeerState, Transition};
-use super::summary::{self, Entry};
+use super::policy::{Action, Failure, Membership, PeerPolicy, PeerState, Transition};
+use super::summary::{self, Entry, Query};
 use super::transport::{self, Transport};
 use super::{PeerView, Replication, AUTH_SCHEME};
-use crate::delivery::outbox::{Op, Record};
+use crate::delivery::outbox::{Op, Reader, Record};
 use crate::delivery::{Next, Rng};
 
-/// Repairs queued from one anti-entropy run per peer; more wait for the
-/// next run.
-pub const REPAIRS_MAX: usize = 10_000;
+/// Repairs queued for one peer past which a comparison pauses until they
+/// drain: a run over any number of entries holds at most about this many
+/// (plus one batch) in memory.
+pub const REPAIRS_QUEUED_MAX: usize = 4096;
+/// Repairs a comparison hands over at once.
+const REPAIR_BATCH: usize = 256;
+/// A comparison waiting for repairs to drain gives up after this long
+/// without progress (the peer stopped taking them); the repairs stay
+/// queued, and the comparison runs again after the peer's backoff.
+const REPAIR_DRAIN_WAIT: Duration = Duration::from_secs(60);
 /// Repairs in flight to one peer.
-pub const REPAIR_WINDOW_MAX: usize = 4;
+pub const REPAIR_WINDOW_MAX: usize = 16;
 /// Longest wait of the loop without an event.
 const TICK: Duration = Duration::from_millis(200);
 /// Cursors are written at most this often (a stale one only re-sends).
@@ -54,6 +61,8 @@ pub enum Event {
     },
     Sent {
         peer: String,
+        /// The peer's generation when the send started.
+        generation: u64,
         start: u64,
         bytes: u64,
         outcome: Result<OutgoingResponse, TaskError>,
@@ -61,27 +70,65 @@ pub enum Event {
     },
     Repaired {
         peer: String,
+        /// The peer's generation when the repair started.
+        generation: u64,
+        /// Which repair (its key in the peer's repairs in flight).
+        id: u64,
         bytes: u64,
         outcome: Result<OutgoingResponse, TaskError>,
     },
+    /// A comparison found these to send the peer (more may follow).
+    Repairs { peer: String, entries: Vec<Entry> },
     AntiEntropyDone {
         peer: String,
         result: Result<AntiEntropyReport, String>,
     },
 }
 
-/// One anti-entropy comparison's findings.
+/// One anti-entropy comparison's findings (its repairs went ahead in
+/// [`Event::Repairs`]).
 pub struct AntiEntropyReport {
     pub buckets_compared: u64,
     pub buckets_differing: u64,
-    pub repairs: Vec<Entry>,
-    /// More differed than one run repairs: run again.
-    pub incomplete: bool,
+    pub repairs: u64,
+    /// Entries the peer lacked that were written at or after the
+    /// comparison's cutoff: in the outbox, or for the next comparison.
+    pub deferred: u64,
 }
 
 enum AeJob {
     Serve,
-    Run { peer: String, addr: SocketAddr },
+    Run {
+        peer: String,
+        addr: SocketAddr,
+        /// Repairs of entries written at or after this (ms) are left out:
+        /// the outbox still holds every such write of this node for the peer.
+        cutoff_ms: u64,
+        /// How far the peer's repairs have drained: the comparison waits
+        /// while too many are queued.
+        flow: Arc<RepairFlow>,
+    },
+}
+
+/// Back-pressure between a comparison and the replication thread.
+#[derive(Default)]
+pub struct RepairFlow {
+    /// Repairs handed over, by the comparison (cumulative).
+    sent: AtomicU64,
+    /// Repairs the replication thread has taken from its events
+    /// (cumulative): the difference is still in the channel.
+    received: AtomicU64,
+    /// Repairs queued and in flight at the replication thread.
+    queued: AtomicU64,
+}
+
+impl RepairFlow {
+    /// Repairs handed over and not yet sent and answered.
+    fn backlog(&self) -> u64 {
+        let sent = self.sent.load(Ordering::Acquire);
+        let received = self.received.load(Ordering::Acquire);
+        sent.saturating_sub(received) + self.queued.load(Ordering::Acquire)
+    }
 }
 
 /// The running replication thread.
@@ -113,15 +160,116 @@ struct PeerRun {
     policy: PeerPolicy,
     last_error: Option<String>,
     repairs: VecDeque<Entry>,
-    repairs_in_flight: usize,
-    /// Keys of the entries in flight (by outbox offset). A key is never in
-    /// flight twice to one peer: a PUT and the DELETE after it could
-    /// otherwise arrive swapped, and without tombstones the peer would keep
-    /// the artifact.
-    keys_in_flight: BTreeMap<u64, (String, String)>,
+    /// Repairs sent and not answered, by id: a failed one goes back to the
+    /// front of `repairs`.
+    repairs_in_flight: BTreeMap<u64, Entry>,
+    next_repair_id: u64,
+    /// What the repairs (queued and in flight) owe the peer, recomputed
+    /// when they change.
+    repairs_lag: Option<crate::delivery::Lag>,
+    /// A comparison has listed what the peer lacks: once the repairs are
+    /// published, the outbox may forget what an overflow owed it.
+    settle_owed: bool,
+    /// Repairs queued and in flight, for the comparison's back-pressure.
+    repairs_flow: Arc<RepairFlow>,
+    /// The policy's generation this run last acted on (see `lost`).
+    seen_generation: u64,
+    /// Reads the peer's entries from the outbox, in order, without taking
+    /// its lock (which appends hold through their syncs).
+    reader: Reader,
+    /// An entry read but not sent yet (no tokens, its key busy, the
+    /// transport full): the next send takes it first.
+    peeked: Option<(u64, Record, u64)>,
+    /// Entries in flight or failed and waiting, by outbox offset: a retry
+    /// sends them again without reading the outbox.
+    records: BTreeMap<u64, (Record, u64)>,
+    /// Keys of the entries in flight. A key is never in flight twice to one
+    /// peer: a PUT and the DELETE after it could otherwise arrive swapped,
+    /// and without tombstones the peer would keep the artifact.
+    keys_in_flight: HashSet<(String, String)>,
     /// The transport refused a request (engine queue full): wait a little
     /// before the next, rather than spin on the refusal.
     paused_until: Option<Instant>,
+}
+
+impl PeerRun {
+    /// The next entry from `start`: the one peeked before, else the
+    /// reader's (moved to `start` first if it is elsewhere).
+    fn next_record(
+        &mut self,
+        outbox: &crate::delivery::outbox::Outbox,
+        start: u64,
+    ) -> std::io::Result<Option<(u64, Record, u64)>> {
+        if let Some(found) = self.peeked.take() {
+            if found.0 == start {
+                return Ok(Some(found));
+            }
+        }
+        if self.reader.pos() != start {
+            self.reader.seek(start);
+        }
+        self.reader.next(outbox)
+    }
+
+    /// The policy found the peer down and gave up what was in flight for
+    /// lost: no key is in flight any more, and the repairs in flight go back
+    /// to the front of the queue (their late answers are ignored).
+    fn lost(&mut self) {
+        if self.seen_generation == self.policy.generation {
+            return;
+        }
+        self.seen_generation = self.policy.generation;
+        self.keys_in_flight.clear();
+        for (_, entry) in std::mem::take(&mut self.repairs_in_flight)
+            .into_iter()
+            .rev()
+        {
+            self.repairs.push_front(entry);
+        }
+        self.repairs_lag = None;
+    }
+
+    /// Tell a comparison in progress how many repairs wait here.
+    fn note_repairs_queued(&self) {
+        self.repairs_flow.queued.store(
+            (self.repairs.len() + self.repairs_in_flight.len()) as u64,
+            Ordering::Release,
+        );
+    }
+
+    /// The write time of the oldest write the outbox still holds for this
+    /// peer (in flight, waiting, or next to read), or now: a comparison need
+    /// not repair anything written since, the outbox delivers it.
+    fn oldest_pending_write_ms(&self, outbox: &crate::delivery::outbox::Outbox) -> u64 {
+        let mut oldest = super::now_ms();
+        for (r, _) in self.records.values() {
+            oldest = oldest.min(r.write_time_ms);
+        }
+        let next = match &self.peeked {
+            Some((_, r, _)) => Some(r.write_time_ms),
+            None => outbox
+                .read_at(self.policy.cursor.read_pos())
+                .ok()
+                .flatten()
+                .map(|(r, _)| r.write_time_ms),
+        };
+        next.map_or(oldest, |t| oldest.min(t))
+    }
+
+    /// Nothing before `pos` needs sending any more (an overflow: anti-entropy
+    /// covers it; or an unreadable outbox).
+    fn jump(&mut self, pos: u64) {
+        self.policy.cursor.jump(pos);
+        let at = self.policy.cursor.read_pos();
+        self.reader.seek(at);
+        self.peeked = None;
+        self.records.retain(|&s, _| s >= pos);
+        self.keys_in_flight = self
+            .records
+            .values()
+            .map(|(r, _)| (r.ns.clone(), r.key.clone()))
+            .collect();
+    }
 }
 
 struct Driver {
@@ -225,8 +373,18 @@ fn is_before_any_byte(err: &TaskError) -> bool {
 impl Driver {
     fn run(&mut self, rx: &Receiver<Event>, stop: &AtomicBool, finish_ms: &AtomicU64) {
         while !stop.load(Ordering::SeqCst) {
+            // Cleared before the outbox is read, so an append after this
+            // point kicks again: none waits for the tick.
+            self.r.take_kick();
             let now = Instant::now();
             let mut wake_at = now + TICK;
+            if now.duration_since(self.last_persist) >= PERSIST_EVERY {
+                self.last_persist = now;
+                self.sync_marks();
+                if let Err(err) = self.r.outbox.persist() {
+                    tracing::warn!(error = %err, "outbox: cannot write cursors");
+                }
+            }
             let mut names: Vec<String> = self.peers.keys().cloned().collect();
             // Each turn starts with the next peer, so when the limiter has
             // few tokens no peer always comes first and takes them all.
@@ -243,14 +401,7 @@ impl Driver {
             if self.r.summaries.has_pending() {
                 let _ = self.ae_tx.try_send(AeJob::Serve);
             }
-            if now.duration_since(self.last_persist) >= PERSIST_EVERY {
-                self.last_persist = now;
-                if let Err(err) = self.r.outbox.persist() {
-                    tracing::warn!(error = %err, "outbox: cannot write cursors");
-                }
-            }
             self.publish_views(now);
-            self.r.take_kick();
             let wait = wake_at.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait.max(Duration::from_millis(1))) {
                 Ok(event) => {
@@ -264,6 +415,7 @@ impl Driver {
             }
         }
         self.finish(rx, Duration::from_millis(finish_ms.load(Ordering::SeqCst)));
+        self.sync_marks();
         let _ = self.r.outbox.persist();
     }
 
@@ -271,7 +423,7 @@ impl Driver {
     fn sends_in_flight(&self) -> usize {
         self.peers
             .values()
-            .map(|run| run.policy.cursor.in_flight() + run.repairs_in_flight)
+            .map(|run| run.policy.cursor.in_flight() + run.repairs_in_flight.len())
             .sum()
     }
 
@@ -359,8 +511,16 @@ impl Driver {
                             policy,
                             last_error: None,
                             repairs: VecDeque::new(),
-                            repairs_in_flight: 0,
-                            keys_in_flight: BTreeMap::new(),
+                            repairs_in_flight: BTreeMap::new(),
+                            next_repair_id: 0,
+                            repairs_lag: None,
+                            settle_owed: false,
+                            repairs_flow: Arc::new(RepairFlow::default()),
+                            seen_generation: 0,
+                            reader: Reader::new(&self.r.outbox, acked),
+                            peeked: None,
+                            records: BTreeMap::new(),
+                            keys_in_flight: HashSet::new(),
                             paused_until: None,
                         },
                     );
@@ -385,17 +545,31 @@ impl Driver {
     }
 
     fn observe(&mut self, peer: &str, state: PeerState) {
+        if let Some(run) = self.peers.get_mut(peer) {
+            run.lost();
+        }
         if let Some(Transition::Changed { from, to, .. }) = self.membership.observe(peer, state) {
-            tracing::info!(%peer, from = from.as_str(), to = to.as_str(), "peer state changed");
+            if to == PeerState::Full {
+                tracing::warn!(
+                    %peer,
+                    from = from.as_str(),
+                    to = to.as_str(),
+                    "peer state changed: the peer has no room (507); its writes wait with its \
+                     backoff, one at a time, until it takes one"
+                );
+            } else {
+                tracing::info!(%peer, from = from.as_str(), to = to.as_str(), "peer state changed");
+            }
             self.r.series.add(
                 "sluice_peer_transitions_total",
                 format!("peer=\"{peer}\",to=\"{}\"", to.as_str()),
                 1,
             );
+            // A full peer answers: it is up, only without room.
             self.r.series.set(
                 "sluice_peer_up",
                 label(peer),
-                u64::from(to == PeerState::Up),
+                u64::from(matches!(to, PeerState::Up | PeerState::Full)),
             );
             self.count_reconciles();
         }
@@ -403,15 +577,9 @@ impl Driver {
 
     /// Run `peer`'s policy until it waits; returns when to look again.
     fn step_peer(&mut self, name: &str, now: Instant) -> Option<Instant> {
-        let end = self.r.outbox.end();
-        if let Some(mark) = self.r.outbox.mark(name) {
-            if let Some(run) = self.peers.get_mut(name) {
-                if mark.overflow {
-                    run.policy.cursor.jump(mark.acked);
-                    run.policy.anti_entropy_due = true;
-                }
-            }
-        }
+        // The reader finds the end: until it says there is nothing more,
+        // the policy may ask for the next entry.
+        let end = u64::MAX;
         if let Some(until) = self.peers.get(name).and_then(|r| r.paused_until) {
             if now < until {
                 return Some(until);
@@ -429,16 +597,21 @@ impl Driver {
                 Action::AntiEntropy => {
                     let addr = run.addr;
                     match self.r.outbox.clear_overflow(name) {
-                        Ok(pos) => run.policy.cursor.jump(pos),
+                        Ok(Some(pos)) => run.jump(pos),
+                        Ok(None) => {}
                         Err(err) => {
                             tracing::warn!(error = %err, "outbox: cannot clear an overflow")
                         }
                     }
+                    let cutoff_ms = run.oldest_pending_write_ms(&self.r.outbox);
+                    let flow = Arc::clone(&run.repairs_flow);
                     if self
                         .ae_tx
                         .try_send(AeJob::Run {
                             peer: name.to_string(),
                             addr,
+                            cutoff_ms,
+                            flow,
                         })
                         .is_err()
                     {
@@ -447,14 +620,12 @@ impl Driver {
                 }
                 Action::WaitUntil(t) => {
                     self.send_repairs(name);
-                    self.sync_acked(name);
                     return Some(t);
                 }
                 Action::Idle => break,
             }
         }
         self.send_repairs(name);
-        self.sync_acked(name);
         self.throttled_until.filter(|&t| t > now)
     }
 
@@ -497,9 +668,19 @@ impl Driver {
         }
     }
 
-    fn sync_acked(&self, name: &str) {
-        if let Some(run) = self.peers.get(name) {
+    /// Tell the outbox how far each peer has taken (its gauges, its
+    /// segment collection and the cursors file follow), and pick up an
+    /// overflow it marked since. Every `PERSIST_EVERY`, not per entry: the
+    /// outbox's lock is held through append syncs.
+    fn sync_marks(&mut self) {
+        for (name, run) in self.peers.iter_mut() {
             self.r.outbox.set_acked(name, run.policy.cursor.acked());
+            if let Some(mark) = self.r.outbox.mark(name) {
+                if mark.overflow {
+                    run.jump(mark.acked);
+                    run.policy.anti_entropy_due = true;
+                }
+            }
         }
     }
 
@@ -618,31 +799,54 @@ impl Driver {
     /// Send the entry `next` to `name`; false when the loop should stop
     /// for now (memory bound, unreadable outbox).
     fn send_next(&mut self, name: &str, next: Next) -> bool {
-        let start = match next {
-            Next::Again { start, .. } | Next::New { start } => start,
+        let Some(run) = self.peers.get_mut(name) else {
+            return false;
         };
-        let (record, end) = match self.r.outbox.read_at(start) {
-            Ok(Some(found)) => found,
-            Ok(None) => return false,
-            Err(err) => {
-                tracing::error!(peer = name, error = %err, "outbox unreadable; anti-entropy will repair");
-                let end = self.r.outbox.end();
-                if let Some(run) = self.peers.get_mut(name) {
-                    run.policy.cursor.jump(end);
-                    run.policy.anti_entropy_due = true;
+        let (start, record, end) = match next {
+            Next::Again { start, end } => match run.records.get(&start) {
+                Some((record, _)) => (start, record.clone(), end),
+                None => {
+                    // Not kept (cannot happen: every entry sent is kept
+                    // until answered); read it again.
+                    match self.r.outbox.read_at(start) {
+                        Ok(Some((record, end))) => (start, record, end),
+                        _ => {
+                            run.policy.cursor.skip(start, end);
+                            run.policy.anti_entropy_due = true;
+                            return true;
+                        }
+                    }
                 }
-                return false;
-            }
+            },
+            Next::New { start } => match run.next_record(&self.r.outbox, start) {
+                Ok(Some(found)) => found,
+                Ok(None) => return false,
+                Err(err) => {
+                    tracing::error!(peer = name, error = %err, "outbox unreadable; anti-entropy will repair");
+                    let end = self.r.outbox.end();
+                    run.jump(end);
+                    run.policy.anti_entropy_due = true;
+                    return false;
+                }
+            },
         };
-        let busy = self.peers.get(name).is_some_and(|run| {
-            run.keys_in_flight
-                .iter()
-                .any(|(&at, (ns, key))| at != start && *ns == record.ns && *key == record.key)
-        });
-        if busy {
-            return false; // after the earlier entry for this key is answered
+        let key = (record.ns.clone(), record.key.clone());
+        if !run.records.contains_key(&start) && run.keys_in_flight.contains(&key) {
+            // After the earlier entry for this key is answered.
+            run.peeked = Some((start, record, end));
+            return false;
         }
-        self.send_record(name, start, end, &record, false)
+        if self.send_record(name, start, end, &record, false) {
+            return true;
+        }
+        // Not sent (no tokens, closing, nothing to build): a new entry
+        // waits in front of the reader; a retry stays in the cursor's list.
+        if let Some(run) = self.peers.get_mut(name) {
+            if matches!(next, Next::New { .. }) && run.policy.cursor.read_pos() == start {
+                run.peeked = Some((start, record, end));
+            }
+        }
+        false
     }
 
     fn send_record(
@@ -667,7 +871,10 @@ impl Driver {
             Ok(None) => {
                 if let Some(run) = self.peers.get_mut(name) {
                     run.policy.cursor.skip(start, end);
-                    run.keys_in_flight.remove(&start);
+                    if run.records.remove(&start).is_some() {
+                        run.keys_in_flight
+                            .remove(&(record.ns.clone(), record.key.clone()));
+                    }
                 }
                 return true;
             }
@@ -680,16 +887,18 @@ impl Driver {
         }
         if let Some(run) = self.peers.get_mut(name) {
             if !retried {
-                run.policy.cursor.on_sent(start, end);
+                run.policy.cursor.on_sent(start, end, record.owed());
             }
             run.keys_in_flight
-                .insert(start, (record.ns.clone(), record.key.clone()));
+                .insert((record.ns.clone(), record.key.clone()));
+            run.records.insert(start, (record.clone(), end));
         }
         self.in_flight_bytes += body;
         self.count_attempt(name, retried);
         let tx = self.tx.clone();
         let peer = name.to_string();
         let timeout = self.r.settings.request_timeout;
+        let generation = self.peers.get(name).map_or(0, |run| run.policy.generation);
         self.transport.submit(transport::request(
             addr,
             bytes,
@@ -698,6 +907,7 @@ impl Driver {
             Box::new(move |outcome| {
                 let _ = tx.send(Event::Sent {
                     peer,
+                    generation,
                     start,
                     bytes: body,
                     outcome,
@@ -716,9 +926,9 @@ impl Driver {
             let Some(run) = self.peers.get_mut(name) else {
                 return;
             };
-            if run.policy.state != PeerState::Up
-                || run.policy.backoff.failures() > 0
-                || run.repairs_in_flight >= REPAIR_WINDOW_MAX
+            let in_flight = run.policy.cursor.in_flight() + run.repairs_in_flight.len();
+            if !run.policy.may_send_more(Instant::now(), in_flight)
+                || run.repairs_in_flight.len() >= REPAIR_WINDOW_MAX
             {
                 return;
             }
@@ -728,8 +938,12 @@ impl Driver {
             let Some(entry) = run.repairs.pop_front() else {
                 return;
             };
+            run.repairs_lag = None;
             let addr = run.addr;
-            let id = u64::MAX - run.repairs.len() as u64;
+            run.next_repair_id += 1;
+            let repair = run.next_repair_id;
+            // The limiter's key for it: outbox offsets never come near.
+            let id = u64::MAX - repair;
             let built = if entry.deleted {
                 Ok(Some(self.build_delete(
                     addr,
@@ -756,9 +970,13 @@ impl Driver {
                 }
                 return;
             }
-            if let Some(run) = self.peers.get_mut(name) {
-                run.repairs_in_flight += 1;
-            }
+            let generation = match self.peers.get_mut(name) {
+                Some(run) => {
+                    run.repairs_in_flight.insert(repair, entry);
+                    run.policy.generation
+                }
+                None => 0,
+            };
             self.in_flight_bytes += built.2;
             self.count_attempt(name, false);
             let tx = self.tx.clone();
@@ -772,6 +990,8 @@ impl Driver {
                 Box::new(move |outcome| {
                     let _ = tx.send(Event::Repaired {
                         peer,
+                        generation,
+                        id: repair,
                         bytes: body,
                         outcome,
                     });
@@ -792,16 +1012,50 @@ impl Driver {
             } => self.on_probe(now, peer, outcome, retried),
             Event::Sent {
                 peer,
+                generation,
                 start,
                 bytes,
                 outcome,
                 retried,
-            } => self.on_sent(now, peer, start, bytes, outcome, retried),
+            } => {
+                let stale = self
+                    .peers
+                    .get(&peer)
+                    .is_some_and(|run| !run.policy.is_current(generation));
+                if stale {
+                    self.on_stale_sent(peer, start, bytes, outcome);
+                } else {
+                    self.on_sent(now, peer, start, bytes, outcome, retried);
+                }
+            }
             Event::Repaired {
                 peer,
+                generation,
+                id,
                 bytes,
                 outcome,
-            } => self.on_repaired(now, peer, bytes, outcome),
+            } => {
+                let stale = self
+                    .peers
+                    .get(&peer)
+                    .is_some_and(|run| !run.policy.is_current(generation));
+                if stale {
+                    // Sent again already (or about to be): only counted.
+                    self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
+                    let _ = self.classify(&peer, &outcome, bytes);
+                } else {
+                    self.on_repaired(now, peer, id, bytes, outcome);
+                }
+            }
+            Event::Repairs { peer, entries } => {
+                if let Some(run) = self.peers.get_mut(&peer) {
+                    let n = entries.len() as u64;
+                    run.repairs.extend(entries);
+                    run.repairs_lag = None;
+                    run.note_repairs_queued();
+                    run.repairs_flow.received.fetch_add(n, Ordering::AcqRel);
+                }
+            }
             Event::AntiEntropyDone { peer, result } => self.on_anti_entropy_done(now, peer, result),
         }
     }
@@ -865,7 +1119,11 @@ impl Driver {
             if !retried && is_before_any_byte(err) {
                 // Nothing reached the peer: once more, at once, on a
                 // fresh connection. Nothing else is retried here.
-                if let Ok(Some((record, end))) = self.r.outbox.read_at(start) {
+                let kept = self
+                    .peers
+                    .get(&peer)
+                    .and_then(|run| run.records.get(&start).cloned());
+                if let Some((record, end)) = kept {
                     if self.send_record(&peer, start, end, &record, true) {
                         return;
                     }
@@ -876,7 +1134,13 @@ impl Driver {
         let Some(run) = self.peers.get_mut(&peer) else {
             return;
         };
-        run.keys_in_flight.remove(&start);
+        if let Some((record, _)) = run.records.get(&start) {
+            let key = (record.ns.clone(), record.key.clone());
+            run.keys_in_flight.remove(&key);
+        }
+        if matches!(verdict, Verdict::Done) {
+            run.records.remove(&start);
+        }
         let state = match verdict {
             Verdict::Refused => {
                 run.policy.cursor.on_fail(start);
@@ -884,19 +1148,22 @@ impl Driver {
                 return;
             }
             Verdict::Done => run.policy.on_send(now, start, Ok(()), &mut self.rng),
-            Verdict::Failed { down, why } => {
+            Verdict::Failed { how, why } => {
                 run.last_error = Some(why);
-                run.policy.on_send(now, start, Err(down), &mut self.rng)
+                run.policy.on_send(now, start, Err(how), &mut self.rng)
             }
         };
         self.observe(&peer, state);
-        self.sync_acked(&peer);
     }
 
-    fn on_repaired(
+    /// The answer to a send given up for lost when its peer was found down.
+    /// A success still means the peer holds the entry (unless it is being
+    /// sent again right now: that send's answer decides); a failure changes
+    /// nothing (the entry waits for its retry).
+    fn on_stale_sent(
         &mut self,
-        now: Instant,
         peer: String,
+        start: u64,
         bytes: u64,
         outcome: Result<OutgoingResponse, TaskError>,
     ) {
@@ -905,20 +1172,50 @@ impl Driver {
         let Some(run) = self.peers.get_mut(&peer) else {
             return;
         };
-        run.repairs_in_flight = run.repairs_in_flight.saturating_sub(1);
+        if matches!(verdict, Verdict::Done) && !run.policy.cursor.is_in_flight(start) {
+            run.policy.cursor.on_ack(start);
+            run.records.remove(&start);
+        }
+    }
+
+    fn on_repaired(
+        &mut self,
+        now: Instant,
+        peer: String,
+        id: u64,
+        bytes: u64,
+        outcome: Result<OutgoingResponse, TaskError>,
+    ) {
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
+        let verdict = self.classify(&peer, &outcome, bytes);
+        let Some(run) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let entry = run.repairs_in_flight.remove(&id);
+        run.repairs_lag = None;
         match verdict {
             Verdict::Done => {
                 self.r
                     .series
                     .add("sluice_anti_entropy_repaired_total", String::new(), 1);
+                // A repair taken is a write taken: a full peer has room again.
+                let state = run.policy.on_send(now, u64::MAX, Ok(()), &mut self.rng);
+                self.observe(&peer, state);
             }
             Verdict::Refused | Verdict::Failed { .. } => {
-                // The next comparison finds whatever was not repaired.
-                run.repairs.clear();
-                run.policy.anti_entropy_due = true;
-                if let Verdict::Failed { down, why } = verdict {
-                    run.last_error = Some(why);
-                    run.policy.on_send(now, u64::MAX, Err(down), &mut self.rng);
+                // Sent again first, after the peer's backoff: a repair is
+                // owed like an outbox entry, not left to the next
+                // comparison (which may be `anti_entropy_interval_ms` away).
+                if let Some(entry) = entry {
+                    run.repairs.push_front(entry);
+                }
+                match verdict {
+                    Verdict::Failed { how, why } => {
+                        run.last_error = Some(why);
+                        let state = run.policy.on_send(now, u64::MAX, Err(how), &mut self.rng);
+                        self.observe(&peer, state);
+                    }
+                    _ => run.paused_until = Some(now + REFUSED_PAUSE),
                 }
             }
         }
@@ -938,14 +1235,14 @@ impl Driver {
                 tracing::info!(
                     %peer,
                     differing = report.buckets_differing,
-                    repairs = report.repairs.len(),
+                    repairs = report.repairs,
+                    deferred = report.deferred,
                     "anti-entropy compared summaries"
                 );
                 run.policy.on_anti_entropy(now, true, &mut self.rng);
-                if report.incomplete {
-                    run.policy.anti_entropy_due = true;
-                }
-                run.repairs.extend(report.repairs);
+                // Every bucket compared: the repairs are what the peer
+                // lacks, an overflow's count included.
+                run.settle_owed = true;
                 self.r.series.add(
                     "sluice_anti_entropy_runs_total",
                     format!("peer=\"{peer}\",result=\"ok\""),
@@ -1017,42 +1314,80 @@ impl Driver {
                 );
                 Verdict::Done
             }
+            Ok(resp) if resp.status == 507 => {
+                // No room on the peer: a state, not bad input. Kept, and
+                // sent again after the peer's backoff.
+                count("full");
+                Verdict::Failed {
+                    how: Failure::Full,
+                    why: format!("full: answered 507 ({bytes} bytes)"),
+                }
+            }
             Ok(resp) => {
                 count("failed");
                 Verdict::Failed {
-                    down: false,
+                    how: Failure::Unwell,
                     why: format!("answered {}", resp.status),
                 }
             }
             Err(TaskError::Refused) => Verdict::Refused,
             Err(err) => {
                 count("failed");
+                let down = matches!(
+                    err,
+                    TaskError::Connect(_) | TaskError::Io(_) | TaskError::TimedOut
+                );
                 Verdict::Failed {
-                    down: matches!(
-                        err,
-                        TaskError::Connect(_) | TaskError::Io(_) | TaskError::TimedOut
-                    ),
+                    how: if down { Failure::Down } else { Failure::Unwell },
                     why: err.to_string(),
                 }
             }
         }
     }
 
-    fn publish_views(&self, now: Instant) {
+    /// Publish each peer's state for `/status`, `/metrics` and the
+    /// read-through. What a peer lacks is published in one piece (the
+    /// cursor's position and what it has in flight or waiting, the repairs),
+    /// so a reader never sees an entry in neither place; the outbox part
+    /// from the cursor's position on is read live by the gauges.
+    fn publish_views(&mut self, now: Instant) {
+        let mut settle = Vec::new();
         let views = self
             .peers
-            .iter()
-            .map(|(name, run)| PeerView {
-                peer: name.clone(),
-                state: run.policy.state.as_str(),
-                backoff_ms: u64::try_from(run.policy.backoff.remaining(now).as_millis())
-                    .unwrap_or(u64::MAX),
-                failures: run.policy.backoff.failures(),
-                last_error: run.last_error.clone(),
-                in_flight: run.policy.cursor.in_flight() + run.repairs_in_flight,
+            .iter_mut()
+            .map(|(name, run)| {
+                let repairs = *run.repairs_lag.get_or_insert_with(|| {
+                    let mut lag = crate::delivery::Lag::default();
+                    for e in run.repairs.iter().chain(run.repairs_in_flight.values()) {
+                        lag.add(crate::delivery::Lag::one(e.len, e.write_time_ms));
+                    }
+                    lag
+                });
+                if std::mem::take(&mut run.settle_owed) {
+                    settle.push(name.clone());
+                }
+                run.note_repairs_queued();
+                PeerView {
+                    peer: name.clone(),
+                    state: run.policy.state.as_str(),
+                    backoff_ms: u64::try_from(run.policy.backoff.remaining(now).as_millis())
+                        .unwrap_or(u64::MAX),
+                    failures: run.policy.backoff.failures(),
+                    last_error: run.last_error.clone(),
+                    in_flight: run.policy.cursor.in_flight() + run.repairs_in_flight.len(),
+                    acked: run.policy.cursor.acked(),
+                    read_pos: run.policy.cursor.read_pos(),
+                    pending: run.policy.cursor.pending(),
+                    repairs,
+                    repairs_queued: run.repairs.len(),
+                }
             })
             .collect();
         *self.r.views.lock().unwrap_or_else(PoisonError::into_inner) = views;
+        // Only now that the repairs are visible may the overflow's count go.
+        for name in settle {
+            self.r.outbox.settle_owed(&name);
+        }
         let addrs = self
             .peers
             .iter()
@@ -1069,7 +1404,7 @@ impl Driver {
 enum Verdict {
     Done,
     Refused,
-    Failed { down: bool, why: String },
+    Failed { how: Failure, why: String },
 }
 
 /// Resolve the peer set every `peer_refresh` on a thread of its own, so a
@@ -1181,62 +1516,157 @@ fn anti_entropy_loop(
     while let Ok(job) = rx.recv() {
         match job {
             AeJob::Serve => r.summaries.serve_pending(),
-            AeJob::Run { peer, addr } => {
+            AeJob::Run {
+                peer,
+                addr,
+                cutoff_ms,
+                flow,
+            } => {
                 // Before the walk, so the summary no longer counts them.
-                let cutoff = super::now_ms()
+                let expire_before = super::now_ms()
                     .saturating_sub(r.settings.tombstone_retention.as_millis() as u64);
-                let expired = store.expire_tombstones(cutoff);
+                let expired = store.expire_tombstones(expire_before);
                 if expired > 0 {
                     r.series
                         .add("sluice_tombstones_expired_total", String::new(), expired);
                 }
-                let result = compare(r, transport, addr);
+                let run = Comparison {
+                    r,
+                    transport,
+                    addr,
+                    peer: &peer,
+                    cutoff_ms,
+                    flow: &flow,
+                    tx,
+                };
+                let result = run.compare();
                 let _ = tx.send(Event::AntiEntropyDone { peer, result });
             }
         }
     }
 }
 
-/// Compare summaries with the peer at `addr` and list what it lacks.
-fn compare(
-    r: &Replication,
-    transport: &Transport,
+/// One anti-entropy comparison with a peer, on the anti-entropy thread.
+struct Comparison<'a> {
+    r: &'a Replication,
+    transport: &'a Transport,
     addr: SocketAddr,
-) -> Result<AntiEntropyReport, String> {
-    let data_dir = r.summaries.data_dir();
-    let ours = summary::compute(data_dir).map_err(|e| e.to_string())?;
-    let theirs = query(r, transport, addr, "/_peer/v1/summary")?;
-    let theirs = summary::decode_summary(&theirs).ok_or("malformed summary")?;
-    let differing: Vec<usize> = (0..summary::BUCKETS)
-        .filter(|&b| ours[b] != theirs[b])
-        .collect();
-    let mut report = AntiEntropyReport {
-        buckets_compared: summary::BUCKETS as u64,
-        buckets_differing: differing.len() as u64,
-        repairs: Vec::new(),
-        incomplete: false,
-    };
-    for chunk in differing.chunks(summary::QUERY_BUCKETS_MAX) {
-        let set: BTreeSet<usize> = chunk.iter().copied().collect();
-        let our_list = summary::list(data_dir, &set).map_err(|e| e.to_string())?;
-        let path = format!(
-            "/_peer/v1/buckets/{}",
-            chunk
-                .iter()
-                .map(|b| b.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        let their_list = query(r, transport, addr, &path)?;
-        let their_list = summary::decode_listing(&their_list).ok_or("malformed listing")?;
-        report
-            .repairs
-            .extend(summary::to_repair(&our_list, &their_list));
-        if report.repairs.len() >= REPAIRS_MAX {
-            report.repairs.truncate(REPAIRS_MAX);
-            report.incomplete = true;
-            break;
+    peer: &'a str,
+    cutoff_ms: u64,
+    flow: &'a RepairFlow,
+    tx: &'a Sender<Event>,
+}
+
+impl Comparison<'_> {
+    /// Compare summaries with the peer and hand the replication thread what
+    /// it lacks, a batch at a time. Memory stays bounded however many
+    /// entries either side holds: the buckets that differ are walked in
+    /// pieces of about a listing page of this node's entries, each as two
+    /// sorted pages side by side (`summary::repairs_between`), and the run
+    /// pauses while the peer's queued repairs are over `REPAIRS_QUEUED_MAX`.
+    fn compare(&self) -> Result<AntiEntropyReport, String> {
+        let data_dir = self.r.summaries.data_dir();
+        let (ours, counts) = summary::compute_counted(data_dir).map_err(|e| e.to_string())?;
+        let theirs = query(self.r, self.transport, self.addr, &Query::Summary.path())?;
+        let theirs = summary::decode_summary(&theirs).ok_or("malformed summary")?;
+        let differing: Vec<usize> = (0..summary::BUCKETS)
+            .filter(|&b| ours[b] != theirs[b])
+            .collect();
+        let mut report = AntiEntropyReport {
+            buckets_compared: summary::BUCKETS as u64,
+            buckets_differing: differing.len() as u64,
+            repairs: 0,
+            deferred: 0,
+        };
+        let mut batch: Vec<Entry> = Vec::new();
+        for piece in pieces(&differing, &counts) {
+            let set: BTreeSet<usize> = piece.iter().copied().collect();
+            let buckets: Vec<u16> = piece.iter().map(|&b| b as u16).collect();
+            // Buckets empty on their side need no listing from them.
+            let they_hold_none = piece.iter().all(|&b| theirs[b] == [0u8; 32]);
+            let mut our_pages = summary::Pages::new(|after: &summary::After| {
+                summary::list_page(data_dir, &set, after, summary::LISTING_ENTRIES_MAX)
+                    .map_err(|e| e.to_string())
+            });
+            let mut their_pages = summary::Pages::new(|after: &summary::After| {
+                if they_hold_none {
+                    return Ok((Vec::new(), false));
+                }
+                let path = Query::Buckets(buckets.clone(), after.clone()).path();
+                let body = query(self.r, self.transport, self.addr, &path)?;
+                summary::decode_listing(&body).ok_or_else(|| "malformed listing".to_string())
+            });
+            summary::repairs_between(&mut our_pages, &mut their_pages, |entry| {
+                if entry.write_time_ms >= self.cutoff_ms {
+                    report.deferred += 1;
+                    return Ok(());
+                }
+                report.repairs += 1;
+                batch.push(entry);
+                if batch.len() >= REPAIR_BATCH {
+                    self.hand_over(&mut batch)?;
+                }
+                Ok(())
+            })?;
         }
+        self.hand_over(&mut batch)?;
+        Ok(report)
     }
-    Ok(report)
+
+    /// Wait until the peer's repairs leave room for `batch` (serving this
+    /// node's own pending summary queries meanwhile, so two nodes comparing
+    /// never wait on each other), then send it to the replication thread.
+    fn hand_over(&self, batch: &mut Vec<Entry>) -> Result<(), String> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let n = batch.len() as u64;
+        let room = (REPAIRS_QUEUED_MAX as u64).saturating_sub(n);
+        let mut last = self.flow.backlog();
+        let mut progress = Instant::now();
+        while last > room {
+            self.r.summaries.serve_pending();
+            std::thread::sleep(Duration::from_millis(50));
+            let now = self.flow.backlog();
+            if now < last {
+                progress = Instant::now();
+            }
+            last = now;
+            if progress.elapsed() > REPAIR_DRAIN_WAIT {
+                return Err("the peer's repairs stopped draining".to_string());
+            }
+        }
+        self.flow.sent.fetch_add(n, Ordering::AcqRel);
+        self.tx
+            .send(Event::Repairs {
+                peer: self.peer.to_string(),
+                entries: std::mem::take(batch),
+            })
+            .map_err(|_| "replication stopped".to_string())
+    }
+}
+
+/// The differing buckets in pieces a listing page or so of this node's
+/// entries each (at most `QUERY_BUCKETS_MAX` buckets; a bucket over a page
+/// goes alone, and its listing pages).
+fn pieces(differing: &[usize], counts: &[u32]) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut entries = 0usize;
+    for &b in differing {
+        let n = counts.get(b).copied().unwrap_or(0) as usize;
+        if !current.is_empty()
+            && (current.len() >= summary::QUERY_BUCKETS_MAX
+                || entries + n > summary::LISTING_ENTRIES_MAX)
+        {
+            out.push(std::mem::take(&mut current));
+            entries = 0;
+        }
+        current.push(b);
+        entries += n;
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
 }

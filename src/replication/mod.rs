@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::app::{PutFollowUp, WriteListener};
 use crate::config::{Config, Secret};
 use crate::delivery::outbox::{Op, Outbox};
-use crate::delivery::{Limiter, Series};
+use crate::delivery::{Lag, Limiter, Series};
 use crate::exchange::Reply;
 
 /// Every peer API path starts with this (reserved by the application).
@@ -113,11 +113,14 @@ pub const SERIES: &[(&str, &str, &str)] = &[
     ("sluice_replication_connect_attempts_total", "counter", "Requests started towards the peer (probes, sends, repairs; immediate retries included); each opens a connection unless it reuses a pooled one."),
     ("sluice_replication_connections_reused_total", "counter", "Requests answered over a pooled keep-alive connection (no connect)."),
     ("sluice_replication_connect_retries_total", "counter", "Immediate retries on a fresh connection after a failure before any byte reached the peer."),
+    ("sluice_replication_lag_writes", "gauge", "Acknowledged writes and deletes the peer is not known to hold: queued in the outbox, in flight, failed and waiting for a retry, owed since an overflow, or handed to an anti-entropy repair. 0: the peer acknowledged every write this node knows of."),
+    ("sluice_replication_lag_bytes", "gauge", "Artifact bytes of the writes counted by sluice_replication_lag_writes (a delete counts 0)."),
+    ("sluice_replication_lag_seconds", "gauge", "Age of the oldest write counted by sluice_replication_lag_writes (0 when there is none)."),
     ("sluice_replication_outbox_entries", "gauge", "Outbox entries the peer has not taken."),
     ("sluice_replication_outbox_bytes", "gauge", "Outbox bytes (on disk) the peer has not taken."),
     ("sluice_replication_outbox_oldest_age_seconds", "gauge", "Age of the oldest outbox entry the peer has not taken."),
     ("sluice_replication_outbox_overflows_total", "counter", "Times the peer's backlog passed replication_outbox_bytes_max (anti-entropy repairs it)."),
-    ("sluice_replication_sent_requests_total", "counter", "Replication requests sent, by peer and result (ok, rejected, failed)."),
+    ("sluice_replication_sent_requests_total", "counter", "Replication requests sent, by peer and result (ok, rejected, full, failed)."),
     ("sluice_replication_sent_bytes_total", "counter", "Artifact body bytes replicated to the peer."),
     ("sluice_replication_received_requests_total", "counter", "Peer API requests received, by result."),
     ("sluice_replication_received_bytes_total", "counter", "Artifact body bytes received from peers and stored."),
@@ -144,6 +147,16 @@ pub struct PeerView {
     pub failures: u32,
     pub last_error: Option<String>,
     pub in_flight: usize,
+    /// Everything before this outbox offset the peer has taken.
+    pub acked: u64,
+    /// The next outbox offset not yet sent: from here to the end is queued.
+    pub read_pos: u64,
+    /// Entries sent and not answered, or failed and waiting to go again.
+    pub pending: Lag,
+    /// Anti-entropy repairs queued and in flight.
+    pub repairs: Lag,
+    /// How many repairs are queued (not yet sent).
+    pub repairs_queued: usize,
 }
 
 /// The mesh, shared by the front ends (outbox, peer API) and the
@@ -156,6 +169,9 @@ pub struct Replication {
     pub views: Mutex<Vec<PeerView>>,
     /// Set when the outbox has something new; the thread clears it.
     kicked: AtomicBool,
+    /// This node's store answered a replicated write "no space" and has
+    /// not stored one since (logged once per change).
+    store_full: AtomicBool,
     wake: Mutex<Option<std::sync::mpsc::Sender<driver::Event>>>,
     /// Anti-entropy summaries, computed off the engine threads.
     pub summaries: summary::Cache,
@@ -215,6 +231,7 @@ impl Replication {
             series,
             views: Mutex::new(Vec::new()),
             kicked: AtomicBool::new(false),
+            store_full: AtomicBool::new(false),
             wake: Mutex::new(None),
             summaries: summary::Cache::new(data_dir.to_path_buf()),
         })
@@ -247,22 +264,35 @@ impl Replication {
     /// Record an acknowledged PUT for the peers. `Err` is the reply the
     /// client gets instead of its 2xx.
     #[allow(clippy::result_large_err)] // the error is the reply, as in `App`
-    pub fn record_put(&self, ns: &str, key: &str, write_time_ms: u64) -> Result<(), Reply> {
-        self.record(Op::Put, ns, key, write_time_ms)
+    pub fn record_put(
+        &self,
+        ns: &str,
+        key: &str,
+        write_time_ms: u64,
+        len: u64,
+    ) -> Result<(), Reply> {
+        self.record(Op::Put, ns, key, write_time_ms, len)
     }
 
     /// Record an acknowledged DELETE for the peers.
     #[allow(clippy::result_large_err)]
     pub fn record_delete(&self, ns: &str, key: &str, write_time_ms: u64) -> Result<(), Reply> {
-        self.record(Op::Delete, ns, key, write_time_ms)
+        self.record(Op::Delete, ns, key, write_time_ms, 0)
     }
 
     #[allow(clippy::result_large_err)]
-    fn record(&self, op: Op, ns: &str, key: &str, write_time_ms: u64) -> Result<(), Reply> {
+    fn record(
+        &self,
+        op: Op,
+        ns: &str,
+        key: &str,
+        write_time_ms: u64,
+        len: u64,
+    ) -> Result<(), Reply> {
         if !self.settings.replicates {
             return Ok(()); // an origin only: nobody to send to
         }
-        match self.outbox.append(op, ns, key, write_time_ms) {
+        match self.outbox.append(op, ns, key, write_time_ms, len) {
             Ok(()) => {
                 self.kick();
                 Ok(())
@@ -274,6 +304,43 @@ impl Replication {
                     "the write is stored here but could not be queued for the peers",
                 ))
             }
+        }
+    }
+
+    /// A replicated write failed in this node's store: counted by cause
+    /// (`full` for no space, `bad` for a body that is not what was
+    /// announced, `failed` otherwise); running out of space is logged once,
+    /// when it starts.
+    pub fn write_failed(&self, err: &crate::store::StoreError) {
+        use crate::store::StoreError;
+        let result = match err {
+            StoreError::NoSpace => {
+                if !self.store_full.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        "this node's store is full: replicated writes are answered 507 and \
+                         the peers keep them until it has room"
+                    );
+                }
+                "full"
+            }
+            StoreError::DigestMismatch { .. }
+            | StoreError::LengthMismatch { .. }
+            | StoreError::TooLarge { .. }
+            | StoreError::InvalidKey => "bad",
+            _ => "failed",
+        };
+        self.series.add(
+            "sluice_replication_received_requests_total",
+            format!("result=\"{result}\""),
+            1,
+        );
+    }
+
+    /// A replicated write was stored: if the store was full, it has room
+    /// again (logged once).
+    pub fn note_room(&self) {
+        if self.store_full.swap(false, Ordering::AcqRel) {
+            tracing::info!("this node's store has room again: replicated writes are stored");
         }
     }
 
@@ -296,6 +363,17 @@ impl Replication {
         use std::fmt::Write as _;
         let snapshot = self.series.snapshot();
         let (effective, ttfb_p99, in_flight) = self.limiter.observe(std::time::Instant::now());
+        let views = self.views_snapshot();
+        let acked_of = |peer: &str| views.iter().find(|v| v.peer == peer).map_or(0, |v| v.acked);
+        let lags: Vec<(String, Lag)> = self
+            .outbox
+            .peers()
+            .into_iter()
+            .map(|p| {
+                let lag = self.lag_with(&p, views.iter().find(|v| v.peer == p));
+                (p, lag)
+            })
+            .collect();
         for (name, kind, help) in SERIES {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             match *name {
@@ -311,6 +389,19 @@ impl Replication {
                 "sluice_replication_public_in_flight" => {
                     let _ = writeln!(out, "{name} {in_flight}");
                 }
+                "sluice_replication_lag_writes"
+                | "sluice_replication_lag_bytes"
+                | "sluice_replication_lag_seconds" => {
+                    let now = now_ms();
+                    for (peer, lag) in &lags {
+                        let v = match *name {
+                            "sluice_replication_lag_writes" => lag.writes as f64,
+                            "sluice_replication_lag_bytes" => lag.bytes as f64,
+                            _ => lag.age_ms(now) as f64 / 1000.0,
+                        };
+                        let _ = writeln!(out, "{name}{{peer=\"{peer}\"}} {v}");
+                    }
+                }
                 "sluice_replication_outbox_entries"
                 | "sluice_replication_outbox_bytes"
                 | "sluice_replication_outbox_oldest_age_seconds"
@@ -318,7 +409,7 @@ impl Replication {
                     // From the outbox's own peer list: right after a restart
                     // the backlog shows before the thread's first round.
                     for peer in self.outbox.peers() {
-                        let b = self.outbox.backlog(&peer);
+                        let b = self.outbox.backlog_at(&peer, acked_of(&peer));
                         let v = match *name {
                             "sluice_replication_outbox_entries" => b.entries as f64,
                             "sluice_replication_outbox_bytes" => b.bytes as f64,
@@ -354,6 +445,38 @@ impl Replication {
         }
     }
 
+    /// What `peer` is not known to hold (see [`Lag`]): the outbox from
+    /// the sender's position to the end, what the sender has in flight or
+    /// waiting, what an overflow owes, and the anti-entropy repairs.
+    pub fn lag(&self, peer: &str) -> Lag {
+        let views = self.views_snapshot();
+        self.lag_with(peer, views.iter().find(|v| v.peer == peer))
+    }
+
+    /// [`Replication::lag`] given the sender's last published view. The
+    /// view is read before the outbox: an entry the sender takes in between
+    /// is counted in both (for a moment), never in neither.
+    fn lag_with(&self, peer: &str, view: Option<&PeerView>) -> Lag {
+        let Some(mark) = self.outbox.mark(peer) else {
+            return Lag::default();
+        };
+        let mut lag = Lag::default();
+        if !mark.overflow {
+            // Everything before the mark was taken; from the sender's
+            // position on, nothing was sent yet.
+            let from = view.map_or(mark.acked, |v| v.read_pos.max(mark.acked));
+            lag.add(self.outbox.lag_from(from));
+        }
+        if let Some(v) = view {
+            lag.add(v.pending);
+        }
+        // An overflow's count is a lower bound on what the comparison after
+        // it lists; the repairs are what it listed (and what later runs did).
+        let repairs = view.map_or(Lag::default(), |v| v.repairs);
+        lag.add(mark.owed.at_least(repairs));
+        lag
+    }
+
     fn views_snapshot(&self) -> Vec<PeerView> {
         self.views
             .lock()
@@ -367,7 +490,8 @@ impl Replication {
             .views_snapshot()
             .into_iter()
             .map(|v| {
-                let b = self.outbox.backlog(&v.peer);
+                let b = self.outbox.backlog_at(&v.peer, v.acked);
+                let lag = self.lag_with(&v.peer, Some(&v));
                 serde_json::json!({
                     "peer": v.peer,
                     "state": v.state,
@@ -375,6 +499,8 @@ impl Replication {
                     "failures": v.failures,
                     "in_flight": v.in_flight,
                     "last_error": v.last_error,
+                    "lag": lag.to_json(now_ms()),
+                    "repairs_queued": v.repairs_queued,
                     "backlog": {
                         "entries": b.entries,
                         "bytes": b.bytes,
@@ -387,6 +513,7 @@ impl Replication {
         let (effective, ttfb_p99, in_flight) = self.limiter.observe(std::time::Instant::now());
         serde_json::json!({
             "node_id": self.node_id,
+            "store_full": self.store_full.load(Ordering::Acquire),
             "outbox_bytes_max": self.outbox.bytes_max(),
             "limiter": {
                 "limit_bytes_per_second": self.limiter.limit,
@@ -432,7 +559,8 @@ impl WriteListener for Replication {
     fn begin_put(self: Arc<Self>, ns: &str, key: &str) -> PutFollowUp {
         let (ns, key) = (ns.to_string(), key.to_string());
         PutFollowUp::OnCommit(Box::new(move |committed| {
-            self.record_put(&ns, &key, committed.write_time_ms).err()
+            self.record_put(&ns, &key, committed.write_time_ms, committed.len)
+                .err()
         }))
     }
 

@@ -6,7 +6,7 @@
 //! | `PUT /_peer/v1/put/{ns}/{key}/{write_time_ms}/{sha256}` | a replicated write (body: the artifact, `Content-Length` its length; `x-sluice-meta`: the response headers it keeps, if any) |
 //! | `DELETE /_peer/v1/delete/{ns}/{key}/{write_time_ms}` | a replicated delete |
 //! | `GET /_peer/v1/summary` | anti-entropy: 4096 bucket digests |
-//! | `GET /_peer/v1/buckets/{b,b,...}` | anti-entropy: the entries of those buckets |
+//! | `GET /_peer/v1/buckets/{b,b,...}[/after/{hex of ns/key}]` | anti-entropy: a page of the entries of those buckets (at most 4,096, then `more`) |
 //!
 //! Every request carries `Authorization: SluicePeer <peer_secret>`; without
 //! it (or with a public token) the answer is 401 and nothing changes.
@@ -24,7 +24,7 @@ use std::sync::Arc;
 use crate::app::{App, PeerService};
 use crate::exchange::{Decision, OnCommit, PutSink, Reply, RequestInfo};
 use crate::store::format::{Meta, META_HEADER};
-use crate::store::{valid_key, valid_namespace, DeleteAt, PutOptions};
+use crate::store::{valid_key, valid_namespace, DeleteAt, PutOptions, StoreError};
 
 use super::summary::Query;
 use super::Replication;
@@ -80,7 +80,20 @@ pub fn handle(
             &count,
         )),
         ("GET", ["v1", "summary"]) => reply(query(replication, Query::Summary, &count)),
-        ("GET", ["v1", "buckets", list]) => {
+        ("GET", ["v1", "buckets", list, tail @ ..]) => {
+            // A later page: `.../after/{hex of ns/key}`.
+            let after = match tail {
+                [] => Some(None),
+                ["after", hex] => Query::parse_after(hex).map(Some),
+                _ => None,
+            };
+            let Some(after) = after else {
+                count("bad");
+                return reply(Reply::error(
+                    400,
+                    "bucket list: after/{hex of namespace/key} or nothing may follow",
+                ));
+            };
             let buckets: Option<Vec<u16>> = list
                 .split(',')
                 .map(|b| {
@@ -91,7 +104,7 @@ pub fn handle(
                 .collect();
             match buckets {
                 Some(b) if !b.is_empty() && b.len() <= super::summary::QUERY_BUCKETS_MAX => {
-                    reply(query(replication, Query::Buckets(b), &count))
+                    reply(query(replication, Query::Buckets(b, after), &count))
                 }
                 _ => {
                     count("bad");
@@ -189,7 +202,13 @@ fn put(
         Ok(writer) => {
             let mut sink = PutSink::new(writer, body_bytes_max);
             let series_ok = Arc::clone(replication);
+            let on_failure = Arc::clone(replication);
+            // A failure while the body arrives reads the rest and answers
+            // after it: the sender hears 507 (full) on a usable connection
+            // instead of a reset it would take for the peer being down.
+            sink.set_on_failure(Box::new(move |err| on_failure.write_failed(err)), true);
             sink.set_on_commit(OnCommit(Box::new(move |committed| {
+                series_ok.note_room();
                 let result = if committed.superseded {
                     "result=\"kept\""
                 } else {
@@ -208,6 +227,15 @@ fn put(
                 None
             })));
             Decision::ReceiveBody(sink)
+        }
+        Err(err @ StoreError::NoSpace) => {
+            // Full is a state of this node, not bad input: the body is read
+            // and dropped, and the sender keeps the write for later.
+            replication.write_failed(&err);
+            Decision::ReceiveBody(PutSink::discarding(
+                Reply::error(507, &err.to_string()),
+                body_bytes_max,
+            ))
         }
         Err(err) => refuse(Reply::error(err.status(), &err.to_string())),
     }

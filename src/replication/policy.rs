@@ -10,7 +10,19 @@ use std::time::{Duration, Instant};
 use crate::delivery::{Backoff, Next, OutboxCursor, Rng};
 
 /// Requests in flight to one healthy peer. While a peer is failing, one.
-pub const SEND_WINDOW_MAX: usize = 8;
+/// Enough that a peer's round trip (a sync on its side, a few thread hops
+/// on a busy host) is not the write rate's ceiling: at 8, a 40 ms round
+/// trip capped a peer at 200 small writes a second.
+pub const SEND_WINDOW_MAX: usize = 32;
+/// Artifact bytes in flight to one peer: past this no new entry starts
+/// until an answer comes (a single larger one goes alone), so a window of
+/// large artifacts does not hold 32 of them open at once.
+pub const SEND_BYTES_IN_FLIGHT_MAX: u64 = 64 * 1024 * 1024;
+/// Longest wait between probes of a down peer, and between retries of a
+/// full one (each jittered), however long its backoff has grown: a heal is
+/// noticed within this, not a minute later. A probe is a `hello` with no
+/// body; a full peer's retry is one write at a time.
+pub const DOWN_RETRY_MAX_MS: u64 = 5_000;
 
 /// What membership knows of a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +31,10 @@ pub enum PeerState {
     Unknown,
     Up,
     Down,
+    /// It answers, but its store has no room (it answered a write 507):
+    /// writes wait for it with its backoff, one at a time, until one is
+    /// taken. Not bad input, and not down: probes do not clear it.
+    Full,
     /// It answered with this node's own id: never a peer.
     Myself,
 }
@@ -29,6 +45,7 @@ impl PeerState {
             PeerState::Unknown => "unknown",
             PeerState::Up => "up",
             PeerState::Down => "down",
+            PeerState::Full => "full",
             PeerState::Myself => "self",
         }
     }
@@ -104,6 +121,18 @@ impl Membership {
     }
 }
 
+/// How a send failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The peer answered but did not take it (a 5xx, a 408, a 429): try
+    /// again after the backoff.
+    Unwell,
+    /// The connection itself failed: the peer is down.
+    Down,
+    /// The peer has no room for it (507): full until a write is taken.
+    Full,
+}
+
 /// What the driver should do for one peer now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -127,6 +156,10 @@ pub struct PeerPolicy {
     probe_interval: Duration,
     /// Anti-entropy is due (peer returned, overflow, period).
     pub anti_entropy_due: bool,
+    /// Bumped each time the peer is found down: sends started before are
+    /// given up for lost (sent again), and their late failures change
+    /// nothing ([`PeerPolicy::is_current`]).
+    pub generation: u64,
     anti_entropy_running: bool,
     next_anti_entropy_at: Instant,
     anti_entropy_interval: Duration,
@@ -147,6 +180,7 @@ impl PeerPolicy {
             next_probe_at: now,
             probe_interval,
             anti_entropy_due: false,
+            generation: 0,
             anti_entropy_running: false,
             next_anti_entropy_at: now + anti_entropy_interval,
             anti_entropy_interval,
@@ -168,7 +202,7 @@ impl PeerPolicy {
             return self.backoff.until().map_or(Action::Idle, Action::WaitUntil);
         }
         let attempt_in_flight = self.probe_in_flight || self.cursor.in_flight() > 0;
-        if self.state != PeerState::Up {
+        if self.state != PeerState::Up && self.state != PeerState::Full {
             // One attempt at a time while the peer is not known up: a dead
             // peer costs one connection per backoff window, whatever the
             // backlog.
@@ -182,13 +216,19 @@ impl PeerPolicy {
             self.probe_in_flight = true;
             return Action::Probe;
         }
-        if self.anti_entropy_due && !self.anti_entropy_running && self.backoff.failures() == 0 {
+        if self.anti_entropy_due
+            && !self.anti_entropy_running
+            && self.backoff.failures() == 0
+            && self.state == PeerState::Up
+        {
             self.anti_entropy_running = true;
             self.anti_entropy_due = false;
             return Action::AntiEntropy;
         }
         let window = if self.backoff.failures() > 0 {
             1
+        } else if self.cursor.in_flight_bytes() >= SEND_BYTES_IN_FLIGHT_MAX {
+            self.cursor.in_flight()
         } else {
             SEND_WINDOW_MAX
         };
@@ -205,6 +245,9 @@ impl PeerPolicy {
         self.next_probe_at = now + self.probe_interval;
         match outcome {
             Some(false) => self.state = PeerState::Myself,
+            // A full peer answers probes: only a write it takes clears it
+            // (and its backoff).
+            Some(true) if self.state == PeerState::Full => {}
             Some(true) => {
                 self.backoff.on_success();
                 if self.state == PeerState::Down {
@@ -217,40 +260,76 @@ impl PeerPolicy {
             }
             None => {
                 self.backoff.on_failure(now, rng);
-                self.state = PeerState::Down;
+                self.backoff.cap(now, DOWN_RETRY_MAX_MS, rng);
+                self.went_down();
             }
         }
         self.state
     }
 
     /// A send of `start` finished. `Ok(())`: the peer took it (or refused
-    /// it for good); `Err(down)`: it failed, `down` when the connection
-    /// itself failed (the peer is down, not just unwell).
+    /// it for good); `Err(how)`: it failed, and how. (A repair is a send
+    /// with no outbox offset: pass `u64::MAX`.)
     pub fn on_send(
         &mut self,
         now: Instant,
         start: u64,
-        outcome: Result<(), bool>,
+        outcome: Result<(), Failure>,
         rng: &mut Rng,
     ) -> PeerState {
         match outcome {
             Ok(()) => {
                 self.cursor.on_ack(start);
                 self.backoff.on_success();
+                if self.state == PeerState::Full {
+                    self.state = PeerState::Up;
+                }
             }
-            Err(down) => {
+            Err(how) => {
                 self.cursor.on_fail(start);
                 // Several sends in flight may fail together: one failure
                 // per window, not one doubling per request.
                 if self.backoff.ready(now) {
                     self.backoff.on_failure(now, rng);
                 }
-                if down {
-                    self.state = PeerState::Down;
+                match how {
+                    Failure::Down => self.went_down(),
+                    Failure::Full if self.state != PeerState::Down => self.state = PeerState::Full,
+                    Failure::Full | Failure::Unwell => {}
+                }
+                if how != Failure::Unwell {
+                    self.backoff.cap(now, DOWN_RETRY_MAX_MS, rng);
                 }
             }
         }
         self.state
+    }
+
+    /// The peer does not answer: what is in flight to it may sit in a stuck
+    /// connection for its whole timeout (a silent drop), so it is given up
+    /// for lost and sent again, first, once the peer answers; meanwhile
+    /// probes go on (one at a time, nothing else in flight).
+    fn went_down(&mut self) {
+        if self.cursor.in_flight() > 0 || self.state != PeerState::Down {
+            self.cursor.requeue_in_flight();
+            self.generation += 1;
+        }
+        self.state = PeerState::Down;
+    }
+
+    /// Whether an answer to a send started in `generation` still counts as
+    /// the send's outcome (its peer has not been found down since).
+    pub fn is_current(&self, generation: u64) -> bool {
+        generation == self.generation
+    }
+
+    /// Whether a request may start now besides what the cursor asks for (a
+    /// repair): the peer answers, its backoff is over, and while it fails
+    /// nothing else is in flight (one attempt at a time, as for the outbox).
+    pub fn may_send_more(&self, now: Instant, in_flight: usize) -> bool {
+        matches!(self.state, PeerState::Up | PeerState::Full)
+            && self.backoff.ready(now)
+            && (self.backoff.failures() == 0 || in_flight == 0)
     }
 
     pub fn on_anti_entropy(&mut self, now: Instant, ok: bool, rng: &mut Rng) {
@@ -293,6 +372,150 @@ mod tests {
         );
         assert!(m.observe("b:1", PeerState::Myself).is_some());
         assert!(m.observe("b:1", PeerState::Up).is_none(), "self stays self");
+    }
+
+    /// A healthy peer gets a window of sends at once, bounded by count and
+    /// by bytes; a failing one gets one at a time.
+    #[test]
+    fn the_send_window_is_bounded_by_count_and_bytes() {
+        let t0 = Instant::now();
+        let mut rng = Rng::new(3);
+        let rows: &[(u64, usize)] = &[
+            // (artifact bytes per entry, sends the policy starts at once)
+            (4096, SEND_WINDOW_MAX),
+            (SEND_BYTES_IN_FLIGHT_MAX / 4, 4),
+            (SEND_BYTES_IN_FLIGHT_MAX * 2, 1),
+        ];
+        for &(bytes, want) in rows {
+            let mut p = PeerPolicy::new(t0, 0, ms(1000), ms(600_000));
+            assert_eq!(p.next(t0, 1_000_000), Action::Probe);
+            p.on_probe(t0, Some(true), &mut rng);
+            let mut started = 0;
+            while let Action::Send(Next::New { start }) = p.next(t0, 1_000_000) {
+                p.cursor
+                    .on_sent(start, start + 10, crate::delivery::Lag::one(bytes, 1));
+                started += 1;
+                assert!(started <= SEND_WINDOW_MAX, "unbounded");
+            }
+            assert_eq!(started, want, "entries of {bytes} bytes");
+            // A failure: one at a time until a success.
+            p.on_send(t0, 0, Err(Failure::Unwell), &mut rng);
+            let later = t0 + ms(61_000);
+            let mut again = 0;
+            while let Action::Send(next) = p.next(later, 1_000_000) {
+                let (start, end) = match next {
+                    Next::Again { start, end } => (start, end),
+                    Next::New { start } => (start, start + 10),
+                };
+                p.cursor
+                    .on_sent(start, end, crate::delivery::Lag::one(bytes, 1));
+                again += 1;
+                assert!(again <= 1);
+            }
+            assert!(p.cursor.in_flight() <= want.max(1));
+        }
+    }
+
+    /// A 507 makes the peer full: its writes go one at a time after its
+    /// backoff, probes that find it answering do not clear it, anti-entropy
+    /// waits, and the first write it takes makes it up again.
+    #[test]
+    fn a_full_peer_is_a_state_retried_with_backoff() {
+        let t0 = Instant::now();
+        let mut rng = Rng::new(9);
+        let owed = crate::delivery::Lag::one(10, 1);
+        let mut p = PeerPolicy::new(t0, 0, ms(1000), ms(600_000));
+        assert_eq!(p.next(t0, 100), Action::Probe);
+        p.on_probe(t0, Some(true), &mut rng);
+        assert_eq!(p.next(t0, 100), Action::Send(Next::New { start: 0 }));
+        p.cursor.on_sent(0, 10, owed);
+        assert_eq!(
+            p.on_send(t0, 0, Err(Failure::Full), &mut rng),
+            PeerState::Full
+        );
+        assert_eq!(p.cursor.retrying(), 1, "kept for the retry");
+        assert!(!p.may_send_more(t0, 0), "backoff first");
+        let Action::WaitUntil(until) = p.next(t0, 100) else {
+            panic!("waits for the backoff");
+        };
+        assert!(until >= t0 + ms(BACKOFF_FIRST_MS * 9 / 10));
+        // A probe answers: still full, still backing off.
+        p.anti_entropy_due = true;
+        let t1 = until;
+        assert_eq!(p.next(t1, 100), Action::Probe);
+        assert_eq!(p.on_probe(t1, Some(true), &mut rng), PeerState::Full);
+        assert!(p.backoff.failures() > 0);
+        // The retry goes alone; anti-entropy waits for room.
+        assert_eq!(
+            p.next(t1, 100),
+            Action::Send(Next::Again { start: 0, end: 10 })
+        );
+        p.cursor.on_sent(0, 10, owed);
+        assert!(
+            matches!(p.next(t1, 100), Action::WaitUntil(_)),
+            "one at a time"
+        );
+        assert!(!p.may_send_more(t1, 1));
+        assert_eq!(
+            p.on_send(t1, 0, Err(Failure::Full), &mut rng),
+            PeerState::Full
+        );
+        let t2 = p.backoff.until().expect("backing off");
+        assert!(t2 > t1 + ms(BACKOFF_FIRST_MS), "doubled");
+        assert!(
+            t2 <= t1 + ms(DOWN_RETRY_MAX_MS * 11 / 10),
+            "a full peer is retried within the cap"
+        );
+        assert!(p.may_send_more(t2, 0));
+        let mut next = p.next(t2, 100);
+        if next == Action::Probe {
+            assert_eq!(p.on_probe(t2, Some(true), &mut rng), PeerState::Full);
+            next = p.next(t2, 100);
+        }
+        assert_eq!(next, Action::Send(Next::Again { start: 0, end: 10 }));
+        p.cursor.on_sent(0, 10, owed);
+        assert_eq!(p.on_send(t2, 0, Ok(()), &mut rng), PeerState::Up);
+        assert_eq!(p.backoff.failures(), 0);
+        assert_eq!(p.next(t2, 100), Action::AntiEntropy);
+    }
+
+    /// A peer found down (a silent drop: its connections hang until their
+    /// timeout) gets what was in flight again, first, as soon as a probe
+    /// finds it back; late failures of the lost sends count for nothing.
+    #[test]
+    fn sends_in_flight_to_a_peer_found_down_go_again_when_it_returns() {
+        let t0 = Instant::now();
+        let mut rng = Rng::new(5);
+        let owed = crate::delivery::Lag::one(10, 1);
+        let mut p = PeerPolicy::new(t0, 0, ms(1000), ms(600_000));
+        assert_eq!(p.next(t0, 100), Action::Probe);
+        p.on_probe(t0, Some(true), &mut rng);
+        for i in 0..3 {
+            assert_eq!(p.next(t0, 100), Action::Send(Next::New { start: i * 10 }));
+            p.cursor.on_sent(i * 10, i * 10 + 10, owed);
+        }
+        let before = p.generation;
+        let t1 = t0 + ms(1000);
+        assert_eq!(p.next(t1, 100), Action::Probe);
+        assert_eq!(p.on_probe(t1, None, &mut rng), PeerState::Down);
+        assert!(!p.is_current(before));
+        assert_eq!((p.cursor.in_flight(), p.cursor.retrying()), (0, 3));
+        assert_eq!(p.cursor.pending().writes, 3, "still owed");
+        // Probes go on while the lost sends hang, at most 5 s apart.
+        let t2 = p.backoff.until().unwrap();
+        assert!(t2 <= t1 + ms(DOWN_RETRY_MAX_MS * 11 / 10));
+        assert_eq!(p.next(t2, 100), Action::Probe);
+        p.on_probe(t2, None, &mut rng);
+        let t3 = p.backoff.until().unwrap();
+        assert!(t3 <= t2 + ms(DOWN_RETRY_MAX_MS * 11 / 10));
+        assert_eq!(p.next(t3, 100), Action::Probe);
+        assert_eq!(p.on_probe(t3, Some(true), &mut rng), PeerState::Up);
+        // Back after being down: a comparison is due too, and runs beside.
+        assert_eq!(p.next(t3, 100), Action::AntiEntropy);
+        assert_eq!(
+            p.next(t3, 100),
+            Action::Send(Next::Again { start: 0, end: 10 })
+        );
     }
 
     /// A simulated peer over a week, flapping from a seed; the node must
@@ -352,12 +575,13 @@ mod tests {
                             Next::New { start } => (start, start + 10),
                         };
                         assert!(p.backoff.ready(now), "no attempt inside a window");
-                        p.cursor.on_sent(start, stop);
+                        p.cursor
+                            .on_sent(start, stop, crate::delivery::Lag::one(1, 1));
                         if !peer_up {
                             attempts_while_down.push(now);
                         }
                         // Answers come back at once in this model.
-                        let outcome = if peer_up { Ok(()) } else { Err(true) };
+                        let outcome = if peer_up { Ok(()) } else { Err(Failure::Down) };
                         if outcome.is_ok() {
                             acked_by_peer.insert(start);
                         }
@@ -395,7 +619,8 @@ mod tests {
                         Next::Again { start, end } => (start, end),
                         Next::New { start } => (start, start + 10),
                     };
-                    p.cursor.on_sent(start, stop);
+                    p.cursor
+                        .on_sent(start, stop, crate::delivery::Lag::one(1, 1));
                     acked_by_peer.insert(start);
                     p.on_send(now, start, Ok(()), &mut rng);
                 }

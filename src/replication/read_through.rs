@@ -387,7 +387,8 @@ impl Worker {
         }
         // Up peers first, then those not heard from, then those down.
         peers.sort_by_key(|(_, _, s)| match s {
-            PeerState::Up => 0,
+            // A full peer still holds (and serves) what it has.
+            PeerState::Up | PeerState::Full => 0,
             PeerState::Unknown => 1,
             _ => 2,
         });

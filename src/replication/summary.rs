@@ -9,8 +9,14 @@
 //! Walking the data directory reads every artifact's 64-byte header: that
 //! is disk work, so it never runs on an engine thread. The peer API answers
 //! from [`Cache`], which the anti-entropy thread fills.
+//!
+//! Listings are pages: the entries of a set of buckets in `(ns, key)`
+//! order after a given key, at most [`LISTING_ENTRIES_MAX`] of them, kept in
+//! a bounded heap while the directory is walked. So a listing costs the
+//! same memory whatever the store holds, and a comparison walks two sorted
+//! pages side by side ([`Pages`]).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::fs::DirEntry;
 use std::io::{self, Read as _};
 use std::os::unix::fs::MetadataExt;
@@ -25,11 +31,11 @@ use crate::store::{key_of_file_name, valid_key, valid_namespace};
 
 /// Buckets in a summary.
 pub const BUCKETS: usize = 4096;
-/// Buckets one listing query may ask for (bounds the answer and the URI).
+/// Buckets one listing query may ask for (bounds the URI).
 pub const QUERY_BUCKETS_MAX: usize = 256;
-/// Entries one listing answer carries at most; a larger one is cut and the
-/// next anti-entropy run continues.
-pub const LISTING_ENTRIES_MAX: usize = 100_000;
+/// Entries one listing page carries at most (about 400 KiB of text); the
+/// next page starts after its last key.
+pub const LISTING_ENTRIES_MAX: usize = 4096;
 /// How long a computed answer is served from the cache.
 pub const CACHE_FRESH: Duration = Duration::from_secs(5);
 /// Answers and pending queries the cache keeps.
@@ -166,27 +172,61 @@ fn walk_files(root: &Path, mut visit: impl FnMut(&str, String, &DirEntry)) -> io
 
 /// The bucket digests of `data_dir`.
 pub fn compute(data_dir: &Path) -> io::Result<Vec<[u8; 32]>> {
+    Ok(compute_counted(data_dir)?.0)
+}
+
+/// The bucket digests of `data_dir` and how many entries fall in each
+/// (what a comparison sizes its pieces by).
+pub fn compute_counted(data_dir: &Path) -> io::Result<(Vec<[u8; 32]>, Vec<u32>)> {
     let mut buckets = vec![[0u8; 32]; BUCKETS];
+    let mut counts = vec![0u32; BUCKETS];
     walk(data_dir, |e| {
         let d = entry_digest(&e);
-        let b = &mut buckets[bucket_of(&e.ns, &e.key)];
-        for (x, y) in b.iter_mut().zip(d) {
+        let i = bucket_of(&e.ns, &e.key);
+        counts[i] = counts[i].saturating_add(1);
+        for (x, y) in buckets[i].iter_mut().zip(d) {
             *x ^= y;
         }
     })?;
-    Ok(buckets)
+    Ok((buckets, counts))
 }
 
-/// The entries of `buckets` in `data_dir` (at most [`LISTING_ENTRIES_MAX`]).
-pub fn list(data_dir: &Path, buckets: &BTreeSet<usize>) -> io::Result<Vec<Entry>> {
-    let mut out = Vec::new();
+/// Where a listing page starts: after this `(ns, key)` (`None`: at the
+/// first).
+pub type After = Option<(String, String)>;
+
+/// A page of a listing: the entries of `buckets` in `data_dir` whose
+/// `(ns, key)` comes after `after`, in order, at most `max` of them, and
+/// whether more follow. Memory: `max` entries, whatever the store holds.
+pub fn list_page(
+    data_dir: &Path,
+    buckets: &BTreeSet<usize>,
+    after: &After,
+    max: usize,
+) -> io::Result<(Vec<Entry>, bool)> {
+    // The `max + 1` smallest keys past `after`: a max-heap dropping its
+    // largest keeps them, and the one extra says whether more follow.
+    let mut heap: BinaryHeap<Entry> = BinaryHeap::with_capacity(max + 1);
     walk(data_dir, |e| {
-        if out.len() < LISTING_ENTRIES_MAX && buckets.contains(&bucket_of(&e.ns, &e.key)) {
-            out.push(e);
+        if !buckets.contains(&bucket_of(&e.ns, &e.key)) {
+            return;
+        }
+        if let Some((ns, key)) = after {
+            if (e.ns.as_str(), e.key.as_str()) <= (ns.as_str(), key.as_str()) {
+                return;
+            }
+        }
+        if heap.len() <= max {
+            heap.push(e);
+        } else if heap.peek().is_some_and(|top| e < *top) {
+            heap.pop();
+            heap.push(e);
         }
     })?;
-    out.sort();
-    Ok(out)
+    let mut out = heap.into_sorted_vec();
+    let more = out.len() > max;
+    out.truncate(max);
+    Ok((out, more))
 }
 
 pub fn encode_summary(buckets: &[[u8; 32]]) -> Vec<u8> {
@@ -209,7 +249,9 @@ pub fn decode_summary(bytes: &[u8]) -> Option<Vec<[u8; 32]>> {
     )
 }
 
-pub fn encode_listing(entries: &[Entry]) -> Vec<u8> {
+/// A listing page as text: one line per entry, then `more` when another
+/// page follows.
+pub fn encode_listing(entries: &[Entry], more: bool) -> Vec<u8> {
     let mut out = String::new();
     for e in entries {
         // A tombstone's digest is `-`.
@@ -223,12 +265,22 @@ pub fn encode_listing(entries: &[Entry]) -> Vec<u8> {
             e.ns, e.key, e.write_time_ms, sha, e.len
         ));
     }
+    if more {
+        out.push_str("more\n");
+    }
     out.into_bytes()
 }
 
-pub fn decode_listing(bytes: &[u8]) -> Option<Vec<Entry>> {
+/// A listing page's entries and whether another follows; `None` when it
+/// is not one [`encode_listing`] wrote.
+pub fn decode_listing(bytes: &[u8]) -> Option<(Vec<Entry>, bool)> {
     let text = std::str::from_utf8(bytes).ok()?;
-    text.lines()
+    let (text, more) = match text.strip_suffix("more\n") {
+        Some(rest) if rest.is_empty() || rest.ends_with('\n') => (rest, true),
+        _ => (text, false),
+    };
+    let entries = text
+        .lines()
         .map(|line| {
             let mut it = line.split(' ');
             let ns = it.next()?.to_string();
@@ -253,14 +305,46 @@ pub fn decode_listing(bytes: &[u8]) -> Option<Vec<Entry>> {
                 deleted,
             })
         })
-        .collect()
+        .collect::<Option<Vec<Entry>>>()?;
+    Some((entries, more))
 }
 
 /// A question a peer asks of this node's holdings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Query {
     Summary,
-    Buckets(Vec<u16>),
+    /// A page of the listing of these buckets, after a key.
+    Buckets(Vec<u16>, After),
+}
+
+impl Query {
+    /// The peer API path that asks it.
+    pub fn path(&self) -> String {
+        match self {
+            Query::Summary => "/_peer/v1/summary".to_string(),
+            Query::Buckets(buckets, after) => {
+                let list = buckets
+                    .iter()
+                    .map(|b| b.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                match after {
+                    None => format!("/_peer/v1/buckets/{list}"),
+                    Some((ns, key)) => format!(
+                        "/_peer/v1/buckets/{list}/after/{}",
+                        hex::encode(format!("{ns}/{key}"))
+                    ),
+                }
+            }
+        }
+    }
+
+    /// The `after` part of a buckets path: hex of `ns/key`.
+    pub fn parse_after(hex_text: &str) -> Option<(String, String)> {
+        let text = String::from_utf8(hex::decode(hex_text).ok()?).ok()?;
+        let (ns, key) = text.split_once('/')?;
+        (valid_namespace(ns) && valid_key(key)).then(|| (ns.to_string(), key.to_string()))
+    }
 }
 
 type Ready = (Query, Instant, Arc<Vec<u8>>);
@@ -315,9 +399,10 @@ impl Cache {
         for q in pending {
             let body = match &q {
                 Query::Summary => compute(&self.data_dir).map(|s| encode_summary(&s)),
-                Query::Buckets(b) => {
+                Query::Buckets(b, after) => {
                     let set = b.iter().map(|&b| usize::from(b)).collect();
-                    list(&self.data_dir, &set).map(|l| encode_listing(&l))
+                    list_page(&self.data_dir, &set, after, LISTING_ENTRIES_MAX)
+                        .map(|(l, more)| encode_listing(&l, more))
                 }
             };
             match body {
@@ -336,6 +421,100 @@ impl Cache {
     }
 }
 
+/// A listing read page by page (each fetched when the one before is used
+/// up): at most one page in memory.
+pub struct Pages<F> {
+    fetch: F,
+    page: std::collections::VecDeque<Entry>,
+    more: bool,
+    after: After,
+}
+
+impl<F> Pages<F>
+where
+    F: FnMut(&After) -> Result<(Vec<Entry>, bool), String>,
+{
+    /// `fetch(after)` gives the page after a key (`None`: the first).
+    pub fn new(fetch: F) -> Pages<F> {
+        Pages {
+            fetch,
+            page: std::collections::VecDeque::new(),
+            more: true,
+            after: None,
+        }
+    }
+
+    /// The next entry, without taking it.
+    pub fn peek(&mut self) -> Result<Option<&Entry>, String> {
+        while self.page.is_empty() && self.more {
+            let (entries, more) = (self.fetch)(&self.after)?;
+            if let Some(last) = entries.last() {
+                // Pages are in order: the next starts after this one's last.
+                if self
+                    .after
+                    .as_ref()
+                    .is_some_and(|(ns, key)| (last.ns.as_str(), last.key.as_str()) <= (ns, key))
+                {
+                    return Err("a listing page went backwards".to_string());
+                }
+                self.after = Some((last.ns.clone(), last.key.clone()));
+            }
+            self.more = more && !entries.is_empty();
+            self.page = entries.into();
+        }
+        Ok(self.page.front())
+    }
+
+    /// The next entry.
+    pub fn next(&mut self) -> Result<Option<Entry>, String> {
+        self.peek()?;
+        Ok(self.page.pop_front())
+    }
+}
+
+/// Walk two listings of the same buckets side by side (both in `(ns, key)`
+/// order) and hand `repair` each entry of `ours` that `theirs` lacks or
+/// holds older, as [`to_repair`] decides, holding one page of each.
+/// Returns how many were handed over.
+pub fn repairs_between<F, G>(
+    ours: &mut Pages<F>,
+    theirs: &mut Pages<G>,
+    mut repair: impl FnMut(Entry) -> Result<(), String>,
+) -> Result<u64, String>
+where
+    F: FnMut(&After) -> Result<(Vec<Entry>, bool), String>,
+    G: FnMut(&After) -> Result<(Vec<Entry>, bool), String>,
+{
+    let mut handed = 0;
+    while let Some(o) = ours.next()? {
+        // Skip what only they hold.
+        while theirs
+            .peek()?
+            .is_some_and(|t| (t.ns.as_str(), t.key.as_str()) < (o.ns.as_str(), o.key.as_str()))
+        {
+            theirs.next()?;
+        }
+        let matched = theirs
+            .peek()?
+            .filter(|t| t.ns == o.ns && t.key == o.key)
+            .cloned();
+        if needs_repair(&o, matched.as_ref()) {
+            repair(o)?;
+            handed += 1;
+        }
+    }
+    Ok(handed)
+}
+
+/// Whether a peer holding `theirs` for the key of `ours` needs `ours`.
+fn needs_repair(ours: &Entry, theirs: Option<&Entry>) -> bool {
+    match theirs {
+        None => !ours.deleted,
+        Some(_) if ours.ns == "cas" => false,
+        Some(t) => !(ours.deleted && t.deleted) && ours.version() > t.version(),
+    }
+}
+
 /// Entries `ours` holds that `theirs` lacks or holds older (by
 /// [`Entry::version`]; CAS only when missing). A tombstone of ours is sent
 /// only where they hold an older version of the key (a delete of
@@ -346,11 +525,7 @@ pub fn to_repair(ours: &[Entry], theirs: &[Entry]) -> Vec<Entry> {
         .map(|e| ((e.ns.as_str(), e.key.as_str()), e))
         .collect();
     ours.iter()
-        .filter(|e| match theirs.get(&(e.ns.as_str(), e.key.as_str())) {
-            None => !e.deleted,
-            Some(_) if e.ns == "cas" => false,
-            Some(t) => !(e.deleted && t.deleted) && e.version() > t.version(),
-        })
+        .filter(|e| needs_repair(e, theirs.get(&(e.ns.as_str(), e.key.as_str())).copied()))
         .cloned()
         .collect()
 }
@@ -404,10 +579,18 @@ mod tests {
         assert_eq!(back.len(), 1);
         assert!(!back[0].deleted);
         let listing = vec![e("g", "a/b", 5, 1), tomb("g", "x", 7)];
-        assert_eq!(decode_listing(&encode_listing(&listing)).unwrap(), listing);
+        for more in [false, true] {
+            assert_eq!(
+                decode_listing(&encode_listing(&listing, more)).unwrap(),
+                (listing.clone(), more)
+            );
+        }
+        assert_eq!(decode_listing(b"more\n").unwrap(), (Vec::new(), true));
+        assert_eq!(decode_listing(b"").unwrap(), (Vec::new(), false));
         // A listing naming a bad key or carrying extra fields is malformed.
         assert!(decode_listing(b"g ../x 1 - 0\n").is_none());
         assert!(decode_listing(b"g x 1 - 0 extra\n").is_none());
+        assert!(decode_listing(b"g x 1 - 0\nmore\ng y 1 - 0\n").is_none());
     }
 
     /// The walk sees multi-segment keys (stored as `~`-joined file names)
@@ -462,6 +645,121 @@ mod tests {
         store.shutdown();
     }
 
+    /// Paged listings walked side by side find exactly what the whole
+    /// lists compared at once find, holding one page of each, whatever the
+    /// page sizes.
+    #[test]
+    fn paged_comparison_matches_the_whole_lists() {
+        let mut x = 0x1234_5678_9abc_def0u64;
+        let mut rnd = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for round in 0..200 {
+            let mut ours = Vec::new();
+            let mut theirs = Vec::new();
+            for k in 0..rnd(60) {
+                let key = format!("k{k:03}");
+                let ns = if rnd(5) == 0 { "cas" } else { "g" };
+                let t = 10 + rnd(5);
+                let mine = if rnd(6) == 0 {
+                    tomb(ns, &key, t)
+                } else {
+                    e(ns, &key, t, rnd(3) as u8)
+                };
+                match rnd(4) {
+                    0 => ours.push(mine),
+                    1 => theirs.push(mine),
+                    _ => {
+                        ours.push(mine);
+                        let t2 = 10 + rnd(5);
+                        theirs.push(if rnd(6) == 0 {
+                            tomb(ns, &key, t2)
+                        } else {
+                            e(ns, &key, t2, rnd(3) as u8)
+                        });
+                    }
+                }
+            }
+            ours.sort();
+            theirs.sort();
+            let want = to_repair(&ours, &theirs);
+            let page = 1 + (round % 7);
+            let pager = |all: Vec<Entry>| {
+                move |after: &After| -> Result<(Vec<Entry>, bool), String> {
+                    let rest: Vec<Entry> = all
+                        .iter()
+                        .filter(|e| {
+                            after.as_ref().is_none_or(|(ns, key)| {
+                                (e.ns.as_str(), e.key.as_str()) > (ns.as_str(), key.as_str())
+                            })
+                        })
+                        .cloned()
+                        .collect();
+                    let more = rest.len() > page;
+                    Ok((rest.into_iter().take(page).collect(), more))
+                }
+            };
+            let mut got = Vec::new();
+            let handed = repairs_between(
+                &mut Pages::new(pager(ours.clone())),
+                &mut Pages::new(pager(theirs.clone())),
+                |e| {
+                    got.push(e);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(got, want, "round {round}, pages of {page}");
+            assert_eq!(handed as usize, want.len());
+        }
+    }
+
+    /// A page keeps the smallest keys after `after`, however many the
+    /// buckets hold, and says whether more follow.
+    #[test]
+    fn list_pages_are_bounded_and_ordered() {
+        use crate::store::{FsyncPolicy, PutOptions, Store, StoreConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            store_bytes_max: 0,
+            fsync: FsyncPolicy::Never,
+        })
+        .unwrap();
+        for i in 0..300 {
+            let mut w = store
+                .begin_put("g", &format!("k{i:04}"), PutOptions::default())
+                .unwrap();
+            w.write(b"x").unwrap();
+            w.commit().unwrap();
+        }
+        let all: BTreeSet<usize> = (0..BUCKETS).collect();
+        let mut after: After = None;
+        let mut seen = Vec::new();
+        loop {
+            let (page, more) = list_page(dir.path(), &all, &after, 64).unwrap();
+            assert!(page.len() <= 64);
+            assert!(page.windows(2).all(|w| w[0] < w[1]), "in order");
+            seen.extend(page.iter().map(|e| e.key.clone()));
+            match page.last() {
+                Some(last) if more => after = Some((last.ns.clone(), last.key.clone())),
+                _ => break,
+            }
+        }
+        let want: Vec<String> = (0..300).map(|i| format!("k{i:04}")).collect();
+        assert_eq!(seen, want);
+        let q = Query::Buckets(vec![1, 2], Some(("g".into(), "a/b".into())));
+        let path = q.path();
+        let hex = path.rsplit('/').next().unwrap();
+        assert_eq!(Query::parse_after(hex), Some(("g".into(), "a/b".into())));
+        assert_eq!(Query::parse_after("zz"), None);
+        assert_eq!(Query::parse_after(&hex::encode("g/../x")), None);
+        store.shutdown();
+    }
+
     #[test]
     fn repairs_send_missing_and_newer_only() {
         let ours = vec![
@@ -475,7 +773,10 @@ mod tests {
         let got: Vec<&str> = repairs.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(got, vec!["k1", "k3"]);
         let listing = vec![e("a", "k1", 5, 1), e("b", "k.2", 7, 3)];
-        assert_eq!(decode_listing(&encode_listing(&listing)).unwrap(), listing);
+        assert_eq!(
+            decode_listing(&encode_listing(&listing, false)).unwrap(),
+            (listing, false)
+        );
         let s = vec![[7u8; 32]; BUCKETS];
         assert_eq!(decode_summary(&encode_summary(&s)).unwrap(), s);
         assert!(bucket_of("a", "b") < BUCKETS);

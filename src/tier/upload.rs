@@ -8,7 +8,7 @@
 //! at most what was in flight (uploading the same version twice is
 //! harmless).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use super::client::TierError;
 use super::{lock, Tier, TARGET, UPLOADS_IN_FLIGHT_MAX};
-use crate::delivery::outbox::{Op, Record};
+use crate::delivery::outbox::{Op, Reader, Record};
 use crate::delivery::{Backoff, Next, OutboxCursor, Rng};
 
 /// `Retry-After` on a 507 for a full upload queue, seconds.
@@ -143,7 +143,14 @@ pub async fn probe(tier: Arc<Tier>) {
 
 /// The upload loop: runs for the life of the process.
 pub async fn run(tier: Arc<Tier>) {
-    let mut cursor = OutboxCursor::at(tier.outbox.mark(TARGET).map_or(0, |m| m.acked));
+    let start_at = tier.outbox.mark(TARGET).map_or(0, |m| m.acked);
+    let mut cursor = OutboxCursor::at(start_at);
+    // Entries are read in order without the outbox's lock (appends hold it
+    // through their syncs); those in flight or failed are kept here, so a
+    // retry does not read the outbox again.
+    let mut reader = Reader::new(&tier.outbox, start_at);
+    let mut peeked: Option<(u64, Record, u64)> = None;
+    let mut records: BTreeMap<u64, Record> = BTreeMap::new();
     let mut backoff = Backoff::default();
     let mut rng = Rng::new(crate::store::now_ms());
     let mut tasks: JoinSet<(u64, Record, Sent)> = JoinSet::new();
@@ -169,11 +176,24 @@ pub async fn run(tier: Arc<Tier>) {
             1
         };
         if backoff.ready(now) {
-            while let Some(next) = cursor.next(tier.outbox.end(), window) {
-                let start = match next {
-                    Next::Again { start, .. } | Next::New { start } => start,
+            while let Some(next) = cursor.next(u64::MAX, window) {
+                let found = match next {
+                    Next::Again { start, end } => match records.get(&start) {
+                        Some(record) => Ok(Some((start, record.clone(), end))),
+                        None => tier
+                            .outbox
+                            .read_at(start)
+                            .map(|r| r.map(|(r, e)| (start, r, e))),
+                    },
+                    Next::New { start } => match peeked.take() {
+                        Some(p) if p.0 == start => Ok(Some(p)),
+                        _ => {
+                            reader.seek(start);
+                            reader.next(&tier.outbox)
+                        }
+                    },
                 };
-                let (record, end) = match tier.outbox.read_at(start) {
+                let (start, record, end) = match found {
                     Ok(Some(found)) => found,
                     Ok(None) => break,
                     Err(err) => {
@@ -181,16 +201,21 @@ pub async fn run(tier: Arc<Tier>) {
                             tracing::error!(error = %err, "tier outbox: cannot read an entry; retrying");
                             read_error_logged = true;
                         }
+                        // Read it again next time round.
+                        reader.seek(cursor.read_pos());
                         break;
                     }
                 };
                 read_error_logged = false;
                 let id = (record.ns.clone(), record.key.clone());
-                if busy.contains(&id) {
+                if !records.contains_key(&start) && busy.contains(&id) {
+                    // After the entry in flight for this key is answered.
+                    peeked = Some((start, record, end));
                     break;
                 }
                 busy.insert(id);
-                cursor.on_sent(start, end);
+                cursor.on_sent(start, end, record.owed());
+                records.insert(start, record.clone());
                 let t = Arc::clone(&tier);
                 tasks.spawn(async move {
                     let sent = send(t, record.clone()).await;
@@ -198,7 +223,15 @@ pub async fn run(tier: Arc<Tier>) {
                 });
             }
         }
-        lock(&tier.view).uploads_in_flight = tasks.len();
+        {
+            // What the tier lacks, in one piece with the loop's position
+            // (`Tier::lag` adds the queue from there on).
+            let mut view = lock(&tier.view);
+            view.uploads_in_flight = tasks.len();
+            view.read_pos = cursor.read_pos();
+            view.pending = cursor.pending();
+            view.acked = cursor.acked();
+        }
         let wait = backoff
             .until()
             .map_or(Duration::from_millis(PERSIST_EVERY_MS), |t| {
@@ -213,6 +246,7 @@ pub async fn run(tier: Arc<Tier>) {
                     match sent {
                         Sent::Ok | Sent::Gone => {
                             cursor.on_ack(start);
+                            records.remove(&start);
                             if record.op == Op::Put {
                                 tier.release(&crate::store::relative_path(&record.ns, &record.key));
                             }
@@ -232,9 +266,11 @@ pub async fn run(tier: Arc<Tier>) {
             }
             _ = tokio::time::sleep(wait) => {}
         }
-        tier.outbox.set_acked(TARGET, cursor.acked());
+        // Every PERSIST_EVERY_MS, not per upload: the outbox's lock is held
+        // through append syncs.
         if last_persist.elapsed() >= Duration::from_millis(PERSIST_EVERY_MS) {
             last_persist = Instant::now();
+            tier.outbox.set_acked(TARGET, cursor.acked());
             if let Err(err) = tier.outbox.persist() {
                 tracing::warn!(error = %err, "tier outbox: cannot write the cursor");
             }

@@ -3,6 +3,9 @@
 //! HTTP/1.1 or HTTP/2 (rustls + hyper), and h2c (hyper).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod fleet;
+pub mod weed;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -49,6 +52,8 @@ pub struct ServerBuilder {
     wrapper: Vec<String>,
     /// `--listen` value; default `127.0.0.1:0`.
     listen: Option<String>,
+    /// The binary to run; default the one cargo built.
+    binary: Option<PathBuf>,
 }
 
 pub fn server() -> ServerBuilder {
@@ -60,6 +65,7 @@ pub fn server() -> ServerBuilder {
         tls: true,
         wrapper: Vec::new(),
         listen: None,
+        binary: None,
     }
 }
 
@@ -113,6 +119,28 @@ impl ServerBuilder {
         self
     }
 
+    /// Run the server as `uid`:`gid` (util-linux `setpriv`), so the
+    /// fleet tests can match its packets by owner. The data dir must be
+    /// writable by that user.
+    pub fn run_as(mut self, uid: u32, gid: u32) -> Self {
+        for a in [
+            "setpriv".to_string(),
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--clear-groups".into(),
+            "--".into(),
+        ] {
+            self.wrapper.push(a);
+        }
+        self
+    }
+
+    /// Run this copy of the binary (one another user can reach).
+    pub fn binary(mut self, path: &Path) -> Self {
+        self.binary = Some(path.to_path_buf());
+        self
+    }
+
     pub fn no_tls(mut self) -> Self {
         self.tls = false;
         self
@@ -125,13 +153,17 @@ impl ServerBuilder {
             .clone()
             .unwrap_or_else(|| tmp.path().join("data"));
         // The wrappers exec the binary, so the child's pid is the server's.
+        let binary = self
+            .binary
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sluice")));
         let mut cmd = match self.wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
-                c.args(rest).arg(env!("CARGO_BIN_EXE_sluice"));
+                c.args(rest).arg(&binary);
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_sluice")),
+            None => Command::new(&binary),
         };
         cmd.arg("serve")
             .arg("--listen")
