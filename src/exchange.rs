@@ -221,6 +221,8 @@ struct SinkHooks {
     discard: Option<Reply>,
     /// Run after a successful commit; it sends the reply (see [`AfterCommit`]).
     after_commit: Option<AfterCommit>,
+    /// Received on a background thread where the front can.
+    background: bool,
 }
 
 impl std::fmt::Debug for SinkHooks {
@@ -229,6 +231,7 @@ impl std::fmt::Debug for SinkHooks {
             .field("on_commit", &self.on_commit)
             .field("discard", &self.discard)
             .field("after_commit", &self.after_commit.is_some())
+            .field("background", &self.background)
             .finish()
     }
 }
@@ -246,6 +249,19 @@ impl PutSink {
     /// Run `hook` after a successful commit, before the reply.
     pub fn set_on_commit(&mut self, hook: OnCommit) {
         self.hooks.get_or_insert_with(Box::default).on_commit = Some(hook);
+    }
+
+    /// The body is background work (a peer's replicated write): a front
+    /// that can receive it on a background thread (lower scheduling class,
+    /// see `crate::background`) does, so its hashing and writing never take
+    /// a CPU from public requests.
+    pub fn set_in_background(&mut self) {
+        self.hooks.get_or_insert_with(Box::default).background = true;
+    }
+
+    /// See [`PutSink::set_in_background`].
+    pub fn in_background(&self) -> bool {
+        self.hooks.as_ref().is_some_and(|h| h.background)
     }
 
     /// Run `after` after a successful commit (and `on_commit`): the reply
@@ -269,6 +285,7 @@ impl PutSink {
                 on_commit: None,
                 discard: Some(reply),
                 after_commit: None,
+                background: false,
             })),
         }
     }

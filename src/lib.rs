@@ -3,6 +3,7 @@
 pub mod address_cap;
 pub mod app;
 pub mod auth;
+pub mod background;
 pub mod config;
 pub mod delivery;
 pub mod doctor;

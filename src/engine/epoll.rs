@@ -22,7 +22,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,6 +64,9 @@ pub struct EpollSettings {
     pub connections_per_core_max: usize,
     pub connections_per_ip_max: usize,
     pub conn_limits: ConnLimits,
+    /// At most one request per this long is measured from the kernel's
+    /// receive time (`public_latency_sample_us`); zero measures none.
+    pub latency_sample: Duration,
 }
 
 /// Counters of one engine thread, for `/metrics` and `/status`.
@@ -210,6 +213,8 @@ struct CoreLoop {
     free: Vec<u32>,
     generation: u32,
     per_ip: AddressCap,
+    /// Which receives ask for the kernel's receive time.
+    sampler: crate::pressure::LatencySampler,
     /// Connections whose turn ended with work left.
     ready: VecDeque<(u32, u32)>,
     /// Read-throughs from peers that ended: (index, generation).
@@ -291,6 +296,7 @@ impl CoreLoop {
             free: (0..max as u32).rev().collect(),
             generation: 0,
             per_ip: AddressCap::new(settings.connections_per_ip_max),
+            sampler: crate::pressure::LatencySampler::new(settings.latency_sample),
             ready: VecDeque::new(),
             peek_timers: Vec::new(),
             stats: shared.stats,
@@ -731,6 +737,7 @@ impl CoreLoop {
                 Next::Publish => self.publish(index),
                 Next::Open { namespace, key } => self.open(index, namespace, key, now),
                 Next::Fetch { namespace, key } => self.fetch(index, namespace, key, now),
+                Next::ReceiveInBackground => self.receive_in_background(index, now),
                 Next::Close => {
                     self.close(index);
                     None
@@ -747,6 +754,24 @@ impl CoreLoop {
     /// go to the fallback untouched.
     fn peek(&mut self, index: u32, now: Instant) -> Option<Next> {
         let slot = slot_mut(&mut self.slots, index)?;
+        if self.sampler.take(now) {
+            // A sampled first request: the peek brings the kernel's receive time.
+            let mut buf = Vec::with_capacity(Conn::peek_buf_bytes());
+            return match sluice_uring::recv_stamped(slot.stream.as_fd(), &mut buf, libc::MSG_PEEK) {
+                Ok((n, stamp)) => {
+                    if let Some(stamp) = stamp.filter(|_| n > 0) {
+                        slot.conn.note_arrival(stamp);
+                    }
+                    Some(slot.conn.on_peek(&buf, now))
+                }
+                Err(e) if e.0 == libc::EAGAIN => {
+                    slot.wait = Wait::Peek;
+                    None
+                }
+                Err(e) if e.0 == libc::EINTR => Some(Next::Peek),
+                Err(_) => Some(slot.conn.on_peek(&[], now)),
+            };
+        }
         let mut buf = [0u8; 16];
         let want = Conn::peek_buf_bytes().min(buf.len());
         match rustix::net::recv(&slot.stream, &mut buf[..want], RecvFlags::PEEK) {
@@ -777,12 +802,28 @@ impl CoreLoop {
         if linger {
             let _ = rustix::net::shutdown(&slot.stream, rustix::net::Shutdown::Write);
         }
+        // The first bytes of a request: sampled ones bring the kernel's
+        // receive time (recvmsg with a control buffer).
+        let stamped = !linger && slot.conn.is_idle() && self.sampler.take(now);
         let mut buf = slot.conn.take_read_buf();
-        let result = rustix::net::recv(
-            &slot.stream,
-            rustix::buffer::spare_capacity(&mut buf),
-            RecvFlags::empty(),
-        );
+        let result = if stamped {
+            match sluice_uring::recv_stamped(slot.stream.as_fd(), &mut buf, 0) {
+                Ok((n, stamp)) => {
+                    if let Some(stamp) = stamp.filter(|_| n > 0) {
+                        slot.conn.note_arrival(stamp);
+                    }
+                    // recv_stamped already grew the buffer by n.
+                    return Some(slot.conn.on_recv(buf, Ok(n), now));
+                }
+                Err(e) => Err(Errno::from_raw_os_error(e.0)),
+            }
+        } else {
+            rustix::net::recv(
+                &slot.stream,
+                rustix::buffer::spare_capacity(&mut buf),
+                RecvFlags::empty(),
+            )
+        };
         match result {
             Ok((n, _)) => Some(slot.conn.on_recv(buf, Ok(n), now)),
             Err(Errno::AGAIN) => {
@@ -790,6 +831,42 @@ impl CoreLoop {
                 None
             }
             Err(e) => Some(slot.conn.on_recv(buf, Err(errno_of(e)), now)),
+        }
+    }
+
+    /// A peer's replicated write: its body goes to the background receiving
+    /// threads (`engine::receive`) with a duplicate of the socket; the reply
+    /// comes back through the publisher's queue. Received here when they
+    /// cannot take it.
+    fn receive_in_background(&mut self, index: u32, now: Instant) -> Option<Next> {
+        let slot = slot_mut(&mut self.slots, index)?;
+        let (Some(handoff), Some(sink)) = (slot.conn.take_body_handoff(), slot.conn.take_publish())
+        else {
+            return Some(Next::Close);
+        };
+        let fd = match slot.stream.try_clone() {
+            Ok(stream) => OwnedFd::from(stream),
+            Err(_) => return Some(slot.conn.receive_here(handoff, sink, now)),
+        };
+        let job = crate::engine::receive::BodyJob {
+            fd,
+            handoff,
+            sink: Box::new(sink),
+            read_timeout: Duration::from_millis(
+                self.settings.conn_limits.timeouts.body_read_timeout_ms,
+            ),
+            reply: crate::engine::receive::ReplyTo {
+                index,
+                generation: slot.generation,
+                completer: self.publisher.completer(),
+            },
+        };
+        match crate::engine::receive::submit(job) {
+            Ok(()) => {
+                slot.wait = Wait::Idle;
+                None
+            }
+            Err(job) => Some(slot.conn.receive_here(job.handoff, *job.sink, now)),
         }
     }
 

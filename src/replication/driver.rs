@@ -158,7 +158,10 @@ pub fn start(r: Arc<Replication>, store: Store, transport: Transport) -> std::io
         let store = store.clone();
         std::thread::Builder::new()
             .name("sluice-anti-entropy".into())
-            .spawn(move || anti_entropy_loop(&r, &store, &transport, &ae_rx, &tx))?;
+            .spawn(move || {
+                crate::background::enter("anti-entropy");
+                anti_entropy_loop(&r, &store, &transport, &ae_rx, &tx)
+            })?;
     }
     let seed = super::now_ms() ^ u64::from(std::process::id()) << 32;
     let now = Instant::now();
@@ -196,7 +199,10 @@ pub fn start(r: Arc<Replication>, store: Store, transport: Transport) -> std::io
     let thread_finish = Arc::clone(&finish_ms);
     let thread = std::thread::Builder::new()
         .name("sluice-replication".into())
-        .spawn(move || driver.run(&rx, &thread_stop, &thread_finish))?;
+        .spawn(move || {
+            crate::background::enter("replication");
+            driver.run(&rx, &thread_stop, &thread_finish)
+        })?;
     Ok(Handle {
         stop,
         finish_ms,

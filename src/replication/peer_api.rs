@@ -157,7 +157,7 @@ fn put(
     {
         count("kept");
         let r = Reply::text(200, "kept: this node deleted the key after this write\n");
-        return Decision::ReceiveBody(PutSink::discarding(r, body_bytes_max));
+        return Decision::ReceiveBody(background(PutSink::discarding(r, body_bytes_max)));
     }
     if let Some(local) = local {
         let local_time = local.write_time_ms().unwrap_or(0);
@@ -166,7 +166,7 @@ fn put(
             count("kept");
             let mut r = Reply::text(200, "kept: this node holds the same or a newer version\n");
             r.headers.push(("etag", local.etag()));
-            return Decision::ReceiveBody(PutSink::discarding(r, body_bytes_max));
+            return Decision::ReceiveBody(background(PutSink::discarding(r, body_bytes_max)));
         }
     }
     let options = PutOptions {
@@ -200,10 +200,17 @@ fn put(
                 );
                 None
             })));
-            Decision::ReceiveBody(sink)
+            Decision::ReceiveBody(background(sink))
         }
         Err(err) => refuse(Reply::error(err.status(), &err.to_string())),
     }
+}
+
+/// A replicated write's body is replication's work: received, hashed and
+/// written on a background thread where the front can (`crate::background`).
+fn background(mut sink: PutSink) -> PutSink {
+    sink.set_in_background();
+    sink
 }
 
 /// A peer's read-through: the artifact with its sha256 and write time, so

@@ -72,6 +72,9 @@ pub struct EngineSettings {
     /// Poll the ring this long after a turn with completions before
     /// sleeping (`engine_spin_us`); zero never polls.
     pub spin: Duration,
+    /// At most one request per this long is measured from the kernel's
+    /// receive time (`public_latency_sample_us`); zero measures none.
+    pub latency_sample: Duration,
 }
 
 /// Submission queue entries per ring.
