@@ -1,10 +1,12 @@
 //! Background work yields the CPU by construction: the threads that do
-//! replication's CPU work (receiving, hashing and writing peer bodies, the
-//! replication thread, anti-entropy walks, the blocking senders, the tier's
-//! write-behind uploads) put themselves in a lower scheduling class when they
-//! start, so a public request that wants a CPU gets it at once instead of
-//! waiting for a time slice to end. The rate limiter
-//! (`delivery::limiter`) still bounds the bytes; this bounds the CPU.
+//! replication's CPU work (receiving, hashing and writing peer bodies,
+//! anti-entropy walks, the blocking senders, the tier's write-behind
+//! uploads) put themselves in a lower scheduling class when they start, so a
+//! public request that wants a CPU gets it at once instead of waiting for a
+//! time slice to end. The rate limiter (`delivery::limiter`) still bounds the
+//! bytes; this bounds the CPU. The replication thread itself stays in the
+//! normal class: it does no work per byte, and it keeps the peers' state
+//! (probes, timeouts, backoff) current, which must not wait for an idle CPU.
 //!
 //! The class is `replication_scheduling` (`idle` = `SCHED_IDLE` by default,
 //! `nice` = nice 19, `normal`), set once for the process at start

@@ -172,6 +172,14 @@ pub struct OnCommit(pub CommitHook);
 /// The function inside an [`OnCommit`].
 pub type CommitHook = Box<dyn FnOnce(&Committed) -> Option<Reply> + Send>;
 
+/// Paces a body received in the background (a peer's replicated write): asked
+/// before each read with the bytes about to be read, `Err(t)` says read
+/// nothing more before `t`. The receiving node's replication limiter, so a
+/// node under public load takes replication in no faster than its own
+/// public latency allows (TCP pushes back on the sender meanwhile).
+pub type Pacer =
+    std::sync::Arc<dyn Fn(std::time::Instant, u64) -> Result<(), std::time::Instant> + Send + Sync>;
+
 /// A step after a successful commit whose reply comes later, off the thread
 /// that committed (a write-through to the object-store tier): it gets the
 /// commit, the reply the PUT would send now, and where to send the final one.
@@ -223,6 +231,8 @@ struct SinkHooks {
     after_commit: Option<AfterCommit>,
     /// Received on a background thread where the front can.
     background: bool,
+    /// Paces the background receive.
+    pacer: Option<Pacer>,
 }
 
 impl std::fmt::Debug for SinkHooks {
@@ -232,6 +242,7 @@ impl std::fmt::Debug for SinkHooks {
             .field("discard", &self.discard)
             .field("after_commit", &self.after_commit.is_some())
             .field("background", &self.background)
+            .field("pacer", &self.pacer.is_some())
             .finish()
     }
 }
@@ -264,6 +275,19 @@ impl PutSink {
         self.hooks.as_ref().is_some_and(|h| h.background)
     }
 
+    /// Pace the background receive of this body with `pacer`.
+    pub fn set_pacer(&mut self, pacer: Pacer) {
+        self.hooks.get_or_insert_with(Box::default).pacer = Some(pacer);
+    }
+
+    /// May `n` more body bytes be read at `now`? (`Err(t)`: not before `t`.)
+    pub fn pace(&self, now: std::time::Instant, n: u64) -> Result<(), std::time::Instant> {
+        match self.hooks.as_ref().and_then(|h| h.pacer.as_ref()) {
+            Some(pacer) => pacer(now, n),
+            None => Ok(()),
+        }
+    }
+
     /// Run `after` after a successful commit (and `on_commit`): the reply
     /// waits for it.
     pub fn set_after_commit(&mut self, after: AfterCommit) {
@@ -286,6 +310,7 @@ impl PutSink {
                 discard: Some(reply),
                 after_commit: None,
                 background: false,
+                pacer: None,
             })),
         }
     }

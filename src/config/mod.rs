@@ -165,7 +165,7 @@ pub enum FileServingMode {
 
 /// The scheduling class of the threads doing replication's CPU work (key
 /// `replication_scheduling`, default `idle`): receiving, hashing and writing peer bodies,
-/// anti-entropy walks, the replication thread itself and the tier's write-behind uploads.
+/// anti-entropy walks, the blocking senders and the tier's write-behind uploads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReplicationScheduling {

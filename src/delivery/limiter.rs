@@ -362,6 +362,9 @@ pub struct Limiter {
 
 struct LimiterState {
     bucket: TokenBucket,
+    /// Peer bodies this node receives (`acquire_inbound`): the same rate,
+    /// a bucket of their own, so receiving does not starve sending.
+    inbound: TokenBucket,
     control: Pressure,
     psi: PsiReader,
 }
@@ -411,6 +414,7 @@ impl Limiter {
             pressure,
             state: Mutex::new(LimiterState {
                 bucket: TokenBucket::new(burst, now),
+                inbound: TokenBucket::new(burst, now),
                 control: Pressure::new(limit.max(1), target, now),
                 psi,
             }),
@@ -418,9 +422,18 @@ impl Limiter {
     }
 
     fn with<T>(&self, now: Instant, f: impl FnOnce(&mut TokenBucket, f64) -> T) -> T {
+        self.with_both(now, |bucket, _, rate| f(bucket, rate))
+    }
+
+    fn with_both<T>(
+        &self,
+        now: Instant,
+        f: impl FnOnce(&mut TokenBucket, &mut TokenBucket, f64) -> T,
+    ) -> T {
         let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let LimiterState {
             bucket,
+            inbound,
             control,
             psi,
         } = &mut *guard;
@@ -430,6 +443,7 @@ impl Limiter {
         if control.due(now) {
             // Accrue at the old rate up to now before the rate changes.
             bucket.refill(now, control.rate());
+            inbound.refill(now, control.rate());
             let signals = Signals {
                 windows: self.pressure.take_windows(),
                 in_flight: self.pressure.in_flight(),
@@ -437,7 +451,7 @@ impl Limiter {
             };
             control.step(now, signals);
         }
-        f(bucket, control.rate())
+        f(bucket, inbound, control.rate())
     }
 
     /// Ask for `n` body bytes: `Err(t)` says wait until `t`.
@@ -446,6 +460,16 @@ impl Limiter {
             return Ok(());
         }
         self.with(now, |bucket, rate| bucket.acquire(now, rate, n))
+    }
+
+    /// Ask to read `n` bytes of a peer's body this node receives: `Err(t)`
+    /// says read nothing more before `t`. The same rate as sending (this
+    /// node's public pressure), its own bucket.
+    pub fn acquire_inbound(&self, now: Instant, n: u64) -> Result<(), Instant> {
+        if self.limit == 0 || n == 0 {
+            return Ok(());
+        }
+        self.with_both(now, |_, inbound, rate| inbound.acquire(now, rate, n))
     }
 
     /// Count `n` body bytes that went without asking.

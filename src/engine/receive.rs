@@ -38,6 +38,8 @@ pub const RECEIVE_THREADS: usize = 4;
 pub const RECEIVE_QUEUE_MAX: usize = 256;
 /// Largest read of a body.
 pub const RECEIVE_BYTES: usize = 256 * 1024;
+/// Longest sleep for the limiter's tokens before looking again.
+const PACE_WAIT_MAX: Duration = Duration::from_millis(100);
 
 /// Where the reply goes: the connection's engine, as a published upload.
 pub struct ReplyTo {
@@ -160,6 +162,16 @@ fn receive(
     let mut left = handoff.remaining;
     let mut last_progress = Instant::now();
     while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        // The receiving node's limiter: while it says wait, the body stays
+        // in the socket and TCP slows the sender. Waiting here is not the
+        // client's stall.
+        let now = Instant::now();
+        if let Err(until) = sink.pace(now, want as u64) {
+            std::thread::sleep(until.saturating_duration_since(now).min(PACE_WAIT_MAX));
+            last_progress = Instant::now();
+            continue;
+        }
         let waited = last_progress.elapsed();
         if waited >= read_timeout {
             return Err(Reply::error(408, "the request body stalled").closing());
@@ -176,7 +188,6 @@ fn receive(
             Ok(_) => {}
             Err(_) => return Err(Reply::error(400, "the request body could not be read").closing()),
         }
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         match rustix::net::recv(fd, &mut buf[..want], rustix::net::RecvFlags::DONTWAIT) {
             Ok((0, _)) => {
                 return Err(Reply::error(400, "the request body ended early").closing());

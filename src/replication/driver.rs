@@ -199,10 +199,7 @@ pub fn start(r: Arc<Replication>, store: Store, transport: Transport) -> std::io
     let thread_finish = Arc::clone(&finish_ms);
     let thread = std::thread::Builder::new()
         .name("sluice-replication".into())
-        .spawn(move || {
-            crate::background::enter("replication");
-            driver.run(&rx, &thread_stop, &thread_finish)
-        })?;
+        .spawn(move || driver.run(&rx, &thread_stop, &thread_finish))?;
     Ok(Handle {
         stop,
         finish_ms,

@@ -200,6 +200,10 @@ fn put(
                 );
                 None
             })));
+            // This node's limiter paces the body in: under public load here,
+            // replication comes in no faster than the local latency allows.
+            let limiter = Arc::clone(&replication.limiter);
+            sink.set_pacer(Arc::new(move |now, n| limiter.acquire_inbound(now, n)));
             Decision::ReceiveBody(background(sink))
         }
         Err(err) => refuse(Reply::error(err.status(), &err.to_string())),

@@ -17,6 +17,15 @@ use sluice_uring::{
 };
 
 use super::{IDLE_TASK_CONNS_MAX, IDLE_TASK_CONN_MS, TASKS_PER_CORE_MAX};
+
+/// Most of a task's file body one splice moves (file → pipe, then pipe →
+/// socket). A splice runs on an io-wq worker at the priority of the ring's
+/// thread, and with the kernel's voluntary preemption a public request that
+/// wants the CPU it runs on waits until it ends: on loopback a 1 MiB splice
+/// to a socket also runs the receiver's TCP processing and took about a
+/// millisecond. Slices of 128 KiB bound that wait to about a tenth, for
+/// twice the completions of 256 KiB (docs/replication.md).
+pub const BODY_SLICE_BYTES: u64 = 128 * 1024;
 use crate::engine::threads::StopSignal;
 use crate::outgoing::{self, OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYTES};
 
@@ -309,7 +318,9 @@ impl TaskClient {
             return None;
         }
         slot.task.state = TaskState::SplicingIn;
-        let len = remaining.min(pipe.capacity_bytes() as u64);
+        let len = remaining
+            .min(pipe.capacity_bytes() as u64)
+            .min(BODY_SLICE_BYTES);
         Some(Op::SpliceToPipe {
             fd_in: Rc::clone(file_fd),
             offset_in: body.offset + slot.task.body_sent,
