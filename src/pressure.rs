@@ -47,18 +47,33 @@ const FIRST_BOUND_US: u64 = 64;
 /// Buckets: 64 µs × 2^(80/4) ≈ 67 s at the top; slower lands in the last.
 pub const TTFB_WINDOW_BUCKETS: usize = 80;
 
+/// 2^((sub + 1) / 4) for the four sub-buckets of an octave, in millionths.
+const SUB_BUCKET_MILLIONTHS: [u64; SUB_BUCKETS] = [1_189_207, 1_414_214, 1_681_793, 2_000_000];
+
+/// Every bucket's upper bound, µs, computed once at compile time: recording a
+/// sample is a binary search in this table (it used to take a `powf` per
+/// bucket tried, about 1,400 instructions a sample in the callgrind profile
+/// of docs/benchmarks.md).
+const BUCKET_BOUNDS_US: [u64; TTFB_WINDOW_BUCKETS] = {
+    let mut bounds = [0u64; TTFB_WINDOW_BUCKETS];
+    let mut i = 0;
+    while i < TTFB_WINDOW_BUCKETS {
+        let base = FIRST_BOUND_US << (i / SUB_BUCKETS);
+        bounds[i] = base * SUB_BUCKET_MILLIONTHS[i % SUB_BUCKETS] / 1_000_000;
+        i += 1;
+    }
+    bounds
+};
+
 /// Upper bound of bucket `i`, µs.
 pub fn bucket_bound_us(i: usize) -> u64 {
-    let octave = (i / SUB_BUCKETS) as u32;
-    let sub = (i % SUB_BUCKETS) as f64;
-    let base = FIRST_BOUND_US.saturating_mul(1u64 << octave.min(40));
-    (base as f64 * 2f64.powf((sub + 1.0) / SUB_BUCKETS as f64)) as u64
+    BUCKET_BOUNDS_US[i.min(TTFB_WINDOW_BUCKETS - 1)]
 }
 
 fn bucket_of(us: u64) -> usize {
-    (0..TTFB_WINDOW_BUCKETS)
-        .find(|&i| us <= bucket_bound_us(i))
-        .unwrap_or(TTFB_WINDOW_BUCKETS - 1)
+    BUCKET_BOUNDS_US
+        .partition_point(|&bound| bound < us)
+        .min(TTFB_WINDOW_BUCKETS - 1)
 }
 
 /// A window of duration samples: a fixed histogram of atomics, bumped by
@@ -424,6 +439,16 @@ mod tests {
     fn buckets_grow_and_cover_a_minute() {
         for i in 1..TTFB_WINDOW_BUCKETS {
             assert!(bucket_bound_us(i) > bucket_bound_us(i - 1), "{i}");
+            // 2^(1/4) apart, as the window's p99 promises (within 19%).
+            let ratio = bucket_bound_us(i) as f64 / bucket_bound_us(i - 1) as f64;
+            assert!((ratio - 2f64.powf(0.25)).abs() < 0.01, "{i}: {ratio}");
+        }
+        // The binary search agrees with a scan of the bounds.
+        for us in [0, 1, 63, 64, 76, 77, 1_000, 49_999, 50_000, 1 << 30, u64::MAX] {
+            let scan = (0..TTFB_WINDOW_BUCKETS)
+                .find(|&i| us <= bucket_bound_us(i))
+                .unwrap_or(TTFB_WINDOW_BUCKETS - 1);
+            assert_eq!(bucket_of(us), scan, "{us}");
         }
         assert!(bucket_bound_us(TTFB_WINDOW_BUCKETS - 1) > 60_000_000);
         assert_eq!(bucket_of(0), 0);

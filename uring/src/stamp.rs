@@ -121,18 +121,24 @@ pub struct MsgBox {
 }
 
 impl MsgBox {
-    /// A header for a receive into `len` bytes at `data`, with this box's
-    /// control buffer. The pointers it stores refer into `self`, so the box
-    /// must not move afterwards (it lives in a `Box`).
+    /// An empty box on the heap, for a ring operation: [`MsgBox::prepare`]
+    /// stores pointers into it, so it must not move until the receive
+    /// completes, which a `Box` owned by the operation's slot ensures.
     pub(crate) fn new_boxed() -> Box<MsgBox> {
+        Box::new(MsgBox::zeroed())
+    }
+
+    /// An empty box (for a syscall, where it can live on the stack: the
+    /// kernel uses it only during the call).
+    fn zeroed() -> MsgBox {
         // SAFETY: msghdr and iovec are plain C structs for which all-zero
         // bytes are a valid value (null pointers, zero lengths).
         let (hdr, iov) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
-        Box::new(MsgBox {
+        MsgBox {
             hdr,
             iov,
             control: [0; CONTROL_WORDS],
-        })
+        }
     }
 
     /// Points the header at `len` bytes at `data` and at the control
@@ -217,7 +223,7 @@ pub fn recv_stamped_into(
     if buf.is_empty() {
         return Err(Errno::EINVAL);
     }
-    let mut msg = MsgBox::new_boxed();
+    let mut msg = MsgBox::zeroed();
     let hdr = msg.prepare(buf.as_mut_ptr(), buf.len());
     // SAFETY: `hdr` points into `msg`, alive and unmoved for the call; its
     // iovec points at `buf`, borrowed mutably here and valid for writes of
@@ -242,7 +248,8 @@ pub fn recv_stamped(
     if spare.is_empty() {
         return Err(Errno::EINVAL);
     }
-    let mut msg = MsgBox::new_boxed();
+    // On the stack: the kernel uses it only during the call.
+    let mut msg = MsgBox::zeroed();
     let hdr = msg.prepare(spare.as_mut_ptr().cast(), spare.len());
     // SAFETY: `hdr` points into `msg`, which is alive and does not move for
     // the call; its iovec points at the spare capacity of `buf` (valid for
