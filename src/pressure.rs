@@ -444,7 +444,19 @@ mod tests {
             assert!((ratio - 2f64.powf(0.25)).abs() < 0.01, "{i}: {ratio}");
         }
         // The binary search agrees with a scan of the bounds.
-        for us in [0, 1, 63, 64, 76, 77, 1_000, 49_999, 50_000, 1 << 30, u64::MAX] {
+        for us in [
+            0,
+            1,
+            63,
+            64,
+            76,
+            77,
+            1_000,
+            49_999,
+            50_000,
+            1 << 30,
+            u64::MAX,
+        ] {
             let scan = (0..TTFB_WINDOW_BUCKETS)
                 .find(|&i| us <= bucket_bound_us(i))
                 .unwrap_or(TTFB_WINDOW_BUCKETS - 1);

@@ -21,19 +21,63 @@ const SECRET: &str = "pressure-test-secret-0123456789";
 /// gauges are in `/metrics`.
 fn node(engine: &str) -> Server {
     let dead = free_ports_in(40_000, 100, 1)[0];
-    server()
+    peer_node(engine, free_ports_in(40_000, 100, 1)[0], dead, &[])
+}
+
+/// A node listening on `port` that replicates to `peer`, with `extra` settings.
+fn peer_node(engine: &str, port: u16, peer: u16, extra: &[(&str, &str)]) -> Server {
+    let mut b = server()
         .no_tls()
+        .listen(&format!("127.0.0.1:{port}"))
         .arg("--peers")
-        .arg(&format!("127.0.0.1:{dead}"))
+        .arg(&format!("127.0.0.1:{peer}"))
         .env("SLUICE_PEER_SECRET", SECRET)
         .env("SLUICE_ENGINE", engine)
         .env("SLUICE_FSYNC", "never")
-        .start()
+        .env("SLUICE_READ_THROUGH", "false");
+    for (k, v) in extra {
+        b = b.env(k, v);
+    }
+    b.start()
+}
+
+/// The scheduling policy of thread `tid` of process `pid` (`/proc/.../stat`, field 41).
+fn thread_policy(pid: u32, tid: u64) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).expect("stat");
+    // The command name (field 2) may hold spaces: count from the last ')'.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    rest.split(' ')
+        .nth(41 - 3)
+        .expect("policy")
+        .parse()
+        .expect("number")
+}
+
+fn status(addr: SocketAddr) -> serde_json::Value {
+    serde_json::from_slice(&http(addr, "GET", "/status", &[], b"").body).expect("status json")
 }
 
 fn signal(server: &Server, sig: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_raw(server.child.id() as i32).expect("pid");
     rustix::process::kill_process(pid, sig).expect("kill");
+}
+
+/// SIGSTOP, and wait until every thread of the server has stopped: the signal takes effect
+/// as each thread next leaves the kernel, and a thread still running could serve the request
+/// meant to wait.
+fn stop(server: &Server) {
+    signal(server, rustix::process::Signal::STOP);
+    let pid = server.child.id();
+    wait_for("the server to stop", Duration::from_secs(10), || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("tasks")
+            .filter_map(Result::ok)
+            .all(|task| {
+                let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                let state = stat.rfind(')').and_then(|i| stat[i + 2..].chars().next());
+                matches!(state, Some('T' | 't') | None)
+            })
+    });
 }
 
 /// The largest value of `name` seen while polling `/metrics` for `window` (the gauges hold
@@ -76,7 +120,7 @@ fn a_request_queued_in_the_kernel_shows_in_latency_from_arrival(engine: &str) {
     // Let the sampler's gap pass, then queue a request while the server cannot run.
     std::thread::sleep(Duration::from_millis(50));
     let stopped = Duration::from_millis(400);
-    signal(&server, rustix::process::Signal::STOP);
+    stop(&server);
     s.write_all(b"GET /v1/artifacts/p/small HTTP/1.1\r\nHost: a\r\n\r\n")
         .expect("write");
     std::thread::sleep(stopped);
@@ -201,5 +245,95 @@ fn a_long_healthy_download_does_not_push_replication_to_the_floor() {
     assert!(
         max_latency < 0.1,
         "the download's body is no latency: {max_latency} s"
+    );
+}
+
+/// A peer's replicated write is received, hashed and written by the background threads, in
+/// the idle class by default and in the normal class when asked, on the ring and on epoll;
+/// the bodies arrive whole either way.
+#[test]
+fn peer_bodies_are_received_on_background_threads_in_the_idle_class() {
+    let cases: &[(&str, &str, u32)] = &[
+        ("auto", "idle", 5), // SCHED_IDLE
+        ("epoll", "idle", 5),
+        ("auto", "normal", 0), // SCHED_OTHER
+    ];
+    for &(engine, scheduling, policy) in cases {
+        let ports = free_ports_in(40_000, 100, 2);
+        let settings = [("SLUICE_REPLICATION_SCHEDULING", scheduling)];
+        let b = peer_node(engine, ports[1], ports[0], &settings);
+        let a = peer_node(engine, ports[0], ports[1], &settings);
+        let bodies: Vec<Vec<u8>> = (0..4).map(|i| xorshift_bytes(i, 3 << 20)).collect();
+        for (i, body) in bodies.iter().enumerate() {
+            let r = http(a.addr, "PUT", &format!("/v1/artifacts/bg/k{i}"), &[], body);
+            assert_eq!(r.status, 201, "{engine}/{scheduling}");
+        }
+        wait_for("B to hold every body", Duration::from_secs(60), || {
+            metric_at(b.addr, "sluice_replication_received_bytes_total", &[])
+                >= (4 * (3 << 20)) as f64
+        });
+        for (i, body) in bodies.iter().enumerate() {
+            let r = http(b.addr, "GET", &format!("/v1/artifacts/bg/k{i}"), &[], b"");
+            assert!(
+                r.status == 200 && &r.body == body,
+                "{engine}/{scheduling}: k{i}"
+            );
+        }
+        let threads = status(b.addr)["replication"]["background"]["threads"].clone();
+        let receivers: Vec<u64> = threads
+            .as_array()
+            .expect("threads")
+            .iter()
+            .filter(|t| t["name"] == "peer-receive")
+            .filter_map(|t| t["tid"].as_u64())
+            .collect();
+        assert!(!receivers.is_empty(), "{engine}/{scheduling}: {threads}");
+        for tid in receivers {
+            assert_eq!(
+                thread_policy(b.child.id(), tid),
+                policy,
+                "{engine}/{scheduling}: thread {tid}"
+            );
+        }
+    }
+}
+
+/// The receiving node's limiter paces what it takes in: B limited to 1 MiB/s (burst 256 KiB)
+/// takes about four seconds to receive a 4 MiB body that A, unlimited, sends at once.
+#[test]
+fn the_receiving_node_paces_peer_bodies_by_its_own_limiter() {
+    let ports = free_ports_in(40_000, 100, 2);
+    let b = peer_node(
+        "auto",
+        ports[1],
+        ports[0],
+        &[
+            ("SLUICE_REPLICATION_BYTES_PER_SECOND", "1MiB"),
+            ("SLUICE_REPLICATION_BURST_BYTES", "256KiB"),
+        ],
+    );
+    let a = peer_node(
+        "auto",
+        ports[0],
+        ports[1],
+        &[("SLUICE_REPLICATION_BYTES_PER_SECOND", "0")],
+    );
+    wait_for("A to see B up", Duration::from_secs(20), || {
+        metric_at(a.addr, "sluice_peer_up", &[]) >= 1.0
+    });
+    let body = xorshift_bytes(7, 4 << 20);
+    let started = Instant::now();
+    assert_eq!(
+        http(a.addr, "PUT", "/v1/artifacts/bg/paced", &[], &body).status,
+        201
+    );
+    wait_for("B to hold the body", Duration::from_secs(60), || {
+        metric_at(b.addr, "sluice_replication_received_bytes_total", &[]) >= (4 << 20) as f64
+    });
+    let took = started.elapsed();
+    // (4 MiB - 256 KiB burst) at 1 MiB/s: 3.75 s.
+    assert!(
+        took >= Duration::from_secs(3),
+        "4 MiB arrived in {took:?}, faster than B's limit"
     );
 }

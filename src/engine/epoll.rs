@@ -840,34 +840,16 @@ impl CoreLoop {
     /// cannot take it.
     fn receive_in_background(&mut self, index: u32, now: Instant) -> Option<Next> {
         let slot = slot_mut(&mut self.slots, index)?;
-        let (Some(handoff), Some(sink)) = (slot.conn.take_body_handoff(), slot.conn.take_publish())
-        else {
-            return Some(Next::Close);
+        let reply = crate::engine::receive::ReplyTo {
+            index,
+            generation: slot.generation,
+            completer: self.publisher.completer(),
         };
-        let fd = match slot.stream.try_clone() {
-            Ok(stream) => OwnedFd::from(stream),
-            Err(_) => return Some(slot.conn.receive_here(handoff, sink, now)),
-        };
-        let job = crate::engine::receive::BodyJob {
-            fd,
-            handoff,
-            sink: Box::new(sink),
-            read_timeout: Duration::from_millis(
-                self.settings.conn_limits.timeouts.body_read_timeout_ms,
-            ),
-            reply: crate::engine::receive::ReplyTo {
-                index,
-                generation: slot.generation,
-                completer: self.publisher.completer(),
-            },
-        };
-        match crate::engine::receive::submit(job) {
-            Ok(()) => {
-                slot.wait = Wait::Idle;
-                None
-            }
-            Err(job) => Some(slot.conn.receive_here(job.handoff, *job.sink, now)),
-        }
+        let read_timeout =
+            Duration::from_millis(self.settings.conn_limits.timeouts.body_read_timeout_ms);
+        let dup = slot.stream.try_clone().map(OwnedFd::from);
+        slot.wait = Wait::Idle;
+        crate::engine::receive::hand_over(&mut slot.conn, dup, read_timeout, reply, now)
     }
 
     /// Send the connection's output buffer (`more`: `MSG_MORE`, a body follows).

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::app::{PutSink, Reply};
-use crate::engine::conn::BodyHandoff;
+use crate::engine::conn::{BodyHandoff, Conn, Next};
 use crate::engine::offload::Completer;
 use crate::engine::publish::Done;
 
@@ -86,6 +86,38 @@ fn pool() -> Option<&'static Pool> {
         (started > 0).then_some(Pool { jobs: tx })
     })
     .as_ref()
+}
+
+/// The engine's side of `Next::ReceiveInBackground`: hand `conn`'s body
+/// (with `dup`, a duplicate of its socket) to the receiving threads. `None`:
+/// handed over, the connection waits for its reply with no operation in
+/// flight; `Some(next)`: received on the engine after all (no duplicate, or a
+/// full queue), or closed.
+pub fn hand_over(
+    conn: &mut Conn,
+    dup: std::io::Result<OwnedFd>,
+    read_timeout: Duration,
+    reply: ReplyTo,
+    now: Instant,
+) -> Option<Next> {
+    let (Some(handoff), Some(sink)) = (conn.take_body_handoff(), conn.take_publish()) else {
+        return Some(Next::Close);
+    };
+    let fd = match dup {
+        Ok(fd) => fd,
+        Err(_) => return Some(conn.receive_here(handoff, sink, now)),
+    };
+    let job = BodyJob {
+        fd,
+        handoff,
+        sink: Box::new(sink),
+        read_timeout,
+        reply,
+    };
+    match submit(job) {
+        Ok(()) => None,
+        Err(job) => Some(conn.receive_here(job.handoff, *job.sink, now)),
+    }
 }
 
 /// Queue a body; a full queue (or no thread) gives it back, and the engine

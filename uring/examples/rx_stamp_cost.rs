@@ -154,7 +154,11 @@ fn main() {
         .nth(2)
         .and_then(|a| a.parse().ok())
         .unwrap_or(700);
-    let mut by_way = vec![(Way::Recv, Vec::new()), (Way::Stamp, Vec::new()), (Way::TcpInfo, Vec::new())];
+    let mut by_way = vec![
+        (Way::Recv, Vec::new()),
+        (Way::Stamp, Vec::new()),
+        (Way::TcpInfo, Vec::new()),
+    ];
     // Five alternating rounds, so a noisy neighbour hits every way alike.
     for _ in 0..5 {
         for (way, out) in by_way.iter_mut() {
@@ -168,7 +172,9 @@ fn main() {
         println!("  {way:?}: {m:.0} ns ({:+.0} ns over recv)", m - base);
     }
     let (stamp_err, info_err) = fidelity(Duration::from_micros(wait_us), 2000);
-    println!("error of the reported wait for requests left {wait_us} µs in the socket (2000 requests):");
+    println!(
+        "error of the reported wait for requests left {wait_us} µs in the socket (2000 requests):"
+    );
     println!(
         "  SO_TIMESTAMPING: median {:+.1} µs, p1 {:+.1} µs, p99 {:+.1} µs ({} stamped)",
         median(stamp_err.clone()),

@@ -709,35 +709,22 @@ impl CoreLoop {
         let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
         };
-        let (Some(handoff), Some(sink)) = (slot.conn.take_body_handoff(), slot.conn.take_publish())
-        else {
-            self.close(index);
-            return;
+        let reply = crate::engine::receive::ReplyTo {
+            index,
+            generation: slot.generation,
+            completer: self.publisher.completer(),
         };
-        let job = match slot.fd.try_clone() {
-            Ok(fd) => crate::engine::receive::BodyJob {
-                fd,
-                handoff,
-                sink: Box::new(sink),
-                read_timeout: Duration::from_millis(
-                    self.settings.conn_limits.timeouts.body_read_timeout_ms,
-                ),
-                reply: crate::engine::receive::ReplyTo {
-                    index,
-                    generation: slot.generation,
-                    completer: self.publisher.completer(),
-                },
-            },
-            Err(_) => {
-                let next = slot.conn.receive_here(handoff, sink, Instant::now());
-                self.issue(index, next);
-                return;
-            }
-        };
-        if let Err(job) = crate::engine::receive::submit(job) {
-            let next = slot
-                .conn
-                .receive_here(job.handoff, *job.sink, Instant::now());
+        let read_timeout =
+            Duration::from_millis(self.settings.conn_limits.timeouts.body_read_timeout_ms);
+        let dup = slot.fd.try_clone();
+        let handed = crate::engine::receive::hand_over(
+            &mut slot.conn,
+            dup,
+            read_timeout,
+            reply,
+            Instant::now(),
+        );
+        if let Some(next) = handed {
             self.issue(index, next);
         }
     }
