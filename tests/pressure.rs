@@ -295,6 +295,36 @@ fn peer_bodies_are_received_on_background_threads_in_the_idle_class() {
                 "{engine}/{scheduling}: thread {tid}"
             );
         }
+        if engine == "auto" && ring_available() {
+            // The sender's body splices ran on the background ring: its thread is in the
+            // class, and so are the io-wq workers it started (`iou-wrk-<its tid>`), which
+            // stay a few seconds after their last work.
+            let threads = status(a.addr)["replication"]["background"]["threads"].clone();
+            let ring = threads
+                .as_array()
+                .expect("threads")
+                .iter()
+                .find(|t| t["name"] == "ring-send")
+                .and_then(|t| t["tid"].as_u64())
+                .unwrap_or_else(|| panic!("no background ring on A: {threads}"));
+            assert_eq!(thread_policy(a.child.id(), ring), policy, "ring-send");
+            let workers: Vec<u64> = std::fs::read_dir(format!("/proc/{}/task", a.child.id()))
+                .expect("tasks")
+                .filter_map(Result::ok)
+                .filter_map(|t| {
+                    let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+                    (comm.trim() == format!("iou-wrk-{ring}"))
+                        .then(|| t.file_name().to_str()?.parse().ok())?
+                })
+                .collect();
+            for tid in workers {
+                assert_eq!(
+                    thread_policy(a.child.id(), tid),
+                    policy,
+                    "io-wq worker {tid}"
+                );
+            }
+        }
     }
 }
 

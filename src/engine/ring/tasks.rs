@@ -38,6 +38,9 @@ pub struct TaskSubmitter {
     pub(super) wakers: Vec<Waker>,
     pub(super) next_core: Arc<std::sync::atomic::AtomicUsize>,
     pub(super) signal: Arc<StopSignal>,
+    /// The background ring's queue and waker (`background.rs`): tasks with a
+    /// file body go there first.
+    pub(super) background: Option<(std::sync::mpsc::SyncSender<OutgoingRequest>, Waker)>,
 }
 
 impl outgoing::Submit for TaskSubmitter {
@@ -47,6 +50,22 @@ impl outgoing::Submit for TaskSubmitter {
         if self.task_queues.is_empty() || self.signal.stopping() {
             return Err(request);
         }
+        // A body send is background work: its splices run on the background
+        // ring's io-wq workers, in the background class. A full queue there
+        // sends it from an engine ring rather than not at all.
+        let request = match (&self.background, request.body_file.is_some()) {
+            (Some((queue, waker)), true) => match queue.try_send(request) {
+                Ok(()) => {
+                    waker.wake();
+                    return Ok(());
+                }
+                Err(
+                    std::sync::mpsc::TrySendError::Full(r)
+                    | std::sync::mpsc::TrySendError::Disconnected(r),
+                ) => r,
+            },
+            _ => request,
+        };
         let core = self.next_core.fetch_add(1, Ordering::Relaxed) % self.task_queues.len();
         match self.task_queues[core].try_send(request) {
             Ok(()) => {
