@@ -211,6 +211,14 @@ pub struct OnCommit(pub CommitHook);
 /// The function inside an [`OnCommit`].
 pub type CommitHook = Box<dyn FnOnce(&Committed) -> Option<Reply> + Send>;
 
+/// Paces a body received in the background (a peer's replicated write): asked
+/// before each read with the bytes about to be read, `Err(t)` says read
+/// nothing more before `t`. The receiving node's replication limiter, so a
+/// node under public load takes replication in no faster than its own
+/// public latency allows (TCP pushes back on the sender meanwhile).
+pub type Pacer =
+    std::sync::Arc<dyn Fn(std::time::Instant, u64) -> Result<(), std::time::Instant> + Send + Sync>;
+
 /// A step after a successful commit whose reply comes later, off the thread
 /// that committed (a write-through to the object-store tier): it gets the
 /// commit, the reply the PUT would send now, and where to send the final one.
@@ -286,6 +294,10 @@ struct SinkHooks {
     /// learns "full" instead of a reset).
     on_failure: Option<OnFailure>,
     keep_reading: bool,
+    /// Received on a background thread where the front can.
+    background: bool,
+    /// Paces the background receive.
+    pacer: Option<Pacer>,
 }
 
 /// Told of the store error that ended a PUT ([`PutSink::set_on_failure`]).
@@ -300,6 +312,8 @@ impl std::fmt::Debug for SinkHooks {
             .field("reshape", &self.reshape.is_some())
             .field("collect", &self.collect.as_ref().map(|c| c.0.len()))
             .field("on_failure", &self.on_failure.is_some())
+            .field("background", &self.background)
+            .field("pacer", &self.pacer.is_some())
             .finish()
     }
 }
@@ -337,6 +351,32 @@ impl PutSink {
             hook(err);
         }
         hooks.keep_reading
+    }
+
+    /// The body is background work (a peer's replicated write): a front
+    /// that can receive it on a background thread (lower scheduling class,
+    /// see `crate::background`) does, so its hashing and writing never take
+    /// a CPU from public requests.
+    pub fn set_in_background(&mut self) {
+        self.hooks.get_or_insert_with(Box::default).background = true;
+    }
+
+    /// See [`PutSink::set_in_background`].
+    pub fn in_background(&self) -> bool {
+        self.hooks.as_ref().is_some_and(|h| h.background)
+    }
+
+    /// Pace the background receive of this body with `pacer`.
+    pub fn set_pacer(&mut self, pacer: Pacer) {
+        self.hooks.get_or_insert_with(Box::default).pacer = Some(pacer);
+    }
+
+    /// May `n` more body bytes be read at `now`? (`Err(t)`: not before `t`.)
+    pub fn pace(&self, now: std::time::Instant, n: u64) -> Result<(), std::time::Instant> {
+        match self.hooks.as_ref().and_then(|h| h.pacer.as_ref()) {
+            Some(pacer) => pacer(now, n),
+            None => Ok(()),
+        }
     }
 
     /// Run `after` after a successful commit (and `on_commit`): the reply

@@ -4,6 +4,7 @@ pub mod action_result;
 pub mod address_cap;
 pub mod app;
 pub mod auth;
+pub mod background;
 pub mod config;
 pub mod delivery;
 pub mod doctor;

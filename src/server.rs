@@ -50,6 +50,22 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(TcpListener::from(fd))
 }
 
+/// Ask the kernel to stamp received packets on the listeners (accepted sockets inherit it),
+/// so the fronts can measure public latency from the arrival of a request's first bytes
+/// (`public_latency_sample_us`; docs/replication.md says what it costs). A refusal only
+/// leaves the limiter with the parse-to-reply time, and is said once.
+fn stamp_arrivals(config: &Config, listeners: &[TcpListener]) {
+    if config.public_latency_sample_us == 0 {
+        return;
+    }
+    for l in listeners {
+        if let Err(errno) = sluice_uring::enable_rx_timestamps(std::os::fd::AsFd::as_fd(l)) {
+            tracing::warn!(errno = errno.0, "cannot turn on receive timestamps; public latency is measured from the parsed head only");
+            return;
+        }
+    }
+}
+
 /// Bind `threads` `SO_REUSEPORT` listeners on `addr`, one per engine thread. With port 0
 /// the first bind picks the port and the others join it.
 fn bind_listeners(addr: SocketAddr, threads: usize) -> Result<Vec<TcpListener>, ServeError> {
@@ -109,6 +125,8 @@ pub fn run_with(
     let (tls, fallback) = start_fallback(&config, &app)?;
 
     let (listeners, local, parent) = take_listeners(&config, inherited)?;
+    crate::background::configure(&config);
+    stamp_arrivals(&config, &listeners);
     // Copies of the listening sockets for a successor: the same sockets (and so the same
     // accept queues), not new binds.
     let handoff: Vec<OwnedFd> = listeners

@@ -519,7 +519,8 @@ fn a_one_way_cut_is_counted_and_healed() {
     );
 }
 
-/// A share of the packets between A and B lost, both ways: retransmits,
+/// 30 % of the packets between A and B lost, both ways (10 % was
+/// sometimes too little to hold back any write on a loaded machine): retransmits,
 /// timeouts, a peer found down and back.
 #[test]
 fn packet_loss_between_peers_is_counted_and_healed() {
@@ -529,7 +530,7 @@ fn packet_loss_between_peers_is_counted_and_healed() {
             let mut rules = Vec::new();
             for port in p.ports {
                 for dir in ["dport", "sport"] {
-                    rules.push(owned_packets(p.uid, dir, port, 0.1));
+                    rules.push(owned_packets(p.uid, dir, port, 0.3));
                 }
             }
             rules

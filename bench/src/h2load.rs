@@ -316,6 +316,7 @@ pub fn parse(text: &str, size: u64) -> Option<RunResult> {
         connects: 0,
         // h2load does not report retries.
         retries: 0,
+        per_second: Vec::new(),
     })
 }
 

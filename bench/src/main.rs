@@ -217,7 +217,8 @@ struct RunArgs {
     /// Pin connection threads round-robin to these CPUs (e.g. 0,1).
     #[arg(long, value_delimiter = ',')]
     cpus: Vec<usize>,
-    /// Write PREFIX.hgrm, PREFIX.json and PREFIX.svg.
+    /// Write PREFIX.hgrm, PREFIX.json and PREFIX.svg, and PREFIX.seconds.csv: per second of
+    /// the run (by intended send time), the requests and their p50, p99, p99.9 and max in ms.
     #[arg(short, long)]
     out: Option<PathBuf>,
     /// Label for the record and plots (default: the URL or list file).
@@ -384,8 +385,27 @@ fn cmd_run(a: RunArgs) -> Result<(), String> {
             rows: record.percentiles.clone(),
         }];
         plot_svg(&series, "Latency by percentile", &with(".svg"))?;
+        std::fs::write(with(".seconds.csv"), per_second_csv(&result.per_second))
+            .map_err(|e| format!("writing .seconds.csv: {e}"))?;
     }
     Ok(())
+}
+
+/// `second,requests,p50_ms,p99_ms,p999_ms,max_ms`, one line per second of the run.
+fn per_second_csv(per_second: &[sluice_bench::report::LatencyHistogram]) -> String {
+    let mut out = String::from("second,requests,p50_ms,p99_ms,p999_ms,max_ms\n");
+    for (second, h) in per_second.iter().enumerate() {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        out.push_str(&format!(
+            "{second},{},{:.3},{:.3},{:.3},{:.3}\n",
+            h.len(),
+            ms(0.5),
+            ms(0.99),
+            ms(0.999),
+            h.max() as f64 / 1000.0
+        ));
+    }
+    out
 }
 
 fn cmd_compare(a: CompareArgs) -> Result<(), String> {

@@ -101,7 +101,14 @@ pub struct RunResult {
     /// Requests sent a second time on a fresh connection because a reused one died before
     /// any byte of the response (the keep-alive race); not errors.
     pub retries: u64,
+    /// Latency of successful measured requests by the second of the run they were due in
+    /// (intended send time), from the end of warm-up: the signal over time, beside the
+    /// whole-run histogram. At most [`PER_SECOND_MAX`] seconds.
+    pub per_second: Vec<LatencyHistogram>,
 }
+
+/// Seconds of a run kept in [`RunResult::per_second`].
+pub const PER_SECOND_MAX: usize = 3600;
 
 impl Default for RunResult {
     /// Nothing measured yet: what a run's counts start from.
@@ -114,6 +121,7 @@ impl Default for RunResult {
             elapsed: Duration::ZERO,
             connects: 0,
             retries: 0,
+            per_second: Vec::new(),
         }
     }
 }
@@ -129,6 +137,14 @@ impl RunResult {
         self.body_bytes += other.body_bytes;
         self.connects += other.connects;
         self.retries += other.retries;
+        for (i, h) in other.per_second.iter().enumerate() {
+            if self.per_second.len() <= i {
+                self.per_second.resize_with(i + 1, new_latency_histogram);
+            }
+            self.per_second[i]
+                .add(h)
+                .map_err(|e| format!("merging histograms: {e:?}"))?;
+        }
         self.histogram
             .add(&other.histogram)
             .map_err(|e| format!("merging histograms: {e:?}"))
@@ -414,6 +430,16 @@ fn connection_loop(shared: &Shared, index: usize, start: Instant) -> ThreadResul
                     out.body_bytes += x.body_bytes;
                     let latency = done.saturating_duration_since(send_at);
                     record_latency_us(&mut out.histogram, latency.as_micros() as u64);
+                    let second = send_at
+                        .saturating_duration_since(shared.measure_start)
+                        .as_secs() as usize;
+                    if second < PER_SECOND_MAX {
+                        if out.per_second.len() <= second {
+                            out.per_second
+                                .resize_with(second + 1, new_latency_histogram);
+                        }
+                        record_latency_us(&mut out.per_second[second], latency.as_micros() as u64);
+                    }
                 }
             }
             Err(kind) => {

@@ -163,6 +163,21 @@ pub enum FileServingMode {
     Copy,
 }
 
+/// The scheduling class of the threads doing replication's CPU work (key
+/// `replication_scheduling`, default `idle`): receiving, hashing and writing peer bodies,
+/// anti-entropy walks, the blocking senders and the tier's write-behind uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicationScheduling {
+    /// `SCHED_IDLE`: runs only on CPU time no normal thread wants.
+    Idle,
+    /// `SCHED_OTHER` at nice 19: a small share (about 1.5 % against one busy nice-0 thread)
+    /// rather than none, for hosts where other tenants keep the CPUs busy.
+    Nice,
+    /// The same class as public work (what sluice did before; for comparison).
+    Normal,
+}
+
 /// When a write reaches the object-store tier (key `tier_write`, default `behind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -416,6 +431,16 @@ pub struct Config {
     /// Public time to first byte (p99 over 100 ms windows) above which replication slows
     /// down, in ms. Default 50, range 1..=60000.
     pub replication_public_latency_target_ms: u64,
+    /// At most one public request per this many microseconds and engine thread is measured
+    /// from the kernel's receive time of its first bytes (0: none; the limiter then has the
+    /// parse-to-reply time only). Default 250, range 0..=1000000.
+    pub public_latency_sample_us: u64,
+    /// The scheduling class of replication's CPU work. Default `idle`.
+    pub replication_scheduling: ReplicationScheduling,
+    /// A cgroup v2 directory the operator made for replication's threads (threaded, with
+    /// the `cpu` controller and a `cpu.weight` of the operator's choice); they join it at
+    /// start. Default unset (they stay in the server's cgroup).
+    pub replication_cgroup: Option<PathBuf>,
     /// A GET or HEAD that misses locally asks the peers for the artifact (only with peers).
     /// Default true.
     pub read_through: bool,
@@ -529,6 +554,9 @@ impl Default for Config {
             replication_bytes_per_second: 512 * MIB,
             replication_burst_bytes: 0,
             replication_public_latency_target_ms: 50,
+            public_latency_sample_us: 250,
+            replication_scheduling: ReplicationScheduling::Idle,
+            replication_cgroup: None,
             read_through: true,
             read_through_timeout_ms: 3_000,
             ac_completeness_check: true,

@@ -11,9 +11,9 @@ use super::addresses::{is_endpoint, is_host_port, is_tier_url};
 use super::de::{names, truncate, Entry};
 use super::{
     env_name, scalar_keys, Config, ConfigError, EngineChoice, FileServingMode, FsyncPolicy,
-    LogFormat, LogLevel, NamespaceRead, Secret, Source, TierWrite, TokenAccess, ENV_CONFIG,
-    ENV_LOG, KIB, MIB, NAMESPACES_MAX, PEERS_MAX, SECRET_BYTES_MAX, SECRET_BYTES_MIN, TIB,
-    TOKENS_MAX, TOKEN_NAMESPACES_MAX,
+    LogFormat, LogLevel, NamespaceRead, ReplicationScheduling, Secret, Source, TierWrite,
+    TokenAccess, ENV_CONFIG, ENV_LOG, KIB, MIB, NAMESPACES_MAX, PEERS_MAX, SECRET_BYTES_MAX,
+    SECRET_BYTES_MIN, TIB, TOKENS_MAX, TOKEN_NAMESPACES_MAX,
 };
 
 /// Upper bound of the body limits: far above any artifact, small enough to catch a typo.
@@ -240,6 +240,16 @@ fn replication_rules(c: &Config) -> Vec<Rule> {
             "replication_public_latency_target_ms",
             within(c.replication_public_latency_target_ms, 1, 60_000),
             "a whole number of milliseconds from 1 to 60000",
+        ),
+        Rule::new(
+            "public_latency_sample_us",
+            within(c.public_latency_sample_us, 0, 1_000_000),
+            "a whole number of microseconds from 0 (off) to 1000000",
+        ),
+        Rule::keyword::<ReplicationScheduling>("replication_scheduling"),
+        Rule::any(
+            "replication_cgroup",
+            "a path to a cgroup v2 directory (its cgroup.threads must be writable)",
         ),
         Rule::any(
             "read_through",

@@ -98,8 +98,26 @@ pub enum Next {
     /// [`App::read_through`] with a waiter); report with
     /// [`Conn::on_fetched`].
     Fetch { namespace: String, key: String },
+    /// A peer's replicated write: its body is received, hashed and written
+    /// by a background thread ([`Conn::take_body_handoff`] and
+    /// [`Conn::take_publish`] hand it over with a duplicate of the socket);
+    /// the reply comes back as a published upload would
+    /// ([`Conn::on_published`]). [`Conn::receive_here`] takes it back when
+    /// no background thread can.
+    ReceiveInBackground,
     /// Close the socket.
     Close,
+}
+
+/// The part of a request body that arrived with its head, and how much is
+/// left, for a body received off the engine thread.
+#[derive(Debug)]
+pub struct BodyHandoff {
+    /// Body bytes already read (they came with the head).
+    pub prefix: Vec<u8>,
+    /// Body bytes still to read from the socket (`Content-Length` framing).
+    pub remaining: u64,
+    decoder: BodyDecoder,
 }
 
 /// What the connection waits on.
@@ -188,6 +206,14 @@ pub struct Conn {
     /// The engine starts write-back of upload bodies itself
     /// ([`Conn::take_writeback`]).
     engine_writeback: bool,
+    /// The kernel's receive time of the current request's first bytes, when
+    /// the engine sampled it ([`Conn::note_arrival`]).
+    arrival: Option<sluice_uring::RxStamp>,
+    /// A public read's arrival, measured when its response's first bytes
+    /// are handed to the kernel.
+    answer_arrival: Option<sluice_uring::RxStamp>,
+    /// A body being received off the engine thread.
+    handoff: Option<BodyHandoff>,
 }
 
 impl Conn {
@@ -234,7 +260,45 @@ impl Conn {
             fetched: false,
             public: None,
             engine_writeback: false,
+            arrival: None,
+            answer_arrival: None,
+            handoff: None,
         }
+    }
+
+    /// The kernel received the bytes the next receive completes with at
+    /// `stamp`: the engine asked for the stamp because the connection was
+    /// waiting for a new request ([`Conn::is_idle`] when it issued the
+    /// receive), so it is the request's arrival.
+    pub fn note_arrival(&mut self, stamp: sluice_uring::RxStamp) {
+        self.arrival = Some(stamp);
+    }
+
+    /// The body of a peer's write to receive off the engine thread, after
+    /// [`Next::ReceiveInBackground`].
+    pub fn take_body_handoff(&mut self) -> Option<BodyHandoff> {
+        self.handoff.take()
+    }
+
+    /// No background thread took the body handed over with `sink`: receive
+    /// it here after all, as any upload.
+    pub fn receive_here(&mut self, handoff: BodyHandoff, sink: PutSink, now: Instant) -> Next {
+        if !matches!(self.state, State::Publishing) {
+            return self.close();
+        }
+        let mut buf = self.read_buf.take().unwrap_or_default();
+        // The prefix was taken from the front of the buffer, which held
+        // nothing after it (the body's bytes were all it had).
+        let mut rest = handoff.prefix;
+        rest.extend_from_slice(&buf);
+        buf.clear();
+        buf.extend_from_slice(&rest);
+        self.read_buf = Some(buf);
+        self.state = State::ReadingBody(Box::new(BodyRx {
+            sink,
+            decoder: handoff.decoder,
+        }));
+        self.read_body(now)
     }
 
     /// How many bytes the first, peeking recv should ask for.
@@ -429,6 +493,10 @@ impl Conn {
         self.out_sent += sent;
         if sent > 0 {
             self.deadline = now + Duration::from_millis(self.limits.timeouts.send_timeout_ms);
+            if let Some(arrival) = self.answer_arrival.take() {
+                let latency = arrival.age_at(std::time::SystemTime::now());
+                self.app.metrics.pressure.answered_after_arrival(latency);
+            }
         }
         if self.out_sent < self.out_len() {
             // Short send: resume from where the kernel stopped.
@@ -512,6 +580,7 @@ impl Conn {
     /// Count the current response (once).
     fn finish_current(&mut self) {
         self.public = None;
+        self.answer_arrival = None;
         if let Some(done) = self.current.take() {
             if done.status != 0 {
                 self.app.record(done.route, done.method, done.status);
@@ -717,14 +786,31 @@ impl Conn {
                         Some(self.respond(sink.refuse(reply), route, method))
                     }
                     Ok(decoder) => {
-                        if self.engine_writeback {
-                            sink.defer_writeback();
-                        }
                         self.current = Some(Finished {
                             route,
                             method,
                             status: 0,
                         });
+                        if let (true, false, Framing::Length(len)) =
+                            (sink.in_background(), expect_continue, framing)
+                        {
+                            // A peer's write: the body's bytes that came with
+                            // the head go along; the rest is read by the
+                            // background thread, never past the body.
+                            let rest = &buf[head_len.min(buf.len())..];
+                            let have = rest.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+                            self.handoff = Some(BodyHandoff {
+                                prefix: rest[..have].to_vec(),
+                                remaining: len - have as u64,
+                                decoder,
+                            });
+                            self.publish = Some(sink);
+                            self.state = State::Publishing;
+                            return (Some(Next::ReceiveInBackground), head_len + have);
+                        }
+                        if self.engine_writeback {
+                            sink.defer_writeback();
+                        }
                         if expect_continue {
                             let out = self.out_buf.get_or_insert_with(Vec::new);
                             out.clear();
@@ -828,8 +914,11 @@ impl Conn {
         let close = self.close_after;
         let ttfb = self.head_at.elapsed();
         self.app.metrics.record_ttfb(ttfb);
+        let arrival = self.arrival.take();
         if self.public.is_some() && matches!(method, "GET" | "HEAD") {
             self.app.metrics.pressure.head_ready(ttfb);
+            // Measured once the first bytes are with the kernel (`on_sent`).
+            self.answer_arrival = arrival;
         }
         self.deadline =
             Instant::now() + Duration::from_millis(self.limits.timeouts.send_timeout_ms);

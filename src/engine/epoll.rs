@@ -22,7 +22,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,6 +79,9 @@ pub struct EpollSettings {
     pub connections_per_core_max: usize,
     pub connections_per_ip_max: usize,
     pub conn_limits: ConnLimits,
+    /// At most one request per this long is measured from the kernel's
+    /// receive time (`public_latency_sample_us`); zero measures none.
+    pub latency_sample: Duration,
 }
 
 /// Counters of one engine thread, for `/metrics` and `/status`.
@@ -225,6 +228,8 @@ struct CoreLoop {
     free: Vec<u32>,
     generation: u32,
     per_ip: AddressCap,
+    /// Which receives ask for the kernel's receive time.
+    sampler: crate::pressure::LatencySampler,
     /// Connections whose turn ended with work left.
     ready: VecDeque<(u32, u32)>,
     /// Read-throughs from peers that ended: (index, generation).
@@ -307,6 +312,7 @@ impl CoreLoop {
             free: (0..max as u32).rev().collect(),
             generation: 0,
             per_ip: AddressCap::new(settings.connections_per_ip_max),
+            sampler: crate::pressure::LatencySampler::new(settings.latency_sample),
             ready: VecDeque::new(),
             peek_timers: Vec::new(),
             stats: shared.stats,
@@ -747,6 +753,7 @@ impl CoreLoop {
                 Next::Publish => self.publish(index),
                 Next::Open { namespace, key } => self.open(index, namespace, key, now),
                 Next::Fetch { namespace, key } => self.fetch(index, namespace, key, now),
+                Next::ReceiveInBackground => self.receive_in_background(index, now),
                 Next::Close => {
                     self.close(index);
                     None
@@ -763,6 +770,24 @@ impl CoreLoop {
     /// go to the fallback untouched.
     fn peek(&mut self, index: u32, now: Instant) -> Option<Next> {
         let slot = slot_mut(&mut self.slots, index)?;
+        if self.sampler.take(now) {
+            // A sampled first request: the peek brings the kernel's receive time.
+            let mut buf = Vec::with_capacity(Conn::peek_buf_bytes());
+            return match sluice_uring::recv_stamped(slot.stream.as_fd(), &mut buf, libc::MSG_PEEK) {
+                Ok((n, stamp)) => {
+                    if let Some(stamp) = stamp.filter(|_| n > 0) {
+                        slot.conn.note_arrival(stamp);
+                    }
+                    Some(slot.conn.on_peek(&buf, now))
+                }
+                Err(e) if e.0 == libc::EAGAIN => {
+                    slot.wait = Wait::Peek;
+                    None
+                }
+                Err(e) if e.0 == libc::EINTR => Some(Next::Peek),
+                Err(_) => Some(slot.conn.on_peek(&[], now)),
+            };
+        }
         let mut buf = [0u8; 16];
         let want = Conn::peek_buf_bytes().min(buf.len());
         match rustix::net::recv(&slot.stream, &mut buf[..want], RecvFlags::PEEK) {
@@ -793,12 +818,28 @@ impl CoreLoop {
         if linger {
             let _ = rustix::net::shutdown(&slot.stream, rustix::net::Shutdown::Write);
         }
+        // The first bytes of a request: sampled ones bring the kernel's
+        // receive time (recvmsg with a control buffer).
+        let stamped = !linger && slot.conn.is_idle() && self.sampler.take(now);
         let mut buf = slot.conn.take_read_buf();
-        let result = rustix::net::recv(
-            &slot.stream,
-            rustix::buffer::spare_capacity(&mut buf),
-            RecvFlags::empty(),
-        );
+        let result = if stamped {
+            match sluice_uring::recv_stamped(slot.stream.as_fd(), &mut buf, 0) {
+                Ok((n, stamp)) => {
+                    if let Some(stamp) = stamp.filter(|_| n > 0) {
+                        slot.conn.note_arrival(stamp);
+                    }
+                    // recv_stamped already grew the buffer by n.
+                    return Some(slot.conn.on_recv(buf, Ok(n), now));
+                }
+                Err(e) => Err(Errno::from_raw_os_error(e.0)),
+            }
+        } else {
+            rustix::net::recv(
+                &slot.stream,
+                rustix::buffer::spare_capacity(&mut buf),
+                RecvFlags::empty(),
+            )
+        };
         match result {
             Ok((n, _)) => Some(slot.conn.on_recv(buf, Ok(n), now)),
             Err(Errno::AGAIN) => {
@@ -807,6 +848,24 @@ impl CoreLoop {
             }
             Err(e) => Some(slot.conn.on_recv(buf, Err(errno_of(e)), now)),
         }
+    }
+
+    /// A peer's replicated write: its body goes to the background receiving
+    /// threads (`engine::receive`) with a duplicate of the socket; the reply
+    /// comes back through the publisher's queue. Received here when they
+    /// cannot take it.
+    fn receive_in_background(&mut self, index: u32, now: Instant) -> Option<Next> {
+        let slot = slot_mut(&mut self.slots, index)?;
+        let reply = crate::engine::receive::ReplyTo {
+            index,
+            generation: slot.generation,
+            completer: self.publisher.completer(),
+        };
+        let read_timeout =
+            Duration::from_millis(self.settings.conn_limits.timeouts.body_read_timeout_ms);
+        let dup = slot.stream.try_clone().map(OwnedFd::from);
+        slot.wait = Wait::Idle;
+        crate::engine::receive::hand_over(&mut slot.conn, dup, read_timeout, reply, now)
     }
 
     /// Send the connection's output buffer (`more`: `MSG_MORE`, a body follows).

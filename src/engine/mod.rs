@@ -15,6 +15,7 @@ pub mod epoll;
 pub mod offload;
 pub mod opener;
 pub mod publish;
+pub mod receive;
 pub mod ring;
 pub mod threads;
 
@@ -327,6 +328,7 @@ fn epoll_settings(config: &Config) -> EpollSettings {
         connections_per_core_max: config.connections_per_core_max,
         connections_per_ip_max: config.connections_per_ip_max,
         conn_limits: conn_limits(config),
+        latency_sample: Duration::from_micros(config.public_latency_sample_us),
     }
 }
 
@@ -354,6 +356,7 @@ fn start_ring(
         pipes_per_core_max: PIPES_PER_CORE_MAX,
         pipe_bytes: PIPE_BYTES,
         spin: Duration::from_micros(config.engine_spin_us),
+        latency_sample: Duration::from_micros(config.public_latency_sample_us),
     };
     RingEngine::start(settings, listeners, app, fallback)
         // The probe's ring is small; the engine's can still be refused (a

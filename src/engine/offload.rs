@@ -20,6 +20,8 @@ pub struct Offload<J, D> {
     // it last drained it, and each connection has at most one job in flight:
     // bounded by `connections_per_core_max`.
     done: Receiver<D>,
+    /// Replies from elsewhere (see [`Offload::completer`]).
+    completer: Completer<D>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -77,6 +79,7 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
             done: done_tx.clone(),
             waker: waker.clone(),
         };
+        let own_completer = completer.clone();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             // Ends when the engine drops its sender (after the queue is
             // worked off) or stops reading replies.
@@ -93,6 +96,7 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
         Ok(Offload {
             jobs: Some(jobs_tx),
             done: done_rx,
+            completer: own_completer,
             threads: vec![thread],
         })
     }
@@ -113,6 +117,10 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
         let mut offload = Offload {
             jobs: Some(jobs_tx),
             done: done_rx,
+            completer: Completer {
+                done: done_tx.clone(),
+                waker: waker.clone(),
+            },
             threads: Vec::with_capacity(workers),
         };
         for i in 0..workers.max(1) {
@@ -158,6 +166,13 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
             }),
             None => Err(job),
         }
+    }
+
+    /// Answers on this queue from another thread: a job the engine gave to
+    /// someone else (a peer body received in the background) comes back as
+    /// one of this thread's replies.
+    pub fn completer(&self) -> Completer<D> {
+        self.completer.clone()
     }
 
     /// A reply that is ready, if any. Never blocks.

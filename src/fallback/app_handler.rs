@@ -138,6 +138,10 @@ async fn serve(
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let (parts, mut body) = req.into_parts();
+    let arrival = parts
+        .extensions
+        .get::<super::stamp::Arrival>()
+        .and_then(|a| a.0);
     let header = |name: &str| parts.headers.get(name).map(|v| v.as_bytes());
     // hyper has already validated the framing; its size hint is exact for a
     // Content-Length body (HTTP/1 and HTTP/2) and open for chunked or an
@@ -186,6 +190,12 @@ async fn serve(
     app.metrics.record_ttfb(ttfb);
     if public.is_some() && matches!(method, "GET" | "HEAD") {
         app.metrics.pressure.head_ready(ttfb);
+        // From the kernel's receive time to the response handed to hyper,
+        // which writes its head next.
+        if let Some(arrival) = arrival {
+            let latency = arrival.age_at(std::time::SystemTime::now());
+            app.metrics.pressure.answered_after_arrival(latency);
+        }
     }
     if reply.close && parts.version <= Version::HTTP_11 && body_invited && !body.is_end_stream() {
         // hyper drains at most one read of an unread body and then closes,

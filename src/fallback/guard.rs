@@ -62,6 +62,13 @@ pub struct Activity {
     pub requests_started: AtomicU64,
     shed_requested: AtomicBool,
     shed: Notify,
+    /// Reads should bring the kernel's receive time (`stamp::StampedTcp`):
+    /// while the connection waits for a request.
+    want_stamp: AtomicBool,
+    /// The last receive time a read brought, unix ns (0: none since taken).
+    last_stamp_ns: AtomicU64,
+    /// The receive time of the request head being read, unix ns (0: none).
+    head_stamp_ns: AtomicU64,
 }
 
 impl Activity {
@@ -76,6 +83,38 @@ impl Activity {
             requests_started: AtomicU64::new(0),
             shed_requested: AtomicBool::new(false),
             shed: Notify::new(),
+            want_stamp: AtomicBool::new(true),
+            last_stamp_ns: AtomicU64::new(0),
+            head_stamp_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the next read should ask for the kernel's receive time.
+    pub fn wants_stamp(&self) -> bool {
+        self.want_stamp.load(Ordering::Relaxed)
+    }
+
+    /// A read brought this receive time.
+    pub fn stamped(&self, stamp: sluice_uring::RxStamp) {
+        self.last_stamp_ns.store(stamp.unix_ns, Ordering::Relaxed);
+    }
+
+    /// A request head starts in the bytes just read: its arrival is the
+    /// last stamp. `keep_stamping`: later reads stamp too (HTTP/2, where a
+    /// new stream may start in any read); HTTP/1 stops until the next head.
+    fn head_started(&self, keep_stamping: bool) {
+        let ns = self.last_stamp_ns.swap(0, Ordering::Relaxed);
+        self.head_stamp_ns.store(ns, Ordering::Relaxed);
+        if !keep_stamping {
+            self.want_stamp.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// The arrival of the request whose handler starts now, taken once.
+    pub fn take_head_arrival(&self) -> Option<sluice_uring::RxStamp> {
+        match self.head_stamp_ns.swap(0, Ordering::Relaxed) {
+            0 => None,
+            unix_ns => Some(sluice_uring::RxStamp { unix_ns }),
         }
     }
 
@@ -693,6 +732,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> GuardIo<I> {
         if matches!(w.phase, Http1Phase::Request) && !self.activity.in_request() {
             w.phase = Http1Phase::Idle;
         }
+        if matches!(w.phase, Http1Phase::Idle) {
+            // The next read brings a new head: stamp it.
+            self.activity.want_stamp.store(true, Ordering::Relaxed);
+        }
         if let Some(refusal) = w.deferred {
             if self.activity.in_request() {
                 // hyper is still answering the request before the refused one; our 400
@@ -737,6 +780,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> GuardIo<I> {
                     w.phase = Http1Phase::Head(RequestLineScan::new(w.uri_bytes_max));
                     let due = Instant::now() + w.header_read_timeout;
                     w.deadline.as_mut().reset(due);
+                    self.activity.head_started(false);
+                } else if w.requests_seen == 0 && self.activity.wants_stamp() {
+                    // The first head, read since accept.
+                    self.activity.head_started(false);
                 }
                 if let Http1Phase::Head(scan) = &mut w.phase {
                     if scan.feed(new) == LineVerdict::TargetTooLong {
@@ -778,15 +825,20 @@ impl<I: AsyncRead + AsyncWrite + Unpin> GuardIo<I> {
             Watch::H2(w) => {
                 let now = Instant::now();
                 let mut calm = false;
+                let mut headers = false;
                 let last_stream = &mut w.last_stream;
                 let resets = &mut w.resets;
                 w.inbound.feed(new, |kind, _flags, stream| {
                     if kind == H2_HEADERS && stream % 2 == 1 {
+                        headers = true;
                         *last_stream = (*last_stream).max(stream);
                     } else if kind == H2_RST_STREAM && resets.record(now) {
                         calm = true;
                     }
                 });
+                if headers {
+                    self.activity.head_started(true);
+                }
                 if calm {
                     self.counters.h2_calm.fetch_add(1, Ordering::Relaxed);
                     buf.set_filled(before);

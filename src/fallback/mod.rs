@@ -115,6 +115,7 @@ mod handler;
 mod limits;
 mod serve;
 mod slots;
+pub mod stamp;
 mod stats;
 #[cfg(test)]
 mod tests;

@@ -33,6 +33,7 @@ use super::limits::{
     H2_LOCAL_ERROR_RESETS_MAX, H2_PENDING_ACCEPT_RESETS_MAX, H2_STREAMS_MAX,
     H2_STREAM_WINDOW_BYTES, HTTP1_BUF_BYTES_MAX, HTTP1_HEAD_BYTES_MAX,
 };
+use super::stamp::{Arrival, StampedTcp};
 use super::stats::Counters;
 
 /// State shared by every task of the runtime.
@@ -148,6 +149,8 @@ async fn classify_and_serve<H: Handler>(
         return;
     };
     let counters = &shared.counters;
+    // Reads between requests bring the kernel's receive time (stamp.rs).
+    let stream = StampedTcp::new(stream, Arc::clone(&activity));
     let conn = ConnStart {
         activity,
         head_deadline: deadline,
@@ -173,7 +176,7 @@ async fn classify_and_serve<H: Handler>(
 /// the protocol ALPN chose.
 async fn serve_tls<H: Handler>(
     shared: &Arc<Shared<H>>,
-    stream: TcpStream,
+    stream: StampedTcp,
     peer: SocketAddr,
     conn: ConnStart,
 ) {
@@ -279,9 +282,11 @@ where
     let io = GuardIo::new(io, activity.clone(), shared.counters.clone(), watch);
     let handler = shared.handler.clone();
     let service_activity = activity.clone();
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let handler = handler.clone();
         let activity = service_activity.clone();
+        req.extensions_mut()
+            .insert(Arrival(activity.take_head_arrival()));
         let busy = InFlightMark::handler_running(activity.clone());
         async move {
             let response = handler.call(req, info).await;

@@ -306,7 +306,10 @@ pub fn start(r: Arc<Replication>, store: Store, transport: Transport) -> std::io
         let store = store.clone();
         std::thread::Builder::new()
             .name("sluice-anti-entropy".into())
-            .spawn(move || anti_entropy_loop(&r, &store, &transport, &ae_rx, &tx))?;
+            .spawn(move || {
+                crate::background::enter("anti-entropy");
+                anti_entropy_loop(&r, &store, &transport, &ae_rx, &tx)
+            })?;
     }
     let seed = super::now_ms() ^ u64::from(std::process::id()) << 32;
     let now = Instant::now();

@@ -131,7 +131,12 @@ pub const SERIES: &[(&str, &str, &str)] = &[
     ("sluice_replication_limit_bytes_per_second", "gauge", "The configured replication rate (replication_bytes_per_second; 0 = no limit)."),
     ("sluice_replication_effective_bytes_per_second", "gauge", "The replication rate in force now, after public pressure (0 = no limit)."),
     ("sluice_replication_public_ttfb_p99_seconds", "gauge", "p99 of public read TTFB over the limiter's last 100 ms window (0 without samples): the latency signal."),
+    ("sluice_replication_public_latency_p99_seconds", "gauge", "p99 of public read latency from the kernel's receive time of the request's first bytes to the response's first byte handed to the kernel, over the limiter's last 100 ms window (sampled; 0 without samples): the latency signal."),
+    ("sluice_replication_public_latency_samples_total", "counter", "Public reads measured from the kernel's receive time (the sampled ones)."),
     ("sluice_replication_public_in_flight", "gauge", "Public requests in flight at the limiter's last step: the concurrency signal."),
+    ("sluice_replication_cpu_pressure_ratio", "gauge", "Share of the limiter's last step during which some task waited for a CPU (PSI cpu some; the cgroup's when the server runs in one)."),
+    ("sluice_replication_io_pressure_ratio", "gauge", "Share of the limiter's last step during which some task waited for I/O (PSI io some)."),
+    ("sluice_replication_limiter_seconds_total", "counter", "Time the limiter spent in each state (full, rising, holding, backing_off, capped, floor)."),
     ("sluice_replication_throttled_bytes_total", "counter", "Peer body bytes (outbox sends, repairs) that waited for limiter tokens before going."),
     ("sluice_read_through_fetches_total", "counter", "Read-through fetches from peers after a local miss, by result (ok, not_found, failed, corrupt, too_large, timeout)."),
     ("sluice_read_through_coalesced_total", "counter", "Requests that waited for another request's read-through fetch of the same key."),
@@ -362,7 +367,7 @@ impl Replication {
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
         let snapshot = self.series.snapshot();
-        let (effective, ttfb_p99, in_flight) = self.limiter.observe(std::time::Instant::now());
+        let o = self.limiter.observe(std::time::Instant::now());
         let views = self.views_snapshot();
         let acked_of = |peer: &str| views.iter().find(|v| v.peer == peer).map_or(0, |v| v.acked);
         let lags: Vec<(String, Lag)> = self
@@ -381,13 +386,32 @@ impl Replication {
                     let _ = writeln!(out, "{name} {}", self.limiter.limit);
                 }
                 "sluice_replication_effective_bytes_per_second" => {
-                    let _ = writeln!(out, "{name} {effective}");
+                    let _ = writeln!(out, "{name} {}", o.effective);
                 }
                 "sluice_replication_public_ttfb_p99_seconds" => {
-                    let _ = writeln!(out, "{name} {ttfb_p99}");
+                    let _ = writeln!(out, "{name} {}", o.signals.windows.ttfb.p99_secs());
+                }
+                "sluice_replication_public_latency_p99_seconds" => {
+                    let _ = writeln!(out, "{name} {}", o.signals.windows.latency.p99_secs());
+                }
+                "sluice_replication_public_latency_samples_total" => {
+                    let _ = writeln!(out, "{name} {}", self.limiter.latency_samples_total());
                 }
                 "sluice_replication_public_in_flight" => {
-                    let _ = writeln!(out, "{name} {in_flight}");
+                    let _ = writeln!(out, "{name} {}", o.signals.in_flight);
+                }
+                "sluice_replication_cpu_pressure_ratio" => {
+                    let v = o.signals.psi.map_or(0.0, |p| p.cpu_some);
+                    let _ = writeln!(out, "{name} {v}");
+                }
+                "sluice_replication_io_pressure_ratio" => {
+                    let v = o.signals.psi.map_or(0.0, |p| p.io_some);
+                    let _ = writeln!(out, "{name} {v}");
+                }
+                "sluice_replication_limiter_seconds_total" => {
+                    for (state, secs) in &o.state_secs {
+                        let _ = writeln!(out, "{name}{{state=\"{}\"}} {secs}", state.label());
+                    }
                 }
                 "sluice_replication_lag_writes"
                 | "sluice_replication_lag_bytes"
@@ -510,7 +534,12 @@ impl Replication {
                 })
             })
             .collect();
-        let (effective, ttfb_p99, in_flight) = self.limiter.observe(std::time::Instant::now());
+        let o = self.limiter.observe(std::time::Instant::now());
+        let states: serde_json::Map<String, serde_json::Value> = o
+            .state_secs
+            .iter()
+            .map(|(s, secs)| (s.label().to_string(), serde_json::json!(secs)))
+            .collect();
         serde_json::json!({
             "node_id": self.node_id,
             "store_full": self.store_full.load(Ordering::Acquire),
@@ -518,11 +547,20 @@ impl Replication {
             "limiter": {
                 "limit_bytes_per_second": self.limiter.limit,
                 "burst_bytes": self.limiter.burst,
-                "effective_bytes_per_second": effective,
-                "public_ttfb_p99_seconds": ttfb_p99,
-                "public_in_flight": in_flight,
+                "effective_bytes_per_second": o.effective,
+                "state": o.state.map(|s| s.label()),
+                "seconds_in_state": states,
+                "public_latency_p99_seconds": o.signals.windows.latency.p99_secs(),
+                "public_latency_samples": o.signals.windows.latency.samples,
+                "public_ttfb_p99_seconds": o.signals.windows.ttfb.p99_secs(),
+                "public_in_flight": o.signals.in_flight,
+                "cpu_pressure_ratio": o.signals.psi.map(|p| p.cpu_some),
+                "io_pressure_ratio": o.signals.psi.map(|p| p.io_some),
+                "pressure_source": o.psi_scope,
+                "pressure_read_failures": o.psi_failures,
             },
             "read_through": self.settings.read_through,
+            "background": crate::background::status(),
             "peers": peers,
         })
     }

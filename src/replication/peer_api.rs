@@ -177,7 +177,7 @@ fn put(
     {
         count("kept");
         let r = Reply::text(200, "kept: this node deleted the key after this write\n");
-        return Decision::ReceiveBody(PutSink::discarding(r, body_bytes_max));
+        return Decision::ReceiveBody(background(PutSink::discarding(r, body_bytes_max)));
     }
     if let Some(local) = local {
         let local_time = local.write_time_ms().unwrap_or(0);
@@ -186,7 +186,7 @@ fn put(
             count("kept");
             let mut r = Reply::text(200, "kept: this node holds the same or a newer version\n");
             r.headers.push(("etag", local.etag()));
-            return Decision::ReceiveBody(PutSink::discarding(r, body_bytes_max));
+            return Decision::ReceiveBody(background(PutSink::discarding(r, body_bytes_max)));
         }
     }
     let options = PutOptions {
@@ -226,7 +226,11 @@ fn put(
                 );
                 None
             })));
-            Decision::ReceiveBody(sink)
+            // This node's limiter paces the body in: under public load here,
+            // replication comes in no faster than the local latency allows.
+            let limiter = Arc::clone(&replication.limiter);
+            sink.set_pacer(Arc::new(move |now, n| limiter.acquire_inbound(now, n)));
+            Decision::ReceiveBody(background(sink))
         }
         Err(err @ StoreError::NoSpace) => {
             // Full is a state of this node, not bad input: the body is read
@@ -239,6 +243,13 @@ fn put(
         }
         Err(err) => refuse(Reply::error(err.status(), &err.to_string())),
     }
+}
+
+/// A replicated write's body is replication's work: received, hashed and
+/// written on a background thread where the front can (`crate::background`).
+fn background(mut sink: PutSink) -> PutSink {
+    sink.set_in_background();
+    sink
 }
 
 /// A peer's read-through: the artifact with its sha256 and write time, so

@@ -86,7 +86,10 @@ impl Transport {
             let rx = Arc::clone(&rx);
             std::thread::Builder::new()
                 .name(format!("sluice-peer-send-{i}"))
-                .spawn(move || blocking_loop(&rx))?;
+                .spawn(move || {
+                    crate::background::enter("peer-send");
+                    blocking_loop(&rx)
+                })?;
         }
         Ok(Transport::Blocking(tx))
     }

@@ -117,12 +117,35 @@ fn runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
     Ok(RUNTIME.get_or_init(|| rt))
 }
 
+/// The runtime of write-behind uploads: threads in the background scheduling
+/// class (`crate::background`), so the CPU an upload costs (reading the file,
+/// signing and sending it) is never taken from public work. Apart from the
+/// tier runtime, which also serves read-through and write-through, where a
+/// client waits.
+fn upload_runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sluice-tier-upload")
+        .on_thread_start(|| crate::background::enter("tier-upload"))
+        .enable_all()
+        .build()?;
+    Ok(RUNTIME.get_or_init(|| rt))
+}
+
 /// The tier, shared by the front ends (queueing, read-through, eviction
 /// guard) and its own tasks.
 pub struct Tier {
     pub settings: Settings,
     pub(crate) client: client::Client,
     pub(crate) rt: tokio::runtime::Handle,
+    /// Write-behind uploads: a client of their own (its pooled connections
+    /// live on their runtime) on the background runtime.
+    pub(crate) upload_client: client::Client,
+    pub(crate) upload_rt: tokio::runtime::Handle,
     pub(crate) store: Store,
     pub(crate) outbox: Outbox,
     /// Store-relative paths of artifacts with an upload still queued (and
@@ -171,6 +194,15 @@ impl Tier {
             .map_err(|e| format!("cannot start the tier runtime: {e}"))?
             .handle()
             .clone();
+        let upload_client = client::Client::build(
+            &settings.url,
+            settings.endpoint.as_deref(),
+            settings.timeout,
+        )?;
+        let upload_rt = upload_runtime()
+            .map_err(|e| format!("cannot start the tier upload runtime: {e}"))?
+            .handle()
+            .clone();
         let outbox = Outbox::open(
             &data_dir.join(".tier-outbox"),
             settings.fsync,
@@ -210,6 +242,8 @@ impl Tier {
             settings,
             client,
             rt,
+            upload_client,
+            upload_rt,
             store,
             outbox,
             pending: Mutex::new(pending),
@@ -643,7 +677,7 @@ impl Drop for Hold {
 impl Tier {
     /// Start the upload loop and the health probe on the tier runtime.
     pub fn start(self: &Arc<Self>) {
-        self.rt.spawn(upload::run(Arc::clone(self)));
+        self.upload_rt.spawn(upload::run(Arc::clone(self)));
         self.rt.spawn(upload::probe(Arc::clone(self)));
         tracing::info!(
             url = %self.settings.url,

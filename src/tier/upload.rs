@@ -59,7 +59,13 @@ pub async fn upload_put(tier: &Tier, ns: &str, key: &str, limited: bool) -> Sent
         }
     }
     let started = Instant::now();
-    let result = tier.client.upload(ns, key, &artifact, write_time_ms).await;
+    // Write-behind goes through the background runtime's own client.
+    let client = if limited {
+        &tier.upload_client
+    } else {
+        &tier.client
+    };
+    let result = client.upload(ns, key, &artifact, write_time_ms).await;
     let took = started.elapsed();
     match result {
         Ok(()) => {
@@ -84,7 +90,7 @@ async fn send(tier: Arc<Tier>, record: Record) -> Sent {
         Op::Put => upload_put(&tier, &record.ns, &record.key, true).await,
         Op::Delete => {
             let started = Instant::now();
-            match tier.client.delete(&record.ns, &record.key).await {
+            match tier.upload_client.delete(&record.ns, &record.key).await {
                 Ok(()) => {
                     tier.observe("delete", "ok", started.elapsed());
                     Sent::Ok

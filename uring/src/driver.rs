@@ -16,6 +16,7 @@ use crate::buffers::{BufLease, BufRing, FixedBufferPool, FixedLease, Registratio
 use crate::errno::Errno;
 use crate::pipe::Pipe;
 use crate::ring::{QueueFull, Ring, RingConfig, SetupFlags};
+use crate::stamp::{MsgBox, RxStamp};
 
 /// An fd shared between the caller and the operations that use it. The fd is
 /// closed when the last clone is dropped, so it cannot be closed (and its
@@ -188,7 +189,7 @@ pub enum OpKind {
     Connect = 14,
     PollAdd = 15,
     Fadvise = 16,
-    // 17 is taken by a receive with timestamps on another branch.
+    RecvMsg = 17,
     Fsync = 18,
     SyncFileRange = 19,
 }
@@ -213,6 +214,7 @@ impl OpKind {
             14 => Connect,
             15 => PollAdd,
             16 => Fadvise,
+            17 => RecvMsg,
             18 => Fsync,
             19 => SyncFileRange,
             _ => return None,
@@ -307,6 +309,15 @@ pub enum Op {
     /// Receive into the buffer's spare capacity. `flags` are `MSG_*`
     /// (e.g. `libc::MSG_PEEK`). The buffer comes back as `Returned::Buf`.
     Recv {
+        fd: SharedFd,
+        buf: IoBuf,
+        flags: i32,
+    },
+    /// Receive into the buffer's spare capacity as [`Op::Recv`] does, by
+    /// `IORING_OP_RECVMSG` with a control buffer, so the kernel's receive
+    /// timestamp comes back with the bytes (`Returned::Stamped`; `None`
+    /// when the socket has no `SO_TIMESTAMPING`, see [`crate::stamp`]).
+    RecvMsg {
         fd: SharedFd,
         buf: IoBuf,
         flags: i32,
@@ -417,6 +428,7 @@ impl Op {
         match self {
             Op::AcceptMulti { .. } => OpKind::AcceptMulti,
             Op::Recv { .. } => OpKind::Recv,
+            Op::RecvMsg { .. } => OpKind::RecvMsg,
             Op::RecvMulti { .. } => OpKind::RecvMulti,
             Op::Send { .. } => OpKind::Send,
             Op::SpliceToPipe { .. } => OpKind::SpliceToPipe,
@@ -444,6 +456,9 @@ pub enum Returned {
     Nothing,
     /// The buffer of a recv, send, read or write.
     Buf(IoBuf),
+    /// The buffer of a [`Op::RecvMsg`] and the kernel's receive timestamp
+    /// of the bytes it read, if the socket stamps them.
+    Stamped { buf: IoBuf, stamp: Option<RxStamp> },
     /// The fixed buffer of a `ReadFixed`/`WriteFixed`.
     Fixed(FixedLease),
     /// A provided buffer from a multishot receive; drop it to recycle it.
@@ -675,6 +690,9 @@ struct Extra {
     statx: Option<Box<Statx>>,
     timespec: Option<Box<types::Timespec>>,
     link_timespec: Option<Box<types::Timespec>>,
+    /// A recvmsg's header, iovec and control buffer; boxed so the pointers
+    /// the kernel follows (and writes through at completion) stay put.
+    msg: Option<Box<MsgBox>>,
 }
 
 struct InFlight {
@@ -1129,7 +1147,8 @@ impl Driver {
         // memory that does not move when the Box moves into the slot).
         slot.state = SlotState::InFlight(flight);
         // SAFETY: the entry points only into memory owned by the InFlight now
-        // stored in the slot (buffers, path, statx and timespec boxes) or
+        // stored in the slot (buffers, path, statx, timespec and recvmsg header boxes;
+        // a recvmsg header points only into its own box and the op's buffer) or
         // into fds it holds; the slot keeps it until the final CQE for this
         // user_data arrives (or, at drop, leaks it). The user_data is this
         // slot's current generation, so no other live op shares it.
@@ -1193,6 +1212,17 @@ impl Driver {
                 let len = u32::try_from(len).unwrap_or(u32::MAX);
                 opcode::Recv::new(types::Fd(fd.as_raw_fd()), ptr, len)
                     .flags(*flags)
+                    .build()
+            }
+            Op::RecvMsg { fd, buf, flags } => {
+                let (ptr, len) = buf.spare();
+                if len == 0 {
+                    return None;
+                }
+                let msg = extra.msg.insert(MsgBox::new_boxed());
+                let hdr = msg.prepare(ptr, len);
+                opcode::RecvMsg::new(types::Fd(fd.as_raw_fd()), hdr)
+                    .flags(*flags as u32)
                     .build()
             }
             Op::RecvMulti { fd, ring, flags } => {
@@ -1534,7 +1564,7 @@ impl Driver {
             self.release_slot(ud.slot);
         }
         self.in_flight = self.in_flight.saturating_sub(1);
-        let resources = self.returned(op, extra.statx, result, flags);
+        let resources = self.returned(op, extra.statx, extra.msg, result, flags);
         Some(Completion {
             token,
             op_id,
@@ -1598,6 +1628,7 @@ impl Driver {
         &mut self,
         op: Op,
         statx: Option<Box<Statx>>,
+        msg: Option<Box<MsgBox>>,
         result: Result<u32, Errno>,
         flags: u32,
     ) -> Returned {
@@ -1611,6 +1642,14 @@ impl Driver {
                     buf.advance(n as usize);
                 }
                 Returned::Buf(buf)
+            }
+            Op::RecvMsg { mut buf, .. } => {
+                let mut stamp = None;
+                if let Ok(n) = result {
+                    buf.advance(n as usize);
+                    stamp = msg.and_then(|m| m.stamp());
+                }
+                Returned::Stamped { buf, stamp }
             }
             Op::RecvMulti { ring, .. } => match result {
                 Ok(len) => self.provided(&ring, len, flags),
@@ -1864,10 +1903,10 @@ mod tests {
             assert_eq!(UserData::unpack(ud.pack()), ud);
         }
         assert_eq!(UserData::unpack(0).tag, 0, "tag 0 is never a live op");
-        for t in (1..=16u8).chain([18, 19]) {
+        for t in 1..=19u8 {
             assert_eq!(OpKind::from_tag(t).map(|k| k as u8), Some(t));
         }
-        for t in [0u8, 17, 20, tag::WAKE, tag::CANCEL, tag::LINK_TIMEOUT] {
+        for t in [0u8, 20, tag::WAKE, tag::CANCEL, tag::LINK_TIMEOUT] {
             assert_eq!(OpKind::from_tag(t), None);
         }
     }

@@ -32,7 +32,7 @@
 //! # `user_data` layout
 //!
 //! `tag:8 | generation:24 | slot:32` ([`UserData`]). The tag is an
-//! [`OpKind`] (1..=13) or one of the reserved tags declared in one place in
+//! [`OpKind`] (1..=17) or one of the reserved tags declared in one place in
 //! `driver.rs` (`WAKE`, `CANCEL`, `LINK_TIMEOUT`); 0 is never used. Each slot
 //! bumps its generation when released, so a completion that names a reused
 //! slot with an old generation is counted in
@@ -81,6 +81,8 @@ pub mod pipe;
 pub mod probe;
 pub mod residency;
 pub mod ring;
+pub mod sched;
+pub mod stamp;
 pub mod writeback;
 
 pub use buffers::{BufLease, BufRing, FixedBufferPool, FixedLease, RegistrationRefused};
@@ -94,4 +96,5 @@ pub use pipe::{Pipe, PipePool, PipePoolStats};
 pub use probe::{probe, unavailable_reason, OpSupport, ProbeReport, Unavailable, OPS_OF_INTEREST};
 pub use residency::{residency, Residency};
 pub use ring::{QueueFull, Ring, RingConfig, SetupFlags};
+pub use stamp::{enable_rx_timestamps, recv_stamped, recv_stamped_into, RxStamp};
 pub use writeback::sync_file_range;

@@ -85,6 +85,7 @@ pub const OPS_OF_INTEREST: &[(&str, u8)] = &[
     ("connect", opcode::Connect::CODE),
     ("poll_add", opcode::PollAdd::CODE),
     ("recv", opcode::Recv::CODE),
+    ("recvmsg", opcode::RecvMsg::CODE),
     ("send", opcode::Send::CODE),
     ("splice", opcode::Splice::CODE),
     ("openat", opcode::OpenAt::CODE),

@@ -194,6 +194,93 @@ fn recv_peek_then_recv_sees_same_bytes() {
     );
 }
 
+/// A recvmsg on a socket accepted from a listener with `SO_TIMESTAMPING`
+/// returns the kernel's receive stamp of the bytes: after the client wrote
+/// them, before the completion was read, and older by the time the bytes
+/// waited in the socket. The same socket read by a plain recv gives no
+/// stamp, and a socket without the option gives none to recvmsg either.
+#[test]
+fn recvmsg_returns_the_kernel_receive_stamp_of_an_accepted_socket() {
+    let Some((_, mut d)) = setup("recvmsg_stamp", &["recvmsg", "recv"]) else {
+        return;
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    sluice_uring::enable_rx_timestamps(std::os::fd::AsFd::as_fd(&listener)).unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    assert_eq!(
+        sluice_uring::stamp::rx_timestamp_flags(std::os::fd::AsFd::as_fd(&server)).unwrap(),
+        sluice_uring::stamp::RX_TIMESTAMP_FLAGS,
+        "the accepted socket inherits the listener's option"
+    );
+    let server: SharedFd = Rc::new(OwnedFd::from(server));
+    // The kernel turns stamping on for the host from a work item: wait
+    // until a byte arrives stamped before the measured bytes are sent.
+    let started = Instant::now();
+    loop {
+        client.write_all(b"x").unwrap();
+        let mut buf = Vec::with_capacity(8);
+        let (_, stamp) =
+            sluice_uring::recv_stamped(std::os::fd::AsFd::as_fd(&*server), &mut buf, 0).unwrap();
+        if stamp.is_some() {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the kernel never stamped a packet"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before = std::time::SystemTime::now();
+    client.write_all(b"GET /a HTTP/1.1\r\n\r\n").unwrap();
+    // The bytes wait in the socket for 30 ms before anyone reads them: the
+    // stamp must say when they arrived, not when they were read.
+    std::thread::sleep(Duration::from_millis(30));
+    let op = |fd: &SharedFd, flags| Op::RecvMsg {
+        fd: Rc::clone(fd),
+        buf: IoBuf::Vec(Vec::with_capacity(64)),
+        flags,
+    };
+    d.submit(op(&server, libc::MSG_PEEK), 1).unwrap();
+    let c = next(&mut d);
+    let read_at = std::time::SystemTime::now();
+    let Returned::Stamped { buf, stamp } = c.resources else {
+        panic!("{c:?}")
+    };
+    assert_eq!(buf.as_slice(), b"GET /a HTTP/1.1\r\n\r\n");
+    let stamp = stamp.expect("a stamp for a stamped socket");
+    assert!(stamp >= sluice_uring::RxStamp::of(before), "{stamp:?}");
+    let age = stamp.age_at(read_at);
+    assert!(
+        age >= Duration::from_millis(25) && age < Duration::from_secs(5),
+        "the stamp is the arrival, not the read: {age:?}"
+    );
+    // The plain recv of the same bytes: no control buffer, no stamp.
+    d.submit(recv_vec(Rc::clone(&server), 64, 0), 2).unwrap();
+    assert!(matches!(next(&mut d).resources, Returned::Buf(_)));
+
+    // A socket without the option: recvmsg works, without a stamp.
+    let (plain, mut plain_client) = tcp_pair();
+    plain_client.write_all(b"x").unwrap();
+    d.submit(op(&plain, 0), 3).unwrap();
+    let c = next(&mut d);
+    let Returned::Stamped { buf, stamp } = c.resources else {
+        panic!("{c:?}")
+    };
+    assert_eq!(buf.as_slice(), b"x");
+    assert_eq!(stamp, None);
+
+    // The blocking form used by the epoll engine and the fallback.
+    client.write_all(b"more").unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let mut buf = Vec::with_capacity(16);
+    let (n, stamp) =
+        sluice_uring::recv_stamped(std::os::fd::AsFd::as_fd(&*server), &mut buf, 0).unwrap();
+    assert_eq!((n, buf.as_slice()), (4, &b"more"[..]));
+    let age = stamp.expect("stamped").age_at(std::time::SystemTime::now());
+    assert!(age >= Duration::from_millis(15), "{age:?}");
+}
+
 #[test]
 fn recv_multishot_provided_buffers_and_enobufs() {
     let Some((report, mut d)) = setup("recv_multishot", &["recv"]) else {

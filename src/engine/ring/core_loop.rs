@@ -145,6 +145,13 @@ pub(super) struct CoreLoop {
     pub(super) ticks: u64,
     /// Connections per client address on this thread (`connections_per_ip_max`).
     pub(super) per_ip: AddressCap,
+    /// Which receives ask for the kernel's receive time.
+    pub(super) sampler: crate::pressure::LatencySampler,
+    /// The ring has `IORING_OP_RECVMSG` (checked at start).
+    pub(super) recvmsg: bool,
+    /// When this turn's completions were taken: the sampler's clock (a turn
+    /// is short, and a clock read per request is what sampling saves).
+    pub(super) turn_at: Instant,
 }
 
 impl CoreLoop {
@@ -247,6 +254,9 @@ impl CoreLoop {
             files: Rc::new(RefCell::new(OpenCache::new(OPEN_FILES_PER_CORE_MAX))),
             ticks: 0,
             per_ip: AddressCap::new(settings.connections_per_ip_max),
+            sampler: crate::pressure::LatencySampler::new(settings.latency_sample),
+            recvmsg: sluice_uring::probe().supports("recvmsg"),
+            turn_at: Instant::now(),
         })
     }
 
@@ -283,6 +293,7 @@ impl CoreLoop {
                 break;
             }
             self.driver.take_woken();
+            self.turn_at = Instant::now();
             // Replies of uploads published meanwhile (their wake-up may be
             // what ended the wait).
             while let Some(done) = self.publisher.try_done() {
@@ -471,6 +482,27 @@ impl CoreLoop {
             slot.cancelling = false;
             let result = completion.result.map(|n| n as usize).map_err(|e| e.0);
             match (completion.kind, completion.resources) {
+                (OpKind::RecvMsg, Returned::Stamped { buf, stamp }) => {
+                    // A sampled receive: the request's arrival, then as a recv.
+                    if let Some(stamp) = stamp {
+                        slot.conn.note_arrival(stamp);
+                    }
+                    let buf = match buf {
+                        IoBuf::Vec(buf) => buf,
+                        IoBuf::Fixed(_) => Vec::new(),
+                    };
+                    if slot.conn.is_peeking() {
+                        match result {
+                            Err(errno) if errno == libc::EINTR || errno == libc::EAGAIN => {
+                                Next::Peek
+                            }
+                            Err(_) => slot.conn.on_peek(&[], now),
+                            Ok(_) => slot.conn.on_peek(&buf, now),
+                        }
+                    } else {
+                        slot.conn.on_recv(buf, result, now)
+                    }
+                }
                 (OpKind::Recv, Returned::Buf(IoBuf::Vec(buf))) if slot.conn.is_peeking() => {
                     let peeked = if result.is_ok() {
                         buf.as_slice()
@@ -683,7 +715,36 @@ impl CoreLoop {
             Next::Publish => self.publish(index),
             Next::Open { namespace, key } => self.open(index, namespace, key),
             Next::Fetch { namespace, key } => self.fetch(index, namespace, key),
+            Next::ReceiveInBackground => self.receive_in_background(index),
             Next::Close => self.close(index),
+        }
+    }
+
+    /// A peer's replicated write: its body goes to the background receiving
+    /// threads (`engine::receive`) with a duplicate of the socket; the
+    /// reply comes back through the publisher's queue. Received here when
+    /// they cannot take it.
+    fn receive_in_background(&mut self, index: u32) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let reply = crate::engine::receive::ReplyTo {
+            index,
+            generation: slot.generation,
+            completer: self.publisher.completer(),
+        };
+        let read_timeout =
+            Duration::from_millis(self.settings.conn_limits.timeouts.body_read_timeout_ms);
+        let dup = slot.fd.try_clone();
+        let handed = crate::engine::receive::hand_over(
+            &mut slot.conn,
+            dup,
+            read_timeout,
+            reply,
+            Instant::now(),
+        );
+        if let Some(next) = handed {
+            self.issue(index, next);
         }
     }
 
@@ -694,15 +755,14 @@ impl CoreLoop {
             return;
         };
         let fd = Rc::clone(&slot.fd);
-        let buf = Vec::with_capacity(Conn::peek_buf_bytes());
-        self.submit(
-            index,
-            Op::Recv {
-                fd,
-                buf: IoBuf::Vec(buf),
-                flags: libc::MSG_PEEK,
-            },
-        );
+        let buf = IoBuf::Vec(Vec::with_capacity(Conn::peek_buf_bytes()));
+        let flags = libc::MSG_PEEK;
+        let op = if self.recvmsg && self.sampler.take(self.turn_at) {
+            Op::RecvMsg { fd, buf, flags }
+        } else {
+            Op::Recv { fd, buf, flags }
+        };
+        self.submit(index, op);
     }
 
     /// Receive more of the request. `linger`: the connection closes after
@@ -716,15 +776,18 @@ impl CoreLoop {
         if linger {
             let _ = rustix::net::shutdown(&*fd, rustix::net::Shutdown::Write);
         }
-        let buf = slot.conn.take_read_buf();
-        self.submit(
-            index,
-            Op::Recv {
-                fd,
-                buf: IoBuf::Vec(buf),
-                flags: 0,
-            },
-        );
+        // The first bytes of a request: sampled ones bring the kernel's
+        // receive time (a recvmsg with a control buffer; see
+        // `pressure::LatencySampler` for the cost).
+        let stamped =
+            !linger && slot.conn.is_idle() && self.recvmsg && self.sampler.take(self.turn_at);
+        let buf = IoBuf::Vec(slot.conn.take_read_buf());
+        let op = if stamped {
+            Op::RecvMsg { fd, buf, flags: 0 }
+        } else {
+            Op::Recv { fd, buf, flags: 0 }
+        };
+        self.submit(index, op);
     }
 
     /// Send the connection's output buffer (`more`: `MSG_MORE`, a body follows).

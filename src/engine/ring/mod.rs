@@ -36,6 +36,7 @@ use crate::outgoing::{self, OutgoingRequest};
 use core_loop::CoreLoop;
 pub use tasks::TaskSubmitter;
 
+mod background;
 mod core_loop;
 mod serve;
 mod tasks;
@@ -72,6 +73,9 @@ pub struct EngineSettings {
     /// Poll the ring this long after a turn with completions before
     /// sleeping (`engine_spin_us`); zero never polls.
     pub spin: Duration,
+    /// At most one request per this long is measured from the kernel's
+    /// receive time (`public_latency_sample_us`); zero measures none.
+    pub latency_sample: Duration,
 }
 
 /// Submission queue entries per ring.
@@ -145,6 +149,9 @@ pub struct CoreStats {
 /// The running engine threads.
 pub struct RingEngine {
     threads: CoreThreads,
+    /// Replication's body sends (`background.rs`); `None` if its ring could
+    /// not be set up (they then go from the engine rings).
+    background: Option<background::BackgroundRing>,
     task_queues: Vec<std::sync::mpsc::SyncSender<OutgoingRequest>>,
     next_core: Arc<std::sync::atomic::AtomicUsize>,
     pub stats: Arc<Vec<CoreStats>>,
@@ -164,6 +171,7 @@ impl RingEngine {
         let (task_queues, task_rxs): (Vec<_>, Vec<_>) = (0..listeners.len())
             .map(|_| std::sync::mpsc::sync_channel(TASKS_QUEUED_MAX))
             .unzip();
+        let background_settings = settings;
         let (threads, stats, notes) = CoreThreads::start(
             ("sluice-ring", "engine"),
             listeners,
@@ -187,8 +195,19 @@ impl RingEngine {
                 .map(|s| s.fixed_buffers_pinned_bytes.load(Ordering::Relaxed))
                 .sum()
         });
+        let background = match background::BackgroundRing::start(
+            &background_settings,
+            Arc::clone(threads.signal()),
+        ) {
+            Ok(ring) => Some(ring),
+            Err(err) => {
+                tracing::warn!(%err, "cannot start the background ring; replication sends from the engine rings");
+                None
+            }
+        };
         Ok(RingEngine {
             threads,
+            background,
             task_queues,
             next_core: Default::default(),
             stats,
@@ -204,6 +223,10 @@ impl RingEngine {
             wakers: self.threads.wakers().to_vec(),
             next_core: Arc::clone(&self.next_core),
             signal: Arc::clone(self.threads.signal()),
+            background: self
+                .background
+                .as_ref()
+                .map(|b| (b.tx.clone(), b.waker.clone())),
         }
     }
 
@@ -225,6 +248,9 @@ impl RingEngine {
     /// what is left and join the threads.
     pub fn shutdown(mut self, drain: Duration, tasks: Duration) {
         self.threads.stop(drain, tasks);
+        if let Some(background) = self.background.take() {
+            background.join();
+        }
     }
 
     /// Append the engine's series in the Prometheus text format.

@@ -17,6 +17,15 @@ use sluice_uring::{
 };
 
 use super::{IDLE_TASK_CONNS_MAX, IDLE_TASK_CONN_MS, TASKS_PER_CORE_MAX};
+
+/// Most of a task's file body one splice moves (file → pipe, then pipe →
+/// socket). A splice runs on an io-wq worker at the priority of the ring's
+/// thread, and with the kernel's voluntary preemption a public request that
+/// wants the CPU it runs on waits until it ends: on loopback a 1 MiB splice
+/// to a socket also runs the receiver's TCP processing and took about a
+/// millisecond. Slices of 128 KiB bound that wait to about a tenth, for
+/// twice the completions of 256 KiB (docs/replication.md).
+pub const BODY_SLICE_BYTES: u64 = 128 * 1024;
 use crate::engine::threads::StopSignal;
 use crate::outgoing::{self, OutgoingRequest, Task, TaskError, TaskState, RESPONSE_READ_BYTES};
 
@@ -29,6 +38,9 @@ pub struct TaskSubmitter {
     pub(super) wakers: Vec<Waker>,
     pub(super) next_core: Arc<std::sync::atomic::AtomicUsize>,
     pub(super) signal: Arc<StopSignal>,
+    /// The background ring's queue and waker (`background.rs`): tasks with a
+    /// file body go there first.
+    pub(super) background: Option<(std::sync::mpsc::SyncSender<OutgoingRequest>, Waker)>,
 }
 
 impl outgoing::Submit for TaskSubmitter {
@@ -38,6 +50,22 @@ impl outgoing::Submit for TaskSubmitter {
         if self.task_queues.is_empty() || self.signal.stopping() {
             return Err(request);
         }
+        // A body send is background work: its splices run on the background
+        // ring's io-wq workers, in the background class. A full queue there
+        // sends it from an engine ring rather than not at all.
+        let request = match (&self.background, request.body_file.is_some()) {
+            (Some((queue, waker)), true) => match queue.try_send(request) {
+                Ok(()) => {
+                    waker.wake();
+                    return Ok(());
+                }
+                Err(
+                    std::sync::mpsc::TrySendError::Full(r)
+                    | std::sync::mpsc::TrySendError::Disconnected(r),
+                ) => r,
+            },
+            _ => request,
+        };
         let core = self.next_core.fetch_add(1, Ordering::Relaxed) % self.task_queues.len();
         match self.task_queues[core].try_send(request) {
             Ok(()) => {
@@ -309,7 +337,9 @@ impl TaskClient {
             return None;
         }
         slot.task.state = TaskState::SplicingIn;
-        let len = remaining.min(pipe.capacity_bytes() as u64);
+        let len = remaining
+            .min(pipe.capacity_bytes() as u64)
+            .min(BODY_SLICE_BYTES);
         Some(Op::SpliceToPipe {
             fd_in: Rc::clone(file_fd),
             offset_in: body.offset + slot.task.body_sent,

@@ -63,6 +63,7 @@ fn engine() -> Option<(RingEngine, SocketAddr, tempfile::TempDir)> {
         pipes_per_core_max: 4,
         pipe_bytes: 64 * 1024,
         spin: Duration::from_micros(50),
+        latency_sample: Duration::from_micros(250),
     };
     let engine = RingEngine::start(settings, vec![listener], &app, &fallback).expect("engine");
     Some((engine, addr, dir))
