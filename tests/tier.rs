@@ -580,7 +580,9 @@ fn write_behind_uploads_draw_from_the_replication_limiter() {
 /// and the signature turbo checks (`x-artifact-tag`) comes back intact.
 #[test]
 fn kept_response_headers_travel_through_the_tier() {
-    let Some(weed) = Weed::start(free_ports(8)) else { return };
+    let Some(weed) = Weed::start(free_ports(8)) else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let a = node(&weed, &tmp.path().join("a"), &[]);
     let body = bytes(7, 100_000);

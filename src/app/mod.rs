@@ -7,8 +7,8 @@
 //! [`PutSink`] and send the reply it finishes with. Statuses, headers and
 //! bodies are decided here once, so the two front ends cannot drift apart.
 
-mod dav;
 mod action_cache;
+mod dav;
 mod fleet;
 mod nx;
 pub mod turbo;
@@ -436,7 +436,13 @@ impl App {
         let etag = artifact.etag();
         let len = artifact.len;
         let meta = artifact.meta.clone();
-        Ok(answer(req, &etag, len, meta.as_deref(), Source::File(artifact)))
+        Ok(answer(
+            req,
+            &etag,
+            len,
+            meta.as_deref(),
+            Source::File(artifact),
+        ))
     }
 
     fn delete(&self, req: &RequestInfo<'_>, ns: &str, key: &str) -> Reply {
@@ -716,7 +722,6 @@ pub fn artifact_target(req: &RequestInfo<'_>) -> Option<(String, String)> {
         _ => None,
     }
 }
-
 
 /// Where a GET's body comes from.
 enum Source {

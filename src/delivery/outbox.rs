@@ -917,7 +917,8 @@ mod tests {
                 let ob = std::sync::Arc::clone(&ob);
                 std::thread::spawn(move || {
                     for i in 0..50 {
-                        ob.append(Op::Put, "ns", &format!("t{t}-{i}"), i, 100).unwrap();
+                        ob.append(Op::Put, "ns", &format!("t{t}-{i}"), i, 100)
+                            .unwrap();
                     }
                 })
             })

@@ -198,11 +198,7 @@ impl Shared {
     }
 
     /// Open the CAS blob `blob` for `caller`; `None` when absent or stored with another size.
-    pub async fn open_blob(
-        &self,
-        caller: &Caller,
-        blob: &Blob,
-    ) -> Result<Option<Stored>, Status> {
+    pub async fn open_blob(&self, caller: &Caller, blob: &Blob) -> Result<Option<Stored>, Status> {
         Ok(self
             .open(caller, "cas", &blob.hash)
             .await?

@@ -98,7 +98,9 @@ impl ActionCache {
             // Incomplete here, perhaps not in the fleet: bring the missing blobs, ask again.
             if let Ok(Some(stored)) = app.store.get("ac", &action.hash) {
                 if stored.len <= crate::app::AC_CHECKED_BYTES_MAX {
-                    if let Some(result) = action_result::decode(&read_all(&Stored::File(Arc::new(stored)))?) {
+                    if let Some(result) =
+                        action_result::decode(&read_all(&Stored::File(Arc::new(stored)))?)
+                    {
                         shared.missing_after_fill(&result).await?;
                         artifact = shared.open(caller, "ac", &action.hash).await?;
                     }

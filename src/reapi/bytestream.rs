@@ -16,13 +16,13 @@ use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use zstd::stream::raw::{Decoder, InBuffer, Operation as _, OutBuffer};
 
+use super::access::Stored;
 use super::access::{commit, Caller, Shared};
 use super::cas::ZSTD_LEVEL;
 use super::resource::{self, Resource};
 use crate::action_result::Blob;
 use crate::app::PutSink;
 use crate::auth::Access;
-use super::access::Stored;
 
 /// Bytes of a blob read per `ReadResponse` (each read is one positioned read on the
 /// blocking pool; messages stay well under clients' 4 MiB limit).

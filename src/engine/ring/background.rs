@@ -105,6 +105,7 @@ impl Loop {
             fixed_buffer_bytes: 4096,
             register_fixed_buffers: false,
             buf_rings_max: 1,
+            read_ioprio: 0,
         })
         .map_err(|e| std::io::Error::from_raw_os_error(e.0))?;
         // As on the engine rings: a storm of sends must not start unbounded workers.
