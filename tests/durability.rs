@@ -101,7 +101,7 @@ fn writer(addr: SocketAddr, id: u64, ledger: Ledger, stop: Arc<AtomicBool>) {
             1 => 40_000,
             _ => 100 + (n as usize * 37) % 4000,
         };
-        let delete = n % 11 == 0;
+        let delete = n.is_multiple_of(11);
         let body = xorshift_bytes(id * 1_000_000 + n, len);
         let version = if delete { None } else { Some(body.clone()) };
         ledger
@@ -139,7 +139,7 @@ fn cas_writer(addr: SocketAddr, id: u64, acked: Arc<Mutex<Vec<Vec<u8>>>>, stop: 
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
-        let len = if n % 9 == 0 {
+        let len = if n.is_multiple_of(9) {
             600_000
         } else {
             1 + (n as usize * 131) % 20_000

@@ -333,6 +333,7 @@ fn http1_get_rate(
         authority: format!("127.0.0.1:{port}"),
         requests,
         weighted: false,
+        once: false,
     };
     let result = run(
         set,

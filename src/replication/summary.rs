@@ -466,7 +466,7 @@ where
     }
 
     /// The next entry.
-    pub fn next(&mut self) -> Result<Option<Entry>, String> {
+    pub fn next_entry(&mut self) -> Result<Option<Entry>, String> {
         self.peek()?;
         Ok(self.page.pop_front())
     }
@@ -486,13 +486,13 @@ where
     G: FnMut(&After) -> Result<(Vec<Entry>, bool), String>,
 {
     let mut handed = 0;
-    while let Some(o) = ours.next()? {
+    while let Some(o) = ours.next_entry()? {
         // Skip what only they hold.
         while theirs
             .peek()?
             .is_some_and(|t| (t.ns.as_str(), t.key.as_str()) < (o.ns.as_str(), o.key.as_str()))
         {
-            theirs.next()?;
+            theirs.next_entry()?;
         }
         let matched = theirs
             .peek()?
