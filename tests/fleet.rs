@@ -217,14 +217,21 @@ fn a_peer_whose_disk_fills_is_retried_and_counted_until_it_has_room() {
 
 /// The user the faulty nodes run as: iptables matches their packets by it.
 const FLEET_USER: &str = "sluice-fleet";
+/// A second one, for a node whose packets must be told apart (the soak's B).
+const FLEET_USER_B: &str = "sluice-fleet-b";
 /// Every rule these tests add carries this comment.
 const RULE_COMMENT: &str = "sluice-fleet-test";
 
 /// `(uid, gid)` of the fleet user, created when missing; `None` (printed)
 /// when it cannot be.
 fn fleet_user() -> Option<(u32, u32)> {
+    system_user(FLEET_USER)
+}
+
+/// `(uid, gid)` of the system user `name`, created when missing.
+fn system_user(name: &str) -> Option<(u32, u32)> {
     let id = |flag: &str| -> Option<u32> {
-        let out = Command::new("id").args([flag, FLEET_USER]).output().ok()?;
+        let out = Command::new("id").args([flag, name]).output().ok()?;
         String::from_utf8_lossy(&out.stdout).trim().parse().ok()
     };
     if id("-u").is_none() {
@@ -235,10 +242,10 @@ fn fleet_user() -> Option<(u32, u32)> {
                 "--shell",
                 "/usr/sbin/nologin",
             ])
-            .arg(FLEET_USER)
+            .arg(name)
             .status();
         if !made.is_ok_and(|s| s.success()) {
-            eprintln!("fleet suite: cannot create the user {FLEET_USER}");
+            eprintln!("fleet suite: cannot create the user {name}");
             return None;
         }
     }
@@ -496,7 +503,10 @@ fn fault_scenario(
     if holds_back {
         assert!(worst > 0, "{test}: the fault never kept a write from B");
     } else {
-        assert!(fault_rules.dropped(pair.ports[1]) > 0, "{test}: the rules dropped nothing");
+        assert!(
+            fault_rules.dropped(pair.ports[1]) > 0,
+            "{test}: the rules dropped nothing"
+        );
     }
     // Heal, with the writes acknowledged up to now.
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -734,4 +744,520 @@ fn a_steady_stream_reaches_every_peer_and_the_bucket_once_each() {
         0.0,
         "peers do not upload replicated writes"
     );
+}
+
+// ------------------------------------------------------------ the soak
+
+/// A setting of the soak from the environment (bench/soak runs it for an
+/// hour with higher rates), or its default for `cargo test`.
+fn soak_setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Resident bytes, open files and threads of a process (from /proc).
+fn proc_stats(pid: u32) -> (u64, u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
+    (field("VmRSS:") * 1024, fds, field("Threads:"))
+}
+
+/// One second of the soak: per node (A, B, C) RSS, open files, threads;
+/// A's outbox bytes and lag for B, C and the tier; the fault that began.
+struct Sample {
+    t: f64,
+    rss: [u64; 3],
+    fds: [u64; 3],
+    threads: [u64; 3],
+    outbox_bytes: f64,
+    lag: [f64; 3],
+    fault: &'static str,
+}
+
+/// The soak's counters, bumped by its load threads.
+#[derive(Default)]
+struct Load {
+    requests: std::sync::atomic::AtomicU64,
+    errors: std::sync::atomic::AtomicU64,
+}
+
+impl Load {
+    fn count(&self, ok: bool, what: &str) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.requests.fetch_add(1, Relaxed);
+        if !ok {
+            let n = self.errors.fetch_add(1, Relaxed);
+            if n < 10 {
+                eprintln!("soak: {what} failed");
+            }
+        }
+    }
+}
+
+/// Run `f` every `1/per_sec` s until `stop`.
+fn paced(per_sec: u64, stop: &std::sync::atomic::AtomicBool, mut f: impl FnMut(u64)) {
+    if per_sec == 0 {
+        return;
+    }
+    let every = Duration::from_secs_f64(1.0 / per_sec as f64);
+    let mut next = Instant::now();
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        f(n);
+        n += 1;
+        next += every;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else if now - next > Duration::from_secs(1) {
+            next = now; // behind: do not burst to catch up
+        }
+    }
+}
+
+/// Mixed load on three nodes over the object-store tier, with a fault every
+/// `SLUICE_SOAK_FAULT_SECS` (a partition of B, C's disk full, B killed with
+/// SIGKILL and restarted): GETs over plaintext (A and C), TLS HTTP/1.1 and
+/// h2 (A), PUTs over plaintext and h2 (A). Through it RSS, open files and
+/// threads of every node stay bounded, A's outbox stays under its bound,
+/// no public request fails, and at the end every acknowledged write is on
+/// B, C and in the bucket, with the lag gauges at 0. `cargo test` runs it
+/// for 3 minutes; bench/soak for an hour (`SLUICE_SOAK_SECS`).
+#[test]
+fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
+    use common::weed::{with_tier, Weed};
+    use common::{req, Front};
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let secs = soak_setting("SLUICE_SOAK_SECS", 180);
+    let fault_every = soak_setting("SLUICE_SOAK_FAULT_SECS", 45);
+    let get_rate = soak_setting("SLUICE_SOAK_GET_RATE", 100);
+    let put_rate = soak_setting("SLUICE_SOAK_PUT_RATE", 20);
+    let users = if is_root() && iptables_works() {
+        fleet_user().zip(system_user(FLEET_USER_B))
+    } else {
+        None
+    };
+    if users.is_none() {
+        skipped(
+            "soak faults",
+            "needs root and iptables: the soak runs without faults",
+        );
+    }
+    let weed = Weed::start(free_ports(8));
+    if weed.is_none() {
+        skipped("soak tier", "no SeaweedFS: the soak runs without the tier");
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let ports = free_ports(3);
+    let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    // C's disk: a tmpfs the full-disk fault fills with a file beside C's data.
+    let c_disk = match users {
+        Some(_) => Some(Tmpfs::mount(&tmp.path().join("c-disk"), "512m").expect("tmpfs")),
+        None => None,
+    };
+    let dirs = [
+        dirs[0].clone(),
+        dirs[1].clone(),
+        c_disk
+            .as_ref()
+            .map_or(dirs[2].clone(), |d| d.dir.join("data")),
+    ];
+    let start = |i: usize| -> Server {
+        std::fs::create_dir_all(&dirs[i]).expect("data dir");
+        let peers: Vec<String> = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| format!("127.0.0.1:{}", ports[j]))
+            .collect();
+        let mut b = server()
+            .listen(&format!("127.0.0.1:{}", ports[i]))
+            .data_dir(&dirs[i])
+            .arg("--peers")
+            .arg(&peers.join(","))
+            .env("SLUICE_PEER_SECRET", SECRET)
+            // The periodic comparison runs during the soak too.
+            .env("SLUICE_ANTI_ENTROPY_INTERVAL_MS", "60000");
+        if let Some(((uid, gid), (uid_b, gid_b))) = users {
+            let (u, g) = if i == 1 { (uid_b, gid_b) } else { (uid, gid) };
+            std::os::unix::fs::chown(&dirs[i], Some(u), Some(g)).expect("chown");
+            b = b.binary(&shared_binary()).run_as(u, g);
+        }
+        if let Some(w) = &weed {
+            b = with_tier(b, &w.endpoint());
+        }
+        b.start()
+    };
+    let a_node = start(0);
+    let mut b_node = Some(start(1));
+    let c_node = start(2);
+    let (a, c) = (a_node.addr, c_node.addr);
+    wait_for("A to see B and C up", Duration::from_secs(30), || {
+        metric(a, "sluice_peer_up", &[]) == 2.0
+    });
+    // The hot set the GETs ask for.
+    let hot: Vec<(String, usize)> = (0..40usize)
+        .map(|i| {
+            let path = format!("/v1/artifacts/hot/h{i}");
+            let len = 4096 + (i * 1531) % 60_000;
+            put(a, &path, &body(i as u64 + 9_000, len));
+            (path, len)
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    let load = Load::default();
+    let (acked_tx, acked) = std::sync::mpsc::channel::<(String, Vec<u8>)>();
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut ledgers = [Ledger::new(SECRET), Ledger::new(SECRET)];
+    let mut writes: Vec<(String, Vec<u8>)> = Vec::new();
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        // Plaintext GETs on A over keep-alive connections.
+        scope.spawn(|| {
+            let mut conn: Option<std::net::TcpStream> = None;
+            paced(get_rate, &stop, |n| {
+                let (path, len) = &hot[n as usize % hot.len()];
+                let s = match conn.as_mut() {
+                    Some(s) => s,
+                    None => conn.insert(std::net::TcpStream::connect(a).expect("connect A")),
+                };
+                let raw = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+                let ok = std::io::Write::write_all(s, raw.as_bytes()).is_ok()
+                    && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let r = common::read_one_response(s, "GET");
+                        r.status == 200 && r.body.len() == *len
+                    }))
+                    .unwrap_or(false);
+                if !ok {
+                    conn = None;
+                }
+                load.count(ok, "plaintext GET on A");
+            });
+        });
+        // Plaintext GETs on C (which may be full, never down).
+        scope.spawn(|| {
+            paced(get_rate / 5, &stop, |n| {
+                let (path, len) = &hot[n as usize % hot.len()];
+                let r = http(c, "GET", path, &[], b"");
+                load.count(r.status == 200 && r.body.len() == *len, "GET on C");
+            });
+        });
+        // TLS HTTP/1.1 and h2 GETs on A, h2 PUTs on A.
+        for front in [Front::TlsHttp1, Front::TlsH2] {
+            let (a_node, hot, load, stop) = (&a_node, &hot, &load, &stop);
+            let acked_tx = acked_tx.clone();
+            scope.spawn(move || {
+                paced(10, stop, |n| {
+                    let (path, len) = &hot[n as usize % hot.len()];
+                    if front == Front::TlsH2 && n % 5 == 0 {
+                        let path = format!("/v1/artifacts/soak/h2-{n}");
+                        let data = body(n + 77_000, 3000);
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            a_node.send(front, req("PUT", &path).body(data.clone()))
+                        }));
+                        let ok = r.is_ok_and(|r| matches!(r.status, 201 | 204));
+                        if ok {
+                            let _ = acked_tx.send((path, data));
+                        }
+                        load.count(ok, "h2 PUT on A");
+                        return;
+                    }
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        a_node.send(front, req("GET", path))
+                    }));
+                    load.count(
+                        r.is_ok_and(|r| r.status == 200 && r.body.len() == *len),
+                        "TLS GET on A",
+                    );
+                });
+            });
+        }
+        // Plaintext PUTs on A: distinct keys, every 20th of 256 KiB.
+        {
+            let (load, stop) = (&load, &stop);
+            let acked_tx = acked_tx.clone();
+            scope.spawn(move || {
+                paced(put_rate, stop, |n| {
+                    let path = format!("/v1/artifacts/soak/k{n}");
+                    let len = if n % 20 == 7 { 256 << 10 } else { 4096 };
+                    let data = body(n, len);
+                    let r = std::panic::catch_unwind(|| http(a, "PUT", &path, &[], &data));
+                    let ok = r.is_ok_and(|r| matches!(r.status, 201 | 204));
+                    if ok {
+                        let _ = acked_tx.send((path, data));
+                    }
+                    load.count(ok, "plaintext PUT on A");
+                });
+            });
+        }
+        drop(acked_tx);
+        // The faults, and a sample every second.
+        let mut fault_rules: Option<Rules> = None;
+        let mut filler: Option<PathBuf> = None;
+        let mut b_down_since: Option<Instant> = None;
+        let mut fault_until = Instant::now();
+        let mut next_fault = Duration::from_secs(15);
+        let mut kind = 0u64;
+        while started.elapsed() < Duration::from_secs(secs) {
+            let mut fault = "";
+            let now = started.elapsed();
+            if let Some(((uid, _), (uid_b, _))) = users {
+                if now >= next_fault && now + Duration::from_secs(20) < Duration::from_secs(secs) {
+                    next_fault += Duration::from_secs(fault_every);
+                    fault_until = Instant::now() + Duration::from_secs(15);
+                    match kind % 3 {
+                        0 => {
+                            // B cut off, both ways, silently.
+                            fault = "partition B";
+                            let mut rules = vec![owned_packets(uid, "dport", ports[1], 1.0)];
+                            for port in [ports[0], ports[2]] {
+                                rules.push(owned_packets(uid_b, "dport", port, 1.0));
+                            }
+                            fault_rules = Some(Rules::add(rules));
+                        }
+                        1 => {
+                            // C's disk full: a file takes what is left of it.
+                            fault = "C full";
+                            let dir = c_disk.as_ref().map(|d| d.dir.clone()).expect("C's disk");
+                            let free = rustix::fs::statvfs(&dir)
+                                .map(|v| v.f_bavail * v.f_frsize)
+                                .unwrap_or(0);
+                            let path = dir.join("filler");
+                            let f = std::fs::File::create(&path).expect("filler");
+                            let _ = f.set_len(0);
+                            let chunk = vec![0u8; 1 << 20];
+                            let mut w = std::io::BufWriter::new(f);
+                            let mut left = free;
+                            while left > 0 {
+                                let n = left.min(chunk.len() as u64) as usize;
+                                if std::io::Write::write_all(&mut w, &chunk[..n]).is_err() {
+                                    break;
+                                }
+                                left -= n as u64;
+                            }
+                            let _ = std::io::Write::flush(&mut w);
+                            filler = Some(path);
+                        }
+                        _ => {
+                            fault = "kill -9 B";
+                            if let Some(mut b) = b_node.take() {
+                                let _ = b.child.kill();
+                                let _ = b.child.wait();
+                            }
+                            b_down_since = Some(Instant::now());
+                        }
+                    }
+                    kind += 1;
+                }
+            }
+            if Instant::now() >= fault_until {
+                fault_rules = None;
+                if let Some(path) = filler.take() {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            if b_down_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(10)) {
+                b_down_since = None;
+                b_node = Some(start(1));
+            }
+            while let Ok((path, data)) = acked.try_recv() {
+                for l in ledgers.iter_mut() {
+                    l.put(&path, &data);
+                }
+                writes.push((path, data));
+            }
+            let pids = [
+                Some(a_node.child.id()),
+                b_node.as_ref().map(|b| b.child.id()),
+                Some(c_node.child.id()),
+            ];
+            let mut sample = Sample {
+                t: started.elapsed().as_secs_f64(),
+                rss: [0; 3],
+                fds: [0; 3],
+                threads: [0; 3],
+                outbox_bytes: metric(a, "sluice_replication_outbox_bytes", &[]),
+                lag: [
+                    Gauge::Peer(ports[1]).read(a),
+                    Gauge::Peer(ports[2]).read(a),
+                    Gauge::Tier.read(a),
+                ],
+                fault,
+            };
+            for (i, pid) in pids.iter().enumerate() {
+                if let Some(pid) = pid {
+                    let (rss, fds, threads) = proc_stats(*pid);
+                    sample.rss[i] = rss;
+                    sample.fds[i] = fds;
+                    sample.threads[i] = threads;
+                }
+            }
+            samples.push(sample);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        stop.store(true, Ordering::Relaxed);
+        drop(fault_rules);
+        if let Some(path) = filler.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    });
+    if b_node.is_none() {
+        b_node = Some(start(1));
+    }
+    while let Ok((path, data)) = acked.try_recv() {
+        for l in ledgers.iter_mut() {
+            l.put(&path, &data);
+        }
+        writes.push((path, data));
+    }
+    let b = b_node.as_ref().expect("B").addr;
+    let ended = Instant::now();
+    for (i, (peer, port)) in [(b, ports[1]), (c, ports[2])].into_iter().enumerate() {
+        ledgers[i].converge(
+            "the soak's end",
+            a,
+            &Gauge::Peer(port),
+            peer,
+            Duration::from_secs(120),
+            Duration::from_secs(5),
+        );
+    }
+    let converged = ended.elapsed();
+    if let Some(weed) = &weed {
+        wait_for(
+            "the tier to hold everything",
+            Duration::from_secs(120),
+            || Gauge::Tier.read(a) == 0.0,
+        );
+        for (path, data) in &writes {
+            let key = path.trim_start_matches("/v1/artifacts/soak/");
+            assert_eq!(
+                weed.object("soak", key).as_deref(),
+                Some(&data[..]),
+                "{path}"
+            );
+        }
+    }
+    let requests = load.requests.load(Ordering::Relaxed);
+    let errors = load.errors.load(Ordering::Relaxed);
+    // Bounds: from a quarter of the way in (after the warm-up) to the end.
+    let base_at = samples
+        .iter()
+        .position(|s| s.t >= secs as f64 / 4.0)
+        .unwrap_or(0);
+    let base = &samples[base_at];
+    let mut report = String::new();
+    for (i, name) in ["A", "B", "C"].iter().enumerate() {
+        let later: Vec<&Sample> = samples[base_at..].iter().filter(|s| s.rss[i] > 0).collect();
+        let max = |f: &dyn Fn(&Sample) -> u64| later.iter().map(|s| f(s)).max().unwrap_or(0);
+        let (rss, fds, threads) = (
+            max(&|s| s.rss[i]),
+            max(&|s| s.fds[i]),
+            max(&|s| s.threads[i]),
+        );
+        let last = later
+            .last()
+            .map_or((0, 0, 0), |s| (s.rss[i], s.fds[i], s.threads[i]));
+        report.push_str(&format!(
+            "{name}: RSS {} -> max {} -> end {} MiB, open files {} -> max {fds} -> end {}, \
+             threads {} -> max {threads} -> end {}\n",
+            base.rss[i] >> 20,
+            rss >> 20,
+            last.0 >> 20,
+            base.fds[i],
+            last.1,
+            base.threads[i],
+            last.2
+        ));
+        if i != 1 && base.rss[i] > 0 {
+            // B restarts: its own figures start again each time.
+            assert!(
+                rss <= base.rss[i] + base.rss[i] / 4 + (24 << 20),
+                "{name}'s RSS grew from {} to {} MiB",
+                base.rss[i] >> 20,
+                rss >> 20
+            );
+            // What the design lets a node hold open at once beyond the base: per peer up to
+            // 32 sends in flight, each a socket, the artifact's file and a splice pipe (4);
+            // 16 tier uploads (socket and file); 64 for connections and caches.
+            let fds_slack = 2 * 32 * 4 + 16 * 2 + 64;
+            assert!(
+                fds <= base.fds[i] + fds_slack,
+                "{name}'s open files {} -> {fds}",
+                base.fds[i]
+            );
+            // And back near the base once the load is over: nothing leaked.
+            assert!(
+                last.1 <= base.fds[i] + 64,
+                "{name}'s open files {} -> {} at the end",
+                base.fds[i],
+                last.1
+            );
+            assert!(
+                threads <= base.threads[i] + 16,
+                "{name}'s threads {} -> {threads}",
+                base.threads[i]
+            );
+        }
+    }
+    let outbox_max = samples.iter().map(|s| s.outbox_bytes).fold(0.0, f64::max);
+    println!(
+        "soak: {secs} s, {requests} public requests, {errors} failed, {} writes; every one on B, \
+         C{} {converged:?} after the load ended; A's outbox at most {outbox_max} bytes\n{report}",
+        writes.len(),
+        if weed.is_some() {
+            " and in the bucket"
+        } else {
+            ""
+        },
+    );
+    if let Ok(dir) = std::env::var("SLUICE_SOAK_OUT") {
+        let mut csv = String::from(
+            "t,rss_mib:A,rss_mib:B,rss_mib:C,open_files:A,open_files:B,open_files:C,threads:A,\
+             threads:B,threads:C,outbox_kib:A,lag_writes:B,lag_writes:C,lag_writes:tier,fault\n",
+        );
+        for s in &samples {
+            csv.push_str(&format!(
+                "{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{},{:.1},{},{},{},{}\n",
+                s.t,
+                s.rss[0] as f64 / 1048576.0,
+                s.rss[1] as f64 / 1048576.0,
+                s.rss[2] as f64 / 1048576.0,
+                s.fds[0],
+                s.fds[1],
+                s.fds[2],
+                s.threads[0],
+                s.threads[1],
+                s.threads[2],
+                s.outbox_bytes / 1024.0,
+                s.lag[0],
+                s.lag[1],
+                s.lag[2],
+                s.fault
+            ));
+        }
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).expect("soak out dir");
+        std::fs::write(dir.join("samples.csv"), csv).expect("samples.csv");
+        std::fs::write(
+            dir.join("summary.txt"),
+            format!(
+                "{secs} s, {requests} public requests, {errors} failed, {} writes, converged \
+                 {converged:?} after the load ended\n{report}",
+                writes.len()
+            ),
+        )
+        .expect("summary");
+    }
+    assert_eq!(errors, 0, "public requests failed during the soak");
+    drop(c_disk);
 }
