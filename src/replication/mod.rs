@@ -177,6 +177,9 @@ pub struct Replication {
     /// This node's store answered a replicated write "no space" and has
     /// not stored one since (logged once per change).
     store_full: AtomicBool,
+    /// Bumped each time the store is found full: a write begun before that
+    /// (it took room the store had then) does not say it has room again.
+    full_epoch: std::sync::atomic::AtomicU64,
     wake: Mutex<Option<std::sync::mpsc::Sender<driver::Event>>>,
     /// Anti-entropy summaries, computed off the engine threads.
     pub summaries: summary::Cache,
@@ -237,6 +240,7 @@ impl Replication {
             views: Mutex::new(Vec::new()),
             kicked: AtomicBool::new(false),
             store_full: AtomicBool::new(false),
+            full_epoch: std::sync::atomic::AtomicU64::new(0),
             wake: Mutex::new(None),
             summaries: summary::Cache::new(data_dir.to_path_buf()),
         })
@@ -321,6 +325,7 @@ impl Replication {
         let result = match err {
             StoreError::NoSpace => {
                 if !self.store_full.swap(true, Ordering::AcqRel) {
+                    self.full_epoch.fetch_add(1, Ordering::AcqRel);
                     tracing::warn!(
                         "this node's store is full: replicated writes are answered 507 and \
                          the peers keep them until it has room"
@@ -341,10 +346,21 @@ impl Replication {
         );
     }
 
-    /// A replicated write was stored: if the store was full, it has room
-    /// again (logged once).
-    pub fn note_room(&self) {
-        if self.store_full.swap(false, Ordering::AcqRel) {
+    /// Pass to [`Replication::note_room`] when a replicated write begins.
+    pub fn full_epoch(&self) -> u64 {
+        self.full_epoch.load(Ordering::Acquire)
+    }
+
+    /// A replicated write begun at `epoch` ([`Replication::full_epoch`]) was
+    /// stored: if the store was full when it began, it has room again
+    /// (logged once). One begun before the store was found full took room
+    /// the store had then, and says nothing: with several bodies received
+    /// at once, those made the state flap full/room.
+    pub fn note_room(&self, epoch: u64) {
+        if self.store_full.load(Ordering::Acquire)
+            && epoch == self.full_epoch()
+            && self.store_full.swap(false, Ordering::AcqRel)
+        {
             tracing::info!("this node's store has room again: replicated writes are stored");
         }
     }

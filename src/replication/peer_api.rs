@@ -203,12 +203,13 @@ fn put(
             let mut sink = PutSink::new(writer, body_bytes_max);
             let series_ok = Arc::clone(replication);
             let on_failure = Arc::clone(replication);
+            let epoch = replication.full_epoch();
             // A failure while the body arrives reads the rest and answers
             // after it: the sender hears 507 (full) on a usable connection
             // instead of a reset it would take for the peer being down.
             sink.set_on_failure(Box::new(move |err| on_failure.write_failed(err)), true);
             sink.set_on_commit(OnCommit(Box::new(move |committed| {
-                series_ok.note_room();
+                series_ok.note_room(epoch);
                 let result = if committed.superseded {
                     "result=\"kept\""
                 } else {

@@ -166,6 +166,10 @@ pub struct PeerPolicy {
     anti_entropy_running: bool,
     next_anti_entropy_at: Instant,
     anti_entropy_interval: Duration,
+    /// Sends still in flight that started before the peer was found full:
+    /// their answers say nothing about its room now, so they do not make it
+    /// up again (only a write sent while it is full does).
+    sent_before_full: usize,
 }
 
 impl PeerPolicy {
@@ -187,6 +191,7 @@ impl PeerPolicy {
             anti_entropy_running: false,
             next_anti_entropy_at: now + anti_entropy_interval,
             anti_entropy_interval,
+            sent_before_full: 0,
         }
     }
 
@@ -280,12 +285,18 @@ impl PeerPolicy {
         outcome: Result<(), Failure>,
         rng: &mut Rng,
     ) -> PeerState {
+        let sent_before_full = self.state == PeerState::Full && self.sent_before_full > 0;
+        if sent_before_full {
+            self.sent_before_full -= 1;
+        }
         match outcome {
             Ok(()) => {
                 self.cursor.on_ack(start);
-                self.backoff.on_success();
-                if self.state == PeerState::Full {
-                    self.state = PeerState::Up;
+                if !sent_before_full {
+                    self.backoff.on_success();
+                    if self.state == PeerState::Full {
+                        self.state = PeerState::Up;
+                    }
                 }
             }
             Err(how) => {
@@ -297,6 +308,10 @@ impl PeerPolicy {
                 }
                 match how {
                     Failure::Down => self.went_down(),
+                    Failure::Full if self.state == PeerState::Up => {
+                        self.state = PeerState::Full;
+                        self.sent_before_full = self.cursor.in_flight();
+                    }
                     Failure::Full if self.state != PeerState::Down => self.state = PeerState::Full,
                     Failure::Full | Failure::Unwell => {}
                 }
@@ -480,6 +495,40 @@ mod tests {
         assert_eq!(p.on_send(t2, 0, Ok(()), &mut rng), PeerState::Up);
         assert_eq!(p.backoff.failures(), 0);
         assert_eq!(p.next(t2, 100), Action::AntiEntropy);
+    }
+
+    /// Writes in flight when a 507 arrives were sent before the peer was
+    /// full: their successes (it took them while it had room) do not make it
+    /// up again, which made the state flap full/up a dozen times a second.
+    #[test]
+    fn answers_to_writes_sent_before_the_peer_was_full_do_not_clear_it() {
+        let t0 = Instant::now();
+        let mut rng = Rng::new(3);
+        let owed = crate::delivery::Lag::one(10, 1);
+        let mut p = PeerPolicy::new(t0, 0, ms(1000), ms(600_000));
+        assert_eq!(p.next(t0, 100), Action::Probe);
+        p.on_probe(t0, Some(true), &mut rng);
+        for start in [0, 10, 20] {
+            assert_eq!(p.next(t0, 100), Action::Send(Next::New { start }));
+            p.cursor.on_sent(start, start + 10, owed);
+        }
+        assert_eq!(
+            p.on_send(t0, 10, Err(Failure::Full), &mut rng),
+            PeerState::Full
+        );
+        assert_eq!(p.on_send(t0, 0, Ok(()), &mut rng), PeerState::Full);
+        assert_eq!(p.on_send(t0, 20, Ok(()), &mut rng), PeerState::Full);
+        assert!(p.backoff.failures() > 0, "still backing off");
+        // The retry sent while full is what tells.
+        let t1 = p.backoff.until().expect("backing off");
+        let mut next = p.next(t1, 30);
+        if next == Action::Probe {
+            assert_eq!(p.on_probe(t1, Some(true), &mut rng), PeerState::Full);
+            next = p.next(t1, 30);
+        }
+        assert_eq!(next, Action::Send(Next::Again { start: 10, end: 20 }));
+        p.cursor.on_sent(10, 20, owed);
+        assert_eq!(p.on_send(t1, 10, Ok(()), &mut rng), PeerState::Up);
     }
 
     /// A peer found down (a silent drop: its connections hang until their
