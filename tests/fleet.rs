@@ -862,10 +862,7 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
     let ports = free_ports(3);
     let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
     // C's disk: a tmpfs the full-disk fault fills with a file beside C's data.
-    let c_disk = match users {
-        Some(_) => Some(Tmpfs::mount(&tmp.path().join("c-disk"), "512m").expect("tmpfs")),
-        None => None,
-    };
+    let c_disk = users.map(|_| Tmpfs::mount(&tmp.path().join("c-disk"), "512m").expect("tmpfs"));
     let dirs = [
         dirs[0].clone(),
         dirs[1].clone(),
