@@ -22,6 +22,16 @@ use common::{http, metric_at as metric, server, wait_for, xorshift_bytes as body
 
 const SECRET: &str = "fleet-test-secret-0123456789";
 
+/// The tests of this file one at a time: each runs three nodes under timed
+/// load or faults, and the soak beside a steady stream starved it of CPU on a
+/// 2-core machine until a send timed out and was sent twice (at least once is
+/// correct; the test asserts exactly once, which needs the CPU it measures).
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// This binary's loopback port range: 61000..65000 (above the kernel's
 /// ephemeral range; mesh and tier use 8000..32000).
 fn free_ports(n: usize) -> Vec<u16> {
@@ -124,6 +134,7 @@ impl Drop for Tmpfs {
 /// everything within 10 s and the gauge reads 0 within 5 s after that.
 #[test]
 fn a_peer_whose_disk_fills_is_retried_and_counted_until_it_has_room() {
+    let _one_at_a_time = one_at_a_time();
     if !is_root() {
         return skipped("full peer", "needs root to mount a tmpfs");
     }
@@ -536,6 +547,7 @@ fn fault_scenario(
 /// hang until A finds B down and gives them up for lost.
 #[test]
 fn a_silent_partition_is_counted_and_healed() {
+    let _one_at_a_time = one_at_a_time();
     fault_scenario(
         "silent partition",
         |p| {
@@ -553,6 +565,7 @@ fn a_silent_partition_is_counted_and_healed() {
 /// probes of A succeed), A cannot reach B.
 #[test]
 fn a_one_way_cut_is_counted_and_healed() {
+    let _one_at_a_time = one_at_a_time();
     fault_scenario(
         "one-way cut",
         |p| vec![owned_packets(p.uid, "dport", p.ports[1], 1.0)],
@@ -570,6 +583,7 @@ fn a_one_way_cut_is_counted_and_healed() {
 /// as for a cut.
 #[test]
 fn packet_loss_between_peers_is_counted_and_healed() {
+    let _one_at_a_time = one_at_a_time();
     fault_scenario(
         "packet loss",
         |p| {
@@ -592,6 +606,7 @@ fn packet_loss_between_peers_is_counted_and_healed() {
 /// throughout and read 0 at the end.
 #[test]
 fn a_steady_stream_reaches_every_peer_and_the_bucket_once_each() {
+    let _one_at_a_time = one_at_a_time();
     use common::weed::{with_tier, Weed};
     let weed = Weed::start(free_ports(8));
     if weed.is_none() {
@@ -834,6 +849,7 @@ fn paced(per_sec: u64, stop: &std::sync::atomic::AtomicBool, mut f: impl FnMut(u
 /// for 3 minutes; bench/soak for an hour (`SLUICE_SOAK_SECS`).
 #[test]
 fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
+    let _one_at_a_time = one_at_a_time();
     use common::weed::{with_tier, Weed};
     use common::{req, Front};
     use std::os::unix::fs::PermissionsExt;
