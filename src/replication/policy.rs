@@ -553,7 +553,7 @@ mod tests {
         assert!(!p.is_current(before));
         assert_eq!((p.cursor.in_flight(), p.cursor.retrying()), (0, 3));
         assert_eq!(p.cursor.pending().writes, 3, "still owed");
-        // Probes go on while the lost sends hang, at most 5 s apart.
+        // Probes go on while the lost sends hang, at most DOWN_RETRY_MAX_MS apart.
         let t2 = p.backoff.until().unwrap();
         assert!(t2 <= t1 + ms(DOWN_RETRY_MAX_MS * 11 / 10));
         assert_eq!(p.next(t2, 100), Action::Probe);
