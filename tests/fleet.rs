@@ -702,7 +702,11 @@ fn a_steady_stream_reaches_every_peer_and_the_bucket_once_each() {
          load ended ({:?} ago)",
         ended.elapsed()
     );
-    // Each sent once: as many sends as writes, and nothing arrived twice.
+    // Each sent once by the outbox: as many sends as writes. A write may
+    // reach a peer a second time only as an anti-entropy repair: a peer
+    // serves its listing from a cache up to 5 s old (summary::CACHE_FRESH),
+    // so a comparison can see a write the outbox delivered since as missing.
+    let mut kept = 0.0;
     for (port, node) in [(ports[1], b), (ports[2], c)] {
         let label = format!("peer=\"127.0.0.1:{port}\"");
         assert_eq!(
@@ -722,16 +726,18 @@ fn a_steady_stream_reaches_every_peer_and_the_bucket_once_each() {
             ),
             written as f64
         );
-        assert_eq!(
-            metric(
-                node,
-                "sluice_replication_received_requests_total",
-                &["kept"]
-            ),
-            0.0,
-            "a write reached {port} twice"
+        kept += metric(
+            node,
+            "sluice_replication_received_requests_total",
+            &["kept"],
         );
     }
+    let repaired = metric(a, "sluice_anti_entropy_repaired_total", &[]);
+    println!("arrived twice: {kept}; anti-entropy repairs: {repaired}");
+    assert!(
+        kept <= repaired,
+        "{kept} writes arrived twice, more than the {repaired} anti-entropy repairs"
+    );
     let Some(weed) = weed else { return };
     wait_for(
         "the tier to hold everything",
