@@ -705,10 +705,16 @@ fn a_steady_stream_reaches_every_peer_and_the_bucket_once_each() {
     // Each acknowledged by its peer once: as many successful sends as writes.
     // A write reaches a peer a second time only when an earlier attempt
     // failed as A saw it (its answer lost or late: a timeout, a peer found
-    // down while it was in flight) or as an anti-entropy repair (a peer's
-    // listing may be 5 s old): at least once, and more only after a failure
-    // A counted.
-    let repaired = metric(a, "sluice_anti_entropy_repaired_total", &[]);
+    // down while it was in flight) or as an anti-entropy repair by any node
+    // (a peer's listing may be 5 s old; B repairs to C what it got from A):
+    // at least once, and more only after a failure or a repair counted.
+    // Every node compares with every peer: B, holding A's writes, may repair
+    // one to C that A's outbox is still delivering (the comparison's cutoff
+    // covers only B's own outbox).
+    let repaired: f64 = [a, b, c]
+        .iter()
+        .map(|&n| metric(n, "sluice_anti_entropy_repaired_total", &[]))
+        .sum();
     let mut kept = 0.0;
     let mut failed = 0.0;
     for (port, node) in [(ports[1], b), (ports[2], c)] {
