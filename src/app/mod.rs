@@ -372,10 +372,12 @@ impl App {
         let checked = kind == ArtifactKind::Ac && self.limits.ac_completeness_check;
         // The hot set first: a hit is answered from memory (or a large artifact's kept header
         // and file), with no open, no header read and no page-cache lookup.
-        let miss = match (checked, self.store.hot_get(ns, key)) {
-            (true, _) | (_, HotGet::Off) => None,
-            (false, HotGet::Hit(entry)) => return Ok(answer_hot(req, &entry)),
-            (false, HotGet::Miss(miss)) => Some(miss),
+        // (Not even looked up when checked: a lookup counts the key in the admission
+        // sketch and the hit/miss metrics.)
+        let miss = match (!checked).then(|| self.store.hot_get(ns, key)) {
+            None | Some(HotGet::Off) => None,
+            Some(HotGet::Hit(entry)) => return Ok(answer_hot(req, &entry)),
+            Some(HotGet::Miss(miss)) => Some(miss),
         };
         let opened = match files {
             Some(cache) => self.store.get_cached(ns, key, cache),
