@@ -1052,23 +1052,6 @@ fn client_command(program: &Path, home: &Path) -> Command {
     cmd
 }
 
-/// The certificate of a TLS `server` as a PEM file in `dir`, for the
-/// clients' `SSL_CERT_FILE` (a self-signed leaf, not a CA: rustls-based
-/// clients refuse a CA certificate as the server's own).
-fn server_cert_pem(server: &Server, dir: &Path) -> PathBuf {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(&server.cert_der);
-    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        pem.push_str(std::str::from_utf8(line).expect("base64"));
-        pem.push('\n');
-    }
-    pem.push_str("-----END CERTIFICATE-----\n");
-    let path = dir.join("sluice-cert.pem");
-    std::fs::write(&path, pem).expect("write cert");
-    path
-}
-
 // ------------------------------------------------------------- Turborepo
 
 /// A Turborepo project copied from the prepared template, and how to run it.
@@ -1215,7 +1198,7 @@ fn turbo_remote_cache() {
 fn turbo_remote_cache_over_tls() {
     let srv = server_with_tokens().start();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let cert = server_cert_pem(&srv, tmp.path());
+    let cert = common::write_cert_pem(&srv, tmp.path());
     let api = format!("https://localhost:{}", srv.addr.port());
     turbo_round_trip(&srv, api, Some(cert));
 }
@@ -1475,7 +1458,9 @@ fn sccache_round_trip(tls: bool) {
         if tls {
             env.push((
                 "SSL_CERT_FILE",
-                server_cert_pem(&srv, tmp.path()).display().to_string(),
+                common::write_cert_pem(&srv, tmp.path())
+                    .display()
+                    .to_string(),
             ));
         }
         Sccache {

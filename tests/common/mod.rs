@@ -618,8 +618,9 @@ async fn send_hyper(server: &Server, front: Front, req: Req) -> Resp {
     }
 }
 
-/// Every file under `dir`, recursively (to check nothing half-written is visible).
-/// Writes `server`'s certificate as PEM to `dir/cert.pem` (for clients that read a file).
+/// Writes `server`'s certificate as PEM to `dir/cert.pem` (for clients that read a file,
+/// such as `SSL_CERT_FILE`: a self-signed leaf, not a CA, since rustls-based clients refuse a
+/// CA certificate as the server's own).
 pub fn write_cert_pem(server: &Server, dir: &Path) -> PathBuf {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(&server.cert_der);
@@ -634,6 +635,7 @@ pub fn write_cert_pem(server: &Server, dir: &Path) -> PathBuf {
     path
 }
 
+/// Every file under `dir`, recursively (to check nothing half-written is visible).
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
