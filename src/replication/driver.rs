@@ -1569,7 +1569,8 @@ impl Comparison<'_> {
     /// pauses while the peer's queued repairs are over `REPAIRS_QUEUED_MAX`.
     fn compare(&self) -> Result<AntiEntropyReport, String> {
         let data_dir = self.r.summaries.data_dir();
-        let (ours, counts) = summary::compute_counted(data_dir).map_err(|e| e.to_string())?;
+        let (ours, counts) = summary::compute_counted(data_dir)
+            .map_err(|e| format!("summing up {}: {e}", data_dir.display()))?;
         let theirs = query(self.r, self.transport, self.addr, &Query::Summary.path())?;
         let theirs = summary::decode_summary(&theirs).ok_or("malformed summary")?;
         let differing: Vec<usize> = (0..summary::BUCKETS)
@@ -1589,7 +1590,7 @@ impl Comparison<'_> {
             let they_hold_none = piece.iter().all(|&b| theirs[b] == [0u8; 32]);
             let mut our_pages = summary::Pages::new(|after: &summary::After| {
                 summary::list_page(data_dir, &set, after, summary::LISTING_ENTRIES_MAX)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| format!("listing {}: {e}", data_dir.display()))
             });
             let mut their_pages = summary::Pages::new(|after: &summary::After| {
                 if they_hold_none {
