@@ -102,7 +102,17 @@ fn get_on(s: &mut TcpStream, path: &str) -> u16 {
 /// The request's bytes reach the kernel while the server is stopped for `stopped`: the
 /// latency from arrival counts the stop, the TTFB does not.
 fn a_request_queued_in_the_kernel_shows_in_latency_from_arrival(engine: &str) {
-    let server = node(engine);
+    // The sampler decides when the receive is issued, and a keep-alive connection's next
+    // receive is issued as its response leaves: with the default gap of 250 us that receive
+    // came within the gap of the connection's first one on a fast run, went unsampled, and
+    // the test failed with "no sample was taken" (CI, stop 29). One microsecond between
+    // samples makes every receive of a later engine turn a sampled one.
+    let server = peer_node(
+        engine,
+        free_ports_in(40_000, 100, 1)[0],
+        free_ports_in(40_000, 100, 1)[0],
+        &[("SLUICE_PUBLIC_LATENCY_SAMPLE_US", "1")],
+    );
     let (io_uring, mode) = engine_status(&server);
     assert_eq!(io_uring, engine == "uring", "{engine}: {mode}");
     put_blob(&server, "/v1/artifacts/p/small", 4096);
