@@ -494,7 +494,14 @@ fn a_full_upload_queue_answers_507_and_loses_nothing() {
             "k{i}"
         );
     }
-    assert_eq!(put(a.addr, "/v1/artifacts/q/after", b"room again"), 200);
+    let after = http(a.addr, "PUT", "/v1/artifacts/q/after", &[], b"room again");
+    assert_eq!(
+        after.status / 100,
+        2,
+        "{}\nstderr:\n{}",
+        String::from_utf8_lossy(&after.body),
+        a.stderr()
+    );
 }
 
 /// A tier that accepts connections and never answers: writes and local hits

@@ -597,6 +597,20 @@ impl Outbox {
         self.gc_locked(&mut inner);
     }
 
+    /// `peer` has taken everything before `acked`, if that is further than
+    /// the outbox knows (a sender's fresher position; never moves back).
+    pub fn advance_acked(&self, peer: &str, acked: u64) {
+        let mut inner = self.lock();
+        let end = inner.end;
+        if let Some(mark) = inner.peers.get_mut(peer) {
+            if !mark.overflow && acked.min(end) > mark.acked {
+                mark.acked = acked.min(end);
+                inner.dirty = true;
+            }
+        }
+        self.gc_locked(&mut inner);
+    }
+
     /// Anti-entropy with an overflowed `peer` starts: queue for it again
     /// from the end. Every write before this moment is in the store, where
     /// the summary comparison that follows finds it; what the peer is owed

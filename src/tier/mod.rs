@@ -286,7 +286,19 @@ impl Tier {
     /// its body is read: the tier is behind and the write could not be kept
     /// safe for it.
     pub fn refuse_put(&self) -> Option<Reply> {
-        if self.queue_bytes() + RECORD_BYTES_MAX as u64 <= self.settings.outbox_bytes_max {
+        let room = |tier: &Tier| {
+            tier.queue_bytes() + RECORD_BYTES_MAX as u64 <= tier.settings.outbox_bytes_max
+        };
+        if room(self) {
+            return None;
+        }
+        // The outbox hears the upload loop's position every 200 ms only: a
+        // queue the loop has drained since must not refuse (it answered 507
+        // right after the queue gauge read 0). Bring the outbox up to date
+        // first; only a PUT about to be refused pays for it.
+        let acked = lock(&self.view).acked;
+        self.outbox.advance_acked(TARGET, acked);
+        if room(self) {
             return None;
         }
         let mut reply = Reply::error(
@@ -787,5 +799,30 @@ mod tests {
         assert!(reply.headers.iter().any(|(k, _)| *k == "retry-after"));
         assert!(tier.queue_bytes() <= 4096);
         assert!(!tier.outbox.mark(TARGET).unwrap().overflow);
+    }
+
+    #[test]
+    fn a_queue_the_upload_loop_drained_takes_puts_before_the_cursor_is_synced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig {
+            data_dir: tmp.path().join("data"),
+            ..StoreConfig::default()
+        })
+        .unwrap();
+        let tier = Tier::open(settings(4096), tmp.path(), store, None).unwrap();
+        let mut queued = 0;
+        while tier.refuse_put().is_none() {
+            tier.queue_put(tier.hold("ns", &format!("k{queued}")), 1, 1)
+                .unwrap();
+            queued += 1;
+        }
+        // The upload loop took everything; the outbox has not heard yet
+        // (it is told every 200 ms).
+        lock(&tier.view).acked = tier.outbox.end();
+        assert!(tier.refuse_put().is_none(), "a drained queue refused a PUT");
+        assert_eq!(tier.queue_bytes(), 0);
+        // And the outbox's cursor only moves forward.
+        tier.outbox.advance_acked(TARGET, 0);
+        assert_eq!(tier.queue_bytes(), 0);
     }
 }
