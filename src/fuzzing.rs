@@ -104,6 +104,10 @@ pub const TARGETS: &[Target] = &[
         name: "action_result",
         check: check_action_result,
     },
+    Target {
+        name: "peer_batch",
+        check: check_peer_batch,
+    },
 ];
 
 /// The check registered for `name`, if any.
@@ -560,6 +564,34 @@ pub fn check_outbox_record(data: &[u8]) {
             assert_eq!(Record::parse(written.trim_end_matches('\n')), Some(record));
         }
     }
+}
+
+/// `peer_batch`: the body of a `POST /_peer/v1/batch` (many replicated writes). `decode`
+/// never panics; what it accepts stays within a batch's bounds, every body lies inside the
+/// input, and encoding the entries it returned decodes to the same entries (the sender's
+/// encoder and the receiver's decoder agree).
+pub fn check_peer_batch(data: &[u8]) {
+    use crate::replication::batch::{decode, encode_entry, ENTRIES_MAX, ENTRY_BYTES_MAX};
+    let Ok(entries) = decode(data) else {
+        return;
+    };
+    assert!(entries.len() <= ENTRIES_MAX);
+    let mut again = Vec::new();
+    for e in &entries {
+        assert!(e.body.len() as u64 <= ENTRY_BYTES_MAX);
+        let within = data.as_ptr_range();
+        assert!(e.body.is_empty() || within.contains(&e.body.as_ptr()));
+        encode_entry(
+            &mut again,
+            e.ns,
+            e.key,
+            e.write_time_ms,
+            &e.sha256,
+            e.meta,
+            e.body,
+        );
+    }
+    assert_eq!(decode(&again).as_ref(), Ok(&entries));
 }
 
 /// `peer_get_response`: a peer's answer to a read-through (`GET /_peer/v1/get/...`), as the

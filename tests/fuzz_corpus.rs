@@ -417,6 +417,7 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     }
     out.extend(reapi_seeds());
     out.extend(meta_seeds());
+    out.extend(batch_seeds());
     for (name, body) in TURBO_BODIES {
         out.push(("turbo_bodies", name.to_string(), body.as_bytes().to_vec()));
     }
@@ -694,6 +695,73 @@ const TURBO_BODIES: &[(&str, &str)] = &[
     ("query-string-reserved", "slug=cas"),
     ("not-json", "{\"hashes\":"),
 ];
+
+/// Bodies of `POST /_peer/v1/batch`: what the sender writes, and the ways one can be wrong.
+fn batch_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    use sluice::replication::batch::encode_entry;
+    let sha = [7u8; 32];
+    let mut one = Vec::new();
+    encode_entry(&mut one, "ns", "k", 1_700_000_000_000, &sha, None, b"body");
+    let mut three = Vec::new();
+    encode_entry(&mut three, "cas", "ab", 1, &sha, None, b"");
+    encode_entry(
+        &mut three,
+        "ccache",
+        "a/b/c",
+        2,
+        &sha,
+        Some("bWV0YQ=="),
+        b"x y\nz",
+    );
+    encode_entry(&mut three, "ns", ".hidden", 3, &sha, None, &[0u8; 300]);
+    let hex = "07".repeat(32);
+    let mut out: Vec<(&'static str, String, Vec<u8>)> = vec![
+        ("peer_batch", "batch-one".into(), one.clone()),
+        ("peer_batch", "batch-three".into(), three.clone()),
+        ("peer_batch", "batch-empty".into(), Vec::new()),
+        (
+            "peer_batch",
+            "batch-torn".into(),
+            three[..three.len() - 7].to_vec(),
+        ),
+        (
+            "peer_batch",
+            "batch-five-fields".into(),
+            format!("ns k 1 {hex} 1\na").into_bytes(),
+        ),
+        (
+            "peer_batch",
+            "batch-long-len".into(),
+            format!("ns k 1 {hex} 99999999999 -\n").into_bytes(),
+        ),
+        (
+            "peer_batch",
+            "batch-bad-sha".into(),
+            b"ns k 1 xyz 1 -\na".to_vec(),
+        ),
+        (
+            "peer_batch",
+            "batch-no-newline".into(),
+            format!("ns k 1 {hex} 1 -").into_bytes(),
+        ),
+        (
+            "peer_batch",
+            "batch-leading-zeros".into(),
+            format!("ns k 007 {hex} 01 -\na").into_bytes(),
+        ),
+        (
+            "peer_batch",
+            "batch-empty-fields".into(),
+            format!("  0 {hex} 0 -\n").into_bytes(),
+        ),
+    ];
+    let mut many = Vec::new();
+    for i in 0..65 {
+        encode_entry(&mut many, "ns", &format!("k{i}"), i, &sha, None, b"");
+    }
+    out.push(("peer_batch", "batch-too-many".into(), many));
+    out
+}
 
 fn sluice_sha256_hex(data: &[u8]) -> String {
     use sha2::{Digest, Sha256};

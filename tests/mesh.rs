@@ -243,6 +243,81 @@ fn a_node_killed_before_a_burst_converges_after_restart() {
     }
 }
 
+/// Small writes queued for a peer go to it in batches (`POST
+/// /_peer/v1/batch`, committed together): 600 small writes and a large one
+/// written while B is down, a delete among them. When B returns, every
+/// write is stored on B exactly once (the stored counter is the count, each
+/// GET the bytes), the large one travels alone, the deleted one not at
+/// all, and most requests carried many writes.
+#[test]
+fn writes_queued_for_a_peer_go_in_batches_and_each_lands_once() {
+    let mut mesh = Mesh::start(2, &[]);
+    let (a, b) = (mesh.addr(0), mesh.addr(1));
+    mesh.kill(1);
+    let mut writes: Vec<Artifact> = (0..600u64)
+        .map(|i| artifact(40_000 + i, 100 + (i as usize * 97) % 8000))
+        .collect();
+    writes.insert(300, artifact(41_003, 200 * 1024));
+    for art in &writes {
+        put_ok(a, art);
+    }
+    // A generic key (i % 4 == 3), written and then deleted.
+    let gone = artifact(42_003, 500);
+    put_ok(a, &gone);
+    assert_eq!(http(a, "DELETE", &gone.path, &[], b"").status, 204);
+    mesh.restart(1, &[]);
+    let stored = || {
+        metric(
+            b,
+            "sluice_replication_received_requests_total",
+            &["result=\"stored\""],
+        )
+    };
+    wait_for("B to store every write", Duration::from_secs(60), || {
+        stored() >= writes.len() as f64
+    });
+    // Nothing more arrives late (a second copy would count as kept).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(stored(), writes.len() as f64);
+    for art in &writes {
+        assert!(holds(b, art), "{} differs on B", art.path);
+    }
+    assert_eq!(status_of(b, "GET", &gone.path), 404);
+    assert_eq!(
+        metric(
+            a,
+            "sluice_replication_sent_requests_total",
+            &["result=\"ok\""]
+        ),
+        writes.len() as f64 + 1.0,
+        "each write (and the delete) acknowledged once"
+    );
+    let batches = metric(a, "sluice_replication_sent_batches_total", &[]);
+    let singles = metric(
+        b,
+        "sluice_requests_total",
+        &["route=\"peer\"", "method=\"PUT\""],
+    );
+    println!(
+        "{} writes went in {batches} batches and {singles} single PUTs",
+        writes.len()
+    );
+    // Small writes go only in batches; the large one and the delete alone.
+    assert!(batches >= 600.0 / 64.0, "{batches} batches");
+    assert!(
+        batches + singles <= writes.len() as f64 / 20.0,
+        "{batches} batches and {singles} single PUTs for {} writes: most should go in batches",
+        writes.len()
+    );
+    assert!(
+        metric(
+            b,
+            "sluice_replication_received_batches_total",
+            &["result=\"ok\""]
+        ) >= batches - 1.0
+    );
+}
+
 #[test]
 fn a_node_killed_mid_replication_finishes_from_its_outbox() {
     let mut mesh = Mesh::start(3, &[]);

@@ -141,6 +141,18 @@ impl OutboxCursor {
         self.in_flight_bytes = 0;
     }
 
+    /// The entry `start` waiting for a retry stands for `parts` (start,
+    /// end, owed each): they wait instead, each on its own (a batch the
+    /// target does not take, to be sent one by one).
+    pub fn split_retry(&mut self, start: u64, parts: impl Iterator<Item = (u64, u64, Lag)>) {
+        if self.retry.remove(&start).is_none() {
+            return;
+        }
+        for (s, e, owed) in parts {
+            self.retry.insert(s, (e, owed));
+        }
+    }
+
     pub fn on_fail(&mut self, start: u64) {
         if let Some(entry) = self.take_in_flight(start) {
             self.retry.insert(start, entry);
@@ -167,6 +179,42 @@ impl OutboxCursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_the_target_refuses_is_retried_entry_by_entry() {
+        let mut c = OutboxCursor::at(0);
+        let owed = |i: u64| Lag::one(100, 1000 + i);
+        let mut batch = Lag::default();
+        for i in 0..3 {
+            batch.add(owed(i));
+        }
+        // Three entries of 10 bytes in one request.
+        c.on_sent(0, 30, batch);
+        assert_eq!(c.read_pos(), 30);
+        assert_eq!(c.pending().writes, 3);
+        c.on_fail(0);
+        c.split_retry(0, (0..3).map(|i| (i * 10, i * 10 + 10, owed(i))));
+        assert_eq!(c.retrying(), 3);
+        assert_eq!(c.pending(), batch, "the same writes still owed");
+        for i in 0..3 {
+            assert_eq!(
+                c.next(100, 8),
+                Some(Next::Again {
+                    start: i * 10,
+                    end: i * 10 + 10
+                })
+            );
+            c.on_sent(i * 10, i * 10 + 10, owed(i));
+        }
+        c.on_ack(10);
+        assert_eq!(c.acked(), 0);
+        c.on_ack(0);
+        c.on_ack(20);
+        assert_eq!(c.acked(), 30);
+        // Not waiting for a retry: nothing to split.
+        c.split_retry(30, std::iter::once((30, 40, owed(3))));
+        assert_eq!(c.retrying(), 0);
+    }
 
     #[test]
     fn cursor_acks_out_of_order_and_retries_first() {

@@ -16,12 +16,15 @@ use crate::outgoing::{FileBody, OutgoingResponse, TaskError};
 
 /// A request ready to go: head (or whole request), file body, body bytes.
 type Built = (Vec<u8>, Option<FileBody>, u64);
+/// The outbox entries one request carries: `(start, record, end)` each,
+/// consecutive in the outbox. One, or a batch of small writes.
+type Parts = Vec<(u64, Record, u64)>;
 use crate::store::Store;
 
 use super::policy::{Action, Failure, Membership, PeerPolicy, PeerState, Transition};
 use super::summary::{self, Entry, Query};
 use super::transport::{self, Transport};
-use super::{PeerView, Replication, AUTH_SCHEME};
+use super::{batch, PeerView, Replication, AUTH_SCHEME};
 use crate::delivery::outbox::{Op, Reader, Record};
 use crate::delivery::{Next, Rng};
 
@@ -65,6 +68,10 @@ pub enum Event {
         generation: u64,
         start: u64,
         bytes: u64,
+        /// Writes the request carried.
+        writes: u64,
+        /// Whether it was a batch (`POST /_peer/v1/batch`).
+        batch: bool,
         outcome: Result<OutgoingResponse, TaskError>,
         retried: bool,
     },
@@ -180,9 +187,13 @@ struct PeerRun {
     /// An entry read but not sent yet (no tokens, its key busy, the
     /// transport full): the next send takes it first.
     peeked: Option<(u64, Record, u64)>,
-    /// Entries in flight or failed and waiting, by outbox offset: a retry
-    /// sends them again without reading the outbox.
-    records: BTreeMap<u64, (Record, u64)>,
+    /// Entries in flight or failed and waiting, by outbox offset of the
+    /// first one of their request: a retry sends them again without reading
+    /// the outbox.
+    records: BTreeMap<u64, Parts>,
+    /// Whether the peer takes batches (`POST /_peer/v1/batch`); an older
+    /// version answers 404, and gets one write per request from then on.
+    batching: bool,
     /// Keys of the entries in flight. A key is never in flight twice to one
     /// peer: a PUT and the DELETE after it could otherwise arrive swapped,
     /// and without tombstones the peer would keep the artifact.
@@ -209,6 +220,56 @@ impl PeerRun {
             self.reader.seek(start);
         }
         self.reader.next(outbox)
+    }
+
+    /// Add to `parts` (one new small write) the small writes queued right
+    /// after it, up to a batch's bounds: consecutive in the outbox, each
+    /// key once and none in flight. The first entry that does not fit waits
+    /// in front of the reader.
+    fn gather(&mut self, outbox: &crate::delivery::outbox::Outbox, parts: &mut Parts) {
+        let small = batch::fits;
+        let Some((_, first, mut end)) = parts.first().cloned() else {
+            return;
+        };
+        if !small(&first) {
+            return;
+        }
+        let mut bytes = first.len;
+        let mut keys: HashSet<(String, String)> = HashSet::new();
+        keys.insert((first.ns, first.key));
+        if self.reader.pos() != end {
+            self.reader.seek(end);
+        }
+        while parts.len() < batch::ENTRIES_MAX && bytes < batch::BODY_BYTES_TARGET {
+            let found = match self.peeked.take() {
+                Some(p) if p.0 == end => Ok(Some(p)),
+                _ => self.reader.next(outbox),
+            };
+            match found {
+                Ok(Some((s, r, e))) => {
+                    let key = (r.ns.clone(), r.key.clone());
+                    let fits = s == end
+                        && small(&r)
+                        && bytes + r.len <= batch::BODY_BYTES_TARGET
+                        && !self.keys_in_flight.contains(&key)
+                        && !keys.contains(&key);
+                    if !fits {
+                        self.peeked = Some((s, r, e));
+                        break;
+                    }
+                    bytes += r.len;
+                    end = e;
+                    keys.insert(key);
+                    parts.push((s, r, e));
+                }
+                Ok(None) | Err(_) => {
+                    // Read again from here next time (an error is the
+                    // reader's to report then).
+                    self.reader.seek(end);
+                    break;
+                }
+            }
+        }
     }
 
     /// The policy found the peer down and gave up what was in flight for
@@ -242,7 +303,7 @@ impl PeerRun {
     /// not repair anything written since, the outbox delivers it.
     fn oldest_pending_write_ms(&self, outbox: &crate::delivery::outbox::Outbox) -> u64 {
         let mut oldest = super::now_ms();
-        for (r, _) in self.records.values() {
+        for (_, r, _) in self.records.values().flatten() {
             oldest = oldest.min(r.write_time_ms);
         }
         let next = match &self.peeked {
@@ -267,7 +328,8 @@ impl PeerRun {
         self.keys_in_flight = self
             .records
             .values()
-            .map(|(r, _)| (r.ns.clone(), r.key.clone()))
+            .flatten()
+            .map(|(_, r, _)| (r.ns.clone(), r.key.clone()))
             .collect();
     }
 }
@@ -523,6 +585,7 @@ impl Driver {
                             reader: Reader::new(&self.r.outbox, acked),
                             peeked: None,
                             records: BTreeMap::new(),
+                            batching: true,
                             keys_in_flight: HashSet::new(),
                             paused_until: None,
                         },
@@ -799,20 +862,85 @@ impl Driver {
         Ok(Some((head.into_bytes(), Some(body), artifact.len)))
     }
 
-    /// Send the entry `next` to `name`; false when the loop should stop
-    /// for now (memory bound, unreadable outbox).
+    /// One `POST /_peer/v1/batch` for `parts` (small writes), the bodies
+    /// read into the request, and how many it carries: `None` when none of
+    /// the artifacts is left. An artifact gone since, or replaced by one too
+    /// large for a batch, is left out: the version that replaced it has its
+    /// own outbox entry.
+    fn build_batch(&self, addr: SocketAddr, parts: &Parts) -> Result<Option<(Built, u64)>, ()> {
+        use std::os::unix::fs::FileExt as _;
+        let mut body = Vec::new();
+        let mut bytes = 0u64;
+        let mut data = Vec::new();
+        let mut carried = 0u64;
+        for (_, record, _) in parts {
+            let (ns, key) = (record.ns.as_str(), record.key.as_str());
+            let artifact = match self.store.get(ns, key) {
+                Ok(Some(a)) if a.len <= batch::ENTRY_BYTES_MAX => a,
+                Ok(_) => continue,
+                Err(err) => {
+                    tracing::warn!(ns, key, error = %err, "replication: cannot open an artifact to send");
+                    continue;
+                }
+            };
+            data.resize(artifact.len as usize, 0);
+            if let Err(err) = artifact.file.read_exact_at(&mut data, artifact.body_offset) {
+                tracing::warn!(ns, key, error = %err, "replication: cannot read an artifact to send");
+                continue;
+            }
+            let meta = artifact.meta.as_ref().map(|m| m.to_header_value());
+            batch::encode_entry(
+                &mut body,
+                ns,
+                key,
+                artifact.write_time_ms().unwrap_or(0),
+                &artifact.sha256,
+                meta.as_deref(),
+                &data,
+            );
+            bytes += artifact.len;
+            carried += 1;
+        }
+        if body.is_empty() {
+            return Ok(None);
+        }
+        let mut request = format!(
+            "POST /_peer/v1/batch HTTP/1.1\r\nHost: {addr}\r\n{}Content-Length: {}\r\n\r\n",
+            self.auth_header(),
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        Ok(Some(((request, None, bytes), carried)))
+    }
+
+    /// Send the entry `next` to `name` (with the small writes queued after
+    /// it, as one batch); false when the loop should stop for now (memory
+    /// bound, unreadable outbox).
     fn send_next(&mut self, name: &str, next: Next) -> bool {
         let Some(run) = self.peers.get_mut(name) else {
             return false;
         };
-        let (start, record, end) = match next {
+        let parts: Parts = match next {
             Next::Again { start, end } => match run.records.get(&start) {
-                Some((record, _)) => (start, record.clone(), end),
+                Some(parts) if parts.len() > 1 && !run.batching => {
+                    // The peer does not take batches: the batch's entries
+                    // wait to go again one by one.
+                    let parts = run.records.remove(&start).unwrap_or_default();
+                    run.policy
+                        .cursor
+                        .split_retry(start, parts.iter().map(|(s, r, e)| (*s, *e, r.owed())));
+                    for part in parts {
+                        run.records.insert(part.0, vec![part]);
+                    }
+                    return true;
+                }
+                Some(parts) => parts.clone(),
                 None => {
                     // Not kept (cannot happen: every entry sent is kept
                     // until answered); read it again.
                     match self.r.outbox.read_at(start) {
-                        Ok(Some((record, end))) => (start, record, end),
+                        Ok(Some((record, end))) => vec![(start, record, end)],
                         _ => {
                             run.policy.cursor.skip(start, end);
                             run.policy.anti_entropy_due = true;
@@ -822,7 +950,7 @@ impl Driver {
                 }
             },
             Next::New { start } => match run.next_record(&self.r.outbox, start) {
-                Ok(Some(found)) => found,
+                Ok(Some(found)) => vec![found],
                 Ok(None) => return false,
                 Err(err) => {
                     tracing::error!(peer = name, error = %err, "outbox unreadable; anti-entropy will repair");
@@ -833,50 +961,69 @@ impl Driver {
                 }
             },
         };
-        let key = (record.ns.clone(), record.key.clone());
+        let (start, first, end) = &parts[0];
+        let start = *start;
+        let key = (first.ns.clone(), first.key.clone());
         if !run.records.contains_key(&start) && run.keys_in_flight.contains(&key) {
             // After the earlier entry for this key is answered.
-            run.peeked = Some((start, record, end));
+            run.peeked = parts.into_iter().next();
             return false;
         }
-        if self.send_record(name, start, end, &record, false) {
+        let first_end = *end;
+        let mut parts = parts;
+        if matches!(next, Next::New { .. }) && run.batching && batch::fits(&parts[0].1) {
+            let batches = run.records.values().filter(|p| p.len() > 1).count();
+            if batches >= batch::IN_FLIGHT_MAX {
+                // A small write waits for a batch's answer rather than going
+                // alone: one request per write is what batches replace.
+                run.peeked = parts.into_iter().next();
+                return false;
+            }
+            run.gather(&self.r.outbox, &mut parts);
+        }
+        if self.send_record(name, &parts, false) {
             return true;
         }
         // Not sent (no tokens, closing, nothing to build): a new entry
-        // waits in front of the reader; a retry stays in the cursor's list.
+        // waits in front of the reader (what was read after it is read
+        // again); a retry stays in the cursor's list.
         if let Some(run) = self.peers.get_mut(name) {
             if matches!(next, Next::New { .. }) && run.policy.cursor.read_pos() == start {
-                run.peeked = Some((start, record, end));
+                run.reader.seek(first_end);
+                run.peeked = parts.into_iter().next();
             }
         }
         false
     }
 
-    fn send_record(
-        &mut self,
-        name: &str,
-        start: u64,
-        end: u64,
-        record: &Record,
-        retried: bool,
-    ) -> bool {
+    fn send_record(&mut self, name: &str, parts: &Parts, retried: bool) -> bool {
         if self.closing {
             return false;
         }
+        let (Some((start, first, _)), Some((_, _, end))) = (parts.first(), parts.last()) else {
+            return true;
+        };
+        let (start, end) = (*start, *end);
         let Some(addr) = self.peers.get(name).map(|r| r.addr) else {
             return false;
         };
-        if record.op == Op::Put && self.throttled_until.is_some_and(|t| Instant::now() < t) {
+        if first.op == Op::Put && self.throttled_until.is_some_and(|t| Instant::now() < t) {
             return false; // no tokens: do not even open the artifact yet
         }
-        let (bytes, file_body, body) = match self.build(addr, record) {
+        let built = if parts.len() == 1 {
+            self.build(addr, first).map(|b| b.map(|b| (b, 1)))
+        } else {
+            self.build_batch(addr, parts)
+        };
+        let ((bytes, file_body, body), writes) = match built {
             Ok(Some(built)) => built,
             Ok(None) => {
                 if let Some(run) = self.peers.get_mut(name) {
                     run.policy.cursor.skip(start, end);
                     if run.records.remove(&start).is_some() {
-                        run.keys_in_flight
-                            .remove(&(record.ns.clone(), record.key.clone()));
+                        for (_, r, _) in parts {
+                            run.keys_in_flight.remove(&(r.ns.clone(), r.key.clone()));
+                        }
                     }
                 }
                 return true;
@@ -890,14 +1037,25 @@ impl Driver {
         }
         if let Some(run) = self.peers.get_mut(name) {
             if !retried {
-                run.policy.cursor.on_sent(start, end, record.owed());
+                let mut owed = crate::delivery::Lag::default();
+                for (_, r, _) in parts {
+                    owed.add(r.owed());
+                }
+                run.policy.cursor.on_sent(start, end, owed);
             }
-            run.keys_in_flight
-                .insert((record.ns.clone(), record.key.clone()));
-            run.records.insert(start, (record.clone(), end));
+            for (_, r, _) in parts {
+                run.keys_in_flight.insert((r.ns.clone(), r.key.clone()));
+            }
+            run.records.insert(start, parts.clone());
         }
         self.in_flight_bytes += body;
         self.count_attempt(name, retried);
+        if parts.len() > 1 {
+            self.r
+                .series
+                .add("sluice_replication_sent_batches_total", label(name), 1);
+        }
+        let batch = parts.len() > 1;
         let tx = self.tx.clone();
         let peer = name.to_string();
         let timeout = self.r.settings.request_timeout;
@@ -913,6 +1071,8 @@ impl Driver {
                     generation,
                     start,
                     bytes: body,
+                    writes,
+                    batch,
                     outcome,
                     retried,
                 });
@@ -1018,6 +1178,8 @@ impl Driver {
                 generation,
                 start,
                 bytes,
+                writes,
+                batch,
                 outcome,
                 retried,
             } => {
@@ -1026,9 +1188,9 @@ impl Driver {
                     .get(&peer)
                     .is_some_and(|run| !run.policy.is_current(generation));
                 if stale {
-                    self.on_stale_sent(peer, start, bytes, outcome);
+                    self.on_stale_sent(peer, start, (bytes, writes), outcome);
                 } else {
-                    self.on_sent(now, peer, start, bytes, outcome, retried);
+                    self.on_sent(now, peer, start, (bytes, writes, batch), outcome, retried);
                 }
             }
             Event::Repaired {
@@ -1045,7 +1207,7 @@ impl Driver {
                 if stale {
                     // Sent again already (or about to be): only counted.
                     self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
-                    let _ = self.classify(&peer, &outcome, bytes);
+                    let _ = self.classify(&peer, &outcome, bytes, 1);
                 } else {
                     self.on_repaired(now, peer, id, bytes, outcome);
                 }
@@ -1113,7 +1275,7 @@ impl Driver {
         now: Instant,
         peer: String,
         start: u64,
-        bytes: u64,
+        (bytes, writes, batch): (u64, u64, bool),
         outcome: Result<OutgoingResponse, TaskError>,
         retried: bool,
     ) {
@@ -1126,20 +1288,34 @@ impl Driver {
                     .peers
                     .get(&peer)
                     .and_then(|run| run.records.get(&start).cloned());
-                if let Some((record, end)) = kept {
-                    if self.send_record(&peer, start, end, &record, true) {
+                if let Some(parts) = kept {
+                    if self.send_record(&peer, &parts, true) {
                         return;
                     }
                 }
             }
         }
-        let verdict = self.classify(&peer, &outcome, bytes);
+        if batch && outcome.as_ref().is_ok_and(|r| r.status == 404) {
+            // An older version without the batch route: its entries go
+            // again one by one (`send_next` splits them).
+            if let Some(run) = self.peers.get_mut(&peer) {
+                if run.batching {
+                    tracing::info!(%peer, "peer does not take batches; sending one write per request");
+                }
+                run.batching = false;
+                for (_, r, _) in run.records.get(&start).into_iter().flatten() {
+                    run.keys_in_flight.remove(&(r.ns.clone(), r.key.clone()));
+                }
+                run.policy.cursor.on_fail(start);
+            }
+            return;
+        }
+        let verdict = self.classify(&peer, &outcome, bytes, writes);
         let Some(run) = self.peers.get_mut(&peer) else {
             return;
         };
-        if let Some((record, _)) = run.records.get(&start) {
-            let key = (record.ns.clone(), record.key.clone());
-            run.keys_in_flight.remove(&key);
+        for (_, r, _) in run.records.get(&start).into_iter().flatten() {
+            run.keys_in_flight.remove(&(r.ns.clone(), r.key.clone()));
         }
         if matches!(verdict, Verdict::Done) {
             run.records.remove(&start);
@@ -1167,11 +1343,11 @@ impl Driver {
         &mut self,
         peer: String,
         start: u64,
-        bytes: u64,
+        (bytes, writes): (u64, u64),
         outcome: Result<OutgoingResponse, TaskError>,
     ) {
         self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
-        let verdict = self.classify(&peer, &outcome, bytes);
+        let verdict = self.classify(&peer, &outcome, bytes, writes);
         let Some(run) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -1190,7 +1366,7 @@ impl Driver {
         outcome: Result<OutgoingResponse, TaskError>,
     ) {
         self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
-        let verdict = self.classify(&peer, &outcome, bytes);
+        let verdict = self.classify(&peer, &outcome, bytes, 1);
         let Some(run) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -1275,17 +1451,20 @@ impl Driver {
         }
     }
 
+    /// What an answer means for the `writes` entries its request carried
+    /// (each counts in `sluice_replication_sent_requests_total`).
     fn classify(
         &self,
         peer: &str,
         outcome: &Result<OutgoingResponse, TaskError>,
         bytes: u64,
+        writes: u64,
     ) -> Verdict {
         let count = |result: &str| {
             self.r.series.add(
                 "sluice_replication_sent_requests_total",
                 format!("peer=\"{peer}\",result=\"{result}\""),
-                1,
+                writes,
             );
         };
         if outcome.as_ref().is_ok_and(|r| r.reused_connection) {

@@ -15,6 +15,7 @@
 //!
 //! See `docs/replication.md` for the model and its guarantees.
 
+pub mod batch;
 pub mod driver;
 pub mod peer_api;
 pub mod policy;
@@ -122,7 +123,9 @@ pub const SERIES: &[(&str, &str, &str)] = &[
     ("sluice_replication_outbox_overflows_total", "counter", "Times the peer's backlog passed replication_outbox_bytes_max (anti-entropy repairs it)."),
     ("sluice_replication_sent_requests_total", "counter", "Replication requests sent, by peer and result (ok, rejected, full, failed)."),
     ("sluice_replication_sent_bytes_total", "counter", "Artifact body bytes replicated to the peer."),
-    ("sluice_replication_received_requests_total", "counter", "Peer API requests received, by result."),
+    ("sluice_replication_received_requests_total", "counter", "Peer API requests received, by result; each write of a batch counts as one."),
+    ("sluice_replication_sent_batches_total", "counter", "Batch requests sent to the peer (many small writes in one request; each write also counts in sluice_replication_sent_requests_total's result), by result."),
+    ("sluice_replication_received_batches_total", "counter", "Batch requests received from peers, by result (ok; retry: an entry found no room or failed, the sender sends the batch again; bad)."),
     ("sluice_replication_received_bytes_total", "counter", "Artifact body bytes received from peers and stored."),
     ("sluice_anti_entropy_runs_total", "counter", "Anti-entropy comparisons with the peer, by result."),
     ("sluice_anti_entropy_buckets_compared_total", "counter", "Summary buckets compared."),

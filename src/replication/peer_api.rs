@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /_peer/v1/hello` | the probe: `{"node_id": ...}` |
 //! | `PUT /_peer/v1/put/{ns}/{key}/{write_time_ms}/{sha256}` | a replicated write (body: the artifact, `Content-Length` its length; `x-sluice-meta`: the response headers it keeps, if any) |
+//! | `POST /_peer/v1/batch` | many small replicated writes, committed together (see [`super::batch`]) |
 //! | `DELETE /_peer/v1/delete/{ns}/{key}/{write_time_ms}` | a replicated delete |
 //! | `GET /_peer/v1/summary` | anti-entropy: 4096 bucket digests |
 //! | `GET /_peer/v1/buckets/{b,b,...}[/after/{hex of ns/key}]` | anti-entropy: a page of the entries of those buckets (at most 4,096, then `more`) |
@@ -27,7 +28,7 @@ use crate::store::format::{Meta, META_HEADER};
 use crate::store::{valid_key, valid_namespace, DeleteAt, PutOptions, StoreError};
 
 use super::summary::Query;
-use super::Replication;
+use super::{batch, Replication};
 
 impl PeerService for Replication {
     fn handle(self: Arc<Self>, app: &App, req: &RequestInfo<'_>, rest: &str) -> Decision {
@@ -68,6 +69,7 @@ pub fn handle(
         ("PUT", ["v1", "put", ns, key @ .., time, sha]) if !key.is_empty() => {
             put(app, replication, req, ns, &key.join("/"), time, sha, &count)
         }
+        ("POST", ["v1", "batch"]) => batch(app, replication, req, &count),
         ("DELETE", ["v1", "delete", ns, key @ .., time]) if !key.is_empty() => {
             reply(delete(app, ns, &key.join("/"), time, &count))
         }
@@ -244,6 +246,215 @@ fn put(
         }
         Err(err) => refuse(Reply::error(err.status(), &err.to_string())),
     }
+}
+
+/// `POST /_peer/v1/batch`: the body is collected in memory (at most
+/// [`batch::BODY_BYTES_MAX`]) on a background thread, paced by this node's
+/// limiter like a single write, then applied by [`apply_batch`].
+fn batch(
+    app: &App,
+    replication: &Arc<Replication>,
+    req: &RequestInfo<'_>,
+    count: &dyn Fn(&str),
+) -> Decision {
+    let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
+    let refuse = |r: Reply| {
+        count("bad");
+        Decision::Reply(if has_body { r.closing() } else { r })
+    };
+    let Some(len) = req.content_length else {
+        return refuse(Reply::error(411, "a batch needs Content-Length"));
+    };
+    if len > batch::BODY_BYTES_MAX {
+        return refuse(Reply::error(
+            413,
+            &format!("a batch body is at most {} bytes", batch::BODY_BYTES_MAX),
+        ));
+    }
+    let store = app.store.clone();
+    let r = Arc::clone(replication);
+    let mut sink = PutSink::collecting(
+        batch::BODY_BYTES_MAX,
+        Box::new(move |body| apply_batch(&store, &r, body)),
+    );
+    let limiter = Arc::clone(&replication.limiter);
+    sink.set_pacer(Arc::new(move |now, n| limiter.acquire_inbound(now, n)));
+    Decision::ReceiveBody(background(sink))
+}
+
+/// What became of one entry of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    Stored,
+    Kept,
+    /// Refused for good (bad name, digest mismatch): the status a PUT gets.
+    Rejected(u16),
+    Full,
+    Failed(u16),
+}
+
+impl Applied {
+    fn of_error(err: &StoreError) -> Applied {
+        match err {
+            StoreError::NoSpace => Applied::Full,
+            err if err.status() < 500 => Applied::Rejected(err.status()),
+            err => Applied::Failed(err.status()),
+        }
+    }
+
+    /// The `result` label of `sluice_replication_received_requests_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Applied::Stored => "stored",
+            Applied::Kept => "kept",
+            Applied::Rejected(_) => "bad",
+            Applied::Full => "full",
+            Applied::Failed(_) => "failed",
+        }
+    }
+}
+
+/// Check every entry as [`put`] would, write the ones that win, and commit
+/// those together. Runs where the body was received (a background thread).
+pub(super) fn apply_batch(
+    store: &crate::store::Store,
+    replication: &Arc<Replication>,
+    body: &[u8],
+) -> Reply {
+    let entries = match batch::decode(body) {
+        Ok(entries) => entries,
+        Err(why) => {
+            replication.series.add(
+                "sluice_replication_received_batches_total",
+                "result=\"bad\"".to_string(),
+                1,
+            );
+            return Reply::error(400, &format!("batch: {why}"));
+        }
+    };
+    let epoch = replication.full_epoch();
+    let body_bytes_max = replication.settings.body_bytes_max;
+    let mut outcomes: Vec<Option<Applied>> = Vec::with_capacity(entries.len());
+    let mut writers = Vec::new();
+    for entry in &entries {
+        match begin_entry(store, body_bytes_max, entry) {
+            Ok(writer) => {
+                writers.push(writer);
+                outcomes.push(None);
+            }
+            Err(applied) => outcomes.push(Some(applied)),
+        }
+    }
+    let mut results = store.commit_batch(writers).into_iter();
+    let mut stored_bytes = 0u64;
+    for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
+        *outcome = Some(match results.next() {
+            Some(Ok(committed)) if committed.superseded => Applied::Kept,
+            Some(Ok(committed)) => {
+                stored_bytes += committed.len;
+                Applied::Stored
+            }
+            Some(Err(err)) => {
+                if matches!(err, StoreError::NoSpace) {
+                    replication.write_failed(&err);
+                }
+                Applied::of_error(&err)
+            }
+            None => Applied::Failed(500),
+        });
+    }
+    let outcomes: Vec<Applied> = outcomes.into_iter().flatten().collect();
+    let mut text = String::with_capacity(outcomes.len() * 8);
+    for applied in &outcomes {
+        replication.series.add(
+            "sluice_replication_received_requests_total",
+            format!("result=\"{}\"", applied.label()),
+            1,
+        );
+        match applied {
+            Applied::Rejected(status) | Applied::Failed(status) => {
+                text.push_str(&format!("{} {status}\n", applied.label()));
+            }
+            _ => {
+                text.push_str(applied.label());
+                text.push('\n');
+            }
+        }
+    }
+    if stored_bytes > 0 {
+        replication.series.add(
+            "sluice_replication_received_bytes_total",
+            String::new(),
+            stored_bytes,
+        );
+    }
+    let status = if outcomes.contains(&Applied::Full) {
+        507
+    } else if outcomes.iter().any(|o| matches!(o, Applied::Failed(_))) {
+        503
+    } else {
+        200
+    };
+    if outcomes
+        .iter()
+        .any(|o| matches!(o, Applied::Stored | Applied::Kept))
+    {
+        replication.note_room(epoch);
+    }
+    replication.series.add(
+        "sluice_replication_received_batches_total",
+        format!("result=\"{}\"", if status == 200 { "ok" } else { "retry" }),
+        1,
+    );
+    Reply::text(status, text)
+}
+
+/// One batch entry up to its commit: `Err` is its outcome without one
+/// (kept, refused, no room).
+fn begin_entry(
+    store: &crate::store::Store,
+    body_bytes_max: u64,
+    entry: &batch::Entry<'_>,
+) -> Result<crate::store::PutWriter, Applied> {
+    let (ns, key, write_time_ms) = (entry.ns, entry.key, entry.write_time_ms);
+    if !valid_namespace(ns) || !valid_key(key) {
+        return Err(Applied::Rejected(400));
+    }
+    let meta = match entry.meta.map(|m| Meta::from_header_value(m.as_bytes())) {
+        None => Meta::default(),
+        Some(Ok(meta)) => meta,
+        Some(Err(_)) => return Err(Applied::Rejected(400)),
+    };
+    if store
+        .tombstone_time(ns, key)
+        .is_some_and(|t| t >= write_time_ms)
+    {
+        return Err(Applied::Kept);
+    }
+    match store.get(ns, key) {
+        Ok(Some(local)) => {
+            let local_time = local.write_time_ms().unwrap_or(0);
+            if ns == "cas" || (local_time, local.sha256) >= (write_time_ms, entry.sha256) {
+                return Err(Applied::Kept);
+            }
+        }
+        Ok(None) => {}
+        Err(err) => return Err(Applied::of_error(&err)),
+    }
+    let options = PutOptions {
+        expected_len: Some(entry.body.len() as u64),
+        expected_sha256: Some(entry.sha256),
+        body_bytes_max,
+        write_time_ms: Some(write_time_ms),
+        last_writer_wins: true,
+    };
+    let mut writer = store
+        .begin_put_with(ns, key, options, meta)
+        .map_err(|err| Applied::of_error(&err))?;
+    writer
+        .write(entry.body)
+        .map_err(|err| Applied::of_error(&err))?;
+    Ok(writer)
 }
 
 /// A replicated write's body is replication's work: received, hashed and
