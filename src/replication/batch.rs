@@ -30,11 +30,12 @@ pub const ENTRIES_MAX: usize = 64;
 pub const ENTRY_BYTES_MAX: u64 = 64 * 1024;
 /// The sender stops adding entries at this many artifact bytes.
 pub const BODY_BYTES_TARGET: u64 = 512 * 1024;
-/// Batches in flight (or waiting for a retry) to one peer at most: each
-/// holds its body in the sender's memory (a single write is spliced from
-/// its file), so this bounds that memory to about 2 MiB a peer. Past it,
-/// the next small write waits for an answer (a batch carries 64).
-pub const IN_FLIGHT_MAX: usize = 4;
+/// Artifact bytes of the batches in flight (or waiting for a retry) to one
+/// peer at most: each batch holds its body in the sender's memory (a single
+/// write is spliced from its file). Past it, the next small write waits for
+/// an answer. Bytes, not batches: while writes trickle in, batches are small
+/// and many may be in flight (as many as the peer's window).
+pub const IN_FLIGHT_BYTES_MAX: u64 = 2 * 1024 * 1024;
 /// Longest entry line (names and a meta value of at most 4 KiB as base64).
 pub const LINE_BYTES_MAX: usize = 8 * 1024;
 /// The largest batch body a receiver takes (413 past it): every entry at

@@ -972,8 +972,14 @@ impl Driver {
         let first_end = *end;
         let mut parts = parts;
         if matches!(next, Next::New { .. }) && run.batching && batch::fits(&parts[0].1) {
-            let batches = run.records.values().filter(|p| p.len() > 1).count();
-            if batches >= batch::IN_FLIGHT_MAX {
+            let batched: u64 = run
+                .records
+                .values()
+                .filter(|p| p.len() > 1)
+                .flatten()
+                .map(|(_, r, _)| r.len)
+                .sum();
+            if batched + batch::BODY_BYTES_TARGET > batch::IN_FLIGHT_BYTES_MAX {
                 // A small write waits for a batch's answer rather than going
                 // alone: one request per write is what batches replace.
                 run.peeked = parts.into_iter().next();
