@@ -715,46 +715,28 @@ fn batch_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     );
     encode_entry(&mut three, "ns", ".hidden", 3, &sha, None, &[0u8; 300]);
     let hex = "07".repeat(32);
-    let mut out: Vec<(&'static str, String, Vec<u8>)> = vec![
-        ("peer_batch", "batch-one".into(), one.clone()),
-        ("peer_batch", "batch-three".into(), three.clone()),
-        ("peer_batch", "batch-empty".into(), Vec::new()),
+    let named: Vec<(&str, Vec<u8>)> = vec![
+        ("one", one),
+        ("three", three.clone()),
+        ("empty", Vec::new()),
+        ("torn", three[..three.len() - 7].to_vec()),
+        ("five-fields", format!("ns k 1 {hex} 1\na").into_bytes()),
         (
-            "peer_batch",
-            "batch-torn".into(),
-            three[..three.len() - 7].to_vec(),
-        ),
-        (
-            "peer_batch",
-            "batch-five-fields".into(),
-            format!("ns k 1 {hex} 1\na").into_bytes(),
-        ),
-        (
-            "peer_batch",
-            "batch-long-len".into(),
+            "long-len",
             format!("ns k 1 {hex} 99999999999 -\n").into_bytes(),
         ),
+        ("bad-sha", b"ns k 1 xyz 1 -\na".to_vec()),
+        ("no-newline", format!("ns k 1 {hex} 1 -").into_bytes()),
         (
-            "peer_batch",
-            "batch-bad-sha".into(),
-            b"ns k 1 xyz 1 -\na".to_vec(),
-        ),
-        (
-            "peer_batch",
-            "batch-no-newline".into(),
-            format!("ns k 1 {hex} 1 -").into_bytes(),
-        ),
-        (
-            "peer_batch",
-            "batch-leading-zeros".into(),
+            "leading-zeros",
             format!("ns k 007 {hex} 01 -\na").into_bytes(),
         ),
-        (
-            "peer_batch",
-            "batch-empty-fields".into(),
-            format!("  0 {hex} 0 -\n").into_bytes(),
-        ),
+        ("empty-fields", format!("  0 {hex} 0 -\n").into_bytes()),
     ];
+    let mut out: Vec<(&'static str, String, Vec<u8>)> = named
+        .into_iter()
+        .map(|(name, bytes)| ("peer_batch", format!("batch-{name}"), bytes))
+        .collect();
     let mut many = Vec::new();
     for i in 0..65 {
         encode_entry(&mut many, "ns", &format!("k{i}"), i, &sha, None, b"");

@@ -144,11 +144,7 @@ fn put(
     sha: &str,
     count: &dyn Fn(&str),
 ) -> Decision {
-    let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
-    let refuse = |r: Reply| {
-        count("bad");
-        Decision::Reply(if has_body { r.closing() } else { r })
-    };
+    let refuse = refuser(req, count);
     let write_time_ms = match parse_write(ns, key, time) {
         Ok(t) => t,
         Err(r) => return refuse(r),
@@ -248,6 +244,16 @@ fn put(
     }
 }
 
+/// How a write request is refused: counted as `bad`, and closing when a
+/// body follows (it is not read).
+fn refuser<'a>(req: &RequestInfo<'_>, count: &'a dyn Fn(&str)) -> impl Fn(Reply) -> Decision + 'a {
+    let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
+    move |r: Reply| {
+        count("bad");
+        Decision::Reply(if has_body { r.closing() } else { r })
+    }
+}
+
 /// `POST /_peer/v1/batch`: the body is collected in memory (at most
 /// [`batch::BODY_BYTES_MAX`]) on a background thread, paced by this node's
 /// limiter like a single write, then applied by [`apply_batch`].
@@ -257,11 +263,7 @@ fn batch(
     req: &RequestInfo<'_>,
     count: &dyn Fn(&str),
 ) -> Decision {
-    let has_body = req.chunked || req.content_length.is_some_and(|n| n > 0);
-    let refuse = |r: Reply| {
-        count("bad");
-        Decision::Reply(if has_body { r.closing() } else { r })
-    };
+    let refuse = refuser(req, count);
     let Some(len) = req.content_length else {
         return refuse(Reply::error(411, "a batch needs Content-Length"));
     };

@@ -778,9 +778,8 @@ mod tests {
         assert!(tier.may_evict(&rel));
     }
 
-    #[test]
-    fn a_full_queue_refuses_puts_with_507() {
-        let tmp = tempfile::tempdir().unwrap();
+    /// A tier whose 4 KiB queue is full: the next PUT would be refused.
+    fn full_tier(tmp: &tempfile::TempDir) -> Arc<Tier> {
         let store = Store::open(StoreConfig {
             data_dir: tmp.path().join("data"),
             ..StoreConfig::default()
@@ -794,6 +793,13 @@ mod tests {
             queued += 1;
             assert!(queued < 1000, "never full");
         }
+        tier
+    }
+
+    #[test]
+    fn a_full_queue_refuses_puts_with_507() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tier = full_tier(&tmp);
         let reply = tier.refuse_put().unwrap();
         assert_eq!(reply.status, 507);
         assert!(reply.headers.iter().any(|(k, _)| *k == "retry-after"));
@@ -804,18 +810,7 @@ mod tests {
     #[test]
     fn a_queue_the_upload_loop_drained_takes_puts_before_the_cursor_is_synced() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(StoreConfig {
-            data_dir: tmp.path().join("data"),
-            ..StoreConfig::default()
-        })
-        .unwrap();
-        let tier = Tier::open(settings(4096), tmp.path(), store, None).unwrap();
-        let mut queued = 0;
-        while tier.refuse_put().is_none() {
-            tier.queue_put(tier.hold("ns", &format!("k{queued}")), 1, 1)
-                .unwrap();
-            queued += 1;
-        }
+        let tier = full_tier(&tmp);
         // The upload loop took everything; the outbox has not heard yet
         // (it is told every 200 ms).
         lock(&tier.view).acked = tier.outbox.end();
