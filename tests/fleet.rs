@@ -706,7 +706,7 @@ fn a_steady_stream_reaches_every_peer_and_the_bucket_once_each() {
     // A write reaches a peer a second time only when an earlier attempt
     // failed as A saw it (its answer lost or late: a timeout, a peer found
     // down while it was in flight) or as an anti-entropy repair by any node
-    // (a peer's listing may be 5 s old; B repairs to C what it got from A):
+    // (B repairs to C what it got from A):
     // at least once, and more only after a failure or a repair counted.
     // Every node compares with every peer: B, holding A's writes, may repair
     // one to C that A's outbox is still delivering (the comparison's cutoff

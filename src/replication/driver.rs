@@ -111,6 +111,9 @@ enum AeJob {
         /// Repairs of entries written at or after this (ms) are left out:
         /// the outbox still holds every such write of this node for the peer.
         cutoff_ms: u64,
+        /// When the cutoff was taken: the peer's listings must come from a
+        /// walk begun after it (see `summary::MAX_AGE_HEADER`).
+        cutoff_at: Instant,
         /// How far the peer's repairs have drained: the comparison waits
         /// while too many are queued.
         flow: Arc<RepairFlow>,
@@ -677,6 +680,7 @@ impl Driver {
                             peer: name.to_string(),
                             addr,
                             cutoff_ms,
+                            cutoff_at: now,
                             flow,
                         })
                         .is_err()
@@ -1650,10 +1654,11 @@ fn fetch(
     addr: SocketAddr,
     path: &str,
     secret: &str,
+    extra_headers: &str,
 ) -> Result<OutgoingResponse, String> {
     let (tx, rx) = sync_channel(1);
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {AUTH_SCHEME} {secret}\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {AUTH_SCHEME} {secret}\r\n{extra_headers}\r\n"
     );
     transport.submit(transport::request(
         addr,
@@ -1679,10 +1684,20 @@ fn query(
     transport: &Transport,
     addr: SocketAddr,
     path: &str,
+    fresh_since: Option<Instant>,
 ) -> Result<Vec<u8>, String> {
     let deadline = Instant::now() + QUERY_WAIT;
     loop {
-        let resp = fetch(transport, addr, path, &r.peer_secret_text())?;
+        // A listing whose walk began after `fresh_since` (rounded up to the
+        // millisecond; an older one is computed again).
+        let header = fresh_since.map_or(String::new(), |at| {
+            format!(
+                "{}: {}\r\n",
+                summary::MAX_AGE_HEADER,
+                at.elapsed().as_millis() + 1
+            )
+        });
+        let resp = fetch(transport, addr, path, &r.peer_secret_text(), &header)?;
         match resp.status {
             200 => return Ok(resp.body),
             503 if Instant::now() < deadline => {
@@ -1708,6 +1723,7 @@ fn anti_entropy_loop(
                 peer,
                 addr,
                 cutoff_ms,
+                cutoff_at,
                 flow,
             } => {
                 // Before the walk, so the summary no longer counts them.
@@ -1724,6 +1740,7 @@ fn anti_entropy_loop(
                     addr,
                     peer: &peer,
                     cutoff_ms,
+                    cutoff_at,
                     flow: &flow,
                     tx,
                 };
@@ -1741,6 +1758,7 @@ struct Comparison<'a> {
     addr: SocketAddr,
     peer: &'a str,
     cutoff_ms: u64,
+    cutoff_at: Instant,
     flow: &'a RepairFlow,
     tx: &'a Sender<Event>,
 }
@@ -1756,7 +1774,13 @@ impl Comparison<'_> {
         let data_dir = self.r.summaries.data_dir();
         let (ours, counts) = summary::compute_counted(data_dir)
             .map_err(|e| format!("summing up {}: {e}", data_dir.display()))?;
-        let theirs = query(self.r, self.transport, self.addr, &Query::Summary.path())?;
+        let theirs = query(
+            self.r,
+            self.transport,
+            self.addr,
+            &Query::Summary.path(),
+            None,
+        )?;
         let theirs = summary::decode_summary(&theirs).ok_or("malformed summary")?;
         let differing: Vec<usize> = (0..summary::BUCKETS)
             .filter(|&b| ours[b] != theirs[b])
@@ -1782,7 +1806,13 @@ impl Comparison<'_> {
                     return Ok((Vec::new(), false));
                 }
                 let path = Query::Buckets(buckets.clone(), after.clone()).path();
-                let body = query(self.r, self.transport, self.addr, &path)?;
+                let body = query(
+                    self.r,
+                    self.transport,
+                    self.addr,
+                    &path,
+                    Some(self.cutoff_at),
+                )?;
                 summary::decode_listing(&body).ok_or_else(|| "malformed listing".to_string())
             });
             summary::repairs_between(&mut our_pages, &mut their_pages, |entry| {

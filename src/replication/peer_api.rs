@@ -81,7 +81,7 @@ pub fn handle(
             &key.join("/"),
             &count,
         )),
-        ("GET", ["v1", "summary"]) => reply(query(replication, Query::Summary, &count)),
+        ("GET", ["v1", "summary"]) => reply(query(replication, req, Query::Summary, &count)),
         ("GET", ["v1", "buckets", list, tail @ ..]) => {
             // A later page: `.../after/{hex of ns/key}`.
             let after = match tail {
@@ -106,7 +106,7 @@ pub fn handle(
                 .collect();
             match buckets {
                 Some(b) if !b.is_empty() && b.len() <= super::summary::QUERY_BUCKETS_MAX => {
-                    reply(query(replication, Query::Buckets(b, after), &count))
+                    reply(query(replication, req, Query::Buckets(b, after), &count))
                 }
                 _ => {
                     count("bad");
@@ -551,8 +551,18 @@ fn delete(app: &App, ns: &str, key: &str, time: &str, count: &dyn Fn(&str)) -> R
 /// Summaries are computed off the engine threads (they walk the data
 /// directory): the first ask queues the work and answers 503; the asker
 /// retries and gets the cached answer.
-fn query(replication: &Replication, q: Query, count: &dyn Fn(&str)) -> Reply {
-    match replication.summaries.get_or_request(&q) {
+fn query(
+    replication: &Replication,
+    req: &RequestInfo<'_>,
+    q: Query,
+    count: &dyn Fn(&str),
+) -> Reply {
+    let max_age = req
+        .header(super::summary::MAX_AGE_HEADER)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(std::time::Duration::from_millis);
+    match replication.summaries.get_or_request(&q, max_age) {
         Some(body) => {
             count("summary");
             let mut r = Reply::text(200, String::new());

@@ -347,7 +347,16 @@ impl Query {
     }
 }
 
+/// A computed answer: its query, when its walk of the data directory began,
+/// and its bytes.
 type Ready = (Query, Instant, Arc<Vec<u8>>);
+
+/// The request header by which a comparing peer asks for a listing whose
+/// walk began at most this many milliseconds ago: it took its cutoff then
+/// (every write it had acknowledged before is in this node's store), so an
+/// older cached listing could miss a write its outbox delivered in between
+/// and make it repair that write a second time.
+pub const MAX_AGE_HEADER: &str = "x-sluice-max-age-ms";
 
 /// Answers computed off the engine threads, for the peer API.
 pub struct Cache {
@@ -363,15 +372,22 @@ impl Cache {
         }
     }
 
-    /// The answer if fresh; otherwise queue the query (bounded) and `None`.
-    pub fn get_or_request(&self, q: &Query) -> Option<Arc<Vec<u8>>> {
+    /// The answer if fresh (its walk began less than [`CACHE_FRESH`] ago,
+    /// and less than `max_age` when the asker gives one); otherwise queue
+    /// the query (bounded) and `None`.
+    pub fn get_or_request(&self, q: &Query, max_age: Option<Duration>) -> Option<Arc<Vec<u8>>> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         inner
             .0
             .retain(|(_, at, _)| now.duration_since(*at) < CACHE_FRESH);
-        if let Some((_, _, body)) = inner.0.iter().find(|(query, _, _)| query == q) {
-            return Some(Arc::clone(body));
+        let fresh = max_age.map_or(CACHE_FRESH, |m| m.min(CACHE_FRESH));
+        if let Some(i) = inner.0.iter().position(|(query, _, _)| query == q) {
+            if now.duration_since(inner.0[i].1) < fresh {
+                return Some(Arc::clone(&inner.0[i].2));
+            }
+            // Too old for this asker: computed again (and replaced).
+            inner.0.remove(i);
         }
         if !inner.1.contains(q) && inner.1.len() < CACHE_SLOTS_MAX {
             inner.1.push(q.clone());
@@ -397,6 +413,7 @@ impl Cache {
         let pending =
             std::mem::take(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner).1);
         for q in pending {
+            let started = Instant::now();
             let body = match &q {
                 Query::Summary => compute(&self.data_dir).map(|s| encode_summary(&s)),
                 Query::Buckets(b, after) => {
@@ -411,7 +428,8 @@ impl Cache {
                     if inner.0.len() >= CACHE_SLOTS_MAX {
                         inner.0.remove(0);
                     }
-                    inner.0.push((q, Instant::now(), Arc::new(body)));
+                    inner.0.retain(|(query, _, _)| *query != q);
+                    inner.0.push((q, started, Arc::new(body)));
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, "anti-entropy: cannot walk the data directory")
@@ -554,6 +572,33 @@ mod tests {
             len: 0,
             deleted: true,
         }
+    }
+
+    /// The 5 s cache answers a comparing peer only with a listing walked
+    /// after its cutoff: a listing from before a write arrived here would
+    /// make it repair that write a second time.
+    #[test]
+    fn a_listing_older_than_the_askers_cutoff_is_walked_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().to_path_buf());
+        let q = Query::Buckets(vec![1, 2], None);
+        assert!(cache.get_or_request(&q, None).is_none(), "computed first");
+        cache.serve_pending();
+        assert!(cache.get_or_request(&q, None).is_some());
+        std::thread::sleep(Duration::from_millis(30));
+        // Walked 30 ms ago: fresh for an asker whose cutoff is older, not
+        // for one whose cutoff came after the walk.
+        assert!(cache
+            .get_or_request(&q, Some(Duration::from_millis(1000)))
+            .is_some());
+        assert!(cache
+            .get_or_request(&q, Some(Duration::from_millis(10)))
+            .is_none());
+        assert!(cache.has_pending(), "queued to be walked again");
+        cache.serve_pending();
+        assert!(cache
+            .get_or_request(&q, Some(Duration::from_millis(1000)))
+            .is_some());
     }
 
     #[test]
