@@ -536,7 +536,31 @@ impl Shared {
         Ok(existed)
     }
 
-    /// Opens `data_dir/{ns}/{xx}`, creating it on first use.
+    /// Creates every shard directory of a namespace (`00` to `ff`) that is
+    /// missing, and makes them durable with one sync of the namespace
+    /// directory. One at a time, a fresh store paid a directory sync for
+    /// each of its first writes into a new shard (256 per namespace): a
+    /// batch of replicated writes synced dozens in a row, and a fresh
+    /// peer fell seconds behind (docs/benchmarks.md, "Replication at the
+    /// write rate"). The sync runs even when another thread made them: it
+    /// covers their creation too, before this write relies on them.
+    fn make_shards(&self, ns_fd: &OwnedFd, ns_path: &dyn fmt::Display) -> Result<(), StoreError> {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for hi in HEX {
+            for lo in HEX {
+                let name = [*hi, *lo];
+                let name = std::str::from_utf8(&name).unwrap_or("00");
+                match rustix::fs::mkdirat(ns_fd, name, Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(self.errno("create directory", ns_path, e)),
+                }
+            }
+        }
+        self.fsync_dir(ns_fd, ns_path)
+    }
+
+    /// Opens `data_dir/{ns}/{xx}`, creating it (and the namespace's other
+    /// shards) on first use.
     fn open_artifact_dir(&self, dir_rel: &str) -> Result<OwnedFd, StoreError> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
         match rustix::fs::openat(&self.data_dir_fd, dir_rel, flags, Mode::empty()) {
@@ -551,7 +575,7 @@ impl Shared {
         let ns_path = self.path(ns);
         let ns_fd = rustix::fs::openat(&self.data_dir_fd, ns, flags, Mode::empty())
             .map_err(|e| self.errno("open directory", &ns_path.display(), e))?;
-        self.mkdir(&ns_fd, shard, &ns_path.display())?;
+        self.make_shards(&ns_fd, &ns_path.display())?;
         rustix::fs::openat(&ns_fd, shard, flags, Mode::empty())
             .map_err(|e| self.errno("open directory", &self.path(dir_rel).display(), e))
     }

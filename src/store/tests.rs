@@ -332,15 +332,17 @@ fn dropped_writer_leaves_nothing() {
         drop(w);
         assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
         assert!(store.get("gen", "partial").unwrap().is_none());
-        // Only the (empty) target directories were added.
+        // Only the (empty) namespace and shard directories were added (all
+        // 256 shards: a namespace gets them at once).
         let added: BTreeSet<_> = listing(dir.path()).difference(&before).cloned().collect();
         let shard = std::str::from_utf8(&shard_dir("partial"))
             .unwrap()
             .to_string();
-        assert_eq!(
-            added,
-            BTreeSet::from(["gen".to_string(), format!("gen/{shard}")])
-        );
+        assert!(added.contains("gen") && added.contains(&format!("gen/{shard}")));
+        assert_eq!(added.len(), 1 + 256, "{added:?}");
+        assert!(added
+            .iter()
+            .all(|p| p == "gen" || (p.starts_with("gen/") && p.len() == 6)));
         assert_eq!(store.stats().entries, 0);
     }
 }
@@ -983,4 +985,27 @@ fn last_writer_wins_and_tombstones() {
     assert_eq!(store.tombstone_time("g", "old"), None);
     assert_eq!(store.tombstone_time("g", "young"), Some(20_000));
     store.shutdown();
+}
+
+/// The first write into a namespace makes all 256 of its shard directories
+/// with one directory sync, so later first writes into a shard sync
+/// nothing for their directory (a fresh peer synced one per new shard,
+/// dozens in a row per batch of replicated writes).
+#[test]
+fn a_new_namespace_gets_every_shard_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(config(tmp.path())).unwrap();
+    put(&store, "fresh", "k", b"body").unwrap();
+    let shards: Vec<String> = std::fs::read_dir(tmp.path().join("fresh"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(shards.len(), 256, "{shards:?}");
+    for key in ["a", "b", "0123", "ff00", "zz"] {
+        put(&store, "fresh", key, key.as_bytes()).unwrap();
+        assert_eq!(
+            get_body(&store, "fresh", key).as_deref(),
+            Some(key.as_bytes())
+        );
+    }
 }
