@@ -36,8 +36,23 @@ pub const BODY_BYTES_TARGET: u64 = 512 * 1024;
 /// an answer. Bytes, not batches: while writes trickle in, batches are small
 /// and many may be in flight (as many as the peer's window).
 pub const IN_FLIGHT_BYTES_MAX: u64 = 2 * 1024 * 1024;
-/// Longest entry line (names and a meta value of at most 4 KiB as base64).
-pub const LINE_BYTES_MAX: usize = 8 * 1024;
+
+// A batch the sender builds always fits what a receiver takes, and the
+// in-flight bound leaves room for at least one batch.
+const _: () = assert!(ENTRY_BYTES_MAX <= BODY_BYTES_TARGET);
+const _: () = assert!(BODY_BYTES_TARGET < IN_FLIGHT_BYTES_MAX);
+const _: () = assert!(BODY_BYTES_MAX >= BODY_BYTES_TARGET + ENTRY_BYTES_MAX);
+const _: () = {
+    use crate::store::{KEY_BYTES_MAX, KEY_SEGMENTS_MAX, NAMESPACE_BYTES_MAX};
+    let key = KEY_SEGMENTS_MAX * (KEY_BYTES_MAX + 1);
+    let meta = crate::store::format::META_BYTES_MAX.div_ceil(3) * 4;
+    // Three u64s (20 digits each), 64 hex digits, five spaces, a newline.
+    assert!(NAMESPACE_BYTES_MAX + key + meta + 3 * 20 + 64 + 6 <= LINE_BYTES_MAX);
+};
+/// Longest entry line: the longest namespace and key, a meta value of at
+/// most 4 KiB as base64, three numbers and the separators fit (checked
+/// below).
+pub const LINE_BYTES_MAX: usize = 16 * 1024;
 /// The largest batch body a receiver takes (413 past it): every entry at
 /// its largest with its longest line.
 pub const BODY_BYTES_MAX: u64 = ENTRIES_MAX as u64 * (ENTRY_BYTES_MAX + LINE_BYTES_MAX as u64);
@@ -188,6 +203,21 @@ mod tests {
         }
         assert!(decode(&many).unwrap_err().contains("more than"));
         assert!(decode(&[b'a'; LINE_BYTES_MAX + 10]).is_err());
+        // The longest names and meta a store allows make a line that fits.
+        let key = vec!["k".repeat(255); 16].join("/");
+        let meta = "A".repeat(4096 / 3 * 4 + 4);
+        let mut long = Vec::new();
+        encode_entry(
+            &mut long,
+            &"n".repeat(64),
+            &key,
+            u64::MAX,
+            &[9; 32],
+            Some(&meta),
+            b"x",
+        );
+        let got = decode(&long).unwrap();
+        assert_eq!((got[0].key, got[0].body), (key.as_str(), &b"x"[..]));
         assert!(decode(b"\xff \xfe\n").is_err());
     }
 }
