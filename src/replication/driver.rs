@@ -1305,12 +1305,18 @@ impl Driver {
                 }
             }
         }
-        if batch && outcome.as_ref().is_ok_and(|r| r.status == 404) {
-            // An older version without the batch route: its entries go
-            // again one by one (`send_next` splits them).
+        let refused_batch = |r: &OutgoingResponse| {
+            (400..500).contains(&r.status) && ![401, 408, 429].contains(&r.status)
+        };
+        if batch && outcome.as_ref().is_ok_and(refused_batch) {
+            // An older version without the batch route (404), or a batch it
+            // cannot read: a write it would refuse for good is answered
+            // inside a 200, so this refuses the batch, not its writes. They
+            // go again one by one (`send_next` splits them), never dropped.
             if let Some(run) = self.peers.get_mut(&peer) {
                 if run.batching {
-                    tracing::info!(%peer, "peer does not take batches; sending one write per request");
+                    let status = outcome.as_ref().map_or(0, |r| r.status);
+                    tracing::warn!(%peer, status, "peer refused a batch; sending one write per request from now on");
                 }
                 run.batching = false;
                 for (_, r, _) in run.records.get(&start).into_iter().flatten() {
