@@ -323,17 +323,23 @@ impl Replication {
     /// (`full` for no space, `bad` for a body that is not what was
     /// announced, `failed` otherwise); running out of space is logged once,
     /// when it starts.
+    /// This node's store found no room for a replicated write: the state
+    /// changes (logged once) until a write begun after it is taken.
+    pub fn note_full(&self) {
+        if !self.store_full.swap(true, Ordering::AcqRel) {
+            self.full_epoch.fetch_add(1, Ordering::AcqRel);
+            tracing::warn!(
+                "this node's store is full: replicated writes are answered 507 and \
+                 the peers keep them until it has room"
+            );
+        }
+    }
+
     pub fn write_failed(&self, err: &crate::store::StoreError) {
         use crate::store::StoreError;
         let result = match err {
             StoreError::NoSpace => {
-                if !self.store_full.swap(true, Ordering::AcqRel) {
-                    self.full_epoch.fetch_add(1, Ordering::AcqRel);
-                    tracing::warn!(
-                        "this node's store is full: replicated writes are answered 507 and \
-                         the peers keep them until it has room"
-                    );
-                }
+                self.note_full();
                 "full"
             }
             StoreError::DigestMismatch { .. }

@@ -356,16 +356,15 @@ pub(super) fn apply_batch(
                 stored_bytes += committed.len;
                 Applied::Stored
             }
-            Some(Err(err)) => {
-                if matches!(err, StoreError::NoSpace) {
-                    replication.write_failed(&err);
-                }
-                Applied::of_error(&err)
-            }
+            Some(Err(err)) => Applied::of_error(&err),
             None => Applied::Failed(500),
         });
     }
     let outcomes: Vec<Applied> = outcomes.into_iter().flatten().collect();
+    if outcomes.contains(&Applied::Full) {
+        // The state only: each write is counted below, once.
+        replication.note_full();
+    }
     let mut text = String::with_capacity(outcomes.len() * 8);
     for applied in &outcomes {
         replication.series.add(
@@ -577,5 +576,94 @@ fn query(
             r.headers.push(("retry-after", "1".to_string()));
             r
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::delivery::limiter::Limiter;
+    use crate::store::{Store, StoreConfig};
+
+    fn node(dir: &std::path::Path) -> (Store, Arc<Replication>) {
+        let store = Store::open(StoreConfig {
+            data_dir: dir.join("data"),
+            ..StoreConfig::default()
+        })
+        .unwrap();
+        let config = Config {
+            peers: vec!["127.0.0.1:1".to_string()],
+            ..Config::default()
+        };
+        let listen = "127.0.0.1:2".parse().unwrap();
+        let settings = super::super::Settings::from_config(&config, listen).unwrap();
+        let limiter = Arc::new(Limiter::from_config(&config, Arc::default()));
+        let r = Replication::open(settings, &dir.join("data"), limiter).unwrap();
+        (store, Arc::new(r))
+    }
+
+    fn sha(data: &[u8]) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(data).into()
+    }
+
+    /// Each write of a batch is checked as a single PUT would be and
+    /// counted once: stored, kept (this node holds newer), refused for good
+    /// (a body that does not hash to its digest, a bad name), all in a 200
+    /// whose lines say which; only the stored ones are on disk.
+    #[test]
+    fn a_batch_applies_each_write_as_a_put_would_and_counts_it_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, r) = node(tmp.path());
+        let mut w = store
+            .begin_put_with(
+                "ns",
+                "newer",
+                PutOptions {
+                    write_time_ms: Some(500),
+                    ..PutOptions::default()
+                },
+                Meta::default(),
+            )
+            .unwrap();
+        w.write(b"local").unwrap();
+        w.commit().unwrap();
+        let mut body = Vec::new();
+        batch::encode_entry(&mut body, "ns", "new", 100, &sha(b"one"), None, b"one");
+        batch::encode_entry(&mut body, "ns", "newer", 100, &sha(b"old"), None, b"old");
+        batch::encode_entry(&mut body, "ns", "lying", 100, &sha(b"x"), None, b"y");
+        batch::encode_entry(&mut body, "NS!", "bad", 100, &sha(b"z"), None, b"z");
+        batch::encode_entry(&mut body, "ns", "two", 100, &sha(b"two"), None, b"two");
+        let reply = apply_batch(&store, &r, &body);
+        assert_eq!(reply.status, 200);
+        let text = match &reply.body {
+            crate::exchange::ReplyBody::Bytes(b) => String::from_utf8(b.clone()).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "stored");
+        assert_eq!(lines[1], "kept");
+        assert!(lines[2].starts_with("bad 4"), "{text}");
+        assert_eq!(lines[3], "bad 400");
+        assert_eq!(lines[4], "stored");
+        let count = |result: &str| {
+            r.series.get(
+                "sluice_replication_received_requests_total",
+                &format!("result=\"{result}\""),
+            )
+        };
+        assert_eq!((count("stored"), count("kept"), count("bad")), (2, 1, 2));
+        assert_eq!(
+            r.series
+                .get("sluice_replication_received_batches_total", "result=\"ok\""),
+            1
+        );
+        assert!(store.get("ns", "new").unwrap().is_some());
+        assert!(store.get("ns", "lying").unwrap().is_none());
+        let kept = store.get("ns", "newer").unwrap().unwrap();
+        assert_eq!(kept.write_time_ms().unwrap(), 500);
+        // Not a batch body: 400, nothing stored.
+        assert_eq!(apply_batch(&store, &r, b"garbage").status, 400);
     }
 }
