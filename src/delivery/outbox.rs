@@ -585,26 +585,16 @@ impl Outbox {
         }
     }
 
-    /// `peer` has taken everything before `acked`.
+    /// `peer` has taken everything before `acked`. Never moves the mark
+    /// back: a sender's positions only grow, and a PUT about to be refused
+    /// may pass a fresher one than the sender's last sync (the tier's
+    /// `refuse_put`).
     pub fn set_acked(&self, peer: &str, acked: u64) {
         let mut inner = self.lock();
+        let acked = acked.min(inner.end);
         if let Some(mark) = inner.peers.get_mut(peer) {
-            if !mark.overflow && mark.acked != acked {
+            if !mark.overflow && acked > mark.acked {
                 mark.acked = acked;
-                inner.dirty = true;
-            }
-        }
-        self.gc_locked(&mut inner);
-    }
-
-    /// `peer` has taken everything before `acked`, if that is further than
-    /// the outbox knows (a sender's fresher position; never moves back).
-    pub fn advance_acked(&self, peer: &str, acked: u64) {
-        let mut inner = self.lock();
-        let end = inner.end;
-        if let Some(mark) = inner.peers.get_mut(peer) {
-            if !mark.overflow && acked.min(end) > mark.acked {
-                mark.acked = acked.min(end);
                 inner.dirty = true;
             }
         }

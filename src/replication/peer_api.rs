@@ -225,10 +225,7 @@ fn put(
                 );
                 None
             })));
-            // This node's limiter paces the body in: under public load here,
-            // replication comes in no faster than the local latency allows.
-            let limiter = Arc::clone(&replication.limiter);
-            sink.set_pacer(Arc::new(move |now, n| limiter.acquire_inbound(now, n)));
+            pace_inbound(&mut sink, replication);
             Decision::ReceiveBody(background(sink))
         }
         Err(err @ StoreError::NoSpace) => {
@@ -279,8 +276,7 @@ fn batch(
         batch::BODY_BYTES_MAX,
         Box::new(move |body| apply_batch(&store, &r, body)),
     );
-    let limiter = Arc::clone(&replication.limiter);
-    sink.set_pacer(Arc::new(move |now, n| limiter.acquire_inbound(now, n)));
+    pace_inbound(&mut sink, replication);
     Decision::ReceiveBody(background(sink))
 }
 
@@ -456,6 +452,13 @@ fn begin_entry(
         .write(entry.body)
         .map_err(|err| Applied::of_error(&err))?;
     Ok(writer)
+}
+
+/// Pace a peer body in by this node's limiter: under public load here,
+/// replication comes in no faster than the local latency allows.
+fn pace_inbound(sink: &mut PutSink, replication: &Replication) {
+    let limiter = Arc::clone(&replication.limiter);
+    sink.set_pacer(Arc::new(move |now, n| limiter.acquire_inbound(now, n)));
 }
 
 /// A replicated write's body is replication's work: received, hashed and

@@ -538,22 +538,17 @@ impl Shared {
 
     /// Creates every shard directory of a namespace (`00` to `ff`) that is
     /// missing, and makes them durable with one sync of the namespace
-    /// directory. One at a time, a fresh store paid a directory sync for
-    /// each of its first writes into a new shard (256 per namespace): a
-    /// batch of replicated writes synced dozens in a row, and a fresh
-    /// peer fell seconds behind (docs/benchmarks.md, "Replication at the
-    /// write rate"). The sync runs even when another thread made them: it
-    /// covers their creation too, before this write relies on them.
+    /// directory: one sync per namespace instead of one per shard's first
+    /// write (a batch of replicated writes into a fresh store synced dozens
+    /// in a row; that was not what held a fresh mesh back, see
+    /// docs/benchmarks.md). The sync runs even when another thread made
+    /// them: it covers their creation too, before this write relies on them.
     fn make_shards(&self, ns_fd: &OwnedFd, ns_path: &dyn fmt::Display) -> Result<(), StoreError> {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        for hi in HEX {
-            for lo in HEX {
-                let name = [*hi, *lo];
-                let name = std::str::from_utf8(&name).unwrap_or("00");
-                match rustix::fs::mkdirat(ns_fd, name, Mode::from_raw_mode(0o755)) {
-                    Ok(()) | Err(Errno::EXIST) => {}
-                    Err(e) => return Err(self.errno("create directory", ns_path, e)),
-                }
+        for shard in 0..=u8::MAX {
+            let name = format!("{shard:02x}");
+            match rustix::fs::mkdirat(ns_fd, name.as_str(), Mode::from_raw_mode(0o755)) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(self.errno("create directory", ns_path, e)),
             }
         }
         self.fsync_dir(ns_fd, ns_path)

@@ -297,7 +297,7 @@ impl Tier {
         // right after the queue gauge read 0). Bring the outbox up to date
         // first; only a PUT about to be refused pays for it.
         let acked = lock(&self.view).acked;
-        self.outbox.advance_acked(TARGET, acked);
+        self.outbox.set_acked(TARGET, acked);
         if room(self) {
             return None;
         }
@@ -817,7 +817,7 @@ mod tests {
         assert!(tier.refuse_put().is_none(), "a drained queue refused a PUT");
         assert_eq!(tier.queue_bytes(), 0);
         // And the outbox's cursor only moves forward.
-        tier.outbox.advance_acked(TARGET, 0);
+        tier.outbox.set_acked(TARGET, 0);
         assert_eq!(tier.queue_bytes(), 0);
     }
 }
