@@ -858,6 +858,54 @@ fn paced(per_sec: u64, stop: &std::sync::atomic::AtomicBool, mut f: impl FnMut(u
     }
 }
 
+/// Where `bench/soak` wants the soak's samples, logs and summary, if anywhere.
+fn soak_out() -> Option<PathBuf> {
+    let dir = PathBuf::from(std::env::var_os("SLUICE_SOAK_OUT")?);
+    std::fs::create_dir_all(&dir).expect("soak out dir");
+    Some(dir)
+}
+
+/// The soak's samples as `samples.csv`, written as soon as the load ends so a
+/// failing end still leaves them.
+fn write_soak_samples(dir: &std::path::Path, samples: &[Sample]) {
+    let mut csv = String::from(
+        "t,rss_mib:A,rss_mib:B,rss_mib:C,open_files:A,open_files:B,open_files:C,threads:A,\
+         threads:B,threads:C,outbox_kib:A,lag_writes:B,lag_writes:C,lag_writes:tier,fault\n",
+    );
+    for s in samples {
+        csv.push_str(&format!(
+            "{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{},{:.1},{},{},{},{}\n",
+            s.t,
+            s.rss[0] as f64 / 1048576.0,
+            s.rss[1] as f64 / 1048576.0,
+            s.rss[2] as f64 / 1048576.0,
+            s.fds[0],
+            s.fds[1],
+            s.fds[2],
+            s.threads[0],
+            s.threads[1],
+            s.threads[2],
+            s.outbox_bytes / 1024.0,
+            s.lag[0],
+            s.lag[1],
+            s.lag[2],
+            s.fault
+        ));
+    }
+    std::fs::write(dir.join("samples.csv"), csv).expect("samples.csv");
+}
+
+/// What a failed soak leaves for a post-mortem: each node's log and metrics.
+fn keep_soak_evidence(dir: &std::path::Path, nodes: &[(&str, &Server)]) {
+    for (name, node) in nodes {
+        let _ = std::fs::write(dir.join(format!("{name}.log")), node.stderr());
+        let m = http(node.addr, "GET", "/metrics", &[], b"");
+        let _ = std::fs::write(dir.join(format!("{name}.metrics")), &m.body);
+        let st = http(node.addr, "GET", "/status", &[], b"");
+        let _ = std::fs::write(dir.join(format!("{name}.status")), &st.body);
+    }
+}
+
 /// Mixed load on three nodes over the object-store tier, with a fault every
 /// `SLUICE_SOAK_FAULT_SECS` (a partition of B, C's disk full, B killed with
 /// SIGKILL and restarted): GETs over plaintext (A and C), TLS HTTP/1.1 and
@@ -1152,24 +1200,42 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
         writes.push((path, data));
     }
     let b = b_node.as_ref().expect("B").addr;
+    let out = soak_out();
+    if let Some(dir) = &out {
+        write_soak_samples(dir, &samples);
+    }
     let ended = Instant::now();
-    for (i, (peer, port)) in [(b, ports[1]), (c, ports[2])].into_iter().enumerate() {
-        ledgers[i].converge(
-            "the soak's end",
-            a,
-            &Gauge::Peer(port),
-            peer,
-            Duration::from_secs(120),
-            Duration::from_secs(5),
-        );
+    let converging = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for (i, (peer, port, name)) in [(b, ports[1], "B"), (c, ports[2], "C")]
+            .into_iter()
+            .enumerate()
+        {
+            ledgers[i].converge(
+                &format!("the soak's end, {name}"),
+                a,
+                &Gauge::Peer(port),
+                peer,
+                Duration::from_secs(120),
+                Duration::from_secs(5),
+            );
+        }
+        if weed.is_some() {
+            wait_for(
+                "the tier to hold everything",
+                Duration::from_secs(120),
+                || Gauge::Tier.read(a) == 0.0,
+            );
+        }
+    }));
+    if let Err(panic) = converging {
+        if let Some(dir) = &out {
+            let b_node = b_node.as_ref().expect("B");
+            keep_soak_evidence(dir, &[("A", &a_node), ("B", b_node), ("C", &c_node)]);
+        }
+        std::panic::resume_unwind(panic);
     }
     let converged = ended.elapsed();
     if let Some(weed) = &weed {
-        wait_for(
-            "the tier to hold everything",
-            Duration::from_secs(120),
-            || Gauge::Tier.read(a) == 0.0,
-        );
         for (path, data) in &writes {
             let key = path.trim_start_matches("/v1/artifacts/soak/");
             assert_eq!(
@@ -1252,34 +1318,7 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
             ""
         },
     );
-    if let Ok(dir) = std::env::var("SLUICE_SOAK_OUT") {
-        let mut csv = String::from(
-            "t,rss_mib:A,rss_mib:B,rss_mib:C,open_files:A,open_files:B,open_files:C,threads:A,\
-             threads:B,threads:C,outbox_kib:A,lag_writes:B,lag_writes:C,lag_writes:tier,fault\n",
-        );
-        for s in &samples {
-            csv.push_str(&format!(
-                "{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{},{:.1},{},{},{},{}\n",
-                s.t,
-                s.rss[0] as f64 / 1048576.0,
-                s.rss[1] as f64 / 1048576.0,
-                s.rss[2] as f64 / 1048576.0,
-                s.fds[0],
-                s.fds[1],
-                s.fds[2],
-                s.threads[0],
-                s.threads[1],
-                s.threads[2],
-                s.outbox_bytes / 1024.0,
-                s.lag[0],
-                s.lag[1],
-                s.lag[2],
-                s.fault
-            ));
-        }
-        let dir = PathBuf::from(dir);
-        std::fs::create_dir_all(&dir).expect("soak out dir");
-        std::fs::write(dir.join("samples.csv"), csv).expect("samples.csv");
+    if let Some(dir) = soak_out() {
         std::fs::write(
             dir.join("summary.txt"),
             format!(

@@ -460,6 +460,13 @@ impl Outbox {
             };
             let path = segment_path(&self.dir, base);
             let file = OpenOptions::new().create(true).append(true).open(&path)?;
+            if !roll {
+                // Reopened after a failed write (ENOSPC midway, say): cut what
+                // it left of its line, or every offset after it would be off by
+                // that much and each later line would read as damaged.
+                let len = inner.segments.last().map_or(0, |s| s.len);
+                file.set_len(len)?;
+            }
             if roll {
                 inner.segments.push(Segment { base, len: 0 });
                 if self.fsync {
@@ -908,6 +915,40 @@ mod tests {
             Record::parse("P 9 100 ns k 5 7").is_none(),
             "a half-written size"
         );
+    }
+
+    /// A write that failed midway (ENOSPC) left part of its line in the
+    /// segment; the next append must cut it, so offsets stay true and every
+    /// later line reads whole (before the cut, the reader found each later
+    /// line damaged and replication stalled).
+    #[test]
+    fn an_append_after_a_failed_write_cuts_its_partial_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("outbox");
+        let ob = Outbox::open(&dir, true, 1 << 20).unwrap();
+        ob.set_peers(&peers(&["a:1"]));
+        ob.append(Op::Put, "ns", "k1", 5, 300).unwrap();
+        let end = ob.end();
+        // What `write_line` leaves when a write fails midway: part of a
+        // line in the file, and no open segment.
+        let seg = segment_path(&dir, 0);
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(b"P 1 17965 ns k2 17").unwrap();
+        ob.lock().current = None;
+        ob.append(Op::Put, "ns", "k3", 7, 40).unwrap();
+        ob.append(Op::Delete, "ns", "k4", 8, 0).unwrap();
+        let (r3, next) = ob.read_at(end).unwrap().unwrap();
+        assert_eq!(r3.key, "k3");
+        let (r4, last) = ob.read_at(next).unwrap().unwrap();
+        assert_eq!((r4.key.as_str(), r4.op), ("k4", Op::Delete));
+        assert_eq!(last, ob.end());
+        // A sender's reader sees the same lines at the same offsets.
+        let mut reader = Reader::new(&ob, end);
+        let (at, r, after) = reader.next(&ob).unwrap().unwrap();
+        assert_eq!((at, r.key.as_str(), after), (end, "k3", next));
+        let (_, r, after) = reader.next(&ob).unwrap().unwrap();
+        assert_eq!((r.key.as_str(), after), ("k4", ob.end()));
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), ob.end());
     }
 
     #[test]
