@@ -163,29 +163,21 @@ fn put(
         Some(Err(err)) => return refuse(Reply::error(400, &format!("{META_HEADER}: {err}"))),
     };
     let body_bytes_max = replication.settings.body_bytes_max;
-    let local = match app.store.get(ns, key) {
-        Ok(found) => found,
+    let keep = match loses(&app.store, ns, key, write_time_ms, &sha256) {
+        Ok(keep) => keep,
         Err(err) => return refuse(Reply::error(err.status(), &err.to_string())),
     };
-    // Deleted here at or after this write's time: the delete wins.
-    if app
-        .store
-        .tombstone_time(ns, key)
-        .is_some_and(|t| t >= write_time_ms)
-    {
+    if let Some(keep) = keep {
         count("kept");
-        let r = Reply::text(200, "kept: this node deleted the key after this write\n");
+        let r = match keep {
+            Keep::Deleted => Reply::text(200, "kept: this node deleted the key after this write\n"),
+            Keep::Newer(etag) => {
+                let mut r = Reply::text(200, "kept: this node holds the same or a newer version\n");
+                r.headers.push(("etag", etag));
+                r
+            }
+        };
         return Decision::ReceiveBody(background(PutSink::discarding(r, body_bytes_max)));
-    }
-    if let Some(local) = local {
-        let local_time = local.write_time_ms().unwrap_or(0);
-        let content_addressed = ns == "cas";
-        if content_addressed || (local_time, local.sha256) >= (write_time_ms, sha256) {
-            count("kept");
-            let mut r = Reply::text(200, "kept: this node holds the same or a newer version\n");
-            r.headers.push(("etag", local.etag()));
-            return Decision::ReceiveBody(background(PutSink::discarding(r, body_bytes_max)));
-        }
     }
     let options = PutOptions {
         expected_len: Some(len),
@@ -406,6 +398,42 @@ pub(super) fn apply_batch(
     Reply::text(status, text)
 }
 
+/// Why this node keeps what it has instead of a replicated write.
+enum Keep {
+    /// Deleted here at or after the write's time: the delete wins.
+    Deleted,
+    /// This node holds the same or a newer version (its ETag).
+    Newer(String),
+}
+
+/// Last-writer-wins before a body is read, for a single PUT and a batch
+/// entry alike: `Some` when the write at `write_time_ms` with `sha256` loses
+/// to what this node holds (a content-addressed key is the same whatever
+/// its time). The store checks again under the key's lock at commit, which
+/// makes it exact; this saves reading a body that loses.
+fn loses(
+    store: &crate::store::Store,
+    ns: &str,
+    key: &str,
+    write_time_ms: u64,
+    sha256: &[u8; 32],
+) -> Result<Option<Keep>, crate::store::StoreError> {
+    if store
+        .tombstone_time(ns, key)
+        .is_some_and(|t| t >= write_time_ms)
+    {
+        return Ok(Some(Keep::Deleted));
+    }
+    let Some(local) = store.get(ns, key)? else {
+        return Ok(None);
+    };
+    let local_time = local.write_time_ms().unwrap_or(0);
+    if ns == "cas" || (local_time, local.sha256) >= (write_time_ms, *sha256) {
+        return Ok(Some(Keep::Newer(local.etag())));
+    }
+    Ok(None)
+}
+
 /// One batch entry up to its commit: `Err` is its outcome without one
 /// (kept, refused, no room).
 fn begin_entry(
@@ -422,20 +450,9 @@ fn begin_entry(
         Some(Ok(meta)) => meta,
         Some(Err(_)) => return Err(Applied::Rejected(400)),
     };
-    if store
-        .tombstone_time(ns, key)
-        .is_some_and(|t| t >= write_time_ms)
-    {
-        return Err(Applied::Kept);
-    }
-    match store.get(ns, key) {
-        Ok(Some(local)) => {
-            let local_time = local.write_time_ms().unwrap_or(0);
-            if ns == "cas" || (local_time, local.sha256) >= (write_time_ms, entry.sha256) {
-                return Err(Applied::Kept);
-            }
-        }
+    match loses(store, ns, key, write_time_ms, &entry.sha256) {
         Ok(None) => {}
+        Ok(Some(_)) => return Err(Applied::Kept),
         Err(err) => return Err(Applied::of_error(&err)),
     }
     let options = PutOptions {
