@@ -858,6 +858,16 @@ fn paced(per_sec: u64, stop: &std::sync::atomic::AtomicBool, mut f: impl FnMut(u
     }
 }
 
+/// The size of C's disk for a soak of `secs` at `put_rate` plaintext PUTs a
+/// second (every 20th of 256 KiB, the rest 4 KiB, each taking its body and a
+/// page for the header on a tmpfs) plus the h2 PUTs (two a second, 3,000
+/// bytes): twice what they store, and never under 512 MiB.
+fn soak_disk_mib(secs: u64, put_rate: u64) -> u64 {
+    let per_write = (19 * (4096 + 4096) + (256 << 10) + 4096) / 20;
+    let bytes = secs * (put_rate * per_write + 2 * 8192);
+    (2 * bytes >> 20).max(512)
+}
+
 /// Where `bench/soak` wants the soak's samples, logs and summary, if anywhere.
 fn soak_out() -> Option<PathBuf> {
     let dir = PathBuf::from(std::env::var_os("SLUICE_SOAK_OUT")?);
@@ -945,7 +955,14 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
     let ports = free_ports(3);
     let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
     // C's disk: a tmpfs the full-disk fault fills with a file beside C's data.
-    let c_disk = users.map(|_| Tmpfs::mount(&tmp.path().join("c-disk"), "512m").expect("tmpfs"));
+    // It holds every write of the soak with room to spare: C stores them all
+    // (no `store_bytes_max`), and on a tmpfs a 4 KiB artifact with its header
+    // takes two pages. A fixed 512 MiB filled for good about 25,000 writes
+    // into the hour-long run, and C then rightly answered 507 to the rest.
+    let c_disk_mib = soak_disk_mib(secs, put_rate);
+    let c_disk = users.map(|_| {
+        Tmpfs::mount(&tmp.path().join("c-disk"), &format!("{c_disk_mib}m")).expect("tmpfs")
+    });
     let dirs = [
         dirs[0].clone(),
         dirs[1].clone(),
