@@ -865,7 +865,7 @@ fn paced(per_sec: u64, stop: &std::sync::atomic::AtomicBool, mut f: impl FnMut(u
 fn soak_disk_mib(secs: u64, put_rate: u64) -> u64 {
     let per_write = (19 * (4096 + 4096) + (256 << 10) + 4096) / 20;
     let bytes = secs * (put_rate * per_write + 2 * 8192);
-    (2 * bytes >> 20).max(512)
+    ((2 * bytes) >> 20).max(512)
 }
 
 /// Where `bench/soak` wants the soak's samples, logs and summary, if anywhere.
