@@ -216,6 +216,10 @@ impl Weed {
                 "-s3.port.lance=0",
                 "-master.telemetry=false",
                 "-master.volumeSizeLimitMB=64",
+                // 64 volumes of 64 MiB: the default 8 held 512 MiB, and the
+                // hour-long soak's bucket filled them about 27,000 writes in
+                // (SeaweedFS then answered every PUT 500).
+                "-volume.max=64",
             ])
             .stdout(Stdio::null())
             .stderr(log)
