@@ -1335,7 +1335,7 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
             ""
         },
     );
-    if let Some(dir) = soak_out() {
+    if let Some(dir) = &out {
         std::fs::write(
             dir.join("summary.txt"),
             format!(

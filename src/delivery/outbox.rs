@@ -460,18 +460,17 @@ impl Outbox {
             };
             let path = segment_path(&self.dir, base);
             let file = OpenOptions::new().create(true).append(true).open(&path)?;
-            if !roll {
-                // Reopened after a failed write (ENOSPC midway, say): cut what
-                // it left of its line, or every offset after it would be off by
-                // that much and each later line would read as damaged.
-                let len = inner.segments.last().map_or(0, |s| s.len);
-                file.set_len(len)?;
-            }
             if roll {
                 inner.segments.push(Segment { base, len: 0 });
                 if self.fsync {
                     File::open(&self.dir)?.sync_all()?;
                 }
+            } else {
+                // Reopened after a failed write (ENOSPC midway, say): cut what
+                // it left of its line, or every offset after it would be off by
+                // that much and each later line would read as damaged.
+                let len = inner.segments.last().map_or(0, |s| s.len);
+                file.set_len(len)?;
             }
             inner.current = Some(Arc::new(Current {
                 file,
