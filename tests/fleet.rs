@@ -805,13 +805,15 @@ fn proc_stats(pid: u32) -> (u64, u64, u64) {
     (field("VmRSS:") * 1024, fds, field("Threads:"))
 }
 
-/// One second of the soak: per node (A, B, C) RSS, open files, threads;
-/// A's outbox bytes and lag for B, C and the tier; the fault that began.
+/// One second of the soak: per node (A, B, C) RSS, open files, threads and
+/// artifacts stored; A's outbox bytes and lag for B, C and the tier; the
+/// fault that began.
 struct Sample {
     t: f64,
     rss: [u64; 3],
     fds: [u64; 3],
     threads: [u64; 3],
+    entries: [f64; 3],
     outbox_bytes: f64,
     lag: [f64; 3],
     fault: &'static str,
@@ -880,11 +882,12 @@ fn soak_out() -> Option<PathBuf> {
 fn write_soak_samples(dir: &std::path::Path, samples: &[Sample]) {
     let mut csv = String::from(
         "t,rss_mib:A,rss_mib:B,rss_mib:C,open_files:A,open_files:B,open_files:C,threads:A,\
-         threads:B,threads:C,outbox_kib:A,lag_writes:B,lag_writes:C,lag_writes:tier,fault\n",
+         threads:B,threads:C,entries:A,entries:B,entries:C,outbox_kib:A,lag_writes:B,\
+         lag_writes:C,lag_writes:tier,fault\n",
     );
     for s in samples {
         csv.push_str(&format!(
-            "{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{},{:.1},{},{},{},{}\n",
+            "{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{},{},{},{},{:.1},{},{},{},{}\n",
             s.t,
             s.rss[0] as f64 / 1048576.0,
             s.rss[1] as f64 / 1048576.0,
@@ -895,6 +898,9 @@ fn write_soak_samples(dir: &std::path::Path, samples: &[Sample]) {
             s.threads[0],
             s.threads[1],
             s.threads[2],
+            s.entries[0],
+            s.entries[1],
+            s.entries[2],
             s.outbox_bytes / 1024.0,
             s.lag[0],
             s.lag[1],
@@ -924,6 +930,12 @@ fn keep_soak_evidence(dir: &std::path::Path, nodes: &[(&str, &Server)]) {
 /// no public request fails, and at the end every acknowledged write is on
 /// B, C and in the bucket, with the lag gauges at 0. `cargo test` runs it
 /// for 3 minutes; bench/soak for an hour (`SLUICE_SOAK_SECS`).
+///
+/// Each written artifact is deleted on A `SLUICE_SOAK_LIVE_SECS` after its
+/// write was acknowledged (0: never), as a cache at its size limit drops
+/// old entries: the number of artifacts levels off, so what grows with it
+/// (the accounting index, about 120 bytes an artifact) does not read as a
+/// leak, and deletes replicate and reach the bucket under the faults too.
 #[test]
 fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
     let _one_at_a_time = one_at_a_time();
@@ -935,6 +947,7 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
     let fault_every = soak_setting("SLUICE_SOAK_FAULT_SECS", 45);
     let get_rate = soak_setting("SLUICE_SOAK_GET_RATE", 100);
     let put_rate = soak_setting("SLUICE_SOAK_PUT_RATE", 20);
+    let live_secs = soak_setting("SLUICE_SOAK_LIVE_SECS", 60);
     let users = if is_root() && iptables_works() {
         fleet_user().zip(system_user(FLEET_USER_B))
     } else {
@@ -1012,10 +1025,28 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
         .collect();
     let stop = AtomicBool::new(false);
     let load = Load::default();
-    let (acked_tx, acked) = std::sync::mpsc::channel::<(String, Vec<u8>)>();
+    // Acknowledged writes (`Some(body)`) and deletes (`None`), for the ledgers.
+    let (acked_tx, acked) = std::sync::mpsc::channel::<(String, Option<Vec<u8>>)>();
+    // Acknowledged writes, for the deleter.
+    let (written_tx, written) = std::sync::mpsc::channel::<(String, Instant)>();
     let mut samples: Vec<Sample> = Vec::new();
     let mut ledgers = [Ledger::new(SECRET), Ledger::new(SECRET)];
-    let mut writes: Vec<(String, Vec<u8>)> = Vec::new();
+    // What each key should be at the end: its body, or gone.
+    let mut writes: std::collections::HashMap<String, Option<Vec<u8>>> = Default::default();
+    let (mut puts, mut deletes) = (0u64, 0u64);
+    let mut record = |path: String, data: Option<Vec<u8>>| {
+        for l in ledgers.iter_mut() {
+            match &data {
+                Some(data) => l.put(&path, data),
+                None => l.deleted(&path),
+            }
+        }
+        match data {
+            Some(_) => puts += 1,
+            None => deletes += 1,
+        }
+        writes.insert(path, data);
+    };
     let started = Instant::now();
     std::thread::scope(|scope| {
         // Plaintext GETs on A over keep-alive connections.
@@ -1051,7 +1082,7 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
         // TLS HTTP/1.1 and h2 GETs on A, h2 PUTs on A.
         for front in [Front::TlsHttp1, Front::TlsH2] {
             let (a_node, hot, load, stop) = (&a_node, &hot, &load, &stop);
-            let acked_tx = acked_tx.clone();
+            let (acked_tx, written_tx) = (acked_tx.clone(), written_tx.clone());
             scope.spawn(move || {
                 paced(10, stop, |n| {
                     let (path, len) = &hot[n as usize % hot.len()];
@@ -1063,7 +1094,8 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
                         }));
                         let ok = r.is_ok_and(|r| matches!(r.status, 201 | 204));
                         if ok {
-                            let _ = acked_tx.send((path, data));
+                            let _ = written_tx.send((path.clone(), Instant::now()));
+                            let _ = acked_tx.send((path, Some(data)));
                         }
                         load.count(ok, "h2 PUT on A");
                         return;
@@ -1082,6 +1114,7 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
         {
             let (load, stop) = (&load, &stop);
             let acked_tx = acked_tx.clone();
+            let written_tx = written_tx.clone();
             scope.spawn(move || {
                 paced(put_rate, stop, |n| {
                     let path = format!("/v1/artifacts/soak/k{n}");
@@ -1090,13 +1123,47 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
                     let r = std::panic::catch_unwind(|| http(a, "PUT", &path, &[], &data));
                     let ok = r.is_ok_and(|r| matches!(r.status, 201 | 204));
                     if ok {
-                        let _ = acked_tx.send((path, data));
+                        let _ = written_tx.send((path.clone(), Instant::now()));
+                        let _ = acked_tx.send((path, Some(data)));
                     }
                     load.count(ok, "plaintext PUT on A");
                 });
             });
         }
+        // DELETEs on A, each `live_secs` after its write was acknowledged.
+        if live_secs > 0 {
+            let (load, stop) = (&load, &stop);
+            let acked_tx = acked_tx.clone();
+            let live = Duration::from_secs(live_secs);
+            scope.spawn(move || {
+                let mut next: Option<(String, Instant)> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    let (path, at) = match next.take() {
+                        Some(due) => due,
+                        None => match written.recv_timeout(Duration::from_millis(200)) {
+                            Ok(due) => due,
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                        },
+                    };
+                    let wait = (at + live).saturating_duration_since(Instant::now());
+                    if !wait.is_zero() {
+                        // In slices, so the end of the load is seen.
+                        std::thread::sleep(wait.min(Duration::from_millis(200)));
+                        next = Some((path, at));
+                        continue;
+                    }
+                    let r = std::panic::catch_unwind(|| http(a, "DELETE", &path, &[], b""));
+                    let ok = r.is_ok_and(|r| matches!(r.status, 200 | 204));
+                    if ok {
+                        let _ = acked_tx.send((path, None));
+                    }
+                    load.count(ok, "DELETE on A");
+                }
+            });
+        }
         drop(acked_tx);
+        drop(written_tx);
         // The faults, and a sample every second.
         let mut fault_rules: Option<Rules> = None;
         let mut filler: Option<PathBuf> = None;
@@ -1167,10 +1234,7 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
                 b_node = Some(start(1));
             }
             while let Ok((path, data)) = acked.try_recv() {
-                for l in ledgers.iter_mut() {
-                    l.put(&path, &data);
-                }
-                writes.push((path, data));
+                record(path, data);
             }
             let pids = [
                 Some(a_node.child.id()),
@@ -1182,6 +1246,7 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
                 rss: [0; 3],
                 fds: [0; 3],
                 threads: [0; 3],
+                entries: [0.0; 3],
                 outbox_bytes: metric(a, "sluice_replication_outbox_bytes", &[]),
                 lag: [
                     Gauge::Peer(ports[1]).read(a),
@@ -1198,6 +1263,12 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
                     sample.threads[i] = threads;
                 }
             }
+            let addrs = [Some(a), b_node.as_ref().map(|b| b.addr), Some(c)];
+            for (i, addr) in addrs.iter().enumerate() {
+                if let Some(addr) = addr {
+                    sample.entries[i] = metric(*addr, "sluice_store_entries", &[]);
+                }
+            }
             samples.push(sample);
             std::thread::sleep(Duration::from_secs(1));
         }
@@ -1211,11 +1282,9 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
         b_node = Some(start(1));
     }
     while let Ok((path, data)) = acked.try_recv() {
-        for l in ledgers.iter_mut() {
-            l.put(&path, &data);
-        }
-        writes.push((path, data));
+        record(path, data);
     }
+    drop(record);
     let b = b_node.as_ref().expect("B").addr;
     let out = soak_out();
     if let Some(dir) = &out {
@@ -1257,8 +1326,8 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
             let key = path.trim_start_matches("/v1/artifacts/soak/");
             assert_eq!(
                 weed.object("soak", key).as_deref(),
-                Some(&data[..]),
-                "{path}"
+                data.as_deref(),
+                "{path} in the bucket"
             );
         }
     }
@@ -1279,19 +1348,21 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
             max(&|s| s.fds[i]),
             max(&|s| s.threads[i]),
         );
-        let last = later
-            .last()
-            .map_or((0, 0, 0), |s| (s.rss[i], s.fds[i], s.threads[i]));
+        let last = later.last().map_or((0, 0, 0, 0.0), |s| {
+            (s.rss[i], s.fds[i], s.threads[i], s.entries[i])
+        });
         report.push_str(&format!(
             "{name}: RSS {} -> max {} -> end {} MiB, open files {} -> max {fds} -> end {}, \
-             threads {} -> max {threads} -> end {}\n",
+             threads {} -> max {threads} -> end {}, artifacts {} -> end {}\n",
             base.rss[i] >> 20,
             rss >> 20,
             last.0 >> 20,
             base.fds[i],
             last.1,
             base.threads[i],
-            last.2
+            last.2,
+            base.entries[i],
+            last.3
         ));
         if i != 1 && base.rss[i] > 0 {
             // B restarts: its own figures start again each time.
@@ -1326,9 +1397,9 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
     }
     let outbox_max = samples.iter().map(|s| s.outbox_bytes).fold(0.0, f64::max);
     println!(
-        "soak: {secs} s, {requests} public requests, {errors} failed, {} writes; every one on B, \
-         C{} {converged:?} after the load ended; A's outbox at most {outbox_max} bytes\n{report}",
-        writes.len(),
+        "soak: {secs} s, {requests} public requests, {errors} failed, {puts} writes and \
+         {deletes} deletes; every one on B, C{} {converged:?} after the load ended; A's outbox \
+         at most {outbox_max} bytes\n{report}",
         if weed.is_some() {
             " and in the bucket"
         } else {
@@ -1339,9 +1410,8 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
         std::fs::write(
             dir.join("summary.txt"),
             format!(
-                "{secs} s, {requests} public requests, {errors} failed, {} writes, converged \
-                 {converged:?} after the load ended\n{report}",
-                writes.len()
+                "{secs} s, {requests} public requests, {errors} failed, {puts} writes and \
+                 {deletes} deletes, converged {converged:?} after the load ended\n{report}"
             ),
         )
         .expect("summary");
