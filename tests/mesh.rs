@@ -668,6 +668,23 @@ fn a_delete_missed_by_an_overflowed_peer_is_not_resurrected() {
     }
 }
 
+/// Bytes received and not yet read on the established IPv4 connections
+/// whose local port is `port` (from /proc/net/tcp): what a stopped server's
+/// peers have sent it.
+fn bytes_waiting_at(port: u16) -> u64 {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    tcp.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            let established = *f.get(3)? == "01";
+            let rx = u64::from_str_radix(f.get(4)?.rsplit(':').next()?, 16).ok()?;
+            (local_port == port && established).then_some(rx)
+        })
+        .sum()
+}
+
 fn signal(server: &Server, sig: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_raw(server.child.id() as i32).expect("pid");
     rustix::process::kill_process(pid, sig).expect("kill");
@@ -721,13 +738,17 @@ fn shutdown_gives_sends_in_flight_the_replication_budget() {
         put_ok(a, &art);
         // SIGTERM only once the send is in flight (B, stopped, cannot answer
         // it): a send not yet started when phase 3 begins is refused and
-        // stays in the outbox, which is the other case.
+        // stays in the outbox, which is the other case. `/status` counts a
+        // send handed to a ring thread's queue as in flight before the ring
+        // starts it; that the body's first bytes wait in B's socket is what
+        // says it started (CI once sent SIGTERM in between).
         wait_for("A's send to B in flight", Duration::from_secs(20), || {
             let status: serde_json::Value =
                 serde_json::from_slice(&http(a, "GET", "/status", &[], b"").body).expect("json");
             status["replication"]["peers"]
                 .as_array()
                 .is_some_and(|peers| peers.iter().any(|p| p["in_flight"].as_u64() >= Some(1)))
+                && bytes_waiting_at(ports[1]) > 0
         });
         signal(&a_node, rustix::process::Signal::TERM);
         std::thread::sleep(Duration::from_millis(1000));
