@@ -15,6 +15,7 @@ pub mod fallback;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod group_sync;
+pub mod heap;
 pub mod http1;
 pub mod lifecycle;
 pub mod logging;

@@ -147,6 +147,8 @@ pub fn run_with(
     let _ = stdout.flush();
 
     announce_ready(&config, env, parent);
+    // Freed heap goes back to the kernel every few seconds (glibc keeps it per arena).
+    crate::heap::start();
     let upgrade_timeout = Duration::from_millis(config.upgrade_ready_timeout_ms);
 
     let exit = loop {

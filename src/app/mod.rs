@@ -193,8 +193,9 @@ impl App {
     }
 
     /// Memory by part, bytes: the process's resident set, the hot set (its entries and its
-    /// sketches), the store's index (estimated, about 120 bytes an artifact), and what the
-    /// other parts registered.
+    /// sketches), the store's index (estimated, about 120 bytes an artifact), what the
+    /// allocator held free at its last look (`crate::heap`), and what the other parts
+    /// registered.
     pub fn memory(&self) -> Vec<(&'static str, u64)> {
         let hot = self.store.hot_stats();
         let mut parts = vec![
@@ -205,6 +206,7 @@ impl App {
                 "store_index",
                 self.store.stats().entries * INDEX_BYTES_PER_ENTRY,
             ),
+            ("heap_free", crate::heap::free_bytes()),
         ];
         if let Ok(sources) = self.memory_parts.read() {
             parts.extend(sources.iter().map(|(part, bytes)| (*part, bytes())));

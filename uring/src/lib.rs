@@ -72,6 +72,7 @@
     clippy::missing_safety_doc
 )]
 
+pub mod allocator;
 pub mod buffers;
 pub mod driver;
 pub mod errno;
