@@ -1284,7 +1284,6 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
     while let Ok((path, data)) = acked.try_recv() {
         record(path, data);
     }
-    drop(record);
     let b = b_node.as_ref().expect("B").addr;
     let out = soak_out();
     if let Some(dir) = &out {
