@@ -19,8 +19,10 @@
 //! the arenas' free lists under their locks, a fraction of a millisecond for
 //! a heap of tens of MiB, once per interval.
 //!
-//! The last reading is `sluice_memory_bytes{part="heap_free"}`: bytes the
-//! allocator holds free, released or not. The calls into the allocator are
+//! The last reading is `sluice_memory_bytes{part="heap_in_use"}` (what the
+//! program holds: a leak shows here) and `{part="heap_free"}` (what the
+//! allocator holds free, released or not: RSS above `heap_in_use` that a
+//! trim does not bring down is fragmentation, pages with a live block). The calls into the allocator are
 //! `sluice_uring::allocator` (this crate has no `unsafe`); on a libc other
 //! than glibc they do nothing.
 
@@ -34,12 +36,18 @@ pub const TRIM_INTERVAL: Duration = Duration::from_secs(10);
 pub const TRIM_FREE_MIN: u64 = 1 << 20;
 
 static FREE_BYTES: AtomicU64 = AtomicU64::new(0);
+static IN_USE_BYTES: AtomicU64 = AtomicU64::new(0);
 static STARTED: OnceLock<()> = OnceLock::new();
 
 /// Bytes the allocator held free at its last reading (0 before the first,
 /// and where the allocator cannot say).
 pub fn free_bytes() -> u64 {
     FREE_BYTES.load(Ordering::Relaxed)
+}
+
+/// Bytes the program held allocated at the allocator's last reading.
+pub fn in_use_bytes() -> u64 {
+    IN_USE_BYTES.load(Ordering::Relaxed)
 }
 
 /// Start the trimming thread (once per process; later calls do nothing).
@@ -60,8 +68,10 @@ pub fn start() {
 /// Read the allocator's free bytes and, when there are at least
 /// [`TRIM_FREE_MIN`], give the free pages back. Returns the free bytes read.
 pub fn trim_if_worthwhile() -> u64 {
-    let free = sluice_uring::allocator::free_bytes();
+    let heap = sluice_uring::allocator::heap_bytes();
+    let free = heap.free;
     FREE_BYTES.store(free, Ordering::Relaxed);
+    IN_USE_BYTES.store(heap.in_use, Ordering::Relaxed);
     if free >= TRIM_FREE_MIN {
         sluice_uring::allocator::trim();
     }
@@ -103,6 +113,8 @@ mod tests {
         let after = anon_bytes();
         assert!(free >= 32 << 20, "the allocator held {free} bytes free");
         assert_eq!(free_bytes(), free);
+        // The kept blocks (a 64th of 64 MiB) are in use.
+        assert!(in_use_bytes() >= 1 << 20, "in use {}", in_use_bytes());
         assert!(
             after + (16 << 20) <= before,
             "RssAnon {before} -> {after} bytes: the trim gave back less than 16 MiB"

@@ -206,6 +206,7 @@ impl App {
                 "store_index",
                 self.store.stats().entries * INDEX_BYTES_PER_ENTRY,
             ),
+            ("heap_in_use", crate::heap::in_use_bytes()),
             ("heap_free", crate::heap::free_bytes()),
         ];
         if let Ok(sources) = self.memory_parts.read() {

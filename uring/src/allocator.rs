@@ -1,21 +1,33 @@
 //! The C allocator's own view of the heap, for `src/heap.rs`: how much it
-//! holds free, and giving the pages of free chunks back to the kernel. On a
-//! libc other than glibc both are no-ops.
+//! holds in use and free, and giving the pages of free chunks back to the
+//! kernel. On a libc other than glibc these are no-ops.
 
-/// Bytes the allocator holds free in all its arenas (`mallinfo2().fordblks`:
-/// free chunks and the arenas' top chunks, released to the kernel or not).
-/// 0 where the allocator cannot say.
+/// What the allocator holds in all its arenas, bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapBytes {
+    /// Allocated and not freed (`mallinfo2().uordblks`, plus the large
+    /// blocks it mapped on their own, `hblkhd`).
+    pub in_use: u64,
+    /// Free chunks and the arenas' top chunks (`fordblks`), given back to
+    /// the kernel or not.
+    pub free: u64,
+}
+
+/// The allocator's totals now; zeros where it cannot say.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn free_bytes() -> u64 {
+pub fn heap_bytes() -> HeapBytes {
     // SAFETY: mallinfo2 takes no arguments and only reads the allocator's
     // own state under its arena locks; any thread may call it.
     let info = unsafe { libc::mallinfo2() };
-    info.fordblks as u64
+    HeapBytes {
+        in_use: (info.uordblks + info.hblkhd) as u64,
+        free: info.fordblks as u64,
+    }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn free_bytes() -> u64 {
-    0
+pub fn heap_bytes() -> HeapBytes {
+    HeapBytes::default()
 }
 
 /// `malloc_trim(0)`: give back to the kernel every whole page inside the
