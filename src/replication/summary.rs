@@ -87,87 +87,100 @@ fn entry_digest(e: &Entry) -> [u8; 32] {
 
 /// Visit every artifact under `data_dir` (valid names, valid headers) and
 /// every tombstone, merged by last-writer-wins: a key with both is visited
-/// once, as whichever is newer. Memory: one map entry per tombstone (they
-/// live `tombstone_retention_ms`), none per artifact.
-pub fn walk(data_dir: &Path, mut visit: impl FnMut(Entry)) -> io::Result<()> {
-    let mut tombstones: HashMap<(String, String), u64> = HashMap::new();
+/// once, as whichever is newer. Tombstones mirror the data's layout
+/// (`.tombstones/{ns}/{xx}/{file}` beside `{ns}/{xx}/{file}`), so the walk
+/// goes shard by shard and holds only one shard's tombstones at a time
+/// (they live `tombstone_retention_ms`, a week by default: a store that
+/// deletes 20 a second keeps over a million, and a map of all of them made
+/// every comparison of the hour-long soak allocate megabytes). None per
+/// artifact. Returns the most tombstones it held at once.
+pub fn walk(data_dir: &Path, mut visit: impl FnMut(Entry)) -> io::Result<usize> {
     let tomb_root = data_dir.join(crate::store::TOMBSTONE_DIR);
-    if tomb_root.is_dir() {
-        walk_files(&tomb_root, |ns, key, file| {
-            if let Ok(meta) = file.metadata() {
-                let t = crate::store::background_millis(meta.mtime(), meta.mtime_nsec());
-                tombstones.insert((ns.to_string(), key), t);
+    let mut held_max = 0;
+    // The first read of the data directory fails as it always has when the
+    // directory is missing; the tombstones' tree may be absent.
+    let mut namespaces = names_of(data_dir, valid_namespace)?;
+    namespaces.extend(names_of(&tomb_root, valid_namespace).unwrap_or_default());
+    for ns in &namespaces {
+        let (data_ns, tomb_ns) = (data_dir.join(ns), tomb_root.join(ns));
+        let mut shards = names_of(&data_ns, |_| true).unwrap_or_default();
+        shards.extend(names_of(&tomb_ns, |_| true).unwrap_or_default());
+        for shard in &shards {
+            let mut tombstones: HashMap<String, u64> = HashMap::new();
+            each_file(&tomb_ns.join(shard), |key, file| {
+                if let Ok(meta) = file.metadata() {
+                    let t = crate::store::background_millis(meta.mtime(), meta.mtime_nsec());
+                    tombstones.insert(key, t);
+                }
+            });
+            held_max = held_max.max(tombstones.len());
+            each_file(&data_ns.join(shard), |key, file| {
+                let Ok(mut f) = std::fs::File::open(file.path()) else {
+                    return;
+                };
+                let mut head = [0u8; HEADER_BYTES];
+                if f.read_exact(&mut head).is_err() {
+                    return;
+                }
+                let Ok(header) = decode_header(&head) else {
+                    return;
+                };
+                let Ok(meta) = f.metadata() else { return };
+                let write_time_ms =
+                    crate::store::background_millis(meta.mtime(), meta.mtime_nsec());
+                if let Some(&deleted_at) = tombstones.get(&key) {
+                    if deleted_at >= write_time_ms {
+                        return; // deleted after this write: the tombstone stands
+                    }
+                    tombstones.remove(&key);
+                }
+                visit(Entry {
+                    ns: ns.clone(),
+                    key,
+                    write_time_ms,
+                    sha256: header.sha256,
+                    len: header.body_len,
+                    deleted: false,
+                });
+            });
+            for (key, write_time_ms) in tombstones {
+                visit(Entry {
+                    ns: ns.clone(),
+                    key,
+                    write_time_ms,
+                    sha256: [0; 32],
+                    len: 0,
+                    deleted: true,
+                });
             }
-        })?;
-    }
-    walk_files(data_dir, |ns, key, file| {
-        let Ok(mut f) = std::fs::File::open(file.path()) else {
-            return;
-        };
-        let mut head = [0u8; HEADER_BYTES];
-        if f.read_exact(&mut head).is_err() {
-            return;
         }
-        let Ok(header) = decode_header(&head) else {
-            return;
-        };
-        let Ok(meta) = f.metadata() else { return };
-        let write_time_ms = crate::store::background_millis(meta.mtime(), meta.mtime_nsec());
-        let id = (ns.to_string(), key);
-        if let Some(&deleted_at) = tombstones.get(&id) {
-            if deleted_at >= write_time_ms {
-                return; // deleted after this write: the tombstone stands
-            }
-            tombstones.remove(&id);
-        }
-        visit(Entry {
-            ns: id.0,
-            key: id.1,
-            write_time_ms,
-            sha256: header.sha256,
-            len: header.body_len,
-            deleted: false,
-        });
-    })?;
-    for ((ns, key), write_time_ms) in tombstones {
-        visit(Entry {
-            ns,
-            key,
-            write_time_ms,
-            sha256: [0; 32],
-            len: 0,
-            deleted: true,
-        });
     }
-    Ok(())
+    Ok(held_max)
 }
 
-/// Every `{root}/{ns}/{xx}/{file}` with a valid namespace and a file name
-/// that stands for a valid key.
-fn walk_files(root: &Path, mut visit: impl FnMut(&str, String, &DirEntry)) -> io::Result<()> {
-    for ns_entry in std::fs::read_dir(root)?.flatten() {
-        let Ok(ns) = ns_entry.file_name().into_string() else {
+/// The names in `dir` that `keep` accepts, sorted (a directory holds 256
+/// shards or a few namespaces: small).
+fn names_of(dir: &Path, keep: impl Fn(&str) -> bool) -> io::Result<BTreeSet<String>> {
+    Ok(std::fs::read_dir(dir)?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| keep(name))
+        .collect())
+}
+
+/// Every file in the shard directory `dir` whose name stands for a valid
+/// key (none when it does not exist).
+fn each_file(dir: &Path, mut visit: impl FnMut(String, &DirEntry)) {
+    let Ok(files) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for file in files.flatten() {
+        let Some(key) = file.file_name().to_str().and_then(key_of_file_name) else {
             continue;
         };
-        if !valid_namespace(&ns) || !ns_entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let Ok(shards) = std::fs::read_dir(ns_entry.path()) else {
-            continue;
-        };
-        for shard in shards.flatten() {
-            let Ok(files) = std::fs::read_dir(shard.path()) else {
-                continue;
-            };
-            for file in files.flatten() {
-                let Some(key) = file.file_name().to_str().and_then(key_of_file_name) else {
-                    continue;
-                };
-                visit(&ns, key, &file);
-            }
-        }
+        visit(key, &file);
     }
-    Ok(())
 }
 
 /// The bucket digests of `data_dir`.
@@ -687,6 +700,54 @@ mod tests {
                 ("kept", 3_000, false)
             ]
         );
+        store.shutdown();
+    }
+
+    /// The walk holds one shard's tombstones at a time, not all of them,
+    /// and still visits each deleted key once, a namespace with only
+    /// tombstones left among them (the hour-long soak's comparisons grew
+    /// by megabytes with a map of every tombstone).
+    #[test]
+    fn walk_holds_one_shards_tombstones_at_a_time() {
+        use crate::store::{FsyncPolicy, PutOptions, Store, StoreConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            store_bytes_max: 0,
+            fsync: FsyncPolicy::Never,
+        })
+        .unwrap();
+        for i in 0..600u64 {
+            let key = format!("k{i}");
+            let mut w = store
+                .begin_put(
+                    "live",
+                    &key,
+                    PutOptions {
+                        write_time_ms: Some(1_000),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            w.write(key.as_bytes()).unwrap();
+            w.commit().unwrap();
+            store.delete_at("live", &key, 2_000 + i, false).unwrap();
+        }
+        // Deletes of keys this node never held: a namespace of tombstones only.
+        for i in 0..200u64 {
+            store
+                .delete_at("gone", &format!("g{i}"), 5_000, false)
+                .unwrap();
+        }
+        let mut deleted = std::collections::BTreeSet::new();
+        let held = walk(dir.path(), |e| {
+            assert!(e.deleted, "{e:?}");
+            assert!(deleted.insert((e.ns, e.key)), "visited twice");
+        })
+        .unwrap();
+        assert_eq!(deleted.len(), 800);
+        // 256 shards: about 2 to 3 tombstones in each, never the 800.
+        assert!(held <= 32, "held {held} tombstones at once");
         store.shutdown();
     }
 
