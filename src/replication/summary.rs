@@ -651,35 +651,37 @@ mod tests {
         assert!(decode_listing(b"g x 1 - 0\nmore\ng y 1 - 0\n").is_none());
     }
 
+    /// A store in `dir` without syncs, for the walk's tests.
+    fn test_store(dir: &Path) -> crate::store::Store {
+        use crate::store::{FsyncPolicy, Store, StoreConfig};
+        Store::open(StoreConfig {
+            data_dir: dir.to_path_buf(),
+            store_bytes_max: 0,
+            fsync: FsyncPolicy::Never,
+        })
+        .unwrap()
+    }
+
+    /// Write `ns/key` (its body is the key) as of `t`.
+    fn put_at(store: &crate::store::Store, ns: &str, key: &str, t: u64) {
+        let options = crate::store::PutOptions {
+            write_time_ms: Some(t),
+            ..Default::default()
+        };
+        let mut w = store.begin_put(ns, key, options).unwrap();
+        w.write(key.as_bytes()).unwrap();
+        w.commit().unwrap();
+    }
+
     /// The walk sees multi-segment keys (stored as `~`-joined file names)
     /// and merges tombstones with artifacts by time.
     #[test]
     fn walk_merges_tombstones_and_reads_multi_segment_keys() {
-        use crate::store::{FsyncPolicy, PutOptions, Store, StoreConfig};
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(StoreConfig {
-            data_dir: dir.path().to_path_buf(),
-            store_bytes_max: 0,
-            fsync: FsyncPolicy::Never,
-        })
-        .unwrap();
-        let put = |key: &str, t: u64| {
-            let mut w = store
-                .begin_put(
-                    "g",
-                    key,
-                    PutOptions {
-                        write_time_ms: Some(t),
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
-            w.write(key.as_bytes()).unwrap();
-            w.commit().unwrap()
-        };
-        put("fe/a5c6ltr4", 1_000);
-        put("deleted", 1_000);
-        put("kept", 3_000);
+        let store = test_store(dir.path());
+        put_at(&store, "g", "fe/a5c6ltr4", 1_000);
+        put_at(&store, "g", "deleted", 1_000);
+        put_at(&store, "g", "kept", 3_000);
         store.delete_at("g", "deleted", 2_000, false).unwrap();
         assert_eq!(
             store.delete_at("g", "kept", 2_000, false).unwrap(),
@@ -709,28 +711,11 @@ mod tests {
     /// by megabytes with a map of every tombstone).
     #[test]
     fn walk_holds_one_shards_tombstones_at_a_time() {
-        use crate::store::{FsyncPolicy, PutOptions, Store, StoreConfig};
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(StoreConfig {
-            data_dir: dir.path().to_path_buf(),
-            store_bytes_max: 0,
-            fsync: FsyncPolicy::Never,
-        })
-        .unwrap();
+        let store = test_store(dir.path());
         for i in 0..600u64 {
             let key = format!("k{i}");
-            let mut w = store
-                .begin_put(
-                    "live",
-                    &key,
-                    PutOptions {
-                        write_time_ms: Some(1_000),
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
-            w.write(key.as_bytes()).unwrap();
-            w.commit().unwrap();
+            put_at(&store, "live", &key, 1_000);
             store.delete_at("live", &key, 2_000 + i, false).unwrap();
         }
         // Deletes of keys this node never held: a namespace of tombstones only.
