@@ -13,7 +13,7 @@
 //! So one thread (`sluice-heap`, normal scheduling class: it takes each
 //! arena's lock, and a thread in `SCHED_IDLE` holding it could stall an
 //! engine thread) wakes every [`TRIM_INTERVAL`], asks the allocator how much
-//! it holds free (`mallinfo2`), and when that is at least [`TRIM_FREE_MIN`]
+//! it holds free (`mallinfo2`), and when that is at least [`TRIM_FREE_BYTES_MIN`]
 //! calls `malloc_trim(0)`, which releases the free pages inside every arena
 //! (`madvise(MADV_DONTNEED)`), not only at the tops. The cost is a walk of
 //! the arenas' free lists under their locks, a fraction of a millisecond for
@@ -22,9 +22,9 @@
 //! The last reading is `sluice_memory_bytes{part="heap_in_use"}` (what the
 //! program holds: a leak shows here) and `{part="heap_free"}` (what the
 //! allocator holds free, released or not: RSS above `heap_in_use` that a
-//! trim does not bring down is fragmentation, pages with a live block). The calls into the allocator are
-//! `sluice_uring::allocator` (this crate has no `unsafe`); on a libc other
-//! than glibc they do nothing.
+//! trim does not bring down is fragmentation, pages with a live block).
+//! The calls into the allocator are `sluice_uring::allocator` (this crate
+//! has no `unsafe`); on a libc other than glibc they do nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -33,7 +33,7 @@ use std::time::Duration;
 /// How often the thread looks at the heap.
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(10);
 /// Free bytes in the allocator below which a trim is not worth its walk.
-pub const TRIM_FREE_MIN: u64 = 1 << 20;
+pub const TRIM_FREE_BYTES_MIN: u64 = 1 << 20;
 
 static FREE_BYTES: AtomicU64 = AtomicU64::new(0);
 static IN_USE_BYTES: AtomicU64 = AtomicU64::new(0);
@@ -66,13 +66,13 @@ pub fn start() {
 }
 
 /// Read the allocator's free bytes and, when there are at least
-/// [`TRIM_FREE_MIN`], give the free pages back. Returns the free bytes read.
+/// [`TRIM_FREE_BYTES_MIN`], give the free pages back. Returns the free bytes read.
 pub fn trim_if_worthwhile() -> u64 {
     let heap = sluice_uring::allocator::heap_bytes();
     let free = heap.free;
     FREE_BYTES.store(free, Ordering::Relaxed);
     IN_USE_BYTES.store(heap.in_use, Ordering::Relaxed);
-    if free >= TRIM_FREE_MIN {
+    if free >= TRIM_FREE_BYTES_MIN {
         sluice_uring::allocator::trim();
     }
     free
