@@ -234,6 +234,26 @@ impl LatencySampler {
     }
 }
 
+/// [`LatencySampler::take`] for a front whose connections are tasks on a few
+/// threads (the fallback's runtime workers): one sampler per thread, shared by
+/// the thread's connections, so the fallback stamps at most one request per
+/// `gap` on each of its threads as an engine thread does.
+pub fn sample_on_this_thread(gap: Duration, now: std::time::Instant) -> bool {
+    thread_local! {
+        static NEXT: std::cell::Cell<Option<std::time::Instant>> =
+            const { std::cell::Cell::new(None) };
+    }
+    NEXT.with(|next| {
+        let mut sampler = LatencySampler {
+            gap,
+            next: next.get(),
+        };
+        let taken = sampler.take(now);
+        next.set(sampler.next);
+        taken
+    })
+}
+
 /// The cumulative stall counters of one PSI resource (`/proc/pressure/cpu`
 /// or a cgroup's `cpu.pressure`): microseconds during which at least one
 /// task (`some`) or every task (`full`) waited for the resource.
@@ -522,6 +542,26 @@ mod tests {
         // Off.
         let mut s = LatencySampler::new(Duration::ZERO);
         assert!(!s.take(t0));
+    }
+
+    #[test]
+    fn a_thread_shares_one_sampler_and_other_threads_have_their_own() {
+        let t0 = std::time::Instant::now();
+        let gap = Duration::from_micros(250);
+        // Two connections' receives interleaved on one thread: one per gap in all.
+        let taken = (0..1000u64)
+            .filter(|i| sample_on_this_thread(gap, t0 + Duration::from_micros(i * 10)))
+            .count();
+        assert_eq!(taken, 40);
+        // Another thread starts afresh at the same instant.
+        let at = t0 + Duration::from_micros(9_995);
+        assert!(std::thread::spawn(move || sample_on_this_thread(gap, at))
+            .join()
+            .unwrap());
+        assert!(!sample_on_this_thread(
+            Duration::ZERO,
+            t0 + Duration::from_secs(1)
+        ));
     }
 
     #[test]

@@ -237,6 +237,7 @@ fn start_fallback(config: &Config, app: &Arc<App>) -> Result<(bool, Arc<Fallback
                 uri_bytes_max: config.uri_bytes_max,
                 head_bytes_max: config.head_bytes_max,
                 worker_threads: config.fallback_threads_effective(),
+                latency_sample: Duration::from_micros(config.public_latency_sample_us),
             },
         )
         .map_err(|e| ServeError(format!("cannot start the fallback front end: {e}")))?,

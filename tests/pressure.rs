@@ -193,6 +193,90 @@ fn fallback_latency_from_arrival_sees_the_kernel_queue() {
     a_request_queued_in_the_kernel_shows_in_latency_from_arrival("fallback");
 }
 
+/// Requests over one keep-alive connection as fast as they go, with a sampling gap of one
+/// second: each front measures at most one request per gap on each of its threads, so 200
+/// requests bring a handful of samples, not 200. The fallback stamped every request head (and
+/// every HTTP/2 read) before it shared the engines' sampler.
+fn a_front_samples_one_request_per_gap(engine: &str, h2: bool) {
+    const REQUESTS: usize = 200;
+    let server = peer_node(
+        engine,
+        free_ports_in(40_000, 100, 1)[0],
+        free_ports_in(40_000, 100, 1)[0],
+        &[("SLUICE_PUBLIC_LATENCY_SAMPLE_US", "1000000")],
+    );
+    put_blob(&server, "/v1/artifacts/p/small", 4096);
+    let samples = || {
+        metric_at(
+            server.addr,
+            "sluice_replication_public_latency_samples_total",
+            &[],
+        )
+    };
+    let before = samples();
+    // The upload's and the scrape's receives may have used their threads' samples: let the
+    // gap pass.
+    std::thread::sleep(Duration::from_millis(1100));
+    let began = Instant::now();
+    if h2 {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let io = tokio::net::TcpStream::connect(server.addr)
+                .await
+                .expect("connect");
+            let (mut send, conn) = h2::client::handshake(io).await.expect("h2 handshake");
+            tokio::spawn(conn);
+            for _ in 0..REQUESTS {
+                let request = hyper::Request::builder()
+                    .uri("http://localhost/v1/artifacts/p/small")
+                    .body(())
+                    .expect("request");
+                let (response, _) = send.send_request(request, true).expect("send");
+                let response = response.await.expect("response");
+                assert_eq!(response.status(), 200, "{engine}/h2c");
+                let mut body = response.into_body();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.expect("body");
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                }
+            }
+        });
+    } else {
+        let mut s = TcpStream::connect(server.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        for _ in 0..REQUESTS {
+            assert_eq!(get_on(&mut s, "/v1/artifacts/p/small"), 200, "{engine}");
+        }
+    }
+    let elapsed = began.elapsed();
+    let taken = samples() - before;
+    // Engine threads or fallback workers: as many as cores (2 in CI), 4 allowed for.
+    let bound = 4.0 * (elapsed.as_secs_f64().ceil() + 1.0);
+    assert!(
+        taken >= 1.0,
+        "{engine} (h2: {h2}): sampling is on, yet nothing was sampled"
+    );
+    assert!(
+        taken <= bound,
+        "{engine} (h2: {h2}): {taken} of {REQUESTS} requests sampled in {elapsed:?}, \
+         more than one per second per thread ({bound})"
+    );
+}
+
+#[test]
+fn every_front_samples_one_request_per_gap_per_thread() {
+    if ring_available() {
+        a_front_samples_one_request_per_gap("uring", false);
+    }
+    a_front_samples_one_request_per_gap("epoll", false);
+    a_front_samples_one_request_per_gap("fallback", false);
+    a_front_samples_one_request_per_gap("auto", true);
+}
+
 fn ring_available() -> bool {
     sluice_uring::probe().available()
 }

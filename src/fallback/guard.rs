@@ -63,7 +63,8 @@ pub struct Activity {
     shed_requested: AtomicBool,
     shed: Notify,
     /// Reads should bring the kernel's receive time (`stamp::StampedTcp`):
-    /// while the connection waits for a request.
+    /// while the connection waits for a request the sampler chose
+    /// ([`Activity::sample_next`]).
     want_stamp: AtomicBool,
     /// The last receive time a read brought, unix ns (0: none since taken).
     last_stamp_ns: AtomicU64,
@@ -83,7 +84,7 @@ impl Activity {
             requests_started: AtomicU64::new(0),
             shed_requested: AtomicBool::new(false),
             shed: Notify::new(),
-            want_stamp: AtomicBool::new(true),
+            want_stamp: AtomicBool::new(false),
             last_stamp_ns: AtomicU64::new(0),
             head_stamp_ns: AtomicU64::new(0),
         }
@@ -94,20 +95,30 @@ impl Activity {
         self.want_stamp.load(Ordering::Relaxed)
     }
 
-    /// A read brought this receive time.
-    pub fn stamped(&self, stamp: sluice_uring::RxStamp) {
-        self.last_stamp_ns.store(stamp.unix_ns, Ordering::Relaxed);
+    /// A stamped read brought this receive time (`None`: the kernel gave
+    /// none, and no older stamp may stand for these bytes).
+    pub fn stamped(&self, stamp: Option<sluice_uring::RxStamp>) {
+        let ns = stamp.map_or(0, |s| s.unix_ns);
+        self.last_stamp_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// Whether the next request is measured from its arrival: asks this
+    /// thread's sampler (one request per `gap`, as on an engine thread; see
+    /// `pressure::LatencySampler`), before the request's bytes are read, so
+    /// the choice cannot favour fast or slow requests. Unsampled requests
+    /// are read with plain reads.
+    pub fn sample_next(&self, gap: Duration) {
+        let take = crate::pressure::sample_on_this_thread(gap, Instant::now().into_std());
+        self.want_stamp.store(take, Ordering::Relaxed);
     }
 
     /// A request head starts in the bytes just read: its arrival is the
-    /// last stamp. `keep_stamping`: later reads stamp too (HTTP/2, where a
-    /// new stream may start in any read); HTTP/1 stops until the next head.
-    fn head_started(&self, keep_stamping: bool) {
+    /// last stamp (none if this request was not sampled). Reads stop
+    /// stamping until the guard asks the sampler again.
+    fn head_started(&self) {
         let ns = self.last_stamp_ns.swap(0, Ordering::Relaxed);
         self.head_stamp_ns.store(ns, Ordering::Relaxed);
-        if !keep_stamping {
-            self.want_stamp.store(false, Ordering::Relaxed);
-        }
+        self.want_stamp.store(false, Ordering::Relaxed);
     }
 
     /// The arrival of the request whose handler starts now, taken once.
@@ -535,6 +546,8 @@ pub struct Http1Watch {
     header_read_timeout: Duration,
     uri_bytes_max: usize,
     requests_seen: u64,
+    /// One request per this on the thread is measured from its arrival.
+    latency_sample: Duration,
     framing: FramingCheck,
     /// A refused head that arrived while a request was in flight: answered once it is done.
     deferred: Option<FramingRefusal>,
@@ -547,11 +560,13 @@ const DEFERRED_RECHECK: Duration = Duration::from_millis(5);
 
 impl Http1Watch {
     /// `first_head_deadline` bounds the first head (counted from accept); `limits` are the
-    /// ring's head limits (`head_bytes_max`, `uri_bytes_max`).
+    /// ring's head limits (`head_bytes_max`, `uri_bytes_max`); `latency_sample` is
+    /// `public_latency_sample_us`.
     pub fn new(
         first_head_deadline: Instant,
         header_read_timeout: Duration,
         limits: Http1Limits,
+        latency_sample: Duration,
     ) -> Self {
         Http1Watch {
             phase: Http1Phase::Head(RequestLineScan::new(limits.uri_bytes_max)),
@@ -559,6 +574,7 @@ impl Http1Watch {
             header_read_timeout,
             uri_bytes_max: limits.uri_bytes_max,
             requests_seen: 0,
+            latency_sample,
             framing: FramingCheck::new(limits),
             deferred: None,
             recheck: None,
@@ -572,15 +588,19 @@ pub struct H2Watch {
     outbound: FrameScan,
     resets: RateWindow,
     last_stream: u32,
+    /// One request per this on the thread is measured from its arrival.
+    latency_sample: Duration,
 }
 
 impl H2Watch {
-    pub fn new() -> H2Watch {
+    /// `latency_sample` is `public_latency_sample_us`.
+    pub fn new(latency_sample: Duration) -> H2Watch {
         H2Watch {
             inbound: FrameScan::new(true),
             outbound: FrameScan::new(false),
             resets: RateWindow::new(H2_RESET_WINDOW, H2_RESETS_PER_WINDOW_MAX),
             last_stream: 0,
+            latency_sample,
         }
     }
 }
@@ -731,10 +751,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> GuardIo<I> {
         }
         if matches!(w.phase, Http1Phase::Request) && !self.activity.in_request() {
             w.phase = Http1Phase::Idle;
-        }
-        if matches!(w.phase, Http1Phase::Idle) {
-            // The next read brings a new head: stamp it.
-            self.activity.want_stamp.store(true, Ordering::Relaxed);
+            // The next read brings a new head: stamp it if the sampler says so.
+            self.activity.sample_next(w.latency_sample);
         }
         if let Some(refusal) = w.deferred {
             if self.activity.in_request() {
@@ -780,10 +798,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> GuardIo<I> {
                     w.phase = Http1Phase::Head(RequestLineScan::new(w.uri_bytes_max));
                     let due = Instant::now() + w.header_read_timeout;
                     w.deadline.as_mut().reset(due);
-                    self.activity.head_started(false);
+                    self.activity.head_started();
                 } else if w.requests_seen == 0 && self.activity.wants_stamp() {
                     // The first head, read since accept.
-                    self.activity.head_started(false);
+                    self.activity.head_started();
                 }
                 if let Http1Phase::Head(scan) = &mut w.phase {
                     if scan.feed(new) == LineVerdict::TargetTooLong {
@@ -837,7 +855,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> GuardIo<I> {
                     }
                 });
                 if headers {
-                    self.activity.head_started(true);
+                    // A new stream may start in any later read: the sampler
+                    // decides now whether the next one is stamped.
+                    self.activity.head_started();
+                    self.activity.sample_next(w.latency_sample);
                 }
                 if calm {
                     self.counters.h2_calm.fetch_add(1, Ordering::Relaxed);

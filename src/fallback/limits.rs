@@ -3,6 +3,7 @@
 
 use crate::config::ConnTimeouts;
 use std::io;
+use std::time::Duration;
 
 /// Worker threads of [`FallbackLimits::default`] (the server sizes the runtime from the config).
 pub const WORKER_THREADS: usize = 2;
@@ -61,6 +62,9 @@ pub struct FallbackLimits {
     /// Worker threads of the runtime (`fallback_threads`; the server passes the engine's
     /// thread count when it is 0).
     pub worker_threads: usize,
+    /// `public_latency_sample_us`: each worker measures at most one request per this from
+    /// the kernel's receive time (zero: none).
+    pub latency_sample: Duration,
 }
 
 impl Default for FallbackLimits {
@@ -73,6 +77,7 @@ impl Default for FallbackLimits {
             uri_bytes_max: 8192,
             head_bytes_max: 16 * 1024,
             worker_threads: WORKER_THREADS,
+            latency_sample: Duration::from_micros(250),
         }
     }
 }

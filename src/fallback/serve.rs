@@ -47,6 +47,9 @@ pub(super) struct Shared<H> {
     send_timeout: Duration,
     /// The ring's head limits: the guard checks every HTTP/1 head against them.
     head_limits: crate::http1::Limits,
+    /// `public_latency_sample_us`: one request per this on each worker is measured from
+    /// its arrival.
+    latency_sample: Duration,
     counters: Arc<Counters>,
     pub(super) shutdown: watch::Receiver<bool>,
 }
@@ -98,6 +101,7 @@ impl<H: Handler> Shared<H> {
                 uri_bytes_max: limits.uri_bytes_max,
                 ..crate::http1::Limits::default()
             },
+            latency_sample: limits.latency_sample,
             counters,
             shutdown,
         }
@@ -271,14 +275,18 @@ where
         mut shutdown,
     } = conn;
     let watch = if h2 {
-        Watch::H2(Box::new(H2Watch::new()))
+        Watch::H2(Box::new(H2Watch::new(shared.latency_sample)))
     } else {
         Watch::Http1(Box::new(Http1Watch::new(
             head_deadline,
             shared.header_read_timeout,
             shared.head_limits,
+            shared.latency_sample,
         )))
     };
+    // Whether the first request is measured from its arrival; later ones ask again as
+    // they start (guard.rs).
+    activity.sample_next(shared.latency_sample);
     let io = GuardIo::new(io, activity.clone(), shared.counters.clone(), watch);
     let handler = shared.handler.clone();
     let service_activity = activity.clone();

@@ -3,8 +3,10 @@
 //! The listeners ask the kernel to stamp received packets (`SO_TIMESTAMPING`,
 //! see `sluice_uring::stamp`); [`StampedTcp`] reads the socket with
 //! `recvmsg` and a control buffer while the connection waits for a request
-//! (plain reads otherwise, so request bodies cost nothing extra), and keeps
-//! the stamp in the connection's [`Activity`]. The guard marks where a head
+//! that the worker's sampler chose (`public_latency_sample_us`: one per gap
+//! per worker thread, as on an engine thread; plain reads otherwise, so
+//! unsampled requests and request bodies cost nothing extra), and keeps the
+//! stamp in the connection's [`Activity`]. The guard marks where a head
 //! starts (HTTP/1: the first read after the previous request; HTTP/2: a read
 //! carrying a HEADERS frame), and the service hands that arrival to the
 //! handler in the request's extensions ([`Arrival`]). Below TLS, the stamp
@@ -64,7 +66,7 @@ impl AsyncRead for StampedTcp {
             });
             match read {
                 Ok((n, stamp)) => {
-                    if let Some(stamp) = stamp.filter(|_| n > 0) {
+                    if n > 0 {
                         this.activity.stamped(stamp);
                     }
                     buf.advance(n);

@@ -117,6 +117,7 @@ fn limits() -> FallbackLimits {
         uri_bytes_max: 8192,
         head_bytes_max: 16 * 1024,
         worker_threads: WORKER_THREADS,
+        ..FallbackLimits::default()
     }
 }
 
