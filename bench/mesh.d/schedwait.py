@@ -8,8 +8,10 @@ scheduling delay: from its wakeup to when it ran). For the threads of LOADED_PID
 names start with "sluice-ring" (the engine threads that answer public requests), prints the
 scheduling delay's percentiles and, for every delay of 1 ms or more, what ran on that CPU
 just before the thread got it, by process label (A, B, C, the load generator, other) and
-thread name, with the delay each accounts for. Threads whose names say they work for
-replication run in the idle scheduling class (docs/replication.md); the rest are normal.
+thread name, with the delay each accounts for; then the CPU time each thread ran in the
+record, by node and thread (what each part of the work costs). Threads whose names say they
+work for replication run in the idle scheduling class (docs/replication.md); the rest are
+normal.
 """
 import collections
 import re
@@ -25,16 +27,22 @@ def main():
     labels = dict(reversed(a.split("=", 1)) for a in sys.argv[3:])
     before = {}  # cpu -> (label, thread) that ran last
     delays = []
+    ran_ms = collections.Counter()
+    first = last = None
     blame = collections.Counter()
     blame_ms = collections.Counter()
     for line in open(path, errors="replace"):
         m = LINE.match(line)
         if not m:
             continue
-        _t, cpu, name, tid, pid, _wait, sch, _run = m.groups()
+        t, cpu, name, tid, pid, _wait, sch, run = m.groups()
         pid = pid or tid
         name = name.strip()
         who = (labels.get(pid, "other"), name)
+        first = first if first is not None else float(t)
+        last = float(t)
+        if not name.startswith(":"):  # idle (swapper) shows as :0
+            ran_ms[who] += float(run)
         if pid == loaded and name.startswith("sluice-ring"):
             d = float(sch)
             delays.append(d)
@@ -61,6 +69,14 @@ def main():
         ms = blame_ms[(label, thread)]
         print(f"  ran before a long wait: {label:6s} {thread:28s} {count:5d} times "
               f"{ms:8.1f} ms ({100.0 * ms / total:4.1f} %)")
+    span_s = max((last or 0) - (first or 0), 1e-9)
+    by_label = collections.Counter()
+    for (label, _thread), ms in ran_ms.items():
+        by_label[label] += ms
+    print(f"CPU over the {span_s:.1f} s recorded, in cores: " + ", ".join(
+        f"{label} {ms / 1000 / span_s:.2f}" for label, ms in by_label.most_common()))
+    for (label, thread), ms in ran_ms.most_common(15):
+        print(f"  ran: {label:6s} {thread:28s} {ms / 1000 / span_s:5.2f} cores")
 
 
 if __name__ == "__main__":
