@@ -58,6 +58,8 @@ pub struct BurstConfig {
     pub out_dir: PathBuf,
     /// Seed of the blob sizes and contents.
     pub seed: u64,
+    /// How long to wait after a cell's files are deleted (see `forget_deleted`).
+    pub settle: Duration,
 }
 
 /// The blobs of a burst: sizes, digests and where their bytes come from.
@@ -205,7 +207,12 @@ impl CellResult {
 /// The disk's bound for the burst: `writers` threads, each taking the next blob and writing it
 /// as a new file in `dir` (create, write, `fdatasync`, rename), as a store that syncs every
 /// file would. The files are removed afterwards.
-pub fn disk_bound(dir: &Path, blobs: &Blobs, writers: usize) -> Result<CellResult, String> {
+pub fn disk_bound(
+    dir: &Path,
+    blobs: &Blobs,
+    writers: usize,
+    settle: Duration,
+) -> Result<CellResult, String> {
     fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let load_before = load_average();
     let next = AtomicUsize::new(0);
@@ -252,7 +259,7 @@ pub fn disk_bound(dir: &Path, blobs: &Blobs, writers: usize) -> Result<CellResul
     });
     let elapsed = started.elapsed();
     let _ = fs::remove_dir_all(dir);
-    forget_deleted();
+    forget_deleted(settle);
     let mut cell = CellResult::started(elapsed, load_before);
     for r in results {
         let (hist, count, bytes) = r?;
@@ -572,17 +579,26 @@ fn sluice_cell(
     }
     drop(nodes);
     let _ = fs::remove_dir_all(&dir);
-    forget_deleted();
+    forget_deleted(cfg.settle);
     Ok(cell)
 }
 
-/// After a cell's files are deleted: sync, and drop the clean page cache where allowed (root).
-/// On ext4 without a journal a new inode is checked against recently deleted ones in its
-/// inode table block, so the next cell would otherwise pay for this one's clean-up (the 2,000/s
-/// profile in docs/benchmarks.md, issue 27: 30 % of the host's samples).
-fn forget_deleted() {
+/// After a cell's files are deleted: sync, drop the clean page cache where allowed (root), and
+/// wait `settle`. On ext4 without a journal a new inode is skipped while one freed in the last
+/// 60 s sits in the same inode table block (the allocator reads the block to check; 360 s while
+/// the block is dirty), so the next cell would otherwise pay for this one's clean-up (the
+/// 2,000/s profile in docs/benchmarks.md, issue 27: 30 % of the host's samples; dropping the
+/// cache alone left 18-21 % of a burst cell's samples in `recently_deleted`).
+fn forget_deleted(settle: Duration) {
     let _ = std::process::Command::new("sync").status();
     let _ = fs::write("/proc/sys/vm/drop_caches", "3");
+    if !settle.is_zero() {
+        eprintln!(
+            "burst: waiting {} s for the deleted files' inodes to settle",
+            settle.as_secs()
+        );
+        std::thread::sleep(settle);
+    }
 }
 
 /// Runs every cell `repeats` times, alternating, and returns the Markdown report (also written
@@ -602,7 +618,12 @@ pub fn run_burst(cfg: &BurstConfig) -> Result<String, String> {
     let mut order = vec!["disk bound".to_string()];
     for round in 0..cfg.repeats {
         eprintln!("burst: round {} of {}: disk bound", round + 1, cfg.repeats);
-        let cell = disk_bound(&cfg.out_dir.join("disk-bound"), &blobs, cfg.connections)?;
+        let cell = disk_bound(
+            &cfg.out_dir.join("disk-bound"),
+            &blobs,
+            cfg.connections,
+            cfg.settle,
+        )?;
         cells.entry("disk bound".into()).or_default().push(cell);
         for (label, bin) in &cfg.sluice {
             for with_peers in [false, true] {
@@ -752,7 +773,7 @@ mod tests {
     fn the_disk_bound_writes_every_blob_and_cleans_up() {
         let dir = std::env::temp_dir().join(format!("sluice-burst-disk-{}", std::process::id()));
         let blobs = Blobs::generate(40, 1024, 64 * 1024, 1);
-        let cell = disk_bound(&dir, &blobs, 4).unwrap();
+        let cell = disk_bound(&dir, &blobs, 4, Duration::ZERO).unwrap();
         assert_eq!(cell.blobs, 40);
         assert_eq!(cell.bytes, blobs.total_bytes());
         assert_eq!(cell.histogram.len(), 40);

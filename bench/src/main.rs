@@ -138,6 +138,11 @@ struct BurstArgs {
     /// Seed of the blobs' sizes and contents.
     #[arg(long, default_value_t = 23)]
     seed: u64,
+    /// Seconds to wait after a cell's files are deleted (and synced) before the next cell:
+    /// ext4 without a journal skips inodes freed in the last 60 s, reading their blocks to
+    /// check, so a cell started sooner pays for the last one's clean-up. 0 does not wait.
+    #[arg(long, default_value_t = 61)]
+    settle_secs: u64,
 }
 
 fn cmd_burst(a: BurstArgs) -> Result<(), String> {
@@ -162,6 +167,7 @@ fn cmd_burst(a: BurstArgs) -> Result<(), String> {
         peers: !a.no_peers,
         out_dir: a.out,
         seed: a.seed,
+        settle: std::time::Duration::from_secs(a.settle_secs),
     };
     let report = sluice_bench::burst::run_burst(&cfg)?;
     print!("{report}");
