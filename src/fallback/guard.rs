@@ -108,7 +108,7 @@ impl Activity {
     /// the choice cannot favour fast or slow requests. Unsampled requests
     /// are read with plain reads.
     pub fn sample_next(&self, gap: Duration) {
-        let take = crate::pressure::sample_on_this_thread(gap, Instant::now().into_std());
+        let take = crate::pressure::sample_on_this_thread(gap, std::time::Instant::now());
         self.want_stamp.store(take, Ordering::Relaxed);
     }
 
@@ -546,8 +546,6 @@ pub struct Http1Watch {
     header_read_timeout: Duration,
     uri_bytes_max: usize,
     requests_seen: u64,
-    /// One request per this on the thread is measured from its arrival.
-    latency_sample: Duration,
     framing: FramingCheck,
     /// A refused head that arrived while a request was in flight: answered once it is done.
     deferred: Option<FramingRefusal>,
@@ -560,13 +558,11 @@ const DEFERRED_RECHECK: Duration = Duration::from_millis(5);
 
 impl Http1Watch {
     /// `first_head_deadline` bounds the first head (counted from accept); `limits` are the
-    /// ring's head limits (`head_bytes_max`, `uri_bytes_max`); `latency_sample` is
-    /// `public_latency_sample_us`.
+    /// ring's head limits (`head_bytes_max`, `uri_bytes_max`).
     pub fn new(
         first_head_deadline: Instant,
         header_read_timeout: Duration,
         limits: Http1Limits,
-        latency_sample: Duration,
     ) -> Self {
         Http1Watch {
             phase: Http1Phase::Head(RequestLineScan::new(limits.uri_bytes_max)),
@@ -574,7 +570,6 @@ impl Http1Watch {
             header_read_timeout,
             uri_bytes_max: limits.uri_bytes_max,
             requests_seen: 0,
-            latency_sample,
             framing: FramingCheck::new(limits),
             deferred: None,
             recheck: None,
@@ -588,19 +583,15 @@ pub struct H2Watch {
     outbound: FrameScan,
     resets: RateWindow,
     last_stream: u32,
-    /// One request per this on the thread is measured from its arrival.
-    latency_sample: Duration,
 }
 
 impl H2Watch {
-    /// `latency_sample` is `public_latency_sample_us`.
-    pub fn new(latency_sample: Duration) -> H2Watch {
+    pub fn new() -> H2Watch {
         H2Watch {
             inbound: FrameScan::new(true),
             outbound: FrameScan::new(false),
             resets: RateWindow::new(H2_RESET_WINDOW, H2_RESETS_PER_WINDOW_MAX),
             last_stream: 0,
-            latency_sample,
         }
     }
 }
@@ -617,16 +608,28 @@ pub struct GuardIo<I> {
     counters: Arc<Counters>,
     watch: Watch,
     refusing: Option<Refusing>,
+    /// `public_latency_sample_us`: one request per this on the thread is measured from its
+    /// arrival; asked when the connection starts and as each request starts after it.
+    latency_sample: Duration,
 }
 
 impl<I> GuardIo<I> {
-    pub fn new(inner: I, activity: Arc<Activity>, counters: Arc<Counters>, watch: Watch) -> Self {
+    pub fn new(
+        inner: I,
+        activity: Arc<Activity>,
+        counters: Arc<Counters>,
+        watch: Watch,
+        latency_sample: Duration,
+    ) -> Self {
+        // Whether the first request is measured from its arrival.
+        activity.sample_next(latency_sample);
         GuardIo {
             inner,
             activity,
             counters,
             watch,
             refusing: None,
+            latency_sample,
         }
     }
 }
@@ -752,7 +755,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> GuardIo<I> {
         if matches!(w.phase, Http1Phase::Request) && !self.activity.in_request() {
             w.phase = Http1Phase::Idle;
             // The next read brings a new head: stamp it if the sampler says so.
-            self.activity.sample_next(w.latency_sample);
+            self.activity.sample_next(self.latency_sample);
         }
         if let Some(refusal) = w.deferred {
             if self.activity.in_request() {
@@ -858,7 +861,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> GuardIo<I> {
                     // A new stream may start in any later read: the sampler
                     // decides now whether the next one is stamped.
                     self.activity.head_started();
-                    self.activity.sample_next(w.latency_sample);
+                    self.activity.sample_next(self.latency_sample);
                 }
                 if calm {
                     self.counters.h2_calm.fetch_add(1, Ordering::Relaxed);

@@ -275,19 +275,21 @@ where
         mut shutdown,
     } = conn;
     let watch = if h2 {
-        Watch::H2(Box::new(H2Watch::new(shared.latency_sample)))
+        Watch::H2(Box::new(H2Watch::new()))
     } else {
         Watch::Http1(Box::new(Http1Watch::new(
             head_deadline,
             shared.header_read_timeout,
             shared.head_limits,
-            shared.latency_sample,
         )))
     };
-    // Whether the first request is measured from its arrival; later ones ask again as
-    // they start (guard.rs).
-    activity.sample_next(shared.latency_sample);
-    let io = GuardIo::new(io, activity.clone(), shared.counters.clone(), watch);
+    let io = GuardIo::new(
+        io,
+        activity.clone(),
+        shared.counters.clone(),
+        watch,
+        shared.latency_sample,
+    );
     let handler = shared.handler.clone();
     let service_activity = activity.clone();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
