@@ -20,8 +20,13 @@ const SECRET: &str = "pressure-test-secret-0123456789";
 /// A node with replication on (towards a port nobody listens on), so the limiter runs and its
 /// gauges are in `/metrics`.
 fn node(engine: &str) -> Server {
-    let dead = free_ports_in(40_000, 100, 1)[0];
-    peer_node(engine, free_ports_in(40_000, 100, 1)[0], dead, &[])
+    node_with(engine, &[])
+}
+
+/// [`node`] with `extra` settings.
+fn node_with(engine: &str, extra: &[(&str, &str)]) -> Server {
+    let ports = free_ports_in(40_000, 100, 2);
+    peer_node(engine, ports[0], ports[1], extra)
 }
 
 /// A node listening on `port` that replicates to `peer`, with `extra` settings.
@@ -107,12 +112,7 @@ fn a_request_queued_in_the_kernel_shows_in_latency_from_arrival(engine: &str) {
     // came within the gap of the connection's first one on a fast run, went unsampled, and
     // the test failed with "no sample was taken" (CI, stop 29). One microsecond between
     // samples makes every receive of a later engine turn a sampled one.
-    let server = peer_node(
-        engine,
-        free_ports_in(40_000, 100, 1)[0],
-        free_ports_in(40_000, 100, 1)[0],
-        &[("SLUICE_PUBLIC_LATENCY_SAMPLE_US", "1")],
-    );
+    let server = node_with(engine, &[("SLUICE_PUBLIC_LATENCY_SAMPLE_US", "1")]);
     let (io_uring, mode) = engine_status(&server);
     assert_eq!(io_uring, engine == "uring", "{engine}: {mode}");
     put_blob(&server, "/v1/artifacts/p/small", 4096);
@@ -199,12 +199,7 @@ fn fallback_latency_from_arrival_sees_the_kernel_queue() {
 /// every HTTP/2 read) before it shared the engines' sampler.
 fn a_front_samples_one_request_per_gap(engine: &str, h2: bool) {
     const REQUESTS: usize = 200;
-    let server = peer_node(
-        engine,
-        free_ports_in(40_000, 100, 1)[0],
-        free_ports_in(40_000, 100, 1)[0],
-        &[("SLUICE_PUBLIC_LATENCY_SAMPLE_US", "1000000")],
-    );
+    let server = node_with(engine, &[("SLUICE_PUBLIC_LATENCY_SAMPLE_US", "1000000")]);
     put_blob(&server, "/v1/artifacts/p/small", 4096);
     let samples = || {
         metric_at(
