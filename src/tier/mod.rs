@@ -101,6 +101,21 @@ struct Latency {
     ops: HashMap<&'static str, ([u64; LATENCY_BUCKETS_S.len()], u64, u64)>,
 }
 
+/// Threads each tier runtime may add to its workers while a task blocks on
+/// the disk (`block_in_place`: opening and reading an artifact to upload,
+/// storing one read through). Tokio's default is 512: with 16 uploads in
+/// flight the upload runtime grew one thread per upload that happened to
+/// block at the same moment, so its thread count followed the backlog (the
+/// hour-long soak saw A gain seven threads in one step). When every one is
+/// busy, a blocking call runs on the worker itself, which then waits for
+/// it, so the bound costs concurrency only while the disk is slow.
+const UPLOAD_BLOCKING_THREADS_MAX: usize = 2;
+const TIER_BLOCKING_THREADS_MAX: usize = 8;
+/// How long an idle blocking thread of a tier runtime stays (tokio's default
+/// is 10 s): a steady stream of uploads keeps its few threads instead of
+/// starting new ones after every pause.
+const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(60);
+
 /// The process's tier runtime. One per process: a node has one tier for its
 /// whole life, and a runtime that is never dropped cannot be dropped from
 /// inside one of its own tasks.
@@ -111,6 +126,8 @@ fn runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(TIER_BLOCKING_THREADS_MAX)
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .thread_name("sluice-tier")
         .enable_all()
         .build()?;
@@ -129,6 +146,8 @@ fn upload_runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
+        .max_blocking_threads(UPLOAD_BLOCKING_THREADS_MAX)
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .thread_name("sluice-tier-upload")
         .on_thread_start(|| crate::background::enter("tier-upload"))
         .enable_all()
@@ -732,6 +751,45 @@ impl WriteListener for Tier {
 mod tests {
     use super::*;
     use crate::store::{PutOptions, StoreConfig};
+
+    /// Threads of this process whose name starts with `prefix` (the
+    /// kernel keeps 15 bytes of a thread's name).
+    fn threads_named(prefix: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim_end().starts_with(prefix))
+            .count()
+    }
+
+    #[test]
+    fn the_upload_runtime_keeps_its_threads_bounded_while_uploads_block() {
+        // Many uploads blocking on the disk at once (as a backlog of cold
+        // files would) must not each add a thread.
+        let rt = upload_runtime().unwrap();
+        let blocked: Vec<_> = (0..4 * UPLOADS_IN_FLIGHT_MAX)
+            .map(|_| {
+                rt.spawn(async {
+                    tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(20)))
+                })
+            })
+            .collect();
+        let mut most = 0;
+        for _ in 0..20 {
+            most = most.max(threads_named("sluice-tier-upl"));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for task in blocked {
+            rt.block_on(task).unwrap();
+        }
+        most = most.max(threads_named("sluice-tier-upl"));
+        assert!(
+            most <= 1 + UPLOAD_BLOCKING_THREADS_MAX,
+            "{most} upload threads, at most {} expected",
+            1 + UPLOAD_BLOCKING_THREADS_MAX
+        );
+        assert!(most >= 1);
+    }
 
     fn settings(bytes_max: u64) -> Settings {
         Settings {
