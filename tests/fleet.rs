@@ -805,6 +805,29 @@ fn proc_stats(pid: u32) -> (u64, u64, u64) {
     (field("VmRSS:") * 1024, fds, field("Threads:"))
 }
 
+/// A process's threads by name, digits folded to `N` (`sluice-ring-0` and
+/// `sluice-ring-1` count as two `sluice-ring-N`).
+fn thread_names(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut names = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return names;
+    };
+    for task in tasks.flatten() {
+        if let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) {
+            let mut name = String::new();
+            for ch in comm.trim_end().chars() {
+                if !ch.is_ascii_digit() {
+                    name.push(ch);
+                } else if !name.ends_with('N') {
+                    name.push('N');
+                }
+            }
+            *names.entry(name).or_insert(0) += 1;
+        }
+    }
+    names
+}
+
 /// One second of the soak: per node (A, B, C) RSS, open files, threads and
 /// artifacts stored; A's outbox bytes and lag for B, C and the tier; the
 /// fault that began.
@@ -1171,6 +1194,7 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
         let mut fault_until = Instant::now();
         let mut next_fault = Duration::from_secs(15);
         let mut kind = 0u64;
+        let threads_dir = soak_out();
         while started.elapsed() < Duration::from_secs(secs) {
             let mut fault = "";
             let now = started.elapsed();
@@ -1268,6 +1292,25 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
                 if let Some(addr) = addr {
                     sample.entries[i] = metric(*addr, "sluice_store_entries", &[]);
                 }
+            }
+            // Every 30 s, each node's threads by name, for bench/soak's
+            // report of which kinds of thread came or went.
+            if let Some(dir) = threads_dir
+                .as_ref()
+                .filter(|_| samples.len().is_multiple_of(30))
+            {
+                let mut lines = String::new();
+                for (pid, name) in pids.iter().zip(["A", "B", "C"]) {
+                    for (thread, count) in pid.map(thread_names).unwrap_or_default() {
+                        lines.push_str(&format!("{:.1},{name},{thread},{count}\n", sample.t));
+                    }
+                }
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("threads.csv"))
+                    .expect("threads.csv");
+                std::io::Write::write_all(&mut file, lines.as_bytes()).expect("threads.csv");
             }
             samples.push(sample);
             std::thread::sleep(Duration::from_secs(1));
