@@ -538,6 +538,24 @@ fn start_peer(cfg: &CompareConfig, peer: Peer, www: &Path) -> Result<Server, Str
                 .env("XDG_CONFIG_HOME", &prefix);
             cmd
         }
+        Peer::H2Floor => {
+            let exe = std::env::current_exe().map_err(|e| format!("sluice-bench's path: {e}"))?;
+            let mut cmd = Command::new(exe);
+            cmd.arg("h2-floor")
+                .arg("--port")
+                .arg(port.to_string())
+                .arg("--www")
+                .arg(www);
+            if let Some(tls) = tls {
+                cmd.arg("--tls-port")
+                    .arg(tls.port.to_string())
+                    .arg("--cert")
+                    .arg(tls.cert)
+                    .arg("--key")
+                    .arg(tls.key);
+            }
+            cmd
+        }
         Peer::Nginx => return start_nginx(cfg, www),
     };
     let child = cmd
@@ -1083,6 +1101,7 @@ pub fn peers_table(names: &[String], runs: &Runs, with_latency: bool) -> String 
         for ((metric, f), higher_better) in several_metrics(*size, with_latency) {
             let medians: Vec<Option<f64>> = per_server.iter().map(|ms| median_of(ms, f)).collect();
             let best = (1..medians.len())
+                .filter(|i| names[*i] != Peer::H2Floor.name())
                 .filter_map(|i| medians[i].map(|m| (i, m)))
                 .reduce(|x, y| {
                     let y_better = if higher_better { y.1 > x.1 } else { y.1 < x.1 };
@@ -1625,6 +1644,25 @@ mod tests {
         );
         assert!(!t.contains("| 67108864 | 1 | req/s"), "{t}");
         assert!(!peers_table(&names, &runs, false).contains("p99"));
+    }
+
+    #[test]
+    fn the_h2_floor_is_never_the_best_peer() {
+        let names = owned(&["sluice", "nginx", "h2-floor"]);
+        let mut runs: Runs = BTreeMap::new();
+        runs.insert(
+            (4096, 8),
+            vec![
+                vec![measurement(60.0, 0.24, 1.0)],
+                vec![measurement(40.0, 0.16, 2.0)],
+                vec![measurement(90.0, 0.36, 0.5)],
+            ],
+        );
+        let t = peers_table(&names, &runs, false);
+        assert!(
+            t.contains("| 4096 | 8 | req/s | 60.00 | 40.00 | 90.00 | nginx | 1.50 | 1.50 |"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod client;
 pub mod compare;
 pub mod disk;
 pub mod grpc;
+pub mod h2floor;
 pub mod h2load;
 pub mod loopback;
 pub mod peers;

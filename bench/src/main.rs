@@ -103,6 +103,28 @@ enum Cmd {
     /// A cold CI fleet's upload burst: distinct CAS blobs PUT once each, against the disk's
     /// bound and each sluice given, alone and with two peers, alternating.
     Burst(BurstArgs),
+    /// The floor of sluice's HTTP/2 stack (`compare --peers h2-floor`): the h2 crate and
+    /// rustls without hyper, every GET answered from memory. Runs until killed.
+    H2Floor {
+        /// Loopback port for h2c (prior knowledge) and HTTP/1.1 probes.
+        #[arg(long)]
+        port: u16,
+        /// Loopback port for TLS (ALPN h2); needs --cert and --key.
+        #[arg(long, requires_all = ["cert", "key"])]
+        tls_port: Option<u16>,
+        /// Certificate chain (PEM).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// Private key (PEM).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Directory whose files are served.
+        #[arg(long)]
+        www: PathBuf,
+        /// Worker threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -550,6 +572,19 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Cmd::Burst(a) => cmd_burst(a),
+        Cmd::H2Floor {
+            port,
+            tls_port,
+            cert,
+            key,
+            www,
+            threads,
+        } => sluice_bench::h2floor::run(sluice_bench::h2floor::FloorConfig {
+            port,
+            tls: tls_port.zip(cert).zip(key).map(|((p, c), k)| (p, c, k)),
+            www,
+            threads,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,6 +17,10 @@ pub enum Peer {
     H2o,
     /// Caddy (Debian package): Go's runtime, one OS thread per core.
     Caddy,
+    /// Not a server: `sluice-bench h2-floor`, the h2 crate and rustls without hyper or sluice,
+    /// every GET from memory (`h2floor.rs`). The floor of sluice's HTTP/2 stack; never the
+    /// "best peer".
+    H2Floor,
 }
 
 impl Peer {
@@ -26,6 +30,7 @@ impl Peer {
             Peer::Nginx => "nginx",
             Peer::H2o => "h2o",
             Peer::Caddy => "caddy",
+            Peer::H2Floor => "h2-floor",
         }
     }
 }
@@ -43,7 +48,10 @@ impl FromStr for Peer {
             "nginx" => Ok(Peer::Nginx),
             "h2o" => Ok(Peer::H2o),
             "caddy" => Ok(Peer::Caddy),
-            _ => Err(format!("peer {s:?} is not one of nginx, h2o, caddy")),
+            "h2-floor" => Ok(Peer::H2Floor),
+            _ => Err(format!(
+                "peer {s:?} is not one of nginx, h2o, caddy, h2-floor"
+            )),
         }
     }
 }

@@ -1,0 +1,199 @@
+//! `sluice-bench h2-floor`: the floor of sluice's HTTP/2 stack, for `compare --peers h2-floor`.
+//!
+//! The same crates sluice's fallback serves HTTP/2 with (`h2`, rustls with ring, tokio), but
+//! none of what sits above them: no hyper, no `http::Request` turned into sluice's request, no
+//! store, no guard, no metrics. Every GET is answered from memory (a file of `www` read once per
+//! worker) with the headers sluice sends for an artifact. Its CPU per byte is what sluice
+//! would spend if everything of its own and of hyper's cost nothing, so the distance from
+//! sluice to it is what a leaner path of sluice's own could win, and the distance from it to
+//! h2o is what `h2` and rustls cost (issue 20). Not a server: no limits, no timeouts, no
+//! hardening; loopback benchmarks only.
+//!
+//! Like sluice's fallback: `threads` current-thread runtimes, connections dealt round-robin and
+//! kept by their worker, one accept thread per listener. The plaintext port takes h2c with
+//! prior knowledge and answers an HTTP/1.1 request with `ok` (the comparison's readiness
+//! probe); the TLS port offers ALPN `h2` only.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// What `h2-floor` serves and where.
+pub struct FloorConfig {
+    /// Loopback port for HTTP/1.1 probes and h2c with prior knowledge.
+    pub port: u16,
+    /// Loopback port for TLS (ALPN h2), with `cert` and `key` (PEM).
+    pub tls: Option<(u16, PathBuf, PathBuf)>,
+    /// Directory whose files are served (`GET /name`).
+    pub www: PathBuf,
+    /// Worker threads (sluice's fallback uses one per core).
+    pub threads: usize,
+}
+
+/// A file's body and its ETag, read on first use by each worker.
+type Files = Rc<RefCell<HashMap<String, Option<(Bytes, String)>>>>;
+
+/// Runs until killed.
+pub fn run(cfg: FloorConfig) -> Result<(), String> {
+    let tls = match &cfg.tls {
+        Some((_, cert, key)) => Some(tls_acceptor(cert, key)?),
+        None => None,
+    };
+    let threads = cfg.threads.max(1);
+    let mut workers = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(TcpStream, bool)>();
+        let www = cfg.www.clone();
+        let tls = tls.clone();
+        std::thread::Builder::new()
+            .name(format!("h2-floor-{i}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                let local = tokio::task::LocalSet::new();
+                let files: Files = Rc::default();
+                local.block_on(&rt, async move {
+                    while let Some((stream, secure)) = rx.recv().await {
+                        let (www, files, tls) = (www.clone(), Rc::clone(&files), tls.clone());
+                        tokio::task::spawn_local(async move {
+                            let _ = stream.set_nonblocking(true);
+                            let _ = stream.set_nodelay(true);
+                            let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+                                return;
+                            };
+                            match (secure, tls) {
+                                (true, Some(acceptor)) => {
+                                    if let Ok(tls) = acceptor.accept(stream).await {
+                                        serve_h2(tls, &www, &files).await;
+                                    }
+                                }
+                                _ => serve_plain(stream, &www, &files).await,
+                            }
+                        });
+                    }
+                });
+            })
+            .map_err(|e| format!("starting a worker: {e}"))?;
+        workers.push(tx);
+    }
+    let workers = Arc::new(workers);
+    let mut listeners = vec![(cfg.port, false)];
+    if let Some((port, _, _)) = &cfg.tls {
+        listeners.push((*port, true));
+    }
+    let mut accepters = Vec::new();
+    for (port, secure) in listeners {
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .map_err(|e| format!("binding 127.0.0.1:{port}: {e}"))?;
+        let workers = Arc::clone(&workers);
+        accepters.push(std::thread::spawn(move || {
+            for (next, stream) in listener.incoming().flatten().enumerate() {
+                let _ = workers[next % workers.len()].send((stream, secure));
+            }
+        }));
+    }
+    for a in accepters {
+        let _ = a.join();
+    }
+    Ok(())
+}
+
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
+    let certs = rustls_pemfile::certs(&mut read(cert)?.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())
+        .map_err(|e| format!("{}: {e}", key.display()))?
+        .ok_or_else(|| format!("{}: no private key", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The plaintext port: h2c with prior knowledge, or one HTTP/1.1 answer (`ok`) and close.
+async fn serve_plain(stream: tokio::net::TcpStream, www: &Path, files: &Files) {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+    let mut first = [0u8; 14];
+    match stream.peek(&mut first).await {
+        Ok(n) if n >= PREFACE.len() && first == PREFACE => serve_h2(stream, www, files).await,
+        Ok(_) => {
+            let mut stream = stream;
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n")
+                .await;
+        }
+        Err(_) => {}
+    }
+}
+
+/// One HTTP/2 connection: every GET answered from memory, with sluice's settings.
+async fn serve_h2<T: AsyncRead + AsyncWrite + Unpin>(io: T, www: &Path, files: &Files) {
+    let Ok(mut conn) = h2::server::Builder::new()
+        .max_concurrent_streams(128)
+        .max_header_list_size(64 * 1024)
+        .initial_window_size(1024 * 1024)
+        .initial_connection_window_size(2 * 1024 * 1024)
+        .handshake::<_, Bytes>(io)
+        .await
+    else {
+        return;
+    };
+    while let Some(Ok((request, mut respond))) = conn.accept().await {
+        let name = request.uri().path().trim_start_matches('/').to_string();
+        let found = files
+            .borrow_mut()
+            .entry(name.clone())
+            .or_insert_with(|| {
+                let body = std::fs::read(www.join(&name)).ok()?;
+                let etag = format!("\"{}\"", hex::encode(Sha256::digest(&body)));
+                Some((Bytes::from(body), etag))
+            })
+            .clone();
+        let response = match &found {
+            Some((body, etag)) => http::Response::builder()
+                .status(200)
+                .header("content-type", "application/octet-stream")
+                .header("content-length", body.len())
+                .header("etag", etag.as_str()),
+            None => http::Response::builder()
+                .status(404)
+                .header("content-length", 0),
+        };
+        let Ok(response) = response.body(()) else {
+            return;
+        };
+        let body = found.map(|(body, _)| body).filter(|b| !b.is_empty());
+        match respond.send_response(response, body.is_none()) {
+            Ok(mut send) => {
+                if let Some(body) = body {
+                    let _ = send.send_data(body, true);
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
