@@ -11,8 +11,8 @@
 //!
 //! Like sluice's fallback: `threads` current-thread runtimes, connections dealt round-robin and
 //! kept by their worker, one accept thread per listener. The plaintext port takes h2c with
-//! prior knowledge and answers an HTTP/1.1 request with `ok` (the comparison's readiness
-//! probe); the TLS port offers ALPN `h2` only.
+//! prior knowledge and HTTP/1.1 GETs (the comparison's readiness probe and byte check); the
+//! TLS port offers ALPN `h2` only.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -126,28 +126,72 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, St
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The plaintext port: h2c with prior knowledge, or one HTTP/1.1 answer (`ok`) and close.
+/// The plaintext port: h2c with prior knowledge, or HTTP/1.1 GETs (the comparison's readiness
+/// probe and its check that every server returns the same bytes), kept alive.
 async fn serve_plain(stream: tokio::net::TcpStream, www: &Path, files: &Files) {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0";
     let mut first = [0u8; 14];
     match stream.peek(&mut first).await {
         Ok(n) if n >= PREFACE.len() && first == PREFACE => serve_h2(stream, www, files).await,
-        Ok(_) => {
-            let mut stream = stream;
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n")
-                .await;
-        }
+        Ok(_) => serve_http1(stream, www, files).await,
         Err(_) => {}
     }
+}
+
+/// HTTP/1.1 GETs without bodies, one at a time; anything else ends the connection.
+async fn serve_http1(mut stream: tokio::net::TcpStream, www: &Path, files: &Files) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if buf.len() > 16 * 1024 {
+                return;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        let path = head.split_whitespace().nth(1).unwrap_or("/");
+        let reply = match lookup(www, files, path) {
+            Some((body, etag)) => {
+                let mut reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\
+                     content-length: {}\r\netag: {etag}\r\n\r\n",
+                    body.len()
+                )
+                .into_bytes();
+                reply.extend_from_slice(&body);
+                reply
+            }
+            None => b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_vec(),
+        };
+        if stream.write_all(&reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The body and ETag of `path` under `www`, read on this worker's first request for it.
+fn lookup(www: &Path, files: &Files, path: &str) -> Option<(Bytes, String)> {
+    let name = path.trim_start_matches('/');
+    if name.split('/').any(|part| part == "..") {
+        return None;
+    }
+    files
+        .borrow_mut()
+        .entry(name.to_string())
+        .or_insert_with(|| {
+            let body = std::fs::read(www.join(name)).ok()?;
+            let etag = format!("\"{}\"", hex::encode(Sha256::digest(&body)));
+            Some((Bytes::from(body), etag))
+        })
+        .clone()
 }
 
 /// One HTTP/2 connection: every GET answered from memory, with sluice's settings.
@@ -163,16 +207,7 @@ async fn serve_h2<T: AsyncRead + AsyncWrite + Unpin>(io: T, www: &Path, files: &
         return;
     };
     while let Some(Ok((request, mut respond))) = conn.accept().await {
-        let name = request.uri().path().trim_start_matches('/').to_string();
-        let found = files
-            .borrow_mut()
-            .entry(name.clone())
-            .or_insert_with(|| {
-                let body = std::fs::read(www.join(&name)).ok()?;
-                let etag = format!("\"{}\"", hex::encode(Sha256::digest(&body)));
-                Some((Bytes::from(body), etag))
-            })
-            .clone();
+        let found = lookup(www, files, request.uri().path());
         let response = match &found {
             Some((body, etag)) => http::Response::builder()
                 .status(200)
