@@ -828,6 +828,29 @@ fn thread_names(pid: u32) -> std::collections::BTreeMap<String, u64> {
     names
 }
 
+/// A process's open files by kind: `socket`, `pipe`, `anon_inode:[io_uring]` and the like as
+/// the kernel names them, `file` for a path.
+fn fd_kinds(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut kinds = std::collections::BTreeMap::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return kinds;
+    };
+    for fd in fds.flatten() {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            let target = target.to_string_lossy();
+            let kind = if target.starts_with('/') {
+                "file".to_string()
+            } else if let Some((kind, _)) = target.split_once(":[") {
+                kind.to_string()
+            } else {
+                target.into_owned()
+            };
+            *kinds.entry(format!("fd:{kind}")).or_insert(0) += 1;
+        }
+    }
+    kinds
+}
+
 /// One second of the soak: per node (A, B, C) RSS, open files, threads and
 /// artifacts stored; A's outbox bytes and lag for B, C and the tier; the
 /// fault that began.
@@ -1293,15 +1316,20 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
                     sample.entries[i] = metric(*addr, "sluice_store_entries", &[]);
                 }
             }
-            // Every 30 s, each node's threads by name, for bench/soak's
-            // report of which kinds of thread came or went.
+            // Every 30 s, each node's threads by name and open files by
+            // kind (`fd:...`), for bench/soak's report of which came or went.
             if let Some(dir) = threads_dir
                 .as_ref()
                 .filter(|_| samples.len().is_multiple_of(30))
             {
                 let mut lines = String::new();
                 for (pid, name) in pids.iter().zip(["A", "B", "C"]) {
-                    for (thread, count) in pid.map(thread_names).unwrap_or_default() {
+                    let names = pid.map(|pid| {
+                        let mut names = thread_names(pid);
+                        names.extend(fd_kinds(pid));
+                        names
+                    });
+                    for (thread, count) in names.unwrap_or_default() {
                         lines.push_str(&format!("{:.1},{name},{thread},{count}\n", sample.t));
                     }
                 }
