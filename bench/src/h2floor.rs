@@ -9,7 +9,8 @@
 //! h2o is what `h2` and rustls cost (issue 20). Not a server: no limits, no timeouts, no
 //! hardening; loopback benchmarks only.
 //!
-//! Like sluice's fallback: `threads` current-thread runtimes, connections dealt round-robin and
+//! Like sluice's fallback: h2's writes held to the end of the connection's turn and sent in one
+//! write (`--no-coalesce`: as h2 makes them, once per stream), `threads` current-thread runtimes, connections dealt round-robin and
 //! kept by their worker, one accept thread per listener. The plaintext port takes h2c with
 //! prior knowledge and HTTP/1.1 GETs (the comparison's readiness probe and byte check); the
 //! TLS port offers ALPN `h2` only.
@@ -23,7 +24,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// What `h2-floor` serves and where.
 pub struct FloorConfig {
@@ -35,6 +39,9 @@ pub struct FloorConfig {
     pub www: PathBuf,
     /// Worker threads (sluice's fallback uses one per core).
     pub threads: usize,
+    /// Hold h2's writes until the end of the connection's turn and send them in one write, as
+    /// sluice's `CoalesceIo` does (without it, h2 writes once per stream).
+    pub coalesce: bool,
 }
 
 /// A file's body and its ETag, read on first use by each worker.
@@ -52,6 +59,7 @@ pub fn run(cfg: FloorConfig) -> Result<(), String> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(TcpStream, bool)>();
         let www = cfg.www.clone();
         let tls = tls.clone();
+        let cfg_coalesce = cfg.coalesce;
         std::thread::Builder::new()
             .name(format!("h2-floor-{i}"))
             .spawn(move || {
@@ -64,6 +72,7 @@ pub fn run(cfg: FloorConfig) -> Result<(), String> {
                 local.block_on(&rt, async move {
                     while let Some((stream, secure)) = rx.recv().await {
                         let (www, files, tls) = (www.clone(), Rc::clone(&files), tls.clone());
+                        let coalesce = cfg_coalesce;
                         tokio::task::spawn_local(async move {
                             let _ = stream.set_nonblocking(true);
                             let _ = stream.set_nodelay(true);
@@ -73,10 +82,14 @@ pub fn run(cfg: FloorConfig) -> Result<(), String> {
                             match (secure, tls) {
                                 (true, Some(acceptor)) => {
                                     if let Ok(tls) = acceptor.accept(stream).await {
-                                        serve_h2(tls, &www, &files).await;
+                                        if coalesce {
+                                            serve_h2(Coalesce::new(tls), &www, &files).await;
+                                        } else {
+                                            serve_h2(tls, &www, &files).await;
+                                        }
                                     }
                                 }
-                                _ => serve_plain(stream, &www, &files).await,
+                                _ => serve_plain(stream, &www, &files, coalesce).await,
                             }
                         });
                     }
@@ -128,10 +141,13 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, St
 
 /// The plaintext port: h2c with prior knowledge, or HTTP/1.1 GETs (the comparison's readiness
 /// probe and its check that every server returns the same bytes), kept alive.
-async fn serve_plain(stream: tokio::net::TcpStream, www: &Path, files: &Files) {
+async fn serve_plain(stream: tokio::net::TcpStream, www: &Path, files: &Files, coalesce: bool) {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0";
     let mut first = [0u8; 14];
     match stream.peek(&mut first).await {
+        Ok(n) if n >= PREFACE.len() && first == PREFACE && coalesce => {
+            serve_h2(Coalesce::new(stream), www, files).await
+        }
         Ok(n) if n >= PREFACE.len() && first == PREFACE => serve_h2(stream, www, files).await,
         Ok(_) => serve_http1(stream, www, files).await,
         Err(_) => {}
@@ -229,6 +245,102 @@ async fn serve_h2<T: AsyncRead + AsyncWrite + Unpin>(io: T, www: &Path, files: &
                 }
             }
             Err(_) => return,
+        }
+    }
+}
+
+/// Bytes held between flushes, at most (sluice's `H2_COALESCE_BYTES_MAX`).
+const COALESCE_BYTES_MAX: usize = 64 * 1024;
+
+/// Below h2: writes are copied into a buffer, and the first flush after a write answers
+/// `Pending` after waking the task, so the rest of the turn's streams are answered into the
+/// same buffer; the next poll's flush sends it in one write. The idea of sluice's
+/// `fallback/coalesce.rs`, without its pool, pass-through and turn counter.
+struct Coalesce<T> {
+    io: T,
+    buf: Vec<u8>,
+    sent: usize,
+    held: bool,
+}
+
+impl<T> Coalesce<T> {
+    fn new(io: T) -> Self {
+        Coalesce {
+            io,
+            buf: Vec::with_capacity(COALESCE_BYTES_MAX),
+            sent: 0,
+            held: false,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Coalesce<T> {
+    /// Writes out what is held.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.sent < self.buf.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.buf[self.sent..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => self.sent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.buf.clear();
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if this.buf.len() + data.len() > COALESCE_BYTES_MAX && !this.buf.is_empty() {
+            match this.poll_send(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let n = data.len().min(COALESCE_BYTES_MAX);
+        this.buf.extend_from_slice(&data[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if !this.held && this.buf.len() > this.sent {
+            this.held = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        this.held = false;
+        match this.poll_send(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.io).poll_flush(cx),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match this.poll_send(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.io).poll_shutdown(cx),
+            other => other,
         }
     }
 }

@@ -124,6 +124,9 @@ enum Cmd {
         /// Worker threads.
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// Send h2's writes as they come (once per stream) instead of once per turn.
+        #[arg(long)]
+        no_coalesce: bool,
     },
 }
 
@@ -579,11 +582,13 @@ fn main() -> ExitCode {
             key,
             www,
             threads,
+            no_coalesce,
         } => sluice_bench::h2floor::run(sluice_bench::h2floor::FloorConfig {
             port,
             tls: tls_port.zip(cert).zip(key).map(|((p, c), k)| (p, c, k)),
             www,
             threads,
+            coalesce: !no_coalesce,
         }),
     };
     match result {
