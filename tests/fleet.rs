@@ -840,7 +840,11 @@ fn fd_kinds(pid: u32) -> std::collections::BTreeMap<String, u64> {
             let target = target.to_string_lossy();
             let kind = if target.starts_with('/') {
                 "file".to_string()
+            } else if target.starts_with("anon_inode:") {
+                // Few and named by what they are (`[io_uring]`, `[eventfd]`).
+                target.into_owned()
             } else if let Some((kind, _)) = target.split_once(":[") {
+                // `socket:[inode]`, `pipe:[inode]`: the kind without the inode.
                 kind.to_string()
             } else {
                 target.into_owned()
