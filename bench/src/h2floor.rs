@@ -9,11 +9,11 @@
 //! h2o is what `h2` and rustls cost (issue 20). Not a server: no limits, no timeouts, no
 //! hardening; loopback benchmarks only.
 //!
-//! Like sluice's fallback: h2's writes held to the end of the connection's turn and sent in one
-//! write (`--no-coalesce`: as h2 makes them, once per stream), `threads` current-thread runtimes, connections dealt round-robin and
-//! kept by their worker, one accept thread per listener. The plaintext port takes h2c with
-//! prior knowledge and HTTP/1.1 GETs (the comparison's readiness probe and byte check); the
-//! TLS port offers ALPN `h2` only.
+//! Like sluice's fallback: h2's writes held to the end of the connection's turn and sent in
+//! one write (`--no-coalesce`: as h2 makes them, once per stream), `threads` current-thread
+//! runtimes, connections dealt round-robin and kept by their worker, one accept thread per
+//! listener. The plaintext port takes h2c with prior knowledge and HTTP/1.1 GETs (the
+//! comparison's readiness probe and byte check); the TLS port offers ALPN `h2` only.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
