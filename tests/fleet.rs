@@ -1097,6 +1097,8 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
         }
         writes.insert(path, data);
     };
+    // Where bench/soak wants the samples, logs and the 30-second records, if anywhere.
+    let out = soak_out();
     let started = Instant::now();
     std::thread::scope(|scope| {
         // Plaintext GETs on A over keep-alive connections.
@@ -1221,7 +1223,6 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
         let mut fault_until = Instant::now();
         let mut next_fault = Duration::from_secs(15);
         let mut kind = 0u64;
-        let threads_dir = soak_out();
         while started.elapsed() < Duration::from_secs(secs) {
             let mut fault = "";
             let now = started.elapsed();
@@ -1322,10 +1323,7 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
             }
             // Every 30 s, each node's threads by name and open files by
             // kind (`fd:...`), for bench/soak's report of which came or went.
-            if let Some(dir) = threads_dir
-                .as_ref()
-                .filter(|_| samples.len().is_multiple_of(30))
-            {
+            if let Some(dir) = out.as_ref().filter(|_| samples.len().is_multiple_of(30)) {
                 let mut lines = String::new();
                 for (pid, name) in pids.iter().zip(["A", "B", "C"]) {
                     let names = pid.map(|pid| {
@@ -1360,7 +1358,6 @@ fn a_soak_of_mixed_load_and_faults_stays_bounded_and_loses_nothing() {
         record(path, data);
     }
     let b = b_node.as_ref().expect("B").addr;
-    let out = soak_out();
     if let Some(dir) = &out {
         write_soak_samples(dir, &samples);
     }
