@@ -110,6 +110,8 @@ struct Latency {
 /// busy, a blocking call runs on the worker itself, which then waits for
 /// it, so the bound costs concurrency only while the disk is slow.
 const UPLOAD_BLOCKING_THREADS_MAX: usize = 2;
+/// The same for the tier runtime (read-through and write-through, where
+/// clients wait, so more of them may block at once).
 const TIER_BLOCKING_THREADS_MAX: usize = 8;
 /// How long an idle blocking thread of a tier runtime stays (tokio's default
 /// is 10 s): a steady stream of uploads keeps its few threads instead of
