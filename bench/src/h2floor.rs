@@ -22,11 +22,11 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// What `h2-floor` serves and where.
@@ -59,7 +59,7 @@ pub fn run(cfg: FloorConfig) -> Result<(), String> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(TcpStream, bool)>();
         let www = cfg.www.clone();
         let tls = tls.clone();
-        let cfg_coalesce = cfg.coalesce;
+        let coalesce = cfg.coalesce;
         std::thread::Builder::new()
             .name(format!("h2-floor-{i}"))
             .spawn(move || {
@@ -72,7 +72,6 @@ pub fn run(cfg: FloorConfig) -> Result<(), String> {
                 local.block_on(&rt, async move {
                     while let Some((stream, secure)) = rx.recv().await {
                         let (www, files, tls) = (www.clone(), Rc::clone(&files), tls.clone());
-                        let coalesce = cfg_coalesce;
                         tokio::task::spawn_local(async move {
                             let _ = stream.set_nonblocking(true);
                             let _ = stream.set_nodelay(true);
@@ -82,11 +81,7 @@ pub fn run(cfg: FloorConfig) -> Result<(), String> {
                             match (secure, tls) {
                                 (true, Some(acceptor)) => {
                                     if let Ok(tls) = acceptor.accept(stream).await {
-                                        if coalesce {
-                                            serve_h2(Coalesce::new(tls), &www, &files).await;
-                                        } else {
-                                            serve_h2(tls, &www, &files).await;
-                                        }
+                                        serve_h2(Coalesce::new(tls, coalesce), &www, &files).await;
                                     }
                                 }
                                 _ => serve_plain(stream, &www, &files, coalesce).await,
@@ -145,14 +140,16 @@ async fn serve_plain(stream: tokio::net::TcpStream, www: &Path, files: &Files, c
     const PREFACE: &[u8] = b"PRI * HTTP/2.0";
     let mut first = [0u8; 14];
     match stream.peek(&mut first).await {
-        Ok(n) if n >= PREFACE.len() && first == PREFACE && coalesce => {
-            serve_h2(Coalesce::new(stream), www, files).await
+        Ok(n) if n >= PREFACE.len() && first == PREFACE => {
+            serve_h2(Coalesce::new(stream, coalesce), www, files).await
         }
-        Ok(n) if n >= PREFACE.len() && first == PREFACE => serve_h2(stream, www, files).await,
         Ok(_) => serve_http1(stream, www, files).await,
         Err(_) => {}
     }
 }
+
+/// The longest HTTP/1.1 head the floor reads before it gives up on the connection.
+const HTTP1_HEAD_BYTES_MAX: usize = 16 * 1024;
 
 /// HTTP/1.1 GETs without bodies, one at a time; anything else ends the connection.
 async fn serve_http1(mut stream: tokio::net::TcpStream, www: &Path, files: &Files) {
@@ -163,7 +160,7 @@ async fn serve_http1(mut stream: tokio::net::TcpStream, www: &Path, files: &File
             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
             }
-            if buf.len() > 16 * 1024 {
+            if buf.len() > HTTP1_HEAD_BYTES_MAX {
                 return;
             }
             match stream.read(&mut chunk).await {
@@ -255,20 +252,25 @@ const COALESCE_BYTES_MAX: usize = 64 * 1024;
 /// Below h2: writes are copied into a buffer, and the first flush after a write answers
 /// `Pending` after waking the task, so the rest of the turn's streams are answered into the
 /// same buffer; the next poll's flush sends it in one write. The idea of sluice's
-/// `fallback/coalesce.rs`, without its pool, pass-through and turn counter.
+/// `fallback/coalesce.rs`, without its pool, pass-through and turn counter. With `hold` off,
+/// writes and flushes go straight to the socket (h2's own write path, `--no-coalesce`).
 struct Coalesce<T> {
     io: T,
     buf: Vec<u8>,
     sent: usize,
+    /// Whether the first flush of a turn is held.
+    hold: bool,
+    /// A flush was held this turn; the next one sends.
     held: bool,
 }
 
 impl<T> Coalesce<T> {
-    fn new(io: T) -> Self {
+    fn new(io: T, hold: bool) -> Self {
         Coalesce {
             io,
             buf: Vec::with_capacity(COALESCE_BYTES_MAX),
             sent: 0,
+            hold,
             held: false,
         }
     }
@@ -310,6 +312,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
+        if !this.hold {
+            return Pin::new(&mut this.io).poll_write(cx, data);
+        }
         if this.buf.len() + data.len() > COALESCE_BYTES_MAX && !this.buf.is_empty() {
             match this.poll_send(cx) {
                 Poll::Ready(Ok(())) => {}
@@ -324,7 +329,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        if !this.held && this.buf.len() > this.sent {
+        if this.hold && !this.held && this.buf.len() > this.sent {
             this.held = true;
             cx.waker().wake_by_ref();
             return Poll::Pending;
