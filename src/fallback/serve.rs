@@ -117,11 +117,14 @@ pub(super) async fn serve_connection<H: Handler>(
     slot: ConnSlot,
 ) {
     let activity = slot.activity.clone();
+    // The shed request is looked at first: once the table gave this slot away, bytes that
+    // arrive with (or after) the request must not start another request on it.
     tokio::select! {
-        () = classify_and_serve(&shared, stream, peer, activity.clone()) => {}
+        biased;
         () = activity.shed_requested() => {
             debug!(%peer, "fallback: idle connection closed to admit a new one");
         }
+        () = classify_and_serve(&shared, stream, peer, activity.clone()) => {}
     }
     drop(slot);
 }
