@@ -287,6 +287,21 @@ fn shared_binary() -> PathBuf {
     static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     COPY.get_or_init(|| {
         use std::os::unix::fs::PermissionsExt;
+        // Copies left by earlier runs (a process exits without dropping statics) go first:
+        // each is a whole release or debug binary, and a machine that runs the suite often
+        // filled its disk with them.
+        if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let pid = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("sluice-fleet-bin-"))
+                    .and_then(|pid| pid.parse::<u32>().ok());
+                if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         let dir = std::env::temp_dir().join(format!("sluice-fleet-bin-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("binary dir");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -829,22 +844,36 @@ fn thread_names(pid: u32) -> std::collections::BTreeMap<String, u64> {
 }
 
 /// A process's open files by kind: `socket`, `pipe`, `anon_inode:[io_uring]` and the like as
-/// the kernel names them, `file` for a path.
+/// the kernel names them, `file` for a path (`file (deleted)` for one unlinked while open);
+/// TCP sockets carry their state (`socket:tcp:CLOSE_WAIT`), so a leak says what it is.
 fn fd_kinds(pid: u32) -> std::collections::BTreeMap<String, u64> {
     let mut kinds = std::collections::BTreeMap::new();
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return kinds;
     };
+    let tcp = tcp_states(pid);
     for fd in fds.flatten() {
         if let Ok(target) = std::fs::read_link(fd.path()) {
             let target = target.to_string_lossy();
             let kind = if target.starts_with('/') {
-                "file".to_string()
+                if target.ends_with(" (deleted)") {
+                    "file (deleted)".to_string()
+                } else {
+                    "file".to_string()
+                }
             } else if target.starts_with("anon_inode:") {
                 // Few and named by what they are (`[io_uring]`, `[eventfd]`).
                 target.into_owned()
+            } else if let Some(inode) = target
+                .strip_prefix("socket:[")
+                .and_then(|rest| rest.strip_suffix(']'))
+            {
+                match tcp.get(inode) {
+                    Some(state) => format!("socket:tcp:{state}"),
+                    None => "socket".to_string(),
+                }
             } else if let Some((kind, _)) = target.split_once(":[") {
-                // `socket:[inode]`, `pipe:[inode]`: the kind without the inode.
+                // `pipe:[inode]`: the kind without the inode.
                 kind.to_string()
             } else {
                 target.into_owned()
@@ -853,6 +882,41 @@ fn fd_kinds(pid: u32) -> std::collections::BTreeMap<String, u64> {
         }
     }
     kinds
+}
+
+/// The state of each TCP socket in `pid`'s network namespace, by inode.
+fn tcp_states(pid: u32) -> std::collections::HashMap<String, &'static str> {
+    const STATES: [&str; 12] = [
+        "?",
+        "ESTABLISHED",
+        "SYN_SENT",
+        "SYN_RECV",
+        "FIN_WAIT1",
+        "FIN_WAIT2",
+        "TIME_WAIT",
+        "CLOSE",
+        "CLOSE_WAIT",
+        "LAST_ACK",
+        "LISTEN",
+        "CLOSING",
+    ];
+    let mut states = std::collections::HashMap::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(state), Some(inode)) = (fields.get(3), fields.get(9)) {
+                let state = usize::from_str_radix(state, 16)
+                    .ok()
+                    .and_then(|i| STATES.get(i))
+                    .unwrap_or(&"?");
+                states.insert((*inode).to_string(), *state);
+            }
+        }
+    }
+    states
 }
 
 /// One second of the soak: per node (A, B, C) RSS, open files, threads and
