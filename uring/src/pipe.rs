@@ -5,10 +5,17 @@
 //! that still holds bytes after an error or a cancelled splice is closed on
 //! drop instead of leaking stale bytes into the next response. The pipe's
 //! fds are not exposed, so nothing can move bytes behind that count.
+//!
+//! The pool grows to what the busiest moment needed and shrinks again: the
+//! owner calls [`PipePool::close_idle`] now and then, which closes the pipes
+//! that sat unused for longer than it says. Without it a burst (repairs sent
+//! to a peer that came back) kept its pipes, two descriptors each, for the
+//! life of the process.
 
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use crate::errno::Errno;
 
@@ -24,15 +31,25 @@ struct PipeFds {
     capacity_bytes: usize,
 }
 
+/// An empty pipe in the pool, and since when.
+struct IdlePipe {
+    fds: PipeFds,
+    since: Instant,
+}
+
 struct PoolInner {
-    /// Empty pipes ready for reuse; capacity `pipes_max`, never exceeded.
-    idle: Vec<PipeFds>,
+    /// Empty pipes ready for reuse, in the order they came back (the last is
+    /// taken first, so the first has waited longest); capacity `pipes_max`,
+    /// never exceeded.
+    idle: Vec<IdlePipe>,
     pipes_max: usize,
     /// Pipes handed out and not yet dropped.
     out: usize,
     pipe_bytes: usize,
     /// Pipes closed because they held bytes when dropped.
     closed_dirty: u64,
+    /// Pipes closed by [`PipePool::close_idle`].
+    closed_idle: u64,
 }
 
 /// Per-core pipe pool. Clone shares the pool; not `Send`.
@@ -50,6 +67,8 @@ pub struct PipePoolStats {
     pub out: usize,
     /// Pipes closed (not reused) because they still held bytes.
     pub closed_dirty: u64,
+    /// Pipes closed because they sat unused ([`PipePool::close_idle`]).
+    pub closed_idle: u64,
     /// The size requested for each pipe after clamping, in bytes.
     pub pipe_bytes: usize,
 }
@@ -71,6 +90,7 @@ impl PipePool {
                 out: 0,
                 pipe_bytes,
                 closed_dirty: 0,
+                closed_idle: 0,
             })),
         }
     }
@@ -81,7 +101,7 @@ impl PipePool {
     pub fn take(&self) -> Result<Pipe, Errno> {
         let mut inner = self.inner.borrow_mut();
         let fds = match inner.idle.pop() {
-            Some(fds) => fds,
+            Some(idle) => idle.fds,
             None => {
                 if inner.out >= inner.pipes_max {
                     return Err(Errno::EAGAIN);
@@ -104,8 +124,23 @@ impl PipePool {
             idle: inner.idle.len(),
             out: inner.out,
             closed_dirty: inner.closed_dirty,
+            closed_idle: inner.closed_idle,
             pipe_bytes: inner.pipe_bytes,
         }
+    }
+
+    /// Closes the empty pipes that have waited in the pool for `idle_for` or
+    /// longer at `now`; returns how many. Pipes in use are not touched.
+    pub fn close_idle(&self, now: Instant, idle_for: Duration) -> usize {
+        let mut inner = self.inner.borrow_mut();
+        let stale = inner
+            .idle
+            .iter()
+            .take_while(|p| now.saturating_duration_since(p.since) >= idle_for)
+            .count();
+        inner.idle.drain(..stale);
+        inner.closed_idle += stale as u64;
+        stale
     }
 }
 
@@ -256,7 +291,10 @@ impl Drop for Pipe {
             pool.closed_dirty += 1;
             drop(fds);
         } else if pool.idle.len() < pool.pipes_max {
-            pool.idle.push(fds);
+            pool.idle.push(IdlePipe {
+                fds,
+                since: Instant::now(),
+            });
         }
     }
 }
@@ -309,9 +347,40 @@ mod tests {
                 idle: 2,
                 out: 0,
                 closed_dirty: 0,
+                closed_idle: 0,
                 pipe_bytes: 64 * 1024
             }
         );
+    }
+
+    #[test]
+    fn pipes_unused_for_the_idle_time_are_closed_and_the_rest_kept() {
+        let pool = PipePool::new(4, 4096, None);
+        let (a, b, c) = (
+            pool.take().unwrap(),
+            pool.take().unwrap(),
+            pool.take().unwrap(),
+        );
+        let in_use_fd = c.read_fd();
+        drop(a);
+        drop(b);
+        let idle_for = Duration::from_secs(60);
+        let now = Instant::now();
+        // Nothing has waited a minute yet.
+        assert_eq!(pool.close_idle(now, idle_for), 0);
+        assert_eq!(pool.stats().idle, 2);
+        // A minute on, both idle pipes go; the one in use stays open.
+        assert_eq!(pool.close_idle(now + idle_for, idle_for), 2);
+        let stats = pool.stats();
+        assert_eq!((stats.idle, stats.out, stats.closed_idle), (0, 1, 2));
+        assert_eq!(c.read_fd(), in_use_fd);
+        // A pipe that came back since is kept while the older go.
+        drop(c);
+        let fresh = Instant::now();
+        let d = pool.take().unwrap();
+        drop(d);
+        assert_eq!(pool.close_idle(fresh + idle_for / 2, idle_for), 0);
+        assert_eq!(pool.stats().idle, 1);
     }
 
     #[test]

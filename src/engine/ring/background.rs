@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use sluice_uring::{Driver, DriverConfig, PipePool, RingConfig, Token, Waker};
 
 use super::tasks::TaskClient;
-use super::{EngineSettings, IOWQ_WORKERS_MAX, TASKS_PER_CORE_MAX, TASKS_QUEUED_MAX};
+use super::{EngineSettings, IDLE_PIPE_MS, IOWQ_WORKERS_MAX, TASKS_PER_CORE_MAX, TASKS_QUEUED_MAX};
 use crate::engine::threads::StopSignal;
 use crate::outgoing::OutgoingRequest;
 
@@ -153,6 +153,8 @@ impl Loop {
             if now >= next_tick {
                 next_tick = now + TICK;
                 self.tasks.expire(&mut self.driver, now);
+                self.pipes
+                    .close_idle(now, Duration::from_millis(IDLE_PIPE_MS));
             }
         }
         self.tasks.refuse_all();

@@ -111,6 +111,11 @@ pub const IDLE_TASK_CONNS_MAX: usize = 16;
 /// a sluice peer's default `idle_timeout_ms`, so the pool seldom holds a
 /// connection the peer has already closed.
 pub const IDLE_TASK_CONN_MS: u64 = 20_000;
+/// An empty splice pipe unused for this long, in ms, is closed, as idle task
+/// connections are: the pool shrinks back after a burst (a new pipe costs a
+/// `pipe2` and an `fcntl`, a few microseconds, against two descriptors and a
+/// pipe's kernel buffers held for nothing).
+pub const IDLE_PIPE_MS: u64 = 20_000;
 
 /// Counters one engine thread publishes every tick.
 #[derive(Default)]
