@@ -6,9 +6,10 @@
 //! drop instead of leaking stale bytes into the next response. The pipe's
 //! fds are not exposed, so nothing can move bytes behind that count.
 //!
-//! The pool grows to what the busiest moment needed and shrinks again: the
-//! owner calls [`PipePool::close_idle`] now and then, which closes the pipes
-//! that sat unused for longer than it says. Without it a burst (repairs sent
+//! The pool grows to what the busiest moment needed and shrinks again: an
+//! owner that sets an idle time ([`PipePool::closing_idle_after`]) calls
+//! [`PipePool::close_idle`] on each tick of its loop, which closes the pipes
+//! that sat unused for that long. Without it a burst (repairs sent
 //! to a peer that came back) kept its pipes, two descriptors each, for the
 //! life of the process.
 
@@ -31,7 +32,8 @@ struct PipeFds {
     capacity_bytes: usize,
 }
 
-/// An empty pipe in the pool, and since when.
+/// An empty pipe in the pool, and since when (the owner's tick before it
+/// came back: see [`PoolInner::now`]).
 struct IdlePipe {
     fds: PipeFds,
     since: Instant,
@@ -50,6 +52,13 @@ struct PoolInner {
     closed_dirty: u64,
     /// Pipes closed by [`PipePool::close_idle`].
     closed_idle: u64,
+    /// How long an empty pipe may wait before [`PipePool::close_idle`]
+    /// closes it; `None`: never.
+    idle_for: Option<Duration>,
+    /// The time of the owner's last [`PipePool::close_idle`] call (its tick),
+    /// stamped on each pipe that comes back, so a return reads no clock. A
+    /// pipe may so be closed up to one tick before it has waited `idle_for`.
+    now: Instant,
 }
 
 /// Per-core pipe pool. Clone shares the pool; not `Send`.
@@ -91,8 +100,17 @@ impl PipePool {
                 pipe_bytes,
                 closed_dirty: 0,
                 closed_idle: 0,
+                idle_for: None,
+                now: Instant::now(),
             })),
         }
+    }
+
+    /// The same pool, whose [`PipePool::close_idle`] closes the empty pipes
+    /// that waited `idle_for` or longer.
+    pub fn closing_idle_after(self, idle_for: Duration) -> PipePool {
+        self.inner.borrow_mut().idle_for = Some(idle_for);
+        self
     }
 
     /// Takes an empty pipe: an idle one, or a new one while under the bound.
@@ -129,10 +147,16 @@ impl PipePool {
         }
     }
 
-    /// Closes the empty pipes that have waited in the pool for `idle_for` or
-    /// longer at `now`; returns how many. Pipes in use are not touched.
-    pub fn close_idle(&self, now: Instant, idle_for: Duration) -> usize {
+    /// The owner's tick at `now`: closes the empty pipes that have waited in
+    /// the pool for the idle time set by [`PipePool::closing_idle_after`] or
+    /// longer (none if no time was set); returns how many. Pipes in use are
+    /// not touched.
+    pub fn close_idle(&self, now: Instant) -> usize {
         let mut inner = self.inner.borrow_mut();
+        inner.now = now;
+        let Some(idle_for) = inner.idle_for else {
+            return 0;
+        };
         let stale = inner
             .idle
             .iter()
@@ -291,10 +315,8 @@ impl Drop for Pipe {
             pool.closed_dirty += 1;
             drop(fds);
         } else if pool.idle.len() < pool.pipes_max {
-            pool.idle.push(IdlePipe {
-                fds,
-                since: Instant::now(),
-            });
+            let since = pool.now;
+            pool.idle.push(IdlePipe { fds, since });
         }
     }
 }
@@ -355,7 +377,10 @@ mod tests {
 
     #[test]
     fn pipes_unused_for_the_idle_time_are_closed_and_the_rest_kept() {
-        let pool = PipePool::new(4, 4096, None);
+        let idle_for = Duration::from_secs(60);
+        let pool = PipePool::new(4, 4096, None).closing_idle_after(idle_for);
+        let now = Instant::now();
+        assert_eq!(pool.close_idle(now), 0);
         let (a, b, c) = (
             pool.take().unwrap(),
             pool.take().unwrap(),
@@ -364,22 +389,29 @@ mod tests {
         let in_use_fd = c.read_fd();
         drop(a);
         drop(b);
-        let idle_for = Duration::from_secs(60);
-        let now = Instant::now();
         // Nothing has waited a minute yet.
-        assert_eq!(pool.close_idle(now, idle_for), 0);
+        assert_eq!(pool.close_idle(now + idle_for / 2), 0);
         assert_eq!(pool.stats().idle, 2);
-        // A minute on, both idle pipes go; the one in use stays open.
-        assert_eq!(pool.close_idle(now + idle_for, idle_for), 2);
+        // A minute after the tick they came back in, both idle pipes go; the
+        // one in use stays open.
+        assert_eq!(pool.close_idle(now + idle_for), 2);
         let stats = pool.stats();
         assert_eq!((stats.idle, stats.out, stats.closed_idle), (0, 1, 2));
         assert_eq!(c.read_fd(), in_use_fd);
-        // A pipe that came back since is kept while the older go.
+        // A pipe that came back since (after the last tick) is stamped with
+        // that tick, and kept until a tick `idle_for` after it.
         drop(c);
-        let fresh = Instant::now();
-        let d = pool.take().unwrap();
-        drop(d);
-        assert_eq!(pool.close_idle(fresh + idle_for / 2, idle_for), 0);
+        assert_eq!(pool.close_idle(now + idle_for * 3 / 2), 0);
+        assert_eq!(pool.close_idle(now + idle_for * 2), 1);
+        assert_eq!(pool.stats().idle, 0);
+    }
+
+    #[test]
+    fn a_pool_without_an_idle_time_keeps_its_pipes() {
+        let pool = PipePool::new(2, 4096, None);
+        drop(pool.take().unwrap());
+        let later = Instant::now() + Duration::from_secs(3600);
+        assert_eq!(pool.close_idle(later), 0);
         assert_eq!(pool.stats().idle, 1);
     }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use sluice_uring::{Driver, DriverConfig, PipePool, RingConfig, Token, Waker};
 
 use super::tasks::TaskClient;
-use super::{EngineSettings, IDLE_PIPE_MS, IOWQ_WORKERS_MAX, TASKS_PER_CORE_MAX, TASKS_QUEUED_MAX};
+use super::{EngineSettings, IDLE_PIPE, IOWQ_WORKERS_MAX, TASKS_PER_CORE_MAX, TASKS_QUEUED_MAX};
 use crate::engine::threads::StopSignal;
 use crate::outgoing::OutgoingRequest;
 
@@ -115,7 +115,7 @@ impl Loop {
             .and_then(|s| s.trim().parse().ok());
         Ok(Loop {
             driver,
-            pipes: PipePool::new(pipes_max, pipe_bytes, pipe_max),
+            pipes: PipePool::new(pipes_max, pipe_bytes, pipe_max).closing_idle_after(IDLE_PIPE),
             tasks: TaskClient::new(rx),
         })
     }
@@ -153,8 +153,7 @@ impl Loop {
             if now >= next_tick {
                 next_tick = now + TICK;
                 self.tasks.expire(&mut self.driver, now);
-                self.pipes
-                    .close_idle(now, Duration::from_millis(IDLE_PIPE_MS));
+                self.pipes.close_idle(now);
             }
         }
         self.tasks.refuse_all();

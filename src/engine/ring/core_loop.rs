@@ -19,8 +19,8 @@ use sluice_uring::{
 use super::tasks::TaskClient;
 use super::{
     errno_name, CoreStats, EngineSettings, COMPLETIONS_PER_TURN_MAX, CQ_ENTRIES,
-    FIXED_BUFFERS_COUNT, FIXED_BUFFER_BYTES, IDLE_PIPE_MS, IOWQ_WORKERS_MAX,
-    READAHEADS_PER_CORE_MAX, SQ_ENTRIES, TASKS_PER_CORE_MAX,
+    FIXED_BUFFERS_COUNT, FIXED_BUFFER_BYTES, IDLE_PIPE, IOWQ_WORKERS_MAX, READAHEADS_PER_CORE_MAX,
+    SQ_ENTRIES, TASKS_PER_CORE_MAX,
 };
 use crate::address_cap::AddressCap;
 use crate::app::App;
@@ -190,7 +190,8 @@ impl CoreLoop {
         let pipe_max = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
             .ok()
             .and_then(|s| s.trim().parse().ok());
-        let pipes = PipePool::new(settings.pipes_per_core_max, settings.pipe_bytes, pipe_max);
+        let pipes = PipePool::new(settings.pipes_per_core_max, settings.pipe_bytes, pipe_max)
+            .closing_idle_after(IDLE_PIPE);
         let listener: SharedFd = Rc::new(OwnedFd::from(listener));
         let accept_op = driver
             .submit(
@@ -375,8 +376,7 @@ impl CoreLoop {
             }
         }
         self.tasks.expire(&mut self.driver, now);
-        self.pipes
-            .close_idle(now, Duration::from_millis(IDLE_PIPE_MS));
+        self.pipes.close_idle(now);
         self.ticks += 1;
         if self.ticks.is_multiple_of(OPEN_FILES_SWEEP_TICKS) {
             if let Ok(mut files) = self.files.try_borrow_mut() {

@@ -115,7 +115,7 @@ pub const IDLE_TASK_CONN_MS: u64 = 20_000;
 /// connections are: the pool shrinks back after a burst (a new pipe costs a
 /// `pipe2` and an `fcntl`, a few microseconds, against two descriptors and a
 /// pipe's kernel buffers held for nothing).
-pub const IDLE_PIPE_MS: u64 = 20_000;
+pub const IDLE_PIPE: Duration = Duration::from_secs(20);
 
 /// Counters one engine thread publishes every tick.
 #[derive(Default)]
