@@ -553,6 +553,45 @@ fn a_hanging_tier_gets_timely_answers() {
     assert!(metric(a.addr, "sluice_tier_queue_entries", &[]) >= 1.0);
 }
 
+/// A tier that takes uploads and never answers them: the upload of a small
+/// artifact fails after about `tier_timeout_ms` (1 s here), so the tier
+/// reads "down" with the failure counted while the write waits in the queue
+/// and the lag gauge holds it. Each small upload waited 30 s before, with
+/// the tier "up" and no failure for all that time.
+#[test]
+fn an_upload_the_tier_never_answers_fails_after_the_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let a = node_at(&endpoint, &tmp.path().join("a"), &[]);
+    assert_eq!(put(a.addr, "/v1/artifacts/h/k", b"kept"), 200);
+    let started = Instant::now();
+    let failed = || {
+        metric(
+            a.addr,
+            "sluice_tier_requests_total",
+            &["op=\"upload\"", "result=\"failed\""],
+        )
+    };
+    while failed() < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "no upload failed within 8 s; status: {}",
+            String::from_utf8_lossy(&http(a.addr, "GET", "/status", &[], b"").body)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = String::from_utf8(http(a.addr, "GET", "/status", &[], b"").body).unwrap();
+    assert!(status.contains("\"state\":\"down\""), "{status}");
+    assert_eq!(metric(a.addr, "sluice_tier_lag_writes", &[]), 1.0);
+}
+
 /// Write-behind uploads draw from the replication limiter (one budget for
 /// peers and tier): at 64 KiB/s, six 60 kB uploads cannot all go at once, so
 /// some wait for tokens, and all still reach the bucket.

@@ -26,9 +26,16 @@ pub const PART_BYTES: usize = 8 << 20;
 pub const PARTS_IN_FLIGHT_MAX: usize = 2;
 /// Reads from the artifact file, bytes at a time.
 const READ_CHUNK_BYTES: usize = 1 << 20;
-/// A request that moves a body may take at least this long, whatever
-/// `tier_timeout_ms` says (a part is 8 MiB).
-const BODY_REQUEST_MS_MIN: u64 = 30_000;
+/// The slowest transfer a request that moves a body is given time for, on
+/// top of `tier_timeout_ms`: an 8 MiB part may take 32 s more, a 4 KiB
+/// artifact 16 ms more. (A fixed 30 s for every body let a hung object
+/// store hold each small upload, `failures` 0 and state "up", for 30 s.)
+const BODY_BYTES_PER_SEC_MIN: u64 = 256 * 1024;
+
+/// `timeout` plus the time `bytes` take at [`BODY_BYTES_PER_SEC_MIN`].
+fn body_deadline(timeout: Duration, bytes: u64) -> Duration {
+    timeout + Duration::from_millis(bytes.saturating_mul(1000) / BODY_BYTES_PER_SEC_MIN)
+}
 
 /// Object metadata names (`x-amz-meta-…` on S3).
 pub const META_SHA256: &str = "sha256";
@@ -202,8 +209,9 @@ impl Client {
         ObjectPath::parse(text).map_err(failed)
     }
 
-    fn body_timeout(&self) -> Duration {
-        self.timeout.max(Duration::from_millis(BODY_REQUEST_MS_MIN))
+    /// The deadline of a request that moves `bytes` of body.
+    fn body_timeout(&self, bytes: u64) -> Duration {
+        body_deadline(self.timeout, bytes)
     }
 
     /// Upload `artifact` as `ns/key`, with its sha256 and write time as
@@ -231,8 +239,8 @@ impl Client {
                 AttributeValue::from(meta.to_header_value()),
             );
         }
-        let deadline = self.body_timeout();
         if artifact.len <= PART_BYTES as u64 {
+            let deadline = self.body_timeout(artifact.len);
             let body = read_at(artifact, 0, artifact.len as usize)?;
             let opts = object_store::PutOptions {
                 attributes,
@@ -249,16 +257,16 @@ impl Client {
             attributes,
             ..Default::default()
         };
-        let upload = match tokio::time::timeout(
-            deadline,
-            self.store.put_multipart_opts(&path, opts),
-        )
-        .await
-        {
-            Ok(Ok(upload)) => upload,
-            Ok(Err(err)) => return Err(from_store(err)),
-            Err(_) => return Err(failed("starting a multipart upload timed out")),
-        };
+        // Each wait below covers at most the parts in flight.
+        let deadline = self.body_timeout((PART_BYTES * PARTS_IN_FLIGHT_MAX) as u64);
+        let upload =
+            match tokio::time::timeout(self.timeout, self.store.put_multipart_opts(&path, opts))
+                .await
+            {
+                Ok(Ok(upload)) => upload,
+                Ok(Err(err)) => return Err(from_store(err)),
+                Err(_) => return Err(failed("starting a multipart upload timed out")),
+            };
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
         let mut offset = 0u64;
         while offset < artifact.len {
@@ -312,7 +320,7 @@ impl Client {
     /// Delete `ns/key` (a missing object is fine).
     pub async fn delete(&self, ns: &str, key: &str) -> Result<(), TierError> {
         let path = self.path(ns, key)?;
-        match tokio::time::timeout(self.body_timeout(), self.store.delete(&path)).await {
+        match tokio::time::timeout(self.timeout, self.store.delete(&path)).await {
             Ok(Ok(())) | Ok(Err(object_store::Error::NotFound { .. })) => Ok(()),
             Ok(Err(err)) => Err(from_store(err)),
             Err(_) => Err(failed("delete timed out")),
@@ -412,6 +420,17 @@ fn read_at(artifact: &Artifact, offset: u64, len: usize) -> Result<Bytes, TierEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_small_body_gets_about_the_timeout_and_a_part_time_to_move() {
+        let t = Duration::from_secs(5);
+        assert!(body_deadline(t, 4096) < t + Duration::from_millis(20));
+        assert_eq!(body_deadline(t, 0), t);
+        assert_eq!(
+            body_deadline(t, PART_BYTES as u64),
+            t + Duration::from_secs(32)
+        );
+    }
 
     #[test]
     fn urls_split_into_bucket_and_prefix() {
