@@ -504,21 +504,27 @@ fn a_full_upload_queue_answers_507_and_loses_nothing() {
     );
 }
 
-/// A tier that accepts connections and never answers: writes and local hits
-/// do not wait for it, and a miss that needs it is answered within about
-/// `tier_timeout_ms` (1 s here): 404 on a cache route, 503 with
-/// `Retry-After` on the generic one. Needs no SeaweedFS.
-#[test]
-fn a_hanging_tier_gets_timely_answers() {
+/// The endpoint of a tier that accepts every connection and holds it,
+/// reading nothing, answering nothing.
+fn hanging_endpoint() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-    // Accept and hold every connection, reading nothing, answering nothing.
     std::thread::spawn(move || {
         let mut held = Vec::new();
         for conn in listener.incoming().flatten() {
             held.push(conn);
         }
     });
+    endpoint
+}
+
+/// A tier that accepts connections and never answers: writes and local hits
+/// do not wait for it, and a miss that needs it is answered within about
+/// `tier_timeout_ms` (1 s here): 404 on a cache route, 503 with
+/// `Retry-After` on the generic one. Needs no SeaweedFS.
+#[test]
+fn a_hanging_tier_gets_timely_answers() {
+    let endpoint = hanging_endpoint();
     let tmp = tempfile::tempdir().unwrap();
     let a = node_at(&endpoint, &tmp.path().join("a"), &[]);
     let started = Instant::now();
@@ -560,14 +566,7 @@ fn a_hanging_tier_gets_timely_answers() {
 /// the tier "up" and no failure for all that time.
 #[test]
 fn an_upload_the_tier_never_answers_fails_after_the_timeout() {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for conn in listener.incoming().flatten() {
-            held.push(conn);
-        }
-    });
+    let endpoint = hanging_endpoint();
     let tmp = tempfile::tempdir().unwrap();
     let a = node_at(&endpoint, &tmp.path().join("a"), &[]);
     assert_eq!(put(a.addr, "/v1/artifacts/h/k", b"kept"), 200);
