@@ -194,10 +194,11 @@ pub fn close_if_unread(reply: Reply, has_body: bool) -> Reply {
     }
 }
 
-/// The reply for a store error (5xx are logged).
+/// The reply for a store error (5xx are logged, but for a full store's 507:
+/// the store logs running out of space once, when it starts).
 pub fn store_error(err: &StoreError) -> Reply {
     let status = err.status();
-    if status >= 500 {
+    if status >= 500 && !matches!(err, StoreError::NoSpace) {
         tracing::error!(error = %err, "store error");
     }
     Reply::error(status, &err.to_string())

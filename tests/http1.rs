@@ -293,7 +293,26 @@ fn a_full_disk_answers_507_and_stores_nothing() {
         let r = server.send(Front::Http1, req("GET", "/v1/artifacts/full/big"));
         assert_eq!(r.status, 404);
         let r = server.send(Front::Http1, req("GET", "/v1/artifacts/full/small"));
-        assert_eq!((r.status, r.body), (200, small));
+        assert_eq!((r.status, r.body.clone()), (200, small.clone()));
+        // The disk filled to the last byte: small uploads (the commit
+        // journal's) answer 507 too, and the log says so once, not once per
+        // request (each 507 was an ERROR line, and each failed journal
+        // append a WARN, before).
+        let mut filler = std::fs::File::create(mnt.join("filler")).expect("filler");
+        let block = vec![0u8; 64 * 1024];
+        while filler.write_all(&block).is_ok() {}
+        while filler.write_all(&block[..512]).is_ok() {}
+        for i in 0..5 {
+            let r = server.send(
+                Front::Http1,
+                req("PUT", &format!("/v1/artifacts/full/s{i}")).body(small.clone()),
+            );
+            assert_eq!(r.status, 507, "{}", String::from_utf8_lossy(&r.body));
+        }
+        let log = server.stderr();
+        assert_eq!(log.matches("store out of space").count(), 1, "{log}");
+        assert_eq!(log.matches("store error").count(), 0, "{log}");
+        assert_eq!(log.matches("journal append failed").count(), 0, "{log}");
     }
 }
 

@@ -428,6 +428,8 @@ impl Journal {
                 self.puts_total.fetch_add(1, Ordering::Relaxed);
                 Some(appended)
             }
+            // Out of space was logged once, when it began.
+            Err(StoreError::NoSpace) => None,
             Err(e) => {
                 tracing::warn!(error = %e, "journal append failed; the upload syncs its own file");
                 None
