@@ -293,7 +293,7 @@ fn a_full_disk_answers_507_and_stores_nothing() {
         let r = server.send(Front::Http1, req("GET", "/v1/artifacts/full/big"));
         assert_eq!(r.status, 404);
         let r = server.send(Front::Http1, req("GET", "/v1/artifacts/full/small"));
-        assert_eq!((r.status, r.body.clone()), (200, small.clone()));
+        assert_eq!((r.status, r.body), (200, small.clone()));
         // The disk filled to the last byte: small uploads (the commit
         // journal's) answer 507 too, and the log says so once, not once per
         // request (each 507 was an ERROR line, and each failed journal

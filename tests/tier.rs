@@ -570,22 +570,17 @@ fn an_upload_the_tier_never_answers_fails_after_the_timeout() {
     let tmp = tempfile::tempdir().unwrap();
     let a = node_at(&endpoint, &tmp.path().join("a"), &[]);
     assert_eq!(put(a.addr, "/v1/artifacts/h/k", b"kept"), 200);
-    let started = Instant::now();
-    let failed = || {
-        metric(
-            a.addr,
-            "sluice_tier_requests_total",
-            &["op=\"upload\"", "result=\"failed\""],
-        )
-    };
-    while failed() < 1.0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(8),
-            "no upload failed within 8 s; status: {}",
-            String::from_utf8_lossy(&http(a.addr, "GET", "/status", &[], b"").body)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_for(
+        "an upload to fail within 8 s",
+        Duration::from_secs(8),
+        || {
+            metric(
+                a.addr,
+                "sluice_tier_requests_total",
+                &["op=\"upload\"", "result=\"failed\""],
+            ) >= 1.0
+        },
+    );
     let status = String::from_utf8(http(a.addr, "GET", "/status", &[], b"").body).unwrap();
     assert!(status.contains("\"state\":\"down\""), "{status}");
     assert_eq!(metric(a.addr, "sluice_tier_lag_writes", &[]), 1.0);
