@@ -232,6 +232,14 @@ impl LatencySampler {
         self.next = Some(now + self.gap);
         true
     }
+
+    /// The receive [`take`](Self::take) chose found no bytes yet (a
+    /// nonblocking read met `EAGAIN`): the sample is still due, for the
+    /// next receive. Without this a front whose first read of a request
+    /// often finds nothing (epoll on a loaded machine) sampled nothing.
+    pub fn give_back(&mut self) {
+        self.next = None;
+    }
 }
 
 /// [`LatencySampler::take`] for a front whose connections are tasks on a few
@@ -542,6 +550,19 @@ mod tests {
         // Off.
         let mut s = LatencySampler::new(Duration::ZERO);
         assert!(!s.take(t0));
+    }
+
+    #[test]
+    fn a_sample_given_back_is_taken_by_the_next_receive() {
+        let t0 = std::time::Instant::now();
+        let mut s = LatencySampler::new(Duration::from_secs(1));
+        assert!(s.take(t0));
+        // That receive found nothing: the next one, soon after, carries the sample.
+        s.give_back();
+        assert!(s.take(t0 + Duration::from_millis(1)));
+        // And the gap counts from it.
+        assert!(!s.take(t0 + Duration::from_millis(500)));
+        assert!(s.take(t0 + Duration::from_millis(1001)));
     }
 
     #[test]

@@ -781,6 +781,7 @@ impl CoreLoop {
                     Some(slot.conn.on_peek(&buf, now))
                 }
                 Err(e) if e.0 == libc::EAGAIN => {
+                    self.sampler.give_back();
                     slot.wait = Wait::Peek;
                     None
                 }
@@ -843,6 +844,9 @@ impl CoreLoop {
         match result {
             Ok((n, _)) => Some(slot.conn.on_recv(buf, Ok(n), now)),
             Err(Errno::AGAIN) => {
+                if stamped {
+                    self.sampler.give_back();
+                }
                 slot.wait = Wait::Recv(buf);
                 None
             }
