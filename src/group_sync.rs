@@ -26,7 +26,8 @@
 //! and one bad sync does not fail writes another sync can still cover.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::thread::{Thread, ThreadId};
 
 /// Most syncs one group runs at once.
 pub const SYNCS_IN_FLIGHT_MAX: usize = 16;
@@ -35,7 +36,6 @@ pub const SYNCS_IN_FLIGHT_MAX: usize = 16;
 #[derive(Debug)]
 pub struct GroupSync {
     state: Mutex<State>,
-    cond: Condvar,
     /// Syncs allowed at once (1..=[`SYNCS_IN_FLIGHT_MAX`]).
     in_flight_max: usize,
     syncs_total: AtomicU64,
@@ -59,6 +59,46 @@ struct State {
     running: Vec<u64>,
     /// Threads inside [`GroupSync::wait`].
     waiters: u32,
+    /// The waiters asleep, with their tickets: a sync's end wakes only the
+    /// ones it covered and, when another sync may start, one to lead it.
+    /// (A condvar's `notify_all` woke every waiter at every sync's end, and
+    /// most went back to sleep: 8 switches per durable 4 KiB PUT.)
+    asleep: Vec<Sleeper>,
+}
+
+#[derive(Debug)]
+struct Sleeper {
+    ticket: u64,
+    thread: Thread,
+}
+
+impl State {
+    /// A sync has ended: wake the sleepers it covered, and one that no
+    /// running sync covers when another sync may start (it leads the next,
+    /// which covers everyone registered by then).
+    fn wake_after_sync(&mut self, in_flight_max: usize) {
+        let synced = self.synced;
+        self.asleep.retain(|s| {
+            let covered = s.ticket <= synced;
+            if covered {
+                s.thread.unpark();
+            }
+            !covered
+        });
+        if self.running.len() >= in_flight_max {
+            return;
+        }
+        let running_max = self.running.iter().copied().max().unwrap_or(0);
+        if let Some(at) = self.asleep.iter().position(|s| s.ticket > running_max) {
+            self.asleep.swap_remove(at).thread.unpark();
+        }
+    }
+
+    fn forget_sleeper(&mut self, id: ThreadId) {
+        if let Some(at) = self.asleep.iter().position(|s| s.thread.id() == id) {
+            self.asleep.swap_remove(at);
+        }
+    }
 }
 
 /// A registered write: wait on it with [`GroupSync::wait`].
@@ -79,7 +119,6 @@ impl GroupSync {
                 running: Vec::with_capacity(n),
                 ..State::default()
             }),
-            cond: Condvar::new(),
             in_flight_max: n,
             syncs_total: AtomicU64::new(0),
             writes_total: AtomicU64::new(0),
@@ -120,10 +159,18 @@ impl GroupSync {
                     // (`other` is `None` only after our own sync failed and
                     // returned, which leaves this loop: unreachable.)
                     sync = other;
-                    state = self
-                        .cond
-                        .wait(state)
-                        .unwrap_or_else(PoisonError::into_inner);
+                    let me = std::thread::current();
+                    let id = me.id();
+                    state.asleep.push(Sleeper {
+                        ticket: ticket.0,
+                        thread: me,
+                    });
+                    drop(state);
+                    // Woken by `wake_after_sync` (which took us off the list),
+                    // or spuriously (still on it): either way, look again.
+                    std::thread::park();
+                    state = self.lock();
+                    state.forget_sleeper(id);
                     continue;
                 }
             };
@@ -139,7 +186,7 @@ impl GroupSync {
             if outcome.is_ok() {
                 state.synced = state.synced.max(target);
             }
-            self.cond.notify_all();
+            state.wake_after_sync(self.in_flight_max);
             if let Err(e) = outcome {
                 break Err(e);
             }
@@ -355,6 +402,53 @@ mod tests {
         }
         assert_eq!(g.writes_total(), 1600);
         assert!(g.syncs_total() <= 1600);
+        assert!(g.is_idle());
+    }
+
+    /// A sync's end wakes only the waiters it covered and one to lead the
+    /// next: with two in flight and some syncs failing, no waiter is left
+    /// asleep.
+    #[test]
+    fn targeted_wakes_lose_no_waiter_when_syncs_fail() {
+        use std::sync::atomic::AtomicU64;
+        let g = Arc::new(GroupSync::with_syncs_in_flight(2));
+        let attempts = Arc::new(AtomicU64::new(0));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        for _ in 0..12 {
+            let (g, attempts, done_tx) = (Arc::clone(&g), Arc::clone(&attempts), done_tx.clone());
+            std::thread::spawn(move || {
+                for _ in 0..150 {
+                    let mut failures = 0u32;
+                    let ticket = g.register();
+                    loop {
+                        let outcome = g.wait(ticket, || -> Result<(), ()> {
+                            let n = attempts.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_micros(50 + n % 5 * 40));
+                            if n % 7 == 3 {
+                                Err(())
+                            } else {
+                                Ok(())
+                            }
+                        });
+                        match outcome {
+                            Ok(()) => break,
+                            // Our own sync failed: wait again (a caller would retry or
+                            // give up; the group must still cover the others).
+                            Err(()) => failures += 1,
+                        }
+                    }
+                    assert!(failures < 100);
+                }
+                let _ = done_tx.send(());
+            });
+        }
+        drop(done_tx);
+        for _ in 0..12 {
+            done_rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("a waiter was left asleep");
+        }
+        assert_eq!(g.writes_total(), 1800);
         assert!(g.is_idle());
     }
 }
