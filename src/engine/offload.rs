@@ -7,15 +7,20 @@
 //! a small pool: a commit mostly waits for a sync another commit leads (group commit), and
 //! a commit can only share a sync if it is waiting at the same time.
 
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
+
+use crossbeam_channel::TrySendError;
 
 use sluice_uring::Waker;
 
 /// Blocking worker threads with a bounded job queue and their replies.
 pub struct Offload<J, D> {
-    jobs: Option<SyncSender<J>>,
+    /// crossbeam's bounded channel, not std's: a pool's workers all receive
+    /// from it. (Behind a mutex, std's single receiver made each job wake two
+    /// workers: the one that took it and the next in line for the lock.)
+    jobs: Option<crossbeam_channel::Sender<J>>,
     // Unbounded, but holds at most one reply per job the ring submitted since
     // it last drained it, and each connection has at most one job in flight:
     // bounded by `connections_per_core_max`.
@@ -73,7 +78,7 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
         waker: Waker,
         mut work: impl FnMut(J, &Completer<D>) -> Option<D> + Send + 'static,
     ) -> std::io::Result<Offload<J, D>> {
-        let (jobs_tx, jobs_rx) = sync_channel::<J>(queue_max);
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<J>(queue_max);
         let (done_tx, done_rx): (Sender<D>, Receiver<D>) = channel();
         let completer = Completer {
             done: done_tx.clone(),
@@ -110,9 +115,8 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
         waker: Waker,
         work: impl Fn(J, &Completer<D>) -> Option<D> + Send + Sync + 'static,
     ) -> std::io::Result<Offload<J, D>> {
-        let (jobs_tx, jobs_rx) = sync_channel::<J>(queue_max);
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<J>(queue_max);
         let (done_tx, done_rx): (Sender<D>, Receiver<D>) = channel();
-        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         let work = Arc::new(work);
         let mut offload = Offload {
             jobs: Some(jobs_tx),
@@ -124,8 +128,7 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
             threads: Vec::with_capacity(workers),
         };
         for i in 0..workers.max(1) {
-            let (jobs_rx, work, done_tx) =
-                (Arc::clone(&jobs_rx), Arc::clone(&work), done_tx.clone());
+            let (jobs_rx, work, done_tx) = (jobs_rx.clone(), Arc::clone(&work), done_tx.clone());
             let completer = Completer {
                 done: done_tx.clone(),
                 waker: waker.clone(),
@@ -134,13 +137,8 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
             let spawned = std::thread::Builder::new()
                 .name(format!("{name}.{i}"))
                 .spawn(move || loop {
-                    // One worker waits on the queue at a time; the others wait
-                    // for the lock, and take the next job when it is their turn.
-                    let job = jobs_rx
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .recv();
-                    let Ok(job) = job else { break };
+                    // Every idle worker waits on the queue; a job wakes one.
+                    let Ok(job) = jobs_rx.recv() else { break };
                     let Some(done) = work(job, &completer) else {
                         continue;
                     };
