@@ -312,6 +312,11 @@ fn publish_inner(
         if w.named_temp.is_none() {
             let _ = rustix::fs::unlinkat(from_dir, from_name, AtFlags::empty());
         } // a named temp is unlinked by Drop
+          // Its blocks are freed when its last descriptor closes: on the
+          // release thread, not here (see `release`).
+        if let Ok(dup) = rustix::io::dup(&w.file) {
+            sh.releaser.release(dup);
+        }
     };
     let key = &w.rel[w.key_at..];
     let mut locked = sh.index.lock(&w.rel);
@@ -354,7 +359,16 @@ fn publish_inner(
         }
         _ => None,
     };
-    let replaced = rustix::fs::statat(&w.dir_fd, key, AtFlags::SYMLINK_NOFOLLOW).is_ok();
+    // The version this replaces, held open across the rename so that its
+    // blocks are freed after the commit (`release`), not inside the rename.
+    let old = rustix::fs::openat(
+        &w.dir_fd,
+        key,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok();
+    let replaced = old.is_some();
     if let Err(e) = rustix::fs::renameat(from_dir, from_name, &w.dir_fd, key) {
         drop(locked);
         discard(w);
@@ -374,6 +388,9 @@ fn publish_inner(
         },
     );
     drop(locked);
+    if let Some(old) = old {
+        sh.releaser.release(old);
+    }
     sh.nospace_logged.store(false, Ordering::Relaxed);
     Ok((p.committed(replaced, false), true, marker))
 }

@@ -45,6 +45,7 @@ mod hot;
 mod index;
 mod journal;
 mod layout;
+mod release;
 #[cfg(test)]
 mod tests;
 mod tombstone;
@@ -372,6 +373,8 @@ struct Shared {
     dir_syncs: commit::DirSyncs,
     /// Per-file data syncs.
     file_syncs: commit::FileSyncs,
+    /// Closes replaced versions after their commit (see `release`).
+    releaser: release::Releaser,
 }
 
 /// See [`Store::set_evict_guard`].
@@ -667,6 +670,7 @@ struct Inner {
 impl Inner {
     fn shutdown(&self) {
         self.shared.stop();
+        self.shared.releaser.stop();
         let handles =
             std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
         for handle in handles {
@@ -792,6 +796,8 @@ impl Store {
                 .map_err(|e| plain("fsync directory", &data_dir, e.into()))?;
         }
         let data_dir_has_tombstones = data_dir.join(TOMBSTONE_DIR).exists();
+        let (releaser, release_thread) = release::Releaser::start()
+            .map_err(|e| plain("spawn release thread for", &data_dir, e))?;
         let shared = Arc::new(Shared {
             data_dir,
             data_dir_fd,
@@ -810,6 +816,7 @@ impl Store {
             journal: std::sync::OnceLock::new(),
             dir_syncs: commit::DirSyncs::default(),
             file_syncs: commit::FileSyncs::default(),
+            releaser,
             signal: Signal {
                 state: Mutex::new(SignalState::default()),
                 cond: Condvar::new(),
@@ -819,7 +826,7 @@ impl Store {
         // What a crash left in the journal is put right before anything is
         // served, whatever this run's fsync policy.
         journal::recover(&shared)?;
-        let mut threads = Vec::new();
+        let mut threads = vec![release_thread];
         if shared.fsync == FsyncPolicy::Always {
             match journal::Journal::create(&shared) {
                 Ok(journal) => {
