@@ -312,9 +312,9 @@ fn publish_inner(
         if w.named_temp.is_none() {
             let _ = rustix::fs::unlinkat(from_dir, from_name, AtFlags::empty());
         } // a named temp is unlinked by Drop
-          // Its blocks are freed when its last descriptor closes: on the
-          // release thread, not here (see `release`).
         if let Ok(dup) = rustix::io::dup(&w.file) {
+            // Its blocks are freed when its last descriptor closes: on the
+            // release thread, not here (see `release`).
             sh.releaser.release(dup);
         }
     };
