@@ -308,6 +308,7 @@ fn publish_inner(
             (&w.dir_fd, anonymous_link.as_str())
         }
     };
+    let upload_bytes = p.size_bytes;
     let discard = |w: &PutWriter| {
         if w.named_temp.is_none() {
             let _ = rustix::fs::unlinkat(from_dir, from_name, AtFlags::empty());
@@ -315,7 +316,7 @@ fn publish_inner(
         if let Ok(dup) = rustix::io::dup(&w.file) {
             // Its blocks are freed when its last descriptor closes: on the
             // release thread, not here (see `release`).
-            sh.releaser.release(dup);
+            sh.releaser.release(dup, Some(upload_bytes));
         }
     };
     let key = &w.rel[w.key_at..];
@@ -380,7 +381,7 @@ fn publish_inner(
     p.writer.named_temp = None; // published: nothing left for Drop to remove
     let w = &p.writer;
     sh.clear_tombstone(&w.rel);
-    locked.upsert(
+    let old_entry = locked.upsert(
         &w.rel,
         Entry {
             size_bytes: p.size_bytes,
@@ -389,7 +390,7 @@ fn publish_inner(
     );
     drop(locked);
     if let Some(old) = old {
-        sh.releaser.release(old);
+        sh.releaser.release(old, old_entry.map(|e| e.size_bytes));
     }
     sh.nospace_logged.store(false, Ordering::Relaxed);
     Ok((p.committed(replaced, false), true, marker))

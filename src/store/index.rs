@@ -164,8 +164,9 @@ impl Locked<'_> {
         self.map.get(rel).copied()
     }
 
-    /// Records a publish: the new file replaces whatever the index had.
-    pub fn upsert(&mut self, rel: &str, entry: Entry) {
+    /// Records a publish: the new file replaces whatever the index had,
+    /// which is returned.
+    pub fn upsert(&mut self, rel: &str, entry: Entry) -> Option<Entry> {
         self.shard.changes.fetch_add(1, Ordering::Release);
         self.index.hot.invalidate(rel);
         match self.map.get_mut(rel) {
@@ -176,7 +177,7 @@ impl Locked<'_> {
                 self.index
                     .bytes
                     .fetch_add(entry.size_bytes, Ordering::Relaxed);
-                *old = entry;
+                Some(std::mem::replace(old, entry))
             }
             None => {
                 self.map.insert(rel.into(), entry);
@@ -184,6 +185,7 @@ impl Locked<'_> {
                     .bytes
                     .fetch_add(entry.size_bytes, Ordering::Relaxed);
                 self.index.entries.fetch_add(1, Ordering::Relaxed);
+                None
             }
         }
     }

@@ -55,11 +55,14 @@ impl Releaser {
         ))
     }
 
-    /// Close `old` (an `O_PATH` descriptor of a version just replaced) on
-    /// the releasing thread, or here when the queue or the byte bound is
-    /// full or the thread has stopped.
-    pub(super) fn release(&self, old: OwnedFd) {
-        let bytes = rustix::fs::fstat(&old).map_or(0, |st| (st.st_blocks as u64) * 512);
+    /// Close `old` (a descriptor of a version just replaced, `size_bytes`
+    /// long when the index knew it) on the releasing thread, or here when
+    /// the queue or the byte bound is full or the thread has stopped.
+    pub(super) fn release(&self, old: OwnedFd, size_bytes: Option<u64>) {
+        // The index knows the size of nearly every replaced version; only
+        // one the startup scan has not reached yet costs a stat.
+        let bytes = size_bytes
+            .unwrap_or_else(|| rustix::fs::fstat(&old).map_or(0, |st| (st.st_blocks as u64) * 512));
         let held = self.held_bytes.fetch_add(bytes, Ordering::Relaxed);
         if held + bytes > RELEASE_BYTES_MAX {
             self.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
@@ -121,13 +124,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (releaser, thread) = Releaser::start().unwrap();
         for i in 0..10 {
-            releaser.release(old_version(dir.path(), &format!("v{i}"), 64 << 10));
+            let bytes = (i % 2 == 0).then_some(64 << 10);
+            releaser.release(old_version(dir.path(), &format!("v{i}"), 64 << 10), bytes);
         }
         releaser.stop();
         thread.join().unwrap();
         assert_eq!(releaser.held_bytes(), 0);
         // After the stop, a release closes inline and holds nothing.
-        releaser.release(old_version(dir.path(), "late", 4096));
+        releaser.release(old_version(dir.path(), "late", 4096), None);
         assert_eq!(releaser.held_bytes(), 0);
     }
 
@@ -139,7 +143,7 @@ mod tests {
         releaser
             .held_bytes
             .store(RELEASE_BYTES_MAX, Ordering::Relaxed);
-        releaser.release(old_version(dir.path(), "big", 8192));
+        releaser.release(old_version(dir.path(), "big", 8192), None);
         assert_eq!(releaser.held_bytes(), RELEASE_BYTES_MAX);
         releaser.held_bytes.store(0, Ordering::Relaxed);
         releaser.stop();
