@@ -7,20 +7,15 @@
 //! a small pool: a commit mostly waits for a sync another commit leads (group commit), and
 //! a commit can only share a sync if it is waiting at the same time.
 
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-
-use crossbeam_channel::TrySendError;
 
 use sluice_uring::Waker;
 
 /// Blocking worker threads with a bounded job queue and their replies.
 pub struct Offload<J, D> {
-    /// crossbeam's bounded channel, not std's: a pool's workers all receive
-    /// from it. (Behind a mutex, std's single receiver made each job wake two
-    /// workers: the one that took it and the next in line for the lock.)
-    jobs: Option<crossbeam_channel::Sender<J>>,
+    jobs: Option<Jobs<J>>,
     // Unbounded, but holds at most one reply per job the ring submitted since
     // it last drained it, and each connection has at most one job in flight:
     // bounded by `connections_per_core_max`.
@@ -78,7 +73,7 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
         waker: Waker,
         mut work: impl FnMut(J, &Completer<D>) -> Option<D> + Send + 'static,
     ) -> std::io::Result<Offload<J, D>> {
-        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<J>(queue_max);
+        let (jobs_tx, jobs_rx) = sync_channel::<J>(queue_max);
         let (done_tx, done_rx): (Sender<D>, Receiver<D>) = channel();
         let completer = Completer {
             done: done_tx.clone(),
@@ -99,7 +94,7 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
             }
         })?;
         Ok(Offload {
-            jobs: Some(jobs_tx),
+            jobs: Some(Jobs::One(jobs_tx)),
             done: done_rx,
             completer: own_completer,
             threads: vec![thread],
@@ -119,7 +114,7 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
         let (done_tx, done_rx): (Sender<D>, Receiver<D>) = channel();
         let work = Arc::new(work);
         let mut offload = Offload {
-            jobs: Some(jobs_tx),
+            jobs: Some(Jobs::Pool(jobs_tx)),
             done: done_rx,
             completer: Completer {
                 done: done_tx.clone(),
@@ -158,9 +153,14 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
 
     /// Queue a job; a full queue (or a stopped thread) gives it back.
     pub fn submit(&self, job: J) -> Result<(), J> {
+        use crossbeam_channel::TrySendError as PoolError;
+        use std::sync::mpsc::TrySendError as OneError;
         match &self.jobs {
-            Some(jobs) => jobs.try_send(job).map_err(|e| match e {
-                TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
+            Some(Jobs::One(jobs)) => jobs.try_send(job).map_err(|e| match e {
+                OneError::Full(job) | OneError::Disconnected(job) => job,
+            }),
+            Some(Jobs::Pool(jobs)) => jobs.try_send(job).map_err(|e| match e {
+                PoolError::Full(job) | PoolError::Disconnected(job) => job,
             }),
             None => Err(job),
         }
@@ -177,6 +177,18 @@ impl<J: Send + 'static, D: Send + 'static> Offload<J, D> {
     pub fn try_done(&self) -> Option<D> {
         self.done.try_recv().ok()
     }
+}
+
+/// The job queue. One thread receives from std's channel; a pool's workers all
+/// receive from crossbeam's bounded channel (behind a mutex, std's single
+/// receiver made each job wake two workers: the one that took it and the next
+/// in line for the lock). Not crossbeam for one thread: its receiver calls
+/// `sched_yield` four times before it sleeps, where std's only spins, and
+/// with the openers on it `bench/mesh`'s public p99 under replication was
+/// twice what it is on std's (docs/benchmarks.md, issue 21).
+enum Jobs<J> {
+    One(SyncSender<J>),
+    Pool(crossbeam_channel::Sender<J>),
 }
 
 impl<J, D> Drop for Offload<J, D> {
