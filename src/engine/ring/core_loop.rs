@@ -16,6 +16,7 @@ use sluice_uring::{
     RingConfig, SharedFd, Token,
 };
 
+use super::spin::SpinGate;
 use super::tasks::TaskClient;
 use super::{
     errno_name, CoreStats, EngineSettings, COMPLETIONS_PER_TURN_MAX, CQ_ENTRIES,
@@ -118,6 +119,8 @@ pub(super) struct CoreLoop {
     pub(super) accept_rearm: bool,
     /// The last turn handled at least one completion.
     pub(super) busy: bool,
+    /// Whether to poll the ring before sleeping after such a turn.
+    pub(super) spin: SpinGate,
     pub(super) app: Arc<App>,
     pub(super) fallback: Arc<Fallback>,
     pub(super) stats: Arc<Vec<CoreStats>>,
@@ -234,6 +237,7 @@ impl CoreLoop {
             fetched_rx,
             readaheads_in_flight: 0,
             core,
+            spin: SpinGate::new(settings.spin),
             settings,
             driver,
             listener,
@@ -279,11 +283,17 @@ impl CoreLoop {
         loop {
             let now = Instant::now();
             let timeout = next_tick.saturating_duration_since(now);
-            // Poll only right after work: an idle thread sleeps at once.
-            let waited = if self.busy && !self.settings.spin.is_zero() {
-                self.driver.wait_spinning(self.settings.spin, Some(timeout))
+            // Poll only right after work, and only while polling pays (`spin`):
+            // an idle thread sleeps at once.
+            let spin = if self.busy {
+                self.spin.spin()
             } else {
+                Duration::ZERO
+            };
+            let waited = if spin.is_zero() {
                 self.driver.wait(1, Some(timeout))
+            } else {
+                self.driver.wait_spinning(spin, Some(timeout))
             };
             if let Err(err) = waited {
                 tracing::error!(
@@ -295,6 +305,10 @@ impl CoreLoop {
             }
             self.driver.take_woken();
             self.turn_at = Instant::now();
+            // (A tick due within the spin would end it with nothing to say.)
+            if !spin.is_zero() && timeout > spin {
+                self.spin.spun(self.turn_at.saturating_duration_since(now));
+            }
             // Replies of uploads published meanwhile (their wake-up may be
             // what ended the wait).
             while let Some(done) = self.publisher.try_done() {

@@ -39,6 +39,7 @@ pub use tasks::TaskSubmitter;
 mod background;
 mod core_loop;
 mod serve;
+mod spin;
 mod tasks;
 #[cfg(test)]
 mod tests;
