@@ -1,7 +1,7 @@
 //! Whether an engine thread polls its ring before it sleeps (`engine_spin_us`).
 //!
 //! Polling after a turn with work saves the wake-up of the next completion
-//! when it comes soon: at 4 KiB GETs with one connection it doubles the
+//! when it comes soon: at 4 KiB GETs with one connection it triples the
 //! request rate (docs/operations.md). When the next completion does not come
 //! within the spin, the poll is lost CPU, and its `sched_yield` calls hand
 //! the core to whatever else is runnable just when this thread's next
