@@ -120,7 +120,7 @@ pub(super) struct CoreLoop {
     /// The last turn handled at least one completion.
     pub(super) busy: bool,
     /// Whether to poll the ring before sleeping after such a turn.
-    pub(super) spin: SpinGate,
+    pub(super) spin_gate: SpinGate,
     pub(super) app: Arc<App>,
     pub(super) fallback: Arc<Fallback>,
     pub(super) stats: Arc<Vec<CoreStats>>,
@@ -237,7 +237,7 @@ impl CoreLoop {
             fetched_rx,
             readaheads_in_flight: 0,
             core,
-            spin: SpinGate::new(settings.spin),
+            spin_gate: SpinGate::new(settings.spin),
             settings,
             driver,
             listener,
@@ -283,10 +283,10 @@ impl CoreLoop {
         loop {
             let now = Instant::now();
             let timeout = next_tick.saturating_duration_since(now);
-            // Poll only right after work, and only while polling pays (`spin`):
+            // Poll only right after work, and only while polling pays (`spin_gate`):
             // an idle thread sleeps at once.
             let spin = if self.busy {
-                self.spin.spin()
+                self.spin_gate.spin()
             } else {
                 Duration::ZERO
             };
@@ -307,7 +307,8 @@ impl CoreLoop {
             self.turn_at = Instant::now();
             // (A tick due within the spin would end it with nothing to say.)
             if !spin.is_zero() && timeout > spin {
-                self.spin.spun(self.turn_at.saturating_duration_since(now));
+                self.spin_gate
+                    .spun(self.turn_at.saturating_duration_since(now));
             }
             // Replies of uploads published meanwhile (their wake-up may be
             // what ended the wait).

@@ -23,8 +23,9 @@ const SCALE: u32 = 1024;
 const WEIGHT_SHIFT: u32 = 3;
 /// Spin while at least half of the recent spins were ended by a completion.
 const SPIN_AT: u32 = SCALE / 2;
-/// While spinning does not pay, one wait after work in this many spins.
-pub(super) const PROBE_EVERY: u32 = 16;
+/// While spinning does not pay, one wait after work in this many spins all
+/// the same (a probe).
+const PROBE_EVERY: u32 = 16;
 /// A wait this short found its completion already there (the send just
 /// submitted, say): it says nothing about whether spinning pays.
 const IMMEDIATE: Duration = Duration::from_micros(5);
