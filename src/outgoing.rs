@@ -144,7 +144,7 @@ pub enum TaskState {
     Sending,
     /// Body: a chunk of the file is being spliced into the pipe.
     SplicingIn,
-    /// Body: the pipe is being spliced into the socket.
+    /// Body: the pipe's bytes wait for room in the socket (`POLLOUT`).
     SplicingOut,
     Receiving,
 }

@@ -10,12 +10,18 @@
 //! pipe → socket, both through the ring, no user-space copy), over
 //! keep-alive connections pooled per ring; on the blocking senders by
 //! sendfile(2) (no user-space copy either), one connection per request.
+//!
+//! A peer that stops reading (frozen, or its receiving threads all busy)
+//! must not hold up the others: on the rings a body waits for room in the
+//! socket without holding a thread (`crate::engine::ring::tasks`), and here
+//! one peer's requests run on at most [`BLOCKING_PER_PEER_MAX`] of the
+//! threads at once, so the rest stay free for the other peers.
 
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::outgoing::{
@@ -28,7 +34,11 @@ use crate::outgoing::{
 const SENDFILE_BYTES: usize = 4 << 20;
 
 /// Blocking sender threads when there are no rings.
-pub const BLOCKING_THREADS: usize = 4;
+pub const BLOCKING_THREADS: usize = 8;
+/// Blocking sender threads one peer's requests take at once: with up to
+/// three peers that stopped reading, two threads still serve the others.
+pub const BLOCKING_PER_PEER_MAX: usize = 2;
+const _: () = assert!(BLOCKING_PER_PEER_MAX * 3 < BLOCKING_THREADS);
 /// Requests waiting for a blocking sender thread.
 pub const BLOCKING_QUEUE_MAX: usize = 256;
 
@@ -41,7 +51,7 @@ pub enum Transport {
         submitter: Arc<dyn Submit>,
         splice: bool,
     },
-    Blocking(SyncSender<OutgoingRequest>),
+    Blocking(Arc<BlockingQueue>),
 }
 
 impl Transport {
@@ -60,10 +70,7 @@ impl Transport {
                 }
                 submitter.submit(request).err()
             }
-            Transport::Blocking(tx) => match tx.try_send(request) {
-                Ok(()) => None,
-                Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) => Some(r),
-            },
+            Transport::Blocking(queue) => queue.push(request).err(),
         };
         if let Some(request) = refused {
             (request.done)(Err(TaskError::Refused));
@@ -80,26 +87,137 @@ impl Transport {
 
     /// Start the blocking sender threads.
     pub fn blocking() -> std::io::Result<Transport> {
-        let (tx, rx) = sync_channel::<OutgoingRequest>(BLOCKING_QUEUE_MAX);
-        let rx = Arc::new(Mutex::new(rx));
+        let queue = Arc::new(BlockingQueue::default());
         for i in 0..BLOCKING_THREADS {
-            let rx = Arc::clone(&rx);
+            // The threads hold the queue weakly: once every `Transport`
+            // is gone they find it gone and end.
+            let weak = Arc::downgrade(&queue);
             std::thread::Builder::new()
                 .name(format!("sluice-peer-send-{i}"))
                 .spawn(move || {
                     crate::background::enter("peer-send");
-                    blocking_loop(&rx)
+                    blocking_loop(&weak)
                 })?;
         }
-        Ok(Transport::Blocking(tx))
+        Ok(Transport::Blocking(queue))
     }
 }
 
-fn blocking_loop(rx: &Mutex<Receiver<OutgoingRequest>>) {
+/// Requests waiting for a blocking sender thread, oldest first, and how
+/// many threads each peer holds. A thread takes the oldest request whose
+/// peer holds fewer than `per_peer_max`; the others wait their turn.
+struct Lanes<R> {
+    waiting: VecDeque<(SocketAddr, R)>,
+    running: HashMap<SocketAddr, usize>,
+    waiting_max: usize,
+    per_peer_max: usize,
+}
+
+impl<R> Lanes<R> {
+    fn new(waiting_max: usize, per_peer_max: usize) -> Self {
+        Lanes {
+            waiting: VecDeque::new(),
+            running: HashMap::new(),
+            waiting_max,
+            per_peer_max,
+        }
+    }
+
+    /// Queue `item` for `addr`; a full queue gives it back.
+    fn push(&mut self, addr: SocketAddr, item: R) -> Result<(), R> {
+        if self.waiting.len() >= self.waiting_max {
+            return Err(item);
+        }
+        self.waiting.push_back((addr, item));
+        Ok(())
+    }
+
+    fn may_run(&self, addr: &SocketAddr) -> bool {
+        self.running.get(addr).copied().unwrap_or(0) < self.per_peer_max
+    }
+
+    /// Some waiting request may run now.
+    fn can_take(&self) -> bool {
+        self.waiting.iter().any(|(addr, _)| self.may_run(addr))
+    }
+
+    /// The oldest request a thread may run now, counted as running.
+    fn take(&mut self) -> Option<(SocketAddr, R)> {
+        let at = self
+            .waiting
+            .iter()
+            .position(|(addr, _)| self.may_run(addr))?;
+        let (addr, item) = self.waiting.remove(at)?;
+        *self.running.entry(addr).or_default() += 1;
+        Some((addr, item))
+    }
+
+    /// A request to `addr` ended.
+    fn done(&mut self, addr: SocketAddr) {
+        if let Some(n) = self.running.get_mut(&addr) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.running.remove(&addr);
+            }
+        }
+    }
+}
+
+/// The blocking senders' queue (see [`Lanes`]).
+pub struct BlockingQueue {
+    lanes: Mutex<Lanes<OutgoingRequest>>,
+    ready: Condvar,
+}
+
+impl Default for BlockingQueue {
+    fn default() -> Self {
+        BlockingQueue {
+            lanes: Mutex::new(Lanes::new(BLOCKING_QUEUE_MAX, BLOCKING_PER_PEER_MAX)),
+            ready: Condvar::new(),
+        }
+    }
+}
+
+impl Drop for BlockingQueue {
+    /// The server is gone: what still waits is refused (replication keeps
+    /// it in the outbox), so every `done` is still called once.
+    fn drop(&mut self) {
+        let lanes = self.lanes.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for (_, request) in lanes.waiting.drain(..) {
+            (request.done)(Err(TaskError::Refused));
+        }
+    }
+}
+
+impl BlockingQueue {
+    fn push(&self, request: OutgoingRequest) -> Result<(), OutgoingRequest> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        lanes.push(request.addr, request)?;
+        drop(lanes);
+        self.ready.notify_one();
+        Ok(())
+    }
+}
+
+/// How long an idle sender thread waits before it looks whether the
+/// server is gone (the queue dropped).
+const BLOCKING_IDLE_CHECK: Duration = Duration::from_secs(1);
+
+fn blocking_loop(weak: &std::sync::Weak<BlockingQueue>) {
     loop {
-        let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-        let Ok(request) = next else {
+        let Some(queue) = weak.upgrade() else {
             return; // every sender gone: the server is stopping
+        };
+        let next = {
+            let lanes = queue.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+            let (mut lanes, _) = queue
+                .ready
+                .wait_timeout_while(lanes, BLOCKING_IDLE_CHECK, |lanes| !lanes.can_take())
+                .unwrap_or_else(PoisonError::into_inner);
+            lanes.take()
+        };
+        let Some((addr, request)) = next else {
+            continue;
         };
         let outcome = send_blocking(
             request.addr,
@@ -108,6 +226,13 @@ fn blocking_loop(rx: &Mutex<Receiver<OutgoingRequest>>) {
             request.timeout,
         );
         (request.done)(outcome);
+        queue
+            .lanes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .done(addr);
+        // A request to the same peer may be free to run now.
+        queue.ready.notify_one();
     }
 }
 
@@ -204,5 +329,75 @@ pub fn request(
         timeout,
         response_bytes_max: RESPONSE_BYTES_MAX_DEFAULT,
         done,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// A peer whose requests all hang holds at most its share of the
+    /// threads: the other peers' requests, queued behind its own, run.
+    #[test]
+    fn a_stuck_peer_holds_at_most_its_share_and_the_others_run() {
+        let mut lanes = Lanes::new(BLOCKING_QUEUE_MAX, BLOCKING_PER_PEER_MAX);
+        for i in 0..20 {
+            lanes.push(peer(1), i).expect("room");
+        }
+        lanes.push(peer(2), 100).expect("room");
+        lanes.push(peer(3), 200).expect("room");
+        let mut running = Vec::new();
+        while let Some(taken) = lanes.take() {
+            running.push(taken);
+        }
+        let of = |p: u16| running.iter().filter(|(a, _)| *a == peer(p)).count();
+        assert_eq!(of(1), BLOCKING_PER_PEER_MAX);
+        assert_eq!((of(2), of(3)), (1, 1));
+        // Oldest first within a peer.
+        let firsts: Vec<i32> = running
+            .iter()
+            .filter(|(a, _)| *a == peer(1))
+            .map(|(_, i)| *i)
+            .collect();
+        assert_eq!(firsts, vec![0, 1]);
+        assert!(!lanes.can_take());
+        // One of the stuck peer's requests ends: its next one may run.
+        lanes.done(peer(1));
+        assert!(lanes.can_take());
+        assert_eq!(lanes.take(), Some((peer(1), 2)));
+        assert_eq!(lanes.take(), None);
+    }
+
+    #[test]
+    fn a_full_queue_gives_the_request_back() {
+        let mut lanes = Lanes::new(2, BLOCKING_PER_PEER_MAX);
+        assert_eq!(lanes.push(peer(1), 1), Ok(()));
+        assert_eq!(lanes.push(peer(2), 2), Ok(()));
+        assert_eq!(lanes.push(peer(3), 3), Err(3));
+        assert_eq!(lanes.take(), Some((peer(1), 1)));
+        assert_eq!(lanes.push(peer(3), 3), Ok(()));
+    }
+
+    /// The blocking senders end once the transport is gone, and what they
+    /// had not started is refused, each `done` called once.
+    #[test]
+    fn dropping_the_transport_refuses_what_waits() {
+        let queue = BlockingQueue::default();
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for _ in 0..3 {
+            let count = Arc::clone(&refused);
+            let done: Done = Box::new(move |outcome| {
+                assert!(matches!(outcome, Err(TaskError::Refused)));
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            });
+            let request = request(peer(1), Vec::new(), None, Duration::from_secs(1), done);
+            assert!(queue.push(request).is_ok());
+        }
+        drop(queue);
+        assert_eq!(refused.load(std::sync::atomic::Ordering::Relaxed), 3);
     }
 }

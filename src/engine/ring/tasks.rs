@@ -232,7 +232,8 @@ impl TaskClient {
                 match rustix::net::socket_with(
                     family,
                     rustix::net::SocketType::STREAM,
-                    rustix::net::SocketFlags::CLOEXEC,
+                    // Non-blocking for the body's splices into it (`pump_body`).
+                    rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
                     None,
                 ) {
                     Ok(fd) => Rc::new(fd),
@@ -313,39 +314,81 @@ impl TaskClient {
         });
     }
 
-    /// The next splice of a task's file body, or `None` when the body is
-    /// out (or there is none): file -> pipe while the pipe is empty, pipe ->
-    /// socket while it holds bytes. Both run through the ring (io-wq), so a
-    /// cold file or a slow peer never blocks this thread. The pipe travels
-    /// with the op and comes back in its completion.
-    fn next_body_op(slot: &mut TaskSlot) -> Option<Op> {
-        let file_fd = slot.body_fd.as_ref()?;
-        let body = slot.task.request.body_file.as_ref()?;
-        let pipe = slot.pipe.take()?;
-        if pipe.held_bytes() > 0 {
-            slot.task.state = TaskState::SplicingOut;
-            let len = u32::try_from(pipe.held_bytes()).unwrap_or(u32::MAX);
-            return Some(Op::SpliceFromPipe {
-                pipe,
-                fd_out: Rc::clone(&slot.fd),
-                len,
-            });
+    /// Move the task's file body on: drain the pipe into the socket on this
+    /// thread while it takes bytes, refill the pipe from the file through
+    /// the ring (io-wq) once it is empty, and wait for the response once the
+    /// body is out (or there is none).
+    ///
+    /// The drain is a non-blocking splice here, never a ring splice: a ring
+    /// splice into a socket runs on an io-wq worker and blocks it while the
+    /// peer does not read, and a ring has few workers
+    /// ([`super::IOWQ_WORKERS_MAX`]). A peer that stopped reading (frozen,
+    /// or with its receiving threads busy) then held every worker, and the
+    /// other peers' sends waited behind it until its deadline, 30 s. Now a
+    /// full socket waits for `POLLOUT` on the ring and holds nothing. One
+    /// call moves at most what the pipe holds, one slice
+    /// ([`BODY_SLICE_BYTES`]).
+    fn pump_body(&mut self, driver: &mut Driver, index: u32) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let fd = Rc::clone(&slot.fd);
+        let (Some(file_fd), Some(body), Some(pipe)) = (
+            slot.body_fd.as_ref(),
+            slot.task.request.body_file.as_ref(),
+            slot.pipe.as_mut(),
+        ) else {
+            slot.task.state = TaskState::Receiving;
+            return self.submit_op(driver, index, Self::recv_op(fd));
+        };
+        while pipe.held_bytes() > 0 {
+            match pipe.drain_to(&*fd, pipe.held_bytes()) {
+                Ok(n) if n > 0 => slot.task.body_sent += n as u64,
+                Err(errno) if errno.0 == libc::EAGAIN || errno.0 == libc::EINTR => {
+                    slot.task.state = TaskState::SplicingOut;
+                    return self.submit_op(
+                        driver,
+                        index,
+                        Op::PollAdd {
+                            fd,
+                            events: libc::POLLOUT as u32,
+                        },
+                    );
+                }
+                // The peer went away: the request cannot complete. A pipe
+                // holding bytes is closed on drop, never reused.
+                Ok(_) => return self.finish(index, Err(TaskError::Io(libc::EPIPE))),
+                Err(errno) => return self.finish(index, Err(TaskError::Io(errno.0))),
+            }
         }
         let remaining = body.len.saturating_sub(slot.task.body_sent);
         if remaining == 0 {
-            slot.pipe = Some(pipe);
-            return None;
+            slot.task.state = TaskState::Receiving;
+            return self.submit_op(driver, index, Self::recv_op(fd));
         }
+        let Some(pipe) = slot.pipe.take() else {
+            return;
+        };
         slot.task.state = TaskState::SplicingIn;
         let len = remaining
             .min(pipe.capacity_bytes() as u64)
             .min(BODY_SLICE_BYTES);
-        Some(Op::SpliceToPipe {
+        let op = Op::SpliceToPipe {
             fd_in: Rc::clone(file_fd),
             offset_in: body.offset + slot.task.body_sent,
             pipe,
             len: u32::try_from(len).unwrap_or(u32::MAX),
-        })
+        };
+        self.submit_op(driver, index, op);
+    }
+
+    /// The read of a response's first (or next) bytes.
+    fn recv_op(fd: SharedFd) -> Op {
+        Op::Recv {
+            fd,
+            buf: IoBuf::Vec(Vec::with_capacity(RESPONSE_READ_BYTES)),
+            flags: 0,
+        }
     }
 
     fn submit_op(&mut self, driver: &mut Driver, index: u32, op: Op) {
@@ -421,9 +464,10 @@ impl TaskClient {
             (TaskState::Sending, Returned::Buf(IoBuf::Vec(buf))) => {
                 self.on_send(driver, index, buf, result)
             }
-            (TaskState::SplicingIn | TaskState::SplicingOut, Returned::Pipe(pipe)) => {
-                self.on_splice(driver, index, pipe, result)
+            (TaskState::SplicingIn, Returned::Pipe(pipe)) => {
+                self.on_splice_in(driver, index, pipe, result)
             }
+            (TaskState::SplicingOut, _) => self.on_writable(driver, index, result),
             (TaskState::Receiving, Returned::Buf(IoBuf::Vec(buf))) => {
                 self.on_recv(driver, index, buf, result)
             }
@@ -472,34 +516,30 @@ impl TaskClient {
         match result {
             Ok(n) => {
                 slot.task.sent += n;
-                let op = if slot.task.sent < buf.len() {
-                    Op::Send {
-                        fd,
-                        buf: IoBuf::Vec(buf),
-                        offset: slot.task.sent,
-                        flags: libc::MSG_NOSIGNAL,
-                    }
-                } else if let Some(op) = Self::next_body_op(slot) {
-                    slot.task.request.request = buf;
-                    op
+                if slot.task.sent < buf.len() {
+                    let offset = slot.task.sent;
+                    self.submit_op(
+                        driver,
+                        index,
+                        Op::Send {
+                            fd,
+                            buf: IoBuf::Vec(buf),
+                            offset,
+                            flags: libc::MSG_NOSIGNAL,
+                        },
+                    );
                 } else {
-                    slot.task.state = TaskState::Receiving;
                     slot.task.request.request = buf;
-                    Op::Recv {
-                        fd,
-                        buf: IoBuf::Vec(Vec::with_capacity(RESPONSE_READ_BYTES)),
-                        flags: 0,
-                    }
-                };
-                self.submit_op(driver, index, op);
+                    self.pump_body(driver, index);
+                }
             }
             Err(errno) => self.finish(index, Err(TaskError::Io(errno))),
         }
     }
 
-    /// A splice of the file body finished (file -> pipe or pipe -> socket):
-    /// the next one, or the response once the body is out.
-    fn on_splice(
+    /// A splice of the file body into the pipe finished: drain it into the
+    /// socket.
+    fn on_splice_in(
         &mut self,
         driver: &mut Driver,
         index: u32,
@@ -509,34 +549,25 @@ impl TaskClient {
         let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
         };
-        let fd = Rc::clone(&slot.fd);
-        let spliced_out = slot.task.state == TaskState::SplicingOut;
         match result {
             Ok(n) if n > 0 => {
-                if spliced_out {
-                    slot.task.body_sent += n as u64;
-                }
                 slot.pipe = Some(pipe);
-                match Self::next_body_op(slot) {
-                    Some(op) => self.submit_op(driver, index, op),
-                    None => {
-                        slot.task.state = TaskState::Receiving;
-                        self.submit_op(
-                            driver,
-                            index,
-                            Op::Recv {
-                                fd,
-                                buf: IoBuf::Vec(Vec::with_capacity(RESPONSE_READ_BYTES)),
-                                flags: 0,
-                            },
-                        );
-                    }
-                }
+                self.pump_body(driver, index);
             }
-            // The file ended early (cut behind the store's back) or
-            // the peer went away: the request cannot complete. A
-            // pipe holding bytes is closed on drop, never reused.
+            // The file ended early (cut behind the store's back): the
+            // request cannot complete.
             Ok(_) => self.finish(index, Err(TaskError::Io(libc::EIO))),
+            Err(errno) => self.finish(index, Err(TaskError::Io(errno))),
+        }
+    }
+
+    /// The socket has room again (`POLLOUT`) for the bytes in the pipe.
+    fn on_writable(&mut self, driver: &mut Driver, index: u32, result: Result<usize, i32>) {
+        match result {
+            Ok(_) => self.pump_body(driver, index),
+            Err(errno) if errno == libc::EINTR || errno == libc::EAGAIN => {
+                self.pump_body(driver, index)
+            }
             Err(errno) => self.finish(index, Err(TaskError::Io(errno))),
         }
     }
