@@ -872,6 +872,98 @@ fn frozen_peer_case(engine: &str) {
     }
 }
 
+/// A sender that stops mid-body (frozen, or its network cut) does not hold
+/// up the other peers' writes to this node. Eight peer PUTs send their
+/// head and a first part of their body to C and then nothing, more than C
+/// has receiving threads (4); B's writes to C still land at once. Before a
+/// receiving thread read many bodies at once, each stalled body held a
+/// thread until `body_read_timeout_ms` (60 s here), and B's waited behind
+/// them. The stalled writes are answered 400 once cut, and store nothing.
+#[test]
+fn a_sender_that_stalls_mid_body_does_not_hold_up_the_others() {
+    use std::io::Write as _;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ports = free_ports(2);
+    let c_node = node(
+        ports[1],
+        &tmp.path().join("c"),
+        &[],
+        &[
+            ("SLUICE_FSYNC", "never"),
+            ("SLUICE_REPLICATION_SCHEDULING", "normal"),
+            ("SLUICE_BODY_READ_TIMEOUT_MS", "60000"),
+        ],
+    );
+    let c = c_node.addr;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis();
+    let stalled: Vec<std::net::TcpStream> = (0..8)
+        .map(|i| {
+            let data = body(50_000 + i, 1 << 20);
+            let head = format!(
+                "PUT /_peer/v1/put/stall/k{i}/{now_ms}/{} HTTP/1.1\r\nHost: c\r\n\
+                 Authorization: SluicePeer {SECRET}\r\nContent-Length: {}\r\n\r\n",
+                sha256_hex(&data),
+                data.len()
+            );
+            let mut s = std::net::TcpStream::connect(c).expect("connect");
+            s.write_all(head.as_bytes()).expect("head");
+            // Past what comes with the head, so the rest is received in
+            // the background, and then nothing.
+            s.write_all(&data[..256 << 10]).expect("first part");
+            s
+        })
+        .collect();
+    // Every stalled body is in C's hands (its first part read).
+    wait_for(
+        "C to read the stalled bodies' first parts",
+        Duration::from_secs(10),
+        || bytes_waiting_at(ports[1]) == 0,
+    );
+    let b_node = node(
+        ports[0],
+        &tmp.path().join("b"),
+        &[ports[1]],
+        &[
+            ("SLUICE_FSYNC", "never"),
+            ("SLUICE_REPLICATION_SCHEDULING", "normal"),
+        ],
+    );
+    let b = b_node.addr;
+    let arts: Vec<Artifact> = (0..10).map(|i| artifact(60_000 + i, 2 << 20)).collect();
+    for art in &arts {
+        put_ok(b, art);
+    }
+    let started = Instant::now();
+    wait_for("B's writes on C", Duration::from_secs(40), || {
+        arts.iter().all(|art| holds(c, art))
+    });
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "B's writes waited {took:?} behind the stalled bodies"
+    );
+    // Cut: each stalled write is answered and stores nothing.
+    for mut s in stalled {
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut answer = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut answer);
+        assert!(
+            answer.starts_with(b"HTTP/1.1 400"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    for i in 0..8 {
+        assert_eq!(
+            status_of(c, "GET", &format!("/v1/artifacts/stall/k{i}")),
+            404
+        );
+    }
+}
+
 /// A listener that accepts and resets every connection, counting them.
 fn resetting_listener() -> (u16, Arc<AtomicU64>, Arc<AtomicBool>) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -15,6 +15,9 @@
 //! and serves the connection's next request. The engine holds the
 //! connection meanwhile with no operation in flight.
 //!
+//! Each thread reads many bodies at once, whichever has bytes, so a sender
+//! that stops mid-body holds one place, not a thread (`work`).
+//!
 //! When the CPU is busy with public work these threads get none of it: the
 //! socket's buffer fills, TCP pushes back, and the sending node's splices
 //! wait. That is the yield, by construction; the limiter on the sending
@@ -31,8 +34,12 @@ use crate::engine::offload::Completer;
 use crate::engine::publish::Done;
 
 /// Threads receiving peer bodies (per process). A body waits in the queue
-/// while all are busy; the sending peer's request timeout bounds that.
+/// while all are full; the sending peer's request timeout bounds that.
 pub const RECEIVE_THREADS: usize = 4;
+/// Bodies one receiving thread reads at once.
+pub const BODIES_PER_THREAD_MAX: usize = 16;
+/// Longest a thread with bodies in hand goes without looking for new ones.
+const NEW_BODY_CHECK: Duration = Duration::from_millis(5);
 /// Bodies waiting for a receiving thread; past it the engine receives the
 /// body itself, as any upload.
 pub const RECEIVE_QUEUE_MAX: usize = 256;
@@ -132,106 +139,219 @@ pub fn submit(job: BodyJob) -> Result<(), BodyJob> {
     })
 }
 
+/// A body being read: its socket, where it goes and how much is left.
+struct Receiving {
+    fd: OwnedFd,
+    sink: PutSink,
+    left: u64,
+    /// When bytes last came (or the limiter last let this body go on).
+    last_progress: Instant,
+    read_timeout: Duration,
+    /// The limiter said wait: not read before this.
+    paced_until: Option<Instant>,
+    reply: ReplyTo,
+}
+
+/// Each thread reads up to [`BODIES_PER_THREAD_MAX`] bodies at once,
+/// whichever has bytes: a sender that stops mid-body (frozen, or cut off)
+/// holds one of them until `body_read_timeout_ms`, not a thread, so the
+/// other peers' bodies keep coming in.
 fn work(rx: &Mutex<Receiver<BodyJob>>) {
     let mut buf = vec![0u8; RECEIVE_BYTES];
+    let mut bodies: Vec<Receiving> = Vec::new();
     loop {
-        let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-        let Ok(job) = next else {
-            return;
-        };
-        let BodyJob {
-            fd,
-            handoff,
-            sink,
-            read_timeout,
-            reply,
-        } = job;
-        let ReplyTo {
-            index,
-            generation,
-            completer,
-        } = reply;
-        let outcome = receive(&fd, handoff, *sink, read_timeout, &mut buf);
+        while bodies.len() < BODIES_PER_THREAD_MAX {
+            let next = if bodies.is_empty() {
+                // Nothing in hand: wait for a body.
+                match rx.lock().unwrap_or_else(PoisonError::into_inner).recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => return, // the engine is gone
+                }
+            } else {
+                // Bodies in hand: take one only if it is there now. The lock
+                // held means an idle thread waits for the next body; it
+                // takes it.
+                match rx.try_lock() {
+                    Ok(rx) => rx.try_recv().ok(),
+                    Err(_) => None,
+                }
+            };
+            let Some(job) = next else {
+                break;
+            };
+            if let Some(body) = start(job) {
+                bodies.push(body);
+            }
+        }
+        step(&mut bodies, &mut buf);
+    }
+}
+
+/// Begin a body: the bytes that came with the head go first. `None`: it
+/// is already answered (all of it came with the head, or it failed).
+fn start(job: BodyJob) -> Option<Receiving> {
+    let BodyJob {
+        fd,
+        handoff,
+        mut sink,
+        read_timeout,
+        reply,
+    } = job;
+    if !handoff.prefix.is_empty() {
+        if let Err(error) = sink.write(&handoff.prefix) {
+            drop(fd);
+            answer(reply, Err(error));
+            return None;
+        }
+    }
+    let body = Receiving {
+        fd,
+        sink: *sink,
+        left: handoff.remaining,
+        last_progress: Instant::now(),
+        read_timeout,
+        paced_until: None,
+        reply,
+    };
+    if body.left == 0 {
+        body.end(None);
+        return None;
+    }
+    Some(body)
+}
+
+impl Receiving {
+    /// The body is all read (`None`) or failed with `error`: answer it.
+    fn end(self, error: Option<Reply>) {
         // Close our duplicate before the engine sends the reply: the socket
         // stays open through the engine's own descriptor.
-        drop(fd);
-        match outcome {
-            Ok(sink) => match sink.finish_parts() {
-                Ok(reply) => completer.complete(Done {
-                    index,
-                    generation,
-                    reply,
-                }),
-                Err(later) => later.run(Box::new(move |reply| {
-                    completer.complete(Done {
-                        index,
-                        generation,
-                        reply,
-                    })
-                })),
+        drop(self.fd);
+        answer(
+            self.reply,
+            match error {
+                None => Ok(self.sink),
+                Some(reply) => Err(reply),
             },
-            Err(reply) => completer.complete(Done {
+        );
+    }
+}
+
+/// Hand the outcome to the connection's engine as its publisher would.
+fn answer(reply: ReplyTo, outcome: Result<PutSink, Reply>) {
+    let ReplyTo {
+        index,
+        generation,
+        completer,
+    } = reply;
+    match outcome {
+        Ok(sink) => match sink.finish_parts() {
+            Ok(reply) => completer.complete(Done {
                 index,
                 generation,
                 reply,
             }),
-        }
+            Err(later) => later.run(Box::new(move |reply| {
+                completer.complete(Done {
+                    index,
+                    generation,
+                    reply,
+                })
+            })),
+        },
+        Err(reply) => completer.complete(Done {
+            index,
+            generation,
+            reply,
+        }),
     }
 }
 
-/// Read the rest of the body into `sink`; an error is the reply (closing).
+/// One turn over the bodies in hand: wait until one has bytes (or the
+/// limiter lets one go on, or a deadline passes, or it is time to look for
+/// new bodies), read what came, and answer the bodies that ended.
+fn step(bodies: &mut Vec<Receiving>, buf: &mut [u8]) {
+    let now = Instant::now();
+    let mut wait = if bodies.len() < BODIES_PER_THREAD_MAX {
+        NEW_BODY_CHECK
+    } else {
+        PACE_WAIT_MAX
+    };
+    let mut polled = Vec::with_capacity(bodies.len());
+    for (i, body) in bodies.iter_mut().enumerate() {
+        if let Some(until) = body.paced_until {
+            if now < until {
+                wait = wait.min(until - now);
+                continue;
+            }
+            // Waiting for the limiter is not the sender's stall.
+            body.paced_until = None;
+            body.last_progress = now;
+        }
+        let deadline = body.last_progress + body.read_timeout;
+        wait = wait.min(deadline.saturating_duration_since(now));
+        polled.push(i);
+    }
+    let mut fds: Vec<rustix::event::PollFd<'_>> = polled
+        .iter()
+        .map(|&i| rustix::event::PollFd::new(&bodies[i].fd, rustix::event::PollFlags::IN))
+        .collect();
+    let timeout = rustix::event::Timespec::try_from(wait).unwrap_or(rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 10_000_000,
+    });
+    let ready: Vec<bool> = match rustix::event::poll(&mut fds, Some(&timeout)) {
+        Ok(_) => fds.iter().map(|f| !f.revents().is_empty()).collect(),
+        Err(_) => vec![false; fds.len()],
+    };
+    drop(fds);
+    let now = Instant::now();
+    // Which bodies ended, and how; answered after the loop (highest index
+    // first, so the indices stay valid while they are removed).
+    let mut ended: Vec<(usize, Option<Reply>)> = Vec::new();
+    for (&i, ready) in polled.iter().zip(ready) {
+        let body = &mut bodies[i];
+        if ready {
+            match read_some(body, buf, now) {
+                Ok(true) => ended.push((i, None)),
+                Ok(false) => {}
+                Err(reply) => ended.push((i, Some(reply))),
+            }
+        } else if body.paced_until.is_none()
+            && now.duration_since(body.last_progress) >= body.read_timeout
+        {
+            ended.push((
+                i,
+                Some(Reply::error(408, "the request body stalled").closing()),
+            ));
+        }
+    }
+    for (i, error) in ended.into_iter().rev() {
+        bodies.swap_remove(i).end(error);
+    }
+}
+
+/// Read what the socket has of `body` into its sink. `Ok(true)`: the body
+/// is all in; an error is the reply (closing).
 #[allow(clippy::result_large_err)] // the error is the reply, as in `App`
-fn receive(
-    fd: &OwnedFd,
-    handoff: BodyHandoff,
-    mut sink: PutSink,
-    read_timeout: Duration,
-    buf: &mut [u8],
-) -> Result<PutSink, Reply> {
-    if !handoff.prefix.is_empty() {
-        sink.write(&handoff.prefix)?;
+fn read_some(body: &mut Receiving, buf: &mut [u8], now: Instant) -> Result<bool, Reply> {
+    let want = buf
+        .len()
+        .min(usize::try_from(body.left).unwrap_or(usize::MAX));
+    // The receiving node's limiter: while it says wait, the body stays in
+    // the socket and TCP slows the sender.
+    if let Err(until) = body.sink.pace(now, want as u64) {
+        body.paced_until = Some(until.min(now + PACE_WAIT_MAX));
+        return Ok(false);
     }
-    let mut left = handoff.remaining;
-    let mut last_progress = Instant::now();
-    while left > 0 {
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        // The receiving node's limiter: while it says wait, the body stays
-        // in the socket and TCP slows the sender. Waiting here is not the
-        // client's stall.
-        let now = Instant::now();
-        if let Err(until) = sink.pace(now, want as u64) {
-            std::thread::sleep(until.saturating_duration_since(now).min(PACE_WAIT_MAX));
-            last_progress = Instant::now();
-            continue;
+    match rustix::net::recv(&body.fd, &mut buf[..want], rustix::net::RecvFlags::DONTWAIT) {
+        Ok((0, _)) => Err(Reply::error(400, "the request body ended early").closing()),
+        Ok((n, _)) => {
+            body.left -= n as u64;
+            body.last_progress = now;
+            body.sink.write(&buf[..n])?;
+            Ok(body.left == 0)
         }
-        let waited = last_progress.elapsed();
-        if waited >= read_timeout {
-            return Err(Reply::error(408, "the request body stalled").closing());
-        }
-        let timeout = rustix::event::Timespec::try_from(read_timeout - waited).unwrap_or(
-            rustix::event::Timespec {
-                tv_sec: 1,
-                tv_nsec: 0,
-            },
-        );
-        let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
-        match rustix::event::poll(&mut fds, Some(&timeout)) {
-            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
-            Ok(_) => {}
-            Err(_) => return Err(Reply::error(400, "the request body could not be read").closing()),
-        }
-        match rustix::net::recv(fd, &mut buf[..want], rustix::net::RecvFlags::DONTWAIT) {
-            Ok((0, _)) => {
-                return Err(Reply::error(400, "the request body ended early").closing());
-            }
-            Ok((n, _)) => {
-                left -= n as u64;
-                last_progress = Instant::now();
-                sink.write(&buf[..n])?;
-            }
-            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
-            Err(_) => return Err(Reply::error(400, "the request body could not be read").closing()),
-        }
+        Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => Ok(false),
+        Err(_) => Err(Reply::error(400, "the request body could not be read").closing()),
     }
-    Ok(sink)
 }
