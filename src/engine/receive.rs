@@ -24,6 +24,7 @@
 //! node bounds the rate on top of it.
 
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -38,6 +39,8 @@ use crate::engine::publish::Done;
 pub const RECEIVE_THREADS: usize = 4;
 /// Bodies one receiving thread reads at once.
 pub const BODIES_PER_THREAD_MAX: usize = 16;
+/// Receiving threads waiting for a body with none in hand.
+static IDLE_THREADS: AtomicUsize = AtomicUsize::new(0);
 /// Longest a thread with bodies in hand goes without looking for new ones.
 const NEW_BODY_CHECK: Duration = Duration::from_millis(5);
 /// Bodies waiting for a receiving thread; past it the engine receives the
@@ -163,14 +166,19 @@ fn work(rx: &Mutex<Receiver<BodyJob>>) {
         while bodies.len() < BODIES_PER_THREAD_MAX {
             let next = if bodies.is_empty() {
                 // Nothing in hand: wait for a body.
-                match rx.lock().unwrap_or_else(PoisonError::into_inner).recv() {
+                IDLE_THREADS.fetch_add(1, Ordering::Relaxed);
+                let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                IDLE_THREADS.fetch_sub(1, Ordering::Relaxed);
+                match next {
                     Ok(job) => Some(job),
                     Err(_) => return, // the engine is gone
                 }
+            } else if IDLE_THREADS.load(Ordering::Relaxed) > 0 {
+                // An idle thread takes the next body: a burst is spread over
+                // the threads (and the CPUs), not read by the first.
+                None
             } else {
-                // Bodies in hand: take one only if it is there now. The lock
-                // held means an idle thread waits for the next body; it
-                // takes it.
+                // Every thread has bodies: take one if it is there now.
                 match rx.try_lock() {
                     Ok(rx) => rx.try_recv().ok(),
                     Err(_) => None,
