@@ -250,12 +250,7 @@ impl TaskClient {
         let mut task = Task::new(request, Instant::now());
         let op = if reused {
             task.state = TaskState::Sending;
-            Op::Send {
-                fd: Rc::clone(&fd),
-                buf: IoBuf::Vec(std::mem::take(&mut task.request.request)),
-                offset: 0,
-                flags: libc::MSG_NOSIGNAL,
-            }
+            Self::send_op(Rc::clone(&fd), std::mem::take(&mut task.request.request), 0)
         } else {
             Op::Connect {
                 fd: Rc::clone(&fd),
@@ -382,6 +377,16 @@ impl TaskClient {
         self.submit_op(driver, index, op);
     }
 
+    /// The send of the request's head (or in-memory body) from `offset` on.
+    fn send_op(fd: SharedFd, buf: Vec<u8>, offset: usize) -> Op {
+        Op::Send {
+            fd,
+            buf: IoBuf::Vec(buf),
+            offset,
+            flags: libc::MSG_NOSIGNAL,
+        }
+    }
+
     /// The read of a response's first (or next) bytes.
     fn recv_op(fd: SharedFd) -> Op {
         Op::Recv {
@@ -485,16 +490,7 @@ impl TaskClient {
             Ok(_) => {
                 slot.task.state = TaskState::Sending;
                 let buf = std::mem::take(&mut slot.task.request.request);
-                self.submit_op(
-                    driver,
-                    index,
-                    Op::Send {
-                        fd,
-                        buf: IoBuf::Vec(buf),
-                        offset: 0,
-                        flags: libc::MSG_NOSIGNAL,
-                    },
-                );
+                self.submit_op(driver, index, Self::send_op(fd, buf, 0));
             }
             Err(errno) => self.finish(index, Err(TaskError::Connect(errno))),
         }
@@ -518,16 +514,7 @@ impl TaskClient {
                 slot.task.sent += n;
                 if slot.task.sent < buf.len() {
                     let offset = slot.task.sent;
-                    self.submit_op(
-                        driver,
-                        index,
-                        Op::Send {
-                            fd,
-                            buf: IoBuf::Vec(buf),
-                            offset,
-                            flags: libc::MSG_NOSIGNAL,
-                        },
-                    );
+                    self.submit_op(driver, index, Self::send_op(fd, buf, offset));
                 } else {
                     slot.task.request.request = buf;
                     self.pump_body(driver, index);
