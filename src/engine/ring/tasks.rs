@@ -551,10 +551,7 @@ impl TaskClient {
     /// The socket has room again (`POLLOUT`) for the bytes in the pipe.
     fn on_writable(&mut self, driver: &mut Driver, index: u32, result: Result<usize, i32>) {
         match result {
-            Ok(_) => self.pump_body(driver, index),
-            Err(errno) if errno == libc::EINTR || errno == libc::EAGAIN => {
-                self.pump_body(driver, index)
-            }
+            Ok(_) | Err(libc::EINTR | libc::EAGAIN) => self.pump_body(driver, index),
             Err(errno) => self.finish(index, Err(TaskError::Io(errno))),
         }
     }
