@@ -621,10 +621,26 @@ fn packet_loss_between_peers_is_counted_and_healed() {
 /// throughout and read 0 at the end.
 #[test]
 fn a_steady_stream_reaches_every_peer_and_the_bucket_once_each() {
+    steady_stream("auto", true);
+}
+
+/// The same stream without rings: the sends go through the blocking
+/// senders' queue (at most two threads per peer), and every write still
+/// reaches both peers once, the lag gauges reading the truth and then 0.
+#[test]
+fn a_steady_stream_without_rings_reaches_every_peer_once_each() {
+    steady_stream("fallback", false);
+}
+
+fn steady_stream(engine: &str, tier: bool) {
     let _one_at_a_time = one_at_a_time();
     use common::weed::{with_tier, Weed};
-    let weed = Weed::start(free_ports(8));
-    if weed.is_none() {
+    let weed = if tier {
+        Weed::start(free_ports(8))
+    } else {
+        None
+    };
+    if tier && weed.is_none() {
         skipped(
             "steady stream",
             "no SeaweedFS: the bucket part is not checked",
@@ -645,7 +661,8 @@ fn a_steady_stream_reaches_every_peer_and_the_bucket_once_each() {
                 .arg("--peers")
                 .arg(&peers.join(","))
                 .env("SLUICE_PEER_SECRET", SECRET)
-                .env("SLUICE_READ_THROUGH", "false");
+                .env("SLUICE_READ_THROUGH", "false")
+                .env("SLUICE_ENGINE", engine);
             if let Some(w) = &weed {
                 b = with_tier(b, &w.endpoint());
             }
